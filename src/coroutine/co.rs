@@ -1,0 +1,124 @@
+//! The `&Co` token: proof that the code holding it runs inside a coroutine and may yield.
+
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use super::Coroutine;
+use super::slot::{RawYielder, Slot, State};
+
+/// The token a coroutine body receives: QEMU's `coroutine_fn` annotation as a type.
+///
+/// Code that may yield takes `&Co`. Only the runtime makes a `Co`, on the coroutine's own stack,
+/// and lends it to the body, so:
+///
+/// * calling a yielding function outside a coroutine does not compile (there is no `Co` to pass);
+/// * a `&Co` cannot outlive the body that received it;
+/// * a `Co` cannot move to another thread (it is neither `Send` nor `Sync`);
+/// * a nested coroutine cannot capture its enterer's `Co`, because a body must be `'static`.
+///
+/// ```compile_fail,E0624
+/// // Outside a coroutine there is no `Co`, so yielding code cannot be called there.
+/// fn flush(co: &aiocoro::coroutine::Co) { co.yield_now() }
+/// let token = aiocoro::coroutine::Co::new(todo!(), todo!());
+/// flush(&token);
+/// ```
+///
+/// ```compile_fail,E0521
+/// // A `&Co` cannot escape its coroutine, not even into a thread-local.
+/// use aiocoro::coroutine::{Co, Coroutine};
+/// use std::cell::Cell;
+/// thread_local! { static ESCAPED: Cell<Option<&'static Co>> = Cell::new(None); }
+/// Coroutine::new(|co| ESCAPED.with(|escaped| escaped.set(Some(co))));
+/// ```
+///
+/// ```compile_fail,E0277
+/// // A `Co` cannot be shared with another thread.
+/// use aiocoro::coroutine::Coroutine;
+/// Coroutine::new(|co| {
+///     std::thread::scope(|s| {
+///         s.spawn(|| co.yield_now());
+///     });
+/// });
+/// ```
+///
+/// ```compile_fail,E0521
+/// // An inner coroutine cannot yield its enterer.
+/// use aiocoro::coroutine::Coroutine;
+/// Coroutine::new(|outer| {
+///     Coroutine::new(|_inner| outer.yield_now()).enter();
+/// });
+/// ```
+pub struct Co {
+    /// Invariant: points to corosensei's yielder on this coroutine's stack, valid while the
+    /// body runs, which outlives every `&Co`.
+    yielder: NonNull<RawYielder>,
+    /// Invariant: this coroutine's slot; the enterer's handle keeps it alive while the body runs.
+    slot: NonNull<Slot>,
+    /// `Co` stays on its thread and inside its body.
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl Co {
+    pub(crate) fn new(yielder: &RawYielder, slot: NonNull<Slot>) -> Co {
+        Co {
+            yielder: NonNull::from(yielder),
+            slot,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// Suspends this coroutine and returns to whoever entered it (QEMU's
+    /// `qemu_coroutine_yield`). Returns when it is entered again.
+    ///
+    /// ```
+    /// use aiocoro::coroutine::Coroutine;
+    /// use std::{cell::Cell, rc::Rc};
+    ///
+    /// let steps = Rc::new(Cell::new(0));
+    /// let seen = steps.clone();
+    /// let co = Coroutine::new(move |co| {
+    ///     seen.set(1);
+    ///     co.yield_now();
+    ///     seen.set(2);
+    /// });
+    /// co.enter();
+    /// assert_eq!(steps.get(), 1);
+    /// co.enter();
+    /// assert_eq!(steps.get(), 2);
+    /// assert!(co.is_ended());
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the coroutine's last handle was dropped while it was suspended and its stack is being
+    /// unwound: a destructor that runs then may not yield (the process aborts, as for any panic
+    /// during unwinding, after printing the message).
+    #[inline]
+    pub fn yield_now(&self) {
+        // SAFETY: the slot outlives every `&Co` (field invariant).
+        let slot = unsafe { self.slot.as_ref() };
+        if slot.state.get() == State::Unwinding {
+            yield_while_unwinding(slot);
+        }
+        // SAFETY: the yielder lives on this coroutine's stack for as long as the body runs
+        // (field invariant), and this code runs inside the body.
+        unsafe { self.yielder.as_ref() }.suspend(());
+    }
+
+    /// A handle to this coroutine (QEMU's `qemu_coroutine_self`).
+    #[inline]
+    pub fn current(&self) -> Coroutine {
+        // SAFETY: the slot is alive while the body runs (field invariant).
+        unsafe { Coroutine::from_slot(self.slot) }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn yield_while_unwinding(slot: &Slot) -> ! {
+    panic!(
+        "aiocoro: {} yielded while its stack was being unwound because its last handle was \
+         dropped; a coroutine cannot be suspended after it has been dropped",
+        slot.describe()
+    )
+}

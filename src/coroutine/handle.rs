@@ -1,0 +1,350 @@
+//! `Coroutine`, the handle that creates and enters a coroutine, and its `Builder`.
+
+use std::fmt;
+use std::io;
+use std::marker::PhantomData;
+use std::panic::{self, AssertUnwindSafe};
+use std::ptr::NonNull;
+
+use corosensei::CoroutineResult;
+
+use super::slot::{self, RawCoroutine, Slot, State};
+use super::{Co, current};
+
+/// A stackful coroutine (QEMU's `Coroutine *`).
+///
+/// A handle is cheap to clone; all clones name the same coroutine. The coroutine runs only when
+/// [`enter`](Coroutine::enter)ed, on the thread that created it, until it yields or ends. It never
+/// moves to another thread, which is why the handle is neither `Send` nor `Sync`: a body may keep
+/// `Rc`s, `RefCell` borrows and thread-local references across a yield.
+///
+/// Dropping the last handle of a suspended coroutine unwinds its stack (running the destructors
+/// of its locals) and returns the stack to the pool.
+///
+/// ```
+/// use aiocoro::coroutine::Coroutine;
+/// use std::{cell::RefCell, rc::Rc};
+///
+/// let log = Rc::new(RefCell::new(Vec::new()));
+/// let inner_log = log.clone();
+/// let co = Coroutine::new(move |co| {
+///     inner_log.borrow_mut().push("first entry");
+///     co.yield_now();
+///     inner_log.borrow_mut().push("second entry");
+/// });
+/// co.enter();
+/// log.borrow_mut().push("between");
+/// co.enter();
+/// assert_eq!(*log.borrow(), ["first entry", "between", "second entry"]);
+/// assert!(co.is_ended());
+/// ```
+///
+/// ```compile_fail,E0277
+/// // A coroutine never migrates: its handle cannot be sent to another thread.
+/// use aiocoro::coroutine::Coroutine;
+/// let co = Coroutine::new(|_co| {});
+/// std::thread::spawn(move || co.enter());
+/// ```
+pub struct Coroutine {
+    /// Invariant: a slot from `slot::acquire` on this thread; this handle is counted in its
+    /// `refs`, so the slot stays allocated while the handle lives.
+    slot: NonNull<Slot>,
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl Coroutine {
+    /// Creates a coroutine that will run `body` when first entered, on a stack from the pool.
+    ///
+    /// # Panics
+    ///
+    /// If no stack can be mapped (the process is out of memory or mappings); use
+    /// [`Builder::build`] to get that as an error.
+    pub fn new<F>(body: F) -> Coroutine
+    where
+        F: FnOnce(&Co) + 'static,
+    {
+        match Builder::new().build(body) {
+            Ok(coroutine) => coroutine,
+            Err(error) => panic!("aiocoro: cannot map a stack for a new coroutine: {error}"),
+        }
+    }
+
+    /// A builder for a coroutine with its own stack size or a name.
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    /// Makes a new handle to `slot`.
+    ///
+    /// # Safety
+    ///
+    /// `slot` must be a live slot of this thread (its `refs` non-zero, or its coroutine running).
+    pub(crate) unsafe fn from_slot(slot: NonNull<Slot>) -> Coroutine {
+        // SAFETY: the caller guarantees the slot is alive.
+        let fields = unsafe { slot.as_ref() };
+        fields.refs.set(fields.refs.get() + 1);
+        Coroutine {
+            slot,
+            _not_send: PhantomData,
+        }
+    }
+
+    #[inline]
+    fn slot(&self) -> &Slot {
+        // SAFETY: this handle keeps the slot alive (field invariant).
+        unsafe { self.slot.as_ref() }
+    }
+
+    /// Runs the coroutine until it yields or ends, then returns (QEMU's `qemu_coroutine_enter`).
+    ///
+    /// Entering from inside another coroutine nests: when the entered one yields, control comes
+    /// back here, in the enterer. If the body panics, the coroutine ends, its stack goes back to
+    /// the pool, and the panic continues here with its original payload.
+    ///
+    /// # Panics
+    ///
+    /// If the coroutine is running (it is the caller itself, or one of the coroutines that
+    /// entered the caller) or has ended. Both are bugs in the caller, as in QEMU, where they
+    /// abort.
+    #[inline]
+    pub fn enter(&self) {
+        let slot = self.slot();
+        if slot.state.get() != State::Ready {
+            enter_misuse(slot);
+        }
+        slot.state.set(State::Running);
+        // Restores the current coroutine, and ends this one if its body panicked, also when
+        // `resume` unwinds; the panic then continues with its original payload.
+        let run = Run {
+            slot,
+            caller: current::replace(self.slot.as_ptr()),
+        };
+        // SAFETY: the state was `Ready` and is now `Running`, so this is the only borrow of
+        // `raw` (slot invariant), and `raw` is `Some` until the coroutine ends.
+        let Some(raw) = (unsafe { &mut *slot.raw.get() }) else {
+            unreachable!("aiocoro: a ready coroutine has a corosensei coroutine");
+        };
+        match raw.resume(()) {
+            CoroutineResult::Yield(()) => run.suspended(),
+            CoroutineResult::Return(()) => drop(run),
+        }
+    }
+
+    /// Whether the body has returned or panicked.
+    #[inline]
+    pub fn is_ended(&self) -> bool {
+        self.slot().state.get() == State::Ended
+    }
+
+    /// Whether the coroutine is running: it is the current coroutine or one that entered it.
+    pub fn is_running(&self) -> bool {
+        self.slot().state.get() == State::Running
+    }
+
+    /// The coroutine's number, unique among the coroutines created on its thread.
+    pub fn id(&self) -> u64 {
+        self.slot().id.get()
+    }
+
+    /// The name given by [`Builder::name`], if any.
+    pub fn name(&self) -> Option<&str> {
+        self.slot().name()
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn enter_misuse(slot: &Slot) -> ! {
+    match slot.state.get() {
+        State::Running => panic!(
+            "aiocoro: {} was entered while it is running (it is the current coroutine or one \
+             that entered it); a running coroutine must yield before it can be entered again",
+            slot.describe()
+        ),
+        State::Ended => panic!(
+            "aiocoro: {} was entered after it ended; an ended coroutine cannot run again",
+            slot.describe()
+        ),
+        State::Unwinding => panic!(
+            "aiocoro: {} was entered while its stack was being unwound because its last \
+             handle was dropped",
+            slot.describe()
+        ),
+        State::Ready => unreachable!("enter_misuse called for a ready coroutine"),
+    }
+}
+
+/// One run of a coroutine, from `enter` until it yields (`suspended`), ends, or unwinds.
+struct Run<'a> {
+    slot: &'a Slot,
+    caller: *const Slot,
+}
+
+impl Run<'_> {
+    #[inline]
+    fn suspended(self) {
+        current::replace(self.caller);
+        self.slot.state.set(State::Ready);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Run<'_> {
+    /// The body returned or panicked: the coroutine has ended.
+    #[inline]
+    fn drop(&mut self) {
+        current::replace(self.caller);
+        self.slot.finish();
+    }
+}
+
+impl Clone for Coroutine {
+    #[inline]
+    fn clone(&self) -> Coroutine {
+        // SAFETY: this handle keeps the slot alive.
+        unsafe { Coroutine::from_slot(self.slot) }
+    }
+}
+
+impl Drop for Coroutine {
+    #[inline]
+    fn drop(&mut self) {
+        let slot = self.slot();
+        let refs = slot.refs.get() - 1;
+        slot.refs.set(refs);
+        if refs == 0 {
+            // SAFETY: this was the last handle of a live slot of this thread.
+            unsafe { drop_last_handle(self.slot) };
+        }
+    }
+}
+
+/// Disposes of a coroutine whose last handle is gone.
+///
+/// # Safety
+///
+/// `slot` is a live slot of this thread whose `refs` just reached zero.
+#[inline]
+unsafe fn drop_last_handle(slot_ptr: NonNull<Slot>) {
+    // SAFETY: the slot is alive until `release` below.
+    let slot = unsafe { slot_ptr.as_ref() };
+    match slot.state.get() {
+        State::Ended => {}
+        State::Ready => unwind_suspended(slot_ptr),
+        State::Running | State::Unwinding => {
+            unreachable!("aiocoro: the handle that entered a coroutine outlives its run")
+        }
+    }
+    if slot.refs.get() == 0 {
+        // SAFETY: no handle is left, the coroutine has ended (so `raw` is `None`), and `slot`
+        // is not used after this point.
+        unsafe { slot::release(slot_ptr) };
+    }
+}
+
+/// Unwinds the stack of a coroutine that was dropped while suspended (or never started), then
+/// ends it. A destructor on that stack may make a new handle (through its `Co`); the slot then
+/// stays alive until that handle is dropped too.
+#[cold]
+fn unwind_suspended(slot_ptr: NonNull<Slot>) {
+    // SAFETY: the caller holds the slot alive for the duration of this call.
+    let slot = unsafe { slot_ptr.as_ref() };
+    // The unwinding counts as a handle, so that a handle made and dropped by a destructor on
+    // the unwinding stack does not dispose of the slot under our feet.
+    slot.refs.set(slot.refs.get() + 1);
+    slot.state.set(State::Unwinding);
+    let caller = current::replace(slot_ptr.as_ptr());
+    // SAFETY: the state moved from `Ready` to `Unwinding` here, so this is the only borrow of
+    // `raw` (slot invariant).
+    let raw = unsafe { &mut *slot.raw.get() };
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+        if let Some(raw) = raw {
+            raw.force_unwind();
+        }
+    }));
+    current::replace(caller);
+    slot.finish();
+    slot.refs.set(slot.refs.get() - 1);
+    if let Err(payload) = outcome {
+        panic::resume_unwind(payload);
+    }
+}
+
+impl PartialEq for Coroutine {
+    /// Two handles are equal when they name the same coroutine.
+    fn eq(&self, other: &Coroutine) -> bool {
+        self.slot == other.slot
+    }
+}
+
+impl Eq for Coroutine {}
+
+impl fmt::Debug for Coroutine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let slot = self.slot();
+        f.debug_struct("Coroutine")
+            .field("id", &slot.id.get())
+            .field("name", &slot.name())
+            .field("state", &slot.state.get())
+            .finish()
+    }
+}
+
+/// Sets up a coroutine with its own stack size or a name (for panic and overflow messages).
+///
+/// ```
+/// use aiocoro::coroutine::Coroutine;
+///
+/// let co = Coroutine::builder()
+///     .name("flusher")
+///     .stack_size(64 * 1024)
+///     .build(|_co| {})?;
+/// assert_eq!(co.name(), Some("flusher"));
+/// co.enter();
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct Builder {
+    stack_size: Option<usize>,
+    name: Option<Box<str>>,
+}
+
+impl Builder {
+    /// A builder with the pool's stack size and no name.
+    pub fn new() -> Builder {
+        Builder::default()
+    }
+
+    /// Gives the coroutine a stack of at least `bytes` usable bytes. A size other than the
+    /// pool's ([`PoolConfig::stack_size`](crate::coroutine::pool::PoolConfig::stack_size)) gets a stack of its own, mapped now and
+    /// unmapped when the coroutine ends.
+    pub fn stack_size(mut self, bytes: usize) -> Builder {
+        self.stack_size = Some(bytes);
+        self
+    }
+
+    /// Names the coroutine in panic and stack-overflow messages.
+    pub fn name(mut self, name: impl Into<String>) -> Builder {
+        self.name = Some(name.into().into_boxed_str());
+        self
+    }
+
+    /// Creates the coroutine; it runs `body` when first entered.
+    ///
+    /// # Errors
+    ///
+    /// If a stack is needed and cannot be mapped, or the stack size is absurd.
+    #[inline]
+    pub fn build<F>(self, body: F) -> io::Result<Coroutine>
+    where
+        F: FnOnce(&Co) + 'static,
+    {
+        let slot = slot::acquire(self.stack_size, self.name, |slot, stack| {
+            RawCoroutine::with_stack(stack, slot::body(slot, body))
+        })?;
+        Ok(Coroutine {
+            slot,
+            _not_send: PhantomData,
+        })
+    }
+}

@@ -1,0 +1,174 @@
+//! The control block behind every coroutine handle, recycled through the pool with its stack.
+
+use std::cell::{Cell, UnsafeCell};
+use std::fmt;
+use std::io;
+use std::ptr::NonNull;
+
+use corosensei::Yielder;
+
+use super::pool;
+use super::stack::{GuardedStack, StackBounds};
+
+/// The corosensei coroutine under an aiocoro coroutine: no values pass in or out, the body
+/// returns nothing, it runs on the stack of its slot.
+pub(crate) type RawCoroutine = corosensei::Coroutine<(), (), (), StackBounds>;
+
+/// The suspension handle corosensei gives the body.
+pub(crate) type RawYielder = Yielder<(), ()>;
+
+/// Where a coroutine is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Created or suspended in a yield: `enter` may run it.
+    Ready,
+    /// On the CPU, or waiting for a coroutine it entered to return.
+    Running,
+    /// Its last handle was dropped while it was suspended, and its stack is being unwound.
+    Unwinding,
+    /// Returned or panicked, or (in the pool) not yet started.
+    Ended,
+}
+
+/// One coroutine's control block, shared by its handles, and recycled with its stack.
+///
+/// Invariants (all access is from the thread that owns the slot, which the `!Send` handles
+/// guarantee; a pooled slot is owned by one cache):
+/// * `raw` is `Some` exactly while `state` is `Ready`, `Running` or `Unwinding`, and runs on
+///   `stack`, which the slot owns for life (so `raw` is declared first and drops first);
+/// * `raw` is borrowed mutably only by the one `enter` or drop that moved `state` away from
+///   `Ready`, or by the owner of an `Ended` slot with no handles, so two borrows never overlap;
+/// * `refs` counts the live [`Coroutine`](super::Coroutine) handles; the slot goes back to the
+///   pool when it reaches zero and the coroutine has ended;
+/// * `bounds` describes `stack`.
+pub(crate) struct Slot {
+    pub(crate) raw: UnsafeCell<Option<RawCoroutine>>,
+    stack: GuardedStack,
+    pub(crate) refs: Cell<usize>,
+    pub(crate) state: Cell<State>,
+    /// Creation number on this thread, for messages.
+    pub(crate) id: Cell<u64>,
+    /// Optional name given by the builder, for messages. Written only while no handle exists.
+    pub(crate) name: UnsafeCell<Option<Box<str>>>,
+    /// `stack.bounds()`, computed once.
+    bounds: StackBounds,
+}
+
+impl Slot {
+    /// A pooled slot around `stack`.
+    pub(crate) fn new(stack: GuardedStack) -> Box<Slot> {
+        Box::new(Slot {
+            raw: UnsafeCell::new(None),
+            refs: Cell::new(0),
+            state: Cell::new(State::Ended),
+            id: Cell::new(0),
+            name: UnsafeCell::new(None),
+            bounds: stack.bounds(),
+            stack,
+        })
+    }
+
+    /// Usable bytes of the slot's stack.
+    #[inline]
+    pub(crate) fn stack_size(&self) -> usize {
+        self.stack.usable_size()
+    }
+
+    /// The guard page below the slot's stack. Async-signal-safe.
+    pub(crate) fn guard_range(&self) -> std::ops::Range<usize> {
+        self.stack.guard_range()
+    }
+
+    /// The name given at creation, if any.
+    pub(crate) fn name(&self) -> Option<&str> {
+        // SAFETY: `name` is written only by `acquire` and `release`, while no handle (and so no
+        // `&Slot` user) exists; in between it is only read.
+        unsafe { (*self.name.get()).as_deref() }
+    }
+
+    /// Ends the coroutine after its body returned or panicked; its stack stays in the slot until
+    /// the slot returns to the pool with the last handle.
+    ///
+    /// Must be called by the owner of the `body` borrow (see the type invariants), after the
+    /// borrow ended.
+    pub(crate) fn finish(&self) {
+        self.state.set(State::Ended);
+        // SAFETY: the caller ended its borrow of `raw`; the state is no longer `Running`, so no
+        // other borrow can start while this one lives.
+        let raw = unsafe { (*self.raw.get()).take() };
+        // The body has returned or panicked, so the corosensei coroutine owns nothing any more
+        // (its stack belongs to the slot): forgetting it skips a drop that would do nothing.
+        std::mem::forget(raw);
+    }
+
+    /// Describes the coroutine for panic messages: `coroutine #7 "name"`.
+    pub(crate) fn describe(&self) -> Description<'_> {
+        Description(self)
+    }
+}
+
+/// Formats a slot as `coroutine #<id>` plus its name in quotes when it has one.
+pub(crate) struct Description<'a>(&'a Slot);
+
+impl fmt::Display for Description<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "coroutine #{}", self.0.id.get())?;
+        if let Some(name) = self.0.name() {
+            write!(f, " {name:?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Takes a slot from the pool and starts a coroutine in it; `refs` starts at 1.
+#[inline]
+pub(crate) fn acquire(
+    stack_size: Option<usize>,
+    name: Option<Box<str>>,
+    make_raw: impl FnOnce(NonNull<Slot>, StackBounds) -> RawCoroutine,
+) -> io::Result<NonNull<Slot>> {
+    let slot = NonNull::from(Box::leak(pool::take(stack_size)?));
+    // SAFETY: the slot was just taken from the pool, which owned it alone; no handle and no
+    // coroutine refer to it, so this is the only reference.
+    let fields = unsafe { slot.as_ref() };
+    fields.refs.set(1);
+    fields.state.set(State::Ready);
+    // SAFETY: as above, nothing else references the slot yet; its `raw` is `None` (it is
+    // pooled), so the stack is free for the new coroutine.
+    unsafe {
+        if name.is_some() {
+            *fields.name.get() = name;
+        }
+        *fields.raw.get() = Some(make_raw(slot, fields.bounds));
+    }
+    Ok(slot)
+}
+
+/// Returns a slot whose last handle is gone and whose coroutine has ended to the pool.
+///
+/// # Safety
+///
+/// `slot` came from [`acquire`] on this thread, its `refs` is zero, its coroutine has ended,
+/// and no reference to it outlives this call.
+#[inline]
+pub(crate) unsafe fn release(slot: NonNull<Slot>) {
+    // SAFETY: by the contract the block is unreferenced and was leaked from a `Box` in `acquire`.
+    let slot = unsafe { Box::from_raw(slot.as_ptr()) };
+    // SAFETY: we own the block now.
+    let name = unsafe { &mut *slot.name.get() };
+    if name.is_some() {
+        *name = None;
+    }
+    pool::give(slot);
+}
+
+/// Runs the body `f` of a coroutine whose control block is `slot`; the start of every coroutine.
+pub(crate) fn body<F: FnOnce(&super::Co) + 'static>(
+    slot: NonNull<Slot>,
+    f: F,
+) -> impl FnOnce(&RawYielder, ()) + 'static {
+    move |yielder, ()| {
+        let co = super::Co::new(yielder, slot);
+        f(&co);
+    }
+}

@@ -1,0 +1,144 @@
+//! A coroutine stack: an `mmap`ed region with an inaccessible guard page below it.
+
+use std::io;
+use std::ops::Range;
+use std::ptr::NonNull;
+
+use corosensei::stack::{Stack, StackPointer};
+
+use crate::sys;
+
+/// The smallest usable stack size a caller may ask for, in bytes.
+pub const MIN_STACK_SIZE: usize = 16 * 1024;
+
+/// The usable stack size of a coroutine unless the pool or the builder says otherwise: 1 MiB, as
+/// in QEMU. Only the pages a coroutine touches take memory.
+pub const DEFAULT_STACK_SIZE: usize = 1024 * 1024;
+
+/// One coroutine stack.
+///
+/// Invariant: `base..base + len` is one private anonymous mapping owned by this value; its
+/// lowest `guard` bytes are `PROT_NONE` (the guard page) and the rest is readable and
+/// writable. The mapping is released when the value drops.
+pub(crate) struct GuardedStack {
+    base: NonNull<u8>,
+    len: usize,
+    guard: usize,
+}
+
+impl GuardedStack {
+    /// Maps a stack with at least `size` usable bytes (rounded up to whole pages, at least
+    /// [`MIN_STACK_SIZE`]) and one guard page below it.
+    pub(crate) fn new(size: usize) -> io::Result<Self> {
+        let page = sys::page_size();
+        let usable = size
+            .max(MIN_STACK_SIZE)
+            .checked_next_multiple_of(page)
+            .ok_or_else(|| io::Error::other(format!("coroutine stack size {size} is too large")))?;
+        let len = usable
+            .checked_add(page)
+            .ok_or_else(|| io::Error::other(format!("coroutine stack size {size} is too large")))?;
+        let base = sys::map_inaccessible(len)?;
+        let stack = GuardedStack {
+            base,
+            len,
+            guard: page,
+        };
+        // SAFETY: `page..len` lies inside the mapping just made, which nothing references yet.
+        unsafe { sys::make_read_write(stack.base.add(page), usable)? };
+        Ok(stack)
+    }
+
+    /// The number of bytes a coroutine may use (the mapping minus the guard page).
+    #[inline]
+    pub(crate) fn usable_size(&self) -> usize {
+        self.len - self.guard
+    }
+
+    /// The addresses of the guard page; a fault there is a stack overflow.
+    pub(crate) fn guard_range(&self) -> Range<usize> {
+        let low = self.base.as_ptr() as usize;
+        low..low + self.guard
+    }
+}
+
+impl Drop for GuardedStack {
+    fn drop(&mut self) {
+        // SAFETY: by the type invariant the mapping is ours, and a stack is only dropped once no
+        // coroutine runs on it (the pool and the coroutine slot own it exclusively).
+        let result = unsafe { sys::unmap(self.base, self.len) };
+        debug_assert!(
+            result.is_ok(),
+            "munmap of a coroutine stack failed: {result:?}"
+        );
+    }
+}
+
+/// The usable range of a [`GuardedStack`], lent to corosensei for one coroutine.
+///
+/// Invariant: the stack it was taken from outlives every corosensei coroutine made with it (the
+/// slot that owns both drops the coroutine first), and at most one coroutine at a time uses it.
+#[derive(Clone, Copy)]
+pub(crate) struct StackBounds {
+    base: StackPointer,
+    limit: StackPointer,
+}
+
+impl GuardedStack {
+    /// The bounds to hand to corosensei; see the invariant on [`StackBounds`].
+    pub(crate) fn bounds(&self) -> StackBounds {
+        let low = self.base.as_ptr() as usize;
+        StackBounds {
+            base: StackPointer::new(low + self.len).expect("a mapping never ends at address 0"),
+            limit: StackPointer::new(low + self.guard).expect("a mapping never starts at 0"),
+        }
+    }
+}
+
+// SAFETY: `base` is the highest address of the writable part of a live `GuardedStack` and
+// `limit` the lowest; everything between is readable and writable, the guard page below `limit`
+// faults on overflow, and the stack outlives the coroutine (invariant on `StackBounds`).
+unsafe impl Stack for StackBounds {
+    #[inline]
+    fn base(&self) -> StackPointer {
+        self.base
+    }
+
+    #[inline]
+    fn limit(&self) -> StackPointer {
+        self.limit
+    }
+}
+
+// SAFETY: the stack is plain memory with no thread affinity; moving the owner to another thread
+// (for example into the shared pool) is fine while no coroutine runs on it, which ownership
+// guarantees.
+unsafe impl Send for GuardedStack {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_up_to_pages_and_keeps_a_guard_page() {
+        let page = sys::page_size();
+        let stack = GuardedStack::new(MIN_STACK_SIZE + 1).unwrap();
+        assert_eq!(
+            stack.usable_size(),
+            (MIN_STACK_SIZE + 1).next_multiple_of(page)
+        );
+        assert_eq!(stack.guard_range().len(), page);
+        let bounds = stack.bounds();
+        assert_eq!(bounds.limit().get(), stack.guard_range().end);
+        assert_eq!(
+            bounds.base().get() - bounds.limit().get(),
+            stack.usable_size()
+        );
+    }
+
+    #[test]
+    fn absurd_size_is_an_error_not_a_panic() {
+        let err = GuardedStack::new(usize::MAX - 10).err().expect("must fail");
+        assert!(err.to_string().contains("too large"), "{err}");
+    }
+}

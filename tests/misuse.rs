@@ -1,0 +1,129 @@
+//! Misuse of a coroutine is a clear panic (or, for a stack overflow, a clear death), never UB.
+
+mod common;
+
+use std::hint::black_box;
+use std::os::unix::process::ExitStatusExt;
+use std::panic::{self, AssertUnwindSafe};
+
+use aiocoro::coroutine::Coroutine;
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(message) => *message,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .unwrap_or_default(),
+    }
+}
+
+#[test]
+fn entering_itself_panics_naming_the_rule() {
+    let co = Coroutine::builder()
+        .name("selfish")
+        .build(|co| co.current().enter())
+        .unwrap();
+    let message = panic_message(panic::catch_unwind(AssertUnwindSafe(|| co.enter())).unwrap_err());
+    assert!(message.contains("entered while it is running"), "{message}");
+    assert!(
+        message.contains("\"selfish\""),
+        "the message names the coroutine: {message}"
+    );
+    assert!(co.is_ended(), "the panic ended the coroutine");
+}
+
+#[test]
+fn entering_an_ancestor_panics_naming_the_rule() {
+    let outer = Coroutine::new(|co| {
+        let me = co.current();
+        Coroutine::new(move |_co| me.enter()).enter();
+    });
+    let message =
+        panic_message(panic::catch_unwind(AssertUnwindSafe(|| outer.enter())).unwrap_err());
+    assert!(message.contains("entered while it is running"), "{message}");
+    assert!(outer.is_ended());
+}
+
+#[test]
+fn entering_an_ended_coroutine_panics_naming_the_rule() {
+    let co = Coroutine::new(|_co| {});
+    co.enter();
+    let message = panic_message(panic::catch_unwind(AssertUnwindSafe(|| co.enter())).unwrap_err());
+    assert!(message.contains("entered after it ended"), "{message}");
+    assert!(message.contains(&format!("#{}", co.id())), "{message}");
+}
+
+#[test]
+fn yielding_while_being_dropped_aborts_with_a_message() {
+    const TEST: &str = "yielding_while_being_dropped_aborts_with_a_message";
+    if common::is_child(TEST) {
+        let co = Coroutine::builder()
+            .name("dropped")
+            .build(|co| {
+                // A local whose destructor yields: it runs when the suspended coroutine is
+                // dropped and its stack unwound.
+                struct Yielder<'a>(&'a aiocoro::coroutine::Co);
+                impl Drop for Yielder<'_> {
+                    fn drop(&mut self) {
+                        self.0.yield_now();
+                    }
+                }
+                let _yielder = Yielder(co);
+                co.yield_now();
+            })
+            .unwrap();
+        co.enter();
+        drop(co);
+        unreachable!("dropping a coroutine whose destructor yields must not return");
+    }
+    let output = common::run_child(TEST);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.signal(),
+        Some(libc::SIGABRT),
+        "{:?}\n{stderr}",
+        output.status
+    );
+    assert!(
+        stderr.contains("yielded while its stack was being unwound"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("\"dropped\""), "{stderr}");
+}
+
+#[test]
+fn a_stack_overflow_dies_on_the_guard_page_and_names_the_coroutine() {
+    const TEST: &str = "a_stack_overflow_dies_on_the_guard_page_and_names_the_coroutine";
+    if common::is_child(TEST) {
+        #[inline(never)]
+        #[allow(unconditional_recursion)]
+        fn recurse(depth: u64) -> u64 {
+            let frame = black_box([depth; 32]);
+            black_box(recurse(depth + 1)) + frame[7]
+        }
+        let co = Coroutine::builder()
+            .name("deep")
+            .stack_size(64 * 1024)
+            .build(|_co| {
+                black_box(recurse(0));
+            })
+            .unwrap();
+        co.enter();
+        unreachable!("infinite recursion must not return");
+    }
+    let output = common::run_child(TEST);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.signal(),
+        Some(libc::SIGSEGV),
+        "{:?}\n{stderr}",
+        output.status
+    );
+    assert!(
+        stderr.contains("aiocoro: stack overflow in coroutine #"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("\"deep\""), "{stderr}");
+    assert!(stderr.contains("guard page"), "{stderr}");
+}
