@@ -50,3 +50,8 @@ mod sys;
 pub mod loom_exports {
     pub use crate::coroutine::shared_pool::SharedPool;
 }
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

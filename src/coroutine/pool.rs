@@ -172,6 +172,10 @@ pub fn global_stats() -> GlobalPoolStats {
 /// One thread's cache of coroutine slots (each with its stack), its counters, and the number
 /// of the next coroutine it creates.
 struct ThreadCache {
+    #[allow(
+        clippy::vec_box,
+        reason = "handles point into slots, so a slot never moves"
+    )]
     slots: Vec<Box<Slot>>,
     stats: PoolStats,
     next_id: u64,
