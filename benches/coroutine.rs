@@ -16,15 +16,9 @@ fn timed(run: impl FnOnce()) -> Duration {
 }
 
 fn coroutine(c: &mut Criterion) {
-    c.bench_function("lifecycle", |b| {
-        b.iter_custom(|n| timed(|| workloads::lifecycle(n)))
-    });
-    c.bench_function("yield", |b| {
-        b.iter_custom(|n| timed(|| workloads::yield_round_trips(n)))
-    });
-    c.bench_function("function_call", |b| {
-        b.iter_custom(|n| timed(|| workloads::function_call(n)))
-    });
+    c.bench_function("lifecycle", |b| b.iter_custom(|n| timed(|| workloads::lifecycle(n))));
+    c.bench_function("yield", |b| b.iter_custom(|n| timed(|| workloads::yield_round_trips(n))));
+    c.bench_function("function_call", |b| b.iter_custom(|n| timed(|| workloads::function_call(n))));
     c.bench_function("cost", |b| b.iter_custom(|n| timed(|| workloads::cost(n))));
 
     const DEPTH: u32 = 1000;

@@ -29,10 +29,7 @@ fn report(name: &str, iterations: u64, ops_per_iteration: u64, run: impl Fn(u64)
     let median = times[RUNS / 2];
     let ops = iterations * ops_per_iteration;
     let ns_per_op = median.as_secs_f64() * 1e9 / ops as f64;
-    println!(
-        "{name} {ops} iterations {:.6} s {ns_per_op:.2} ns/op",
-        median.as_secs_f64()
-    );
+    println!("{name} {ops} iterations {:.6} s {ns_per_op:.2} ns/op", median.as_secs_f64());
 }
 
 fn main() {
@@ -44,16 +41,6 @@ fn main() {
     });
     report("yield", 20_000_000, 1, workloads::yield_round_trips);
     report("function_call", 100_000_000, 1, workloads::function_call);
-    report(
-        "raw_corosensei_yield",
-        20_000_000,
-        1,
-        workloads::raw_corosensei_yield,
-    );
-    report(
-        "raw_corosensei_lifecycle",
-        5_000_000,
-        1,
-        workloads::raw_corosensei_lifecycle,
-    );
+    report("raw_corosensei_yield", 20_000_000, 1, workloads::raw_corosensei_yield);
+    report("raw_corosensei_lifecycle", 5_000_000, 1, workloads::raw_corosensei_lifecycle);
 }

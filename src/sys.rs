@@ -22,10 +22,7 @@ pub(crate) fn page_size() -> usize {
     *PAGE_SIZE.get_or_init(|| {
         let size = syscall!(sysconf(libc::_SC_PAGESIZE)).expect("sysconf(_SC_PAGESIZE) failed");
         let size = usize::try_from(size).expect("page size does not fit in usize");
-        assert!(
-            size.is_power_of_two(),
-            "page size {size} is not a power of two"
-        );
+        assert!(size.is_power_of_two(), "page size {size} is not a power of two");
         size
     })
 }
@@ -95,9 +92,5 @@ pub(crate) fn restore_fault_handler(signal: libc::c_int, previous: &libc::sigact
 /// Writes `bytes` to standard error with one `write(2)`. Async-signal-safe; errors are ignored
 /// because the only caller is a dying process reporting why.
 pub(crate) fn write_stderr(bytes: &[u8]) {
-    let _ = syscall!(write(
-        libc::STDERR_FILENO,
-        bytes.as_ptr().cast(),
-        bytes.len()
-    ));
+    let _ = syscall!(write(libc::STDERR_FILENO, bytes.as_ptr().cast(), bytes.len()));
 }

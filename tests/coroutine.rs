@@ -31,9 +31,7 @@ fn enter_runs_until_yield_and_resumes_after_it() {
     assert_eq!(entries, 4);
     assert_eq!(
         *steps.borrow(),
-        [
-            "in 0", "out 1", "in 1", "out 2", "in 2", "out 3", "end", "out 4"
-        ]
+        ["in 0", "out 1", "in 1", "out 2", "in 2", "out 3", "end", "out 4"]
     );
 }
 
@@ -62,14 +60,7 @@ fn a_yield_returns_to_whoever_entered() {
     assert!(outer.is_ended());
     assert_eq!(
         *steps.borrow(),
-        [
-            "outer 1",
-            "inner 1",
-            "outer after inner yield",
-            "thread",
-            "inner 2",
-            "outer end"
-        ]
+        ["outer 1", "inner 1", "outer after inner yield", "thread", "inner 2", "outer end"]
     );
 }
 
@@ -87,11 +78,7 @@ fn current_names_the_innermost_running_coroutine() {
         });
         inner.enter();
         assert_ne!(inner, me);
-        assert_eq!(
-            current(),
-            Some(me),
-            "the enterer is current again after the nested run"
-        );
+        assert_eq!(current(), Some(me), "the enterer is current again after the nested run");
     });
     outer.enter();
     assert!(outer.is_ended());
@@ -110,10 +97,7 @@ fn a_body_keeps_rc_and_refcell_borrows_across_yields() {
         borrowed.push(local.get());
     });
     co.enter();
-    assert!(
-        shared.try_borrow().is_err(),
-        "the coroutine still holds its borrow"
-    );
+    assert!(shared.try_borrow().is_err(), "the coroutine still holds its borrow");
     co.enter();
     assert_eq!(*shared.borrow(), [1, 2, 10]);
 }
@@ -131,10 +115,7 @@ fn a_panic_reaches_the_enterer_with_its_payload_and_ends_the_coroutine() {
     let caught = panic::catch_unwind(AssertUnwindSafe(|| co.enter())).unwrap_err();
     assert_eq!(caught.downcast_ref::<Payload>(), Some(&Payload(42)));
     assert!(co.is_ended());
-    assert!(
-        !in_coroutine(),
-        "the current coroutine is restored after the panic"
-    );
+    assert!(!in_coroutine(), "the current coroutine is restored after the panic");
 }
 
 #[test]
@@ -173,15 +154,8 @@ fn dropping_a_suspended_coroutine_unwinds_its_stack() {
     co.enter();
     assert_eq!(drops.get(), 0);
     drop(co);
-    assert_eq!(
-        drops.get(),
-        1,
-        "the local on the coroutine stack was dropped"
-    );
-    assert!(
-        !after_yield.get(),
-        "the body did not continue past its yield"
-    );
+    assert_eq!(drops.get(), 1, "the local on the coroutine stack was dropped");
+    assert!(!after_yield.get(), "the body did not continue past its yield");
     assert!(!in_coroutine());
 }
 
@@ -207,11 +181,7 @@ fn clones_name_the_same_coroutine_and_keep_it_alive() {
     assert_eq!(co.id(), other.id());
     co.enter();
     drop(co);
-    assert_eq!(
-        drops.get(),
-        0,
-        "a clone still holds the suspended coroutine"
-    );
+    assert_eq!(drops.get(), 0, "a clone still holds the suspended coroutine");
     other.enter();
     assert!(other.is_ended());
     assert_eq!(drops.get(), 1);
@@ -234,10 +204,7 @@ fn a_destructor_on_an_unwinding_stack_may_take_a_handle() {
     });
     co.enter();
     drop(co);
-    let kept = stash
-        .borrow_mut()
-        .take()
-        .expect("the destructor stashed a handle");
+    let kept = stash.borrow_mut().take().expect("the destructor stashed a handle");
     assert!(kept.is_ended());
 }
 

@@ -11,25 +11,16 @@ use aiocoro::coroutine::Coroutine;
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     match payload.downcast::<String>() {
         Ok(message) => *message,
-        Err(payload) => payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .unwrap_or_default(),
+        Err(payload) => payload.downcast_ref::<&str>().map(|s| s.to_string()).unwrap_or_default(),
     }
 }
 
 #[test]
 fn entering_itself_panics_naming_the_rule() {
-    let co = Coroutine::builder()
-        .name("selfish")
-        .build(|co| co.current().enter())
-        .unwrap();
+    let co = Coroutine::builder().name("selfish").build(|co| co.current().enter()).unwrap();
     let message = panic_message(panic::catch_unwind(AssertUnwindSafe(|| co.enter())).unwrap_err());
     assert!(message.contains("entered while it is running"), "{message}");
-    assert!(
-        message.contains("\"selfish\""),
-        "the message names the coroutine: {message}"
-    );
+    assert!(message.contains("\"selfish\""), "the message names the coroutine: {message}");
     assert!(co.is_ended(), "the panic ended the coroutine");
 }
 
@@ -79,16 +70,8 @@ fn yielding_while_being_dropped_aborts_with_a_message() {
     }
     let output = common::run_child(TEST);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(
-        output.status.signal(),
-        Some(libc::SIGABRT),
-        "{:?}\n{stderr}",
-        output.status
-    );
-    assert!(
-        stderr.contains("yielded while its stack was being unwound"),
-        "{stderr}"
-    );
+    assert_eq!(output.status.signal(), Some(libc::SIGABRT), "{:?}\n{stderr}", output.status);
+    assert!(stderr.contains("yielded while its stack was being unwound"), "{stderr}");
     assert!(stderr.contains("\"dropped\""), "{stderr}");
 }
 
@@ -114,16 +97,8 @@ fn a_stack_overflow_dies_on_the_guard_page_and_names_the_coroutine() {
     }
     let output = common::run_child(TEST);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(
-        output.status.signal(),
-        Some(libc::SIGSEGV),
-        "{:?}\n{stderr}",
-        output.status
-    );
-    assert!(
-        stderr.contains("aiocoro: stack overflow in coroutine #"),
-        "{stderr}"
-    );
+    assert_eq!(output.status.signal(), Some(libc::SIGSEGV), "{:?}\n{stderr}", output.status);
+    assert!(stderr.contains("aiocoro: stack overflow in coroutine #"), "{stderr}");
     assert!(stderr.contains("\"deep\""), "{stderr}");
     assert!(stderr.contains("guard page"), "{stderr}");
 }

@@ -5,8 +5,12 @@
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Mutex;
 
+#[path = "common/nesting.rs"]
+mod nesting;
+
 use aiocoro::coroutine::pool::{self, PoolStats};
 use aiocoro::coroutine::{Coroutine, DEFAULT_STACK_SIZE};
+use nesting::nest;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -17,12 +21,6 @@ fn delta(before: PoolStats) -> PoolStats {
         reused: after.reused - before.reused,
         freed: after.freed - before.freed,
         cached: after.cached,
-    }
-}
-
-fn nest(level: u32, depth: u32) {
-    if level < depth {
-        Coroutine::new(move |_co| nest(level + 1, depth)).enter();
     }
 }
 
@@ -50,55 +48,53 @@ fn nesting_1000_deep_100_times_allocates_about_1000_stacks() {
         nest(0, 1000);
     }
     let used = delta(before);
-    assert!(
-        used.allocated <= 1000,
-        "one stack per level at most: {used:?}"
-    );
+    assert!(used.allocated <= 1000, "one stack per level at most: {used:?}");
     assert_eq!(used.allocated + used.reused, 100_000, "{used:?}");
-    assert!(
-        used.reused >= 99_000,
-        "later rounds reuse the first round's stacks: {used:?}"
-    );
-    assert_eq!(
-        used.freed, 0,
-        "the default pool holds 1000 stacks: {used:?}"
-    );
+    assert!(used.reused >= 99_000, "later rounds reuse the first round's stacks: {used:?}");
+    assert_eq!(used.freed, 0, "the default pool holds 1000 stacks: {used:?}");
+}
+
+/// Runs `cycles` coroutines made by `make` through `finish` and checks that each took a pooled
+/// stack and gave it back.
+fn assert_every_stack_is_reused(
+    cycles: u64,
+    make: impl Fn() -> Coroutine,
+    finish: impl Fn(Coroutine),
+) {
+    // Warm the pool so that the first coroutine takes a pooled stack too.
+    Coroutine::new(|_co| {}).enter();
+    let before = pool::thread_stats();
+    for _ in 0..cycles {
+        finish(make());
+    }
+    let used = delta(before);
+    assert_eq!((used.allocated, used.reused, used.freed), (0, cycles, 0), "{used:?}");
 }
 
 #[test]
 fn a_panicking_coroutine_gives_its_stack_back() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    // Warm the pool so that the next coroutine takes a pooled stack.
-    Coroutine::new(|_co| {}).enter();
-    let before = pool::thread_stats();
-    for _ in 0..100 {
-        let co = Coroutine::new(|_co| panic!("on purpose"));
-        assert!(panic::catch_unwind(AssertUnwindSafe(|| co.enter())).is_err());
-        assert!(co.is_ended());
-    }
-    let used = delta(before);
-    assert_eq!(
-        (used.allocated, used.reused, used.freed),
-        (0, 100, 0),
-        "{used:?}"
+    assert_every_stack_is_reused(
+        100,
+        || Coroutine::new(|_co| panic!("on purpose")),
+        |co| {
+            assert!(panic::catch_unwind(AssertUnwindSafe(|| co.enter())).is_err());
+            assert!(co.is_ended());
+        },
     );
 }
 
 #[test]
 fn a_dropped_suspended_coroutine_gives_its_stack_back() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    Coroutine::new(|_co| {}).enter();
-    let before = pool::thread_stats();
-    for _ in 0..100 {
-        let co = Coroutine::new(|co| co.yield_now());
-        co.enter();
-        drop(co);
-    }
-    let used = delta(before);
-    assert_eq!(
-        (used.allocated, used.reused, used.freed),
-        (0, 100, 0),
-        "{used:?}"
+    assert_every_stack_is_reused(
+        100,
+        || Coroutine::new(|co| co.yield_now()),
+        |co| {
+            co.enter();
+            assert!(!co.is_ended());
+            drop(co);
+        },
     );
 }
 
@@ -106,16 +102,9 @@ fn a_dropped_suspended_coroutine_gives_its_stack_back() {
 fn a_stack_of_another_size_is_mapped_and_unmapped() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let before = pool::thread_stats();
-    let co = Coroutine::builder()
-        .stack_size(DEFAULT_STACK_SIZE * 2)
-        .build(|_co| {})
-        .unwrap();
+    let co = Coroutine::builder().stack_size(DEFAULT_STACK_SIZE * 2).build(|_co| {}).unwrap();
     co.enter();
     drop(co);
     let used = delta(before);
-    assert_eq!(
-        (used.allocated, used.reused, used.freed),
-        (1, 0, 1),
-        "{used:?}"
-    );
+    assert_eq!((used.allocated, used.reused, used.freed), (1, 0, 1), "{used:?}");
 }

@@ -1,14 +1,11 @@
 //! Stacks move between threads through the shared pool. The shared pool is process-wide and
 //! exiting test threads fill it, so this binary holds a single test.
 
-use aiocoro::coroutine::Coroutine;
-use aiocoro::coroutine::pool;
+#[path = "common/nesting.rs"]
+mod nesting;
 
-fn nest(level: u32, depth: u32) {
-    if level < depth {
-        Coroutine::new(move |_co| nest(level + 1, depth)).enter();
-    }
-}
+use aiocoro::coroutine::pool;
+use nesting::nest;
 
 #[test]
 fn an_exiting_thread_leaves_its_stacks_to_the_others() {

@@ -64,10 +64,6 @@ fn a_deposit_is_visible_to_a_thread_that_joined_the_depositor() {
         depositor.join().unwrap();
         let mut late = Vec::new();
         pool.withdraw(&mut late, 1);
-        assert_eq!(
-            early.len() + late.len(),
-            1,
-            "the item is taken exactly once"
-        );
+        assert_eq!(early.len() + late.len(), 1, "the item is taken exactly once");
     });
 }

@@ -60,11 +60,7 @@ pub struct Co {
 
 impl Co {
     pub(crate) fn new(yielder: &RawYielder, slot: NonNull<Slot>) -> Co {
-        Co {
-            yielder: NonNull::from(yielder),
-            slot,
-            _not_send: PhantomData,
-        }
+        Co { yielder: NonNull::from(yielder), slot, _not_send: PhantomData }
     }
 
     /// Suspends this coroutine and returns to whoever entered it (QEMU's

@@ -83,10 +83,7 @@ impl Coroutine {
         // SAFETY: the caller guarantees the slot is alive.
         let fields = unsafe { slot.as_ref() };
         fields.refs.set(fields.refs.get() + 1);
-        Coroutine {
-            slot,
-            _not_send: PhantomData,
-        }
+        Coroutine { slot, _not_send: PhantomData }
     }
 
     #[inline]
@@ -115,10 +112,7 @@ impl Coroutine {
         slot.state.set(State::Running);
         // Restores the current coroutine, and ends this one if its body panicked, also when
         // `resume` unwinds; the panic then continues with its original payload.
-        let run = Run {
-            slot,
-            caller: current::replace(self.slot.as_ptr()),
-        };
+        let run = Run { slot, caller: current::replace(self.slot.as_ptr()) };
         // SAFETY: the state was `Ready` and is now `Running`, so this is the only borrow of
         // `raw` (slot invariant), and `raw` is `Some` until the coroutine ends.
         let Some(raw) = (unsafe { &mut *slot.raw.get() }) else {
@@ -342,9 +336,6 @@ impl Builder {
         let slot = slot::acquire(self.stack_size, self.name, |slot, stack| {
             RawCoroutine::with_stack(stack, slot::body(slot, body))
         })?;
-        Ok(Coroutine {
-            slot,
-            _not_send: PhantomData,
-        })
+        Ok(Coroutine { slot, _not_send: PhantomData })
     }
 }

@@ -101,10 +101,7 @@ struct MessageBuffer {
 
 impl MessageBuffer {
     fn new() -> Self {
-        MessageBuffer {
-            bytes: [0; 512],
-            len: 0,
-        }
+        MessageBuffer { bytes: [0; 512], len: 0 }
     }
 
     fn as_bytes(&self) -> &[u8] {

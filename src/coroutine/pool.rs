@@ -46,11 +46,8 @@ pub struct PoolConfig {
 impl PoolConfig {
     /// The configuration a process starts with: 1 MiB stacks, 256 per thread (QEMU keeps two
     /// batches of 128), 4096 shared.
-    pub const DEFAULT: PoolConfig = PoolConfig {
-        stack_size: DEFAULT_STACK_SIZE,
-        thread_cache: 256,
-        shared_capacity: 4096,
-    };
+    pub const DEFAULT: PoolConfig =
+        PoolConfig { stack_size: DEFAULT_STACK_SIZE, thread_cache: 256, shared_capacity: 4096 };
 }
 
 impl Default for PoolConfig {
@@ -125,10 +122,7 @@ fn pooled_size() -> usize {
 /// If `stack_size` is so large that it cannot be rounded to whole pages.
 pub fn configure(config: PoolConfig) {
     assert!(
-        config
-            .stack_size
-            .checked_next_multiple_of(sys::page_size())
-            .is_some(),
+        config.stack_size.checked_next_multiple_of(sys::page_size()).is_some(),
         "aiocoro: pool stack size {} is too large",
         config.stack_size
     );
@@ -152,10 +146,7 @@ pub fn config() -> PoolConfig {
 pub fn thread_stats() -> PoolStats {
     CACHE
         .try_with(|cache| {
-            cache.with(|cache| PoolStats {
-                cached: cache.slots.len(),
-                ..cache.stats
-            })
+            cache.with(|cache| PoolStats { cached: cache.slots.len(), ..cache.stats })
         })
         .unwrap_or_default()
 }
@@ -172,10 +163,7 @@ pub fn global_stats() -> GlobalPoolStats {
 /// One thread's cache of coroutine slots (each with its stack), its counters, and the number
 /// of the next coroutine it creates.
 struct ThreadCache {
-    #[allow(
-        clippy::vec_box,
-        reason = "handles point into slots, so a slot never moves"
-    )]
+    #[allow(clippy::vec_box, reason = "handles point into slots, so a slot never moves")]
     slots: Vec<Box<Slot>>,
     stats: PoolStats,
     next_id: u64,
@@ -226,10 +214,8 @@ fn free_stacks(count: usize, stats: Option<&mut PoolStats>) {
 /// are unmapped.
 fn deposit(slots: impl IntoIterator<Item = Box<Slot>>, stats: Option<&mut PoolStats>) {
     let want = pooled_size();
-    let (mut batch, other_size): (Vec<_>, Vec<_>) = slots
-        .into_iter()
-        .map(PooledSlot)
-        .partition(|slot| slot.0.stack_size() == want);
+    let (mut batch, other_size): (Vec<_>, Vec<_>) =
+        slots.into_iter().map(PooledSlot).partition(|slot| slot.0.stack_size() == want);
     shared().deposit(&mut batch);
     free_stacks(batch.len() + other_size.len(), stats);
 }

@@ -33,10 +33,7 @@ impl<T> SharedPool<T> {
     /// What does not fit stays in `batch` for the caller to free.
     pub fn deposit(&self, batch: &mut Vec<T>) {
         let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
-        let room = self
-            .capacity
-            .load(Ordering::Relaxed)
-            .saturating_sub(items.len());
+        let room = self.capacity.load(Ordering::Relaxed).saturating_sub(items.len());
         let moved = room.min(batch.len());
         items.extend(batch.drain(batch.len() - moved..));
         self.len.store(items.len(), Ordering::Release);

@@ -39,11 +39,7 @@ impl GuardedStack {
             .checked_add(page)
             .ok_or_else(|| io::Error::other(format!("coroutine stack size {size} is too large")))?;
         let base = sys::map_inaccessible(len)?;
-        let stack = GuardedStack {
-            base,
-            len,
-            guard: page,
-        };
+        let stack = GuardedStack { base, len, guard: page };
         // SAFETY: `page..len` lies inside the mapping just made, which nothing references yet.
         unsafe { sys::make_read_write(stack.base.add(page), usable)? };
         Ok(stack)
@@ -67,10 +63,7 @@ impl Drop for GuardedStack {
         // SAFETY: by the type invariant the mapping is ours, and a stack is only dropped once no
         // coroutine runs on it (the pool and the coroutine slot own it exclusively).
         let result = unsafe { sys::unmap(self.base, self.len) };
-        debug_assert!(
-            result.is_ok(),
-            "munmap of a coroutine stack failed: {result:?}"
-        );
+        debug_assert!(result.is_ok(), "munmap of a coroutine stack failed: {result:?}");
     }
 }
 
@@ -123,17 +116,11 @@ mod tests {
     fn rounds_up_to_pages_and_keeps_a_guard_page() {
         let page = sys::page_size();
         let stack = GuardedStack::new(MIN_STACK_SIZE + 1).unwrap();
-        assert_eq!(
-            stack.usable_size(),
-            (MIN_STACK_SIZE + 1).next_multiple_of(page)
-        );
+        assert_eq!(stack.usable_size(), (MIN_STACK_SIZE + 1).next_multiple_of(page));
         assert_eq!(stack.guard_range().len(), page);
         let bounds = stack.bounds();
         assert_eq!(bounds.limit().get(), stack.guard_range().end);
-        assert_eq!(
-            bounds.base().get() - bounds.limit().get(),
-            stack.usable_size()
-        );
+        assert_eq!(bounds.base().get() - bounds.limit().get(), stack.usable_size());
     }
 
     #[test]
