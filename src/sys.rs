@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 /// Calls a `libc` function and turns a return value of `-1` into the `errno` error.
 macro_rules! syscall {
     ($fn:ident ( $($arg:expr),* $(,)? )) => {{
-        // SAFETY: the arguments are checked by each caller below; see the SAFETY line there.
+        // SAFETY: each use of the macro states why its call is sound, on the line above it.
         let ret = unsafe { libc::$fn($($arg),*) };
         if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret) }
     }};
@@ -20,6 +20,7 @@ macro_rules! syscall {
 pub(crate) fn page_size() -> usize {
     static PAGE_SIZE: OnceLock<usize> = OnceLock::new();
     *PAGE_SIZE.get_or_init(|| {
+        // SAFETY: sysconf reads a constant and touches no memory of ours.
         let size = syscall!(sysconf(libc::_SC_PAGESIZE)).expect("sysconf(_SC_PAGESIZE) failed");
         let size = usize::try_from(size).expect("page size does not fit in usize");
         assert!(size.is_power_of_two(), "page size {size} is not a power of two");
@@ -47,6 +48,7 @@ pub(crate) fn map_inaccessible(len: usize) -> io::Result<NonNull<u8>> {
 /// expects to stay inaccessible.
 pub(crate) unsafe fn make_read_write(addr: NonNull<u8>, len: usize) -> io::Result<()> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: the caller guarantees the range is ours and may become accessible.
     syscall!(mprotect(addr.as_ptr().cast(), len, prot)).map(drop)
 }
 
@@ -57,6 +59,7 @@ pub(crate) unsafe fn make_read_write(addr: NonNull<u8>, len: usize) -> io::Resul
 /// `addr..addr + len` must be exactly one mapping made by [`map_inaccessible`] that nothing
 /// references any more.
 pub(crate) unsafe fn unmap(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller guarantees the range is one unreferenced mapping of ours.
     syscall!(munmap(addr.as_ptr().cast(), len)).map(drop)
 }
 
@@ -77,6 +80,8 @@ pub(crate) fn install_fault_handler(
     unsafe { libc::sigemptyset(&mut action.sa_mask) };
     // SAFETY: as above, all-zeroes is a valid sigaction to receive the old disposition.
     let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live, initialised sigaction values; the handler has the
+    // SA_SIGINFO signature that the flags announce.
     syscall!(sigaction(signal, &action, &mut previous))?;
     Ok(previous)
 }
@@ -86,11 +91,14 @@ pub(crate) fn install_fault_handler(
 pub(crate) fn restore_fault_handler(signal: libc::c_int, previous: &libc::sigaction) {
     // A failure leaves our handler in place; the caller then re-faults into it, which is
     // still a death by the same signal.
+    // SAFETY: `previous` is a live sigaction the kernel gave us; a null old-action pointer is
+    // allowed.
     let _ = syscall!(sigaction(signal, previous, ptr::null_mut()));
 }
 
 /// Writes `bytes` to standard error with one `write(2)`. Async-signal-safe; errors are ignored
 /// because the only caller is a dying process reporting why.
 pub(crate) fn write_stderr(bytes: &[u8]) {
+    // SAFETY: the pointer and length describe the live slice `bytes`.
     let _ = syscall!(write(libc::STDERR_FILENO, bytes.as_ptr().cast(), bytes.len()));
 }

@@ -18,8 +18,11 @@ use super::{Co, current};
 /// moves to another thread, which is why the handle is neither `Send` nor `Sync`: a body may keep
 /// `Rc`s, `RefCell` borrows and thread-local references across a yield.
 ///
-/// Dropping the last handle of a suspended coroutine unwinds its stack (running the destructors
-/// of its locals) and returns the stack to the pool.
+/// When the body returns or panics, the coroutine has ended; its stack goes back to the pool
+/// together with its control block when the last handle is dropped (a handle can still answer
+/// [`is_ended`](Coroutine::is_ended) until then). Dropping the last handle of a suspended
+/// coroutine unwinds its stack (running the destructors of its locals) and returns the stack to
+/// the pool.
 ///
 /// ```
 /// use aiocoro::coroutine::Coroutine;
