@@ -40,6 +40,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod aio;
 pub mod coroutine;
 mod loom;
 mod sys;

@@ -7,9 +7,13 @@
 #[cfg(not(aiocoro_loom))]
 pub(crate) use std::sync::Mutex;
 #[cfg(not(aiocoro_loom))]
-pub(crate) use std::sync::atomic::AtomicUsize;
+pub(crate) use std::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, fence,
+};
 
 #[cfg(aiocoro_loom)]
 pub(crate) use loom::sync::Mutex;
 #[cfg(aiocoro_loom)]
-pub(crate) use loom::sync::atomic::AtomicUsize;
+pub(crate) use loom::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, fence,
+};

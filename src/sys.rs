@@ -4,8 +4,11 @@
 //! [`io::Error`]. Callers above this module never see a raw return code.
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::{self, NonNull};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 /// Calls a `libc` function and turns a return value of `-1` into the `errno` error.
 macro_rules! syscall {
@@ -101,4 +104,110 @@ pub(crate) fn restore_fault_handler(signal: libc::c_int, previous: &libc::sigact
 pub(crate) fn write_stderr(bytes: &[u8]) {
     // SAFETY: the pointer and length describe the live slice `bytes`.
     let _ = syscall!(write(libc::STDERR_FILENO, bytes.as_ptr().cast(), bytes.len()));
+}
+
+/// Creates an epoll instance (close-on-exec).
+pub(crate) fn epoll_create() -> io::Result<OwnedFd> {
+    // SAFETY: epoll_create1 takes only flags.
+    let fd = syscall!(epoll_create1(libc::EPOLL_CLOEXEC))?;
+    // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds, changes or removes (`op`) the interest of `epoll` in `fd`, with `token` as its data.
+pub(crate) fn epoll_ctl(
+    epoll: BorrowedFd<'_>,
+    op: libc::c_int,
+    fd: RawFd,
+    events: u32,
+    token: u64,
+) -> io::Result<()> {
+    let mut event = libc::epoll_event { events, u64: token };
+    // SAFETY: `event` is a live epoll_event; the kernel validates both descriptors.
+    syscall!(epoll_ctl(epoll.as_raw_fd(), op, fd, &mut event)).map(drop)
+}
+
+/// Waits on `epoll` for at most `timeout` (`None`: no limit) and fills `events`; returns how
+/// many are ready. An interrupted wait returns 0.
+pub(crate) fn epoll_wait(
+    epoll: BorrowedFd<'_>,
+    events: &mut [libc::epoll_event],
+    timeout: Option<Duration>,
+) -> io::Result<usize> {
+    let capacity = libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX);
+    let result = match timeout {
+        // Nanosecond timeouts need epoll_pwait2 (Linux 5.11); older kernels fall back to
+        // epoll_wait with the timeout rounded up to whole milliseconds.
+        Some(timeout) if EPOLL_PWAIT2.load(Ordering::Relaxed) => {
+            let spec = libc::timespec {
+                tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+                tv_nsec: timeout.subsec_nanos().into(),
+            };
+            // SAFETY: the buffer holds `capacity` events, `spec` is a live timespec, and a
+            // null sigmask means "no change".
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_epoll_pwait2,
+                    epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    capacity,
+                    &spec as *const libc::timespec,
+                    ptr::null::<libc::sigset_t>(),
+                    0usize,
+                )
+            };
+            if ret == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                EPOLL_PWAIT2.store(false, Ordering::Relaxed);
+                return epoll_wait(epoll, events, Some(timeout));
+            }
+            if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret as libc::c_int) }
+        }
+        _ => {
+            let millis = timeout.map_or(-1, |t| {
+                let rounded_up = t.as_nanos().div_ceil(1_000_000);
+                libc::c_int::try_from(rounded_up).unwrap_or(libc::c_int::MAX)
+            });
+            // SAFETY: the buffer holds `capacity` events.
+            syscall!(epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), capacity, millis))
+        }
+    };
+    match result {
+        Ok(ready) => Ok(ready as usize),
+        Err(error) if error.kind() == io::ErrorKind::Interrupted => Ok(0),
+        Err(error) => Err(error),
+    }
+}
+
+/// Whether epoll_pwait2 is worth trying (cleared the first time the kernel lacks it).
+static EPOLL_PWAIT2: AtomicBool = AtomicBool::new(true);
+
+/// Creates a non-blocking, close-on-exec eventfd with a zero counter.
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes only an initial value and flags.
+    let fd = syscall!(eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))?;
+    // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds 1 to an eventfd's counter, waking whoever polls it. A full counter (EAGAIN) is fine:
+/// the eventfd is readable then anyway.
+pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one: u64 = 1;
+    // SAFETY: the pointer and length describe the live `one`.
+    match syscall!(write(fd.as_raw_fd(), (&one as *const u64).cast(), 8)) {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// Reads and resets an eventfd's counter; 0 when it was not signalled.
+pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    // SAFETY: the pointer and length describe the live `value`.
+    match syscall!(read(fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8)) {
+        Ok(_) => Ok(value),
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Err(error) => Err(error),
+    }
 }

@@ -1,0 +1,72 @@
+//! Adaptive busy polling (QEMU's `poll-max-ns`, `poll-grow`, `poll-shrink`).
+
+/// The window QEMU starts growing from, in nanoseconds.
+const INITIAL_WINDOW_NS: u64 = 4_000;
+
+/// Settings and state of adaptive busy polling for one context.
+///
+/// Before blocking, a poll spins for the current window checking for work. After each poll
+/// the window adapts to how long the context actually waited: a wait that the window covered
+/// leaves it alone; a wait longer than `max_ns` shrinks it (divides by `shrink`, or resets it
+/// to 0 when `shrink` is 0); a shorter wait grows it (from 4 µs, multiplying by `grow`) up to
+/// `max_ns`.
+///
+/// ```
+/// use aiocoro::aio::AdaptivePolling;
+///
+/// let mut polling = AdaptivePolling::new(32_000);
+/// polling.record_block(10_000); // a short wait: grow from 0 to 4 µs
+/// assert_eq!(polling.window_ns(), 4_000);
+/// polling.record_block(10_000); // still longer than the window: grow to 8 µs
+/// assert_eq!(polling.window_ns(), 8_000);
+/// polling.record_block(1_000_000); // longer than max: shrink
+/// assert_eq!(polling.window_ns(), 4_000);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdaptivePolling {
+    max_ns: u64,
+    grow: u64,
+    shrink: u64,
+    window_ns: u64,
+}
+
+impl AdaptivePolling {
+    /// Polls for at most `max_ns`, growing by 2 and shrinking by 2 (QEMU's defaults for
+    /// `poll-grow` = 0 and a shrink of 2).
+    pub fn new(max_ns: u64) -> AdaptivePolling {
+        AdaptivePolling { max_ns, grow: 2, shrink: 2, window_ns: 0 }
+    }
+
+    /// Sets the factor the window grows by (at least 2).
+    pub fn grow(mut self, factor: u64) -> AdaptivePolling {
+        self.grow = factor.max(2);
+        self
+    }
+
+    /// Sets the divisor the window shrinks by; 0 resets it to nothing.
+    pub fn shrink(mut self, divisor: u64) -> AdaptivePolling {
+        self.shrink = divisor;
+        self
+    }
+
+    /// The current window in nanoseconds.
+    pub fn window_ns(&self) -> u64 {
+        self.window_ns
+    }
+
+    /// Adapts the window to a poll that waited `blocked_ns` in all.
+    pub fn record_block(&mut self, blocked_ns: u64) {
+        if blocked_ns <= self.window_ns {
+            // The window caught the work: the sweet spot.
+        } else if blocked_ns > self.max_ns {
+            self.window_ns = self.window_ns.checked_div(self.shrink).unwrap_or(0);
+        } else if self.window_ns < self.max_ns {
+            let grown = if self.window_ns == 0 {
+                INITIAL_WINDOW_NS
+            } else {
+                self.window_ns.saturating_mul(self.grow)
+            };
+            self.window_ns = grown.min(self.max_ns);
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! A generational arena: a `Vec` with a free list whose keys go stale when their entry is
+//! removed, so that a late reference to a reused place finds nothing instead of the newcomer.
+
+/// Names one entry of an [`Arena`]; stale once that entry is removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    index: u32,
+    generation: u32,
+}
+
+impl Key {
+    /// The key as one number (for heaps and messages).
+    pub(crate) fn to_bits(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.index)
+    }
+
+    /// The key that [`Key::to_bits`] turned into `bits`.
+    pub(crate) fn from_bits(bits: u64) -> Key {
+        Key { index: bits as u32, generation: (bits >> 32) as u32 }
+    }
+}
+
+enum Place<T> {
+    Occupied { generation: u32, value: T },
+    Free { generation: u32, next_free: Option<u32> },
+}
+
+/// Entries of type `T` under stable, generation-checked keys.
+pub(crate) struct Arena<T> {
+    places: Vec<Place<T>>,
+    first_free: Option<u32>,
+    len: usize,
+}
+
+impl<T> Default for Arena<T> {
+    fn default() -> Self {
+        Arena { places: Vec::new(), first_free: None, len: 0 }
+    }
+}
+
+impl<T> Arena<T> {
+    /// Stores `value` and returns its key.
+    pub(crate) fn insert(&mut self, value: T) -> Key {
+        self.len += 1;
+        match self.first_free {
+            Some(index) => {
+                let place = &mut self.places[index as usize];
+                let Place::Free { generation, next_free } = *place else {
+                    unreachable!("the free list names only free places")
+                };
+                self.first_free = next_free;
+                let generation = generation.wrapping_add(1);
+                *place = Place::Occupied { generation, value };
+                Key { index, generation }
+            }
+            None => {
+                let index = u32::try_from(self.places.len()).expect("more than 2^32 entries");
+                self.places.push(Place::Occupied { generation: 0, value });
+                Key { index, generation: 0 }
+            }
+        }
+    }
+
+    /// The entry under `key`, unless it was removed.
+    pub(crate) fn get(&self, key: Key) -> Option<&T> {
+        match self.places.get(key.index as usize)? {
+            Place::Occupied { generation, value } if *generation == key.generation => Some(value),
+            _ => None,
+        }
+    }
+
+    /// The entry under `key`, mutably, unless it was removed.
+    pub(crate) fn get_mut(&mut self, key: Key) -> Option<&mut T> {
+        match self.places.get_mut(key.index as usize)? {
+            Place::Occupied { generation, value } if *generation == key.generation => Some(value),
+            _ => None,
+        }
+    }
+
+    /// Removes and returns the entry under `key`, unless it was removed already.
+    pub(crate) fn remove(&mut self, key: Key) -> Option<T> {
+        self.get(key)?;
+        let place = &mut self.places[key.index as usize];
+        let free = Place::Free { generation: key.generation, next_free: self.first_free };
+        let Place::Occupied { value, .. } = std::mem::replace(place, free) else {
+            unreachable!("checked above")
+        };
+        self.first_free = Some(key.index);
+        self.len -= 1;
+        Some(value)
+    }
+
+    /// The number of entries.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+#[cfg(all(test, not(aiocoro_loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_key_stays_stale_after_its_place_is_reused() {
+        let mut arena = Arena::default();
+        let a = arena.insert("a");
+        let b = arena.insert("b");
+        assert_eq!(arena.remove(a), Some("a"));
+        assert_eq!(arena.remove(a), None);
+        let c = arena.insert("c");
+        assert_eq!(arena.get(a), None, "the place was reused, the old key is stale");
+        assert_eq!(arena.get(c), Some(&"c"));
+        assert_eq!(arena.get(b), Some(&"b"));
+        assert_eq!(arena.len(), 2);
+        *arena.get_mut(b).unwrap() = "B";
+        assert_eq!(arena.remove(b), Some("B"));
+        assert_eq!(arena.len(), 1);
+    }
+}

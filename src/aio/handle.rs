@@ -1,0 +1,110 @@
+//! `AioHandle`: a context as seen from other threads.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::context::{Message, Shared, home_local};
+use crate::coroutine::Co;
+
+/// The error of handing work to a context that has shut down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContextClosed;
+
+impl fmt::Display for ContextClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("aiocoro: the AioContext has shut down")
+    }
+}
+
+impl std::error::Error for ContextClosed {}
+
+/// Reaches an [`AioContext`](super::AioContext) from any thread: schedules one-shot callbacks,
+/// starts coroutines, wakes it.
+///
+/// ```
+/// use aiocoro::aio::IoThread;
+/// use std::sync::mpsc;
+///
+/// let iothread = IoThread::spawn("worker")?;
+/// let (tx, rx) = mpsc::channel();
+/// iothread.handle().spawn(move |co| {
+///     co.sleep(std::time::Duration::from_millis(1));
+///     tx.send(std::thread::current().name().map(String::from)).unwrap();
+/// })?;
+/// assert_eq!(rx.recv().unwrap().as_deref(), Some("worker"));
+/// iothread.stop();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct AioHandle {
+    shared: Arc<Shared>,
+}
+
+impl AioHandle {
+    pub(crate) fn new(shared: Arc<Shared>) -> AioHandle {
+        AioHandle { shared }
+    }
+
+    /// Runs `callback` once on the context's thread, in its next bottom-half round (QEMU's
+    /// `aio_bh_schedule_oneshot`).
+    ///
+    /// # Errors
+    ///
+    /// If the context has shut down; `callback` is dropped unrun.
+    pub fn schedule_oneshot(
+        &self,
+        callback: impl FnOnce() + Send + 'static,
+    ) -> Result<(), ContextClosed> {
+        self.send(Message::Oneshot(Box::new(callback)))
+    }
+
+    /// Starts a coroutine running `body` on the context's thread (QEMU's
+    /// `qemu_coroutine_create` + `aio_co_schedule`). The body must be `Send` to get there;
+    /// once there, it never moves again.
+    ///
+    /// # Errors
+    ///
+    /// If the context has shut down; `body` is dropped unrun.
+    pub fn spawn(&self, body: impl FnOnce(&Co) + Send + 'static) -> Result<(), ContextClosed> {
+        self.send(Message::Spawn(Box::new(body)))
+    }
+
+    /// Wakes the context if it is blocked in `poll`, so that it re-checks its work (QEMU's
+    /// `aio_notify`, and `aio_wait_kick` for a thread in [`wait_while`]).
+    ///
+    /// [`wait_while`]: super::AioContext::wait_while
+    pub fn kick(&self) {
+        self.shared.kick();
+    }
+
+    /// Whether the caller runs on the context's home thread.
+    pub fn is_home_thread(&self) -> bool {
+        home_local(&self.shared).is_some()
+    }
+
+    /// Whether the context has shut down.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// How many times other threads had to write the context's eventfd to wake it. Work sent
+    /// to a context that is busy (not blocked in `poll`) costs no eventfd write.
+    pub fn eventfd_writes(&self) -> u64 {
+        self.shared.notify.signals()
+    }
+
+    fn send(&self, message: Message) -> Result<(), ContextClosed> {
+        if self.is_closed() {
+            return Err(ContextClosed);
+        }
+        self.shared.send(message);
+        Ok(())
+    }
+}
+
+impl fmt::Debug for AioHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AioHandle").field("context", &self.shared.id).finish()
+    }
+}

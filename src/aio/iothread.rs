@@ -1,0 +1,88 @@
+//! `IoThread`: a thread that owns a context and runs it until asked to stop (QEMU's
+//! `IOThread`).
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use super::context::AioContext;
+use super::handle::AioHandle;
+
+/// A thread running an [`AioContext`].
+///
+/// Work reaches it through [`IoThread::handle`]. [`IoThread::stop`] (or dropping it) asks the
+/// thread to finish: it runs what was already scheduled, drops its context and exits, and the
+/// caller joins it. A panic on the thread (for example in a coroutine) reaches the caller of
+/// `stop`.
+pub struct IoThread {
+    handle: AioHandle,
+    running: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl IoThread {
+    /// Starts a thread named `name` with a context of its own.
+    ///
+    /// # Errors
+    ///
+    /// If the thread or its context cannot be created.
+    pub fn spawn(name: &str) -> io::Result<IoThread> {
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let running = Arc::new(AtomicBool::new(true));
+        let keep_running = running.clone();
+        let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+            let ctx = match AioContext::new() {
+                Ok(ctx) => ctx,
+                Err(error) => {
+                    let _ = ready_tx.send(Err(error));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(ctx.handle()));
+            while keep_running.load(Ordering::Acquire) {
+                ctx.poll(true);
+            }
+            while ctx.poll(false) {}
+        })?;
+        let handle = ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("aiocoro: the IoThread died while starting"))??;
+        Ok(IoThread { handle, running, thread: Some(thread) })
+    }
+
+    /// A handle to the thread's context.
+    pub fn handle(&self) -> &AioHandle {
+        &self.handle
+    }
+
+    /// Asks the thread to stop, lets it run what is already scheduled, and joins it.
+    ///
+    /// # Panics
+    ///
+    /// With the thread's panic, if it panicked.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        let Some(thread) = self.thread.take() else { return };
+        // The flag is cleared by a message that the thread runs in its own poll, so the
+        // request cannot slip past a poll that is about to block. An error means the context
+        // is gone already: the thread is exiting anyway.
+        let running = self.running.clone();
+        let _ = self.handle.schedule_oneshot(move || running.store(false, Ordering::Release));
+        if let Err(panic) = thread.join() {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}

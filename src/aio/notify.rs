@@ -1,0 +1,90 @@
+//! Waking a context that may be blocked, without waking one that is busy (QEMU's `notify_me`
+//! / `notified` handshake).
+//!
+//! A context about to block raises `notify_me` and then looks for work; a producer makes its
+//! work visible and then reads `notify_me`. With a full fence on both sides, at least one of
+//! them sees the other: either the context finds the work and does not block, or the producer
+//! sees `notify_me` and signals the context's event (its eventfd). A busy context never raises
+//! `notify_me`, so producers never touch the eventfd. `notified` collapses the signals of many
+//! producers into one until the context accepts it.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::loom::{AtomicBool, AtomicU32, AtomicU64, fence};
+
+/// The shared half of the handshake.
+#[derive(Default)]
+pub struct NotifyState {
+    /// Non-zero while the home thread may block (in units of 2, as in QEMU, so that nested
+    /// polls can count themselves).
+    notify_me: AtomicU32,
+    /// Set by the producer that signalled the event; cleared by the context when it accepts.
+    notified: AtomicBool,
+    /// How many times the event was signalled, for tests and statistics.
+    signals: AtomicU64,
+}
+
+/// What the context blocks in: production epoll with the eventfd in its set, or a model event
+/// under loom.
+pub trait Blocker {
+    /// Waits up to `timeout` (`None`: no limit) for the event or other sources; returns whether
+    /// the event is signalled.
+    fn block(&mut self, timeout: Option<Duration>) -> bool;
+    /// Resets the signalled event.
+    fn reset_event(&mut self);
+}
+
+impl NotifyState {
+    /// Creates the state of a context that is not blocking.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Producer side, after its work is visible (pushed to the inbox): returns whether the
+    /// caller must signal the event. True at most once until the context accepts.
+    pub fn needs_signal(&self) -> bool {
+        fence(Ordering::SeqCst);
+        if self.notify_me.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        if self.notified.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.signals.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Context side: one poll's wait. When `may_block`, raises `notify_me`, re-checks
+    /// `has_work` and blocks up to `timeout` only if there is none; otherwise only collects what
+    /// is ready. Afterwards accepts any signal and resets the event if it fired.
+    pub fn wait<B: Blocker>(
+        &self,
+        blocker: &mut B,
+        may_block: bool,
+        timeout: Option<Duration>,
+        has_work: impl Fn() -> bool,
+    ) {
+        let fired = if may_block {
+            self.notify_me.fetch_add(2, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            let timeout = if has_work() { Some(Duration::ZERO) } else { timeout };
+            let fired = blocker.block(timeout);
+            self.notify_me.fetch_sub(2, Ordering::Release);
+            fired
+        } else {
+            blocker.block(Some(Duration::ZERO))
+        };
+        // Accept before the caller looks at the work: a producer that saw `notified` set
+        // published its work before this swap, so the caller will see it.
+        self.notified.swap(false, Ordering::AcqRel);
+        if fired {
+            blocker.reset_event();
+        }
+    }
+
+    /// How many times producers signalled the event.
+    pub fn signals(&self) -> u64 {
+        self.signals.load(Ordering::Relaxed)
+    }
+}

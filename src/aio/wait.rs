@@ -1,0 +1,204 @@
+//! Suspending a coroutine until something wakes it, from this thread or any other (QEMU's
+//! `qemu_coroutine_yield` + `aio_co_wake`, made safe against stale and duplicate wakes).
+//!
+//! Every suspension gets its own entry in the context's wait table, under a generation-checked
+//! key. Wakers name that key. The first wake moves the entry from *waiting* to *delivered* and
+//! queues the coroutine on its home context's run queue; later wakes for the same key find it
+//! delivered (duplicate) or gone (stale: the suspension is over, and its key will never name
+//! another entry), and do nothing. The coroutine itself, when entered, looks at its entry and
+//! goes back to sleep unless it was delivered, so even a stray `enter` cannot end a wait early.
+//! That is how a wake never resumes a coroutine in the middle of some other wait.
+
+use std::marker::PhantomData;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::arena::Key;
+use super::context::{Local, Message, Shared, current_local, home_local, with_current};
+use crate::coroutine::{Co, Coroutine};
+
+/// Why a wait ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WakeReason {
+    /// A waker woke it.
+    Woken,
+    /// Its timeout expired first.
+    TimedOut,
+}
+
+/// One suspension in the wait table.
+pub(crate) enum WaitState {
+    Waiting(Coroutine),
+    Delivered(Coroutine, WakeReason),
+}
+
+impl WaitState {
+    /// Records the first wake; returns whether this was it.
+    pub(crate) fn deliver(&mut self, reason: WakeReason) -> bool {
+        match self {
+            WaitState::Waiting(coroutine) => {
+                *self = WaitState::Delivered(coroutine.clone(), reason);
+                true
+            }
+            WaitState::Delivered(..) => false,
+        }
+    }
+}
+
+/// A suspension being prepared: make wakers with it, hand them out, then [`Wait::wait`].
+///
+/// ```
+/// use aiocoro::aio::{AioContext, WakeReason};
+/// use std::{cell::RefCell, rc::Rc};
+///
+/// let ctx = AioContext::new()?;
+/// let parked = Rc::new(RefCell::new(None));
+/// let p = parked.clone();
+/// let co = ctx.spawn(move |co| {
+///     let wait = co.prepare_wait();
+///     *p.borrow_mut() = Some(wait.waker());
+///     assert_eq!(wait.wait(), WakeReason::Woken);
+/// });
+/// ctx.poll(false); // runs the coroutine until it waits
+/// let waker = parked.borrow_mut().take().unwrap();
+/// std::thread::spawn(move || waker.wake()).join().unwrap();
+/// ctx.wait_while(|| !co.is_ended());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct Wait<'co> {
+    co: &'co Co,
+    local: Rc<Local>,
+    key: Key,
+}
+
+impl Co {
+    /// Starts a suspension of this coroutine in its thread's context; see [`Wait`].
+    ///
+    /// # Panics
+    ///
+    /// If this thread has no [`AioContext`](super::AioContext).
+    pub fn prepare_wait(&self) -> Wait<'_> {
+        let local = current_local("a coroutine wait", Rc::clone);
+        let key = local.waits.borrow_mut().insert(WaitState::Waiting(self.current()));
+        Wait { co: self, local, key }
+    }
+
+    /// Suspends this coroutine for `duration` (QEMU's `qemu_co_sleep_ns`).
+    ///
+    /// # Panics
+    ///
+    /// If this thread has no [`AioContext`](super::AioContext).
+    pub fn sleep(&self, duration: Duration) {
+        self.prepare_wait().wait_timeout(duration);
+    }
+}
+
+impl Wait<'_> {
+    /// A `Send + Sync` waker for this suspension.
+    pub fn waker(&self) -> Waker {
+        Waker { shared: self.local.shared.clone(), key: self.key }
+    }
+
+    /// A waker for this suspension that stays on this thread (cheaper: no atomic operation).
+    pub fn local_waker(&self) -> LocalWaker {
+        LocalWaker { context: self.local.shared.id, key: self.key, _not_send: PhantomData }
+    }
+
+    /// Suspends until a waker of this suspension wakes it. Returns at once if that happened
+    /// already.
+    pub fn wait(self) -> WakeReason {
+        loop {
+            if let Some(reason) = self.take_delivery() {
+                return reason;
+            }
+            self.co.yield_now();
+        }
+    }
+
+    /// Like [`Wait::wait`], but gives up after `timeout` (QEMU's timeouts on
+    /// `qemu_co_sleep_ns_wakeable`).
+    pub fn wait_timeout(self, timeout: Duration) -> WakeReason {
+        let waker = self.local_waker();
+        let timer = self.local.new_timer(Rc::new(move || waker.wake_with(WakeReason::TimedOut)));
+        timer.arm_after(timeout);
+        self.wait()
+    }
+
+    fn take_delivery(&self) -> Option<WakeReason> {
+        let mut waits = self.local.waits.borrow_mut();
+        match waits.get(self.key)? {
+            WaitState::Waiting(_) => None,
+            WaitState::Delivered(_, reason) => {
+                let reason = *reason;
+                waits.remove(self.key);
+                Some(reason)
+            }
+        }
+    }
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        // Abandoned (or finished: then the entry is gone already).
+        let removed = self.local.waits.borrow_mut().remove(self.key);
+        drop(removed);
+    }
+}
+
+/// Wakes one suspension of a coroutine, from any thread (QEMU's `aio_co_wake`).
+///
+/// From the coroutine's home thread, a wake only queues the coroutine: no eventfd, no lock, no
+/// allocation. From another thread it is one push onto the context's inbox, plus an eventfd
+/// write if the context may be blocked. Either way the coroutine runs on its home context,
+/// after the current coroutine yields or the current callback returns, in wake order. Waking a
+/// suspension that is over, or waking it twice, does nothing.
+#[derive(Clone)]
+pub struct Waker {
+    shared: Arc<Shared>,
+    key: Key,
+}
+
+impl Waker {
+    /// Wakes the suspension this waker was made for.
+    pub fn wake(&self) {
+        match home_local(&self.shared) {
+            Some(local) => local.deliver(self.key, WakeReason::Woken),
+            None => {
+                if !self.shared.closed.load(std::sync::atomic::Ordering::Acquire) {
+                    self.shared.send(Message::Wake(self.key, WakeReason::Woken));
+                }
+            }
+        }
+    }
+}
+
+/// A [`Waker`] that stays on the coroutine's thread.
+#[derive(Clone)]
+pub struct LocalWaker {
+    context: u64,
+    key: Key,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl LocalWaker {
+    /// Wakes the suspension this waker was made for.
+    pub fn wake(&self) {
+        self.wake_with(WakeReason::Woken);
+    }
+
+    pub(crate) fn wake_with(&self, reason: WakeReason) {
+        with_current(|local| {
+            if local.shared.id == self.context {
+                local.deliver(self.key, reason);
+            }
+        });
+    }
+
+    /// Wakes it through `local`, which the caller knows to be this thread's context.
+    pub(crate) fn wake_in(&self, local: &Local) {
+        if local.shared.id == self.context {
+            local.deliver(self.key, WakeReason::Woken);
+        }
+    }
+}
