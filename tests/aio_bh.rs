@@ -1,0 +1,213 @@
+//! Bottom halves and one-shots: scheduling from any thread, coalescing, cancel, delete, order,
+//! and the notify_me handshake that keeps a busy context free of eventfd writes.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, mpsc};
+use std::thread;
+
+use aiocoro::aio::AioContext;
+
+fn counter() -> (Rc<Cell<u32>>, impl Fn() + 'static) {
+    let count = Rc::new(Cell::new(0));
+    let c = count.clone();
+    (count, move || c.set(c.get() + 1))
+}
+
+fn drain(ctx: &AioContext) {
+    while ctx.poll(false) {}
+}
+
+#[test]
+fn a_bh_runs_once_per_schedule_and_schedules_coalesce() {
+    let ctx = AioContext::new().unwrap();
+    let (runs, bump) = counter();
+    let bh = ctx.new_bh(bump);
+    assert!(!ctx.poll(false), "nothing is scheduled yet");
+    bh.schedule();
+    assert!(bh.is_scheduled());
+    bh.schedule();
+    bh.handle().schedule();
+    assert!(ctx.poll(false));
+    assert_eq!(runs.get(), 1, "three schedules while pending run once");
+    assert!(!bh.is_scheduled());
+    bh.schedule();
+    drain(&ctx);
+    assert_eq!(runs.get(), 2);
+}
+
+#[test]
+fn cancel_unschedules_and_a_new_schedule_revives() {
+    let ctx = AioContext::new().unwrap();
+    let (runs, bump) = counter();
+    let bh = ctx.new_bh(bump);
+    bh.schedule();
+    bh.cancel();
+    assert!(!bh.is_scheduled());
+    drain(&ctx);
+    assert_eq!(runs.get(), 0);
+    bh.schedule();
+    drain(&ctx);
+    assert_eq!(runs.get(), 1);
+}
+
+#[test]
+fn a_deleted_bh_never_runs_and_its_handles_do_nothing() {
+    let ctx = AioContext::new().unwrap();
+    let (runs, bump) = counter();
+    let bh = ctx.new_bh(bump);
+    let remote = bh.handle();
+    bh.schedule();
+    drop(bh);
+    drain(&ctx);
+    assert_eq!(runs.get(), 0, "the pending run was dropped with the BH");
+    thread::spawn(move || {
+        remote.schedule();
+        assert!(!remote.is_scheduled());
+    })
+    .join()
+    .unwrap();
+    drain(&ctx);
+    assert_eq!(runs.get(), 0);
+    // A new BH may reuse the deleted one's place; the old handle must not reach it.
+    let (new_runs, bump) = counter();
+    let _new = ctx.new_bh(bump);
+    drain(&ctx);
+    assert_eq!(new_runs.get(), 0);
+}
+
+#[test]
+fn a_bh_scheduled_from_another_thread_runs_on_the_home_thread() {
+    let ctx = AioContext::new().unwrap();
+    let ran_on = Rc::new(RefCell::new(None));
+    let r = ran_on.clone();
+    let bh = ctx.new_bh(move || *r.borrow_mut() = Some(thread::current().id()));
+    let remote = bh.handle();
+    thread::spawn(move || remote.schedule()).join().unwrap();
+    ctx.wait_while(|| ran_on.borrow().is_none());
+    assert_eq!(*ran_on.borrow(), Some(thread::current().id()));
+}
+
+#[test]
+fn home_thread_bhs_and_oneshots_run_in_schedule_order() {
+    let ctx = AioContext::new().unwrap();
+    let order = Rc::new(RefCell::new(Vec::new()));
+    let bhs: Vec<_> = (0..3)
+        .map(|i| {
+            let o = order.clone();
+            ctx.new_bh(move || o.borrow_mut().push(format!("bh{i}")))
+        })
+        .collect();
+    bhs[2].schedule();
+    let o = order.clone();
+    ctx.schedule_oneshot(move || o.borrow_mut().push("oneshot".into()));
+    bhs[0].schedule();
+    bhs[1].schedule();
+    drain(&ctx);
+    assert_eq!(*order.borrow(), ["bh2", "oneshot", "bh0", "bh1"]);
+}
+
+#[test]
+fn oneshots_from_another_thread_run_in_arrival_order_before_local_ones() {
+    let ctx = AioContext::new().unwrap();
+    let handle = ctx.handle();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let o = order.clone();
+    ctx.schedule_oneshot(move || o.lock().unwrap().push(100));
+    thread::spawn({
+        let order = order.clone();
+        move || {
+            for i in 0..5 {
+                let o = order.clone();
+                handle.schedule_oneshot(move || o.lock().unwrap().push(i)).unwrap();
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    drain(&ctx);
+    assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4, 100]);
+}
+
+#[test]
+fn a_bh_scheduled_while_bhs_run_waits_for_the_next_poll() {
+    let ctx = AioContext::new().unwrap();
+    let (runs, bump) = counter();
+    let again = Rc::new(RefCell::new(None::<aiocoro::aio::BhHandle>));
+    let a = again.clone();
+    let bh = ctx.new_bh(move || {
+        bump();
+        if let Some(handle) = a.borrow().as_ref() {
+            handle.schedule();
+        }
+    });
+    *again.borrow_mut() = Some(bh.handle());
+    bh.schedule();
+    assert!(ctx.poll(false));
+    assert_eq!(runs.get(), 1, "the BH rescheduled itself but ran once in this poll");
+    assert!(ctx.poll(false));
+    assert_eq!(runs.get(), 2);
+    bh.cancel();
+}
+
+#[test]
+fn a_blocked_context_always_wakes_for_a_cross_thread_bh() {
+    let ctx = AioContext::new().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let bh = ctx.new_bh(move || {
+        h.fetch_add(1, Ordering::Relaxed);
+    });
+    let remote = bh.handle();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    let producer = thread::spawn(move || {
+        for round in 1..=500 {
+            go_rx.recv().unwrap();
+            remote.schedule();
+            while s.load(Ordering::Acquire) < round {
+                thread::yield_now();
+            }
+        }
+    });
+    for round in 1..=500 {
+        go.send(()).unwrap();
+        // Blocks until the BH arrives: a lost wake-up would hang here.
+        ctx.wait_while(|| hits.load(Ordering::Relaxed) < round);
+        seen.store(round, Ordering::Release);
+    }
+    producer.join().unwrap();
+    assert!(ctx.handle().eventfd_writes() >= 1, "a blocked context needs the eventfd");
+}
+
+#[test]
+fn a_busy_context_gets_cross_thread_bhs_without_eventfd_writes() {
+    let ctx = AioContext::new().unwrap();
+    let handle = ctx.handle();
+    let ran = Rc::new(Cell::new(0usize));
+    let r = ran.clone();
+    let bh = ctx.new_bh(move || r.set(r.get() + 1));
+    let remote = bh.handle();
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    let start = Arc::new(Barrier::new(2));
+    let s = start.clone();
+    let producer = thread::spawn(move || {
+        s.wait();
+        for _ in 0..20_000 {
+            remote.schedule();
+        }
+        d.store(true, Ordering::Release);
+    });
+    start.wait();
+    // Busy: never block, just keep polling until the producer is done.
+    while !done.load(Ordering::Acquire) {
+        ctx.poll(false);
+    }
+    producer.join().unwrap();
+    drain(&ctx);
+    assert!(ran.get() >= 1);
+    assert_eq!(handle.eventfd_writes(), 0, "nobody had to wake a context that never blocked");
+}
