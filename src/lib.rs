@@ -49,6 +49,8 @@ mod sys;
 #[cfg(aiocoro_loom)]
 #[doc(hidden)]
 pub mod loom_exports {
+    pub use crate::aio::inbox::Inbox;
+    pub use crate::aio::notify::{Blocker, NotifyState};
     pub use crate::coroutine::shared_pool::SharedPool;
 }
 

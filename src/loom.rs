@@ -5,15 +5,15 @@
 //! model-checks exactly the algorithm that ships.
 
 #[cfg(not(aiocoro_loom))]
-pub(crate) use std::sync::Mutex;
-#[cfg(not(aiocoro_loom))]
 pub(crate) use std::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, fence,
 };
+#[cfg(not(aiocoro_loom))]
+pub(crate) use std::sync::{Condvar, Mutex};
 
-#[cfg(aiocoro_loom)]
-pub(crate) use loom::sync::Mutex;
 #[cfg(aiocoro_loom)]
 pub(crate) use loom::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, fence,
 };
+#[cfg(aiocoro_loom)]
+pub(crate) use loom::sync::{Condvar, Mutex};

@@ -211,3 +211,106 @@ pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) -> io::Result<u64> {
         Err(error) => Err(error),
     }
 }
+
+/// Turns a file offset into an `off_t`; offsets past `i64::MAX` are `EINVAL`, as the kernel says.
+fn file_offset(offset: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Turns a number of buffers into an `iovcnt`; more than fit are `EINVAL`, as the kernel says.
+fn iov_count(buffers: usize) -> io::Result<libc::c_int> {
+    libc::c_int::try_from(buffers).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Reads from `fd` at `offset` into `bufs`, in order (`preadv(2)`); returns how many bytes were
+/// read, which is short at the end of the file. Retries when interrupted by a signal.
+pub(crate) fn preadv(
+    fd: BorrowedFd<'_>,
+    bufs: &mut [std::io::IoSliceMut<'_>],
+    offset: u64,
+) -> io::Result<usize> {
+    let offset = file_offset(offset)?;
+    let count = iov_count(bufs.len())?;
+    let iov = bufs.as_mut_ptr().cast::<libc::iovec>().cast_const();
+    loop {
+        // SAFETY: `IoSliceMut` is ABI-compatible with `iovec` on Unix; the array and every
+        // buffer it names are live, exclusive borrows for the whole call, so the kernel may
+        // write into them.
+        match syscall!(preadv(fd.as_raw_fd(), iov, count, offset)) {
+            Ok(read) => return Ok(read as usize),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Writes `bufs`, in order, to `fd` at `offset` (`pwritev(2)`); returns how many bytes were
+/// written. Retries when interrupted by a signal.
+pub(crate) fn pwritev(
+    fd: BorrowedFd<'_>,
+    bufs: &[std::io::IoSlice<'_>],
+    offset: u64,
+) -> io::Result<usize> {
+    let offset = file_offset(offset)?;
+    let count = iov_count(bufs.len())?;
+    let iov = bufs.as_ptr().cast::<libc::iovec>();
+    loop {
+        // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix; the array and every buffer
+        // it names are live borrows for the whole call, and the kernel only reads them.
+        match syscall!(pwritev(fd.as_raw_fd(), iov, count, offset)) {
+            Ok(written) => return Ok(written as usize),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Flushes `fd`'s data and metadata to stable storage (`fsync(2)`), retrying when interrupted.
+pub(crate) fn fsync(fd: BorrowedFd<'_>) -> io::Result<()> {
+    loop {
+        // SAFETY: fsync takes only a descriptor, which the kernel validates.
+        match syscall!(fsync(fd.as_raw_fd())) {
+            Ok(_) => return Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Flushes `fd`'s data (and only the metadata needed to read it back) to stable storage
+/// (`fdatasync(2)`), retrying when interrupted.
+pub(crate) fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
+    loop {
+        // SAFETY: fdatasync takes only a descriptor, which the kernel validates.
+        match syscall!(fdatasync(fd.as_raw_fd())) {
+            Ok(_) => return Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+// io_uring. The `io-uring` crate makes these system calls (io_uring_setup, io_uring_enter,
+// io_uring_register) itself and reports them as `io::Error`s; the wrappers below keep every use
+// of them in this module all the same.
+
+/// Creates an io_uring instance with `entries` submission slots (and twice as many completion
+/// slots).
+pub(crate) fn uring_new(entries: u32) -> io::Result<io_uring::IoUring> {
+    io_uring::IoUring::new(entries)
+}
+
+/// Makes the kernel signal `eventfd` whenever it posts a completion to `ring`.
+pub(crate) fn uring_register_eventfd(
+    ring: &io_uring::IoUring,
+    eventfd: BorrowedFd<'_>,
+) -> io::Result<()> {
+    ring.submitter().register_eventfd(eventfd.as_raw_fd())
+}
+
+/// Hands the queued submissions of `ring` to the kernel and, with `want > 0`, waits until at
+/// least `want` completions are in its completion queue (`io_uring_enter(2)`). Returns how many
+/// submissions the kernel took.
+pub(crate) fn uring_enter(ring: &io_uring::IoUring, want: usize) -> io::Result<usize> {
+    ring.submit_and_wait(want)
+}

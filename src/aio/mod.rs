@@ -18,6 +18,8 @@
 //! | `AIO_WAIT_WHILE`, `aio_wait_kick` | [`AioContext::wait_while`], [`AioHandle::kick`] |
 //! | `IOThread` | [`IoThread`] |
 //! | `poll-max-ns`, `poll-grow`, `poll-shrink` | [`AdaptivePolling`] |
+//! | `thread_pool_submit_co` | [`Co::run_blocking`](crate::coroutine::Co::run_blocking), [`ThreadPool::run`] |
+//! | `io_uring` (`block/io_uring.c`) | [`preadv`], [`pwritev`], [`fsync`] (thread-pool fallback: [`io_engine`]) |
 //!
 //! # Order of work in one poll
 //!
@@ -41,7 +43,9 @@ pub(crate) mod inbox;
 mod iothread;
 pub(crate) mod notify;
 mod sleep;
+mod thread_pool;
 mod timer;
+mod uring;
 mod wait;
 
 pub use adaptive::AdaptivePolling;
@@ -51,5 +55,7 @@ pub use fd::FdHandler;
 pub use handle::{AioHandle, ContextClosed};
 pub use iothread::IoThread;
 pub use sleep::Sleeper;
+pub use thread_pool::{ThreadPool, ThreadPoolConfig};
 pub use timer::{Timer, clock_ns};
+pub use uring::{IoEngine, fsync, io_engine, preadv, pwritev};
 pub use wait::{LocalWaker, Wait, WakeReason, Waker};
