@@ -232,16 +232,12 @@ pub(crate) fn preadv(
     let offset = file_offset(offset)?;
     let count = iov_count(bufs.len())?;
     let iov = bufs.as_mut_ptr().cast::<libc::iovec>().cast_const();
-    loop {
+    retry_interrupted(|| {
         // SAFETY: `IoSliceMut` is ABI-compatible with `iovec` on Unix; the array and every
         // buffer it names are live, exclusive borrows for the whole call, so the kernel may
         // write into them.
-        match syscall!(preadv(fd.as_raw_fd(), iov, count, offset)) {
-            Ok(read) => return Ok(read as usize),
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        }
-    }
+        syscall!(preadv(fd.as_raw_fd(), iov, count, offset)).map(|read| read as usize)
+    })
 }
 
 /// Writes `bufs`, in order, to `fd` at `offset` (`pwritev(2)`); returns how many bytes were
@@ -254,40 +250,28 @@ pub(crate) fn pwritev(
     let offset = file_offset(offset)?;
     let count = iov_count(bufs.len())?;
     let iov = bufs.as_ptr().cast::<libc::iovec>();
-    loop {
+    retry_interrupted(|| {
         // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix; the array and every buffer
         // it names are live borrows for the whole call, and the kernel only reads them.
-        match syscall!(pwritev(fd.as_raw_fd(), iov, count, offset)) {
-            Ok(written) => return Ok(written as usize),
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        }
-    }
+        syscall!(pwritev(fd.as_raw_fd(), iov, count, offset)).map(|written| written as usize)
+    })
 }
 
 /// Flushes `fd`'s data and metadata to stable storage (`fsync(2)`), retrying when interrupted.
 pub(crate) fn fsync(fd: BorrowedFd<'_>) -> io::Result<()> {
-    loop {
+    retry_interrupted(|| {
         // SAFETY: fsync takes only a descriptor, which the kernel validates.
-        match syscall!(fsync(fd.as_raw_fd())) {
-            Ok(_) => return Ok(()),
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        }
-    }
+        syscall!(fsync(fd.as_raw_fd())).map(drop)
+    })
 }
 
 /// Flushes `fd`'s data (and only the metadata needed to read it back) to stable storage
 /// (`fdatasync(2)`), retrying when interrupted.
 pub(crate) fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
-    loop {
+    retry_interrupted(|| {
         // SAFETY: fdatasync takes only a descriptor, which the kernel validates.
-        match syscall!(fdatasync(fd.as_raw_fd())) {
-            Ok(_) => return Ok(()),
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        }
-    }
+        syscall!(fdatasync(fd.as_raw_fd())).map(drop)
+    })
 }
 
 // io_uring. The `io-uring` crate makes these system calls (io_uring_setup, io_uring_enter,
@@ -313,4 +297,14 @@ pub(crate) fn uring_register_eventfd(
 /// submissions the kernel took.
 pub(crate) fn uring_enter(ring: &io_uring::IoUring, want: usize) -> io::Result<usize> {
     ring.submit_and_wait(want)
+}
+
+/// Runs `call` again for as long as it fails with `EINTR`.
+fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match call() {
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
 }

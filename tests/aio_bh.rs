@@ -211,3 +211,47 @@ fn a_busy_context_gets_cross_thread_bhs_without_eventfd_writes() {
     assert!(ran.get() >= 1);
     assert_eq!(handle.eventfd_writes(), 0, "nobody had to wake a context that never blocked");
 }
+
+#[test]
+fn a_kick_always_ends_a_blocking_wait_while() {
+    let ctx = AioContext::new().unwrap();
+    let handle = ctx.handle();
+    let round = Arc::new(AtomicUsize::new(0));
+    let r = round.clone();
+    let worker = thread::spawn(move || {
+        for n in 1..=500 {
+            // Let the main thread get into (or close to) its blocking poll, then release it.
+            thread::yield_now();
+            r.store(n, Ordering::Release);
+            handle.kick();
+        }
+    });
+    for n in 1..=500 {
+        // The condition lives outside the context: only the kick can end the blocking poll.
+        ctx.wait_while(|| round.load(Ordering::Acquire) < n);
+    }
+    worker.join().unwrap();
+}
+
+#[test]
+fn a_closed_context_refuses_new_work_and_still_runs_what_it_accepted() {
+    let ctx = AioContext::new().unwrap();
+    let handle = ctx.handle();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    handle
+        .schedule_oneshot(move || {
+            r.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+    ctx.close();
+    assert!(handle.is_closed());
+    let r = ran.clone();
+    let refused = handle.schedule_oneshot(move || {
+        r.fetch_add(100, Ordering::Relaxed);
+    });
+    assert_eq!(refused, Err(aiocoro::aio::ContextClosed));
+    assert!(handle.spawn(|_co| {}).is_err());
+    drain(&ctx);
+    assert_eq!(ran.load(Ordering::Relaxed), 1, "accepted work ran, refused work did not");
+}

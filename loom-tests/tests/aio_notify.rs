@@ -100,7 +100,7 @@ impl<T> Home<T> {
     /// What another thread does to reach the context (`Shared::send`): publish the message,
     /// then write the eventfd if the context may be blocking.
     fn send(&self, message: T) {
-        self.inbox.push(message);
+        assert!(self.inbox.push(message).is_ok(), "the model never closes its inbox");
         if self.notify.needs_signal() {
             self.event.signal();
         }
@@ -310,5 +310,32 @@ fn concurrent_wakes_of_one_wait_resume_it_once() {
         assert_eq!(waits.queued, [first], "a wake queued the coroutine again");
         assert_eq!(waits.resumed, [first], "a late wake resumed the coroutine again");
         assert_eq!(waits.state(second), Some(&WaitState::Waiting), "a stale wake ended a new wait");
+    });
+}
+
+/// `wait_while` on the main thread while another thread makes the condition false and then
+/// kicks the context (`AioHandle::kick`, QEMU's `aio_wait_kick`). The condition is not part of
+/// the context's work, so only the kick flag in [`NotifyState`] can end a poll that is about to
+/// block: without it, the waiter that checked the condition just before the other thread set it
+/// would block for ever (loom: deadlock).
+#[test]
+fn a_kick_ends_a_wait_while_whose_condition_lives_elsewhere() {
+    loom::model(|| {
+        let home: Arc<Home<()>> = Arc::new(Home::new());
+        let done = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let worker = {
+            let (home, done) = (home.clone(), done.clone());
+            thread::spawn(move || {
+                done.store(true, std::sync::atomic::Ordering::Release);
+                if home.notify.kick() {
+                    home.event.signal();
+                }
+            })
+        };
+        let mut blocker = home.blocker();
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            home.notify.wait(&mut blocker, true, None, || !home.inbox.is_empty());
+        }
+        worker.join().unwrap();
     });
 }

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::ptr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::adaptive::AdaptivePolling;
@@ -56,30 +56,46 @@ pub(crate) struct Shared {
     pub(crate) notify: NotifyState,
     /// Signalled to wake the home thread from `epoll_wait`.
     eventfd: OwnedFd,
-    /// Set when the last `AioContext` handle is gone; messages are refused from then on.
-    pub(crate) closed: AtomicBool,
 }
 
 impl Shared {
     /// Delivers `message` from any thread and wakes the context if it may be blocked.
-    pub(crate) fn send(&self, message: Message) {
-        self.inbox.push(message);
-        self.kick();
+    ///
+    /// # Errors
+    ///
+    /// Gives `message` back if the context is closed.
+    pub(crate) fn send(&self, message: Message) -> Result<(), Message> {
+        self.inbox.push(message)?;
+        if self.notify.needs_signal() {
+            self.signal();
+        }
+        Ok(())
     }
 
-    /// Wakes the context if it may be blocked in `poll` (QEMU's `aio_notify`).
+    /// Makes the context's current or next blocking poll return (QEMU's `aio_notify` and
+    /// `aio_wait_kick`).
     pub(crate) fn kick(&self) {
-        if self.notify.needs_signal() {
-            // An error here means the eventfd is gone, which only happens once the context is.
-            let _ = sys::eventfd_signal(self.eventfd.as_fd());
+        if self.notify.kick() {
+            self.signal();
         }
     }
 
-    /// Queues a pending BH: on the home thread in the local queue, elsewhere through the inbox.
+    fn signal(&self) {
+        // An error here means the eventfd is gone, which only happens once the context is.
+        let _ = sys::eventfd_signal(self.eventfd.as_fd());
+    }
+
+    /// Whether the context refuses messages (it was closed or shut down).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inbox.is_closed()
+    }
+
+    /// Queues a pending BH: on the home thread in the local queue, elsewhere through the inbox
+    /// (a closed context drops it).
     pub(crate) fn enqueue_bh(&self, bh: Arc<BhCore>) {
         match home_local(self) {
             Some(local) => local.tasks.borrow_mut().push_back(LocalTask::Bh(bh)),
-            None => self.send(Message::Bh(bh)),
+            None => drop(self.send(Message::Bh(bh))),
         }
     }
 }
@@ -153,7 +169,9 @@ pub(crate) fn current_local<R>(what: &str, f: impl FnOnce(&Rc<Local>) -> R) -> R
 /// `Send`). Other threads reach it through an [`AioHandle`]. A thread has at most one context.
 ///
 /// Dropping the last handle (clones share one context) shuts the context down; that panics if
-/// coroutines are still suspended in it, because they could never be resumed.
+/// coroutines are still suspended in it, because they could never be resumed. Messages that
+/// other threads sent and no poll ran yet are dropped then; [`AioContext::close`] and a last
+/// round of polls avoid that.
 ///
 /// ```
 /// use aiocoro::aio::AioContext;
@@ -204,7 +222,6 @@ impl AioContext {
             inbox: Inbox::new(),
             notify: NotifyState::new(),
             eventfd,
-            closed: AtomicBool::new(false),
         });
         let local = Rc::new(Local {
             shared,
@@ -335,6 +352,14 @@ impl AioContext {
     /// The current busy-polling window in nanoseconds (0 when off).
     pub fn polling_window_ns(&self) -> u64 {
         self.local.adaptive.borrow().as_ref().map_or(0, AdaptivePolling::window_ns)
+    }
+
+    /// Stops accepting work from other threads: from now on their schedules, spawns and wakes
+    /// are refused ([`ContextClosed`](super::ContextClosed)) or ignored. What was accepted
+    /// before still runs in the following polls, so `close` and then polling until idle loses
+    /// nothing; [`IoThread`](super::IoThread) stops this way.
+    pub fn close(&self) {
+        self.local.shared.inbox.close();
     }
 
     /// How many coroutines are suspended in a wait of this context.
@@ -501,6 +526,7 @@ impl Local {
     /// Enters the coroutines queued when this round started, in queue order.
     fn run_coroutines(&self) -> bool {
         let queued = self.run_queue.borrow().len();
+        let mut entered = false;
         for _ in 0..queued {
             let Some(item) = self.run_queue.borrow_mut().pop_front() else { break };
             let coroutine = match item {
@@ -511,8 +537,9 @@ impl Local {
                 },
             };
             coroutine.enter();
+            entered = true;
         }
-        queued > 0
+        entered
     }
 
     /// The last `AioContext` handle is gone.
@@ -522,7 +549,7 @@ impl Local {
                 current.set(ptr::null());
             }
         });
-        self.shared.closed.store(true, Ordering::Release);
+        self.shared.inbox.close();
         let suspended = self.waits.borrow().len();
         // Unstarted coroutines and pending callbacks are dropped with the queues.
         drop(std::mem::take(&mut *self.run_queue.borrow_mut()));

@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use super::context::{Message, Shared, home_local};
 use crate::coroutine::Co;
@@ -85,7 +84,7 @@ impl AioHandle {
 
     /// Whether the context has shut down.
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::Acquire)
+        self.shared.is_closed()
     }
 
     /// How many times other threads had to write the context's eventfd to wake it. Work sent
@@ -95,11 +94,7 @@ impl AioHandle {
     }
 
     fn send(&self, message: Message) -> Result<(), ContextClosed> {
-        if self.is_closed() {
-            return Err(ContextClosed);
-        }
-        self.shared.send(message);
-        Ok(())
+        self.shared.send(message).map_err(|_| ContextClosed)
     }
 }
 

@@ -44,6 +44,8 @@ impl IoThread {
             while keep_running.load(Ordering::Acquire) {
                 ctx.poll(true);
             }
+            // Refuse new work, then run everything accepted before.
+            ctx.close();
             while ctx.poll(false) {}
         })?;
         let handle = ready_rx

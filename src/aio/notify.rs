@@ -23,6 +23,9 @@ pub struct NotifyState {
     notified: AtomicBool,
     /// How many times the event was signalled, for tests and statistics.
     signals: AtomicU64,
+    /// Set by [`NotifyState::kick`]: the next wait returns at once even with no work queued
+    /// (QEMU's `aio_wait_kick` schedules a dummy BH for the same purpose).
+    kicked: AtomicBool,
 }
 
 /// What the context blocks in: production epoll with the eventfd in its set, or a model event
@@ -55,6 +58,14 @@ impl NotifyState {
         true
     }
 
+    /// Producer side: makes the context's current or next wait return, for a waiter whose
+    /// condition lives outside the context (`wait_while`). Returns whether the caller must
+    /// signal the event.
+    pub fn kick(&self) -> bool {
+        self.kicked.store(true, Ordering::Release);
+        self.needs_signal()
+    }
+
     /// Context side: one poll's wait. When `may_block`, raises `notify_me`, re-checks
     /// `has_work` and blocks up to `timeout` only if there is none; otherwise only collects what
     /// is ready. Afterwards accepts any signal and resets the event if it fired.
@@ -68,7 +79,8 @@ impl NotifyState {
         let fired = if may_block {
             self.notify_me.fetch_add(2, Ordering::SeqCst);
             fence(Ordering::SeqCst);
-            let timeout = if has_work() { Some(Duration::ZERO) } else { timeout };
+            let ready = has_work() || self.kicked.load(Ordering::Acquire);
+            let timeout = if ready { Some(Duration::ZERO) } else { timeout };
             let fired = blocker.block(timeout);
             self.notify_me.fetch_sub(2, Ordering::Release);
             fired
@@ -76,8 +88,10 @@ impl NotifyState {
             blocker.block(Some(Duration::ZERO))
         };
         // Accept before the caller looks at the work: a producer that saw `notified` set
-        // published its work before this swap, so the caller will see it.
+        // published its work before this swap, so the caller will see it. A kick has done its
+        // job once the wait returned: the caller re-checks its condition next.
         self.notified.swap(false, Ordering::AcqRel);
+        self.kicked.store(false, Ordering::Release);
         if fired {
             blocker.reset_event();
         }

@@ -164,11 +164,8 @@ impl Waker {
     pub fn wake(&self) {
         match home_local(&self.shared) {
             Some(local) => local.deliver(self.key, WakeReason::Woken),
-            None => {
-                if !self.shared.closed.load(std::sync::atomic::Ordering::Acquire) {
-                    self.shared.send(Message::Wake(self.key, WakeReason::Woken));
-                }
-            }
+            // A closed context has no poll left to resume the coroutine in.
+            None => drop(self.shared.send(Message::Wake(self.key, WakeReason::Woken))),
         }
     }
 }
