@@ -51,6 +51,7 @@ mod sys;
 pub mod loom_exports {
     pub use crate::aio::inbox::Inbox;
     pub use crate::aio::notify::{Blocker, NotifyState};
+    pub use crate::aio::thread_pool::{Job, Notify, Pending, Ticket, ticket};
     pub use crate::coroutine::shared_pool::SharedPool;
 }
 

@@ -43,7 +43,7 @@ pub(crate) mod inbox;
 mod iothread;
 pub(crate) mod notify;
 mod sleep;
-mod thread_pool;
+pub(crate) mod thread_pool;
 mod timer;
 mod uring;
 mod wait;

@@ -127,9 +127,41 @@ struct State {
 }
 
 /// A queued job, as a worker sees it.
-trait Job: Send + Sync {
+pub trait Job: Send + Sync {
     /// Runs the job, unless its coroutine gave up on it; then wakes the coroutine.
     fn run(&self);
+}
+
+/// Tells a job's submitter that the job is done: a coroutine's [`Waker`] in production, a
+/// model of it under loom.
+pub trait Notify: Send + Sync {
+    /// Called once, after the result is in the ticket.
+    fn notify(&self);
+}
+
+impl Notify for Waker {
+    fn notify(&self) {
+        self.wake();
+    }
+}
+
+/// The two halves of one job's hand-off: the [`Ticket`] a worker runs and the [`Pending`] its
+/// submitter keeps.
+pub type Handoff<F, R, N> = (Arc<Ticket<F, R, N>>, Pending<F, R, N>);
+
+/// Makes the two halves of one job's hand-off.
+pub fn ticket<F, R, N>(job: F, notify: N) -> Handoff<F, R, N>
+where
+    F: FnOnce() -> R + Send,
+    R: Send,
+    N: Notify,
+{
+    let ticket = Arc::new(Ticket {
+        state: Mutex::new(TicketState::Queued(job)),
+        finished: Condvar::new(),
+        notify,
+    });
+    (ticket.clone(), Pending { ticket, closed: false })
 }
 
 impl ThreadPool {
@@ -237,17 +269,12 @@ impl ThreadPool {
     /// What `job` and `R` borrow must stay valid until the returned [`Pending`] is finished
     /// or dropped (its drop waits for a running job, so that holds when the borrowed memory
     /// outlives the `Pending`).
-    unsafe fn submit<'a, R, F>(&self, waker: Waker, job: F) -> Pending<F, R>
+    unsafe fn submit<'a, R, F>(&self, waker: Waker, job: F) -> Pending<F, R, Waker>
     where
         F: FnOnce() -> R + Send + 'a,
         R: Send + 'a,
     {
-        let ticket = Arc::new(Ticket {
-            state: Mutex::new(TicketState::Queued(job)),
-            finished: Condvar::new(),
-            waker,
-        });
-        let pending = Pending { ticket: ticket.clone(), closed: false };
+        let (ticket, pending) = ticket(job, waker);
         let job: Arc<dyn Job + 'a> = ticket;
         // SAFETY: only the lifetime bound changes (same layout). The queue and the worker may
         // keep this reference past `'a`, and that is sound because of the ticket invariant:
@@ -357,12 +384,12 @@ impl fmt::Debug for ThreadPool {
 /// closed ticket holds neither the closure nor its result. So whatever the worker still does
 /// with the ticket after that (waking a finished wait, which is ignored; dropping its `Arc`)
 /// touches none of the coroutine's memory.
-struct Ticket<F, R> {
+pub struct Ticket<F, R, N> {
     state: Mutex<TicketState<F, R>>,
     /// Signalled when the state becomes `Done`, for a coroutine blocked in an unwinding.
     finished: Condvar,
     /// Wakes the coroutine's wait once the result is in.
-    waker: Waker,
+    notify: N,
 }
 
 enum TicketState<F, R> {
@@ -372,10 +399,11 @@ enum TicketState<F, R> {
     Closed,
 }
 
-impl<F, R> Job for Ticket<F, R>
+impl<F, R, N> Job for Ticket<F, R, N>
 where
     F: FnOnce() -> R + Send,
     R: Send,
+    N: Notify,
 {
     fn run(&self) {
         let job = {
@@ -392,21 +420,21 @@ where
         let result = panic::catch_unwind(AssertUnwindSafe(job));
         *lock!(self.state) = TicketState::Done(result);
         self.finished.notify_all();
-        self.waker.wake();
+        self.notify.notify();
     }
 }
 
 /// The coroutine's side of a [`Ticket`]; dropping it before [`Pending::finish`] gives up on
 /// the job and waits until the worker is done with the coroutine's memory.
-struct Pending<F, R> {
-    ticket: Arc<Ticket<F, R>>,
+pub struct Pending<F, R, N> {
+    ticket: Arc<Ticket<F, R, N>>,
     /// The ticket is `Closed`: nothing is left to take back or wait for.
     closed: bool,
 }
 
-impl<F, R> Pending<F, R> {
+impl<F, R, N> Pending<F, R, N> {
     /// The job's outcome, once its waker has woken the coroutine.
-    fn finish(mut self) -> std::thread::Result<R> {
+    pub fn finish(mut self) -> std::thread::Result<R> {
         match self.close() {
             Some(result) => result,
             None => unreachable!("aiocoro: a thread-pool job was woken before it ran"),
@@ -437,7 +465,7 @@ impl<F, R> Pending<F, R> {
     }
 }
 
-impl<F, R> Drop for Pending<F, R> {
+impl<F, R, N> Drop for Pending<F, R, N> {
     fn drop(&mut self) {
         if !self.closed {
             // Given up (the coroutine is unwinding, or `finish` was never reached): the job's
