@@ -42,6 +42,7 @@
 
 pub mod aio;
 pub mod coroutine;
+pub mod sync;
 mod loom;
 mod sys;
 

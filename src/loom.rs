@@ -17,3 +17,35 @@ pub(crate) use loom::sync::atomic::{
 };
 #[cfg(aiocoro_loom)]
 pub(crate) use loom::sync::{Condvar, Mutex};
+
+/// Tells the CPU that this thread spins waiting for another (under loom: lets another model
+/// thread run, so that a spin loop cannot starve the model).
+#[inline]
+pub(crate) fn spin_hint() {
+    #[cfg(not(aiocoro_loom))]
+    std::hint::spin_loop();
+    #[cfg(aiocoro_loom)]
+    loom::thread::yield_now();
+}
+
+/// Sleeps while `word` holds `expected`, until [`futex_wake`] (a Linux futex); may return
+/// early for no reason, so callers re-check. Under loom: yields to another model thread.
+#[inline]
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32) {
+    #[cfg(not(aiocoro_loom))]
+    crate::sys::futex_wait(word, expected);
+    #[cfg(aiocoro_loom)]
+    {
+        let _ = (word, expected);
+        loom::thread::yield_now();
+    }
+}
+
+/// Wakes one thread sleeping in [`futex_wait`] on `word`.
+#[inline]
+pub(crate) fn futex_wake_one(word: &AtomicU32) {
+    #[cfg(not(aiocoro_loom))]
+    crate::sys::futex_wake_one(word);
+    #[cfg(aiocoro_loom)]
+    let _ = word;
+}

@@ -308,3 +308,32 @@ fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T
         }
     }
 }
+
+/// Sleeps while `word` holds `expected` (`FUTEX_WAIT_PRIVATE`). Returns when woken, when the
+/// value differs, or spuriously; callers re-check their condition.
+pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32) {
+    // SAFETY: the address is a live, aligned u32 for the whole call; a null timeout waits
+    // without limit. EAGAIN (value changed), EINTR and wake-ups all just return.
+    let _ = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            ptr::null::<libc::timespec>(),
+        )
+    };
+}
+
+/// Wakes one thread sleeping in [`futex_wait`] on `word` (`FUTEX_WAKE_PRIVATE`).
+pub(crate) fn futex_wake_one(word: &std::sync::atomic::AtomicU32) {
+    // SAFETY: the address is a live, aligned u32; waking touches no memory of ours.
+    let _ = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            1,
+        )
+    };
+}

@@ -128,6 +128,17 @@ thread_local! {
 /// The epoll token of the context's own eventfd; file descriptors use their number.
 const NOTIFY_TOKEN: u64 = u64::MAX;
 
+/// How many coroutines one poll enters at most before it looks at its other sources again.
+const RUN_BUDGET: usize = 1024;
+
+/// Runs the coroutines woken on this thread now, if this thread has a context and the caller
+/// is not itself a coroutine (for [`CoQueue::enter_next`](crate::sync::CoQueue::enter_next)).
+pub(crate) fn run_woken_coroutines() {
+    if !in_coroutine() {
+        with_current(|local| local.run_coroutines());
+    }
+}
+
 /// This thread's context, if `shared` is its shared half.
 pub(crate) fn home_local(shared: &Shared) -> Option<&Local> {
     let local = CURRENT.try_with(Cell::get).ok()?;
@@ -523,11 +534,12 @@ impl Local {
         progress
     }
 
-    /// Enters the coroutines queued when this round started, in queue order.
-    fn run_coroutines(&self) -> bool {
-        let queued = self.run_queue.borrow().len();
+    /// Enters queued coroutines in queue order, including those they wake, until the queue is
+    /// empty or [`RUN_BUDGET`] coroutines ran (so that a chain of wakes cannot starve the
+    /// other sources).
+    pub(crate) fn run_coroutines(&self) -> bool {
         let mut entered = false;
-        for _ in 0..queued {
+        for _ in 0..RUN_BUDGET {
             let Some(item) = self.run_queue.borrow_mut().pop_front() else { break };
             let coroutine = match item {
                 RunItem::Start(coroutine) => coroutine,

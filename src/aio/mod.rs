@@ -51,6 +51,7 @@ mod wait;
 pub use adaptive::AdaptivePolling;
 pub use bh::{BhHandle, BottomHalf};
 pub use context::AioContext;
+pub(crate) use context::run_woken_coroutines;
 pub use fd::FdHandler;
 pub use handle::{AioHandle, ContextClosed};
 pub use iothread::IoThread;

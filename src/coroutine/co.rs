@@ -96,6 +96,12 @@ impl Co {
         if slot.state.get() == State::Unwinding {
             yield_while_unwinding(slot);
         }
+        if cfg!(debug_assertions) {
+            let held = crate::sync::yield_check::held();
+            if held > slot.locks_at_entry.get() {
+                yield_holding_thread_lock(slot, held - slot.locks_at_entry.get());
+            }
+        }
         // SAFETY: the yielder lives on this coroutine's stack for as long as the body runs
         // (field invariant), and this code runs inside the body.
         unsafe { self.yielder.as_ref() }.suspend(());
@@ -107,6 +113,17 @@ impl Co {
         // SAFETY: the slot is alive while the body runs (field invariant).
         unsafe { Coroutine::from_slot(self.slot) }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn yield_holding_thread_lock(slot: &Slot, guards: usize) -> ! {
+    panic!(
+        "aiocoro: {} yielded while holding {guards} guard(s) of a thread-blocking lock \
+         (ThreadMutex or SpinLock); that can deadlock its whole context: release the guard \
+         before yielding, or use a CoMutex",
+        slot.describe()
+    )
 }
 
 #[cold]

@@ -113,6 +113,9 @@ impl Coroutine {
             enter_misuse(slot);
         }
         slot.state.set(State::Running);
+        if cfg!(debug_assertions) {
+            slot.locks_at_entry.set(crate::sync::yield_check::held());
+        }
         // Restores the current coroutine, and ends this one if its body panicked, also when
         // `resume` unwinds; the panic then continues with its original payload.
         let run = Run { slot, caller: current::replace(self.slot.as_ptr()) };

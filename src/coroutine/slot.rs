@@ -52,6 +52,9 @@ pub(crate) struct Slot {
     pub(crate) name: UnsafeCell<Option<Box<str>>>,
     /// `stack.bounds()`, computed once.
     bounds: StackBounds,
+    /// Thread-lock guards alive when the coroutine was last entered (debug builds check at
+    /// each yield that the coroutine added none; see `sync::yield_check`).
+    pub(crate) locks_at_entry: Cell<usize>,
 }
 
 impl Slot {
@@ -65,6 +68,7 @@ impl Slot {
             name: UnsafeCell::new(None),
             bounds: stack.bounds(),
             stack,
+            locks_at_entry: Cell::new(0),
         })
     }
 

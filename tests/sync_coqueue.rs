@@ -1,0 +1,209 @@
+//! One CoQueue under every lock kind: CoMutex, ThreadMutex (also held by a plain thread that
+//! wakes coroutines), SpinLock and NoLock.
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use aiocoro::aio::{AioContext, IoThread};
+use aiocoro::sync::{CoMutex, CoQueue, NoLock, SpinLock, ThreadMutex};
+
+/// A bounded producer/consumer hand-off written once for any lock: `$lock` protects a counter
+/// of available items; consumers wait on the queue until an item is there.
+macro_rules! produce_consume {
+    ($lock:ty, $make:expr) => {{
+        let ctx = AioContext::new().unwrap();
+        let state = Rc::new(($make, CoQueue::new()));
+        let consumed = Rc::new(std::cell::Cell::new(0));
+        let mut consumers = Vec::new();
+        for _ in 0..5 {
+            let (state, consumed) = (state.clone(), consumed.clone());
+            consumers.push(ctx.spawn(move |co| {
+                let (lock, queue): &($lock, CoQueue) = &*state;
+                for _ in 0..20 {
+                    let mut items = lock.lock(co);
+                    while *items == 0 {
+                        queue.wait(co, &mut items);
+                    }
+                    *items -= 1;
+                    consumed.set(consumed.get() + 1);
+                }
+            }));
+        }
+        let s = state.clone();
+        let producer = ctx.spawn(move |co| {
+            let (lock, queue): &($lock, CoQueue) = &*s;
+            for _ in 0..100 {
+                {
+                    let mut items = lock.lock(co);
+                    *items += 1;
+                    queue.next(&mut items);
+                }
+                co.sleep(Duration::ZERO);
+            }
+        });
+        ctx.wait_while(|| !producer.is_ended() || consumers.iter().any(|c| !c.is_ended()));
+        assert_eq!(consumed.get(), 100);
+        assert!(state.1.is_empty(&state.0.lock_for_test()));
+    }};
+}
+
+/// Locks for the final emptiness check from outside a coroutine.
+trait LockForTest {
+    type Guard<'a>
+    where
+        Self: 'a;
+    fn lock_for_test(&self) -> Self::Guard<'_>;
+}
+
+macro_rules! blocking_lock_for_test {
+    ($($ty:ty),*) => {$(
+        impl LockForTest for $ty {
+            type Guard<'a> = aiocoro::sync::LockGuard<'a, <$ty as RawOf>::Raw, u32>;
+            fn lock_for_test(&self) -> Self::Guard<'_> {
+                self.lock_blocking()
+            }
+        }
+    )*};
+}
+
+trait RawOf {
+    type Raw: aiocoro::sync::RawLock;
+}
+impl<R: aiocoro::sync::RawLock> RawOf for aiocoro::sync::Lock<R, u32> {
+    type Raw = R;
+}
+
+blocking_lock_for_test!(ThreadMutex<u32>, SpinLock<u32>, NoLock<u32>);
+
+impl LockForTest for CoMutex<u32> {
+    type Guard<'a> = aiocoro::sync::CoMutexGuard<'a, u32>;
+    fn lock_for_test(&self) -> Self::Guard<'_> {
+        self.try_lock().expect("nobody holds it at the end")
+    }
+}
+
+#[test]
+fn under_a_comutex() {
+    produce_consume!(CoMutex<u32>, CoMutex::new(0u32));
+}
+
+#[test]
+fn under_a_thread_mutex() {
+    produce_consume!(ThreadMutex<u32>, ThreadMutex::new(0u32));
+}
+
+#[test]
+fn under_a_spinlock() {
+    produce_consume!(SpinLock<u32>, SpinLock::new(0u32));
+}
+
+#[test]
+fn under_no_lock() {
+    produce_consume!(NoLock<u32>, NoLock::new(0u32));
+}
+
+#[test]
+fn a_plain_thread_holding_a_thread_mutex_wakes_coroutines_on_iothreads() {
+    let state = Arc::new((ThreadMutex::new(0u32), CoQueue::new()));
+    let woke = Arc::new(AtomicUsize::new(0));
+    let (waiting_tx, waiting_rx) = mpsc::channel();
+    let iothreads: Vec<_> = (0..2).map(|i| IoThread::spawn(&format!("coq-{i}")).unwrap()).collect();
+    for iothread in &iothreads {
+        for _ in 0..3 {
+            let (state, woke, waiting_tx) = (state.clone(), woke.clone(), waiting_tx.clone());
+            iothread
+                .handle()
+                .spawn(move |co| {
+                    let (lock, queue) = &*state;
+                    let mut go = lock.lock(co);
+                    waiting_tx.send(()).unwrap();
+                    while *go == 0 {
+                        queue.wait(co, &mut go);
+                    }
+                    woke.fetch_add(1, Ordering::SeqCst);
+                })
+                .unwrap();
+        }
+    }
+    for _ in 0..6 {
+        waiting_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    // A plain thread: no coroutine, no context. It holds the thread mutex and wakes them all.
+    std::thread::spawn({
+        let state = state.clone();
+        move || {
+            let (lock, queue) = &*state;
+            let mut go = lock.lock_blocking();
+            *go = 1;
+            assert_eq!(queue.restart_all(&mut go), 6);
+        }
+    })
+    .join()
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while woke.load(Ordering::SeqCst) < 6 {
+        assert!(std::time::Instant::now() < deadline, "a wake-up was lost");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for iothread in iothreads {
+        iothread.stop();
+    }
+}
+
+#[test]
+fn enter_next_runs_the_waiter_at_once_from_outside_a_coroutine() {
+    let ctx = AioContext::new().unwrap();
+    let state = Rc::new((NoLock::new(Vec::new()), CoQueue::new()));
+    for name in ["first", "second"] {
+        let s = state.clone();
+        ctx.spawn(move |co| {
+            let (lock, queue) = &*s;
+            let mut log = lock.lock(co);
+            queue.wait(co, &mut log);
+            log.push(name);
+        });
+    }
+    while ctx.poll(false) {}
+    let (lock, queue) = &*state;
+    let mut log = lock.lock_blocking();
+    assert!(queue.enter_next(&mut log));
+    assert_eq!(*log, ["first"], "the waiter ran inside enter_next");
+    assert_eq!(queue.enter_all(&mut log), 1);
+    assert_eq!(*log, ["first", "second"]);
+    assert!(!queue.enter_next(&mut log));
+}
+
+#[test]
+fn wait_front_jumps_the_queue() {
+    let ctx = AioContext::new().unwrap();
+    let state = Rc::new((NoLock::new(Vec::new()), CoQueue::new()));
+    for (name, front) in [("back1", false), ("back2", false), ("front", true)] {
+        let s = state.clone();
+        ctx.spawn(move |co| {
+            let (lock, queue) = &*s;
+            let mut log = lock.lock(co);
+            if front {
+                queue.wait_front(co, &mut log);
+            } else {
+                queue.wait(co, &mut log);
+            }
+            log.push(name);
+        });
+    }
+    while ctx.poll(false) {}
+    let (lock, queue) = &*state;
+    let mut log = lock.lock_blocking();
+    assert_eq!(queue.enter_all(&mut log), 3);
+    assert_eq!(*log, ["front", "back1", "back2"]);
+}
+
+#[test]
+#[should_panic(expected = "a CoQueue was used with a guard of a different lock")]
+fn a_queue_belongs_to_one_lock() {
+    let (a, b) = (NoLock::new(()), NoLock::new(()));
+    let queue = CoQueue::new();
+    assert!(queue.is_empty(&a.lock_blocking()));
+    queue.is_empty(&b.lock_blocking());
+}
