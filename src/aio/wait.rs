@@ -84,6 +84,19 @@ impl Co {
         Wait { co: self, local, key }
     }
 
+    /// Lets the other coroutines of this context run, then continues: queues this coroutine
+    /// at the back of the context's run queue and suspends (QEMU's `aio_co_schedule` of
+    /// `qemu_coroutine_self()` followed by `qemu_coroutine_yield`).
+    ///
+    /// # Panics
+    ///
+    /// If this thread has no [`AioContext`](super::AioContext).
+    pub fn reschedule(&self) {
+        let wait = self.prepare_wait();
+        wait.local_waker().wake();
+        wait.wait();
+    }
+
     /// Suspends this coroutine for `duration` (QEMU's `qemu_co_sleep_ns`).
     ///
     /// # Panics

@@ -29,7 +29,8 @@ pub struct RawCoMutex {
     /// together under `queue_lock`, so an unlocker that sees n > 1 and takes `queue_lock` finds
     /// a waiter to hand the lock to.
     locked: AtomicUsize,
-    /// A tag of the holder's thread (0: none), to decide whether spinning can help.
+    /// A tag of the holder's thread (0: unknown, for example during a hand-over), to decide
+    /// whether spinning can help.
     holder: AtomicUsize,
     /// Protects `waiters`.
     queue_lock: RawSpinLock,
@@ -94,6 +95,9 @@ impl RawCoMutex {
 
     #[cold]
     fn unlock_contended(&self) {
+        // The next holder's thread is not known until it runs: lockers meanwhile assume it is
+        // another thread and spin, rather than sleeping behind a hand-over in flight.
+        self.holder.store(0, Ordering::Relaxed);
         self.queue_lock.lock_raw();
         self.locked.fetch_sub(1, Ordering::AcqRel);
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
