@@ -544,7 +544,7 @@ impl Local {
             let coroutine = match item {
                 RunItem::Start(coroutine) => coroutine,
                 RunItem::Resume(key) => match self.waits.borrow().get(key) {
-                    Some(WaitState::Delivered(coroutine, _)) => coroutine.clone(),
+                    Some(state) if state.delivered.is_some() => state.coroutine.clone(),
                     _ => continue,
                 },
             };

@@ -59,4 +59,5 @@ pub use sleep::Sleeper;
 pub use thread_pool::{ThreadPool, ThreadPoolConfig};
 pub use timer::{Timer, clock_ns};
 pub use uring::{IoEngine, fsync, io_engine, preadv, pwritev};
+pub(crate) use wait::WaitRef;
 pub use wait::{LocalWaker, Wait, WakeReason, Waker};

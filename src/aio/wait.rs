@@ -10,6 +10,7 @@
 //! That is how a wake never resumes a coroutine in the middle of some other wait.
 
 use std::marker::PhantomData;
+use std::ptr::NonNull;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,22 +28,21 @@ pub enum WakeReason {
     TimedOut,
 }
 
-/// One suspension in the wait table.
-pub(crate) enum WaitState {
-    Waiting(Coroutine),
-    Delivered(Coroutine, WakeReason),
+/// One suspension in the wait table: the suspended coroutine (owned here while it waits) and
+/// the first wake it received, if any.
+pub(crate) struct WaitState {
+    pub(crate) coroutine: Coroutine,
+    pub(crate) delivered: Option<WakeReason>,
 }
 
 impl WaitState {
     /// Records the first wake; returns whether this was it.
     pub(crate) fn deliver(&mut self, reason: WakeReason) -> bool {
-        match self {
-            WaitState::Waiting(coroutine) => {
-                *self = WaitState::Delivered(coroutine.clone(), reason);
-                true
-            }
-            WaitState::Delivered(..) => false,
+        let first = self.delivered.is_none();
+        if first {
+            self.delivered = Some(reason);
         }
+        first
     }
 }
 
@@ -80,7 +80,10 @@ impl Co {
     /// If this thread has no [`AioContext`](super::AioContext).
     pub fn prepare_wait(&self) -> Wait<'_> {
         let local = current_local("a coroutine wait", Rc::clone);
-        let key = local.waits.borrow_mut().insert(WaitState::Waiting(self.current()));
+        let key = local
+            .waits
+            .borrow_mut()
+            .insert(WaitState { coroutine: self.current(), delivered: None });
         Wait { co: self, local, key }
     }
 
@@ -91,6 +94,7 @@ impl Co {
     /// # Panics
     ///
     /// If this thread has no [`AioContext`](super::AioContext).
+    #[inline]
     pub fn reschedule(&self) {
         let wait = self.prepare_wait();
         wait.local_waker().wake();
@@ -113,6 +117,11 @@ impl Wait<'_> {
         Waker { shared: self.local.shared.clone(), key: self.key }
     }
 
+    /// A waker for lock queues: no reference count to update (see [`WaitRef`]).
+    pub(crate) fn wait_ref(&self) -> WaitRef {
+        WaitRef { shared: NonNull::from(&*self.local.shared), key: self.key }
+    }
+
     /// A waker for this suspension that stays on this thread (cheaper: no atomic operation).
     pub fn local_waker(&self) -> LocalWaker {
         LocalWaker { context: self.local.shared.id, key: self.key, _not_send: PhantomData }
@@ -120,6 +129,10 @@ impl Wait<'_> {
 
     /// Suspends until a waker of this suspension wakes it. Returns at once if that happened
     /// already.
+    // Inlined so that the yield sits in the caller's frame: every call level between a
+    // coroutine's loop and its yield costs a mispredicted return per wake (the CPU's return
+    // stack does not survive the switch).
+    #[inline(always)]
     pub fn wait(self) -> WakeReason {
         loop {
             if let Some(reason) = self.take_delivery() {
@@ -138,16 +151,12 @@ impl Wait<'_> {
         self.wait()
     }
 
+    #[inline(always)]
     fn take_delivery(&self) -> Option<WakeReason> {
         let mut waits = self.local.waits.borrow_mut();
-        match waits.get(self.key)? {
-            WaitState::Waiting(_) => None,
-            WaitState::Delivered(_, reason) => {
-                let reason = *reason;
-                waits.remove(self.key);
-                Some(reason)
-            }
-        }
+        let reason = waits.get(self.key)?.delivered?;
+        waits.remove(self.key);
+        Some(reason)
     }
 }
 
@@ -179,6 +188,51 @@ impl Waker {
             Some(local) => local.deliver(self.key, WakeReason::Woken),
             // A closed context has no poll left to resume the coroutine in.
             None => drop(self.shared.send(Message::Wake(self.key, WakeReason::Woken))),
+        }
+    }
+}
+
+/// A waker for the queues of locks, which wake each of their records exactly once while its
+/// suspension waits. Unlike [`Waker`] it holds no reference count (two atomic operations
+/// saved per wait), so it is valid only under that rule.
+///
+/// Invariant: `shared` is the `Shared` of the context of a suspension that is waiting. A
+/// waiting suspension keeps its context alive (its [`Wait`] holds the `Local`, which holds the
+/// `Shared`), so the pointer is valid for as long as the rule of [`WaitRef::wake`] holds.
+pub(crate) struct WaitRef {
+    shared: NonNull<Shared>,
+    key: Key,
+}
+
+// SAFETY: a `WaitRef` is a key plus a pointer to the `Sync` part of a context, which it only
+// reads through `&Shared` methods meant for any thread.
+unsafe impl Send for WaitRef {}
+// SAFETY: as above.
+unsafe impl Sync for WaitRef {}
+
+impl WaitRef {
+    /// Wakes the suspension this record names.
+    ///
+    /// # Safety
+    ///
+    /// The suspension has not been woken yet by this or any other record (it still waits), so
+    /// its context is alive; each record is woken at most once.
+    pub(crate) unsafe fn wake(self) {
+        // SAFETY: the suspension still waits, so its context and `Shared` are alive (type
+        // invariant and the caller's contract).
+        let shared = unsafe { self.shared.as_ref() };
+        match home_local(shared) {
+            Some(local) => local.deliver(self.key, WakeReason::Woken),
+            None => {
+                // Once the message is in, the coroutine may run, finish and drop its context
+                // at any time: hold a reference of our own until we are done with `shared`.
+                // SAFETY: `shared` came from an `Arc` that is alive right now (see above).
+                let shared = unsafe {
+                    Arc::increment_strong_count(self.shared.as_ptr());
+                    Arc::from_raw(self.shared.as_ptr())
+                };
+                drop(shared.send(Message::Wake(self.key, WakeReason::Woken)));
+            }
         }
     }
 }

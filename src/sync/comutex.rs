@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
-use crate::aio::Waker;
+use crate::aio::WaitRef;
 use crate::coroutine::Co;
 use crate::loom::{AtomicUsize, spin_hint};
 
@@ -34,17 +34,18 @@ pub struct RawCoMutex {
     holder: AtomicUsize,
     /// Protects `waiters`.
     queue_lock: RawSpinLock,
-    /// Wakers of the queued coroutines, oldest first; touched only under `queue_lock`.
-    waiters: UnsafeCell<VecDeque<Waker>>,
+    /// Wake records of the queued coroutines, oldest first; touched only under `queue_lock`.
+    waiters: UnsafeCell<VecDeque<WaitRef>>,
 }
 
-// SAFETY: `waiters` is only touched under `queue_lock`, and wakers are `Send + Sync`; the other
+// SAFETY: `waiters` is only touched under `queue_lock`, and records are `Send + Sync`; the other
 // fields are atomics.
 unsafe impl Send for RawCoMutex {}
 // SAFETY: as above.
 unsafe impl Sync for RawCoMutex {}
 
 /// A number unique to the calling thread (the address of a thread-local).
+#[inline]
 fn thread_tag() -> usize {
     thread_local! {
         static TAG: u8 = const { 0 };
@@ -63,7 +64,9 @@ impl RawCoMutex {
         acquired
     }
 
-    #[cold]
+    // Not `#[cold]`: a coroutine suspends in here, and each call level between its loop and
+    // its yield costs a mispredicted return per hand-over.
+    #[inline]
     fn lock_contended(&self, co: &Co) {
         let me = thread_tag();
         if self.holder.load(Ordering::Relaxed) != me {
@@ -84,7 +87,7 @@ impl RawCoMutex {
             return;
         }
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
-        unsafe { (*self.waiters.get()).push_back(wait.waker()) };
+        unsafe { (*self.waiters.get()).push_back(wait.wait_ref()) };
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
         // Woken only by the unlocker that handed us the lock (stray entries are absorbed by the
@@ -107,7 +110,8 @@ impl RawCoMutex {
         // The count still includes the waiter: the lock is now its (the `locked` invariant
         // guarantees there is one).
         let next = next.expect("aiocoro: CoMutex count says a waiter is queued, but none is");
-        next.wake();
+        // SAFETY: each record is popped once, and its coroutine waits until it is woken here.
+        unsafe { next.wake() };
     }
 
     /// Whether some coroutine holds the lock (QEMU's `qemu_co_mutex_assert_locked`, for

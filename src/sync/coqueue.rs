@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use super::lock::LockGuard;
 use super::raw::{RawBlockingLock, RawLock};
-use crate::aio::{Waker, run_woken_coroutines};
+use crate::aio::{WaitRef, run_woken_coroutines};
 use crate::coroutine::Co;
 use crate::loom::AtomicUsize;
 
@@ -49,13 +49,14 @@ use crate::loom::AtomicUsize;
 pub struct CoQueue {
     /// The address of the lock this queue is used with (0 until the first call).
     lock: AtomicUsize,
-    /// Wakers of the waiting coroutines, first to wake first. Touched only under the lock
-    /// named by `lock`.
-    waiters: UnsafeCell<VecDeque<Waker>>,
+    /// Wake records of the waiting coroutines, first to wake first; each is popped (and woken)
+    /// once. Touched only under the lock named by `lock`.
+    waiters: UnsafeCell<VecDeque<WaitRef>>,
 }
 
 // SAFETY: `waiters` is only touched by a caller that holds the one lock the queue is tied to
-// (checked by `bind`), which serialises those accesses across threads; wakers are `Send + Sync`.
+// (checked in `waiters`), which serialises those accesses across threads; records are
+// `Send + Sync`.
 unsafe impl Send for CoQueue {}
 // SAFETY: as above.
 unsafe impl Sync for CoQueue {}
@@ -75,12 +76,18 @@ impl CoQueue {
     /// Ties the queue to `guard`'s lock, or checks that it is tied to it; then gives access to
     /// the waiters, which that lock protects.
     #[allow(clippy::mut_from_ref, reason = "exclusive by the guard of the bound lock")]
-    fn waiters<R: RawLock, T: ?Sized>(&self, guard: &LockGuard<'_, R, T>) -> &mut VecDeque<Waker> {
+    fn waiters<R: RawLock, T: ?Sized>(
+        &self,
+        guard: &LockGuard<'_, R, T>,
+    ) -> &mut VecDeque<WaitRef> {
         let id = ptr::from_ref(guard.lock()).cast::<()>() as usize;
-        let bound = match self.lock.compare_exchange(0, id, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => id,
-            Err(bound) => bound,
-        };
+        let mut bound = self.lock.load(Ordering::Relaxed);
+        if bound == 0 {
+            bound = match self.lock.compare_exchange(0, id, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => id,
+                Err(bound) => bound,
+            };
+        }
         assert_eq!(
             bound, id,
             "aiocoro: a CoQueue was used with a guard of a different lock than the one it is \
@@ -94,6 +101,7 @@ impl CoQueue {
     /// Queues this coroutine, releases the lock, suspends until woken, and retakes the lock
     /// (QEMU's `qemu_co_queue_wait`). A waiter competes for the lock again when woken, so the
     /// condition must be re-checked in a loop.
+    #[inline]
     pub fn wait<R: RawLock, T: ?Sized>(&self, co: &Co, guard: &mut LockGuard<'_, R, T>) {
         self.wait_at(co, guard, false);
     }
@@ -103,6 +111,7 @@ impl CoQueue {
         self.wait_at(co, guard, true);
     }
 
+    #[inline(always)]
     fn wait_at<R: RawLock, T: ?Sized>(
         &self,
         co: &Co,
@@ -112,9 +121,9 @@ impl CoQueue {
         let wait = co.prepare_wait();
         let waiters = self.waiters(guard);
         if front {
-            waiters.push_front(wait.waker());
+            waiters.push_front(wait.wait_ref());
         } else {
-            waiters.push_back(wait.waker());
+            waiters.push_back(wait.wait_ref());
         }
         // SAFETY: the lock is retaken below, before the guard is used again, and `reacquired`
         // follows; the guard stays borrowed meanwhile, so its data cannot be reached.
@@ -130,7 +139,9 @@ impl CoQueue {
     pub fn next<R: RawLock, T: ?Sized>(&self, guard: &mut LockGuard<'_, R, T>) -> bool {
         match self.waiters(guard).pop_front() {
             Some(waker) => {
-                waker.wake();
+                // SAFETY: popped records are woken once, and a queued record's suspension
+                // waits until then (it is only woken through this queue).
+                unsafe { waker.wake() };
                 true
             }
             None => false,
@@ -139,11 +150,13 @@ impl CoQueue {
 
     /// Wakes every waiter (QEMU's `qemu_co_queue_restart_all`); returns how many.
     pub fn restart_all<R: RawLock, T: ?Sized>(&self, guard: &mut LockGuard<'_, R, T>) -> usize {
-        let woken: Vec<Waker> = self.waiters(guard).drain(..).collect();
-        for waker in &woken {
-            waker.wake();
+        let woken: Vec<WaitRef> = self.waiters(guard).drain(..).collect();
+        let count = woken.len();
+        for waker in woken {
+            // SAFETY: as in `next`.
+            unsafe { waker.wake() };
         }
-        woken.len()
+        count
     }
 
     /// Whether nobody waits (QEMU's `qemu_co_queue_empty`).
@@ -169,7 +182,7 @@ impl CoQueue {
         &self,
         guard: &mut LockGuard<'_, R, T>,
     ) -> usize {
-        let woken: Vec<Waker> = self.waiters(guard).drain(..).collect();
+        let woken: Vec<WaitRef> = self.waiters(guard).drain(..).collect();
         let count = woken.len();
         if count > 0 {
             self.enter_woken(guard, woken);
@@ -180,12 +193,13 @@ impl CoQueue {
     fn enter_woken<R: RawBlockingLock, T: ?Sized>(
         &self,
         guard: &mut LockGuard<'_, R, T>,
-        woken: impl IntoIterator<Item = Waker>,
+        woken: impl IntoIterator<Item = WaitRef>,
     ) {
         // SAFETY: retaken below before the guard is used again.
         unsafe { guard.release() };
         for waker in woken {
-            waker.wake();
+            // SAFETY: as in `next`.
+            unsafe { waker.wake() };
         }
         run_woken_coroutines();
         guard.lock().raw().lock_blocking();

@@ -24,14 +24,17 @@ unsafe impl RawLock for RawNoLock {
 
     const YIELD_SAFE: bool = true;
 
+    #[inline]
     fn lock(&self, _co: &Co) {
         self.lock_blocking();
     }
 
+    #[inline]
     fn try_lock(&self) -> bool {
         !self.held.replace(true)
     }
 
+    #[inline]
     unsafe fn unlock(&self) {
         self.held.set(false);
     }
@@ -39,6 +42,7 @@ unsafe impl RawLock for RawNoLock {
 
 // SAFETY: as above; taking it outside a coroutine is the same flag.
 unsafe impl RawBlockingLock for RawNoLock {
+    #[inline]
     fn lock_blocking(&self) {
         assert!(
             self.try_lock(),
