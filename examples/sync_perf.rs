@@ -15,9 +15,12 @@
 //! `cargo run --release --example sync_perf`.
 
 #[path = "../benches/support/sync_workloads.rs"]
+#[allow(dead_code, reason = "shared by the bench and the example, which each use a part")]
 mod workloads;
 
 use std::time::{Duration, Instant};
+
+use workloads::{Outcome, Quota};
 
 const RUNS: usize = 5;
 
@@ -36,17 +39,20 @@ fn report(name: &str, iterations: u64, run: impl Fn(u64)) {
     println!("{name} {iterations} iterations {:.6} s {ns_per_op:.2} ns/op", median.as_secs_f64());
 }
 
-fn report_rate(name: &str, run: impl Fn(Duration) -> u64) {
-    let duration = Duration::from_secs(1);
-    let iterations = run(duration);
-    println!("{name} {:.0} iterations/s", iterations as f64 / duration.as_secs_f64());
+fn report_rate(name: &str, run: impl Fn(Quota) -> Outcome) {
+    let outcome = run(Quota::Time(Duration::from_secs(1)));
+    println!("{name} {:.0} iterations/s", outcome.rate());
 }
 
 fn main() {
     report("comutex/uncontended", 10_000_000, workloads::comutex_uncontended);
     report("comutex/handoff_same_thread", 2_000_000, workloads::comutex_handoff_same_thread);
     report("coqueue/enter_next_wait", 2_000_000, workloads::coqueue_enter_next_wait);
-    report_rate("multi/mutex/contended", |d| workloads::multi_comutex(5, d));
-    report_rate("multi/mutex/handoff", |d| workloads::multi_comutex(2, d));
-    report_rate("multi/mutex/pthread", |d| workloads::multi_std_mutex(5, d));
+    // Peers, for scale.
+    report("std_mutex/uncontended", 10_000_000, workloads::std_mutex_uncontended);
+    report("tokio_mutex/uncontended", 10_000_000, workloads::tokio_mutex_uncontended);
+    report("tokio_mutex/handoff_same_thread", 2_000_000, workloads::tokio_mutex_handoff);
+    report_rate("multi/mutex/contended", |quota| workloads::multi_comutex(5, quota));
+    report_rate("multi/mutex/handoff", |quota| workloads::multi_comutex(2, quota));
+    report_rate("multi/mutex/pthread", |quota| workloads::multi_std_mutex(5, quota));
 }

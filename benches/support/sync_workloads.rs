@@ -77,70 +77,161 @@ pub fn coqueue_enter_next_wait(iterations: u64) {
     ctx.wait_while(|| !waiter.is_ended());
 }
 
-/// `multi/mutex/*`: `threads` IoThreads, one coroutine each, lock a shared CoMutex, increment a
-/// counter, unlock, for `duration` (QEMU's `test_multi_co_mutex`). Returns the iterations.
-pub fn multi_comutex(threads: usize, duration: Duration) -> u64 {
+/// How long a multi-thread workload runs: for a time, or until each thread did its share of a
+/// number of iterations.
+#[derive(Clone, Copy)]
+pub enum Quota {
+    /// Run for this long.
+    Time(Duration),
+    /// Run this many iterations in all, split evenly between the threads.
+    Iterations(u64),
+}
+
+/// What a multi-thread workload did.
+pub struct Outcome {
+    /// Iterations by all threads together.
+    pub iterations: u64,
+    /// From the start signal to the last thread's end.
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// Iterations per second.
+    pub fn rate(&self) -> f64 {
+        self.iterations as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// The shared bookkeeping of one multi-thread run: when to stop, and what the workers did.
+struct Race {
+    stop: AtomicBool,
+    share: u64,
+    done: AtomicU64,
+    finished: AtomicU64,
+    start: Barrier,
+}
+
+impl Race {
+    fn new(threads: usize, quota: Quota) -> Arc<Race> {
+        Arc::new(Race {
+            stop: AtomicBool::new(false),
+            share: match quota {
+                Quota::Iterations(total) => total.div_ceil(threads as u64),
+                Quota::Time(_) => u64::MAX,
+            },
+            done: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            start: Barrier::new(threads + 1),
+        })
+    }
+
+    /// One worker's loop: waits for the start, then runs `iteration` until its share is done
+    /// or the time is up.
+    fn work(&self, mut iteration: impl FnMut()) {
+        self.start.wait();
+        let mut count = 0;
+        while count < self.share && !self.stop.load(Ordering::Relaxed) {
+            iteration();
+            count += 1;
+        }
+        self.done.fetch_add(count, Ordering::Relaxed);
+        self.finished.fetch_add(1, Ordering::Release);
+    }
+
+    /// The starter's side: releases the workers, waits for the quota, and waits until every
+    /// worker is out of its loop (and so out of the lock's queue).
+    fn run(&self, threads: usize, quota: Quota) -> Outcome {
+        self.start.wait();
+        let started = std::time::Instant::now();
+        if let Quota::Time(duration) = quota {
+            std::thread::sleep(duration);
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        while self.finished.load(Ordering::Acquire) < threads as u64 {
+            std::thread::yield_now();
+        }
+        Outcome { iterations: self.done.load(Ordering::Relaxed), elapsed: started.elapsed() }
+    }
+}
+
+/// `multi/mutex/contended` (5 threads) and `multi/mutex/handoff` (2): `threads` IoThreads, one
+/// coroutine each, lock a shared CoMutex, increment a counter, unlock (QEMU's
+/// `test_multi_co_mutex`).
+pub fn multi_comutex(threads: usize, quota: Quota) -> Outcome {
     let mutex = Arc::new(CoMutex::new(0u64));
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let finished = Arc::new(AtomicU64::new(0));
-    let start = Arc::new(Barrier::new(threads + 1));
+    let race = Race::new(threads, quota);
     let iothreads: Vec<_> = (0..threads)
         .map(|i| IoThread::spawn(&format!("bench-io-{i}")).expect("an IoThread"))
         .collect();
     for iothread in &iothreads {
-        let (mutex, stop, done, start) = (mutex.clone(), stop.clone(), done.clone(), start.clone());
-        let finished = finished.clone();
+        let (mutex, race) = (mutex.clone(), race.clone());
         iothread
             .handle()
-            .spawn(move |co| {
-                start.wait();
-                let mut count = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    *mutex.lock(co) += 1;
-                    count += 1;
-                }
-                done.fetch_add(count, Ordering::Relaxed);
-                finished.fetch_add(1, Ordering::Release);
-            })
+            .spawn(move |co| race.work(|| *mutex.lock(co) += 1))
             .expect("the IoThread runs");
     }
-    start.wait();
-    std::thread::sleep(duration);
-    stop.store(true, Ordering::Relaxed);
-    // Every coroutine must be out of the lock's queue before its IoThread stops.
-    while finished.load(Ordering::Acquire) < threads as u64 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let outcome = race.run(threads, quota);
     for iothread in iothreads {
         iothread.stop();
     }
-    let total = done.load(Ordering::Relaxed);
-    assert_eq!(total, *mutex.try_lock().expect("free at the end"), "every increment counted");
-    total
+    assert_eq!(outcome.iterations, *mutex.try_lock().expect("free at the end"));
+    outcome
 }
 
 /// `multi/mutex/pthread`: the same loop on `threads` plain threads with `std::sync::Mutex`.
-pub fn multi_std_mutex(threads: usize, duration: Duration) -> u64 {
+pub fn multi_std_mutex(threads: usize, quota: Quota) -> Outcome {
     let mutex = Arc::new(Mutex::new(0u64));
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Arc::new(Barrier::new(threads + 1));
+    let race = Race::new(threads, quota);
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let (mutex, stop, start) = (mutex.clone(), stop.clone(), start.clone());
-            std::thread::spawn(move || {
-                start.wait();
-                let mut count = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    *mutex.lock().unwrap() += 1;
-                    count += 1;
-                }
-                count
-            })
+            let (mutex, race) = (mutex.clone(), race.clone());
+            std::thread::spawn(move || race.work(|| *mutex.lock().unwrap() += 1))
         })
         .collect();
-    start.wait();
-    std::thread::sleep(duration);
-    stop.store(true, Ordering::Relaxed);
-    workers.into_iter().map(|worker| worker.join().unwrap()).sum()
+    let outcome = race.run(threads, quota);
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    outcome
+}
+
+/// Peer of `comutex/uncontended`: `std::sync::Mutex` lock + unlock on one thread.
+pub fn std_mutex_uncontended(iterations: u64) {
+    let mutex = Mutex::new(0u64);
+    for _ in 0..iterations {
+        *black_box(&mutex).lock().unwrap() += 1;
+    }
+}
+
+/// Peer of `comutex/uncontended`: `tokio::sync::Mutex` lock + unlock in one task of a
+/// current-thread runtime.
+pub fn tokio_mutex_uncontended(iterations: u64) {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+    let mutex = tokio::sync::Mutex::new(0u64);
+    runtime.block_on(async {
+        for _ in 0..iterations {
+            *black_box(&mutex).lock().await += 1;
+        }
+    });
+}
+
+/// Peer of `comutex/handoff_same_thread`: two tokio tasks on a current-thread runtime pass a
+/// `tokio::sync::Mutex` back and forth, yielding while they hold it.
+pub fn tokio_mutex_handoff(iterations: u64) {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+    let mutex = Rc::new(tokio::sync::Mutex::new(0u64));
+    let handoffs = Rc::new(Cell::new(0u64));
+    let local = tokio::task::LocalSet::new();
+    for _ in 0..2 {
+        let (mutex, handoffs) = (mutex.clone(), handoffs.clone());
+        local.spawn_local(async move {
+            while handoffs.get() < iterations {
+                let mut guard = mutex.lock().await;
+                *guard += 1;
+                handoffs.set(handoffs.get() + 1);
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+    runtime.block_on(local);
 }

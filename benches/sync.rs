@@ -1,0 +1,75 @@
+//! Lock benchmarks, named after the QEMU figures they are compared with (small programs linked
+//! against QEMU's util library, and `tests/unit/test-aio-multithread -m slow` with 5 IoThreads):
+//! `comutex/uncontended`, `comutex/handoff_same_thread`, `coqueue/enter_next_wait`,
+//! `multi/mutex/contended`, `multi/mutex/handoff`, `multi/mutex/pthread`; with
+//! `std::sync::Mutex` and `tokio::sync::Mutex` as peers where the operation makes sense.
+//! `cargo bench --bench sync`.
+
+#[path = "support/sync_workloads.rs"]
+#[allow(dead_code, reason = "shared by the bench and the example, which each use a part")]
+mod workloads;
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use workloads::{Outcome, Quota};
+
+fn timed(run: impl FnOnce()) -> Duration {
+    let start = Instant::now();
+    run();
+    start.elapsed()
+}
+
+fn single_thread(c: &mut Criterion) {
+    let mut group = c.benchmark_group("comutex");
+    group.bench_function("uncontended", |b| {
+        b.iter_custom(|n| timed(|| workloads::comutex_uncontended(n)))
+    });
+    group.bench_function("handoff_same_thread", |b| {
+        b.iter_custom(|n| timed(|| workloads::comutex_handoff_same_thread(n)))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("coqueue");
+    group.bench_function("enter_next_wait", |b| {
+        b.iter_custom(|n| timed(|| workloads::coqueue_enter_next_wait(n)))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("std_mutex");
+    group.bench_function("uncontended", |b| {
+        b.iter_custom(|n| timed(|| workloads::std_mutex_uncontended(n)))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("tokio_mutex");
+    group.bench_function("uncontended", |b| {
+        b.iter_custom(|n| timed(|| workloads::tokio_mutex_uncontended(n)))
+    });
+    group.bench_function("handoff_same_thread", |b| {
+        b.iter_custom(|n| timed(|| workloads::tokio_mutex_handoff(n)))
+    });
+    group.finish();
+}
+
+/// Each sample runs a fixed number of iterations split between the threads and reports the wall
+/// time, so criterion prints the time per iteration and, with one element per iteration, the
+/// iterations per second.
+fn multi_thread(c: &mut Criterion) {
+    let mut group = c.benchmark_group("multi/mutex");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(1));
+    type Workload = fn(Quota) -> Outcome;
+    let workloads: [(&str, Workload); 3] = [
+        ("contended", |quota| workloads::multi_comutex(5, quota)),
+        ("handoff", |quota| workloads::multi_comutex(2, quota)),
+        ("pthread", |quota| workloads::multi_std_mutex(5, quota)),
+    ];
+    for (name, run) in workloads {
+        group.bench_function(name, |b| b.iter_custom(|n| run(Quota::Iterations(n.max(5))).elapsed));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, single_thread, multi_thread);
+criterion_main!(benches);
