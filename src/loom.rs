@@ -34,9 +34,10 @@ pub(crate) fn spin_hint() {
 pub(crate) fn futex_wait(word: &AtomicU32, expected: u32) {
     #[cfg(not(aiocoro_loom))]
     crate::sys::futex_wait(word, expected);
+    // The model of a futex: wait (yielding to other model threads) while the word holds
+    // `expected`.
     #[cfg(aiocoro_loom)]
-    {
-        let _ = (word, expected);
+    while word.load(std::sync::atomic::Ordering::Relaxed) == expected {
         loom::thread::yield_now();
     }
 }

@@ -311,6 +311,7 @@ fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T
 
 /// Sleeps while `word` holds `expected` (`FUTEX_WAIT_PRIVATE`). Returns when woken, when the
 /// value differs, or spuriously; callers re-check their condition.
+#[cfg(not(aiocoro_loom))]
 pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32) {
     // SAFETY: the address is a live, aligned u32 for the whole call; a null timeout waits
     // without limit. EAGAIN (value changed), EINTR and wake-ups all just return.
@@ -326,6 +327,7 @@ pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32) {
 }
 
 /// Wakes one thread sleeping in [`futex_wait`] on `word` (`FUTEX_WAKE_PRIVATE`).
+#[cfg(not(aiocoro_loom))]
 pub(crate) fn futex_wake_one(word: &std::sync::atomic::AtomicU32) {
     // SAFETY: the address is a live, aligned u32; waking touches no memory of ours.
     let _ = unsafe {

@@ -47,6 +47,8 @@ pub(crate) mod thread_pool;
 mod timer;
 mod uring;
 mod wait;
+#[cfg(aiocoro_loom)]
+mod wait_model;
 
 pub use adaptive::AdaptivePolling;
 pub use bh::{BhHandle, BottomHalf};

@@ -68,8 +68,16 @@ impl WaitState {
 /// ```
 pub struct Wait<'co> {
     co: &'co Co,
-    local: Rc<Local>,
-    key: Key,
+    target: Target,
+}
+
+/// Where a suspension is registered.
+enum Target {
+    /// In the wait table of a context.
+    Context { local: Rc<Local>, key: Key },
+    /// A loom model's stand-in: the "coroutine" is a loom thread that parks.
+    #[cfg(aiocoro_loom)]
+    Model(Arc<super::wait_model::Parker>),
 }
 
 impl Co {
@@ -79,12 +87,16 @@ impl Co {
     ///
     /// If this thread has no [`AioContext`](super::AioContext).
     pub fn prepare_wait(&self) -> Wait<'_> {
+        #[cfg(aiocoro_loom)]
+        if self.is_model() {
+            return Wait { co: self, target: Target::Model(Default::default()) };
+        }
         let local = current_local("a coroutine wait", Rc::clone);
         let key = local
             .waits
             .borrow_mut()
             .insert(WaitState { coroutine: self.current(), delivered: None });
-        Wait { co: self, local, key }
+        Wait { co: self, target: Target::Context { local, key } }
     }
 
     /// Lets the other coroutines of this context run, then continues: queues this coroutine
@@ -114,17 +126,40 @@ impl Co {
 impl Wait<'_> {
     /// A `Send + Sync` waker for this suspension.
     pub fn waker(&self) -> Waker {
-        Waker { shared: self.local.shared.clone(), key: self.key }
+        match &self.target {
+            Target::Context { local, key } => {
+                Waker { target: WakerTarget::Context { shared: local.shared.clone(), key: *key } }
+            }
+            #[cfg(aiocoro_loom)]
+            Target::Model(parker) => Waker { target: WakerTarget::Model(parker.clone()) },
+        }
     }
 
     /// A waker for lock queues: no reference count to update (see [`WaitRef`]).
     pub(crate) fn wait_ref(&self) -> WaitRef {
-        WaitRef { shared: NonNull::from(&*self.local.shared), key: self.key }
+        match &self.target {
+            Target::Context { local, key } => {
+                WaitRef::Context { shared: NonNull::from(&*local.shared), key: *key }
+            }
+            #[cfg(aiocoro_loom)]
+            Target::Model(parker) => WaitRef::Model(parker.clone()),
+        }
     }
 
     /// A waker for this suspension that stays on this thread (cheaper: no atomic operation).
     pub fn local_waker(&self) -> LocalWaker {
-        LocalWaker { context: self.local.shared.id, key: self.key, _not_send: PhantomData }
+        let (local, key) = self.context("local wakers");
+        LocalWaker { context: local.shared.id, key, _not_send: PhantomData }
+    }
+
+    /// The context registration; models support only what locks use.
+    fn context(&self, what: &str) -> (&Rc<Local>, Key) {
+        let _ = what;
+        match &self.target {
+            Target::Context { local, key } => (local, *key),
+            #[cfg(aiocoro_loom)]
+            Target::Model(_) => panic!("aiocoro: loom models of coroutines have no {what}"),
+        }
     }
 
     /// Suspends until a waker of this suspension wakes it. Returns at once if that happened
@@ -134,6 +169,11 @@ impl Wait<'_> {
     // stack does not survive the switch).
     #[inline(always)]
     pub fn wait(self) -> WakeReason {
+        #[cfg(aiocoro_loom)]
+        if let Target::Model(parker) = &self.target {
+            parker.park();
+            return WakeReason::Woken;
+        }
         loop {
             if let Some(reason) = self.take_delivery() {
                 return reason;
@@ -146,16 +186,18 @@ impl Wait<'_> {
     /// `qemu_co_sleep_ns_wakeable`).
     pub fn wait_timeout(self, timeout: Duration) -> WakeReason {
         let waker = self.local_waker();
-        let timer = self.local.new_timer(Rc::new(move || waker.wake_with(WakeReason::TimedOut)));
+        let (local, _) = self.context("timeouts");
+        let timer = local.new_timer(Rc::new(move || waker.wake_with(WakeReason::TimedOut)));
         timer.arm_after(timeout);
         self.wait()
     }
 
     #[inline(always)]
     fn take_delivery(&self) -> Option<WakeReason> {
-        let mut waits = self.local.waits.borrow_mut();
-        let reason = waits.get(self.key)?.delivered?;
-        waits.remove(self.key);
+        let (local, key) = self.context("wait table");
+        let mut waits = local.waits.borrow_mut();
+        let reason = waits.get(key)?.delivered?;
+        waits.remove(key);
         Some(reason)
     }
 }
@@ -163,8 +205,11 @@ impl Wait<'_> {
 impl Drop for Wait<'_> {
     fn drop(&mut self) {
         // Abandoned (or finished: then the entry is gone already).
-        let removed = self.local.waits.borrow_mut().remove(self.key);
-        drop(removed);
+        #[allow(irrefutable_let_patterns, reason = "a second variant exists in loom builds")]
+        if let Target::Context { local, key } = &self.target {
+            let removed = local.waits.borrow_mut().remove(*key);
+            drop(removed);
+        }
     }
 }
 
@@ -177,17 +222,30 @@ impl Drop for Wait<'_> {
 /// suspension that is over, or waking it twice, does nothing.
 #[derive(Clone)]
 pub struct Waker {
-    shared: Arc<Shared>,
-    key: Key,
+    target: WakerTarget,
+}
+
+#[derive(Clone)]
+enum WakerTarget {
+    Context {
+        shared: Arc<Shared>,
+        key: Key,
+    },
+    #[cfg(aiocoro_loom)]
+    Model(Arc<super::wait_model::Parker>),
 }
 
 impl Waker {
     /// Wakes the suspension this waker was made for.
     pub fn wake(&self) {
-        match home_local(&self.shared) {
-            Some(local) => local.deliver(self.key, WakeReason::Woken),
-            // A closed context has no poll left to resume the coroutine in.
-            None => drop(self.shared.send(Message::Wake(self.key, WakeReason::Woken))),
+        match &self.target {
+            WakerTarget::Context { shared, key } => match home_local(shared) {
+                Some(local) => local.deliver(*key, WakeReason::Woken),
+                // A closed context has no poll left to resume the coroutine in.
+                None => drop(shared.send(Message::Wake(*key, WakeReason::Woken))),
+            },
+            #[cfg(aiocoro_loom)]
+            WakerTarget::Model(parker) => parker.unpark(),
         }
     }
 }
@@ -196,12 +254,16 @@ impl Waker {
 /// suspension waits. Unlike [`Waker`] it holds no reference count (two atomic operations
 /// saved per wait), so it is valid only under that rule.
 ///
-/// Invariant: `shared` is the `Shared` of the context of a suspension that is waiting. A
-/// waiting suspension keeps its context alive (its [`Wait`] holds the `Local`, which holds the
+/// Invariant: `shared` (of `Context`) is the `Shared` of the context of a suspension that is
+/// waiting. A waiting suspension keeps its context alive (its [`Wait`] holds the `Local`, which holds the
 /// `Shared`), so the pointer is valid for as long as the rule of [`WaitRef::wake`] holds.
-pub(crate) struct WaitRef {
-    shared: NonNull<Shared>,
-    key: Key,
+pub(crate) enum WaitRef {
+    Context {
+        shared: NonNull<Shared>,
+        key: Key,
+    },
+    #[cfg(aiocoro_loom)]
+    Model(Arc<super::wait_model::Parker>),
 }
 
 // SAFETY: a `WaitRef` is a key plus a pointer to the `Sync` part of a context, which it only
@@ -218,20 +280,25 @@ impl WaitRef {
     /// The suspension has not been woken yet by this or any other record (it still waits), so
     /// its context is alive; each record is woken at most once.
     pub(crate) unsafe fn wake(self) {
+        let (pointer, key) = match self {
+            WaitRef::Context { shared, key } => (shared, key),
+            #[cfg(aiocoro_loom)]
+            WaitRef::Model(parker) => return parker.unpark(),
+        };
         // SAFETY: the suspension still waits, so its context and `Shared` are alive (type
         // invariant and the caller's contract).
-        let shared = unsafe { self.shared.as_ref() };
+        let shared = unsafe { pointer.as_ref() };
         match home_local(shared) {
-            Some(local) => local.deliver(self.key, WakeReason::Woken),
+            Some(local) => local.deliver(key, WakeReason::Woken),
             None => {
                 // Once the message is in, the coroutine may run, finish and drop its context
                 // at any time: hold a reference of our own until we are done with `shared`.
                 // SAFETY: `shared` came from an `Arc` that is alive right now (see above).
                 let shared = unsafe {
-                    Arc::increment_strong_count(self.shared.as_ptr());
-                    Arc::from_raw(self.shared.as_ptr())
+                    Arc::increment_strong_count(pointer.as_ptr());
+                    Arc::from_raw(pointer.as_ptr())
                 };
-                drop(shared.send(Message::Wake(self.key, WakeReason::Woken)));
+                drop(shared.send(Message::Wake(key, WakeReason::Woken)));
             }
         }
     }

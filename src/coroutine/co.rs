@@ -56,11 +56,45 @@ pub struct Co {
     slot: NonNull<Slot>,
     /// `Co` stays on its thread and inside its body.
     _not_send: PhantomData<*mut ()>,
+    /// A loom model's token (see [`Co::model`]): the pointers above are dangling and must not
+    /// be used; waits park the model thread instead.
+    #[cfg(aiocoro_loom)]
+    model: bool,
 }
 
 impl Co {
     pub(crate) fn new(yielder: &RawYielder, slot: NonNull<Slot>) -> Co {
-        Co { yielder: NonNull::from(yielder), slot, _not_send: PhantomData }
+        Co {
+            yielder: NonNull::from(yielder),
+            slot,
+            _not_send: PhantomData,
+            #[cfg(aiocoro_loom)]
+            model: false,
+        }
+    }
+
+    /// A token for a loom model thread standing in for a coroutine (loom builds only): lock
+    /// code that waits through it parks the thread. It cannot yield or name a coroutine.
+    #[cfg(aiocoro_loom)]
+    #[doc(hidden)]
+    pub fn model() -> Co {
+        Co {
+            yielder: NonNull::dangling(),
+            slot: NonNull::dangling(),
+            _not_send: PhantomData,
+            model: true,
+        }
+    }
+
+    /// Whether this is a loom model's token.
+    #[cfg(aiocoro_loom)]
+    pub(crate) fn is_model(&self) -> bool {
+        self.model
+    }
+
+    #[cfg(aiocoro_loom)]
+    fn assert_not_model(&self) {
+        assert!(!self.model, "aiocoro: a loom model's Co cannot yield or name a coroutine");
     }
 
     /// Suspends this coroutine and returns to whoever entered it (QEMU's
@@ -91,6 +125,8 @@ impl Co {
     /// during unwinding, after printing the message).
     #[inline]
     pub fn yield_now(&self) {
+        #[cfg(aiocoro_loom)]
+        self.assert_not_model();
         // SAFETY: the slot outlives every `&Co` (field invariant).
         let slot = unsafe { self.slot.as_ref() };
         if slot.state.get() == State::Unwinding {
@@ -110,6 +146,8 @@ impl Co {
     /// A handle to this coroutine (QEMU's `qemu_coroutine_self`).
     #[inline]
     pub fn current(&self) -> Coroutine {
+        #[cfg(aiocoro_loom)]
+        self.assert_not_model();
         // SAFETY: the slot is alive while the body runs (field invariant).
         unsafe { Coroutine::from_slot(self.slot) }
     }

@@ -11,8 +11,8 @@ use crate::coroutine::Co;
 use crate::loom::{AtomicUsize, spin_hint};
 
 /// How many times a locker polls a mutex whose holder runs on another thread before it queues
-/// and sleeps.
-const SPIN_LIMIT: u32 = 1_000;
+/// and sleeps (a couple under loom, whose spin hint yields to another model thread).
+const SPIN_LIMIT: u32 = if cfg!(aiocoro_loom) { 2 } else { 1_000 };
 
 /// The raw lock of [`CoMutex`](super::CoMutex).
 ///

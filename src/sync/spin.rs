@@ -31,7 +31,14 @@ impl RawSpinLock {
 
     #[inline]
     fn spin_lock(&self) {
-        while self.locked.swap(true, Ordering::Acquire) {
+        // Test and test-and-set: spin on plain loads, which keep the cache line shared, then
+        // try a compare-and-swap, which (unlike a swap) writes nothing when it fails, so a
+        // waiting thread changes nothing (which is also what lets loom see it as waiting).
+        while self
+            .locked
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             while self.locked.load(Ordering::Relaxed) {
                 spin_hint();
             }
@@ -54,7 +61,7 @@ unsafe impl RawLock for RawSpinLock {
 
     #[inline]
     fn try_lock(&self) -> bool {
-        !self.locked.swap(true, Ordering::Acquire)
+        self.locked.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
     }
 
     #[inline]
