@@ -61,7 +61,10 @@ where
     for iothread in iothreads {
         iothread.stop();
     }
-    Arc::try_unwrap(lock).ok().expect("all holders are gone").into_inner().0.get()
+    match Arc::try_unwrap(lock) {
+        Ok(lock) => lock.into_inner().0.get(),
+        Err(_) => panic!("a holder of the lock is still alive"),
+    }
 }
 
 const EXPECTED: u64 = (IOTHREADS * COROUTINES) as u64 * ROUNDS;
