@@ -1,6 +1,7 @@
 //! Lock benchmarks, named after the QEMU figures they are compared with (small programs linked
 //! against QEMU's util library, and `tests/unit/test-aio-multithread -m slow` with 5 IoThreads):
-//! `comutex/uncontended`, `comutex/handoff_same_thread`, `coqueue/enter_next_wait`,
+//! `comutex/uncontended`, `corwlock/read`, `corwlock/write`, `comutex/handoff_same_thread`,
+//! `coqueue/enter_next_wait`,
 //! `multi/mutex/contended`, `multi/mutex/handoff`, `multi/mutex/pthread`; with
 //! `std::sync::Mutex` and `tokio::sync::Mutex` as peers where the operation makes sense.
 //! `cargo bench --bench sync`.
@@ -28,6 +29,11 @@ fn single_thread(c: &mut Criterion) {
     group.bench_function("handoff_same_thread", |b| {
         b.iter_custom(|n| timed(|| workloads::comutex_handoff_same_thread(n)))
     });
+    group.finish();
+
+    let mut group = c.benchmark_group("corwlock");
+    group.bench_function("read", |b| b.iter_custom(|n| timed(|| workloads::corwlock_read(n))));
+    group.bench_function("write", |b| b.iter_custom(|n| timed(|| workloads::corwlock_write(n))));
     group.finish();
 
     let mut group = c.benchmark_group("coqueue");

@@ -46,6 +46,8 @@ fn report_rate(name: &str, run: impl Fn(Quota) -> Outcome) {
 
 fn main() {
     report("comutex/uncontended", 10_000_000, workloads::comutex_uncontended);
+    report("corwlock/read", 10_000_000, workloads::corwlock_read);
+    report("corwlock/write", 10_000_000, workloads::corwlock_write);
     report("comutex/handoff_same_thread", 2_000_000, workloads::comutex_handoff_same_thread);
     report("coqueue/enter_next_wait", 2_000_000, workloads::coqueue_enter_next_wait);
     // Peers, for scale.

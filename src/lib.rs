@@ -42,8 +42,8 @@
 
 pub mod aio;
 pub mod coroutine;
-pub mod sync;
 mod loom;
+pub mod sync;
 mod sys;
 
 /// Internals that `loom-tests/` model-checks; present only in a `--cfg aiocoro_loom` build.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use aiocoro::aio::{AioContext, IoThread};
-use aiocoro::sync::{CoMutex, CoQueue, NoLock};
+use aiocoro::sync::{CoMutex, CoQueue, CoRwLock, NoLock};
 
 /// Runs `body` as one coroutine on a fresh context of this thread until it ends.
 fn in_coroutine(body: impl FnOnce(&aiocoro::coroutine::Co) + 'static) {
@@ -28,6 +28,29 @@ pub fn comutex_uncontended(iterations: u64) {
             *mutex.lock(co) += 1;
         }
         black_box(&mutex);
+    });
+}
+
+/// `corwlock/read`: read lock + unlock of a CoRwLock nobody writes.
+pub fn corwlock_read(iterations: u64) {
+    let lock = Rc::new(CoRwLock::new(0u64));
+    in_coroutine(move |co| {
+        let mut sum = 0;
+        for _ in 0..iterations {
+            sum += *lock.read(co);
+        }
+        black_box(sum);
+    });
+}
+
+/// `corwlock/write`: write lock + unlock of a CoRwLock nobody else wants.
+pub fn corwlock_write(iterations: u64) {
+    let lock = Rc::new(CoRwLock::new(0u64));
+    in_coroutine(move |co| {
+        for _ in 0..iterations {
+            *lock.write(co) += 1;
+        }
+        black_box(&lock);
     });
 }
 

@@ -92,7 +92,7 @@ impl<R: RawLock, T: ?Sized> fmt::Debug for Lock<R, T> {
 /// A guard stays with the coroutine or thread that took it (it is not `Send`). A guard of a
 /// lock that blocks the thread ([`ThreadMutex`](super::ThreadMutex),
 /// [`SpinLock`](super::SpinLock)) must not be held across a yield: debug builds panic at such a
-/// yield (see [`yield_check`](super::yield_check)).
+/// yield (see the [module docs](super)).
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct LockGuard<'a, R: RawLock, T: ?Sized> {
     lock: &'a Lock<R, T>,

@@ -14,6 +14,13 @@
 //! [`CoQueue`] is written once and works under all four: it takes the guard of whichever lock
 //! protects its condition (QEMU's `QemuLockable`).
 //!
+//! Beside them:
+//!
+//! | type | what | QEMU |
+//! |---|---|---|
+//! | [`CoRwLock<T>`] | readers-writer lock for coroutines, fair, with upgrade and downgrade | `CoRwlock` |
+//! | [`SharedResource`] | counted units that coroutines wait for: a [`CoQueue`] under a [`ThreadMutex`] | `SharedResource` |
+//!
 //! Rule 3 of the design: data is reachable only through its lock, and a guard of a lock that
 //! blocks the thread ([`ThreadMutex`], [`SpinLock`]) must not be held across a yield, which would
 //! stall the whole context. The type system cannot see yields, so debug builds check it at each
@@ -24,6 +31,8 @@ mod coqueue;
 mod lock;
 mod no_lock;
 mod raw;
+mod rwlock;
+mod shared_resource;
 mod spin;
 mod thread_mutex;
 pub(crate) mod yield_check;
@@ -33,6 +42,8 @@ pub use coqueue::CoQueue;
 pub use lock::{Lock, LockGuard};
 pub use no_lock::RawNoLock;
 pub use raw::{RawBlockingLock, RawLock};
+pub use rwlock::{CoRwLock, CoRwLockReadGuard, CoRwLockWriteGuard};
+pub use shared_resource::{Permit, SharedResource};
 pub use spin::RawSpinLock;
 pub use thread_mutex::RawThreadMutex;
 
