@@ -14,30 +14,17 @@
 //! `test-aio-multithread` uses, 2 for `handoff`). Run with
 //! `cargo run --release --example sync_perf`.
 
+#[path = "../benches/support/report.rs"]
+mod report;
 #[path = "../benches/support/sync_workloads.rs"]
 #[allow(dead_code, reason = "shared by the bench and the example, which each use a part")]
 mod workloads;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use report::report;
 
 use workloads::{Outcome, Quota};
-
-const RUNS: usize = 5;
-
-fn report(name: &str, iterations: u64, run: impl Fn(u64)) {
-    run(iterations / 10 + 1);
-    let mut times: Vec<Duration> = (0..RUNS)
-        .map(|_| {
-            let start = Instant::now();
-            run(iterations);
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    let median = times[RUNS / 2];
-    let ns_per_op = median.as_secs_f64() * 1e9 / iterations as f64;
-    println!("{name} {iterations} iterations {:.6} s {ns_per_op:.2} ns/op", median.as_secs_f64());
-}
 
 fn report_rate(name: &str, run: impl Fn(Quota) -> Outcome) {
     let outcome = run(Quota::Time(Duration::from_secs(1)));
@@ -45,15 +32,15 @@ fn report_rate(name: &str, run: impl Fn(Quota) -> Outcome) {
 }
 
 fn main() {
-    report("comutex/uncontended", 10_000_000, workloads::comutex_uncontended);
-    report("corwlock/read", 10_000_000, workloads::corwlock_read);
-    report("corwlock/write", 10_000_000, workloads::corwlock_write);
-    report("comutex/handoff_same_thread", 2_000_000, workloads::comutex_handoff_same_thread);
-    report("coqueue/enter_next_wait", 2_000_000, workloads::coqueue_enter_next_wait);
+    report("comutex/uncontended", 10_000_000, 1, workloads::comutex_uncontended);
+    report("corwlock/read", 10_000_000, 1, workloads::corwlock_read);
+    report("corwlock/write", 10_000_000, 1, workloads::corwlock_write);
+    report("comutex/handoff_same_thread", 2_000_000, 1, workloads::comutex_handoff_same_thread);
+    report("coqueue/enter_next_wait", 2_000_000, 1, workloads::coqueue_enter_next_wait);
     // Peers, for scale.
-    report("std_mutex/uncontended", 10_000_000, workloads::std_mutex_uncontended);
-    report("tokio_mutex/uncontended", 10_000_000, workloads::tokio_mutex_uncontended);
-    report("tokio_mutex/handoff_same_thread", 2_000_000, workloads::tokio_mutex_handoff);
+    report("std_mutex/uncontended", 10_000_000, 1, workloads::std_mutex_uncontended);
+    report("tokio_mutex/uncontended", 10_000_000, 1, workloads::tokio_mutex_uncontended);
+    report("tokio_mutex/handoff_same_thread", 2_000_000, 1, workloads::tokio_mutex_handoff);
     report_rate("multi/mutex/contended", |quota| workloads::multi_comutex(5, quota));
     report_rate("multi/mutex/handoff", |quota| workloads::multi_comutex(2, quota));
     report_rate("multi/mutex/pthread", |quota| workloads::multi_std_mutex(5, quota));

@@ -1,11 +1,15 @@
 //! CoRwLock: readers share, writers exclude (also across IoThreads), queued writers keep new
 //! readers out, FIFO hand-over of runs of readers, no barging, upgrade and downgrade, try_*.
 
+#[path = "common/sync_helpers.rs"]
+mod sync_helpers;
+
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
+use sync_helpers::{collect, pass_turn};
 
 use aiocoro::aio::{AioContext, IoThread, LocalWaker};
 use aiocoro::coroutine::{Co, Coroutine};
@@ -52,28 +56,6 @@ impl Gate {
             waker.wake();
         }
     }
-}
-
-/// Lets the other runnable coroutines of this context run, then continues: a one-shot of the
-/// next poll wakes this coroutine, so whatever is runnable now runs first, in order.
-fn pass_turn(co: &Co) {
-    let wait = co.prepare_wait();
-    let waker = wait.local_waker();
-    AioContext::current().expect("coroutines run in a context").schedule_oneshot(move || {
-        waker.wake();
-    });
-    wait.wait();
-}
-
-/// Waits for `n` reports from coroutines on other threads; a missing one means a deadlock or a
-/// lost wake-up (the deadline only turns a hang into a failure).
-fn collect<T>(rx: &mpsc::Receiver<T>, n: usize) -> Vec<T> {
-    (0..n)
-        .map(|_| {
-            rx.recv_timeout(Duration::from_secs(120))
-                .expect("a coroutine never finished: deadlock or lost wake-up")
-        })
-        .collect()
 }
 
 #[test]

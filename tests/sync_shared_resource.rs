@@ -2,6 +2,9 @@
 //! several IoThreads and a plain thread releasing; every waiter gets its units in the end (no
 //! lost wake-up); permits; misuse panics with a clear message.
 
+#[path = "common/sync_helpers.rs"]
+mod sync_helpers;
+
 use std::cell::RefCell;
 use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
@@ -9,35 +12,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
+use sync_helpers::{collect, pass_turn};
 
 use aiocoro::aio::{AioContext, IoThread};
-use aiocoro::coroutine::{Co, Coroutine};
+use aiocoro::coroutine::Coroutine;
 use aiocoro::sync::SharedResource;
 
 /// Runs everything runnable on `ctx`.
 fn drain(ctx: &AioContext) {
     while ctx.poll(false) {}
-}
-
-/// Lets the other runnable coroutines of this context run, then continues.
-fn pass_turn(co: &Co) {
-    let wait = co.prepare_wait();
-    let waker = wait.local_waker();
-    AioContext::current().expect("coroutines run in a context").schedule_oneshot(move || {
-        waker.wake();
-    });
-    wait.wait();
-}
-
-/// Waits for `n` reports from coroutines on other threads; a missing one means a deadlock or a
-/// lost wake-up (the deadline only turns a hang into a failure).
-fn collect<T>(rx: &mpsc::Receiver<T>, n: usize) -> Vec<T> {
-    (0..n)
-        .map(|_| {
-            rx.recv_timeout(Duration::from_secs(120))
-                .expect("a coroutine never got its units: lost wake-up")
-        })
-        .collect()
 }
 
 #[test]

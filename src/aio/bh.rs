@@ -54,8 +54,9 @@ impl BhCore {
 ///
 /// The callback may hold non-`Send` state; it runs on the home thread, once per schedule that
 /// reaches a poll (schedules that arrive while the BH is pending coalesce). Dropping the
-/// `BottomHalf` deletes it: a pending run is dropped. [`BottomHalf::handle`] gives a
-/// `Send + Sync` handle that schedules and cancels it from any thread.
+/// `BottomHalf` deletes it: a pending run is dropped. It schedules, cancels and inspects itself
+/// through the methods of [`BhHandle`] (it dereferences to one); [`BottomHalf::handle`] gives a
+/// `Send + Sync` copy for other threads.
 ///
 /// ```
 /// use aiocoro::aio::AioContext;
@@ -72,7 +73,8 @@ impl BhCore {
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct BottomHalf {
-    core: Arc<BhCore>,
+    /// Scheduling works the same through the owner and through its handles.
+    handle: BhHandle,
     local: Rc<Local>,
 }
 
@@ -81,34 +83,29 @@ impl BottomHalf {
         let index = local.bhs.borrow_mut().insert(callback);
         let core =
             Arc::new(BhCore { flags: AtomicU32::new(0), index, shared: local.shared.clone() });
-        BottomHalf { core, local }
-    }
-
-    /// Schedules the callback to run once in a coming poll of the context.
-    pub fn schedule(&self) {
-        self.core.schedule();
-    }
-
-    /// Unschedules it: if it has not run yet, it will not (until scheduled again).
-    pub fn cancel(&self) {
-        self.core.cancel();
-    }
-
-    /// Whether it is scheduled and has not run yet.
-    pub fn is_scheduled(&self) -> bool {
-        self.core.is_scheduled()
+        BottomHalf { handle: BhHandle { core }, local }
     }
 
     /// A `Send + Sync` handle that schedules and cancels this BH from any thread.
     pub fn handle(&self) -> BhHandle {
-        BhHandle { core: self.core.clone() }
+        self.handle.clone()
+    }
+}
+
+impl std::ops::Deref for BottomHalf {
+    type Target = BhHandle;
+
+    /// The owner schedules, cancels and inspects the BH as its handles do.
+    fn deref(&self) -> &BhHandle {
+        &self.handle
     }
 }
 
 impl Drop for BottomHalf {
     fn drop(&mut self) {
-        self.core.flags.fetch_or(DELETED, Ordering::AcqRel);
-        self.local.bhs.borrow_mut().remove(self.core.index);
+        let core = &self.handle.core;
+        core.flags.fetch_or(DELETED, Ordering::AcqRel);
+        self.local.bhs.borrow_mut().remove(core.index);
     }
 }
 
@@ -120,12 +117,13 @@ pub struct BhHandle {
 }
 
 impl BhHandle {
-    /// Schedules the BH (see [`BottomHalf::schedule`]); wakes its context if it may be blocked.
+    /// Schedules the callback to run once in a coming poll of the context; wakes the context if
+    /// it may be blocked.
     pub fn schedule(&self) {
         self.core.schedule();
     }
 
-    /// Cancels it (see [`BottomHalf::cancel`]).
+    /// Unschedules it: if it has not run yet, it will not (until scheduled again).
     pub fn cancel(&self) {
         self.core.cancel();
     }
