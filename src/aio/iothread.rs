@@ -7,10 +7,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use super::adaptive::AdaptivePolling;
 use super::context::AioContext;
 use super::handle::AioHandle;
 
-/// A thread running an [`AioContext`].
+/// The busy-polling window limit of an IoThread's context: QEMU's default `poll-max-ns` for
+/// IOThreads (32 µs).
+pub const DEFAULT_POLL_MAX_NS: u64 = 32_768;
+
+/// A thread running an [`AioContext`], with adaptive busy polling up to
+/// [`DEFAULT_POLL_MAX_NS`] as QEMU's IOThreads have by default.
 ///
 /// Work reaches it through [`IoThread::handle`]. [`IoThread::stop`] (or dropping it) asks the
 /// thread to finish: it runs what was already scheduled, drops its context and exits, and the
@@ -40,6 +46,7 @@ impl IoThread {
                     return;
                 }
             };
+            ctx.set_adaptive_polling(Some(AdaptivePolling::new(DEFAULT_POLL_MAX_NS)));
             let _ = ready_tx.send(Ok(ctx.handle()));
             while keep_running.load(Ordering::Acquire) {
                 ctx.poll(true);
