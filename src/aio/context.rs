@@ -413,6 +413,21 @@ impl Local {
         }
     }
 
+    /// Marks the suspension under `key` woken, if it still waits, and enters its coroutine
+    /// right away instead of queueing it (QEMU's `aio_co_wake` outside any coroutine). For
+    /// callers outside every coroutine.
+    pub(crate) fn deliver_and_enter(&self, key: Key, reason: WakeReason) {
+        let coroutine = {
+            let mut waits = self.waits.borrow_mut();
+            let Some(state) = waits.get_mut(key) else { return };
+            if !state.deliver(reason) {
+                return;
+            }
+            state.coroutine.clone()
+        };
+        coroutine.enter();
+    }
+
     fn set_fd_handler(&self, fd: std::os::fd::RawFd, handler: FdHandler) -> io::Result<()> {
         self.fds.borrow_mut().set_handler(self.epoll.as_fd(), fd, handler)
     }

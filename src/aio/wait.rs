@@ -304,6 +304,30 @@ impl WaitRef {
     }
 }
 
+impl WaitRef {
+    /// Like [`WaitRef::wake`], but a coroutine of this thread's context is entered at once when
+    /// the caller is not itself a coroutine (QEMU's `qemu_co_enter_next`); otherwise it is
+    /// queued as by `wake`.
+    ///
+    /// # Safety
+    ///
+    /// As [`WaitRef::wake`].
+    pub(crate) unsafe fn wake_and_enter(self) {
+        #[allow(irrefutable_let_patterns, reason = "a second variant exists in loom builds")]
+        if let WaitRef::Context { shared, key } = &self {
+            if !crate::coroutine::in_coroutine() {
+                // SAFETY: the suspension still waits, so its context is alive (see `wake`).
+                if let Some(local) = home_local(unsafe { shared.as_ref() }) {
+                    local.deliver_and_enter(*key, WakeReason::Woken);
+                    return;
+                }
+            }
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.wake() }
+    }
+}
+
 /// A [`Waker`] that stays on the coroutine's thread.
 #[derive(Clone)]
 pub struct LocalWaker {

@@ -199,8 +199,9 @@ impl CoQueue {
         unsafe { guard.release() };
         for waker in woken {
             // SAFETY: as in `next`.
-            unsafe { waker.wake() };
+            unsafe { waker.wake_and_enter() };
         }
+        // What the entered coroutines woke in turn runs before the lock is retaken.
         run_woken_coroutines();
         guard.lock().raw().lock_blocking();
         guard.reacquired();
