@@ -56,7 +56,7 @@ pub use context::AioContext;
 pub(crate) use context::run_woken_coroutines;
 pub use fd::FdHandler;
 pub use handle::{AioHandle, ContextClosed};
-pub use iothread::IoThread;
+pub use iothread::{DEFAULT_POLL_MAX_NS, IoThread};
 pub use sleep::Sleeper;
 pub use thread_pool::{ThreadPool, ThreadPoolConfig};
 pub use timer::{Timer, clock_ns};
