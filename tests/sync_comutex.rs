@@ -127,3 +127,32 @@ fn a_yield_while_holding_a_thread_lock_panics_in_debug_builds() {
     );
     assert!(lock.try_lock().is_some(), "the guard was released by the unwinding");
 }
+
+#[test]
+fn assert_locked_passes_for_the_holder_and_panics_for_others() {
+    let ctx = AioContext::new().unwrap();
+    let mutex = Rc::new(CoMutex::new(()));
+    let verdict = Rc::new(RefCell::new(None));
+    let (m, v) = (mutex.clone(), verdict.clone());
+    let holder = ctx.spawn(move |co| {
+        let _guard = m.lock(co);
+        m.assert_locked();
+        co.sleep(Duration::from_millis(1));
+    });
+    ctx.poll(false);
+    let (m, v2) = (mutex.clone(), v.clone());
+    ctx.spawn(move |_co| {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.assert_locked()));
+        *v2.borrow_mut() = Some(outcome.is_err());
+    });
+    ctx.wait_while(|| !holder.is_ended());
+    assert_eq!(
+        *verdict.borrow(),
+        Some(cfg!(debug_assertions)),
+        "debug builds catch a non-holder; release builds only check that somebody holds it"
+    );
+    let payload = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| mutex.assert_locked()))
+        .unwrap_err();
+    let message = payload.downcast_ref::<&str>().copied().unwrap_or_default();
+    assert!(message.contains("not locked"), "{message}");
+}

@@ -27,6 +27,14 @@ pub(crate) fn slot() -> *const Slot {
     CURRENT.try_with(Cell::get).unwrap_or(ptr::null())
 }
 
+/// The id of the current coroutine (see [`Coroutine::id`]), or 0 outside every coroutine. For
+/// debug checks.
+#[cfg(debug_assertions)]
+pub(crate) fn id() -> u64 {
+    // SAFETY: by the invariant on `CURRENT`, a non-null pointer names a live slot of this thread.
+    unsafe { slot().as_ref() }.map_or(0, |slot| slot.id.get())
+}
+
 /// Whether the calling code runs inside a coroutine (QEMU's `qemu_in_coroutine`).
 ///
 /// ```

@@ -50,6 +50,8 @@ mod slot;
 mod stack;
 
 pub use co::Co;
+#[cfg(debug_assertions)]
+pub(crate) use current::id as current_id;
 pub use current::{current, in_coroutine};
 pub use handle::{Builder, Coroutine};
 pub use stack::{DEFAULT_STACK_SIZE, MIN_STACK_SIZE};

@@ -4,10 +4,13 @@ use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
+use super::lock::Lock;
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
 use crate::aio::WaitRef;
 use crate::coroutine::Co;
+#[cfg(debug_assertions)]
+use crate::loom::AtomicU64;
 use crate::loom::{AtomicUsize, spin_hint};
 
 /// How many times a locker polls a mutex whose holder runs on another thread before it queues
@@ -32,6 +35,10 @@ pub struct RawCoMutex {
     /// A tag of the holder's thread (0: unknown, for example during a hand-over), to decide
     /// whether spinning can help.
     holder: AtomicUsize,
+    /// The id of the holding coroutine (debug builds; 0 when unknown), for
+    /// [`CoMutex::assert_locked`](Lock::assert_locked).
+    #[cfg(debug_assertions)]
+    holder_coroutine: AtomicU64,
     /// Protects `waiters`.
     queue_lock: RawSpinLock,
     /// Wake records of the queued coroutines, oldest first; touched only under `queue_lock`.
@@ -60,8 +67,16 @@ impl RawCoMutex {
             self.locked.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_ok();
         if acquired {
             self.holder.store(thread_tag(), Ordering::Relaxed);
+            self.note_holder();
         }
         acquired
+    }
+
+    /// Records the holding coroutine (debug builds).
+    #[inline]
+    fn note_holder(&self) {
+        #[cfg(debug_assertions)]
+        self.holder_coroutine.store(crate::coroutine::current_id(), Ordering::Relaxed);
     }
 
     // Not `#[cold]`: a coroutine suspends in here, and each call level between its loop and
@@ -84,6 +99,7 @@ impl RawCoMutex {
             // SAFETY: we hold `queue_lock`.
             unsafe { self.queue_lock.unlock_raw() };
             self.holder.store(me, Ordering::Relaxed);
+            self.note_holder();
             return;
         }
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
@@ -94,6 +110,7 @@ impl RawCoMutex {
         // wait), so when this returns the lock is ours.
         wait.wait();
         self.holder.store(me, Ordering::Relaxed);
+        self.note_holder();
     }
 
     #[cold]
@@ -129,6 +146,8 @@ unsafe impl RawLock for RawCoMutex {
         RawCoMutex {
             locked: AtomicUsize::new(0),
             holder: AtomicUsize::new(0),
+            #[cfg(debug_assertions)]
+            holder_coroutine: AtomicU64::new(0),
             queue_lock: RawSpinLock::new(),
             waiters: UnsafeCell::new(VecDeque::new()),
         }
@@ -152,6 +171,43 @@ unsafe impl RawLock for RawCoMutex {
     unsafe fn unlock(&self) {
         if self.locked.compare_exchange(1, 0, Ordering::Release, Ordering::Relaxed).is_err() {
             self.unlock_contended();
+        }
+    }
+}
+
+impl<T: ?Sized> Lock<RawCoMutex, T> {
+    /// Panics unless the calling coroutine holds this mutex (QEMU's
+    /// `qemu_co_mutex_assert_locked`). Release builds only check that somebody holds it.
+    ///
+    /// ```
+    /// use aiocoro::aio::AioContext;
+    /// use aiocoro::sync::CoMutex;
+    /// use std::rc::Rc;
+    ///
+    /// let ctx = AioContext::new()?;
+    /// let mutex = Rc::new(CoMutex::new(()));
+    /// let m = mutex.clone();
+    /// let co = ctx.spawn(move |co| {
+    ///     let _guard = m.lock(co);
+    ///     m.assert_locked();
+    /// });
+    /// ctx.wait_while(|| !co.is_ended());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    #[track_caller]
+    pub fn assert_locked(&self) {
+        let raw = self.raw();
+        assert!(raw.is_locked(), "aiocoro: CoMutex::assert_locked: the mutex is not locked");
+        #[cfg(debug_assertions)]
+        {
+            let holder = raw.holder_coroutine.load(Ordering::Relaxed);
+            let me = crate::coroutine::current_id();
+            let same_thread = raw.holder.load(Ordering::Relaxed) == thread_tag();
+            assert!(
+                holder == me && me != 0 && same_thread,
+                "aiocoro: CoMutex::assert_locked: held by coroutine #{holder}, not by the \
+                 caller (coroutine #{me}; 0 = none)"
+            );
         }
     }
 }

@@ -21,6 +21,31 @@
 //! | [`CoRwLock<T>`] | readers-writer lock for coroutines, fair, with upgrade and downgrade | `CoRwlock` |
 //! | [`SharedResource`] | counted units that coroutines wait for: a [`CoQueue`] under a [`ThreadMutex`] | `SharedResource` |
 //!
+//! The misuse rules the types pin:
+//!
+//! ```compile_fail,E0277
+//! // State private to one context (`NoLock`) cannot be shared with another thread.
+//! let state = std::sync::Arc::new(aiocoro::sync::NoLock::new(0u32));
+//! let other = state.clone();
+//! std::thread::spawn(move || *other.lock_blocking() += 1);
+//! ```
+//!
+//! ```compile_fail,E0277
+//! // A guard stays with the thread (and coroutine) that took the lock.
+//! let lock = std::sync::Arc::new(aiocoro::sync::ThreadMutex::new(0u32));
+//! let guard = lock.lock_blocking();
+//! std::thread::spawn(move || drop(guard));
+//! ```
+//!
+//! ```compile_fail,E0505
+//! // The data cannot be kept past its guard.
+//! let lock = aiocoro::sync::SpinLock::new(vec![1u32]);
+//! let guard = lock.lock_blocking();
+//! let data: &Vec<u32> = &guard;
+//! drop(guard);
+//! println!("{data:?}");
+//! ```
+//!
 //! Rule 3 of the design: data is reachable only through its lock, and a guard of a lock that
 //! blocks the thread ([`ThreadMutex`], [`SpinLock`]) must not be held across a yield, which would
 //! stall the whole context. The type system cannot see yields, so debug builds check it at each
