@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
-use crate::aio::{Wait, Waker};
+use crate::aio::{Wait, WaitRef};
 use crate::coroutine::Co;
 use crate::loom::AtomicUsize;
 
@@ -336,9 +336,10 @@ impl<T: ?Sized + fmt::Display> fmt::Display for CoRwLockWriteGuard<'_, T> {
     }
 }
 
-/// A queued coroutine.
+/// A queued coroutine: its wake record (woken once, by the hand-over that grants it the lock,
+/// while it waits) and what it wants.
 struct Waiter {
-    waker: Waker,
+    waker: WaitRef,
     writer: bool,
 }
 
@@ -346,12 +347,12 @@ struct Waiter {
 /// released. (The common single waiter needs no allocation.)
 #[derive(Default)]
 struct Granted {
-    first: Option<Waker>,
-    rest: Vec<Waker>,
+    first: Option<WaitRef>,
+    rest: Vec<WaitRef>,
 }
 
 impl Granted {
-    fn push(&mut self, waker: Waker) {
+    fn push(&mut self, waker: WaitRef) {
         if self.first.is_none() {
             self.first = Some(waker);
         } else {
@@ -361,11 +362,14 @@ impl Granted {
 
     /// Wakes them, in queue order.
     fn wake(self) {
+        // SAFETY: each record was popped from the queue once, by the hand-over that granted its
+        // coroutine the lock, and that coroutine waits until this wake.
         if let Some(first) = self.first {
-            first.wake();
+            unsafe { first.wake() };
         }
         for waker in self.rest {
-            waker.wake();
+            // SAFETY: as above.
+            unsafe { waker.wake() };
         }
     }
 }
@@ -398,7 +402,7 @@ struct RawCoRwLock {
     waiters: UnsafeCell<VecDeque<Waiter>>,
 }
 
-// SAFETY: `waiters` is only touched under `queue_lock`, and wakers are `Send + Sync`; the other
+// SAFETY: `waiters` is only touched under `queue_lock`, and records are `Send + Sync`; the other
 // fields are atomics.
 unsafe impl Send for RawCoRwLock {}
 // SAFETY: as above.
@@ -486,7 +490,7 @@ impl RawCoRwLock {
             }
         }
         // SAFETY: we hold `queue_lock`.
-        unsafe { self.waiters().push_back(Waiter { waker: wait.waker(), writer }) };
+        unsafe { self.waiters().push_back(Waiter { waker: wait.wait_ref(), writer }) };
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
         // Woken only by the hand-over that granted us the lock (invariant 5); the wait absorbs
@@ -593,7 +597,7 @@ impl RawCoRwLock {
             return;
         }
         // SAFETY: we hold `queue_lock`.
-        unsafe { self.waiters().push_back(Waiter { waker: wait.waker(), writer: true }) };
+        unsafe { self.waiters().push_back(Waiter { waker: wait.wait_ref(), writer: true }) };
         // Leave the readers and mark the queue non-empty in one step, so that whichever reader
         // leaves last sees `QUEUED` and hands over. Release for what we read; acquire in case
         // we are that last reader and hand over to a writer.
