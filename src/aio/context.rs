@@ -135,7 +135,11 @@ const RUN_BUDGET: usize = 1024;
 /// is not itself a coroutine (for [`CoQueue::enter_next`](crate::sync::CoQueue::enter_next)).
 pub(crate) fn run_woken_coroutines() {
     if !in_coroutine() {
-        with_current(|local| local.run_coroutines());
+        with_current(|local| {
+            if !local.run_queue.borrow().is_empty() {
+                local.run_coroutines();
+            }
+        });
     }
 }
 
@@ -164,13 +168,24 @@ pub(crate) fn with_current<R>(f: impl FnOnce(&Rc<Local>) -> R) -> Option<R> {
     Some(f(&local))
 }
 
-/// This thread's context, for code that cannot run without one.
-pub(crate) fn current_local<R>(what: &str, f: impl FnOnce(&Rc<Local>) -> R) -> R {
-    with_current(f).unwrap_or_else(|| {
-        panic!(
-            "aiocoro: {what} needs an AioContext on this thread (create one with AioContext::new)"
-        )
-    })
+/// A handle to this thread's context, for code that cannot run without one.
+pub(crate) fn current_local(what: &str) -> Rc<Local> {
+    let local = CURRENT.try_with(Cell::get).unwrap_or(ptr::null());
+    if local.is_null() {
+        no_context(what);
+    }
+    // SAFETY: by the invariant on `CURRENT`, the pointer came from `Rc::as_ptr` of a live
+    // `Rc<Local>`; bumping the count makes a handle of our own.
+    unsafe {
+        Rc::increment_strong_count(local);
+        Rc::from_raw(local)
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn no_context(what: &str) -> ! {
+    panic!("aiocoro: {what} needs an AioContext on this thread (create one with AioContext::new)")
 }
 
 /// An event loop owned by one thread (QEMU's `AioContext`).

@@ -244,7 +244,7 @@ impl Co {
 
     fn wait_fd(&self, fd: RawFd, writable: bool) -> io::Result<()> {
         let wait = self.prepare_wait();
-        let local = current_local("waiting for a file descriptor", Rc::clone);
+        let local = current_local("waiting for a file descriptor");
         local.add_fd_waiter(fd, writable, wait.local_waker())?;
         wait.wait();
         Ok(())

@@ -91,7 +91,7 @@ impl Co {
         if self.is_model() {
             return Wait { co: self, target: Target::Model(Default::default()) };
         }
-        let local = current_local("a coroutine wait", Rc::clone);
+        let local = current_local("a coroutine wait");
         let key = local
             .waits
             .borrow_mut()
