@@ -1,0 +1,404 @@
+//! A generic graph of shared nodes joined by child edges with roles (QEMU's graph of
+//! `BlockDriverState`s and `BdrvChild`ren), usable from several threads at once.
+//!
+//! Nodes are owned with `Arc`: a request that looked a child up keeps that node alive for as long
+//! as it runs, so [`Graph::replace_child`] (QEMU's `bdrv_replace_child`) can swing an edge to a
+//! new node while requests are in flight on the old one. Edges never form a cycle, and a parent
+//! has at most one child per role.
+//!
+//! ```
+//! use aiocoro_block::graph::Graph;
+//!
+//! let graph: Graph<&str, &str> = Graph::new();
+//! let format = graph.add_node("qcow2");
+//! let protocol = graph.add_node("file");
+//! graph.attach(format, "file", protocol)?;
+//! assert_eq!(graph.child(format, &"file").as_deref(), Some(&"file"));
+//! assert_eq!(graph.parents(protocol), [(format, "file")]);
+//! # Ok::<(), aiocoro_block::graph::GraphError>(())
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Names a node of one [`Graph`]. Ids are never reused, so a stale id finds nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(u64);
+
+/// Why a graph change was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GraphError {
+    /// No node has this id (never added, or removed).
+    NoSuchNode(NodeId),
+    /// The parent already has a child in this role.
+    RoleTaken {
+        /// The parent.
+        parent: NodeId,
+        /// The role, as `Debug` text.
+        role: String,
+    },
+    /// The parent has no child in this role.
+    NoSuchChild {
+        /// The parent.
+        parent: NodeId,
+        /// The role, as `Debug` text.
+        role: String,
+    },
+    /// The edge would make the child an ancestor of itself.
+    Cycle {
+        /// The would-be parent.
+        parent: NodeId,
+        /// The would-be child.
+        child: NodeId,
+    },
+    /// The node still has parents, which would be left pointing at nothing.
+    StillAttached(NodeId),
+}
+
+impl fmt::Display for GraphError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GraphError::NoSuchNode(id) => write!(f, "no node {id:?} in the graph"),
+            GraphError::RoleTaken { parent, role } => {
+                write!(f, "node {parent:?} already has a child in role {role}")
+            }
+            GraphError::NoSuchChild { parent, role } => {
+                write!(f, "node {parent:?} has no child in role {role}")
+            }
+            GraphError::Cycle { parent, child } => {
+                write!(f, "attaching {child:?} under {parent:?} would make a cycle")
+            }
+            GraphError::StillAttached(id) => write!(f, "node {id:?} still has parents"),
+        }
+    }
+}
+
+impl std::error::Error for GraphError {}
+
+struct Entry<N, R> {
+    node: Arc<N>,
+    /// `(role, child)`, in attach order; one child per role.
+    children: Vec<(R, NodeId)>,
+    /// `(parent, role)`: the edges that point here.
+    parents: Vec<(NodeId, R)>,
+}
+
+/// Nodes of type `N` joined by child edges with roles of type `R` (see the module docs).
+pub struct Graph<N, R> {
+    next_id: AtomicU64,
+    /// Invariant: every id in an entry's `children` and `parents` names an entry of the map,
+    /// and each edge appears once in its parent's `children` and once in its child's
+    /// `parents`, with the same role.
+    entries: RwLock<HashMap<NodeId, Entry<N, R>>>,
+}
+
+impl<N, R> Default for Graph<N, R> {
+    fn default() -> Self {
+        Graph { next_id: AtomicU64::new(1), entries: RwLock::new(HashMap::new()) }
+    }
+}
+
+impl<N, R: Clone + PartialEq + fmt::Debug> Graph<N, R> {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<NodeId, Entry<N, R>>> {
+        self.entries.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<NodeId, Entry<N, R>>> {
+        self.entries.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a node with no edges.
+    pub fn add_node(&self, node: N) -> NodeId {
+        let id = NodeId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let entry = Entry { node: Arc::new(node), children: Vec::new(), parents: Vec::new() };
+        self.write().insert(id, entry);
+        id
+    }
+
+    /// The node under `id`.
+    pub fn node(&self, id: NodeId) -> Option<Arc<N>> {
+        self.read().get(&id).map(|entry| entry.node.clone())
+    }
+
+    /// The number of nodes.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether the graph has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    /// The child of `parent` in `role`, kept alive by the returned `Arc` for as long as the
+    /// caller needs it, whatever happens to the graph meanwhile.
+    pub fn child(&self, parent: NodeId, role: &R) -> Option<Arc<N>> {
+        let entries = self.read();
+        let (_, child) = entries.get(&parent)?.children.iter().find(|(r, _)| r == role)?;
+        entries.get(child).map(|entry| entry.node.clone())
+    }
+
+    /// The children of `parent`, as `(role, child)` in attach order.
+    pub fn children(&self, parent: NodeId) -> Vec<(R, NodeId)> {
+        self.read().get(&parent).map(|entry| entry.children.clone()).unwrap_or_default()
+    }
+
+    /// The edges that point at `child`, as `(parent, role)`.
+    pub fn parents(&self, child: NodeId) -> Vec<(NodeId, R)> {
+        self.read().get(&child).map(|entry| entry.parents.clone()).unwrap_or_default()
+    }
+
+    /// Makes `child` the child of `parent` in `role`.
+    ///
+    /// # Errors
+    ///
+    /// If either node is unknown, the role is taken, or the edge would close a cycle.
+    pub fn attach(&self, parent: NodeId, role: R, child: NodeId) -> Result<(), GraphError> {
+        let mut entries = self.write();
+        check_edge(&entries, parent, child)?;
+        let parent_entry = entries.get_mut(&parent).ok_or(GraphError::NoSuchNode(parent))?;
+        if parent_entry.children.iter().any(|(r, _)| *r == role) {
+            return Err(GraphError::RoleTaken { parent, role: format!("{role:?}") });
+        }
+        parent_entry.children.push((role.clone(), child));
+        entries.get_mut(&child).expect("checked above").parents.push((parent, role));
+        Ok(())
+    }
+
+    /// Removes the edge of `parent` in `role`; returns the child it pointed at.
+    ///
+    /// # Errors
+    ///
+    /// If `parent` is unknown or has no child in `role`.
+    pub fn detach(&self, parent: NodeId, role: &R) -> Result<NodeId, GraphError> {
+        let mut entries = self.write();
+        let parent_entry = entries.get_mut(&parent).ok_or(GraphError::NoSuchNode(parent))?;
+        let position = parent_entry
+            .children
+            .iter()
+            .position(|(r, _)| r == role)
+            .ok_or_else(|| GraphError::NoSuchChild { parent, role: format!("{role:?}") })?;
+        let (_, child) = parent_entry.children.remove(position);
+        unlink_parent(&mut entries, child, parent, role);
+        Ok(child)
+    }
+
+    /// Points the edge of `parent` in `role` at `new_child` in one step (QEMU's
+    /// `bdrv_replace_child`); returns the old child. Requests that looked the old child up
+    /// keep it alive and finish on it; later lookups find the new one.
+    ///
+    /// # Errors
+    ///
+    /// If a node is unknown, `parent` has no child in `role`, or the new edge would close a
+    /// cycle. The graph is unchanged then.
+    pub fn replace_child(
+        &self,
+        parent: NodeId,
+        role: &R,
+        new_child: NodeId,
+    ) -> Result<NodeId, GraphError> {
+        let mut entries = self.write();
+        let parent_entry = entries.get(&parent).ok_or(GraphError::NoSuchNode(parent))?;
+        let Some(position) = parent_entry.children.iter().position(|(r, _)| r == role) else {
+            return Err(GraphError::NoSuchChild { parent, role: format!("{role:?}") });
+        };
+        check_edge(&entries, parent, new_child)?;
+        let slot = &mut entries.get_mut(&parent).expect("checked above").children[position];
+        let old_child = std::mem::replace(&mut slot.1, new_child);
+        unlink_parent(&mut entries, old_child, parent, role);
+        entries.get_mut(&new_child).expect("checked above").parents.push((parent, role.clone()));
+        Ok(old_child)
+    }
+
+    /// Removes a node that no edge points at, detaching its own children; returns it.
+    ///
+    /// # Errors
+    ///
+    /// If the node is unknown, or still has parents.
+    pub fn remove_node(&self, id: NodeId) -> Result<Arc<N>, GraphError> {
+        let mut entries = self.write();
+        let entry = entries.get(&id).ok_or(GraphError::NoSuchNode(id))?;
+        if !entry.parents.is_empty() {
+            return Err(GraphError::StillAttached(id));
+        }
+        let entry = entries.remove(&id).expect("checked above");
+        for (role, child) in &entry.children {
+            unlink_parent(&mut entries, *child, id, role);
+        }
+        Ok(entry.node)
+    }
+}
+
+/// Checks that an edge `parent` -> `child` may exist: both nodes known, and `parent` is not
+/// `child` nor one of its descendants.
+fn check_edge<N, R>(
+    entries: &HashMap<NodeId, Entry<N, R>>,
+    parent: NodeId,
+    child: NodeId,
+) -> Result<(), GraphError> {
+    for id in [parent, child] {
+        if !entries.contains_key(&id) {
+            return Err(GraphError::NoSuchNode(id));
+        }
+    }
+    let mut pending = vec![child];
+    let mut seen = Vec::new();
+    while let Some(id) = pending.pop() {
+        if id == parent {
+            return Err(GraphError::Cycle { parent, child });
+        }
+        if seen.contains(&id) {
+            continue;
+        }
+        seen.push(id);
+        pending.extend(entries[&id].children.iter().map(|(_, c)| *c));
+    }
+    Ok(())
+}
+
+/// Removes the `(parent, role)` edge from `child`'s parents.
+fn unlink_parent<N, R: PartialEq>(
+    entries: &mut HashMap<NodeId, Entry<N, R>>,
+    child: NodeId,
+    parent: NodeId,
+    role: &R,
+) {
+    if let Some(entry) = entries.get_mut(&child) {
+        if let Some(position) = entry.parents.iter().position(|(p, r)| *p == parent && r == role) {
+            entry.parents.remove(position);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain() -> (Graph<String, &'static str>, NodeId, NodeId, NodeId) {
+        let graph = Graph::new();
+        let top = graph.add_node("qcow2".to_string());
+        let backing = graph.add_node("backing".to_string());
+        let file = graph.add_node("file".to_string());
+        graph.attach(top, "file", file).unwrap();
+        graph.attach(top, "backing", backing).unwrap();
+        (graph, top, backing, file)
+    }
+
+    #[test]
+    fn attach_records_both_directions() {
+        let (graph, top, backing, file) = chain();
+        assert_eq!(graph.children(top), [("file", file), ("backing", backing)]);
+        assert_eq!(graph.parents(file), [(top, "file")]);
+        assert_eq!(graph.child(top, &"backing").as_deref().map(String::as_str), Some("backing"));
+        assert!(graph.child(top, &"nothing").is_none());
+        assert_eq!(graph.len(), 3);
+    }
+
+    #[test]
+    fn a_role_holds_one_child_and_cycles_are_refused() {
+        let (graph, top, backing, file) = chain();
+        assert_eq!(
+            graph.attach(top, "file", backing),
+            Err(GraphError::RoleTaken { parent: top, role: "\"file\"".into() })
+        );
+        assert_eq!(
+            graph.attach(file, "up", top),
+            Err(GraphError::Cycle { parent: file, child: top })
+        );
+        assert_eq!(
+            graph.attach(top, "me", top),
+            Err(GraphError::Cycle { parent: top, child: top })
+        );
+        // Sharing a child (a diamond) is fine.
+        graph.attach(backing, "file", file).unwrap();
+        assert_eq!(graph.parents(file).len(), 2);
+    }
+
+    #[test]
+    fn replacing_a_child_keeps_in_flight_users_safe() {
+        let (graph, top, _backing, file) = chain();
+        let in_flight = graph.child(top, &"file").unwrap();
+        let new_file = graph.add_node("new file".to_string());
+        assert_eq!(graph.replace_child(top, &"file", new_file), Ok(file));
+        assert_eq!(*in_flight, "file", "a request that started on the old child keeps it");
+        assert_eq!(graph.child(top, &"file").as_deref().map(String::as_str), Some("new file"));
+        assert!(graph.parents(file).is_empty());
+        assert_eq!(graph.parents(new_file), [(top, "file")]);
+        // The old node can now go; its Arc outlives its place in the graph.
+        let removed = graph.remove_node(file).unwrap();
+        assert!(Arc::ptr_eq(&removed, &in_flight));
+        assert_eq!(graph.node(file), None);
+    }
+
+    #[test]
+    fn a_failed_replace_changes_nothing() {
+        let (graph, top, backing, file) = chain();
+        assert_eq!(
+            graph.replace_child(file, &"file", top),
+            Err(GraphError::NoSuchChild { parent: file, role: "\"file\"".into() })
+        );
+        let leaf = graph.add_node("leaf".to_string());
+        graph.attach(file, "x", leaf).unwrap();
+        assert_eq!(
+            graph.replace_child(file, &"x", top),
+            Err(GraphError::Cycle { parent: file, child: top })
+        );
+        assert_eq!(graph.children(file), [("x", leaf)]);
+        assert_eq!(graph.children(top), [("file", file), ("backing", backing)]);
+    }
+
+    #[test]
+    fn removing_needs_a_detached_node_and_detaches_its_children() {
+        let (graph, top, backing, file) = chain();
+        assert_eq!(graph.remove_node(file).err(), Some(GraphError::StillAttached(file)));
+        assert_eq!(graph.detach(top, &"file"), Ok(file));
+        assert_eq!(
+            graph.detach(top, &"file").err(),
+            Some(GraphError::NoSuchChild { parent: top, role: "\"file\"".into() })
+        );
+        graph.remove_node(top).unwrap();
+        assert!(graph.parents(backing).is_empty(), "removing a node detached its children");
+        assert_eq!(graph.remove_node(top).err(), Some(GraphError::NoSuchNode(top)));
+        assert_eq!(graph.len(), 2);
+        assert!(!graph.is_empty());
+    }
+
+    #[test]
+    fn lookups_race_with_replacements_from_other_threads() {
+        let graph = Arc::new(Graph::<u32, &'static str>::new());
+        let top = graph.add_node(0);
+        let children: Vec<NodeId> = (1..=4).map(|n| graph.add_node(n)).collect();
+        graph.attach(top, "file", children[0]).unwrap();
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let graph = graph.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        let child = graph.child(top, &"file").expect("always some child");
+                        assert!((1..=4).contains(&*child));
+                    }
+                })
+            })
+            .collect();
+        for round in 0..1_000 {
+            let next = children[(round + 1) % 4];
+            let current = graph.children(top)[0].1;
+            if next != current {
+                graph.replace_child(top, &"file", next).unwrap();
+            }
+        }
+        for reader in readers {
+            reader.join().unwrap();
+        }
+        assert_eq!(graph.children(top).len(), 1);
+        let pointed: usize = children.iter().map(|c| graph.parents(*c).len()).sum();
+        assert_eq!(pointed, 1, "exactly one child is attached");
+    }
+}
