@@ -13,7 +13,7 @@ mod workloads;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use workloads::{Outcome, Quota};
+use workloads::Outcome;
 
 fn timed(run: impl FnOnce()) -> Duration {
     let start = Instant::now();
@@ -58,21 +58,30 @@ fn single_thread(c: &mut Criterion) {
     group.finish();
 }
 
-/// Each sample runs a fixed number of iterations split between the threads and reports the wall
-/// time, so criterion prints the time per iteration and, with one element per iteration, the
-/// iterations per second.
+/// Each sample runs the threads for a fixed time and reports the rate it measured as the time of
+/// criterion's iteration count, so criterion prints the time per iteration and, with one element
+/// per iteration, the iterations per second.
 fn multi_thread(c: &mut Criterion) {
+    const SAMPLE: Duration = Duration::from_millis(200);
     let mut group = c.benchmark_group("multi/mutex");
     group.sample_size(10);
     group.throughput(Throughput::Elements(1));
-    type Workload = fn(Quota) -> Outcome;
+    type Workload = fn(Duration) -> Outcome;
     let workloads: [(&str, Workload); 3] = [
-        ("contended", |quota| workloads::multi_comutex(5, quota)),
-        ("handoff", |quota| workloads::multi_comutex(2, quota)),
-        ("pthread", |quota| workloads::multi_std_mutex(5, quota)),
+        ("contended", |duration| workloads::multi_comutex(5, duration)),
+        ("handoff", |duration| workloads::multi_comutex(2, duration)),
+        ("pthread", |duration| workloads::multi_std_mutex(5, duration)),
     ];
     for (name, run) in workloads {
-        group.bench_function(name, |b| b.iter_custom(|n| run(Quota::Iterations(n.max(5))).elapsed));
+        group.bench_function(name, |b| {
+            b.iter_custom(|n| {
+                // A sample races the threads for a fixed time (stopping them all at once, so
+                // that no thread ever runs alone) and reports the time of `n` iterations at the
+                // rate it measured.
+                let outcome = run(SAMPLE);
+                Duration::from_secs_f64(n as f64 / outcome.rate())
+            })
+        });
     }
     group.finish();
 }

@@ -24,10 +24,10 @@ use std::time::Duration;
 
 use report::report;
 
-use workloads::{Outcome, Quota};
+use workloads::Outcome;
 
-fn report_rate(name: &str, run: impl Fn(Quota) -> Outcome) {
-    let outcome = run(Quota::Time(Duration::from_secs(1)));
+fn report_rate(name: &str, run: impl Fn(Duration) -> Outcome) {
+    let outcome = run(Duration::from_secs(1));
     println!("{name} {:.0} iterations/s", outcome.rate());
 }
 
@@ -41,7 +41,7 @@ fn main() {
     report("std_mutex/uncontended", 10_000_000, 1, workloads::std_mutex_uncontended);
     report("tokio_mutex/uncontended", 10_000_000, 1, workloads::tokio_mutex_uncontended);
     report("tokio_mutex/handoff_same_thread", 2_000_000, 1, workloads::tokio_mutex_handoff);
-    report_rate("multi/mutex/contended", |quota| workloads::multi_comutex(5, quota));
-    report_rate("multi/mutex/handoff", |quota| workloads::multi_comutex(2, quota));
-    report_rate("multi/mutex/pthread", |quota| workloads::multi_std_mutex(5, quota));
+    report_rate("multi/mutex/contended", |duration| workloads::multi_comutex(5, duration));
+    report_rate("multi/mutex/handoff", |duration| workloads::multi_comutex(2, duration));
+    report_rate("multi/mutex/pthread", |duration| workloads::multi_std_mutex(5, duration));
 }

@@ -100,16 +100,6 @@ pub fn coqueue_enter_next_wait(iterations: u64) {
     ctx.wait_while(|| !waiter.is_ended());
 }
 
-/// How long a multi-thread workload runs: for a time, or until each thread did its share of a
-/// number of iterations.
-#[derive(Clone, Copy)]
-pub enum Quota {
-    /// Run for this long.
-    Time(Duration),
-    /// Run this many iterations in all, split evenly between the threads.
-    Iterations(u64),
-}
-
 /// What a multi-thread workload did.
 pub struct Outcome {
     /// Iterations by all threads together.
@@ -128,32 +118,26 @@ impl Outcome {
 /// The shared bookkeeping of one multi-thread run: when to stop, and what the workers did.
 struct Race {
     stop: AtomicBool,
-    share: u64,
     done: AtomicU64,
     finished: AtomicU64,
     start: Barrier,
 }
 
 impl Race {
-    fn new(threads: usize, quota: Quota) -> Arc<Race> {
+    fn new(threads: usize) -> Arc<Race> {
         Arc::new(Race {
             stop: AtomicBool::new(false),
-            share: match quota {
-                Quota::Iterations(total) => total.div_ceil(threads as u64),
-                Quota::Time(_) => u64::MAX,
-            },
             done: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             start: Barrier::new(threads + 1),
         })
     }
 
-    /// One worker's loop: waits for the start, then runs `iteration` until its share is done
-    /// or the time is up.
+    /// One worker's loop: waits for the start, then runs `iteration` until the time is up.
     fn work(&self, mut iteration: impl FnMut()) {
         self.start.wait();
         let mut count = 0;
-        while count < self.share && !self.stop.load(Ordering::Relaxed) {
+        while !self.stop.load(Ordering::Relaxed) {
             iteration();
             count += 1;
         }
@@ -161,15 +145,14 @@ impl Race {
         self.finished.fetch_add(1, Ordering::Release);
     }
 
-    /// The starter's side: releases the workers, waits for the quota, and waits until every
-    /// worker is out of its loop (and so out of the lock's queue).
-    fn run(&self, threads: usize, quota: Quota) -> Outcome {
+    /// The starter's side: releases the workers, lets them race for `duration`, stops them all
+    /// at once (so that no thread ever runs alone), and waits until every worker is out of its
+    /// loop (and so out of the lock's queue).
+    fn run(&self, threads: usize, duration: Duration) -> Outcome {
         self.start.wait();
         let started = std::time::Instant::now();
-        if let Quota::Time(duration) = quota {
-            std::thread::sleep(duration);
-            self.stop.store(true, Ordering::Relaxed);
-        }
+        std::thread::sleep(duration);
+        self.stop.store(true, Ordering::Relaxed);
         while self.finished.load(Ordering::Acquire) < threads as u64 {
             std::thread::yield_now();
         }
@@ -180,9 +163,9 @@ impl Race {
 /// `multi/mutex/contended` (5 threads) and `multi/mutex/handoff` (2): `threads` IoThreads, one
 /// coroutine each, lock a shared CoMutex, increment a counter, unlock (QEMU's
 /// `test_multi_co_mutex`).
-pub fn multi_comutex(threads: usize, quota: Quota) -> Outcome {
+pub fn multi_comutex(threads: usize, duration: Duration) -> Outcome {
     let mutex = Arc::new(CoMutex::new(0u64));
-    let race = Race::new(threads, quota);
+    let race = Race::new(threads);
     let iothreads: Vec<_> = (0..threads)
         .map(|i| IoThread::spawn(&format!("bench-io-{i}")).expect("an IoThread"))
         .collect();
@@ -193,7 +176,7 @@ pub fn multi_comutex(threads: usize, quota: Quota) -> Outcome {
             .spawn(move |co| race.work(|| *mutex.lock(co) += 1))
             .expect("the IoThread runs");
     }
-    let outcome = race.run(threads, quota);
+    let outcome = race.run(threads, duration);
     for iothread in iothreads {
         iothread.stop();
     }
@@ -202,16 +185,16 @@ pub fn multi_comutex(threads: usize, quota: Quota) -> Outcome {
 }
 
 /// `multi/mutex/pthread`: the same loop on `threads` plain threads with `std::sync::Mutex`.
-pub fn multi_std_mutex(threads: usize, quota: Quota) -> Outcome {
+pub fn multi_std_mutex(threads: usize, duration: Duration) -> Outcome {
     let mutex = Arc::new(Mutex::new(0u64));
-    let race = Race::new(threads, quota);
+    let race = Race::new(threads);
     let workers: Vec<_> = (0..threads)
         .map(|_| {
             let (mutex, race) = (mutex.clone(), race.clone());
             std::thread::spawn(move || race.work(|| *mutex.lock().unwrap() += 1))
         })
         .collect();
-    let outcome = race.run(threads, quota);
+    let outcome = race.run(threads, duration);
     for worker in workers {
         worker.join().unwrap();
     }
