@@ -17,6 +17,17 @@ use crate::loom::{AtomicUsize, spin_hint};
 /// and sleeps (a couple under loom, whose spin hint yields to another model thread).
 const SPIN_LIMIT: u32 = if cfg!(aiocoro_loom) { 2 } else { 1_000 };
 
+/// How many spins of the loop above pass between two offers of the CPU to other threads.
+const YIELD_EVERY: u32 = 100;
+
+/// Offers the CPU to another runnable thread (under loom: to another model thread).
+fn yield_cpu() {
+    #[cfg(not(aiocoro_loom))]
+    std::thread::yield_now();
+    #[cfg(aiocoro_loom)]
+    spin_hint();
+}
+
 /// The raw lock of [`CoMutex`](super::CoMutex).
 ///
 /// * Uncontended, `lock` is one compare-and-swap and `unlock` another.
@@ -85,11 +96,17 @@ impl RawCoMutex {
     fn lock_contended(&self, co: &Co) {
         let me = thread_tag();
         if self.holder.load(Ordering::Relaxed) != me {
-            for _ in 0..SPIN_LIMIT {
+            for round in 0..SPIN_LIMIT {
                 if self.locked.load(Ordering::Relaxed) == 0 && self.try_acquire() {
                     return;
                 }
-                spin_hint();
+                if round % YIELD_EVERY == YIELD_EVERY - 1 {
+                    // With more threads than CPUs the holder may be waiting for ours: give it
+                    // the CPU now and then rather than spinning out our time slice.
+                    yield_cpu();
+                } else {
+                    spin_hint();
+                }
             }
         }
         let wait = co.prepare_wait();
