@@ -273,3 +273,21 @@ fn waiting_without_a_context_panics_naming_the_rule() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn reschedule_lets_the_other_coroutines_run_first() {
+    let ctx = AioContext::new().unwrap();
+    let order = log();
+    let mut coroutines = Vec::new();
+    for name in ["a", "b"] {
+        let o = order.clone();
+        coroutines.push(ctx.spawn(move |co| {
+            for round in 0..2 {
+                o.borrow_mut().push(format!("{name}{round}"));
+                co.reschedule();
+            }
+        }));
+    }
+    ctx.wait_while(|| coroutines.iter().any(|co| !co.is_ended()));
+    assert_eq!(*order.borrow(), ["a0", "b0", "a1", "b1"], "each reschedule let the other run");
+}

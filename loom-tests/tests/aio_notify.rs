@@ -22,6 +22,8 @@
 //! * `a_busy_context_costs_producers_no_eventfd_write`: a home thread that only polls with
 //!   `blocking = false` never announces that it may block, so producers never write the
 //!   eventfd (`signals() == 0`), and it still receives the message.
+//! * `a_late_signal_is_not_swallowed`: a producer's signal that lands between the home thread's
+//!   accept and its reset of the eventfd is not lost (a regression model for a bug found here).
 //! * `concurrent_wakes_of_one_wait_resume_it_once`: two threads waking the same suspension
 //!   concurrently resume its coroutine exactly once and lose no wake-up; the late wake, which
 //!   finds the suspension delivered or over, neither resumes it again nor ends the next
@@ -337,5 +339,38 @@ fn a_kick_ends_a_wait_while_whose_condition_lives_elsewhere() {
             home.notify.wait(&mut blocker, true, None, || !home.inbox.is_empty());
         }
         worker.join().unwrap();
+    });
+}
+
+/// One producer sends 1; another sends 2 and then 3. The second producer can read `notify_me`
+/// before the home thread lowers it, set `notified` just after the home thread accepted, and
+/// write the eventfd just before the home thread resets it: if the reset came after the accept,
+/// that write would be drained with `notified` left set, and message 3 would never be signalled
+/// while the home thread blocks (a regression model: this deadlocked before the fix).
+#[test]
+fn a_late_signal_is_not_swallowed() {
+    loom::model(|| {
+        let home = Arc::new(Home::new());
+        let first = {
+            let home = home.clone();
+            thread::spawn(move || home.send(1))
+        };
+        let second = {
+            let home = home.clone();
+            thread::spawn(move || {
+                home.send(2);
+                home.send(3);
+            })
+        };
+        let mut blocker = home.blocker();
+        let mut received = Vec::new();
+        while received.len() < 3 {
+            received.extend(home.poll(&mut blocker, true));
+        }
+        first.join().unwrap();
+        second.join().unwrap();
+        received.extend(home.finish(&mut blocker));
+        received.sort_unstable();
+        assert_eq!(received, [1, 2, 3], "every message arrives exactly once");
     });
 }

@@ -87,14 +87,19 @@ impl NotifyState {
         } else {
             blocker.block(Some(Duration::ZERO))
         };
-        // Accept before the caller looks at the work: a producer that saw `notified` set
-        // published its work before this swap, so the caller will see it. A kick has done its
-        // job once the wait returned: the caller re-checks its condition next.
-        self.notified.swap(false, Ordering::AcqRel);
-        self.kicked.store(false, Ordering::Release);
+        // Reset the event first, then accept. In the other order a producer could set
+        // `notified` after the accept and write the event just before the reset: its write
+        // would be drained while `notified` stayed set, and every later producer would skip
+        // the signal, leaving a blocked context deaf. This way a late producer's write stays
+        // pending and wakes the next wait. Accepting before the caller looks at the work keeps
+        // the other guarantee: a producer that saw `notified` set published its work before
+        // this swap, so the caller will see it. A kick has done its job once the wait
+        // returned: the caller re-checks its condition next.
         if fired {
             blocker.reset_event();
         }
+        self.notified.swap(false, Ordering::AcqRel);
+        self.kicked.store(false, Ordering::Release);
     }
 
     /// How many times producers signalled the event.

@@ -110,6 +110,9 @@ impl Co {
     pub fn reschedule(&self) {
         let wait = self.prepare_wait();
         wait.local_waker().wake();
+        // The wake is delivered already, so `wait` alone would return at once: yield first,
+        // and let the run queue bring this coroutine back behind the others.
+        self.yield_now();
         wait.wait();
     }
 

@@ -43,8 +43,8 @@ pub struct RawCoMutex {
     /// together under `queue_lock`, so an unlocker that sees n > 1 and takes `queue_lock` finds
     /// a waiter to hand the lock to.
     locked: AtomicUsize,
-    /// A tag of the holder's thread (0: unknown, for example during a hand-over), to decide
-    /// whether spinning can help.
+    /// A tag of the holder's thread (0: none yet), to decide whether spinning can help. A
+    /// hand-over sets it to the new holder's thread before waking it.
     holder: AtomicUsize,
     /// The id of the holding coroutine (debug builds; 0 when unknown), for
     /// [`CoMutex::assert_locked`](Lock::assert_locked).
@@ -53,7 +53,14 @@ pub struct RawCoMutex {
     /// Protects `waiters`.
     queue_lock: RawSpinLock,
     /// Wake records of the queued coroutines, oldest first; touched only under `queue_lock`.
-    waiters: UnsafeCell<VecDeque<WaitRef>>,
+    waiters: UnsafeCell<VecDeque<Waiter>>,
+}
+
+/// A queued coroutine: its wake record and the tag of its thread (the holder's thread once the
+/// lock is handed to it).
+struct Waiter {
+    record: WaitRef,
+    thread: usize,
 }
 
 // SAFETY: `waiters` is only touched under `queue_lock`, and records are `Send + Sync`; the other
@@ -120,7 +127,7 @@ impl RawCoMutex {
             return;
         }
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
-        unsafe { (*self.waiters.get()).push_back(wait.wait_ref()) };
+        unsafe { (*self.waiters.get()).push_back(Waiter { record: wait.wait_ref(), thread: me }) };
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
         // Woken only by the unlocker that handed us the lock (stray entries are absorbed by the
@@ -132,9 +139,6 @@ impl RawCoMutex {
 
     #[cold]
     fn unlock_contended(&self) {
-        // The next holder's thread is not known until it runs: lockers meanwhile assume it is
-        // another thread and spin, rather than sleeping behind a hand-over in flight.
-        self.holder.store(0, Ordering::Relaxed);
         self.queue_lock.lock_raw();
         self.locked.fetch_sub(1, Ordering::AcqRel);
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
@@ -144,8 +148,12 @@ impl RawCoMutex {
         // The count still includes the waiter: the lock is now its (the `locked` invariant
         // guarantees there is one).
         let next = next.expect("aiocoro: CoMutex count says a waiter is queued, but none is");
+        // The new holder's thread, before it even runs: lockers on that thread queue at once
+        // (spinning could not let it run), lockers elsewhere spin rather than sleep behind a
+        // hand-over in flight.
+        self.holder.store(next.thread, Ordering::Relaxed);
         // SAFETY: each record is popped once, and its coroutine waits until it is woken here.
-        unsafe { next.wake() };
+        unsafe { next.record.wake() };
     }
 
     /// Whether some coroutine holds the lock (QEMU's `qemu_co_mutex_assert_locked`, for
