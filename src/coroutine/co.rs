@@ -16,10 +16,11 @@ use super::slot::{RawYielder, Slot, State};
 /// * a `Co` cannot move to another thread (it is neither `Send` nor `Sync`);
 /// * a nested coroutine cannot capture its enterer's `Co`, because a body must be `'static`.
 ///
-/// ```compile_fail,E0624
-/// // Outside a coroutine there is no `Co`, so yielding code cannot be called there.
+/// ```compile_fail,E0277
+/// // Outside a coroutine there is no `Co` (nothing outside the runtime can make one), so
+/// // yielding code cannot be called there.
 /// fn flush(co: &aiocoro::coroutine::Co) { co.yield_now() }
-/// let token = aiocoro::coroutine::Co::new(todo!(), todo!());
+/// let token: aiocoro::coroutine::Co = Default::default();
 /// flush(&token);
 /// ```
 ///
