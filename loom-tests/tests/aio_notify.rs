@@ -30,6 +30,10 @@
 //!   suspension that reuses its place in the wait table. The wait table is the home thread's
 //!   own, outside loom's view, so it is modelled here with the first-wins rule of
 //!   `WaitState::deliver` (src/aio/wait.rs) and the generation-checked keys of the wait arena.
+//! * `a_kick_ends_a_wait_while_whose_condition_lives_elsewhere` and
+//!   `a_kick_during_a_poll_that_does_not_block_is_not_erased`: a kick always ends the
+//!   `wait_while` it was meant for, also when it lands while a poll is not blocking (a
+//!   regression model for a kick that clearing the flag with a plain store could erase).
 
 #![cfg(aiocoro_loom)]
 
@@ -372,5 +376,37 @@ fn a_late_signal_is_not_swallowed() {
         received.extend(home.finish(&mut blocker));
         received.sort_unstable();
         assert_eq!(received, [1, 2, 3], "every message arrives exactly once");
+    });
+}
+
+/// Like the model above, but the waiter's first poll does not block, because the context has
+/// work of its own (here a message the home thread queued itself; in production any BH, timer
+/// or run-queue entry). The worker can then set the kick flag after that poll looked at it and
+/// read `notify_me` after the poll lowered it (so it writes no eventfd): if the poll then
+/// cleared the flag with a plain store, the kick would be erased without the waiter ever
+/// acquiring it, the waiter could still read the condition as true, and its next poll would
+/// block for ever (a regression model: this deadlocked before the flag was cleared with a
+/// swap, and kicks set it with one).
+#[test]
+fn a_kick_during_a_poll_that_does_not_block_is_not_erased() {
+    loom::model(|| {
+        let home: Arc<Home<()>> = Arc::new(Home::new());
+        let done = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        assert!(home.inbox.push(()).is_ok());
+        let worker = {
+            let (home, done) = (home.clone(), done.clone());
+            thread::spawn(move || {
+                done.store(true, std::sync::atomic::Ordering::Release);
+                if home.notify.kick() {
+                    home.event.signal();
+                }
+            })
+        };
+        let mut blocker = home.blocker();
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            home.poll(&mut blocker, true);
+        }
+        worker.join().unwrap();
+        home.finish(&mut blocker);
     });
 }

@@ -62,7 +62,10 @@ impl NotifyState {
     /// condition lives outside the context (`wait_while`). Returns whether the caller must
     /// signal the event.
     pub fn kick(&self) -> bool {
-        self.kicked.store(true, Ordering::Release);
+        // A read-modify-write, not a store: every kick then belongs to the release sequence
+        // that the wait's clearing swap acquires, so a waiter that consumes one kick also sees
+        // what every earlier kicker published before kicking.
+        self.kicked.swap(true, Ordering::Release);
         self.needs_signal()
     }
 
@@ -94,12 +97,16 @@ impl NotifyState {
         // pending and wakes the next wait. Accepting before the caller looks at the work keeps
         // the other guarantee: a producer that saw `notified` set published its work before
         // this swap, so the caller will see it. A kick has done its job once the wait
-        // returned: the caller re-checks its condition next.
+        // returned: the caller re-checks its condition next. Clearing it must acquire the
+        // kick it clears, so it is a swap: a plain store could overwrite a kick that landed
+        // after the check above (its kicker reading `notify_me` already lowered, so writing no
+        // eventfd) without this thread ever synchronising with the kicker, whose condition
+        // change the caller could then miss before blocking for good.
         if fired {
             blocker.reset_event();
         }
         self.notified.swap(false, Ordering::AcqRel);
-        self.kicked.store(false, Ordering::Release);
+        self.kicked.swap(false, Ordering::Acquire);
     }
 
     /// How many times producers signalled the event.
