@@ -1,5 +1,6 @@
 //! A generational arena: a `Vec` with a free list whose keys go stale when their entry is
 //! removed, so that a late reference to a reused place finds nothing instead of the newcomer.
+//! No key is ever issued twice: a place that has used all its generations is retired.
 
 /// Names one entry of an [`Arena`]; stale once that entry is removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -49,7 +50,8 @@ impl<T> Arena<T> {
                     unreachable!("the free list names only free places")
                 };
                 self.first_free = next_free;
-                let generation = generation.wrapping_add(1);
+                // No overflow: a place that used the last generation is retired (`remove`).
+                let generation = generation + 1;
                 *place = Place::Occupied { generation, value };
                 Key { index, generation }
             }
@@ -81,11 +83,18 @@ impl<T> Arena<T> {
     pub(crate) fn remove(&mut self, key: Key) -> Option<T> {
         self.get(key)?;
         let place = &mut self.places[key.index as usize];
-        let free = Place::Free { generation: key.generation, next_free: self.first_free };
+        // A place whose generations are used up is retired, never reused: a wrapped generation
+        // would make old keys of that place name the newcomer (a stale waker would wake an
+        // unrelated wait). That costs one place per 2^32 entries it held.
+        let retire = key.generation == u32::MAX;
+        let next_free = if retire { None } else { self.first_free };
+        let free = Place::Free { generation: key.generation, next_free };
         let Place::Occupied { value, .. } = std::mem::replace(place, free) else {
             unreachable!("checked above")
         };
-        self.first_free = Some(key.index);
+        if !retire {
+            self.first_free = Some(key.index);
+        }
         self.len -= 1;
         Some(value)
     }
@@ -115,5 +124,23 @@ mod tests {
         *arena.get_mut(b).unwrap() = "B";
         assert_eq!(arena.remove(b), Some("B"));
         assert_eq!(arena.len(), 1);
+    }
+
+    #[test]
+    fn a_key_stays_stale_when_its_place_has_used_every_generation() {
+        let mut arena = Arena::default();
+        let first = arena.insert("first");
+        arena.remove(first);
+        // Stand in for 2^32 - 1 more insert/remove rounds on this place (a hot coroutine
+        // waits again and again in the same place): the place has reached the last generation.
+        arena.places[first.index as usize] =
+            Place::Free { generation: u32::MAX - 1, next_free: None };
+        let last = arena.insert("last");
+        assert_eq!(last.generation, u32::MAX);
+        arena.remove(last);
+        let next = arena.insert("next");
+        assert_ne!(next, first, "a key was issued twice");
+        assert_eq!(arena.get(first), None, "a stale key names a newer entry");
+        assert_eq!(arena.get(next), Some(&"next"));
     }
 }
