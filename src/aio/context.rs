@@ -63,9 +63,17 @@ impl Shared {
     ///
     /// # Errors
     ///
-    /// Gives `message` back if the context is closed.
+    /// Gives `message` back if the context refuses it: new work (a one-shot, a spawn) once the
+    /// context is closed, anything once it has shut down. Wakes and BH schedules serve what the
+    /// context holds already, which a closed context keeps running: they are refused only once
+    /// it has shut down, so a coroutine accepted before the close can still be woken from
+    /// another thread, and a cross-thread BH schedule is not lost with its pending mark left
+    /// set (which would keep the BH from ever being queued again).
     pub(crate) fn send(&self, message: Message) -> Result<(), Message> {
-        self.inbox.push(message)?;
+        match message {
+            Message::Wake(..) | Message::Bh(_) => self.inbox.push_past_close(message)?,
+            Message::Oneshot(_) | Message::Spawn(_) => self.inbox.push(message)?,
+        };
         if self.notify.needs_signal() {
             self.signal();
         }
@@ -85,13 +93,13 @@ impl Shared {
         let _ = sys::eventfd_signal(self.eventfd.as_fd());
     }
 
-    /// Whether the context refuses messages (it was closed or shut down).
+    /// Whether the context refuses new work (it was closed or shut down).
     pub(crate) fn is_closed(&self) -> bool {
         self.inbox.is_closed()
     }
 
     /// Queues a pending BH: on the home thread in the local queue, elsewhere through the inbox
-    /// (a closed context drops it).
+    /// (a context that has shut down drops it).
     pub(crate) fn enqueue_bh(&self, bh: Arc<BhCore>) {
         match home_local(self) {
             Some(local) => local.tasks.borrow_mut().push_back(LocalTask::Bh(bh)),
@@ -380,9 +388,10 @@ impl AioContext {
         self.local.adaptive.borrow().as_ref().map_or(0, AdaptivePolling::window_ns)
     }
 
-    /// Stops accepting work from other threads: from now on their schedules, spawns and wakes
-    /// are refused ([`ContextClosed`](super::ContextClosed)) or ignored. What was accepted
-    /// before still runs in the following polls, so `close` and then polling until idle loses
+    /// Stops accepting new work from other threads: from now on their one-shots and spawns are
+    /// refused ([`ContextClosed`](super::ContextClosed)). What was accepted before still runs
+    /// in the following polls, and the wakes and BH schedules it needs from other threads still
+    /// get through until the context shuts down, so `close` and then polling until idle loses
     /// nothing; [`IoThread`](super::IoThread) stops this way.
     pub fn close(&self) {
         self.local.shared.inbox.close();
@@ -591,7 +600,7 @@ impl Local {
                 current.set(ptr::null());
             }
         });
-        self.shared.inbox.close();
+        self.shared.inbox.shut();
         let suspended = self.waits.borrow().len();
         // Unstarted coroutines and pending callbacks are dropped with the queues.
         drop(std::mem::take(&mut *self.run_queue.borrow_mut()));

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use super::context::{Message, Shared, home_local};
 use crate::coroutine::Co;
 
-/// The error of handing work to a context that has shut down.
+/// The error of handing new work to a context that was closed or has shut down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ContextClosed;
 
 impl fmt::Display for ContextClosed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("aiocoro: the AioContext has shut down")
+        f.write_str("aiocoro: the AioContext is closed or has shut down; it takes no new work")
     }
 }
 
@@ -50,7 +50,7 @@ impl AioHandle {
     ///
     /// # Errors
     ///
-    /// If the context has shut down; `callback` is dropped unrun.
+    /// If the context was closed or has shut down; `callback` is dropped unrun.
     pub fn schedule_oneshot(
         &self,
         callback: impl FnOnce() + Send + 'static,
@@ -64,7 +64,7 @@ impl AioHandle {
     ///
     /// # Errors
     ///
-    /// If the context has shut down; `body` is dropped unrun.
+    /// If the context was closed or has shut down; `body` is dropped unrun.
     pub fn spawn(&self, body: impl FnOnce(&Co) + Send + 'static) -> Result<(), ContextClosed> {
         self.send(Message::Spawn(Box::new(body)))
     }
@@ -82,7 +82,8 @@ impl AioHandle {
         home_local(&self.shared).is_some()
     }
 
-    /// Whether the context has shut down.
+    /// Whether the context refuses new work: it was closed
+    /// ([`AioContext::close`](super::AioContext::close)) or has shut down.
     pub fn is_closed(&self) -> bool {
         self.shared.is_closed()
     }

@@ -8,32 +8,40 @@ use crate::loom::AtomicPtr;
 /// A list that any thread may push to and one thread (the context's home thread) takes whole.
 ///
 /// Pushing is one allocation and one compare-and-swap; taking is one compare-and-swap. Items
-/// come out in the order their pushes took effect. Once closed, the inbox refuses pushes, so a
-/// sender learns that its item will not be taken instead of losing it silently.
+/// come out in the order their pushes took effect. Once closed, the inbox refuses [`push`]es,
+/// so a sender learns that its item will not be taken instead of losing it silently; once shut,
+/// it refuses [`push_past_close`]es too.
+///
+/// [`push`]: Inbox::push
+/// [`push_past_close`]: Inbox::push_past_close
 pub struct Inbox<T> {
-    /// The most recently pushed node; each node points to the one pushed before it. The lowest
-    /// bit of the address is the closed mark (nodes are at least 2-aligned, so it is free).
+    /// The most recently pushed node; each node points to the one pushed before it. The two
+    /// lowest bits of the address are the closed and shut marks (nodes hold a pointer, so they
+    /// are at least 4-aligned and those bits are free).
     ///
-    /// Invariant: every node reachable from `head` (mark removed) came from `Box::into_raw` in
-    /// `push` and is owned by the list until `take_all` or `drop` takes it back; once set, the
-    /// mark stays set.
+    /// Invariant: every node reachable from `head` (marks removed) came from `Box::into_raw` in
+    /// `push_unless` and is owned by the list until `take_all` or `drop` takes it back; once
+    /// set, a mark stays set, and the shut mark is set only with the closed mark.
     head: AtomicPtr<Node<T>>,
 }
 
-/// The closed mark in the low bit of `head`.
+/// The closed mark in `head`: [`Inbox::push`] is refused.
 const CLOSED: usize = 1;
+/// The shut mark in `head`: every push is refused.
+const SHUT: usize = 2;
+const MARKS: usize = CLOSED | SHUT;
 
-fn is_marked<T>(head: *mut Node<T>) -> bool {
-    head.addr() & CLOSED != 0
+fn marks<T>(head: *mut Node<T>) -> usize {
+    head.addr() & MARKS
 }
 
 fn unmarked<T>(head: *mut Node<T>) -> *mut Node<T> {
-    head.map_addr(|addr| addr & !CLOSED)
+    head.map_addr(|addr| addr & !MARKS)
 }
 
-/// An empty list, closed or not.
-fn empty<T>(closed: bool) -> *mut Node<T> {
-    if closed { ptr::without_provenance_mut(CLOSED) } else { ptr::null_mut() }
+/// An empty list with `marks`.
+fn empty<T>(marks: usize) -> *mut Node<T> {
+    if marks != 0 { ptr::without_provenance_mut(marks) } else { ptr::null_mut() }
 }
 
 struct Node<T> {
@@ -65,27 +73,60 @@ impl<T> Inbox<T> {
     ///
     /// Gives `value` back if the inbox is closed.
     pub fn push(&self, value: T) -> Result<bool, T> {
+        self.push_unless(value, MARKS)
+    }
+
+    /// Like [`Inbox::push`], but a closed inbox still takes `value`; only a shut one refuses
+    /// it (for items that serve what the taker accepted before it closed).
+    ///
+    /// # Errors
+    ///
+    /// Gives `value` back if the inbox is shut.
+    pub fn push_past_close(&self, value: T) -> Result<bool, T> {
+        self.push_unless(value, SHUT)
+    }
+
+    /// Pushes `value` unless `head` carries one of the marks in `refuse`.
+    fn push_unless(&self, value: T, refuse: usize) -> Result<bool, T> {
+        const { assert!(std::mem::align_of::<Node<T>>() > MARKS) };
         let node = Box::into_raw(Box::new(Node { value, next: ptr::null_mut() }));
         let mut head = self.head.load(Ordering::Relaxed);
         loop {
-            if is_marked(head) {
+            if marks(head) & refuse != 0 {
                 // SAFETY: the node was never published; we still own it.
                 return Err(unsafe { Box::from_raw(node) }.value);
             }
             // SAFETY: `node` is ours until the compare-and-swap publishes it.
-            unsafe { (*node).next = head };
-            match self.head.compare_exchange_weak(head, node, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return Ok(head.is_null()),
+            // The marks live in `head` only, never in a `next` link.
+            unsafe { (*node).next = unmarked(head) };
+            // The new node carries the marks on: `head` may be a closed list.
+            let new_head = node.map_addr(|addr| addr | marks(head));
+            match self.head.compare_exchange_weak(
+                head,
+                new_head,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(unmarked(head).is_null()),
                 Err(current) => head = current,
             }
         }
     }
 
-    /// Refuses every later push. Items already pushed stay to be taken.
+    /// Refuses every later [`Inbox::push`]. Items already pushed stay to be taken.
     pub fn close(&self) {
+        self.mark(CLOSED);
+    }
+
+    /// Refuses every later push of either kind. Items already pushed stay to be taken.
+    pub fn shut(&self) {
+        self.mark(CLOSED | SHUT);
+    }
+
+    fn mark(&self, bits: usize) {
         let mut head = self.head.load(Ordering::Relaxed);
-        while !is_marked(head) {
-            let marked = head.map_addr(|addr| addr | CLOSED);
+        while marks(head) & bits != bits {
+            let marked = head.map_addr(|addr| addr | bits);
             match self.head.compare_exchange_weak(head, marked, Ordering::AcqRel, Ordering::Relaxed)
             {
                 Ok(_) => return,
@@ -94,9 +135,9 @@ impl<T> Inbox<T> {
         }
     }
 
-    /// Whether [`Inbox::close`] was called.
+    /// Whether [`Inbox::close`] (or [`Inbox::shut`]) was called.
     pub fn is_closed(&self) -> bool {
-        is_marked(self.head.load(Ordering::Acquire))
+        marks(self.head.load(Ordering::Acquire)) & CLOSED != 0
     }
 
     /// Whether the inbox looks empty (a snapshot; ordered after the caller's `SeqCst` fence).
@@ -111,7 +152,7 @@ impl<T> Inbox<T> {
             if unmarked(head).is_null() {
                 return Vec::new();
             }
-            let emptied = empty(is_marked(head));
+            let emptied = empty(marks(head));
             match self.head.compare_exchange_weak(
                 head,
                 emptied,
@@ -170,6 +211,25 @@ mod tests {
         assert!(inbox.is_closed(), "taking keeps the mark");
         assert_eq!(inbox.push(3), Err(3));
         inbox.close();
+        assert!(inbox.is_empty());
+    }
+
+    #[test]
+    fn a_closed_inbox_takes_pushes_past_close_until_it_is_shut() {
+        let inbox = Inbox::new();
+        inbox.close();
+        assert_eq!(inbox.push(1), Err(1));
+        assert_eq!(inbox.push_past_close(2), Ok(true));
+        assert_eq!(inbox.push_past_close(3), Ok(false));
+        assert!(inbox.is_closed(), "a push past close keeps the mark");
+        assert_eq!(inbox.push(4), Err(4));
+        assert_eq!(inbox.take_all(), [2, 3]);
+        inbox.push_past_close(5).unwrap();
+        inbox.shut();
+        assert!(inbox.is_closed());
+        assert_eq!(inbox.push_past_close(6), Err(6));
+        assert_eq!(inbox.push(7), Err(7));
+        assert_eq!(inbox.take_all(), [5], "shutting keeps what was pushed before");
         assert!(inbox.is_empty());
     }
 

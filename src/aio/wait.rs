@@ -244,7 +244,8 @@ impl Waker {
         match &self.target {
             WakerTarget::Context { shared, key } => match home_local(shared) {
                 Some(local) => local.deliver(*key, WakeReason::Woken),
-                // A closed context has no poll left to resume the coroutine in.
+                // Refused only by a context that has shut down: no poll is left there to resume
+                // the coroutine in.
                 None => drop(shared.send(Message::Wake(*key, WakeReason::Woken))),
             },
             #[cfg(aiocoro_loom)]
