@@ -7,6 +7,7 @@ use std::rc::Rc;
 use std::thread;
 
 use aiocoro::aio::{AioContext, WakeReason, Waker};
+use aiocoro::sync::{CoQueue, NoLock};
 
 fn drain(ctx: &AioContext) {
     while ctx.poll(false) {}
@@ -48,4 +49,33 @@ fn a_bottom_half_scheduled_from_another_thread_after_close_runs_and_stays_usable
     bh.schedule();
     drain(&ctx);
     assert_eq!(runs.get(), 2, "the BH no longer runs when scheduled from its home thread");
+}
+
+/// `CoQueue::enter_next` enters the woken coroutine at once; that coroutine may drop the last
+/// handle of its context, which then shuts down and is freed while `enter_next` is still on
+/// the stack. Nothing of the context may be used after the enter (this passes either way in a
+/// normal build; it pins the path that a reference held across the enter made unsound).
+#[test]
+fn a_coroutine_entered_by_enter_next_may_drop_the_last_context_handle() {
+    let ctx = AioContext::new().unwrap();
+    let state = Rc::new((NoLock::new(0), CoQueue::new()));
+    let s = state.clone();
+    let own = ctx.clone();
+    let co = ctx.spawn(move |co| {
+        let own = own;
+        let (lock, queue) = &*s;
+        let mut guard = lock.lock(co);
+        queue.wait(co, &mut guard);
+        *guard += 1;
+        drop(guard);
+        drop(own);
+    });
+    drain(&ctx);
+    drop(ctx);
+    let (lock, queue) = &*state;
+    let mut guard = lock.lock_blocking();
+    assert!(queue.enter_next(&mut guard));
+    assert_eq!(*guard, 1);
+    assert!(co.is_ended());
+    assert!(AioContext::current().is_none(), "the coroutine's handle was the last one");
 }

@@ -152,11 +152,18 @@ pub(crate) fn run_woken_coroutines() {
 }
 
 /// This thread's context, if `shared` is its shared half.
+///
+/// The reference holds no count: it is valid until the context's last handle is dropped, which
+/// any user code (a callback, a coroutine) may do. Callers use it only for bookkeeping that
+/// runs no user code, and never after such a call; where the context must outlive a call into
+/// user code, take a counted handle with [`with_current`].
 pub(crate) fn home_local(shared: &Shared) -> Option<&Local> {
     let local = CURRENT.try_with(Cell::get).ok()?;
     // SAFETY: by the invariant on `CURRENT`, a non-null pointer is a live `Local` of this
-    // thread; the reference does not outlive the caller's use of `shared`, whose context
-    // handles keep it alive.
+    // thread, and it stays alive until its last handle is dropped, which only user code can
+    // do; callers run none while they use the reference (see above). `shared` does not keep
+    // it alive (a `Shared` outlives its `Local` in wakers): the lifetime only ties the
+    // reference to the caller's short use.
     let local = unsafe { local.as_ref() }?;
     ptr::eq(Arc::as_ptr(&local.shared), shared).then_some(local)
 }
@@ -437,19 +444,14 @@ impl Local {
         }
     }
 
-    /// Marks the suspension under `key` woken, if it still waits, and enters its coroutine
-    /// right away instead of queueing it (QEMU's `aio_co_wake` outside any coroutine). For
-    /// callers outside every coroutine.
-    pub(crate) fn deliver_and_enter(&self, key: Key, reason: WakeReason) {
-        let coroutine = {
-            let mut waits = self.waits.borrow_mut();
-            let Some(state) = waits.get_mut(key) else { return };
-            if !state.deliver(reason) {
-                return;
-            }
-            state.coroutine.clone()
-        };
-        coroutine.enter();
+    /// Marks the suspension under `key` woken, if it still waits, and returns its coroutine
+    /// for the caller to enter right away instead of queueing it (QEMU's `aio_co_wake` outside
+    /// any coroutine). For callers outside every coroutine, which must not use this `Local`
+    /// after the enter: the coroutine may drop the context's last handle and free it.
+    pub(crate) fn deliver_for_enter(&self, key: Key, reason: WakeReason) -> Option<Coroutine> {
+        let mut waits = self.waits.borrow_mut();
+        let state = waits.get_mut(key)?;
+        state.deliver(reason).then(|| state.coroutine.clone())
     }
 
     fn set_fd_handler(&self, fd: std::os::fd::RawFd, handler: FdHandler) -> io::Result<()> {

@@ -322,7 +322,11 @@ impl WaitRef {
             if !crate::coroutine::in_coroutine() {
                 // SAFETY: the suspension still waits, so its context is alive (see `wake`).
                 if let Some(local) = home_local(unsafe { shared.as_ref() }) {
-                    local.deliver_and_enter(*key, WakeReason::Woken);
+                    // Enter after the last use of `local`: the coroutine may drop the
+                    // context's last handle, and with it the `Local`.
+                    if let Some(coroutine) = local.deliver_for_enter(*key, WakeReason::Woken) {
+                        coroutine.enter();
+                    }
                     return;
                 }
             }
