@@ -117,3 +117,27 @@ fn a_wakeable_sleep_times_out_when_nobody_wakes_it() {
     assert_eq!(*outcome.borrow(), Some(WakeReason::TimedOut));
     assert!(!sleeper.wake());
 }
+
+#[test]
+fn timers_due_at_the_same_time_fire_in_the_order_they_were_armed() {
+    // As QEMU's timer_mod: a timer goes behind every timer armed before it for the same
+    // deadline, however often each was armed before.
+    let ctx = AioContext::new().unwrap();
+    let log = Rc::new(RefCell::new(Vec::new()));
+    let timer = |name: &'static str| {
+        let log = log.clone();
+        ctx.new_timer(move || log.borrow_mut().push(name))
+    };
+    let (a, b, c) = (timer("a"), timer("b"), timer("c"));
+    let deadline = clock_ns();
+    // `a` was armed often before, `b` once, `c` never: that must not move `c` or `b` ahead.
+    for _ in 0..3 {
+        a.arm_at(deadline + 1_000_000_000);
+    }
+    b.arm_at(deadline + 1_000_000_000);
+    a.arm_at(deadline);
+    b.arm_at(deadline);
+    c.arm_at(deadline);
+    while ctx.poll(false) {}
+    assert_eq!(*log.borrow(), ["a", "b", "c"]);
+}

@@ -28,7 +28,8 @@
 //!    home thread scheduled, in schedule order. A BH scheduled while BHs run waits for the next
 //!    poll; a BH scheduled again while pending runs once.
 //! 2. Ready file-descriptor handlers, in the order epoll reports them (read, then write).
-//! 3. Expired timers, earliest deadline first.
+//! 3. Expired timers, earliest deadline first; timers due at the same time in the order they
+//!    were armed.
 //! 4. The coroutines woken by all of the above (and spawned), in wake order. A wake never
 //!    enters a coroutine on the spot: coroutines woken from inside a running coroutine or a
 //!    callback run after it yields or returns.

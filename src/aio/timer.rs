@@ -25,22 +25,26 @@ struct Entry {
     callback: Rc<dyn Fn()>,
     /// When the timer fires, if armed.
     deadline: Option<u64>,
-    /// Bumped at every arm, so that heap entries of earlier arms are recognised as stale.
-    arm_count: u64,
+    /// The queue's arm number of this timer's latest arm, so that heap entries of earlier arms
+    /// are recognised as stale.
+    arm: u64,
 }
 
 /// The timers of one context: an arena of timers and a min-heap of their deadlines.
 #[derive(Default)]
 pub(crate) struct TimerQueue {
     timers: Arena<Entry>,
-    /// `(deadline, arm_count, key bits)`; an entry whose timer was re-armed or cancelled is skipped
-    /// when it reaches the top.
+    /// `(deadline, arm, key bits)`; an entry whose timer was re-armed or cancelled is skipped
+    /// when it reaches the top. Arm numbers grow with every arm of any timer of the queue, so
+    /// timers due at the same time fire in the order they were armed (as QEMU's `timer_mod`).
     heap: BinaryHeap<Reverse<(u64, u64, u64)>>,
+    /// The number of the latest arm.
+    arms: u64,
 }
 
 impl TimerQueue {
     pub(crate) fn add(&mut self, callback: Rc<dyn Fn()>) -> Key {
-        self.timers.insert(Entry { callback, deadline: None, arm_count: 0 })
+        self.timers.insert(Entry { callback, deadline: None, arm: 0 })
     }
 
     pub(crate) fn remove(&mut self, key: Key) {
@@ -49,9 +53,10 @@ impl TimerQueue {
 
     pub(crate) fn arm(&mut self, key: Key, deadline: u64) {
         if let Some(entry) = self.timers.get_mut(key) {
-            entry.arm_count += 1;
+            self.arms += 1;
+            entry.arm = self.arms;
             entry.deadline = Some(deadline);
-            self.heap.push(Reverse((deadline, entry.arm_count, key.to_bits())));
+            self.heap.push(Reverse((deadline, entry.arm, key.to_bits())));
         }
     }
 
@@ -67,8 +72,8 @@ impl TimerQueue {
 
     /// The earliest deadline of an armed timer. Drops stale heap entries on the way.
     pub(crate) fn next_deadline(&mut self) -> Option<u64> {
-        while let Some(&Reverse((deadline, arm_count, key))) = self.heap.peek() {
-            if self.is_current(Key::from_bits(key), deadline, arm_count) {
+        while let Some(&Reverse((deadline, arm, key))) = self.heap.peek() {
+            if self.is_current(Key::from_bits(key), deadline, arm) {
                 return Some(deadline);
             }
             self.heap.pop();
@@ -88,10 +93,10 @@ impl TimerQueue {
         Some(entry.callback.clone())
     }
 
-    fn is_current(&self, key: Key, deadline: u64, arm_count: u64) -> bool {
+    fn is_current(&self, key: Key, deadline: u64, arm: u64) -> bool {
         self.timers
             .get(key)
-            .is_some_and(|entry| entry.deadline == Some(deadline) && entry.arm_count == arm_count)
+            .is_some_and(|entry| entry.deadline == Some(deadline) && entry.arm == arm)
     }
 }
 
