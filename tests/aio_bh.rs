@@ -255,3 +255,21 @@ fn a_closed_context_refuses_new_work_and_still_runs_what_it_accepted() {
     drain(&ctx);
     assert_eq!(ran.load(Ordering::Relaxed), 1, "accepted work ran, refused work did not");
 }
+
+#[test]
+fn dropping_a_bottom_half_whose_callback_owns_another_bottom_half() {
+    // A BH that schedules another owns it; dropping the first drops the second with it.
+    let ctx = AioContext::new().unwrap();
+    let runs = Rc::new(Cell::new(0));
+    let r = runs.clone();
+    let second = ctx.new_bh(move || r.set(r.get() + 1));
+    let first = ctx.new_bh(move || second.schedule());
+    first.schedule();
+    drain(&ctx);
+    drain(&ctx);
+    assert_eq!(runs.get(), 1);
+    drop(first);
+    let third = ctx.new_bh(|| {});
+    third.schedule();
+    drain(&ctx);
+}

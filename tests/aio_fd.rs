@@ -134,3 +134,31 @@ fn a_regular_file_is_refused_with_an_error() {
     let error = error.unwrap_err();
     assert!(error.to_string().contains("cannot watch file descriptor"), "{error}");
 }
+
+/// Removes the handlers of a descriptor when dropped (an RAII registration).
+struct Registration {
+    ctx: AioContext,
+    fd: std::os::fd::RawFd,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.ctx.remove_fd_handler(self.fd).unwrap();
+    }
+}
+
+#[test]
+fn replacing_a_handler_may_drop_a_registration_that_its_callback_owned() {
+    let ctx = AioContext::new().unwrap();
+    let (first, _first_writer) = std::io::pipe().unwrap();
+    let (second, _second_writer) = std::io::pipe().unwrap();
+    ctx.set_fd_handler(second.as_raw_fd(), FdHandler::new().on_readable(|| {})).unwrap();
+    let registration = Registration { ctx: ctx.clone(), fd: second.as_raw_fd() };
+    let handler = FdHandler::new().on_readable(move || {
+        let _ = &registration;
+    });
+    ctx.set_fd_handler(first.as_raw_fd(), handler).unwrap();
+    // The old handler, and with it the registration of `second`, is dropped here.
+    ctx.remove_fd_handler(first.as_raw_fd()).unwrap();
+    assert!(!ctx.poll(false));
+}

@@ -141,3 +141,20 @@ fn timers_due_at_the_same_time_fire_in_the_order_they_were_armed() {
     while ctx.poll(false) {}
     assert_eq!(*log.borrow(), ["a", "b", "c"]);
 }
+
+#[test]
+fn dropping_a_timer_whose_callback_owns_another_timer() {
+    // A timer that re-arms a second one owns it; dropping the first drops the second with it.
+    let ctx = AioContext::new().unwrap();
+    let fired = Rc::new(RefCell::new(Vec::new()));
+    let f = fired.clone();
+    let second = ctx.new_timer(move || f.borrow_mut().push("second"));
+    let first = ctx.new_timer(move || second.arm_at(0));
+    first.arm_at(0);
+    while ctx.poll(false) {}
+    assert_eq!(*fired.borrow(), ["second"]);
+    drop(first);
+    let third = ctx.new_timer(|| {});
+    third.arm_at(0);
+    while ctx.poll(false) {}
+}

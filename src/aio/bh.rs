@@ -105,7 +105,10 @@ impl Drop for BottomHalf {
     fn drop(&mut self) {
         let core = &self.handle.core;
         core.flags.fetch_or(DELETED, Ordering::AcqRel);
-        self.local.bhs.borrow_mut().remove(core.index);
+        let callback = self.local.bhs.borrow_mut().remove(core.index);
+        // Dropped after the table's borrow ends: the callback may own other BHs, whose drops
+        // borrow the table too.
+        drop(callback);
     }
 }
 

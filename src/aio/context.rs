@@ -455,7 +455,11 @@ impl Local {
     }
 
     fn set_fd_handler(&self, fd: std::os::fd::RawFd, handler: FdHandler) -> io::Result<()> {
-        self.fds.borrow_mut().set_handler(self.epoll.as_fd(), fd, handler)
+        let (unset, result) = self.fds.borrow_mut().set_handler(self.epoll.as_fd(), fd, handler);
+        // Dropped after the table's borrow ends: its callbacks may own values whose drops set
+        // handlers too.
+        drop(unset);
+        result
     }
 
     pub(crate) fn add_fd_waiter(

@@ -94,6 +94,9 @@ pub(crate) struct Ready {
     read: Option<Rc<dyn Fn()>>,
     write: Option<Rc<dyn Fn()>>,
     wakers: Vec<LocalWaker>,
+    /// The handler of a descriptor forgotten on the way, dropped with `Ready`, after the
+    /// table's borrow.
+    _forgotten: Option<FdHandler>,
 }
 
 impl Ready {
@@ -115,22 +118,27 @@ impl Ready {
 }
 
 impl FdTable {
+    /// Sets the handler of `fd`. Returns the handler that is no longer set (the previous one,
+    /// or the new one if epoll refused it), for the caller to drop once it no longer borrows
+    /// the table: its callbacks may own values whose drops set handlers too.
     pub(crate) fn set_handler(
         &mut self,
         epoll: BorrowedFd<'_>,
         fd: RawFd,
         handler: FdHandler,
-    ) -> io::Result<()> {
+    ) -> (FdHandler, io::Result<()>) {
         if handler.is_empty() && !self.entries.contains_key(&fd) {
-            return Ok(());
+            return (handler, Ok(()));
         }
         let entry = self.entries.entry(fd).or_default();
         let previous = std::mem::replace(&mut entry.handler, handler);
-        self.sync(epoll, fd).inspect_err(|_| {
-            if let Some(entry) = self.entries.get_mut(&fd) {
-                entry.handler = previous;
-            }
-        })
+        match self.sync(epoll, fd) {
+            Ok(()) => (previous, Ok(())),
+            Err(error) => match self.entries.get_mut(&fd) {
+                Some(entry) => (std::mem::replace(&mut entry.handler, previous), Err(error)),
+                None => (previous, Err(error)),
+            },
+        }
     }
 
     pub(crate) fn add_waiter(
@@ -153,7 +161,7 @@ impl FdTable {
 
     /// Takes what `flags` made ready for the descriptor `token`.
     pub(crate) fn take_ready(&mut self, epoll: BorrowedFd<'_>, token: u64, flags: u32) -> Ready {
-        let mut ready = Ready { read: None, write: None, wakers: Vec::new() };
+        let mut ready = Ready { read: None, write: None, wakers: Vec::new(), _forgotten: None };
         let Ok(fd) = RawFd::try_from(token) else { return ready };
         let Some(entry) = self.entries.get_mut(&fd) else { return ready };
         let failed = flags & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0;
@@ -167,7 +175,7 @@ impl FdTable {
         }
         if !ready.wakers.is_empty() && self.sync(epoll, fd).is_err() {
             // The descriptor was closed under us; forget it.
-            self.entries.remove(&fd);
+            ready._forgotten = self.entries.remove(&fd).map(|entry| entry.handler);
         }
         ready
     }

@@ -47,8 +47,11 @@ impl TimerQueue {
         self.timers.insert(Entry { callback, deadline: None, arm: 0 })
     }
 
-    pub(crate) fn remove(&mut self, key: Key) {
-        self.timers.remove(key);
+    /// Removes the timer; returns its callback, for the caller to drop once it no longer
+    /// borrows the queue (the callback may own other timers, whose drops borrow it too).
+    #[must_use = "drop the callback outside the queue's borrow"]
+    pub(crate) fn remove(&mut self, key: Key) -> Option<Rc<dyn Fn()>> {
+        self.timers.remove(key).map(|entry| entry.callback)
     }
 
     pub(crate) fn arm(&mut self, key: Key, deadline: u64) {
@@ -161,6 +164,7 @@ impl Timer {
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        self.local.timers.borrow_mut().remove(self.key);
+        let callback = self.local.timers.borrow_mut().remove(self.key);
+        drop(callback);
     }
 }
