@@ -142,7 +142,12 @@ impl Wait<'_> {
     pub(crate) fn wait_ref(&self) -> WaitRef {
         match &self.target {
             Target::Context { local, key } => {
-                WaitRef::Context { shared: NonNull::from(&*local.shared), key: *key }
+                // From `Arc::as_ptr`, not from a `&Shared`: `WaitRef::wake` reaches the `Arc`'s
+                // counts through this pointer, which a pointer made from a reference to the
+                // `Shared` alone may not do.
+                let shared = Arc::as_ptr(&local.shared).cast_mut();
+                // SAFETY: `Arc::as_ptr` of a live `Arc` is never null.
+                WaitRef::Context { shared: unsafe { NonNull::new_unchecked(shared) }, key: *key }
             }
             #[cfg(aiocoro_loom)]
             Target::Model(parker) => WaitRef::Model(parker.clone()),
@@ -297,7 +302,8 @@ impl WaitRef {
             None => {
                 // Once the message is in, the coroutine may run, finish and drop its context
                 // at any time: hold a reference of our own until we are done with `shared`.
-                // SAFETY: `shared` came from an `Arc` that is alive right now (see above).
+                // SAFETY: `shared` came from `Arc::as_ptr` of an `Arc` that is alive right now
+                // (see above).
                 let shared = unsafe {
                     Arc::increment_strong_count(pointer.as_ptr());
                     Arc::from_raw(pointer.as_ptr())
