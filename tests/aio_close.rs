@@ -3,7 +3,10 @@
 //! from other threads must still get through until the context shuts down.
 
 use std::cell::{Cell, RefCell};
+use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
 use aiocoro::aio::{AioContext, WakeReason, Waker};
@@ -78,4 +81,46 @@ fn a_coroutine_entered_by_enter_next_may_drop_the_last_context_handle() {
     assert_eq!(*guard, 1);
     assert!(co.is_ended());
     assert!(AioContext::current().is_none(), "the coroutine's handle was the last one");
+}
+
+/// A callback that panics inside `poll` ends that poll, but must not take down the other
+/// messages that arrived with it from other threads: a caller that catches the panic and keeps
+/// polling still gets every wake, BH and one-shot.
+#[test]
+fn a_panicking_callback_loses_none_of_the_messages_that_arrived_with_it() {
+    let ctx = AioContext::new().unwrap();
+    let handle = ctx.handle();
+    let runs = Rc::new(Cell::new(0));
+    let r = runs.clone();
+    let bh = ctx.new_bh(move || r.set(r.get() + 1));
+    let bh_handle = bh.handle();
+    let parked: Rc<RefCell<Option<Waker>>> = Rc::default();
+    let p = parked.clone();
+    let co = ctx.spawn(move |co| {
+        let wait = co.prepare_wait();
+        *p.borrow_mut() = Some(wait.waker());
+        wait.wait();
+    });
+    drain(&ctx);
+    let waker = parked.borrow_mut().take().unwrap();
+    let oneshots = Arc::new(AtomicUsize::new(0));
+    let o = oneshots.clone();
+    thread::spawn(move || {
+        handle.schedule_oneshot(|| panic!("boom in a one-shot")).unwrap();
+        bh_handle.schedule();
+        waker.wake();
+        handle
+            .schedule_oneshot(move || {
+                o.fetch_add(1, Ordering::Relaxed);
+            })
+            .unwrap();
+    })
+    .join()
+    .unwrap();
+    let caught = panic::catch_unwind(AssertUnwindSafe(|| ctx.poll(false)));
+    assert!(caught.is_err(), "the one-shot's panic reaches the poll");
+    drain(&ctx);
+    assert_eq!(runs.get(), 1, "the BH was lost");
+    assert_eq!(oneshots.load(Ordering::Relaxed), 1, "the one-shot was lost");
+    assert!(co.is_ended(), "the wake was lost");
 }

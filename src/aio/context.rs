@@ -34,10 +34,24 @@ pub(crate) enum Message {
     Spawn(Box<dyn FnOnce(&Co) + Send>),
 }
 
-/// Work queued on the home thread for the next bottom-half round.
+/// Work queued on the home thread for the next bottom-half round, including the messages that
+/// other threads sent (moved here before any of them runs).
 pub(crate) enum LocalTask {
     Bh(Arc<BhCore>),
     Oneshot(Box<dyn FnOnce()>),
+    Wake(Key, WakeReason),
+    Spawn(Box<dyn FnOnce(&Co) + Send>),
+}
+
+impl From<Message> for LocalTask {
+    fn from(message: Message) -> LocalTask {
+        match message {
+            Message::Bh(bh) => LocalTask::Bh(bh),
+            Message::Oneshot(callback) => LocalTask::Oneshot(callback),
+            Message::Wake(key, reason) => LocalTask::Wake(key, reason),
+            Message::Spawn(body) => LocalTask::Spawn(body),
+        }
+    }
 }
 
 /// Coroutines waiting for the CPU.
@@ -513,21 +527,18 @@ impl Local {
 
     /// Runs the messages from other threads, then the home thread's own BHs and one-shots.
     fn run_bottom_halves(self: &Local) -> bool {
-        let mut progress = false;
-        for message in self.shared.inbox.take_all() {
-            match message {
-                Message::Bh(bh) => progress |= self.run_bh(&bh),
-                Message::Oneshot(callback) => {
-                    callback();
-                    progress = true;
-                }
-                Message::Wake(key, reason) => self.deliver(key, reason),
-                Message::Spawn(body) => {
-                    let coroutine = Coroutine::new(move |co| body(co));
-                    self.run_queue.borrow_mut().push_back(RunItem::Start(coroutine));
-                }
-            }
+        // The messages go to the front of the local queue before any of them runs, and each
+        // task leaves the queue only as it runs: a callback that panics ends this poll but
+        // takes no other message with it (a lost wake would strand its coroutine, a lost BH
+        // message would leave the BH pending for good).
+        let messages = self.shared.inbox.take_all();
+        if !messages.is_empty() {
+            let mut tasks = self.tasks.borrow_mut();
+            let own = tasks.len();
+            tasks.extend(messages.into_iter().map(LocalTask::from));
+            tasks.rotate_left(own);
         }
+        let mut progress = false;
         let queued = self.tasks.borrow().len();
         for _ in 0..queued {
             let Some(task) = self.tasks.borrow_mut().pop_front() else { break };
@@ -536,6 +547,11 @@ impl Local {
                 LocalTask::Oneshot(callback) => {
                     callback();
                     progress = true;
+                }
+                LocalTask::Wake(key, reason) => self.deliver(key, reason),
+                LocalTask::Spawn(body) => {
+                    let coroutine = Coroutine::new(move |co| body(co));
+                    self.run_queue.borrow_mut().push_back(RunItem::Start(coroutine));
                 }
             }
         }
