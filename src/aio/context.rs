@@ -134,12 +134,29 @@ const RUN_BUDGET: usize = 1024;
 /// Runs the coroutines woken on this thread now, if this thread has a context and the caller
 /// is not itself a coroutine (for [`CoQueue::enter_next`](crate::sync::CoQueue::enter_next)).
 pub(crate) fn run_woken_coroutines() {
-    if !in_coroutine() {
-        with_current(|local| {
-            if !local.run_queue.borrow().is_empty() {
-                local.run_coroutines();
-            }
-        });
+    if in_coroutine() {
+        return;
+    }
+    let local = CURRENT.try_with(Cell::get).unwrap_or(ptr::null());
+    // SAFETY: by the invariant on `CURRENT`, a non-null pointer is this thread's live `Local`;
+    // the reference is used only for the check, which runs no other code.
+    let idle = unsafe { local.as_ref() }.is_none_or(|local| local.run_queue.borrow().is_empty());
+    if !idle {
+        // The coroutines may drop the last context handle: hold one of our own while they run.
+        with_current(|local| local.run_coroutines());
+    }
+}
+
+/// Delivers a wake to the suspension under `key` if this thread's context is the one numbered
+/// `context` (for local wakers); otherwise does nothing.
+pub(crate) fn deliver_here(context: u64, key: Key, reason: WakeReason) {
+    let local = CURRENT.try_with(Cell::get).unwrap_or(ptr::null());
+    // SAFETY: by the invariant on `CURRENT`, a non-null pointer is this thread's live `Local`;
+    // `deliver` runs no code that could drop a context handle, so it outlives this use.
+    if let Some(local) = unsafe { local.as_ref() } {
+        if local.shared.id == context {
+            local.deliver(key, reason);
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::arena::Key;
-use super::context::{Local, Message, Shared, current_local, home_local, with_current};
+use super::context::{Local, Message, RunItem, Shared, current_local, deliver_here, home_local};
 use crate::coroutine::{Co, Coroutine};
 
 /// Why a wait ended.
@@ -91,11 +91,19 @@ impl Co {
         if self.is_model() {
             return Wait { co: self, target: Target::Model(Default::default()) };
         }
+        self.register(None)
+    }
+
+    /// Registers a suspension of this coroutine in its thread's context; one made `delivered`
+    /// is queued on the run queue at once.
+    #[inline]
+    fn register(&self, delivered: Option<WakeReason>) -> Wait<'_> {
+        let coroutine = self.current();
         let local = current_local("a coroutine wait");
-        let key = local
-            .waits
-            .borrow_mut()
-            .insert(WaitState { coroutine: self.current(), delivered: None });
+        let key = local.waits.borrow_mut().insert(WaitState { coroutine, delivered });
+        if delivered.is_some() {
+            local.run_queue.borrow_mut().push_back(RunItem::Resume(key));
+        }
         Wait { co: self, target: Target::Context { local, key } }
     }
 
@@ -108,8 +116,8 @@ impl Co {
     /// If this thread has no [`AioContext`](super::AioContext).
     #[inline]
     pub fn reschedule(&self) {
-        let wait = self.prepare_wait();
-        wait.local_waker().wake();
+        // A suspension woken at once: it is queued behind the coroutines already runnable.
+        let wait = self.register(Some(WakeReason::Woken));
         // The wake is delivered already, so `wait` alone would return at once: yield first,
         // and let the run queue bring this coroutine back behind the others.
         self.yield_now();
@@ -177,8 +185,9 @@ impl Wait<'_> {
             parker.park();
             return WakeReason::Woken;
         }
+        // The entry is removed when `self` drops, on the way out.
         loop {
-            if let Some(reason) = self.take_delivery() {
+            if let Some(reason) = self.delivery() {
                 return reason;
             }
             self.co.yield_now();
@@ -195,19 +204,17 @@ impl Wait<'_> {
         self.wait()
     }
 
+    /// The first wake this suspension received, if any.
     #[inline(always)]
-    fn take_delivery(&self) -> Option<WakeReason> {
+    fn delivery(&self) -> Option<WakeReason> {
         let (local, key) = self.context("wait table");
-        let mut waits = local.waits.borrow_mut();
-        let reason = waits.get(key)?.delivered?;
-        waits.remove(key);
-        Some(reason)
+        local.waits.borrow().get(key)?.delivered
     }
 }
 
 impl Drop for Wait<'_> {
     fn drop(&mut self) {
-        // Abandoned (or finished: then the entry is gone already).
+        // Finished or abandoned: the suspension is over, and its key goes stale.
         #[allow(irrefutable_let_patterns, reason = "a second variant exists in loom builds")]
         if let Target::Context { local, key } = &self.target {
             let removed = local.waits.borrow_mut().remove(*key);
@@ -346,11 +353,7 @@ impl LocalWaker {
     }
 
     pub(crate) fn wake_with(&self, reason: WakeReason) {
-        with_current(|local| {
-            if local.shared.id == self.context {
-                local.deliver(self.key, reason);
-            }
-        });
+        deliver_here(self.context, self.key, reason);
     }
 
     /// Wakes it through `local`, which the caller knows to be this thread's context.
