@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use super::lock::Lock;
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
-use crate::aio::{Wait, WaitRef};
+use crate::aio::{Parked, Wait, WaitRef};
 use crate::coroutine::Co;
 use crate::loom::{AtomicU64, spin_hint};
 
@@ -58,7 +58,7 @@ pub struct RawCoMutex {
     queue_lock: RawSpinLock,
     /// Wake records of the counted waiters, oldest first; touched only under `queue_lock`.
     waiters: UnsafeCell<VecDeque<Waiter>>,
-    /// Wake records of waiters on the holder's thread that queued while `waiters` was empty,
+    /// Park records of waiters on the holder's thread that queued while `waiters` was empty,
     /// oldest first. They are served before `waiters`, so the whole order stays first come,
     /// first served.
     ///
@@ -66,7 +66,17 @@ pub struct RawCoMutex {
     /// empty whenever that id changes (the unlocker serves it first), so each new holder
     /// thread finds it empty, and the release / acquire on `state` orders the accesses of
     /// successive holder threads.
-    local_waiters: UnsafeCell<VecDeque<WaitRef>>,
+    local_waiters: UnsafeCell<VecDeque<Parked>>,
+}
+
+/// How a locker goes on after [`RawCoMutex::enqueue`].
+enum Queued<'co> {
+    /// The lock is ours already.
+    Acquired,
+    /// Parked in `local_waiters`.
+    Parked,
+    /// Waiting in `waiters`.
+    Waiting(Wait<'co>),
 }
 
 /// A counted waiter: its wake record and its thread's id (the holder's thread once the lock is
@@ -76,9 +86,10 @@ struct Waiter {
     thread: u32,
 }
 
-// SAFETY: `waiters` is only touched under `queue_lock`, `local_waiters` only by the holder's
-// thread (see the field invariants), and records are `Send + Sync`; the other fields are
-// atomics.
+// SAFETY: `waiters` is only touched under `queue_lock`, and its records are `Send + Sync`;
+// `local_waiters` is only touched by the holder's thread, which is the thread of every park
+// record in it, and is empty whenever the holder's thread changes (see the field invariants),
+// so those records never leave their thread; the other fields are atomics.
 unsafe impl Send for RawCoMutex {}
 // SAFETY: as above.
 unsafe impl Sync for RawCoMutex {}
@@ -154,18 +165,22 @@ impl RawCoMutex {
     // coroutine's loop and its yield costs a mispredicted return per hand-over.
     #[inline(always)]
     fn lock_contended(&self, co: &Co) {
-        if let Some(wait) = self.enqueue(co) {
-            // Woken only by the unlocker that handed us the lock (stray entries are absorbed
-            // by the wait), so when this returns the lock is ours.
-            wait.wait();
-            self.note_holder();
+        // Woken or unparked only by the unlocker that handed us the lock (stray entries are
+        // absorbed by the wait or the park), so when these return the lock is ours.
+        match self.enqueue(co) {
+            Queued::Acquired => return,
+            Queued::Parked => co.wait_unparked(),
+            Queued::Waiting(wait) => {
+                wait.wait();
+            }
         }
+        self.note_holder();
     }
 
-    /// Takes the lock if it comes free while we spin, or queues this coroutine and returns
-    /// the wait to suspend in (the lock is ours once it ends).
+    /// Takes the lock if it comes free while we spin, or queues this coroutine and says how
+    /// to suspend until the lock is handed to it.
     #[inline(never)]
-    fn enqueue<'co>(&self, co: &'co Co) -> Option<Wait<'co>> {
+    fn enqueue<'co>(&self, co: &'co Co) -> Queued<'co> {
         let me = thread_id();
         // Acquire: pairs with the release of the unlocker that put our id in (see
         // `local_waiters`).
@@ -174,14 +189,14 @@ impl RawCoMutex {
             if state & COUNT == 1 {
                 // Held on this thread, nobody counted: queue behind the other waiters of
                 // this thread. The holder cannot let go before we yield.
-                let wait = co.prepare_wait();
+                let parked = co.park();
                 // SAFETY: `state` names this thread, so we may touch `local_waiters` (field
                 // invariant); nothing else on this thread runs until we yield.
-                unsafe { (*self.local_waiters.get()).push_back(wait.wait_ref()) };
-                return Some(wait);
+                unsafe { (*self.local_waiters.get()).push_back(parked) };
+                return Queued::Parked;
             }
         } else if self.spin() {
-            return None;
+            return Queued::Acquired;
         }
         let wait = co.prepare_wait();
         self.queue_lock.lock_raw();
@@ -203,13 +218,13 @@ impl RawCoMutex {
             // SAFETY: we hold `queue_lock`.
             unsafe { self.queue_lock.unlock_raw() };
             self.note_holder();
-            return None;
+            return Queued::Acquired;
         }
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
         unsafe { (*self.waiters.get()).push_back(Waiter { record: wait.wait_ref(), thread: me }) };
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
-        Some(wait)
+        Queued::Waiting(wait)
     }
 
     /// Polls a lock held on another thread for a while; returns whether we took it.
@@ -292,8 +307,7 @@ unsafe impl RawLock for RawCoMutex {
         let local = unsafe { &mut *self.local_waiters.get() };
         if let Some(next) = local.pop_front() {
             // Same thread, nobody counted in between: the lock passes as it is.
-            // SAFETY: each record is popped once, and its coroutine waits until it is woken.
-            unsafe { next.wake() };
+            next.unpark();
             return;
         }
         let mut state = self.state.load(Ordering::Relaxed);
