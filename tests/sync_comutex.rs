@@ -156,3 +156,30 @@ fn assert_locked_passes_for_the_holder_and_panics_for_others() {
     let message = payload.downcast_ref::<&str>().copied().unwrap_or_default();
     assert!(message.contains("not locked"), "{message}");
 }
+
+#[test]
+fn a_waiter_parked_behind_a_holder_of_its_thread_counts_as_suspended_and_ignores_stray_entries() {
+    let ctx = AioContext::new().unwrap();
+    let mutex = Rc::new(CoMutex::new(Vec::new()));
+    let release = Rc::new(Cell::new(false));
+    let (m, r) = (mutex.clone(), release.clone());
+    let holder = ctx.spawn(move |co| {
+        let mut guard = m.lock(co);
+        guard.push("holder");
+        while !r.get() {
+            co.sleep(Duration::from_millis(1));
+        }
+    });
+    ctx.poll(false);
+    let m = mutex.clone();
+    let waiter = ctx.spawn(move |co| m.lock(co).push("waiter"));
+    ctx.poll(false);
+    assert_eq!(ctx.suspended_coroutines(), 2, "the holder sleeps, the waiter is parked");
+    waiter.enter(); // a stray entry: the waiter must stay parked, without the lock
+    assert!(!waiter.is_ended());
+    assert_eq!(ctx.suspended_coroutines(), 2);
+    release.set(true);
+    ctx.wait_while(|| !(holder.is_ended() && waiter.is_ended()));
+    assert_eq!(ctx.suspended_coroutines(), 0);
+    assert_eq!(*mutex.try_lock().unwrap(), ["holder", "waiter"]);
+}

@@ -19,7 +19,7 @@ use super::inbox::Inbox;
 use super::notify::{Blocker, NotifyState};
 use super::timer::{Timer, TimerQueue, clock_ns};
 use super::wait::{WaitState, WakeReason};
-use crate::coroutine::{Co, Coroutine, in_coroutine};
+use crate::coroutine::{Co, Coroutine, Park, in_coroutine};
 use crate::sys;
 
 /// What other threads send a context.
@@ -60,6 +60,8 @@ pub(crate) enum RunItem {
     Start(Coroutine),
     /// Resume the coroutine whose suspension under this key was woken.
     Resume(Key),
+    /// Resume this unparked coroutine (see [`Parked`](super::wait::Parked)).
+    Unpark(Coroutine),
 }
 
 /// The part of a context that any thread may touch.
@@ -135,6 +137,9 @@ pub(crate) struct Local {
     pub(crate) timers: RefCell<TimerQueue>,
     pub(crate) fds: RefCell<FdTable>,
     pub(crate) waits: RefCell<Arena<WaitState>>,
+    /// Coroutines of this context in a park, woken or not (see
+    /// [`Parked`](super::wait::Parked)): suspended like those of `waits`.
+    pub(crate) parked: Cell<usize>,
     pub(crate) run_queue: RefCell<VecDeque<RunItem>>,
     pub(crate) adaptive: RefCell<Option<AdaptivePolling>>,
 }
@@ -156,13 +161,42 @@ const RUN_BUDGET: usize = 1024;
 /// Runs the coroutines woken on this thread now, if this thread has a context and the caller
 /// is not itself a coroutine (for [`CoQueue::enter_next`](crate::sync::CoQueue::enter_next)).
 pub(crate) fn run_woken_coroutines() {
-    if !in_coroutine() {
-        with_current(|local| {
-            if !local.run_queue.borrow().is_empty() {
-                local.run_coroutines();
-            }
-        });
+    if in_coroutine() {
+        return;
     }
+    // SAFETY: the check runs no other code.
+    let busy = unsafe { with_current_brief(|local| !local.run_queue.borrow().is_empty()) };
+    if busy == Some(true) {
+        // The coroutines may drop the last context handle: hold one of our own while they run.
+        with_current(|local| local.run_coroutines());
+    }
+}
+
+/// Runs `f` with this thread's context, or returns `None` when it has none, without taking a
+/// handle of our own (no reference-count round trip): for short bookkeeping.
+///
+/// # Safety
+///
+/// `f` must not drop a handle of the context (it runs no user code and drops no coroutine),
+/// so that the context outlives the call.
+pub(crate) unsafe fn with_current_brief<R>(f: impl FnOnce(&Local) -> R) -> Option<R> {
+    let local = CURRENT.try_with(Cell::get).ok()?;
+    // SAFETY: by the invariant on `CURRENT`, a non-null pointer is this thread's live `Local`,
+    // which the caller's `f` cannot drop.
+    unsafe { local.as_ref() }.map(f)
+}
+
+/// Delivers a wake to the suspension under `key` if this thread's context is the one numbered
+/// `context` (for local wakers); otherwise does nothing.
+pub(crate) fn deliver_here(context: u64, key: Key, reason: WakeReason) {
+    // SAFETY: `deliver` runs no other code and drops nothing.
+    unsafe {
+        with_current_brief(|local| {
+            if local.shared.id == context {
+                local.deliver(key, reason);
+            }
+        })
+    };
 }
 
 /// This thread's context, if `shared` is its shared half.
@@ -213,7 +247,7 @@ pub(crate) fn current_local(what: &str) -> Rc<Local> {
 
 #[cold]
 #[inline(never)]
-fn no_context(what: &str) -> ! {
+pub(crate) fn no_context(what: &str) -> ! {
     panic!("aiocoro: {what} needs an AioContext on this thread (create one with AioContext::new)")
 }
 
@@ -288,6 +322,7 @@ impl AioContext {
             timers: RefCell::default(),
             fds: RefCell::default(),
             waits: RefCell::default(),
+            parked: Cell::new(0),
             run_queue: RefCell::default(),
             adaptive: RefCell::default(),
         });
@@ -420,7 +455,7 @@ impl AioContext {
 
     /// How many coroutines are suspended in a wait of this context.
     pub fn suspended_coroutines(&self) -> usize {
-        self.local.waits.borrow().len()
+        self.local.suspended()
     }
 }
 
@@ -446,6 +481,11 @@ impl Local {
         let coroutine = Coroutine::new(body);
         self.run_queue.borrow_mut().push_back(RunItem::Start(coroutine.clone()));
         coroutine
+    }
+
+    /// How many coroutines are suspended in a wait or a park of this context.
+    fn suspended(&self) -> usize {
+        self.waits.borrow().len() + self.parked.get()
     }
 
     /// Marks the suspension under `key` woken, if it still waits, and queues its coroutine.
@@ -608,6 +648,15 @@ impl Local {
                     Some(state) if state.delivered.is_some() => state.coroutine.clone(),
                     _ => continue,
                 },
+                RunItem::Unpark(coroutine) => {
+                    // Ending the park here, and only here, keeps a stray `enter` from ending it
+                    // early (the parked coroutine yields again until it finds `Idle`).
+                    let park = coroutine.park_state();
+                    debug_assert_eq!(park.get(), Park::Woken, "one run item per unpark");
+                    park.set(Park::Idle);
+                    self.parked.set(self.parked.get() - 1);
+                    coroutine
+                }
             };
             coroutine.enter();
             entered = true;
@@ -623,7 +672,7 @@ impl Local {
             }
         });
         self.shared.inbox.shut();
-        let suspended = self.waits.borrow().len();
+        let suspended = self.suspended();
         // Unstarted coroutines and pending callbacks are dropped with the queues.
         drop(std::mem::take(&mut *self.run_queue.borrow_mut()));
         drop(std::mem::take(&mut *self.tasks.borrow_mut()));

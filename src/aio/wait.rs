@@ -16,8 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::arena::Key;
-use super::context::{Local, Message, Shared, current_local, home_local, with_current};
-use crate::coroutine::{Co, Coroutine};
+use super::context::{
+    Local, Message, RunItem, Shared, current_local, deliver_here, home_local, no_context,
+    with_current_brief,
+};
+use crate::coroutine::{Co, Coroutine, Park};
 
 /// Why a wait ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +102,40 @@ impl Co {
         Wait { co: self, target: Target::Context { local, key } }
     }
 
+    /// Parks this coroutine in its thread's context and returns the record that ends the park;
+    /// then [`Co::wait_unparked`]. See [`Parked`].
+    ///
+    /// # Panics
+    ///
+    /// If this thread has no [`AioContext`](super::AioContext).
+    #[inline]
+    pub(crate) fn park(&self) -> Parked {
+        let coroutine = self.current();
+        // SAFETY: the count update runs no other code.
+        let context = unsafe {
+            with_current_brief(|local| {
+                local.parked.set(local.parked.get() + 1);
+                local.shared.id
+            })
+        };
+        let context = context.unwrap_or_else(|| no_context("a coroutine park"));
+        self.park_state().set(Park::Parked);
+        Parked { coroutine, context }
+    }
+
+    /// Suspends until the run queue resumes this coroutine for the unpark of its record.
+    /// Stray entries yield again.
+    // Inlined for the same reason as `Wait::wait`.
+    #[inline(always)]
+    pub(crate) fn wait_unparked(&self) {
+        loop {
+            self.yield_now();
+            if self.park_state().get() == Park::Idle {
+                return;
+            }
+        }
+    }
+
     /// Lets the other coroutines of this context run, then continues: queues this coroutine
     /// at the back of the context's run queue and suspends (QEMU's `aio_co_schedule` of
     /// `qemu_coroutine_self()` followed by `qemu_coroutine_yield`).
@@ -108,12 +145,9 @@ impl Co {
     /// If this thread has no [`AioContext`](super::AioContext).
     #[inline]
     pub fn reschedule(&self) {
-        let wait = self.prepare_wait();
-        wait.local_waker().wake();
-        // The wake is delivered already, so `wait` alone would return at once: yield first,
-        // and let the run queue bring this coroutine back behind the others.
-        self.yield_now();
-        wait.wait();
+        // Queued behind the coroutines already runnable; the run queue brings it back.
+        self.park().unpark();
+        self.wait_unparked();
     }
 
     /// Suspends this coroutine for `duration` (QEMU's `qemu_co_sleep_ns`).
@@ -182,8 +216,9 @@ impl Wait<'_> {
             parker.park();
             return WakeReason::Woken;
         }
+        // The entry is removed when `self` drops, on the way out.
         loop {
-            if let Some(reason) = self.take_delivery() {
+            if let Some(reason) = self.delivery() {
                 return reason;
             }
             self.co.yield_now();
@@ -200,24 +235,59 @@ impl Wait<'_> {
         self.wait()
     }
 
+    /// The first wake this suspension received, if any.
     #[inline(always)]
-    fn take_delivery(&self) -> Option<WakeReason> {
+    fn delivery(&self) -> Option<WakeReason> {
         let (local, key) = self.context("wait table");
-        let mut waits = local.waits.borrow_mut();
-        let reason = waits.get(key)?.delivered?;
-        waits.remove(key);
-        Some(reason)
+        local.waits.borrow().get(key)?.delivered
     }
 }
 
 impl Drop for Wait<'_> {
     fn drop(&mut self) {
-        // Abandoned (or finished: then the entry is gone already).
+        // Finished or abandoned: the suspension is over, and its key goes stale.
         #[allow(irrefutable_let_patterns, reason = "a second variant exists in loom builds")]
         if let Target::Context { local, key } = &self.target {
             let removed = local.waits.borrow_mut().remove(*key);
             drop(removed);
         }
+    }
+}
+
+/// A parked coroutine: the light suspension of hand-overs on the coroutine's own thread (a
+/// `CoMutex` passed between coroutines of one context, a reschedule).
+///
+/// Unlike a [`Wait`] it has no wait-table entry and no key: the record owns a handle to the
+/// coroutine (so the coroutine cannot be dropped while parked), never leaves the coroutine's
+/// thread, and is unparked at most once, so it can be neither stale nor duplicated. The park
+/// state lives in the coroutine: `Parked`, then `Woken` by the unpark, which queues the record
+/// on the run queue, then `Idle` when the run queue resumes it. Only that last step ends the
+/// park, so a stray `enter` cannot. The context counts its parked coroutines as suspended.
+pub(crate) struct Parked {
+    coroutine: Coroutine,
+    /// The id of the context that counts the park.
+    context: u64,
+}
+
+impl Parked {
+    /// Queues the parked coroutine to run, behind the coroutines already runnable; the park
+    /// ends when it does. Must be called on the coroutine's thread.
+    #[inline]
+    pub(crate) fn unpark(self) {
+        // SAFETY: the closure only queues the record (or hands it back); it drops nothing.
+        let orphan = unsafe {
+            with_current_brief(|local| {
+                if local.shared.id != self.context {
+                    return Some(self);
+                }
+                debug_assert_eq!(self.coroutine.park_state().get(), Park::Parked);
+                self.coroutine.park_state().set(Park::Woken);
+                local.run_queue.borrow_mut().push_back(RunItem::Unpark(self.coroutine));
+                None
+            })
+        };
+        // Parked in a context that is gone (dropped while a panic unwound): it can never run.
+        drop(orphan);
     }
 }
 
@@ -357,11 +427,7 @@ impl LocalWaker {
     }
 
     pub(crate) fn wake_with(&self, reason: WakeReason) {
-        with_current(|local| {
-            if local.shared.id == self.context {
-                local.deliver(self.key, reason);
-            }
-        });
+        deliver_here(self.context, self.key, reason);
     }
 
     /// Wakes it through `local`, which the caller knows to be this thread's context.

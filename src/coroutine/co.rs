@@ -1,10 +1,11 @@
 //! The `&Co` token: proof that the code holding it runs inside a coroutine and may yield.
 
+use std::cell::Cell;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
 use super::Coroutine;
-use super::slot::{RawYielder, Slot, State};
+use super::slot::{Park, RawYielder, Slot, State};
 
 /// The token a coroutine body receives: QEMU's `coroutine_fn` annotation as a type.
 ///
@@ -142,6 +143,15 @@ impl Co {
         // SAFETY: the yielder lives on this coroutine's stack for as long as the body runs
         // (field invariant), and this code runs inside the body.
         unsafe { self.yielder.as_ref() }.suspend(());
+    }
+
+    /// This coroutine's park state (see `aio::wait::Parked`).
+    #[inline]
+    pub(crate) fn park_state(&self) -> &Cell<Park> {
+        #[cfg(aiocoro_loom)]
+        self.assert_not_model();
+        // SAFETY: the slot outlives every `&Co` (field invariant).
+        &unsafe { self.slot.as_ref() }.park
     }
 
     /// A handle to this coroutine (QEMU's `qemu_coroutine_self`).

@@ -1,5 +1,6 @@
 //! `Coroutine`, the handle that creates and enters a coroutine, and its `Builder`.
 
+use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::marker::PhantomData;
@@ -8,7 +9,7 @@ use std::ptr::NonNull;
 
 use corosensei::CoroutineResult;
 
-use super::slot::{self, RawCoroutine, Slot, State};
+use super::slot::{self, Park, RawCoroutine, Slot, State};
 use super::{Co, current};
 
 /// A stackful coroutine (QEMU's `Coroutine *`).
@@ -128,6 +129,12 @@ impl Coroutine {
             CoroutineResult::Yield(()) => run.suspended(),
             CoroutineResult::Return(()) => drop(run),
         }
+    }
+
+    /// The coroutine's park state (see `aio::wait::Parked`).
+    #[inline]
+    pub(crate) fn park_state(&self) -> &Cell<Park> {
+        &self.slot().park
     }
 
     /// Whether the body has returned or panicked.

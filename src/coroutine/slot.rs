@@ -30,6 +30,18 @@ pub(crate) enum State {
     Ended,
 }
 
+/// Where a coroutine is in a park, the light suspension of same-thread hand-overs (see
+/// `aio::wait::Parked`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Park {
+    /// Not parked.
+    Idle,
+    /// Parked, waiting for its record to be unparked.
+    Parked,
+    /// Unparked: queued on the run queue, which resumes it (and only that ends the park).
+    Woken,
+}
+
 /// One coroutine's control block, shared by its handles, and recycled with its stack.
 ///
 /// Invariants (all access is from the thread that owns the slot, which the `!Send` handles
@@ -55,6 +67,8 @@ pub(crate) struct Slot {
     /// Thread-lock guards alive when the coroutine was last entered (debug builds check at
     /// each yield that the coroutine added none; see `sync::yield_check`).
     pub(crate) locks_at_entry: Cell<usize>,
+    /// Where the coroutine is in a park; `Idle` whenever a body starts.
+    pub(crate) park: Cell<Park>,
 }
 
 impl Slot {
@@ -69,6 +83,7 @@ impl Slot {
             bounds: stack.bounds(),
             stack,
             locks_at_entry: Cell::new(0),
+            park: Cell::new(Park::Idle),
         })
     }
 
@@ -137,6 +152,8 @@ pub(crate) fn acquire(
     let fields = unsafe { slot.as_ref() };
     fields.refs.set(1);
     fields.state.set(State::Ready);
+    // A coroutine dropped while parked left its park state behind.
+    fields.park.set(Park::Idle);
     // SAFETY: as above, nothing else references the slot yet; its `raw` is `None` (it is
     // pooled), so the stack is free for the new coroutine.
     unsafe {
