@@ -77,10 +77,83 @@ impl fmt::Display for GraphError {
 
 impl std::error::Error for GraphError {}
 
+/// A parent's hold on its child in one role, as a driver keeps it for its requests (QEMU's
+/// `BdrvChild`). [`Edge::node`] finds whichever node the edge points at now: a
+/// [`Graph::replace_child`] swings every clone of the edge at once.
+pub struct Edge<N> {
+    cell: Arc<EdgeCell<N>>,
+}
+
+/// Invariant: `target` is the node the graph records as the edge's child while the edge is
+/// attached.
+struct EdgeCell<N> {
+    target: RwLock<(NodeId, Arc<N>)>,
+}
+
+impl<N> Edge<N> {
+    fn new(child: NodeId, node: Arc<N>) -> Self {
+        Edge { cell: Arc::new(EdgeCell { target: RwLock::new((child, node)) }) }
+    }
+
+    /// The child node now; the `Arc` keeps it alive for as long as the caller needs it,
+    /// whatever happens to the graph meanwhile.
+    pub fn node(&self) -> Arc<N> {
+        self.cell.target.read().unwrap_or_else(PoisonError::into_inner).1.clone()
+    }
+
+    /// The id of the child node now.
+    pub fn child_id(&self) -> NodeId {
+        self.cell.target.read().unwrap_or_else(PoisonError::into_inner).0
+    }
+
+    fn point_at(&self, child: NodeId, node: Arc<N>) {
+        *self.cell.target.write().unwrap_or_else(PoisonError::into_inner) = (child, node);
+    }
+}
+
+impl<N> Clone for Edge<N> {
+    fn clone(&self) -> Self {
+        Edge { cell: self.cell.clone() }
+    }
+}
+
+impl<N> fmt::Debug for Edge<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Edge").field(&self.child_id()).finish()
+    }
+}
+
+/// The edges of a node being made by [`Graph::add_node_with`]: each attach hands out the
+/// [`Edge`] the new node will keep.
+pub struct NewEdges<'g, N, R> {
+    graph: &'g Graph<N, R>,
+    edges: Vec<(R, NodeId, Edge<N>)>,
+}
+
+impl<N, R: Clone + PartialEq + fmt::Debug> NewEdges<'_, N, R> {
+    /// An edge in `role` to `child`, for the node being made.
+    ///
+    /// # Errors
+    ///
+    /// If `child` is unknown or the new node already has a child in `role`.
+    pub fn attach(&mut self, role: R, child: NodeId) -> Result<Edge<N>, GraphError> {
+        let node = self.graph.node(child).ok_or(GraphError::NoSuchNode(child))?;
+        if self.edges.iter().any(|(r, _, _)| *r == role) {
+            return Err(GraphError::RoleTaken { parent: NEW_NODE, role: format!("{role:?}") });
+        }
+        let edge = Edge::new(child, node);
+        self.edges.push((role, child, edge.clone()));
+        Ok(edge)
+    }
+}
+
+/// Stands for the node [`Graph::add_node_with`] is making, in errors before it has an id.
+pub const NEW_NODE: NodeId = NodeId(0);
+
 struct Entry<N, R> {
     node: Arc<N>,
-    /// `(role, child)`, in attach order; one child per role.
-    children: Vec<(R, NodeId)>,
+    /// `(role, child, edge)`, in attach order; one child per role.
+    children: Vec<(R, NodeId, Edge<N>)>,
     /// `(parent, role)`: the edges that point here.
     parents: Vec<(NodeId, R)>,
 }
@@ -137,17 +210,56 @@ impl<N, R: Clone + PartialEq + fmt::Debug> Graph<N, R> {
         self.read().is_empty()
     }
 
+    /// Adds a node made by `make`, which attaches the new node's children through
+    /// [`NewEdges::attach`] and keeps the [`Edge`]s it gets (a driver opening over its
+    /// children). `make` runs without any lock of the graph held, so it may use the graph.
+    ///
+    /// # Errors
+    ///
+    /// What `make` returns, or a [`GraphError`] (converted) if a child it attached was
+    /// removed before the node could be added.
+    pub fn add_node_with<E: From<GraphError>>(
+        &self,
+        make: impl FnOnce(&mut NewEdges<'_, N, R>) -> Result<N, E>,
+    ) -> Result<(NodeId, Arc<N>), E> {
+        let mut new_edges = NewEdges { graph: self, edges: Vec::new() };
+        let node = Arc::new(make(&mut new_edges)?);
+        let id = NodeId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let mut entries = self.write();
+        if let Some((_, child, _)) =
+            new_edges.edges.iter().find(|(_, child, _)| !entries.contains_key(child))
+        {
+            return Err(GraphError::NoSuchNode(*child).into());
+        }
+        for (role, child, _) in &new_edges.edges {
+            entries.get_mut(child).expect("checked above").parents.push((id, role.clone()));
+        }
+        let entry = Entry { node: node.clone(), children: new_edges.edges, parents: Vec::new() };
+        entries.insert(id, entry);
+        Ok((id, node))
+    }
+
     /// The child of `parent` in `role`, kept alive by the returned `Arc` for as long as the
     /// caller needs it, whatever happens to the graph meanwhile.
     pub fn child(&self, parent: NodeId, role: &R) -> Option<Arc<N>> {
         let entries = self.read();
-        let (_, child) = entries.get(&parent)?.children.iter().find(|(r, _)| r == role)?;
+        let (_, child, _) = entries.get(&parent)?.children.iter().find(|(r, ..)| r == role)?;
         entries.get(child).map(|entry| entry.node.clone())
+    }
+
+    /// The edge of `parent` in `role`.
+    pub fn edge(&self, parent: NodeId, role: &R) -> Option<Edge<N>> {
+        let entries = self.read();
+        let (.., edge) = entries.get(&parent)?.children.iter().find(|(r, ..)| r == role)?;
+        Some(edge.clone())
     }
 
     /// The children of `parent`, as `(role, child)` in attach order.
     pub fn children(&self, parent: NodeId) -> Vec<(R, NodeId)> {
-        self.read().get(&parent).map(|entry| entry.children.clone()).unwrap_or_default()
+        self.read()
+            .get(&parent)
+            .map(|entry| entry.children.iter().map(|(r, c, _)| (r.clone(), *c)).collect())
+            .unwrap_or_default()
     }
 
     /// The edges that point at `child`, as `(parent, role)`.
@@ -155,21 +267,23 @@ impl<N, R: Clone + PartialEq + fmt::Debug> Graph<N, R> {
         self.read().get(&child).map(|entry| entry.parents.clone()).unwrap_or_default()
     }
 
-    /// Makes `child` the child of `parent` in `role`.
+    /// Makes `child` the child of `parent` in `role`; returns the new edge.
     ///
     /// # Errors
     ///
     /// If either node is unknown, the role is taken, or the edge would close a cycle.
-    pub fn attach(&self, parent: NodeId, role: R, child: NodeId) -> Result<(), GraphError> {
+    pub fn attach(&self, parent: NodeId, role: R, child: NodeId) -> Result<Edge<N>, GraphError> {
         let mut entries = self.write();
         check_edge(&entries, parent, child)?;
+        let child_node = entries[&child].node.clone();
         let parent_entry = entries.get_mut(&parent).ok_or(GraphError::NoSuchNode(parent))?;
-        if parent_entry.children.iter().any(|(r, _)| *r == role) {
+        if parent_entry.children.iter().any(|(r, ..)| *r == role) {
             return Err(GraphError::RoleTaken { parent, role: format!("{role:?}") });
         }
-        parent_entry.children.push((role.clone(), child));
+        let edge = Edge::new(child, child_node);
+        parent_entry.children.push((role.clone(), child, edge.clone()));
         entries.get_mut(&child).expect("checked above").parents.push((parent, role));
-        Ok(())
+        Ok(edge)
     }
 
     /// Removes the edge of `parent` in `role`; returns the child it pointed at.
@@ -183,9 +297,9 @@ impl<N, R: Clone + PartialEq + fmt::Debug> Graph<N, R> {
         let position = parent_entry
             .children
             .iter()
-            .position(|(r, _)| r == role)
+            .position(|(r, ..)| r == role)
             .ok_or_else(|| GraphError::NoSuchChild { parent, role: format!("{role:?}") })?;
-        let (_, child) = parent_entry.children.remove(position);
+        let (_, child, _) = parent_entry.children.remove(position);
         unlink_parent(&mut entries, child, parent, role);
         Ok(child)
     }
@@ -206,12 +320,14 @@ impl<N, R: Clone + PartialEq + fmt::Debug> Graph<N, R> {
     ) -> Result<NodeId, GraphError> {
         let mut entries = self.write();
         let parent_entry = entries.get(&parent).ok_or(GraphError::NoSuchNode(parent))?;
-        let Some(position) = parent_entry.children.iter().position(|(r, _)| r == role) else {
+        let Some(position) = parent_entry.children.iter().position(|(r, ..)| r == role) else {
             return Err(GraphError::NoSuchChild { parent, role: format!("{role:?}") });
         };
         check_edge(&entries, parent, new_child)?;
+        let new_node = entries[&new_child].node.clone();
         let slot = &mut entries.get_mut(&parent).expect("checked above").children[position];
         let old_child = std::mem::replace(&mut slot.1, new_child);
+        slot.2.point_at(new_child, new_node);
         unlink_parent(&mut entries, old_child, parent, role);
         entries.get_mut(&new_child).expect("checked above").parents.push((parent, role.clone()));
         Ok(old_child)
@@ -229,7 +345,7 @@ impl<N, R: Clone + PartialEq + fmt::Debug> Graph<N, R> {
             return Err(GraphError::StillAttached(id));
         }
         let entry = entries.remove(&id).expect("checked above");
-        for (role, child) in &entry.children {
+        for (role, child, _) in &entry.children {
             unlink_parent(&mut entries, *child, id, role);
         }
         Ok(entry.node)
@@ -258,7 +374,7 @@ fn check_edge<N, R>(
             continue;
         }
         seen.push(id);
-        pending.extend(entries[&id].children.iter().map(|(_, c)| *c));
+        pending.extend(entries[&id].children.iter().map(|(_, c, _)| *c));
     }
     Ok(())
 }
@@ -305,16 +421,16 @@ mod tests {
     fn a_role_holds_one_child_and_cycles_are_refused() {
         let (graph, top, backing, file) = chain();
         assert_eq!(
-            graph.attach(top, "file", backing),
-            Err(GraphError::RoleTaken { parent: top, role: "\"file\"".into() })
+            graph.attach(top, "file", backing).err(),
+            Some(GraphError::RoleTaken { parent: top, role: "\"file\"".into() })
         );
         assert_eq!(
-            graph.attach(file, "up", top),
-            Err(GraphError::Cycle { parent: file, child: top })
+            graph.attach(file, "up", top).err(),
+            Some(GraphError::Cycle { parent: file, child: top })
         );
         assert_eq!(
-            graph.attach(top, "me", top),
-            Err(GraphError::Cycle { parent: top, child: top })
+            graph.attach(top, "me", top).err(),
+            Some(GraphError::Cycle { parent: top, child: top })
         );
         // Sharing a child (a diamond) is fine.
         graph.attach(backing, "file", file).unwrap();
@@ -335,6 +451,44 @@ mod tests {
         let removed = graph.remove_node(file).unwrap();
         assert!(Arc::ptr_eq(&removed, &in_flight));
         assert_eq!(graph.node(file), None);
+    }
+
+    #[test]
+    fn an_edge_follows_a_replacement() {
+        let (graph, top, _backing, file) = chain();
+        let edge = graph.edge(top, &"file").unwrap();
+        assert_eq!(*edge.node(), "file");
+        let new_file = graph.add_node("new file".to_string());
+        graph.replace_child(top, &"file", new_file).unwrap();
+        assert_eq!(*edge.node(), "new file");
+        assert_eq!(edge.child_id(), new_file);
+        assert_ne!(edge.child_id(), file);
+    }
+
+    #[test]
+    fn a_node_made_over_its_children_keeps_their_edges() {
+        let graph: Graph<String, &str> = Graph::new();
+        let file = graph.add_node("file".to_string());
+        let (top, node) = graph
+            .add_node_with(|edges| {
+                let edge = edges.attach("file", file)?;
+                assert_eq!(
+                    edges.attach("file", file).err(),
+                    Some(GraphError::RoleTaken { parent: NEW_NODE, role: "\"file\"".into() })
+                );
+                Ok::<_, GraphError>(format!("raw over {}", edge.node()))
+            })
+            .unwrap();
+        assert_eq!(*node, "raw over file");
+        assert_eq!(graph.children(top), [("file", file)]);
+        assert_eq!(graph.parents(file), [(top, "file")]);
+        let missing = NodeId(999);
+        let refused = graph.add_node_with(|edges| {
+            edges.attach("file", missing)?;
+            Ok::<_, GraphError>(String::new())
+        });
+        assert_eq!(refused.err(), Some(GraphError::NoSuchNode(missing)));
+        assert_eq!(graph.len(), 2, "a refused node is not added");
     }
 
     #[test]

@@ -66,6 +66,72 @@ pub fn io_engine() -> IoEngine {
     }
 }
 
+impl IoEngine {
+    /// [`preadv`] on this engine rather than the context's choice. `IoUring` where the
+    /// context has no ring (see [`io_engine`]) falls back to the thread pool, as [`preadv`]
+    /// does.
+    ///
+    /// # Errors
+    ///
+    /// As [`preadv`].
+    ///
+    /// # Panics
+    ///
+    /// If this thread has no [`AioContext`].
+    pub fn preadv(
+        self,
+        co: &Co,
+        fd: BorrowedFd<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        offset: u64,
+    ) -> io::Result<usize> {
+        preadv_on(self.resolve(), co, fd, bufs, offset)
+    }
+
+    /// [`pwritev`] on this engine (see [`IoEngine::preadv`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`pwritev`].
+    ///
+    /// # Panics
+    ///
+    /// If this thread has no [`AioContext`].
+    pub fn pwritev(
+        self,
+        co: &Co,
+        fd: BorrowedFd<'_>,
+        bufs: &[IoSlice<'_>],
+        offset: u64,
+    ) -> io::Result<usize> {
+        pwritev_on(self.resolve(), co, fd, bufs, offset)
+    }
+
+    /// [`fsync`] on this engine (see [`IoEngine::preadv`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`fsync`].
+    ///
+    /// # Panics
+    ///
+    /// If this thread has no [`AioContext`].
+    pub fn fsync(self, co: &Co, fd: BorrowedFd<'_>, data_only: bool) -> io::Result<()> {
+        fsync_on(self.resolve(), co, fd, data_only)
+    }
+
+    fn resolve(self) -> Engine {
+        match self {
+            IoEngine::IoUring => engine(),
+            IoEngine::ThreadPool => {
+                // Still a context's I/O: refuse a thread without one, as the ring would.
+                engine_context();
+                Engine::Pool
+            }
+        }
+    }
+}
+
 /// Reads from `fd` at `offset` into `bufs`, in order, while the coroutine sleeps (one
 /// `preadv(2)`, on io_uring or on the thread pool; see [`io_engine`]). Returns how many bytes
 /// were read: fewer than asked at the end of the file, 0 at or past it.
@@ -116,7 +182,17 @@ pub fn preadv(
     bufs: &mut [IoSliceMut<'_>],
     offset: u64,
 ) -> io::Result<usize> {
-    let result = match engine() {
+    preadv_on(engine(), co, fd, bufs, offset)
+}
+
+fn preadv_on(
+    engine: Engine,
+    co: &Co,
+    fd: BorrowedFd<'_>,
+    bufs: &mut [IoSliceMut<'_>],
+    offset: u64,
+) -> io::Result<usize> {
+    let result = match engine {
         Engine::Uring(ring) => (|| {
             let count = rw_args(bufs.len(), offset)?;
             let iov = bufs.as_mut_ptr().cast::<libc::iovec>().cast_const();
@@ -155,7 +231,17 @@ pub fn pwritev(
     bufs: &[IoSlice<'_>],
     offset: u64,
 ) -> io::Result<usize> {
-    let result = match engine() {
+    pwritev_on(engine(), co, fd, bufs, offset)
+}
+
+fn pwritev_on(
+    engine: Engine,
+    co: &Co,
+    fd: BorrowedFd<'_>,
+    bufs: &[IoSlice<'_>],
+    offset: u64,
+) -> io::Result<usize> {
+    let result = match engine {
         Engine::Uring(ring) => (|| {
             let count = rw_args(bufs.len(), offset)?;
             let iov = bufs.as_ptr().cast::<libc::iovec>();
@@ -188,7 +274,11 @@ pub fn pwritev(
 ///
 /// If this thread has no [`AioContext`].
 pub fn fsync(co: &Co, fd: BorrowedFd<'_>, data_only: bool) -> io::Result<()> {
-    let result = match engine() {
+    fsync_on(engine(), co, fd, data_only)
+}
+
+fn fsync_on(engine: Engine, co: &Co, fd: BorrowedFd<'_>, data_only: bool) -> io::Result<()> {
+    let result = match engine {
         Engine::Uring(ring) => {
             let flags =
                 if data_only { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
@@ -260,12 +350,7 @@ thread_local! {
 
 /// The engine of this thread's context, chosen (and its ring made) on first use.
 fn engine() -> Engine {
-    let Some(context) = with_current(|local| local.shared.id) else {
-        panic!(
-            "aiocoro: file I/O needs an AioContext on this thread (create one with \
-             AioContext::new)"
-        )
-    };
+    let context = engine_context();
     let cached = ENGINE.with_borrow(|engine| match engine {
         Some((id, engine)) if *id == context => Some(engine.clone()),
         _ => None,
@@ -288,6 +373,17 @@ fn engine() -> Engine {
     // still has in flight), outside the thread-local's borrow.
     drop(ENGINE.replace(Some((context, engine.clone()))));
     engine
+}
+
+/// The id of this thread's context.
+fn engine_context() -> u64 {
+    let Some(context) = with_current(|local| local.shared.id) else {
+        panic!(
+            "aiocoro: file I/O needs an AioContext on this thread (create one with \
+             AioContext::new)"
+        )
+    };
+    context
 }
 
 /// Whether `AIOCORO_IO_URING=off` was set when the process first asked.

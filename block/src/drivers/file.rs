@@ -1,0 +1,254 @@
+//! The file protocol (QEMU's `file`, `block/file-posix.c`): a POSIX file read and written
+//! with io_uring or on the thread pool, through the page cache or around it (`O_DIRECT`).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use aiocoro::aio::IoEngine;
+use aiocoro::coroutine::Co;
+
+use crate::buffer::{BUFFER_ALIGN, IoBuffer};
+use crate::driver::{Alignment, Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
+use crate::sys;
+
+/// How the file's data meets the page cache (QEMU's `cache=` modes that matter here).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Through the page cache; `flush` makes it stable (`cache=writeback`).
+    #[default]
+    Writeback,
+    /// Around the page cache with `O_DIRECT` (`cache=none`); requests must be aligned to the
+    /// device's block size, buffers need not be (misaligned ones are bounced).
+    None,
+}
+
+/// What carries the file's I/O (QEMU's `aio=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AioMode {
+    /// The context's io_uring (`aio=io_uring`), or the thread pool where the kernel has none.
+    #[default]
+    IoUring,
+    /// Blocking calls on the thread pool (`aio=threads`).
+    Threads,
+}
+
+/// How to open a file node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileOptions {
+    /// The file.
+    pub filename: PathBuf,
+    /// Page cache or `O_DIRECT`.
+    pub cache: CacheMode,
+    /// io_uring or the thread pool.
+    pub aio: AioMode,
+    /// Open for reading only.
+    pub read_only: bool,
+}
+
+/// A POSIX file as a block node.
+#[derive(Debug)]
+pub struct FileDriver {
+    file: File,
+    engine: IoEngine,
+    alignment: Alignment,
+    direct: bool,
+}
+
+impl FileDriver {
+    /// Opens the file (which must exist).
+    ///
+    /// # Errors
+    ///
+    /// If the file cannot be opened (the path is in the message), or `O_DIRECT` is asked for
+    /// where the file system refuses it.
+    pub fn open(options: &FileOptions) -> io::Result<FileDriver> {
+        let direct = options.cache == CacheMode::None;
+        let mut open = OpenOptions::new();
+        open.read(true).write(!options.read_only);
+        if direct {
+            open.custom_flags(libc::O_DIRECT);
+        }
+        let file = open.open(&options.filename).map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!("cannot open {}: {error}", options.filename.display()),
+            )
+        })?;
+        let alignment = if direct { direct_alignment(&file)? } else { Alignment::BYTE };
+        let engine = match options.aio {
+            AioMode::IoUring => IoEngine::IoUring,
+            AioMode::Threads => IoEngine::ThreadPool,
+        };
+        Ok(FileDriver { file, engine, alignment, direct })
+    }
+
+    /// Whether the buffers can go to the kernel as they are under `O_DIRECT`.
+    fn direct_ready(&self, lens_and_addresses: impl Iterator<Item = (usize, usize)>) -> bool {
+        let mask = self.alignment.memory - 1;
+        !self.direct || lens_and_addresses.into_iter().all(|(len, addr)| (len | addr) & mask == 0)
+    }
+
+    /// Reads `bufs` at `offset`, all of them: a short read is continued, and the part past
+    /// the end of the file reads as zeroes.
+    fn read_all(
+        &self,
+        co: &Co,
+        mut offset: u64,
+        mut bufs: &mut [IoSliceMut<'_>],
+    ) -> io::Result<()> {
+        IoSliceMut::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let read = self.engine.preadv(co, self.file.as_fd(), bufs, offset)?;
+            if read == 0 {
+                bufs.iter_mut().for_each(|buf| buf.fill(0));
+                return Ok(());
+            }
+            IoSliceMut::advance_slices(&mut bufs, read);
+            offset += read as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes all of `bufs` at `offset`, continuing short writes.
+    fn write_all(&self, co: &Co, mut offset: u64, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let written = self.engine.pwritev(co, self.file.as_fd(), bufs, offset)?;
+            if written == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "the file took no bytes"));
+            }
+            IoSlice::advance_slices(&mut bufs, written);
+            offset += written as u64;
+        }
+        Ok(())
+    }
+}
+
+/// The `O_DIRECT` alignment of `file`: what the file system states, else what a probe read
+/// finds, else 4 KiB (safe on every device).
+fn direct_alignment(file: &File) -> io::Result<Alignment> {
+    if let Some((memory, offset)) = sys::direct_io_alignment(file.as_fd())? {
+        let memory = (memory as usize).max(1);
+        return Ok(Alignment { request: u64::from(offset), memory });
+    }
+    let mut probe = IoBuffer::new(BUFFER_ALIGN);
+    for size in [512, 1024, 2048, 4096] {
+        match sys::pread(file.as_fd(), &mut probe[..size], 0) {
+            // A read that returned data proves the size works; an empty file proves nothing.
+            Ok(read) if read > 0 => return Ok(Alignment { request: size as u64, memory: size }),
+            Ok(_) => break,
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(Alignment { request: 4096, memory: 4096 })
+}
+
+impl BlockDriver for FileDriver {
+    fn format_name(&self) -> &'static str {
+        "file"
+    }
+
+    fn alignment(&self) -> Alignment {
+        self.alignment
+    }
+
+    fn length(&self, _co: &Co) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn read(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        if self.direct_ready(bufs.iter().map(|buf| (buf.len(), buf.as_ptr() as usize))) {
+            return self.read_all(co, offset, bufs);
+        }
+        let len = bufs.iter().map(|buf| buf.len()).sum();
+        let mut bounce = IoBuffer::new(len);
+        self.read_all(co, offset, &mut [IoSliceMut::new(&mut bounce)])?;
+        let mut rest = &bounce[..];
+        for buf in bufs.iter_mut() {
+            let (head, tail) = rest.split_at(buf.len());
+            buf.copy_from_slice(head);
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        if self.direct_ready(bufs.iter().map(|buf| (buf.len(), buf.as_ptr() as usize))) {
+            let mut owned: Vec<IoSlice<'_>>;
+            let mut on_stack: [IoSlice<'_>; 4];
+            let slices: &mut [IoSlice<'_>] = if bufs.len() <= 4 {
+                on_stack = [IoSlice::new(&[]); 4];
+                on_stack[..bufs.len()].copy_from_slice(bufs);
+                &mut on_stack[..bufs.len()]
+            } else {
+                owned = bufs.to_vec();
+                &mut owned
+            };
+            return self.write_all(co, offset, slices);
+        }
+        let mut bounce = IoBuffer::new(bufs.iter().map(|buf| buf.len()).sum());
+        let mut rest = &mut bounce[..];
+        for buf in bufs {
+            let (head, tail) = rest.split_at_mut(buf.len());
+            head.copy_from_slice(buf);
+            rest = tail;
+        }
+        self.write_all(co, offset, &mut [IoSlice::new(&bounce)])
+    }
+
+    fn flush(&self, co: &Co) -> io::Result<()> {
+        self.engine.fsync(co, self.file.as_fd(), true)
+    }
+
+    fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
+        let file = self.file.try_clone()?;
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match co.run_blocking(move || sys::fallocate(file.as_fd(), mode, offset, len)) {
+            // Discard is advisory: a file system without holes keeps the data.
+            Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            result => result,
+        }
+    }
+
+    fn write_zeroes(&self, co: &Co, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        let file = self.file.try_clone()?;
+        let mode = if may_unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE
+        };
+        match co.run_blocking(move || sys::fallocate(file.as_fd(), mode, offset, len)) {
+            Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                write_zeroes_by_writing(co, offset, len, |co, offset, bufs| {
+                    self.write(co, offset, bufs)
+                })
+            }
+            result => result,
+        }
+    }
+
+    fn block_status(&self, _co: &Co, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        let fd = self.file.as_fd();
+        let end = offset.saturating_add(len);
+        let data = sys::seek_data_or_hole(fd, offset, true)?;
+        let status = match data {
+            Some(data) if data == offset => {
+                let hole = sys::seek_data_or_hole(fd, offset, false)?.unwrap_or(end);
+                BlockStatus { allocation: Allocation::Data, len: hole.min(end) - offset }
+            }
+            Some(data) => BlockStatus { allocation: Allocation::Zero, len: data.min(end) - offset },
+            None => BlockStatus { allocation: Allocation::Zero, len },
+        };
+        // A file changing under us could make the answer empty; never answer 0 bytes.
+        Ok(BlockStatus { len: status.len.max(1).min(len), ..status })
+    }
+
+    fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {
+        let file = self.file.try_clone()?;
+        co.run_blocking(move || file.set_len(len))
+    }
+}

@@ -1,0 +1,9 @@
+//! The drivers: `file` and `null-co` (protocols), `raw` (a format).
+
+mod file;
+mod null;
+mod raw;
+
+pub use file::{AioMode, CacheMode, FileDriver, FileOptions};
+pub use null::{NullDriver, NullOptions};
+pub use raw::{RawDriver, RawOptions};

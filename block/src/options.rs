@@ -1,0 +1,325 @@
+//! Node options in QEMU's `--image-opts` spelling (`driver=raw,file.filename=disk.img`), and
+//! opening a tree of nodes from them.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use aiocoro::coroutine::Co;
+
+use crate::drivers::{
+    AioMode, CacheMode, FileDriver, FileOptions, NullDriver, NullOptions, RawDriver, RawOptions,
+};
+use crate::error::invalid_input;
+use crate::graph::NodeId;
+use crate::node::{BlockGraph, BlockNode, ChildRole};
+
+/// Options that a child takes from its parent unless it sets them itself (QEMU inherits
+/// these down the graph).
+const INHERITED: [&str; 3] = ["read-only", "cache.direct", "aio"];
+
+/// Parsed `key=value` options; dotted keys (`file.filename`) belong to a child.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockOptions {
+    values: BTreeMap<String, String>,
+}
+
+impl BlockOptions {
+    /// Parses `key=value,key=value` (a value may hold a comma written as `,,`).
+    ///
+    /// # Errors
+    ///
+    /// An entry without `=`, or a key given twice.
+    pub fn parse(text: &str) -> io::Result<BlockOptions> {
+        let mut options = BlockOptions::default();
+        for entry in split_entries(text) {
+            let Some((key, value)) = entry.split_once('=') else {
+                return Err(invalid_input(format!("option '{entry}' has no '=value'")));
+            };
+            options.set(key, value)?;
+        }
+        Ok(options)
+    }
+
+    /// Sets `key` to `value`.
+    ///
+    /// # Errors
+    ///
+    /// If `key` is already set.
+    pub fn set(&mut self, key: &str, value: &str) -> io::Result<()> {
+        if self.values.insert(key.to_owned(), value.to_owned()).is_some() {
+            return Err(invalid_input(format!("option '{key}' is given twice")));
+        }
+        Ok(())
+    }
+
+    /// Sets `key` to `value` unless it is set.
+    pub fn set_default(&mut self, key: &str, value: &str) {
+        self.values.entry(key.to_owned()).or_insert_with(|| value.to_owned());
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// The options under `prefix.`, without the prefix, plus the inherited ones.
+    fn child(&self, prefix: &str) -> BlockOptions {
+        let dotted = format!("{prefix}.");
+        let mut child = BlockOptions {
+            values: self
+                .values
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(&dotted)?.to_owned(), v.clone())))
+                .collect(),
+        };
+        for key in INHERITED {
+            if let Some(value) = self.get(key) {
+                child.set_default(key, value);
+            }
+        }
+        child
+    }
+
+    fn has_child(&self, prefix: &str) -> bool {
+        let dotted = format!("{prefix}.");
+        self.values.keys().any(|key| key.starts_with(&dotted))
+    }
+}
+
+/// Splits on commas, where `,,` stands for a comma inside a value.
+fn split_entries(text: &str) -> Vec<String> {
+    let mut entries = vec![String::new()];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                entries.last_mut().expect("never empty").push(',');
+            }
+            ',' => entries.push(String::new()),
+            c => entries.last_mut().expect("never empty").push(c),
+        }
+    }
+    entries.retain(|entry| !entry.is_empty());
+    entries
+}
+
+/// Reads the options one driver takes, and says which keys nobody took.
+struct Taker<'a> {
+    driver: &'a str,
+    options: &'a BlockOptions,
+    taken: Vec<&'a str>,
+}
+
+impl<'a> Taker<'a> {
+    fn new(driver: &'a str, options: &'a BlockOptions) -> Self {
+        Taker { driver, options, taken: vec!["driver", "node-name"] }
+    }
+
+    fn text(&mut self, key: &'a str) -> Option<&'a str> {
+        self.taken.push(key);
+        self.options.get(key)
+    }
+
+    fn flag(&mut self, key: &'a str, default: bool) -> io::Result<bool> {
+        match self.text(key) {
+            None => Ok(default),
+            Some("on" | "true" | "yes") => Ok(true),
+            Some("off" | "false" | "no") => Ok(false),
+            Some(other) => Err(invalid_input(format!("option '{key}': '{other}' is not on/off"))),
+        }
+    }
+
+    fn size(&mut self, key: &'a str) -> io::Result<Option<u64>> {
+        self.text(key).map(|value| parse_size(value).map_err(|e| self.bad(key, &e))).transpose()
+    }
+
+    fn bad(&self, key: &str, why: &str) -> io::Error {
+        invalid_input(format!("driver '{}', option '{key}': {why}", self.driver))
+    }
+
+    /// Refuses keys no one took (a child's keys count as taken when `child` is named).
+    fn finish(&self, child: Option<&str>) -> io::Result<()> {
+        let dotted = child.map(|child| format!("{child}."));
+        for key in self.options.values.keys() {
+            let in_child = dotted.as_ref().is_some_and(|dotted| key.starts_with(dotted));
+            if !in_child
+                && !self.taken.contains(&key.as_str())
+                && !INHERITED.contains(&key.as_str())
+            {
+                return Err(invalid_input(format!(
+                    "driver '{}' has no option '{key}'",
+                    self.driver
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a size: bytes, or a number with `k`, `M`, `G`, `T` (powers of 1024; `K` and lower
+/// case accepted, an optional `B` / `iB` after).
+///
+/// ```
+/// assert_eq!(aiocoro_block::parse_size("1G"), Ok(1 << 30));
+/// assert_eq!(aiocoro_block::parse_size("4k"), Ok(4096));
+/// assert_eq!(aiocoro_block::parse_size("512"), Ok(512));
+/// assert!(aiocoro_block::parse_size("1X").is_err());
+/// ```
+///
+/// # Errors
+///
+/// A message for what is not a size, or a size past `i64::MAX`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim_end_matches("iB").trim_end_matches('B');
+    let (digits, shift) = match trimmed.char_indices().last() {
+        Some((at, unit)) if unit.is_ascii_alphabetic() => {
+            let shift = match unit.to_ascii_lowercase() {
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                't' => 40,
+                _ => return Err(format!("'{text}': unknown unit '{unit}'")),
+            };
+            (&trimmed[..at], shift)
+        }
+        _ => (trimmed, 0),
+    };
+    let number: u64 = digits.parse().map_err(|_| format!("'{text}' is not a size"))?;
+    number
+        .checked_mul(1 << shift)
+        .filter(|&size| size <= i64::MAX as u64)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+/// Opens the node tree `options` describe (children first) into `graph`; returns the top
+/// node. Options in QEMU's spelling:
+///
+/// - `driver=null-co` (or `null`): `size` (default 1G), `read-zeroes` (on/off, default off),
+///   `latency-ns`;
+/// - `driver=file`: `filename`, `cache.direct` (on = `O_DIRECT`), or `cache=none|writeback`,
+///   `aio=io_uring|threads`;
+/// - `driver=raw`: `offset`, `size`, and its child as `file.*` (`file.driver` defaults to
+///   `file`), or `file=<filename>`;
+/// - every node: `node-name`, `read-only` (inherited by children, as are `cache.direct` and
+///   `aio`).
+///
+/// # Errors
+///
+/// An unknown driver or option, a bad value, or the driver's open error, each saying which.
+pub fn open(co: &Co, graph: &BlockGraph, options: &str) -> io::Result<(NodeId, Arc<BlockNode>)> {
+    open_options(co, graph, &BlockOptions::parse(options)?)
+}
+
+/// [`open`] from parsed options.
+///
+/// # Errors
+///
+/// As [`open`].
+pub fn open_options(
+    co: &Co,
+    graph: &BlockGraph,
+    options: &BlockOptions,
+) -> io::Result<(NodeId, Arc<BlockNode>)> {
+    let Some(driver) = options.get("driver") else {
+        return Err(invalid_input("no 'driver' option (e.g. driver=file,filename=disk.img)"));
+    };
+    let name = options.get("node-name").map_or_else(auto_node_name, str::to_owned);
+    let mut taker = Taker::new(driver, options);
+    let read_only = taker.flag("read-only", false)?;
+    match driver {
+        "null-co" | "null" => {
+            let defaults = NullOptions::default();
+            let null = NullOptions {
+                size: taker.size("size")?.unwrap_or(defaults.size),
+                read_zeroes: taker.flag("read-zeroes", defaults.read_zeroes)?,
+                latency: Duration::from_nanos(taker.size("latency-ns")?.unwrap_or(0)),
+            };
+            taker.finish(None)?;
+            let node = BlockNode::new(co, name, NullDriver::new(null), read_only)?;
+            add(graph, node)
+        }
+        "file" => {
+            let Some(filename) = taker.text("filename") else {
+                return Err(taker.bad("filename", "missing"));
+            };
+            let direct = match (taker.flag("cache.direct", false)?, taker.text("cache")) {
+                (direct, None) => direct,
+                (_, Some("none" | "directsync")) => true,
+                (_, Some("writeback" | "writethrough" | "unsafe")) => false,
+                (_, Some(other)) => {
+                    return Err(taker.bad("cache", &format!("unknown mode '{other}'")));
+                }
+            };
+            let aio = match taker.text("aio") {
+                None | Some("io_uring") => AioMode::IoUring,
+                Some("threads") => AioMode::Threads,
+                Some(other) => return Err(taker.bad("aio", &format!("unknown mode '{other}'"))),
+            };
+            taker.finish(None)?;
+            let file = FileOptions {
+                filename: filename.into(),
+                cache: if direct { CacheMode::None } else { CacheMode::Writeback },
+                aio,
+                read_only,
+            };
+            let node = BlockNode::new(co, name, FileDriver::open(&file)?, read_only)?;
+            add(graph, node)
+        }
+        "raw" => {
+            let raw = RawOptions {
+                offset: taker.size("offset")?.unwrap_or(0),
+                size: taker.size("size")?,
+            };
+            let (child_id, _) = open_child(co, graph, options, &mut taker)?;
+            taker.finish(Some("file"))?;
+            let (id, node) = graph.add_node_with(|edges| {
+                let file = edges.attach(ChildRole::File, child_id)?;
+                BlockNode::new(co, name, RawDriver::new(file, raw)?, read_only)
+            })?;
+            Ok((id, node))
+        }
+        other => {
+            Err(invalid_input(format!("unknown driver '{other}' (known: file, raw, null-co)")))
+        }
+    }
+}
+
+fn add(graph: &BlockGraph, node: BlockNode) -> io::Result<(NodeId, Arc<BlockNode>)> {
+    let id = graph.add_node(node);
+    let node = graph.node(id).expect("just added");
+    Ok((id, node))
+}
+
+/// Opens a format's `file` child: from `file.*` options, or a filename in `file=`.
+fn open_child<'a>(
+    co: &Co,
+    graph: &BlockGraph,
+    options: &'a BlockOptions,
+    taker: &mut Taker<'a>,
+) -> io::Result<(NodeId, Arc<BlockNode>)> {
+    let mut child = options.child("file");
+    if let Some(filename) = taker.text("file") {
+        child.set("filename", filename)?;
+    }
+    if !options.has_child("file") && child.get("filename").is_none() {
+        return Err(taker.bad("file", "missing (give file=<filename> or file.filename=...)"));
+    }
+    child.set_default("driver", "file");
+    open_options(co, graph, &child)
+}
+
+/// A name for a node that was given none, unique in the process (QEMU's `#blockNNN`).
+fn auto_node_name() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("#block{:03}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+impl From<crate::graph::GraphError> for io::Error {
+    fn from(error: crate::graph::GraphError) -> io::Error {
+        io::Error::other(error)
+    }
+}
