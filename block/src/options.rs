@@ -200,7 +200,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 ///
 /// - `driver=null-co` (or `null`): `size` (default 1G), `read-zeroes` (on/off, default off),
 ///   `latency-ns`;
-/// - `driver=file`: `filename`, `cache.direct` (on = `O_DIRECT`), or `cache=none|writeback`,
+/// - `driver=file`: `filename`, `cache.direct` (on = `O_DIRECT`) or `cache=none|writeback`,
 ///   `aio=io_uring|threads`;
 /// - `driver=raw`: `offset`, `size`, and its child as `file.*` (`file.driver` defaults to
 ///   `file`), or `file=<filename>`;
@@ -248,8 +248,12 @@ pub fn open_options(
             };
             let direct = match (taker.flag("cache.direct", false)?, taker.text("cache")) {
                 (direct, None) => direct,
-                (_, Some("none" | "directsync")) => true,
-                (_, Some("writeback" | "writethrough" | "unsafe")) => false,
+                (_, Some("none")) => true,
+                (_, Some("writeback")) => false,
+                (_, Some(other @ ("writethrough" | "directsync" | "unsafe"))) => {
+                    let why = format!("mode '{other}' is not supported (writeback or none)");
+                    return Err(taker.bad("cache", &why));
+                }
                 (_, Some(other)) => {
                     return Err(taker.bad("cache", &format!("unknown mode '{other}'")));
                 }

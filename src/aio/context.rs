@@ -365,7 +365,8 @@ impl AioContext {
             events.reserve(64);
         }
         let started = clock_ns();
-        let may_block = blocking && !local.busy_poll();
+        let submitted = super::uring::submit_queued();
+        let may_block = blocking && submitted && !local.busy_poll();
         let timeout = if may_block { local.timeout() } else { Some(Duration::ZERO) };
         {
             let mut blocker = EpollBlocker { local, events: &mut events };
@@ -551,7 +552,7 @@ impl Local {
         };
         let start = clock_ns();
         while clock_ns() - start < window {
-            if self.has_work() {
+            if self.has_work() || super::uring::completions_ready() {
                 return true;
             }
             std::hint::spin_loop();

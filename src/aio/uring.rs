@@ -5,7 +5,10 @@
 //! has at most one context; the ring remembers which one it serves and is replaced when the
 //! thread gets a new context). The ring signals an eventfd that the context watches with an fd
 //! handler; the handler reaps completions into the ring's in-flight table and wakes the
-//! coroutines waiting for them. A coroutine pushes its request, submits it, and waits.
+//! coroutines waiting for them. A coroutine pushes its request and waits; the requests
+//! pushed in one round go to the kernel together, when the context next polls or once
+//! [`MAX_BATCH`] of them wait (one `io_uring_enter` for the batch, which lets the kernel merge
+//! neighbouring requests).
 //!
 //! When the ring cannot be made (an old kernel, seccomp, `io_uring_disabled`, `ENOSYS`,
 //! `EPERM`, ...), the context uses [`ThreadPool::global`] instead, running the same calls with
@@ -22,7 +25,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use io_uring::{IoUring, opcode, squeue, types};
 
@@ -39,6 +41,13 @@ const ENV_SWITCH: &str = "AIOCORO_IO_URING";
 
 /// Submission-queue slots of each ring (the completion queue gets twice as many).
 const RING_ENTRIES: u32 = 128;
+
+/// Requests queued in one round are handed to the kernel as soon as this many wait (QEMU's
+/// `aio-max-batch`), the rest when the context next polls. Batches let the kernel merge
+/// neighbouring requests; several batches in flight keep the device busy meanwhile. 16 did
+/// best for sequential 4 KiB `O_DIRECT` reads at depth 64 on a virtio disk (8: 5% slower,
+/// 64: 15% slower).
+const MAX_BATCH: usize = 16;
 
 /// The `user_data` of cancel requests, whose own completions carry nothing to deliver. No
 /// in-flight key has it (that would take 2^32 table places).
@@ -386,6 +395,27 @@ fn engine_context() -> u64 {
     context
 }
 
+/// Hands the requests that this thread's coroutines queued on its ring since the last call
+/// to the kernel; the context calls it before each wait for events. Returns false if some
+/// stay queued because the kernel is busy (the caller should not block then).
+pub(crate) fn submit_queued() -> bool {
+    ENGINE.with_borrow(|engine| match engine {
+        Some((_, Engine::Uring(ring))) => ring.submit_queued(),
+        _ => true,
+    })
+}
+
+/// Whether this thread's ring has completions to reap (a look at the completion queue, no
+/// system call), for busy polling.
+pub(crate) fn completions_ready() -> bool {
+    ENGINE.with_borrow(|engine| match engine {
+        Some((_, Engine::Uring(ring))) => {
+            ring.in_kernel.get() != 0 && !ring.uring.borrow_mut().completion().is_empty()
+        }
+        _ => false,
+    })
+}
+
 /// Whether `AIOCORO_IO_URING=off` was set when the process first asked.
 fn forced_off() -> bool {
     static OFF: OnceLock<bool> = OnceLock::new();
@@ -425,6 +455,8 @@ struct Ring {
     ops: RefCell<Arena<Op>>,
     /// Requests pushed (operations and cancels) whose completion has not been reaped.
     in_kernel: Cell<usize>,
+    /// How many requests the submission queue holds that are not yet handed to the kernel.
+    queued: Cell<usize>,
     /// The most operations a coroutine may have in the kernel at once: at most the
     /// submission queue's size, and at most half the completion queue's, so that with one
     /// cancel per operation the completion queue cannot overflow.
@@ -458,6 +490,7 @@ impl Ring {
             eventfd,
             ops: RefCell::default(),
             in_kernel: Cell::new(0),
+            queued: Cell::new(0),
             limit: sq.min(cq / 2).max(1),
             room: RefCell::default(),
         });
@@ -505,7 +538,12 @@ impl Ring {
             return Err(error);
         }
         let op = InFlight { ring: self.clone(), key, finished: false };
-        self.submit(co);
+        // Submitted with the others queued in this round, when the context next polls
+        // (`submit_queued`): one `io_uring_enter` per round, not per request.
+        self.queued.set(self.queued.get() + 1);
+        if self.queued.get() >= MAX_BATCH {
+            self.submit_queued();
+        }
         Ok(op)
     }
 
@@ -531,22 +569,27 @@ impl Ring {
         Ok(())
     }
 
-    /// Hands the queued requests to the kernel, from a coroutine.
+    /// Hands the queued requests to the kernel. Returns false if the kernel is too busy to
+    /// take them now (they stay queued for the next poll).
     ///
     /// # Panics
     ///
-    /// If the kernel refuses for good; the request's [`InFlight`] then waits for it as the
-    /// panic unwinds (or aborts the process if it cannot).
-    fn submit(&self, co: &Co) {
-        loop {
-            match self.enter(0) {
-                Ok(()) => return,
-                Err(error) if is_transient(&error) => {
-                    self.reap();
-                    co.sleep(Duration::from_millis(1));
-                }
-                Err(error) => panic!("aiocoro: io_uring_enter could not submit: {error}"),
+    /// If the kernel refuses for good: the coroutines waiting for the queued requests could
+    /// never be woken.
+    fn submit_queued(&self) -> bool {
+        if self.queued.get() == 0 {
+            return true;
+        }
+        match self.enter(0) {
+            Ok(()) => {
+                self.queued.set(0);
+                true
             }
+            Err(error) if is_transient(&error) => {
+                self.reap();
+                false
+            }
+            Err(error) => panic!("aiocoro: io_uring_enter could not submit: {error}"),
         }
     }
 

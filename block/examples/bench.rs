@@ -1,0 +1,409 @@
+//! A peer of `qemu-img bench`: the same flags and defaults, run through `aiocoro-block`.
+//!
+//! ```text
+//! cargo run --release -p aiocoro-block --example bench -- [-f FMT | --image-opts] [-t CACHE]
+//!     [-c COUNT] [-d DEPTH] [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] [-i AIO]
+//!     [-w [--pattern PATTERN] [--flush-interval INTERVAL [--no-drain]]]
+//!     [--iothreads N] [--json] [-q] FILENAME
+//! ```
+//!
+//! Requests go to offsets `OFFSET`, `OFFSET + STEP`, ... (wrapping before the end of the
+//! image), `DEPTH` at a time per thread: `DEPTH` coroutines each submit a request, wait for
+//! it, and submit the next. With `--iothreads N` (default 1: the main thread's own context)
+//! N IoThreads share the `COUNT` requests through one `BlockBackend`, each with `DEPTH`
+//! coroutines. `--json` adds one last line `{"requests":..,"seconds":..,"iops":..,
+//! "iothreads":..}`.
+//!
+//! `--flush-interval N` flushes after every N-th request; the flush waits for the requests
+//! still in flight first unless `--no-drain` is given (as `qemu-img bench` does).
+
+use std::cell::Cell;
+use std::io;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use aiocoro::aio::{AioContext, IoThread};
+use aiocoro::coroutine::Co;
+use aiocoro_block::{BlockBackend, BlockGraph, BlockOptions, IoBuffer, parse_size};
+
+/// What to run, from the command line.
+#[derive(Debug)]
+struct Args {
+    filename: String,
+    format: Option<String>,
+    image_opts: bool,
+    cache: String,
+    aio: String,
+    count: u64,
+    depth: usize,
+    offset: u64,
+    buffer_size: usize,
+    step: Option<u64>,
+    write: bool,
+    pattern: u8,
+    flush_interval: u64,
+    drain_on_flush: bool,
+    iothreads: usize,
+    json: bool,
+    quiet: bool,
+}
+
+const USAGE: &str = "usage: bench [-f FMT | --image-opts] [-t CACHE] [-c COUNT] [-d DEPTH] \
+[-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] [-i AIO] [-w [--pattern PATTERN] \
+[--flush-interval INTERVAL [--no-drain]]] [--iothreads N] [--json] [-q] FILENAME";
+
+fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut args = Args {
+        filename: String::new(),
+        format: None,
+        image_opts: false,
+        cache: "writeback".into(),
+        aio: "threads".into(),
+        count: 75_000,
+        depth: 64,
+        offset: 0,
+        buffer_size: 4096,
+        step: None,
+        write: false,
+        pattern: 0,
+        flush_interval: 0,
+        drain_on_flush: true,
+        iothreads: 1,
+        json: false,
+        quiet: false,
+    };
+    let mut filename = None;
+    while let Some(arg) = raw.next() {
+        // `--name=value` and `--name value` both work, as with getopt_long.
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag.to_string(), Some(value.into())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| -> Result<String, String> {
+            inline.clone().or_else(|| raw.next()).ok_or_else(|| format!("{name} needs a value"))
+        };
+        let size = |text: String| parse_size(&text);
+        let number =
+            |text: String| text.parse::<u64>().map_err(|_| format!("'{text}' is not a number"));
+        match flag.as_str() {
+            "-h" | "--help" => return Err(String::new()),
+            "-f" | "--format" => args.format = Some(value(&flag)?),
+            "--image-opts" => args.image_opts = true,
+            "-t" | "--cache" => args.cache = value(&flag)?,
+            "-c" | "--count" => args.count = number(value(&flag)?)?,
+            "-d" | "--depth" => {
+                args.depth = number(value(&flag)?)?.try_into().map_err(|_| "depth")?
+            }
+            "-o" | "--offset" => args.offset = size(value(&flag)?)?,
+            "-s" | "--buffer-size" => {
+                args.buffer_size = size(value(&flag)?)?.try_into().map_err(|_| "buffer size")?;
+            }
+            "-S" | "--step-size" => args.step = Some(size(value(&flag)?)?),
+            "-i" | "--aio" => args.aio = value(&flag)?,
+            "-n" | "--native" => args.aio = "native".into(),
+            "-w" | "--write" => args.write = true,
+            "--pattern" => {
+                let pattern = number(value(&flag)?)?;
+                args.pattern = u8::try_from(pattern).map_err(|_| "the pattern is one byte")?;
+            }
+            "--flush-interval" => args.flush_interval = number(value(&flag)?)?,
+            "--no-drain" => args.drain_on_flush = false,
+            "--iothreads" => {
+                args.iothreads = number(value(&flag)?)?.try_into().map_err(|_| "iothreads")?;
+            }
+            "--json" => args.json = true,
+            "-q" | "--quiet" => args.quiet = true,
+            "-U" | "--force-share" => {}
+            other if other.starts_with('-') && other.len() > 1 => {
+                return Err(format!("unknown option '{other}'"));
+            }
+            _ if filename.is_some() => return Err(format!("a second FILENAME '{arg}'")),
+            _ => filename = Some(arg),
+        }
+    }
+    args.filename = filename.ok_or("FILENAME is missing")?;
+    if args.image_opts && args.format.is_some() {
+        return Err("--image-opts and -f are incompatible".into());
+    }
+    if args.depth == 0 || args.buffer_size == 0 || args.iothreads == 0 {
+        return Err("-d, -s and --iothreads must be at least 1".into());
+    }
+    if !args.write && (args.flush_interval != 0 || args.pattern != 0) {
+        return Err("--pattern and --flush-interval need -w".into());
+    }
+    if !args.drain_on_flush && args.flush_interval == 0 {
+        return Err("--no-drain needs --flush-interval".into());
+    }
+    Ok(args)
+}
+
+/// The options of the image to open.
+fn image_options(args: &Args) -> io::Result<BlockOptions> {
+    if args.image_opts {
+        return BlockOptions::parse(&args.filename);
+    }
+    let format = match &args.format {
+        Some(format) => format.clone(),
+        None => probe_format(&args.filename)?,
+    };
+    let direct = match args.cache.as_str() {
+        "none" => "on",
+        "writeback" => "off",
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("cache mode '{other}' is not supported (writeback or none)"),
+            ));
+        }
+    };
+    let aio = match args.aio.as_str() {
+        "native" => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "aio=native (Linux AIO) is not supported; use -i io_uring or -i threads",
+            ));
+        }
+        aio => aio,
+    };
+    let mut options = BlockOptions::default();
+    options.set("driver", &format)?;
+    options.set("file.driver", "file")?;
+    options.set("file.filename", &args.filename)?;
+    options.set("file.cache.direct", direct)?;
+    options.set("file.aio", aio)?;
+    Ok(options)
+}
+
+/// The format of an image file, from its first bytes: qcow2's magic, else raw.
+fn probe_format(filename: &str) -> io::Result<String> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(filename).map_err(|error| {
+        io::Error::new(error.kind(), format!("cannot open {filename}: {error}"))
+    })?;
+    let read = file.read(&mut magic)?;
+    Ok(if read == 4 && magic == *b"QFI\xfb" { "qcow2" } else { "raw" }.into())
+}
+
+/// The request sequence, shared by every thread: request `i` goes to `offset(i)`.
+struct Plan {
+    count: u64,
+    next: AtomicU64,
+    start: u64,
+    step: u64,
+    /// Offsets wrap modulo this (0: every request at the start offset).
+    wrap: u64,
+    buffer_size: usize,
+    write: bool,
+    pattern: u8,
+    flush_interval: u64,
+    drain_on_flush: bool,
+}
+
+impl Plan {
+    fn offset(&self, index: u64) -> u64 {
+        if index == 0 || self.wrap == 0 {
+            return if self.wrap == 0 { 0 } else { self.start };
+        }
+        ((u128::from(self.start) + u128::from(index) * u128::from(self.step))
+            % u128::from(self.wrap)) as u64
+    }
+}
+
+/// The state of one thread's `DEPTH` coroutines, for flushes that wait for the others.
+struct Lane {
+    busy: Cell<usize>,
+    flushing: Cell<bool>,
+}
+
+/// Runs requests until the plan is used up; returns the first error.
+fn worker(co: &Co, blk: &BlockBackend, plan: &Plan, lane: &Lane) -> io::Result<()> {
+    let mut buffer = IoBuffer::new(plan.buffer_size);
+    buffer.fill(plan.pattern);
+    loop {
+        while lane.flushing.get() {
+            co.reschedule();
+        }
+        let index = plan.next.fetch_add(1, Ordering::Relaxed);
+        if index >= plan.count {
+            return Ok(());
+        }
+        let offset = plan.offset(index);
+        lane.busy.set(lane.busy.get() + 1);
+        let result = if plan.write {
+            blk.write(co, offset, &buffer)
+        } else {
+            blk.read(co, offset, &mut buffer)
+        };
+        lane.busy.set(lane.busy.get() - 1);
+        result?;
+        if plan.flush_interval != 0 && (index + 1) % plan.flush_interval == 0 {
+            if plan.drain_on_flush {
+                lane.flushing.set(true);
+                while lane.busy.get() != 0 {
+                    co.reschedule();
+                }
+            }
+            let flushed = blk.flush(co);
+            lane.flushing.set(false);
+            flushed?;
+        }
+    }
+}
+
+/// Starts `depth` workers on this thread's context; the last one to end calls `done` with
+/// the first error, if any.
+fn start_lane(
+    ctx: &AioContext,
+    blk: &BlockBackend,
+    plan: &Arc<Plan>,
+    depth: usize,
+    done: impl FnOnce(io::Result<()>) + 'static,
+) {
+    let lane = Rc::new(Lane { busy: Cell::new(0), flushing: Cell::new(false) });
+    let outcome = Rc::new(Outcome { running: Cell::new(depth), error: Cell::new(None) });
+    let done = Rc::new(Cell::new(Some(done)));
+    for _ in 0..depth {
+        let (blk, plan, lane) = (blk.clone(), plan.clone(), lane.clone());
+        let (outcome, done) = (outcome.clone(), done.clone());
+        ctx.spawn(move |co| {
+            if let Err(failed) = worker(co, &blk, &plan, &lane) {
+                // Stop the others too; keep the first error.
+                plan.next.store(plan.count, Ordering::Relaxed);
+                let first = outcome.error.take().unwrap_or(failed);
+                outcome.error.set(Some(first));
+            }
+            outcome.running.set(outcome.running.get() - 1);
+            if outcome.running.get() == 0 {
+                let done = done.take().expect("the last worker ends once");
+                done(outcome.error.take().map_or(Ok(()), Err));
+            }
+        });
+    }
+}
+
+/// How a lane's workers ended.
+struct Outcome {
+    running: Cell<usize>,
+    error: Cell<Option<io::Error>>,
+}
+
+fn run(args: &Args) -> io::Result<(Duration, u64)> {
+    let options = image_options(args)?;
+    let ctx = AioContext::new()?;
+    let graph = BlockGraph::new();
+    let root = aiocoro_block::run_in_coroutine(move |co| {
+        aiocoro_block::open_options(co, &graph, &options).map(|(_, node)| node)
+    })??;
+    let blk = BlockBackend::new(root);
+    let size = blk.length();
+    let buffer = args.buffer_size as u64;
+    if size < buffer {
+        return Err(aiocoro_block::invalid_input(format!(
+            "the image ({size} bytes) is smaller than one request ({buffer} bytes)"
+        )));
+    }
+    let plan = Arc::new(Plan {
+        count: args.count,
+        next: AtomicU64::new(0),
+        start: args.offset,
+        step: args.step.unwrap_or(buffer),
+        wrap: size - buffer,
+        buffer_size: args.buffer_size,
+        write: args.write,
+        pattern: args.pattern,
+        flush_interval: args.flush_interval,
+        drain_on_flush: args.drain_on_flush,
+    });
+    if !args.quiet {
+        println!(
+            "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step \
+             size {})",
+            args.count,
+            if args.write { "write" } else { "read" },
+            args.buffer_size,
+            args.depth * args.iothreads,
+            args.offset,
+            plan.step
+        );
+        if args.flush_interval != 0 {
+            println!("Sending flush every {} requests", args.flush_interval);
+        }
+    }
+    let started = Instant::now();
+    if args.iothreads == 1 {
+        let result = Rc::new(Cell::new(None));
+        let slot = result.clone();
+        start_lane(&ctx, &blk, &plan, args.depth, move |outcome| slot.set(Some(outcome)));
+        loop {
+            match result.take() {
+                Some(outcome) => break outcome?,
+                None => {
+                    ctx.poll(true);
+                }
+            }
+        }
+    } else {
+        let threads: Vec<IoThread> = (0..args.iothreads)
+            .map(|n| IoThread::spawn(&format!("bench-{n}")))
+            .collect::<io::Result<_>>()?;
+        let (done, results) = mpsc::channel();
+        for thread in &threads {
+            let (blk, plan, done, depth) = (blk.clone(), plan.clone(), done.clone(), args.depth);
+            thread
+                .handle()
+                .schedule_oneshot(move || {
+                    let ctx = AioContext::current().expect("an IoThread has a context");
+                    start_lane(&ctx, &blk, &plan, depth, move |outcome| {
+                        let _ = done.send(outcome);
+                    });
+                })
+                .map_err(io::Error::other)?;
+        }
+        drop(done);
+        let outcomes: Vec<io::Result<()>> = results.iter().collect();
+        for thread in threads {
+            thread.stop();
+        }
+        outcomes.into_iter().collect::<io::Result<()>>()?;
+    }
+    let elapsed = started.elapsed();
+    Ok((elapsed, args.count))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("bench: {message}");
+            }
+            eprintln!("{USAGE}");
+            return if message.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) };
+        }
+    };
+    match run(&args) {
+        Ok((elapsed, requests)) => {
+            let seconds = elapsed.as_secs_f64();
+            if !args.quiet {
+                println!("Run completed in {seconds:.3} seconds.");
+            }
+            if args.json {
+                let iops = requests as f64 / seconds;
+                println!(
+                    "{{\"requests\":{requests},\"seconds\":{seconds:.6},\"iops\":{iops:.0},\
+                     \"iothreads\":{}}}",
+                    args.iothreads
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("bench: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
