@@ -240,7 +240,7 @@ fn worker(co: &Co, blk: &BlockBackend, plan: &Plan, lane: &Lane) -> io::Result<(
         };
         lane.busy.set(lane.busy.get() - 1);
         result?;
-        if plan.flush_interval != 0 && (index + 1) % plan.flush_interval == 0 {
+        if plan.flush_interval != 0 && (index + 1).is_multiple_of(plan.flush_interval) {
             if plan.drain_on_flush {
                 lane.flushing.set(true);
                 while lane.busy.get() != 0 {
