@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs aiocoro-block's `bench` example and `qemu-img bench` side by side (and fio for the raw
+# file) on the same image, alternating, and prints a Markdown table of the medians with the
+# ratio; docs/performance.md quotes its output.
+#
+# Usage: scripts/block-perf.sh [DIR] [ROUNDS]   (DIR holds the 1 GiB test file; default /tmp)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=${1:-/tmp}
+rounds=${2:-3}
+image="$dir/aiocoro-block-perf.raw"
+for tool in qemu-img fio; do
+    command -v "$tool" >/dev/null || { echo "block-perf: $tool is missing" >&2; exit 1; }
+done
+cargo build --release -q -p aiocoro-block --example bench
+ours=target/release/examples/bench
+if [ ! -f "$image" ]; then
+    # Real data, not a sparse file: reads of holes would not reach the device.
+    dd if=/dev/urandom of="$image" bs=1M count=1024 status=none
+fi
+
+# Seconds of one run, from the "Run completed in X seconds." line both tools print.
+seconds() { "$@" | sed -n 's/^Run completed in \([0-9.]*\) seconds\./\1/p'; }
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+# fio's read IOPS for COUNT 4 KiB requests at depth 64.
+fio_iops() {
+    fio --name=peer --filename="$image" --ioengine=io_uring --direct=1 --iodepth=64 --bs=4k \
+        --rw=read --io_size=$(($1 * 4))k --output-format=terse --terse-version=3 |
+        awk -F';' '{ print $8 }'
+}
+
+printf '| workload | requests | aiocoro-block | qemu-img bench | ratio | fio |\n'
+printf '|---|---:|---:|---:|---:|---:|\n'
+row() { # name count fio(yes/no) bench-arguments...
+    local name=$1 count=$2 with_fio=$3
+    shift 3
+    local ours_s=() qemu_s=() fio_v=()
+    for _ in $(seq "$rounds"); do
+        ours_s+=("$(seconds "$ours" -c "$count" "$@")")
+        qemu_s+=("$(seconds qemu-img bench -c "$count" "$@")")
+        if [ "$with_fio" = yes ]; then fio_v+=("$(fio_iops "$count")"); fi
+    done
+    local o q f=-
+    o=$(printf '%s\n' "${ours_s[@]}" | median)
+    q=$(printf '%s\n' "${qemu_s[@]}" | median)
+    if [ "$with_fio" = yes ]; then
+        f=$(printf '%s\n' "${fio_v[@]}" | median)
+        f=$(awk -v f="$f" -v o="$o" -v c="$count" 'BEGIN { printf "%.0f IOPS (ours %.2fx)", f, c / o / f }')
+    fi
+    awk -v n="$name" -v c="$count" -v o="$o" -v q="$q" -v f="$f" 'BEGIN {
+        printf "| %s | %d | %.3f s (%.0f IOPS) | %.3f s (%.0f IOPS) | %.2fx | %s |\n",
+            n, c, o, c / o, q, c / q, q / o, f }'
+}
+row "null-co, 4 KiB reads, depth 64" 1000000 no -d 64 --image-opts driver=null-co,size=1G
+row "raw file, writeback, 4 KiB reads, depth 64" 200000 no -d 64 -f raw -t writeback -i io_uring "$image"
+row "raw file, O_DIRECT io_uring, 4 KiB reads, depth 64" 200000 yes -d 64 -f raw -t none -i io_uring "$image"
