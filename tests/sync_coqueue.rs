@@ -207,3 +207,102 @@ fn a_queue_belongs_to_one_lock() {
     assert!(queue.is_empty(&a.lock_blocking()));
     queue.is_empty(&b.lock_blocking());
 }
+
+/// Under `NoLock` waiters park (the lock cannot leave the thread): they count as suspended,
+/// a stray `enter` leaves them waiting, and `next` / `restart_all` from outside a coroutine
+/// queue them to run in the next poll, in order.
+#[test]
+fn waiters_under_no_lock_count_as_suspended_and_ignore_stray_entries() {
+    let ctx = AioContext::new().unwrap();
+    let state = Rc::new((NoLock::new(Vec::new()), CoQueue::new()));
+    let mut waiters = Vec::new();
+    for name in ["first", "second", "third"] {
+        let s = state.clone();
+        waiters.push(ctx.spawn(move |co| {
+            let (lock, queue) = &*s;
+            let mut log = lock.lock(co);
+            queue.wait(co, &mut log);
+            log.push(name);
+        }));
+    }
+    while ctx.poll(false) {}
+    assert_eq!(ctx.suspended_coroutines(), 3);
+    waiters[0].enter(); // a stray entry: the waiter must keep waiting
+    assert!(!waiters[0].is_ended());
+    assert_eq!(ctx.suspended_coroutines(), 3);
+    let (lock, queue) = &*state;
+    {
+        let mut log = lock.lock_blocking();
+        assert!(log.is_empty());
+        assert!(queue.next(&mut log));
+        assert!(log.is_empty(), "next only queues the waiter");
+    }
+    while ctx.poll(false) {}
+    assert_eq!(*lock.lock_blocking(), ["first"]);
+    assert_eq!(ctx.suspended_coroutines(), 2);
+    assert_eq!(queue.restart_all(&mut lock.lock_blocking()), 2);
+    while ctx.poll(false) {}
+    assert_eq!(*lock.lock_blocking(), ["first", "second", "third"]);
+    assert_eq!(ctx.suspended_coroutines(), 0);
+    assert!(waiters.iter().all(|waiter| waiter.is_ended()));
+    assert!(queue.is_empty(&lock.lock_blocking()));
+}
+
+/// `enter_next` from inside a coroutine does not nest: the waiter runs after the caller yields.
+#[test]
+fn enter_next_inside_a_coroutine_runs_the_waiter_after_the_caller_yields() {
+    let ctx = AioContext::new().unwrap();
+    let state = Rc::new((NoLock::new(Vec::new()), CoQueue::new()));
+    let s = state.clone();
+    ctx.spawn(move |co| {
+        let (lock, queue) = &*s;
+        let mut log = lock.lock(co);
+        queue.wait(co, &mut log);
+        log.push("waiter");
+    });
+    while ctx.poll(false) {}
+    let s = state.clone();
+    ctx.spawn(move |co| {
+        let (lock, queue) = &*s;
+        let mut log = lock.lock(co);
+        assert!(queue.enter_next(&mut log));
+        log.push("caller");
+    });
+    while ctx.poll(false) {}
+    assert_eq!(*state.0.lock_blocking(), ["caller", "waiter"]);
+    assert_eq!(ctx.suspended_coroutines(), 0);
+}
+
+/// A wait that cannot suspend (here: a thread-lock guard held, caught in debug builds) panics
+/// before it queues anything, so the queue keeps no record of a coroutine that is not waiting.
+macro_rules! wait_that_may_not_yield {
+    ($make:expr) => {{
+        let ctx = AioContext::new().unwrap();
+        let state = Rc::new(($make, CoQueue::new(), ThreadMutex::new(())));
+        let s = state.clone();
+        let waiter = ctx.spawn(move |co| {
+            let (lock, queue, thread_lock) = &*s;
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _thread_guard = thread_lock.lock(co);
+                let mut guard = lock.lock(co);
+                queue.wait(co, &mut guard);
+            }));
+            assert!(result.is_err(), "the wait panicked");
+        });
+        while ctx.poll(false) {}
+        assert!(waiter.is_ended());
+        assert_eq!(ctx.suspended_coroutines(), 0);
+        let (lock, queue, _) = &*state;
+        assert!(queue.is_empty(&lock.lock_for_test()));
+    }};
+}
+
+#[test]
+fn a_wait_that_may_not_yield_leaves_no_record_behind() {
+    if !cfg!(debug_assertions) {
+        return; // the check is a debug-build one; release builds skip the bookkeeping
+    }
+    wait_that_may_not_yield!(NoLock::new(0u32));
+    wait_that_may_not_yield!(CoMutex::new(0u32));
+    wait_that_may_not_yield!(ThreadMutex::new(0u32));
+}

@@ -20,7 +20,7 @@ use super::context::{
     Local, Message, RunItem, Shared, current_local, deliver_here, home_local, no_context,
     with_current_brief,
 };
-use crate::coroutine::{Co, Coroutine, Park};
+use crate::coroutine::{Co, Coroutine, Park, in_coroutine};
 
 /// Why a wait ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,9 +107,13 @@ impl Co {
     ///
     /// # Panics
     ///
-    /// If this thread has no [`AioContext`](super::AioContext).
+    /// If this thread has no [`AioContext`](super::AioContext), or if the coroutine may not
+    /// yield now (as [`Co::yield_now`] would): before anything is parked, so that no record
+    /// names a coroutine that does not wait. The caller's queueing of the record and the
+    /// suspension that follows then cannot fail.
     #[inline]
     pub(crate) fn park(&self) -> Parked {
+        self.assert_may_yield(0);
         let coroutine = self.current();
         // SAFETY: the count update runs no other code.
         let context = unsafe {
@@ -261,8 +265,10 @@ impl Drop for Wait<'_> {
 /// coroutine (so the coroutine cannot be dropped while parked), never leaves the coroutine's
 /// thread, and is unparked at most once, so it can be neither stale nor duplicated. The park
 /// state lives in the coroutine: `Parked`, then `Woken` by the unpark, which queues the record
-/// on the run queue, then `Idle` when the run queue resumes it. Only that last step ends the
-/// park, so a stray `enter` cannot. The context counts its parked coroutines as suspended.
+/// on the run queue, then `Idle` when the run queue resumes it; or straight from `Parked` to
+/// `Idle` by [`Parked::unpark_and_enter`], which then enters it. Only the holder of the record
+/// sets `Idle`, and that ends the park, so a stray `enter` cannot. The context counts its
+/// parked coroutines as suspended.
 pub(crate) struct Parked {
     coroutine: Coroutine,
     /// The id of the context that counts the park.
@@ -288,6 +294,35 @@ impl Parked {
         };
         // Parked in a context that is gone (dropped while a panic unwound): it can never run.
         drop(orphan);
+    }
+
+    /// Ends the park and enters the coroutine at once, when the caller is not itself a
+    /// coroutine (QEMU's `qemu_co_enter_next`); otherwise queues it as [`Parked::unpark`] does.
+    /// Must be called on the coroutine's thread.
+    #[inline]
+    pub(crate) fn unpark_and_enter(self) {
+        if in_coroutine() {
+            return self.unpark();
+        }
+        // SAFETY: the closure only updates the park state and the count; it drops nothing.
+        let home = unsafe {
+            with_current_brief(|local| {
+                let home = local.shared.id == self.context;
+                if home {
+                    let park = self.coroutine.park_state();
+                    debug_assert_eq!(park.get(), Park::Parked);
+                    park.set(Park::Idle);
+                    local.parked.set(local.parked.get() - 1);
+                }
+                home
+            })
+        };
+        // Entered after the last use of the context: the coroutine may drop its last handle.
+        // A park in a context that is gone (dropped while a panic unwound) can never run; the
+        // record is dropped.
+        if home == Some(true) {
+            self.coroutine.enter();
+        }
     }
 }
 

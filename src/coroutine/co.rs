@@ -129,20 +129,35 @@ impl Co {
     pub fn yield_now(&self) {
         #[cfg(aiocoro_loom)]
         self.assert_not_model();
+        self.assert_may_yield(0);
+        // SAFETY: the yielder lives on this coroutine's stack for as long as the body runs
+        // (field invariant), and this code runs inside the body.
+        unsafe { self.yielder.as_ref() }.suspend(());
+    }
+
+    /// Panics, as [`Co::yield_now`] would, if this coroutine may not yield once it has released
+    /// `releasing` thread-lock guards. For code that must not fail after it has given out a
+    /// record of the coroutine's suspension: both conditions (its stack is not being unwound;
+    /// in debug builds, it holds no more thread-lock guards than when it was entered) stay as
+    /// they are until it yields, unless it takes a thread lock meanwhile. A loom model's token
+    /// passes (its waits park a thread, they do not yield).
+    #[inline]
+    pub(crate) fn assert_may_yield(&self, releasing: usize) {
+        #[cfg(aiocoro_loom)]
+        if self.model {
+            return;
+        }
         // SAFETY: the slot outlives every `&Co` (field invariant).
         let slot = unsafe { self.slot.as_ref() };
         if slot.state.get() == State::Unwinding {
             yield_while_unwinding(slot);
         }
         if cfg!(debug_assertions) {
-            let held = crate::sync::yield_check::held();
+            let held = crate::sync::yield_check::held().saturating_sub(releasing);
             if held > slot.locks_at_entry.get() {
                 yield_holding_thread_lock(slot, held - slot.locks_at_entry.get());
             }
         }
-        // SAFETY: the yielder lives on this coroutine's stack for as long as the body runs
-        // (field invariant), and this code runs inside the body.
-        unsafe { self.yielder.as_ref() }.suspend(());
     }
 
     /// This coroutine's park state (see `aio::wait::Parked`).

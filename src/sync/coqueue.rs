@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use super::lock::LockGuard;
 use super::raw::{RawBlockingLock, RawLock};
-use crate::aio::{WaitRef, run_woken_coroutines};
+use crate::aio::{Parked, WaitRef, run_woken_coroutines};
 use crate::coroutine::Co;
 use crate::loom::AtomicUsize;
 
@@ -19,6 +19,10 @@ use crate::loom::AtomicUsize;
 /// [`SpinLock`](super::SpinLock), [`NoLock`](super::NoLock)). The first call ties the queue to
 /// that lock; a call with a guard of another lock panics, because the queue's own state is
 /// protected by that one lock.
+///
+/// Under a lock that never leaves its thread ([`NoLock`](super::NoLock)), waiters park (a
+/// lighter suspension than a wait-table entry, see the architecture notes) instead of taking
+/// wake records that any thread may use.
 ///
 /// ```
 /// use aiocoro::aio::AioContext;
@@ -49,14 +53,29 @@ use crate::loom::AtomicUsize;
 pub struct CoQueue {
     /// The address of the lock this queue is used with (0 until the first call).
     lock: AtomicUsize,
-    /// Wake records of the waiting coroutines, first to wake first; each is popped (and woken)
-    /// once. Touched only under the lock named by `lock`.
+    /// Wake records of the coroutines waiting under a lock that is not
+    /// [`THREAD_BOUND`](RawLock::THREAD_BOUND), first to wake first; each is popped (and
+    /// woken) once. Touched only under the lock named by `lock`, by callers whose lock type is
+    /// not thread-bound.
     waiters: UnsafeCell<VecDeque<WaitRef>>,
+    /// Park records of the coroutines waiting under a thread-bound lock, first to wake first;
+    /// each is popped (and unparked) once.
+    ///
+    /// Invariant: touched only under the lock named by `lock`, by callers whose lock type is
+    /// thread-bound; every record here belongs to a coroutine suspended in
+    /// [`CoQueue::wait_at`] until its record is popped (it checked that it may yield before
+    /// queueing the record, and the record owns a handle, so it can neither fail before
+    /// suspending nor be dropped while it waits). Such a coroutine holds a reference to the
+    /// queue and one to the lock until it resumes, so while the list is not empty the queue
+    /// cannot move or be dropped, and by the `THREAD_BOUND` rules every guard that passes the
+    /// check in `bound` is on that coroutine's thread: the records never leave it.
+    parked: UnsafeCell<VecDeque<Parked>>,
 }
 
 // SAFETY: `waiters` is only touched by a caller that holds the one lock the queue is tied to
-// (checked in `waiters`), which serialises those accesses across threads; records are
-// `Send + Sync`.
+// (checked in `bound`), which serialises those accesses across threads; its records are
+// `Send + Sync`. `parked` is only touched on the thread of its records, and the queue cannot
+// move to another thread or be dropped there while it holds any (field invariant).
 unsafe impl Send for CoQueue {}
 // SAFETY: as above.
 unsafe impl Sync for CoQueue {}
@@ -70,16 +89,16 @@ impl Default for CoQueue {
 impl CoQueue {
     /// An empty queue, not yet tied to a lock.
     pub fn new() -> CoQueue {
-        CoQueue { lock: AtomicUsize::new(0), waiters: UnsafeCell::new(VecDeque::new()) }
+        CoQueue {
+            lock: AtomicUsize::new(0),
+            waiters: UnsafeCell::new(VecDeque::new()),
+            parked: UnsafeCell::new(VecDeque::new()),
+        }
     }
 
-    /// Ties the queue to `guard`'s lock, or checks that it is tied to it; then gives access to
-    /// the waiters, which that lock protects.
-    #[allow(clippy::mut_from_ref, reason = "exclusive by the guard of the bound lock")]
-    fn waiters<R: RawLock, T: ?Sized>(
-        &self,
-        guard: &LockGuard<'_, R, T>,
-    ) -> &mut VecDeque<WaitRef> {
+    /// Ties the queue to `guard`'s lock, or checks that it is tied to it.
+    #[inline]
+    fn bound<R: RawLock, T: ?Sized>(&self, guard: &LockGuard<'_, R, T>) {
         let id = ptr::from_ref(guard.lock()).cast::<()>() as usize;
         let mut bound = self.lock.load(Ordering::Relaxed);
         if bound == 0 {
@@ -93,9 +112,31 @@ impl CoQueue {
             "aiocoro: a CoQueue was used with a guard of a different lock than the one it is \
              tied to; each queue belongs to the one lock that protects its condition"
         );
-        // SAFETY: the caller holds the lock the queue is tied to (the guard proves it, and the
-        // check above proves it is that lock), so no other access to `waiters` is in progress.
+    }
+
+    /// The wake records, which the lock protects; for a lock type that is not thread-bound.
+    #[allow(clippy::mut_from_ref, reason = "exclusive by the guard of the bound lock")]
+    #[inline]
+    fn waiters<R: RawLock, T: ?Sized>(
+        &self,
+        guard: &LockGuard<'_, R, T>,
+    ) -> &mut VecDeque<WaitRef> {
+        debug_assert!(!R::THREAD_BOUND);
+        self.bound(guard);
+        // SAFETY: the caller holds the lock the queue is tied to (the guard proves it, and
+        // `bound` proves it is that lock), so no other access to `waiters` is in progress.
         unsafe { &mut *self.waiters.get() }
+    }
+
+    /// The park records, which the lock protects; for a thread-bound lock type.
+    #[allow(clippy::mut_from_ref, reason = "exclusive by the guard of the bound lock")]
+    #[inline]
+    fn parked<R: RawLock, T: ?Sized>(&self, guard: &LockGuard<'_, R, T>) -> &mut VecDeque<Parked> {
+        debug_assert!(R::THREAD_BOUND);
+        self.bound(guard);
+        // SAFETY: as in `waiters`, and the guard is of a thread-bound lock, so this is the
+        // thread of the records (field invariant).
+        unsafe { &mut *self.parked.get() }
     }
 
     /// Queues this coroutine, releases the lock, suspends until woken, and retakes the lock
@@ -118,6 +159,28 @@ impl CoQueue {
         guard: &mut LockGuard<'_, R, T>,
         front: bool,
     ) {
+        if R::THREAD_BOUND {
+            let parked = self.parked(guard);
+            // `park` fails (if it does) before there is a record, and nothing fails between
+            // queueing the record and suspending (see the invariant on `parked`).
+            let record = co.park();
+            if front {
+                parked.push_front(record);
+            } else {
+                parked.push_back(record);
+            }
+            // SAFETY: the lock is retaken below, before the guard is used again, and
+            // `reacquired` follows; the guard stays borrowed meanwhile.
+            unsafe { guard.release() };
+            co.wait_unparked();
+            guard.lock().raw().lock(co);
+            guard.reacquired();
+            return;
+        }
+        // Fail, if at all, before queueing a record: one left behind would name a wait that is
+        // over, in a context that may be gone when someone pops it. The guard of a thread
+        // lock is released before the yield.
+        co.assert_may_yield(usize::from(!R::YIELD_SAFE));
         let wait = co.prepare_wait();
         let waiters = self.waiters(guard);
         if front {
@@ -137,6 +200,9 @@ impl CoQueue {
     /// context, and then retakes the lock (QEMU's `qemu_co_queue_next`). Returns whether there
     /// was one.
     pub fn next<R: RawLock, T: ?Sized>(&self, guard: &mut LockGuard<'_, R, T>) -> bool {
+        if R::THREAD_BOUND {
+            return self.parked(guard).pop_front().map(Parked::unpark).is_some();
+        }
         match self.waiters(guard).pop_front() {
             Some(waker) => {
                 // SAFETY: popped records are woken once, and a queued record's suspension
@@ -150,6 +216,12 @@ impl CoQueue {
 
     /// Wakes every waiter (QEMU's `qemu_co_queue_restart_all`); returns how many.
     pub fn restart_all<R: RawLock, T: ?Sized>(&self, guard: &mut LockGuard<'_, R, T>) -> usize {
+        if R::THREAD_BOUND {
+            let parked: Vec<Parked> = self.parked(guard).drain(..).collect();
+            let count = parked.len();
+            parked.into_iter().for_each(Parked::unpark);
+            return count;
+        }
         let woken: Vec<WaitRef> = self.waiters(guard).drain(..).collect();
         let count = woken.len();
         for waker in woken {
@@ -161,6 +233,9 @@ impl CoQueue {
 
     /// Whether nobody waits (QEMU's `qemu_co_queue_empty`).
     pub fn is_empty<R: RawLock, T: ?Sized>(&self, guard: &LockGuard<'_, R, T>) -> bool {
+        if R::THREAD_BOUND {
+            return self.parked(guard).is_empty();
+        }
         self.waiters(guard).is_empty()
     }
 
@@ -171,8 +246,14 @@ impl CoQueue {
         &self,
         guard: &mut LockGuard<'_, R, T>,
     ) -> bool {
+        if R::THREAD_BOUND {
+            let Some(record) = self.parked(guard).pop_front() else { return false };
+            self.enter_woken(guard, [record], Parked::unpark_and_enter);
+            return true;
+        }
         let Some(waker) = self.waiters(guard).pop_front() else { return false };
-        self.enter_woken(guard, [waker]);
+        // SAFETY: as in `next`.
+        self.enter_woken(guard, [waker], |waker| unsafe { waker.wake_and_enter() });
         true
     }
 
@@ -182,25 +263,34 @@ impl CoQueue {
         &self,
         guard: &mut LockGuard<'_, R, T>,
     ) -> usize {
+        if R::THREAD_BOUND {
+            let parked: Vec<Parked> = self.parked(guard).drain(..).collect();
+            let count = parked.len();
+            if count > 0 {
+                self.enter_woken(guard, parked, Parked::unpark_and_enter);
+            }
+            return count;
+        }
         let woken: Vec<WaitRef> = self.waiters(guard).drain(..).collect();
         let count = woken.len();
         if count > 0 {
-            self.enter_woken(guard, woken);
+            // SAFETY: as in `next`.
+            self.enter_woken(guard, woken, |waker| unsafe { waker.wake_and_enter() });
         }
         count
     }
 
-    fn enter_woken<R: RawBlockingLock, T: ?Sized>(
+    /// Releases the lock, wakes and enters each of `woken` with `enter`, runs what they woke,
+    /// and retakes the lock.
+    fn enter_woken<R: RawBlockingLock, T: ?Sized, W>(
         &self,
         guard: &mut LockGuard<'_, R, T>,
-        woken: impl IntoIterator<Item = WaitRef>,
+        woken: impl IntoIterator<Item = W>,
+        enter: impl Fn(W),
     ) {
         // SAFETY: retaken below before the guard is used again.
         unsafe { guard.release() };
-        for waker in woken {
-            // SAFETY: as in `next`.
-            unsafe { waker.wake_and_enter() };
-        }
+        woken.into_iter().for_each(enter);
         // What the entered coroutines woke in turn runs before the lock is retaken.
         run_woken_coroutines();
         guard.lock().raw().lock_blocking();

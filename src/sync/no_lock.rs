@@ -16,13 +16,16 @@ pub struct RawNoLock {
 }
 
 // SAFETY: `held` admits one holder at a time (a second `lock` panics, `try_lock` fails), and
-// the type is not `Sync`, so all holders are on one thread and need no memory ordering.
+// the type is not `Sync`, so all holders are on one thread and need no memory ordering. Not
+// `Sync` (`Cell`) and not zero-sized (a `bool`), as `THREAD_BOUND` requires.
 unsafe impl RawLock for RawNoLock {
     fn new() -> Self {
         RawNoLock { held: Cell::new(false) }
     }
 
     const YIELD_SAFE: bool = true;
+
+    const THREAD_BOUND: bool = true;
 
     #[inline]
     fn lock(&self, _co: &Co) {

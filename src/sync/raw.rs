@@ -11,6 +11,9 @@ use crate::coroutine::Co;
 /// `lock` returns and no other `try_lock` succeeds. The acquiring operations must synchronise
 /// with the releasing one (acquire / release ordering), so data written under the lock is seen
 /// by the next holder.
+///
+/// [`RawLock::THREAD_BOUND`] may be true only if `Self` is neither `Sync` nor zero-sized (see
+/// there).
 pub unsafe trait RawLock {
     /// An unlocked lock. (A function rather than `lock_api`'s `const INIT`, so that the same
     /// code builds on loom's atomics, which are not `const`.)
@@ -19,6 +22,17 @@ pub unsafe trait RawLock {
     /// Whether a guard may stay alive across a yield. False for locks that block or spin the
     /// thread: a coroutine that yields while holding one can deadlock its whole context.
     const YIELD_SAFE: bool;
+
+    /// Whether a lock of this type never leaves the thread that uses it, so that a
+    /// [`CoQueue`](super::CoQueue) under it may suspend its waiters in the light, same-thread
+    /// way (a park record, which must never be touched from another thread).
+    ///
+    /// True only for a type that is not `Sync` and not zero-sized (a safety requirement of the
+    /// trait). Not `Sync`: while a coroutine waits holding a reference to the lock, every
+    /// reference to it and every guard of it are on that coroutine's thread. Not zero-sized:
+    /// two such locks alive at one address are nested one in the other, so a guard of either
+    /// is on that thread too.
+    const THREAD_BOUND: bool = false;
 
     /// Acquires the lock. A coroutine lock suspends `co` while it waits; a thread lock blocks or
     /// spins the thread.
