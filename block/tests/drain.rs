@@ -235,6 +235,36 @@ fn requests_backing_out_of_a_section_are_not_in_flight() {
     load.finish();
 }
 
+/// An IoThread drains from a callback of its own event loop (as QEMU drains from a bottom
+/// half) while its own coroutines have requests inside the driver: the drain runs its
+/// context (a nested poll) until they end.
+#[test]
+fn an_iothread_drains_from_a_callback_while_its_coroutines_run_requests() {
+    let load = Load::start(2, Duration::from_micros(100));
+    let (tx, rx) = mpsc::channel();
+    for _ in 0..10 {
+        let entered = load.counters.entered();
+        let (blk, counters, tx) = (load.blk.clone(), load.counters.clone(), tx.clone());
+        load.iothreads[0]
+            .handle()
+            .schedule_oneshot(move || {
+                let drained = blk.drain();
+                let quiet = (blk.in_flight(), counters.entered() - counters.left());
+                let entered = counters.entered();
+                std::thread::sleep(Duration::from_millis(1));
+                let after = counters.entered();
+                drop(drained);
+                tx.send((quiet, entered, after)).unwrap();
+            })
+            .unwrap();
+        let (quiet, inside, after) = rx.recv_timeout(HANG).expect("the drain never ended");
+        assert_eq!(quiet, (0, 0), "requests ran inside the section");
+        assert_eq!(inside, after, "a request reached the driver while drained");
+        load.wait_for_progress(entered.max(after));
+    }
+    load.finish();
+}
+
 #[test]
 fn drains_nest_on_one_thread() {
     let load = Load::start(2, Duration::from_micros(100));
