@@ -189,6 +189,32 @@ fn scatter_gather_round_trips_with_aligned_and_misaligned_buffers() {
     }
 }
 
+/// A request may have more buffers than one `preadv` / `pwritev` takes (Linux: 1024).
+#[test]
+fn requests_with_more_buffers_than_one_system_call_takes() {
+    for combo in combos() {
+        let file = TempFile::with_contents("many-buffers", &vec![0; 1 << 20]);
+        let options = combo.options(&file, "");
+        let written = pattern(1 << 20, 20);
+        let expected = written.clone();
+        run_in_coroutine(move |co| {
+            let blk = open_blk(co, &options).unwrap();
+            // 2048 aligned pieces of 512 bytes.
+            let pieces: Vec<IoBuffer> = written.chunks(512).map(IoBuffer::copy_from).collect();
+            let slices: Vec<IoSlice<'_>> = pieces.iter().map(|piece| IoSlice::new(piece)).collect();
+            blk.writev(co, 0, &slices).unwrap_or_else(|e| panic!("{combo:?}: {e}"));
+            // 4096 pieces of 256 bytes, half of them misaligned for O_DIRECT.
+            let mut back = vec![0u8; 1 << 20];
+            let mut slices: Vec<IoSliceMut<'_>> =
+                back.chunks_mut(256).map(IoSliceMut::new).collect();
+            blk.readv(co, 0, &mut slices).unwrap_or_else(|e| panic!("{combo:?}: {e}"));
+            assert!(back == written, "{combo:?}: read back what was written");
+        })
+        .unwrap();
+        assert!(file.contents() == expected, "{combo:?}");
+    }
+}
+
 #[test]
 fn misaligned_requests_under_o_direct_are_refused_naming_the_node() {
     for combo in combos().into_iter().filter(|combo| combo.direct) {
