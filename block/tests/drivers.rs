@@ -361,6 +361,32 @@ fn discard_and_write_zeroes_read_back_zeroes() {
 }
 
 #[test]
+fn empty_requests_do_nothing_and_succeed() {
+    for combo in combos() {
+        let contents = pattern(64 * KIB as usize, 21);
+        let file = TempFile::with_contents("empty", &contents);
+        let options = combo.options(&file, "");
+        run_in_coroutine(move |co| {
+            let blk = open_blk(co, &options).unwrap();
+            for offset in [0, 4096, 64 * KIB] {
+                blk.read(co, offset, &mut []).unwrap_or_else(|e| panic!("{combo:?}: {e}"));
+                blk.readv(co, offset, &mut []).unwrap_or_else(|e| panic!("{combo:?}: {e}"));
+                blk.write(co, offset, &[]).unwrap_or_else(|e| panic!("{combo:?}: {e}"));
+                blk.writev(co, offset, &[]).unwrap_or_else(|e| panic!("{combo:?}: {e}"));
+                blk.discard(co, offset, 0).unwrap_or_else(|e| panic!("{combo:?}: {e}"));
+                for unmap in [false, true] {
+                    blk.write_zeroes(co, offset, 0, unmap)
+                        .unwrap_or_else(|e| panic!("{combo:?}: {e}"));
+                }
+            }
+            assert_eq!(blk.length(), 64 * KIB);
+        })
+        .unwrap();
+        assert!(file.contents() == contents, "{combo:?}: the file is untouched");
+    }
+}
+
+#[test]
 fn block_status_tells_holes_from_data() {
     for combo in combos() {
         let file = TempFile::sparse("sparse", 1 << 20);

@@ -212,6 +212,9 @@ impl BlockDriver for FileDriver {
     }
 
     fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(()); // fallocate(2) refuses an empty range.
+        }
         let file = self.file.try_clone()?;
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         match co.run_blocking(move || sys::fallocate(file.as_fd(), mode, offset, len)) {
@@ -222,6 +225,9 @@ impl BlockDriver for FileDriver {
     }
 
     fn write_zeroes(&self, co: &Co, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(()); // fallocate(2) refuses an empty range.
+        }
         let file = self.file.try_clone()?;
         let mode = if may_unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
