@@ -17,8 +17,11 @@ use aiocoro::coroutine::{self, Co};
 /// The in-flight count of one backend and its drained sections.
 #[derive(Default)]
 pub(crate) struct RequestGate {
-    /// Requests running now (counted in by `enter`, out by `leave`).
+    /// Requests counted in by `enter`, out by `leave`; drainers wait for zero. It includes,
+    /// for a moment, a request that found a section open and is backing out.
     in_flight: AtomicU64,
+    /// Requests that passed the gate and have not left: never one inside a section.
+    running: AtomicU64,
     /// Drained sections open now.
     sections: AtomicU32,
     waiters: Mutex<Waiters>,
@@ -56,9 +59,9 @@ impl RequestGate {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Requests running now.
+    /// Requests running now (past the gate; not the ones backing out of it).
     pub(crate) fn in_flight(&self) -> u64 {
-        self.in_flight.load(SeqCst)
+        self.running.load(SeqCst)
     }
 
     /// Counts a request in, first waiting (the coroutine sleeps) while a section is open.
@@ -66,9 +69,10 @@ impl RequestGate {
         loop {
             self.in_flight.fetch_add(1, SeqCst);
             if self.sections.load(SeqCst) == 0 {
+                self.running.fetch_add(1, SeqCst);
                 return;
             }
-            self.leave();
+            self.count_out();
             let wait = co.prepare_wait();
             {
                 let mut waiters = self.waiters();
@@ -81,8 +85,14 @@ impl RequestGate {
         }
     }
 
-    /// Counts a request out; the last one out wakes the drainers.
+    /// Counts out a request that `enter` let through.
     pub(crate) fn leave(&self) {
+        self.running.fetch_sub(1, SeqCst);
+        self.count_out();
+    }
+
+    /// Counts a request out of `in_flight`; the last one out wakes the drainers.
+    fn count_out(&self) {
         if self.in_flight.fetch_sub(1, SeqCst) == 1 && self.sections.load(SeqCst) != 0 {
             self.waiters().drainers.iter().for_each(|(_, drainer)| drainer.wake());
         }
@@ -114,9 +124,9 @@ impl RequestGate {
             ticket
         };
         match &context {
-            Some(context) => context.wait_while(|| self.in_flight() != 0),
+            Some(context) => context.wait_while(|| self.in_flight.load(SeqCst) != 0),
             None => {
-                while self.in_flight() != 0 {
+                while self.in_flight.load(SeqCst) != 0 {
                     thread::park();
                 }
             }

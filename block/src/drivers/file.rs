@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
+use std::ops::Deref;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -13,6 +14,10 @@ use aiocoro::coroutine::Co;
 use crate::buffer::{BUFFER_ALIGN, IoBuffer};
 use crate::driver::{Alignment, Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 use crate::sys;
+
+/// The most buffers one `preadv` / `pwritev` takes (Linux's `UIO_MAXIOV`); requests with
+/// more go through one bounce buffer.
+const IOV_MAX: usize = 1024;
 
 /// How the file's data meets the page cache (QEMU's `cache=` modes that matter here).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,10 +90,12 @@ impl FileDriver {
         Ok(FileDriver { file, engine, alignment, direct })
     }
 
-    /// Whether the buffers can go to the kernel as they are under `O_DIRECT`.
-    fn direct_ready(&self, lens_and_addresses: impl Iterator<Item = (usize, usize)>) -> bool {
+    /// Whether the buffers can go to the kernel as they are: few enough for one call, and
+    /// aligned under `O_DIRECT`.
+    fn direct_ready<B: Deref<Target = [u8]>>(&self, bufs: &[B]) -> bool {
         let mask = self.alignment.memory - 1;
-        !self.direct || lens_and_addresses.into_iter().all(|(len, addr)| (len | addr) & mask == 0)
+        let aligned = |buf: &B| (buf.len() | buf.as_ptr() as usize) & mask == 0;
+        bufs.len() <= IOV_MAX && (!self.direct || bufs.iter().all(aligned))
     }
 
     /// Reads `bufs` at `offset`, all of them: a short read is continued, and the part past
@@ -161,7 +168,7 @@ impl BlockDriver for FileDriver {
     }
 
     fn read(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-        if self.direct_ready(bufs.iter().map(|buf| (buf.len(), buf.as_ptr() as usize))) {
+        if self.direct_ready(bufs) {
             return self.read_all(co, offset, bufs);
         }
         let len = bufs.iter().map(|buf| buf.len()).sum();
@@ -177,7 +184,7 @@ impl BlockDriver for FileDriver {
     }
 
     fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
-        if self.direct_ready(bufs.iter().map(|buf| (buf.len(), buf.as_ptr() as usize))) {
+        if self.direct_ready(bufs) {
             let mut owned: Vec<IoSlice<'_>>;
             let mut on_stack: [IoSlice<'_>; 4];
             let slices: &mut [IoSlice<'_>] = if bufs.len() <= 4 {
@@ -205,6 +212,9 @@ impl BlockDriver for FileDriver {
     }
 
     fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(()); // fallocate(2) refuses an empty range.
+        }
         let file = self.file.try_clone()?;
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         match co.run_blocking(move || sys::fallocate(file.as_fd(), mode, offset, len)) {
@@ -215,6 +225,9 @@ impl BlockDriver for FileDriver {
     }
 
     fn write_zeroes(&self, co: &Co, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(()); // fallocate(2) refuses an empty range.
+        }
         let file = self.file.try_clone()?;
         let mode = if may_unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE

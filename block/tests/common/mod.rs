@@ -1,0 +1,191 @@
+//! Helpers shared by the block layer's integration tests. Each test binary uses a part.
+#![allow(dead_code)]
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aiocoro::coroutine::Co;
+use aiocoro_block::{BlockDriver, BlockNode};
+
+/// How long a test waits for something that must happen before it calls it a hang. Only
+/// turns a deadlock into a failure; no test asserts how long anything takes.
+pub const HANG: Duration = Duration::from_secs(120);
+
+/// A file in the temporary directory with a name unique to this process and call, removed
+/// when dropped.
+pub struct TempFile {
+    path: PathBuf,
+}
+
+impl TempFile {
+    /// A new file holding `contents`.
+    pub fn with_contents(what: &str, contents: &[u8]) -> TempFile {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "aiocoro-block-test-{}-{what}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(name);
+        std::fs::write(&path, contents).expect("cannot write a temporary file");
+        TempFile { path }
+    }
+
+    /// A new file of `len` bytes, all holes (a sparse file).
+    pub fn sparse(what: &str, len: u64) -> TempFile {
+        let file = TempFile::with_contents(what, &[]);
+        std::fs::OpenOptions::new().write(true).open(&file.path).unwrap().set_len(len).unwrap();
+        file
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path as options spell it.
+    pub fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    pub fn contents(&self) -> Vec<u8> {
+        std::fs::read(&self.path).unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A byte pattern that differs at every offset of a file (so a misplaced byte shows).
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u64).wrapping_mul(31).wrapping_add(i as u64 >> 9) as u8 ^ seed).collect()
+}
+
+/// Polls `condition` (sleeping between tries) until it holds; panics naming `what` after
+/// [`HANG`].
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < HANG, "waited {HANG:?} for {what}: a hang");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// What a [`TestDriver`] saw, shared with the test that made it.
+#[derive(Default)]
+pub struct Counters {
+    /// Requests that entered the driver (every kind).
+    pub entered: AtomicU64,
+    /// Requests that left it (however they ended).
+    pub left: AtomicU64,
+    /// Requests that failed on purpose.
+    pub failed: AtomicU64,
+}
+
+impl Counters {
+    pub fn entered(&self) -> u64 {
+        self.entered.load(Ordering::SeqCst)
+    }
+
+    pub fn left(&self) -> u64 {
+        self.left.load(Ordering::SeqCst)
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::SeqCst)
+    }
+}
+
+/// A memory-backed driver for tests: counts requests, can sleep in each (so that requests
+/// overlap), and fails with EIO every request whose range touches the byte at `fail_at`.
+pub struct TestDriver {
+    data: Mutex<Vec<u8>>,
+    pub counters: Arc<Counters>,
+    /// The byte whose requests fail.
+    pub fail_at: Option<u64>,
+    /// How long each read or write sleeps before it completes.
+    pub delay: Duration,
+}
+
+impl TestDriver {
+    pub fn new(len: usize) -> TestDriver {
+        TestDriver {
+            data: Mutex::new(vec![0; len]),
+            counters: Arc::default(),
+            fail_at: None,
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// Opens the driver as a node named `name`.
+    pub fn into_node(self, co: &Co, name: &str) -> BlockNode {
+        BlockNode::new(co, name, self, false).unwrap()
+    }
+
+    /// Counts the request in, sleeps, runs `body` unless the range touches `fail_at`, and
+    /// counts it out.
+    fn request<R>(
+        &self,
+        co: &Co,
+        offset: u64,
+        len: u64,
+        body: impl FnOnce(&mut Vec<u8>) -> R,
+    ) -> io::Result<R> {
+        self.counters.entered.fetch_add(1, Ordering::SeqCst);
+        if !self.delay.is_zero() {
+            co.sleep(self.delay);
+        } else {
+            co.reschedule();
+        }
+        let result = if self.fail_at.is_some_and(|at| (offset..offset + len).contains(&at)) {
+            self.counters.failed.fetch_add(1, Ordering::SeqCst);
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            Ok(body(&mut self.data.lock().unwrap()))
+        };
+        self.counters.left.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+}
+
+impl BlockDriver for TestDriver {
+    fn format_name(&self) -> &'static str {
+        "test"
+    }
+
+    fn length(&self, _co: &Co) -> io::Result<u64> {
+        Ok(self.data.lock().unwrap().len() as u64)
+    }
+
+    fn read(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let len: usize = bufs.iter().map(|buf| buf.len()).sum();
+        self.request(co, offset, len as u64, |data| {
+            let mut at = offset as usize;
+            for buf in bufs.iter_mut() {
+                let len = buf.len();
+                buf.copy_from_slice(&data[at..at + len]);
+                at += len;
+            }
+        })
+    }
+
+    fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let len: usize = bufs.iter().map(|buf| buf.len()).sum();
+        self.request(co, offset, len as u64, |data| {
+            let mut at = offset as usize;
+            for buf in bufs {
+                data[at..at + buf.len()].copy_from_slice(buf);
+                at += buf.len();
+            }
+        })
+    }
+
+    fn flush(&self, co: &Co) -> io::Result<()> {
+        self.request(co, 0, 0, |_| ())
+    }
+}
