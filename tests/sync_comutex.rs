@@ -183,3 +183,49 @@ fn a_waiter_parked_behind_a_holder_of_its_thread_counts_as_suspended_and_ignores
     assert_eq!(ctx.suspended_coroutines(), 0);
     assert_eq!(*mutex.try_lock().unwrap(), ["holder", "waiter"]);
 }
+
+/// A lock that must queue behind a holder on another thread, from a coroutine that may not
+/// yield (a thread-lock guard held, caught in debug builds), panics before it queues: the
+/// holder's unlock then frees the lock instead of handing it to a waiter that is gone.
+#[test]
+fn a_cross_thread_wait_that_may_not_yield_leaves_no_waiter_behind() {
+    if !cfg!(debug_assertions) {
+        return; // the check is a debug-build one
+    }
+    let mutex = Arc::new(CoMutex::new(0u32));
+    let holder = IoThread::spawn("holder").unwrap();
+    let (locked, is_locked) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    let (unlocked, is_unlocked) = mpsc::channel();
+    let m = mutex.clone();
+    holder
+        .handle()
+        .spawn(move |co| {
+            let guard = m.lock(co);
+            locked.send(()).unwrap();
+            while released.try_recv().is_err() {
+                co.sleep(Duration::from_millis(1));
+            }
+            drop(guard);
+            unlocked.send(()).unwrap();
+        })
+        .unwrap();
+    is_locked.recv().unwrap();
+    let ctx = AioContext::new().unwrap();
+    let m = mutex.clone();
+    let waiter = ctx.spawn(move |co| {
+        let thread_lock = ThreadMutex::new(());
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _thread_guard = thread_lock.lock(co);
+            drop(m.lock(co));
+        }));
+        assert!(result.is_err(), "the wait panicked");
+    });
+    while ctx.poll(false) {}
+    assert!(waiter.is_ended());
+    assert_eq!(ctx.suspended_coroutines(), 0);
+    release.send(()).unwrap();
+    is_unlocked.recv().unwrap();
+    holder.stop();
+    assert!(mutex.try_lock().is_some(), "the holder's unlock left the lock free");
+}

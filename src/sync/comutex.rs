@@ -198,6 +198,9 @@ impl RawCoMutex {
         } else if self.spin() {
             return Queued::Acquired;
         }
+        // Fail, if at all, before counting and queueing a waiter: a hand-over to a waiter
+        // that is gone would leave the lock held by nobody.
+        co.assert_may_yield(0);
         let wait = co.prepare_wait();
         self.queue_lock.lock_raw();
         let mut state = self.state.load(Ordering::Relaxed);

@@ -214,8 +214,9 @@ impl<'a, T: ?Sized> CoRwLockReadGuard<'a, T> {
         if lock.raw.try_upgrade() {
             mem::forget(self);
         } else {
-            // Prepared while the guard still owns the read lock, so that a panic here (no
-            // context) releases it normally.
+            // Checked and prepared while the guard still owns the read lock, so that a panic
+            // here (a yield that may not happen, no context) releases it normally.
+            co.assert_may_yield(0);
             let wait = co.prepare_wait();
             // From here the raw lock takes over the read ownership.
             mem::forget(self);
@@ -455,6 +456,9 @@ impl RawCoRwLock {
     /// Takes the lock, or queues and suspends until a hand-over grants it.
     #[cold]
     fn lock_contended(&self, co: &Co, writer: bool) {
+        // Fail, if at all, before queueing: a hand-over to a waiter that is gone would leave
+        // the lock held by nobody.
+        co.assert_may_yield(0);
         let wait = co.prepare_wait();
         self.queue_lock.lock_raw();
         let mut state = self.state.load(Ordering::Relaxed);
