@@ -6,19 +6,25 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
+use aiocoro::sync::CoRwLock;
 
+use crate::buffer::IoBuffer;
 use crate::drain::RequestGate;
 use crate::driver::BlockStatus;
 use crate::error::{Op, RequestError, invalid_input};
 use crate::node::BlockNode;
+use crate::padding;
 
 /// A handle on a block node for submitting requests; `Send + Sync` and cheap to clone, so
 /// that every IoThread submits through the same backend (multiqueue). Each request runs in
 /// the coroutine that calls it, in that thread's context.
 ///
-/// Requests are checked before they reach the node: inside the node's length, no overflow,
-/// aligned to the node's [`Alignment`](crate::Alignment); a bad one is an `InvalidInput`
-/// error that names the node and the request.
+/// Requests are checked before they reach the node: inside the node's length, no overflow; a
+/// bad one is an `InvalidInput` error that names the node and the request. Requests that are
+/// not aligned to the node's [`Alignment`](crate::Alignment) (an `O_DIRECT` file takes whole
+/// sectors) are widened through a bounce buffer: reads of the covering range, writes as a
+/// read-modify-write that runs alone among the writes (QEMU's request padding and
+/// serialising requests), discards shrunk to the aligned part (a discard is advisory).
 ///
 /// ```
 /// use aiocoro_block::{BlockBackend, BlockGraph, run_in_coroutine};
@@ -45,6 +51,10 @@ pub struct BlockBackend {
 struct Inner {
     root: Arc<BlockNode>,
     gate: RequestGate,
+    /// Taken shared by aligned writes and exclusively by padded (read-modify-write) ones, on
+    /// nodes whose requests need alignment: a write landing between a padded write's read
+    /// and its write would be overwritten with the old bytes.
+    rmw: CoRwLock<()>,
 }
 
 /// A drained section of a backend: no request runs while it lives, and new ones wait for
@@ -72,7 +82,8 @@ impl Drop for InFlight<'_> {
 impl BlockBackend {
     /// A backend on `root`.
     pub fn new(root: Arc<BlockNode>) -> BlockBackend {
-        BlockBackend { inner: Arc::new(Inner { root, gate: RequestGate::default() }) }
+        let rmw = CoRwLock::new(());
+        BlockBackend { inner: Arc::new(Inner { root, gate: RequestGate::default(), rmw }) }
     }
 
     /// The node requests go to.
@@ -107,8 +118,8 @@ impl BlockBackend {
         RequestError::wrap(invalid_input(message), node.name(), node.format_name(), op)
     }
 
-    /// Checks a ranged request: no overflow, inside the node, aligned when `aligned`.
-    fn check(&self, op: Op, offset: u64, len: u64, aligned: bool) -> io::Result<()> {
+    /// Checks a ranged request: no overflow, inside the node.
+    fn check(&self, op: Op, offset: u64, len: u64) -> io::Result<()> {
         let Some(end) = offset.checked_add(len).filter(|&end| end <= i64::MAX as u64) else {
             return Err(self.refuse(op, "the request overflows the largest offset".into()));
         };
@@ -116,11 +127,29 @@ impl BlockBackend {
         if end > length {
             return Err(self.refuse(op, format!("out of range: the node has {length} bytes")));
         }
+        Ok(())
+    }
+
+    /// The alignment requests need, if the range does not have it.
+    fn misaligned(&self, offset: u64, len: u64) -> Option<u64> {
         let alignment = self.inner.root.alignment();
-        if aligned && !alignment.fits(offset, len) {
-            let message =
-                format!("misaligned: offset and length must be multiples of {}", alignment.request);
-            return Err(self.refuse(op, message));
+        (!alignment.fits(offset, len)).then_some(alignment.request)
+    }
+
+    /// Refuses a padded write that would reach past the node's end (its length is not a
+    /// multiple of the alignment, and the write touches the partial last block).
+    fn check_padded_write(&self, op: Op, offset: u64, len: u64, align: u64) -> io::Result<()> {
+        let (_, end) = padding::widen(offset, len, align);
+        let length = self.length();
+        if end > length {
+            return Err(self.refuse(
+                op,
+                format!(
+                    "misaligned: the node's last {} bytes are a partial block of {align} bytes, \
+                     which writes cannot reach",
+                    length % align
+                ),
+            ));
         }
         Ok(())
     }
@@ -147,8 +176,12 @@ impl BlockBackend {
     /// As [`BlockBackend::read`].
     pub fn readv(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         let len = bufs.iter().map(|buf| buf.len() as u64).sum();
-        self.check(Op::Read { offset, len }, offset, len, true)?;
-        self.run(co, |node| node.read(co, offset, bufs))
+        self.check(Op::Read { offset, len }, offset, len)?;
+        match self.misaligned(offset, len) {
+            None => self.run(co, |node| node.read(co, offset, bufs)),
+            Some(_) if len == 0 => Ok(()),
+            Some(align) => self.run(co, |node| padding::read(co, node, offset, bufs, align)),
+        }
     }
 
     /// Writes `buf` at `offset`.
@@ -164,11 +197,28 @@ impl BlockBackend {
     ///
     /// # Errors
     ///
-    /// As [`BlockBackend::write`].
+    /// As [`BlockBackend::write`]; also a misaligned write that would have to reach past the
+    /// end of a node whose length is not a multiple of its alignment.
     pub fn writev(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         let len = bufs.iter().map(|buf| buf.len() as u64).sum();
-        self.check(Op::Write { offset, len }, offset, len, true)?;
-        self.run(co, |node| node.write(co, offset, bufs))
+        let op = Op::Write { offset, len };
+        self.check(op, offset, len)?;
+        let align = self.inner.root.alignment().request;
+        match self.misaligned(offset, len) {
+            None if align == 1 => self.run(co, |node| node.write(co, offset, bufs)),
+            None => self.run(co, |node| {
+                let _shared = self.inner.rmw.read(co);
+                node.write(co, offset, bufs)
+            }),
+            Some(_) if len == 0 => Ok(()),
+            Some(align) => {
+                self.check_padded_write(op, offset, len, align)?;
+                self.run(co, |node| {
+                    let _alone = self.inner.rmw.write(co);
+                    padding::write(co, node, offset, bufs, align)
+                })
+            }
+        }
     }
 
     /// Makes every completed write stable.
@@ -180,24 +230,69 @@ impl BlockBackend {
         self.run(co, |node| node.flush(co))
     }
 
-    /// Discards `len` bytes at `offset`.
+    /// Discards `len` bytes at `offset`; on a node that needs alignment, only the aligned
+    /// blocks inside the range (a discard is advisory).
     ///
     /// # Errors
     ///
     /// A refused request, or the node's error.
     pub fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
-        self.check(Op::Discard { offset, len }, offset, len, true)?;
+        self.check(Op::Discard { offset, len }, offset, len)?;
+        let (offset, len) = match self.misaligned(offset, len) {
+            None => (offset, len),
+            Some(align) => {
+                let start = offset.div_ceil(align) * align;
+                let end = (offset + len) / align * align;
+                if end <= start {
+                    return Ok(());
+                }
+                (start, end - start)
+            }
+        };
         self.run(co, |node| node.discard(co, offset, len))
     }
 
     /// Makes `len` bytes at `offset` read as zeroes; `may_unmap` lets the node free them.
+    /// On a node that needs alignment, a misaligned head and tail are written as zero bytes
+    /// (padded, alone among the writes), the aligned middle as zeroes.
     ///
     /// # Errors
     ///
     /// A refused request, or the node's error.
     pub fn write_zeroes(&self, co: &Co, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        self.check(Op::WriteZeroes { offset, len }, offset, len, true)?;
-        self.run(co, |node| node.write_zeroes(co, offset, len, may_unmap))
+        let op = Op::WriteZeroes { offset, len };
+        self.check(op, offset, len)?;
+        let align = self.inner.root.alignment().request;
+        let Some(align) = self.misaligned(offset, len).filter(|_| len != 0) else {
+            return self.run(co, |node| {
+                let _shared = (align != 1).then(|| self.inner.rmw.read(co));
+                node.write_zeroes(co, offset, len, may_unmap)
+            });
+        };
+        self.check_padded_write(op, offset, len, align)?;
+        let end = offset + len;
+        let head_end = offset.div_ceil(align) * align;
+        // Whole blocks in the middle; partial ones at either end, written as zero bytes.
+        let (head, middle, tail) = if head_end >= end {
+            ((offset, end), (end, end), (end, end))
+        } else {
+            let tail_start = end / align * align;
+            ((offset, head_end), (head_end, tail_start), (tail_start, end))
+        };
+        self.run(co, |node| {
+            let _alone = self.inner.rmw.write(co);
+            let zeroes = IoBuffer::zeroed(align as usize);
+            for (from, to) in [head, tail] {
+                if from < to {
+                    let bytes = [IoSlice::new(&zeroes[..(to - from) as usize])];
+                    padding::write(co, node, from, &bytes, align)?;
+                }
+            }
+            if middle.0 < middle.1 {
+                node.write_zeroes(co, middle.0, middle.1 - middle.0, may_unmap)?;
+            }
+            Ok(())
+        })
     }
 
     /// How the range at `offset` reads (see [`BlockStatus`]).
@@ -206,7 +301,7 @@ impl BlockBackend {
     ///
     /// A refused request, or the node's error.
     pub fn block_status(&self, co: &Co, offset: u64, len: u64) -> io::Result<BlockStatus> {
-        self.check(Op::BlockStatus { offset, len }, offset, len, false)?;
+        self.check(Op::BlockStatus { offset, len }, offset, len)?;
         if len == 0 {
             return Err(self.refuse(Op::BlockStatus { offset, len }, "an empty range".into()));
         }

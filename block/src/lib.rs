@@ -46,6 +46,7 @@ mod error;
 pub mod graph;
 mod node;
 mod options;
+mod padding;
 mod run;
 mod sys;
 

@@ -216,32 +216,70 @@ fn requests_with_more_buffers_than_one_system_call_takes() {
 }
 
 #[test]
-fn misaligned_requests_under_o_direct_are_refused_naming_the_node() {
+fn misaligned_requests_are_padded_and_land_exactly() {
+    for combo in combos() {
+        let len = 64 * KIB as usize;
+        let file = TempFile::with_contents("misaligned", &pattern(len, 6));
+        let options = combo.options(&file, "");
+        let mut shadow = pattern(len, 6);
+        let expected = run_in_coroutine(move |co| {
+            let blk = open_blk(co, &options).unwrap();
+            let alignment = blk.root().alignment().request as usize;
+            if combo.direct {
+                assert!(alignment >= 512, "{combo:?}: O_DIRECT needs sector alignment");
+            }
+            // The unit the offsets below are misaligned to (any unit, for byte alignment).
+            let align = alignment.max(512);
+            let half = align / 2;
+            // A read that starts and ends inside blocks, into a misaligned buffer.
+            let mut odd = vec![0u8; 3 * align + 1];
+            blk.read(co, half as u64, &mut odd[1..]).unwrap();
+            assert_eq!(&odd[1..], &shadow[half..half + 3 * align], "{combo:?}");
+            // A write inside one block, one across a boundary, one of a whole middle.
+            for (offset, bytes) in [(3usize, 10usize), (align - 7, 20), (half, 2 * align)] {
+                let data: Vec<u8> = (0..bytes).map(|i| (i as u8) ^ 0x5a).collect();
+                blk.write(co, offset as u64, &data).unwrap();
+                shadow[offset..offset + bytes].copy_from_slice(&data);
+            }
+            // Zeroes with a misaligned head and tail around whole blocks.
+            let (at, count) = (4 * align + 1, 3 * align);
+            blk.write_zeroes(co, at as u64, count as u64, false).unwrap();
+            shadow[at..at + count].fill(0);
+            // What a discard leaves is unspecified, so the shadow copy takes the file's word
+            // for its range; under O_DIRECT only the whole block inside it may change.
+            let (at, count) = (9 * align + 1, 2 * align);
+            blk.discard(co, at as u64, count as u64).unwrap();
+            let mut whole = vec![0u8; len];
+            blk.read(co, 0, &mut whole).unwrap();
+            let (from, to) = if combo.direct { (10 * align, 11 * align) } else { (at, at + count) };
+            shadow[from..to].copy_from_slice(&whole[from..to]);
+            let differs = whole.iter().zip(&shadow).position(|(a, b)| a != b);
+            assert_eq!(differs, None, "{combo:?}: first byte read back differently");
+            shadow
+        })
+        .unwrap();
+        assert!(file.contents() == expected, "{combo:?}: the file differs from the node");
+    }
+}
+
+#[test]
+fn a_padded_write_into_a_partial_last_block_is_refused() {
     for combo in combos().into_iter().filter(|combo| combo.direct) {
-        let file = TempFile::with_contents("misaligned", &pattern(64 * KIB as usize, 6));
+        let len = 3 * 4096 + 100;
+        let file = TempFile::with_contents("partial", &pattern(len, 9));
         let options = combo.options(&file, "");
         run_in_coroutine(move |co| {
             let blk = open_blk(co, &options).unwrap();
-            let align = blk.root().alignment().request;
-            let half = align / 2;
-            let mut buf = IoBuffer::new(align as usize);
-            let words = "misaligned";
-            let kind = ErrorKind::InvalidInput;
-            let op = Op::Read { offset: half, len: align };
-            assert_refused(blk.read(co, half, &mut buf), kind, "disk", op, words);
-            let op = Op::Write { offset: 0, len: half };
-            assert_refused(blk.write(co, 0, &buf[..half as usize]), kind, "disk", op, words);
-            let op = Op::Discard { offset: align, len: 1 };
-            assert_refused(blk.discard(co, align, 1), kind, "disk", op, words);
-            let op = Op::WriteZeroes { offset: 1, len: align };
-            assert_refused(blk.write_zeroes(co, 1, align, false), kind, "disk", op, words);
-            let text = blk.read(co, half, &mut buf).unwrap_err().to_string();
-            assert!(text.contains(&format!("multiples of {align}")), "{text}");
-            // Block status needs no alignment.
-            blk.block_status(co, 1, 10).unwrap();
+            let op = Op::Write { offset: len as u64 - 10, len: 10 };
+            let result = blk.write(co, len as u64 - 10, &[1; 10]);
+            assert_refused(result, ErrorKind::InvalidInput, "disk", op, "partial block");
+            // Reading it works (padded past the end of the file, which reads as zeroes).
+            let mut tail = [0u8; 100];
+            blk.read(co, 3 * 4096, &mut tail).unwrap();
+            assert_eq!(&tail[..], &pattern(len, 9)[3 * 4096..], "{combo:?}");
         })
         .unwrap();
-        assert_eq!(file.contents(), pattern(64 * KIB as usize, 6), "{combo:?}: nothing written");
+        assert_eq!(file.contents(), pattern(len, 9), "{combo:?}: nothing written");
     }
 }
 
