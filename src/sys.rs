@@ -281,7 +281,13 @@ pub(crate) fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// Creates an io_uring instance with `entries` submission slots (and twice as many completion
 /// slots).
 pub(crate) fn uring_new(entries: u32) -> io::Result<io_uring::IoUring> {
-    io_uring::IoUring::new(entries)
+    // Cooperative task running (Linux 5.19): completions are posted when this thread next
+    // enters the kernel (it does, at every poll) instead of interrupting it; older kernels
+    // refuse the flag with EINVAL and get a plain ring.
+    match io_uring::IoUring::builder().setup_coop_taskrun().build(entries) {
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => io_uring::IoUring::new(entries),
+        ring => ring,
+    }
 }
 
 /// Makes the kernel signal `eventfd` whenever it posts a completion to `ring`.
