@@ -46,6 +46,7 @@ mod error;
 pub mod graph;
 mod node;
 mod options;
+pub mod qcow2;
 mod run;
 mod sys;
 
