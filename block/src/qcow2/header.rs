@@ -245,7 +245,8 @@ impl Header {
             let name = String::from_utf8(name.to_vec()).map_err(|_| {
                 refuse(format!("a backing file name that is not UTF-8 ({name:02x?})"))
             })?;
-            header.backing_file = Some(name);
+            // An empty name is no backing file (as QEMU reads it).
+            header.backing_file = Some(name).filter(|name| !name.is_empty());
             start
         } else {
             cluster.len()
