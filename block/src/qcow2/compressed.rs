@@ -1,6 +1,8 @@
 //! Compressed clusters: raw deflate streams (no zlib header), as `qemu-img convert -c`
 //! writes them.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use miniz_oxide::inflate::TINFLStatus;
 use miniz_oxide::inflate::core::{DecompressorOxide, decompress, inflate_flags};
 
@@ -30,6 +32,27 @@ pub(crate) fn inflate_cluster(input: &[u8], out: &mut [u8]) -> Result<(), String
         ));
     }
     Ok(())
+}
+
+/// The last cluster inflated, by the host offset of its compressed data (QEMU kept one such
+/// `cluster_cache` too): sequential reads smaller than a cluster inflate it once, not once
+/// per read. The lock is held only to swap the entry, never across I/O or a yield.
+#[derive(Default)]
+pub(crate) struct LastInflated {
+    entry: Mutex<Option<(u64, Arc<[u8]>)>>,
+}
+
+impl LastInflated {
+    /// The cluster whose compressed data starts at `offset`, if it is the one kept.
+    pub(crate) fn get(&self, offset: u64) -> Option<Arc<[u8]>> {
+        let entry = self.entry.lock().unwrap_or_else(PoisonError::into_inner);
+        entry.as_ref().filter(|(at, _)| *at == offset).map(|(_, cluster)| cluster.clone())
+    }
+
+    /// Keeps `cluster`, inflated from data at `offset`.
+    pub(crate) fn put(&self, offset: u64, cluster: Arc<[u8]>) {
+        *self.entry.lock().unwrap_or_else(PoisonError::into_inner) = Some((offset, cluster));
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use aiocoro::coroutine::Co;
 use aiocoro::sync::CoMutex;
 
-use super::compressed::inflate_cluster;
+use super::compressed::{LastInflated, inflate_cluster};
 use super::corrupt;
 use super::header::Header;
 use super::io::{copy_into, read_at, read_exact_at, sub_slices, zero};
@@ -52,6 +52,7 @@ pub struct Qcow2Driver {
     /// The image file's length at open (it cannot change while reads are all we do).
     file_len: u64,
     metadata: CoMutex<Metadata>,
+    last_inflated: LastInflated,
 }
 
 impl Qcow2Driver {
@@ -94,6 +95,7 @@ impl Qcow2Driver {
             header,
             file_len,
             metadata: CoMutex::new(Metadata { l1, l2_cache }),
+            last_inflated: LastInflated::default(),
         })
     }
 
@@ -220,13 +222,21 @@ impl Qcow2Driver {
         bufs: &mut [IoSliceMut<'_>],
     ) -> io::Result<()> {
         let geometry = self.header.geometry;
-        // At most two clusters by the entry's layout, so the allocation is bounded.
-        let mut packed = vec![0u8; len as usize];
-        read_exact_at(co, &self.file.node(), offset.0, &mut packed)?;
-        let mut cluster = vec![0u8; geometry.cluster_size() as usize];
-        inflate_cluster(&packed, &mut cluster).map_err(|why| {
-            corrupt(format!("{guest}: the compressed cluster at {offset}: {why}"))
-        })?;
+        let cluster = match self.last_inflated.get(offset.0) {
+            Some(cluster) => cluster,
+            None => {
+                // At most two clusters by the entry's layout, so the allocation is bounded.
+                let mut packed = vec![0u8; len as usize];
+                read_exact_at(co, &self.file.node(), offset.0, &mut packed)?;
+                let mut cluster = vec![0u8; geometry.cluster_size() as usize];
+                inflate_cluster(&packed, &mut cluster).map_err(|why| {
+                    corrupt(format!("{guest}: the compressed cluster at {offset}: {why}"))
+                })?;
+                let cluster: Arc<[u8]> = cluster.into();
+                self.last_inflated.put(offset.0, cluster.clone());
+                cluster
+            }
+        };
         copy_into(bufs, &cluster[geometry.offset_in_cluster(guest) as usize..]);
         Ok(())
     }
