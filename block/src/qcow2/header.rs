@@ -232,7 +232,9 @@ impl Header {
         let extensions_end = if backing_file_offset != 0 {
             if backing_file_offset < u64::from(header_length)
                 || backing_file_size > MAX_BACKING_NAME
-                || backing_file_offset + backing_file_size > cluster.len() as u64
+                || backing_file_offset
+                    .checked_add(backing_file_size)
+                    .is_none_or(|end| end > cluster.len() as u64)
             {
                 return Err(corrupt(format!(
                     "the backing file name ({backing_file_size} bytes at byte \
