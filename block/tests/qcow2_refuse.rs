@@ -298,3 +298,30 @@ fn a_raw_file_is_not_a_qcow2_image() {
     std::fs::write(&image, vec![0x5au8; 4096]).unwrap();
     expect(&image, ErrorKind::InvalidData, &["not a qcow2 image"]);
 }
+
+#[test]
+fn an_unknown_incompatible_bit_is_named_from_the_feature_name_table() {
+    let scratch = Scratch::new("names");
+    let image = sample(&scratch, "n.qcow2", "1.1");
+    // Find the feature name table qemu-img wrote, and rename bit 4's entry to bit 45.
+    let header_length = u32::from_be_bytes(peek(&image, 100, 4).try_into().unwrap()) as u64;
+    let mut at = header_length;
+    let table = loop {
+        let kind = u32::from_be_bytes(peek(&image, at, 4).try_into().unwrap());
+        let len = u32::from_be_bytes(peek(&image, at + 4, 4).try_into().unwrap()) as u64;
+        assert_ne!(kind, 0, "no feature name table");
+        if kind == 0x6803_f857 {
+            break (at + 8, len);
+        }
+        at += 8 + len.next_multiple_of(8);
+    };
+    let entry = (0..table.1 / 48)
+        .map(|i| table.0 + i * 48)
+        .find(|&entry| peek(&image, entry, 2) == [0, 4])
+        .expect("an entry for incompatible bit 4");
+    let name = String::from_utf8(peek(&image, entry + 2, 46)).unwrap();
+    let name = name.trim_end_matches('\0').to_owned();
+    poke(&image, entry + 1, &[45]);
+    poke(&image, 72, &(1u64 << 45).to_be_bytes());
+    expect(&image, ErrorKind::Unsupported, &[&format!("'{name}' (bit 45)")]);
+}

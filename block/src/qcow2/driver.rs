@@ -18,8 +18,8 @@ use crate::driver::{Allocation, BlockDriver, BlockStatus};
 use crate::error::unsupported;
 use crate::node::Child;
 
-/// The most memory the L2 cache holds (QEMU's default maximum on Linux).
-const L2_CACHE_BYTES: u64 = 32 << 20;
+/// The most memory the L2 cache holds by default (QEMU's default maximum on Linux).
+pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 
 /// What writes say in this increment.
 const NO_WRITES: &str = "qcow2 writes are not implemented yet";
@@ -58,6 +58,8 @@ pub struct Qcow2Driver {
 impl Qcow2Driver {
     /// Opens the image in `file` whose parsed header is `header`
     /// ([`Header::read`]), reading its L1 table; unallocated clusters read from `backing`.
+    /// The L2 cache holds up to `l2_cache_bytes` of tables (QEMU's `l2-cache-size`; at least
+    /// one table, at most as many as the L1 table names).
     ///
     /// # Errors
     ///
@@ -67,6 +69,7 @@ impl Qcow2Driver {
         file: Child,
         backing: Option<Child>,
         header: Header,
+        l2_cache_bytes: u64,
     ) -> io::Result<Qcow2Driver> {
         let node = file.node();
         let file_len = node.length();
@@ -87,7 +90,7 @@ impl Qcow2Driver {
             .map(|entry| u64::from_be_bytes(entry.try_into().expect("8 bytes")))
             .collect();
         let geometry = header.geometry;
-        let tables = (L2_CACHE_BYTES / geometry.cluster_size()).min(u64::from(header.l1_size));
+        let tables = (l2_cache_bytes / geometry.cluster_size()).min(u64::from(header.l1_size));
         let l2_cache = L2Cache::new(tables as usize);
         Ok(Qcow2Driver {
             file,

@@ -26,7 +26,7 @@ mod mapping;
 pub mod offsets;
 
 pub use backing::{BackingSpec, resolve_backing};
-pub use driver::Qcow2Driver;
+pub use driver::{DEFAULT_L2_CACHE_BYTES, Qcow2Driver};
 pub use header::Header;
 pub use mapping::ClusterMapping;
 pub use offsets::{ClusterIndex, Geometry, GuestOffset, HostOffset};
