@@ -6,6 +6,7 @@
 //! - [`BlockDriver`]: the trait of drivers, whose I/O methods are coroutine functions;
 //! - drivers ([`drivers`]): `file` (io_uring or thread pool, page cache or `O_DIRECT`),
 //!   `null-co`, `raw`;
+//! - [`qcow2`]: the qcow2 format (open and read so far; `driver=qcow2`);
 //! - [`BlockNode`]s joined in a [`BlockGraph`] (a generic [`graph::Graph`]) by child edges
 //!   with a [`ChildRole`];
 //! - [`BlockBackend`]: the user's `Send + Sync` handle, shared by several IoThreads at once,
@@ -47,6 +48,7 @@ pub mod graph;
 mod node;
 mod options;
 mod padding;
+pub mod qcow2;
 mod run;
 mod sys;
 

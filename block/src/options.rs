@@ -15,6 +15,11 @@ use crate::drivers::{
 use crate::error::invalid_input;
 use crate::graph::NodeId;
 use crate::node::{BlockGraph, BlockNode, ChildRole};
+use crate::qcow2::{DEFAULT_L2_CACHE_BYTES, Header, Qcow2Driver, resolve_backing};
+
+/// The longest backing chain opened (a loop of backing names ends here, not in a stack
+/// overflow).
+const MAX_BACKING_DEPTH: usize = 32;
 
 /// Options that a child takes from its parent unless it sets them itself (QEMU inherits
 /// these down the graph).
@@ -141,11 +146,11 @@ impl<'a> Taker<'a> {
         invalid_input(format!("driver '{}', option '{key}': {why}", self.driver))
     }
 
-    /// Refuses keys no one took (a child's keys count as taken when `child` is named).
-    fn finish(&self, child: Option<&str>) -> io::Result<()> {
-        let dotted = child.map(|child| format!("{child}."));
+    /// Refuses keys no one took (a child's keys count as taken when the child is named).
+    fn finish(&self, children: &[&str]) -> io::Result<()> {
+        let dotted: Vec<String> = children.iter().map(|child| format!("{child}.")).collect();
         for key in self.options.values.keys() {
-            let in_child = dotted.as_ref().is_some_and(|dotted| key.starts_with(dotted));
+            let in_child = dotted.iter().any(|dotted| key.starts_with(dotted.as_str()));
             if !in_child
                 && !self.taken.contains(&key.as_str())
                 && !INHERITED.contains(&key.as_str())
@@ -204,6 +209,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 ///   `aio=io_uring|threads`;
 /// - `driver=raw`: `offset`, `size`, and its child as `file.*` (`file.driver` defaults to
 ///   `file`), or `file=<filename>`;
+/// - `driver=qcow2`: its child as `file.*` or `file=` (as raw; opened read-only), and its
+///   backing node from the image header (a relative name is relative to the image's
+///   directory; the format from the header, else probed) unless `backing.*` options give it
+///   (opened read-only); `l2-cache-size` (bytes of L2 tables cached, default 32M). Reads
+///   only: writes fail with `Unsupported`;
 /// - every node: `node-name`, `read-only` (inherited by children, as are `cache.direct` and
 ///   `aio`).
 ///
@@ -224,6 +234,16 @@ pub fn open_options(
     graph: &BlockGraph,
     options: &BlockOptions,
 ) -> io::Result<(NodeId, Arc<BlockNode>)> {
+    open_at_depth(co, graph, options, 0)
+}
+
+/// [`open_options`] for a node `depth` backing links below the top.
+fn open_at_depth(
+    co: &Co,
+    graph: &BlockGraph,
+    options: &BlockOptions,
+    depth: usize,
+) -> io::Result<(NodeId, Arc<BlockNode>)> {
     let Some(driver) = options.get("driver") else {
         return Err(invalid_input("no 'driver' option (e.g. driver=file,filename=disk.img)"));
     };
@@ -238,7 +258,7 @@ pub fn open_options(
                 read_zeroes: taker.flag("read-zeroes", defaults.read_zeroes)?,
                 latency: Duration::from_nanos(taker.size("latency-ns")?.unwrap_or(0)),
             };
-            taker.finish(None)?;
+            taker.finish(&[])?;
             let node = BlockNode::new(co, name, NullDriver::new(null), read_only)?;
             add(graph, node)
         }
@@ -263,7 +283,7 @@ pub fn open_options(
                 Some("threads") => AioMode::Threads,
                 Some(other) => return Err(taker.bad("aio", &format!("unknown mode '{other}'"))),
             };
-            taker.finish(None)?;
+            taker.finish(&[])?;
             let file = FileOptions {
                 filename: filename.into(),
                 cache: if direct { CacheMode::None } else { CacheMode::Writeback },
@@ -278,18 +298,66 @@ pub fn open_options(
                 offset: taker.size("offset")?.unwrap_or(0),
                 size: taker.size("size")?,
             };
-            let (child_id, _) = open_child(co, graph, options, &mut taker)?;
-            taker.finish(Some("file"))?;
+            let (child_id, _) = open_child(co, graph, options, &mut taker, false)?;
+            taker.finish(&["file"])?;
             let (id, node) = graph.add_node_with(|edges| {
                 let file = edges.attach(ChildRole::File, child_id)?;
                 BlockNode::new(co, name, RawDriver::new(file, raw)?, read_only)
             })?;
             Ok((id, node))
         }
-        other => {
-            Err(invalid_input(format!("unknown driver '{other}' (known: file, raw, null-co)")))
+        "qcow2" => {
+            let l2_cache_bytes = taker.size("l2-cache-size")?.unwrap_or(DEFAULT_L2_CACHE_BYTES);
+            let (file_id, file) = open_child(co, graph, options, &mut taker, true)?;
+            taker.finish(&["file", "backing"])?;
+            let filename = options.get("file").or(options.get("file.filename"));
+            let context = |error: io::Error| {
+                let image = filename.unwrap_or(file.name());
+                io::Error::new(error.kind(), format!("{image}: {error}"))
+            };
+            let header = Header::read(co, &file).map_err(context)?;
+            let backing = if options.has_child("backing") {
+                Some(read_only_child(options, "backing"))
+            } else {
+                let spec = resolve_backing(&header, filename.map(std::path::Path::new));
+                spec.map_err(context)?.map(|spec| {
+                    let mut backing = read_only_child(options, "backing");
+                    backing.set_default("driver", spec.format);
+                    backing.set_default("file.filename", &spec.path.to_string_lossy());
+                    backing
+                })
+            };
+            let backing_id = match backing {
+                Some(_) if depth >= MAX_BACKING_DEPTH => {
+                    return Err(context(invalid_input(format!(
+                        "qcow2: the backing chain is deeper than {MAX_BACKING_DEPTH} images \
+                         (does it loop?)"
+                    ))));
+                }
+                Some(backing) => Some(open_at_depth(co, graph, &backing, depth + 1)?.0),
+                None => None,
+            };
+            let (id, node) = graph.add_node_with(|edges| {
+                let file = edges.attach(ChildRole::File, file_id)?;
+                let backing =
+                    backing_id.map(|id| edges.attach(ChildRole::Backing, id)).transpose()?;
+                let driver = Qcow2Driver::open(co, file, backing, header, l2_cache_bytes)
+                    .map_err(context)?;
+                BlockNode::new(co, name, driver, read_only)
+            })?;
+            Ok((id, node))
         }
+        other => Err(invalid_input(format!(
+            "unknown driver '{other}' (known: file, raw, qcow2, null-co)"
+        ))),
     }
+}
+
+/// The options of child `prefix`, with `read-only=on` whatever the parent says.
+fn read_only_child(options: &BlockOptions, prefix: &str) -> BlockOptions {
+    let mut child = options.child(prefix);
+    child.values.insert("read-only".to_owned(), "on".to_owned());
+    child
 }
 
 fn add(graph: &BlockGraph, node: BlockNode) -> io::Result<(NodeId, Arc<BlockNode>)> {
@@ -304,8 +372,10 @@ fn open_child<'a>(
     graph: &BlockGraph,
     options: &'a BlockOptions,
     taker: &mut Taker<'a>,
+    read_only: bool,
 ) -> io::Result<(NodeId, Arc<BlockNode>)> {
-    let mut child = options.child("file");
+    let mut child =
+        if read_only { read_only_child(options, "file") } else { options.child("file") };
     if let Some(filename) = taker.text("file") {
         child.set("filename", filename)?;
     }

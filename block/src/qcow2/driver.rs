@@ -1,0 +1,318 @@
+//! The qcow2 driver: reads through the L1 table and cached L2 tables.
+
+use std::fmt;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+use aiocoro::coroutine::Co;
+use aiocoro::sync::CoMutex;
+
+use super::compressed::{LastInflated, inflate_cluster};
+use super::corrupt;
+use super::header::Header;
+use super::io::{copy_into, read_at, read_exact_at, sub_slices, zero};
+use super::l2_cache::L2Cache;
+use super::mapping::{ClusterMapping, decode_l1, decode_l2};
+use super::offsets::{GuestOffset, HostOffset};
+use crate::driver::{Allocation, BlockDriver, BlockStatus};
+use crate::error::unsupported;
+use crate::node::Child;
+
+/// The most memory the L2 cache holds by default (QEMU's default maximum on Linux).
+pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// What writes say in this increment.
+const NO_WRITES: &str = "qcow2 writes are not implemented yet";
+
+/// The metadata the lock protects: everything a future write changes.
+struct Metadata {
+    /// The active L1 table, decoded.
+    l1: Vec<u64>,
+    /// Recently used L2 tables.
+    l2_cache: L2Cache,
+}
+
+/// A stretch of guest bytes that all map the same way.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    /// For [`ClusterMapping::Data`], the host offset of the run's first byte (not of its
+    /// cluster); for compressed clusters the whole cluster's data.
+    mapping: ClusterMapping,
+    /// How many bytes from the asked offset (within one L2 table, and within one cluster if
+    /// compressed).
+    len: u64,
+}
+
+/// The qcow2 format over a `file` child, with an optional `backing` child. Opened read-only:
+/// writes fail with `Unsupported` ("qcow2 writes are not implemented yet").
+pub struct Qcow2Driver {
+    file: Child,
+    backing: Option<Child>,
+    header: Header,
+    /// The image file's length at open (it cannot change while reads are all we do).
+    file_len: u64,
+    metadata: CoMutex<Metadata>,
+    last_inflated: LastInflated,
+}
+
+impl Qcow2Driver {
+    /// Opens the image in `file` whose parsed header is `header`
+    /// ([`Header::read`]), reading its L1 table; unallocated clusters read from `backing`.
+    /// The L2 cache holds up to `l2_cache_bytes` of tables (QEMU's `l2-cache-size`; at least
+    /// one table, at most as many as the L1 table names).
+    ///
+    /// # Errors
+    ///
+    /// The read error of the L1 table, or `InvalidData` if the header does not fit this file.
+    pub fn open(
+        co: &Co,
+        file: Child,
+        backing: Option<Child>,
+        header: Header,
+        l2_cache_bytes: u64,
+    ) -> io::Result<Qcow2Driver> {
+        let node = file.node();
+        let file_len = node.length();
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        if l1_bytes > 0
+            && header.l1_table_offset.checked_add(l1_bytes).is_none_or(|end| end.0 > file_len)
+        {
+            return Err(corrupt(format!(
+                "the L1 table ({l1_bytes} bytes at {}) ends past the end of the file ({file_len} \
+                 bytes)",
+                header.l1_table_offset
+            )));
+        }
+        let mut raw = vec![0u8; l1_bytes as usize];
+        read_exact_at(co, &node, header.l1_table_offset.0, &mut raw)?;
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|entry| u64::from_be_bytes(entry.try_into().expect("8 bytes")))
+            .collect();
+        let geometry = header.geometry;
+        let tables = (l2_cache_bytes / geometry.cluster_size()).min(u64::from(header.l1_size));
+        let l2_cache = L2Cache::new(tables as usize);
+        Ok(Qcow2Driver {
+            file,
+            backing,
+            header,
+            file_len,
+            metadata: CoMutex::new(Metadata { l1, l2_cache }),
+            last_inflated: LastInflated::default(),
+        })
+    }
+
+    /// The image's header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The backing child, if any.
+    pub fn backing(&self) -> Option<&Child> {
+        self.backing.as_ref()
+    }
+
+    /// The L2 table at `offset`, from the cache or read into it. Called with the metadata
+    /// lock held, as QEMU loads L2 tables under `s->lock`.
+    fn l2_table(&self, co: &Co, meta: &mut Metadata, offset: HostOffset) -> io::Result<Arc<[u64]>> {
+        if let Some(table) = meta.l2_cache.get(offset) {
+            return Ok(table);
+        }
+        let mut raw = vec![0u8; self.header.geometry.cluster_size() as usize];
+        read_exact_at(co, &self.file.node(), offset.0, &mut raw)?;
+        let table: Arc<[u64]> = raw
+            .chunks_exact(8)
+            .map(|entry| u64::from_be_bytes(entry.try_into().expect("8 bytes")))
+            .collect();
+        meta.l2_cache.insert(offset, table.clone());
+        Ok(table)
+    }
+
+    /// How the bytes from `offset` map, for up to `len` of them.
+    fn lookup(&self, co: &Co, offset: GuestOffset, len: u64) -> io::Result<Run> {
+        let geometry = self.header.geometry;
+        let cluster_size = geometry.cluster_size();
+        let cluster = geometry.cluster_of(offset);
+        let position = geometry.position(cluster);
+        let in_cluster = geometry.offset_in_cluster(offset);
+        let table_end = (position.l1_index + 1).saturating_mul(geometry.bytes_per_l2());
+        let max = len.min(table_end - offset.0);
+
+        let mut meta = self.metadata.lock(co);
+        let Some(&l1_raw) = usize::try_from(position.l1_index).ok().and_then(|i| meta.l1.get(i))
+        else {
+            return Err(corrupt(format!(
+                "{offset} needs L1 entry {}, past the {} of the L1 table",
+                position.l1_index,
+                meta.l1.len()
+            )));
+        };
+        let l2_offset = decode_l1(l1_raw, geometry, self.file_len).map_err(|why| {
+            corrupt(format!("{offset}: L1 entry {} ({l1_raw:#018x}): {why}", position.l1_index))
+        })?;
+        let Some(l2_offset) = l2_offset else {
+            return Ok(Run { mapping: ClusterMapping::Unallocated, len: max });
+        };
+        let table = self.l2_table(co, &mut meta, l2_offset)?;
+        drop(meta);
+
+        let decode = |index: usize| {
+            let raw = table[index];
+            decode_l2(raw, geometry, self.header.version, self.file_len).map_err(|why| {
+                let guest =
+                    offset.0 - in_cluster + (index - position.l2_index) as u64 * cluster_size;
+                corrupt(format!(
+                    "guest offset {guest:#x}: L2 entry {index} ({raw:#018x}) of the L2 table at \
+                     {l2_offset} (L1 entry {}): {why}",
+                    position.l1_index
+                ))
+            })
+        };
+        let first = decode(position.l2_index)?;
+        let mut covered = cluster_size - in_cluster;
+        let mut index = position.l2_index + 1;
+        if !matches!(first, ClusterMapping::Compressed { .. }) {
+            while covered < max && index < table.len() {
+                let step = (index - position.l2_index) as u64 * cluster_size;
+                let continues = match (first, decode(index)?) {
+                    (ClusterMapping::Unallocated, ClusterMapping::Unallocated)
+                    | (ClusterMapping::Zero, ClusterMapping::Zero) => true,
+                    (ClusterMapping::Data(start), ClusterMapping::Data(next)) => {
+                        start.checked_add(step) == Some(next)
+                    }
+                    _ => false,
+                };
+                if !continues {
+                    break;
+                }
+                covered += cluster_size;
+                index += 1;
+            }
+        }
+        let mapping = match first {
+            ClusterMapping::Data(start) => ClusterMapping::Data(HostOffset(start.0 + in_cluster)),
+            other => other,
+        };
+        Ok(Run { mapping, len: covered.min(max) })
+    }
+
+    /// Fills `bufs` with the guest bytes from `guest` that this image does not hold: from
+    /// the backing node where it has them, zeroes past its end or without one.
+    fn read_unallocated(&self, co: &Co, guest: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let total: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
+        let Some(backing) = &self.backing else {
+            zero(bufs);
+            return Ok(());
+        };
+        let node = backing.node();
+        let inside = node.length().saturating_sub(guest).min(total);
+        if inside > 0 {
+            read_at(co, &node, guest, &mut sub_slices(bufs, 0, inside as usize))?;
+        }
+        if inside < total {
+            zero(&mut sub_slices(bufs, inside as usize, (total - inside) as usize));
+        }
+        Ok(())
+    }
+
+    /// Fills `bufs` from the compressed cluster holding `guest`.
+    fn read_compressed(
+        &self,
+        co: &Co,
+        guest: GuestOffset,
+        offset: HostOffset,
+        len: u64,
+        bufs: &mut [IoSliceMut<'_>],
+    ) -> io::Result<()> {
+        let geometry = self.header.geometry;
+        let cluster = match self.last_inflated.get(offset.0) {
+            Some(cluster) => cluster,
+            None => {
+                // At most two clusters by the entry's layout, so the allocation is bounded.
+                let mut packed = vec![0u8; len as usize];
+                read_exact_at(co, &self.file.node(), offset.0, &mut packed)?;
+                let mut cluster = vec![0u8; geometry.cluster_size() as usize];
+                inflate_cluster(&packed, &mut cluster).map_err(|why| {
+                    corrupt(format!("{guest}: the compressed cluster at {offset}: {why}"))
+                })?;
+                let cluster: Arc<[u8]> = cluster.into();
+                self.last_inflated.put(offset.0, cluster.clone());
+                cluster
+            }
+        };
+        copy_into(bufs, &cluster[geometry.offset_in_cluster(guest) as usize..]);
+        Ok(())
+    }
+}
+
+impl BlockDriver for Qcow2Driver {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn length(&self, _co: &Co) -> io::Result<u64> {
+        Ok(self.header.virtual_size)
+    }
+
+    fn read(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let total: usize = bufs.iter().map(|buf| buf.len()).sum();
+        let mut done = 0usize;
+        while done < total {
+            let guest = GuestOffset(offset + done as u64);
+            let run = self.lookup(co, guest, (total - done) as u64)?;
+            let len = run.len as usize;
+            let mut piece = sub_slices(bufs, done, len);
+            match run.mapping {
+                ClusterMapping::Unallocated => self.read_unallocated(co, guest.0, &mut piece)?,
+                ClusterMapping::Zero => zero(&mut piece),
+                ClusterMapping::Data(host) => read_at(co, &self.file.node(), host.0, &mut piece)?,
+                ClusterMapping::Compressed { offset, len } => {
+                    self.read_compressed(co, guest, offset, len, &mut piece)?;
+                }
+            }
+            done += len;
+        }
+        Ok(())
+    }
+
+    fn write(&self, _co: &Co, _offset: u64, _bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        Err(unsupported(NO_WRITES))
+    }
+
+    fn flush(&self, _co: &Co) -> io::Result<()> {
+        // Nothing is ever written.
+        Ok(())
+    }
+
+    fn discard(&self, _co: &Co, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(unsupported(NO_WRITES))
+    }
+
+    fn write_zeroes(&self, _co: &Co, _offset: u64, _len: u64, _may_unmap: bool) -> io::Result<()> {
+        Err(unsupported(NO_WRITES))
+    }
+
+    fn truncate(&self, _co: &Co, _len: u64) -> io::Result<()> {
+        Err(unsupported(NO_WRITES))
+    }
+
+    fn block_status(&self, co: &Co, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        let run = self.lookup(co, GuestOffset(offset), len)?;
+        let allocation = match run.mapping {
+            ClusterMapping::Unallocated => Allocation::Unallocated,
+            ClusterMapping::Zero => Allocation::Zero,
+            ClusterMapping::Data(_) | ClusterMapping::Compressed { .. } => Allocation::Data,
+        };
+        Ok(BlockStatus { allocation, len: run.len })
+    }
+}
+
+impl fmt::Debug for Qcow2Driver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Qcow2Driver")
+            .field("file", &self.file)
+            .field("backing", &self.backing)
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}

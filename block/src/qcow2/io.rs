@@ -1,0 +1,109 @@
+//! Reading children at any offset (padding to their alignment), and cutting a request's
+//! buffers into the pieces that clusters map.
+
+use std::io::{self, IoSliceMut};
+
+use aiocoro::coroutine::Co;
+
+use crate::buffer::IoBuffer;
+use crate::node::BlockNode;
+
+/// Reads `bufs` from `node` at `offset`, through an aligned bounce buffer when the range is
+/// not aligned to the node's requests (an `O_DIRECT` file under a compressed cluster).
+///
+/// # Errors
+///
+/// The node's error.
+pub(crate) fn read_at(
+    co: &Co,
+    node: &BlockNode,
+    offset: u64,
+    bufs: &mut [IoSliceMut<'_>],
+) -> io::Result<()> {
+    let len: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
+    let align = node.alignment().request;
+    if node.alignment().fits(offset, len) {
+        return node.read(co, offset, bufs);
+    }
+    let start = offset - offset % align;
+    let end = (offset + len).next_multiple_of(align);
+    let mut bounce = IoBuffer::new(usize::try_from(end - start).map_err(io::Error::other)?);
+    node.read(co, start, &mut [IoSliceMut::new(&mut bounce)])?;
+    let mut at = (offset - start) as usize;
+    for buf in bufs.iter_mut() {
+        let n = buf.len();
+        buf.copy_from_slice(&bounce[at..at + n]);
+        at += n;
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes from `node` at `offset` into `buf`.
+///
+/// # Errors
+///
+/// The node's error.
+pub(crate) fn read_exact_at(
+    co: &Co,
+    node: &BlockNode,
+    offset: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    read_at(co, node, offset, &mut [IoSliceMut::new(buf)])
+}
+
+/// The `len` bytes of `bufs` from byte `start` on, as slices of them.
+pub(crate) fn sub_slices<'a>(
+    bufs: &'a mut [IoSliceMut<'_>],
+    start: usize,
+    len: usize,
+) -> Vec<IoSliceMut<'a>> {
+    let end = start + len;
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for buf in bufs.iter_mut() {
+        let buf_len = buf.len();
+        let (from, to) = (start.max(at), end.min(at + buf_len));
+        if from < to {
+            let slice: &'a mut [u8] = &mut buf[from - at..to - at];
+            pieces.push(IoSliceMut::new(slice));
+        }
+        at += buf_len;
+        if at >= end {
+            break;
+        }
+    }
+    pieces
+}
+
+/// Fills `bufs` with zeroes.
+pub(crate) fn zero(bufs: &mut [IoSliceMut<'_>]) {
+    bufs.iter_mut().for_each(|buf| buf.fill(0));
+}
+
+/// Copies `bytes` into `bufs` in order (as many as both hold).
+pub(crate) fn copy_into(bufs: &mut [IoSliceMut<'_>], mut bytes: &[u8]) {
+    for buf in bufs.iter_mut() {
+        let n = buf.len().min(bytes.len());
+        buf[..n].copy_from_slice(&bytes[..n]);
+        bytes = &bytes[n..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_slices_cut_across_buffers() {
+        let (mut a, mut b, mut c) = ([0u8; 3], [0u8; 4], [0u8; 5]);
+        let mut bufs = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b), IoSliceMut::new(&mut c)];
+        let mut piece = sub_slices(&mut bufs, 2, 7);
+        assert_eq!(piece.iter().map(|s| s.len()).collect::<Vec<_>>(), [1, 4, 2]);
+        copy_into(&mut piece, &[1, 2, 3, 4, 5, 6, 7]);
+        drop(piece);
+        zero(&mut sub_slices(&mut bufs, 3, 1));
+        assert!(sub_slices(&mut bufs, 12, 0).is_empty());
+        assert_eq!((a, b, c), ([0, 0, 1], [0, 3, 4, 5], [6, 7, 0, 0, 0]));
+    }
+}

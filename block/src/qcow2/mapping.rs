@@ -1,0 +1,162 @@
+//! L1 and L2 table entries: what a guest cluster maps to, checked against the file.
+
+use super::offsets::{Geometry, HostOffset};
+
+/// Bits 9..=55: the host offset of an L2 table or a standard cluster.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// L2 entry bit 62: the cluster is compressed.
+const COMPRESSED: u64 = 1 << 62;
+/// L2 entry bit 0 of a standard cluster: it reads as zeroes (version 3).
+const ZERO: u64 = 1;
+/// The unit compressed lengths are counted in.
+const SECTOR: u64 = 512;
+
+/// What a guest cluster maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterMapping {
+    /// Not in this image: read the backing node, or zeroes.
+    Unallocated,
+    /// Reads as zeroes (the version 3 zero flag).
+    Zero,
+    /// Stored as it is in the host cluster that starts here.
+    Data(HostOffset),
+    /// Stored deflated: `len` bytes from `offset` (not aligned) hold the compressed data.
+    Compressed {
+        /// Where the compressed data starts.
+        offset: HostOffset,
+        /// An upper bound of its length (whole 512-byte sectors past the offset's sector).
+        len: u64,
+    },
+}
+
+/// The L2 table an L1 entry points at, `None` for none.
+///
+/// # Errors
+///
+/// A description of what is wrong with the entry (the caller says which entry it is).
+pub(crate) fn decode_l1(
+    raw: u64,
+    geometry: Geometry,
+    file_len: u64,
+) -> Result<Option<HostOffset>, String> {
+    let offset = HostOffset(raw & OFFSET_MASK);
+    if offset.0 == 0 {
+        return Ok(None);
+    }
+    if !geometry.is_cluster_aligned(offset) {
+        return Err(format!("the L2 table offset {:#x} is not cluster-aligned", offset.0));
+    }
+    match offset.checked_add(geometry.cluster_size()) {
+        Some(end) if end.0 <= file_len => Ok(Some(offset)),
+        _ => Err(format!(
+            "the L2 table at {:#x} ends past the end of the file ({file_len} bytes)",
+            offset.0
+        )),
+    }
+}
+
+/// What an L2 entry maps its guest cluster to, in an image of `version`.
+///
+/// # Errors
+///
+/// A description of what is wrong with the entry (the caller says which entry it is).
+pub(crate) fn decode_l2(
+    raw: u64,
+    geometry: Geometry,
+    version: u32,
+    file_len: u64,
+) -> Result<ClusterMapping, String> {
+    let cluster_size = geometry.cluster_size();
+    if raw & COMPRESSED != 0 {
+        // The offset takes the low 62 - (cluster_bits - 8) bits, the sector count the rest
+        // up to bit 61.
+        let sector_bits = geometry.cluster_bits() - 8;
+        let offset_bits = 62 - sector_bits;
+        let offset = HostOffset(raw & ((1 << offset_bits) - 1));
+        let sectors = ((raw >> offset_bits) & ((1 << sector_bits) - 1)) + 1;
+        let len = sectors * SECTOR - (offset.0 % SECTOR);
+        if offset.0 > OFFSET_MASK | 0x1ff {
+            return Err(format!("the compressed cluster offset {:#x} uses bits past 55", offset.0));
+        }
+        if offset.0 < cluster_size {
+            return Err(format!(
+                "the compressed cluster at {:#x} lies in the header cluster",
+                offset.0
+            ));
+        }
+        if offset.0 >= file_len {
+            return Err(format!(
+                "the compressed cluster at {:#x} starts past the end of the file ({file_len} \
+                 bytes)",
+                offset.0
+            ));
+        }
+        return Ok(ClusterMapping::Compressed { offset, len });
+    }
+    let offset = HostOffset(raw & OFFSET_MASK);
+    if offset.0 != 0 && !geometry.is_cluster_aligned(offset) {
+        return Err(format!("the cluster offset {:#x} is not cluster-aligned", offset.0));
+    }
+    if raw & ZERO != 0 {
+        if version < 3 {
+            return Err("the zero flag is set in a version 2 image".to_string());
+        }
+        return Ok(ClusterMapping::Zero);
+    }
+    if offset.0 == 0 {
+        return Ok(ClusterMapping::Unallocated);
+    }
+    if offset.0 >= file_len {
+        return Err(format!(
+            "the data cluster at {:#x} starts past the end of the file ({file_len} bytes)",
+            offset.0
+        ));
+    }
+    Ok(ClusterMapping::Data(offset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn standard_entries() {
+        let g = Geometry::new(16);
+        assert_eq!(decode_l2(0, g, 3, MIB), Ok(ClusterMapping::Unallocated));
+        assert_eq!(decode_l2(1 << 63, g, 3, MIB), Ok(ClusterMapping::Unallocated));
+        assert_eq!(decode_l2(ZERO, g, 3, MIB), Ok(ClusterMapping::Zero));
+        assert_eq!(decode_l2(0x30000 | ZERO, g, 3, MIB), Ok(ClusterMapping::Zero));
+        assert!(decode_l2(ZERO, g, 2, MIB).unwrap_err().contains("version 2"));
+        assert_eq!(
+            decode_l2((1 << 63) | 0x30000, g, 3, MIB),
+            Ok(ClusterMapping::Data(HostOffset(0x30000)))
+        );
+        assert!(decode_l2(0x30200, g, 3, MIB).unwrap_err().contains("not cluster-aligned"));
+        assert!(decode_l2(MIB, g, 3, MIB).unwrap_err().contains("past the end"));
+    }
+
+    #[test]
+    fn compressed_entries() {
+        let g = Geometry::new(16);
+        // 64 KiB clusters: 62 - 8 = 54 offset bits, then 8 bits of extra sectors.
+        let raw = COMPRESSED | (3 << 54) | 0x30010;
+        assert_eq!(
+            decode_l2(raw, g, 3, MIB),
+            Ok(ClusterMapping::Compressed { offset: HostOffset(0x30010), len: 4 * 512 - 0x10 })
+        );
+        assert!(decode_l2(COMPRESSED | 0x100, g, 3, MIB).unwrap_err().contains("header"));
+        assert!(decode_l2(COMPRESSED | MIB, g, 3, MIB).unwrap_err().contains("past the end"));
+    }
+
+    #[test]
+    fn l1_entries() {
+        let g = Geometry::new(16);
+        assert_eq!(decode_l1(0, g, MIB), Ok(None));
+        assert_eq!(decode_l1((1 << 63) | 0x20000, g, MIB), Ok(Some(HostOffset(0x20000))));
+        assert!(decode_l1(0x20200, g, MIB).is_err());
+        assert!(decode_l1(MIB - 0x8000, g, MIB).is_err());
+        assert!(decode_l1(MIB, g, MIB).is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! Offsets and cluster numbers that the type system keeps apart: a guest offset (a byte of
+//! the virtual disk) can never be passed where a host offset (a byte of the image file) is
+//! meant, and both are told from cluster indices. Arithmetic on them is checked: an overflow
+//! is `None`, never a wrap.
+
+use std::fmt;
+
+/// A byte offset in the virtual disk the guest sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestOffset(pub u64);
+
+/// A byte offset in the image file (the `file` child).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostOffset(pub u64);
+
+/// The number of a guest cluster: guest offset divided by the cluster size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterIndex(pub u64);
+
+impl GuestOffset {
+    /// `self + bytes`, or `None` on overflow.
+    pub fn checked_add(self, bytes: u64) -> Option<GuestOffset> {
+        self.0.checked_add(bytes).map(GuestOffset)
+    }
+
+    /// The bytes from `earlier` to `self`, or `None` if `earlier` is later.
+    pub fn checked_distance_from(self, earlier: GuestOffset) -> Option<u64> {
+        self.0.checked_sub(earlier.0)
+    }
+}
+
+impl HostOffset {
+    /// `self + bytes`, or `None` on overflow.
+    pub fn checked_add(self, bytes: u64) -> Option<HostOffset> {
+        self.0.checked_add(bytes).map(HostOffset)
+    }
+}
+
+impl ClusterIndex {
+    /// The next cluster, or `None` on overflow.
+    pub fn checked_next(self) -> Option<ClusterIndex> {
+        self.0.checked_add(1).map(ClusterIndex)
+    }
+}
+
+impl fmt::Display for GuestOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "guest offset {:#x}", self.0)
+    }
+}
+
+impl fmt::Display for HostOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "host offset {:#x}", self.0)
+    }
+}
+
+impl fmt::Display for ClusterIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "guest cluster {}", self.0)
+    }
+}
+
+/// The shape of an image's address translation: the cluster size and how many entries an
+/// L2 table holds. Turns guest offsets into cluster indices and table positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    cluster_bits: u32,
+}
+
+/// Where a guest cluster's entry is: the L1 index (which L2 table) and the index in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TablePosition {
+    /// The entry of the L1 table.
+    pub l1_index: u64,
+    /// The entry of the L2 table.
+    pub l2_index: usize,
+}
+
+impl Geometry {
+    /// The geometry of clusters of `1 << cluster_bits` bytes with 8-byte L2 entries.
+    ///
+    /// # Panics
+    ///
+    /// If `cluster_bits` is outside 9..=21 (the header parser refuses those first).
+    pub fn new(cluster_bits: u32) -> Geometry {
+        assert!(
+            (9..=21).contains(&cluster_bits),
+            "qcow2: Geometry::new: cluster_bits {cluster_bits} is outside 9..=21"
+        );
+        Geometry { cluster_bits }
+    }
+
+    /// log2 of the cluster size.
+    pub fn cluster_bits(&self) -> u32 {
+        self.cluster_bits
+    }
+
+    /// The cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// log2 of the entries of an L2 table (one cluster of 8-byte entries).
+    pub fn l2_bits(&self) -> u32 {
+        self.cluster_bits - 3
+    }
+
+    /// The entries of an L2 table.
+    pub fn l2_entries(&self) -> usize {
+        1 << self.l2_bits()
+    }
+
+    /// The bytes of the virtual disk one L2 table maps.
+    pub fn bytes_per_l2(&self) -> u64 {
+        1 << (self.cluster_bits + self.l2_bits())
+    }
+
+    /// The cluster holding `offset`.
+    pub fn cluster_of(&self, offset: GuestOffset) -> ClusterIndex {
+        ClusterIndex(offset.0 >> self.cluster_bits)
+    }
+
+    /// The first byte of `cluster`, or `None` past the largest offset.
+    pub fn cluster_start(&self, cluster: ClusterIndex) -> Option<GuestOffset> {
+        cluster.0.checked_mul(self.cluster_size()).map(GuestOffset)
+    }
+
+    /// How far into its cluster `offset` is.
+    pub fn offset_in_cluster(&self, offset: GuestOffset) -> u64 {
+        offset.0 & (self.cluster_size() - 1)
+    }
+
+    /// Whether a host offset starts a cluster.
+    pub fn is_cluster_aligned(&self, offset: HostOffset) -> bool {
+        offset.0 & (self.cluster_size() - 1) == 0
+    }
+
+    /// Where `cluster`'s L2 entry lives.
+    pub fn position(&self, cluster: ClusterIndex) -> TablePosition {
+        TablePosition {
+            l1_index: cluster.0 >> self.l2_bits(),
+            l2_index: (cluster.0 & (self.l2_entries() as u64 - 1)) as usize,
+        }
+    }
+
+    /// The L1 entries needed to map `virtual_size` bytes (QEMU's `size_to_l1`).
+    pub fn l1_entries_for(&self, virtual_size: u64) -> u64 {
+        virtual_size.div_ceil(self.bytes_per_l2())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_of_64k_clusters() {
+        let geometry = Geometry::new(16);
+        assert_eq!(geometry.l2_entries(), 8192);
+        assert_eq!(geometry.bytes_per_l2(), 512 << 20);
+        let offset = GuestOffset((512 << 20) + 3 * 65536 + 17);
+        let cluster = geometry.cluster_of(offset);
+        assert_eq!(geometry.position(cluster), TablePosition { l1_index: 1, l2_index: 3 });
+        assert_eq!(geometry.offset_in_cluster(offset), 17);
+        assert_eq!(geometry.cluster_start(cluster), Some(GuestOffset((512 << 20) + 3 * 65536)));
+        assert_eq!(geometry.l1_entries_for(0), 0);
+        assert_eq!(geometry.l1_entries_for(1), 1);
+        assert_eq!(geometry.l1_entries_for(512 << 20), 1);
+        assert_eq!(geometry.l1_entries_for((512 << 20) + 1), 2);
+    }
+
+    #[test]
+    fn arithmetic_is_checked() {
+        assert_eq!(GuestOffset(u64::MAX).checked_add(1), None);
+        assert_eq!(HostOffset(u64::MAX - 1).checked_add(1), Some(HostOffset(u64::MAX)));
+        assert_eq!(ClusterIndex(u64::MAX).checked_next(), None);
+        assert_eq!(Geometry::new(21).cluster_start(ClusterIndex(u64::MAX)), None);
+        assert_eq!(GuestOffset(5).checked_distance_from(GuestOffset(7)), None);
+    }
+}

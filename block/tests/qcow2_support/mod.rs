@@ -1,0 +1,168 @@
+//! Helpers of the qcow2 tests: running the real qemu-img / qemu-io, scratch directories,
+//! and reading images through our driver.
+
+#![allow(dead_code)] // Each test file uses its own subset.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use aiocoro_block::{Allocation, BlockBackend, BlockGraph, run_in_coroutine};
+
+/// A scratch directory, removed on drop.
+pub struct Scratch {
+    pub dir: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("aiocoro-qcow2-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch { dir }
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `program` with `args`, panicking with its output unless it succeeds. A missing
+/// program fails the test: these tests are not skipped.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program).args(args).output().unwrap_or_else(|error| {
+        panic!(
+            "cannot run {program} ({error}): the qcow2 interop tests need QEMU's tools; \
+             install them (Debian/Ubuntu: apt-get install qemu-utils)"
+        )
+    });
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `qemu-img ARGS`.
+pub fn qemu_img(args: &[&str]) -> String {
+    run("qemu-img", args)
+}
+
+/// `qemu-io -f FORMAT FILE -c CMD ...`.
+pub fn qemu_io(format: &str, file: &Path, commands: &[&str]) {
+    let file = file.to_str().unwrap();
+    let mut args = vec!["-f", format, file];
+    for command in commands {
+        args.push("-c");
+        args.push(command);
+    }
+    run("qemu-io", &args);
+}
+
+/// `qemu-img convert -O raw` of `image` (any format, backing chain included), read back.
+pub fn qemu_raw(image: &Path) -> Vec<u8> {
+    let out = image.with_extension("qemu.raw");
+    qemu_img(&["convert", "-O", "raw", image.to_str().unwrap(), out.to_str().unwrap()]);
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    bytes
+}
+
+/// Opens `options` and runs `body` on a backend of it, in a coroutine.
+pub fn with_image<R: 'static>(
+    options: &str,
+    body: impl FnOnce(&aiocoro::coroutine::Co, &BlockBackend) -> io::Result<R> + 'static,
+) -> io::Result<R> {
+    let options = options.to_owned();
+    run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (_, node) = aiocoro_block::open(co, &graph, &options)?;
+        body(co, &BlockBackend::new(node))
+    })?
+}
+
+/// The options that open `image` as qcow2, read-only.
+pub fn qcow2_options(image: &Path) -> String {
+    format!("driver=qcow2,read-only=on,file.filename={}", image.display())
+}
+
+/// Every guest byte of the qcow2 `image`, read through our driver in `chunk`-byte reads.
+pub fn read_ours(image: &Path, chunk: usize) -> io::Result<Vec<u8>> {
+    with_image(&qcow2_options(image), move |co, blk| {
+        let len = blk.length() as usize;
+        let mut all = vec![0u8; len];
+        for (i, piece) in all.chunks_mut(chunk).enumerate() {
+            blk.read(co, (i * chunk) as u64, piece)?;
+        }
+        Ok(all)
+    })
+}
+
+/// Our block status over the whole image: `(offset, len, allocation)` runs, merged.
+pub fn status_ours(image: &Path) -> io::Result<Vec<(u64, u64, Allocation)>> {
+    with_image(&qcow2_options(image), |co, blk| {
+        let len = blk.length();
+        let mut runs: Vec<(u64, u64, Allocation)> = Vec::new();
+        let mut at = 0;
+        while at < len {
+            let status = blk.block_status(co, at, len - at)?;
+            match runs.last_mut() {
+                Some(last) if last.2 == status.allocation && last.0 + last.1 == at => {
+                    last.1 += status.len;
+                }
+                _ => runs.push((at, status.len, status.allocation)),
+            }
+            at += status.len;
+        }
+        Ok(runs)
+    })
+}
+
+/// Asserts two images' bytes are equal, naming the first difference.
+pub fn assert_same_bytes(ours: &[u8], theirs: &[u8], what: &str) {
+    assert_eq!(ours.len(), theirs.len(), "{what}: lengths differ");
+    if let Some(at) = ours.iter().zip(theirs).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at byte {at:#x}: ours {:#04x}, qemu-img's {:#04x}",
+            ours[at], theirs[at]
+        );
+    }
+}
+
+/// Overwrites `bytes` at `offset` of the file at `path`.
+pub fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(bytes, offset).unwrap();
+}
+
+/// Reads `len` bytes at `offset` of the file at `path`.
+pub fn peek(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path).unwrap();
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, offset).unwrap();
+    bytes
+}
+
+/// A big-endian u64 of the file at `path`.
+pub fn peek_u64(path: &Path, offset: u64) -> u64 {
+    u64::from_be_bytes(peek(path, offset, 8).try_into().unwrap())
+}
+
+/// The error of opening and reading all of `image` through our driver.
+pub fn open_error(image: &Path) -> io::Error {
+    match read_ours(image, 1 << 20) {
+        Ok(_) => panic!("{} opened and read without an error", image.display()),
+        Err(error) => error,
+    }
+}
