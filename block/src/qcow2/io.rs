@@ -5,8 +5,8 @@ use std::io::{self, IoSliceMut};
 
 use aiocoro::coroutine::Co;
 
-use crate::buffer::IoBuffer;
 use crate::node::BlockNode;
+use crate::padding;
 
 /// Reads `bufs` from `node` at `offset`, through an aligned bounce buffer when the range is
 /// not aligned to the node's requests (an `O_DIRECT` file under a compressed cluster).
@@ -21,21 +21,12 @@ pub(crate) fn read_at(
     bufs: &mut [IoSliceMut<'_>],
 ) -> io::Result<()> {
     let len: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
-    let align = node.alignment().request;
-    if node.alignment().fits(offset, len) {
-        return node.read(co, offset, bufs);
+    let alignment = node.alignment();
+    if alignment.fits(offset, len) {
+        node.read(co, offset, bufs)
+    } else {
+        padding::read(co, node, offset, bufs, alignment.request)
     }
-    let start = offset - offset % align;
-    let end = (offset + len).next_multiple_of(align);
-    let mut bounce = IoBuffer::new(usize::try_from(end - start).map_err(io::Error::other)?);
-    node.read(co, start, &mut [IoSliceMut::new(&mut bounce)])?;
-    let mut at = (offset - start) as usize;
-    for buf in bufs.iter_mut() {
-        let n = buf.len();
-        buf.copy_from_slice(&bounce[at..at + n]);
-        at += n;
-    }
-    Ok(())
 }
 
 /// Reads `buf.len()` bytes from `node` at `offset` into `buf`.
