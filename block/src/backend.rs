@@ -9,7 +9,7 @@ use aiocoro::coroutine::Co;
 use aiocoro::sync::CoRwLock;
 
 use crate::buffer::IoBuffer;
-use crate::drain::RequestGate;
+use crate::drain::{Passed, RequestGate};
 use crate::driver::BlockStatus;
 use crate::error::{Op, RequestError, invalid_input};
 use crate::node::BlockNode;
@@ -71,11 +71,14 @@ impl Drop for Drained<'_> {
 }
 
 /// Counts a request out when it ends, however it ends.
-struct InFlight<'a>(&'a RequestGate);
+struct InFlight<'a> {
+    gate: &'a RequestGate,
+    passed: Passed,
+}
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.leave();
+        self.gate.leave(&self.passed);
     }
 }
 
@@ -155,8 +158,8 @@ impl BlockBackend {
     }
 
     fn run<R>(&self, co: &Co, request: impl FnOnce(&BlockNode) -> io::Result<R>) -> io::Result<R> {
-        self.inner.gate.enter(co);
-        let _in_flight = InFlight(&self.inner.gate);
+        let passed = self.inner.gate.enter(co);
+        let _in_flight = InFlight { gate: &self.inner.gate, passed };
         request(&self.inner.root)
     }
 

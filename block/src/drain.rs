@@ -6,25 +6,74 @@
 //! consistent, so at least one side sees the other: a request that started after the
 //! section opened backs out and waits for the section to end; a request that started before
 //! is waited for.
+//!
+//! The count is kept in per-thread slots (a thread's requests touch its own cache line; the
+//! drainer sums them), so that IoThreads submitting at once do not fight over one counter.
+//! The argument above holds slot by slot: every count-in is ordered before or after the
+//! section's opening in the single order of sequentially consistent operations.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread::{self, Thread};
 
 use aiocoro::aio::{AioContext, AioHandle, Waker};
 use aiocoro::coroutine::{self, Co};
 
-/// The in-flight count of one backend and its drained sections.
+/// Slots per backend; threads share one when there are more threads than this.
+const SLOTS: usize = 64;
+
+/// Requests counted in (through the gate or backing out of it), in a slot's low half.
+const GATE: u64 = 1;
+/// Requests past the gate and not yet out, in a slot's high half.
+const RUNNING: u64 = 1 << 32;
+const GATE_MASK: u64 = RUNNING - 1;
+
+/// One thread's counts, alone in its cache line.
+#[repr(align(64))]
 #[derive(Default)]
+struct Slot(AtomicU64);
+
+thread_local! {
+    /// This thread's slot index, handed out round robin on first use.
+    static SLOT_INDEX: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+fn slot_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    SLOT_INDEX.with(|index| {
+        index.get().unwrap_or_else(|| {
+            let new = NEXT.fetch_add(1, SeqCst) % SLOTS;
+            index.set(Some(new));
+            new
+        })
+    })
+}
+
+/// The in-flight count of one backend and its drained sections.
 pub(crate) struct RequestGate {
-    /// Requests counted in by `enter`, out by `leave`; drainers wait for zero. It includes,
-    /// for a moment, a request that found a section open and is backing out.
-    in_flight: AtomicU64,
-    /// Requests that passed the gate and have not left: never one inside a section.
-    running: AtomicU64,
+    /// Per-thread counts: `GATE` per request counted in by `enter` (drainers wait for these
+    /// to reach zero; it includes, for a moment, a request that found a section open and is
+    /// backing out) and `RUNNING` per request that passed (never one inside a section).
+    slots: Box<[Slot]>,
     /// Drained sections open now.
     sections: AtomicU32,
     waiters: Mutex<Waiters>,
+}
+
+impl Default for RequestGate {
+    fn default() -> Self {
+        RequestGate {
+            slots: (0..SLOTS).map(|_| Slot::default()).collect(),
+            sections: AtomicU32::new(0),
+            waiters: Mutex::default(),
+        }
+    }
+}
+
+/// A request that passed the gate; give it back to [`RequestGate::leave`].
+pub(crate) struct Passed {
+    slot: usize,
 }
 
 /// Who waits for what. Invariant: `held` is empty while no section is open, except for
@@ -61,18 +110,25 @@ impl RequestGate {
 
     /// Requests running now (past the gate; not the ones backing out of it).
     pub(crate) fn in_flight(&self) -> u64 {
-        self.running.load(SeqCst)
+        self.slots.iter().map(|slot| slot.0.load(SeqCst) / RUNNING).sum()
+    }
+
+    /// Requests counted in, those backing out included: what a drainer waits for.
+    fn counted_in(&self) -> u64 {
+        self.slots.iter().map(|slot| slot.0.load(SeqCst) & GATE_MASK).sum()
     }
 
     /// Counts a request in, first waiting (the coroutine sleeps) while a section is open.
-    pub(crate) fn enter(&self, co: &Co) {
+    pub(crate) fn enter(&self, co: &Co) -> Passed {
+        let index = slot_index();
+        let slot = &self.slots[index].0;
         loop {
-            self.in_flight.fetch_add(1, SeqCst);
+            slot.fetch_add(GATE, SeqCst);
             if self.sections.load(SeqCst) == 0 {
-                self.running.fetch_add(1, SeqCst);
-                return;
+                slot.fetch_add(RUNNING, SeqCst);
+                return Passed { slot: index };
             }
-            self.count_out();
+            self.count_out(slot, GATE);
             let wait = co.prepare_wait();
             {
                 let mut waiters = self.waiters();
@@ -86,14 +142,15 @@ impl RequestGate {
     }
 
     /// Counts out a request that `enter` let through.
-    pub(crate) fn leave(&self) {
-        self.running.fetch_sub(1, SeqCst);
-        self.count_out();
+    pub(crate) fn leave(&self, passed: &Passed) {
+        self.count_out(&self.slots[passed.slot].0, GATE + RUNNING);
     }
 
-    /// Counts a request out of `in_flight`; the last one out wakes the drainers.
-    fn count_out(&self) {
-        if self.in_flight.fetch_sub(1, SeqCst) == 1 && self.sections.load(SeqCst) != 0 {
+    /// Takes `amount` off `slot`; the last request out of a slot wakes the drainers (they
+    /// sum the slots again).
+    fn count_out(&self, slot: &AtomicU64, amount: u64) {
+        let before = slot.fetch_sub(amount, SeqCst);
+        if before & GATE_MASK == GATE && self.sections.load(SeqCst) != 0 {
             self.waiters().drainers.iter().for_each(|(_, drainer)| drainer.wake());
         }
     }
@@ -124,9 +181,9 @@ impl RequestGate {
             ticket
         };
         match &context {
-            Some(context) => context.wait_while(|| self.in_flight.load(SeqCst) != 0),
+            Some(context) => context.wait_while(|| self.counted_in() != 0),
             None => {
-                while self.in_flight.load(SeqCst) != 0 {
+                while self.counted_in() != 0 {
                     thread::park();
                 }
             }
