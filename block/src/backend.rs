@@ -110,7 +110,8 @@ impl BlockBackend {
     ///
     /// # Panics
     ///
-    /// Inside a coroutine.
+    /// Inside a coroutine; and as a coroutine or callback that this thread's context runs
+    /// meanwhile panics (the section is closed again on the way out).
     pub fn drain(&self) -> Drained<'_> {
         self.inner.gate.begin_drain();
         Drained { backend: self }

@@ -76,6 +76,20 @@ pub(crate) struct Passed {
     slot: usize,
 }
 
+/// A section `begin_drain` opened and has not handed to its caller yet: dropped only by an
+/// unwinding, it closes the section again.
+struct OpenSection<'a> {
+    gate: &'a RequestGate,
+    ticket: u64,
+}
+
+impl Drop for OpenSection<'_> {
+    fn drop(&mut self) {
+        self.gate.forget_drainer(self.ticket);
+        self.gate.end_drain();
+    }
+}
+
 /// Who waits for what. Invariant: `held` is empty while no section is open, except for
 /// entries pushed by requests that saw a section under this lock and are woken by the
 /// next section's end.
@@ -180,6 +194,9 @@ impl RequestGate {
             waiters.drainers.push((ticket, drainer));
             ticket
         };
+        // Running the context may panic (a coroutine or callback of this thread fails): the
+        // section must not outlive the unwinding, or every later request waits for good.
+        let opened = OpenSection { gate: self, ticket };
         match &context {
             Some(context) => context.wait_while(|| self.counted_in() != 0),
             None => {
@@ -188,6 +205,11 @@ impl RequestGate {
                 }
             }
         }
+        std::mem::forget(opened);
+        self.forget_drainer(ticket);
+    }
+
+    fn forget_drainer(&self, ticket: u64) {
         self.waiters().drainers.retain(|(t, _)| *t != ticket);
     }
 

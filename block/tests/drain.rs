@@ -346,3 +346,45 @@ fn draining_inside_a_coroutine_is_a_clear_panic() {
     .unwrap();
     assert!(message.contains("drain called inside a coroutine"), "{message}");
 }
+
+/// A coroutine that panics while a drainer on its thread runs the context: the panic leaves
+/// `drain` by unwinding, and must close the section it opened on the way out. Otherwise every
+/// later request on every thread waits for a section that nobody will ever end.
+#[test]
+fn a_panic_out_of_a_drain_closes_its_section() {
+    let ctx = AioContext::new().unwrap();
+    let blk = run_in_coroutine(|co| {
+        let (_, node) = aiocoro_block::open(
+            co,
+            &aiocoro_block::BlockGraph::new(),
+            "driver=null-co,size=1M,read-zeroes=on,latency-ns=1000",
+        )?;
+        Ok::<_, std::io::Error>(BlockBackend::new(node))
+    })
+    .unwrap()
+    .unwrap();
+    // A request in flight (sleeping in the driver), which panics once it has finished: the
+    // drainer below runs it to its end inside `drain`, and the panic comes out there.
+    let in_flight = blk.clone();
+    ctx.spawn(move |co| {
+        in_flight.read(co, 0, &mut [0u8; 512]).unwrap();
+        panic!("a coroutine fails while its thread drains");
+    });
+    ctx.poll(false); // the request starts and sleeps in the driver
+    assert_eq!(blk.in_flight(), 1);
+    let panic = catch_unwind(AssertUnwindSafe(|| drop(blk.drain())));
+    assert!(panic.is_err(), "the coroutine's panic came out of the drain");
+    // A new request must go through: a zero-latency path would finish in a few polls.
+    let after = blk.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
+    ctx.spawn(move |co| {
+        after.flush(co).unwrap();
+        flag.store(true, Ordering::SeqCst);
+    });
+    for _ in 0..10 {
+        ctx.poll(false);
+    }
+    assert!(done.load(Ordering::SeqCst), "a request after the failed drain was held back");
+    assert_eq!(blk.in_flight(), 0);
+}
