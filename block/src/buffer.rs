@@ -56,7 +56,8 @@ impl IoBuffer {
     ///
     /// # Panics
     ///
-    /// If the memory cannot be had.
+    /// If `len` is too large for any allocation (more than `isize::MAX` bytes once rounded up
+    /// to the alignment); aborts if the memory cannot be had.
     pub fn new(len: usize) -> IoBuffer {
         let capacity = capacity_for(len);
         let pooled = class_of(capacity)
@@ -101,7 +102,11 @@ fn capacity_for(len: usize) -> usize {
     if len <= MAX_POOLED_CAPACITY {
         len.next_power_of_two().max(BUFFER_ALIGN)
     } else {
-        len.div_ceil(BUFFER_ALIGN) * BUFFER_ALIGN
+        // Checked: near `usize::MAX` the rounding would wrap to a small capacity (0 even, a
+        // zero-sized allocation) under a buffer whose `len` is huge.
+        len.checked_next_multiple_of(BUFFER_ALIGN)
+            .filter(|&capacity| Layout::from_size_align(capacity, BUFFER_ALIGN).is_ok())
+            .unwrap_or_else(|| panic!("aiocoro-block: an IoBuffer of {len} bytes is too large"))
     }
 }
 
@@ -188,6 +193,20 @@ mod tests {
         assert_eq!(class_of(big), None);
         let huge = IoBuffer::zeroed(MAX_POOLED_CAPACITY + 1);
         assert!(huge.iter().all(|&b| b == 0));
+    }
+
+    /// Rounding the capacity up must not wrap (in release builds it used to give capacity 0
+    /// under a `len` of `usize::MAX`: a zero-sized allocation, and a slice over all memory).
+    #[test]
+    #[should_panic(expected = "is too large")]
+    fn a_buffer_too_large_for_memory_is_a_clear_panic() {
+        let _ = IoBuffer::new(usize::MAX);
+    }
+
+    #[test]
+    #[should_panic(expected = "is too large")]
+    fn a_buffer_larger_than_any_layout_is_a_clear_panic() {
+        let _ = IoBuffer::new(isize::MAX as usize);
     }
 
     #[test]
