@@ -15,8 +15,9 @@ const ZERO_CHUNK: usize = 1 << 20;
 pub struct Alignment {
     /// Offsets and lengths of reads and writes must be multiples of this (a power of two).
     pub request: u64,
-    /// Buffers whose addresses and lengths are multiples of this avoid a bounce buffer (a
-    /// power of two). Any buffer works; others cost a copy.
+    /// Buffers whose addresses are multiples of this (and whose lengths are multiples of
+    /// both alignments) avoid a bounce buffer (a power of two). Any buffer works; others
+    /// cost a copy.
     pub memory: usize,
 }
 
