@@ -282,9 +282,10 @@ pub(crate) fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// slots).
 pub(crate) fn uring_new(entries: u32) -> io::Result<io_uring::IoUring> {
     // Cooperative task running (Linux 5.19): completions are posted when this thread next
-    // enters the kernel (it does, at every poll) instead of interrupting it; older kernels
-    // refuse the flag with EINVAL and get a plain ring.
-    match io_uring::IoUring::builder().setup_coop_taskrun().build(entries) {
+    // enters the kernel (it does, at every poll) instead of interrupting it, and the ring's
+    // task-run flag says when some wait to be posted (what busy polling looks at); older
+    // kernels refuse the flags with EINVAL and get a plain ring.
+    match io_uring::IoUring::builder().setup_coop_taskrun().setup_taskrun_flag().build(entries) {
         Err(error) if error.raw_os_error() == Some(libc::EINVAL) => io_uring::IoUring::new(entries),
         ring => ring,
     }

@@ -405,12 +405,15 @@ pub(crate) fn submit_queued() -> bool {
     })
 }
 
-/// Whether this thread's ring has completions to reap (a look at the completion queue, no
-/// system call), for busy polling.
+/// Whether this thread's ring has completions to reap, or completed requests whose
+/// completions the kernel will post when the thread next enters it (cooperative task
+/// running); a look at the ring, no system call. For busy polling: the poll that follows
+/// makes the system call.
 pub(crate) fn completions_ready() -> bool {
     ENGINE.with_borrow(|engine| match engine {
-        Some((_, Engine::Uring(ring))) => {
-            ring.in_kernel.get() != 0 && !ring.uring.borrow_mut().completion().is_empty()
+        Some((_, Engine::Uring(ring))) if ring.in_kernel.get() != 0 => {
+            let mut uring = ring.uring.borrow_mut();
+            !uring.completion().is_empty() || uring.submission().taskrun()
         }
         _ => false,
     })
