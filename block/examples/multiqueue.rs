@@ -7,7 +7,8 @@
 //!     [--cache writeback|none] [--aio io_uring|threads]
 //! ```
 //!
-//! With no options it makes a temporary 64 MiB raw image, runs 100 000 requests (half reads)
+//! `--image PATH` names a new image file to make and keep (it must not exist). With no
+//! options it makes a temporary 64 MiB raw image, runs 100 000 requests (half reads)
 //! from one IoThread per available core, 16 in flight on each, and removes the image. Each
 //! 4 KiB block has a version under a `CoMutex`: a write takes the block's lock, writes the
 //! pattern of the next version and records it; a read takes the lock and checks the pattern

@@ -56,6 +56,6 @@ pub use backend::{BlockBackend, Drained};
 pub use buffer::{BUFFER_ALIGN, IoBuffer};
 pub use driver::{Alignment, Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 pub use error::{Op, RequestError, invalid_input, unsupported};
-pub use node::{BlockGraph, BlockNode, Child, ChildRole};
+pub use node::{BlockGraph, BlockNode, Child, ChildRole, replace_child};
 pub use options::{BlockOptions, open, open_options, parse_size};
 pub use run::run_in_coroutine;

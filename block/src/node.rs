@@ -3,13 +3,13 @@
 
 use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use aiocoro::coroutine::Co;
 
 use crate::driver::{Alignment, BlockDriver, BlockStatus};
 use crate::error::{Op, RequestError};
-use crate::graph::{Edge, Graph};
+use crate::graph::{Edge, Graph, GraphError, NodeId};
 
 /// What a child is to its parent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -33,7 +33,10 @@ pub type Child = Edge<BlockNode>;
 pub struct BlockNode {
     name: String,
     driver: Box<dyn BlockDriver>,
-    alignment: Alignment,
+    /// The driver's alignment, as it stated it last (at open, and when a child was replaced
+    /// through [`replace_child`]): `Alignment::request` and `Alignment::memory`.
+    request_alignment: AtomicU64,
+    memory_alignment: AtomicUsize,
     /// The length in bytes, as the driver last reported it (at open, after a truncate).
     length: AtomicU64,
     read_only: bool,
@@ -55,16 +58,12 @@ impl BlockNode {
         let length = driver
             .length(co)
             .map_err(|error| RequestError::wrap(error, &name, driver.format_name(), Op::Open))?;
-        let alignment = driver.alignment();
-        assert!(
-            alignment.request.is_power_of_two() && alignment.memory.is_power_of_two(),
-            "aiocoro-block: driver {} states an alignment that is not a power of two: {alignment:?}",
-            driver.format_name()
-        );
+        let alignment = checked_alignment(&driver);
         Ok(BlockNode {
             name,
             driver: Box::new(driver),
-            alignment,
+            request_alignment: AtomicU64::new(alignment.request),
+            memory_alignment: AtomicUsize::new(alignment.memory),
             length: AtomicU64::new(length),
             read_only,
         })
@@ -82,7 +81,18 @@ impl BlockNode {
 
     /// The alignment requests need.
     pub fn alignment(&self) -> Alignment {
-        self.alignment
+        Alignment {
+            request: self.request_alignment.load(Ordering::Relaxed),
+            memory: self.memory_alignment.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Asks the driver for its alignment again (QEMU's `bdrv_refresh_limits`), after a child
+    /// changed.
+    fn refresh_alignment(&self) {
+        let alignment = checked_alignment(&*self.driver);
+        self.request_alignment.store(alignment.request, Ordering::Relaxed);
+        self.memory_alignment.store(alignment.memory, Ordering::Relaxed);
     }
 
     /// The length in bytes.
@@ -198,6 +208,48 @@ impl BlockNode {
         self.length.store(length, Ordering::Release);
         Ok(())
     }
+}
+
+/// The driver's alignment, which must be powers of two.
+fn checked_alignment(driver: &(impl BlockDriver + ?Sized)) -> Alignment {
+    let alignment = driver.alignment();
+    assert!(
+        alignment.request.is_power_of_two() && alignment.memory.is_power_of_two(),
+        "aiocoro-block: driver {} states an alignment that is not a power of two: {alignment:?}",
+        driver.format_name()
+    );
+    alignment
+}
+
+/// Points `parent`'s child in `role` at `new_child` (QEMU's `bdrv_replace_child`), then has
+/// `parent` and every node above it ask their drivers for their alignment again: a new child
+/// may need stricter alignment (an `O_DIRECT` file under a buffered one's parent). Requests
+/// already past their backend's checks are not re-checked: replace children inside drained
+/// sections of the backends above, as QEMU does.
+///
+/// # Errors
+///
+/// As [`Graph::replace_child`](crate::graph::Graph::replace_child); nothing changes then.
+pub fn replace_child(
+    graph: &BlockGraph,
+    parent: NodeId,
+    role: &ChildRole,
+    new_child: NodeId,
+) -> Result<NodeId, GraphError> {
+    let old = graph.replace_child(parent, role, new_child)?;
+    let mut pending = vec![parent];
+    let mut seen = Vec::new();
+    while let Some(id) = pending.pop() {
+        if seen.contains(&id) {
+            continue;
+        }
+        seen.push(id);
+        if let Some(node) = graph.node(id) {
+            node.refresh_alignment();
+        }
+        pending.extend(graph.parents(id).into_iter().map(|(above, _)| above));
+    }
+    Ok(old)
 }
 
 impl fmt::Debug for BlockNode {

@@ -32,6 +32,11 @@ pub fn seek_data_or_hole(fd: BorrowedFd<'_>, offset: u64, data: bool) -> io::Res
     }
 }
 
+/// Where the end of `fd` is (`lseek(fd, 0, SEEK_END)`): a block device's size.
+pub fn seek_end(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    syscall!(lseek(fd.as_raw_fd(), 0, libc::SEEK_END)).map(|end| end as u64)
+}
+
 /// The `O_DIRECT` alignment the file system states for `fd` (`statx` with
 /// `STATX_DIOALIGN`): `(memory, offset)`; `None` where it does not say.
 pub fn direct_io_alignment(fd: BorrowedFd<'_>) -> io::Result<Option<(u32, u32)>> {

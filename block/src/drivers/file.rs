@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::ops::Deref;
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use aiocoro::aio::IoEngine;
@@ -169,7 +169,12 @@ impl BlockDriver for FileDriver {
     }
 
     fn length(&self, _co: &Co) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        let metadata = self.file.metadata()?;
+        if metadata.file_type().is_block_device() {
+            // A block device's inode says 0 bytes; its end says how many there are.
+            return sys::seek_end(self.file.as_fd());
+        }
+        Ok(metadata.len())
     }
 
     fn read(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
