@@ -15,7 +15,8 @@
 //! "iothreads":..}`.
 //!
 //! `--flush-interval N` flushes after every N-th request; the flush waits for the requests
-//! still in flight first unless `--no-drain` is given (as `qemu-img bench` does).
+//! still in flight first unless `--no-drain` is given (as `qemu-img bench` does). A write run
+//! ends with a flush, outside the timed part (qemu-img flushes when it closes the image).
 
 use std::cell::Cell;
 use std::io;
@@ -371,6 +372,11 @@ fn run(args: &Args) -> io::Result<(Duration, u64)> {
         outcomes.into_iter().collect::<io::Result<()>>()?;
     }
     let elapsed = started.elapsed();
+    // Close the image as qemu-img does, outside the timed run: what was written, metadata
+    // included, reaches the file.
+    if args.write {
+        aiocoro_block::run_in_coroutine(move |co| blk.flush(co))??;
+    }
     Ok((elapsed, args.count))
 }
 
