@@ -14,7 +14,9 @@
 //! coroutines. `--json` adds one last line `{"requests":..,"seconds":..,"iops":..,
 //! "iothreads":..}`.
 //!
-//! `--flush-interval N` flushes after every N-th request; the flush waits for the requests
+//! After writes the image is flushed (untimed, as `qemu-img bench` flushes when it closes
+//! the image), so a qcow2 image's cached metadata is on disk. `--flush-interval N` flushes
+//! after every N-th request; the flush waits for the requests
 //! still in flight first unless `--no-drain` is given (as `qemu-img bench` does).
 
 use std::cell::Cell;
@@ -371,6 +373,10 @@ fn run(args: &Args) -> io::Result<(Duration, u64)> {
         outcomes.into_iter().collect::<io::Result<()>>()?;
     }
     let elapsed = started.elapsed();
+    if args.write {
+        // Untimed, as qemu-img bench's close: writes cached metadata (qcow2) back.
+        aiocoro_block::run_in_coroutine(move |co| blk.flush(co))??;
+    }
     Ok((elapsed, args.count))
 }
 

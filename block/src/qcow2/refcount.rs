@@ -244,6 +244,7 @@ impl Refcounts {
         }
         let mut start = self.free_hint;
         let mut found = 0;
+        let mut skipped_free = false;
         while found < count {
             let cluster = start + found;
             let slot = usize::try_from(cluster / per_block).unwrap_or(usize::MAX);
@@ -261,11 +262,13 @@ impl Refcounts {
             if self.get(co, file, cluster)? == 0 {
                 found += 1;
             } else {
+                // A run too short for `count` stays free before the new hint otherwise.
+                skipped_free |= found > 0;
                 start = cluster + 1;
                 found = 0;
             }
         }
-        if self.free_hint == start {
+        if !skipped_free {
             self.free_hint = start + count;
         }
         for cluster in start..start + count {
