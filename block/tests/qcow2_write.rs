@@ -27,6 +27,9 @@ fn patterns(cluster: u64, seed: u64) -> Vec<Write> {
     let mut rng = Rng(seed);
     let mut writes = vec![
         Write { offset: 0, len: cluster, byte: 0x11 },
+        // Enough clusters of 512 B to outgrow a one-cluster refcount table of 64-bit
+        // refcounts (64 blocks of 64 clusters).
+        Write { offset: 2 << 20, len: 3 << 20, byte: 0x12 },
         Write { offset: 3 * cluster + 100, len: 50, byte: 0x22 },
         Write { offset: 5 * cluster - 7, len: 3 * cluster + 20, byte: 0x33 },
         Write { offset: SIZE - 1000, len: 1000, byte: 0x44 },
@@ -142,6 +145,11 @@ fn writes_to_images_created_here() {
         let writes = patterns(cluster, 0x9e37_79b9 + i as u64);
         write_both(&image, &shadow, &writes);
         verify(&image, &shadow, *writes.last().unwrap());
+        if i == 2 {
+            // The refcount table (header bytes 56..60: its clusters) grew from one cluster.
+            let clusters = u32::from_be_bytes(peek(&image, 56, 4).try_into().unwrap());
+            assert!(clusters > 1, "the refcount table still has {clusters} cluster(s)");
+        }
     }
 }
 

@@ -36,6 +36,10 @@ struct Run {
 
 /// The qcow2 format over a `file` child, with an optional `backing` child. Opened
 /// read-write when the file child is writable (see [`Qcow2Driver::open`]).
+///
+/// Written metadata is cached: flush before dropping the driver, or the writes since the
+/// last flush are lost (the image stays consistent, with leaked clusters at worst).
+/// `write_zeroes` frees whole clusters whatever `may_unmap` says.
 pub struct Qcow2Driver {
     pub(super) file: Child,
     pub(super) backing: Option<Child>,
