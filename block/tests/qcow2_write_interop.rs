@@ -1,6 +1,7 @@
 //! Writes mixed with QEMU's: images written by `qemu-io` (data, compressed and zero
 //! clusters) overwritten here and then by `qemu-io` again; `write_zeroes`, `discard` and
-//! `truncate` round trips; images that must not be written. Every image is then checked
+//! `truncate` round trips; images that must not be written; images whose driver was dropped
+//! without a flush (no errors allowed, only leaks). Every written image is checked
 //! with `qemu-img check` (no errors, no leaks) and `qemu-img compare` against a raw shadow.
 
 mod qcow2_support;
@@ -191,4 +192,42 @@ fn dirty_images_are_not_opened_for_writing() {
     assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
     assert!(error.to_string().contains("qemu-img check -r all"), "{error}");
     read_ours(&image, 1 << 20).unwrap();
+}
+
+/// `qemu-img check`'s exit status: 0 clean, 2 errors (corruption), 3 only leaks.
+fn check_status(image: &Path) -> (i32, String) {
+    let output = std::process::Command::new("qemu-img")
+        .args(["check", image.to_str().unwrap()])
+        .output()
+        .expect("qemu-img check: install qemu-utils");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn images_abandoned_without_a_flush_have_at_worst_leaks() {
+    // What was written back before the driver was dropped (refcounts before L2 tables
+    // before L1 entries, dirty L2 tables written back on eviction from a two-table cache)
+    // must be consistent on its own: no errors, leaked clusters allowed.
+    let scratch = Scratch::new("write-abandoned");
+    for (i, writes) in [3u64, 40, 200, 700].into_iter().enumerate() {
+        let image = scratch.path(&format!("a{i}.qcow2"));
+        let options = CreateOptions { cluster_size: 4096, ..CreateOptions::new(16 << 20) };
+        let path = image.clone();
+        run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+        let options = format!("driver=qcow2,l2-cache-size=8k,file.filename={}", image.display());
+        with_image(&options, move |co, blk| {
+            let mut rng = Rng(writes + 5);
+            for _ in 0..writes {
+                let len = 1 + rng.below(40_000);
+                let offset = rng.below((16 << 20) - len);
+                blk.write(co, offset, &vec![0x5a; len as usize])?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let (status, text) = check_status(&image);
+        assert!(status == 0 || status == 3, "{writes} writes, then no flush: {status}\n{text}");
+    }
 }
