@@ -2,19 +2,20 @@
 //! checked against a shadow copy (multiqueue, as a guest with several queues drives a disk).
 //!
 //! ```text
-//! cargo run --release -p aiocoro-block --example multiqueue -- [--image PATH] [--format raw]
+//! cargo run --release -p aiocoro-block --example multiqueue -- [--image PATH] [--format qcow2|raw]
 //!     [--size 64M] [--count 100000] [--reads 50] [--iothreads N] [--depth 16]
 //!     [--cache writeback|none] [--aio io_uring|threads]
 //! ```
 //!
 //! `--image PATH` names a new image file to make and keep (it must not exist). With no
-//! options it makes a temporary 64 MiB raw image, runs 100 000 requests (half reads)
+//! options it makes a temporary 64 MiB qcow2 image, runs 100 000 requests (half reads)
 //! from one IoThread per available core, 16 in flight on each, and removes the image. Each
 //! 4 KiB block has a version under a `CoMutex`: a write takes the block's lock, writes the
 //! pattern of the next version and records it; a read takes the lock and checks the pattern
-//! of the recorded version. At the end the backend is drained and the whole image is read
-//! back and checked once more. The last line is the verdict; the exit status is 0 only for
-//! `verdict: PASS`.
+//! of the recorded version. At the end the backend is drained and flushed, the image closed
+//! and opened again, and every block read back and checked once more; a qcow2 image then
+//! goes through `qemu-img check` when `qemu-img` is installed (errors or leaked clusters fail
+//! the run). The last line is the verdict; the exit status is 0 only for `verdict: PASS`.
 
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
@@ -43,7 +44,7 @@ struct Args {
     aio: String,
 }
 
-const USAGE: &str = "usage: multiqueue [--image PATH] [--format raw] [--size 64M] \
+const USAGE: &str = "usage: multiqueue [--image PATH] [--format qcow2|raw] [--size 64M] \
 [--count 100000] [--reads PERCENT] [--iothreads N] [--depth D] [--cache writeback|none] \
 [--aio io_uring|threads]";
 
@@ -51,7 +52,7 @@ fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let mut args = Args {
         image: None,
-        format: "raw".into(),
+        format: "qcow2".into(),
         size: 64 << 20,
         count: 100_000,
         read_percent: 50,
@@ -87,8 +88,8 @@ fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
     if args.size < BLOCK as u64 || !args.size.is_multiple_of(BLOCK as u64) {
         return Err(format!("--size must be a positive multiple of {BLOCK}"));
     }
-    if args.format != "raw" {
-        return Err(format!("format '{}' is not supported yet (raw)", args.format));
+    if args.format != "raw" && args.format != "qcow2" {
+        return Err(format!("format '{}' is not supported (qcow2 or raw)", args.format));
     }
     Ok(args)
 }
@@ -190,15 +191,25 @@ fn start_lane(shared: &Arc<Shared>, lane: usize, depth: usize, done: mpsc::Sende
 }
 
 /// Reads the whole image and checks every block against its last version.
-fn verify_all(shared: &Arc<Shared>) -> io::Result<u64> {
-    let shared = shared.clone();
+/// Opens the image `options` describe.
+fn open_image(options: &BlockOptions) -> io::Result<BlockBackend> {
+    let options = options.clone();
+    let graph = BlockGraph::new();
+    let root = aiocoro_block::run_in_coroutine(move |co| {
+        aiocoro_block::open_options(co, &graph, &options).map(|(_, node)| node)
+    })??;
+    Ok(BlockBackend::new(root))
+}
+
+/// Reads the whole image through `blk` and counts the blocks that do not hold their last
+/// version.
+fn verify_all(blk: BlockBackend, versions: Vec<CoMutex<u64>>) -> io::Result<u64> {
     aiocoro_block::run_in_coroutine(move |co| {
         let mut buffer = IoBuffer::new(BLOCK);
         let mut bad = 0;
-        for (block, version) in shared.versions.iter().enumerate() {
-            let version = version.lock(co);
-            shared.blk.read(co, (block * BLOCK) as u64, &mut buffer)?;
-            if !matches_pattern(&buffer, block as u64, *version) {
+        for (block, version) in versions.into_iter().enumerate() {
+            blk.read(co, (block * BLOCK) as u64, &mut buffer)?;
+            if !matches_pattern(&buffer, block as u64, version.into_inner()) {
                 bad += 1;
             }
         }
@@ -223,13 +234,36 @@ fn run(args: &Args) -> io::Result<bool> {
         std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|error| {
             io::Error::new(error.kind(), format!("cannot create {}: {error}", path.display()))
         })?;
-    file.set_len(args.size)?;
-    drop(file);
-    let result = run_on(args, &path);
+    let result = make_image(args, file, &path).and_then(|()| run_on(args, &path));
     if temporary {
         let _ = std::fs::remove_file(&path);
     }
     result
+}
+
+/// Makes the new (empty) `file` at `path` an image of the asked format and size.
+fn make_image(args: &Args, file: std::fs::File, path: &std::path::Path) -> io::Result<()> {
+    if args.format == "raw" {
+        return file.set_len(args.size);
+    }
+    drop(file);
+    let (path, size) = (path.to_owned(), args.size);
+    aiocoro_block::run_in_coroutine(move |co| {
+        aiocoro_block::qcow2::create_file(
+            co,
+            &path,
+            &aiocoro_block::qcow2::CreateOptions::new(size),
+        )
+    })?
+}
+
+/// `qemu-img check` of a qcow2 image: whether it is clean (no errors, no leaks) and the
+/// first line of its report; `None` where `qemu-img` is not installed.
+fn qemu_img_check(path: &std::path::Path) -> Option<(bool, String)> {
+    let output = std::process::Command::new("qemu-img").arg("check").arg(path).output().ok()?;
+    let report = String::from_utf8_lossy(&output.stdout);
+    let first = report.lines().next().unwrap_or("(no output)").to_owned();
+    Some((output.status.success(), first))
 }
 
 fn run_on(args: &Args, path: &std::path::Path) -> io::Result<bool> {
@@ -238,13 +272,10 @@ fn run_on(args: &Args, path: &std::path::Path) -> io::Result<bool> {
     options.set("file.filename", &path.to_string_lossy())?;
     options.set("file.cache", &args.cache)?;
     options.set("file.aio", &args.aio)?;
-    let graph = BlockGraph::new();
-    let root = aiocoro_block::run_in_coroutine(move |co| {
-        aiocoro_block::open_options(co, &graph, &options).map(|(_, node)| node)
-    })??;
+    let blk = open_image(&options)?;
     let blocks = (args.size / BLOCK as u64) as usize;
     let shared = Arc::new(Shared {
-        blk: BlockBackend::new(root),
+        blk,
         versions: (0..blocks).map(|_| CoMutex::new(0)).collect(),
         next: AtomicU64::new(0),
         count: args.count,
@@ -307,10 +338,18 @@ fn run_on(args: &Args, path: &std::path::Path) -> io::Result<bool> {
     for thread in threads {
         thread.stop();
     }
-    let unreadable = verify_all(&shared)?;
+    // Flush, close the image (drop every node), open it again and check every block: what
+    // the run wrote must be in the file, not only in a cache.
+    let Ok(shared) = Arc::try_unwrap(shared) else {
+        return Err(io::Error::other("the image is still open elsewhere"));
+    };
+    let blk = shared.blk;
+    aiocoro_block::run_in_coroutine(move |co| blk.flush(co))??;
+    let (mismatches, errors) = (shared.mismatches.into_inner(), shared.errors.into_inner());
+    let reads_checked = shared.reads_checked.into_inner();
+    let unreadable = verify_all(open_image(&options)?, shared.versions)?;
+    let checked = if args.format == "qcow2" { qemu_img_check(path) } else { None };
     latencies.sort_unstable();
-    let mismatches = shared.mismatches.load(Ordering::Relaxed);
-    let errors = shared.errors.load(Ordering::Relaxed);
     println!(
         "{} requests in {:.3} s: {:.0} IOPS, latency p50 {:?} p99 {:?}",
         latencies.len(),
@@ -319,17 +358,19 @@ fn run_on(args: &Args, path: &std::path::Path) -> io::Result<bool> {
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.99)
     );
-    println!(
-        "checked {} reads during the run and {blocks} blocks after it",
-        shared.reads_checked.load(Ordering::Relaxed)
-    );
-    let pass = mismatches == 0 && errors == 0 && unreadable == 0;
+    println!("checked {} reads during the run and {blocks} blocks after it", reads_checked);
+    let clean = checked.as_ref().map(|(clean, _)| *clean);
+    if let Some((_, report)) = &checked {
+        println!("qemu-img check: {report}");
+    }
+    let pass = mismatches == 0 && errors == 0 && unreadable == 0 && clean != Some(false);
     if pass {
         println!("verdict: PASS");
     } else {
+        let check = if clean == Some(false) { ", qemu-img check not clean" } else { "" };
         println!(
             "verdict: FAIL ({mismatches} reads mismatched, {errors} requests failed, \
-             {unreadable} blocks wrong at the end)"
+             {unreadable} blocks wrong at the end{check})"
         );
     }
     Ok(pass)

@@ -3,12 +3,16 @@
 //! ```text
 //! cargo run -p aiocoro-block --example qcow2 -- info FILE
 //! cargo run -p aiocoro-block --example qcow2 -- convert -O raw FILE OUT
+//! cargo run -p aiocoro-block --example qcow2 -- create [-f qcow2] [-o OPTIONS] [-b BACKING]
+//!     [-F BACKING_FORMAT] FILE [SIZE]
 //! ```
 //!
 //! `info` prints the format, virtual size, cluster size, refcount width, backing file and
 //! how many bytes the image itself holds (from block status); `convert -O raw` reads every
 //! guest byte through the driver (backing chain included) and writes a sparse raw file.
-//! `create` comes with the qcow2 write path.
+//! `create` makes a new qcow2 image; `-o` takes qemu-img's `cluster_size=64k`,
+//! `compat=1.1|0.10`, `refcount_bits=16`, `lazy_refcounts=on|off`, `backing_file=`,
+//! `backing_fmt=`, `size=`; without a size the backing file's is used.
 
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -16,11 +20,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use aiocoro::coroutine::Co;
-use aiocoro_block::qcow2::Header;
+use aiocoro_block::qcow2::{Compat, CreateOptions, Header};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, run_in_coroutine};
 
 const USAGE: &str = "usage: qcow2 info FILE\n       qcow2 convert -O raw FILE OUT\n       \
-                     qcow2 create ... (not implemented yet)";
+                     qcow2 create [-f qcow2] [-o OPTIONS] [-b BACKING] [-F FMT] FILE [SIZE]";
 
 /// The bytes read per request by `convert`.
 const CHUNK: usize = 2 << 20;
@@ -33,13 +37,13 @@ fn main() -> ExitCode {
         ["convert", "-O", "raw", file, out] | ["convert", "-O", "raw", "-f", _, file, out] => {
             convert(file, out)
         }
-        ["create", ..] => {
-            eprintln!(
-                "qcow2: create is not implemented yet (it comes with the qcow2 write path); \
-                 use qemu-img create"
-            );
-            return ExitCode::from(2);
-        }
+        ["create", rest @ ..] => match create_options(rest) {
+            Ok((file, options)) => create(&file, options),
+            Err(error) => {
+                eprintln!("qcow2: {error}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -170,4 +174,98 @@ fn convert(file: &str, out: &str) -> io::Result<()> {
         len as f64 / (1 << 20) as f64 / seconds.max(1e-9)
     );
     Ok(())
+}
+
+/// A size or an error naming the option.
+fn size_of(key: &str, value: &str) -> io::Result<u64> {
+    aiocoro_block::parse_size(value)
+        .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, format!("{key}: {why}")))
+}
+
+fn bad(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
+}
+
+/// Parses `create`'s arguments into the image path and its options (the size stays 0 if
+/// neither given nor known yet: [`create`] takes the backing file's).
+fn create_options(args: &[&str]) -> io::Result<(String, (CreateOptions, bool))> {
+    let mut options = CreateOptions::new(0);
+    let mut sized = false;
+    let mut positional = Vec::new();
+    let mut args = args.iter();
+    while let Some(&arg) = args.next() {
+        let mut value = || args.next().copied().ok_or_else(|| bad(format!("{arg} needs a value")));
+        match arg {
+            "-f" => match value()? {
+                "qcow2" => {}
+                other => return Err(bad(format!("only -f qcow2 is supported, not {other}"))),
+            },
+            "-b" => options.backing_file = Some(value()?.to_owned()),
+            "-F" => options.backing_format = Some(value()?.to_owned()),
+            "-q" => {}
+            "-o" => {
+                for entry in value()?.split(',').filter(|entry| !entry.is_empty()) {
+                    let (key, value) = entry
+                        .split_once('=')
+                        .ok_or_else(|| bad(format!("option '{entry}' has no '=value'")))?;
+                    match key {
+                        "cluster_size" => options.cluster_size = size_of(key, value)?,
+                        "compat" => {
+                            options.compat = match value {
+                                "0.10" | "v2" => Compat::V2,
+                                "1.1" | "v3" => Compat::V3,
+                                other => return Err(bad(format!("compat={other}: 0.10 or 1.1"))),
+                            }
+                        }
+                        "refcount_bits" => {
+                            options.refcount_bits = value
+                                .parse()
+                                .map_err(|_| bad(format!("refcount_bits={value}: a number")))?;
+                        }
+                        "lazy_refcounts" => {
+                            options.lazy_refcounts = match value {
+                                "on" | "true" => true,
+                                "off" | "false" => false,
+                                other => return Err(bad(format!("lazy_refcounts={other}"))),
+                            }
+                        }
+                        "backing_file" => options.backing_file = Some(value.to_owned()),
+                        "backing_fmt" => options.backing_format = Some(value.to_owned()),
+                        "size" => {
+                            options.size = size_of(key, value)?;
+                            sized = true;
+                        }
+                        other => return Err(bad(format!("unknown option '{other}'"))),
+                    }
+                }
+            }
+            flag if flag.starts_with('-') => return Err(bad(format!("unknown flag {flag}"))),
+            other => positional.push(other),
+        }
+    }
+    match positional.as_slice() {
+        [file] => Ok(((*file).to_owned(), (options, sized))),
+        [file, size] => {
+            options.size = size_of("SIZE", size)?;
+            Ok(((*file).to_owned(), (options, true)))
+        }
+        _ => Err(bad("create needs FILE and SIZE".to_owned())),
+    }
+}
+
+/// Creates the image, taking the size from the backing file if none was given.
+fn create(file: &str, (mut options, sized): (CreateOptions, bool)) -> io::Result<()> {
+    if !sized {
+        let Some(backing) = &options.backing_file else {
+            return Err(bad("create needs a SIZE (or a backing file to take it from)".to_owned()));
+        };
+        let dir = std::path::Path::new(file).parent().unwrap_or(std::path::Path::new(""));
+        let path = dir.join(backing);
+        let path = path.to_string_lossy().into_owned();
+        options.size = with_image(&path, |_, blk, _| Ok(blk.length()))?;
+    }
+    let path = std::path::PathBuf::from(file);
+    aiocoro_block::run_in_coroutine(move |co| {
+        aiocoro_block::qcow2::create_file(co, &path, &options)
+    })?
 }

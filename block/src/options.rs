@@ -209,11 +209,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 ///   `aio=io_uring|threads`;
 /// - `driver=raw`: `offset`, `size`, and its child as `file.*` (`file.driver` defaults to
 ///   `file`), or `file=<filename>`;
-/// - `driver=qcow2`: its child as `file.*` or `file=` (as raw; opened read-only), and its
+/// - `driver=qcow2`: its child as `file.*` or `file=` (as raw; read-write unless the node is
+///   read-only, in which case writes are refused), and its
 ///   backing node from the image header (a relative name is relative to the image's
 ///   directory; the format from the header, else probed) unless `backing.*` options give it
-///   (opened read-only); `l2-cache-size` (bytes of L2 tables cached, default 32M). Reads
-///   only: writes fail with `Unsupported`;
+///   (opened read-only); `l2-cache-size` (bytes of L2 tables cached, default 32M);
 /// - every node: `node-name`, `read-only` (inherited by children, as are `cache.direct` and
 ///   `aio`).
 ///
@@ -308,7 +308,7 @@ fn open_at_depth(
         }
         "qcow2" => {
             let l2_cache_bytes = taker.size("l2-cache-size")?.unwrap_or(DEFAULT_L2_CACHE_BYTES);
-            let (file_id, file) = open_child(co, graph, options, &mut taker, true)?;
+            let (file_id, file) = open_child(co, graph, options, &mut taker, read_only)?;
             taker.finish(&["file", "backing"])?;
             let filename = options.get("file").or(options.get("file.filename"));
             let context = |error: io::Error| {

@@ -13,24 +13,15 @@ use super::header::Header;
 use super::io::{copy_into, read_at, read_exact_at, sub_slices, zero};
 use super::l2_cache::L2Cache;
 use super::mapping::{ClusterMapping, decode_l1, decode_l2};
+use super::metadata::Metadata;
 use super::offsets::{GuestOffset, HostOffset};
-use crate::driver::{Allocation, BlockDriver, BlockStatus};
-use crate::error::unsupported;
-use crate::node::Child;
+use super::refcount::Refcounts;
+use super::refuse;
+use crate::driver::{Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
+use crate::node::{BlockNode, Child};
 
 /// The most memory the L2 cache holds by default (QEMU's default maximum on Linux).
 pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
-
-/// What writes say in this increment.
-const NO_WRITES: &str = "qcow2 writes are not implemented yet";
-
-/// The metadata the lock protects: everything a future write changes.
-struct Metadata {
-    /// The active L1 table, decoded.
-    l1: Vec<u64>,
-    /// Recently used L2 tables.
-    l2_cache: L2Cache,
-}
 
 /// A stretch of guest bytes that all map the same way.
 #[derive(Clone, Copy, Debug)]
@@ -43,15 +34,17 @@ struct Run {
     len: u64,
 }
 
-/// The qcow2 format over a `file` child, with an optional `backing` child. Opened read-only:
-/// writes fail with `Unsupported` ("qcow2 writes are not implemented yet").
+/// The qcow2 format over a `file` child, with an optional `backing` child. Opened
+/// read-write when the file child is writable (see [`Qcow2Driver::open`]).
+///
+/// Written metadata is cached: flush before dropping the driver, or the writes since the
+/// last flush are lost (the image stays consistent, with leaked clusters at worst).
+/// `write_zeroes` frees whole clusters whatever `may_unmap` says.
 pub struct Qcow2Driver {
-    file: Child,
-    backing: Option<Child>,
-    header: Header,
-    /// The image file's length at open (it cannot change while reads are all we do).
-    file_len: u64,
-    metadata: CoMutex<Metadata>,
+    pub(super) file: Child,
+    pub(super) backing: Option<Child>,
+    pub(super) header: Header,
+    pub(super) metadata: CoMutex<Metadata>,
     last_inflated: LastInflated,
 }
 
@@ -61,9 +54,16 @@ impl Qcow2Driver {
     /// The L2 cache holds up to `l2_cache_bytes` of tables (QEMU's `l2-cache-size`; at least
     /// one table, at most as many as the L1 table names).
     ///
+    /// The image is opened read-write unless the file node is read-only. Writing needs an
+    /// image whose refcounts are exact: one with the dirty bit set (left by QEMU with lazy
+    /// refcounts) is refused, as are internal snapshots and clusters smaller than the file's
+    /// request alignment. With the lazy refcounts feature this driver still keeps refcounts
+    /// exact and never sets the dirty bit.
+    ///
     /// # Errors
     ///
-    /// The read error of the L1 table, or `InvalidData` if the header does not fit this file.
+    /// The read error of the L1 table or the refcount table, `InvalidData` if the header
+    /// does not fit this file, `Unsupported` for an image that cannot be written.
     pub fn open(
         co: &Co,
         file: Child,
@@ -73,6 +73,8 @@ impl Qcow2Driver {
     ) -> io::Result<Qcow2Driver> {
         let node = file.node();
         let file_len = node.length();
+        let writer =
+            if node.is_read_only() { None } else { Some(open_writer(co, &node, &header)?) };
         let l1_bytes = u64::from(header.l1_size) * 8;
         if l1_bytes > 0
             && header.l1_table_offset.checked_add(l1_bytes).is_none_or(|end| end.0 > file_len)
@@ -92,17 +94,25 @@ impl Qcow2Driver {
         let geometry = header.geometry;
         let tables = (l2_cache_bytes / geometry.cluster_size()).min(u64::from(header.l1_size));
         let l2_cache = L2Cache::new(tables as usize);
+        let metadata = Metadata {
+            l1,
+            l1_offset: header.l1_table_offset,
+            l2_cache,
+            virtual_size: header.virtual_size,
+            image_end: file_len.next_multiple_of(geometry.cluster_size()),
+            writer,
+        };
         Ok(Qcow2Driver {
             file,
             backing,
             header,
-            file_len,
-            metadata: CoMutex::new(Metadata { l1, l2_cache }),
+            metadata: CoMutex::new(metadata),
             last_inflated: LastInflated::default(),
         })
     }
 
-    /// The image's header.
+    /// The image's header as it was opened (writes may have changed the virtual size and
+    /// the tables' places since).
     pub fn header(&self) -> &Header {
         &self.header
     }
@@ -114,7 +124,12 @@ impl Qcow2Driver {
 
     /// The L2 table at `offset`, from the cache or read into it. Called with the metadata
     /// lock held, as QEMU loads L2 tables under `s->lock`.
-    fn l2_table(&self, co: &Co, meta: &mut Metadata, offset: HostOffset) -> io::Result<Arc<[u64]>> {
+    pub(super) fn l2_table(
+        &self,
+        co: &Co,
+        meta: &mut Metadata,
+        offset: HostOffset,
+    ) -> io::Result<Arc<[u64]>> {
         if let Some(table) = meta.l2_cache.get(offset) {
             return Ok(table);
         }
@@ -124,7 +139,7 @@ impl Qcow2Driver {
             .chunks_exact(8)
             .map(|entry| u64::from_be_bytes(entry.try_into().expect("8 bytes")))
             .collect();
-        meta.l2_cache.insert(offset, table.clone());
+        meta.cache_l2(co, &self.file.node(), offset, table.clone())?;
         Ok(table)
     }
 
@@ -139,6 +154,7 @@ impl Qcow2Driver {
         let max = len.min(table_end - offset.0);
 
         let mut meta = self.metadata.lock(co);
+        let file_len = meta.image_end;
         let Some(&l1_raw) = usize::try_from(position.l1_index).ok().and_then(|i| meta.l1.get(i))
         else {
             return Err(corrupt(format!(
@@ -147,7 +163,7 @@ impl Qcow2Driver {
                 meta.l1.len()
             )));
         };
-        let l2_offset = decode_l1(l1_raw, geometry, self.file_len).map_err(|why| {
+        let l2_offset = decode_l1(l1_raw, geometry, file_len).map_err(|why| {
             corrupt(format!("{offset}: L1 entry {} ({l1_raw:#018x}): {why}", position.l1_index))
         })?;
         let Some(l2_offset) = l2_offset else {
@@ -158,7 +174,7 @@ impl Qcow2Driver {
 
         let decode = |index: usize| {
             let raw = table[index];
-            decode_l2(raw, geometry, self.header.version, self.file_len).map_err(|why| {
+            decode_l2(raw, geometry, self.header.version, file_len).map_err(|why| {
                 let guest =
                     offset.0 - in_cluster + (index - position.l2_index) as u64 * cluster_size;
                 corrupt(format!(
@@ -250,8 +266,8 @@ impl BlockDriver for Qcow2Driver {
         "qcow2"
     }
 
-    fn length(&self, _co: &Co) -> io::Result<u64> {
-        Ok(self.header.virtual_size)
+    fn length(&self, co: &Co) -> io::Result<u64> {
+        Ok(self.metadata.lock(co).virtual_size)
     }
 
     fn read(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
@@ -275,25 +291,50 @@ impl BlockDriver for Qcow2Driver {
         Ok(())
     }
 
-    fn write(&self, _co: &Co, _offset: u64, _bufs: &[IoSlice<'_>]) -> io::Result<()> {
-        Err(unsupported(NO_WRITES))
+    fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        self.write_guest(co, offset, bufs)
     }
 
-    fn flush(&self, _co: &Co) -> io::Result<()> {
-        // Nothing is ever written.
-        Ok(())
+    fn flush(&self, co: &Co) -> io::Result<()> {
+        let mut meta = self.metadata.lock(co);
+        if meta.writer.is_none() {
+            return Ok(());
+        }
+        meta.flush(co, &self.file.node())
     }
 
-    fn discard(&self, _co: &Co, _offset: u64, _len: u64) -> io::Result<()> {
-        Err(unsupported(NO_WRITES))
+    fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
+        self.drop_clusters(co, offset, len, false)
     }
 
-    fn write_zeroes(&self, _co: &Co, _offset: u64, _len: u64, _may_unmap: bool) -> io::Result<()> {
-        Err(unsupported(NO_WRITES))
+    fn write_zeroes(&self, co: &Co, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
+        if self.header.version < 3 {
+            return write_zeroes_by_writing(co, offset, len, |co, offset, bufs| {
+                self.write_guest(co, offset, bufs)
+            });
+        }
+        // Whole clusters get the zero flag; the partial ones at either end zero bytes.
+        let cluster_size = self.header.geometry.cluster_size();
+        let end = offset + len;
+        let (first, last) =
+            (offset.next_multiple_of(cluster_size), end / cluster_size * cluster_size);
+        if first >= last {
+            return write_zeroes_by_writing(co, offset, len, |co, offset, bufs| {
+                self.write_guest(co, offset, bufs)
+            });
+        }
+        for (from, to) in [(offset, first), (last, end)] {
+            if from < to {
+                write_zeroes_by_writing(co, from, to - from, |co, offset, bufs| {
+                    self.write_guest(co, offset, bufs)
+                })?;
+            }
+        }
+        self.drop_clusters(co, first, last - first, true)
     }
 
-    fn truncate(&self, _co: &Co, _len: u64) -> io::Result<()> {
-        Err(unsupported(NO_WRITES))
+    fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {
+        self.grow(co, len)
     }
 
     fn block_status(&self, co: &Co, offset: u64, len: u64) -> io::Result<BlockStatus> {
@@ -305,6 +346,41 @@ impl BlockDriver for Qcow2Driver {
         };
         Ok(BlockStatus { allocation, len: run.len })
     }
+}
+
+/// Checks that the image in `node` may be written and loads its refcount table.
+fn open_writer(co: &Co, node: &BlockNode, header: &Header) -> io::Result<super::metadata::Writer> {
+    if header.is_dirty() {
+        return Err(refuse(
+            "the image has the dirty bit set (its refcounts may be stale after QEMU used \
+             lazy refcounts); repair it with qemu-img check -r all before writing, or open \
+             it read-only",
+        ));
+    }
+    if header.nb_snapshots > 0 {
+        return Err(refuse(format!(
+            "writing an image with internal snapshots ({}) is not supported; open it \
+             read-only",
+            header.nb_snapshots
+        )));
+    }
+    let cluster_size = header.geometry.cluster_size();
+    if node.alignment().request > cluster_size {
+        return Err(refuse(format!(
+            "writes need clusters ({cluster_size} bytes) at least as large as the file's \
+             request alignment ({} bytes)",
+            node.alignment().request
+        )));
+    }
+    let refcounts = Refcounts::load(
+        co,
+        node,
+        header.geometry,
+        header.refcount_order,
+        header.refcount_table_offset,
+        header.refcount_table_clusters,
+    )?;
+    Ok(super::metadata::Writer { refcounts, in_flight: Vec::new(), pending_frees: Vec::new() })
 }
 
 impl fmt::Debug for Qcow2Driver {

@@ -17,7 +17,7 @@ const V3_HEADER_LEN: usize = 104;
 /// The largest L1 table QEMU opens (32 MiB of entries).
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// The largest refcount table QEMU opens (8 MiB).
-const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 << 20;
+pub(crate) const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 << 20;
 /// The most snapshots QEMU opens.
 const MAX_SNAPSHOTS: u32 = 65536;
 /// The longest backing file name the format allows.

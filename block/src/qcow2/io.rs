@@ -1,7 +1,7 @@
 //! Reading children at any offset (padding to their alignment), and cutting a request's
 //! buffers into the pieces that clusters map.
 
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 
 use aiocoro::coroutine::Co;
 
@@ -41,6 +41,48 @@ pub(crate) fn read_exact_at(
     buf: &mut [u8],
 ) -> io::Result<()> {
     read_at(co, node, offset, &mut [IoSliceMut::new(buf)])
+}
+
+/// Writes `bytes` to `node` at `offset`, read-modify-writing the partly covered blocks when
+/// the range is not aligned to the node's requests. Unaligned writes are only made to
+/// metadata, under the metadata lock, and metadata clusters are at least one block: nothing
+/// else writes those blocks meanwhile.
+///
+/// # Errors
+///
+/// The node's error.
+pub(crate) fn write_at(co: &Co, node: &BlockNode, offset: u64, bytes: &[u8]) -> io::Result<()> {
+    let alignment = node.alignment();
+    let bufs = [IoSlice::new(bytes)];
+    if alignment.fits(offset, bytes.len() as u64) {
+        node.write(co, offset, &bufs)
+    } else {
+        padding::write(co, node, offset, &bufs, alignment.request)
+    }
+}
+
+/// The `len` bytes of `bufs` from byte `start` on, as slices of them (for writes).
+pub(crate) fn sub_slices_ref<'a>(
+    bufs: &'a [IoSlice<'_>],
+    start: usize,
+    len: usize,
+) -> Vec<IoSlice<'a>> {
+    let end = start + len;
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for buf in bufs {
+        let buf_len = buf.len();
+        let (from, to) = (start.max(at), end.min(at + buf_len));
+        if from < to {
+            let slice: &'a [u8] = &buf[from - at..to - at];
+            pieces.push(IoSlice::new(slice));
+        }
+        at += buf_len;
+        if at >= end {
+            break;
+        }
+    }
+    pieces
 }
 
 /// The `len` bytes of `bufs` from byte `start` on, as slices of them.

@@ -1,7 +1,8 @@
-//! A bounded cache of L2 tables, evicting the least recently used (QEMU's `l2_table_cache`,
-//! without dirty entries yet: this increment only reads).
+//! A bounded cache of L2 tables, evicting the least recently used (QEMU's `l2_table_cache`).
+//! Tables changed by writes are dirty until written back; the driver writes a dirty table
+//! back (after the refcounts it depends on) before it is evicted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::offsets::HostOffset;
@@ -12,6 +13,8 @@ pub(crate) struct L2Cache {
     /// Increases with every use; the smallest live stamp is the least recently used.
     clock: u64,
     tables: HashMap<HostOffset, (u64, Arc<[u64]>)>,
+    /// Tables changed since they were last written.
+    dirty: BTreeSet<HostOffset>,
     /// Stamp -> table, for finding the least recently used.
     by_age: BTreeMap<u64, HostOffset>,
 }
@@ -23,6 +26,7 @@ impl L2Cache {
             capacity: capacity.max(1),
             clock: 0,
             tables: HashMap::new(),
+            dirty: BTreeSet::new(),
             by_age: BTreeMap::new(),
         }
     }
@@ -37,7 +41,34 @@ impl L2Cache {
         Some(table.clone())
     }
 
-    /// Adds the table at `offset`, evicting the least recently used one when full.
+    /// The table that the next insertion of a new table would evict, if it is dirty: the
+    /// caller writes it back and marks it clean first.
+    pub(crate) fn dirty_victim(&self, offset: HostOffset) -> Option<(HostOffset, Arc<[u64]>)> {
+        if self.tables.len() < self.capacity || self.tables.contains_key(&offset) {
+            return None;
+        }
+        let (_, oldest) = self.by_age.first_key_value()?;
+        self.dirty.contains(oldest).then(|| (*oldest, self.tables[oldest].1.clone()))
+    }
+
+    /// The dirty tables.
+    pub(crate) fn dirty(&self) -> Vec<(HostOffset, Arc<[u64]>)> {
+        self.dirty.iter().map(|offset| (*offset, self.tables[offset].1.clone())).collect()
+    }
+
+    /// Records that the table at `offset` was written back.
+    pub(crate) fn mark_clean(&mut self, offset: HostOffset) {
+        self.dirty.remove(&offset);
+    }
+
+    /// Replaces (or adds) the table at `offset` with a changed one, dirty until written.
+    pub(crate) fn update(&mut self, offset: HostOffset, table: Arc<[u64]>) {
+        self.insert(offset, table);
+        self.dirty.insert(offset);
+    }
+
+    /// Adds the table at `offset`, evicting the least recently used one when full (which
+    /// must be clean: see [`L2Cache::dirty_victim`]).
     pub(crate) fn insert(&mut self, offset: HostOffset, table: Arc<[u64]>) {
         self.clock += 1;
         if let Some((stamp, _)) = self.tables.remove(&offset) {
@@ -47,6 +78,8 @@ impl L2Cache {
             && let Some((_, oldest)) = self.by_age.pop_first()
         {
             self.tables.remove(&oldest);
+            debug_assert!(!self.dirty.contains(&oldest), "qcow2: evicted a dirty L2 table");
+            self.dirty.remove(&oldest);
         }
         self.tables.insert(offset, (self.clock, table));
         self.by_age.insert(self.clock, offset);

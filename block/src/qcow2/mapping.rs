@@ -3,11 +3,14 @@
 use super::offsets::{Geometry, HostOffset};
 
 /// Bits 9..=55: the host offset of an L2 table or a standard cluster.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// L1 and L2 entry bit 63: the cluster's refcount is exactly one (it may be written in
+/// place).
+pub(crate) const COPIED: u64 = 1 << 63;
 /// L2 entry bit 62: the cluster is compressed.
 const COMPRESSED: u64 = 1 << 62;
 /// L2 entry bit 0 of a standard cluster: it reads as zeroes (version 3).
-const ZERO: u64 = 1;
+pub(crate) const ZERO: u64 = 1;
 /// The unit compressed lengths are counted in.
 const SECTOR: u64 = 512;
 
@@ -113,6 +116,23 @@ pub(crate) fn decode_l2(
         ));
     }
     Ok(ClusterMapping::Data(offset))
+}
+
+/// The host clusters an L2 entry holds a reference to, as `(offset, bytes)`: a standard
+/// cluster (with data or preallocated under the zero flag), or the sectors of a compressed
+/// one; `None` for none.
+pub(crate) fn referenced_range(raw: u64, geometry: Geometry) -> Option<(HostOffset, u64)> {
+    match decode_l2(raw, geometry, 3, u64::MAX) {
+        Ok(ClusterMapping::Compressed { offset, len }) => Some((offset, len)),
+        _ => Some((HostOffset(raw & OFFSET_MASK), geometry.cluster_size()))
+            .filter(|(offset, _)| raw & COMPRESSED == 0 && offset.0 != 0),
+    }
+}
+
+/// Whether an L2 entry maps a data cluster that may be written in place: standard, not
+/// zero, allocated, refcount one.
+pub(crate) fn is_writable_in_place(raw: u64) -> bool {
+    raw & (COPIED | COMPRESSED | ZERO) == COPIED && raw & OFFSET_MASK != 0
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The qcow2 format (QEMU's `block/qcow2*.c`), first increment: open and read.
+//! The qcow2 format (QEMU's `block/qcow2*.c`): create, open, read and write.
 //!
 //! Images made by `qemu-img create -f qcow2` (compat 0.10 and 1.1, any cluster size from
 //! 512 B to 2 MiB, any refcount width) open as they are. Reads go through the L1 table and
@@ -6,26 +6,40 @@
 //! does; data I/O runs outside the lock. Unallocated clusters read from the backing node (or
 //! as zeroes), zero clusters as zeroes, compressed clusters are inflated.
 //!
-//! Writes are not implemented yet: they fail with `Unsupported`. Images that need features
+//! Opened read-write (when the node is not read-only), writes allocate clusters from the
+//! refcounts (first free run), copy-on-write partial clusters from what the guest saw
+//! before, overwrite allocated clusters in place, and write metadata back in an order that
+//! leaves at worst leaked clusters after a crash (see `metadata`); `write_zeroes` sets the
+//! zero flag of whole clusters (version 3), `discard` drops whole clusters, `truncate`
+//! grows. [`create`] makes new images. Images that need features
 //! this driver lacks (encryption, external data files, extended L2 entries, zstd) are refused
 //! at open with an error that names the feature; malformed images fail with `InvalidData`
 //! errors that say what is wrong and where, never with a panic or an absurd allocation.
 //!
 //! One concept per file: [`offsets`] (guest/host offsets and cluster indices as distinct
 //! types), [`header`] (header, extensions, features), `mapping` (L1/L2 entries), `l2_cache`,
-//! `compressed` (inflate), `io` (reads of children at their alignment), [`backing`] (finding
-//! the backing file), `driver` ([`Qcow2Driver`]).
+//! `compressed` (inflate), `io` (child I/O at its alignment), [`backing`] (finding the
+//! backing file), `driver` ([`Qcow2Driver`], reads), `create`, `refcount` (refcounts and the
+//! allocator), `metadata` (what the lock guards, write-back order), `write` (allocating
+//! writes), `discard` (discard and zero clusters), `resize` (growing).
 
 pub mod backing;
 mod compressed;
+mod create;
+mod discard;
 mod driver;
 pub mod header;
 mod io;
 mod l2_cache;
 mod mapping;
+mod metadata;
 pub mod offsets;
+mod refcount;
+mod resize;
+mod write;
 
 pub use backing::{BackingSpec, resolve_backing};
+pub use create::{Compat, CreateOptions, create, create_file};
 pub use driver::{DEFAULT_L2_CACHE_BYTES, Qcow2Driver};
 pub use header::Header;
 pub use mapping::ClusterMapping;

@@ -166,3 +166,43 @@ pub fn open_error(image: &Path) -> io::Error {
         Err(error) => error,
     }
 }
+
+/// `qemu-img check`: succeeds only with no errors and no leaks (exit status 0).
+pub fn qemu_check(image: &Path) {
+    qemu_img(&["check", image.to_str().unwrap()]);
+}
+
+/// `qemu-img compare` of the qcow2 `image` (backing chain included) with the raw `shadow`.
+pub fn qemu_compare(image: &Path, shadow: &Path) {
+    let out = qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        image.to_str().unwrap(),
+        shadow.to_str().unwrap(),
+    ]);
+    assert!(out.contains("identical"), "qemu-img compare: {out}");
+}
+
+/// The options that open `image` as qcow2, read-write.
+pub fn qcow2_rw_options(image: &Path) -> String {
+    format!("driver=qcow2,file.filename={}", image.display())
+}
+
+/// A small deterministic generator (xorshift) for write patterns.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

@@ -1,0 +1,271 @@
+//! Creating an image (QEMU's `qcow2_co_create`): the header with its extensions and backing
+//! file name in cluster 0, then the refcount table, the refcount blocks that count every
+//! cluster written here, and an empty L1 table sized for the virtual disk.
+
+use std::io;
+use std::path::Path;
+
+use aiocoro::coroutine::Co;
+
+use super::header::{MAGIC, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES};
+use super::io::write_at;
+use super::offsets::Geometry;
+use super::refcount::set_entry;
+use crate::error::invalid_input;
+use crate::node::{BlockGraph, BlockNode};
+
+/// The version 3 header length QEMU writes (with the compression type byte and padding).
+const V3_HEADER_LEN: usize = 112;
+/// The backing format header extension.
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+
+/// The on-disk format version (`compat=` in qemu-img's options).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compat {
+    /// Version 2 (`compat=0.10`): 16-bit refcounts, no zero clusters, no lazy refcounts.
+    V2,
+    /// Version 3 (`compat=1.1`), the default.
+    V3,
+}
+
+/// What [`create`] makes (qemu-img's `-o` options for qcow2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// The virtual disk size in bytes.
+    pub size: u64,
+    /// A power of two from 512 B to 2 MiB; 64 KiB by default.
+    pub cluster_size: u64,
+    /// The format version.
+    pub compat: Compat,
+    /// The refcount width in bits: a power of two from 1 to 64 (16 for version 2).
+    pub refcount_bits: u32,
+    /// Sets the lazy refcounts feature bit (version 3 only). This driver keeps refcounts
+    /// exact anyway and never sets the dirty bit; QEMU may use the bit when it writes the
+    /// image.
+    pub lazy_refcounts: bool,
+    /// The backing file name, stored as given (a relative name is relative to the image).
+    pub backing_file: Option<String>,
+    /// The backing file's format (`qcow2`, `raw`), stored in a header extension.
+    pub backing_format: Option<String>,
+}
+
+impl CreateOptions {
+    /// Options for a `size`-byte image with qemu-img's defaults (64 KiB clusters, compat 1.1,
+    /// 16-bit refcounts, no backing file).
+    pub fn new(size: u64) -> CreateOptions {
+        CreateOptions {
+            size,
+            cluster_size: 64 << 10,
+            compat: Compat::V3,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            backing_file: None,
+            backing_format: None,
+        }
+    }
+
+    /// Checks the options and returns the geometry and refcount order they give.
+    fn check(&self) -> io::Result<(Geometry, u32)> {
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+            return Err(invalid_input(format!(
+                "qcow2: cluster_size {cs} must be a power of two from 512 to 2M"
+            )));
+        }
+        let bits = self.refcount_bits;
+        if !bits.is_power_of_two() || bits > 64 {
+            return Err(invalid_input(format!(
+                "qcow2: refcount_bits {bits} must be a power of two from 1 to 64"
+            )));
+        }
+        if self.compat == Compat::V2 && bits != 16 {
+            return Err(invalid_input("qcow2: compat=0.10 needs refcount_bits=16"));
+        }
+        if self.compat == Compat::V2 && self.lazy_refcounts {
+            return Err(invalid_input("qcow2: lazy refcounts need compat=1.1"));
+        }
+        if self.size > i64::MAX as u64 {
+            return Err(invalid_input(format!("qcow2: the size {} is too large", self.size)));
+        }
+        if self.backing_format.is_some() && self.backing_file.is_none() {
+            return Err(invalid_input("qcow2: a backing format without a backing file"));
+        }
+        if self.backing_format.as_ref().is_some_and(|format| format.len() > 15) {
+            return Err(invalid_input("qcow2: the backing format name is longer than 15 bytes"));
+        }
+        if self.backing_file.as_ref().is_some_and(|name| name.is_empty() || name.len() > 1023) {
+            return Err(invalid_input("qcow2: the backing file name must be 1 to 1023 bytes"));
+        }
+        Ok((Geometry::new(cs.trailing_zeros()), bits.trailing_zeros()))
+    }
+
+    /// The header cluster's bytes, given where the tables are.
+    fn header(&self, geometry: Geometry, order: u32, layout: &Layout) -> io::Result<Vec<u8>> {
+        let cs = geometry.cluster_size();
+        let mut h = vec![0u8; cs as usize];
+        let put32 =
+            |h: &mut [u8], at: usize, v: u32| h[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |h: &mut [u8], at: usize, v: u64| h[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        h[..4].copy_from_slice(&MAGIC);
+        put32(&mut h, 4, if self.compat == Compat::V2 { 2 } else { 3 });
+        put32(&mut h, 20, geometry.cluster_bits());
+        put64(&mut h, 24, self.size);
+        put32(&mut h, 36, layout.l1_size);
+        put64(&mut h, 40, layout.l1_cluster * cs);
+        put64(&mut h, 48, cs);
+        put32(&mut h, 56, layout.table_clusters as u32);
+        let mut at = 72;
+        if self.compat == Compat::V3 {
+            put64(&mut h, 80, u64::from(self.lazy_refcounts));
+            put32(&mut h, 96, order);
+            put32(&mut h, 100, V3_HEADER_LEN as u32);
+            at = V3_HEADER_LEN;
+        }
+        let overflow = || {
+            invalid_input(format!(
+                "qcow2: the header, extensions and backing file name do not fit a {cs}-byte \
+                 cluster"
+            ))
+        };
+        if let Some(format) = &self.backing_format {
+            let padded = format.len().next_multiple_of(8);
+            if at + 8 + padded > h.len() {
+                return Err(overflow());
+            }
+            put32(&mut h, at, EXT_BACKING_FORMAT);
+            put32(&mut h, at + 4, format.len() as u32);
+            h[at + 8..at + 8 + format.len()].copy_from_slice(format.as_bytes());
+            at += 8 + padded;
+        }
+        if self.compat == Compat::V3 {
+            at += 8; // The end of the extensions (type 0, length 0).
+        }
+        if let Some(name) = &self.backing_file {
+            if at + name.len() > h.len() {
+                return Err(overflow());
+            }
+            put64(&mut h, 8, at as u64);
+            put32(&mut h, 16, name.len() as u32);
+            h[at..at + name.len()].copy_from_slice(name.as_bytes());
+        }
+        Ok(h)
+    }
+}
+
+/// Where the tables of a new image go, in clusters.
+#[derive(Debug)]
+struct Layout {
+    l1_size: u32,
+    l1_cluster: u64,
+    l1_clusters: u64,
+    table_clusters: u64,
+    blocks: u64,
+}
+
+impl Layout {
+    /// Header at cluster 0, refcount table from cluster 1, then the refcount blocks, then
+    /// the L1 table (QEMU's layout for small images).
+    fn new(geometry: Geometry, order: u32, size: u64) -> io::Result<Layout> {
+        let cs = geometry.cluster_size();
+        let l1_size = geometry.l1_entries_for(size);
+        if l1_size * 8 > MAX_L1_BYTES {
+            return Err(invalid_input(format!(
+                "qcow2: {size} bytes need an L1 table larger than {MAX_L1_BYTES} bytes; use \
+                 larger clusters"
+            )));
+        }
+        let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+        let per_block = (cs * 8) >> order;
+        let (mut table_clusters, mut blocks) = (1u64, 1u64);
+        loop {
+            let total = 1 + table_clusters + blocks + l1_clusters;
+            let new_blocks = total.div_ceil(per_block);
+            let new_table = (new_blocks * 8).div_ceil(cs);
+            if (new_blocks, new_table) == (blocks, table_clusters) {
+                break;
+            }
+            (blocks, table_clusters) = (new_blocks, new_table);
+        }
+        if table_clusters * cs > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(invalid_input("qcow2: the image needs too large a refcount table"));
+        }
+        Ok(Layout {
+            l1_size: l1_size as u32,
+            l1_cluster: 1 + table_clusters + blocks,
+            l1_clusters,
+            table_clusters,
+            blocks,
+        })
+    }
+}
+
+/// Writes a new, empty image to `file` (truncated first), as `qemu-img create -f qcow2`
+/// does: `qemu-img check` finds no errors and no leaks in it.
+///
+/// # Errors
+///
+/// `InvalidInput` for bad options (saying which); the file's write or truncate error.
+pub fn create(co: &Co, file: &BlockNode, options: &CreateOptions) -> io::Result<()> {
+    let (geometry, order) = options.check()?;
+    let layout = Layout::new(geometry, order, options.size)?;
+    let header = options.header(geometry, order, &layout)?;
+    let cs = geometry.cluster_size();
+    let used = layout.l1_cluster + layout.l1_clusters;
+    let per_block = (cs * 8) >> order;
+
+    file.truncate(co, 0)?;
+    let mut table = vec![0u8; (layout.table_clusters * cs) as usize];
+    let mut blocks = vec![0u8; (layout.blocks * cs) as usize];
+    for n in 0..layout.blocks {
+        let offset = (1 + layout.table_clusters + n) * cs;
+        table[n as usize * 8..n as usize * 8 + 8].copy_from_slice(&offset.to_be_bytes());
+    }
+    for cluster in 0..used {
+        let block = &mut blocks[((cluster / per_block) * cs) as usize..][..cs as usize];
+        set_entry(block, order, (cluster % per_block) as usize, 1);
+    }
+    write_at(co, file, cs, &table)?;
+    write_at(co, file, (1 + layout.table_clusters) * cs, &blocks)?;
+    write_at(co, file, layout.l1_cluster * cs, &vec![0u8; (layout.l1_clusters * cs) as usize])?;
+    file.flush(co)?;
+    // The header last: an interrupted create leaves no image that looks valid.
+    write_at(co, file, 0, &header)?;
+    file.flush(co)
+}
+
+/// [`create`] into the file at `path` (created, or truncated if it exists).
+///
+/// # Errors
+///
+/// As [`create`], and the error of opening the file.
+pub fn create_file(co: &Co, path: &Path, options: &CreateOptions) -> io::Result<()> {
+    std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+    let graph = BlockGraph::new();
+    let mut file = crate::options::BlockOptions::default();
+    file.set("driver", "file")?;
+    file.set("filename", &path.to_string_lossy())?;
+    let (_, node) = crate::options::open_options(co, &graph, &file)?;
+    create(co, &node, options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_count_themselves() {
+        let layout = Layout::new(Geometry::new(16), 4, 1 << 30).unwrap();
+        assert_eq!(
+            (layout.table_clusters, layout.blocks, layout.l1_cluster, layout.l1_clusters),
+            (1, 1, 3, 1)
+        );
+        // 512-byte clusters of 64-bit refcounts: 64 per block; a 1 TiB disk needs 2^15
+        // L1 entries = 512 clusters of L1.
+        let layout = Layout::new(Geometry::new(9), 6, 1 << 40).unwrap_err();
+        assert!(layout.to_string().contains("L1 table"));
+        let layout = Layout::new(Geometry::new(9), 6, 16 << 30).unwrap();
+        let total = 1 + layout.table_clusters + layout.blocks + layout.l1_clusters;
+        assert!(layout.blocks * 64 >= total && layout.table_clusters * 64 >= layout.blocks);
+    }
+}

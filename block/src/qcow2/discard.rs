@@ -1,0 +1,70 @@
+//! Dropping whole clusters: discard (the L2 entry cleared) and, in version 3 images, zero
+//! writes (the zero flag set). The clusters the entries named lose their reference at the
+//! next flush, once the changed L2 tables are on disk. Partial clusters are the caller's:
+//! discard ignores them (it is advisory), zero writes write zero bytes there.
+
+use std::io;
+
+use aiocoro::coroutine::Co;
+
+use super::driver::Qcow2Driver;
+use super::mapping::{ZERO, referenced_range};
+use super::write::refuse_read_only;
+
+impl Qcow2Driver {
+    /// Sets the entries of the whole clusters inside `len` bytes at `offset` to "zero" (the
+    /// zero flag, or unallocated when no backing node shows through) if `zero`, else to
+    /// unallocated; waits for in-flight allocations of those clusters first.
+    pub(super) fn drop_clusters(
+        &self,
+        co: &Co,
+        offset: u64,
+        len: u64,
+        zero: bool,
+    ) -> io::Result<()> {
+        let geometry = self.header.geometry;
+        let cluster_size = geometry.cluster_size();
+        let mut cluster = offset.div_ceil(cluster_size);
+        let end = (offset + len) / cluster_size;
+        let new_entry = if zero && self.backing.is_some() { ZERO } else { 0 };
+        while cluster < end {
+            let position = geometry.position(super::offsets::ClusterIndex(cluster));
+            let in_table = (geometry.l2_entries() - position.l2_index) as u64;
+            let count = in_table.min(end - cluster);
+            let mut meta = self.metadata.lock(co);
+            if meta.writer.is_none() {
+                return Err(refuse_read_only());
+            }
+            if let Some(queue) = meta.overlapping(cluster, count) {
+                queue.wait(co, &mut meta);
+                continue;
+            }
+            let l2 = match self.l2_offset(&meta, position.l1_index)? {
+                Some(l2) => l2,
+                // Unallocated already reads as the backing node or zeroes.
+                None if new_entry == 0 => {
+                    cluster += count;
+                    continue;
+                }
+                None => self.allocate_l2(co, &mut meta, position.l1_index)?,
+            };
+            let mut table = self.l2_table(co, &mut meta, l2)?.to_vec();
+            let writer = meta.writer.as_mut().expect("writable");
+            let mut changed = false;
+            for entry in &mut table[position.l2_index..position.l2_index + count as usize] {
+                if *entry != new_entry {
+                    if let Some(range) = referenced_range(*entry, geometry) {
+                        writer.pending_frees.push(range);
+                    }
+                    *entry = new_entry;
+                    changed = true;
+                }
+            }
+            if changed {
+                meta.l2_cache.update(l2, table.into());
+            }
+            cluster += count;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,401 @@
+//! Refcounts (QEMU's `qcow2-refcount.c`): the refcount table, the refcount blocks it names
+//! (loaded on first use and kept, dirty ones written back by [`Refcounts::write_back`]), and
+//! the cluster allocator over them (the first free run of clusters, as QEMU allocates).
+//!
+//! Every refcount block describes itself: a block for clusters nobody counted yet is placed
+//! at the first such cluster, and a grown refcount table is placed, with the blocks that
+//! count it, past the end of the image. All state here is guarded by the driver's metadata
+//! lock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+
+use aiocoro::coroutine::Co;
+
+use super::corrupt;
+use super::io::{read_exact_at, write_at};
+use super::offsets::{Geometry, HostOffset};
+use crate::node::BlockNode;
+
+/// Bits 9..=55 of a refcount table entry: the block's offset.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Where the header keeps the refcount table offset (followed by its cluster count).
+const HEADER_REFCOUNT_TABLE: u64 = 48;
+
+/// The refcount of entry `index` of a block of `2^order`-bit big-endian entries (entries
+/// narrower than a byte are packed from the least significant bit, as QEMU does).
+pub(crate) fn get_entry(block: &[u8], order: u32, index: usize) -> u64 {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per_byte = 8 / bits;
+            let shift = (index % per_byte) * bits;
+            u64::from((block[index / per_byte] >> shift) & ((1u8 << bits) - 1))
+        }
+        _ => {
+            let bytes = 1usize << (order - 3);
+            let at = index * bytes;
+            block[at..at + bytes].iter().fold(0u64, |value, &byte| (value << 8) | u64::from(byte))
+        }
+    }
+}
+
+/// Sets entry `index` (see [`get_entry`]); `value` must fit the width.
+pub(crate) fn set_entry(block: &mut [u8], order: u32, index: usize, value: u64) {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per_byte = 8 / bits;
+            let shift = (index % per_byte) * bits;
+            let mask = ((1u8 << bits) - 1) << shift;
+            let byte = &mut block[index / per_byte];
+            *byte = (*byte & !mask) | (((value as u8) << shift) & mask);
+        }
+        _ => {
+            let bytes = 1usize << (order - 3);
+            let at = index * bytes;
+            block[at..at + bytes].copy_from_slice(&value.to_be_bytes()[8 - bytes..]);
+        }
+    }
+}
+
+/// A loaded refcount block.
+struct Block {
+    offset: HostOffset,
+    bytes: Vec<u8>,
+}
+
+/// The refcount table and loaded blocks of an image opened read-write.
+pub(crate) struct Refcounts {
+    geometry: Geometry,
+    order: u32,
+    table_offset: HostOffset,
+    /// Block offsets by table index (0: no block).
+    table: Vec<u64>,
+    /// Loaded blocks by table index.
+    blocks: BTreeMap<usize, Block>,
+    /// Table indices of blocks changed since they were last written.
+    dirty: BTreeSet<usize>,
+    /// No free cluster lies before this one (QEMU's `free_cluster_index`).
+    free_hint: u64,
+}
+
+impl Refcounts {
+    /// Reads the refcount table of an image (`clusters` clusters at `offset`, of
+    /// `2^order`-bit refcounts).
+    ///
+    /// # Errors
+    ///
+    /// The read error.
+    pub(crate) fn load(
+        co: &Co,
+        file: &BlockNode,
+        geometry: Geometry,
+        order: u32,
+        offset: HostOffset,
+        clusters: u32,
+    ) -> io::Result<Refcounts> {
+        let mut raw = vec![0u8; (u64::from(clusters) * geometry.cluster_size()) as usize];
+        read_exact_at(co, file, offset.0, &mut raw)?;
+        let table = raw
+            .chunks_exact(8)
+            .map(|entry| u64::from_be_bytes(entry.try_into().expect("8 bytes")) & OFFSET_MASK)
+            .collect();
+        Ok(Refcounts {
+            geometry,
+            order,
+            table_offset: offset,
+            table,
+            blocks: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            free_hint: 0,
+        })
+    }
+
+    /// Refcounts one block holds.
+    fn per_block(&self) -> u64 {
+        (self.geometry.cluster_size() * 8) >> self.order
+    }
+
+    /// The most clusters one allocation takes: half a block's worth, so that a run fits
+    /// between the self-describing blocks that start each block's range.
+    pub(crate) fn max_run(&self) -> u64 {
+        (self.per_block() / 2).max(1)
+    }
+
+    /// The largest refcount the width holds.
+    fn max_refcount(&self) -> u64 {
+        if self.order == 6 { u64::MAX } else { (1 << (1 << self.order)) - 1 }
+    }
+
+    /// The block counting table index `slot`, loaded if need be; `None` if there is none.
+    fn block(&mut self, co: &Co, file: &BlockNode, slot: usize) -> io::Result<Option<&mut Block>> {
+        let Some(&offset) = self.table.get(slot) else { return Ok(None) };
+        if offset == 0 {
+            return Ok(None);
+        }
+        if !self.blocks.contains_key(&slot) {
+            let offset = HostOffset(offset);
+            if !self.geometry.is_cluster_aligned(offset) {
+                return Err(corrupt(format!(
+                    "refcount table entry {slot}: the block at {offset} is not cluster-aligned"
+                )));
+            }
+            let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
+            read_exact_at(co, file, offset.0, &mut bytes)?;
+            self.blocks.insert(slot, Block { offset, bytes });
+        }
+        Ok(self.blocks.get_mut(&slot))
+    }
+
+    /// The refcount of host cluster `cluster` (a cluster index: offset / cluster size).
+    ///
+    /// # Errors
+    ///
+    /// The read error of its block.
+    pub(crate) fn get(&mut self, co: &Co, file: &BlockNode, cluster: u64) -> io::Result<u64> {
+        let per_block = self.per_block();
+        let order = self.order;
+        let slot = usize::try_from(cluster / per_block).unwrap_or(usize::MAX);
+        Ok(match self.block(co, file, slot)? {
+            Some(block) => get_entry(&block.bytes, order, (cluster % per_block) as usize),
+            None => 0,
+        })
+    }
+
+    /// Adds `delta` to the refcount of host cluster `cluster`, which a block must count.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidData` if the refcount would leave its range or no block counts the cluster;
+    /// a block's read error.
+    pub(crate) fn change(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        cluster: u64,
+        delta: i64,
+    ) -> io::Result<()> {
+        let (per_block, order, max) = (self.per_block(), self.order, self.max_refcount());
+        let slot = usize::try_from(cluster / per_block).unwrap_or(usize::MAX);
+        let Some(block) = self.block(co, file, slot)? else {
+            return Err(corrupt(format!("no refcount block counts host cluster {cluster}")));
+        };
+        let index = (cluster % per_block) as usize;
+        let old = get_entry(&block.bytes, order, index);
+        let new = old.checked_add_signed(delta).filter(|&new| new <= max).ok_or_else(|| {
+            corrupt(format!(
+                "the refcount of host cluster {cluster} ({old}) cannot change by {delta}"
+            ))
+        })?;
+        set_entry(&mut block.bytes, order, index, new);
+        self.dirty.insert(slot);
+        if new == 0 {
+            self.free_hint = self.free_hint.min(cluster);
+        }
+        Ok(())
+    }
+
+    /// Drops one reference to each host cluster that `len` bytes at `offset` touch.
+    ///
+    /// # Errors
+    ///
+    /// As [`Refcounts::change`].
+    pub(crate) fn free(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        offset: HostOffset,
+        len: u64,
+    ) -> io::Result<()> {
+        let bits = self.geometry.cluster_bits();
+        let last = (offset.0 + len.max(1) - 1) >> bits;
+        for cluster in offset.0 >> bits..=last {
+            self.change(co, file, cluster, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Allocates `count` contiguous free clusters (refcount 1) at or past no free cluster
+    /// (first fit) and returns the first one's offset. Adds refcount blocks, and grows the
+    /// refcount table, as the clusters need; `image_end` is the image file's end in bytes
+    /// (where a grown table goes), raised as allocations pass it.
+    ///
+    /// # Errors
+    ///
+    /// `Unsupported` for more than [`Refcounts::max_run`] clusters; read and write errors of
+    /// blocks and tables.
+    pub(crate) fn allocate(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        count: u64,
+        image_end: &mut u64,
+    ) -> io::Result<HostOffset> {
+        let bits = self.geometry.cluster_bits();
+        let per_block = self.per_block();
+        if count > self.max_run() {
+            return Err(super::refuse(format!(
+                "{count} contiguous clusters are more than one allocation takes ({}) with \
+                 {}-bit refcounts",
+                self.max_run(),
+                1 << self.order
+            )));
+        }
+        let mut start = self.free_hint;
+        let mut found = 0;
+        let mut skipped_free = false;
+        while found < count {
+            let cluster = start + found;
+            let slot = usize::try_from(cluster / per_block).unwrap_or(usize::MAX);
+            if self.block(co, file, slot)?.is_none() {
+                if slot < self.table.len() {
+                    self.add_block(co, file, slot, cluster, image_end)?;
+                } else {
+                    self.grow_table(co, file, cluster.max(image_end.div_ceil(1 << bits)))?;
+                    *image_end = (*image_end).max(self.table_end());
+                }
+                // The new metadata took clusters: look again from the start of the run.
+                found = 0;
+                continue;
+            }
+            if self.get(co, file, cluster)? == 0 {
+                found += 1;
+            } else {
+                // A run too short for `count` stays free before the new hint otherwise.
+                skipped_free |= found > 0;
+                start = cluster + 1;
+                found = 0;
+            }
+        }
+        if !skipped_free {
+            self.free_hint = start + count;
+        }
+        for cluster in start..start + count {
+            self.change(co, file, cluster, 1)?;
+        }
+        *image_end = (*image_end).max((start + count) << bits);
+        Ok(HostOffset(start << bits))
+    }
+
+    /// The byte after the refcount table.
+    fn table_end(&self) -> u64 {
+        self.table_offset.0 + self.table.len() as u64 * 8
+    }
+
+    /// Puts a new block for table index `slot` at host cluster `at` (which it counts, so it
+    /// counts itself), writes it, flushes, then writes the table entry.
+    fn add_block(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        slot: usize,
+        at: u64,
+        image_end: &mut u64,
+    ) -> io::Result<()> {
+        let (bits, order) = (self.geometry.cluster_bits(), self.order);
+        let mut bytes = vec![0u8; 1 << bits];
+        set_entry(&mut bytes, order, (at % self.per_block()) as usize, 1);
+        let offset = HostOffset(at << bits);
+        write_at(co, file, offset.0, &bytes)?;
+        file.flush(co)?;
+        write_at(co, file, self.table_offset.0 + slot as u64 * 8, &offset.0.to_be_bytes())?;
+        self.table[slot] = offset.0;
+        self.blocks.insert(slot, Block { offset, bytes });
+        *image_end = (*image_end).max((at + 1) << bits);
+        Ok(())
+    }
+
+    /// Moves the refcount table to a larger one at host cluster `area` or later, together
+    /// with the new blocks that count the clusters it and they take (QEMU's
+    /// `qcow2_refcount_area`): blocks and table are written and flushed before the header
+    /// points at the new table; then the old table's clusters are freed.
+    fn grow_table(&mut self, co: &Co, file: &BlockNode, area: u64) -> io::Result<()> {
+        let (bits, per_block) = (self.geometry.cluster_bits(), self.per_block());
+        let entries_per_cluster = 1u64 << (bits - 3);
+        let first_slot = area / per_block;
+        let (mut blocks, mut table_clusters) = (1u64, 1u64);
+        let len = loop {
+            let last = area + blocks + table_clusters - 1;
+            let needed = (last / per_block + 1).max(self.table.len() as u64 * 3 / 2 + 1);
+            let (new_blocks, new_table) =
+                (last / per_block - first_slot + 1, needed.div_ceil(entries_per_cluster));
+            if (new_blocks, new_table) == (blocks, table_clusters) {
+                break new_table * entries_per_cluster;
+            }
+            (blocks, table_clusters) = (new_blocks, new_table);
+        };
+        if len * 8 > super::header::MAX_REFCOUNT_TABLE_BYTES {
+            return Err(super::refuse("the image is too large for its refcount table"));
+        }
+        let mut table = self.table.clone();
+        table.resize(len as usize, 0);
+        let area_end = area + blocks + table_clusters;
+        for n in 0..blocks {
+            let slot = first_slot + n;
+            let mut bytes = vec![0u8; 1 << bits];
+            for cluster in (slot * per_block).max(area)..((slot + 1) * per_block).min(area_end) {
+                set_entry(&mut bytes, self.order, (cluster % per_block) as usize, 1);
+            }
+            let offset = HostOffset((area + n) << bits);
+            write_at(co, file, offset.0, &bytes)?;
+            table[slot as usize] = offset.0;
+            self.blocks.insert(slot as usize, Block { offset, bytes });
+        }
+        let table_offset = HostOffset((area + blocks) << bits);
+        let raw: Vec<u8> = table.iter().flat_map(|entry| entry.to_be_bytes()).collect();
+        write_at(co, file, table_offset.0, &raw)?;
+        file.flush(co)?;
+        let mut header = [0u8; 12];
+        header[..8].copy_from_slice(&table_offset.0.to_be_bytes());
+        header[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        write_at(co, file, HEADER_REFCOUNT_TABLE, &header)?;
+        file.flush(co)?;
+        let (old_offset, old_len) = (self.table_offset, self.table.len() as u64 * 8);
+        self.table = table;
+        self.table_offset = table_offset;
+        self.free(co, file, old_offset, old_len)
+    }
+
+    /// Writes the changed blocks (not flushed).
+    ///
+    /// # Errors
+    ///
+    /// The first write error (the blocks stay dirty).
+    pub(crate) fn write_back(&mut self, co: &Co, file: &BlockNode) -> io::Result<bool> {
+        let wrote = !self.dirty.is_empty();
+        while let Some(&slot) = self.dirty.first() {
+            let block = &self.blocks[&slot];
+            write_at(co, file, block.offset.0, &block.bytes)?;
+            self.dirty.remove(&slot);
+        }
+        Ok(wrote)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_of_every_width() {
+        for order in 0..=6u32 {
+            let mut block = vec![0u8; 64];
+            let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
+            let entries = (64 * 8) >> order;
+            for index in 0..entries {
+                set_entry(&mut block, order, index, (index as u64 * 7) & max);
+            }
+            for index in 0..entries {
+                assert_eq!(get_entry(&block, order, index), (index as u64 * 7) & max, "{order}");
+            }
+        }
+        // QEMU packs sub-byte refcounts from the least significant bit.
+        let mut block = [0u8; 1];
+        set_entry(&mut block, 0, 1, 1);
+        assert_eq!(block[0], 0b10);
+        let mut block = [0u8; 2];
+        set_entry(&mut block, 4, 0, 0x1234);
+        assert_eq!(block, [0x12, 0x34]);
+    }
+}

@@ -1,0 +1,71 @@
+//! Growing the virtual disk (QEMU's `qcow2_co_truncate` without shrinking or
+//! preallocation): a larger L1 table if the new size needs one, then the new size in the
+//! header.
+
+use std::io;
+
+use aiocoro::coroutine::Co;
+
+use super::driver::Qcow2Driver;
+use super::header::MAX_L1_BYTES;
+use super::io::write_at;
+use super::metadata::encode_table;
+use super::write::refuse_read_only;
+use crate::error::invalid_input;
+
+/// Where the header keeps the virtual size.
+const HEADER_SIZE: u64 = 24;
+/// Where the header keeps the L1 size (followed by the L1 table offset).
+const HEADER_L1: u64 = 36;
+
+impl Qcow2Driver {
+    /// Grows the virtual disk to `len` bytes. A new L1 table is written and flushed (with
+    /// its refcounts) before the header names it; the old one is freed afterwards.
+    pub(super) fn grow(&self, co: &Co, len: u64) -> io::Result<()> {
+        let geometry = self.header.geometry;
+        let file = self.file.node();
+        let mut meta = self.metadata.lock(co);
+        if meta.writer.is_none() {
+            return Err(refuse_read_only());
+        }
+        if len < meta.virtual_size {
+            return Err(invalid_input(format!(
+                "qcow2: shrinking an image ({} to {len} bytes) is not supported",
+                meta.virtual_size
+            )));
+        }
+        let needed = geometry.l1_entries_for(len);
+        if needed > meta.l1.len() as u64 {
+            if needed * 8 > MAX_L1_BYTES {
+                return Err(invalid_input(format!(
+                    "qcow2: {len} bytes need an L1 table larger than {MAX_L1_BYTES} bytes"
+                )));
+            }
+            let clusters = (needed * 8).div_ceil(geometry.cluster_size());
+            let offset = meta.allocate(co, &file, clusters)?;
+            let mut l1 = meta.l1.clone();
+            l1.resize(needed as usize, 0);
+            let mut raw = encode_table(&l1);
+            raw.resize((clusters * geometry.cluster_size()) as usize, 0);
+            meta.flush_refcounts(co, &file)?;
+            write_at(co, &file, offset.0, &raw)?;
+            file.flush(co)?;
+            let mut fields = [0u8; 12];
+            fields[..4].copy_from_slice(&(needed as u32).to_be_bytes());
+            fields[4..].copy_from_slice(&offset.0.to_be_bytes());
+            write_at(co, &file, HEADER_L1, &fields)?;
+            file.flush(co)?;
+            let (old_offset, old_len) = (meta.l1_offset, meta.l1.len() as u64 * 8);
+            meta.l1 = l1;
+            meta.l1_offset = offset;
+            if old_len > 0 {
+                let writer = meta.writer.as_mut().expect("writable");
+                writer.refcounts.free(co, &file, old_offset, old_len)?;
+            }
+        }
+        write_at(co, &file, HEADER_SIZE, &len.to_be_bytes())?;
+        file.flush(co)?;
+        meta.virtual_size = len;
+        Ok(())
+    }
+}

@@ -1,0 +1,271 @@
+//! Guest writes (QEMU's `qcow2_co_pwritev_part` and `qcow2-cluster.c`'s allocation): a
+//! cluster whose entry says it may be written in place is written there; any other cluster
+//! (unallocated, zero, compressed, shared) gets a new host cluster, with the part of it the
+//! request does not cover copied from what the guest read there before.
+//!
+//! Allocation takes the metadata lock to choose clusters and record the request as in
+//! flight, writes the data without the lock, and takes the lock again to link the clusters
+//! into the L2 table. A request for a guest cluster that an in-flight allocation covers
+//! waits on that allocation's queue and then looks again; other allocations run in
+//! parallel.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+use aiocoro::coroutine::Co;
+use aiocoro::sync::CoQueue;
+
+use super::corrupt;
+use super::driver::Qcow2Driver;
+use super::io::{sub_slices_ref, write_at};
+use super::mapping::{COPIED, OFFSET_MASK, decode_l1, is_writable_in_place, referenced_range};
+use super::metadata::{InFlight, Metadata};
+use super::offsets::{GuestOffset, HostOffset};
+use crate::buffer::IoBuffer;
+
+/// What the first cluster of a write step needs.
+enum Step {
+    /// `len` bytes go in place at this host offset.
+    InPlace { host: HostOffset, len: u64 },
+    /// `count` guest clusters from the step's first get new host clusters from `host`; the
+    /// L2 table is at `l2`.
+    Allocated { host: HostOffset, count: u64, len: u64, l2: HostOffset, queue: Arc<CoQueue> },
+}
+
+impl Qcow2Driver {
+    /// Writes `bufs` at guest `offset`, one step (a run of clusters mapped alike, inside one
+    /// L2 table) at a time.
+    pub(super) fn write_guest(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let total: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
+        let mut done = 0;
+        while done < total {
+            let piece = sub_slices_ref(bufs, done as usize, (total - done) as usize);
+            done += self.write_step(co, GuestOffset(offset + done), &piece, total - done)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the start of `bufs` (`len` bytes) at `guest`; returns how many bytes it wrote.
+    fn write_step(
+        &self,
+        co: &Co,
+        guest: GuestOffset,
+        bufs: &[IoSlice<'_>],
+        len: u64,
+    ) -> io::Result<u64> {
+        let step = {
+            let mut meta = self.metadata.lock(co);
+            loop {
+                if meta.writer.is_none() {
+                    return Err(refuse_read_only());
+                }
+                let cluster = self.header.geometry.cluster_of(guest).0;
+                if let Some(queue) = meta.overlapping(cluster, 1) {
+                    queue.wait(co, &mut meta);
+                    continue;
+                }
+                break self.plan(co, &mut meta, guest, len)?;
+            }
+        };
+        match step {
+            Step::InPlace { host, len } => {
+                self.file.node().write(co, host.0, &sub_slices_ref(bufs, 0, len as usize))?;
+                Ok(len)
+            }
+            Step::Allocated { host, count, len, l2, queue } => {
+                let written = self.write_allocated(co, guest, bufs, len, host, count);
+                let mut meta = self.metadata.lock(co);
+                let linked = match written {
+                    Ok(()) => self.link(co, &mut meta, guest, host, count, l2),
+                    Err(error) => Err(error),
+                };
+                let writer = meta.writer.as_mut().expect("writable");
+                if linked.is_err() {
+                    // Never linked: give the clusters back (a leak at worst if that fails).
+                    let _ = writer.refcounts.free(
+                        co,
+                        &self.file.node(),
+                        host,
+                        count * self.header.geometry.cluster_size(),
+                    );
+                }
+                writer.in_flight.retain(|m| !Arc::ptr_eq(&m.queue, &queue));
+                queue.restart_all(&mut meta);
+                linked.map(|()| len)
+            }
+        }
+    }
+
+    /// Decides, under the lock, how the clusters from `guest` are written, allocating and
+    /// recording them as in flight if they need new clusters.
+    fn plan(&self, co: &Co, meta: &mut Metadata, guest: GuestOffset, len: u64) -> io::Result<Step> {
+        let geometry = self.header.geometry;
+        let cluster_size = geometry.cluster_size();
+        let cluster = geometry.cluster_of(guest);
+        let position = geometry.position(cluster);
+        let in_cluster = geometry.offset_in_cluster(guest);
+        let table_end = (position.l1_index + 1) * geometry.bytes_per_l2();
+        let max = len.min(table_end - guest.0);
+        let clusters = (in_cluster + max).div_ceil(cluster_size);
+
+        let l2 = self.l2_offset(meta, position.l1_index)?;
+        let table = match l2 {
+            Some(offset) => Some(self.l2_table(co, meta, offset)?),
+            None => None,
+        };
+        let entry = |n: u64| table.as_ref().map_or(0, |t| t[position.l2_index + n as usize]);
+        let first = entry(0);
+        if is_writable_in_place(first) {
+            let start = first & OFFSET_MASK;
+            let mut count = 1;
+            while count < clusters
+                && is_writable_in_place(entry(count))
+                && entry(count) & OFFSET_MASK == start + count * cluster_size
+            {
+                count += 1;
+            }
+            let len = max.min(count * cluster_size - in_cluster);
+            return Ok(Step::InPlace { host: HostOffset(start + in_cluster), len });
+        }
+        let max_run = meta.writer.as_ref().map_or(1, |writer| writer.refcounts.max_run());
+        let mut count = 1;
+        while count < clusters.min(max_run)
+            && !is_writable_in_place(entry(count))
+            && meta.overlapping(cluster.0 + count, 1).is_none()
+        {
+            count += 1;
+        }
+        let len = max.min(count * cluster_size - in_cluster);
+        let l2 = match l2 {
+            Some(offset) => offset,
+            None => self.allocate_l2(co, meta, position.l1_index)?,
+        };
+        let file = self.file.node();
+        let host = meta.allocate(co, &file, count)?;
+        let queue = Arc::new(CoQueue::new());
+        meta.writer.as_mut().expect("writable").in_flight.push(InFlight {
+            first: cluster.0,
+            count,
+            queue: queue.clone(),
+        });
+        Ok(Step::Allocated { host, count, len, l2, queue })
+    }
+
+    /// The L2 table L1 entry `l1_index` names, `None` if none.
+    pub(super) fn l2_offset(
+        &self,
+        meta: &Metadata,
+        l1_index: u64,
+    ) -> io::Result<Option<HostOffset>> {
+        let Some(&raw) = usize::try_from(l1_index).ok().and_then(|i| meta.l1.get(i)) else {
+            return Err(corrupt(format!(
+                "L1 entry {l1_index} is past the {} of the L1 table",
+                meta.l1.len()
+            )));
+        };
+        let offset = decode_l1(raw, self.header.geometry, meta.image_end)
+            .map_err(|why| corrupt(format!("L1 entry {l1_index} ({raw:#018x}): {why}")))?;
+        if offset.is_some() && raw & COPIED == 0 {
+            return Err(super::refuse(format!(
+                "L1 entry {l1_index} names a shared L2 table (copy-on-write of L2 tables is \
+                 not supported)"
+            )));
+        }
+        Ok(offset)
+    }
+
+    /// Allocates an empty L2 table for L1 entry `l1_index`: its refcount is made stable,
+    /// the table written and flushed, then the L1 entry written (QEMU's `l2_allocate`).
+    pub(super) fn allocate_l2(
+        &self,
+        co: &Co,
+        meta: &mut Metadata,
+        l1_index: u64,
+    ) -> io::Result<HostOffset> {
+        let geometry = self.header.geometry;
+        let file = self.file.node();
+        let offset = meta.allocate(co, &file, 1)?;
+        let table: Arc<[u64]> = vec![0u64; geometry.l2_entries()].into();
+        meta.flush_refcounts(co, &file)?;
+        write_at(co, &file, offset.0, &vec![0u8; geometry.cluster_size() as usize])?;
+        file.flush(co)?;
+        let entry = offset.0 | COPIED;
+        write_at(co, &file, meta.l1_offset.0 + l1_index * 8, &entry.to_be_bytes())?;
+        meta.l1[l1_index as usize] = entry;
+        meta.cache_l2(co, &file, offset, table)?;
+        Ok(offset)
+    }
+
+    /// Writes `count` new clusters at `host`: the request's bytes, and around them what the
+    /// guest read before (from this image's old mapping, the backing node, or zeroes).
+    fn write_allocated(
+        &self,
+        co: &Co,
+        guest: GuestOffset,
+        bufs: &[IoSlice<'_>],
+        len: u64,
+        host: HostOffset,
+        count: u64,
+    ) -> io::Result<()> {
+        let geometry = self.header.geometry;
+        let in_cluster = geometry.offset_in_cluster(guest);
+        let tail_len = count * geometry.cluster_size() - in_cluster - len;
+        let mut head = IoBuffer::new(in_cluster as usize);
+        let mut tail = IoBuffer::new(tail_len as usize);
+        if in_cluster > 0 {
+            self.read_old(co, guest.0 - in_cluster, &mut head)?;
+        }
+        if tail_len > 0 {
+            self.read_old(co, guest.0 + len, &mut tail)?;
+        }
+        let mut pieces = vec![IoSlice::new(&head)];
+        pieces.extend(sub_slices_ref(bufs, 0, len as usize));
+        pieces.push(IoSlice::new(&tail));
+        pieces.retain(|piece| !piece.is_empty());
+        self.file.node().write(co, host.0, &pieces)
+    }
+
+    /// Reads what the guest sees at `offset` now, into `buf` (the part of a cluster being
+    /// allocated that the write does not cover). Past the virtual size it reads zeroes.
+    fn read_old(&self, co: &Co, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        use crate::driver::BlockDriver;
+        let size = self.length(co)?;
+        let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[inside..].fill(0);
+        if inside > 0 {
+            self.read(co, offset, &mut [IoSliceMut::new(&mut buf[..inside])])?;
+        }
+        Ok(())
+    }
+
+    /// Points the L2 entries of `count` guest clusters from `guest` at the new clusters
+    /// from `host`; the clusters they named before are freed at the next flush.
+    fn link(
+        &self,
+        co: &Co,
+        meta: &mut Metadata,
+        guest: GuestOffset,
+        host: HostOffset,
+        count: u64,
+        l2: HostOffset,
+    ) -> io::Result<()> {
+        let geometry = self.header.geometry;
+        let index = geometry.position(geometry.cluster_of(guest)).l2_index;
+        let mut table = self.l2_table(co, meta, l2)?.to_vec();
+        let writer = meta.writer.as_mut().expect("writable");
+        for n in 0..count as usize {
+            let old = table[index + n];
+            if let Some(range) = referenced_range(old, geometry) {
+                writer.pending_frees.push(range);
+            }
+            table[index + n] = (host.0 + n as u64 * geometry.cluster_size()) | COPIED;
+        }
+        meta.l2_cache.update(l2, table.into());
+        Ok(())
+    }
+}
+
+/// The error of a write to an image opened read-only.
+pub(super) fn refuse_read_only() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "qcow2: the image is open read-only")
+}

@@ -1,0 +1,233 @@
+//! Writes mixed with QEMU's: images written by `qemu-io` (data, compressed and zero
+//! clusters) overwritten here and then by `qemu-io` again; `write_zeroes`, `discard` and
+//! `truncate` round trips; images that must not be written; images whose driver was dropped
+//! without a flush (no errors allowed, only leaks). Every written image is checked
+//! with `qemu-img check` (no errors, no leaks) and `qemu-img compare` against a raw shadow.
+
+mod qcow2_support;
+
+use std::io::ErrorKind;
+use std::path::Path;
+
+use aiocoro_block::qcow2::{Compat, CreateOptions, create_file};
+use aiocoro_block::run_in_coroutine;
+use qcow2_support::*;
+
+const K: u64 = 1024;
+
+/// What a step does to the guest, applied to our image and the shadow alike.
+enum Op {
+    Write(u64, u64, u8),
+    Zero(u64, u64),
+}
+
+fn ours(image: &Path, shadow: &Path, ops: Vec<Op>) {
+    for op in &ops {
+        match *op {
+            Op::Write(offset, len, byte) => poke(shadow, offset, &vec![byte; len as usize]),
+            Op::Zero(offset, len) => poke(shadow, offset, &vec![0; len as usize]),
+        }
+    }
+    with_image(&qcow2_rw_options(image), move |co, blk| {
+        for op in &ops {
+            match *op {
+                Op::Write(offset, len, byte) => blk.write(co, offset, &vec![byte; len as usize])?,
+                Op::Zero(offset, len) => blk.write_zeroes(co, offset, len, true)?,
+            }
+        }
+        blk.flush(co)
+    })
+    .unwrap();
+}
+
+/// `qemu-io` writes (`write [-c|-z] [-P byte] offset len`), mirrored in the shadow.
+fn theirs(image: &Path, shadow: &Path, writes: &[(&str, u64, u64, u8)]) {
+    let commands: Vec<String> = writes
+        .iter()
+        .map(|&(flags, offset, len, byte)| {
+            poke(shadow, offset, &vec![if flags == "-z" { 0 } else { byte }; len as usize]);
+            match flags {
+                "-z" => format!("write -z {offset} {len}"),
+                flags => format!("write {flags} -P {byte} {offset} {len}"),
+            }
+        })
+        .collect();
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    qemu_io("qcow2", image, &commands);
+}
+
+fn raw_shadow(scratch: &Scratch, len: u64) -> std::path::PathBuf {
+    let shadow = scratch.path("shadow.raw");
+    std::fs::write(&shadow, []).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&shadow).unwrap().set_len(len).unwrap();
+    shadow
+}
+
+#[test]
+fn qemu_io_then_ours_then_qemu_io() {
+    let scratch = Scratch::new("write-interop");
+    let image = scratch.path("i.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "4M"]);
+    let shadow = raw_shadow(&scratch, 4 << 20);
+    theirs(
+        &image,
+        &shadow,
+        &[
+            ("", 0, 256 * K, 0x11),
+            ("-c", 512 * K, 128 * K, 0x22),
+            ("-z", 1024 * K, 128 * K, 0),
+            ("", 1536 * K, 64 * K, 0x33),
+        ],
+    );
+    // Zero the allocated cluster at 1536k without unmapping it (QEMU keeps it preallocated
+    // under the zero flag).
+    qemu_io("qcow2", &image, &["write -z 1536k 64k"]);
+    poke(&shadow, 1536 * K, &vec![0; 64 * K as usize]);
+    qemu_check(&image);
+    ours(
+        &image,
+        &shadow,
+        vec![
+            Op::Write(100, 5000, 0x44),                 // in place
+            Op::Write(512 * K + 100, 1000, 0x55),       // into a compressed cluster
+            Op::Write(640 * K - 10, 20, 0x56),          // across two compressed clusters
+            Op::Write(1024 * K + 5000, 10, 0x66),       // into a zero cluster
+            Op::Write(1536 * K + 1, 1, 0x77),           // into a preallocated zero cluster
+            Op::Write(3 * 1024 * K - 3, 200 * K, 0x88), // fresh clusters, unaligned
+            Op::Zero(192 * K, 64 * K),                  // a whole data cluster
+        ],
+    );
+    qemu_check(&image);
+    qemu_compare(&image, &shadow);
+    theirs(&image, &shadow, &[("", 600 * K, 100 * K, 0x99), ("", 3 * 1024 * K, 4 * K, 0xaa)]);
+    ours(&image, &shadow, vec![Op::Write(650 * K, 3, 0xbb), Op::Write(3 * 1024 * K + 1, 2, 0xcc)]);
+    qemu_check(&image);
+    qemu_compare(&image, &shadow);
+    qemu_io("qcow2", &image, &["read -q -P 0xbb 650k 3", "read -q -P 0x99 651k 40k"]);
+}
+
+#[test]
+fn zeroes_discard_and_growing() {
+    let scratch = Scratch::new("write-zero");
+    let base = scratch.path("base.raw");
+    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "2M"]);
+    qemu_io("raw", &base, &["write -P 0xa1 0 2M"]);
+    for (i, compat) in [Compat::V3, Compat::V2].into_iter().enumerate() {
+        let image = scratch.path(&format!("z{i}.qcow2"));
+        let options = CreateOptions {
+            cluster_size: 4096,
+            compat,
+            backing_file: Some("base.raw".into()),
+            backing_format: Some("raw".into()),
+            ..CreateOptions::new(2 << 20)
+        };
+        let path = image.clone();
+        run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+        let shadow = scratch.path("shadow.raw");
+        std::fs::copy(&base, &shadow).unwrap();
+        ours(
+            &image,
+            &shadow,
+            vec![
+                Op::Write(0, 512 * K, 0x10),
+                Op::Zero(8 * K, 16 * K),       // whole clusters over data
+                Op::Zero(100 * K + 7, 10 * K), // partial ends, whole middle
+                Op::Zero(1024 * K, 64 * K),    // over the backing file
+                Op::Zero(1500 * K + 3, 100),   // inside one cluster
+            ],
+        );
+        qemu_check(&image);
+        qemu_compare(&image, &shadow);
+
+        // Discard drops whole clusters: they read from the backing file again; the partial
+        // head and tail are left alone.
+        with_image(&qcow2_rw_options(&image), |co, blk| {
+            blk.discard(co, 200 * K + 1, 40 * K)?;
+            blk.flush(co)
+        })
+        .unwrap();
+        let backing = std::fs::read(&base).unwrap();
+        let (start, end) = (204 * K as usize, 240 * K as usize);
+        poke(&shadow, start as u64, &backing[start..end]);
+        qemu_check(&image);
+        qemu_compare(&image, &shadow);
+
+        // Growing to 64 MiB needs a larger L1 table; past the backing file reads zeroes.
+        with_image(&qcow2_rw_options(&image), |co, blk| {
+            let error = blk.truncate(co, 1 << 20).unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::InvalidInput, "{error}");
+            assert!(error.to_string().contains("shrinking"), "{error}");
+            blk.truncate(co, 64 << 20)?;
+            assert_eq!(blk.length(), 64 << 20);
+            blk.write(co, (60 << 20) + 5, &[0xee; 9000])?;
+            blk.flush(co)
+        })
+        .unwrap();
+        std::fs::OpenOptions::new().write(true).open(&shadow).unwrap().set_len(64 << 20).unwrap();
+        poke(&shadow, (60 << 20) + 5, &[0xee; 9000]);
+        qemu_check(&image);
+        qemu_compare(&image, &shadow);
+        let info = qemu_img(&["info", image.to_str().unwrap()]);
+        assert!(info.contains("virtual size: 64 MiB"), "{info}");
+    }
+}
+
+#[test]
+fn dirty_images_are_not_opened_for_writing() {
+    let scratch = Scratch::new("write-dirty");
+    let image = scratch.path("d.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        image.to_str().unwrap(),
+        "1M",
+    ]);
+    // Incompatible feature bit 0: dirty.
+    poke(&image, 72, &1u64.to_be_bytes());
+    let error = with_image(&qcow2_rw_options(&image), |_, _| Ok(())).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
+    assert!(error.to_string().contains("qemu-img check -r all"), "{error}");
+    read_ours(&image, 1 << 20).unwrap();
+}
+
+/// `qemu-img check`'s exit status: 0 clean, 2 errors (corruption), 3 only leaks.
+fn check_status(image: &Path) -> (i32, String) {
+    let output = std::process::Command::new("qemu-img")
+        .args(["check", image.to_str().unwrap()])
+        .output()
+        .expect("qemu-img check: install qemu-utils");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn images_abandoned_without_a_flush_have_at_worst_leaks() {
+    // What was written back before the driver was dropped (refcounts before L2 tables
+    // before L1 entries, dirty L2 tables written back on eviction from a two-table cache)
+    // must be consistent on its own: no errors, leaked clusters allowed.
+    let scratch = Scratch::new("write-abandoned");
+    for (i, writes) in [3u64, 40, 200, 700].into_iter().enumerate() {
+        let image = scratch.path(&format!("a{i}.qcow2"));
+        let options = CreateOptions { cluster_size: 4096, ..CreateOptions::new(16 << 20) };
+        let path = image.clone();
+        run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+        let options = format!("driver=qcow2,l2-cache-size=8k,file.filename={}", image.display());
+        with_image(&options, move |co, blk| {
+            let mut rng = Rng(writes + 5);
+            for _ in 0..writes {
+                let len = 1 + rng.below(40_000);
+                let offset = rng.below((16 << 20) - len);
+                blk.write(co, offset, &vec![0x5a; len as usize])?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let (status, text) = check_status(&image);
+        assert!(status == 0 || status == 3, "{writes} writes, then no flush: {status}\n{text}");
+    }
+}
