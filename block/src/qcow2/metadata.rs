@@ -181,3 +181,13 @@ impl Metadata {
         self.flush_refcounts(co, file)
     }
 }
+
+impl Metadata {
+    /// Cached tables and blocks that changed since the last flush wrote them back.
+    pub(crate) fn unwritten(&self) -> usize {
+        let refcounts = self.writer.as_ref().map_or(0, |writer| {
+            writer.refcounts.dirty_blocks() + usize::from(!writer.pending_frees.is_empty())
+        });
+        self.l2_cache.dirty().len() + refcounts
+    }
+}

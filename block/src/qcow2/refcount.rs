@@ -362,6 +362,11 @@ impl Refcounts {
     /// # Errors
     ///
     /// The first write error (the blocks stay dirty).
+    /// How many refcount blocks changed since they were last written back.
+    pub(crate) fn dirty_blocks(&self) -> usize {
+        self.dirty.len()
+    }
+
     pub(crate) fn write_back(&mut self, co: &Co, file: &BlockNode) -> io::Result<bool> {
         let wrote = !self.dirty.is_empty();
         while let Some(&slot) = self.dirty.first() {
