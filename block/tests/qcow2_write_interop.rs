@@ -194,6 +194,28 @@ fn dirty_images_are_not_opened_for_writing() {
     read_ours(&image, 1 << 20).unwrap();
 }
 
+#[test]
+fn a_refcount_block_outside_the_file_is_an_error_not_free_space() {
+    let scratch = Scratch::new("write-bad-refblock");
+    for (what, entry) in [("past the end", 1u64 << 40), ("beyond 2^56", (1u64 << 60) | 0x10000)] {
+        let image = scratch.path("r.qcow2");
+        let _ = std::fs::remove_file(&image);
+        qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "1M"]);
+        qemu_io("qcow2", &image, &["write -P 0x5a 0 64k"]);
+        let table = peek_u64(&image, 48);
+        poke(&image, table, &entry.to_be_bytes());
+        // A write that allocates needs the refcount block: reading zeroes from past the end
+        // of the file would make every cluster look free, the header's included.
+        let result =
+            with_image(&qcow2_rw_options(&image), |co, blk| blk.write(co, 512 << 10, &[1; 4096]));
+        let error = result.expect_err(what);
+        assert_eq!(error.kind(), ErrorKind::InvalidData, "{what}: {error}");
+        assert!(error.to_string().contains("refcount"), "{what}: {error}");
+        let data = qemu_raw(&image);
+        assert!(data[..64 << 10].iter().all(|&b| b == 0x5a), "{what}: the data is intact");
+    }
+}
+
 /// `qemu-img check`'s exit status: 0 clean, 2 errors (corruption), 3 only leaks.
 fn check_status(image: &Path) -> (i32, String) {
     let output = std::process::Command::new("qemu-img")

@@ -17,8 +17,6 @@ use super::io::{read_exact_at, write_at};
 use super::offsets::{Geometry, HostOffset};
 use crate::node::BlockNode;
 
-/// Bits 9..=55 of a refcount table entry: the block's offset.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Where the header keeps the refcount table offset (followed by its cluster count).
 const HEADER_REFCOUNT_TABLE: u64 = 48;
 
@@ -99,7 +97,9 @@ impl Refcounts {
         read_exact_at(co, file, offset.0, &mut raw)?;
         let table = raw
             .chunks_exact(8)
-            .map(|entry| u64::from_be_bytes(entry.try_into().expect("8 bytes")) & OFFSET_MASK)
+            // Bits 0-8 are reserved; every other bit is the block's offset (checked when
+            // the block is loaded).
+            .map(|entry| u64::from_be_bytes(entry.try_into().expect("8 bytes")) & !0x1ff)
             .collect();
         Ok(Refcounts {
             geometry,
@@ -139,6 +139,15 @@ impl Refcounts {
             if !self.geometry.is_cluster_aligned(offset) {
                 return Err(corrupt(format!(
                     "refcount table entry {slot}: the block at {offset} is not cluster-aligned"
+                )));
+            }
+            // Blocks this process added are in `blocks` already; one read from the image must
+            // lie inside the file as opened (past its end it would read as all-free).
+            let file_len = file.length();
+            if offset.0.checked_add(self.geometry.cluster_size()).is_none_or(|end| end > file_len) {
+                return Err(corrupt(format!(
+                    "refcount table entry {slot}: the block at {offset} lies past the end of \
+                     the image file ({file_len} bytes)"
                 )));
             }
             let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
