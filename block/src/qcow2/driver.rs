@@ -10,6 +10,7 @@ use aiocoro::sync::CoMutex;
 use super::compressed::{LastInflated, inflate_cluster};
 use super::corrupt;
 use super::header::Header;
+use super::in_place::InPlaceWrites;
 use super::io::{copy_into, read_at, read_exact_at, sub_slices, zero};
 use super::l2_cache::L2Cache;
 use super::mapping::{ClusterMapping, decode_l1, decode_l2};
@@ -45,6 +46,8 @@ pub struct Qcow2Driver {
     pub(super) backing: Option<Child>,
     pub(super) header: Header,
     pub(super) metadata: CoMutex<Metadata>,
+    /// In-place writes in progress, whose clusters a flush must not free yet.
+    pub(super) in_place: InPlaceWrites,
     last_inflated: LastInflated,
 }
 
@@ -125,6 +128,7 @@ impl Qcow2Driver {
             backing,
             header,
             metadata: CoMutex::new(metadata),
+            in_place: InPlaceWrites::default(),
             last_inflated: LastInflated::default(),
         })
     }
@@ -318,7 +322,7 @@ impl BlockDriver for Qcow2Driver {
         if meta.writer.is_none() {
             return Ok(());
         }
-        meta.flush(co, &self.file.node())
+        meta.flush(co, &self.file.node(), |offset, len| self.in_place.overlaps(offset.0, len))
     }
 
     fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {

@@ -155,12 +155,19 @@ impl Metadata {
     }
 
     /// Writes back all changed metadata in the safe order, drops the references that
-    /// pending frees release (and writes those refcounts), and flushes the file.
+    /// pending frees release (and writes those refcounts), and flushes the file. A pending
+    /// free of a range that `busy` says an in-place write is still writing waits for a later
+    /// flush.
     ///
     /// # Errors
     ///
     /// The first write or flush error.
-    pub(crate) fn flush(&mut self, co: &Co, file: &BlockNode) -> io::Result<()> {
+    pub(crate) fn flush(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        busy: impl Fn(HostOffset, u64) -> bool,
+    ) -> io::Result<()> {
         let dirty = self.l2_cache.dirty();
         if !dirty.is_empty() {
             self.flush_refcounts(co, file)?;
@@ -174,7 +181,11 @@ impl Metadata {
         if let Some(writer) = &mut self.writer
             && !writer.pending_frees.is_empty()
         {
-            for (offset, len) in std::mem::take(&mut writer.pending_frees) {
+            let (still_busy, ready): (Vec<_>, Vec<_>) = std::mem::take(&mut writer.pending_frees)
+                .into_iter()
+                .partition(|&(offset, len)| busy(offset, len));
+            writer.pending_frees = still_busy;
+            for (offset, len) in ready {
                 writer.refcounts.free(co, file, offset, len)?;
             }
         }

@@ -29,6 +29,7 @@ mod create;
 mod discard;
 mod driver;
 pub mod header;
+mod in_place;
 mod io;
 mod l2_cache;
 mod mapping;

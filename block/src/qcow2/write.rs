@@ -17,6 +17,7 @@ use aiocoro::sync::CoQueue;
 
 use super::corrupt;
 use super::driver::Qcow2Driver;
+use super::in_place::Writing;
 use super::io::{sub_slices_ref, write_at};
 use super::mapping::{COPIED, OFFSET_MASK, decode_l1, is_writable_in_place, referenced_range};
 use super::metadata::{InFlight, Metadata};
@@ -24,9 +25,9 @@ use super::offsets::{GuestOffset, HostOffset};
 use crate::buffer::IoBuffer;
 
 /// What the first cluster of a write step needs.
-enum Step {
-    /// `len` bytes go in place at this host offset.
-    InPlace { host: HostOffset, len: u64 },
+enum Step<'a> {
+    /// `len` bytes go in place at this host offset (recorded as being written).
+    InPlace { host: HostOffset, len: u64, _writing: Writing<'a> },
     /// `count` guest clusters from the step's first get new host clusters from `host`; the
     /// L2 table is at `l2`.
     Allocated { host: HostOffset, count: u64, len: u64, l2: HostOffset, queue: Arc<CoQueue> },
@@ -68,7 +69,7 @@ impl Qcow2Driver {
             }
         };
         match step {
-            Step::InPlace { host, len } => {
+            Step::InPlace { host, len, _writing } => {
                 self.file.node().write(co, host.0, &sub_slices_ref(bufs, 0, len as usize))?;
                 Ok(len)
             }
@@ -98,7 +99,13 @@ impl Qcow2Driver {
 
     /// Decides, under the lock, how the clusters from `guest` are written, allocating and
     /// recording them as in flight if they need new clusters.
-    fn plan(&self, co: &Co, meta: &mut Metadata, guest: GuestOffset, len: u64) -> io::Result<Step> {
+    fn plan<'a>(
+        &'a self,
+        co: &Co,
+        meta: &mut Metadata,
+        guest: GuestOffset,
+        len: u64,
+    ) -> io::Result<Step<'a>> {
         let geometry = self.header.geometry;
         let cluster_size = geometry.cluster_size();
         let cluster = geometry.cluster_of(guest);
@@ -125,7 +132,9 @@ impl Qcow2Driver {
                 count += 1;
             }
             let len = max.min(count * cluster_size - in_cluster);
-            return Ok(Step::InPlace { host: HostOffset(start + in_cluster), len });
+            let host = HostOffset(start + in_cluster);
+            let _writing = self.in_place.begin(host.0, len);
+            return Ok(Step::InPlace { host, len, _writing });
         }
         let max_run = meta.writer.as_ref().map_or(1, |writer| writer.refcounts.max_run());
         let mut count = 1;
