@@ -128,8 +128,10 @@ impl BlockNode {
     ///
     /// The driver's error, with context.
     pub fn read(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-        let len = bufs.iter().map(|buf| buf.len() as u64).sum();
-        self.driver.read(co, offset, bufs).map_err(self.context(Op::Read { offset, len }))
+        self.driver.read(co, offset, bufs).map_err(|error| {
+            let len = bufs.iter().map(|buf| buf.len() as u64).sum();
+            self.context(Op::Read { offset, len })(error)
+        })
     }
 
     /// Writes `bufs` at `offset`.
@@ -138,10 +140,12 @@ impl BlockNode {
     ///
     /// The driver's error, with context; `PermissionDenied` on a read-only node.
     pub fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
-        let len = bufs.iter().map(|buf| buf.len() as u64).sum();
-        let op = Op::Write { offset, len };
-        self.refuse_if_read_only(op)?;
-        self.driver.write(co, offset, bufs).map_err(self.context(op))
+        // The request's length is only needed to name it in an error.
+        let op = || Op::Write { offset, len: bufs.iter().map(|buf| buf.len() as u64).sum() };
+        if self.read_only {
+            return self.refuse_if_read_only(op());
+        }
+        self.driver.write(co, offset, bufs).map_err(|error| self.context(op())(error))
     }
 
     /// Flushes completed writes to stable storage.

@@ -260,7 +260,7 @@ fn open_at_depth(
             };
             taker.finish(&[])?;
             let node = BlockNode::new(co, name, NullDriver::new(null), read_only)?;
-            add(graph, node)
+            graph.add_node_with(|_| Ok(node))
         }
         "file" => {
             let Some(filename) = taker.text("filename") else {
@@ -291,7 +291,7 @@ fn open_at_depth(
                 read_only,
             };
             let node = BlockNode::new(co, name, FileDriver::open(&file)?, read_only)?;
-            add(graph, node)
+            graph.add_node_with(|_| Ok(node))
         }
         "raw" => {
             let raw = RawOptions {
@@ -358,12 +358,6 @@ fn read_only_child(options: &BlockOptions, prefix: &str) -> BlockOptions {
     let mut child = options.child(prefix);
     child.values.insert("read-only".to_owned(), "on".to_owned());
     child
-}
-
-fn add(graph: &BlockGraph, node: BlockNode) -> io::Result<(NodeId, Arc<BlockNode>)> {
-    let id = graph.add_node(node);
-    let node = graph.node(id).expect("just added");
-    Ok((id, node))
 }
 
 /// Opens a format's `file` child: from `file.*` options, or a filename in `file=`.
