@@ -16,34 +16,10 @@ fn chain(scratch: &Scratch) -> PathBuf {
         (scratch.path("base.raw"), scratch.path("mid.qcow2"), scratch.path("top.qcow2"));
     qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "2M"]);
     qemu_io("raw", &base, &["write -P 0x11 0 2M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        mid.to_str().unwrap(),
-        "4M",
-    ]);
+    create_qcow2_over(mid.to_str().unwrap(), "", "base.raw", "raw", "4M");
     qemu_io("qcow2", &mid, &["write -P 0x22 512k 64k", "write -z 1M 64k", "write -P 0x23 3M 4k"]);
     let options = "cluster_size=4k";
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        options,
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        "6M",
-    ]);
+    create_qcow2_over(top.to_str().unwrap(), options, "mid.qcow2", "qcow2", "6M");
     qemu_io(
         "qcow2",
         &top,
@@ -126,18 +102,7 @@ fn an_absolute_backing_name_and_a_missing_backing_file() {
     qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"]);
     qemu_io("qcow2", &base, &["write -P 0x44 0 1M"]);
     let base_abs = base.canonicalize().unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base_abs.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        "1M",
-    ]);
+    create_qcow2_over(top.to_str().unwrap(), "", base_abs.to_str().unwrap(), "qcow2", "1M");
     assert_eq!(read_ours(&top, 1 << 20).unwrap(), vec![0x44; 1 << 20]);
     std::fs::remove_file(&base).unwrap();
     let error = open_error(&top);

@@ -42,18 +42,7 @@ fn compressed_images_of_every_cluster_size_read_as_their_source() {
     ] {
         let image = scratch.path("c.qcow2");
         let _ = std::fs::remove_file(&image);
-        qemu_img(&[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            options,
-            src.to_str().unwrap(),
-            image.to_str().unwrap(),
-        ]);
+        compress_to_qcow2(src.to_str().unwrap(), image.to_str().unwrap(), options);
         let check = qemu_img(&["check", image.to_str().unwrap()]);
         assert!(
             check.contains("No errors") && !check.contains(" 0.00% compressed"),

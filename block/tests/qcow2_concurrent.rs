@@ -23,35 +23,9 @@ fn image(scratch: &Scratch) -> std::path::PathBuf {
     qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "3M"]);
     qemu_io("raw", &base, &["write -P 0x11 0 3M"]);
     let (b, m, t) = (base.to_str().unwrap(), mid.to_str().unwrap(), top.to_str().unwrap());
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        "-b",
-        b,
-        "-F",
-        "raw",
-        m,
-        "4M",
-    ]);
+    create_qcow2_over(m, "cluster_size=4k", b, "raw", "4M");
     qemu_io("qcow2", &mid, &["write -P 0x22 1M 512k", "write -z 2M 64k"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        "-b",
-        m,
-        "-F",
-        "qcow2",
-        t,
-        "4M",
-    ]);
+    create_qcow2_over(t, "cluster_size=512", m, "qcow2", "4M");
     let mut writes = Vec::new();
     for i in 0..64u64 {
         writes.push(format!("write -P {} {} {}", 0x30 + i, i * 61_440 + 1000, 700 + i * 37));

@@ -80,16 +80,7 @@ fn allowed(flushed: u64, attempted: u64) -> Vec<Vec<u8>> {
 
 fn one_round(scratch: &Scratch, round: u64) {
     let image = scratch.path(&format!("crash-{round}.qcow2"));
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=64k",
-        image.to_str().unwrap(),
-        "16M",
-    ]);
+    create_qcow2(image.to_str().unwrap(), "cluster_size=64k", "16M");
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "a_killed_writer_leaves_a_consistent_image", "--nocapture"])
         .env(CHILD, &image)

@@ -192,18 +192,7 @@ fn mutated_v3_images_with_compressed_and_zero_clusters_never_panic_or_hang() {
     std::fs::write(&src, &data).unwrap();
     let base = scratch.path("base.qcow2");
     let options = "compat=1.1,cluster_size=512";
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        options,
-        src.to_str().unwrap(),
-        base.to_str().unwrap(),
-    ]);
+    compress_to_qcow2(src.to_str().unwrap(), base.to_str().unwrap(), options);
     qemu_io("qcow2", &base, &["write -P 0xab 8k 3k", "write -z 20k 2k", "write -P 0xcd 60k 4k"]);
     fuzz("v3", &scratch, base, SEED);
 }
@@ -215,20 +204,7 @@ fn mutated_v2_images_over_a_raw_backing_file_never_panic_or_hang() {
     std::fs::write(&backing, vec![0x42u8; 48 << 10]).unwrap();
     let base = scratch.path("base.qcow2");
     let options = "compat=0.10,cluster_size=1k";
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        options,
-        "-b",
-        "b.raw",
-        "-F",
-        "raw",
-        base.to_str().unwrap(),
-        "64k",
-    ]);
+    create_qcow2_over(base.to_str().unwrap(), options, "b.raw", "raw", "64k");
     qemu_io(
         "qcow2",
         &base,

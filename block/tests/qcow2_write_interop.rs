@@ -176,16 +176,7 @@ fn zeroes_discard_and_growing() {
 fn dirty_images_are_not_opened_for_writing() {
     let scratch = Scratch::new("write-dirty");
     let image = scratch.path("d.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        image.to_str().unwrap(),
-        "1M",
-    ]);
+    create_qcow2(image.to_str().unwrap(), "lazy_refcounts=on", "1M");
     // Incompatible feature bit 0: dirty.
     poke(&image, 72, &1u64.to_be_bytes());
     let error = with_image(&qcow2_rw_options(&image), |_, _| Ok(())).unwrap_err();

@@ -57,6 +57,38 @@ pub fn qemu_img(args: &[&str]) -> String {
     run("qemu-img", args)
 }
 
+/// `qemu-img create -q -f qcow2 [-o OPTIONS] IMAGE SIZE` (no `-o` for empty options).
+pub fn create_qcow2(image: &str, options: &str, size: &str) {
+    create_qcow2_with(image, options, &[], size);
+}
+
+/// `qemu-img create` of a qcow2 `image` over `backing` (named as the header will store it)
+/// of format `backing_format`.
+pub fn create_qcow2_over(
+    image: &str,
+    options: &str,
+    backing: &str,
+    backing_format: &str,
+    size: &str,
+) {
+    create_qcow2_with(image, options, &["-b", backing, "-F", backing_format], size);
+}
+
+fn create_qcow2_with(image: &str, options: &str, extra: &[&str], size: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend(extra);
+    args.extend([image, size]);
+    qemu_img(&args);
+}
+
+/// `qemu-img convert -c -f raw -O qcow2 -o OPTIONS RAW IMAGE`: a compressed copy.
+pub fn compress_to_qcow2(raw: &str, image: &str, options: &str) {
+    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", options, raw, image]);
+}
+
 /// `qemu-io -f FORMAT FILE -c CMD ...`.
 pub fn qemu_io(format: &str, file: &Path, commands: &[&str]) {
     let file = file.to_str().unwrap();
