@@ -653,7 +653,12 @@ impl Local {
                     // Ending the park here, and only here, keeps a stray `enter` from ending it
                     // early (the parked coroutine yields again until it finds `Idle`).
                     let park = coroutine.park_state();
-                    debug_assert_eq!(park.get(), Park::Woken, "one run item per unpark");
+                    debug_assert_eq!(
+                        park.get(),
+                        Park::Woken,
+                        "aiocoro: a parked coroutine's run item found it not Woken: a Parked \
+                         record goes Parked -> Woken (one unpark, one run item) -> Idle"
+                    );
                     park.set(Park::Idle);
                     self.parked.set(self.parked.get() - 1);
                     coroutine

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use io_uring::{IoUring, opcode, squeue, types};
 
 use super::arena::{Arena, Key};
-use super::context::{AioContext, with_current};
+use super::context::{AioContext, no_context, with_current, with_current_brief};
 use super::fd::FdHandler;
 use super::thread_pool::ThreadPool;
 use super::wait::LocalWaker;
@@ -386,13 +386,9 @@ fn engine() -> Engine {
 
 /// The id of this thread's context.
 fn engine_context() -> u64 {
-    let Some(context) = with_current(|local| local.shared.id) else {
-        panic!(
-            "aiocoro: file I/O needs an AioContext on this thread (create one with \
-             AioContext::new)"
-        )
-    };
-    context
+    // SAFETY: reading the id runs no other code and drops no handle.
+    let context = unsafe { with_current_brief(|local| local.shared.id) };
+    context.unwrap_or_else(|| no_context("file I/O"))
 }
 
 /// Hands the requests that this thread's coroutines queued on its ring since the last call
@@ -458,8 +454,6 @@ struct Ring {
     ops: RefCell<Arena<Op>>,
     /// Requests pushed (operations and cancels) whose completion has not been reaped.
     in_kernel: Cell<usize>,
-    /// How many requests the submission queue holds that are not yet handed to the kernel.
-    queued: Cell<usize>,
     /// The most operations a coroutine may have in the kernel at once: at most the
     /// submission queue's size, and at most half the completion queue's, so that with one
     /// cancel per operation the completion queue cannot overflow.
@@ -493,7 +487,6 @@ impl Ring {
             eventfd,
             ops: RefCell::default(),
             in_kernel: Cell::new(0),
-            queued: Cell::new(0),
             limit: sq.min(cq / 2).max(1),
             room: RefCell::default(),
         });
@@ -543,8 +536,7 @@ impl Ring {
         let op = InFlight { ring: self.clone(), key, finished: false };
         // Submitted with the others queued in this round, when the context next polls
         // (`submit_queued`): one `io_uring_enter` per round, not per request.
-        self.queued.set(self.queued.get() + 1);
-        if self.queued.get() >= MAX_BATCH {
+        if self.uring.borrow_mut().submission().len() >= MAX_BATCH {
             self.submit_queued();
         }
         Ok(op)
@@ -580,14 +572,11 @@ impl Ring {
     /// If the kernel refuses for good: the coroutines waiting for the queued requests could
     /// never be woken.
     fn submit_queued(&self) -> bool {
-        if self.queued.get() == 0 {
+        if self.uring.borrow_mut().submission().is_empty() {
             return true;
         }
         match self.enter(0) {
-            Ok(()) => {
-                self.queued.set(0);
-                true
-            }
+            Ok(()) => true,
             Err(error) if is_transient(&error) => {
                 self.reap();
                 false

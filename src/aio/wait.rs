@@ -286,7 +286,11 @@ impl Parked {
                 if local.shared.id != self.context {
                     return Some(self);
                 }
-                debug_assert_eq!(self.coroutine.park_state().get(), Park::Parked);
+                debug_assert_eq!(
+                    self.coroutine.park_state().get(),
+                    Park::Parked,
+                    "aiocoro: a Parked record was unparked twice or its coroutine was not parked"
+                );
                 self.coroutine.park_state().set(Park::Woken);
                 local.run_queue.borrow_mut().push_back(RunItem::Unpark(self.coroutine));
                 None
@@ -310,7 +314,12 @@ impl Parked {
                 let home = local.shared.id == self.context;
                 if home {
                     let park = self.coroutine.park_state();
-                    debug_assert_eq!(park.get(), Park::Parked);
+                    debug_assert_eq!(
+                        park.get(),
+                        Park::Parked,
+                        "aiocoro: a Parked record was unparked twice or its coroutine was not \
+                         parked"
+                    );
                     park.set(Park::Idle);
                     local.parked.set(local.parked.get() - 1);
                 }

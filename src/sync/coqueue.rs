@@ -216,15 +216,17 @@ impl CoQueue {
 
     /// Wakes every waiter (QEMU's `qemu_co_queue_restart_all`); returns how many.
     pub fn restart_all<R: RawLock, T: ?Sized>(&self, guard: &mut LockGuard<'_, R, T>) -> usize {
+        // Woken in place: a wake only queues its coroutine, it runs nothing that could touch
+        // this queue (and the guard stays held).
         if R::THREAD_BOUND {
-            let parked: Vec<Parked> = self.parked(guard).drain(..).collect();
+            let parked = self.parked(guard);
             let count = parked.len();
-            parked.into_iter().for_each(Parked::unpark);
+            parked.drain(..).for_each(Parked::unpark);
             return count;
         }
-        let woken: Vec<WaitRef> = self.waiters(guard).drain(..).collect();
-        let count = woken.len();
-        for waker in woken {
+        let waiters = self.waiters(guard);
+        let count = waiters.len();
+        for waker in waiters.drain(..) {
             // SAFETY: as in `next`.
             unsafe { waker.wake() };
         }

@@ -363,9 +363,9 @@ impl Granted {
 
     /// Wakes them, in queue order.
     fn wake(self) {
-        // SAFETY: each record was popped from the queue once, by the hand-over that granted its
-        // coroutine the lock, and that coroutine waits until this wake.
         if let Some(first) = self.first {
+            // SAFETY: each record was popped from the queue once, by the hand-over that
+            // granted its coroutine the lock, and that coroutine waits until this wake.
             unsafe { first.wake() };
         }
         for waker in self.rest {
