@@ -49,7 +49,10 @@ impl Qcow2Driver {
                 None => self.allocate_l2(co, &mut meta, position.l1_index)?,
             };
             let mut table = self.l2_table(co, &mut meta, l2)?.to_vec();
-            let writer = meta.writer.as_mut().expect("writable");
+            let writer = meta
+                .writer
+                .as_mut()
+                .expect("qcow2: an image opened for writing keeps its writer until it is dropped");
             let mut changed = false;
             for entry in &mut table[position.l2_index..position.l2_index + count as usize] {
                 if *entry != new_entry {

@@ -73,7 +73,7 @@ impl Qcow2Driver {
     /// Opens the image in `file` whose parsed header is `header`
     /// ([`Header::read`]), reading its L1 table; unallocated clusters read from `backing`.
     /// The L2 cache holds up to `l2_cache_bytes` of tables (QEMU's `l2-cache-size`; at least
-    /// one table, at most as many as the L1 table names).
+    /// one table).
     ///
     /// The image is opened read-write unless the file node is read-only. Writing needs an
     /// image whose refcounts are exact: one with the dirty bit set (left by QEMU with lazy
@@ -110,10 +110,14 @@ impl Qcow2Driver {
         read_exact_at(co, &node, header.l1_table_offset.0, &mut raw)?;
         let l1: Vec<u64> = raw
             .chunks_exact(8)
-            .map(|entry| u64::from_be_bytes(entry.try_into().expect("8 bytes")))
+            .map(|entry| {
+                u64::from_be_bytes(entry.try_into().expect("chunks_exact(8) yields 8 bytes"))
+            })
             .collect();
         let geometry = header.geometry;
-        let tables = (l2_cache_bytes / geometry.cluster_size()).min(u64::from(header.l1_size));
+        // Not capped by the L1 table's size: it can grow (truncate), and the cache only
+        // holds the tables it has met.
+        let tables = l2_cache_bytes / geometry.cluster_size();
         let l2_cache = L2Cache::new(tables as usize);
         let metadata = Metadata {
             l1,
@@ -159,7 +163,9 @@ impl Qcow2Driver {
         read_exact_at(co, &self.file.node(), offset.0, &mut raw)?;
         let table: Arc<[u64]> = raw
             .chunks_exact(8)
-            .map(|entry| u64::from_be_bytes(entry.try_into().expect("8 bytes")))
+            .map(|entry| {
+                u64::from_be_bytes(entry.try_into().expect("chunks_exact(8) yields 8 bytes"))
+            })
             .collect();
         meta.cache_l2(co, &self.file.node(), offset, table.clone())?;
         Ok(table)

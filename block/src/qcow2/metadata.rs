@@ -100,18 +100,20 @@ impl Metadata {
         writer.refcounts.allocate(co, file, count, &mut self.image_end)
     }
 
-    /// Step 1: writes changed refcount blocks and flushes the file.
+    /// Step 1: writes changed refcount blocks and, if there were any, flushes the file;
+    /// returns whether it flushed (so that a caller who needs a flush anyway skips its own).
     ///
     /// # Errors
     ///
     /// The write or flush error.
-    pub(crate) fn flush_refcounts(&mut self, co: &Co, file: &BlockNode) -> io::Result<()> {
+    pub(crate) fn flush_refcounts(&mut self, co: &Co, file: &BlockNode) -> io::Result<bool> {
         if let Some(writer) = &mut self.writer
             && writer.refcounts.write_back(co, file)?
         {
             file.flush(co)?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Writes the dirty L2 table at `offset` after step 1 and a file flush (its entries'
@@ -127,8 +129,9 @@ impl Metadata {
         offset: HostOffset,
         table: &[u64],
     ) -> io::Result<()> {
-        self.flush_refcounts(co, file)?;
-        file.flush(co)?;
+        if !self.flush_refcounts(co, file)? {
+            file.flush(co)?;
+        }
         write_at(co, file, offset.0, &encode_table(table))?;
         self.l2_cache.mark_clean(offset);
         Ok(())
@@ -170,8 +173,9 @@ impl Metadata {
     ) -> io::Result<()> {
         let dirty = self.l2_cache.dirty();
         if !dirty.is_empty() {
-            self.flush_refcounts(co, file)?;
-            file.flush(co)?;
+            if !self.flush_refcounts(co, file)? {
+                file.flush(co)?;
+            }
             for (offset, table) in dirty {
                 write_at(co, file, offset.0, &encode_table(&table))?;
                 self.l2_cache.mark_clean(offset);
@@ -189,7 +193,7 @@ impl Metadata {
                 writer.refcounts.free(co, file, offset, len)?;
             }
         }
-        self.flush_refcounts(co, file)
+        self.flush_refcounts(co, file).map(drop)
     }
 }
 

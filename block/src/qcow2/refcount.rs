@@ -99,7 +99,10 @@ impl Refcounts {
             .chunks_exact(8)
             // Bits 0-8 are reserved; every other bit is the block's offset (checked when
             // the block is loaded).
-            .map(|entry| u64::from_be_bytes(entry.try_into().expect("8 bytes")) & !0x1ff)
+            .map(|entry| {
+                u64::from_be_bytes(entry.try_into().expect("chunks_exact(8) yields 8 bytes"))
+                    & !0x1ff
+            })
             .collect();
         Ok(Refcounts {
             geometry,
@@ -366,16 +369,16 @@ impl Refcounts {
         self.free(co, file, old_offset, old_len)
     }
 
-    /// Writes the changed blocks (not flushed).
-    ///
-    /// # Errors
-    ///
-    /// The first write error (the blocks stay dirty).
     /// How many refcount blocks changed since they were last written back.
     pub(crate) fn dirty_blocks(&self) -> usize {
         self.dirty.len()
     }
 
+    /// Writes the changed blocks (not flushed); returns whether there were any.
+    ///
+    /// # Errors
+    ///
+    /// The first write error (the blocks stay dirty).
     pub(crate) fn write_back(&mut self, co: &Co, file: &BlockNode) -> io::Result<bool> {
         let wrote = !self.dirty.is_empty();
         while let Some(&slot) = self.dirty.first() {

@@ -59,7 +59,9 @@ impl Qcow2Driver {
             meta.l1 = l1;
             meta.l1_offset = offset;
             if old_len > 0 {
-                let writer = meta.writer.as_mut().expect("writable");
+                let writer = meta.writer.as_mut().expect(
+                    "qcow2: an image opened for writing keeps its writer until it is dropped",
+                );
                 writer.refcounts.free(co, &file, old_offset, old_len)?;
             }
         }

@@ -80,7 +80,9 @@ impl Qcow2Driver {
                     Ok(()) => self.link(co, &mut meta, guest, host, count, l2),
                     Err(error) => Err(error),
                 };
-                let writer = meta.writer.as_mut().expect("writable");
+                let writer = meta.writer.as_mut().expect(
+                    "qcow2: an image opened for writing keeps its writer until it is dropped",
+                );
                 if linked.is_err() {
                     // Never linked: give the clusters back (a leak at worst if that fails).
                     let _ = writer.refcounts.free(
@@ -152,11 +154,11 @@ impl Qcow2Driver {
         let file = self.file.node();
         let host = meta.allocate(co, &file, count)?;
         let queue = Arc::new(CoQueue::new());
-        meta.writer.as_mut().expect("writable").in_flight.push(InFlight {
-            first: cluster.0,
-            count,
-            queue: queue.clone(),
-        });
+        meta.writer
+            .as_mut()
+            .expect("qcow2: an image opened for writing keeps its writer until it is dropped")
+            .in_flight
+            .push(InFlight { first: cluster.0, count, queue: queue.clone() });
         Ok(Step::Allocated { host, count, len, l2, queue })
     }
 
@@ -261,7 +263,10 @@ impl Qcow2Driver {
         let geometry = self.header.geometry;
         let index = geometry.position(geometry.cluster_of(guest)).l2_index;
         let mut table = self.l2_table(co, meta, l2)?.to_vec();
-        let writer = meta.writer.as_mut().expect("writable");
+        let writer = meta
+            .writer
+            .as_mut()
+            .expect("qcow2: an image opened for writing keeps its writer until it is dropped");
         for n in 0..count as usize {
             let old = table[index + n];
             if let Some(range) = referenced_range(old, geometry) {
