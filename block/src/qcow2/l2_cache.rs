@@ -61,6 +61,14 @@ impl L2Cache {
         self.dirty.remove(&offset);
     }
 
+    /// The cached table at `offset`, to change in place, marked as just used and dirty until
+    /// written. It is copied only if a reader still holds the old version.
+    pub(crate) fn get_mut(&mut self, offset: HostOffset) -> Option<&mut [u64]> {
+        self.get(offset)?;
+        self.dirty.insert(offset);
+        self.tables.get_mut(&offset).map(|(_, table)| Arc::make_mut(table))
+    }
+
     /// Replaces (or adds) the table at `offset` with a changed one, dirty until written.
     pub(crate) fn update(&mut self, offset: HostOffset, table: Arc<[u64]>) {
         self.insert(offset, table);

@@ -262,11 +262,13 @@ impl Qcow2Driver {
     ) -> io::Result<()> {
         let geometry = self.header.geometry;
         let index = geometry.position(geometry.cluster_of(guest)).l2_index;
-        let mut table = self.l2_table(co, meta, l2)?.to_vec();
-        let writer = meta
-            .writer
+        // Cached (loaded if need be), then changed in place.
+        drop(self.l2_table(co, meta, l2)?);
+        let Metadata { writer, l2_cache, .. } = meta;
+        let writer = writer
             .as_mut()
             .expect("qcow2: an image opened for writing keeps its writer until it is dropped");
+        let table = l2_cache.get_mut(l2).expect("qcow2: the L2 table was cached just above");
         for n in 0..count as usize {
             let old = table[index + n];
             if let Some(range) = referenced_range(old, geometry) {
@@ -274,7 +276,6 @@ impl Qcow2Driver {
             }
             table[index + n] = (host.0 + n as u64 * geometry.cluster_size()) | COPIED;
         }
-        meta.l2_cache.update(l2, table.into());
         Ok(())
     }
 }
