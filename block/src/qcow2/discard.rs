@@ -35,8 +35,9 @@ impl Qcow2Driver {
             if meta.writer.is_none() {
                 return Err(refuse_read_only());
             }
-            if let Some(queue) = meta.overlapping(cluster, count) {
-                queue.wait(co, &mut meta);
+            if let Some(in_flight) = meta.overlapping(cluster, count) {
+                let allocation = in_flight.allocation.clone();
+                allocation.wait(co, &mut meta);
                 continue;
             }
             let l2 = match self.l2_offset(&meta, position.l1_index)? {

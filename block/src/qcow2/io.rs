@@ -5,6 +5,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 
 use aiocoro::coroutine::Co;
 
+use crate::buffer::IoBuffer;
 use crate::node::BlockNode;
 use crate::padding;
 
@@ -107,6 +108,17 @@ pub(crate) fn sub_slices<'a>(
         }
     }
     pieces
+}
+
+/// A copy of the first `len` bytes of `bufs`, in one buffer.
+pub(crate) fn gather(bufs: &[IoSlice<'_>], len: usize) -> IoBuffer {
+    let mut buffer = IoBuffer::new(len);
+    let mut at = 0;
+    for piece in sub_slices_ref(bufs, 0, len) {
+        buffer[at..at + piece.len()].copy_from_slice(&piece);
+        at += piece.len();
+    }
+    buffer
 }
 
 /// Fills `bufs` with zeroes.

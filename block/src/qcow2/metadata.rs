@@ -22,24 +22,13 @@ use std::io;
 use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
-use aiocoro::sync::CoQueue;
 
+use super::allocation::{Allocation, InFlight, Merged};
 use super::io::write_at;
 use super::l2_cache::L2Cache;
 use super::offsets::HostOffset;
 use super::refcount::Refcounts;
 use crate::node::BlockNode;
-
-/// An allocating write between choosing its clusters and linking them into the L2 table
-/// (QEMU's `QCowL2Meta`); overlapping requests wait on its queue.
-pub(crate) struct InFlight {
-    /// The first guest cluster.
-    pub(crate) first: u64,
-    /// How many guest clusters.
-    pub(crate) count: u64,
-    /// Requests waiting for it to be linked or abandoned.
-    pub(crate) queue: Arc<CoQueue>,
-}
 
 /// What the write path needs besides the tables: present when the image is open
 /// read-write.
@@ -74,13 +63,48 @@ pub(crate) fn encode_table(table: &[u64]) -> Vec<u8> {
 
 impl Metadata {
     /// The in-flight allocation overlapping guest clusters `first..first + count`, if any.
-    pub(crate) fn overlapping(&self, first: u64, count: u64) -> Option<Arc<CoQueue>> {
-        let writer = self.writer.as_ref()?;
-        writer
+    pub(crate) fn overlapping(&mut self, first: u64, count: u64) -> Option<&mut InFlight> {
+        let writer = self.writer.as_mut()?;
+        writer.in_flight.iter_mut().find(|m| m.first < first + count && first < m.first + m.count)
+    }
+
+    /// Lists `allocation` (guest clusters `first..first + count`) as in flight; it takes
+    /// merged writes if `merging`.
+    ///
+    /// # Panics
+    ///
+    /// If the image is open read-only (allocating needs the writer).
+    pub(crate) fn start_allocation(
+        &mut self,
+        first: u64,
+        count: u64,
+        allocation: Arc<Allocation>,
+        merging: bool,
+    ) {
+        let merging = merging.then(Vec::new);
+        self.writer
+            .as_mut()
+            .expect("qcow2: an image opened for writing keeps its writer until it is dropped")
             .in_flight
-            .iter()
-            .find(|m| m.first < first + count && first < m.first + m.count)
-            .map(|m| m.queue.clone())
+            .push(InFlight { first, count, allocation, merging });
+    }
+
+    /// Stops `allocation` taking merged writes and returns those it took.
+    pub(crate) fn stop_merging(&mut self, allocation: &Arc<Allocation>) -> Vec<Merged> {
+        self.writer
+            .as_mut()
+            .and_then(|writer| {
+                writer.in_flight.iter_mut().find(|m| Arc::ptr_eq(&m.allocation, allocation))
+            })
+            .and_then(|m| m.merging.take())
+            .unwrap_or_default()
+    }
+
+    /// Takes `allocation` off the in-flight list (it was linked or abandoned).
+    pub(crate) fn end_allocation(&mut self, allocation: &Arc<Allocation>) {
+        if let Some(writer) = self.writer.as_mut() {
+            writer.in_flight.retain(|m| !Arc::ptr_eq(&m.allocation, allocation));
+        }
     }
 
     /// Allocates `count` contiguous host clusters (refcount 1, not yet written back).

@@ -20,9 +20,11 @@
 //! types), [`header`] (header, extensions, features), `mapping` (L1/L2 entries), `l2_cache`,
 //! `compressed` (inflate), `io` (child I/O at its alignment), [`backing`] (finding the
 //! backing file), `driver` ([`Qcow2Driver`], reads), `create`, `refcount` (refcounts and the
-//! allocator), `metadata` (what the lock guards, write-back order), `write` (allocating
-//! writes), `discard` (discard and zero clusters), `resize` (growing).
+//! allocator), `metadata` (what the lock guards, write-back order), `allocation` (in-flight
+//! allocations and the writes merged into them), `write` (allocating writes), `discard`
+//! (discard and zero clusters), `resize` (growing).
 
+mod allocation;
 pub mod backing;
 mod compressed;
 mod create;

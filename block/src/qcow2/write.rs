@@ -6,21 +6,21 @@
 //! Allocation takes the metadata lock to choose clusters and record the request as in
 //! flight, writes the data without the lock, and takes the lock again to link the clusters
 //! into the L2 table. A request for a guest cluster that an in-flight allocation covers
-//! waits on that allocation's queue and then looks again; other allocations run in
-//! parallel.
+//! has its bytes merged into that allocation while it still takes them (see `allocation`),
+//! or else waits for it and looks again; other allocations run in parallel.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
-use aiocoro::sync::CoQueue;
 
+use super::allocation::{Allocation, Merged};
 use super::corrupt;
 use super::driver::Qcow2Driver;
 use super::in_place::Writing;
-use super::io::{sub_slices_ref, write_at};
+use super::io::{gather, sub_slices_ref, write_at};
 use super::mapping::{COPIED, OFFSET_MASK, decode_l1, is_writable_in_place, referenced_range};
-use super::metadata::{InFlight, Metadata};
+use super::metadata::Metadata;
 use super::offsets::{GuestOffset, HostOffset};
 use crate::buffer::IoBuffer;
 
@@ -30,7 +30,15 @@ enum Step<'a> {
     InPlace { host: HostOffset, len: u64, _writing: Writing<'a> },
     /// `count` guest clusters from the step's first get new host clusters from `host`; the
     /// L2 table is at `l2`.
-    Allocated { host: HostOffset, count: u64, len: u64, l2: HostOffset, queue: Arc<CoQueue> },
+    Allocated {
+        host: HostOffset,
+        count: u64,
+        len: u64,
+        l2: HostOffset,
+        allocation: Arc<Allocation>,
+    },
+    /// `len` bytes were merged into an in-flight allocation, which wrote and linked them.
+    Merged { len: u64 },
 }
 
 impl Qcow2Driver {
@@ -54,18 +62,28 @@ impl Qcow2Driver {
         bufs: &[IoSlice<'_>],
         len: u64,
     ) -> io::Result<u64> {
+        let geometry = self.header.geometry;
         let step = {
             let mut meta = self.metadata.lock(co);
             loop {
                 if meta.writer.is_none() {
                     return Err(refuse_read_only());
                 }
-                let cluster = self.header.geometry.cluster_of(guest).0;
-                if let Some(queue) = meta.overlapping(cluster, 1) {
-                    queue.wait(co, &mut meta);
+                let Some(in_flight) = meta.overlapping(geometry.cluster_of(guest).0, 1) else {
+                    break self.plan(co, &mut meta, guest, len)?;
+                };
+                let allocation = in_flight.allocation.clone();
+                let Some(merged) = in_flight.merging.as_mut() else {
+                    allocation.wait(co, &mut meta);
                     continue;
+                };
+                let at = guest.0 - in_flight.first * geometry.cluster_size();
+                let len = len.min(in_flight.count * geometry.cluster_size() - at);
+                merged.push(Merged { at, data: gather(bufs, len as usize) });
+                if allocation.wait_outcome(co, &mut meta) {
+                    break Step::Merged { len };
                 }
-                break self.plan(co, &mut meta, guest, len)?;
+                // Abandoned, our bytes with it: write them on our own.
             }
         };
         match step {
@@ -73,27 +91,28 @@ impl Qcow2Driver {
                 self.file.node().write(co, host.0, &sub_slices_ref(bufs, 0, len as usize))?;
                 Ok(len)
             }
-            Step::Allocated { host, count, len, l2, queue } => {
-                let written = self.write_allocated(co, guest, bufs, len, host, count);
+            Step::Merged { len } => Ok(len),
+            Step::Allocated { host, count, len, l2, allocation } => {
+                let written = self.write_allocated(co, guest, bufs, len, host, count, &allocation);
                 let mut meta = self.metadata.lock(co);
                 let linked = match written {
                     Ok(()) => self.link(co, &mut meta, guest, host, count, l2),
                     Err(error) => Err(error),
                 };
-                let writer = meta.writer.as_mut().expect(
-                    "qcow2: an image opened for writing keeps its writer until it is dropped",
-                );
                 if linked.is_err() {
+                    let writer = meta.writer.as_mut().expect(
+                        "qcow2: an image opened for writing keeps its writer until it is dropped",
+                    );
                     // Never linked: give the clusters back (a leak at worst if that fails).
                     let _ = writer.refcounts.free(
                         co,
                         &self.file.node(),
                         host,
-                        count * self.header.geometry.cluster_size(),
+                        count * geometry.cluster_size(),
                     );
                 }
-                writer.in_flight.retain(|m| !Arc::ptr_eq(&m.queue, &queue));
-                queue.restart_all(&mut meta);
+                meta.end_allocation(&allocation);
+                allocation.finish(linked.is_ok(), &mut meta);
                 linked.map(|()| len)
             }
         }
@@ -153,13 +172,10 @@ impl Qcow2Driver {
         };
         let file = self.file.node();
         let host = meta.allocate(co, &file, count)?;
-        let queue = Arc::new(CoQueue::new());
-        meta.writer
-            .as_mut()
-            .expect("qcow2: an image opened for writing keeps its writer until it is dropped")
-            .in_flight
-            .push(InFlight { first: cluster.0, count, queue: queue.clone() });
-        Ok(Step::Allocated { host, count, len, l2, queue })
+        let allocation = Allocation::new();
+        let merging = takes_merges(in_cluster, len, count * cluster_size);
+        meta.start_allocation(cluster.0, count, allocation.clone(), merging);
+        Ok(Step::Allocated { host, count, len, l2, allocation })
     }
 
     /// The L2 table L1 entry `l1_index` names, `None` if none.
@@ -207,8 +223,10 @@ impl Qcow2Driver {
         Ok(offset)
     }
 
-    /// Writes `count` new clusters at `host`: the request's bytes, and around them what the
-    /// guest read before (from this image's old mapping, the backing node, or zeroes).
+    /// Writes `count` new clusters at `host`: the request's bytes, the bytes merged into
+    /// `allocation`, and around them what the guest read before (from this image's old
+    /// mapping, the backing node, or zeroes).
+    #[allow(clippy::too_many_arguments, reason = "one allocation's coordinates")]
     fn write_allocated(
         &self,
         co: &Co,
@@ -217,23 +235,42 @@ impl Qcow2Driver {
         len: u64,
         host: HostOffset,
         count: u64,
+        allocation: &Arc<Allocation>,
     ) -> io::Result<()> {
         let geometry = self.header.geometry;
         let in_cluster = geometry.offset_in_cluster(guest);
-        let tail_len = count * geometry.cluster_size() - in_cluster - len;
-        let mut head = IoBuffer::new(in_cluster as usize);
-        let mut tail = IoBuffer::new(tail_len as usize);
-        if in_cluster > 0 {
-            self.read_old(co, guest.0 - in_cluster, &mut head)?;
+        let start = guest.0 - in_cluster;
+        let total = count * geometry.cluster_size();
+        let merged = if takes_merges(in_cluster, len, total) {
+            // Let the requests this thread already has in hand merge into the allocation.
+            co.reschedule();
+            self.metadata.lock(co).stop_merging(allocation)
+        } else {
+            Vec::new()
+        };
+        let mut data = IoBuffer::new(total as usize);
+        let mut covered: Vec<(u64, u64)> = merged
+            .iter()
+            .map(|piece| (piece.at, piece.at + piece.data.len() as u64))
+            .chain([(in_cluster, in_cluster + len)])
+            .collect();
+        covered.sort_unstable();
+        let mut from = 0;
+        for (gap_end, next) in covered.iter().copied().chain([(total, total)]) {
+            if from < gap_end {
+                self.read_old(co, start + from, &mut data[from as usize..gap_end as usize])?;
+            }
+            from = from.max(next);
         }
-        if tail_len > 0 {
-            self.read_old(co, guest.0 + len, &mut tail)?;
+        let mut at = in_cluster as usize;
+        for piece in sub_slices_ref(bufs, 0, len as usize) {
+            data[at..at + piece.len()].copy_from_slice(&piece);
+            at += piece.len();
         }
-        let mut pieces = vec![IoSlice::new(&head)];
-        pieces.extend(sub_slices_ref(bufs, 0, len as usize));
-        pieces.push(IoSlice::new(&tail));
-        pieces.retain(|piece| !piece.is_empty());
-        self.file.node().write(co, host.0, &pieces)
+        for piece in &merged {
+            data[piece.at as usize..][..piece.data.len()].copy_from_slice(&piece.data);
+        }
+        self.file.node().write(co, host.0, &[IoSlice::new(&data)])
     }
 
     /// Reads what the guest sees at `offset` now, into `buf` (the part of a cluster being
@@ -283,4 +320,10 @@ impl Qcow2Driver {
 /// The error of a write to an image opened read-only.
 pub(super) fn refuse_read_only() -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, "qcow2: the image is open read-only")
+}
+
+/// Whether an allocation of `total` bytes whose own request covers `len` bytes from
+/// `in_cluster` leaves room for other writes to merge into it.
+fn takes_merges(in_cluster: u64, len: u64, total: u64) -> bool {
+    in_cluster > 0 || in_cluster + len < total
 }

@@ -103,8 +103,9 @@ impl Counters {
 
 /// A memory-backed driver for tests: counts requests, can sleep in each (so that requests
 /// overlap), and fails with EIO every request whose range touches the byte at `fail_at`.
+/// Writes past the end grow it, and it can be truncated, as a file can.
 pub struct TestDriver {
-    data: Mutex<Vec<u8>>,
+    data: Arc<Mutex<Vec<u8>>>,
     pub counters: Arc<Counters>,
     /// The byte whose requests fail.
     pub fail_at: Option<u64>,
@@ -115,11 +116,23 @@ pub struct TestDriver {
 impl TestDriver {
     pub fn new(len: usize) -> TestDriver {
         TestDriver {
-            data: Mutex::new(vec![0; len]),
+            data: Arc::new(Mutex::new(vec![0; len])),
             counters: Arc::default(),
             fail_at: None,
             delay: Duration::ZERO,
         }
+    }
+
+    /// A driver holding a copy of `bytes`.
+    pub fn with_contents(bytes: &[u8]) -> TestDriver {
+        let driver = TestDriver::new(0);
+        driver.data.lock().unwrap().extend_from_slice(bytes);
+        driver
+    }
+
+    /// The driver's bytes, shared: they stay readable after the driver went into a node.
+    pub fn data(&self) -> Arc<Mutex<Vec<u8>>> {
+        self.data.clone()
     }
 
     /// Opens the driver as a node named `name`.
@@ -178,6 +191,9 @@ impl BlockDriver for TestDriver {
         let len: usize = bufs.iter().map(|buf| buf.len()).sum();
         self.request(co, offset, len as u64, |data| {
             let mut at = offset as usize;
+            if data.len() < at + len {
+                data.resize(at + len, 0);
+            }
             for buf in bufs {
                 data[at..at + buf.len()].copy_from_slice(buf);
                 at += buf.len();
@@ -187,5 +203,9 @@ impl BlockDriver for TestDriver {
 
     fn flush(&self, co: &Co) -> io::Result<()> {
         self.request(co, 0, 0, |_| ())
+    }
+
+    fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {
+        self.request(co, len, 0, |data| data.resize(len as usize, 0))
     }
 }
