@@ -346,3 +346,27 @@ pub(crate) fn futex_wake_one(word: &std::sync::atomic::AtomicU32) {
         )
     };
 }
+
+/// `membarrier(2)` commands, from the kernel's `uapi/linux/membarrier.h` (spelled out here so
+/// as not to depend on a `libc` recent enough to export them).
+#[cfg(not(aiocoro_loom))]
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
+#[cfg(not(aiocoro_loom))]
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
+
+/// Registers this process for [`membarrier`] (`MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED`,
+/// Linux 4.14). Fails on older kernels and where a seccomp filter forbids the call.
+#[cfg(not(aiocoro_loom))]
+pub(crate) fn membarrier_register() -> io::Result<()> {
+    // SAFETY: the command takes no pointer; flags and cpu id are 0.
+    syscall!(syscall(libc::SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0))
+        .map(drop)
+}
+
+/// Makes every CPU that runs a thread of this process execute a full memory barrier before it
+/// returns (`MEMBARRIER_CMD_PRIVATE_EXPEDITED`). Needs [`membarrier_register`] first.
+#[cfg(not(aiocoro_loom))]
+pub(crate) fn membarrier() -> io::Result<()> {
+    // SAFETY: the command takes no pointer; flags and cpu id are 0.
+    syscall!(syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0)).map(drop)
+}

@@ -6,6 +6,11 @@
 //! * `comutex_three_parties_exclude_and_hand_over`: three coroutines contend for one CoMutex;
 //!   their critical sections never overlap, every increment lands, and no hand-over is lost
 //!   (a lost wake-up would leave a parked thread: loom reports a deadlock).
+//! * `comutex_release_races_a_waiter_queueing`: the race that the plain-store unlock leaves to
+//!   the asymmetric fences: the holder frees the lock (store, light fence, load of the waiter
+//!   count) while a coroutine of another thread queues (count, heavy fence, load of the holder
+//!   word). Either the unlocker sees the waiter or the waiter sees the lock free, so the lock
+//!   always reaches the waiter (a lost hand-over leaves it parked: loom reports a deadlock).
 //! * `coqueue_under_a_thread_mutex` and `coqueue_under_a_comutex`: a consumer coroutine waits on
 //!   a CoQueue for a flag set by a producer (a plain thread holding a ThreadMutex, or another
 //!   coroutine holding the CoMutex); the consumer always wakes and sees the flag.
@@ -52,6 +57,32 @@ fn comutex_three_parties_exclude_and_hand_over() {
         let co = Co::model();
         let total = counter.lock(&co).with(|value| unsafe { *value });
         assert_eq!(total, 3);
+        assert!(!counter.raw().is_locked());
+    });
+}
+
+/// Both fences are `fence(SeqCst)` under loom: the contract that membarrier gives a compiler
+/// fence and a system call (see `src/sync/asymmetric_fence.rs`). Checked to fail (a deadlock)
+/// with the waiter's heavy fence taken out.
+#[test]
+fn comutex_release_races_a_waiter_queueing() {
+    loom::model(|| {
+        let counter = Arc::new(CoMutex::new(UnsafeCell::new(0u32)));
+        let co = Co::model();
+        let guard = counter.lock(&co);
+        let waiter = {
+            let counter = counter.clone();
+            thread::spawn(move || {
+                let co = Co::model();
+                let guard = counter.lock(&co);
+                guard.with_mut(|value| unsafe { *value += 1 });
+            })
+        };
+        guard.with_mut(|value| unsafe { *value += 1 });
+        drop(guard);
+        waiter.join().unwrap();
+        let total = counter.lock(&co).with(|value| unsafe { *value });
+        assert_eq!(total, 2);
         assert!(!counter.raw().is_locked());
     });
 }

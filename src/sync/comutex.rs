@@ -4,59 +4,113 @@ use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
+use super::asymmetric_fence;
 use super::lock::Lock;
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
 use crate::aio::{Parked, Wait, WaitRef};
 use crate::coroutine::Co;
-use crate::loom::{AtomicU64, spin_hint};
+use crate::loom::AtomicU32;
+#[cfg(debug_assertions)]
+use crate::loom::AtomicU64;
+#[cfg(not(aiocoro_loom))]
+use crate::loom::spin_hint;
 
 /// How many times a locker polls a mutex whose holder runs on another thread before it queues
-/// and sleeps (a couple under loom, whose spin hint yields to another model thread).
+/// and sleeps (a couple under loom).
 const SPIN_LIMIT: u32 = if cfg!(aiocoro_loom) { 2 } else { 1_000 };
 
 /// How many spins of the loop above pass between two offers of the CPU to other threads.
 const YIELD_EVERY: u32 = 100;
 
-/// Offers the CPU to another runnable thread (under loom: to another model thread).
+/// Offers the CPU to another runnable thread.
 fn yield_cpu() {
     #[cfg(not(aiocoro_loom))]
     std::thread::yield_now();
-    #[cfg(aiocoro_loom)]
+}
+
+/// Tells the CPU that we spin. Under loom, neither this nor [`yield_cpu`] yields to another
+/// model thread: the spin is bounded there, so it needs no yield to let the model progress,
+/// and after a loom yield a thread never reads again a value it read before it, which would
+/// keep the model from the stale reads of `state` that the handshake of `remote` is about.
+fn pause() {
+    #[cfg(not(aiocoro_loom))]
     spin_hint();
 }
 
 /// The raw lock of [`CoMutex`](super::CoMutex).
 ///
-/// * Uncontended, `lock` is one compare-and-swap and `unlock` another.
+/// * Uncontended, `lock` is one compare-and-swap and `unlock` a plain store: no locked
+///   instruction, just loads of the waiter count around the store (see `remote`).
 /// * A locker that finds the lock held by a coroutine on *another* thread spins briefly (that
 ///   holder can make progress meanwhile); otherwise it queues and suspends.
 /// * Queued waiters are served first in, first out, and the lock is handed straight to the
-///   woken waiter: the lock is never free while anybody waits, so nobody barges past the
-///   queue. The waiter is woken on its own context, whatever thread unlocks.
+///   woken waiter: nobody takes a free lock while anybody is queued, and an unlocker that sees
+///   a waiter hands the lock over without freeing it, so nobody barges past the queue. The
+///   waiter is woken on its own context, whatever thread unlocks.
 /// * A coroutine that finds the lock held on its own thread, with nobody queued from other
 ///   threads, queues on a list that only the holder's thread touches, and the hand-over to it
 ///   is a plain pop and wake: no atomic operation, no spinlock.
+/// * A waiter from another thread pays for the plain-store unlock: after it queues, it runs a
+///   heavy fence (a `membarrier` system call) that pairs with the unlockers' compiler fence.
 pub struct RawCoMutex {
-    /// The holder's thread id (`thread_id`) in the upper 32 bits, and in the lower 32 the
-    /// holder plus the waiters of `waiters`; 0 when free. Waiters of `local_waiters` are not
-    /// counted.
+    /// The holder's thread id (`thread_id`); 0 when free.
     ///
     /// Invariants:
-    /// * the increment that counts a waiter of `waiters` and its push happen together under
-    ///   `queue_lock`, so an unlocker that sees a count above 1 and takes `queue_lock` finds
-    ///   a waiter to hand the lock to;
-    /// * only the holder changes the thread id (when it releases the lock or hands it over),
-    ///   so while the id names a thread, the lock stays with a coroutine of that thread at
-    ///   least until that thread runs its unlock.
-    state: AtomicU64,
+    /// * only the holder changes it from an id: to 0 when it releases the lock, to a waiter's
+    ///   thread when it hands the lock over; so while it names a thread, the lock stays with a
+    ///   coroutine of that thread at least until that thread runs its unlock;
+    /// * it goes from 0 to an id only by compare-and-swap: a locker's (which first saw `remote`
+    ///   at 0), or `hand_to_head`'s (under `queue_lock`, for the head of `waiters`).
+    state: AtomicU32,
+    /// How many waiters `waiters` holds: written only under `queue_lock`, with each push and
+    /// pop, so whoever holds `queue_lock` finds it non-zero exactly when `waiters` is not
+    /// empty. Lockers take a free lock only while they see it at 0 (no barging past the
+    /// queue); an unlocker that sees it above 0 hands the lock over instead of freeing it.
+    ///
+    /// The unlocker frees the lock with a plain store and only then looks at this count, while
+    /// a waiter counts itself and only then looks at `state`: an asymmetric Dekker handshake,
+    ///
+    /// ```text
+    /// unlocker U                              waiter W
+    /// state = 0 (release)                     under queue_lock: push, count (remote += 1)
+    /// F_U = asymmetric_fence::light()         F_W = asymmetric_fence::heavy()
+    /// if remote != 0 { hand_to_head() }       if state == 0 { hand_to_head() }
+    /// ```
+    ///
+    /// where `hand_to_head`, under `queue_lock`, moves `state` from 0 to the thread of the head
+    /// of `waiters` by compare-and-swap, and if that succeeds pops the head and wakes it. The
+    /// two fences are sequentially consistent towards each other (see `asymmetric_fence`), so
+    /// no wake-up is lost. Say W's load of `state` reads the value `v`:
+    ///
+    /// * every release (store of 0) that comes after `v` in the modification order of `state`
+    ///   was not seen by that load, so its unlocker's fence comes after F_W in the fences'
+    ///   total order (were it before, the load would read that store or a later one); then that
+    ///   unlocker's load of `remote` sees W's increment or a later value, which still counts W
+    ///   unless W was popped (handed the lock already), and it runs `hand_to_head`;
+    /// * if `v` is 0, W runs `hand_to_head` itself.
+    ///
+    /// So the last release of the lock while W is queued is followed by an attempt to hand it
+    /// over: W's own if that release is `v`, its unlocker's if it comes after `v`. An attempt
+    /// fails only when somebody took the lock after that release, and that holder's release
+    /// then comes later still. Once handed over, the lock goes from head to head, first in,
+    /// first out, until W has it.
+    ///
+    /// Only a waiter that finds `waiters` empty when it pushes needs the handshake (and its
+    /// system call). One that finds a waiter W0 ahead of it is popped after W0, which is
+    /// handed the lock (by the argument above, for W0) by a pop under `queue_lock` that comes
+    /// after our push; W0's wake, and so W0's unlock (or that of the last coroutine of W0's
+    /// thread that W0 hands the lock to through `local_waiters`), happens after our count,
+    /// so that unlock sees us counted and hands the lock over rather than freeing it.
+    remote: AtomicU32,
     /// The id of the holding coroutine (debug builds; 0 when unknown), for
     /// [`CoMutex::assert_locked`](Lock::assert_locked).
     #[cfg(debug_assertions)]
     holder_coroutine: AtomicU64,
-    /// Protects `waiters`.
+    /// Protects `waiters` and the writes of `remote`.
     queue_lock: RawSpinLock,
-    /// Wake records of the counted waiters, oldest first; touched only under `queue_lock`.
+    /// Wake records of the waiters from other threads, oldest first; touched only under
+    /// `queue_lock`.
     waiters: UnsafeCell<VecDeque<Waiter>>,
     /// Park records of waiters on the holder's thread that queued while `waiters` was empty,
     /// oldest first. They are served before `waiters`, so the whole order stays first come,
@@ -79,8 +133,8 @@ enum Queued<'co> {
     Waiting(Wait<'co>),
 }
 
-/// A counted waiter: its wake record and its thread's id (the holder's thread once the lock is
-/// handed to it).
+/// A waiter of `waiters`: its wake record and its thread's id (the holder's thread once the
+/// lock is handed to it).
 struct Waiter {
     record: WaitRef,
     thread: u32,
@@ -93,21 +147,6 @@ struct Waiter {
 unsafe impl Send for RawCoMutex {}
 // SAFETY: as above.
 unsafe impl Sync for RawCoMutex {}
-
-/// The part of `state` that counts the holder and the counted waiters.
-const COUNT: u64 = u32::MAX as u64;
-
-/// `state` for a lock held by thread `thread` with `count` parties counted.
-#[inline]
-fn state_of(thread: u32, count: u64) -> u64 {
-    (u64::from(thread) << 32) | count
-}
-
-/// The holder's thread id in a `state` (0: free).
-#[inline]
-fn holder_of(state: u64) -> u32 {
-    (state >> 32) as u32
-}
 
 /// A number that names the calling thread among the live threads, never 0.
 #[inline]
@@ -143,10 +182,12 @@ fn new_thread_id() -> u32 {
 impl RawCoMutex {
     #[inline]
     fn try_acquire(&self) -> bool {
+        // Not past a queued waiter (`remote`).
         let acquired = self.state.load(Ordering::Relaxed) == 0
+            && self.remote.load(Ordering::Relaxed) == 0
             && self
                 .state
-                .compare_exchange(0, state_of(thread_id(), 1), Ordering::Acquire, Ordering::Relaxed)
+                .compare_exchange(0, thread_id(), Ordering::Acquire, Ordering::Relaxed)
                 .is_ok();
         if acquired {
             self.note_holder();
@@ -165,8 +206,8 @@ impl RawCoMutex {
     // coroutine's loop and its yield costs a mispredicted return per hand-over.
     #[inline(always)]
     fn lock_contended(&self, co: &Co) {
-        // Woken or unparked only by the unlocker that handed us the lock (stray entries are
-        // absorbed by the wait or the park), so when these return the lock is ours.
+        // Woken or unparked only by whoever handed us the lock (stray entries are absorbed
+        // by the wait or the park), so when these return the lock is ours.
         match self.enqueue(co) {
             Queued::Acquired => return,
             Queued::Parked => co.wait_unparked(),
@@ -182,13 +223,11 @@ impl RawCoMutex {
     #[inline(never)]
     fn enqueue<'co>(&self, co: &'co Co) -> Queued<'co> {
         let me = thread_id();
-        // Acquire: pairs with the release of the unlocker that put our id in (see
-        // `local_waiters`).
-        let state = self.state.load(Ordering::Acquire);
-        if holder_of(state) == me {
-            if state & COUNT == 1 {
-                // Held on this thread, nobody counted: queue behind the other waiters of
-                // this thread. The holder cannot let go before we yield.
+        // Acquire: pairs with the release of whoever put our id in (see `local_waiters`).
+        if self.state.load(Ordering::Acquire) == me {
+            if self.remote.load(Ordering::Relaxed) == 0 {
+                // Held on this thread, nobody queued from elsewhere: queue behind the other
+                // waiters of this thread. The holder cannot let go before we yield.
                 let parked = co.park();
                 // SAFETY: `state` names this thread, so we may touch `local_waiters` (field
                 // invariant); nothing else on this thread runs until we yield.
@@ -198,36 +237,39 @@ impl RawCoMutex {
         } else if self.spin() {
             return Queued::Acquired;
         }
-        // Fail, if at all, before counting and queueing a waiter: a hand-over to a waiter
-        // that is gone would leave the lock held by nobody.
+        // Fail, if at all, before queueing a waiter: a hand-over to a waiter that is gone
+        // would leave the lock held by nobody.
         co.assert_may_yield(0);
         let wait = co.prepare_wait();
         self.queue_lock.lock_raw();
-        let mut state = self.state.load(Ordering::Relaxed);
-        loop {
-            let counted = if state == 0 { state_of(me, 1) } else { state + 1 };
-            match self.state.compare_exchange_weak(
-                state,
-                counted,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break,
-                Err(now) => state = now,
-            }
-        }
-        if state == 0 {
-            // Released meanwhile: ours, with nobody to wait for.
-            // SAFETY: we hold `queue_lock`.
-            unsafe { self.queue_lock.unlock_raw() };
-            self.note_holder();
-            return Queued::Acquired;
-        }
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
-        unsafe { (*self.waiters.get()).push_back(Waiter { record: wait.wait_ref(), thread: me }) };
+        let waiters = unsafe { &mut *self.waiters.get() };
+        let first = waiters.is_empty();
+        waiters.push_back(Waiter { record: wait.wait_ref(), thread: me });
+        self.count(waiters);
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
+        // Behind another waiter we are safe without the handshake (see `remote`).
+        if first {
+            // The waiter's side of the handshake: counted, then look at `state`.
+            asymmetric_fence::heavy();
+            if self.state.load(Ordering::Relaxed) == 0 {
+                // Freed by an unlocker that may not have seen us counted. The head is us
+                // (unless we were handed the lock already, and then it is not free): the wake
+                // lands before the wait, which returns at once.
+                self.hand_to_head();
+            }
+        }
         Queued::Waiting(wait)
+    }
+
+    /// Stores the length of `waiters` into `remote` (saturated: only 0 or not matters).
+    ///
+    /// Must be called under `queue_lock`, with `waiters` the queue it protects.
+    #[inline]
+    fn count(&self, waiters: &VecDeque<Waiter>) {
+        let count = u32::try_from(waiters.len()).unwrap_or(u32::MAX);
+        self.remote.store(count, Ordering::Relaxed);
     }
 
     /// Polls a lock held on another thread for a while; returns whether we took it.
@@ -241,30 +283,66 @@ impl RawCoMutex {
                 // CPU now and then rather than spinning out our time slice.
                 yield_cpu();
             } else {
-                spin_hint();
+                pause();
             }
         }
         false
     }
 
+    /// Hands the lock we hold to the head of `waiters`, without freeing it in between.
+    ///
+    /// Must be called by the holder, after it saw `remote` above 0.
     #[cold]
-    fn unlock_contended(&self, state: u64) {
-        let me = holder_of(state);
+    fn hand_over(&self) {
         self.queue_lock.lock_raw();
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
-        let next = unsafe { (*self.waiters.get()).pop_front() };
-        // The count is above 1, so a waiter is queued (`state` invariant).
-        let next = next.expect("aiocoro: CoMutex count says a waiter is queued, but none is");
-        // One party fewer, and the new holder's thread, before it even runs: lockers on that
-        // thread queue at once (spinning could not let it run), lockers elsewhere spin rather
-        // than sleep behind a hand-over in flight. Only we change the id, so adding the
-        // difference leaves the concurrent increments of other lockers intact.
-        let delta = (u64::from(next.thread).wrapping_sub(u64::from(me)) << 32).wrapping_sub(1);
-        self.state.fetch_add(delta, Ordering::Release);
+        let waiters = unsafe { &mut *self.waiters.get() };
+        // Only hand-overs pop: `hand_over` by the holder, which is us, and `hand_to_head`
+        // only once its compare-and-swap took a free lock, which ours is not. So the waiter we
+        // saw counted is still there.
+        let next = waiters.pop_front();
+        let next = next.expect("aiocoro: CoMutex counts a queued waiter, but none is queued");
+        self.count(waiters);
+        // The new holder's thread, before it even runs: lockers on that thread queue at once
+        // (spinning could not let it run), lockers elsewhere spin rather than sleep behind a
+        // hand-over in flight. Release: orders our accesses to `local_waiters` before those
+        // of the new holder's thread (field invariant).
+        self.state.store(next.thread, Ordering::Release);
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
         // SAFETY: each record is popped once, and its coroutine waits until it is woken here.
         unsafe { next.record.wake() };
+    }
+
+    /// If the lock is free and somebody is queued, gives the lock to the head of `waiters` and
+    /// wakes it; does nothing if the queue is empty or somebody else took the lock (whose
+    /// unlock then sees the queue: see `remote`).
+    #[cold]
+    fn hand_to_head(&self) {
+        self.queue_lock.lock_raw();
+        // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
+        let waiters = unsafe { &mut *self.waiters.get() };
+        // Acquire: pairs with the release that freed the lock (the last holder's accesses to
+        // `local_waiters`); release: with the acquire of the new holder's thread.
+        let next = match waiters.front() {
+            Some(head) => self
+                .state
+                .compare_exchange(0, head.thread, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+                .then(|| waiters.pop_front())
+                .flatten(),
+            None => None,
+        };
+        if next.is_some() {
+            self.count(waiters);
+        }
+        // SAFETY: we hold `queue_lock`.
+        unsafe { self.queue_lock.unlock_raw() };
+        if let Some(next) = next {
+            // SAFETY: each record is popped once, and its coroutine waits until it is woken
+            // here (or is about to wait, and then does not suspend).
+            unsafe { next.record.wake() };
+        }
     }
 
     /// Whether some coroutine holds the lock (QEMU's `qemu_co_mutex_assert_locked`, for
@@ -274,13 +352,17 @@ impl RawCoMutex {
     }
 }
 
-// SAFETY: see the type's doc and the `state` invariants: the one who moves `state` from 0 to
-// held, or to whom the holder hands the lock while keeping `state` held, holds it; acquire on
-// every acquisition, release (or the wake's own synchronisation) on every hand-over.
+// SAFETY: see the type's doc and the field invariants: the one who moves `state` from 0 to a
+// thread id, or to whom the lock is handed (by `hand_over` keeping `state` held, or by
+// `hand_to_head` moving it from 0 under `queue_lock`), holds it; acquire on every acquisition,
+// release (or the wake's own synchronisation) on every release and hand-over.
 unsafe impl RawLock for RawCoMutex {
     fn new() -> Self {
+        // Settles the fences before any unlock of this mutex can run (see `asymmetric_fence`).
+        asymmetric_fence::prepare();
         RawCoMutex {
-            state: AtomicU64::new(0),
+            state: AtomicU32::new(0),
+            remote: AtomicU32::new(0),
             #[cfg(debug_assertions)]
             holder_coroutine: AtomicU64::new(0),
             queue_lock: RawSpinLock::new(),
@@ -313,15 +395,16 @@ unsafe impl RawLock for RawCoMutex {
             next.unpark();
             return;
         }
-        let mut state = self.state.load(Ordering::Relaxed);
-        if state & COUNT == 1 {
-            match self.state.compare_exchange(state, 0, Ordering::Release, Ordering::Relaxed) {
-                Ok(_) => return,
-                // A waiter was counted meanwhile.
-                Err(now) => state = now,
-            }
+        if self.remote.load(Ordering::Relaxed) != 0 {
+            return self.hand_over();
         }
-        self.unlock_contended(state);
+        // The unlocker's side of the handshake (see `remote`): free, then look at the count.
+        self.state.store(0, Ordering::Release);
+        asymmetric_fence::light();
+        if self.remote.load(Ordering::Relaxed) != 0 {
+            // A waiter counted itself meanwhile, and may have missed the release.
+            self.hand_to_head();
+        }
     }
 }
 
@@ -352,7 +435,7 @@ impl<T: ?Sized> Lock<RawCoMutex, T> {
         {
             let holder = raw.holder_coroutine.load(Ordering::Relaxed);
             let me = crate::coroutine::current_id();
-            let same_thread = holder_of(raw.state.load(Ordering::Relaxed)) == thread_id();
+            let same_thread = raw.state.load(Ordering::Relaxed) == thread_id();
             assert!(
                 holder == me && me != 0 && same_thread,
                 "aiocoro: CoMutex::assert_locked: held by coroutine #{holder}, not by the \
@@ -369,13 +452,12 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::COUNT;
     use crate::aio::{AioContext, IoThread};
     use crate::sync::CoMutex;
 
-    /// The parties the state word counts: the holder and the waiters of other threads.
-    fn counted(mutex: &CoMutex<Vec<&'static str>>) -> u64 {
-        mutex.raw().state.load(std::sync::atomic::Ordering::Relaxed) & COUNT
+    /// The waiters queued in the shared queue (`remote`).
+    fn counted(mutex: &CoMutex<Vec<&'static str>>) -> u32 {
+        mutex.raw().remote.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     #[test]
@@ -396,16 +478,16 @@ mod tests {
         let m = mutex.clone();
         ctx.spawn(move |co| m.lock(co).push("local"));
         ctx.poll(false);
-        assert_eq!(counted(&mutex), 1, "a waiter of the holder's thread is not counted");
+        assert_eq!(counted(&mutex), 0, "a waiter of the holder's thread is not counted");
         let m = mutex.clone();
         iothread.handle().spawn(move |co| m.lock(co).push("remote")).unwrap();
-        while counted(&mutex) < 2 {
+        while counted(&mutex) < 1 {
             std::thread::yield_now();
         }
         let m = mutex.clone();
         ctx.spawn(move |co| m.lock(co).push("late"));
         ctx.poll(false);
-        assert_eq!(counted(&mutex), 3, "behind a counted waiter, this thread's waiters count");
+        assert_eq!(counted(&mutex), 2, "behind a counted waiter, this thread's waiters count");
         release.set(true);
         ctx.wait_while(|| mutex.try_lock().is_none_or(|order| order.len() < 4));
         iothread.stop();

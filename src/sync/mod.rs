@@ -51,6 +51,7 @@
 //! stall the whole context. The type system cannot see yields, so debug builds check it at each
 //! yield and panic naming the rule.
 
+mod asymmetric_fence;
 mod comutex;
 mod coqueue;
 mod lock;
