@@ -28,13 +28,6 @@ fn expect(image: &Path, kind: ErrorKind, words: &[&str]) -> String {
     text
 }
 
-/// The host offset of L2 entry `index` of the first L2 table.
-fn l2_entry_at(image: &Path, index: u64) -> u64 {
-    let l1 = peek_u64(image, 40);
-    let l2 = peek_u64(image, l1) & 0x00ff_ffff_ffff_fe00;
-    l2 + 8 * index
-}
-
 #[test]
 fn luks_encryption_is_refused_by_name() {
     let scratch = Scratch::new("luks");

@@ -207,6 +207,37 @@ fn a_refcount_block_outside_the_file_is_an_error_not_free_space() {
     }
 }
 
+#[test]
+fn a_corrupt_copied_l2_entry_fails_the_write_instead_of_writing_where_it_points() {
+    let scratch = Scratch::new("write-bad-l2");
+    let image = scratch.path("c.qcow2");
+    create_qcow2(image.to_str().unwrap(), "cluster_size=64k", "1M");
+    qemu_io("qcow2", &image, &["write -P 0x5a 0 128k"]);
+    let original = std::fs::read(&image).unwrap();
+    // Guest clusters 0 and 1 hold data at `data` and `data + 64k`, the last cluster of the
+    // file; each case makes entry `index` say "refcount one, write in place" somewhere else.
+    let data = peek_u64(&image, l2_entry_at(&image, 0)) & 0x00ff_ffff_ffff_fe00;
+    for (what, index, offset) in [
+        ("unaligned", 0, data + 0x200),
+        ("past the end of the file", 0, 1 << 40),
+        ("contiguous, past the end of the file", 2, data + (128 << 10)),
+    ] {
+        std::fs::write(&image, &original).unwrap();
+        poke(&image, l2_entry_at(&image, index), &((1u64 << 63) | offset).to_be_bytes());
+        let file_len = std::fs::metadata(&image).unwrap().len();
+        // One write over guest clusters 0 to 2, of the bytes that are there already.
+        let result = with_image(&qcow2_rw_options(&image), |co, blk| {
+            blk.write(co, 4096, &[0x5a; (192 << 10) - 8192])?;
+            blk.flush(co)
+        });
+        let error = result.expect_err(what);
+        assert_eq!(error.kind(), ErrorKind::InvalidData, "{what}: {error}");
+        assert!(error.to_string().contains(&format!("L2 entry {index}")), "{what}: {error}");
+        assert_eq!(std::fs::metadata(&image).unwrap().len(), file_len, "{what}: the file grew");
+        assert!(peek(&image, data, 128 << 10).iter().all(|&b| b == 0x5a), "{what}: data changed");
+    }
+}
+
 /// `qemu-img check`'s exit status: 0 clean, 2 errors (corruption), 3 only leaks.
 fn check_status(image: &Path) -> (i32, String) {
     let output = std::process::Command::new("qemu-img")

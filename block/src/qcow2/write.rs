@@ -19,7 +19,9 @@ use super::corrupt;
 use super::driver::Qcow2Driver;
 use super::in_place::Writing;
 use super::io::{gather, sub_slices_ref, write_at};
-use super::mapping::{COPIED, OFFSET_MASK, decode_l1, is_writable_in_place, referenced_range};
+use super::mapping::{
+    COPIED, OFFSET_MASK, decode_l1, decode_l2, is_writable_in_place, referenced_range,
+};
 use super::metadata::Metadata;
 use super::offsets::{GuestOffset, HostOffset};
 use crate::buffer::IoBuffer;
@@ -144,11 +146,19 @@ impl Qcow2Driver {
         let entry = |n: u64| table.as_ref().map_or(0, |t| t[position.l2_index + n as usize]);
         let first = entry(0);
         if is_writable_in_place(first) {
+            // The entry says where the data goes: checked as a read checks it, not trusted.
+            decode_l2(first, geometry, self.header.version, meta.image_end).map_err(|why| {
+                corrupt(format!(
+                    "{guest}: L2 entry {} ({first:#018x}) of the L2 table of L1 entry {}: {why}",
+                    position.l2_index, position.l1_index
+                ))
+            })?;
             let start = first & OFFSET_MASK;
             let mut count = 1;
             while count < clusters
                 && is_writable_in_place(entry(count))
                 && entry(count) & OFFSET_MASK == start + count * cluster_size
+                && start + count * cluster_size < meta.image_end
             {
                 count += 1;
             }

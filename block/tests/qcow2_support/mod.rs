@@ -191,6 +191,13 @@ pub fn peek_u64(path: &Path, offset: u64) -> u64 {
     u64::from_be_bytes(peek(path, offset, 8).try_into().unwrap())
 }
 
+/// The host offset of L2 entry `index` of the first L2 table of the qcow2 `image`.
+pub fn l2_entry_at(image: &Path, index: u64) -> u64 {
+    let l1 = peek_u64(image, 40);
+    let l2 = peek_u64(image, l1) & 0x00ff_ffff_ffff_fe00;
+    l2 + 8 * index
+}
+
 /// The error of opening and reading all of `image` through our driver.
 pub fn open_error(image: &Path) -> io::Error {
     match read_ours(image, 1 << 20) {
