@@ -238,6 +238,35 @@ fn a_corrupt_copied_l2_entry_fails_the_write_instead_of_writing_where_it_points(
     }
 }
 
+#[test]
+fn dropping_a_corrupt_unaligned_l2_entry_frees_no_other_cluster() {
+    let scratch = Scratch::new("write-unaligned-drop");
+    let image = scratch.path("u.qcow2");
+    create_qcow2(image.to_str().unwrap(), "cluster_size=64k", "1M");
+    qemu_io("qcow2", &image, &["write -P 0x11 0 64k", "write -P 0x22 64k 64k"]);
+    let original = std::fs::read(&image).unwrap();
+    let data1 = peek_u64(&image, l2_entry_at(&image, 1)) & 0x00ff_ffff_ffff_fe00;
+    // Entry 0 (shared, or a preallocated zero cluster) names an unaligned offset inside the
+    // cluster of guest cluster 1: it holds no reference to that cluster.
+    for (what, entry) in [("shared", data1 + 0x200), ("zero", data1 + 0x200 + 1)] {
+        std::fs::write(&image, &original).unwrap();
+        poke(&image, l2_entry_at(&image, 0), &entry.to_be_bytes());
+        with_image(&qcow2_rw_options(&image), |co, blk| {
+            blk.discard(co, 0, 64 << 10)?;
+            blk.flush(co)?;
+            // First fit: a cluster freed by mistake is the one this write gets.
+            blk.write(co, 128 << 10, &[0x33; 64 << 10])?;
+            blk.flush(co)
+        })
+        .unwrap_or_else(|error| panic!("{what}: {error}"));
+        let data = qemu_raw(&image);
+        assert!(data[64 << 10..128 << 10].iter().all(|&b| b == 0x22), "{what}: cluster 1 lost");
+        assert!(data[128 << 10..192 << 10].iter().all(|&b| b == 0x33), "{what}: cluster 2");
+        let (status, text) = check_status(&image);
+        assert!(status == 0 || status == 3, "{what}: {status}\n{text}");
+    }
+}
+
 /// `qemu-img check`'s exit status: 0 clean, 2 errors (corruption), 3 only leaks.
 fn check_status(image: &Path) -> (i32, String) {
     let output = std::process::Command::new("qemu-img")

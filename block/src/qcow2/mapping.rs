@@ -120,12 +120,16 @@ pub(crate) fn decode_l2(
 
 /// The host clusters an L2 entry holds a reference to, as `(offset, bytes)`: a standard
 /// cluster (with data or preallocated under the zero flag), or the sectors of a compressed
-/// one; `None` for none.
+/// one; `None` for none. A corrupt entry naming an unaligned offset holds none: giving back
+/// the cluster around that offset would free a cluster that something else uses.
 pub(crate) fn referenced_range(raw: u64, geometry: Geometry) -> Option<(HostOffset, u64)> {
     match decode_l2(raw, geometry, 3, u64::MAX) {
         Ok(ClusterMapping::Compressed { offset, len }) => Some((offset, len)),
-        _ => Some((HostOffset(raw & OFFSET_MASK), geometry.cluster_size()))
-            .filter(|(offset, _)| raw & COMPRESSED == 0 && offset.0 != 0),
+        _ => {
+            Some((HostOffset(raw & OFFSET_MASK), geometry.cluster_size())).filter(|(offset, _)| {
+                raw & COMPRESSED == 0 && offset.0 != 0 && geometry.is_cluster_aligned(*offset)
+            })
+        }
     }
 }
 
@@ -168,6 +172,19 @@ mod tests {
         );
         assert!(decode_l2(COMPRESSED | 0x100, g, 3, MIB).unwrap_err().contains("header"));
         assert!(decode_l2(COMPRESSED | MIB, g, 3, MIB).unwrap_err().contains("past the end"));
+    }
+
+    #[test]
+    fn references() {
+        let g = Geometry::new(16);
+        assert_eq!(referenced_range(0, g), None);
+        assert_eq!(referenced_range(ZERO, g), None);
+        assert_eq!(referenced_range(COPIED | 0x30000, g), Some((HostOffset(0x30000), 65536)));
+        assert_eq!(referenced_range(0x30000 | ZERO, g), Some((HostOffset(0x30000), 65536)));
+        assert_eq!(referenced_range(COPIED | 0x30200, g), None, "unaligned");
+        assert_eq!(referenced_range(0x30200 | ZERO, g), None, "unaligned");
+        let compressed = COMPRESSED | (3 << 54) | 0x30010;
+        assert_eq!(referenced_range(compressed, g), Some((HostOffset(0x30010), 4 * 512 - 0x10)));
     }
 
     #[test]
