@@ -3,7 +3,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -101,9 +101,54 @@ impl Counters {
     }
 }
 
+/// Holds the next request that touches one byte of a [`TestDriver`] until the test opens
+/// it, so that the test can run other requests while that one is in the middle of the
+/// driver, whatever the timing.
+#[derive(Default)]
+pub struct Gate {
+    /// The byte whose next request is held, once armed.
+    at: Mutex<Option<u64>>,
+    holding: AtomicBool,
+    open: AtomicBool,
+}
+
+impl Gate {
+    /// Holds the next request that touches byte `at`.
+    pub fn arm(&self, at: u64) {
+        *self.at.lock().unwrap() = Some(at);
+    }
+
+    /// Whether a request is being held.
+    pub fn is_holding(&self) -> bool {
+        self.holding.load(Ordering::SeqCst)
+    }
+
+    /// Lets the held request go on.
+    pub fn open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds the request of `len` bytes at `offset` (sleeping) until the gate opens, if it
+    /// is the one the gate was armed for.
+    fn pass(&self, co: &Co, offset: u64, len: u64) {
+        let caught = {
+            let mut at = self.at.lock().unwrap();
+            at.take_if(|at| (offset..offset + len).contains(at)).is_some()
+        };
+        if caught {
+            self.holding.store(true, Ordering::SeqCst);
+            while !self.open.load(Ordering::SeqCst) {
+                co.sleep(Duration::from_millis(1));
+            }
+            self.holding.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
 /// A memory-backed driver for tests: counts requests, can sleep in each (so that requests
-/// overlap), and fails with EIO every request whose range touches the byte at `fail_at`.
-/// Writes past the end grow it, and it can be truncated, as a file can.
+/// overlap), fails with EIO every request whose range touches the byte at `fail_at`, and
+/// holds one request at its `gate`. Writes past the end grow it, and it can be truncated,
+/// as a file can.
 pub struct TestDriver {
     data: Arc<Mutex<Vec<u8>>>,
     pub counters: Arc<Counters>,
@@ -111,6 +156,8 @@ pub struct TestDriver {
     pub fail_at: Option<u64>,
     /// How long each read or write sleeps before it completes.
     pub delay: Duration,
+    /// Holds a request once armed.
+    pub gate: Arc<Gate>,
 }
 
 impl TestDriver {
@@ -120,6 +167,7 @@ impl TestDriver {
             counters: Arc::default(),
             fail_at: None,
             delay: Duration::ZERO,
+            gate: Arc::default(),
         }
     }
 
@@ -150,6 +198,7 @@ impl TestDriver {
         body: impl FnOnce(&mut Vec<u8>) -> R,
     ) -> io::Result<R> {
         self.counters.entered.fetch_add(1, Ordering::SeqCst);
+        self.gate.pass(co, offset, len);
         if !self.delay.is_zero() {
             co.sleep(self.delay);
         } else {

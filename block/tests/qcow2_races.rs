@@ -1,0 +1,113 @@
+//! Races between qcow2 requests, made deterministic: the image lies in a memory node whose
+//! gate holds one request in the middle of the child while the test runs others.
+
+mod common;
+mod qcow2_support;
+
+use std::io::{self, IoSliceMut};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aiocoro::aio::AioContext;
+use aiocoro::coroutine::Co;
+use aiocoro_block::qcow2::{CreateOptions, DEFAULT_L2_CACHE_BYTES, Header, Qcow2Driver};
+use aiocoro_block::{BlockBackend, BlockGraph, BlockNode, ChildRole, run_in_coroutine};
+use common::{Gate, TestDriver};
+use qcow2_support::*;
+
+const CLUSTER: u64 = 64 << 10;
+/// The memory node's size: the image's free clusters lie inside it.
+const FILE: usize = 4 << 20;
+
+/// Reads `len` bytes at `offset` of `node`.
+fn read_node(co: &Co, node: &BlockNode, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut bytes = vec![0u8; len];
+    node.read(co, offset, &mut [IoSliceMut::new(&mut bytes)])?;
+    Ok(bytes)
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    u64::from_be_bytes(bytes.try_into().unwrap())
+}
+
+/// The host offset of guest cluster 0 in the qcow2 image in `file`.
+fn host_of_cluster_0(co: &Co, file: &BlockNode) -> io::Result<u64> {
+    let mask = 0x00ff_ffff_ffff_fe00;
+    let l1 = be_u64(&read_node(co, file, 40, 8)?);
+    let l2 = be_u64(&read_node(co, file, l1, 8)?) & mask;
+    Ok(be_u64(&read_node(co, file, l2, 8)?) & mask)
+}
+
+/// A new 1 MiB image of 64 KiB clusters (made in the file at `path`) in a memory node,
+/// opened read-write; returns the backend, the memory node and its gate.
+fn open_in_memory(co: &Co, path: &Path) -> io::Result<(BlockBackend, Arc<BlockNode>, Arc<Gate>)> {
+    let options = CreateOptions { cluster_size: CLUSTER, ..CreateOptions::new(1 << 20) };
+    aiocoro_block::qcow2::create_file(co, path, &options)?;
+    let mut bytes = std::fs::read(path)?;
+    bytes.resize(FILE, 0);
+    let driver = TestDriver::with_contents(&bytes);
+    let gate = driver.gate.clone();
+    let graph = BlockGraph::new();
+    let file_id = graph.add_node(driver.into_node(co, "memory"));
+    let file = graph.node(file_id).expect("just added");
+    let header = Header::read(co, &file)?;
+    let (_, node) = graph.add_node_with(|edges| {
+        let child = edges.attach(ChildRole::File, file_id)?;
+        let qcow2 = Qcow2Driver::open(co, child, None, header, DEFAULT_L2_CACHE_BYTES)?;
+        BlockNode::new(co, "qcow2", qcow2, false)
+    })?;
+    Ok((BlockBackend::new(node), file, gate))
+}
+
+/// Sleeps until `condition` holds.
+fn sleep_until(co: &Co, mut condition: impl FnMut() -> bool) {
+    while !condition() {
+        co.sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_discarded_cluster_is_not_reallocated_while_an_in_place_write_to_it_runs() {
+    let scratch = Scratch::new("race-in-place-discard");
+    let (made, dump) = (scratch.path("made.qcow2"), scratch.path("dump.qcow2"));
+    let path = dump.clone();
+    run_in_coroutine(move |co| -> io::Result<()> {
+        let (blk, file, gate) = open_in_memory(co, &made)?;
+        blk.write(co, 0, &[0x11; CLUSTER as usize])?;
+        blk.flush(co)?;
+        // Guest cluster 0 is at `host` with the copied flag: the next write to it goes in
+        // place, looked up under the metadata lock and written outside it.
+        let host = host_of_cluster_0(co, &file)?;
+        gate.arm(host);
+        let writer = {
+            let blk = blk.clone();
+            AioContext::current().unwrap().spawn(move |co| {
+                blk.write(co, 0, &[0xaa; 4096]).expect("the in-place write");
+            })
+        };
+        sleep_until(co, || gate.is_holding());
+        // While that write is held in the child: discard the cluster, flush (which would
+        // give `host` back), and allocate a cluster for guest cluster 1 (first fit: `host`,
+        // if it were free).
+        blk.discard(co, 0, CLUSTER)?;
+        blk.flush(co)?;
+        blk.write(co, CLUSTER, &[0x22; CLUSTER as usize])?;
+        blk.flush(co)?;
+        gate.open();
+        sleep_until(co, || writer.is_ended());
+        blk.flush(co)?;
+        let mut cluster_1 = vec![0u8; CLUSTER as usize];
+        blk.read(co, CLUSTER, &mut cluster_1)?;
+        assert!(
+            cluster_1.iter().all(|&b| b == 0x22),
+            "guest cluster 1 took the in-place write meant for discarded guest cluster 0"
+        );
+        std::fs::write(&path, read_node(co, &file, 0, FILE)?)?;
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+    // The discarded cluster was given back once the write had landed: no leak.
+    qemu_check(&dump);
+}
