@@ -173,6 +173,31 @@ fn zeroes_discard_and_growing() {
 }
 
 #[test]
+fn growing_needs_an_l1_table_larger_than_half_a_refcount_block() {
+    // 512 B clusters: one L2 table maps 32 KiB, and a refcount block counts 256 clusters
+    // (16-bit refcounts) or 64 (64-bit). The new L1 tables take 1024 and 100 clusters.
+    let scratch = Scratch::new("write-grow-l1");
+    for (options, from, to) in [
+        ("cluster_size=512", 200 << 20, 2u64 << 30),
+        ("cluster_size=512,refcount_bits=64", 1 << 20, 100 << 20),
+    ] {
+        let image = scratch.path("g.qcow2");
+        let _ = std::fs::remove_file(&image);
+        create_qcow2(image.to_str().unwrap(), options, &from.to_string());
+        qemu_io("qcow2", &image, &["write -P 0x61 0 64k"]);
+        with_image(&qcow2_rw_options(&image), move |co, blk| {
+            blk.truncate(co, to)?;
+            blk.write(co, to - 5000, &[0x62; 5000])?;
+            blk.flush(co)
+        })
+        .unwrap_or_else(|error| panic!("{options}: {error}"));
+        qemu_check(&image);
+        let end = format!("read -q -P 0x62 {} 5000", to - 5000);
+        qemu_io("qcow2", &image, &["read -q -P 0x61 0 64k", &end]);
+    }
+}
+
+#[test]
 fn dirty_images_are_not_opened_for_writing() {
     let scratch = Scratch::new("write-dirty");
     let image = scratch.path("d.qcow2");

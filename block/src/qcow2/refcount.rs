@@ -2,10 +2,11 @@
 //! (loaded on first use and kept, dirty ones written back by [`Refcounts::write_back`]), and
 //! the cluster allocator over them (the first free run of clusters, as QEMU allocates).
 //!
-//! Every refcount block describes itself: a block for clusters nobody counted yet is placed
-//! at the first such cluster, and a grown refcount table is placed, with the blocks that
-//! count it, past the end of the image. All state here is guarded by the driver's metadata
-//! lock.
+//! A block for clusters nobody counted yet goes to the first cluster of the free run being
+//! allocated when a block counts that cluster (so that a run may cross any number of
+//! blocks' ranges), else to the first cluster it counts, counting itself; a grown refcount
+//! table is placed, with the blocks that count it, past the end of the image. All state
+//! here is guarded by the driver's metadata lock.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -120,8 +121,8 @@ impl Refcounts {
         (self.geometry.cluster_size() * 8) >> self.order
     }
 
-    /// The most clusters one allocation takes: half a block's worth, so that a run fits
-    /// between the self-describing blocks that start each block's range.
+    /// The most clusters an allocating write asks for at once: half a block's worth. (Any
+    /// run can be allocated; a longer one places more new blocks ahead of itself.)
     pub(crate) fn max_run(&self) -> u64 {
         (self.per_block() / 2).max(1)
     }
@@ -235,8 +236,8 @@ impl Refcounts {
     ///
     /// # Errors
     ///
-    /// `Unsupported` for more than [`Refcounts::max_run`] clusters; read and write errors of
-    /// blocks and tables.
+    /// Read and write errors of blocks and tables; `Unsupported` if the refcount table
+    /// would outgrow its limit.
     pub(crate) fn allocate(
         &mut self,
         co: &Co,
@@ -246,14 +247,6 @@ impl Refcounts {
     ) -> io::Result<HostOffset> {
         let bits = self.geometry.cluster_bits();
         let per_block = self.per_block();
-        if count > self.max_run() {
-            return Err(super::refuse(format!(
-                "{count} contiguous clusters are more than one allocation takes ({}) with \
-                 {}-bit refcounts",
-                self.max_run(),
-                1 << self.order
-            )));
-        }
         let mut start = self.free_hint;
         let mut found = 0;
         let mut skipped_free = false;
@@ -262,7 +255,10 @@ impl Refcounts {
             let slot = usize::try_from(cluster / per_block).unwrap_or(usize::MAX);
             if self.block(co, file, slot)?.is_none() {
                 if slot < self.table.len() {
-                    self.add_block(co, file, slot, cluster, image_end)?;
+                    // The run so far is free and counted: its first cluster can hold the
+                    // block (and the run moves on past it).
+                    let at = if found > 0 { start } else { cluster };
+                    self.add_block(co, file, slot, at, image_end)?;
                 } else {
                     self.grow_table(co, file, cluster.max(image_end.div_ceil(1 << bits)))?;
                     *image_end = (*image_end).max(self.table_end());
@@ -295,8 +291,10 @@ impl Refcounts {
         self.table_offset.0 + self.table.len() as u64 * 8
     }
 
-    /// Puts a new block for table index `slot` at host cluster `at` (which it counts, so it
-    /// counts itself), writes it, flushes, then writes the table entry.
+    /// Puts a new block for table index `slot` at free host cluster `at`, which either the
+    /// new block counts (then it counts itself) or a loaded block does (then that block is
+    /// written back first); writes the new block, flushes, then writes the table entry, so
+    /// that no table entry on disk names a block whose own count is not on disk.
     fn add_block(
         &mut self,
         co: &Co,
@@ -305,9 +303,14 @@ impl Refcounts {
         at: u64,
         image_end: &mut u64,
     ) -> io::Result<()> {
-        let (bits, order) = (self.geometry.cluster_bits(), self.order);
+        let (bits, order, per_block) = (self.geometry.cluster_bits(), self.order, self.per_block());
         let mut bytes = vec![0u8; 1 << bits];
-        set_entry(&mut bytes, order, (at % self.per_block()) as usize, 1);
+        if at / per_block == slot as u64 {
+            set_entry(&mut bytes, order, (at % per_block) as usize, 1);
+        } else {
+            self.change(co, file, at, 1)?;
+            self.write_back(co, file)?;
+        }
         let offset = HostOffset(at << bits);
         write_at(co, file, offset.0, &bytes)?;
         file.flush(co)?;
