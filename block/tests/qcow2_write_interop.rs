@@ -292,6 +292,38 @@ fn dropping_a_corrupt_unaligned_l2_entry_frees_no_other_cluster() {
     }
 }
 
+#[test]
+fn metadata_the_refcounts_do_not_count_is_refused_for_writing_not_overwritten() {
+    let scratch = Scratch::new("write-uncounted");
+    let image = scratch.path("u.qcow2");
+    create_qcow2(image.to_str().unwrap(), "cluster_size=512", "64k");
+    qemu_io("qcow2", &image, &["write -P 0x5a 0 8k"]);
+    let original = std::fs::read(&image).unwrap();
+    let (table, l1) = (peek_u64(&image, 48), peek_u64(&image, 40));
+    let block = peek_u64(&image, table);
+    // The refcount table names no block (every cluster reads as free, the header's too),
+    // or the block says that the header, the refcount table or the L1 table is free.
+    let cases: [(&str, u64, &[u8]); 4] = [
+        ("header", table, &[0; 8]),
+        ("header", block, &[0; 2]),
+        ("refcount table", block + 2 * (table / 512), &[0; 2]),
+        ("L1 table", block + 2 * (l1 / 512), &[0; 2]),
+    ];
+    for (what, at, bytes) in cases {
+        std::fs::write(&image, &original).unwrap();
+        poke(&image, at, bytes);
+        let corrupt = std::fs::read(&image).unwrap();
+        let result = with_image(&qcow2_rw_options(&image), |co, blk| {
+            blk.write(co, 32 << 10, &[1; 4096])?;
+            blk.flush(co)
+        });
+        let error = result.expect_err(what);
+        assert_eq!(error.kind(), ErrorKind::InvalidData, "{what}: {error}");
+        assert!(error.to_string().contains(what), "{what}: {error}");
+        assert!(std::fs::read(&image).unwrap() == corrupt, "{what}: the image was written");
+    }
+}
+
 /// `qemu-img check`'s exit status: 0 clean, 2 errors (corruption), 3 only leaks.
 fn check_status(image: &Path) -> (i32, String) {
     let output = std::process::Command::new("qemu-img")

@@ -77,14 +77,16 @@ impl Qcow2Driver {
     ///
     /// The image is opened read-write unless the file node is read-only. Writing needs an
     /// image whose refcounts are exact: one with the dirty bit set (left by QEMU with lazy
-    /// refcounts) is refused, as are internal snapshots and clusters smaller than the file's
-    /// request alignment. With the lazy refcounts feature this driver still keeps refcounts
-    /// exact and never sets the dirty bit.
+    /// refcounts) is refused, as is one whose refcounts say that its header, L1 table or
+    /// refcount table is free, and so are internal snapshots and clusters smaller than the
+    /// file's request alignment. With the lazy refcounts feature this driver still keeps
+    /// refcounts exact and never sets the dirty bit.
     ///
     /// # Errors
     ///
     /// The read error of the L1 table or the refcount table, `InvalidData` if the header
-    /// does not fit this file, `Unsupported` for an image that cannot be written.
+    /// does not fit this file or the refcounts call its tables free, `Unsupported` for an
+    /// image that cannot be written.
     pub fn open(
         co: &Co,
         file: Child,
@@ -400,7 +402,7 @@ fn open_writer(co: &Co, node: &BlockNode, header: &Header) -> io::Result<super::
             node.alignment().request
         )));
     }
-    let refcounts = Refcounts::load(
+    let mut refcounts = Refcounts::load(
         co,
         node,
         header.geometry,
@@ -408,6 +410,14 @@ fn open_writer(co: &Co, node: &BlockNode, header: &Header) -> io::Result<super::
         header.refcount_table_offset,
         header.refcount_table_clusters,
     )?;
+    let table_bytes = u64::from(header.refcount_table_clusters) * cluster_size;
+    for (what, offset, len) in [
+        ("header", HostOffset(0), cluster_size),
+        ("refcount table", header.refcount_table_offset, table_bytes),
+        ("L1 table", header.l1_table_offset, u64::from(header.l1_size) * 8),
+    ] {
+        refcounts.check_counted(co, node, what, offset, len)?;
+    }
     Ok(super::metadata::Writer { refcounts, in_flight: Vec::new(), pending_frees: Vec::new() })
 }
 

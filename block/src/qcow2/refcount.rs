@@ -176,6 +176,35 @@ impl Refcounts {
         })
     }
 
+    /// Checks that the clusters of `what` (`len` bytes at `offset`, which the image uses)
+    /// are counted: the allocator would hand out clusters counted as free again, and
+    /// overwrite them.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidData` naming `what` if one of its clusters has refcount zero; a block's
+    /// read error.
+    pub(crate) fn check_counted(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        what: &str,
+        offset: HostOffset,
+        len: u64,
+    ) -> io::Result<()> {
+        let bits = self.geometry.cluster_bits();
+        for cluster in offset.0 >> bits..(offset.0 + len).div_ceil(1 << bits) {
+            if self.get(co, file, cluster)? == 0 {
+                return Err(corrupt(format!(
+                    "the {what} is in host cluster {cluster}, whose refcount is 0: the \
+                     refcounts are wrong (repair them with qemu-img check -r all before \
+                     writing, or open the image read-only)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Adds `delta` to the refcount of host cluster `cluster`, which a block must count.
     ///
     /// # Errors
