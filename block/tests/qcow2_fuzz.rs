@@ -1,6 +1,7 @@
 //! A bounded, deterministic fuzz test: small valid images with their header, extensions,
 //! L1, L2 and refcount tables mutated (seeded RNG, a few thousand cases) must open and read
-//! every cluster with `Ok` or `Err`, never a panic or a hang.
+//! every cluster, or open read-write and take writes, discards, zero writes, growing and
+//! flushes, with `Ok` or `Err`, never a panic or a hang.
 
 mod qcow2_support;
 
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use aiocoro::coroutine::Co;
 use aiocoro_block::{BlockBackend, BlockGraph, run_in_coroutine};
 use qcow2_support::*;
 
@@ -100,15 +102,23 @@ fn mutate(rng: &mut Rng, original: &[u8], regions: &[(usize, usize)]) -> Vec<u8>
     image
 }
 
-/// Opens `path` and reads each cluster-sized piece of its first `span` bytes, some random
-/// ranges and the block status; the results do not matter, only that they come back.
-fn exercise(co: &aiocoro::coroutine::Co, path: &Path, span: u64, rng: &mut Rng) -> (usize, usize) {
-    let graph = BlockGraph::new();
-    let options = format!("driver=qcow2,read-only=on,file.filename={}", path.display());
-    let Ok((_, node)) = aiocoro_block::open(co, &graph, &options) else {
-        return (0, 0);
-    };
-    let blk = BlockBackend::new(node);
+/// How a case opens its image, and what it does with it: the results do not matter, only
+/// that they come back.
+struct Mode {
+    /// The options before `file.filename`.
+    options: &'static str,
+    /// Runs requests on the image (given the span to read) and counts how many succeeded
+    /// and how many failed.
+    exercise: fn(&Co, &BlockBackend, u64, &mut Rng) -> (usize, usize),
+}
+
+const READ: Mode = Mode { options: "driver=qcow2,read-only=on", exercise: reads };
+/// Two tables of L2 cache: dirty tables are written back on eviction.
+const WRITE: Mode = Mode { options: "driver=qcow2,l2-cache-size=1k", exercise: writes };
+
+/// Reads each cluster-sized piece of the first `span` bytes, some random ranges and the
+/// block status.
+fn reads(co: &Co, blk: &BlockBackend, span: u64, rng: &mut Rng) -> (usize, usize) {
     let len = blk.length();
     let (mut ok, mut err) = (0, 0);
     let mut count = |result: std::io::Result<()>| match result {
@@ -137,9 +147,52 @@ fn exercise(co: &aiocoro::coroutine::Co, path: &Path, span: u64, rng: &mut Rng) 
     (ok, err)
 }
 
-/// Runs the cases on `base` (its backing files beside it) in a thread, failing if they do
-/// not finish in time.
-fn fuzz(name: &str, scratch: &Scratch, base: PathBuf, seed: u64) {
+/// Random writes, discards, zero writes, growing and flushes, and a last flush.
+fn writes(co: &Co, blk: &BlockBackend, _span: u64, rng: &mut Rng) -> (usize, usize) {
+    let (mut ok, mut err) = (0, 0);
+    let mut count = |result: std::io::Result<()>| match result {
+        Ok(()) => ok += 1,
+        Err(_) => err += 1,
+    };
+    let buf = vec![0x77u8; 20_000];
+    for _ in 0..12 {
+        let len = blk.length();
+        if len == 0 {
+            break;
+        }
+        let offset = rng.below(len);
+        let n = rng.below(buf.len() as u64).min(len - offset);
+        match rng.below(6) {
+            0 => count(blk.discard(co, offset, n)),
+            1 => count(blk.write_zeroes(co, offset, n, true)),
+            2 => count(blk.flush(co)),
+            3 => count(blk.truncate(co, len + rng.below(1 << 20))),
+            _ => count(blk.write(co, offset, &buf[..n as usize])),
+        }
+    }
+    count(blk.flush(co));
+    (ok, err)
+}
+
+/// Opens `path` as `mode` says and runs its requests.
+fn open_and_exercise(
+    co: &Co,
+    path: &Path,
+    mode: &Mode,
+    span: u64,
+    rng: &mut Rng,
+) -> (usize, usize) {
+    let graph = BlockGraph::new();
+    let options = format!("{},file.filename={}", mode.options, path.display());
+    let Ok((_, node)) = aiocoro_block::open(co, &graph, &options) else {
+        return (0, 0);
+    };
+    (mode.exercise)(co, &BlockBackend::new(node), span, rng)
+}
+
+/// Runs the cases on `base` (its backing files beside it) in a thread, as `mode` says,
+/// failing if they do not finish in time.
+fn fuzz(name: &str, scratch: &Scratch, base: PathBuf, seed: u64, mode: &'static Mode) {
     let original = std::fs::read(&base).unwrap();
     let regions = metadata_regions(&original);
     let span = 4 * u64::from_be_bytes(original[24..32].try_into().unwrap());
@@ -155,7 +208,7 @@ fn fuzz(name: &str, scratch: &Scratch, base: PathBuf, seed: u64) {
                 seen.store(case, Ordering::Relaxed);
                 let image = mutate(&mut rng, &original, &regions);
                 std::fs::write(&target, &image).unwrap();
-                let (o, e) = exercise(co, &target, span, &mut rng);
+                let (o, e) = open_and_exercise(co, &target, mode, span, &mut rng);
                 ok += o;
                 err += e;
             }
@@ -181,9 +234,8 @@ fn fuzz(name: &str, scratch: &Scratch, base: PathBuf, seed: u64) {
     worker.join().unwrap();
 }
 
-#[test]
-fn mutated_v3_images_with_compressed_and_zero_clusters_never_panic_or_hang() {
-    let scratch = Scratch::new("fuzz-v3");
+/// A v3 image of 512 B clusters with compressed, zero and data clusters.
+fn v3_base(scratch: &Scratch) -> PathBuf {
     let src = scratch.path("src.raw");
     let mut data = vec![0u8; 64 << 10];
     for (i, byte) in data.iter_mut().enumerate().take(40 << 10) {
@@ -194,12 +246,11 @@ fn mutated_v3_images_with_compressed_and_zero_clusters_never_panic_or_hang() {
     let options = "compat=1.1,cluster_size=512";
     compress_to_qcow2(src.to_str().unwrap(), base.to_str().unwrap(), options);
     qemu_io("qcow2", &base, &["write -P 0xab 8k 3k", "write -z 20k 2k", "write -P 0xcd 60k 4k"]);
-    fuzz("v3", &scratch, base, SEED);
+    base
 }
 
-#[test]
-fn mutated_v2_images_over_a_raw_backing_file_never_panic_or_hang() {
-    let scratch = Scratch::new("fuzz-v2");
+/// A v2 image of 1 KiB clusters over a raw backing file shorter than it.
+fn v2_base(scratch: &Scratch) -> PathBuf {
     let backing = scratch.path("b.raw");
     std::fs::write(&backing, vec![0x42u8; 48 << 10]).unwrap();
     let base = scratch.path("base.qcow2");
@@ -210,5 +261,26 @@ fn mutated_v2_images_over_a_raw_backing_file_never_panic_or_hang() {
         &base,
         &["write -P 0xab 0 5k", "write -P 0xcd 30k 2k", "write -P 0xef 63k 1k"],
     );
-    fuzz("v2", &scratch, base, SEED ^ 0xffff);
+    base
+}
+
+#[test]
+fn mutated_v3_images_with_compressed_and_zero_clusters_never_panic_or_hang() {
+    let scratch = Scratch::new("fuzz-v3");
+    fuzz("v3", &scratch, v3_base(&scratch), SEED, &READ);
+}
+
+#[test]
+fn mutated_v2_images_over_a_raw_backing_file_never_panic_or_hang() {
+    let scratch = Scratch::new("fuzz-v2");
+    fuzz("v2", &scratch, v2_base(&scratch), SEED ^ 0xffff, &READ);
+}
+
+#[test]
+fn mutated_images_opened_for_writing_never_panic_or_hang() {
+    let scratch = Scratch::new("fuzz-write");
+    let base = v3_base(&scratch);
+    fuzz("v3-write", &scratch, base, SEED, &WRITE);
+    let base = v2_base(&scratch);
+    fuzz("v2-write", &scratch, base, SEED ^ 0xffff, &WRITE);
 }
