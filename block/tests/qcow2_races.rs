@@ -1,5 +1,6 @@
-//! Races between qcow2 requests, made deterministic: the image lies in a memory node whose
-//! gate holds one request in the middle of the child while the test runs others.
+//! Races between qcow2 requests, and failures of the child, made deterministic: the image
+//! lies in a memory node whose gate holds one request in the middle of the child while the
+//! test runs others, or which fails the requests that touch a chosen byte.
 
 mod common;
 mod qcow2_support;
@@ -39,14 +40,25 @@ fn host_of_cluster_0(co: &Co, file: &BlockNode) -> io::Result<u64> {
     Ok(be_u64(&read_node(co, file, l2, 8)?) & mask)
 }
 
-/// A new 1 MiB image of 64 KiB clusters (made in the file at `path`) in a memory node,
-/// opened read-write; returns the backend, the memory node and its gate.
-fn open_in_memory(co: &Co, path: &Path) -> io::Result<(BlockBackend, Arc<BlockNode>, Arc<Gate>)> {
+/// Makes a new 1 MiB image of 64 KiB clusters in the file at `path`; returns where its
+/// first free cluster starts (its length).
+fn make(co: &Co, path: &Path) -> io::Result<u64> {
     let options = CreateOptions { cluster_size: CLUSTER, ..CreateOptions::new(1 << 20) };
     aiocoro_block::qcow2::create_file(co, path, &options)?;
+    Ok(std::fs::metadata(path)?.len())
+}
+
+/// The image in the file at `path` in a memory node that fails the requests touching
+/// `fail_at`, opened read-write; returns the backend, the memory node and its gate.
+fn open_in_memory(
+    co: &Co,
+    path: &Path,
+    fail_at: Option<u64>,
+) -> io::Result<(BlockBackend, Arc<BlockNode>, Arc<Gate>)> {
     let mut bytes = std::fs::read(path)?;
     bytes.resize(FILE, 0);
-    let driver = TestDriver::with_contents(&bytes);
+    let mut driver = TestDriver::with_contents(&bytes);
+    driver.fail_at = fail_at;
     let gate = driver.gate.clone();
     let graph = BlockGraph::new();
     let file_id = graph.add_node(driver.into_node(co, "memory"));
@@ -73,7 +85,8 @@ fn a_discarded_cluster_is_not_reallocated_while_an_in_place_write_to_it_runs() {
     let (made, dump) = (scratch.path("made.qcow2"), scratch.path("dump.qcow2"));
     let path = dump.clone();
     run_in_coroutine(move |co| -> io::Result<()> {
-        let (blk, file, gate) = open_in_memory(co, &made)?;
+        make(co, &made)?;
+        let (blk, file, gate) = open_in_memory(co, &made, None)?;
         blk.write(co, 0, &[0x11; CLUSTER as usize])?;
         blk.flush(co)?;
         // Guest cluster 0 is at `host` with the copied flag: the next write to it goes in
@@ -110,4 +123,34 @@ fn a_discarded_cluster_is_not_reallocated_while_an_in_place_write_to_it_runs() {
     .unwrap();
     // The discarded cluster was given back once the write had landed: no leak.
     qemu_check(&dump);
+}
+
+#[test]
+fn a_new_table_that_cannot_be_written_is_given_back() {
+    // An L2 table for the first write; an L1 table of two clusters (more than 8192 entries)
+    // for growing to 5 TiB. Each goes to the first free cluster, which fails.
+    for (what, grow) in [("L2 table", false), ("L1 table", true)] {
+        let scratch = Scratch::new("fail-table");
+        let (made, dump) = (scratch.path("made.qcow2"), scratch.path("dump.qcow2"));
+        let path = dump.clone();
+        run_in_coroutine(move |co| -> io::Result<()> {
+            let first_free = make(co, &made)?;
+            let (blk, file, _) = open_in_memory(co, &made, Some(first_free))?;
+            let result =
+                if grow { blk.truncate(co, 5 << 40) } else { blk.write(co, 0, &[0x11; 4096]) };
+            let error = result.expect_err(what);
+            assert!(error.to_string().contains("Input/output error"), "{what}: {error}");
+            blk.flush(co)?;
+            // Nothing was written past the metadata: the rest reads as zeroes (and the
+            // failing cluster cannot be read).
+            let mut bytes = read_node(co, &file, 0, first_free as usize)?;
+            bytes.resize(FILE, 0);
+            std::fs::write(&path, bytes)?;
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+        // Nothing names the table: its clusters are free again, not leaked.
+        qemu_check(&dump);
+    }
 }

@@ -124,6 +124,15 @@ impl Metadata {
         writer.refcounts.allocate(co, file, count, &mut self.image_end)
     }
 
+    /// Gives back `len` bytes of clusters from `offset` that an allocation took and that
+    /// nothing names (its use failed before an entry pointed at them); a leak at worst if
+    /// that fails too.
+    pub(crate) fn free_unnamed(&mut self, co: &Co, file: &BlockNode, offset: HostOffset, len: u64) {
+        if let Some(writer) = &mut self.writer {
+            let _ = writer.refcounts.free(co, file, offset, len);
+        }
+    }
+
     /// Step 1: writes changed refcount blocks and, if there were any, flushes the file;
     /// returns whether it flushed (so that a caller who needs a flush anyway skips its own).
     ///

@@ -47,9 +47,14 @@ impl Qcow2Driver {
             l1.resize(needed as usize, 0);
             let mut raw = encode_table(&l1);
             raw.resize((clusters * geometry.cluster_size()) as usize, 0);
-            meta.flush_refcounts(co, &file)?;
-            write_at(co, &file, offset.0, &raw)?;
-            file.flush(co)?;
+            let written = meta.flush_refcounts(co, &file).and_then(|_| {
+                write_at(co, &file, offset.0, &raw)?;
+                file.flush(co)
+            });
+            if let Err(error) = written {
+                meta.free_unnamed(co, &file, offset, raw.len() as u64);
+                return Err(error);
+            }
             let mut fields = [0u8; 12];
             fields[..4].copy_from_slice(&(needed as u32).to_be_bytes());
             fields[4..].copy_from_slice(&offset.0.to_be_bytes());

@@ -102,16 +102,8 @@ impl Qcow2Driver {
                     Err(error) => Err(error),
                 };
                 if linked.is_err() {
-                    let writer = meta.writer.as_mut().expect(
-                        "qcow2: an image opened for writing keeps its writer until it is dropped",
-                    );
-                    // Never linked: give the clusters back (a leak at worst if that fails).
-                    let _ = writer.refcounts.free(
-                        co,
-                        &self.file.node(),
-                        host,
-                        count * geometry.cluster_size(),
-                    );
+                    let len = count * geometry.cluster_size();
+                    meta.free_unnamed(co, &self.file.node(), host, len);
                 }
                 meta.end_allocation(&allocation);
                 allocation.finish(linked.is_ok(), &mut meta);
@@ -223,9 +215,14 @@ impl Qcow2Driver {
         let file = self.file.node();
         let offset = meta.allocate(co, &file, 1)?;
         let table: Arc<[u64]> = vec![0u64; geometry.l2_entries()].into();
-        meta.flush_refcounts(co, &file)?;
-        write_at(co, &file, offset.0, &vec![0u8; geometry.cluster_size() as usize])?;
-        file.flush(co)?;
+        let written = meta.flush_refcounts(co, &file).and_then(|_| {
+            write_at(co, &file, offset.0, &vec![0u8; geometry.cluster_size() as usize])?;
+            file.flush(co)
+        });
+        if let Err(error) = written {
+            meta.free_unnamed(co, &file, offset, geometry.cluster_size());
+            return Err(error);
+        }
         let entry = offset.0 | COPIED;
         write_at(co, &file, meta.l1_offset.0 + l1_index * 8, &entry.to_be_bytes())?;
         meta.l1[l1_index as usize] = entry;
