@@ -139,16 +139,17 @@ fn zeroes_discard_and_growing() {
         qemu_check(&image);
         qemu_compare(&image, &shadow);
 
-        // Discard drops whole clusters: they read from the backing file again; the partial
-        // head and tail are left alone.
+        // Discard drops whole clusters, which then read as zeroes (version 3: the zero flag
+        // hides the backing file); a version 2 image cannot say so and keeps them, as QEMU
+        // does. The partial head and tail are left alone.
         with_image(&qcow2_rw_options(&image), |co, blk| {
             blk.discard(co, 200 * K + 1, 40 * K)?;
             blk.flush(co)
         })
         .unwrap();
-        let backing = std::fs::read(&base).unwrap();
-        let (start, end) = (204 * K as usize, 240 * K as usize);
-        poke(&shadow, start as u64, &backing[start..end]);
+        if compat == Compat::V3 {
+            poke(&shadow, 204 * K, &vec![0u8; 36 * K as usize]);
+        }
         qemu_check(&image);
         qemu_compare(&image, &shadow);
 

@@ -1,7 +1,10 @@
-//! Dropping whole clusters: discard (the L2 entry cleared) and, in version 3 images, zero
-//! writes (the zero flag set). The clusters the entries named lose their reference at the
-//! next flush, once the changed L2 tables are on disk. Partial clusters are the caller's:
-//! discard ignores them (it is advisory), zero writes write zero bytes there.
+//! Dropping whole clusters, for discard and (in version 3 images) zero writes: afterwards they
+//! read as zeroes. The L2 entry is cleared, or, where a backing node would show through, set
+//! to the zero flag (version 3). A version 2 image over a backing node has no way to say
+//! "zero" without writing zeroes, so discard leaves its clusters alone there, as QEMU does.
+//! The clusters the entries named lose their reference at the next flush, once the changed
+//! L2 tables are on disk. Partial clusters are the caller's: discard ignores them (it is
+//! advisory), zero writes write zero bytes there.
 
 use std::io;
 
@@ -12,21 +15,19 @@ use super::mapping::{ZERO, referenced_range};
 use super::write::refuse_read_only;
 
 impl Qcow2Driver {
-    /// Sets the entries of the whole clusters inside `len` bytes at `offset` to "zero" (the
-    /// zero flag, or unallocated when no backing node shows through) if `zero`, else to
-    /// unallocated; waits for in-flight allocations of those clusters first.
-    pub(super) fn drop_clusters(
-        &self,
-        co: &Co,
-        offset: u64,
-        len: u64,
-        zero: bool,
-    ) -> io::Result<()> {
+    /// Makes the whole clusters inside `len` bytes at `offset` read as zeroes without data
+    /// (see the module doc: a version 2 image over a backing node is left as it is); waits
+    /// for in-flight allocations of those clusters first.
+    pub(super) fn drop_clusters(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
         let geometry = self.header.geometry;
         let cluster_size = geometry.cluster_size();
         let mut cluster = offset.div_ceil(cluster_size);
         let end = (offset + len) / cluster_size;
-        let new_entry = if zero && self.backing.is_some() { ZERO } else { 0 };
+        let new_entry = match (self.backing.is_some(), self.header.version >= 3) {
+            (false, _) => 0,
+            (true, true) => ZERO,
+            (true, false) => return Ok(()),
+        };
         while cluster < end {
             let position = geometry.position(super::offsets::ClusterIndex(cluster));
             let in_table = (geometry.l2_entries() - position.l2_index) as u64;

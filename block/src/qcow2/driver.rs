@@ -334,14 +334,17 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
-        self.drop_clusters(co, offset, len, false)
+        self.drop_clusters(co, offset, len)
     }
 
     fn write_zeroes(&self, co: &Co, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
-        if self.header.version < 3 {
-            return write_zeroes_by_writing(co, offset, len, |co, offset, bufs| {
+        let by_writing = |co: &Co, offset, len| {
+            write_zeroes_by_writing(co, offset, len, |co, offset, bufs| {
                 self.write_guest(co, offset, bufs)
-            });
+            })
+        };
+        if self.header.version < 3 {
+            return by_writing(co, offset, len);
         }
         // Whole clusters get the zero flag; the partial ones at either end zero bytes.
         let cluster_size = self.header.geometry.cluster_size();
@@ -349,18 +352,14 @@ impl BlockDriver for Qcow2Driver {
         let (first, last) =
             (offset.next_multiple_of(cluster_size), end / cluster_size * cluster_size);
         if first >= last {
-            return write_zeroes_by_writing(co, offset, len, |co, offset, bufs| {
-                self.write_guest(co, offset, bufs)
-            });
+            return by_writing(co, offset, len);
         }
         for (from, to) in [(offset, first), (last, end)] {
             if from < to {
-                write_zeroes_by_writing(co, from, to - from, |co, offset, bufs| {
-                    self.write_guest(co, offset, bufs)
-                })?;
+                by_writing(co, from, to - from)?;
             }
         }
-        self.drop_clusters(co, first, last - first, true)
+        self.drop_clusters(co, first, last - first)
     }
 
     fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {

@@ -197,7 +197,8 @@ impl Metadata {
     ///
     /// # Errors
     ///
-    /// The first write or flush error.
+    /// The first write or flush error. A free that fails is given up (its clusters leak at
+    /// worst); the frees after it stay pending.
     pub(crate) fn flush(
         &mut self,
         co: &Co,
@@ -222,8 +223,15 @@ impl Metadata {
                 .into_iter()
                 .partition(|&(offset, len)| busy(offset, len));
             writer.pending_frees = still_busy;
-            for (offset, len) in ready {
-                writer.refcounts.free(co, file, offset, len)?;
+            let mut ready = ready.into_iter();
+            while let Some((offset, len)) = ready.next() {
+                if let Err(error) = writer.refcounts.free(co, file, offset, len) {
+                    // The failed range is dropped (it may be partly freed: retrying could
+                    // free a cluster twice, a leak is safe); the rest waits for the next
+                    // flush.
+                    writer.pending_frees.extend(ready);
+                    return Err(error);
+                }
             }
         }
         self.flush_refcounts(co, file).map(drop)
