@@ -107,6 +107,38 @@ fn qemu_io_then_ours_then_qemu_io() {
 }
 
 #[test]
+fn growing_over_a_longer_backing_file_reads_zeroes_in_the_new_area() {
+    let scratch = Scratch::new("write-grow-backing");
+    let base = scratch.path("base.raw");
+    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "2M"]);
+    qemu_io("raw", &base, &["write -P 0xa1 0 2M"]);
+    for (i, compat) in [Compat::V3, Compat::V2].into_iter().enumerate() {
+        let image = scratch.path(&format!("g{i}.qcow2"));
+        let options = CreateOptions {
+            cluster_size: 4096,
+            compat,
+            backing_file: Some("base.raw".into()),
+            backing_format: Some("raw".into()),
+            ..CreateOptions::new((1 << 20) + 1000)
+        };
+        let path = image.clone();
+        run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+        with_image(&qcow2_rw_options(&image), |co, blk| {
+            blk.truncate(co, 3 << 20)?;
+            blk.flush(co)
+        })
+        .unwrap();
+        // The old size's bytes from the backing file, zeroes after.
+        let shadow = scratch.path("shadow.raw");
+        let mut expected = vec![0u8; 3 << 20];
+        expected[..(1 << 20) + 1000].fill(0xa1);
+        std::fs::write(&shadow, &expected).unwrap();
+        qemu_check(&image);
+        qemu_compare(&image, &shadow);
+    }
+}
+
+#[test]
 fn zeroes_discard_and_growing() {
     let scratch = Scratch::new("write-zero");
     let base = scratch.path("base.raw");

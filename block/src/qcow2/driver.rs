@@ -363,7 +363,17 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {
-        self.grow(co, len)
+        let old = self.length(co)?;
+        self.grow(co, len)?;
+        // What a longer backing node holds past the old end must not show through in the new
+        // area: it reads as zeroes, as QEMU makes it.
+        if let Some(backing) = &self.backing {
+            let shown = backing.node().length().min(len);
+            if shown > old {
+                self.write_zeroes(co, old, shown - old, false)?;
+            }
+        }
+        Ok(())
     }
 
     fn block_status(&self, co: &Co, offset: u64, len: u64) -> io::Result<BlockStatus> {
