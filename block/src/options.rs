@@ -15,7 +15,7 @@ use crate::drivers::{
 use crate::error::invalid_input;
 use crate::graph::NodeId;
 use crate::node::{BlockGraph, BlockNode, ChildRole};
-use crate::qcow2::{DEFAULT_L2_CACHE_BYTES, Header, Qcow2Driver, resolve_backing};
+use crate::qcow2::{CacheSizes, Header, Qcow2Driver, resolve_backing};
 
 /// The longest backing chain opened (a loop of backing names ends here, not in a stack
 /// overflow).
@@ -213,7 +213,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 ///   read-only, in which case writes are refused), and its
 ///   backing node from the image header (a relative name is relative to the image's
 ///   directory; the format from the header, else probed) unless `backing.*` options give it
-///   (opened read-only); `l2-cache-size` (bytes of L2 tables cached, default 32M);
+///   (opened read-only); `l2-cache-size` (bytes of L2 tables cached, default 32M) and
+///   `refcount-cache-size` (bytes of refcount blocks cached, default 1M);
 /// - every node: `node-name`, `read-only` (inherited by children, as are `cache.direct` and
 ///   `aio`).
 ///
@@ -307,7 +308,13 @@ fn open_at_depth(
             Ok((id, node))
         }
         "qcow2" => {
-            let l2_cache_bytes = taker.size("l2-cache-size")?.unwrap_or(DEFAULT_L2_CACHE_BYTES);
+            let defaults = CacheSizes::default();
+            let caches = CacheSizes {
+                l2_bytes: taker.size("l2-cache-size")?.unwrap_or(defaults.l2_bytes),
+                refcount_bytes: taker
+                    .size("refcount-cache-size")?
+                    .unwrap_or(defaults.refcount_bytes),
+            };
             let (file_id, file) = open_child(co, graph, options, &mut taker, read_only)?;
             taker.finish(&["file", "backing"])?;
             let filename = options.get("file").or(options.get("file.filename"));
@@ -341,8 +348,8 @@ fn open_at_depth(
                 let file = edges.attach(ChildRole::File, file_id)?;
                 let backing =
                     backing_id.map(|id| edges.attach(ChildRole::Backing, id)).transpose()?;
-                let driver = Qcow2Driver::open(co, file, backing, header, l2_cache_bytes)
-                    .map_err(context)?;
+                let driver =
+                    Qcow2Driver::open(co, file, backing, header, caches).map_err(context)?;
                 BlockNode::new(co, name, driver, read_only)
             })?;
             Ok((id, node))

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use aiocoro::aio::AioContext;
 use aiocoro::coroutine::Co;
-use aiocoro_block::qcow2::{CreateOptions, DEFAULT_L2_CACHE_BYTES, Header, Qcow2Driver, create};
+use aiocoro_block::qcow2::{CacheSizes, CreateOptions, Header, Qcow2Driver, create};
 use aiocoro_block::{BlockBackend, BlockGraph, BlockNode, ChildRole, run_in_coroutine};
 use common::{Counters, TempFile, TestDriver, pattern};
 use qcow2_support::qemu_check;
@@ -46,7 +46,7 @@ impl Image {
         let (_, node) = graph.add_node_with(|edges| {
             let file = edges.attach(ChildRole::File, file_id)?;
             let backing = backing_id.map(|id| edges.attach(ChildRole::Backing, id)).transpose()?;
-            let driver = Qcow2Driver::open(co, file, backing, header, DEFAULT_L2_CACHE_BYTES)?;
+            let driver = Qcow2Driver::open(co, file, backing, header, CacheSizes::default())?;
             BlockNode::new(co, "qcow2", driver, false)
         })?;
         Ok(Image { blk: BlockBackend::new(node), file, counters })

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use aiocoro::aio::AioContext;
 use aiocoro::coroutine::Co;
-use aiocoro_block::qcow2::{CreateOptions, DEFAULT_L2_CACHE_BYTES, Header, Qcow2Driver};
+use aiocoro_block::qcow2::{CacheSizes, CreateOptions, Header, Qcow2Driver};
 use aiocoro_block::{BlockBackend, BlockGraph, BlockNode, ChildRole, run_in_coroutine};
 use common::{Gate, TestDriver};
 use qcow2_support::*;
@@ -66,7 +66,7 @@ fn open_in_memory(
     let header = Header::read(co, &file)?;
     let (_, node) = graph.add_node_with(|edges| {
         let child = edges.attach(ChildRole::File, file_id)?;
-        let qcow2 = Qcow2Driver::open(co, child, None, header, DEFAULT_L2_CACHE_BYTES)?;
+        let qcow2 = Qcow2Driver::open(co, child, None, header, CacheSizes::default())?;
         BlockNode::new(co, "qcow2", qcow2, false)
     })?;
     Ok((BlockBackend::new(node), file, gate))

@@ -394,3 +394,33 @@ fn images_abandoned_without_a_flush_have_at_worst_leaks() {
         assert!(status == 0 || status == 3, "{writes} writes, then no flush: {status}\n{text}");
     }
 }
+
+#[test]
+fn a_refcount_cache_of_four_blocks_evicts_writes_back_and_reloads_them() {
+    // 512-byte clusters with 16-bit refcounts: one block counts 128 KiB of the file, so
+    // 6 MiB of data passes through ~50 blocks, four at a time; freeing the first clusters
+    // afterwards loads blocks written (and evicted) earlier in this session.
+    let scratch = Scratch::new("write-refcount-cache");
+    let image = scratch.path("r.qcow2");
+    let options = CreateOptions { cluster_size: 512, ..CreateOptions::new(8 << 20) };
+    let path = image.clone();
+    run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+    let shadow = raw_shadow(&scratch, 8 << 20);
+    let options = format!("driver=qcow2,refcount-cache-size=512,file.filename={}", image.display());
+    with_image(&options, |co, blk| {
+        for n in 0..48u64 {
+            blk.write(co, n * 128 * K, &vec![n as u8 + 1; 128 * K as usize])?;
+        }
+        blk.discard(co, 0, 1024 * K)?;
+        blk.flush(co)?;
+        blk.write(co, 7 << 20, &vec![0xee; 512 * K as usize])?;
+        blk.flush(co)
+    })
+    .unwrap();
+    for n in 8..48u64 {
+        poke(&shadow, n * 128 * K, &vec![n as u8 + 1; 128 * K as usize]);
+    }
+    poke(&shadow, 7 << 20, &vec![0xee; 512 * K as usize]);
+    qemu_check(&image);
+    qemu_compare(&image, &shadow);
+}

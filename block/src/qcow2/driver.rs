@@ -21,8 +21,30 @@ use super::refuse;
 use crate::driver::{Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 use crate::node::{BlockNode, Child};
 
-/// The most memory the L2 cache holds by default (QEMU's default maximum on Linux).
-pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+/// How much memory the metadata caches of an image may hold (QEMU's `l2-cache-size` and
+/// `refcount-cache-size`).
+///
+/// ```
+/// use aiocoro_block::qcow2::CacheSizes;
+///
+/// let small = CacheSizes { l2_bytes: 1 << 20, ..CacheSizes::default() };
+/// assert_eq!(small.refcount_bytes, CacheSizes::default().refcount_bytes);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheSizes {
+    /// Bytes of L2 tables (at least one table is cached). Default 32 MiB, QEMU's default
+    /// maximum on Linux.
+    pub l2_bytes: u64,
+    /// Bytes of refcount blocks (at least four blocks are cached, as in QEMU). Default
+    /// 1 MiB: with 64 KiB clusters and 16-bit refcounts, the blocks of a 32 GiB image file.
+    pub refcount_bytes: u64,
+}
+
+impl Default for CacheSizes {
+    fn default() -> CacheSizes {
+        CacheSizes { l2_bytes: 32 << 20, refcount_bytes: 1 << 20 }
+    }
+}
 
 /// A stretch of guest bytes that all map the same way.
 #[derive(Clone, Copy, Debug)]
@@ -72,8 +94,7 @@ impl Drop for Qcow2Driver {
 impl Qcow2Driver {
     /// Opens the image in `file` whose parsed header is `header`
     /// ([`Header::read`]), reading its L1 table; unallocated clusters read from `backing`.
-    /// The L2 cache holds up to `l2_cache_bytes` of tables (QEMU's `l2-cache-size`; at least
-    /// one table).
+    /// The metadata caches hold up to `caches` bytes.
     ///
     /// The image is opened read-write unless the file node is read-only. Writing needs an
     /// image whose refcounts are exact: one with the dirty bit set (left by QEMU with lazy
@@ -92,12 +113,15 @@ impl Qcow2Driver {
         file: Child,
         backing: Option<Child>,
         header: Header,
-        l2_cache_bytes: u64,
+        caches: CacheSizes,
     ) -> io::Result<Qcow2Driver> {
         let node = file.node();
         let file_len = node.length();
-        let writer =
-            if node.is_read_only() { None } else { Some(open_writer(co, &node, &header)?) };
+        let writer = if node.is_read_only() {
+            None
+        } else {
+            Some(open_writer(co, &node, &header, caches.refcount_bytes)?)
+        };
         let l1_bytes = u64::from(header.l1_size) * 8;
         if l1_bytes > 0
             && header.l1_table_offset.checked_add(l1_bytes).is_none_or(|end| end.0 > file_len)
@@ -119,7 +143,7 @@ impl Qcow2Driver {
         let geometry = header.geometry;
         // Not capped by the L1 table's size: it can grow (truncate), and the cache only
         // holds the tables it has met.
-        let tables = l2_cache_bytes / geometry.cluster_size();
+        let tables = caches.l2_bytes / geometry.cluster_size();
         let l2_cache = L2Cache::new(tables as usize);
         let metadata = Metadata {
             l1,
@@ -388,7 +412,12 @@ impl BlockDriver for Qcow2Driver {
 }
 
 /// Checks that the image in `node` may be written and loads its refcount table.
-fn open_writer(co: &Co, node: &BlockNode, header: &Header) -> io::Result<super::metadata::Writer> {
+fn open_writer(
+    co: &Co,
+    node: &BlockNode,
+    header: &Header,
+    refcount_cache_bytes: u64,
+) -> io::Result<super::metadata::Writer> {
     if header.is_dirty() {
         return Err(refuse(
             "the image has the dirty bit set (its refcounts may be stale after QEMU used \
@@ -416,8 +445,8 @@ fn open_writer(co: &Co, node: &BlockNode, header: &Header) -> io::Result<super::
         node,
         header.geometry,
         header.refcount_order,
-        header.refcount_table_offset,
-        header.refcount_table_clusters,
+        (header.refcount_table_offset, header.refcount_table_clusters),
+        refcount_cache_bytes,
     )?;
     let table_bytes = u64::from(header.refcount_table_clusters) * cluster_size;
     for (what, offset, len) in [

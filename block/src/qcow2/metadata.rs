@@ -14,9 +14,10 @@
 //!    flush; until then they stay allocated.
 //!
 //! A crash at any point therefore leaves at worst leaked clusters. Dirty L2 tables are
-//! written back by [`Metadata::flush`] and when the cache evicts them; refcount blocks stay
-//! in memory once loaded (an image of 64 KiB clusters needs one 64 KiB block per 2 GiB of
-//! file with 16-bit refcounts). Nothing reaches the disk on drop: flush before closing.
+//! written back by [`Metadata::flush`] and when the cache evicts them; dirty refcount blocks
+//! at step 1 and when their cache evicts them (early is safe: see `refcount`), and every L2
+//! write-back flushes the file first, so an evicted block is stable before any L2 entry that
+//! needs it. Nothing reaches the disk on drop: flush before closing.
 
 use std::io;
 use std::sync::Arc;

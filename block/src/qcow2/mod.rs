@@ -43,7 +43,7 @@ mod write;
 
 pub use backing::{BackingSpec, resolve_backing};
 pub use create::{Compat, CreateOptions, create, create_file};
-pub use driver::{DEFAULT_L2_CACHE_BYTES, Qcow2Driver};
+pub use driver::{CacheSizes, Qcow2Driver};
 pub use header::Header;
 pub use mapping::ClusterMapping;
 pub use offsets::{ClusterIndex, Geometry, GuestOffset, HostOffset};

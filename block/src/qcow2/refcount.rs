@@ -1,6 +1,11 @@
-//! Refcounts (QEMU's `qcow2-refcount.c`): the refcount table, the refcount blocks it names
-//! (loaded on first use and kept, dirty ones written back by [`Refcounts::write_back`]), and
-//! the cluster allocator over them (the first free run of clusters, as QEMU allocates).
+//! Refcounts (QEMU's `qcow2-refcount.c`): the refcount table, a cache of the refcount blocks
+//! it names (loaded on first use; the least recently used is evicted, written first if dirty;
+//! dirty ones written back by [`Refcounts::write_back`]), and the cluster allocator over them
+//! (the first free run of clusters, as QEMU allocates).
+//!
+//! A changed block may reach the disk at any time, before a flush: its new counts are never
+//! less safe than the old ones, because a reference is only dropped once no L2 entry on disk
+//! needs it (the metadata's pending frees) or it never was on disk (an abandoned allocation).
 //!
 //! A block for clusters nobody counted yet goes to the first cluster of the free run being
 //! allocated when a block counts that cluster (so that a run may cross any number of
@@ -58,10 +63,16 @@ pub(crate) fn set_entry(block: &mut [u8], order: u32, index: usize, value: u64) 
     }
 }
 
+/// The fewest refcount blocks the cache holds, whatever size it is given (an allocation can
+/// need two at once; QEMU's minimum is four clusters too).
+pub(crate) const MIN_CACHED_BLOCKS: usize = 4;
+
 /// A loaded refcount block.
 struct Block {
     offset: HostOffset,
     bytes: Vec<u8>,
+    /// When it was last used (`Refcounts::clock`), for eviction.
+    last_use: u64,
 }
 
 /// The refcount table and loaded blocks of an image opened read-write.
@@ -71,8 +82,16 @@ pub(crate) struct Refcounts {
     table_offset: HostOffset,
     /// Block offsets by table index (0: no block).
     table: Vec<u64>,
-    /// Loaded blocks by table index.
+    /// Loaded blocks by table index; at most `capacity` once a load or an addition made room.
     blocks: BTreeMap<usize, Block>,
+    /// How many blocks the cache holds (at least [`MIN_CACHED_BLOCKS`]).
+    capacity: usize,
+    /// Counts block uses, for `Block::last_use`.
+    clock: u64,
+    /// The end of the image file as far as this process knows: its length at open, raised by
+    /// every block this process writes. A block the table names past it cannot be real (it
+    /// would read as all-free); one of ours, evicted and loaded again, lies before it.
+    known_end: u64,
     /// Table indices of blocks changed since they were last written.
     dirty: BTreeSet<usize>,
     /// No free cluster lies before this one (QEMU's `free_cluster_index`).
@@ -81,7 +100,8 @@ pub(crate) struct Refcounts {
 
 impl Refcounts {
     /// Reads the refcount table of an image (`clusters` clusters at `offset`, of
-    /// `2^order`-bit refcounts).
+    /// `2^order`-bit refcounts); up to `cache_bytes` of blocks are cached (at least
+    /// [`MIN_CACHED_BLOCKS`] blocks).
     ///
     /// # Errors
     ///
@@ -91,8 +111,8 @@ impl Refcounts {
         file: &BlockNode,
         geometry: Geometry,
         order: u32,
-        offset: HostOffset,
-        clusters: u32,
+        (offset, clusters): (HostOffset, u32),
+        cache_bytes: u64,
     ) -> io::Result<Refcounts> {
         let mut raw = vec![0u8; (u64::from(clusters) * geometry.cluster_size()) as usize];
         read_exact_at(co, file, offset.0, &mut raw)?;
@@ -111,6 +131,11 @@ impl Refcounts {
             table_offset: offset,
             table,
             blocks: BTreeMap::new(),
+            capacity: usize::try_from(cache_bytes / geometry.cluster_size())
+                .unwrap_or(usize::MAX)
+                .max(MIN_CACHED_BLOCKS),
+            clock: 0,
+            known_end: file.length(),
             dirty: BTreeSet::new(),
             free_hint: 0,
         })
@@ -145,20 +170,54 @@ impl Refcounts {
                     "refcount table entry {slot}: the block at {offset} is not cluster-aligned"
                 )));
             }
-            // Blocks this process added are in `blocks` already; one read from the image must
-            // lie inside the file as opened (past its end it would read as all-free).
-            let file_len = file.length();
-            if offset.0.checked_add(self.geometry.cluster_size()).is_none_or(|end| end > file_len) {
+            let known_end = self.known_end;
+            if offset.0.checked_add(self.geometry.cluster_size()).is_none_or(|end| end > known_end)
+            {
                 return Err(corrupt(format!(
                     "refcount table entry {slot}: the block at {offset} lies past the end of \
-                     the image file ({file_len} bytes)"
+                     the image file ({known_end} bytes)"
                 )));
             }
             let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
             read_exact_at(co, file, offset.0, &mut bytes)?;
-            self.blocks.insert(slot, Block { offset, bytes });
+            self.insert(co, file, slot, offset, bytes)?;
         }
-        Ok(self.blocks.get_mut(&slot))
+        self.clock += 1;
+        let block = self.blocks.get_mut(&slot).expect("qcow2: the block was cached just above");
+        block.last_use = self.clock;
+        Ok(Some(block))
+    }
+
+    /// Caches `bytes` as the block of table index `slot`, at `offset`, evicting the least
+    /// recently used blocks (written first if dirty) beyond the cache's capacity.
+    ///
+    /// # Errors
+    ///
+    /// The write error of a dirty block evicted (it stays cached and dirty).
+    fn insert(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        slot: usize,
+        offset: HostOffset,
+        bytes: Vec<u8>,
+    ) -> io::Result<()> {
+        while self.blocks.len() >= self.capacity {
+            let (&victim, block) = self
+                .blocks
+                .iter()
+                .min_by_key(|(_, block)| block.last_use)
+                .expect("qcow2: a full cache holds a block");
+            if self.dirty.contains(&victim) {
+                write_at(co, file, block.offset.0, &block.bytes)?;
+                self.dirty.remove(&victim);
+            }
+            self.blocks.remove(&victim);
+        }
+        self.known_end = self.known_end.max(offset.0 + self.geometry.cluster_size());
+        self.clock += 1;
+        self.blocks.insert(slot, Block { offset, bytes, last_use: self.clock });
+        Ok(())
     }
 
     /// The refcount of host cluster `cluster` (a cluster index: offset / cluster size).
@@ -345,7 +404,7 @@ impl Refcounts {
         file.flush(co)?;
         write_at(co, file, self.table_offset.0 + slot as u64 * 8, &offset.0.to_be_bytes())?;
         self.table[slot] = offset.0;
-        self.blocks.insert(slot, Block { offset, bytes });
+        self.insert(co, file, slot, offset, bytes)?;
         *image_end = (*image_end).max((at + 1) << bits);
         Ok(())
     }
@@ -384,7 +443,7 @@ impl Refcounts {
             let offset = HostOffset((area + n) << bits);
             write_at(co, file, offset.0, &bytes)?;
             table[slot as usize] = offset.0;
-            self.blocks.insert(slot as usize, Block { offset, bytes });
+            self.insert(co, file, slot as usize, offset, bytes)?;
         }
         let table_offset = HostOffset((area + blocks) << bits);
         let raw: Vec<u8> = table.iter().flat_map(|entry| entry.to_be_bytes()).collect();
@@ -425,6 +484,52 @@ impl Refcounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2::{CreateOptions, Header, create_file};
+
+    /// Opens `path` as a file node (its length as it is now).
+    fn file_node(co: &Co, path: &std::path::Path) -> std::sync::Arc<BlockNode> {
+        let options = format!("driver=file,filename={}", path.display());
+        crate::open(co, &crate::BlockGraph::new(), &options).unwrap().1
+    }
+
+    fn load(co: &Co, file: &BlockNode, cache_bytes: u64) -> Refcounts {
+        let header = Header::read(co, file).unwrap();
+        let table = (header.refcount_table_offset, header.refcount_table_clusters);
+        Refcounts::load(co, file, header.geometry, header.refcount_order, table, cache_bytes)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_block_cache_stays_within_its_capacity_and_loses_no_count() {
+        let path = std::env::temp_dir()
+            .join(format!("aiocoro-block-refcount-cache-{}.qcow2", std::process::id()));
+        crate::run_in_coroutine(move |co| {
+            // 512-byte clusters, 16-bit refcounts: 256 clusters per block.
+            let options = CreateOptions { cluster_size: 512, ..CreateOptions::new(4 << 20) };
+            create_file(co, &path, &options).unwrap();
+            let file = file_node(co, &path);
+            let mut refcounts = load(co, &file, 0);
+            let mut image_end = file.length();
+            let mut allocated = Vec::new();
+            for _ in 0..3000 {
+                allocated.push(refcounts.allocate(co, &file, 1, &mut image_end).unwrap());
+                assert!(refcounts.blocks.len() <= MIN_CACHED_BLOCKS, "{}", refcounts.blocks.len());
+            }
+            // Frees of the first clusters load blocks this process wrote and evicted.
+            for offset in &allocated[..600] {
+                refcounts.free(co, &file, *offset, 512).unwrap();
+            }
+            refcounts.write_back(co, &file).unwrap();
+            let file = file_node(co, &path);
+            let mut fresh = load(co, &file, 1 << 20);
+            for (n, offset) in allocated.iter().enumerate() {
+                let expected = u64::from(n >= 600);
+                assert_eq!(fresh.get(co, &file, offset.0 >> 9).unwrap(), expected, "{offset}");
+            }
+            std::fs::remove_file(&path).unwrap();
+        })
+        .unwrap();
+    }
 
     #[test]
     fn entries_of_every_width() {
