@@ -12,6 +12,7 @@ use aiocoro::coroutine::Co;
 
 use super::driver::Qcow2Driver;
 use super::mapping::{ZERO, referenced_range};
+use super::metadata::writable;
 use super::write::refuse_read_only;
 
 impl Qcow2Driver {
@@ -51,10 +52,7 @@ impl Qcow2Driver {
                 None => self.allocate_l2(co, &mut meta, position.l1_index)?,
             };
             let mut table = self.l2_table(co, &mut meta, l2)?.to_vec();
-            let writer = meta
-                .writer
-                .as_mut()
-                .expect("qcow2: an image opened for writing keeps its writer until it is dropped");
+            let writer = writable(&mut meta.writer);
             let mut changed = false;
             for entry in &mut table[position.l2_index..position.l2_index + count as usize] {
                 if *entry != new_entry {

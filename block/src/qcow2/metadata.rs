@@ -41,6 +41,17 @@ pub(crate) struct Writer {
     pub(crate) pending_frees: Vec<(HostOffset, u64)>,
 }
 
+/// The writer of an image open read-write, for code that found it so under the lock.
+///
+/// # Panics
+///
+/// If the image is open read-only (a broken invariant: the writer never goes away).
+pub(crate) fn writable(writer: &mut Option<Writer>) -> &mut Writer {
+    writer
+        .as_mut()
+        .expect("qcow2: an image opened for writing keeps its writer until it is dropped")
+}
+
 /// The metadata the lock protects.
 pub(crate) struct Metadata {
     /// The active L1 table, decoded.
@@ -83,11 +94,7 @@ impl Metadata {
         merging: bool,
     ) {
         let merging = merging.then(Vec::new);
-        self.writer
-            .as_mut()
-            .expect("qcow2: an image opened for writing keeps its writer until it is dropped")
-            .in_flight
-            .push(InFlight { first, count, allocation, merging });
+        writable(&mut self.writer).in_flight.push(InFlight { first, count, allocation, merging });
     }
 
     /// Stops `allocation` taking merged writes and returns those it took.

@@ -9,7 +9,7 @@ use aiocoro::coroutine::Co;
 use super::driver::Qcow2Driver;
 use super::header::MAX_L1_BYTES;
 use super::io::write_at;
-use super::metadata::encode_table;
+use super::metadata::{encode_table, writable};
 use super::write::refuse_read_only;
 use crate::error::invalid_input;
 
@@ -64,10 +64,7 @@ impl Qcow2Driver {
             meta.l1 = l1;
             meta.l1_offset = offset;
             if old_len > 0 {
-                let writer = meta.writer.as_mut().expect(
-                    "qcow2: an image opened for writing keeps its writer until it is dropped",
-                );
-                writer.refcounts.free(co, &file, old_offset, old_len)?;
+                writable(&mut meta.writer).refcounts.free(co, &file, old_offset, old_len)?;
             }
         }
         write_at(co, &file, HEADER_SIZE, &len.to_be_bytes())?;

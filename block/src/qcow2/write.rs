@@ -22,7 +22,7 @@ use super::io::{gather, sub_slices_ref, write_at};
 use super::mapping::{
     COPIED, OFFSET_MASK, decode_l1, decode_l2, is_writable_in_place, referenced_range,
 };
-use super::metadata::Metadata;
+use super::metadata::{Metadata, writable};
 use super::offsets::{GuestOffset, HostOffset};
 use crate::buffer::IoBuffer;
 
@@ -309,9 +309,7 @@ impl Qcow2Driver {
         // Cached (loaded if need be), then changed in place.
         drop(self.l2_table(co, meta, l2)?);
         let Metadata { writer, l2_cache, .. } = meta;
-        let writer = writer
-            .as_mut()
-            .expect("qcow2: an image opened for writing keeps its writer until it is dropped");
+        let writer = writable(writer);
         let table = l2_cache.get_mut(l2).expect("qcow2: the L2 table was cached just above");
         for n in 0..count as usize {
             let old = table[index + n];
