@@ -63,6 +63,34 @@ fn raw_shadow(scratch: &Scratch, len: u64) -> std::path::PathBuf {
     shadow
 }
 
+/// `base.raw` in `scratch`: 2 MiB of 0xa1 bytes.
+fn filled_base(scratch: &Scratch) -> std::path::PathBuf {
+    let base = scratch.path("base.raw");
+    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "2M"]);
+    qemu_io("raw", &base, &["write -P 0xa1 0 2M"]);
+    base
+}
+
+/// A 4 KiB-cluster image `name` of `size` bytes over `base.raw` (raw), created here.
+fn create_over_base(
+    scratch: &Scratch,
+    name: &str,
+    compat: Compat,
+    size: u64,
+) -> std::path::PathBuf {
+    let image = scratch.path(name);
+    let options = CreateOptions {
+        cluster_size: 4096,
+        compat,
+        backing_file: Some("base.raw".into()),
+        backing_format: Some("raw".into()),
+        ..CreateOptions::new(size)
+    };
+    let path = image.clone();
+    run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+    image
+}
+
 #[test]
 fn qemu_io_then_ours_then_qemu_io() {
     let scratch = Scratch::new("write-interop");
@@ -109,20 +137,9 @@ fn qemu_io_then_ours_then_qemu_io() {
 #[test]
 fn growing_over_a_longer_backing_file_reads_zeroes_in_the_new_area() {
     let scratch = Scratch::new("write-grow-backing");
-    let base = scratch.path("base.raw");
-    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "2M"]);
-    qemu_io("raw", &base, &["write -P 0xa1 0 2M"]);
+    filled_base(&scratch);
     for (i, compat) in [Compat::V3, Compat::V2].into_iter().enumerate() {
-        let image = scratch.path(&format!("g{i}.qcow2"));
-        let options = CreateOptions {
-            cluster_size: 4096,
-            compat,
-            backing_file: Some("base.raw".into()),
-            backing_format: Some("raw".into()),
-            ..CreateOptions::new((1 << 20) + 1000)
-        };
-        let path = image.clone();
-        run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+        let image = create_over_base(&scratch, &format!("g{i}.qcow2"), compat, (1 << 20) + 1000);
         with_image(&qcow2_rw_options(&image), |co, blk| {
             blk.truncate(co, 3 << 20)?;
             blk.flush(co)
@@ -141,20 +158,9 @@ fn growing_over_a_longer_backing_file_reads_zeroes_in_the_new_area() {
 #[test]
 fn zeroes_discard_and_growing() {
     let scratch = Scratch::new("write-zero");
-    let base = scratch.path("base.raw");
-    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "2M"]);
-    qemu_io("raw", &base, &["write -P 0xa1 0 2M"]);
+    let base = filled_base(&scratch);
     for (i, compat) in [Compat::V3, Compat::V2].into_iter().enumerate() {
-        let image = scratch.path(&format!("z{i}.qcow2"));
-        let options = CreateOptions {
-            cluster_size: 4096,
-            compat,
-            backing_file: Some("base.raw".into()),
-            backing_format: Some("raw".into()),
-            ..CreateOptions::new(2 << 20)
-        };
-        let path = image.clone();
-        run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+        let image = create_over_base(&scratch, &format!("z{i}.qcow2"), compat, 2 << 20);
         let shadow = scratch.path("shadow.raw");
         std::fs::copy(&base, &shadow).unwrap();
         ours(
