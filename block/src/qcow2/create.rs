@@ -7,7 +7,9 @@ use std::path::Path;
 
 use aiocoro::coroutine::Co;
 
-use super::header::{MAGIC, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES};
+use super::header::{
+    EXT_BACKING_FORMAT, MAGIC, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, V2_HEADER_LEN, field,
+};
 use super::io::write_at;
 use super::offsets::Geometry;
 use super::refcount::set_entry;
@@ -16,8 +18,6 @@ use crate::node::{BlockGraph, BlockNode};
 
 /// The version 3 header length QEMU writes (with the compression type byte and padding).
 const V3_HEADER_LEN: usize = 112;
-/// The backing format header extension.
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 
 /// The on-disk format version (`compat=` in qemu-img's options).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,18 +108,18 @@ impl CreateOptions {
         let put64 =
             |h: &mut [u8], at: usize, v: u64| h[at..at + 8].copy_from_slice(&v.to_be_bytes());
         h[..4].copy_from_slice(&MAGIC);
-        put32(&mut h, 4, if self.compat == Compat::V2 { 2 } else { 3 });
-        put32(&mut h, 20, geometry.cluster_bits());
-        put64(&mut h, 24, self.size);
-        put32(&mut h, 36, layout.l1_size);
-        put64(&mut h, 40, layout.l1_cluster * cs);
-        put64(&mut h, 48, cs);
-        put32(&mut h, 56, layout.table_clusters as u32);
-        let mut at = 72;
+        put32(&mut h, field::VERSION, if self.compat == Compat::V2 { 2 } else { 3 });
+        put32(&mut h, field::CLUSTER_BITS, geometry.cluster_bits());
+        put64(&mut h, field::SIZE, self.size);
+        put32(&mut h, field::L1_SIZE, layout.l1_size);
+        put64(&mut h, field::L1_TABLE_OFFSET, layout.l1_cluster * cs);
+        put64(&mut h, field::REFCOUNT_TABLE_OFFSET, cs);
+        put32(&mut h, field::REFCOUNT_TABLE_CLUSTERS, layout.table_clusters as u32);
+        let mut at = V2_HEADER_LEN;
         if self.compat == Compat::V3 {
-            put64(&mut h, 80, u64::from(self.lazy_refcounts));
-            put32(&mut h, 96, order);
-            put32(&mut h, 100, V3_HEADER_LEN as u32);
+            put64(&mut h, field::COMPATIBLE_FEATURES, u64::from(self.lazy_refcounts));
+            put32(&mut h, field::REFCOUNT_ORDER, order);
+            put32(&mut h, field::HEADER_LENGTH, V3_HEADER_LEN as u32);
             at = V3_HEADER_LEN;
         }
         let overflow = || {
@@ -145,8 +145,8 @@ impl CreateOptions {
             if at + name.len() > h.len() {
                 return Err(overflow());
             }
-            put64(&mut h, 8, at as u64);
-            put32(&mut h, 16, name.len() as u32);
+            put64(&mut h, field::BACKING_FILE_OFFSET, at as u64);
+            put32(&mut h, field::BACKING_FILE_SIZE, name.len() as u32);
             h[at..at + name.len()].copy_from_slice(name.as_bytes());
         }
         Ok(h)

@@ -19,12 +19,10 @@ use std::io;
 use aiocoro::coroutine::Co;
 
 use super::corrupt;
+use super::header::{MAX_REFCOUNT_TABLE_BYTES, field};
 use super::io::{read_exact_at, write_at};
 use super::offsets::{Geometry, HostOffset};
 use crate::node::BlockNode;
-
-/// Where the header keeps the refcount table offset (followed by its cluster count).
-const HEADER_REFCOUNT_TABLE: u64 = 48;
 
 /// The refcount of entry `index` of a block of `2^order`-bit big-endian entries (entries
 /// narrower than a byte are packed from the least significant bit, as QEMU does).
@@ -428,7 +426,7 @@ impl Refcounts {
             }
             (blocks, table_clusters) = (new_blocks, new_table);
         };
-        if len * 8 > super::header::MAX_REFCOUNT_TABLE_BYTES {
+        if len * 8 > MAX_REFCOUNT_TABLE_BYTES {
             return Err(super::refuse("the image is too large for its refcount table"));
         }
         let mut table = self.table.clone();
@@ -449,10 +447,13 @@ impl Refcounts {
         let raw: Vec<u8> = table.iter().flat_map(|entry| entry.to_be_bytes()).collect();
         write_at(co, file, table_offset.0, &raw)?;
         file.flush(co)?;
-        let mut header = [0u8; 12];
-        header[..8].copy_from_slice(&table_offset.0.to_be_bytes());
-        header[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        write_at(co, file, HEADER_REFCOUNT_TABLE, &header)?;
+        // The table's offset and cluster count, adjacent in the header: one write.
+        let at = field::REFCOUNT_TABLE_OFFSET;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&table_offset.0.to_be_bytes());
+        fields[field::REFCOUNT_TABLE_CLUSTERS - at..]
+            .copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        write_at(co, file, at as u64, &fields)?;
         file.flush(co)?;
         let (old_offset, old_len) = (self.table_offset, self.table.len() as u64 * 8);
         self.table = table;
