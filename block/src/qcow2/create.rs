@@ -13,6 +13,7 @@ use super::header::{
 use super::io::write_at;
 use super::offsets::Geometry;
 use super::refcount::set_entry;
+use super::table::encode_table;
 use crate::error::invalid_input;
 use crate::node::{BlockGraph, BlockNode};
 
@@ -215,12 +216,11 @@ pub fn create(co: &Co, file: &BlockNode, options: &CreateOptions) -> io::Result<
     let per_block = (cs * 8) >> order;
 
     file.truncate(co, 0)?;
-    let mut table = vec![0u8; (layout.table_clusters * cs) as usize];
+    let block_offsets: Vec<u64> =
+        (0..layout.blocks).map(|n| (1 + layout.table_clusters + n) * cs).collect();
+    let mut table = encode_table(&block_offsets);
+    table.resize((layout.table_clusters * cs) as usize, 0);
     let mut blocks = vec![0u8; (layout.blocks * cs) as usize];
-    for n in 0..layout.blocks {
-        let offset = (1 + layout.table_clusters + n) * cs;
-        table[n as usize * 8..n as usize * 8 + 8].copy_from_slice(&offset.to_be_bytes());
-    }
     for cluster in 0..used {
         let block = &mut blocks[((cluster / per_block) * cs) as usize..][..cs as usize];
         set_entry(block, order, (cluster % per_block) as usize, 1);

@@ -18,6 +18,7 @@ use super::metadata::Metadata;
 use super::offsets::{GuestOffset, HostOffset};
 use super::refcount::Refcounts;
 use super::refuse;
+use super::table::decode_table;
 use crate::driver::{Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 use crate::node::{BlockNode, Child};
 
@@ -134,12 +135,7 @@ impl Qcow2Driver {
         }
         let mut raw = vec![0u8; l1_bytes as usize];
         read_exact_at(co, &node, header.l1_table_offset.0, &mut raw)?;
-        let l1: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|entry| {
-                u64::from_be_bytes(entry.try_into().expect("chunks_exact(8) yields 8 bytes"))
-            })
-            .collect();
+        let l1: Vec<u64> = decode_table(&raw).collect();
         let geometry = header.geometry;
         // Not capped by the L1 table's size: it can grow (truncate), and the cache only
         // holds the tables it has met.
@@ -187,12 +183,7 @@ impl Qcow2Driver {
         }
         let mut raw = vec![0u8; self.header.geometry.cluster_size() as usize];
         read_exact_at(co, &self.file.node(), offset.0, &mut raw)?;
-        let table: Arc<[u64]> = raw
-            .chunks_exact(8)
-            .map(|entry| {
-                u64::from_be_bytes(entry.try_into().expect("chunks_exact(8) yields 8 bytes"))
-            })
-            .collect();
+        let table: Arc<[u64]> = decode_table(&raw).collect();
         meta.cache_l2(co, &self.file.node(), offset, table.clone())?;
         Ok(table)
     }

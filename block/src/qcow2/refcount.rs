@@ -22,6 +22,7 @@ use super::corrupt;
 use super::header::{MAX_REFCOUNT_TABLE_BYTES, field};
 use super::io::{read_exact_at, write_at};
 use super::offsets::{Geometry, HostOffset};
+use super::table::{decode_table, encode_table};
 use crate::node::BlockNode;
 
 /// The refcount of entry `index` of a block of `2^order`-bit big-endian entries (entries
@@ -114,15 +115,9 @@ impl Refcounts {
     ) -> io::Result<Refcounts> {
         let mut raw = vec![0u8; (u64::from(clusters) * geometry.cluster_size()) as usize];
         read_exact_at(co, file, offset.0, &mut raw)?;
-        let table = raw
-            .chunks_exact(8)
-            // Bits 0-8 are reserved; every other bit is the block's offset (checked when
-            // the block is loaded).
-            .map(|entry| {
-                u64::from_be_bytes(entry.try_into().expect("chunks_exact(8) yields 8 bytes"))
-                    & !0x1ff
-            })
-            .collect();
+        // Bits 0-8 are reserved; every other bit is the block's offset (checked when the
+        // block is loaded).
+        let table = decode_table(&raw).map(|entry| entry & !0x1ff).collect();
         Ok(Refcounts {
             geometry,
             order,
@@ -444,8 +439,7 @@ impl Refcounts {
             self.insert(co, file, slot as usize, offset, bytes)?;
         }
         let table_offset = HostOffset((area + blocks) << bits);
-        let raw: Vec<u8> = table.iter().flat_map(|entry| entry.to_be_bytes()).collect();
-        write_at(co, file, table_offset.0, &raw)?;
+        write_at(co, file, table_offset.0, &encode_table(&table))?;
         file.flush(co)?;
         // The table's offset and cluster count, adjacent in the header: one write.
         let at = field::REFCOUNT_TABLE_OFFSET;

@@ -9,7 +9,8 @@ use aiocoro::coroutine::Co;
 use super::driver::Qcow2Driver;
 use super::header::{MAX_L1_BYTES, field};
 use super::io::write_at;
-use super::metadata::{encode_table, writable};
+use super::metadata::writable;
+use super::table::encode_table;
 use super::write::refuse_read_only;
 use crate::error::invalid_input;
 
