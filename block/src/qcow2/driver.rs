@@ -192,11 +192,8 @@ impl Qcow2Driver {
     fn lookup(&self, co: &Co, offset: GuestOffset, len: u64) -> io::Result<Run> {
         let geometry = self.header.geometry;
         let cluster_size = geometry.cluster_size();
-        let cluster = geometry.cluster_of(offset);
-        let position = geometry.position(cluster);
-        let in_cluster = geometry.offset_in_cluster(offset);
-        let table_end = (position.l1_index + 1).saturating_mul(geometry.bytes_per_l2());
-        let max = len.min(table_end - offset.0);
+        let span = geometry.table_span(offset, len);
+        let (position, in_cluster) = (span.position, span.in_cluster);
 
         let mut meta = self.metadata.lock(co);
         let file_len = meta.image_end;
@@ -212,7 +209,7 @@ impl Qcow2Driver {
             corrupt(format!("{offset}: L1 entry {} ({l1_raw:#018x}): {why}", position.l1_index))
         })?;
         let Some(l2_offset) = l2_offset else {
-            return Ok(Run { mapping: ClusterMapping::Unallocated, len: max });
+            return Ok(Run { mapping: ClusterMapping::Unallocated, len: span.len });
         };
         let table = self.l2_table(co, &mut meta, l2_offset)?;
         drop(meta);
@@ -230,12 +227,11 @@ impl Qcow2Driver {
             })
         };
         let first = decode(position.l2_index)?;
-        let mut covered = cluster_size - in_cluster;
-        let mut index = position.l2_index + 1;
+        let mut count = 1;
         if !matches!(first, ClusterMapping::Compressed { .. }) {
-            while covered < max && index < table.len() {
-                let step = (index - position.l2_index) as u64 * cluster_size;
-                let continues = match (first, decode(index)?) {
+            while count < span.clusters {
+                let step = count * cluster_size;
+                let continues = match (first, decode(position.l2_index + count as usize)?) {
                     (ClusterMapping::Unallocated, ClusterMapping::Unallocated)
                     | (ClusterMapping::Zero, ClusterMapping::Zero) => true,
                     (ClusterMapping::Data(start), ClusterMapping::Data(next)) => {
@@ -246,15 +242,14 @@ impl Qcow2Driver {
                 if !continues {
                     break;
                 }
-                covered += cluster_size;
-                index += 1;
+                count += 1;
             }
         }
         let mapping = match first {
             ClusterMapping::Data(start) => ClusterMapping::Data(HostOffset(start.0 + in_cluster)),
             other => other,
         };
-        Ok(Run { mapping, len: covered.min(max) })
+        Ok(Run { mapping, len: span.len_in(count) })
     }
 
     /// Fills `bufs` with the guest bytes from `guest` that this image does not hold: from
