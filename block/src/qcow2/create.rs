@@ -7,17 +7,18 @@ use std::path::Path;
 
 use aiocoro::coroutine::Co;
 
-use super::header::{MAGIC, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES};
+use super::header::{
+    EXT_BACKING_FORMAT, MAGIC, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, V2_HEADER_LEN, field,
+};
 use super::io::write_at;
 use super::offsets::Geometry;
 use super::refcount::set_entry;
+use super::table::encode_table;
 use crate::error::invalid_input;
 use crate::node::{BlockGraph, BlockNode};
 
 /// The version 3 header length QEMU writes (with the compression type byte and padding).
 const V3_HEADER_LEN: usize = 112;
-/// The backing format header extension.
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 
 /// The on-disk format version (`compat=` in qemu-img's options).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,18 +109,18 @@ impl CreateOptions {
         let put64 =
             |h: &mut [u8], at: usize, v: u64| h[at..at + 8].copy_from_slice(&v.to_be_bytes());
         h[..4].copy_from_slice(&MAGIC);
-        put32(&mut h, 4, if self.compat == Compat::V2 { 2 } else { 3 });
-        put32(&mut h, 20, geometry.cluster_bits());
-        put64(&mut h, 24, self.size);
-        put32(&mut h, 36, layout.l1_size);
-        put64(&mut h, 40, layout.l1_cluster * cs);
-        put64(&mut h, 48, cs);
-        put32(&mut h, 56, layout.table_clusters as u32);
-        let mut at = 72;
+        put32(&mut h, field::VERSION, if self.compat == Compat::V2 { 2 } else { 3 });
+        put32(&mut h, field::CLUSTER_BITS, geometry.cluster_bits());
+        put64(&mut h, field::SIZE, self.size);
+        put32(&mut h, field::L1_SIZE, layout.l1_size);
+        put64(&mut h, field::L1_TABLE_OFFSET, layout.l1_cluster * cs);
+        put64(&mut h, field::REFCOUNT_TABLE_OFFSET, cs);
+        put32(&mut h, field::REFCOUNT_TABLE_CLUSTERS, layout.table_clusters as u32);
+        let mut at = V2_HEADER_LEN;
         if self.compat == Compat::V3 {
-            put64(&mut h, 80, u64::from(self.lazy_refcounts));
-            put32(&mut h, 96, order);
-            put32(&mut h, 100, V3_HEADER_LEN as u32);
+            put64(&mut h, field::COMPATIBLE_FEATURES, u64::from(self.lazy_refcounts));
+            put32(&mut h, field::REFCOUNT_ORDER, order);
+            put32(&mut h, field::HEADER_LENGTH, V3_HEADER_LEN as u32);
             at = V3_HEADER_LEN;
         }
         let overflow = || {
@@ -145,8 +146,8 @@ impl CreateOptions {
             if at + name.len() > h.len() {
                 return Err(overflow());
             }
-            put64(&mut h, 8, at as u64);
-            put32(&mut h, 16, name.len() as u32);
+            put64(&mut h, field::BACKING_FILE_OFFSET, at as u64);
+            put32(&mut h, field::BACKING_FILE_SIZE, name.len() as u32);
             h[at..at + name.len()].copy_from_slice(name.as_bytes());
         }
         Ok(h)
@@ -215,12 +216,11 @@ pub fn create(co: &Co, file: &BlockNode, options: &CreateOptions) -> io::Result<
     let per_block = (cs * 8) >> order;
 
     file.truncate(co, 0)?;
-    let mut table = vec![0u8; (layout.table_clusters * cs) as usize];
+    let block_offsets: Vec<u64> =
+        (0..layout.blocks).map(|n| (1 + layout.table_clusters + n) * cs).collect();
+    let mut table = encode_table(&block_offsets);
+    table.resize((layout.table_clusters * cs) as usize, 0);
     let mut blocks = vec![0u8; (layout.blocks * cs) as usize];
-    for n in 0..layout.blocks {
-        let offset = (1 + layout.table_clusters + n) * cs;
-        table[n as usize * 8..n as usize * 8 + 8].copy_from_slice(&offset.to_be_bytes());
-    }
     for cluster in 0..used {
         let block = &mut blocks[((cluster / per_block) * cs) as usize..][..cs as usize];
         set_entry(block, order, (cluster % per_block) as usize, 1);

@@ -18,6 +18,7 @@ use super::metadata::Metadata;
 use super::offsets::{GuestOffset, HostOffset};
 use super::refcount::Refcounts;
 use super::refuse;
+use super::table::decode_table;
 use crate::driver::{Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 use crate::node::{BlockNode, Child};
 
@@ -134,12 +135,7 @@ impl Qcow2Driver {
         }
         let mut raw = vec![0u8; l1_bytes as usize];
         read_exact_at(co, &node, header.l1_table_offset.0, &mut raw)?;
-        let l1: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|entry| {
-                u64::from_be_bytes(entry.try_into().expect("chunks_exact(8) yields 8 bytes"))
-            })
-            .collect();
+        let l1: Vec<u64> = decode_table(&raw).collect();
         let geometry = header.geometry;
         // Not capped by the L1 table's size: it can grow (truncate), and the cache only
         // holds the tables it has met.
@@ -187,12 +183,7 @@ impl Qcow2Driver {
         }
         let mut raw = vec![0u8; self.header.geometry.cluster_size() as usize];
         read_exact_at(co, &self.file.node(), offset.0, &mut raw)?;
-        let table: Arc<[u64]> = raw
-            .chunks_exact(8)
-            .map(|entry| {
-                u64::from_be_bytes(entry.try_into().expect("chunks_exact(8) yields 8 bytes"))
-            })
-            .collect();
+        let table: Arc<[u64]> = decode_table(&raw).collect();
         meta.cache_l2(co, &self.file.node(), offset, table.clone())?;
         Ok(table)
     }
@@ -201,11 +192,8 @@ impl Qcow2Driver {
     fn lookup(&self, co: &Co, offset: GuestOffset, len: u64) -> io::Result<Run> {
         let geometry = self.header.geometry;
         let cluster_size = geometry.cluster_size();
-        let cluster = geometry.cluster_of(offset);
-        let position = geometry.position(cluster);
-        let in_cluster = geometry.offset_in_cluster(offset);
-        let table_end = (position.l1_index + 1).saturating_mul(geometry.bytes_per_l2());
-        let max = len.min(table_end - offset.0);
+        let span = geometry.table_span(offset, len);
+        let (position, in_cluster) = (span.position, span.in_cluster);
 
         let mut meta = self.metadata.lock(co);
         let file_len = meta.image_end;
@@ -221,7 +209,7 @@ impl Qcow2Driver {
             corrupt(format!("{offset}: L1 entry {} ({l1_raw:#018x}): {why}", position.l1_index))
         })?;
         let Some(l2_offset) = l2_offset else {
-            return Ok(Run { mapping: ClusterMapping::Unallocated, len: max });
+            return Ok(Run { mapping: ClusterMapping::Unallocated, len: span.len });
         };
         let table = self.l2_table(co, &mut meta, l2_offset)?;
         drop(meta);
@@ -239,12 +227,11 @@ impl Qcow2Driver {
             })
         };
         let first = decode(position.l2_index)?;
-        let mut covered = cluster_size - in_cluster;
-        let mut index = position.l2_index + 1;
+        let mut count = 1;
         if !matches!(first, ClusterMapping::Compressed { .. }) {
-            while covered < max && index < table.len() {
-                let step = (index - position.l2_index) as u64 * cluster_size;
-                let continues = match (first, decode(index)?) {
+            while count < span.clusters {
+                let step = count * cluster_size;
+                let continues = match (first, decode(position.l2_index + count as usize)?) {
                     (ClusterMapping::Unallocated, ClusterMapping::Unallocated)
                     | (ClusterMapping::Zero, ClusterMapping::Zero) => true,
                     (ClusterMapping::Data(start), ClusterMapping::Data(next)) => {
@@ -255,15 +242,14 @@ impl Qcow2Driver {
                 if !continues {
                     break;
                 }
-                covered += cluster_size;
-                index += 1;
+                count += 1;
             }
         }
         let mapping = match first {
             ClusterMapping::Data(start) => ClusterMapping::Data(HostOffset(start.0 + in_cluster)),
             other => other,
         };
-        Ok(Run { mapping, len: covered.min(max) })
+        Ok(Run { mapping, len: span.len_in(count) })
     }
 
     /// Fills `bufs` with the guest bytes from `guest` that this image does not hold: from

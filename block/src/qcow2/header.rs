@@ -11,7 +11,7 @@ use super::{corrupt, refuse};
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// The length of a version 2 header (and of the fields every version shares).
-const V2_HEADER_LEN: usize = 72;
+pub(crate) const V2_HEADER_LEN: usize = 72;
 /// The shortest version 3 header.
 const V3_HEADER_LEN: usize = 104;
 /// The largest L1 table QEMU opens (32 MiB of entries).
@@ -27,7 +27,8 @@ const MAX_BACKING_FORMAT: u32 = 15;
 
 /// Header extension types.
 const EXT_END: u32 = 0;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// The backing file format name extension.
+pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 
 /// Incompatible feature bits.
@@ -38,6 +39,48 @@ const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Compatible feature bits.
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+
+/// The byte offsets of the header fields after the magic (big-endian; `u32` or `u64` as the
+/// spec says), for the parser and for the code that writes fields (create, resize, the
+/// refcount table).
+pub(crate) mod field {
+    /// `version` (u32).
+    pub(crate) const VERSION: usize = 4;
+    /// `backing_file_offset` (u64).
+    pub(crate) const BACKING_FILE_OFFSET: usize = 8;
+    /// `backing_file_size` (u32).
+    pub(crate) const BACKING_FILE_SIZE: usize = 16;
+    /// `cluster_bits` (u32).
+    pub(crate) const CLUSTER_BITS: usize = 20;
+    /// `size`, the virtual disk size (u64).
+    pub(crate) const SIZE: usize = 24;
+    /// `crypt_method` (u32).
+    pub(crate) const CRYPT_METHOD: usize = 32;
+    /// `l1_size` (u32), right before the L1 table offset.
+    pub(crate) const L1_SIZE: usize = 36;
+    /// `l1_table_offset` (u64).
+    pub(crate) const L1_TABLE_OFFSET: usize = 40;
+    /// `refcount_table_offset` (u64), right before the refcount table's cluster count.
+    pub(crate) const REFCOUNT_TABLE_OFFSET: usize = 48;
+    /// `refcount_table_clusters` (u32).
+    pub(crate) const REFCOUNT_TABLE_CLUSTERS: usize = 56;
+    /// `nb_snapshots` (u32).
+    pub(crate) const NB_SNAPSHOTS: usize = 60;
+    /// `snapshots_offset` (u64).
+    pub(crate) const SNAPSHOTS_OFFSET: usize = 64;
+    /// `incompatible_features` (u64, version 3).
+    pub(crate) const INCOMPATIBLE_FEATURES: usize = 72;
+    /// `compatible_features` (u64, version 3).
+    pub(crate) const COMPATIBLE_FEATURES: usize = 80;
+    /// `autoclear_features` (u64, version 3).
+    pub(crate) const AUTOCLEAR_FEATURES: usize = 88;
+    /// `refcount_order` (u32, version 3).
+    pub(crate) const REFCOUNT_ORDER: usize = 96;
+    /// `header_length` (u32, version 3).
+    pub(crate) const HEADER_LENGTH: usize = 100;
+    /// `compression_type` (one byte, present if `header_length` covers it).
+    pub(crate) const COMPRESSION_TYPE: usize = 104;
+}
 
 /// How compressed clusters are compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,7 +178,8 @@ impl Header {
     /// The cluster size a header claims, read before the rest (to know how much of the
     /// file is the first cluster). `None` if `bytes` are too short or not qcow2.
     pub fn peek_cluster_bits(bytes: &[u8]) -> Option<u32> {
-        (bytes.len() >= 24 && Header::has_magic(bytes)).then(|| Fields(bytes).u32(20))
+        (bytes.len() >= field::CLUSTER_BITS + 4 && Header::has_magic(bytes))
+            .then(|| Fields(bytes).u32(field::CLUSTER_BITS))
     }
 
     /// Parses the header from `first_cluster` (the first cluster of the file, or all of it if
@@ -162,11 +206,11 @@ impl Header {
             )));
         }
         let f = Fields(first_cluster);
-        let version = f.u32(4);
+        let version = f.u32(field::VERSION);
         if version != 2 && version != 3 {
             return Err(refuse(format!("qcow2 version {version} (only 2 and 3 are supported)")));
         }
-        let cluster_bits = f.u32(20);
+        let cluster_bits = f.u32(field::CLUSTER_BITS);
         if !(9..=21).contains(&cluster_bits) {
             return Err(corrupt(format!(
                 "cluster_bits is {cluster_bits}; it must be 9..=21 (512 B to 2 MiB clusters)"
@@ -185,7 +229,13 @@ impl Header {
                     cluster.len()
                 )));
             }
-            (f.u64(72), f.u64(80), f.u64(88), f.u32(96), f.u32(100))
+            (
+                f.u64(field::INCOMPATIBLE_FEATURES),
+                f.u64(field::COMPATIBLE_FEATURES),
+                f.u64(field::AUTOCLEAR_FEATURES),
+                f.u32(field::REFCOUNT_ORDER),
+                f.u32(field::HEADER_LENGTH),
+            )
         };
         if version == 3
             && (header_length < V3_HEADER_LEN as u32
@@ -209,16 +259,16 @@ impl Header {
         let mut header = Header {
             version,
             geometry,
-            virtual_size: f.u64(24),
+            virtual_size: f.u64(field::SIZE),
             backing_file: None,
             backing_format: None,
-            l1_size: f.u32(36),
-            l1_table_offset: HostOffset(f.u64(40)),
-            refcount_table_offset: HostOffset(f.u64(48)),
-            refcount_table_clusters: f.u32(56),
+            l1_size: f.u32(field::L1_SIZE),
+            l1_table_offset: HostOffset(f.u64(field::L1_TABLE_OFFSET)),
+            refcount_table_offset: HostOffset(f.u64(field::REFCOUNT_TABLE_OFFSET)),
+            refcount_table_clusters: f.u32(field::REFCOUNT_TABLE_CLUSTERS),
             refcount_order,
-            nb_snapshots: f.u32(60),
-            snapshots_offset: HostOffset(f.u64(64)),
+            nb_snapshots: f.u32(field::NB_SNAPSHOTS),
+            snapshots_offset: HostOffset(f.u64(field::SNAPSHOTS_OFFSET)),
             incompatible_features: incompatible,
             compatible_features: compatible,
             autoclear_features: autoclear,
@@ -227,8 +277,8 @@ impl Header {
             feature_names: Vec::new(),
         };
 
-        let backing_file_offset = f.u64(8);
-        let backing_file_size = u64::from(f.u32(16));
+        let backing_file_offset = f.u64(field::BACKING_FILE_OFFSET);
+        let backing_file_size = u64::from(f.u32(field::BACKING_FILE_SIZE));
         let extensions_end = if backing_file_offset != 0 {
             if backing_file_offset < u64::from(header_length)
                 || backing_file_size > MAX_BACKING_NAME
@@ -321,7 +371,7 @@ impl Header {
 
     /// Refuses what this driver cannot read correctly.
     fn check_features(&mut self, first_cluster: &[u8]) -> io::Result<()> {
-        let crypt_method = Fields(first_cluster).u32(32);
+        let crypt_method = Fields(first_cluster).u32(field::CRYPT_METHOD);
         match crypt_method {
             0 => {}
             1 => return Err(refuse("encryption (AES, crypt_method 1) is not supported")),
@@ -347,7 +397,11 @@ impl Header {
                  bit 4) are not supported",
             ));
         }
-        let compression_type = if self.header_length > 104 { first_cluster[104] } else { 0 };
+        let compression_type = if self.header_length as usize > field::COMPRESSION_TYPE {
+            first_cluster[field::COMPRESSION_TYPE]
+        } else {
+            0
+        };
         match (incompatible & INCOMPAT_COMPRESSION != 0, compression_type) {
             (false, 0) => {}
             (false, other) => {

@@ -2,6 +2,7 @@
 //! buffers into the pieces that clusters map.
 
 use std::io::{self, IoSlice, IoSliceMut};
+use std::ops::Range;
 
 use aiocoro::coroutine::Co;
 
@@ -68,22 +69,12 @@ pub(crate) fn sub_slices_ref<'a>(
     start: usize,
     len: usize,
 ) -> Vec<IoSlice<'a>> {
-    let end = start + len;
-    let mut pieces = Vec::new();
-    let mut at = 0;
-    for buf in bufs {
-        let buf_len = buf.len();
-        let (from, to) = (start.max(at), end.min(at + buf_len));
-        if from < to {
-            let slice: &'a [u8] = &buf[from - at..to - at];
-            pieces.push(IoSlice::new(slice));
-        }
-        at += buf_len;
-        if at >= end {
-            break;
-        }
-    }
-    pieces
+    let mut window = window(start, len);
+    bufs.iter()
+        .map_while(|buf| Some((window(buf.len())?, buf)))
+        .filter(|(range, _)| !range.is_empty())
+        .map(|(range, buf)| IoSlice::new(&buf[range]))
+        .collect()
 }
 
 /// The `len` bytes of `bufs` from byte `start` on, as slices of them.
@@ -92,22 +83,28 @@ pub(crate) fn sub_slices<'a>(
     start: usize,
     len: usize,
 ) -> Vec<IoSliceMut<'a>> {
+    let mut window = window(start, len);
+    bufs.iter_mut()
+        .map_while(|buf| Some((window(buf.len())?, buf)))
+        .filter(|(range, _)| !range.is_empty())
+        .map(|(range, buf)| IoSliceMut::new(&mut buf[range]))
+        .collect()
+}
+
+/// Given the lengths of buffers one after the other, the part of each that holds bytes
+/// `start..start + len` of them all (empty if none), until a buffer starts past them (`None`).
+fn window(start: usize, len: usize) -> impl FnMut(usize) -> Option<Range<usize>> {
     let end = start + len;
-    let mut pieces = Vec::new();
     let mut at = 0;
-    for buf in bufs.iter_mut() {
-        let buf_len = buf.len();
-        let (from, to) = (start.max(at), end.min(at + buf_len));
-        if from < to {
-            let slice: &'a mut [u8] = &mut buf[from - at..to - at];
-            pieces.push(IoSliceMut::new(slice));
-        }
-        at += buf_len;
+    move |buf_len| {
         if at >= end {
-            break;
+            return None;
         }
+        let (from, to) = (start.max(at), end.min(at + buf_len));
+        let range = if from < to { from - at..to - at } else { 0..0 };
+        at += buf_len;
+        Some(range)
     }
-    pieces
 }
 
 /// A copy of the first `len` bytes of `bufs`, in one buffer.

@@ -2,21 +2,38 @@
 //! Tables changed by writes are dirty until written back; the driver writes a dirty table
 //! back (after the refcounts it depends on) before it is evicted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::offsets::HostOffset;
 
+/// A cached table and its neighbours in the order of use.
+struct Slot {
+    offset: HostOffset,
+    table: Arc<[u64]>,
+    /// The slot used just before this one; `None` for the least recently used.
+    older: Option<usize>,
+    /// The slot used just after this one; `None` for the most recently used.
+    newer: Option<usize>,
+}
+
 /// L2 tables by their host offset, decoded to native-endian entries. At most `capacity`.
+///
+/// The order of use is a list linked through the slots, so that a hit moves its table to the
+/// front without allocating or rebalancing anything, and the least recently used table is
+/// at the other end.
 pub(crate) struct L2Cache {
     capacity: usize,
-    /// Increases with every use; the smallest live stamp is the least recently used.
-    clock: u64,
-    tables: HashMap<HostOffset, (u64, Arc<[u64]>)>,
+    /// The slot of each cached table.
+    slot_of: HashMap<HostOffset, usize>,
+    /// The cached tables, in no order (a slot is reused when its table is evicted).
+    slots: Vec<Slot>,
+    /// The least recently used slot, `None` when empty.
+    oldest: Option<usize>,
+    /// The most recently used slot, `None` when empty.
+    newest: Option<usize>,
     /// Tables changed since they were last written.
     dirty: BTreeSet<HostOffset>,
-    /// Stamp -> table, for finding the least recently used.
-    by_age: BTreeMap<u64, HostOffset>,
 }
 
 impl L2Cache {
@@ -24,36 +41,37 @@ impl L2Cache {
     pub(crate) fn new(capacity: usize) -> L2Cache {
         L2Cache {
             capacity: capacity.max(1),
-            clock: 0,
-            tables: HashMap::new(),
+            slot_of: HashMap::new(),
+            slots: Vec::new(),
+            oldest: None,
+            newest: None,
             dirty: BTreeSet::new(),
-            by_age: BTreeMap::new(),
         }
     }
 
     /// The table at `offset`, marked as just used.
     pub(crate) fn get(&mut self, offset: HostOffset) -> Option<Arc<[u64]>> {
-        self.clock += 1;
-        let (stamp, table) = self.tables.get_mut(&offset)?;
-        self.by_age.remove(stamp);
-        *stamp = self.clock;
-        self.by_age.insert(self.clock, offset);
-        Some(table.clone())
+        let slot = *self.slot_of.get(&offset)?;
+        self.mark_used(slot);
+        Some(self.slots[slot].table.clone())
     }
 
     /// The table that the next insertion of a new table would evict, if it is dirty: the
     /// caller writes it back and marks it clean first.
     pub(crate) fn dirty_victim(&self, offset: HostOffset) -> Option<(HostOffset, Arc<[u64]>)> {
-        if self.tables.len() < self.capacity || self.tables.contains_key(&offset) {
+        if self.slot_of.len() < self.capacity || self.slot_of.contains_key(&offset) {
             return None;
         }
-        let (_, oldest) = self.by_age.first_key_value()?;
-        self.dirty.contains(oldest).then(|| (*oldest, self.tables[oldest].1.clone()))
+        let oldest = &self.slots[self.oldest?];
+        self.dirty.contains(&oldest.offset).then(|| (oldest.offset, oldest.table.clone()))
     }
 
     /// The dirty tables.
     pub(crate) fn dirty(&self) -> Vec<(HostOffset, Arc<[u64]>)> {
-        self.dirty.iter().map(|offset| (*offset, self.tables[offset].1.clone())).collect()
+        self.dirty
+            .iter()
+            .map(|offset| (*offset, self.slots[self.slot_of[offset]].table.clone()))
+            .collect()
     }
 
     /// Records that the table at `offset` was written back.
@@ -64,9 +82,10 @@ impl L2Cache {
     /// The cached table at `offset`, to change in place, marked as just used and dirty until
     /// written. It is copied only if a reader still holds the old version.
     pub(crate) fn get_mut(&mut self, offset: HostOffset) -> Option<&mut [u64]> {
-        self.get(offset)?;
+        let slot = *self.slot_of.get(&offset)?;
+        self.mark_used(slot);
         self.dirty.insert(offset);
-        self.tables.get_mut(&offset).map(|(_, table)| Arc::make_mut(table))
+        Some(Arc::make_mut(&mut self.slots[slot].table))
     }
 
     /// Replaces (or adds) the table at `offset` with a changed one, dirty until written.
@@ -75,28 +94,71 @@ impl L2Cache {
         self.dirty.insert(offset);
     }
 
-    /// Adds the table at `offset`, evicting the least recently used one when full (which
-    /// must be clean: see [`L2Cache::dirty_victim`]).
+    /// Adds the table at `offset` (replacing the cached one, if any) as just used, evicting
+    /// the least recently used one when full (which must be clean: see
+    /// [`L2Cache::dirty_victim`]).
     pub(crate) fn insert(&mut self, offset: HostOffset, table: Arc<[u64]>) {
-        self.clock += 1;
-        if let Some((stamp, _)) = self.tables.remove(&offset) {
-            self.by_age.remove(&stamp);
+        if let Some(&slot) = self.slot_of.get(&offset) {
+            self.slots[slot].table = table;
+            self.mark_used(slot);
+            return;
         }
-        if self.tables.len() >= self.capacity
-            && let Some((_, oldest)) = self.by_age.pop_first()
-        {
-            self.tables.remove(&oldest);
-            debug_assert!(!self.dirty.contains(&oldest), "qcow2: evicted a dirty L2 table");
-            self.dirty.remove(&oldest);
+        let fresh = Slot { offset, table, older: None, newer: None };
+        let slot = match self.oldest {
+            Some(oldest) if self.slot_of.len() >= self.capacity => {
+                self.unlink(oldest);
+                let evicted = self.slots[oldest].offset;
+                self.slot_of.remove(&evicted);
+                debug_assert!(!self.dirty.contains(&evicted), "qcow2: evicted a dirty L2 table");
+                self.dirty.remove(&evicted);
+                self.slots[oldest] = fresh;
+                oldest
+            }
+            _ => {
+                self.slots.push(fresh);
+                self.slots.len() - 1
+            }
+        };
+        self.slot_of.insert(offset, slot);
+        self.push_newest(slot);
+    }
+
+    /// Moves `slot` to the most recently used end of the list.
+    fn mark_used(&mut self, slot: usize) {
+        if self.newest != Some(slot) {
+            self.unlink(slot);
+            self.push_newest(slot);
         }
-        self.tables.insert(offset, (self.clock, table));
-        self.by_age.insert(self.clock, offset);
+    }
+
+    /// Takes `slot` out of the list (its own links are left for the caller to set).
+    fn unlink(&mut self, slot: usize) {
+        let (older, newer) = (self.slots[slot].older, self.slots[slot].newer);
+        match older {
+            Some(older) => self.slots[older].newer = newer,
+            None => self.oldest = newer,
+        }
+        match newer {
+            Some(newer) => self.slots[newer].older = older,
+            None => self.newest = older,
+        }
+    }
+
+    /// Links `slot`, which is in no list, in as the most recently used.
+    fn push_newest(&mut self, slot: usize) {
+        self.slots[slot].older = self.newest;
+        self.slots[slot].newer = None;
+        match self.newest {
+            Some(newest) => self.slots[newest].newer = Some(slot),
+            None => self.oldest = Some(slot),
+        }
+        self.newest = Some(slot);
     }
 
     /// The number of cached tables.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.tables.len()
+        self.slot_of.len()
     }
 }
 
@@ -119,5 +181,46 @@ mod tests {
         cache.insert(HostOffset(3), table(33));
         assert_eq!(cache.get(HostOffset(3)).unwrap()[0], 33);
         assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn keeps_the_order_of_use_of_a_plain_list() {
+        // A list of offsets, most recently used last, is the model; gets, inserts and
+        // changes in a fixed pseudo-random order must leave the same tables cached.
+        let mut cache = L2Cache::new(5);
+        let mut model: Vec<u64> = Vec::new();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for step in 0..2000u64 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let offset = seed % 9;
+            let cached = model.iter().position(|&o| o == offset);
+            match seed >> 60 {
+                0..=7 => assert_eq!(cache.get(HostOffset(offset)).is_some(), cached.is_some()),
+                8..=9 => {
+                    let changed = cache.get_mut(HostOffset(offset)).map(|t| t[0] = step);
+                    assert_eq!(changed.is_some(), cached.is_some());
+                    cache.mark_clean(HostOffset(offset));
+                }
+                _ => {
+                    cache.insert(HostOffset(offset), vec![step].into());
+                    if cached.is_none() && model.len() == 5 {
+                        model.remove(0);
+                    }
+                }
+            }
+            if let Some(at) = model.iter().position(|&o| o == offset) {
+                model.remove(at);
+                model.push(offset);
+            } else if seed >> 60 >= 10 {
+                model.push(offset);
+            }
+            for o in 0..9 {
+                assert_eq!(cache.slot_of.contains_key(&HostOffset(o)), model.contains(&o));
+            }
+            let oldest = cache.oldest.map(|slot| cache.slots[slot].offset.0);
+            assert_eq!(oldest, model.first().copied(), "step {step}");
+        }
     }
 }

@@ -29,6 +29,7 @@ use super::io::write_at;
 use super::l2_cache::L2Cache;
 use super::offsets::HostOffset;
 use super::refcount::Refcounts;
+use super::table::encode_table;
 use crate::node::BlockNode;
 
 /// What the write path needs besides the tables: present when the image is open
@@ -66,11 +67,6 @@ pub(crate) struct Metadata {
     pub(crate) image_end: u64,
     /// `None` when the image is open read-only.
     pub(crate) writer: Option<Writer>,
-}
-
-/// Table entries as big-endian bytes.
-pub(crate) fn encode_table(table: &[u64]) -> Vec<u8> {
-    table.iter().flat_map(|entry| entry.to_be_bytes()).collect()
 }
 
 impl Metadata {

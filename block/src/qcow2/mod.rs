@@ -18,9 +18,9 @@
 //!
 //! One concept per file: [`offsets`] (guest/host offsets and cluster indices as distinct
 //! types), [`header`] (header, extensions, features), `mapping` (L1/L2 entries), `l2_cache`,
-//! `compressed` (inflate), `io` (child I/O at its alignment), [`backing`] (finding the
-//! backing file), `driver` ([`Qcow2Driver`], reads), `create`, `refcount` (refcounts and the
-//! allocator), `metadata` (what the lock guards, write-back order), `allocation` (in-flight
+//! `table` (tables of big-endian entries as stored), `compressed` (inflate), `io` (child I/O
+//! at its alignment), [`backing`] (finding the backing file), `driver` ([`Qcow2Driver`],
+//! reads), `create`, `refcount` (refcounts and the allocator), `metadata` (what the lock guards, write-back order), `allocation` (in-flight
 //! allocations and the writes merged into them), `write` (allocating writes), `discard`
 //! (discard and zero clusters), `resize` (growing).
 
@@ -39,6 +39,7 @@ mod metadata;
 pub mod offsets;
 mod refcount;
 mod resize;
+mod table;
 mod write;
 
 pub use backing::{BackingSpec, resolve_backing};

@@ -77,6 +77,29 @@ pub struct TablePosition {
     pub l2_index: usize,
 }
 
+/// The part of a guest request that one L2 table maps: from the request's first byte to its
+/// end or to the end of that table, whichever comes first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TableSpan {
+    /// Where the first cluster's L2 entry is.
+    pub(crate) position: TablePosition,
+    /// How far into its first cluster the span starts.
+    pub(crate) in_cluster: u64,
+    /// The span's length in bytes.
+    pub(crate) len: u64,
+    /// How many clusters (L2 entries from `position`) it touches.
+    pub(crate) clusters: u64,
+    /// The cluster size in bytes.
+    cluster_size: u64,
+}
+
+impl TableSpan {
+    /// The bytes of the span that its first `count` clusters hold.
+    pub(crate) fn len_in(&self, count: u64) -> u64 {
+        self.len.min(count * self.cluster_size - self.in_cluster)
+    }
+}
+
 impl Geometry {
     /// The geometry of clusters of `1 << cluster_bits` bytes with 8-byte L2 entries.
     ///
@@ -144,6 +167,18 @@ impl Geometry {
         }
     }
 
+    /// The part of a request of `len` bytes from `offset` inside the L2 table of its first
+    /// cluster.
+    pub(crate) fn table_span(&self, offset: GuestOffset, len: u64) -> TableSpan {
+        let position = self.position(self.cluster_of(offset));
+        let in_cluster = self.offset_in_cluster(offset);
+        let table_end = (position.l1_index + 1).saturating_mul(self.bytes_per_l2());
+        let len = len.min(table_end - offset.0);
+        let cluster_size = self.cluster_size();
+        let clusters = (in_cluster + len).div_ceil(cluster_size);
+        TableSpan { position, in_cluster, len, clusters, cluster_size }
+    }
+
     /// The L1 entries needed to map `virtual_size` bytes (QEMU's `size_to_l1`).
     pub fn l1_entries_for(&self, virtual_size: u64) -> u64 {
         virtual_size.div_ceil(self.bytes_per_l2())
@@ -168,6 +203,16 @@ mod tests {
         assert_eq!(geometry.l1_entries_for(1), 1);
         assert_eq!(geometry.l1_entries_for(512 << 20), 1);
         assert_eq!(geometry.l1_entries_for((512 << 20) + 1), 2);
+    }
+
+    #[test]
+    fn a_span_stops_at_the_end_of_its_l2_table() {
+        let geometry = Geometry::new(16);
+        let span = geometry.table_span(GuestOffset((512 << 20) - 65536 - 100), 1 << 20);
+        assert_eq!((span.in_cluster, span.len, span.clusters), (65436, 65636, 2));
+        assert_eq!((span.len_in(1), span.len_in(2)), (100, 65636));
+        let span = geometry.table_span(GuestOffset(10), 20);
+        assert_eq!((span.len, span.clusters, span.len_in(1)), (20, 1, 20));
     }
 
     #[test]

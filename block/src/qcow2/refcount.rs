@@ -19,12 +19,11 @@ use std::io;
 use aiocoro::coroutine::Co;
 
 use super::corrupt;
+use super::header::{MAX_REFCOUNT_TABLE_BYTES, field};
 use super::io::{read_exact_at, write_at};
 use super::offsets::{Geometry, HostOffset};
+use super::table::{decode_table, encode_table};
 use crate::node::BlockNode;
-
-/// Where the header keeps the refcount table offset (followed by its cluster count).
-const HEADER_REFCOUNT_TABLE: u64 = 48;
 
 /// The refcount of entry `index` of a block of `2^order`-bit big-endian entries (entries
 /// narrower than a byte are packed from the least significant bit, as QEMU does).
@@ -116,15 +115,9 @@ impl Refcounts {
     ) -> io::Result<Refcounts> {
         let mut raw = vec![0u8; (u64::from(clusters) * geometry.cluster_size()) as usize];
         read_exact_at(co, file, offset.0, &mut raw)?;
-        let table = raw
-            .chunks_exact(8)
-            // Bits 0-8 are reserved; every other bit is the block's offset (checked when
-            // the block is loaded).
-            .map(|entry| {
-                u64::from_be_bytes(entry.try_into().expect("chunks_exact(8) yields 8 bytes"))
-                    & !0x1ff
-            })
-            .collect();
+        // Bits 0-8 are reserved; every other bit is the block's offset (checked when the
+        // block is loaded).
+        let table = decode_table(&raw).map(|entry| entry & !0x1ff).collect();
         Ok(Refcounts {
             geometry,
             order,
@@ -428,7 +421,7 @@ impl Refcounts {
             }
             (blocks, table_clusters) = (new_blocks, new_table);
         };
-        if len * 8 > super::header::MAX_REFCOUNT_TABLE_BYTES {
+        if len * 8 > MAX_REFCOUNT_TABLE_BYTES {
             return Err(super::refuse("the image is too large for its refcount table"));
         }
         let mut table = self.table.clone();
@@ -446,13 +439,15 @@ impl Refcounts {
             self.insert(co, file, slot as usize, offset, bytes)?;
         }
         let table_offset = HostOffset((area + blocks) << bits);
-        let raw: Vec<u8> = table.iter().flat_map(|entry| entry.to_be_bytes()).collect();
-        write_at(co, file, table_offset.0, &raw)?;
+        write_at(co, file, table_offset.0, &encode_table(&table))?;
         file.flush(co)?;
-        let mut header = [0u8; 12];
-        header[..8].copy_from_slice(&table_offset.0.to_be_bytes());
-        header[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        write_at(co, file, HEADER_REFCOUNT_TABLE, &header)?;
+        // The table's offset and cluster count, adjacent in the header: one write.
+        let at = field::REFCOUNT_TABLE_OFFSET;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&table_offset.0.to_be_bytes());
+        fields[field::REFCOUNT_TABLE_CLUSTERS - at..]
+            .copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        write_at(co, file, at as u64, &fields)?;
         file.flush(co)?;
         let (old_offset, old_len) = (self.table_offset, self.table.len() as u64 * 8);
         self.table = table;

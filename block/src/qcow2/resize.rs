@@ -7,16 +7,12 @@ use std::io;
 use aiocoro::coroutine::Co;
 
 use super::driver::Qcow2Driver;
-use super::header::MAX_L1_BYTES;
+use super::header::{MAX_L1_BYTES, field};
 use super::io::write_at;
-use super::metadata::{encode_table, writable};
+use super::metadata::writable;
+use super::table::encode_table;
 use super::write::refuse_read_only;
 use crate::error::invalid_input;
-
-/// Where the header keeps the virtual size.
-const HEADER_SIZE: u64 = 24;
-/// Where the header keeps the L1 size (followed by the L1 table offset).
-const HEADER_L1: u64 = 36;
 
 impl Qcow2Driver {
     /// Grows the virtual disk to `len` bytes. A new L1 table is written and flushed (with
@@ -55,10 +51,12 @@ impl Qcow2Driver {
                 meta.free_unnamed(co, &file, offset, raw.len() as u64);
                 return Err(error);
             }
+            // The L1 size and offset, adjacent in the header: one write.
+            let at = field::L1_SIZE;
             let mut fields = [0u8; 12];
             fields[..4].copy_from_slice(&(needed as u32).to_be_bytes());
-            fields[4..].copy_from_slice(&offset.0.to_be_bytes());
-            write_at(co, &file, HEADER_L1, &fields)?;
+            fields[field::L1_TABLE_OFFSET - at..].copy_from_slice(&offset.0.to_be_bytes());
+            write_at(co, &file, at as u64, &fields)?;
             file.flush(co)?;
             let (old_offset, old_len) = (meta.l1_offset, meta.l1.len() as u64 * 8);
             meta.l1 = l1;
@@ -67,7 +65,7 @@ impl Qcow2Driver {
                 writable(&mut meta.writer).refcounts.free(co, &file, old_offset, old_len)?;
             }
         }
-        write_at(co, &file, HEADER_SIZE, &len.to_be_bytes())?;
+        write_at(co, &file, field::SIZE as u64, &len.to_be_bytes())?;
         file.flush(co)?;
         meta.virtual_size = len;
         Ok(())

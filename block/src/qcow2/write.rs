@@ -124,11 +124,8 @@ impl Qcow2Driver {
         let geometry = self.header.geometry;
         let cluster_size = geometry.cluster_size();
         let cluster = geometry.cluster_of(guest);
-        let position = geometry.position(cluster);
-        let in_cluster = geometry.offset_in_cluster(guest);
-        let table_end = (position.l1_index + 1) * geometry.bytes_per_l2();
-        let max = len.min(table_end - guest.0);
-        let clusters = (in_cluster + max).div_ceil(cluster_size);
+        let span = geometry.table_span(guest, len);
+        let (position, in_cluster, clusters) = (span.position, span.in_cluster, span.clusters);
 
         let l2 = self.l2_offset(meta, position.l1_index)?;
         let table = match l2 {
@@ -154,7 +151,7 @@ impl Qcow2Driver {
             {
                 count += 1;
             }
-            let len = max.min(count * cluster_size - in_cluster);
+            let len = span.len_in(count);
             let host = HostOffset(start + in_cluster);
             let _writing = self.in_place.begin(host.0, len);
             return Ok(Step::InPlace { host, len, _writing });
@@ -167,7 +164,7 @@ impl Qcow2Driver {
         {
             count += 1;
         }
-        let len = max.min(count * cluster_size - in_cluster);
+        let len = span.len_in(count);
         let l2 = match l2 {
             Some(offset) => offset,
             None => self.allocate_l2(co, meta, position.l1_index)?,
