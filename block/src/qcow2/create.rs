@@ -18,7 +18,7 @@ use crate::error::invalid_input;
 use crate::node::{BlockGraph, BlockNode};
 
 /// The version 3 header length QEMU writes (with the compression type byte and padding).
-const V3_HEADER_LEN: usize = 112;
+const WRITTEN_V3_HEADER_LEN: usize = 112;
 
 /// The on-disk format version (`compat=` in qemu-img's options).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,8 +120,8 @@ impl CreateOptions {
         if self.compat == Compat::V3 {
             put64(&mut h, field::COMPATIBLE_FEATURES, u64::from(self.lazy_refcounts));
             put32(&mut h, field::REFCOUNT_ORDER, order);
-            put32(&mut h, field::HEADER_LENGTH, V3_HEADER_LEN as u32);
-            at = V3_HEADER_LEN;
+            put32(&mut h, field::HEADER_LENGTH, WRITTEN_V3_HEADER_LEN as u32);
+            at = WRITTEN_V3_HEADER_LEN;
         }
         let overflow = || {
             invalid_input(format!(

@@ -13,7 +13,7 @@ pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 /// The length of a version 2 header (and of the fields every version shares).
 pub(crate) const V2_HEADER_LEN: usize = 72;
 /// The shortest version 3 header.
-const V3_HEADER_LEN: usize = 104;
+const MIN_V3_HEADER_LEN: usize = 104;
 /// The largest L1 table QEMU opens (32 MiB of entries).
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// The largest refcount table QEMU opens (8 MiB).
@@ -168,7 +168,7 @@ impl Fields<'_> {
 impl Header {
     /// How many bytes [`Header::parse`] needs to see at least: the fixed fields of any
     /// version. The whole first cluster is needed for extensions and the backing name.
-    pub const PROBE_LEN: usize = V3_HEADER_LEN;
+    pub const PROBE_LEN: usize = MIN_V3_HEADER_LEN;
 
     /// Whether `bytes` start with the qcow2 magic.
     pub fn has_magic(bytes: &[u8]) -> bool {
@@ -223,9 +223,9 @@ impl Header {
         let (incompatible, compatible, autoclear, refcount_order, header_length) = if version == 2 {
             (0, 0, 0, 4, V2_HEADER_LEN as u32)
         } else {
-            if cluster.len() < V3_HEADER_LEN {
+            if cluster.len() < MIN_V3_HEADER_LEN {
                 return Err(corrupt(format!(
-                    "a version 3 header needs {V3_HEADER_LEN} bytes; the file has {}",
+                    "a version 3 header needs {MIN_V3_HEADER_LEN} bytes; the file has {}",
                     cluster.len()
                 )));
             }
@@ -238,13 +238,13 @@ impl Header {
             )
         };
         if version == 3
-            && (header_length < V3_HEADER_LEN as u32
+            && (header_length < MIN_V3_HEADER_LEN as u32
                 || header_length % 8 != 0
                 || u64::from(header_length) > cluster_size)
         {
             return Err(corrupt(format!(
                 "header_length is {header_length}; it must be a multiple of 8 from \
-                 {V3_HEADER_LEN} to the cluster size {cluster_size}"
+                 {MIN_V3_HEADER_LEN} to the cluster size {cluster_size}"
             )));
         }
         if header_length as usize > cluster.len() {
