@@ -1257,6 +1257,35 @@ mod tests {
         assert_eq!((ring.ops.borrow().len(), ring.owed.get(), ring.in_kernel.get()), (0, 0, 0));
     }
 
+    #[test]
+    fn a_failed_merged_read_sends_each_member_again_alone_for_its_own_error() {
+        let temp = TempFile::new("merged-error", &pattern(4 * LEN));
+        // Write-only: every read fails with EBADF, merged or alone.
+        let file = Rc::new(std::fs::File::options().write(true).open(&temp.path).unwrap());
+        let ctx = AioContext::new().unwrap();
+        let Some(ring) = this_ring() else { return };
+        let errors = Rc::new(RefCell::new(Vec::new()));
+        let coroutines: Vec<_> = (0..4)
+            .map(|i| {
+                let (file, errors) = (file.clone(), errors.clone());
+                ctx.spawn(move |co| {
+                    let mut buf = vec![0u8; LEN];
+                    let error =
+                        preadv(co, file.as_fd(), &mut [IoSliceMut::new(&mut buf)], i * 4096)
+                            .unwrap_err();
+                    // The OS error under the call's name.
+                    let os = error.get_ref().and_then(|error| error.source());
+                    let os = os.and_then(|os| os.downcast_ref::<io::Error>());
+                    errors.borrow_mut().push(os.and_then(io::Error::raw_os_error));
+                })
+            })
+            .collect();
+        ctx.wait_while(|| !coroutines.iter().all(|co| co.is_ended()));
+        assert_eq!(*errors.borrow(), [Some(libc::EBADF); 4]);
+        let stats = ring.stats.get();
+        assert!(stats.merged >= 1 && stats.again == stats.members, "{stats:?}");
+    }
+
     /// Stages a read of `buf` at `offset` of `fd` on `ring`.
     ///
     /// # Safety
