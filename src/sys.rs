@@ -306,6 +306,23 @@ pub(crate) fn uring_enter(ring: &io_uring::IoUring, want: usize) -> io::Result<u
     ring.submit_and_wait(want)
 }
 
+/// Whether a read or write at an offset of `fd`, done a second time, has the same effect as
+/// once: `fd` is a regular file or a block device, not opened with `O_APPEND` (`fstat(2)`,
+/// `fcntl(2)`).
+pub(crate) fn redoable_at_offset(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a whole `struct stat` to the valid, writable place it is given.
+    syscall!(fstat(fd.as_raw_fd(), stat.as_mut_ptr()))?;
+    // SAFETY: fstat succeeded, so it filled `stat`.
+    let mode = unsafe { stat.assume_init() }.st_mode & libc::S_IFMT;
+    if mode != libc::S_IFREG && mode != libc::S_IFBLK {
+        return Ok(false);
+    }
+    // SAFETY: F_GETFL takes only a descriptor, which the kernel validates.
+    let flags = syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
+    Ok(flags & libc::O_APPEND == 0)
+}
+
 /// Runs `call` again for as long as it fails with `EINTR`.
 fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     loop {

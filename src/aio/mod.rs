@@ -47,6 +47,7 @@ mod sleep;
 pub(crate) mod thread_pool;
 mod timer;
 mod uring;
+mod uring_merge;
 mod wait;
 #[cfg(aiocoro_loom)]
 mod wait_model;
