@@ -154,3 +154,39 @@ fn a_new_table_that_cannot_be_written_is_given_back() {
         qemu_check(&dump);
     }
 }
+
+#[test]
+fn a_free_that_fails_at_a_flush_leaves_the_frees_after_it_for_the_next_flush() {
+    // 512-byte clusters: a refcount block counts 256 clusters (128 KiB of file), so 300 KiB
+    // of data spans three blocks. The second block cannot be read. Discarding a cluster it
+    // counts, then one the first block counts, and flushing: the first free fails (its
+    // cluster leaks), the second stays pending and the next flush does it.
+    let scratch = Scratch::new("fail-pending-free");
+    let (made, dump) = (scratch.path("made.qcow2"), scratch.path("dump.qcow2"));
+    let options = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=512"];
+    qemu_img(&[&options[..], &[made.to_str().unwrap(), "1M"]].concat());
+    qemu_io("qcow2", &made, &["write -P 0x33 0 300k"]);
+    let block_2 = peek_u64(&made, peek_u64(&made, 48) + 8);
+    let original = std::fs::read(&made).unwrap();
+    let path = dump.clone();
+    run_in_coroutine(move |co| -> io::Result<()> {
+        let (blk, file, _) = open_in_memory(co, &made, Some(block_2))?;
+        blk.discard(co, 400 * 512, 512)?; // host cluster ~400: the second block's
+        blk.discard(co, 0, 512)?; // host cluster 5: the first block's
+        let error = blk.flush(co).expect_err("the second refcount block cannot be read");
+        assert!(error.to_string().contains("Input/output error"), "{error}");
+        blk.flush(co)?;
+        // Nothing could read or write the second block: it is as it was made.
+        let end = block_2 as usize + 512;
+        let mut bytes = read_node(co, &file, 0, block_2 as usize)?;
+        bytes.extend_from_slice(&original[block_2 as usize..end]);
+        bytes.extend(read_node(co, &file, end as u64, FILE - end)?);
+        std::fs::write(&path, bytes)?;
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+    let (status, text) = check_status(&dump);
+    assert_eq!(status, 3, "leaks only: {text}");
+    assert!(text.contains("1 leaked cluster"), "only the failed free leaks: {text}");
+}

@@ -363,17 +363,6 @@ fn metadata_the_refcounts_do_not_count_is_refused_for_writing_not_overwritten() 
     }
 }
 
-/// `qemu-img check`'s exit status: 0 clean, 2 errors (corruption), 3 only leaks.
-fn check_status(image: &Path) -> (i32, String) {
-    let output = std::process::Command::new("qemu-img")
-        .args(["check", image.to_str().unwrap()])
-        .output()
-        .expect("qemu-img check: install qemu-utils");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.code().unwrap_or(-1), text)
-}
-
 #[test]
 fn images_abandoned_without_a_flush_have_at_worst_leaks() {
     // What was written back before the driver was dropped (refcounts before L2 tables

@@ -211,6 +211,17 @@ pub fn qemu_check(image: &Path) {
     qemu_img(&["check", image.to_str().unwrap()]);
 }
 
+/// `qemu-img check`'s exit status: 0 clean, 2 errors (corruption), 3 only leaks.
+pub fn check_status(image: &Path) -> (i32, String) {
+    let output = std::process::Command::new("qemu-img")
+        .args(["check", image.to_str().unwrap()])
+        .output()
+        .expect("qemu-img check: install qemu-utils");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code().unwrap_or(-1), text)
+}
+
 /// `qemu-img compare` of the qcow2 `image` (backing chain included) with the raw `shadow`.
 pub fn qemu_compare(image: &Path, shadow: &Path) {
     let out = qemu_img(&[
