@@ -1,7 +1,8 @@
 //! Guest writes never land on the image's own metadata: an image made by `qemu-img` and
 //! `qemu-io`, then corrupted so that an L2 entry says "write in place" at a table, or so that
 //! the refcounts call a table free; a write through our driver fails with `InvalidData`
-//! naming the guest offset, the host cluster and the metadata, and the file is unchanged.
+//! naming the guest offset, the host cluster and the metadata, and the file is unchanged;
+//! an entry that names a table as a shared cluster, once overwritten, does not free it.
 
 mod qcow2_support;
 
@@ -96,5 +97,41 @@ fn an_allocation_of_a_table_the_refcounts_call_free_fails_and_writes_nothing() {
         }
         assert!(peek(&image, table, 64 << 10) == before, "{what}: the table changed");
         assert!(std::fs::read(&image).unwrap() == corrupt, "{what}: the image was written");
+    }
+}
+
+#[test]
+fn replacing_a_shared_entry_that_names_metadata_does_not_free_the_metadata() {
+    let scratch = Scratch::new("overlap-shared");
+    let image = written_image(&scratch);
+    let original = std::fs::read(&image).unwrap();
+    let block = peek_u64(&image, peek_u64(&image, 48));
+    for (what, table) in tables(&image) {
+        std::fs::write(&image, &original).unwrap();
+        // Guest cluster 1's entry: "shared, the data is at the table". Writing it allocates
+        // a new cluster and drops the reference the entry held, at the flush: freeing the
+        // table would let the next allocation (first fit) take it.
+        poke(&image, l2_entry_at(&image, 1), &table.to_be_bytes());
+        with_image(&qcow2_rw_options(&image), |co, blk| {
+            blk.write(co, (64 << 10) + 512, &[0xee; 4096])?;
+            blk.flush(co)?;
+            blk.write(co, 4 << 16, &[0xee; 4096])?;
+            blk.flush(co)
+        })
+        .unwrap_or_else(|error| panic!("{what}: {error}"));
+        assert_eq!(peek(&image, block + 2 * (table >> 16), 2), [0, 1], "{what}: its refcount");
+        // The poke itself leaked guest cluster 1's old data cluster; nothing else is wrong.
+        let check = std::process::Command::new("qemu-img")
+            .args(["check", image.to_str().unwrap()])
+            .output()
+            .expect("qemu-img check: install qemu-utils");
+        let text = String::from_utf8_lossy(&check.stdout);
+        assert_eq!(check.status.code(), Some(3), "{what}: {text}");
+        assert!(text.contains("1 leaked clusters") && !text.contains("ERROR"), "{what}: {text}");
+        let data = qemu_raw(&image);
+        assert!(data[..64 << 10].iter().all(|&b| b == 0x5a), "{what}: guest cluster 0");
+        for at in [(64 << 10) + 512, 4 << 16] {
+            assert!(data[at..at + 4096].iter().all(|&b| b == 0xee), "{what}: {at:#x}");
+        }
     }
 }

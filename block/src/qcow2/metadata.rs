@@ -222,7 +222,8 @@ impl Metadata {
     /// Writes back all changed metadata in the safe order, drops the references that
     /// pending frees release (and writes those refcounts), and flushes the file. A pending
     /// free of a range that `busy` says an in-place write is still writing waits for a later
-    /// flush.
+    /// flush; one of metadata (a corrupt L2 entry named a table) is given up, so that the
+    /// table keeps its reference and the allocator never hands it out.
     ///
     /// # Errors
     ///
@@ -245,12 +246,15 @@ impl Metadata {
             }
         }
         file.flush(co)?;
-        if let Some(writer) = &mut self.writer
-            && !writer.pending_frees.is_empty()
-        {
-            let (still_busy, ready): (Vec<_>, Vec<_>) = std::mem::take(&mut writer.pending_frees)
+        let pending = self.writer.as_mut().map(|writer| std::mem::take(&mut writer.pending_frees));
+        if let Some(pending) = pending.filter(|pending| !pending.is_empty()) {
+            let (still_busy, ready): (Vec<_>, Vec<_>) = pending
                 .into_iter()
+                .filter(|&(offset, len)| {
+                    self.metadata_in(&clusters(self.geometry, offset.0, len)).is_none()
+                })
                 .partition(|&(offset, len)| busy(offset, len));
+            let writer = writable(&mut self.writer);
             writer.pending_frees = still_busy;
             let mut ready = ready.into_iter();
             while let Some((offset, len)) = ready.next() {

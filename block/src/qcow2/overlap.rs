@@ -10,7 +10,8 @@
 //! entries of the table that names them (no extra reads) and updated as tables are added.
 //! `Refcounts` keeps its table and blocks, the metadata's writer the L2 tables. A check is a
 //! few comparisons and two ordered-map range queries, under the metadata lock the write
-//! holds anyway.
+//! holds anyway. The same check keeps a flush from dropping a reference that a corrupt L2
+//! entry held to a table (see `Metadata::flush`).
 
 use std::collections::BTreeMap;
 use std::fmt;
