@@ -13,9 +13,10 @@ use super::header::Header;
 use super::in_place::InPlaceWrites;
 use super::io::{copy_into, read_at, read_exact_at, sub_slices, zero};
 use super::l2_cache::L2Cache;
-use super::mapping::{ClusterMapping, decode_l1, decode_l2};
-use super::metadata::Metadata;
+use super::mapping::{ClusterMapping, OFFSET_MASK, decode_l1, decode_l2};
+use super::metadata::{Metadata, Writer};
 use super::offsets::{GuestOffset, HostOffset};
+use super::overlap::TableClusters;
 use super::refcount::Refcounts;
 use super::refuse;
 use super::table::decode_table;
@@ -118,10 +119,10 @@ impl Qcow2Driver {
     ) -> io::Result<Qcow2Driver> {
         let node = file.node();
         let file_len = node.length();
-        let writer = if node.is_read_only() {
+        let refcounts = if node.is_read_only() {
             None
         } else {
-            Some(open_writer(co, &node, &header, caches.refcount_bytes)?)
+            Some(open_refcounts(co, &node, &header, caches.refcount_bytes)?)
         };
         let l1_bytes = u64::from(header.l1_size) * 8;
         if l1_bytes > 0
@@ -137,11 +138,18 @@ impl Qcow2Driver {
         read_exact_at(co, &node, header.l1_table_offset.0, &mut raw)?;
         let l1: Vec<u64> = decode_table(&raw).collect();
         let geometry = header.geometry;
+        let writer = refcounts.map(|refcounts| Writer {
+            refcounts,
+            l2_tables: TableClusters::new(geometry, l1.iter().map(|entry| entry & OFFSET_MASK)),
+            in_flight: Vec::new(),
+            pending_frees: Vec::new(),
+        });
         // Not capped by the L1 table's size: it can grow (truncate), and the cache only
         // holds the tables it has met.
         let tables = caches.l2_bytes / geometry.cluster_size();
         let l2_cache = L2Cache::new(tables as usize);
         let metadata = Metadata {
+            geometry,
             l1,
             l1_offset: header.l1_table_offset,
             l2_cache,
@@ -398,12 +406,12 @@ impl BlockDriver for Qcow2Driver {
 }
 
 /// Checks that the image in `node` may be written and loads its refcount table.
-fn open_writer(
+fn open_refcounts(
     co: &Co,
     node: &BlockNode,
     header: &Header,
     refcount_cache_bytes: u64,
-) -> io::Result<super::metadata::Writer> {
+) -> io::Result<Refcounts> {
     if header.is_dirty() {
         return Err(refuse(
             "the image has the dirty bit set (its refcounts may be stale after QEMU used \
@@ -442,7 +450,7 @@ fn open_writer(
     ] {
         refcounts.check_counted(co, node, what, offset, len)?;
     }
-    Ok(super::metadata::Writer { refcounts, in_flight: Vec::new(), pending_frees: Vec::new() })
+    Ok(refcounts)
 }
 
 impl fmt::Debug for Qcow2Driver {

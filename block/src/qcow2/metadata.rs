@@ -19,7 +19,9 @@
 //! write-back flushes the file first, so an evicted block is stable before any L2 entry that
 //! needs it. Nothing reaches the disk on drop: flush before closing.
 
+use std::fmt;
 use std::io;
+use std::ops::Range;
 use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
@@ -27,7 +29,8 @@ use aiocoro::coroutine::Co;
 use super::allocation::{Allocation, InFlight, Merged};
 use super::io::write_at;
 use super::l2_cache::L2Cache;
-use super::offsets::HostOffset;
+use super::offsets::{Geometry, HostOffset};
+use super::overlap::{Hit, Holder, TableClusters, clusters, first_shared};
 use super::refcount::Refcounts;
 use super::table::encode_table;
 use crate::node::BlockNode;
@@ -36,6 +39,9 @@ use crate::node::BlockNode;
 /// read-write.
 pub(crate) struct Writer {
     pub(crate) refcounts: Refcounts,
+    /// The clusters of the L2 tables the L1 table names, for overlap checks (see
+    /// `overlap`); updated as tables are added.
+    pub(crate) l2_tables: TableClusters,
     pub(crate) in_flight: Vec<InFlight>,
     /// `(offset, bytes)` ranges of host clusters to unreference once the L2 tables that
     /// stopped naming them are on disk.
@@ -55,6 +61,8 @@ pub(crate) fn writable(writer: &mut Option<Writer>) -> &mut Writer {
 
 /// The metadata the lock protects.
 pub(crate) struct Metadata {
+    /// The image's cluster geometry.
+    pub(crate) geometry: Geometry,
     /// The active L1 table, decoded.
     pub(crate) l1: Vec<u64>,
     /// Where the L1 table is.
@@ -111,21 +119,38 @@ impl Metadata {
         }
     }
 
-    /// Allocates `count` contiguous host clusters (refcount 1, not yet written back).
+    /// Allocates `count` contiguous host clusters (refcount 1, not yet written back) for
+    /// `purpose` (named in errors).
     ///
     /// # Errors
     ///
-    /// The allocator's I/O errors; `PermissionDenied` if the image is open read-only.
+    /// The allocator's I/O errors; `InvalidData` if the refcounts call metadata free
+    /// (nothing is allocated then); `PermissionDenied` if the image is open read-only.
     pub(crate) fn allocate(
         &mut self,
         co: &Co,
         file: &BlockNode,
         count: u64,
+        purpose: &dyn fmt::Display,
     ) -> io::Result<HostOffset> {
-        let Some(writer) = self.writer.as_mut() else {
+        let Metadata { geometry, l1, l1_offset, image_end, writer, .. } = self;
+        let Some(writer) = writer.as_mut() else {
             return Err(super::write::refuse_read_only());
         };
-        writer.refcounts.allocate(co, file, count, &mut self.image_end)
+        let l1_area = clusters(*geometry, l1_offset.0, l1.len() as u64 * 8);
+        let l2_tables = &writer.l2_tables;
+        let others = |range: &Range<u64>| tables_in(&l1_area, l2_tables, range);
+        writer.refcounts.allocate(co, file, count, image_end, others, purpose)
+    }
+
+    /// The first host cluster of `range` that holds metadata (the header, the L1 table, an
+    /// L2 table, the refcount table or a refcount block), and which; `None` if there is
+    /// none, or if the image is open read-only (nothing is written then).
+    pub(crate) fn metadata_in(&self, range: &Range<u64>) -> Option<Hit> {
+        let writer = self.writer.as_ref()?;
+        let l1_area = clusters(self.geometry, self.l1_offset.0, self.l1.len() as u64 * 8);
+        tables_in(&l1_area, &writer.l2_tables, range)
+            .or_else(|| writer.refcounts.metadata_in(range))
     }
 
     /// Gives back `len` bytes of clusters from `offset` that an allocation took and that
@@ -197,7 +222,8 @@ impl Metadata {
     /// Writes back all changed metadata in the safe order, drops the references that
     /// pending frees release (and writes those refcounts), and flushes the file. A pending
     /// free of a range that `busy` says an in-place write is still writing waits for a later
-    /// flush.
+    /// flush; one of metadata (a corrupt L2 entry named a table) is given up, so that the
+    /// table keeps its reference and the allocator never hands it out.
     ///
     /// # Errors
     ///
@@ -220,12 +246,15 @@ impl Metadata {
             }
         }
         file.flush(co)?;
-        if let Some(writer) = &mut self.writer
-            && !writer.pending_frees.is_empty()
-        {
-            let (still_busy, ready): (Vec<_>, Vec<_>) = std::mem::take(&mut writer.pending_frees)
+        let pending = self.writer.as_mut().map(|writer| std::mem::take(&mut writer.pending_frees));
+        if let Some(pending) = pending.filter(|pending| !pending.is_empty()) {
+            let (still_busy, ready): (Vec<_>, Vec<_>) = pending
                 .into_iter()
+                .filter(|&(offset, len)| {
+                    self.metadata_in(&clusters(self.geometry, offset.0, len)).is_none()
+                })
                 .partition(|&(offset, len)| busy(offset, len));
+            let writer = writable(&mut self.writer);
             writer.pending_frees = still_busy;
             let mut ready = ready.into_iter();
             while let Some((offset, len)) = ready.next() {
@@ -240,6 +269,19 @@ impl Metadata {
         }
         self.flush_refcounts(co, file).map(drop)
     }
+}
+
+/// The first host cluster of `range` that holds the header, the L1 table (clusters
+/// `l1_area`) or one of `l2_tables`, and which.
+fn tables_in(l1_area: &Range<u64>, l2_tables: &TableClusters, range: &Range<u64>) -> Option<Hit> {
+    if range.start == 0 && !range.is_empty() {
+        return Some((0, Holder::Header));
+    }
+    if let Some(cluster) = first_shared(l1_area, range) {
+        return Some((cluster, Holder::L1Table));
+    }
+    let (cluster, l1_index) = l2_tables.first_in(range)?;
+    Some((cluster, Holder::L2Table { l1_index }))
 }
 
 impl Metadata {

@@ -20,7 +20,7 @@
 //! types), [`header`] (header, extensions, features), `mapping` (L1/L2 entries), `l2_cache`,
 //! `table` (tables of big-endian entries as stored), `compressed` (inflate), `io` (child I/O
 //! at its alignment), [`backing`] (finding the backing file), `driver` ([`Qcow2Driver`],
-//! reads), `create`, `refcount` (refcounts and the allocator), `metadata` (what the lock guards, write-back order), `allocation` (in-flight
+//! reads), `create`, `refcount` (refcounts and the allocator), `metadata` (what the lock guards, write-back order), `overlap` (keeping guest data off metadata), `allocation` (in-flight
 //! allocations and the writes merged into them), `write` (allocating writes), `discard`
 //! (discard and zero clusters), `resize` (growing).
 
@@ -37,6 +37,7 @@ mod l2_cache;
 mod mapping;
 mod metadata;
 pub mod offsets;
+mod overlap;
 mod refcount;
 mod resize;
 mod table;

@@ -14,7 +14,9 @@
 //! here is guarded by the driver's metadata lock.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::io;
+use std::ops::Range;
 
 use aiocoro::coroutine::Co;
 
@@ -22,6 +24,7 @@ use super::corrupt;
 use super::header::{MAX_REFCOUNT_TABLE_BYTES, field};
 use super::io::{read_exact_at, write_at};
 use super::offsets::{Geometry, HostOffset};
+use super::overlap::{Hit, Holder, TableClusters, allocation_error, clusters, first_shared};
 use super::table::{decode_table, encode_table};
 use crate::node::BlockNode;
 
@@ -81,6 +84,8 @@ pub(crate) struct Refcounts {
     table_offset: HostOffset,
     /// Block offsets by table index (0: no block).
     table: Vec<u64>,
+    /// The clusters of the blocks `table` names, for overlap checks (see `overlap`).
+    block_clusters: TableClusters,
     /// Loaded blocks by table index; at most `capacity` once a load or an addition made room.
     blocks: BTreeMap<usize, Block>,
     /// How many blocks the cache holds (at least [`MIN_CACHED_BLOCKS`]).
@@ -117,11 +122,12 @@ impl Refcounts {
         read_exact_at(co, file, offset.0, &mut raw)?;
         // Bits 0-8 are reserved; every other bit is the block's offset (checked when the
         // block is loaded).
-        let table = decode_table(&raw).map(|entry| entry & !0x1ff).collect();
+        let table: Vec<u64> = decode_table(&raw).map(|entry| entry & !0x1ff).collect();
         Ok(Refcounts {
             geometry,
             order,
             table_offset: offset,
+            block_clusters: TableClusters::new(geometry, table.iter().copied()),
             table,
             blocks: BTreeMap::new(),
             capacity: usize::try_from(cache_bytes / geometry.cluster_size())
@@ -148,6 +154,32 @@ impl Refcounts {
     /// The largest refcount the width holds.
     fn max_refcount(&self) -> u64 {
         if self.order == 6 { u64::MAX } else { (1 << (1 << self.order)) - 1 }
+    }
+
+    /// The first host cluster of `range` that the refcount table or a refcount block
+    /// occupies, and which.
+    pub(crate) fn metadata_in(&self, range: &Range<u64>) -> Option<Hit> {
+        let table = clusters(self.geometry, self.table_offset.0, self.table.len() as u64 * 8);
+        if let Some(cluster) = first_shared(&table, range) {
+            return Some((cluster, Holder::RefcountTable));
+        }
+        let (cluster, slot) = self.block_clusters.first_in(range)?;
+        Some((cluster, Holder::RefcountBlock { slot }))
+    }
+
+    /// Fails if the refcounts call host clusters `range` free although they hold metadata:
+    /// the refcounts' own, or what `others` (the rest of the metadata) says; `purpose` is
+    /// what the clusters were to be allocated for.
+    fn check_free(
+        &self,
+        range: Range<u64>,
+        others: &impl Fn(&Range<u64>) -> Option<Hit>,
+        purpose: &dyn fmt::Display,
+    ) -> io::Result<()> {
+        match self.metadata_in(&range).or_else(|| others(&range)) {
+            Some(hit) => Err(allocation_error(self.geometry, purpose, hit)),
+            None => Ok(()),
+        }
     }
 
     /// The block counting table index `slot`, loaded if need be; `None` if there is none.
@@ -318,13 +350,18 @@ impl Refcounts {
     /// # Errors
     ///
     /// Read and write errors of blocks and tables; `Unsupported` if the refcount table
-    /// would outgrow its limit.
+    /// would outgrow its limit; `InvalidData` naming `purpose` if a cluster the refcounts
+    /// call free, and that a new block or the allocation would take, holds metadata: the
+    /// refcounts' own, or what `others` says (the clusters of the rest of the metadata in a
+    /// range of host clusters). Nothing is then written or counted for that cluster.
     pub(crate) fn allocate(
         &mut self,
         co: &Co,
         file: &BlockNode,
         count: u64,
         image_end: &mut u64,
+        others: impl Fn(&Range<u64>) -> Option<Hit>,
+        purpose: &dyn fmt::Display,
     ) -> io::Result<HostOffset> {
         let bits = self.geometry.cluster_bits();
         let per_block = self.per_block();
@@ -339,6 +376,7 @@ impl Refcounts {
                     // The run so far is free and counted: its first cluster can hold the
                     // block (and the run moves on past it).
                     let at = if found > 0 { start } else { cluster };
+                    self.check_free(at..at + 1, &others, purpose)?;
                     self.add_block(co, file, slot, at, image_end)?;
                 } else {
                     self.grow_table(co, file, cluster.max(image_end.div_ceil(1 << bits)))?;
@@ -357,6 +395,7 @@ impl Refcounts {
                 found = 0;
             }
         }
+        self.check_free(start..start + count, &others, purpose)?;
         if !skipped_free {
             self.free_hint = start + count;
         }
@@ -397,6 +436,7 @@ impl Refcounts {
         file.flush(co)?;
         write_at(co, file, self.table_offset.0 + slot as u64 * 8, &offset.0.to_be_bytes())?;
         self.table[slot] = offset.0;
+        self.block_clusters.insert(self.geometry, slot as u64, offset.0);
         self.insert(co, file, slot, offset, bytes)?;
         *image_end = (*image_end).max((at + 1) << bits);
         Ok(())
@@ -436,6 +476,7 @@ impl Refcounts {
             let offset = HostOffset((area + n) << bits);
             write_at(co, file, offset.0, &bytes)?;
             table[slot as usize] = offset.0;
+            self.block_clusters.insert(self.geometry, slot, offset.0);
             self.insert(co, file, slot as usize, offset, bytes)?;
         }
         let table_offset = HostOffset((area + blocks) << bits);
@@ -507,7 +548,9 @@ mod tests {
             let mut image_end = file.length();
             let mut allocated = Vec::new();
             for _ in 0..3000 {
-                allocated.push(refcounts.allocate(co, &file, 1, &mut image_end).unwrap());
+                allocated.push(
+                    refcounts.allocate(co, &file, 1, &mut image_end, |_| None, &"a test").unwrap(),
+                );
                 assert!(refcounts.blocks.len() <= MIN_CACHED_BLOCKS, "{}", refcounts.blocks.len());
             }
             // Frees of the first clusters load blocks this process wrote and evicted.

@@ -38,7 +38,7 @@ impl Qcow2Driver {
                 )));
             }
             let clusters = (needed * 8).div_ceil(geometry.cluster_size());
-            let offset = meta.allocate(co, &file, clusters)?;
+            let offset = meta.allocate(co, &file, clusters, &"a larger L1 table")?;
             let mut l1 = meta.l1.clone();
             l1.resize(needed as usize, 0);
             let mut raw = encode_table(&l1);

@@ -24,6 +24,7 @@ use super::mapping::{
 };
 use super::metadata::{Metadata, writable};
 use super::offsets::{GuestOffset, HostOffset};
+use super::overlap;
 use crate::buffer::IoBuffer;
 
 /// What the first cluster of a write step needs.
@@ -152,6 +153,11 @@ impl Qcow2Driver {
                 count += 1;
             }
             let len = span.len_in(count);
+            let first_host = start >> geometry.cluster_bits();
+            if let Some(hit) = meta.metadata_in(&(first_host..first_host + count)) {
+                let at = GuestOffset(guest.0 - in_cluster + (hit.0 - first_host) * cluster_size);
+                return Err(overlap::in_place_error(geometry, at, hit));
+            }
             let host = HostOffset(start + in_cluster);
             let _writing = self.in_place.begin(host.0, len);
             return Ok(Step::InPlace { host, len, _writing });
@@ -170,7 +176,7 @@ impl Qcow2Driver {
             None => self.allocate_l2(co, meta, position.l1_index)?,
         };
         let file = self.file.node();
-        let host = meta.allocate(co, &file, count)?;
+        let host = meta.allocate(co, &file, count, &guest)?;
         let allocation = Allocation::new();
         let merging = takes_merges(in_cluster, len, count * cluster_size);
         meta.start_allocation(cluster.0, count, allocation.clone(), merging);
@@ -210,7 +216,8 @@ impl Qcow2Driver {
     ) -> io::Result<HostOffset> {
         let geometry = self.header.geometry;
         let file = self.file.node();
-        let offset = meta.allocate(co, &file, 1)?;
+        let purpose = format_args!("a new L2 table (L1 entry {l1_index})");
+        let offset = meta.allocate(co, &file, 1, &purpose)?;
         let table: Arc<[u64]> = vec![0u64; geometry.l2_entries()].into();
         let written = meta.flush_refcounts(co, &file).and_then(|_| {
             write_at(co, &file, offset.0, &vec![0u8; geometry.cluster_size() as usize])?;
@@ -223,6 +230,7 @@ impl Qcow2Driver {
         let entry = offset.0 | COPIED;
         write_at(co, &file, meta.l1_offset.0 + l1_index * 8, &entry.to_be_bytes())?;
         meta.l1[l1_index as usize] = entry;
+        writable(&mut meta.writer).l2_tables.insert(geometry, l1_index, offset.0);
         meta.cache_l2(co, &file, offset, table)?;
         Ok(offset)
     }
