@@ -9,8 +9,7 @@ mod qcow2_support;
 use std::io::ErrorKind;
 use std::path::Path;
 
-use aiocoro_block::qcow2::{Compat, CreateOptions, create_file};
-use aiocoro_block::run_in_coroutine;
+use aiocoro_block::qcow2::{Compat, CreateOptions};
 use qcow2_support::*;
 
 const K: u64 = 1024;
@@ -86,8 +85,7 @@ fn create_over_base(
         backing_format: Some("raw".into()),
         ..CreateOptions::new(size)
     };
-    let path = image.clone();
-    run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+    create_ours(&image, options);
     image
 }
 
@@ -372,8 +370,7 @@ fn images_abandoned_without_a_flush_have_at_worst_leaks() {
     for (i, writes) in [3u64, 40, 200, 700].into_iter().enumerate() {
         let image = scratch.path(&format!("a{i}.qcow2"));
         let options = CreateOptions { cluster_size: 4096, ..CreateOptions::new(16 << 20) };
-        let path = image.clone();
-        run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+        create_ours(&image, options);
         let options = format!("driver=qcow2,l2-cache-size=8k,file.filename={}", image.display());
         with_image(&options, move |co, blk| {
             let mut rng = Rng(writes + 5);
@@ -398,8 +395,7 @@ fn a_refcount_cache_of_four_blocks_evicts_writes_back_and_reloads_them() {
     let scratch = Scratch::new("write-refcount-cache");
     let image = scratch.path("r.qcow2");
     let options = CreateOptions { cluster_size: 512, ..CreateOptions::new(8 << 20) };
-    let path = image.clone();
-    run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+    create_ours(&image, options);
     let shadow = raw_shadow(&scratch, 8 << 20);
     let options = format!("driver=qcow2,refcount-cache-size=512,file.filename={}", image.display());
     with_image(&options, |co, blk| {
