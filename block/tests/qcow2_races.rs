@@ -163,8 +163,7 @@ fn a_free_that_fails_at_a_flush_leaves_the_frees_after_it_for_the_next_flush() {
     // cluster leaks), the second stays pending and the next flush does it.
     let scratch = Scratch::new("fail-pending-free");
     let (made, dump) = (scratch.path("made.qcow2"), scratch.path("dump.qcow2"));
-    let options = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=512"];
-    qemu_img(&[&options[..], &[made.to_str().unwrap(), "1M"]].concat());
+    create_qcow2(made.to_str().unwrap(), "cluster_size=512", "1M");
     qemu_io("qcow2", &made, &["write -P 0x33 0 300k"]);
     let block_2 = peek_u64(&made, peek_u64(&made, 48) + 8);
     let original = std::fs::read(&made).unwrap();

@@ -160,7 +160,7 @@ fn writes_to_images_created_by_qemu_img() {
     .enumerate()
     {
         let image = scratch.path(&format!("qemu{i}.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, image.to_str().unwrap(), "6M"]);
+        create_qcow2(image.to_str().unwrap(), options, "6M");
         let shadow = shadow(&scratch, None);
         let cluster = if i == 1 {
             4096

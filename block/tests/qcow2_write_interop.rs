@@ -93,7 +93,7 @@ fn create_over_base(
 fn qemu_io_then_ours_then_qemu_io() {
     let scratch = Scratch::new("write-interop");
     let image = scratch.path("i.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "4M"]);
+    create_qcow2(image.to_str().unwrap(), "", "4M");
     let shadow = raw_shadow(&scratch, 4 << 20);
     theirs(
         &image,
@@ -253,7 +253,7 @@ fn a_refcount_block_outside_the_file_is_an_error_not_free_space() {
     for (what, entry) in [("past the end", 1u64 << 40), ("beyond 2^56", (1u64 << 60) | 0x10000)] {
         let image = scratch.path("r.qcow2");
         let _ = std::fs::remove_file(&image);
-        qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "1M"]);
+        create_qcow2(image.to_str().unwrap(), "", "1M");
         qemu_io("qcow2", &image, &["write -P 0x5a 0 64k"]);
         let table = peek_u64(&image, 48);
         poke(&image, table, &entry.to_be_bytes());

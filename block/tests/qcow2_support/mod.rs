@@ -91,9 +91,15 @@ pub fn create_ours(image: &Path, options: CreateOptions) {
     run_in_coroutine(move |co| create_file(co, &image, &options)).unwrap().unwrap();
 }
 
-/// `qemu-img convert -c -f raw -O qcow2 -o OPTIONS RAW IMAGE`: a compressed copy.
+/// `qemu-img convert -c -f raw -O qcow2 [-o OPTIONS] RAW IMAGE`: a compressed copy (no `-o`
+/// for empty options).
 pub fn compress_to_qcow2(raw: &str, image: &str, options: &str) {
-    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", options, raw, image]);
+    let mut args = vec!["convert", "-c", "-f", "raw", "-O", "qcow2"];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend([raw, image]);
+    qemu_img(&args);
 }
 
 /// `qemu-io -f FORMAT FILE -c CMD ...`.
