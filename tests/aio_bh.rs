@@ -269,7 +269,12 @@ fn dropping_a_bottom_half_whose_callback_owns_another_bottom_half() {
     drain(&ctx);
     assert_eq!(runs.get(), 1);
     drop(first);
-    let third = ctx.new_bh(|| {});
+    // A new BH after the drop (which may take the freed slots) runs alone.
+    let third_runs = Rc::new(Cell::new(0));
+    let t = third_runs.clone();
+    let third = ctx.new_bh(move || t.set(t.get() + 1));
     third.schedule();
     drain(&ctx);
+    assert_eq!(third_runs.get(), 1, "the BH made after the drop did not run");
+    assert_eq!(runs.get(), 1, "the dropped second BH ran again");
 }

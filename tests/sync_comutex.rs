@@ -219,7 +219,7 @@ fn a_cross_thread_wait_that_may_not_yield_leaves_no_waiter_behind() {
             let _thread_guard = thread_lock.lock(co);
             drop(m.lock(co));
         }));
-        assert!(result.is_err(), "the wait panicked");
+        assert!(result.is_err(), "the wait should have panicked: a thread-lock guard is held");
     });
     while ctx.poll(false) {}
     assert!(waiter.is_ended());

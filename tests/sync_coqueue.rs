@@ -287,7 +287,7 @@ macro_rules! wait_that_may_not_yield {
                 let mut guard = lock.lock(co);
                 queue.wait(co, &mut guard);
             }));
-            assert!(result.is_err(), "the wait panicked");
+            assert!(result.is_err(), "the wait should have panicked: a thread-lock guard is held");
         });
         while ctx.poll(false) {}
         assert!(waiter.is_ended());

@@ -99,7 +99,7 @@ fn an_absolute_backing_name_and_a_missing_backing_file() {
     let scratch = Scratch::new("absolute");
     let base = scratch.path("base.qcow2");
     let top = scratch.path("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"]);
+    create_qcow2(base.to_str().unwrap(), "", "1M");
     qemu_io("qcow2", &base, &["write -P 0x44 0 1M"]);
     let base_abs = base.canonicalize().unwrap();
     create_qcow2_over(top.to_str().unwrap(), "", base_abs.to_str().unwrap(), "qcow2", "1M");

@@ -63,16 +63,7 @@ fn a_compressed_image_with_later_uncompressed_writes() {
     let src = scratch.path("src.raw");
     std::fs::write(&src, source()).unwrap();
     let image = scratch.path("m.qcow2");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        src.to_str().unwrap(),
-        image.to_str().unwrap(),
-    ]);
+    compress_to_qcow2(src.to_str().unwrap(), image.to_str().unwrap(), "");
     qemu_io(
         "qcow2",
         &image,

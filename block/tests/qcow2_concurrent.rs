@@ -112,7 +112,7 @@ fn o_direct_files_read_compressed_clusters_and_backing_chains() {
     std::fs::write(&src, &data).unwrap();
     let packed = scratch.path("c.qcow2");
     let (s, p) = (src.to_str().unwrap(), packed.to_str().unwrap());
-    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", s, p]);
+    compress_to_qcow2(s, p, "cluster_size=4k");
     let blk = open(direct(&packed, ""));
     let ours = run_in_coroutine(move |co| {
         let mut all = vec![0u8; blk.length() as usize];

@@ -167,7 +167,7 @@ fn closing_an_image_with_unflushed_metadata_says_so() {
     }
     let scratch = Scratch::new("drop");
     let image = scratch.path("unflushed.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "1M"]);
+    create_qcow2(image.to_str().unwrap(), "", "1M");
     let output = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "closing_an_image_with_unflushed_metadata_says_so", "--nocapture"])
         .env(DROP_CHILD, &image)

@@ -26,7 +26,7 @@ const WRITES: &[&str] = &[
 
 fn make(scratch: &Scratch, name: &str, options: &str) -> std::path::PathBuf {
     let image = scratch.path(name);
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, image.to_str().unwrap(), "8M"]);
+    create_qcow2(image.to_str().unwrap(), options, "8M");
     qemu_io("qcow2", &image, WRITES);
     image
 }
@@ -62,7 +62,7 @@ fn images_of_every_layout_read_like_qemu_img_convert() {
 fn an_empty_image_reads_as_zeroes_and_is_unallocated() {
     let scratch = Scratch::new("empty");
     let image = scratch.path("empty.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "3M"]);
+    create_qcow2(image.to_str().unwrap(), "", "3M");
     assert_eq!(read_ours(&image, 1 << 20).unwrap(), vec![0u8; 3 << 20]);
     assert_eq!(status_ours(&image).unwrap(), [(0, 3 << 20, Allocation::Unallocated)]);
 }
@@ -71,7 +71,7 @@ fn an_empty_image_reads_as_zeroes_and_is_unallocated() {
 fn a_virtual_size_that_is_not_a_cluster_multiple_reads_to_its_last_byte() {
     let scratch = Scratch::new("odd-size");
     let image = scratch.path("odd.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "1000448"]);
+    create_qcow2(image.to_str().unwrap(), "", "1000448");
     qemu_io("qcow2", &image, &["write -P 0x3c 999936 512", "write -P 0x3d 0 1000448"]);
     qemu_io("qcow2", &image, &["write -P 0x3e 65000 2000"]);
     check_reads_like_qemu(&image, "odd size");
@@ -145,7 +145,7 @@ fn block_status_agrees_with_qemu_img_map() {
 fn writes_to_an_image_opened_read_only_are_refused() {
     let scratch = Scratch::new("writes");
     let image = scratch.path("w.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "1M"]);
+    create_qcow2(image.to_str().unwrap(), "", "1M");
     let error =
         with_image(&qcow2_options(&image), |co, blk| blk.write(co, 0, &[1u8; 512])).unwrap_err();
     assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied, "{error}");

@@ -13,7 +13,7 @@ use qcow2_support::*;
 fn sample(scratch: &Scratch, name: &str, compat: &str) -> PathBuf {
     let image = scratch.path(name);
     let options = format!("compat={compat},cluster_size=64k");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &options, image.to_str().unwrap(), "8M"]);
+    create_qcow2(image.to_str().unwrap(), &options, "8M");
     qemu_io("qcow2", &image, &["write -P 0xab 0 192k", "write -P 0xcd 5M 64k"]);
     image
 }
@@ -51,8 +51,7 @@ fn luks_encryption_is_refused_by_name() {
 fn extended_l2_entries_are_refused_by_name() {
     let scratch = Scratch::new("extl2");
     let image = scratch.path("extl2.qcow2");
-    let path = image.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", path, "1M"]);
+    create_qcow2(image.to_str().unwrap(), "extended_l2=on", "1M");
     expect(&image, ErrorKind::Unsupported, &["extended L2", "subclusters"]);
 }
 
@@ -62,7 +61,7 @@ fn an_external_data_file_is_refused_by_name() {
     let image = scratch.path("d.qcow2");
     let data = scratch.path("d.data");
     let options = format!("data_file={}", data.display());
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &options, image.to_str().unwrap(), "1M"]);
+    create_qcow2(image.to_str().unwrap(), &options, "1M");
     expect(&image, ErrorKind::Unsupported, &["external data file"]);
 }
 
@@ -70,8 +69,7 @@ fn an_external_data_file_is_refused_by_name() {
 fn zstd_compression_is_refused_by_name() {
     let scratch = Scratch::new("zstd");
     let image = scratch.path("z.qcow2");
-    let path = image.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", path, "1M"]);
+    create_qcow2(image.to_str().unwrap(), "compression_type=zstd", "1M");
     expect(&image, ErrorKind::Unsupported, &["zstd", "not supported"]);
 }
 
@@ -278,7 +276,7 @@ fn a_backing_chain_that_loops_is_refused() {
     let scratch = Scratch::new("loop");
     let image = scratch.path("self.qcow2");
     let path = image.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", path, "1M"]);
+    create_qcow2(path, "", "1M");
     // Make the image its own backing file, without qemu-img's checks.
     qemu_img(&["rebase", "-u", "-f", "qcow2", "-b", "self.qcow2", "-F", "qcow2", path]);
     expect(&image, ErrorKind::InvalidInput, &["backing chain is deeper than 32"]);

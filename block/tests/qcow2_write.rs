@@ -8,8 +8,7 @@ mod qcow2_support;
 
 use std::path::{Path, PathBuf};
 
-use aiocoro_block::qcow2::{Compat, CreateOptions, create_file};
-use aiocoro_block::run_in_coroutine;
+use aiocoro_block::qcow2::{Compat, CreateOptions};
 use qcow2_support::*;
 
 const SIZE: u64 = 6 << 20;
@@ -79,11 +78,6 @@ fn shadow(scratch: &Scratch, base: Option<&Path>) -> PathBuf {
     }
     std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(SIZE).unwrap();
     path
-}
-
-fn create_ours(image: &Path, options: CreateOptions) {
-    let image = image.to_path_buf();
-    run_in_coroutine(move |co| create_file(co, &image, &options)).unwrap().unwrap();
 }
 
 fn ours(cluster_size: u64, compat: Compat, refcount_bits: u32, lazy: bool) -> CreateOptions {
@@ -166,7 +160,7 @@ fn writes_to_images_created_by_qemu_img() {
     .enumerate()
     {
         let image = scratch.path(&format!("qemu{i}.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, image.to_str().unwrap(), "6M"]);
+        create_qcow2(image.to_str().unwrap(), options, "6M");
         let shadow = shadow(&scratch, None);
         let cluster = if i == 1 {
             4096

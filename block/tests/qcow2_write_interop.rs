@@ -9,8 +9,7 @@ mod qcow2_support;
 use std::io::ErrorKind;
 use std::path::Path;
 
-use aiocoro_block::qcow2::{Compat, CreateOptions, create_file};
-use aiocoro_block::run_in_coroutine;
+use aiocoro_block::qcow2::{Compat, CreateOptions};
 use qcow2_support::*;
 
 const K: u64 = 1024;
@@ -86,8 +85,7 @@ fn create_over_base(
         backing_format: Some("raw".into()),
         ..CreateOptions::new(size)
     };
-    let path = image.clone();
-    run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+    create_ours(&image, options);
     image
 }
 
@@ -95,7 +93,7 @@ fn create_over_base(
 fn qemu_io_then_ours_then_qemu_io() {
     let scratch = Scratch::new("write-interop");
     let image = scratch.path("i.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "4M"]);
+    create_qcow2(image.to_str().unwrap(), "", "4M");
     let shadow = raw_shadow(&scratch, 4 << 20);
     theirs(
         &image,
@@ -255,7 +253,7 @@ fn a_refcount_block_outside_the_file_is_an_error_not_free_space() {
     for (what, entry) in [("past the end", 1u64 << 40), ("beyond 2^56", (1u64 << 60) | 0x10000)] {
         let image = scratch.path("r.qcow2");
         let _ = std::fs::remove_file(&image);
-        qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "1M"]);
+        create_qcow2(image.to_str().unwrap(), "", "1M");
         qemu_io("qcow2", &image, &["write -P 0x5a 0 64k"]);
         let table = peek_u64(&image, 48);
         poke(&image, table, &entry.to_be_bytes());
@@ -263,7 +261,9 @@ fn a_refcount_block_outside_the_file_is_an_error_not_free_space() {
         // of the file would make every cluster look free, the header's included.
         let result =
             with_image(&qcow2_rw_options(&image), |co, blk| blk.write(co, 512 << 10, &[1; 4096]));
-        let error = result.expect_err(what);
+        let error = result.err().unwrap_or_else(|| {
+            panic!("{what}: the write succeeded; the refcount block should be refused")
+        });
         assert_eq!(error.kind(), ErrorKind::InvalidData, "{what}: {error}");
         assert!(error.to_string().contains("refcount"), "{what}: {error}");
         let data = qemu_raw(&image);
@@ -294,7 +294,9 @@ fn a_corrupt_copied_l2_entry_fails_the_write_instead_of_writing_where_it_points(
             blk.write(co, 4096, &[0x5a; (192 << 10) - 8192])?;
             blk.flush(co)
         });
-        let error = result.expect_err(what);
+        let error = result.err().unwrap_or_else(|| {
+            panic!("{what}: the write succeeded; the corrupt L2 entry should be refused")
+        });
         assert_eq!(error.kind(), ErrorKind::InvalidData, "{what}: {error}");
         assert!(error.to_string().contains(&format!("L2 entry {index}")), "{what}: {error}");
         assert_eq!(std::fs::metadata(&image).unwrap().len(), file_len, "{what}: the file grew");
@@ -356,7 +358,9 @@ fn metadata_the_refcounts_do_not_count_is_refused_for_writing_not_overwritten() 
             blk.write(co, 32 << 10, &[1; 4096])?;
             blk.flush(co)
         });
-        let error = result.expect_err(what);
+        let error = result.err().unwrap_or_else(|| {
+            panic!("{what}: the write succeeded; it should be refused as metadata")
+        });
         assert_eq!(error.kind(), ErrorKind::InvalidData, "{what}: {error}");
         assert!(error.to_string().contains(what), "{what}: {error}");
         assert!(std::fs::read(&image).unwrap() == corrupt, "{what}: the image was written");
@@ -372,8 +376,7 @@ fn images_abandoned_without_a_flush_have_at_worst_leaks() {
     for (i, writes) in [3u64, 40, 200, 700].into_iter().enumerate() {
         let image = scratch.path(&format!("a{i}.qcow2"));
         let options = CreateOptions { cluster_size: 4096, ..CreateOptions::new(16 << 20) };
-        let path = image.clone();
-        run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+        create_ours(&image, options);
         let options = format!("driver=qcow2,l2-cache-size=8k,file.filename={}", image.display());
         with_image(&options, move |co, blk| {
             let mut rng = Rng(writes + 5);
@@ -398,8 +401,7 @@ fn a_refcount_cache_of_four_blocks_evicts_writes_back_and_reloads_them() {
     let scratch = Scratch::new("write-refcount-cache");
     let image = scratch.path("r.qcow2");
     let options = CreateOptions { cluster_size: 512, ..CreateOptions::new(8 << 20) };
-    let path = image.clone();
-    run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+    create_ours(&image, options);
     let shadow = raw_shadow(&scratch, 8 << 20);
     let options = format!("driver=qcow2,refcount-cache-size=512,file.filename={}", image.display());
     with_image(&options, |co, blk| {

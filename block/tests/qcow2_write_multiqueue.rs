@@ -12,7 +12,7 @@ mod qcow2_support;
 use std::sync::mpsc;
 
 use aiocoro::aio::{AioContext, IoThread};
-use aiocoro_block::qcow2::{CreateOptions, create_file};
+use aiocoro_block::qcow2::CreateOptions;
 use aiocoro_block::{BlockBackend, BlockGraph, run_in_coroutine};
 use qcow2_support::*;
 
@@ -86,9 +86,8 @@ fn phase_two(co: &aiocoro::coroutine::Co, blk: &BlockBackend, lane: usize) {
 fn four_iothreads_write_one_fresh_image() {
     let scratch = Scratch::new("write-multiqueue");
     let image = scratch.path("mq.qcow2");
-    let path = image.clone();
     let options = CreateOptions { cluster_size: 4096, ..CreateOptions::new(SIZE) };
-    run_in_coroutine(move |co| create_file(co, &path, &options)).unwrap().unwrap();
+    create_ours(&image, options);
 
     let options = format!("driver=qcow2,l2-cache-size=8k,file.filename={}", image.display());
     let blk = run_in_coroutine(move |co| {

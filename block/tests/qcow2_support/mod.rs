@@ -7,6 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use aiocoro_block::qcow2::{CreateOptions, create_file};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, run_in_coroutine};
 
 /// A scratch directory, removed on drop.
@@ -84,9 +85,21 @@ fn create_qcow2_with(image: &str, options: &str, extra: &[&str], size: &str) {
     qemu_img(&args);
 }
 
-/// `qemu-img convert -c -f raw -O qcow2 -o OPTIONS RAW IMAGE`: a compressed copy.
+/// Creates the qcow2 `image` with our own `create_file`.
+pub fn create_ours(image: &Path, options: CreateOptions) {
+    let image = image.to_path_buf();
+    run_in_coroutine(move |co| create_file(co, &image, &options)).unwrap().unwrap();
+}
+
+/// `qemu-img convert -c -f raw -O qcow2 [-o OPTIONS] RAW IMAGE`: a compressed copy (no `-o`
+/// for empty options).
 pub fn compress_to_qcow2(raw: &str, image: &str, options: &str) {
-    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", options, raw, image]);
+    let mut args = vec!["convert", "-c", "-f", "raw", "-O", "qcow2"];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend([raw, image]);
+    qemu_img(&args);
 }
 
 /// `qemu-io -f FORMAT FILE -c CMD ...`.
