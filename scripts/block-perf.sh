@@ -15,7 +15,8 @@ for tool in qemu-img fio; do
     command -v "$tool" >/dev/null || { echo "block-perf: $tool is missing" >&2; exit 1; }
 done
 cargo build --release -q -p aiocoro-block --example bench
-ours=target/release/examples/bench
+# Where cargo put it: CARGO_TARGET_DIR when set (else target/ would hold a stale build, or none).
+ours=${CARGO_TARGET_DIR:-target}/release/examples/bench
 if [ ! -f "$image" ]; then
     # Real data, not a sparse file: reads of holes would not reach the device.
     dd if=/dev/urandom of="$image" bs=1M count=1024 status=none

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use aiocoro::aio::{AioContext, IoThread};
 use aiocoro::coroutine::Co;
-use aiocoro_block::{BlockBackend, BlockGraph, BlockOptions, IoBuffer, parse_size};
+use aiocoro_block::{BlockBackend, BlockGraph, BlockOptions, IoBuffer, parse_size, unsupported};
 
 /// What to run, from the command line.
 #[derive(Debug)]
@@ -155,16 +155,14 @@ fn image_options(args: &Args) -> io::Result<BlockOptions> {
         "none" => "on",
         "writeback" => "off",
         other => {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("cache mode '{other}' is not supported (writeback or none)"),
-            ));
+            return Err(unsupported(format!(
+                "cache mode '{other}' is not supported (writeback or none)"
+            )));
         }
     };
     let aio = match args.aio.as_str() {
         "native" => {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
+            return Err(unsupported(
                 "aio=native (Linux AIO) is not supported; use -i io_uring or -i threads",
             ));
         }

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use aiocoro::coroutine::Co;
 use aiocoro_block::qcow2::{Compat, CreateOptions, Header};
-use aiocoro_block::{Allocation, BlockBackend, BlockGraph, run_in_coroutine};
+use aiocoro_block::{Allocation, BlockBackend, BlockGraph, invalid_input, run_in_coroutine};
 
 const USAGE: &str = "usage: qcow2 info FILE\n       qcow2 convert -O raw FILE OUT\n       \
                      qcow2 create [-f qcow2] [-o OPTIONS] [-b BACKING] [-F FMT] FILE [SIZE]";
@@ -178,12 +178,7 @@ fn convert(file: &str, out: &str) -> io::Result<()> {
 
 /// A size or an error naming the option.
 fn size_of(key: &str, value: &str) -> io::Result<u64> {
-    aiocoro_block::parse_size(value)
-        .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, format!("{key}: {why}")))
-}
-
-fn bad(message: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, message)
+    aiocoro_block::parse_size(value).map_err(|why| invalid_input(format!("{key}: {why}")))
 }
 
 /// Parses `create`'s arguments into the image path and its options (the size stays 0 if
@@ -194,39 +189,48 @@ fn create_options(args: &[&str]) -> io::Result<(String, (CreateOptions, bool))> 
     let mut positional = Vec::new();
     let mut args = args.iter();
     while let Some(&arg) = args.next() {
-        let mut value = || args.next().copied().ok_or_else(|| bad(format!("{arg} needs a value")));
+        let mut value =
+            || args.next().copied().ok_or_else(|| invalid_input(format!("{arg} needs a value")));
         match arg {
             "-f" => match value()? {
                 "qcow2" => {}
-                other => return Err(bad(format!("only -f qcow2 is supported, not {other}"))),
+                other => {
+                    return Err(invalid_input(format!("only -f qcow2 is supported, not {other}")));
+                }
             },
             "-b" => options.backing_file = Some(value()?.to_owned()),
             "-F" => options.backing_format = Some(value()?.to_owned()),
             "-q" => {}
             "-o" => {
                 for entry in value()?.split(',').filter(|entry| !entry.is_empty()) {
-                    let (key, value) = entry
-                        .split_once('=')
-                        .ok_or_else(|| bad(format!("option '{entry}' has no '=value'")))?;
+                    let (key, value) = entry.split_once('=').ok_or_else(|| {
+                        invalid_input(format!("option '{entry}' has no '=value'"))
+                    })?;
                     match key {
                         "cluster_size" => options.cluster_size = size_of(key, value)?,
                         "compat" => {
                             options.compat = match value {
                                 "0.10" | "v2" => Compat::V2,
                                 "1.1" | "v3" => Compat::V3,
-                                other => return Err(bad(format!("compat={other}: 0.10 or 1.1"))),
+                                other => {
+                                    return Err(invalid_input(format!(
+                                        "compat={other}: 0.10 or 1.1"
+                                    )));
+                                }
                             }
                         }
                         "refcount_bits" => {
-                            options.refcount_bits = value
-                                .parse()
-                                .map_err(|_| bad(format!("refcount_bits={value}: a number")))?;
+                            options.refcount_bits = value.parse().map_err(|_| {
+                                invalid_input(format!("refcount_bits={value}: a number"))
+                            })?;
                         }
                         "lazy_refcounts" => {
                             options.lazy_refcounts = match value {
                                 "on" | "true" => true,
                                 "off" | "false" => false,
-                                other => return Err(bad(format!("lazy_refcounts={other}"))),
+                                other => {
+                                    return Err(invalid_input(format!("lazy_refcounts={other}")));
+                                }
                             }
                         }
                         "backing_file" => options.backing_file = Some(value.to_owned()),
@@ -235,11 +239,13 @@ fn create_options(args: &[&str]) -> io::Result<(String, (CreateOptions, bool))> 
                             options.size = size_of(key, value)?;
                             sized = true;
                         }
-                        other => return Err(bad(format!("unknown option '{other}'"))),
+                        other => return Err(invalid_input(format!("unknown option '{other}'"))),
                     }
                 }
             }
-            flag if flag.starts_with('-') => return Err(bad(format!("unknown flag {flag}"))),
+            flag if flag.starts_with('-') => {
+                return Err(invalid_input(format!("unknown flag {flag}")));
+            }
             other => positional.push(other),
         }
     }
@@ -249,7 +255,7 @@ fn create_options(args: &[&str]) -> io::Result<(String, (CreateOptions, bool))> 
             options.size = size_of("SIZE", size)?;
             Ok(((*file).to_owned(), (options, true)))
         }
-        _ => Err(bad("create needs FILE and SIZE".to_owned())),
+        _ => Err(invalid_input("create needs FILE and SIZE")),
     }
 }
 
@@ -257,7 +263,7 @@ fn create_options(args: &[&str]) -> io::Result<(String, (CreateOptions, bool))> 
 fn create(file: &str, (mut options, sized): (CreateOptions, bool)) -> io::Result<()> {
     if !sized {
         let Some(backing) = &options.backing_file else {
-            return Err(bad("create needs a SIZE (or a backing file to take it from)".to_owned()));
+            return Err(invalid_input("create needs a SIZE (or a backing file to take it from)"));
         };
         let dir = std::path::Path::new(file).parent().unwrap_or(std::path::Path::new(""));
         let path = dir.join(backing);

@@ -244,14 +244,10 @@ impl BlockBackend {
         self.check(Op::Discard { offset, len }, offset, len)?;
         let (offset, len) = match self.misaligned(offset, len) {
             None => (offset, len),
-            Some(align) => {
-                let start = offset.div_ceil(align) * align;
-                let end = (offset + len) / align * align;
-                if end <= start {
-                    return Ok(());
-                }
-                (start, end - start)
-            }
+            Some(align) => match padding::shrink(offset, len, align) {
+                (start, end) if start == end => return Ok(()),
+                (start, end) => (start, end - start),
+            },
         };
         self.run(co, |node| node.discard(co, offset, len))
     }
@@ -274,15 +270,9 @@ impl BlockBackend {
             });
         };
         self.check_padded_write(op, offset, len, align)?;
-        let end = offset + len;
-        let head_end = offset.div_ceil(align) * align;
         // Whole blocks in the middle; partial ones at either end, written as zero bytes.
-        let (head, middle, tail) = if head_end >= end {
-            ((offset, end), (end, end), (end, end))
-        } else {
-            let tail_start = end / align * align;
-            ((offset, head_end), (head_end, tail_start), (tail_start, end))
-        };
+        let (start, stop) = padding::shrink(offset, len, align);
+        let (head, middle, tail) = ((offset, start), (start, stop), (stop, offset + len));
         self.run(co, |node| {
             let _alone = self.inner.rmw.write(co);
             let zeroes = IoBuffer::zeroed(align as usize);

@@ -82,7 +82,9 @@ impl IoBuffer {
     }
 
     fn allocate(capacity: usize) -> IoBuffer {
-        let layout = Layout::from_size_align(capacity, BUFFER_ALIGN).expect("a buffer layout");
+        let layout = Layout::from_size_align(capacity, BUFFER_ALIGN).expect(
+            "aiocoro-block: capacity_for hands out only capacities that make a valid layout",
+        );
         // SAFETY: `capacity_for` never returns 0, so the layout has a non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(ptr) else { alloc::handle_alloc_error(layout) };
@@ -151,7 +153,9 @@ impl Drop for IoBuffer {
             }
             // The class is full, or the thread is going away: free the memory.
         }
-        let layout = Layout::from_size_align(self.capacity, BUFFER_ALIGN).expect("a buffer layout");
+        let layout = Layout::from_size_align(self.capacity, BUFFER_ALIGN).expect(
+            "aiocoro-block: an IoBuffer's capacity made a valid layout when it was allocated",
+        );
         // SAFETY: `ptr` was allocated with this layout (the invariant) and nothing else owns
         // it: it went to no pool (that path returned above).
         unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };

@@ -21,6 +21,14 @@ pub(crate) fn widen(offset: u64, len: u64, align: u64) -> (u64, u64) {
     (start, end)
 }
 
+/// The whole aligned blocks inside `len` bytes at `offset`: `(start, end)`, with
+/// `offset <= start <= end <= offset + len` (`start == end` when no whole block fits).
+pub(crate) fn shrink(offset: u64, len: u64, align: u64) -> (u64, u64) {
+    let end = offset + len;
+    let start = (offset.div_ceil(align) * align).min(end);
+    (start, (end - end % align).max(start))
+}
+
 /// Reads `bufs` at a misaligned `offset` through a bounce buffer of the covering range.
 pub(crate) fn read(
     co: &Co,
@@ -77,7 +85,7 @@ fn bounce_len(start: u64, end: u64) -> io::Result<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::widen;
+    use super::{shrink, widen};
 
     #[test]
     fn widening_covers_the_request_with_whole_blocks() {
@@ -86,5 +94,15 @@ mod tests {
         assert_eq!(widen(500, 24, 512), (0, 1024));
         assert_eq!(widen(4096, 0, 4096), (4096, 4096));
         assert_eq!(widen(4097, 4096, 4096), (4096, 12288));
+    }
+
+    #[test]
+    fn shrinking_keeps_the_whole_blocks_inside_the_request() {
+        assert_eq!(shrink(0, 512, 512), (0, 512));
+        assert_eq!(shrink(100, 1000, 512), (512, 1024));
+        assert_eq!(shrink(100, 10, 512), (110, 110), "no whole block: empty, at the end");
+        assert_eq!(shrink(100, 412, 512), (512, 512), "ends on a boundary");
+        assert_eq!(shrink(512, 100, 512), (512, 512), "starts on a boundary");
+        assert_eq!(shrink(4097, 8192, 4096), (8192, 12288));
     }
 }

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 macro_rules! syscall {
     ($name:ident($($arg:expr),* $(,)?)) => {{
         // SAFETY: each caller passes arguments valid for this call (live descriptors, sized
-        // buffers); see the wrapper's comments.
+        // buffers); the `SAFETY` line above each use says why.
         let result = unsafe { libc::$name($($arg),*) };
         if result == -1 { Err(io::Error::last_os_error()) } else { Ok(result) }
     }};
@@ -18,6 +18,7 @@ macro_rules! syscall {
 pub fn fallocate(fd: BorrowedFd<'_>, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     let offset = to_off(offset)?;
     let len = to_off(len)?;
+    // SAFETY: `fd` is borrowed, so live; the other arguments are plain integers.
     syscall!(fallocate(fd.as_raw_fd(), mode, offset, len)).map(drop)
 }
 
@@ -25,6 +26,7 @@ pub fn fallocate(fd: BorrowedFd<'_>, mode: libc::c_int, offset: u64, len: u64) -
 /// `offset`; `None` where there is none (`ENXIO`: at or past the end).
 pub fn seek_data_or_hole(fd: BorrowedFd<'_>, offset: u64, data: bool) -> io::Result<Option<u64>> {
     let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
+    // SAFETY: `fd` is borrowed, so live; the other arguments are plain integers.
     match syscall!(lseek(fd.as_raw_fd(), to_off(offset)?, whence)) {
         Ok(position) => Ok(Some(position as u64)),
         Err(error) if error.raw_os_error() == Some(libc::ENXIO) => Ok(None),
@@ -34,6 +36,7 @@ pub fn seek_data_or_hole(fd: BorrowedFd<'_>, offset: u64, data: bool) -> io::Res
 
 /// Where the end of `fd` is (`lseek(fd, 0, SEEK_END)`): a block device's size.
 pub fn seek_end(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: `fd` is borrowed, so live; the other arguments are plain integers.
     syscall!(lseek(fd.as_raw_fd(), 0, libc::SEEK_END)).map(|end| end as u64)
 }
 
@@ -43,6 +46,8 @@ pub fn direct_io_alignment(fd: BorrowedFd<'_>) -> io::Result<Option<(u32, u32)>>
     // SAFETY: `statx` is plain old data; all-zero is a valid value.
     let mut stat: libc::statx = unsafe { std::mem::zeroed() };
     let empty = c"";
+    // SAFETY: `fd` is borrowed, so live; the path is a NUL-terminated C string (empty, with
+    // `AT_EMPTY_PATH`); `stat` is a `statx` the call may write whole.
     syscall!(statx(
         fd.as_raw_fd(),
         empty.as_ptr(),
@@ -57,6 +62,8 @@ pub fn direct_io_alignment(fd: BorrowedFd<'_>) -> io::Result<Option<(u32, u32)>>
 /// One plain `pread(2)` into `buf` at `offset`, for probing at open time.
 pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let offset = to_off(offset)?;
+    // SAFETY: `fd` is borrowed, so live; the kernel writes at most `buf.len()` bytes into
+    // `buf`, which this call borrows mutably.
     syscall!(pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset)).map(|n| n as usize)
 }
 

@@ -7,6 +7,7 @@ use std::ops::Deref;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use aiocoro::aio::IoEngine;
 use aiocoro::coroutine::Co;
@@ -56,7 +57,10 @@ pub struct FileOptions {
 /// A POSIX file as a block node.
 #[derive(Debug)]
 pub struct FileDriver {
-    file: File,
+    /// Shared with the thread-pool jobs of `discard`, `write_zeroes` and `truncate`, which
+    /// must own what they use (`run_blocking` takes `'static` jobs): a clone of the `Arc`
+    /// rather than of the descriptor (`dup(2)`, then `close(2)`, per request).
+    file: Arc<File>,
     engine: IoEngine,
     alignment: Alignment,
     direct: bool,
@@ -87,7 +91,7 @@ impl FileDriver {
             AioMode::IoUring => IoEngine::IoUring,
             AioMode::Threads => IoEngine::ThreadPool,
         };
-        Ok(FileDriver { file, engine, alignment, direct })
+        Ok(FileDriver { file: Arc::new(file), engine, alignment, direct })
     }
 
     /// Whether the buffers can go to the kernel as they are: few enough for one call, and
@@ -225,7 +229,7 @@ impl BlockDriver for FileDriver {
         if len == 0 {
             return Ok(()); // fallocate(2) refuses an empty range.
         }
-        let file = self.file.try_clone()?;
+        let file = Arc::clone(&self.file);
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         match co.run_blocking(move || sys::fallocate(file.as_fd(), mode, offset, len)) {
             // Discard is advisory: a file system without holes keeps the data.
@@ -238,7 +242,7 @@ impl BlockDriver for FileDriver {
         if len == 0 {
             return Ok(()); // fallocate(2) refuses an empty range.
         }
-        let file = self.file.try_clone()?;
+        let file = Arc::clone(&self.file);
         let mode = if may_unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
@@ -271,7 +275,7 @@ impl BlockDriver for FileDriver {
     }
 
     fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {
-        let file = self.file.try_clone()?;
+        let file = Arc::clone(&self.file);
         co.run_blocking(move || file.set_len(len))
     }
 }
@@ -283,7 +287,7 @@ mod tests {
     /// A driver whose file system states a memory alignment finer than its request
     /// alignment (NVMe: 4-byte DMA, 512-byte sectors), as `statx` reports it.
     fn direct_driver(alignment: Alignment) -> FileDriver {
-        let file = File::open("/dev/null").unwrap();
+        let file = Arc::new(File::open("/dev/null").unwrap());
         FileDriver { file, engine: IoEngine::ThreadPool, alignment, direct: true }
     }
 
