@@ -525,6 +525,17 @@ enum Op {
     Merged(Merged),
 }
 
+impl Op {
+    /// Makes a pending request done with `result` and adds its waiter's waker, if it waits, to
+    /// `woken`; whether it was pending (a done or merged entry is left as it is).
+    fn complete(&mut self, result: i32, woken: &mut Vec<LocalWaker>) -> bool {
+        let Op::Pending { waker, .. } = self else { return false };
+        woken.extend(waker.take());
+        *self = Op::Done(result);
+        true
+    }
+}
+
 /// Where a pending request is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum At {
@@ -711,7 +722,9 @@ impl Ring {
             }
             let mut run = uring_merge::first_run(staged.make_contiguous(), Staged::piece);
             if run > 1 {
-                let Request::Rw(first) = &staged[0].request else { unreachable!("merged") };
+                let Request::Rw(first) = &staged[0].request else {
+                    unreachable!("aiocoro: first_run merged a request that is not a read or write")
+                };
                 if !self.may_merge_on(first.fd) {
                     run = 1;
                 }
@@ -859,13 +872,6 @@ impl Ring {
                 }
                 let key = Key::from_bits(cqe.user_data());
                 match ops.get_mut(key) {
-                    Some(op @ Op::Pending { .. }) => {
-                        if let Op::Pending { waker, .. } = op {
-                            woken.extend(waker.take());
-                        }
-                        *op = Op::Done(cqe.result());
-                        done += 1;
-                    }
                     Some(Op::Merged(_)) => {
                         let Some(Op::Merged(merged)) = ops.remove(key) else {
                             unreachable!("just seen")
@@ -873,32 +879,26 @@ impl Ring {
                         let lens = merged.members.iter().map(|(_, rw)| rw.len);
                         let shares = uring_merge::split(cqe.result(), lens);
                         for (&(member, rw), share) in merged.members.iter().zip(shares) {
-                            let Some(op @ Op::Pending { .. }) = ops.get_mut(member) else {
-                                continue;
-                            };
-                            match share {
-                                Share::Done(result) => {
-                                    if let Op::Pending { waker, .. } = op {
-                                        woken.extend(waker.take());
-                                    }
-                                    *op = Op::Done(result);
-                                    done += 1;
+                            let Some(op) = ops.get_mut(member) else { continue };
+                            match (share, op) {
+                                (Share::Done(result), op) => {
+                                    done += usize::from(op.complete(result, &mut woken));
                                 }
-                                Share::Again => {
-                                    if let Op::Pending { at, .. } = op {
-                                        *at = At::Staged;
-                                    }
+                                (Share::Again, Op::Pending { at, .. }) => {
+                                    *at = At::Staged;
                                     let request = Request::Rw(Rw { alone: true, ..rw });
                                     staged.push_back(Staged { key: member, request });
                                     stats.again += 1;
                                 }
+                                (Share::Again, _) => {}
                             }
                         }
                         // The kernel is done with the merged iovec array (its completion was
                         // just reaped): it may go.
                         drop(merged.iovecs);
                     }
-                    _ => {}
+                    Some(op) => done += usize::from(op.complete(cqe.result(), &mut woken)),
+                    None => {}
                 }
             }
             self.stats.set(stats);

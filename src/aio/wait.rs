@@ -108,12 +108,13 @@ impl Co {
     /// # Panics
     ///
     /// If this thread has no [`AioContext`](super::AioContext), or if the coroutine may not
-    /// yield now (as [`Co::yield_now`] would): before anything is parked, so that no record
-    /// names a coroutine that does not wait. The caller's queueing of the record and the
-    /// suspension that follows then cannot fail.
+    /// yield once the caller has released `releasing` thread-lock guards (as [`Co::yield_now`]
+    /// would then): before anything is parked, so that no record names a coroutine that does
+    /// not wait. The caller's queueing of the record and the suspension that follows then
+    /// cannot fail.
     #[inline]
-    pub(crate) fn park(&self) -> Parked {
-        self.assert_may_yield(0);
+    pub(crate) fn park(&self, releasing: usize) -> Parked {
+        self.assert_may_yield(releasing);
         let coroutine = self.current();
         // SAFETY: the count update runs no other code.
         let context = unsafe {
@@ -150,7 +151,7 @@ impl Co {
     #[inline]
     pub fn reschedule(&self) {
         // Queued behind the coroutines already runnable; the run queue brings it back.
-        self.park().unpark();
+        self.park(0).unpark();
         self.wait_unparked();
     }
 

@@ -228,7 +228,7 @@ impl RawCoMutex {
             if self.remote.load(Ordering::Relaxed) == 0 {
                 // Held on this thread, nobody queued from elsewhere: queue behind the other
                 // waiters of this thread. The holder cannot let go before we yield.
-                let parked = co.park();
+                let parked = co.park(0);
                 // SAFETY: `state` names this thread, so we may touch `local_waiters` (field
                 // invariant); nothing else on this thread runs until we yield.
                 unsafe { (*self.local_waiters.get()).push_back(parked) };

@@ -162,8 +162,9 @@ impl CoQueue {
         if R::THREAD_BOUND {
             let parked = self.parked(guard);
             // `park` fails (if it does) before there is a record, and nothing fails between
-            // queueing the record and suspending (see the invariant on `parked`).
-            let record = co.park();
+            // queueing the record and suspending (see the invariant on `parked`). The guard of
+            // a thread lock is released before the yield.
+            let record = co.park(usize::from(!R::YIELD_SAFE));
             if front {
                 parked.push_front(record);
             } else {
@@ -297,5 +298,76 @@ impl CoQueue {
         run_woken_coroutines();
         guard.lock().raw().lock_blocking();
         guard.reacquired();
+    }
+}
+
+#[cfg(all(test, not(aiocoro_loom)))]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use crate::aio::AioContext;
+    use crate::coroutine::Co;
+    use crate::sync::{CoQueue, Lock, RawBlockingLock, RawLock};
+
+    /// A thread lock (not yield-safe: a guard must not live across a yield) that never leaves
+    /// its thread, so that a queue under it parks its waiters.
+    struct RawBoundThreadLock {
+        held: Cell<bool>,
+    }
+
+    // SAFETY: `held` admits one holder at a time (a second `lock` panics, `try_lock` fails);
+    // not `Sync` (`Cell`) and not zero-sized (a `bool`), as `THREAD_BOUND` requires.
+    unsafe impl RawLock for RawBoundThreadLock {
+        fn new() -> Self {
+            RawBoundThreadLock { held: Cell::new(false) }
+        }
+
+        const YIELD_SAFE: bool = false;
+
+        const THREAD_BOUND: bool = true;
+
+        fn lock(&self, _co: &Co) {
+            self.lock_blocking();
+        }
+
+        fn try_lock(&self) -> bool {
+            !self.held.replace(true)
+        }
+
+        unsafe fn unlock(&self) {
+            self.held.set(false);
+        }
+    }
+
+    // SAFETY: as above.
+    unsafe impl RawBlockingLock for RawBoundThreadLock {
+        fn lock_blocking(&self) {
+            assert!(self.try_lock(), "test lock taken twice");
+        }
+    }
+
+    #[test]
+    fn a_waiter_under_a_thread_bound_thread_lock_parks_without_tripping_the_yield_check() {
+        let ctx = AioContext::new().unwrap();
+        let lock = Rc::new(Lock::<RawBoundThreadLock, bool>::new(false));
+        let queue = Rc::new(CoQueue::new());
+        let (l, q) = (lock.clone(), queue.clone());
+        let waiter = ctx.spawn(move |co| {
+            let mut ready = l.lock(co);
+            // The guard is released before the coroutine yields: no thread lock is held then.
+            while !*ready {
+                q.wait(co, &mut ready);
+            }
+        });
+        ctx.poll(false);
+        let (l, q) = (lock.clone(), queue.clone());
+        ctx.spawn(move |co| {
+            let mut ready = l.lock(co);
+            *ready = true;
+            assert!(q.next(&mut ready), "the waiter is queued");
+        });
+        ctx.wait_while(|| !waiter.is_ended());
+        assert!(*lock.try_lock().unwrap());
     }
 }
