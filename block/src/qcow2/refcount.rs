@@ -363,15 +363,17 @@ impl Refcounts {
         others: impl Fn(&Range<u64>) -> Option<Hit>,
         purpose: &dyn fmt::Display,
     ) -> io::Result<HostOffset> {
-        let bits = self.geometry.cluster_bits();
-        let per_block = self.per_block();
+        let (bits, order, per_block) = (self.geometry.cluster_bits(), self.order, self.per_block());
         let mut start = self.free_hint;
         let mut found = 0;
         let mut skipped_free = false;
         while found < count {
             let cluster = start + found;
             let slot = usize::try_from(cluster / per_block).unwrap_or(usize::MAX);
-            if self.block(co, file, slot)?.is_none() {
+            let index = (cluster % per_block) as usize;
+            let Some(refcount) =
+                self.block(co, file, slot)?.map(|block| get_entry(&block.bytes, order, index))
+            else {
                 if slot < self.table.len() {
                     // The run so far is free and counted: its first cluster can hold the
                     // block (and the run moves on past it).
@@ -385,8 +387,8 @@ impl Refcounts {
                 // The new metadata took clusters: look again from the start of the run.
                 found = 0;
                 continue;
-            }
-            if self.get(co, file, cluster)? == 0 {
+            };
+            if refcount == 0 {
                 found += 1;
             } else {
                 // A run too short for `count` stays free before the new hint otherwise.
