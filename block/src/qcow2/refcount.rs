@@ -276,8 +276,7 @@ impl Refcounts {
         offset: HostOffset,
         len: u64,
     ) -> io::Result<()> {
-        let bits = self.geometry.cluster_bits();
-        for cluster in offset.0 >> bits..(offset.0 + len).div_ceil(1 << bits) {
+        for cluster in clusters(self.geometry, offset.0, len) {
             if self.get(co, file, cluster)? == 0 {
                 return Err(corrupt(format!(
                     "the {what} is in host cluster {cluster}, whose refcount is 0: the \
@@ -322,7 +321,8 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Drops one reference to each host cluster that `len` bytes at `offset` touch.
+    /// Drops one reference to each host cluster that `len` bytes at `offset` touch (the one
+    /// at `offset` if `len` is 0).
     ///
     /// # Errors
     ///
@@ -334,9 +334,7 @@ impl Refcounts {
         offset: HostOffset,
         len: u64,
     ) -> io::Result<()> {
-        let bits = self.geometry.cluster_bits();
-        let last = (offset.0 + len.max(1) - 1) >> bits;
-        for cluster in offset.0 >> bits..=last {
+        for cluster in clusters(self.geometry, offset.0, len.max(1)) {
             self.change(co, file, cluster, -1)?;
         }
         Ok(())
