@@ -19,9 +19,7 @@ use super::corrupt;
 use super::driver::Qcow2Driver;
 use super::in_place::Writing;
 use super::io::{gather, sub_slices_ref, write_at};
-use super::mapping::{
-    COPIED, OFFSET_MASK, decode_l1, decode_l2, is_writable_in_place, referenced_range,
-};
+use super::mapping::{COPIED, OFFSET_MASK, decode_l1, decode_l2, is_writable_in_place};
 use super::metadata::{Metadata, writable};
 use super::offsets::{GuestOffset, HostOffset};
 use super::overlap;
@@ -313,16 +311,8 @@ impl Qcow2Driver {
         let index = geometry.position(geometry.cluster_of(guest)).l2_index;
         // Cached (loaded if need be), then changed in place.
         drop(self.l2_table(co, meta, l2)?);
-        let Metadata { writer, l2_cache, .. } = meta;
-        let writer = writable(writer);
-        let table = l2_cache.get_mut(l2).expect("qcow2: the L2 table was cached just above");
-        for n in 0..count as usize {
-            let old = table[index + n];
-            if let Some(range) = referenced_range(old, geometry) {
-                writer.pending_frees.push(range);
-            }
-            table[index + n] = (host.0 + n as u64 * geometry.cluster_size()) | COPIED;
-        }
+        let cluster_size = geometry.cluster_size();
+        meta.set_l2_entries(l2, index, count as usize, |n| (host.0 + n * cluster_size) | COPIED);
         Ok(())
     }
 }
