@@ -49,18 +49,19 @@ impl Qcow2Driver {
         let total: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
         let mut done = 0;
         while done < total {
-            let piece = sub_slices_ref(bufs, done as usize, (total - done) as usize);
-            done += self.write_step(co, GuestOffset(offset + done), &piece, total - done)?;
+            done += self.write_step(co, GuestOffset(offset + done), bufs, done, total - done)?;
         }
         Ok(())
     }
 
-    /// Writes the start of `bufs` (`len` bytes) at `guest`; returns how many bytes it wrote.
+    /// Writes the start of the `len` bytes of `bufs` from byte `start` on at `guest`; returns
+    /// how many bytes it wrote. The bytes are cut out of `bufs` once, for the step's size.
     fn write_step(
         &self,
         co: &Co,
         guest: GuestOffset,
         bufs: &[IoSlice<'_>],
+        start: u64,
         len: u64,
     ) -> io::Result<u64> {
         let geometry = self.header.geometry;
@@ -80,7 +81,7 @@ impl Qcow2Driver {
                 };
                 let at = guest.0 - in_flight.first * geometry.cluster_size();
                 let len = len.min(in_flight.count * geometry.cluster_size() - at);
-                merged.push(Merged { at, data: gather(bufs, len as usize) });
+                merged.push(Merged { at, data: gather(bufs, start as usize, len as usize) });
                 if allocation.wait_outcome(co, &mut meta) {
                     break Step::Merged { len };
                 }
@@ -89,12 +90,15 @@ impl Qcow2Driver {
         };
         match step {
             Step::InPlace { host, len, _writing } => {
-                self.file.node().write(co, host.0, &sub_slices_ref(bufs, 0, len as usize))?;
+                let bytes = sub_slices_ref(bufs, start as usize, len as usize);
+                self.file.node().write(co, host.0, &bytes)?;
                 Ok(len)
             }
             Step::Merged { len } => Ok(len),
             Step::Allocated { host, count, len, l2, allocation } => {
-                let written = self.write_allocated(co, guest, bufs, len, host, count, &allocation);
+                let bytes = sub_slices_ref(bufs, start as usize, len as usize);
+                let written =
+                    self.write_allocated(co, guest, &bytes, len, host, count, &allocation);
                 let mut meta = self.metadata.lock(co);
                 let linked = match written {
                     Ok(()) => self.link(co, &mut meta, guest, host, count, l2),
@@ -233,15 +237,15 @@ impl Qcow2Driver {
         Ok(offset)
     }
 
-    /// Writes `count` new clusters at `host`: the request's bytes, the bytes merged into
-    /// `allocation`, and around them what the guest read before (from this image's old
-    /// mapping, the backing node, or zeroes).
+    /// Writes `count` new clusters at `host`: the request's bytes (`bytes`, `len` of them),
+    /// the bytes merged into `allocation`, and around them what the guest read before (from
+    /// this image's old mapping, the backing node, or zeroes).
     #[allow(clippy::too_many_arguments, reason = "one allocation's coordinates")]
     fn write_allocated(
         &self,
         co: &Co,
         guest: GuestOffset,
-        bufs: &[IoSlice<'_>],
+        bytes: &[IoSlice<'_>],
         len: u64,
         host: HostOffset,
         count: u64,
@@ -273,8 +277,8 @@ impl Qcow2Driver {
             from = from.max(next);
         }
         let mut at = in_cluster as usize;
-        for piece in sub_slices_ref(bufs, 0, len as usize) {
-            data[at..at + piece.len()].copy_from_slice(&piece);
+        for piece in bytes {
+            data[at..at + piece.len()].copy_from_slice(piece);
             at += piece.len();
         }
         for piece in &merged {
