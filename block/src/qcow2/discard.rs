@@ -11,8 +11,7 @@ use std::io;
 use aiocoro::coroutine::Co;
 
 use super::driver::Qcow2Driver;
-use super::mapping::{ZERO, referenced_range};
-use super::metadata::writable;
+use super::mapping::ZERO;
 use super::write::refuse_read_only;
 
 impl Qcow2Driver {
@@ -51,20 +50,12 @@ impl Qcow2Driver {
                 }
                 None => self.allocate_l2(co, &mut meta, position.l1_index)?,
             };
-            let mut table = self.l2_table(co, &mut meta, l2)?.to_vec();
-            let writer = writable(&mut meta.writer);
-            let mut changed = false;
-            for entry in &mut table[position.l2_index..position.l2_index + count as usize] {
-                if *entry != new_entry {
-                    if let Some(range) = referenced_range(*entry, geometry) {
-                        writer.pending_frees.push(range);
-                    }
-                    *entry = new_entry;
-                    changed = true;
-                }
-            }
-            if changed {
-                meta.l2_cache.update(l2, table.into());
+            let table = self.l2_table(co, &mut meta, l2)?;
+            let (index, count_in_table) = (position.l2_index, count as usize);
+            if table[index..index + count_in_table].iter().any(|&entry| entry != new_entry) {
+                // Not held while the cache changes the table, which would copy it.
+                drop(table);
+                meta.set_l2_entries(l2, index, count_in_table, |_| new_entry);
             }
             cluster += count;
         }

@@ -157,11 +157,11 @@ struct Fields<'a>(&'a [u8]);
 
 impl Fields<'_> {
     fn u32(&self, at: usize) -> u32 {
-        u32::from_be_bytes(self.0[at..at + 4].try_into().expect("4 bytes"))
+        u32::from_be_bytes(self.0[at..at + 4].try_into().expect("a 4-byte slice is a [u8; 4]"))
     }
 
     fn u64(&self, at: usize) -> u64 {
-        u64::from_be_bytes(self.0[at..at + 8].try_into().expect("8 bytes"))
+        u64::from_be_bytes(self.0[at..at + 8].try_into().expect("an 8-byte slice is a [u8; 8]"))
     }
 }
 

@@ -107,11 +107,11 @@ fn window(start: usize, len: usize) -> impl FnMut(usize) -> Option<Range<usize>>
     }
 }
 
-/// A copy of the first `len` bytes of `bufs`, in one buffer.
-pub(crate) fn gather(bufs: &[IoSlice<'_>], len: usize) -> IoBuffer {
+/// A copy of the `len` bytes of `bufs` from byte `start` on, in one buffer.
+pub(crate) fn gather(bufs: &[IoSlice<'_>], start: usize, len: usize) -> IoBuffer {
     let mut buffer = IoBuffer::new(len);
     let mut at = 0;
-    for piece in sub_slices_ref(bufs, 0, len) {
+    for piece in sub_slices_ref(bufs, start, len) {
         buffer[at..at + piece.len()].copy_from_slice(&piece);
         at += piece.len();
     }

@@ -88,12 +88,6 @@ impl L2Cache {
         Some(Arc::make_mut(&mut self.slots[slot].table))
     }
 
-    /// Replaces (or adds) the table at `offset` with a changed one, dirty until written.
-    pub(crate) fn update(&mut self, offset: HostOffset, table: Arc<[u64]>) {
-        self.insert(offset, table);
-        self.dirty.insert(offset);
-    }
-
     /// Adds the table at `offset` (replacing the cached one, if any) as just used, evicting
     /// the least recently used one when full (which must be clean: see
     /// [`L2Cache::dirty_victim`]).

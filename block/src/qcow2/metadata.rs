@@ -29,6 +29,7 @@ use aiocoro::coroutine::Co;
 use super::allocation::{Allocation, InFlight, Merged};
 use super::io::write_at;
 use super::l2_cache::L2Cache;
+use super::mapping::referenced_range;
 use super::offsets::{Geometry, HostOffset};
 use super::overlap::{Hit, Holder, TableClusters, clusters, first_shared};
 use super::refcount::Refcounts;
@@ -151,6 +152,35 @@ impl Metadata {
         let l1_area = clusters(self.geometry, self.l1_offset.0, self.l1.len() as u64 * 8);
         tables_in(&l1_area, &writer.l2_tables, range)
             .or_else(|| writer.refcounts.metadata_in(range))
+    }
+
+    /// Sets the `count` L2 entries from `index` of the table at `l2`, which the caller has
+    /// just cached, the `n`-th to `entry(n)`; the clusters the old entries named are freed at
+    /// the next flush (step 4). The table is changed in place, copied only if a reader still
+    /// holds it, and dirty until written back.
+    ///
+    /// # Panics
+    ///
+    /// If the table is not cached or the image is open read-only (the caller found the
+    /// writer, and cached the table, under the lock it still holds).
+    pub(crate) fn set_l2_entries(
+        &mut self,
+        l2: HostOffset,
+        index: usize,
+        count: usize,
+        entry: impl Fn(u64) -> u64,
+    ) {
+        let Metadata { geometry, writer, l2_cache, .. } = self;
+        let writer = writable(writer);
+        let table = l2_cache
+            .get_mut(l2)
+            .expect("qcow2: set_l2_entries needs the L2 table cached by its caller");
+        for (n, slot) in table[index..index + count].iter_mut().enumerate() {
+            if let Some(range) = referenced_range(*slot, *geometry) {
+                writer.pending_frees.push(range);
+            }
+            *slot = entry(n as u64);
+        }
     }
 
     /// Gives back `len` bytes of clusters from `offset` that an allocation took and that

@@ -276,8 +276,7 @@ impl Refcounts {
         offset: HostOffset,
         len: u64,
     ) -> io::Result<()> {
-        let bits = self.geometry.cluster_bits();
-        for cluster in offset.0 >> bits..(offset.0 + len).div_ceil(1 << bits) {
+        for cluster in clusters(self.geometry, offset.0, len) {
             if self.get(co, file, cluster)? == 0 {
                 return Err(corrupt(format!(
                     "the {what} is in host cluster {cluster}, whose refcount is 0: the \
@@ -322,7 +321,8 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Drops one reference to each host cluster that `len` bytes at `offset` touch.
+    /// Drops one reference to each host cluster that `len` bytes at `offset` touch (the one
+    /// at `offset` if `len` is 0).
     ///
     /// # Errors
     ///
@@ -334,9 +334,7 @@ impl Refcounts {
         offset: HostOffset,
         len: u64,
     ) -> io::Result<()> {
-        let bits = self.geometry.cluster_bits();
-        let last = (offset.0 + len.max(1) - 1) >> bits;
-        for cluster in offset.0 >> bits..=last {
+        for cluster in clusters(self.geometry, offset.0, len.max(1)) {
             self.change(co, file, cluster, -1)?;
         }
         Ok(())
@@ -363,15 +361,17 @@ impl Refcounts {
         others: impl Fn(&Range<u64>) -> Option<Hit>,
         purpose: &dyn fmt::Display,
     ) -> io::Result<HostOffset> {
-        let bits = self.geometry.cluster_bits();
-        let per_block = self.per_block();
+        let (bits, order, per_block) = (self.geometry.cluster_bits(), self.order, self.per_block());
         let mut start = self.free_hint;
         let mut found = 0;
         let mut skipped_free = false;
         while found < count {
             let cluster = start + found;
             let slot = usize::try_from(cluster / per_block).unwrap_or(usize::MAX);
-            if self.block(co, file, slot)?.is_none() {
+            let index = (cluster % per_block) as usize;
+            let Some(refcount) =
+                self.block(co, file, slot)?.map(|block| get_entry(&block.bytes, order, index))
+            else {
                 if slot < self.table.len() {
                     // The run so far is free and counted: its first cluster can hold the
                     // block (and the run moves on past it).
@@ -385,8 +385,8 @@ impl Refcounts {
                 // The new metadata took clusters: look again from the start of the run.
                 found = 0;
                 continue;
-            }
-            if self.get(co, file, cluster)? == 0 {
+            };
+            if refcount == 0 {
                 found += 1;
             } else {
                 // A run too short for `count` stays free before the new hint otherwise.

@@ -19,9 +19,7 @@ use super::corrupt;
 use super::driver::Qcow2Driver;
 use super::in_place::Writing;
 use super::io::{gather, sub_slices_ref, write_at};
-use super::mapping::{
-    COPIED, OFFSET_MASK, decode_l1, decode_l2, is_writable_in_place, referenced_range,
-};
+use super::mapping::{COPIED, OFFSET_MASK, decode_l1, decode_l2, is_writable_in_place};
 use super::metadata::{Metadata, writable};
 use super::offsets::{GuestOffset, HostOffset};
 use super::overlap;
@@ -51,18 +49,19 @@ impl Qcow2Driver {
         let total: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
         let mut done = 0;
         while done < total {
-            let piece = sub_slices_ref(bufs, done as usize, (total - done) as usize);
-            done += self.write_step(co, GuestOffset(offset + done), &piece, total - done)?;
+            done += self.write_step(co, GuestOffset(offset + done), bufs, done, total - done)?;
         }
         Ok(())
     }
 
-    /// Writes the start of `bufs` (`len` bytes) at `guest`; returns how many bytes it wrote.
+    /// Writes the start of the `len` bytes of `bufs` from byte `start` on at `guest`; returns
+    /// how many bytes it wrote. The bytes are cut out of `bufs` once, for the step's size.
     fn write_step(
         &self,
         co: &Co,
         guest: GuestOffset,
         bufs: &[IoSlice<'_>],
+        start: u64,
         len: u64,
     ) -> io::Result<u64> {
         let geometry = self.header.geometry;
@@ -82,7 +81,7 @@ impl Qcow2Driver {
                 };
                 let at = guest.0 - in_flight.first * geometry.cluster_size();
                 let len = len.min(in_flight.count * geometry.cluster_size() - at);
-                merged.push(Merged { at, data: gather(bufs, len as usize) });
+                merged.push(Merged { at, data: gather(bufs, start as usize, len as usize) });
                 if allocation.wait_outcome(co, &mut meta) {
                     break Step::Merged { len };
                 }
@@ -91,12 +90,15 @@ impl Qcow2Driver {
         };
         match step {
             Step::InPlace { host, len, _writing } => {
-                self.file.node().write(co, host.0, &sub_slices_ref(bufs, 0, len as usize))?;
+                let bytes = sub_slices_ref(bufs, start as usize, len as usize);
+                self.file.node().write(co, host.0, &bytes)?;
                 Ok(len)
             }
             Step::Merged { len } => Ok(len),
             Step::Allocated { host, count, len, l2, allocation } => {
-                let written = self.write_allocated(co, guest, bufs, len, host, count, &allocation);
+                let bytes = sub_slices_ref(bufs, start as usize, len as usize);
+                let written =
+                    self.write_allocated(co, guest, &bytes, len, host, count, &allocation);
                 let mut meta = self.metadata.lock(co);
                 let linked = match written {
                     Ok(()) => self.link(co, &mut meta, guest, host, count, l2),
@@ -235,15 +237,15 @@ impl Qcow2Driver {
         Ok(offset)
     }
 
-    /// Writes `count` new clusters at `host`: the request's bytes, the bytes merged into
-    /// `allocation`, and around them what the guest read before (from this image's old
-    /// mapping, the backing node, or zeroes).
+    /// Writes `count` new clusters at `host`: the request's bytes (`bytes`, `len` of them),
+    /// the bytes merged into `allocation`, and around them what the guest read before (from
+    /// this image's old mapping, the backing node, or zeroes).
     #[allow(clippy::too_many_arguments, reason = "one allocation's coordinates")]
     fn write_allocated(
         &self,
         co: &Co,
         guest: GuestOffset,
-        bufs: &[IoSlice<'_>],
+        bytes: &[IoSlice<'_>],
         len: u64,
         host: HostOffset,
         count: u64,
@@ -275,8 +277,8 @@ impl Qcow2Driver {
             from = from.max(next);
         }
         let mut at = in_cluster as usize;
-        for piece in sub_slices_ref(bufs, 0, len as usize) {
-            data[at..at + piece.len()].copy_from_slice(&piece);
+        for piece in bytes {
+            data[at..at + piece.len()].copy_from_slice(piece);
             at += piece.len();
         }
         for piece in &merged {
@@ -313,16 +315,8 @@ impl Qcow2Driver {
         let index = geometry.position(geometry.cluster_of(guest)).l2_index;
         // Cached (loaded if need be), then changed in place.
         drop(self.l2_table(co, meta, l2)?);
-        let Metadata { writer, l2_cache, .. } = meta;
-        let writer = writable(writer);
-        let table = l2_cache.get_mut(l2).expect("qcow2: the L2 table was cached just above");
-        for n in 0..count as usize {
-            let old = table[index + n];
-            if let Some(range) = referenced_range(old, geometry) {
-                writer.pending_frees.push(range);
-            }
-            table[index + n] = (host.0 + n as u64 * geometry.cluster_size()) | COPIED;
-        }
+        let cluster_size = geometry.cluster_size();
+        meta.set_l2_entries(l2, index, count as usize, |n| (host.0 + n * cluster_size) | COPIED);
         Ok(())
     }
 }
