@@ -171,8 +171,42 @@ impl fmt::Debug for IoBuffer {
     }
 }
 
+/// Copies `bytes` into `bufs` in order, as many as both hold (the scatter half of a bounce
+/// buffer).
+pub(crate) fn scatter(bytes: &[u8], bufs: &mut [std::io::IoSliceMut<'_>]) {
+    let mut rest = bytes;
+    for buf in bufs.iter_mut() {
+        let n = buf.len().min(rest.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        rest = &rest[n..];
+    }
+}
+
+/// Copies `bufs` in order into `out`, as many bytes as both hold (the gather half of a
+/// bounce buffer).
+pub(crate) fn gather_into(bufs: &[std::io::IoSlice<'_>], out: &mut [u8]) {
+    let mut rest = out;
+    for buf in bufs {
+        let n = buf.len().min(rest.len());
+        let (head, tail) = rest.split_at_mut(n);
+        head.copy_from_slice(&buf[..n]);
+        rest = tail;
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn gather_into_and_scatter_copy_in_order_as_much_as_fits() {
+        let (a, b) = ([1u8, 2, 3], [4u8, 5]);
+        let mut out = [0u8; 4];
+        gather_into(&[std::io::IoSlice::new(&a), std::io::IoSlice::new(&b)], &mut out);
+        assert_eq!(out, [1, 2, 3, 4]);
+        let (mut x, mut y) = ([0u8; 2], [0u8; 3]);
+        scatter(&out, &mut [std::io::IoSliceMut::new(&mut x), std::io::IoSliceMut::new(&mut y)]);
+        assert_eq!((x, y), ([1, 2], [3, 4, 0]));
+    }
     use super::*;
 
     #[test]

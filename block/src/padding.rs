@@ -11,7 +11,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 
 use aiocoro::coroutine::Co;
 
-use crate::buffer::IoBuffer;
+use crate::buffer::{IoBuffer, gather_into, scatter};
 use crate::node::BlockNode;
 
 /// The aligned range covering `len` bytes at `offset`: `(start, end)`.
@@ -41,12 +41,7 @@ pub(crate) fn read(
     let (start, end) = widen(offset, len, align);
     let mut bounce = IoBuffer::new(bounce_len(start, end)?);
     node.read(co, start, &mut [IoSliceMut::new(&mut bounce)])?;
-    let mut from = (offset - start) as usize;
-    for buf in bufs.iter_mut() {
-        let len = buf.len();
-        buf.copy_from_slice(&bounce[from..from + len]);
-        from += len;
-    }
+    scatter(&bounce[(offset - start) as usize..], bufs);
     Ok(())
 }
 
@@ -71,11 +66,7 @@ pub(crate) fn write(
     if offset + len != end && (last != 0 || offset == start) {
         node.read(co, end - align, &mut [IoSliceMut::new(&mut bounce[last..])])?;
     }
-    let mut to = (offset - start) as usize;
-    for buf in bufs {
-        bounce[to..to + buf.len()].copy_from_slice(buf);
-        to += buf.len();
-    }
+    gather_into(bufs, &mut bounce[(offset - start) as usize..]);
     node.write(co, start, &[IoSlice::new(&bounce)])
 }
 

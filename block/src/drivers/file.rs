@@ -12,7 +12,7 @@ use std::sync::Arc;
 use aiocoro::aio::IoEngine;
 use aiocoro::coroutine::Co;
 
-use crate::buffer::{BUFFER_ALIGN, IoBuffer};
+use crate::buffer::{BUFFER_ALIGN, IoBuffer, gather_into, scatter};
 use crate::driver::{Alignment, Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 use crate::sys;
 
@@ -188,12 +188,7 @@ impl BlockDriver for FileDriver {
         let len = bufs.iter().map(|buf| buf.len()).sum();
         let mut bounce = IoBuffer::new(len);
         self.read_all(co, offset, &mut [IoSliceMut::new(&mut bounce)])?;
-        let mut rest = &bounce[..];
-        for buf in bufs.iter_mut() {
-            let (head, tail) = rest.split_at(buf.len());
-            buf.copy_from_slice(head);
-            rest = tail;
-        }
+        scatter(&bounce, bufs);
         Ok(())
     }
 
@@ -212,12 +207,7 @@ impl BlockDriver for FileDriver {
             return self.write_all(co, offset, slices);
         }
         let mut bounce = IoBuffer::new(bufs.iter().map(|buf| buf.len()).sum());
-        let mut rest = &mut bounce[..];
-        for buf in bufs {
-            let (head, tail) = rest.split_at_mut(buf.len());
-            head.copy_from_slice(buf);
-            rest = tail;
-        }
+        gather_into(bufs, &mut bounce);
         self.write_all(co, offset, &mut [IoSlice::new(&bounce)])
     }
 

@@ -11,7 +11,7 @@ use super::compressed::{LastInflated, inflate_cluster};
 use super::corrupt;
 use super::header::Header;
 use super::in_place::InPlaceWrites;
-use super::io::{copy_into, read_at, read_exact_at, sub_slices, zero};
+use super::io::{read_at, read_exact_at, sub_slices, zero};
 use super::l2_cache::L2Cache;
 use super::mapping::{ClusterMapping, OFFSET_MASK, decode_l1, decode_l2};
 use super::metadata::{Metadata, Writer};
@@ -20,6 +20,7 @@ use super::overlap::TableClusters;
 use super::refcount::Refcounts;
 use super::refuse;
 use super::table::decode_table;
+use crate::buffer::scatter;
 use crate::driver::{Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 use crate::node::{BlockNode, Child};
 
@@ -304,7 +305,7 @@ impl Qcow2Driver {
                 cluster
             }
         };
-        copy_into(bufs, &cluster[geometry.offset_in_cluster(guest) as usize..]);
+        scatter(&cluster[geometry.offset_in_cluster(guest) as usize..], bufs);
         Ok(())
     }
 }

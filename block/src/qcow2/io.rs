@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use aiocoro::coroutine::Co;
 
-use crate::buffer::IoBuffer;
+use crate::buffer::{IoBuffer, gather_into};
 use crate::node::BlockNode;
 use crate::padding;
 
@@ -110,11 +110,7 @@ fn window(start: usize, len: usize) -> impl FnMut(usize) -> Option<Range<usize>>
 /// A copy of the `len` bytes of `bufs` from byte `start` on, in one buffer.
 pub(crate) fn gather(bufs: &[IoSlice<'_>], start: usize, len: usize) -> IoBuffer {
     let mut buffer = IoBuffer::new(len);
-    let mut at = 0;
-    for piece in sub_slices_ref(bufs, start, len) {
-        buffer[at..at + piece.len()].copy_from_slice(&piece);
-        at += piece.len();
-    }
+    gather_into(&sub_slices_ref(bufs, start, len), &mut buffer);
     buffer
 }
 
@@ -123,18 +119,10 @@ pub(crate) fn zero(bufs: &mut [IoSliceMut<'_>]) {
     bufs.iter_mut().for_each(|buf| buf.fill(0));
 }
 
-/// Copies `bytes` into `bufs` in order (as many as both hold).
-pub(crate) fn copy_into(bufs: &mut [IoSliceMut<'_>], mut bytes: &[u8]) {
-    for buf in bufs.iter_mut() {
-        let n = buf.len().min(bytes.len());
-        buf[..n].copy_from_slice(&bytes[..n]);
-        bytes = &bytes[n..];
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buffer::scatter;
 
     #[test]
     fn sub_slices_cut_across_buffers() {
@@ -142,7 +130,7 @@ mod tests {
         let mut bufs = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b), IoSliceMut::new(&mut c)];
         let mut piece = sub_slices(&mut bufs, 2, 7);
         assert_eq!(piece.iter().map(|s| s.len()).collect::<Vec<_>>(), [1, 4, 2]);
-        copy_into(&mut piece, &[1, 2, 3, 4, 5, 6, 7]);
+        scatter(&[1, 2, 3, 4, 5, 6, 7], &mut piece);
         drop(piece);
         zero(&mut sub_slices(&mut bufs, 3, 1));
         assert!(sub_slices(&mut bufs, 12, 0).is_empty());
