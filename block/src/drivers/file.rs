@@ -7,7 +7,7 @@ use std::ops::Deref;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use aiocoro::aio::IoEngine;
 use aiocoro::coroutine::Co;
@@ -64,6 +64,10 @@ pub struct FileDriver {
     engine: IoEngine,
     alignment: Alignment,
     direct: bool,
+    /// The file's name, for errors.
+    path: PathBuf,
+    /// Why the first failed flush failed; once set, every flush fails (see `flush`).
+    flush_failed: OnceLock<String>,
 }
 
 impl FileDriver {
@@ -91,7 +95,14 @@ impl FileDriver {
             AioMode::IoUring => IoEngine::IoUring,
             AioMode::Threads => IoEngine::ThreadPool,
         };
-        Ok(FileDriver { file: Arc::new(file), engine, alignment, direct })
+        Ok(FileDriver {
+            file: Arc::new(file),
+            engine,
+            alignment,
+            direct,
+            path: options.filename.clone(),
+            flush_failed: OnceLock::new(),
+        })
     }
 
     /// Whether the buffers can go to the kernel as they are: few enough for one call, and
@@ -126,6 +137,21 @@ impl FileDriver {
             offset += read as u64;
         }
         Ok(())
+    }
+
+    /// The error of every flush after a failed one (see [`BlockDriver::flush`] on
+    /// [`FileDriver`]).
+    fn refuse_after_failed_flush(&self) -> io::Result<()> {
+        match self.flush_failed.get() {
+            None => Ok(()),
+            Some(first) => Err(io::Error::other(format!(
+                "{}: an earlier flush failed ({first}), so the kernel may have dropped data \
+                 written before it; no later flush of this open file can prove data stable \
+                 (rewrite what was written since the last successful flush on a new open and \
+                 flush that)",
+                self.path.display()
+            ))),
+        }
     }
 
     /// Writes all of `bufs` at `offset`, continuing short writes.
@@ -211,8 +237,35 @@ impl BlockDriver for FileDriver {
         self.write_all(co, offset, &mut [IoSlice::new(&bounce)])
     }
 
+    /// Makes every completed write stable (`fdatasync`), on the node's engine.
+    ///
+    /// **After a failed flush, every later flush of this node fails**, naming the first
+    /// failure (QEMU's `file-posix` does the same for the page cache). Linux reports a
+    /// write-back error to one `fdatasync` only, and may by then have dropped the dirty
+    /// pages or marked them clean: a later `fdatasync` would succeed although data written
+    /// before it never reached the disk. `O_DIRECT` nodes latch too (QEMU's do not): file
+    /// systems may still buffer some direct writes (falling back to the page cache, or
+    /// extending the file through its metadata journal), so a failure cannot be proven
+    /// harmless there either. What a caller can still trust:
+    ///
+    /// - data made stable by the last successful flush and not written since is on disk;
+    /// - writes since then may or may not be on disk, whichever node or descriptor reads
+    ///   them back: reading the page cache can return bytes the disk does not hold;
+    /// - reads and writes still work, and this node never says again that data is stable.
+    ///   To make data stable again, open the file anew, write everything written since the
+    ///   last successful flush again, and flush that node.
+    ///
+    /// A flush that succeeds while another one fails on the same node is reported as
+    /// failed too, when it ends after the failure was seen.
     fn flush(&self, co: &Co) -> io::Result<()> {
-        self.engine.fsync(co, self.file.as_fd(), true)
+        self.refuse_after_failed_flush()?;
+        match self.engine.fsync(co, self.file.as_fd(), true) {
+            Ok(()) => self.refuse_after_failed_flush(),
+            Err(error) => {
+                self.flush_failed.get_or_init(|| error.to_string());
+                Err(error)
+            }
+        }
     }
 
     fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
@@ -278,7 +331,14 @@ mod tests {
     /// alignment (NVMe: 4-byte DMA, 512-byte sectors), as `statx` reports it.
     fn direct_driver(alignment: Alignment) -> FileDriver {
         let file = Arc::new(File::open("/dev/null").unwrap());
-        FileDriver { file, engine: IoEngine::ThreadPool, alignment, direct: true }
+        FileDriver {
+            file,
+            engine: IoEngine::ThreadPool,
+            alignment,
+            direct: true,
+            path: "/dev/null".into(),
+            flush_failed: OnceLock::new(),
+        }
     }
 
     #[test]
