@@ -120,6 +120,14 @@ impl FileDriver {
 
     /// Reads `bufs` at `offset`, all of them: a short read is continued, and the part past
     /// the end of the file reads as zeroes.
+    ///
+    /// Under `O_DIRECT` a read that stopped off the request alignment hit the end of the
+    /// file (direct I/O moves whole blocks elsewhere): the rest reads as zeroes, as in
+    /// QEMU's `file-posix`. Continuing at that offset would be an unaligned direct read,
+    /// which the kernel refuses (`EINVAL`) once the file has grown past it, as it does when
+    /// another request allocates a cluster of an image whose file ends inside a compressed
+    /// cluster. A short read that stopped on the alignment continues, through a bounce
+    /// buffer if the rest of `bufs` no longer suits `O_DIRECT`.
     fn read_all(
         &self,
         co: &Co,
@@ -129,13 +137,27 @@ impl FileDriver {
         IoSliceMut::advance_slices(&mut bufs, 0);
         while !bufs.is_empty() {
             let read = self.engine.preadv(co, self.file.as_fd(), bufs, offset)?;
-            if read == 0 {
+            IoSliceMut::advance_slices(&mut bufs, read);
+            offset += read as u64;
+            let at_end = read == 0 || (self.direct && offset % self.alignment.request != 0);
+            if at_end {
                 bufs.iter_mut().for_each(|buf| buf.fill(0));
                 return Ok(());
             }
-            IoSliceMut::advance_slices(&mut bufs, read);
-            offset += read as u64;
+            if !bufs.is_empty() && !self.direct_ready(bufs) {
+                return self.read_bounced(co, offset, bufs);
+            }
         }
+        Ok(())
+    }
+
+    /// Reads `bufs` at `offset` through one aligned bounce buffer (for buffers `O_DIRECT`
+    /// cannot take as they are, or too many for one call).
+    fn read_bounced(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let len = bufs.iter().map(|buf| buf.len()).sum();
+        let mut bounce = IoBuffer::new(len);
+        self.read_all(co, offset, &mut [IoSliceMut::new(&mut bounce)])?;
+        scatter(&bounce, bufs);
         Ok(())
     }
 
@@ -211,11 +233,7 @@ impl BlockDriver for FileDriver {
         if self.direct_ready(bufs) {
             return self.read_all(co, offset, bufs);
         }
-        let len = bufs.iter().map(|buf| buf.len()).sum();
-        let mut bounce = IoBuffer::new(len);
-        self.read_all(co, offset, &mut [IoSliceMut::new(&mut bounce)])?;
-        scatter(&bounce, bufs);
-        Ok(())
+        self.read_bounced(co, offset, bufs)
     }
 
     fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
