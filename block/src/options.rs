@@ -10,7 +10,8 @@ use std::time::Duration;
 use aiocoro::coroutine::Co;
 
 use crate::drivers::{
-    AioMode, CacheMode, FileDriver, FileOptions, NullDriver, NullOptions, RawDriver, RawOptions,
+    AioMode, CacheMode, FileDriver, FileOptions, Locking, NullDriver, NullOptions, RawDriver,
+    RawOptions,
 };
 use crate::error::invalid_input;
 use crate::graph::NodeId;
@@ -206,7 +207,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 /// - `driver=null-co` (or `null`): `size` (default 1G), `read-zeroes` (on/off, default off),
 ///   `latency-ns`;
 /// - `driver=file`: `filename`, `cache.direct` (on = `O_DIRECT`) or `cache=none|writeback`,
-///   `aio=io_uring|threads`;
+///   `aio=io_uring|threads`, `locking=auto|on|off` (QEMU's image locks, default auto: see
+///   [`Locking`](crate::drivers::Locking); a format's file takes it as `file.locking=off`);
 /// - `driver=raw`: `offset`, `size`, and its child as `file.*` (`file.driver` defaults to
 ///   `file`), or `file=<filename>`;
 /// - `driver=qcow2`: its child as `file.*` or `file=` (as raw; read-write unless the node is
@@ -284,12 +286,22 @@ fn open_at_depth(
                 Some("threads") => AioMode::Threads,
                 Some(other) => return Err(taker.bad("aio", &format!("unknown mode '{other}'"))),
             };
+            let locking = match taker.text("locking") {
+                None | Some("auto") => Locking::Auto,
+                Some("on") => Locking::On,
+                Some("off") => Locking::Off,
+                Some(other) => {
+                    let why = format!("unknown mode '{other}' (auto, on or off)");
+                    return Err(taker.bad("locking", &why));
+                }
+            };
             taker.finish(&[])?;
             let file = FileOptions {
                 filename: filename.into(),
                 cache: if direct { CacheMode::None } else { CacheMode::Writeback },
                 aio,
                 read_only,
+                locking,
             };
             let node = BlockNode::new(co, name, FileDriver::open(&file)?, read_only)?;
             graph.add_node_with(|_| Ok(node))

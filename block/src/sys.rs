@@ -67,6 +67,36 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usiz
     syscall!(pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset)).map(|n| n as usize)
 }
 
+/// Takes a shared (`F_RDLCK`) open-file-description lock on the one byte at `byte` of `fd`
+/// (`fcntl(F_OFD_SETLK)`): it lives as long as the open file description, and conflicts with
+/// no other lock of the same description.
+pub fn ofd_lock_shared_byte(fd: BorrowedFd<'_>, byte: u64) -> io::Result<()> {
+    let mut lock = one_byte_lock(byte, libc::F_RDLCK)?;
+    // SAFETY: `fd` is borrowed, so live; `lock` is a `flock` the call reads.
+    syscall!(fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &raw mut lock)).map(drop)
+}
+
+/// Whether another open file description (of this process or another) holds a lock on the
+/// byte at `byte` of `fd` that an exclusive lock would conflict with (`fcntl(F_OFD_GETLK)`
+/// asking for `F_WRLCK`).
+pub fn ofd_byte_locked_elsewhere(fd: BorrowedFd<'_>, byte: u64) -> io::Result<bool> {
+    let mut lock = one_byte_lock(byte, libc::F_WRLCK)?;
+    // SAFETY: `fd` is borrowed, so live; `lock` is a `flock` the call reads and rewrites.
+    syscall!(fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &raw mut lock))?;
+    Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// A `flock` of `kind` over the one byte at `byte` (`l_pid` 0, as OFD locks require).
+fn one_byte_lock(byte: u64, kind: libc::c_int) -> io::Result<libc::flock> {
+    // SAFETY: `flock` is plain old data; all-zero is a valid value.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = to_off(byte)?;
+    lock.l_len = 1;
+    Ok(lock)
+}
+
 fn to_off(value: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(value).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }

@@ -88,14 +88,16 @@ fn race_the_compressed_cluster_with_allocations(aio: &'static str, first: First)
     let mut requests = Vec::new();
     let on_compressed = blk.clone();
     let label = what.clone();
-    requests.push(context.spawn(move |co| match first {
-        First::Read => {
-            let cluster = read(co, &on_compressed, CLUSTER, CLUSTER as usize);
-            assert!(cluster == [0x5a; CLUSTER as usize], "{label}: the compressed cluster");
+    requests.push(context.spawn(move |co| {
+        match first {
+            First::Read => {
+                let cluster = read(co, &on_compressed, CLUSTER, CLUSTER as usize);
+                assert!(cluster == [0x5a; CLUSTER as usize], "{label}: the compressed cluster");
+            }
+            First::CopyOnWrite => on_compressed
+                .write(co, CLUSTER + 1024, &IoBuffer::copy_from(&[0xc3; 512]))
+                .unwrap_or_else(|error| panic!("{label}: the copy on write: {error}")),
         }
-        First::CopyOnWrite => on_compressed
-            .write(co, CLUSTER + 1024, &IoBuffer::copy_from(&[0xc3; 512]))
-            .unwrap_or_else(|error| panic!("{label}: the copy on write: {error}")),
     }));
     for cluster in 2..16u64 {
         let grow = blk.clone();

@@ -107,6 +107,7 @@ fn one_round(scratch: &Scratch, round: u64) {
     child.kill().unwrap();
     child.wait().unwrap();
     reader.join().unwrap();
+    wait_until_unlocked(&image);
     // Reports that arrived before the kill count too.
     flushed = reported.try_iter().fold(flushed, u64::max);
     check_after_kill(&image, flushed, round);

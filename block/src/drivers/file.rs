@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use aiocoro::aio::IoEngine;
 use aiocoro::coroutine::Co;
 
+use super::file_lock::{Locking, lock_image};
 use crate::buffer::{BUFFER_ALIGN, IoBuffer, gather_into, scatter};
 use crate::driver::{Alignment, Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 use crate::sys;
@@ -52,6 +53,8 @@ pub struct FileOptions {
     pub aio: AioMode,
     /// Open for reading only.
     pub read_only: bool,
+    /// Whether to take and honour QEMU's image locks (see [`Locking`]).
+    pub locking: Locking,
 }
 
 /// A POSIX file as a block node.
@@ -75,8 +78,10 @@ impl FileDriver {
     ///
     /// # Errors
     ///
-    /// If the file cannot be opened (the path is in the message), or `O_DIRECT` is asked for
-    /// where the file system refuses it.
+    /// If the file cannot be opened (the path is in the message), `O_DIRECT` is asked for
+    /// where the file system refuses it, or another open of the file (QEMU's, say) holds an
+    /// image lock that conflicts with this one (`Failed to get "write" lock`; see
+    /// [`Locking`]).
     pub fn open(options: &FileOptions) -> io::Result<FileDriver> {
         let direct = options.cache == CacheMode::None;
         let mut open = OpenOptions::new();
@@ -90,6 +95,7 @@ impl FileDriver {
                 format!("cannot open {}: {error}", options.filename.display()),
             )
         })?;
+        lock_image(file.as_fd(), &options.filename, options.read_only, options.locking)?;
         let alignment = if direct { direct_alignment(&file)? } else { Alignment::BYTE };
         let engine = match options.aio {
             AioMode::IoUring => IoEngine::IoUring,

@@ -269,3 +269,16 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Waits (up to a minute) until no process holds a lock on `path` (`/proc/locks`). A killed
+/// process's image locks can outlive it briefly: the kernel drops the files of its io_uring
+/// requests in the background after the process is gone.
+pub fn wait_until_unlocked(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let inode = format!(":{} ", std::fs::metadata(path).unwrap().ino());
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string("/proc/locks").unwrap().lines().any(|l| l.contains(&inode)) {
+        assert!(start.elapsed().as_secs() < 60, "{} stays locked", path.display());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
