@@ -26,6 +26,14 @@ fn open_ours(options: &str) -> std::io::Result<BlockBackend> {
     })?
 }
 
+/// The error of opening `options`, which must fail (`because` says why).
+fn refused(options: &str, because: &str) -> std::io::Error {
+    match open_ours(options) {
+        Ok(_) => panic!("{options} opened although {because}"),
+        Err(error) => error,
+    }
+}
+
 /// Runs a QEMU tool that may fail; its output.
 fn try_run(program: &str, args: &[&str]) -> Output {
     Command::new(program)
@@ -63,7 +71,7 @@ fn qemu_img_and_qemu_io_refuse_an_image_we_hold_for_writing() {
 
     // Our own second open for writing is refused the same way (OFD locks belong to the
     // open, not the process).
-    let second = open_ours(&qcow2_rw_options(&image)).err().expect("a second writer");
+    let second = refused(&qcow2_rw_options(&image), "we hold it for writing");
     assert_eq!(second.kind(), std::io::ErrorKind::ResourceBusy, "{second}");
     assert!(second.to_string().contains("Failed to get \"write\" lock"), "{second}");
 
@@ -134,7 +142,7 @@ fn we_refuse_an_image_qemu_io_holds_for_writing_unless_locking_is_off() {
     let image = fresh_image(&scratch);
     let held = HeldByQemuIo::new(&image, false);
 
-    let error = open_ours(&qcow2_rw_options(&image)).err().expect("qemu-io writes the image");
+    let error = refused(&qcow2_rw_options(&image), "qemu-io writes the image");
     assert_eq!(error.kind(), std::io::ErrorKind::ResourceBusy, "{error}");
     let message = error.to_string();
     assert!(message.contains("Failed to get \"write\" lock"), "{message}");
@@ -143,7 +151,7 @@ fn we_refuse_an_image_qemu_io_holds_for_writing_unless_locking_is_off() {
 
     // Reading it is refused too, as qemu-img's reads are: a reader of ours does not share
     // writing, and qemu-io writes.
-    let error = open_ours(&qcow2_options(&image)).err().expect("qemu-io writes the image");
+    let error = refused(&qcow2_options(&image), "qemu-io writes the image");
     assert!(error.to_string().contains("Failed to get shared \"write\" lock"), "{error}");
 
     // locking=off neither checks nor takes locks.
@@ -160,7 +168,7 @@ fn a_read_only_qemu_io_lets_us_read_but_not_write() {
     let scratch = Scratch::new("locking-qemu-ro");
     let image = fresh_image(&scratch);
     let held = HeldByQemuIo::new(&image, true);
-    let error = open_ours(&qcow2_rw_options(&image)).err().expect("qemu-io reads the image");
+    let error = refused(&qcow2_rw_options(&image), "qemu-io reads the image");
     assert!(error.to_string().contains("Failed to get \"write\" lock"), "{error}");
     let reader = open_ours(&qcow2_options(&image)).expect("two readers share");
     drop((reader, held));
@@ -178,8 +186,9 @@ fn locking_off_takes_no_locks_and_bad_modes_are_refused() {
     let on = open_ours(&format!("{},file.locking=on", qcow2_rw_options(&image))).expect("on");
     assert!(!qemu_check_output(&image).status.success(), "locking=on locks");
     drop(on);
-    let error = open_ours(&format!("{},file.locking=maybe", qcow2_rw_options(&image)))
-        .err()
-        .expect("an unknown mode");
+    let error = refused(
+        &format!("{},file.locking=maybe", qcow2_rw_options(&image)),
+        "maybe is no locking mode",
+    );
     assert!(error.to_string().contains("option 'locking': unknown mode 'maybe'"), "{error}");
 }

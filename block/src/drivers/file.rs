@@ -145,7 +145,8 @@ impl FileDriver {
             let read = self.engine.preadv(co, self.file.as_fd(), bufs, offset)?;
             IoSliceMut::advance_slices(&mut bufs, read);
             offset += read as u64;
-            let at_end = read == 0 || (self.direct && offset % self.alignment.request != 0);
+            let at_end =
+                read == 0 || (self.direct && !offset.is_multiple_of(self.alignment.request));
             if at_end {
                 bufs.iter_mut().for_each(|buf| buf.fill(0));
                 return Ok(());
