@@ -27,6 +27,7 @@ use std::sync::Arc;
 use aiocoro::coroutine::Co;
 
 use super::allocation::{Allocation, InFlight, Merged};
+use super::header_update::TableFields;
 use super::io::write_at;
 use super::l2_cache::L2Cache;
 use super::mapping::referenced_range;
@@ -194,18 +195,26 @@ impl Metadata {
 
     /// Step 1: writes changed refcount blocks and, if there were any, flushes the file;
     /// returns whether it flushed (so that a caller who needs a flush anyway skips its own).
+    /// First, if a header write failed, makes the header name the tables memory uses (see
+    /// `header_update`): nothing that depends on them is written before.
     ///
     /// # Errors
     ///
     /// The write or flush error.
     pub(crate) fn flush_refcounts(&mut self, co: &Co, file: &BlockNode) -> io::Result<bool> {
-        if let Some(writer) = &mut self.writer
-            && writer.refcounts.write_back(co, file)?
-        {
+        let Metadata { l1, l1_offset, virtual_size, writer, .. } = self;
+        let Some(writer) = writer else { return Ok(false) };
+        let fields = TableFields {
+            size: *virtual_size,
+            l1: (l1.len() as u32, *l1_offset),
+            refcount_table: (HostOffset(0), 0),
+        };
+        let settled = writer.refcounts.settle_header(co, file, fields)?;
+        if writer.refcounts.write_back(co, file)? {
             file.flush(co)?;
             return Ok(true);
         }
-        Ok(false)
+        Ok(settled)
     }
 
     /// Writes the dirty L2 table at `offset` after step 1 and a file flush (its entries'
@@ -318,7 +327,9 @@ impl Metadata {
     /// Cached tables and blocks that changed since the last flush wrote them back.
     pub(crate) fn unwritten(&self) -> usize {
         let refcounts = self.writer.as_ref().map_or(0, |writer| {
-            writer.refcounts.dirty_blocks() + usize::from(!writer.pending_frees.is_empty())
+            writer.refcounts.dirty_blocks()
+                + usize::from(!writer.pending_frees.is_empty())
+                + usize::from(writer.refcounts.header.is_unsure())
         });
         self.l2_cache.dirty().len() + refcounts
     }
