@@ -1,14 +1,21 @@
-//! Data safety of qcow2 metadata updates under I/O errors: a flush that fails (once,
+//! Data safety of qcow2 images on I/O errors and on close: a flush that fails (once,
 //! injected by a filter node) in the middle of a table move must not make later
-//! acknowledged writes vanish after a reopen, and the image stays clean for `qemu-img check`.
+//! acknowledged writes vanish after a reopen; dropping the last handle without a flush,
+//! wherever the drop happens, writes the cached metadata back; `close` reports a failed
+//! flush. Every image must then read back as written (ours and qemu-img) and be clean for
+//! `qemu-img check`.
 
 mod common;
 mod qcow2_support;
 
+use std::cell::RefCell;
 use std::error::Error;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
+use aiocoro::aio::AioContext;
+use aiocoro::coroutine::Co;
 use aiocoro_block::{BlockBackend, BlockGraph, run_in_coroutine};
 use common::faults::open_faulty_qcow2;
 use common::pattern;
@@ -129,4 +136,108 @@ fn failed_range(acknowledged: &[(u64, Vec<u8>)], chunk: u64) -> u64 {
     let missing =
         acknowledged.iter().enumerate().find(|(n, (offset, _))| *offset != *n as u64 * chunk);
     missing.map_or(acknowledged.len() as u64 * chunk, |(n, _)| n as u64 * chunk)
+}
+
+/// A fresh 1 MiB qcow2 image (64 KiB clusters) in `scratch`.
+fn fresh_image(scratch: &Scratch) -> PathBuf {
+    let image = scratch.path("image.qcow2");
+    create_qcow2(image.to_str().unwrap(), "", "1M");
+    image
+}
+
+/// Opens `image` read-write and writes `(offset, bytes)` without flushing; returns the
+/// graph and the backend, for the caller to drop.
+fn write_unflushed(co: &Co, image: &Path, writes: &[(u64, Vec<u8>)]) -> (BlockGraph, BlockBackend) {
+    let graph = BlockGraph::new();
+    let (_, node) = aiocoro_block::open(co, &graph, &qcow2_rw_options(image)).unwrap();
+    let blk = BlockBackend::new(node);
+    for (offset, bytes) in writes {
+        blk.write(co, *offset, bytes).unwrap();
+    }
+    (graph, blk)
+}
+
+/// Writes that need new L2 tables and refcounts (cached until written back).
+fn some_writes() -> Vec<(u64, Vec<u8>)> {
+    vec![(0, pattern(4096, 1)), (300 << 10, pattern(70_000, 2)), ((1 << 20) - 512, pattern(512, 3))]
+}
+
+#[test]
+fn dropping_the_last_handle_outside_a_coroutine_writes_metadata_back() {
+    let scratch = Scratch::new("drop-outside");
+    let image = fresh_image(&scratch);
+    let path = image.clone();
+    let handles = run_in_coroutine(move |co| write_unflushed(co, &path, &some_writes())).unwrap();
+    // This thread has no context any more: the drop makes one for its flush.
+    drop(handles);
+    assert_image_holds(&image, &expected(1 << 20, &some_writes()));
+}
+
+#[test]
+fn dropping_the_last_handle_inside_a_coroutine_writes_metadata_back_before_it_returns() {
+    let scratch = Scratch::new("drop-inside");
+    let image = fresh_image(&scratch);
+    let path = image.clone();
+    run_in_coroutine(move |co| {
+        drop(write_unflushed(co, &path, &some_writes()));
+        // Still inside the coroutine: the image is complete once the drop returned.
+        assert_same_bytes(&qemu_raw(&path), &expected(1 << 20, &some_writes()), "qemu-img");
+        qemu_check(&path);
+    })
+    .unwrap();
+    assert_image_holds(&image, &expected(1 << 20, &some_writes()));
+}
+
+#[test]
+fn dropping_the_last_handle_in_a_callback_of_a_polling_context_writes_metadata_back() {
+    let scratch = Scratch::new("drop-callback");
+    let image = fresh_image(&scratch);
+    let path = image.clone();
+    std::thread::spawn(move || {
+        let context = AioContext::new().unwrap();
+        let handles = Rc::new(RefCell::new(None));
+        let slot = handles.clone();
+        let writer = context.spawn(move |co| {
+            *slot.borrow_mut() = Some(write_unflushed(co, &path, &some_writes()));
+        });
+        context.wait_while(|| !writer.is_ended());
+        // Dropped by a one-shot that this context's poll runs: the flush polls it nested.
+        context.schedule_oneshot(move || drop(handles.borrow_mut().take()));
+        context.poll(false);
+    })
+    .join()
+    .unwrap();
+    assert_image_holds(&image, &expected(1 << 20, &some_writes()));
+}
+
+#[test]
+fn close_reports_a_failed_flush_and_keeps_the_node_open_until_one_succeeds() {
+    let scratch = Scratch::new("close-eio");
+    let image = fresh_image(&scratch);
+    let path = image.clone();
+    let writes = some_writes();
+    run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (node, faults) = open_faulty_qcow2(co, &graph, &path);
+        let blk = BlockBackend::new(node);
+        blk.write(co, writes[0].0, &writes[0].1).unwrap();
+        faults.fail_next_flushes(1);
+        let error = blk.close(co).unwrap_err();
+        assert!(is_eio(&error), "{error}");
+        // The innermost node's context: the filter's flush failed.
+        assert!(error.to_string().contains("node 'faults' (fault-filter): flush:"), "{error}");
+        // Still open: more writes, then a close that works.
+        for (offset, bytes) in &writes[1..] {
+            blk.write(co, *offset, bytes).unwrap();
+        }
+        blk.close(co).unwrap();
+        assert_eq!(faults.failed_flushes(), 1);
+        let error = blk.write(co, 0, &[0u8; 512]).unwrap_err();
+        assert!(error.to_string().ends_with("the node is closed"), "{error}");
+        let error = blk.flush(co).unwrap_err();
+        assert!(error.to_string().ends_with("the node is closed"), "{error}");
+        blk.close(co).unwrap();
+    })
+    .unwrap();
+    assert_image_holds(&image, &expected(1 << 20, &some_writes()));
 }

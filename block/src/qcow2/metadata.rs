@@ -17,7 +17,7 @@
 //! written back by [`Metadata::flush`] and when the cache evicts them; dirty refcount blocks
 //! at step 1 and when their cache evicts them (early is safe: see `refcount`), and every L2
 //! write-back flushes the file first, so an evicted block is stable before any L2 entry that
-//! needs it. Nothing reaches the disk on drop: flush before closing.
+//! needs it. The node flushes when it is closed or dropped (see `BlockNode`).
 
 use std::fmt;
 use std::io;
