@@ -301,8 +301,8 @@ impl Drop for BlockNode {
         }
         let flushed = crate::run::run_to_end(move |co| {
             let flushed = driver.flush(co);
-            // Dropped here: a driver's own drop may need no coroutine, but it is done once
-            // its flush is.
+            // Dropped once its flush is done (a qcow2 driver's own drop then finds nothing
+            // left to write back).
             drop(driver);
             flushed
         });

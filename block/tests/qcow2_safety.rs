@@ -54,9 +54,20 @@ fn assert_image_holds(image: &Path, expected: &[u8]) {
     qemu_check(image);
 }
 
-#[test]
-fn a_failed_flush_while_the_l1_table_moves_loses_no_acknowledged_write() {
-    let scratch = Scratch::new("grow-flush-eio");
+/// How a grow's header write that names the moved L1 table fails.
+#[derive(Clone, Copy, Debug)]
+enum HeaderFault {
+    /// The write lands, the flush after it fails: the header names the new table.
+    Flush,
+    /// The write fails and lands nowhere: the header still names the old table.
+    Write,
+}
+
+/// Grows an image so that its L1 table moves, with the header write failing as `fault`
+/// says, then writes through new L1 entries, flushes and closes; the writes must all be
+/// there after reopening.
+fn grow_with_failing_header(fault: HeaderFault) {
+    let scratch = Scratch::new(&format!("grow-{fault:?}"));
     let image = scratch.path("image.qcow2");
     // 512-byte clusters: one L2 table maps 32 KiB, so 1 MiB needs 32 L1 entries (one
     // cluster) and 8 MiB needs 256 (four clusters, somewhere else).
@@ -75,11 +86,12 @@ fn a_failed_flush_while_the_l1_table_moves_loses_no_acknowledged_write() {
         write(0, 1);
         blk.flush(co).unwrap();
 
-        // The header is rewritten to name the moved L1 table; the flush after it fails.
-        faults.fail_flush_after_write_to(L1_TABLE_OFFSET_FIELD);
+        match fault {
+            HeaderFault::Flush => faults.fail_flush_after_write_to(L1_TABLE_OFFSET_FIELD),
+            HeaderFault::Write => faults.fail_next_write_to(L1_TABLE_OFFSET_FIELD),
+        }
         let error = blk.truncate(co, 8 << 20).unwrap_err();
         assert!(is_eio(&error), "{error}");
-        assert_eq!(faults.failed_flushes(), 1);
         assert_eq!(blk.length(), 1 << 20, "a failed grow leaves the length as it was");
 
         // Writes that need new L2 tables, so new L1 entries, are acknowledged and flushed.
@@ -93,8 +105,30 @@ fn a_failed_flush_while_the_l1_table_moves_loses_no_acknowledged_write() {
 }
 
 #[test]
+fn a_failed_flush_while_the_l1_table_moves_loses_no_acknowledged_write() {
+    grow_with_failing_header(HeaderFault::Flush);
+}
+
+#[test]
+fn a_failed_header_write_while_the_l1_table_moves_loses_no_acknowledged_write() {
+    grow_with_failing_header(HeaderFault::Write);
+}
+
+#[test]
 fn a_failed_flush_while_the_refcount_table_moves_loses_no_acknowledged_write() {
-    let scratch = Scratch::new("refcount-table-flush-eio");
+    refcount_table_move_with_failing_header(HeaderFault::Flush);
+}
+
+#[test]
+fn a_failed_header_write_while_the_refcount_table_moves_loses_no_acknowledged_write() {
+    refcount_table_move_with_failing_header(HeaderFault::Write);
+}
+
+/// Writes enough to move the refcount table, with the header write failing as `fault`
+/// says (the write that needed the move fails, and is written again), flushes and closes;
+/// the writes must all be there after reopening.
+fn refcount_table_move_with_failing_header(fault: HeaderFault) {
+    let scratch = Scratch::new(&format!("refcount-table-{fault:?}"));
     let image = scratch.path("image.qcow2");
     // 512-byte clusters of 16-bit refcounts: one refcount table cluster (64 blocks of 256
     // clusters) counts 8 MiB of file; 10 MiB of data outgrows it.
@@ -104,7 +138,10 @@ fn a_failed_flush_while_the_refcount_table_moves_loses_no_acknowledged_write() {
         let graph = BlockGraph::new();
         let (node, faults) = open_faulty_qcow2(co, &graph, &path);
         let blk = BlockBackend::new(node);
-        faults.fail_flush_after_write_to(REFCOUNT_TABLE_OFFSET_FIELD);
+        match fault {
+            HeaderFault::Flush => faults.fail_flush_after_write_to(REFCOUNT_TABLE_OFFSET_FIELD),
+            HeaderFault::Write => faults.fail_next_write_to(REFCOUNT_TABLE_OFFSET_FIELD),
+        }
         let mut acknowledged = Vec::new();
         let mut failed = 0;
         const CHUNK: u64 = 64 << 10;
@@ -118,7 +155,7 @@ fn a_failed_flush_while_the_refcount_table_moves_loses_no_acknowledged_write() {
                 }
             }
         }
-        assert_eq!((failed, faults.failed_flushes()), (1, 1), "one write saw the failed flush");
+        assert_eq!(failed, 1, "one write saw the failed header update");
         // The failed write is written again: its range is then defined.
         let retry = failed_range(&acknowledged, CHUNK);
         let bytes = pattern(CHUNK as usize, (retry / CHUNK) as u8);
@@ -207,6 +244,22 @@ fn dropping_the_last_handle_in_a_callback_of_a_polling_context_writes_metadata_b
     })
     .join()
     .unwrap();
+    assert_image_holds(&image, &expected(1 << 20, &some_writes()));
+}
+
+#[test]
+fn dropping_the_last_handle_while_the_thread_unwinds_writes_metadata_back() {
+    let scratch = Scratch::new("drop-unwinding");
+    let image = scratch.path("image.qcow2");
+    create_qcow2(image.to_str().unwrap(), "", "1M");
+    let path = image.clone();
+    let panicked = std::thread::spawn(move || {
+        let _handles =
+            run_in_coroutine(move |co| write_unflushed(co, &path, &some_writes())).unwrap();
+        panic!("a panic with the handles on the stack");
+    })
+    .join();
+    assert!(panicked.is_err());
     assert_image_holds(&image, &expected(1 << 20, &some_writes()));
 }
 

@@ -1,5 +1,6 @@
 //! Fault injection for the block tests (QEMU's `blkdebug`, reduced): a filter node over a
-//! child that passes every request through, except the flushes it is told to fail.
+//! child that passes every request through, except the flushes and writes it is told to
+//! fail.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,8 @@ pub struct Faults {
     flushes_to_fail: AtomicU64,
     /// Flushes failed so far.
     failed_flushes: AtomicU64,
+    /// A byte whose next write fails without writing anything.
+    failing_write: Mutex<Option<u64>>,
 }
 
 impl Faults {
@@ -34,9 +37,20 @@ impl Faults {
         self.flushes_to_fail.store(count, Ordering::SeqCst);
     }
 
+    /// Fails the next write that touches byte `at`, which then writes nothing.
+    pub fn fail_next_write_to(&self, at: u64) {
+        *self.failing_write.lock().unwrap() = Some(at);
+    }
+
     /// How many flushes failed on purpose.
     pub fn failed_flushes(&self) -> u64 {
         self.failed_flushes.load(Ordering::SeqCst)
+    }
+
+    /// Whether the write of `len` bytes at `offset` fails.
+    fn fails_write(&self, offset: u64, len: u64) -> bool {
+        let mut failing = self.failing_write.lock().unwrap();
+        failing.take_if(|at| (offset..offset + len).contains(at)).is_some()
     }
 
     fn saw_write(&self, offset: u64, len: u64) {
@@ -59,7 +73,7 @@ impl Faults {
     }
 }
 
-/// A filter over its `file` child that fails the flushes its [`Faults`] say.
+/// A filter over its `file` child that fails the flushes and writes its [`Faults`] say.
 pub struct FaultFilter {
     child: Child,
     faults: Arc<Faults>,
@@ -83,8 +97,12 @@ impl BlockDriver for FaultFilter {
     }
 
     fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let len = bufs.iter().map(|buf| buf.len() as u64).sum();
+        if self.faults.fails_write(offset, len) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         self.child.node().write(co, offset, bufs)?;
-        self.faults.saw_write(offset, bufs.iter().map(|buf| buf.len() as u64).sum());
+        self.faults.saw_write(offset, len);
         Ok(())
     }
 
