@@ -199,12 +199,12 @@ impl BlockNode {
     ///
     /// The driver's error, with context.
     pub fn read(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-        let op = || Op::Read { offset, len: bufs.iter().map(|buf| buf.len() as u64).sum() };
-        self.refuse_if_closed(op())?;
-        self.driver.read(co, offset, bufs).map_err(|error| {
-            let len = bufs.iter().map(|buf| buf.len() as u64).sum();
-            self.context(Op::Read { offset, len })(error)
-        })
+        if self.closed.load(Ordering::Relaxed) {
+            return self.refuse_if_closed(Op::Read { offset, len: byte_len(bufs) });
+        }
+        self.driver
+            .read(co, offset, bufs)
+            .map_err(|error| self.context(Op::Read { offset, len: byte_len(bufs) })(error))
     }
 
     /// Writes `bufs` at `offset`.
@@ -214,7 +214,7 @@ impl BlockNode {
     /// The driver's error, with context; `PermissionDenied` on a read-only node.
     pub fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         // The request's length is only needed to name it in an error.
-        let op = || Op::Write { offset, len: bufs.iter().map(|buf| buf.len() as u64).sum() };
+        let op = || Op::Write { offset, len: byte_len(bufs) };
         if self.read_only || self.closed.load(Ordering::Relaxed) {
             return self.refuse_if_read_only(op());
         }
@@ -294,7 +294,9 @@ impl BlockNode {
 /// stderr if that fails.
 impl Drop for BlockNode {
     fn drop(&mut self) {
-        // SAFETY: the driver is taken once, here, and `self` is not used after `drop`.
+        let format = self.driver.format_name();
+        // SAFETY: the driver is taken once, here, and not used afterwards (`self.driver` is
+        // not touched again in this function, and `self` is not used after `drop`).
         let driver = unsafe { ManuallyDrop::take(&mut self.driver) };
         if self.read_only || !*self.unflushed.get_mut() {
             return;
@@ -311,11 +313,15 @@ impl Drop for BlockNode {
                 "aiocoro-block: node '{}' ({}) was dropped with writes not flushed, and the \
                  flush on drop failed: {error}; the writes since its last flush may be lost \
                  (BlockNode::close / BlockBackend::close report this error to the caller)",
-                self.name,
-                self.format_name()
+                self.name, format
             );
         }
     }
+}
+
+/// The bytes of `bufs` together.
+fn byte_len<B: std::ops::Deref<Target = [u8]>>(bufs: &[B]) -> u64 {
+    bufs.iter().map(|buf| buf.len() as u64).sum()
 }
 
 /// The driver's alignment, which must be powers of two.

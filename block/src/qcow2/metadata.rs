@@ -27,7 +27,6 @@ use std::sync::Arc;
 use aiocoro::coroutine::Co;
 
 use super::allocation::{Allocation, InFlight, Merged};
-use super::header_update::TableFields;
 use super::io::write_at;
 use super::l2_cache::L2Cache;
 use super::mapping::referenced_range;
@@ -204,12 +203,8 @@ impl Metadata {
     pub(crate) fn flush_refcounts(&mut self, co: &Co, file: &BlockNode) -> io::Result<bool> {
         let Metadata { l1, l1_offset, virtual_size, writer, .. } = self;
         let Some(writer) = writer else { return Ok(false) };
-        let fields = TableFields {
-            size: *virtual_size,
-            l1: (l1.len() as u32, *l1_offset),
-            refcount_table: (HostOffset(0), 0),
-        };
-        let settled = writer.refcounts.settle_header(co, file, fields)?;
+        let l1 = (l1.len() as u32, *l1_offset);
+        let settled = writer.refcounts.settle_header(co, file, *virtual_size, l1)?;
         if writer.refcounts.write_back(co, file)? {
             file.flush(co)?;
             return Ok(true);

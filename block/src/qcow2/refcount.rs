@@ -528,9 +528,9 @@ impl Refcounts {
         }
     }
 
-    /// Makes the header stable if a header write failed (see `header_update`): writes
-    /// `fields`, with this table's place, and flushes; then frees the retired tables.
-    /// Returns whether it flushed.
+    /// Makes the header stable if a header write failed (see `header_update`): writes the
+    /// virtual `size`, the `l1` table's entries and place and this refcount table's place,
+    /// and flushes; then frees the retired tables. Returns whether it flushed.
     ///
     /// # Errors
     ///
@@ -539,13 +539,14 @@ impl Refcounts {
         &mut self,
         co: &Co,
         file: &BlockNode,
-        fields: TableFields,
+        size: u64,
+        l1: (u32, HostOffset),
     ) -> io::Result<bool> {
         if !self.header.is_unsure() {
             return Ok(false);
         }
         let clusters = (self.table.len() as u64 * 8).div_ceil(self.geometry.cluster_size());
-        let fields = TableFields { refcount_table: (self.table_offset, clusters as u32), ..fields };
+        let fields = TableFields { size, l1, refcount_table: (self.table_offset, clusters as u32) };
         for (offset, len) in self.header.settle(co, file, fields)? {
             self.free(co, file, offset, len)?;
         }
