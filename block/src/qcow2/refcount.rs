@@ -441,6 +441,8 @@ impl Refcounts {
         let offset = HostOffset(at << bits);
         write_at(co, file, offset.0, &bytes)?;
         file.flush(co)?;
+        // A failed write may still land: the disk then names a stable block for clusters
+        // nothing uses yet (the slot had no block), while memory retries the slot later.
         write_at(co, file, self.table_offset.0 + slot as u64 * 8, &offset.0.to_be_bytes())?;
         self.table[slot] = offset.0;
         self.block_clusters.insert(self.geometry, slot as u64, offset.0);
