@@ -5,8 +5,9 @@
 //! rewritten to name it, the file is flushed again. If that write or flush fails, the
 //! header on disk may name the old table or the new one (a failed flush says nothing about
 //! which writes reached the disk), and a later flush that succeeds can make either stable.
-//! Memory therefore moves to the new table as soon as the header write was tried: both
-//! tables hold the same entries at that point, and later changes go to the new one only.
+//! Memory therefore moves to the new table as soon as the header write was tried: the new
+//! table holds every entry of the old one at that point (a new refcount table also the
+//! blocks that count its own clusters), and later changes go to the new one only.
 //! The header is marked unsure, and [`Metadata::flush_refcounts`], which every write-back
 //! of L1 and L2 entries goes through first, rewrites the table fields (and the size) from
 //! memory and flushes before anything that depends on them reaches the disk. The old table
