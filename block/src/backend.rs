@@ -234,6 +234,16 @@ impl BlockBackend {
         self.run(co, |node| node.flush(co))
     }
 
+    /// Closes the node (see [`BlockNode::close`]): writes back what it caches, flushes, and
+    /// refuses later requests. Call it once no other request of this backend runs.
+    ///
+    /// # Errors
+    ///
+    /// The flush error; the node then stays open.
+    pub fn close(&self, co: &Co) -> io::Result<()> {
+        self.run(co, |node| node.close(co))
+    }
+
     /// Discards `len` bytes at `offset`; on a node that needs alignment, only the aligned
     /// blocks inside the range (a discard is advisory).
     ///

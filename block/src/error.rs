@@ -51,6 +51,8 @@ pub enum Op {
     },
     /// Open the node.
     Open,
+    /// Close the node (write back what it caches, flush).
+    Close,
 }
 
 impl fmt::Display for Op {
@@ -68,6 +70,7 @@ impl fmt::Display for Op {
             }
             Op::Truncate { len } => write!(f, "truncate to {len} bytes"),
             Op::Open => f.write_str("open"),
+            Op::Close => f.write_str("close"),
         }
     }
 }

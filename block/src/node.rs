@@ -3,7 +3,8 @@
 
 use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use aiocoro::coroutine::Co;
 
@@ -30,9 +31,20 @@ pub type Child = Edge<BlockNode>;
 /// A node of the block graph: a named driver instance. Its methods call the driver and put
 /// the node's name and the request in front of any error ([`RequestError`]). They check
 /// nothing else: bounds and alignment are the [`BlockBackend`](crate::BlockBackend)'s job.
+///
+/// Closing flushes, as QEMU's `bdrv_close` does: [`BlockNode::close`] reports the error;
+/// dropping the last handle of a writable node written since its last flush flushes it too
+/// (a qcow2 image writes back its cached metadata then), so a program that drops its
+/// handles before it exits loses nothing. A failure on drop can only be said on stderr. A
+/// drop inside a coroutine flushes on a helper thread while the dropping thread waits (see
+/// `run_to_end`): a driver whose requests need the dropping thread's context (none of this
+/// crate's) must be closed explicitly instead. `std::process::exit`, a leaked handle, or a
+/// handle kept by a thread-local destroyed after the runtime's own are never dropped:
+/// close those explicitly.
 pub struct BlockNode {
     name: String,
-    driver: Box<dyn BlockDriver>,
+    /// Taken out only by `drop`.
+    driver: ManuallyDrop<Box<dyn BlockDriver>>,
     /// The driver's alignment, as it stated it last (at open, and when a child was replaced
     /// through [`replace_child`]): `Alignment::request` and `Alignment::memory`.
     request_alignment: AtomicU64,
@@ -40,6 +52,12 @@ pub struct BlockNode {
     /// The length in bytes, as the driver last reported it (at open, after a truncate).
     length: AtomicU64,
     read_only: bool,
+    /// Set when a request that changes the contents ends (a write, write-zeroes, discard or
+    /// truncate), cleared when a flush starts (and set again if it fails); sequentially
+    /// consistent, so that a flush that clears it covers every change that set it before.
+    unflushed: AtomicBool,
+    /// Set by [`BlockNode::close`]: requests are refused.
+    closed: AtomicBool,
 }
 
 impl BlockNode {
@@ -61,11 +79,13 @@ impl BlockNode {
         let alignment = checked_alignment(&driver);
         Ok(BlockNode {
             name,
-            driver: Box::new(driver),
+            driver: ManuallyDrop::new(Box::new(driver)),
             request_alignment: AtomicU64::new(alignment.request),
             memory_alignment: AtomicUsize::new(alignment.memory),
             length: AtomicU64::new(length),
             read_only,
+            unflushed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -90,7 +110,7 @@ impl BlockNode {
     /// Asks the driver for its alignment again (QEMU's `bdrv_refresh_limits`), after a child
     /// changed.
     fn refresh_alignment(&self) {
-        let alignment = checked_alignment(&*self.driver);
+        let alignment = checked_alignment(&**self.driver);
         self.request_alignment.store(alignment.request, Ordering::Relaxed);
         self.memory_alignment.store(alignment.memory, Ordering::Relaxed);
     }
@@ -107,7 +127,7 @@ impl BlockNode {
 
     /// The driver.
     pub fn driver(&self) -> &dyn BlockDriver {
-        &*self.driver
+        &**self.driver
     }
 
     fn context(&self, op: Op) -> impl FnOnce(io::Error) -> io::Error + '_ {
@@ -115,11 +135,62 @@ impl BlockNode {
     }
 
     fn refuse_if_read_only(&self, op: Op) -> io::Result<()> {
+        self.refuse_if_closed(op)?;
         if self.read_only {
             let error = io::Error::new(io::ErrorKind::PermissionDenied, "the node is read-only");
             return Err(self.context(op)(error));
         }
         Ok(())
+    }
+
+    fn refuse_if_closed(&self, op: Op) -> io::Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(self.context(op)(io::Error::other("the node is closed")));
+        }
+        Ok(())
+    }
+
+    /// Records that a request that changes the contents ended and returns its `result`.
+    fn changed<R>(&self, result: R) -> R {
+        if !self.unflushed.load(Ordering::SeqCst) {
+            self.unflushed.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    /// Flushes the driver, naming `op` in its error.
+    fn flush_driver(&self, co: &Co, op: Op) -> io::Result<()> {
+        let unflushed = self.unflushed.swap(false, Ordering::SeqCst);
+        let flushed = self.driver.flush(co);
+        if flushed.is_err() && unflushed {
+            self.unflushed.store(true, Ordering::SeqCst);
+        }
+        flushed.map_err(self.context(op))
+    }
+
+    /// Closes the node (QEMU's `bdrv_close`): flushes it, which writes back what its driver
+    /// caches (a qcow2 image's metadata) and makes every completed write stable, then
+    /// refuses every later request with an error that says the node is closed. Call it once
+    /// no other request on the node runs (drain its backends first). Closing a closed node
+    /// does nothing; the children stay open (the graph holds them; they flush when
+    /// dropped).
+    ///
+    /// # Errors
+    ///
+    /// The flush error, with context (`close`). The node then stays open: flush or close it
+    /// again, or drop it (which flushes once more and says on stderr if that fails too).
+    pub fn close(&self, co: &Co) -> io::Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        if self.read_only {
+            return Ok(());
+        }
+        let flushed = self.flush_driver(co, Op::Close);
+        if flushed.is_err() {
+            self.closed.store(false, Ordering::SeqCst);
+        }
+        flushed
     }
 
     /// Reads into `bufs` from `offset`.
@@ -128,10 +199,12 @@ impl BlockNode {
     ///
     /// The driver's error, with context.
     pub fn read(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-        self.driver.read(co, offset, bufs).map_err(|error| {
-            let len = bufs.iter().map(|buf| buf.len() as u64).sum();
-            self.context(Op::Read { offset, len })(error)
-        })
+        if self.closed.load(Ordering::Relaxed) {
+            return self.refuse_if_closed(Op::Read { offset, len: byte_len(bufs) });
+        }
+        self.driver
+            .read(co, offset, bufs)
+            .map_err(|error| self.context(Op::Read { offset, len: byte_len(bufs) })(error))
     }
 
     /// Writes `bufs` at `offset`.
@@ -141,11 +214,11 @@ impl BlockNode {
     /// The driver's error, with context; `PermissionDenied` on a read-only node.
     pub fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         // The request's length is only needed to name it in an error.
-        let op = || Op::Write { offset, len: bufs.iter().map(|buf| buf.len() as u64).sum() };
-        if self.read_only {
+        let op = || Op::Write { offset, len: byte_len(bufs) };
+        if self.read_only || self.closed.load(Ordering::Relaxed) {
             return self.refuse_if_read_only(op());
         }
-        self.driver.write(co, offset, bufs).map_err(|error| self.context(op())(error))
+        self.changed(self.driver.write(co, offset, bufs)).map_err(|error| self.context(op())(error))
     }
 
     /// Flushes completed writes to stable storage.
@@ -154,10 +227,11 @@ impl BlockNode {
     ///
     /// The driver's error, with context.
     pub fn flush(&self, co: &Co) -> io::Result<()> {
+        self.refuse_if_closed(Op::Flush)?;
         if self.read_only {
             return Ok(());
         }
-        self.driver.flush(co).map_err(self.context(Op::Flush))
+        self.flush_driver(co, Op::Flush)
     }
 
     /// Discards a range.
@@ -168,7 +242,7 @@ impl BlockNode {
     pub fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
         let op = Op::Discard { offset, len };
         self.refuse_if_read_only(op)?;
-        self.driver.discard(co, offset, len).map_err(self.context(op))
+        self.changed(self.driver.discard(co, offset, len)).map_err(self.context(op))
     }
 
     /// Makes a range read as zeroes.
@@ -179,7 +253,8 @@ impl BlockNode {
     pub fn write_zeroes(&self, co: &Co, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         let op = Op::WriteZeroes { offset, len };
         self.refuse_if_read_only(op)?;
-        self.driver.write_zeroes(co, offset, len, may_unmap).map_err(self.context(op))
+        let result = self.driver.write_zeroes(co, offset, len, may_unmap);
+        self.changed(result).map_err(self.context(op))
     }
 
     /// How the range at `offset` reads.
@@ -189,6 +264,7 @@ impl BlockNode {
     /// The driver's error, with context.
     pub fn block_status(&self, co: &Co, offset: u64, len: u64) -> io::Result<BlockStatus> {
         let op = Op::BlockStatus { offset, len };
+        self.refuse_if_closed(op)?;
         let status = self.driver.block_status(co, offset, len).map_err(self.context(op))?;
         assert!(
             (1..=len).contains(&status.len) || len == 0,
@@ -207,11 +283,45 @@ impl BlockNode {
     pub fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {
         let op = Op::Truncate { len };
         self.refuse_if_read_only(op)?;
-        self.driver.truncate(co, len).map_err(self.context(op))?;
+        self.changed(self.driver.truncate(co, len)).map_err(self.context(op))?;
         let length = self.driver.length(co).map_err(self.context(op))?;
         self.length.store(length, Ordering::Release);
         Ok(())
     }
+}
+
+/// Flushes a writable node written since its last flush (see [`BlockNode`]); says on
+/// stderr if that fails.
+impl Drop for BlockNode {
+    fn drop(&mut self) {
+        let format = self.driver.format_name();
+        // SAFETY: the driver is taken once, here, and not used afterwards (`self.driver` is
+        // not touched again in this function, and `self` is not used after `drop`).
+        let driver = unsafe { ManuallyDrop::take(&mut self.driver) };
+        if self.read_only || !*self.unflushed.get_mut() {
+            return;
+        }
+        let flushed = crate::run::run_to_end(move |co| {
+            let flushed = driver.flush(co);
+            // Dropped once its flush is done (a qcow2 driver's own drop then finds nothing
+            // left to write back).
+            drop(driver);
+            flushed
+        });
+        if let Err(error) = flushed.and_then(|flushed| flushed) {
+            eprintln!(
+                "aiocoro-block: node '{}' ({}) was dropped with writes not flushed, and the \
+                 flush on drop failed: {error}; the writes since its last flush may be lost \
+                 (BlockNode::close / BlockBackend::close report this error to the caller)",
+                self.name, format
+            );
+        }
+    }
+}
+
+/// The bytes of `bufs` together.
+fn byte_len<B: std::ops::Deref<Target = [u8]>>(bufs: &[B]) -> u64 {
+    bufs.iter().map(|buf| buf.len() as u64).sum()
 }
 
 /// The driver's alignment, which must be powers of two.

@@ -43,3 +43,34 @@ pub fn run_in_coroutine<R: 'static>(body: impl FnOnce(&Co) -> R + 'static) -> st
     let value = result.borrow_mut().take();
     Ok(value.expect("the coroutine ended without a result (it panicked)"))
 }
+
+/// Runs `body` in a coroutine to its end from code that has no `Co` and cannot wait for one
+/// (a `Drop`), and returns its result.
+///
+/// Outside any coroutine, `body` runs on this thread as [`run_in_coroutine`] runs it: in
+/// this thread's context (a nested poll if the context is polling now: its other bottom
+/// halves, handlers and coroutines may run meanwhile, as in QEMU's `AIO_WAIT_WHILE`), or in
+/// one made for the call. Inside a coroutine, which cannot yield without its `Co`, and
+/// while the thread unwinds from a panic (a second panic would abort), `body` runs on a
+/// helper thread with a context of its own while this thread blocks: this thread's
+/// context runs nothing meanwhile, so `body` must not need it (no request of `body` may
+/// wait for a coroutine or lock of this context).
+///
+/// # Errors
+///
+/// If no context can be made, the helper thread cannot start, or `body` panics (the panic
+/// is turned into the error: a drop must not unwind).
+pub(crate) fn run_to_end<R: Send + 'static>(
+    body: impl FnOnce(&Co) -> R + Send + 'static,
+) -> std::io::Result<R> {
+    let run = move || {
+        let caught =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_in_coroutine(body)));
+        caught.unwrap_or_else(|_| Err(std::io::Error::other("the coroutine panicked")))
+    };
+    if !aiocoro::coroutine::in_coroutine() && !std::thread::panicking() {
+        return run();
+    }
+    let helper = std::thread::Builder::new().name("aiocoro-block-close".into()).spawn(run)?;
+    helper.join().unwrap_or_else(|_| Err(std::io::Error::other("the helper thread panicked")))
+}

@@ -379,6 +379,8 @@ fn images_abandoned_without_a_flush_have_at_worst_leaks() {
         create_ours(&image, options);
         let options = format!("driver=qcow2,l2-cache-size=8k,file.filename={}", image.display());
         with_image(&options, move |co, blk| {
+            // Abandoned: a node never dropped is never flushed (closing would write back).
+            std::mem::forget(blk.clone());
             let mut rng = Rng(writes + 5);
             for _ in 0..writes {
                 let len = 1 + rng.below(40_000);

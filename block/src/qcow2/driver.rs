@@ -63,9 +63,9 @@ struct Run {
 /// The qcow2 format over a `file` child, with an optional `backing` child. Opened
 /// read-write when the file child is writable (see [`Qcow2Driver::open`]).
 ///
-/// Written metadata is cached: flush before dropping the driver, or the writes since the
-/// last flush are lost (the image stays consistent, with leaked clusters at worst).
-/// `write_zeroes` frees whole clusters whatever `may_unmap` says.
+/// Written metadata is cached and written back by a flush; closing the node flushes
+/// ([`BlockNode::close`], or dropping its last handle), so nothing is lost when the image
+/// is closed. `write_zeroes` frees whole clusters whatever `may_unmap` says.
 pub struct Qcow2Driver {
     pub(super) file: Child,
     pub(super) backing: Option<Child>,
@@ -76,18 +76,17 @@ pub struct Qcow2Driver {
     last_inflated: LastInflated,
 }
 
-/// Closing an image writes nothing back (a drop cannot wait for I/O): QEMU flushes when it
-/// closes, so a caller here flushes before the last handle goes. Metadata left unwritten is
-/// said on stderr, because the writes since the last flush are then lost (the image itself
-/// stays consistent: at worst it leaks clusters).
+/// A drop cannot wait for I/O: the node flushes before it drops its driver (see
+/// [`BlockNode`]). Metadata still unwritten here (that flush failed, or the driver was
+/// never put in a node) is said on stderr: the writes since the last flush are then lost
+/// (the image itself stays consistent: at worst it leaks clusters).
 impl Drop for Qcow2Driver {
     fn drop(&mut self) {
         let unwritten = self.metadata.get_mut().unwritten();
         if unwritten != 0 {
             eprintln!(
                 "aiocoro-block: a qcow2 image on node '{}' was closed with {unwritten} metadata \
-                 table(s) not written back; the writes since its last flush are lost (flush \
-                 before dropping the last BlockBackend)",
+                 table(s) not written back; the writes since its last flush are lost",
                 self.file.node().name()
             );
         }

@@ -17,7 +17,7 @@
 //! written back by [`Metadata::flush`] and when the cache evicts them; dirty refcount blocks
 //! at step 1 and when their cache evicts them (early is safe: see `refcount`), and every L2
 //! write-back flushes the file first, so an evicted block is stable before any L2 entry that
-//! needs it. Nothing reaches the disk on drop: flush before closing.
+//! needs it. The node flushes when it is closed or dropped (see `BlockNode`).
 
 use std::fmt;
 use std::io;
@@ -194,18 +194,22 @@ impl Metadata {
 
     /// Step 1: writes changed refcount blocks and, if there were any, flushes the file;
     /// returns whether it flushed (so that a caller who needs a flush anyway skips its own).
+    /// First, if a header write failed, makes the header name the tables memory uses (see
+    /// `header_update`): nothing that depends on them is written before.
     ///
     /// # Errors
     ///
     /// The write or flush error.
     pub(crate) fn flush_refcounts(&mut self, co: &Co, file: &BlockNode) -> io::Result<bool> {
-        if let Some(writer) = &mut self.writer
-            && writer.refcounts.write_back(co, file)?
-        {
+        let Metadata { l1, l1_offset, virtual_size, writer, .. } = self;
+        let Some(writer) = writer else { return Ok(false) };
+        let l1 = (l1.len() as u32, *l1_offset);
+        let settled = writer.refcounts.settle_header(co, file, *virtual_size, l1)?;
+        if writer.refcounts.write_back(co, file)? {
             file.flush(co)?;
             return Ok(true);
         }
-        Ok(false)
+        Ok(settled)
     }
 
     /// Writes the dirty L2 table at `offset` after step 1 and a file flush (its entries'
@@ -318,7 +322,9 @@ impl Metadata {
     /// Cached tables and blocks that changed since the last flush wrote them back.
     pub(crate) fn unwritten(&self) -> usize {
         let refcounts = self.writer.as_ref().map_or(0, |writer| {
-            writer.refcounts.dirty_blocks() + usize::from(!writer.pending_frees.is_empty())
+            writer.refcounts.dirty_blocks()
+                + usize::from(!writer.pending_frees.is_empty())
+                + usize::from(writer.refcounts.header.is_unsure())
         });
         self.l2_cache.dirty().len() + refcounts
     }

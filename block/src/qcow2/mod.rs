@@ -20,7 +20,7 @@
 //! types), [`header`] (header, extensions, features), `mapping` (L1/L2 entries), `l2_cache`,
 //! `table` (tables of big-endian entries as stored), `compressed` (inflate), `io` (child I/O
 //! at its alignment), [`backing`] (finding the backing file), `driver` ([`Qcow2Driver`],
-//! reads), `create`, `refcount` (refcounts and the allocator), `metadata` (what the lock guards, write-back order), `overlap` (keeping guest data off metadata), `allocation` (in-flight
+//! reads), `create`, `refcount` (refcounts and the allocator), `metadata` (what the lock guards, write-back order), `overlap` (keeping guest data off metadata), `header_update` (table moves whose header write fails), `allocation` (in-flight
 //! allocations and the writes merged into them), `write` (allocating writes), `discard`
 //! (discard and zero clusters), `resize` (growing).
 
@@ -31,6 +31,7 @@ mod create;
 mod discard;
 mod driver;
 pub mod header;
+mod header_update;
 mod in_place;
 mod io;
 mod l2_cache;

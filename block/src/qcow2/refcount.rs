@@ -22,6 +22,7 @@ use aiocoro::coroutine::Co;
 
 use super::corrupt;
 use super::header::{MAX_REFCOUNT_TABLE_BYTES, field};
+use super::header_update::{HeaderUpdates, TableFields};
 use super::io::{read_exact_at, write_at};
 use super::offsets::{Geometry, HostOffset};
 use super::overlap::{Hit, Holder, TableClusters, allocation_error, clusters, first_shared};
@@ -100,6 +101,8 @@ pub(crate) struct Refcounts {
     dirty: BTreeSet<usize>,
     /// No free cluster lies before this one (QEMU's `free_cluster_index`).
     free_hint: u64,
+    /// Whether the header names the tables memory uses (see `header_update`).
+    pub(crate) header: HeaderUpdates,
 }
 
 impl Refcounts {
@@ -137,6 +140,7 @@ impl Refcounts {
             known_end: file.length(),
             dirty: BTreeSet::new(),
             free_hint: 0,
+            header: HeaderUpdates::default(),
         })
     }
 
@@ -379,8 +383,11 @@ impl Refcounts {
                     self.check_free(at..at + 1, &others, purpose)?;
                     self.add_block(co, file, slot, at, image_end)?;
                 } else {
-                    self.grow_table(co, file, cluster.max(image_end.div_ceil(1 << bits)))?;
+                    let grown =
+                        self.grow_table(co, file, cluster.max(image_end.div_ceil(1 << bits)));
+                    // Past the table even if the move failed after memory moved.
                     *image_end = (*image_end).max(self.table_end());
+                    grown?;
                 }
                 // The new metadata took clusters: look again from the start of the run.
                 found = 0;
@@ -434,6 +441,8 @@ impl Refcounts {
         let offset = HostOffset(at << bits);
         write_at(co, file, offset.0, &bytes)?;
         file.flush(co)?;
+        // A failed write may still land: the disk then names a stable block for clusters
+        // nothing uses yet (the slot had no block), while memory retries the slot later.
         write_at(co, file, self.table_offset.0 + slot as u64 * 8, &offset.0.to_be_bytes())?;
         self.table[slot] = offset.0;
         self.block_clusters.insert(self.geometry, slot as u64, offset.0);
@@ -445,7 +454,9 @@ impl Refcounts {
     /// Moves the refcount table to a larger one at host cluster `area` or later, together
     /// with the new blocks that count the clusters it and they take (QEMU's
     /// `qcow2_refcount_area`): blocks and table are written and flushed before the header
-    /// points at the new table; then the old table's clusters are freed.
+    /// points at the new table; then the old table is retired. Once the header write was
+    /// tried, memory uses the new table whatever the write did (see `header_update`); the
+    /// new blocks are loaded from the disk when first used.
     fn grow_table(&mut self, co: &Co, file: &BlockNode, area: u64) -> io::Result<()> {
         let (bits, per_block) = (self.geometry.cluster_bits(), self.per_block());
         let entries_per_cluster = 1u64 << (bits - 3);
@@ -476,8 +487,6 @@ impl Refcounts {
             let offset = HostOffset((area + n) << bits);
             write_at(co, file, offset.0, &bytes)?;
             table[slot as usize] = offset.0;
-            self.block_clusters.insert(self.geometry, slot, offset.0);
-            self.insert(co, file, slot as usize, offset, bytes)?;
         }
         let table_offset = HostOffset((area + blocks) << bits);
         write_at(co, file, table_offset.0, &encode_table(&table))?;
@@ -488,12 +497,62 @@ impl Refcounts {
         fields[..8].copy_from_slice(&table_offset.0.to_be_bytes());
         fields[field::REFCOUNT_TABLE_CLUSTERS - at..]
             .copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        write_at(co, file, at as u64, &fields)?;
-        file.flush(co)?;
-        let (old_offset, old_len) = (self.table_offset, self.table.len() as u64 * 8);
+        let header_written = self.header.write(co, file, at, &fields);
+        let old = (self.table_offset, self.table.len() as u64 * 8);
+        for n in 0..blocks {
+            self.block_clusters.insert(self.geometry, first_slot + n, (area + n) << bits);
+        }
         self.table = table;
         self.table_offset = table_offset;
-        self.free(co, file, old_offset, old_len)
+        self.known_end = self.known_end.max(area_end << bits);
+        self.finish_move(co, file, old, header_written)
+    }
+
+    /// Ends a table move (of the L1 table or the refcount table) whose header write
+    /// returned `header_written`, memory having moved: retires the `(offset, bytes)` of the
+    /// `old` table, freed now if the header is stable (see `header_update`).
+    ///
+    /// # Errors
+    ///
+    /// The header write's error, else the free's.
+    pub(crate) fn finish_move(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        (offset, len): (HostOffset, u64),
+        header_written: io::Result<()>,
+    ) -> io::Result<()> {
+        let free_now = if len > 0 { self.header.retire(offset, len) } else { None };
+        header_written?;
+        match free_now {
+            Some((offset, len)) => self.free(co, file, offset, len),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes the header stable if a header write failed (see `header_update`): writes the
+    /// virtual `size`, the `l1` table's entries and place and this refcount table's place,
+    /// and flushes; then frees the retired tables. Returns whether it flushed.
+    ///
+    /// # Errors
+    ///
+    /// The write or flush error; a free's error (the tables not yet freed then leak).
+    pub(crate) fn settle_header(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        size: u64,
+        l1: (u32, HostOffset),
+    ) -> io::Result<bool> {
+        if !self.header.is_unsure() {
+            return Ok(false);
+        }
+        let clusters = (self.table.len() as u64 * 8).div_ceil(self.geometry.cluster_size());
+        let fields = TableFields { size, l1, refcount_table: (self.table_offset, clusters as u32) };
+        for (offset, len) in self.header.settle(co, file, fields)? {
+            self.free(co, file, offset, len)?;
+        }
+        Ok(true)
     }
 
     /// How many refcount blocks changed since they were last written back.

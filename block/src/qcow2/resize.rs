@@ -16,7 +16,8 @@ use crate::error::invalid_input;
 
 impl Qcow2Driver {
     /// Grows the virtual disk to `len` bytes. A new L1 table is written and flushed (with
-    /// its refcounts) before the header names it; the old one is freed afterwards.
+    /// its refcounts) before the header names it; the old one is retired afterwards (see
+    /// `header_update` for a header write that fails).
     pub(super) fn grow(&self, co: &Co, len: u64) -> io::Result<()> {
         let geometry = self.header.geometry;
         let file = self.file.node();
@@ -56,17 +57,16 @@ impl Qcow2Driver {
             let mut fields = [0u8; 12];
             fields[..4].copy_from_slice(&(needed as u32).to_be_bytes());
             fields[field::L1_TABLE_OFFSET - at..].copy_from_slice(&offset.0.to_be_bytes());
-            write_at(co, &file, at as u64, &fields)?;
-            file.flush(co)?;
-            let (old_offset, old_len) = (meta.l1_offset, meta.l1.len() as u64 * 8);
+            let header_written =
+                writable(&mut meta.writer).refcounts.header.write(co, &file, at, &fields);
+            // Whatever that write did, memory moves to the new table (see `header_update`).
+            let old = (meta.l1_offset, meta.l1.len() as u64 * 8);
             meta.l1 = l1;
             meta.l1_offset = offset;
-            if old_len > 0 {
-                writable(&mut meta.writer).refcounts.free(co, &file, old_offset, old_len)?;
-            }
+            writable(&mut meta.writer).refcounts.finish_move(co, &file, old, header_written)?;
         }
-        write_at(co, &file, field::SIZE as u64, &len.to_be_bytes())?;
-        file.flush(co)?;
+        let refcounts = &mut writable(&mut meta.writer).refcounts;
+        refcounts.header.write(co, &file, field::SIZE, &len.to_be_bytes())?;
         meta.virtual_size = len;
         Ok(())
     }

@@ -230,6 +230,9 @@ impl Qcow2Driver {
             return Err(error);
         }
         let entry = offset.0 | COPIED;
+        // A failed write may still land: the disk then names an empty table whose refcount
+        // is stable, which reads as the unset entry memory keeps; the table stays allocated
+        // (a leak at worst) and a later allocation writes the entry again.
         write_at(co, &file, meta.l1_offset.0 + l1_index * 8, &entry.to_be_bytes())?;
         meta.l1[l1_index as usize] = entry;
         writable(&mut meta.writer).l2_tables.insert(geometry, l1_index, offset.0);

@@ -1,6 +1,8 @@
 //! Helpers shared by the block layer's integration tests. Each test binary uses a part.
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::io::{self, IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
