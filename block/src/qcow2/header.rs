@@ -31,9 +31,11 @@ const EXT_END: u32 = 0;
 pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 
-/// Incompatible feature bits.
-const INCOMPAT_DIRTY: u64 = 1 << 0;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
+/// Incompatible feature bit 0: the refcounts may be stale (lazy refcounts were in use).
+pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
+/// The image is marked corrupt: refused for writing until repaired.
+pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
+/// Other incompatible feature bits.
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
@@ -581,6 +583,19 @@ impl Header {
     ///
     /// The read error, or [`Header::parse`]'s.
     pub fn read(co: &aiocoro::coroutine::Co, file: &crate::node::BlockNode) -> io::Result<Header> {
+        Header::parse(&Header::read_first_cluster(co, file)?, file.length())
+    }
+
+    /// The bytes [`Header::parse`] needs of the image stored in `file`: its first cluster
+    /// (as much of it as the file holds), or the fixed fields if the cluster size is absurd.
+    ///
+    /// # Errors
+    ///
+    /// The read error.
+    pub(crate) fn read_first_cluster(
+        co: &aiocoro::coroutine::Co,
+        file: &crate::node::BlockNode,
+    ) -> io::Result<Vec<u8>> {
         let file_len = file.length();
         let mut first = vec![0u8; file_len.min(Header::PROBE_LEN as u64) as usize];
         super::io::read_exact_at(co, file, 0, &mut first)?;
@@ -592,6 +607,6 @@ impl Header {
                 super::io::read_exact_at(co, file, 0, &mut first)?;
             }
         }
-        Header::parse(&first, file_len)
+        Ok(first)
     }
 }

@@ -26,6 +26,8 @@
 
 mod allocation;
 pub mod backing;
+mod check;
+mod check_report;
 mod compressed;
 mod create;
 mod discard;
@@ -38,12 +40,17 @@ mod mapping;
 mod metadata;
 pub mod offsets;
 mod overlap;
+mod rebuild;
 mod refcount;
+mod references;
 mod resize;
+mod stored_refcounts;
 mod table;
 mod write;
 
 pub use backing::{BackingSpec, resolve_backing};
+pub use check::{check, check_image_file};
+pub use check_report::{CheckReport, Repair};
 pub use create::{Compat, CreateOptions, create, create_file};
 pub use driver::{CacheSizes, Qcow2Driver};
 pub use header::Header;
