@@ -320,7 +320,8 @@ impl<'a> Pass<'a> {
             if refs.add(cluster) == Added::Overflow {
                 self.say(format!(
                     "ERROR: overflow cluster offset={:#x}\nUse qemu-img amend to increase the \
-                     refcount entry size",
+                     refcount entry width or qemu-img convert to create a clean copy if the \
+                     image cannot be opened for writing",
                     cluster << bits
                 ));
                 self.report.corruptions += 1;
