@@ -72,6 +72,14 @@ pub fn check(co: &Co, file: &BlockNode, repair: Repair) -> io::Result<CheckRepor
         ));
     }
     let report = Pass::run(co, file, repair)?;
+    if repair.writes() {
+        // A rebuild or a grown file may have written past the node's end: record the
+        // length, so that the node (and a driver opened over it next) sees the new blocks.
+        let len = file.driver().length(co)?;
+        if len != file.length() {
+            file.truncate(co, len)?;
+        }
+    }
     if report.failure.is_some() || !report.repaired() {
         return Ok(report);
     }

@@ -101,9 +101,10 @@ impl Qcow2Driver {
     ///
     /// The image is opened read-write unless the file node is read-only. Writing needs an
     /// image whose refcounts are exact: one with the dirty bit set (left by QEMU with lazy
-    /// refcounts) is refused, as is one whose refcounts say that its header, L1 table or
-    /// refcount table is free, and so are internal snapshots and clusters smaller than the
-    /// file's request alignment. With the lazy refcounts feature this driver still keeps
+    /// refcounts) is first repaired as `qemu-img check -r all` would (see
+    /// [`check`](super::check)); one whose refcounts say that its header, L1 table or
+    /// refcount table is free is refused, and so are internal snapshots and clusters
+    /// smaller than the file's request alignment. With the lazy refcounts feature this driver still keeps
     /// refcounts exact and never sets the dirty bit.
     ///
     /// # Errors
@@ -119,6 +120,11 @@ impl Qcow2Driver {
         caches: CacheSizes,
     ) -> io::Result<Qcow2Driver> {
         let node = file.node();
+        let header = if header.is_dirty() && !node.is_read_only() {
+            super::dirty::repair_dirty(co, &node)?
+        } else {
+            header
+        };
         let file_len = node.length();
         let refcounts = if node.is_read_only() {
             None
@@ -413,13 +419,6 @@ fn open_refcounts(
     header: &Header,
     refcount_cache_bytes: u64,
 ) -> io::Result<Refcounts> {
-    if header.is_dirty() {
-        return Err(refuse(
-            "the image has the dirty bit set (its refcounts may be stale after QEMU used \
-             lazy refcounts); repair it with qemu-img check -r all before writing, or open \
-             it read-only",
-        ));
-    }
     if header.nb_snapshots > 0 {
         return Err(refuse(format!(
             "writing an image with internal snapshots ({}) is not supported; open it \

@@ -30,6 +30,7 @@ mod check;
 mod check_report;
 mod compressed;
 mod create;
+mod dirty;
 mod discard;
 mod driver;
 pub mod header;
