@@ -62,7 +62,7 @@ const AUTOCLEAR_BITMAPS: u64 = 1;
 ///
 /// The header's errors (`InvalidData` for a malformed one, `Unsupported` for features the
 /// check cannot count: internal snapshots, persistent bitmaps, and what [`Header::parse`]
-/// refuses besides the corrupt bit), `PermissionDenied` for a repair of a read-only node.
+/// refuses), `PermissionDenied` for a repair of a read-only node.
 /// Errors met while checking end the check instead: [`CheckReport::failure`] says why.
 pub fn check(co: &Co, file: &BlockNode, repair: Repair) -> io::Result<CheckReport> {
     if repair.writes() && file.is_read_only() {
@@ -138,8 +138,6 @@ struct Pass<'a> {
     co: &'a Co,
     file: &'a BlockNode,
     header: Header,
-    /// Whether the corrupt bit was set (the header is parsed without it).
-    marked_corrupt: bool,
     repair: Repair,
     /// The file's length now (the node's is not updated by writes past its end).
     file_len: u64,
@@ -152,16 +150,7 @@ struct Pass<'a> {
 impl<'a> Pass<'a> {
     fn run(co: &'a Co, file: &'a BlockNode, repair: Repair) -> io::Result<CheckReport> {
         let file_len = file.driver().length(co)?;
-        let mut first = Header::read_first_cluster(co, file)?;
-        // The corrupt bit is what a check repairs, not a reason to refuse it.
-        let at = field::INCOMPATIBLE_FEATURES;
-        let mut marked_corrupt = false;
-        if Header::has_magic(&first) && first.len() >= at + 8 && first[field::VERSION + 3] >= 3 {
-            let corrupt_byte = &mut first[at + 7];
-            marked_corrupt = *corrupt_byte & INCOMPAT_CORRUPT as u8 != 0;
-            *corrupt_byte &= !(INCOMPAT_CORRUPT as u8);
-        }
-        let header = Header::parse(&first, file_len)?;
+        let header = Header::parse(&Header::read_first_cluster(co, file)?, file_len)?;
         if header.nb_snapshots > 0 {
             return Err(refuse(format!(
                 "checking an image with internal snapshots ({}) is not supported",
@@ -187,7 +176,6 @@ impl<'a> Pass<'a> {
                 ..CheckReport::default()
             },
             header,
-            marked_corrupt,
             repair,
             file_len,
             stored,
@@ -675,7 +663,7 @@ impl<'a> Pass<'a> {
     /// clears the dirty and corrupt bits.
     fn mark_clean(&mut self) -> io::Result<()> {
         let features = self.header.incompatible_features;
-        if self.header.version < 3 || (features & INCOMPAT_DIRTY == 0 && !self.marked_corrupt) {
+        if features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) == 0 {
             return Ok(());
         }
         self.file.flush(self.co)?;

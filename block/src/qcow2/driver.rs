@@ -9,6 +9,7 @@ use aiocoro::sync::CoMutex;
 
 use super::compressed::{LastInflated, inflate_cluster};
 use super::corrupt;
+use super::corruption::CorruptMark;
 use super::header::Header;
 use super::in_place::InPlaceWrites;
 use super::io::{read_at, read_exact_at, sub_slices, zero};
@@ -74,6 +75,8 @@ pub struct Qcow2Driver {
     /// In-place writes in progress, whose clusters a flush must not free yet.
     pub(super) in_place: InPlaceWrites,
     last_inflated: LastInflated,
+    /// Set once a write found metadata in its way (see `corruption`).
+    pub(super) corrupt: CorruptMark,
 }
 
 /// Closing an image writes nothing back (a drop cannot wait for I/O): QEMU flushes when it
@@ -171,6 +174,7 @@ impl Qcow2Driver {
             metadata: CoMutex::new(metadata),
             in_place: InPlaceWrites::default(),
             last_inflated: LastInflated::default(),
+            corrupt: CorruptMark::default(),
         })
     }
 
@@ -347,7 +351,8 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
-        self.write_guest(co, offset, bufs)
+        self.refuse_if_corrupt()?;
+        self.mark_corrupt_on_overlap(co, self.write_guest(co, offset, bufs))
     }
 
     fn flush(&self, co: &Co) -> io::Result<()> {
@@ -359,13 +364,15 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
-        self.drop_clusters(co, offset, len)
+        self.refuse_if_corrupt()?;
+        self.mark_corrupt_on_overlap(co, self.drop_clusters(co, offset, len))
     }
 
     fn write_zeroes(&self, co: &Co, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
+        self.refuse_if_corrupt()?;
         let by_writing = |co: &Co, offset, len| {
             write_zeroes_by_writing(co, offset, len, |co, offset, bufs| {
-                self.write_guest(co, offset, bufs)
+                self.write(co, offset, bufs)
             })
         };
         if self.header.version < 3 {
@@ -384,12 +391,13 @@ impl BlockDriver for Qcow2Driver {
                 by_writing(co, from, to - from)?;
             }
         }
-        self.drop_clusters(co, first, last - first)
+        self.mark_corrupt_on_overlap(co, self.drop_clusters(co, first, last - first))
     }
 
     fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {
+        self.refuse_if_corrupt()?;
         let old = self.length(co)?;
-        self.grow(co, len)?;
+        self.mark_corrupt_on_overlap(co, self.grow(co, len))?;
         // What a longer backing node holds past the old end must not show through in the new
         // area: it reads as zeroes, as QEMU makes it.
         if let Some(backing) = &self.backing {
@@ -419,6 +427,13 @@ fn open_refcounts(
     header: &Header,
     refcount_cache_bytes: u64,
 ) -> io::Result<Refcounts> {
+    if header.is_marked_corrupt() {
+        return Err(refuse(
+            "the image is marked corrupt (incompatible feature 'corrupt', bit 1): it is not \
+             opened for writing; repair it with check -r all (qemu-img check -r all), or open \
+             it read-only",
+        ));
+    }
     if header.nb_snapshots > 0 {
         return Err(refuse(format!(
             "writing an image with internal snapshots ({}) is not supported; open it \

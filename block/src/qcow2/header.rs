@@ -192,7 +192,8 @@ impl Header {
     /// `InvalidData` naming the field and the values for what is malformed or points outside
     /// the file; `Unsupported` naming the feature for what this driver does not implement
     /// (encryption, an external data file, extended L2 entries, zstd, unknown incompatible
-    /// features, a version other than 2 and 3) and for an image marked corrupt.
+    /// features, a version other than 2 and 3). An image marked corrupt parses: it may be
+    /// read and checked, not written (see [`Header::is_marked_corrupt`]).
     pub fn parse(first_cluster: &[u8], file_len: u64) -> io::Result<Header> {
         if first_cluster.len() < V2_HEADER_LEN {
             return Err(corrupt(format!(
@@ -381,12 +382,6 @@ impl Header {
             other => return Err(refuse(format!("encryption (unknown crypt_method {other})"))),
         }
         let incompatible = self.incompatible_features;
-        if incompatible & INCOMPAT_CORRUPT != 0 {
-            return Err(refuse(
-                "the image is marked corrupt (incompatible feature 'corrupt', bit 1); \
-                 repair it with qemu-img check -r all",
-            ));
-        }
         if incompatible & INCOMPAT_DATA_FILE != 0 {
             return Err(refuse(
                 "an external data file (incompatible feature 'external data file', bit 2) is \
@@ -541,6 +536,12 @@ impl Header {
     /// Whether the dirty bit is set (refcounts may be stale; reads are unaffected).
     pub fn is_dirty(&self) -> bool {
         self.incompatible_features & INCOMPAT_DIRTY != 0
+    }
+
+    /// Whether the corrupt bit is set (QEMU found the metadata corrupt while writing):
+    /// readable, but not to be written until repaired.
+    pub fn is_marked_corrupt(&self) -> bool {
+        self.incompatible_features & INCOMPAT_CORRUPT != 0
     }
 
     /// Whether lazy refcounts are enabled (compatible feature bit 0).

@@ -29,6 +29,7 @@ pub mod backing;
 mod check;
 mod check_report;
 mod compressed;
+mod corruption;
 mod create;
 mod dirty;
 mod discard;
