@@ -17,8 +17,8 @@
 //! The image is read through its `file` node directly, not through an open
 //! [`Qcow2Driver`](super::Qcow2Driver): a check must work on images the driver refuses to
 //! write (dirty, marked corrupt, with wrong refcounts), and nothing else may use the image
-//! meanwhile. Internal snapshots and persistent bitmaps are not counted yet: such images are
-//! refused rather than misjudged.
+//! meanwhile. Internal snapshots are counted (their L1 and L2 tables, the snapshot table);
+//! persistent bitmaps are not yet, so images with them are refused rather than misjudged.
 
 use std::io;
 use std::path::Path;
@@ -26,13 +26,14 @@ use std::path::Path;
 use aiocoro::coroutine::Co;
 
 use super::check_report::{CheckReport, Repair};
-use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, field};
+use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, field};
 use super::io::{read_exact_at, write_at};
 use super::mapping::{COMPRESSED, COPIED, OFFSET_MASK, ZERO, compressed_extent};
 use super::offsets::HostOffset;
 use super::rebuild::rebuild_refcounts;
 use super::references::{Added, References};
 use super::refuse;
+use super::snapshot_table::{SnapshotL1, SnapshotTable, read_snapshot_table};
 use super::stored_refcounts::{BLOCK_OFFSET_MASK, StoredRefcounts};
 use super::table::{decode_table, encode_table};
 use crate::node::BlockNode;
@@ -61,7 +62,7 @@ const AUTOCLEAR_BITMAPS: u64 = 1;
 /// # Errors
 ///
 /// The header's errors (`InvalidData` for a malformed one, `Unsupported` for features the
-/// check cannot count: internal snapshots, persistent bitmaps, and what [`Header::parse`]
+/// check cannot count: persistent bitmaps, and what [`Header::parse`]
 /// refuses), `PermissionDenied` for a repair of a read-only node.
 /// Errors met while checking end the check instead: [`CheckReport::failure`] says why.
 pub fn check(co: &Co, file: &BlockNode, repair: Repair) -> io::Result<CheckReport> {
@@ -138,6 +139,7 @@ struct Pass<'a> {
     co: &'a Co,
     file: &'a BlockNode,
     header: Header,
+    snapshots: SnapshotTable,
     repair: Repair,
     /// The file's length now (the node's is not updated by writes past its end).
     file_len: u64,
@@ -151,15 +153,16 @@ impl<'a> Pass<'a> {
     fn run(co: &'a Co, file: &'a BlockNode, repair: Repair) -> io::Result<CheckReport> {
         let file_len = file.driver().length(co)?;
         let header = Header::parse(&Header::read_first_cluster(co, file)?, file_len)?;
-        if header.nb_snapshots > 0 {
-            return Err(refuse(format!(
-                "checking an image with internal snapshots ({}) is not supported",
-                header.nb_snapshots
-            )));
-        }
         if header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
             return Err(refuse("checking an image with persistent bitmaps is not supported"));
         }
+        let snapshots = read_snapshot_table(
+            co,
+            file,
+            file_len,
+            header.snapshots_offset.0,
+            header.nb_snapshots,
+        )?;
         let stored = StoredRefcounts::load(
             co,
             file,
@@ -176,6 +179,7 @@ impl<'a> Pass<'a> {
                 ..CheckReport::default()
             },
             header,
+            snapshots,
             repair,
             file_len,
             stored,
@@ -289,7 +293,31 @@ impl<'a> Pass<'a> {
     ) -> io::Result<()> {
         let cluster_size = self.cluster_size();
         self.count_range(refs, 0, cluster_size);
-        self.count_l1(refs, repair)?;
+        let (l1_offset, l1_size) = (self.header.l1_table_offset.0, self.header.l1_size);
+        self.count_l1(refs, (l1_offset, l1_size), true, repair)?;
+        for snapshot in self.snapshots.snapshots.clone() {
+            let SnapshotL1 { id, name, l1_offset, l1_size } = snapshot;
+            if !self.is_aligned(l1_offset) {
+                self.say(format!(
+                    "ERROR snapshot {id} ({name}) l1_offset={l1_offset:#x}: L1 table is not \
+                     cluster aligned; snapshot table entry corrupted"
+                ));
+                self.report.corruptions += 1;
+                continue;
+            }
+            if u64::from(l1_size) * 8 > MAX_L1_BYTES {
+                self.say(format!(
+                    "ERROR snapshot {id} ({name}) l1_size={l1_size:#x}: L1 table is too large; \
+                     snapshot table entry corrupted"
+                ));
+                self.report.corruptions += 1;
+                continue;
+            }
+            self.count_l1(refs, (l1_offset, l1_size), false, repair)?;
+        }
+        let (snapshots_offset, snapshots_bytes) =
+            (self.header.snapshots_offset.0, self.snapshots.bytes);
+        self.count_range(refs, snapshots_offset, snapshots_bytes);
         let table_bytes = u64::from(self.header.refcount_table_clusters) * cluster_size;
         self.count_range(refs, self.header.refcount_table_offset.0, table_bytes);
         self.check_refcount_blocks(refs, repair, rebuild)
@@ -333,19 +361,25 @@ impl<'a> Pass<'a> {
         Ok(decode_table(&raw).collect())
     }
 
-    /// The active L1 table as stored.
-    fn read_l1(&mut self) -> io::Result<Vec<u64>> {
-        let header = &self.header;
-        self.read_table(header.l1_table_offset.0, u64::from(header.l1_size) * 8).inspect_err(|_| {
+    /// The L1 table of `entries` entries at `offset`, as stored.
+    fn read_l1(&mut self, (offset, entries): (u64, u32)) -> io::Result<Vec<u64>> {
+        self.read_table(offset, u64::from(entries) * 8).inspect_err(|_| {
             self.report.check_errors += 1;
         })
     }
 
-    /// QEMU's `check_refcounts_l1` for the active L1 table.
-    fn count_l1(&mut self, refs: &mut References, repair: Repair) -> io::Result<()> {
-        let l1_bytes = u64::from(self.header.l1_size) * 8;
-        self.count_range(refs, self.header.l1_table_offset.0, l1_bytes);
-        let l1 = self.read_l1().inspect_err(|_| {
+    /// QEMU's `check_refcounts_l1` for the L1 table of `entries` entries at `offset`: the
+    /// active one (whose clusters count as allocated, fragmented and compressed) or a
+    /// snapshot's.
+    fn count_l1(
+        &mut self,
+        refs: &mut References,
+        (offset, entries): (u64, u32),
+        active: bool,
+        repair: Repair,
+    ) -> io::Result<()> {
+        self.count_range(refs, offset, u64::from(entries) * 8);
+        let l1 = self.read_l1((offset, entries)).inspect_err(|_| {
             self.messages.push("ERROR: I/O error in check_refcounts_l1".to_owned());
         })?;
         for entry in l1 {
@@ -365,17 +399,18 @@ impl<'a> Pass<'a> {
                 ));
                 self.report.corruptions += 1;
             }
-            self.count_l2(refs, l2_offset, repair)?;
+            self.count_l2(refs, l2_offset, active, repair)?;
         }
         Ok(())
     }
 
-    /// QEMU's `check_refcounts_l2` for an L2 table of the active L1 table (whose clusters
-    /// count as allocated, fragmented and compressed).
+    /// QEMU's `check_refcounts_l2` for an L2 table (of the active L1 table if `active`: its
+    /// clusters count as allocated, fragmented and compressed).
     fn count_l2(
         &mut self,
         refs: &mut References,
         l2_offset: u64,
+        active: bool,
         repair: Repair,
     ) -> io::Result<()> {
         let cluster_size = self.cluster_size();
@@ -397,10 +432,12 @@ impl<'a> Pass<'a> {
                     self.report.corruptions += 1;
                 }
                 self.count_range(refs, offset.0, len);
-                self.report.allocated_clusters += 1;
-                self.report.compressed_clusters += 1;
-                // Compressed clusters share sectors: they always count as fragmented.
-                self.report.fragmented_clusters += 1;
+                if active {
+                    self.report.allocated_clusters += 1;
+                    self.report.compressed_clusters += 1;
+                    // Compressed clusters share sectors: they always count as fragmented.
+                    self.report.fragmented_clusters += 1;
+                }
                 continue;
             }
             if entry & L2_STANDARD_RESERVED != 0 {
@@ -435,11 +472,13 @@ impl<'a> Pass<'a> {
                     ));
                 }
             }
-            self.report.allocated_clusters += 1;
-            if next_contiguous != 0 && offset != next_contiguous {
-                self.report.fragmented_clusters += 1;
+            if active {
+                self.report.allocated_clusters += 1;
+                if next_contiguous != 0 && offset != next_contiguous {
+                    self.report.fragmented_clusters += 1;
+                }
+                next_contiguous = offset + cluster_size;
             }
-            next_contiguous = offset + cluster_size;
             self.count_range(refs, offset, cluster_size);
         }
         Ok(())
@@ -587,7 +626,7 @@ impl<'a> Pass<'a> {
         };
         let verdict = if repair { "Repairing" } else { "ERROR" };
         let (bits, cluster_size) = (self.cluster_bits(), self.cluster_size());
-        let l1 = self.read_l1()?;
+        let l1 = self.read_l1((self.header.l1_table_offset.0, self.header.l1_size))?;
         for (index, &l1_entry) in l1.iter().enumerate() {
             let l2_offset = l1_entry & OFFSET_MASK;
             if l2_offset == 0 {

@@ -46,6 +46,7 @@ mod rebuild;
 mod refcount;
 mod references;
 mod resize;
+mod snapshot_table;
 mod stored_refcounts;
 mod table;
 mod write;
