@@ -93,7 +93,7 @@ fn l1_offset(image: &Path) -> u64 {
 /// block's offset, its bit offset in the block and its width in bits.
 fn refcount_slot(image: &Path, cluster: u64) -> (u64, u64, u64, u32) {
     let order = if peek_u32(image, 4) >= 3 { peek_u32(image, 96) } else { 4 };
-    let per_block = cluster_size(image) * 8 >> order;
+    let per_block = (cluster_size(image) * 8) >> order;
     let table_entry = peek_u64(image, 48) + cluster / per_block * 8;
     let block = peek_u64(image, table_entry);
     assert_ne!(block, 0, "no refcount block counts cluster {cluster} of {}", image.display());
@@ -348,7 +348,7 @@ fn misaligned_and_reserved_entries() {
     // A preallocated zero cluster at a misaligned offset: -r all makes it a plain zero one.
     let preallocated = |image: &Path| {
         let at = l2_entry_at(image, 1);
-        poke_u64(image, at, (peek_u64(image, at) & OFFSET_MASK) + 0x200 | 1);
+        poke_u64(image, at, ((peek_u64(image, at) & OFFSET_MASK) + 0x200) | 1);
     };
     verify(&scratch, &pristine, preallocated, DAMAGED);
     let reserved = |image: &Path| {
@@ -367,7 +367,7 @@ fn compressed_clusters_small_clusters_and_version_2() {
     let compressed = scratch.path("pristine.qcow2");
     compress_to_qcow2(raw.to_str().unwrap(), compressed.to_str().unwrap(), "");
     let zero_first_data = |image: &Path| {
-        let data = peek_u64(image, l2_entry_at(image, 0)) & 0x3fff_ffff_ffff_ff;
+        let data = peek_u64(image, l2_entry_at(image, 0)) & 0x003f_ffff_ffff_ffff;
         set_refcount(image, data / cluster_size(image), 0);
     };
     verify(&scratch, &compressed, zero_first_data, DAMAGED);
