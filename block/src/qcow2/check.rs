@@ -44,6 +44,9 @@ const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 const L2_STANDARD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Refcount table entry bits that must be zero.
 const REFCOUNT_TABLE_RESERVED: u64 = 0x1ff;
+/// The most clusters a check counts (QEMU's limit, `INT_MAX`): the counts of that many take
+/// 8 GiB.
+const MAX_CLUSTERS: u64 = i32::MAX as u64;
 /// Version 3 autoclear feature bit 0: the image has persistent bitmaps.
 const AUTOCLEAR_BITMAPS: u64 = 1;
 
@@ -209,6 +212,13 @@ impl<'a> Pass<'a> {
     }
 
     fn check_everything(&mut self) -> io::Result<()> {
+        if self.file_len.div_ceil(self.cluster_size()) > MAX_CLUSTERS {
+            self.report.check_errors += 1;
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!("the image file has more than {MAX_CLUSTERS} clusters to count"),
+            ));
+        }
         self.check_refcounts()?;
         let clean = self.report.check_errors == 0 && self.report.corruptions == 0;
         if self.repair.writes() && clean {
@@ -519,7 +529,15 @@ impl<'a> Pass<'a> {
                 self.report.corruptions += 1;
                 self.report.refcount_block_errors += 1;
                 if fix {
-                    match self.file.truncate(self.co, offset + cluster_size) {
+                    let grown = if (offset >> self.cluster_bits()) < MAX_CLUSTERS {
+                        self.file.truncate(self.co, offset + cluster_size)
+                    } else {
+                        Err(io::Error::new(
+                            io::ErrorKind::FileTooLarge,
+                            format!("the file would have more than {MAX_CLUSTERS} clusters"),
+                        ))
+                    };
+                    match grown {
                         Ok(()) => {
                             self.file_len = self.file.driver().length(self.co)?;
                             refs.grow_to(self.file_len.div_ceil(cluster_size));

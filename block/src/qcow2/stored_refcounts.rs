@@ -6,7 +6,7 @@
 //! block past the end of the file reads as zeroes, as QEMU reads it, so that the check can
 //! count what it means (every cluster it covers unreferenced) rather than stop.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::io;
 
 use aiocoro::coroutine::Co;
@@ -28,8 +28,8 @@ pub(crate) struct StoredRefcounts {
     order: u32,
     /// The table's entries as stored (reserved bits included).
     table: Vec<u64>,
-    /// Blocks by table index.
-    blocks: HashMap<usize, Vec<u8>>,
+    /// Blocks read so far, by table index.
+    blocks: Vec<Option<Box<[u8]>>>,
     /// Table indices of blocks a repair changed.
     dirty: BTreeSet<usize>,
 }
@@ -51,11 +51,12 @@ impl StoredRefcounts {
     ) -> io::Result<StoredRefcounts> {
         let mut raw = vec![0u8; (u64::from(clusters) * geometry.cluster_size()) as usize];
         read_within_file(co, file, file_len, offset.0, &mut raw)?;
+        let table: Vec<u64> = decode_table(&raw).collect();
         Ok(StoredRefcounts {
             geometry,
             order,
-            table: decode_table(&raw).collect(),
-            blocks: HashMap::new(),
+            blocks: vec![None; table.len()],
+            table,
             dirty: BTreeSet::new(),
         })
     }
@@ -78,7 +79,7 @@ impl StoredRefcounts {
         file: &BlockNode,
         file_len: u64,
         cluster: u64,
-    ) -> io::Result<Option<(&mut Vec<u8>, usize, usize)>> {
+    ) -> io::Result<Option<(&mut [u8], usize, usize)>> {
         let per_block = self.per_block();
         let Some(slot) =
             usize::try_from(cluster / per_block).ok().filter(|&s| s < self.table.len())
@@ -94,13 +95,13 @@ impl StoredRefcounts {
                 "refcount block {slot} at {offset:#x} is not cluster-aligned"
             )));
         }
-        if !self.blocks.contains_key(&slot) {
+        let index = (cluster % per_block) as usize;
+        if self.blocks[slot].is_none() {
             let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
             read_within_file(co, file, file_len, offset, &mut bytes)?;
-            self.blocks.insert(slot, bytes);
+            self.blocks[slot] = Some(bytes.into());
         }
-        let bytes = self.blocks.get_mut(&slot).expect("qcow2 check: the block was read just above");
-        Ok(Some((bytes, slot, (cluster % per_block) as usize)))
+        Ok(self.blocks[slot].as_deref_mut().map(|bytes| (bytes, slot, index)))
     }
 
     /// The stored refcount of host cluster `cluster` (0 if no block counts it).
@@ -153,7 +154,8 @@ impl StoredRefcounts {
     pub(crate) fn write_back(&mut self, co: &Co, file: &BlockNode) -> io::Result<()> {
         while let Some(slot) = self.dirty.pop_first() {
             let offset = self.table[slot] & BLOCK_OFFSET_MASK;
-            write_at(co, file, offset, &self.blocks[&slot])?;
+            let bytes = self.blocks[slot].as_deref().expect("qcow2 check: a dirty block is read");
+            write_at(co, file, offset, bytes)?;
         }
         Ok(())
     }
