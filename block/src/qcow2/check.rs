@@ -17,22 +17,24 @@
 //! The image is read through its `file` node directly, not through an open
 //! [`Qcow2Driver`](super::Qcow2Driver): a check must work on images the driver refuses to
 //! write (dirty, marked corrupt, with wrong refcounts), and nothing else may use the image
-//! meanwhile. Internal snapshots are counted (their L1 and L2 tables, the snapshot table);
-//! persistent bitmaps are not yet, so images with them are refused rather than misjudged.
+//! meanwhile. Internal snapshots (their L1 and L2 tables, the snapshot table) and persistent
+//! bitmaps (the directory, the bitmap tables and their clusters) are counted too.
 
 use std::io;
 use std::path::Path;
 
 use aiocoro::coroutine::Co;
 
+use super::bitmap_directory::{ENTRY_OFFSET_MASK, is_valid_entry, read_bitmap_directory};
 use super::check_report::{CheckReport, Repair};
-use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, field};
+use super::header::{
+    AUTOCLEAR_BITMAPS, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, field,
+};
 use super::io::{read_exact_at, write_at};
 use super::mapping::{COMPRESSED, COPIED, OFFSET_MASK, ZERO, compressed_extent};
 use super::offsets::HostOffset;
 use super::rebuild::rebuild_refcounts;
 use super::references::{Added, References};
-use super::refuse;
 use super::snapshot_table::{SnapshotL1, SnapshotTable, read_snapshot_table};
 use super::stored_refcounts::{BLOCK_OFFSET_MASK, StoredRefcounts};
 use super::table::{decode_table, encode_table};
@@ -47,8 +49,6 @@ const REFCOUNT_TABLE_RESERVED: u64 = 0x1ff;
 /// The most clusters a check counts (QEMU's limit, `INT_MAX`): the counts of that many take
 /// 8 GiB.
 const MAX_CLUSTERS: u64 = i32::MAX as u64;
-/// Version 3 autoclear feature bit 0: the image has persistent bitmaps.
-const AUTOCLEAR_BITMAPS: u64 = 1;
 
 /// Checks the qcow2 image stored in `file`, repairing what `repair` allows (the node must
 /// then be writable), as `qemu-img check` does.
@@ -64,10 +64,9 @@ const AUTOCLEAR_BITMAPS: u64 = 1;
 ///
 /// # Errors
 ///
-/// The header's errors (`InvalidData` for a malformed one, `Unsupported` for features the
-/// check cannot count: persistent bitmaps, and what [`Header::parse`]
-/// refuses), `PermissionDenied` for a repair of a read-only node.
-/// Errors met while checking end the check instead: [`CheckReport::failure`] says why.
+/// The header's errors (`InvalidData` for a malformed one, `Unsupported` for what
+/// [`Header::parse`] refuses), `PermissionDenied` for a repair of a read-only node. Errors met
+/// while checking end the check instead: [`CheckReport::failure`] says why.
 pub fn check(co: &Co, file: &BlockNode, repair: Repair) -> io::Result<CheckReport> {
     if repair.writes() && file.is_read_only() {
         return Err(io::Error::new(
@@ -156,9 +155,6 @@ impl<'a> Pass<'a> {
     fn run(co: &'a Co, file: &'a BlockNode, repair: Repair) -> io::Result<CheckReport> {
         let file_len = file.driver().length(co)?;
         let header = Header::parse(&Header::read_first_cluster(co, file)?, file_len)?;
-        if header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
-            return Err(refuse("checking an image with persistent bitmaps is not supported"));
-        }
         let snapshots = read_snapshot_table(
             co,
             file,
@@ -330,6 +326,7 @@ impl<'a> Pass<'a> {
         self.count_range(refs, snapshots_offset, snapshots_bytes);
         let table_bytes = u64::from(self.header.refcount_table_clusters) * cluster_size;
         self.count_range(refs, self.header.refcount_table_offset.0, table_bytes);
+        self.count_bitmaps(refs)?;
         self.check_refcount_blocks(refs, repair, rebuild)
     }
 
@@ -490,6 +487,39 @@ impl<'a> Pass<'a> {
                 next_contiguous = offset + cluster_size;
             }
             self.count_range(refs, offset, cluster_size);
+        }
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_check_bitmaps_refcounts`: the bitmap directory, each bitmap's table
+    /// and the clusters of bitmap data it names, if the bitmaps are valid (autoclear bit 0).
+    fn count_bitmaps(&mut self, refs: &mut References) -> io::Result<()> {
+        let Some(extension) = self.header.bitmaps else { return Ok(()) };
+        if self.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 || extension.count == 0 {
+            return Ok(());
+        }
+        let cluster_size = self.cluster_size();
+        let (directory, size) = (extension.directory_offset.0, extension.directory_size);
+        self.count_range(refs, directory, size);
+        let tables = read_bitmap_directory(self.co, self.file, self.file_len, &extension)
+            .inspect_err(|_| self.report.corruptions += 1)?;
+        for table in tables {
+            let bytes = u64::from(table.entries) * 8;
+            self.count_range(refs, table.offset, bytes);
+            if !self.is_aligned(table.offset)
+                || table.offset.checked_add(bytes).is_none_or(|end| end > self.file_len)
+            {
+                // QEMU cannot load such a table and stops counting bitmaps.
+                self.report.corruptions += 1;
+                break;
+            }
+            for entry in self.read_table(table.offset, bytes)? {
+                if !is_valid_entry(entry, cluster_size) {
+                    self.report.corruptions += 1;
+                } else if entry & ENTRY_OFFSET_MASK != 0 {
+                    self.count_range(refs, entry & ENTRY_OFFSET_MASK, cluster_size);
+                }
+            }
         }
         Ok(())
     }

@@ -30,6 +30,10 @@ const EXT_END: u32 = 0;
 /// The backing file format name extension.
 pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+/// The persistent bitmaps extension.
+const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Autoclear feature bit 0: the bitmaps extension is valid.
+pub(crate) const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 
 /// Incompatible feature bit 0: the refcounts may be stale (lazy refcounts were in use).
 pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
@@ -113,6 +117,17 @@ pub struct FeatureName {
     pub name: String,
 }
 
+/// The persistent bitmaps extension: where the bitmap directory is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitmapsExtension {
+    /// How many bitmaps the directory lists.
+    pub count: u32,
+    /// The directory's length in bytes.
+    pub directory_size: u64,
+    /// Where the directory starts.
+    pub directory_offset: HostOffset,
+}
+
 /// A parsed and checked qcow2 header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -152,6 +167,9 @@ pub struct Header {
     pub compression: Compression,
     /// The feature name table, if the image has one.
     pub feature_names: Vec<FeatureName>,
+    /// The persistent bitmaps extension, if the image has one (it is valid only while the
+    /// autoclear bit 0 is set).
+    pub bitmaps: Option<BitmapsExtension>,
 }
 
 /// Big-endian field readers over a byte slice known to be long enough.
@@ -278,6 +296,7 @@ impl Header {
             header_length,
             compression: Compression::Deflate,
             feature_names: Vec::new(),
+            bitmaps: None,
         };
 
         let backing_file_offset = f.u64(field::BACKING_FILE_OFFSET);
@@ -363,8 +382,21 @@ impl Header {
                         })
                         .collect();
                 }
-                // Bitmaps, the encryption header pointer (encryption is refused anyway), the
-                // external data file name (refused with its feature bit) and unknown ones.
+                EXT_BITMAPS => {
+                    if len < 24 {
+                        return Err(corrupt(format!(
+                            "the bitmaps extension at byte {at} is {len} bytes long, not 24"
+                        )));
+                    }
+                    let f = Fields(data);
+                    self.bitmaps = Some(BitmapsExtension {
+                        count: f.u32(0),
+                        directory_size: f.u64(8),
+                        directory_offset: HostOffset(f.u64(16)),
+                    });
+                }
+                // The encryption header pointer (encryption is refused anyway), the external
+                // data file name (refused with its feature bit) and unknown ones.
                 _ => {}
             }
             at = data_start + (len as usize).next_multiple_of(8);

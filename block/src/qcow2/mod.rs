@@ -24,11 +24,13 @@
 //! reads), `create`, `refcount` (refcounts and the allocator), `metadata` (what the lock guards, write-back order), `overlap` (keeping guest data off metadata), `allocation` (in-flight
 //! allocations and the writes merged into them), `write` (allocating writes), `discard`
 //! (discard and zero clusters), `resize` (growing), [`check`] (`qemu-img check [-r]`:
-//! `check_report`, `references`, `stored_refcounts`, `rebuild`, `snapshot_table`), `dirty`
+//! `check_report`, `references`, `stored_refcounts`, `rebuild`, `snapshot_table`,
+//! `bitmap_directory`), `dirty`
 //! (repairing a dirty image opened for writing), `corruption` (the corrupt bit).
 
 mod allocation;
 pub mod backing;
+mod bitmap_directory;
 mod check;
 mod check_report;
 mod compressed;
