@@ -89,7 +89,7 @@ pub(crate) fn read_bitmap_directory(
 pub(crate) fn is_valid_entry(entry: u64, cluster_size: u64) -> bool {
     let offset = entry & ENTRY_OFFSET_MASK;
     entry & ENTRY_RESERVED == 0
-        && (offset == 0 || (entry & ENTRY_ALL_ONES == 0 && offset % cluster_size == 0))
+        && (offset == 0 || (entry & ENTRY_ALL_ONES == 0 && offset.is_multiple_of(cluster_size)))
 }
 
 #[cfg(test)]
