@@ -445,3 +445,27 @@ fn a_refcount_cache_of_four_blocks_evicts_writes_back_and_reloads_them() {
     qemu_check(&image);
     qemu_compare(&image, &shadow);
 }
+
+#[test]
+fn writing_an_image_with_persistent_bitmaps_marks_them_stale() {
+    let scratch = Scratch::new("write-bitmaps");
+    let image = scratch.path("b.qcow2");
+    create_qcow2(image.to_str().unwrap(), "", "4M");
+    qemu_img(&["bitmap", "--add", image.to_str().unwrap(), "b0"]);
+    qemu_io("qcow2", &image, &["write -P 0x11 0 64k"]);
+    assert_eq!(peek_u64(&image, 88), 1, "autoclear bit 0: the bitmaps are consistent");
+    // Our writes do not update the bitmaps: they must not be trusted afterwards.
+    with_image(&qcow2_rw_options(&image), |co, blk| {
+        blk.write(co, 1 << 20, &[0x22; 64 << 10])?;
+        blk.flush(co)
+    })
+    .unwrap();
+    assert_eq!(peek_u64(&image, 88), 0, "the autoclear bits are cleared");
+    let info = qemu_img(&["info", image.to_str().unwrap()]);
+    assert!(!info.contains("name: b0"), "qemu-img still trusts the bitmap: {info}");
+    // The bitmap's clusters are leaked now, nothing worse; a repair frees them.
+    assert_eq!(check_status(&image).0, 3);
+    qemu_img(&["check", "-r", "leaks", image.to_str().unwrap()]);
+    qemu_check(&image);
+    qemu_io("qcow2", &image, &["read -q -P 0x11 0 64k", "read -q -P 0x22 1M 64k"]);
+}

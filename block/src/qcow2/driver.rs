@@ -123,7 +123,7 @@ impl Qcow2Driver {
         caches: CacheSizes,
     ) -> io::Result<Qcow2Driver> {
         let node = file.node();
-        let header = if header.is_dirty() && !node.is_read_only() {
+        let mut header = if header.is_dirty() && !node.is_read_only() {
             super::dirty::repair_dirty(co, &node)?
         } else {
             header
@@ -132,7 +132,9 @@ impl Qcow2Driver {
         let refcounts = if node.is_read_only() {
             None
         } else {
-            Some(open_refcounts(co, &node, &header, caches.refcount_bytes)?)
+            let refcounts = open_refcounts(co, &node, &header, caches.refcount_bytes)?;
+            super::autoclear::clear_autoclear_bits(co, &node, &mut header)?;
+            Some(refcounts)
         };
         let l1_bytes = u64::from(header.l1_size) * 8;
         if l1_bytes > 0

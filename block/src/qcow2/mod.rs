@@ -26,9 +26,11 @@
 //! (discard and zero clusters), `resize` (growing), [`check`] (`qemu-img check [-r]`:
 //! `check_report`, `references`, `stored_refcounts`, `rebuild`, `snapshot_table`,
 //! `bitmap_directory`), `dirty`
-//! (repairing a dirty image opened for writing), `corruption` (the corrupt bit).
+//! (repairing a dirty image opened for writing), `corruption` (the corrupt bit), `autoclear`
+//! (clearing the autoclear feature bits before writing).
 
 mod allocation;
+mod autoclear;
 pub mod backing;
 mod bitmap_directory;
 mod check;
