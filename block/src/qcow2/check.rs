@@ -49,6 +49,10 @@ const REFCOUNT_TABLE_RESERVED: u64 = 0x1ff;
 /// The most clusters a check counts (QEMU's limit, `INT_MAX`): the counts of that many take
 /// 8 GiB.
 const MAX_CLUSTERS: u64 = i32::MAX as u64;
+/// How far past the end of the file a refcount block may lie for `-r all` to grow the file
+/// over it (64 MiB more counts); one further out is repaired by a rebuild instead, as QEMU
+/// repairs it when the file cannot grow.
+const MAX_GROWTH_CLUSTERS: u64 = 1 << 24;
 
 /// Checks the qcow2 image stored in `file`, repairing what `repair` allows (the node must
 /// then be writable), as `qemu-img check` does.
@@ -559,12 +563,16 @@ impl<'a> Pass<'a> {
                 self.report.corruptions += 1;
                 self.report.refcount_block_errors += 1;
                 if fix {
-                    let grown = if (offset >> self.cluster_bits()) < MAX_CLUSTERS {
+                    let limit = (refs.len() + MAX_GROWTH_CLUSTERS).min(MAX_CLUSTERS);
+                    let grown = if cluster < limit {
                         self.file.truncate(self.co, offset + cluster_size)
                     } else {
                         Err(io::Error::new(
                             io::ErrorKind::FileTooLarge,
-                            format!("the file would have more than {MAX_CLUSTERS} clusters"),
+                            format!(
+                                "the block lies more than {MAX_GROWTH_CLUSTERS} clusters past \
+                                 the end of the file"
+                            ),
                         ))
                     };
                     match grown {
