@@ -5,6 +5,8 @@
 //! cargo run -p aiocoro-block --example qcow2 -- convert -O raw FILE OUT
 //! cargo run -p aiocoro-block --example qcow2 -- create [-f qcow2] [-o OPTIONS] [-b BACKING]
 //!     [-F BACKING_FORMAT] FILE [SIZE]
+//! cargo run -p aiocoro-block --example qcow2 -- check [-r leaks|all] [--output human|json]
+//!     [-f qcow2] FILE
 //! ```
 //!
 //! `info` prints the format, virtual size, cluster size, refcount width, backing file and
@@ -12,7 +14,10 @@
 //! guest byte through the driver (backing chain included) and writes a sparse raw file.
 //! `create` makes a new qcow2 image; `-o` takes qemu-img's `cluster_size=64k`,
 //! `compat=1.1|0.10`, `refcount_bits=16`, `lazy_refcounts=on|off`, `backing_file=`,
-//! `backing_fmt=`, `size=`; without a size the backing file's is used.
+//! `backing_fmt=`, `size=`; without a size the backing file's is used. `check` checks (and
+//! with `-r` repairs) a qcow2 image as `qemu-img check` does: the problems found on stderr,
+//! the report on stdout, and qemu-img's exit code (0 clean, 1 check failed, 2 corruptions,
+//! 3 leaks only).
 
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -20,11 +25,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use aiocoro::coroutine::Co;
-use aiocoro_block::qcow2::{Compat, CreateOptions, Header};
+use aiocoro_block::qcow2::{Compat, CreateOptions, Header, Repair, check_image_file};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, invalid_input, run_in_coroutine};
 
 const USAGE: &str = "usage: qcow2 info FILE\n       qcow2 convert -O raw FILE OUT\n       \
-                     qcow2 create [-f qcow2] [-o OPTIONS] [-b BACKING] [-F FMT] FILE [SIZE]";
+                     qcow2 create [-f qcow2] [-o OPTIONS] [-b BACKING] [-F FMT] FILE [SIZE]\n       \
+                     qcow2 check [-r leaks|all] [--output human|json] [-f qcow2] FILE";
 
 /// The bytes read per request by `convert`.
 const CHUNK: usize = 2 << 20;
@@ -44,6 +50,15 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        ["check", rest @ ..] => {
+            return match check_options(rest) {
+                Ok((file, repair, json)) => check(&file, repair, json),
+                Err(error) => {
+                    eprintln!("qcow2: {error}\n{USAGE}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -274,4 +289,70 @@ fn create(file: &str, (mut options, sized): (CreateOptions, bool)) -> io::Result
     aiocoro_block::run_in_coroutine(move |co| {
         aiocoro_block::qcow2::create_file(co, &path, &options)
     })?
+}
+
+/// Parses `check`'s arguments into the image path, the repair mode and whether the output
+/// is JSON.
+fn check_options(args: &[&str]) -> io::Result<(String, Repair, bool)> {
+    let (mut repair, mut json, mut file) = (Repair::None, false, None);
+    let mut args = args.iter();
+    while let Some(&arg) = args.next() {
+        let mut value =
+            || args.next().copied().ok_or_else(|| invalid_input(format!("{arg} needs a value")));
+        match arg {
+            "-r" => {
+                repair = match value()? {
+                    "leaks" => Repair::Leaks,
+                    "all" => Repair::All,
+                    other => return Err(invalid_input(format!("-r {other}: leaks or all"))),
+                }
+            }
+            "--output" => {
+                json = match value()? {
+                    "human" => false,
+                    "json" => true,
+                    other => return Err(invalid_input(format!("--output {other}: human or json"))),
+                }
+            }
+            "-f" => match value()? {
+                "qcow2" => {}
+                other => {
+                    return Err(invalid_input(format!("only -f qcow2 is checked, not {other}")));
+                }
+            },
+            "-q" => {}
+            flag if flag.starts_with('-') => {
+                return Err(invalid_input(format!("unknown flag {flag}")));
+            }
+            other if file.is_none() => file = Some(other.to_owned()),
+            other => return Err(invalid_input(format!("one FILE only ({other})"))),
+        }
+    }
+    let file = file.ok_or_else(|| invalid_input("check needs FILE"))?;
+    Ok((file, repair, json))
+}
+
+/// Checks `file` and prints as `qemu-img check` does; the exit code is qemu-img's.
+fn check(file: &str, repair: Repair, json: bool) -> ExitCode {
+    let report = match check_image_file(std::path::Path::new(file), repair) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("qcow2: Could not open '{file}': {error}");
+            return ExitCode::from(1);
+        }
+    };
+    for message in &report.messages {
+        eprintln!("{message}");
+    }
+    if json {
+        print!("{}", report.json(file));
+    } else {
+        print!("{}", report.human());
+    }
+    if let Some(failure) = &report.failure {
+        eprintln!("qcow2: Check failed: {failure}");
+    } else if report.check_errors > 0 {
+        eprintln!("qcow2: Check failed");
+    }
+    ExitCode::from(report.exit_code())
 }

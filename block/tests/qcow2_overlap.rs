@@ -42,15 +42,62 @@ fn write_error(image: &Path, offset: u64) -> std::io::Error {
     result.expect_err("a write over metadata succeeded")
 }
 
+/// The last byte of the header's incompatible features, which holds the corrupt bit (1).
+const CORRUPT_BYTE: usize = 79;
+
 /// Asserts that `error` refuses a write to a corrupt image, naming `what` (the table), each of
-/// `words` and the repair, and that the image is still `corrupt`, byte for byte.
+/// `words` and the repair, and that the image is still `corrupt`, byte for byte, but for
+/// the corrupt bit, now set.
 fn assert_refused(image: &Path, corrupt: &[u8], what: &str, error: &io::Error, words: &[&str]) {
     assert_eq!(error.kind(), ErrorKind::InvalidData, "{what}: {error}");
     let message = error.to_string();
-    for words in words.iter().chain(&[what, "qemu-img check -r all"]) {
+    for words in words.iter().chain(&[what, "qemu-img check -r all", "marked corrupt"]) {
         assert!(message.contains(words), "{what}: {message}");
     }
-    assert!(std::fs::read(image).unwrap() == corrupt, "{what}: the image was written");
+    let mut now = std::fs::read(image).unwrap();
+    assert_eq!(now[CORRUPT_BYTE] & 2, 2, "{what}: the corrupt bit is set");
+    now[CORRUPT_BYTE] &= !2;
+    assert!(now == corrupt, "{what}: the image was written");
+}
+
+#[test]
+fn a_write_over_metadata_marks_the_image_corrupt_and_the_node_read_only() {
+    let scratch = Scratch::new("overlap-mark");
+    let image = written_image(&scratch);
+    let l1 = peek_u64(&image, 40);
+    poke(&image, l2_entry_at(&image, 1), &(COPIED | l1).to_be_bytes());
+    let kinds = with_image(&qcow2_rw_options(&image), |co, blk| {
+        let first = blk.write(co, 64 << 10, &[0xee; 4096]).unwrap_err();
+        // Every later write is refused, even one that would have been fine; reads go on.
+        let then = blk.write(co, 512 << 10, &[0xee; 4096]).unwrap_err();
+        let zeroes = blk.write_zeroes(co, 0, 64 << 10, false).unwrap_err();
+        let mut buf = vec![0u8; 4096];
+        blk.read(co, 0, &mut buf)?;
+        assert!(buf.iter().all(|&b| b == 0x5a));
+        Ok([first.kind(), then.kind(), zeroes.kind()])
+    })
+    .unwrap();
+    let denied = ErrorKind::PermissionDenied;
+    assert_eq!(kinds, [ErrorKind::InvalidData, denied, denied]);
+    assert_eq!(peek(&image, CORRUPT_BYTE as u64, 1)[0] & 2, 2, "the corrupt bit is set");
+    assert!(qemu_img(&["info", image.to_str().unwrap()]).contains("corrupt: true"));
+
+    // Opened again: read-only it reads, for writing it is refused until repaired.
+    read_ours(&image, 1 << 20).unwrap();
+    let error = with_image(&qcow2_rw_options(&image), |_, _| Ok(())).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
+    assert!(error.to_string().contains("marked corrupt"), "{error}");
+    let report =
+        aiocoro_block::qcow2::check_image_file(&image, aiocoro_block::qcow2::Repair::All).unwrap();
+    assert_eq!(report.exit_code(), 0, "{report:#?}");
+    assert_eq!(peek(&image, CORRUPT_BYTE as u64, 1)[0] & 2, 0, "the repair clears the bit");
+    qemu_check(&image);
+    with_image(&qcow2_rw_options(&image), |co, blk| {
+        blk.write(co, 512 << 10, &[0x77; 4096])?;
+        blk.flush(co)
+    })
+    .unwrap();
+    qemu_check(&image);
 }
 
 #[test]

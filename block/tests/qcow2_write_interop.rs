@@ -235,16 +235,40 @@ fn growing_needs_an_l1_table_larger_than_half_a_refcount_block() {
 }
 
 #[test]
-fn dirty_images_are_not_opened_for_writing() {
+fn dirty_images_are_repaired_when_opened_for_writing() {
     let scratch = Scratch::new("write-dirty");
     let image = scratch.path("d.qcow2");
-    create_qcow2(image.to_str().unwrap(), "lazy_refcounts=on", "1M");
-    // Incompatible feature bit 0: dirty.
+    create_qcow2(image.to_str().unwrap(), "lazy_refcounts=on", "4M");
+    qemu_io("qcow2", &image, &["write -P 0x11 0 64k"]);
+    // qemu-io dies after allocating writes with lazy refcounts: the L2 entries are on disk,
+    // the refcounts of the new clusters are not, and the dirty bit is set.
+    let killed = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x22 1M 192k", "-c", "sigraise 9"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&killed.status), Some(9));
+    assert_eq!(peek_u64(&image, 72) & 1, 1, "the dirty bit is set");
+    assert_eq!(check_status(&image).0, 2, "the refcounts are stale");
+
+    // Allocating writes would take the clusters counted free but in use, unless the open
+    // repairs the refcounts first.
+    with_image(&qcow2_rw_options(&image), |co, blk| {
+        blk.write(co, 2 << 20, &[0x33; 256 << 10])?;
+        blk.flush(co)
+    })
+    .unwrap();
+    assert_eq!(peek_u64(&image, 72) & 1, 0, "the dirty bit is cleared");
+    qemu_check(&image);
+    qemu_io(
+        "qcow2",
+        &image,
+        &["read -q -P 0x11 0 64k", "read -q -P 0x22 1M 192k", "read -q -P 0x33 2M 256k"],
+    );
+    // Read-only, a dirty image is read as it is.
     poke(&image, 72, &1u64.to_be_bytes());
-    let error = with_image(&qcow2_rw_options(&image), |_, _| Ok(())).unwrap_err();
-    assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
-    assert!(error.to_string().contains("qemu-img check -r all"), "{error}");
     read_ours(&image, 1 << 20).unwrap();
+    assert_eq!(peek_u64(&image, 72) & 1, 1, "a read-only open repairs nothing");
 }
 
 #[test]
@@ -427,4 +451,28 @@ fn a_refcount_cache_of_four_blocks_evicts_writes_back_and_reloads_them() {
     poke(&shadow, 7 << 20, &vec![0xee; 512 * K as usize]);
     qemu_check(&image);
     qemu_compare(&image, &shadow);
+}
+
+#[test]
+fn writing_an_image_with_persistent_bitmaps_marks_them_stale() {
+    let scratch = Scratch::new("write-bitmaps");
+    let image = scratch.path("b.qcow2");
+    create_qcow2(image.to_str().unwrap(), "", "4M");
+    qemu_img(&["bitmap", "--add", image.to_str().unwrap(), "b0"]);
+    qemu_io("qcow2", &image, &["write -P 0x11 0 64k"]);
+    assert_eq!(peek_u64(&image, 88), 1, "autoclear bit 0: the bitmaps are consistent");
+    // Our writes do not update the bitmaps: they must not be trusted afterwards.
+    with_image(&qcow2_rw_options(&image), |co, blk| {
+        blk.write(co, 1 << 20, &[0x22; 64 << 10])?;
+        blk.flush(co)
+    })
+    .unwrap();
+    assert_eq!(peek_u64(&image, 88), 0, "the autoclear bits are cleared");
+    let info = qemu_img(&["info", image.to_str().unwrap()]);
+    assert!(!info.contains("name: b0"), "qemu-img still trusts the bitmap: {info}");
+    // The bitmap's clusters are leaked now, nothing worse; a repair frees them.
+    assert_eq!(check_status(&image).0, 3);
+    qemu_img(&["check", "-r", "leaks", image.to_str().unwrap()]);
+    qemu_check(&image);
+    qemu_io("qcow2", &image, &["read -q -P 0x11 0 64k", "read -q -P 0x22 1M 64k"]);
 }

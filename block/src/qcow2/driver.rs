@@ -9,6 +9,7 @@ use aiocoro::sync::CoMutex;
 
 use super::compressed::{LastInflated, inflate_cluster};
 use super::corrupt;
+use super::corruption::CorruptMark;
 use super::header::Header;
 use super::in_place::InPlaceWrites;
 use super::io::{read_at, read_exact_at, sub_slices, zero};
@@ -74,6 +75,8 @@ pub struct Qcow2Driver {
     /// In-place writes in progress, whose clusters a flush must not free yet.
     pub(super) in_place: InPlaceWrites,
     last_inflated: LastInflated,
+    /// Set once a write found metadata in its way (see `corruption`).
+    pub(super) corrupt: CorruptMark,
 }
 
 /// A drop cannot wait for I/O: the node flushes before it drops its driver (see
@@ -100,9 +103,10 @@ impl Qcow2Driver {
     ///
     /// The image is opened read-write unless the file node is read-only. Writing needs an
     /// image whose refcounts are exact: one with the dirty bit set (left by QEMU with lazy
-    /// refcounts) is refused, as is one whose refcounts say that its header, L1 table or
-    /// refcount table is free, and so are internal snapshots and clusters smaller than the
-    /// file's request alignment. With the lazy refcounts feature this driver still keeps
+    /// refcounts) is first repaired as `qemu-img check -r all` would (see
+    /// [`check`](super::check)); one whose refcounts say that its header, L1 table or
+    /// refcount table is free is refused, and so are internal snapshots and clusters
+    /// smaller than the file's request alignment. With the lazy refcounts feature this driver still keeps
     /// refcounts exact and never sets the dirty bit.
     ///
     /// # Errors
@@ -118,11 +122,18 @@ impl Qcow2Driver {
         caches: CacheSizes,
     ) -> io::Result<Qcow2Driver> {
         let node = file.node();
+        let mut header = if header.is_dirty() && !node.is_read_only() {
+            super::dirty::repair_dirty(co, &node)?
+        } else {
+            header
+        };
         let file_len = node.length();
         let refcounts = if node.is_read_only() {
             None
         } else {
-            Some(open_refcounts(co, &node, &header, caches.refcount_bytes)?)
+            let refcounts = open_refcounts(co, &node, &header, caches.refcount_bytes)?;
+            super::autoclear::clear_autoclear_bits(co, &node, &mut header)?;
+            Some(refcounts)
         };
         let l1_bytes = u64::from(header.l1_size) * 8;
         if l1_bytes > 0
@@ -164,6 +175,7 @@ impl Qcow2Driver {
             metadata: CoMutex::new(metadata),
             in_place: InPlaceWrites::default(),
             last_inflated: LastInflated::default(),
+            corrupt: CorruptMark::default(),
         })
     }
 
@@ -340,7 +352,8 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
-        self.write_guest(co, offset, bufs)
+        self.refuse_if_corrupt()?;
+        self.mark_corrupt_on_overlap(co, self.write_guest(co, offset, bufs))
     }
 
     fn flush(&self, co: &Co) -> io::Result<()> {
@@ -352,13 +365,15 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
-        self.drop_clusters(co, offset, len)
+        self.refuse_if_corrupt()?;
+        self.mark_corrupt_on_overlap(co, self.drop_clusters(co, offset, len))
     }
 
     fn write_zeroes(&self, co: &Co, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
+        self.refuse_if_corrupt()?;
         let by_writing = |co: &Co, offset, len| {
             write_zeroes_by_writing(co, offset, len, |co, offset, bufs| {
-                self.write_guest(co, offset, bufs)
+                self.write(co, offset, bufs)
             })
         };
         if self.header.version < 3 {
@@ -377,12 +392,13 @@ impl BlockDriver for Qcow2Driver {
                 by_writing(co, from, to - from)?;
             }
         }
-        self.drop_clusters(co, first, last - first)
+        self.mark_corrupt_on_overlap(co, self.drop_clusters(co, first, last - first))
     }
 
     fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {
+        self.refuse_if_corrupt()?;
         let old = self.length(co)?;
-        self.grow(co, len)?;
+        self.mark_corrupt_on_overlap(co, self.grow(co, len))?;
         // What a longer backing node holds past the old end must not show through in the new
         // area: it reads as zeroes, as QEMU makes it.
         if let Some(backing) = &self.backing {
@@ -412,10 +428,10 @@ fn open_refcounts(
     header: &Header,
     refcount_cache_bytes: u64,
 ) -> io::Result<Refcounts> {
-    if header.is_dirty() {
+    if header.is_marked_corrupt() {
         return Err(refuse(
-            "the image has the dirty bit set (its refcounts may be stale after QEMU used \
-             lazy refcounts); repair it with qemu-img check -r all before writing, or open \
+            "the image is marked corrupt (incompatible feature 'corrupt', bit 1): it is not \
+             opened for writing; repair it with check -r all (qemu-img check -r all), or open \
              it read-only",
         ));
     }

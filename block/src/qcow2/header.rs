@@ -30,10 +30,16 @@ const EXT_END: u32 = 0;
 /// The backing file format name extension.
 pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+/// The persistent bitmaps extension.
+const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Autoclear feature bit 0: the bitmaps extension is valid.
+pub(crate) const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 
-/// Incompatible feature bits.
-const INCOMPAT_DIRTY: u64 = 1 << 0;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
+/// Incompatible feature bit 0: the refcounts may be stale (lazy refcounts were in use).
+pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
+/// The image is marked corrupt: refused for writing until repaired.
+pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
+/// Other incompatible feature bits.
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
@@ -111,6 +117,17 @@ pub struct FeatureName {
     pub name: String,
 }
 
+/// The persistent bitmaps extension: where the bitmap directory is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitmapsExtension {
+    /// How many bitmaps the directory lists.
+    pub count: u32,
+    /// The directory's length in bytes.
+    pub directory_size: u64,
+    /// Where the directory starts.
+    pub directory_offset: HostOffset,
+}
+
 /// A parsed and checked qcow2 header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -150,6 +167,9 @@ pub struct Header {
     pub compression: Compression,
     /// The feature name table, if the image has one.
     pub feature_names: Vec<FeatureName>,
+    /// The persistent bitmaps extension, if the image has one (it is valid only while the
+    /// autoclear bit 0 is set).
+    pub bitmaps: Option<BitmapsExtension>,
 }
 
 /// Big-endian field readers over a byte slice known to be long enough.
@@ -190,7 +210,8 @@ impl Header {
     /// `InvalidData` naming the field and the values for what is malformed or points outside
     /// the file; `Unsupported` naming the feature for what this driver does not implement
     /// (encryption, an external data file, extended L2 entries, zstd, unknown incompatible
-    /// features, a version other than 2 and 3) and for an image marked corrupt.
+    /// features, a version other than 2 and 3). An image marked corrupt parses: it may be
+    /// read and checked, not written (see [`Header::is_marked_corrupt`]).
     pub fn parse(first_cluster: &[u8], file_len: u64) -> io::Result<Header> {
         if first_cluster.len() < V2_HEADER_LEN {
             return Err(corrupt(format!(
@@ -275,6 +296,7 @@ impl Header {
             header_length,
             compression: Compression::Deflate,
             feature_names: Vec::new(),
+            bitmaps: None,
         };
 
         let backing_file_offset = f.u64(field::BACKING_FILE_OFFSET);
@@ -360,8 +382,21 @@ impl Header {
                         })
                         .collect();
                 }
-                // Bitmaps, the encryption header pointer (encryption is refused anyway), the
-                // external data file name (refused with its feature bit) and unknown ones.
+                EXT_BITMAPS => {
+                    if len < 24 {
+                        return Err(corrupt(format!(
+                            "the bitmaps extension at byte {at} is {len} bytes long, not 24"
+                        )));
+                    }
+                    let f = Fields(data);
+                    self.bitmaps = Some(BitmapsExtension {
+                        count: f.u32(0),
+                        directory_size: f.u64(8),
+                        directory_offset: HostOffset(f.u64(16)),
+                    });
+                }
+                // The encryption header pointer (encryption is refused anyway), the external
+                // data file name (refused with its feature bit) and unknown ones.
                 _ => {}
             }
             at = data_start + (len as usize).next_multiple_of(8);
@@ -379,12 +414,6 @@ impl Header {
             other => return Err(refuse(format!("encryption (unknown crypt_method {other})"))),
         }
         let incompatible = self.incompatible_features;
-        if incompatible & INCOMPAT_CORRUPT != 0 {
-            return Err(refuse(
-                "the image is marked corrupt (incompatible feature 'corrupt', bit 1); \
-                 repair it with qemu-img check -r all",
-            ));
-        }
         if incompatible & INCOMPAT_DATA_FILE != 0 {
             return Err(refuse(
                 "an external data file (incompatible feature 'external data file', bit 2) is \
@@ -541,6 +570,12 @@ impl Header {
         self.incompatible_features & INCOMPAT_DIRTY != 0
     }
 
+    /// Whether the corrupt bit is set (QEMU found the metadata corrupt while writing):
+    /// readable, but not to be written until repaired.
+    pub fn is_marked_corrupt(&self) -> bool {
+        self.incompatible_features & INCOMPAT_CORRUPT != 0
+    }
+
     /// Whether lazy refcounts are enabled (compatible feature bit 0).
     pub fn lazy_refcounts(&self) -> bool {
         self.compatible_features & COMPAT_LAZY_REFCOUNTS != 0
@@ -581,6 +616,19 @@ impl Header {
     ///
     /// The read error, or [`Header::parse`]'s.
     pub fn read(co: &aiocoro::coroutine::Co, file: &crate::node::BlockNode) -> io::Result<Header> {
+        Header::parse(&Header::read_first_cluster(co, file)?, file.length())
+    }
+
+    /// The bytes [`Header::parse`] needs of the image stored in `file`: its first cluster
+    /// (as much of it as the file holds), or the fixed fields if the cluster size is absurd.
+    ///
+    /// # Errors
+    ///
+    /// The read error.
+    pub(crate) fn read_first_cluster(
+        co: &aiocoro::coroutine::Co,
+        file: &crate::node::BlockNode,
+    ) -> io::Result<Vec<u8>> {
         let file_len = file.length();
         let mut first = vec![0u8; file_len.min(Header::PROBE_LEN as u64) as usize];
         super::io::read_exact_at(co, file, 0, &mut first)?;
@@ -592,6 +640,6 @@ impl Header {
                 super::io::read_exact_at(co, file, 0, &mut first)?;
             }
         }
-        Header::parse(&first, file_len)
+        Ok(first)
     }
 }

@@ -8,7 +8,7 @@ pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// place).
 pub(crate) const COPIED: u64 = 1 << 63;
 /// L2 entry bit 62: the cluster is compressed.
-const COMPRESSED: u64 = 1 << 62;
+pub(crate) const COMPRESSED: u64 = 1 << 62;
 /// L2 entry bit 0 of a standard cluster: it reads as zeroes (version 3).
 pub(crate) const ZERO: u64 = 1;
 /// The unit compressed lengths are counted in.
@@ -58,6 +58,17 @@ pub(crate) fn decode_l1(
     }
 }
 
+/// Where the data of a compressed cluster's L2 entry `raw` starts, and an upper bound of its
+/// length (whole 512-byte sectors past the offset's sector), unchecked: the offset takes the
+/// low 62 - (cluster_bits - 8) bits, the extra sector count the rest up to bit 61.
+pub(crate) fn compressed_extent(raw: u64, geometry: Geometry) -> (HostOffset, u64) {
+    let sector_bits = geometry.cluster_bits() - 8;
+    let offset_bits = 62 - sector_bits;
+    let offset = HostOffset(raw & ((1 << offset_bits) - 1));
+    let sectors = ((raw >> offset_bits) & ((1 << sector_bits) - 1)) + 1;
+    (offset, sectors * SECTOR - (offset.0 % SECTOR))
+}
+
 /// What an L2 entry maps its guest cluster to, in an image of `version`.
 ///
 /// # Errors
@@ -71,13 +82,7 @@ pub(crate) fn decode_l2(
 ) -> Result<ClusterMapping, String> {
     let cluster_size = geometry.cluster_size();
     if raw & COMPRESSED != 0 {
-        // The offset takes the low 62 - (cluster_bits - 8) bits, the sector count the rest
-        // up to bit 61.
-        let sector_bits = geometry.cluster_bits() - 8;
-        let offset_bits = 62 - sector_bits;
-        let offset = HostOffset(raw & ((1 << offset_bits) - 1));
-        let sectors = ((raw >> offset_bits) & ((1 << sector_bits) - 1)) + 1;
-        let len = sectors * SECTOR - (offset.0 % SECTOR);
+        let (offset, len) = compressed_extent(raw, geometry);
         if offset.0 > OFFSET_MASK | 0x1ff {
             return Err(format!("the compressed cluster offset {:#x} uses bits past 55", offset.0));
         }

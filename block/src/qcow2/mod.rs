@@ -11,10 +11,11 @@
 //! before, overwrite allocated clusters in place, and write metadata back in an order that
 //! leaves at worst leaked clusters after a crash (see `metadata`); `write_zeroes` sets the
 //! zero flag of whole clusters (version 3), `discard` drops whole clusters, `truncate`
-//! grows. [`create`] makes new images. Images that need features
-//! this driver lacks (encryption, external data files, extended L2 entries, zstd) are refused
-//! at open with an error that names the feature; malformed images fail with `InvalidData`
-//! errors that say what is wrong and where, never with a panic or an absurd allocation.
+//! grows. [`create`] makes new images; [`check`] checks and repairs them as `qemu-img check`
+//! does. Images that need features this driver lacks (encryption, external data files,
+//! extended L2 entries, zstd) are refused at open with an error that names the feature;
+//! malformed images fail with `InvalidData` errors that say what is wrong and where, never
+//! with a panic or an absurd allocation.
 //!
 //! One concept per file: [`offsets`] (guest/host offsets and cluster indices as distinct
 //! types), [`header`] (header, extensions, features), `mapping` (L1/L2 entries), `l2_cache`,
@@ -22,12 +23,22 @@
 //! at its alignment), [`backing`] (finding the backing file), `driver` ([`Qcow2Driver`],
 //! reads), `create`, `refcount` (refcounts and the allocator), `metadata` (what the lock guards, write-back order), `overlap` (keeping guest data off metadata), `header_update` (table moves whose header write fails), `allocation` (in-flight
 //! allocations and the writes merged into them), `write` (allocating writes), `discard`
-//! (discard and zero clusters), `resize` (growing).
+//! (discard and zero clusters), `resize` (growing), [`check`] (`qemu-img check [-r]`:
+//! `check_report`, `references`, `stored_refcounts`, `rebuild`, `snapshot_table`,
+//! `bitmap_directory`), `dirty`
+//! (repairing a dirty image opened for writing), `corruption` (the corrupt bit), `autoclear`
+//! (clearing the autoclear feature bits before writing).
 
 mod allocation;
+mod autoclear;
 pub mod backing;
+mod bitmap_directory;
+mod check;
+mod check_report;
 mod compressed;
+mod corruption;
 mod create;
+mod dirty;
 mod discard;
 mod driver;
 pub mod header;
@@ -39,12 +50,18 @@ mod mapping;
 mod metadata;
 pub mod offsets;
 mod overlap;
+mod rebuild;
 mod refcount;
+mod references;
 mod resize;
+mod snapshot_table;
+mod stored_refcounts;
 mod table;
 mod write;
 
 pub use backing::{BackingSpec, resolve_backing};
+pub use check::{check, check_image_file};
+pub use check_report::{CheckReport, Repair};
 pub use create::{Compat, CreateOptions, create, create_file};
 pub use driver::{CacheSizes, Qcow2Driver};
 pub use header::Header;

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 
-use super::corrupt;
+use super::corruption::overlap_error;
 use super::offsets::{Geometry, GuestOffset};
 
 /// What a host cluster of metadata holds.
@@ -112,7 +112,7 @@ pub(crate) fn in_place_error(
     guest: GuestOffset,
     (cluster, holder): Hit,
 ) -> std::io::Error {
-    corrupt(format!(
+    overlap_error(format!(
         "{guest} maps to host cluster {:#x}, which holds {holder}: the image is corrupt; \
          repair it with qemu-img check -r all",
         cluster << geometry.cluster_bits()
@@ -126,7 +126,7 @@ pub(crate) fn allocation_error(
     purpose: &dyn fmt::Display,
     (cluster, holder): Hit,
 ) -> std::io::Error {
-    corrupt(format!(
+    overlap_error(format!(
         "{purpose}: the refcounts call host cluster {:#x} free, but it holds {holder}: the \
          image is corrupt; repair it with qemu-img check -r all",
         cluster << geometry.cluster_bits()
