@@ -76,6 +76,15 @@ pub fn ofd_lock_shared_byte(fd: BorrowedFd<'_>, byte: u64) -> io::Result<()> {
     syscall!(fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &raw mut lock)).map(drop)
 }
 
+/// Drops every open-file-description lock `fd`'s description holds (`F_UNLCK` over the whole
+/// file), at once, whoever else still references the description.
+pub fn ofd_unlock_all(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut lock = one_byte_lock(0, libc::F_UNLCK)?;
+    lock.l_len = 0; // to the end of the file, however far it grows
+    // SAFETY: `fd` is borrowed, so live; `lock` is a `flock` the call reads.
+    syscall!(fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &raw mut lock)).map(drop)
+}
+
 /// Whether another open file description (of this process or another) holds a lock on the
 /// byte at `byte` of `fd` that an exclusive lock would conflict with (`fcntl(F_OFD_GETLK)`
 /// asking for `F_WRLCK`).

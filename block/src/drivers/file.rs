@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use aiocoro::aio::IoEngine;
 use aiocoro::coroutine::Co;
 
-use super::file_lock::{Locking, lock_image};
+use super::file_lock::{Locking, lock_image, unlock_image};
 use crate::buffer::{BUFFER_ALIGN, IoBuffer, gather_into, scatter};
 use crate::driver::{Alignment, Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 use crate::sys;
@@ -348,6 +348,14 @@ impl BlockDriver for FileDriver {
     }
 }
 
+impl Drop for FileDriver {
+    /// Closing gives up the image locks at once (see `unlock_image`). No request is in
+    /// flight (each one borrows the driver), so the file is closed right after.
+    fn drop(&mut self) {
+        unlock_image(self.file.as_fd());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,7 +386,34 @@ mod tests {
         let wider = IoBuffer::new(1024);
         let misaligned = &wider[2..514];
         assert!(!driver.direct_ready(&[misaligned]), "an address off the memory alignment");
-        let buffered = FileDriver { direct: false, ..direct_driver(Alignment::BYTE) };
+        let mut buffered = direct_driver(Alignment::BYTE);
+        buffered.direct = false;
         assert!(buffered.direct_ready(&[misaligned, head]), "the page cache takes anything");
+    }
+
+    #[test]
+    fn closing_gives_up_the_image_locks_while_the_description_lives_on() {
+        // The kernel may hold the open file description a moment past our close (an
+        // io_uring worker after a flush); a duplicate descriptor holds it here for good.
+        let path = std::env::temp_dir().join(format!("aiocoro-file-unlock-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let options = FileOptions {
+            filename: path.clone(),
+            cache: CacheMode::Writeback,
+            aio: AioMode::Threads,
+            read_only: false,
+            locking: Locking::On,
+        };
+        let driver = FileDriver::open(&options).unwrap();
+        let description = driver.file.try_clone().unwrap();
+        let other = File::open(&path).unwrap();
+        assert!(sys::ofd_byte_locked_elsewhere(other.as_fd(), 201).unwrap(), "write unshared");
+        drop(driver);
+        for byte in [100, 101, 103, 201, 203] {
+            let held = sys::ofd_byte_locked_elsewhere(other.as_fd(), byte).unwrap();
+            assert!(!held, "byte {byte} is still locked after the driver was dropped");
+        }
+        drop(description);
+        std::fs::remove_file(&path).unwrap();
     }
 }

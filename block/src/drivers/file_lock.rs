@@ -128,6 +128,16 @@ pub(super) fn lock_image(
     Ok(())
 }
 
+/// Gives up the image locks of `fd`'s open now, not when its open file description goes:
+/// the kernel may still hold the description for a moment after the descriptor is closed
+/// (an io_uring worker that ran a flush drops its reference after posting the completion),
+/// and a reopen right after closing would find the locks still held.
+pub(super) fn unlock_image(fd: BorrowedFd<'_>) {
+    // Only a bad descriptor makes F_UNLCK fail, and the caller owns a live one; should the
+    // kernel refuse anyway, the locks go with the description, a moment later.
+    let _ = sys::ofd_unlock_all(fd);
+}
+
 fn take_locks(fd: BorrowedFd<'_>, read_only: bool) -> io::Result<()> {
     for permission in Permission::ALL {
         if holds(permission, read_only) {
