@@ -179,6 +179,62 @@ impl Co {
     }
 }
 
+/// The panic payload that unwinds a coroutine its context cancelled (see
+/// [`AioContext`](crate::aio::AioContext)'s shutdown): the context catches it, no panic hook
+/// runs for it, and nobody else should catch it for good.
+pub(crate) struct Cancelled;
+
+impl Co {
+    /// Runs `f` with this coroutine's waits shielded from cancellation: a wait that starts
+    /// inside `f` ends only by being woken, even once the context shuts down. For waits that
+    /// restore an invariant the unwinding of a cancellation relies on (a lock that a caller's
+    /// guard must hold again).
+    pub(crate) fn shielded<R>(&self, f: impl FnOnce() -> R) -> R {
+        /// Lifts the shield, also when `f` unwinds.
+        struct Lift<'a>(&'a Cell<u32>);
+        impl Drop for Lift<'_> {
+            fn drop(&mut self) {
+                self.0.set(self.0.get() - 1);
+            }
+        }
+        #[cfg(aiocoro_loom)]
+        if self.model {
+            return f();
+        }
+        // SAFETY: the slot outlives every `&Co` (field invariant).
+        let shield = &unsafe { self.slot.as_ref() }.shield;
+        shield.set(shield.get() + 1);
+        let _lift = Lift(shield);
+        f()
+    }
+
+    /// Whether a wait that starts now may be cancelled by the context's shutdown: not inside
+    /// [`Co::shielded`], and not while a cancellation already unwinds this coroutine (a
+    /// destructor that waits then gets what it waits for, or the unwinding could not finish).
+    #[inline]
+    pub(crate) fn may_be_cancelled(&self) -> bool {
+        #[cfg(aiocoro_loom)]
+        if self.model {
+            return false;
+        }
+        // SAFETY: the slot outlives every `&Co` (field invariant).
+        let slot = unsafe { self.slot.as_ref() };
+        slot.shield.get() == 0 && !(slot.cancelled.get() && std::thread::panicking())
+    }
+
+    /// Unwinds this coroutine because its context cancelled the wait it was in; the caller has
+    /// already undone what that wait had set up (queue records, released locks).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn unwind_cancelled(&self) -> ! {
+        #[cfg(aiocoro_loom)]
+        self.assert_not_model();
+        // SAFETY: the slot outlives every `&Co` (field invariant).
+        unsafe { self.slot.as_ref() }.cancelled.set(true);
+        std::panic::resume_unwind(Box::new(Cancelled))
+    }
+}
+
 #[cold]
 #[inline(never)]
 fn yield_holding_thread_lock(slot: &Slot, guards: usize) -> ! {
