@@ -2,8 +2,6 @@
 //! `AioContext`'s shutdown): no panic in the caller, the waits are cancelled (the coroutines
 //! unwind, their destructors run), locks stay usable, and misuse panics name the misuse.
 
-mod common;
-
 use std::cell::{Cell, RefCell};
 use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;

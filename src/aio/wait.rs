@@ -268,6 +268,9 @@ impl Wait<'_> {
     pub(crate) fn suspend(&self) -> Option<WakeReason> {
         #[cfg(aiocoro_loom)]
         if let Target::Model(parker) = &self.target {
+            if self.co.is_model_cancelled() {
+                return None;
+            }
             parker.park();
             return Some(WakeReason::Woken);
         }

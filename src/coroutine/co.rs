@@ -62,6 +62,9 @@ pub struct Co {
     /// be used; waits park the model thread instead.
     #[cfg(aiocoro_loom)]
     model: bool,
+    /// A loom model's token whose waits are cancelled (see [`Co::model_cancelled`]).
+    #[cfg(aiocoro_loom)]
+    model_cancelled: bool,
 }
 
 impl Co {
@@ -72,6 +75,8 @@ impl Co {
             _not_send: PhantomData,
             #[cfg(aiocoro_loom)]
             model: false,
+            #[cfg(aiocoro_loom)]
+            model_cancelled: false,
         }
     }
 
@@ -85,7 +90,23 @@ impl Co {
             slot: NonNull::dangling(),
             _not_send: PhantomData,
             model: true,
+            model_cancelled: false,
         }
+    }
+
+    /// Like [`Co::model`], but every wait of the token is cancelled as its context's shutdown
+    /// would cancel it, right when it would suspend (loom builds only): lock code then undoes
+    /// its queueing and unwinds with the cancellation payload, racing the other model threads.
+    #[cfg(aiocoro_loom)]
+    #[doc(hidden)]
+    pub fn model_cancelled() -> Co {
+        Co { model_cancelled: true, ..Co::model() }
+    }
+
+    /// Whether this is a loom model's token whose waits are cancelled.
+    #[cfg(aiocoro_loom)]
+    pub(crate) fn is_model_cancelled(&self) -> bool {
+        self.model_cancelled
     }
 
     /// Whether this is a loom model's token.
@@ -228,7 +249,9 @@ impl Co {
     #[inline(never)]
     pub(crate) fn unwind_cancelled(&self) -> ! {
         #[cfg(aiocoro_loom)]
-        self.assert_not_model();
+        if self.model {
+            std::panic::resume_unwind(Box::new(Cancelled));
+        }
         // SAFETY: the slot outlives every `&Co` (field invariant).
         unsafe { self.slot.as_ref() }.cancelled.set(true);
         std::panic::resume_unwind(Box::new(Cancelled))

@@ -240,7 +240,7 @@ impl RawCoMutex {
         let waiters = unsafe { &mut *self.waiters.get() };
         let ours = waiters.iter().position(|waiter| waiter.record.is_for(&wait));
         if let Some(index) = ours {
-            drop(waiters.remove(index));
+            waiters.remove(index);
             self.count(waiters);
         }
         // SAFETY: we hold `queue_lock`.

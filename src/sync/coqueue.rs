@@ -206,8 +206,12 @@ impl CoQueue {
     fn leave<R: RawLock, T: ?Sized>(&self, guard: &mut LockGuard<'_, R, T>, wait: &Wait<'_>) {
         let waiters = self.waiters(guard);
         match waiters.iter().position(|record| record.is_for(wait)) {
-            Some(index) => drop(waiters.remove(index)),
-            None => drop(self.next(guard)),
+            Some(index) => {
+                waiters.remove(index);
+            }
+            None => {
+                self.next(guard);
+            }
         }
     }
 
@@ -354,7 +358,7 @@ fn enter_woken<R: RawBlockingLock, T: ?Sized, W: Popped>(
     }
     let released = guard.release_blocking();
     let mut rest = Rest(woken.into_iter());
-    while let Some(waiter) = rest.0.next() {
+    for waiter in rest.0.by_ref() {
         waiter.enter();
     }
     drop(rest);
