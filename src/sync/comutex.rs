@@ -327,7 +327,8 @@ impl RawCoMutex {
         false
     }
 
-    /// Hands the lock we hold to the head of `waiters`, without freeing it in between.
+    /// Hands the lock we hold to the head of `waiters`, without freeing it in between; frees
+    /// it if the queue emptied meanwhile (its waiters were cancelled and left).
     ///
     /// Must be called by the holder, after it saw `remote` above 0.
     #[cold]
@@ -335,11 +336,18 @@ impl RawCoMutex {
         self.queue_lock.lock_raw();
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
         let waiters = unsafe { &mut *self.waiters.get() };
-        // Only hand-overs pop: `hand_over` by the holder, which is us, and `hand_to_head`
-        // only once its compare-and-swap took a free lock, which ours is not. So the waiter we
-        // saw counted is still there.
-        let next = waiters.pop_front();
-        let next = next.expect("aiocoro: CoMutex counts a queued waiter, but none is queued");
+        // Only hand-overs pop (`hand_over` by the holder, which is us, and `hand_to_head` only
+        // once its compare-and-swap took a free lock, which ours is not), but a waiter whose
+        // context cancels its wait leaves the queue by itself (`leave`): the waiters we saw
+        // counted may all be gone.
+        let Some(next) = waiters.pop_front() else {
+            // Free the lock. A waiter that queues from now on takes `queue_lock` after us, so
+            // its look at `state` in the handshake of `remote` sees this store.
+            self.state.store(0, Ordering::Release);
+            // SAFETY: we hold `queue_lock`.
+            unsafe { self.queue_lock.unlock_raw() };
+            return;
+        };
         self.count(waiters);
         // The new holder's thread, before it even runs: lockers on that thread queue at once
         // (spinning could not let it run), lockers elsewhere spin rather than sleep behind a
