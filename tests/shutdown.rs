@@ -10,7 +10,7 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use aiocoro::aio::{AioContext, IoThread};
+use aiocoro::aio::{AioContext, IoThread, Sleeper, WakeReason};
 use aiocoro::sync::{CoMutex, CoQueue, NoLock, ThreadMutex};
 
 /// Counts its drop: proof that a cancelled coroutine's destructors ran.
@@ -309,4 +309,23 @@ fn waking_a_forgotten_wait_panics_naming_that_misuse() {
         panic_message(panic::catch_unwind(AssertUnwindSafe(|| ctx.poll(false))).unwrap_err());
     assert!(message.contains("the Wait was leaked"), "{message}");
     assert!(message.contains(&format!("coroutine #{}", co.id())), "{message}");
+}
+
+#[test]
+fn a_sleeper_whose_sleep_was_cancelled_can_be_slept_on_again() {
+    let sleeper = Arc::new(Sleeper::new());
+    let iothread = IoThread::spawn("stop-sleeper").unwrap();
+    let s = sleeper.clone();
+    spawn_and_settle(&iothread, move |co, started| {
+        started.send(()).unwrap();
+        co.sleep_wakeable(Duration::from_secs(3600), &s);
+    });
+    iothread.stop();
+    assert!(!sleeper.wake(), "the cancelled sleep left its waker behind");
+    let ctx = AioContext::new().unwrap();
+    let s = sleeper.clone();
+    let co = ctx.spawn(move |co| {
+        assert_eq!(co.sleep_wakeable(Duration::from_millis(1), &s), WakeReason::TimedOut);
+    });
+    ctx.wait_while(|| !co.is_ended());
 }

@@ -366,7 +366,9 @@ impl Granted {
     fn wake(self) {
         if let Some(first) = self.first {
             // SAFETY: each record was popped from the queue once, by the hand-over that
-            // granted its coroutine the lock, and that coroutine waits until this wake.
+            // granted its coroutine the lock, and that coroutine waits until this wake: a
+            // CoRwLock wait is not cancelled by its context's shutdown (`prepare_wait_as`), so
+            // nothing else ends it, and its context stays alive meanwhile.
             unsafe { first.wake() };
         }
         for waker in self.rest {
