@@ -329,3 +329,27 @@ fn a_sleeper_whose_sleep_was_cancelled_can_be_slept_on_again() {
     });
     ctx.wait_while(|| !co.is_ended());
 }
+
+#[test]
+fn a_coroutine_that_reschedules_forever_does_not_hold_a_shutdown_up() {
+    // It never waits, so nothing cancels it; the bounded drain moves on and leaves it (it is
+    // parked on the run queue, where the shutdown leaks it), while a sleeper is cancelled.
+    thread::spawn(|| {
+        let ctx = AioContext::new().unwrap();
+        let spins = Rc::new(Cell::new(0u64));
+        let s = spins.clone();
+        ctx.spawn(move |co| {
+            loop {
+                s.set(s.get() + 1);
+                co.reschedule();
+            }
+        });
+        let sleeper = ctx.spawn(|co| co.sleep(Duration::from_secs(3600)));
+        ctx.poll(false);
+        drop(ctx);
+        assert!(sleeper.is_ended(), "the sleeper was cancelled");
+        assert!(spins.get() > 1, "the drain ran the rescheduling coroutine");
+    })
+    .join()
+    .unwrap();
+}

@@ -173,6 +173,10 @@ const NOTIFY_TOKEN: u64 = u64::MAX;
 /// How many coroutines one poll enters at most before it looks at its other sources again.
 const RUN_BUDGET: usize = 1024;
 
+/// How many polls in a row a shutdown makes that finish no suspended coroutine before it
+/// moves on (from draining to cancelling, from cancelling to leaking what is left).
+const STALL_POLLS: u32 = 64;
+
 /// Runs the coroutines woken on this thread now, if this thread has a context and the caller
 /// is not itself a coroutine (for [`CoQueue::enter_next`](crate::sync::CoQueue::enter_next)).
 pub(crate) fn run_woken_coroutines() {
@@ -301,7 +305,9 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///
 /// 1. **Drain.** New work from other threads is refused (as after [`AioContext::close`]), and
 ///    while coroutines are suspended the context polls without blocking as long as that makes
-///    progress: what is ready runs, so a wake that already arrived is not lost.
+///    progress: what is ready runs, so a wake that already arrived is not lost. The drain is
+///    bounded: it moves on after 64 polls in a row that finish no suspended coroutine (a
+///    coroutine that reschedules itself forever does not hold it up).
 /// 2. **Cancel.** Every wait still pending is cancelled: the coroutine resumes in it and
 ///    unwinds from there (a [`Wait::wait`](super::Wait::wait), [`Co::sleep`], a thread-pool
 ///    job, a `CoMutex` lock, a `CoQueue` wait), so its destructors run; a wait that starts while
@@ -313,7 +319,8 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///    passes on a wake it had received. The context polls until the cancelled coroutines have
 ///    ended; it blocks only for waits that cannot be cancelled: a cancelled `CoQueue` waiter
 ///    taking its lock back, a `CoRwLock` waiter (it is granted the lock and cancelled at its
-///    next wait), a wait in a destructor that runs during a cancellation. So a shutdown waits
+///    next wait), a wait in a destructor that runs during a cancellation. The non-blocking
+///    polls here are bounded as in the drain. So a shutdown waits
 ///    for a lock that such a coroutine needs and another thread holds; if the thread that drops
 ///    the context holds it, that is a deadlock, as in QEMU's drain. A running thread-pool job is
 ///    waited for (it may use the coroutine's memory); a queued one is dropped unrun.
@@ -817,9 +824,9 @@ impl Local {
     /// panic (other than a cancellation) that a coroutine raised meanwhile.
     fn finish_suspended(&self) -> Option<Box<dyn std::any::Any + Send>> {
         let mut panic = None;
-        // Drain: run what is ready while that makes progress.
+        // Drain: run what is ready.
         self.phase.set(Phase::Draining { cancelling: false });
-        while self.suspended() > 0 && self.poll_for_shutdown(false, &mut panic) {}
+        self.poll_while_finishing(&mut panic);
         if self.suspended() == 0 {
             return panic;
         }
@@ -829,19 +836,33 @@ impl Local {
         self.phase.set(Phase::Draining { cancelling: true });
         let cancelled = self.waits.borrow_mut().keys_where(|state| state.cancel());
         self.run_queue.borrow_mut().extend(cancelled.into_iter().map(RunItem::Resume));
-        while self.suspended() > 0 {
-            if self.poll_for_shutdown(false, &mut panic) {
-                continue;
-            }
-            // No progress without waiting. Only uncancellable waits (locks that unwinding
-            // coroutines retake for their callers' guards) are worth waiting for; a blocking
-            // poll from inside a coroutine could wait for that very coroutine.
-            if self.uncancellable_waits() == 0 || in_coroutine() {
-                break;
+        loop {
+            self.poll_while_finishing(&mut panic);
+            // Stuck without waiting. Only uncancellable waits (locks that unwinding coroutines
+            // retake for their callers' guards, ...) are worth waiting for; a blocking poll
+            // from inside a coroutine could wait for that very coroutine.
+            if self.suspended() == 0 || self.uncancellable_waits() == 0 || in_coroutine() {
+                return panic;
             }
             self.poll_for_shutdown(true, &mut panic);
         }
-        panic
+    }
+
+    /// Polls without blocking while coroutines are suspended and that makes progress, but
+    /// gives up after [`STALL_POLLS`] polls in a row that finished no suspended coroutine (one
+    /// that reschedules itself forever must not hold the shutdown up).
+    fn poll_while_finishing(&self, panic: &mut Option<Box<dyn std::any::Any + Send>>) {
+        let mut fewest = self.suspended();
+        let mut stalled = 0;
+        while fewest > 0 && stalled < STALL_POLLS && self.poll_for_shutdown(false, panic) {
+            let now = self.suspended();
+            if now < fewest {
+                fewest = now;
+                stalled = 0;
+            } else {
+                stalled += 1;
+            }
+        }
     }
 
     /// One poll during the shutdown; a coroutine's panic is caught (a cancellation's for
