@@ -205,14 +205,18 @@ fn stopping_an_iothread_with_a_sleeper_and_a_thread_pool_job_cancels_both() {
         co.sleep(Duration::from_secs(3600));
     });
     let (d, done) = (drops.clone(), job_done.clone());
+    let (job_started, job_running) = mpsc::channel();
     spawn_and_settle(&iothread, move |co, started| {
         let _dropped = Dropped(d);
         started.send(()).unwrap();
         co.run_blocking(move || {
+            job_started.send(()).unwrap();
             thread::sleep(Duration::from_millis(100));
             done.store(true, Ordering::SeqCst);
         });
     });
+    // A job still queued would be dropped unrun; this one runs when the thread stops.
+    job_running.recv_timeout(Duration::from_secs(10)).expect("a worker runs the job");
     let started = Instant::now();
     iothread.stop();
     assert!(started.elapsed() < Duration::from_secs(60), "the sleep was cancelled");

@@ -217,39 +217,62 @@ fn a_panic_of_a_coroutine_enter_all_entered_leaves_the_nolock_held_and_wakes_the
     assert_eq!(*lock.try_lock().unwrap(), 11, "the second waiter was lost or an update was");
 }
 
-/// Shape 3: a context is dropped while a coroutine waits in `CoQueue::wait` under a `NoLock`
-/// (the drop's old "still suspended" panic is caught), then a later `next` pops the orphaned
-/// park record. That must not unwind the waiter, whose guard would release the lock the
-/// caller now holds.
+/// A coroutine waiting in `CoQueue::wait` under a `NoLock` whose context is then dropped
+/// (the drop's old "still suspended" panic is caught), and a guard of the lock that a later
+/// caller holds, with the destructor count of the waiters.
+fn orphaned_nolock_waiters(waiters: usize) -> (Rc<(NoLock<u32>, CoQueue)>, Rc<Cell<u32>>) {
+    let state = Rc::new((NoLock::new(0u32), CoQueue::new()));
+    let drops = Rc::new(Cell::new(0));
+    let ctx = AioContext::new().unwrap();
+    for _ in 0..waiters {
+        let (s, d) = (state.clone(), drops.clone());
+        ctx.spawn(move |co| {
+            struct Flag(Rc<Cell<u32>>);
+            impl Drop for Flag {
+                fn drop(&mut self) {
+                    self.0.set(self.0.get() + 1);
+                }
+            }
+            let _flag = Flag(d);
+            let (lock, queue) = &*s;
+            let mut guard = lock.lock(co);
+            queue.wait(co, &mut guard);
+        });
+    }
+    ctx.poll(false);
+    let _ = panic::catch_unwind(AssertUnwindSafe(move || drop(ctx)));
+    (state, drops)
+}
+
+/// Shape 3: a later `next` pops an orphaned park record (see `orphaned_nolock_waiters`). That
+/// must not unwind the waiter, whose guard would release the lock the caller now holds.
 #[test]
 fn an_orphaned_park_record_never_unwinds_its_waiter_into_the_callers_lock() {
     thread::spawn(|| {
-        let state = Rc::new((NoLock::new(0u32), CoQueue::new()));
-        let drops = Rc::new(Cell::new(0));
-        {
-            let ctx = AioContext::new().unwrap();
-            let (s, d) = (state.clone(), drops.clone());
-            ctx.spawn(move |co| {
-                struct Flag(Rc<Cell<u32>>);
-                impl Drop for Flag {
-                    fn drop(&mut self) {
-                        self.0.set(self.0.get() + 1);
-                    }
-                }
-                let _flag = Flag(d);
-                let (lock, queue) = &*s;
-                let mut guard = lock.lock(co);
-                queue.wait(co, &mut guard);
-            });
-            ctx.poll(false);
-            let _ = panic::catch_unwind(AssertUnwindSafe(move || drop(ctx)));
-        }
+        let (state, drops) = orphaned_nolock_waiters(1);
         let (lock, queue) = &*state;
         let mut guard = lock.try_lock().expect("the waiter released the lock when it waited");
         assert!(!queue.next(&mut guard), "a waiter whose context is gone cannot be woken");
         assert!(lock.try_lock().is_none(), "the orphan's guard released the caller's lock");
         *guard += 1;
         assert_eq!(drops.get(), 0, "the orphaned waiter was unwound");
+    })
+    .join()
+    .unwrap();
+}
+
+/// `restart_all` over orphaned park records: it wakes nobody and runs no destructor of theirs
+/// while it holds the queue's list (one could touch the same queue).
+#[test]
+fn restart_all_over_orphaned_park_records_runs_none_of_their_code() {
+    thread::spawn(|| {
+        let (state, drops) = orphaned_nolock_waiters(2);
+        let (lock, queue) = &*state;
+        let mut guard = lock.try_lock().expect("the waiters released the lock when they waited");
+        assert_eq!(queue.restart_all(&mut guard), 0, "a waiter whose context is gone was woken");
+        assert!(queue.is_empty(&guard));
+        assert!(lock.try_lock().is_none(), "an orphan's guard released the caller's lock");
+        assert_eq!(drops.get(), 0, "an orphaned waiter was unwound");
     })
     .join()
     .unwrap();
