@@ -217,10 +217,13 @@ fn a_panic_of_a_coroutine_enter_all_entered_leaves_the_nolock_held_and_wakes_the
     assert_eq!(*lock.try_lock().unwrap(), 11, "the second waiter was lost or an update was");
 }
 
-/// A coroutine waiting in `CoQueue::wait` under a `NoLock` whose context is then dropped
-/// (the drop's old "still suspended" panic is caught), and a guard of the lock that a later
-/// caller holds, with the destructor count of the waiters.
-fn orphaned_nolock_waiters(waiters: usize) -> (Rc<(NoLock<u32>, CoQueue)>, Rc<Cell<u32>>) {
+/// A counter under a `NoLock` and the queue of its waiters.
+type Guarded = (NoLock<u32>, CoQueue);
+
+/// Leaves `waiters` coroutines waiting in `CoQueue::wait` under a `NoLock`, orphaned: their
+/// context is dropped (its old "still suspended" panic is caught). Returns the lock and the
+/// queue, and a count of the waiters' destructors that ran.
+fn orphaned_nolock_waiters(waiters: usize) -> (Rc<Guarded>, Rc<Cell<u32>>) {
     let state = Rc::new((NoLock::new(0u32), CoQueue::new()));
     let drops = Rc::new(Cell::new(0));
     let ctx = AioContext::new().unwrap();
