@@ -14,6 +14,14 @@
 //! * `coqueue_under_a_thread_mutex` and `coqueue_under_a_comutex`: a consumer coroutine waits on
 //!   a CoQueue for a flag set by a producer (a plain thread holding a ThreadMutex, or another
 //!   coroutine holding the CoMutex); the consumer always wakes and sees the flag.
+//! * `comutex_waiter_cancelled_while_the_holder_hands_over`: a queued waiter is cancelled (its
+//!   context shuts down, `Co::model_cancelled`) while the holder releases and a second waiter
+//!   queues: the cancelled one leaves the queue or, if a hand-over popped it already, passes the
+//!   lock on; either way the second waiter gets the lock and the lock ends free (a lock handed
+//!   to the cancelled waiter and kept would leave the second parked: a deadlock).
+//! * `coqueue_waiter_cancelled_while_a_producer_wakes_it`: a consumer's CoQueue wait under a
+//!   ThreadMutex is cancelled while a producer's `next` may pop it: it takes the lock back,
+//!   leaves the queue (or passes the wake on), and the queue ends empty, the lock free.
 
 #![cfg(aiocoro_loom)]
 
@@ -84,6 +92,74 @@ fn comutex_release_races_a_waiter_queueing() {
         let total = counter.lock(&co).with(|value| unsafe { *value });
         assert_eq!(total, 2);
         assert!(!counter.raw().is_locked());
+    });
+}
+
+#[test]
+fn comutex_waiter_cancelled_while_the_holder_hands_over() {
+    three_party_model(|| {
+        let counter = Arc::new(CoMutex::new(UnsafeCell::new(0u32)));
+        let co = Co::model();
+        let guard = counter.lock(&co);
+        let cancelled = {
+            let counter = counter.clone();
+            thread::spawn(move || {
+                let co = Co::model_cancelled();
+                // Returns whether it got the lock: it may find it free before it queues.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let guard = counter.lock(&co);
+                    guard.with_mut(|value| unsafe { *value += 100 });
+                }))
+                .is_ok()
+            })
+        };
+        let waiter = {
+            let counter = counter.clone();
+            thread::spawn(move || {
+                let co = Co::model();
+                let guard = counter.lock(&co);
+                guard.with_mut(|value| unsafe { *value += 1 });
+            })
+        };
+        drop(guard);
+        let cancelled_got_in = cancelled.join().unwrap();
+        waiter.join().unwrap();
+        let total = counter.lock(&co).with(|value| unsafe { *value });
+        // The cancelled one either took the lock before it had to wait, or never touched
+        // the data.
+        assert_eq!(total, if cancelled_got_in { 101 } else { 1 });
+        assert!(!counter.raw().is_locked());
+    });
+}
+
+#[test]
+fn coqueue_waiter_cancelled_while_a_producer_wakes_it() {
+    loom::model(|| {
+        let state = Arc::new((ThreadMutex::new(false), CoQueue::new()));
+        let consumer = {
+            let state = state.clone();
+            thread::spawn(move || {
+                let co = Co::model_cancelled();
+                let (lock, queue) = &*state;
+                let mut ready = lock.lock(&co);
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    while !*ready {
+                        queue.wait(&co, &mut ready);
+                    }
+                }));
+                // Cancelled or not, the guard holds its lock here: the data is ours.
+                let was_ready = *ready;
+                assert!(outcome.is_err() || was_ready);
+            })
+        };
+        let (lock, queue) = &*state;
+        let mut ready = lock.lock_blocking();
+        *ready = true;
+        queue.next(&mut ready);
+        drop(ready);
+        consumer.join().unwrap();
+        let ready = lock.lock_blocking();
+        assert!(queue.is_empty(&ready), "the cancelled consumer left the queue");
     });
 }
 

@@ -103,6 +103,36 @@ impl<T> Arena<T> {
     pub(crate) fn len(&self) -> usize {
         self.len
     }
+
+    /// The keys and entries, mutably, in place order.
+    fn entries_mut(&mut self) -> impl Iterator<Item = (Key, &mut T)> {
+        self.places.iter_mut().enumerate().filter_map(|(index, place)| match place {
+            Place::Occupied { generation, value } => {
+                // No overflow: `insert` checks that every index fits in a `u32`.
+                Some((Key { index: index as u32, generation: *generation }, value))
+            }
+            Place::Free { .. } => None,
+        })
+    }
+
+    /// The keys of the entries for which `f` (which may change them) returns true.
+    pub(crate) fn keys_where(&mut self, mut f: impl FnMut(&mut T) -> bool) -> Vec<Key> {
+        self.entries_mut().filter_map(|(key, value)| f(value).then_some(key)).collect()
+    }
+
+    /// How many entries `f` returns true for.
+    pub(crate) fn count_where(&self, mut f: impl FnMut(&T) -> bool) -> usize {
+        self.places
+            .iter()
+            .filter(|place| matches!(place, Place::Occupied { value, .. } if f(value)))
+            .count()
+    }
+
+    /// Removes and returns the entries for which `f` returns true.
+    pub(crate) fn remove_where(&mut self, mut f: impl FnMut(&T) -> bool) -> Vec<T> {
+        let keys = self.keys_where(|value| f(value));
+        keys.into_iter().filter_map(|key| self.remove(key)).collect()
+    }
 }
 
 #[cfg(all(test, not(aiocoro_loom)))]

@@ -117,7 +117,8 @@ impl Shared {
     /// Queues a pending BH: on the home thread in the local queue, elsewhere through the inbox
     /// (a context that has shut down drops it).
     pub(crate) fn enqueue_bh(&self, bh: Arc<BhCore>) {
-        match home_local(self) {
+        // SAFETY: queueing the task runs no user code and drops nothing.
+        match unsafe { home_local(self) } {
             Some(local) => local.tasks.borrow_mut().push_back(LocalTask::Bh(bh)),
             None => drop(self.send(Message::Bh(bh))),
         }
@@ -142,6 +143,20 @@ pub(crate) struct Local {
     pub(crate) parked: Cell<usize>,
     pub(crate) run_queue: RefCell<VecDeque<RunItem>>,
     pub(crate) adaptive: RefCell<Option<AdaptivePolling>>,
+    /// Where the context is in its life (see [`Phase`]).
+    phase: Cell<Phase>,
+}
+
+/// Where a context is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Running: some `AioContext` handle is alive.
+    Running,
+    /// The last handle is gone and [`Local::shut_down`] finishes the suspended coroutines;
+    /// from the moment it starts cancelling them, a new cancellable wait is cancelled at once.
+    Draining { cancelling: bool },
+    /// Shut down.
+    Down,
 }
 
 thread_local! {
@@ -157,6 +172,10 @@ const NOTIFY_TOKEN: u64 = u64::MAX;
 
 /// How many coroutines one poll enters at most before it looks at its other sources again.
 const RUN_BUDGET: usize = 1024;
+
+/// How many polls in a row a shutdown makes that finish no suspended coroutine before it
+/// moves on (from draining to cancelling, from cancelling to leaking what is left).
+const STALL_POLLS: u32 = 64;
 
 /// Runs the coroutines woken on this thread now, if this thread has a context and the caller
 /// is not itself a coroutine (for [`CoQueue::enter_next`](crate::sync::CoQueue::enter_next)).
@@ -202,18 +221,40 @@ pub(crate) fn deliver_here(context: u64, key: Key, reason: WakeReason) {
 /// This thread's context, if `shared` is its shared half.
 ///
 /// The reference holds no count: it is valid until the context's last handle is dropped, which
-/// any user code (a callback, a coroutine) may do. Callers use it only for bookkeeping that
-/// runs no user code, and never after such a call; where the context must outlive a call into
-/// user code, take a counted handle with [`with_current`].
-pub(crate) fn home_local(shared: &Shared) -> Option<&Local> {
+/// any user code (a callback, a coroutine) may do. Where the context must outlive a call into
+/// user code, use [`home_rc`] or [`with_current`].
+///
+/// # Safety
+///
+/// The caller uses the reference only for bookkeeping that runs no user code and drops no
+/// coroutine, and not after such a call: the returned lifetime is not checked against the
+/// context's (a `Shared` outlives its `Local` in wakers).
+pub(crate) unsafe fn home_local(shared: &Shared) -> Option<&Local> {
     let local = CURRENT.try_with(Cell::get).ok()?;
     // SAFETY: by the invariant on `CURRENT`, a non-null pointer is a live `Local` of this
     // thread, and it stays alive until its last handle is dropped, which only user code can
-    // do; callers run none while they use the reference (see above). `shared` does not keep
-    // it alive (a `Shared` outlives its `Local` in wakers): the lifetime only ties the
-    // reference to the caller's short use.
+    // do; the caller runs none while it uses the reference (the contract).
     let local = unsafe { local.as_ref() }?;
     ptr::eq(Arc::as_ptr(&local.shared), shared).then_some(local)
+}
+
+/// A counted handle to this thread's context, if `shared` is its shared half.
+pub(crate) fn home_rc(shared: &Shared) -> Option<Rc<Local>> {
+    let local = CURRENT.try_with(Cell::get).ok()?;
+    if local.is_null() {
+        return None;
+    }
+    // SAFETY: by the invariant on `CURRENT`, a non-null pointer is this thread's live `Local`;
+    // only its `shared` field is read.
+    if !ptr::eq(Arc::as_ptr(unsafe { &(*local).shared }), shared) {
+        return None;
+    }
+    // SAFETY: by the invariant on `CURRENT`, the pointer came from `Rc::as_ptr` of a live
+    // `Rc<Local>`; bumping the count makes a handle of our own.
+    Some(unsafe {
+        Rc::increment_strong_count(local);
+        Rc::from_raw(local)
+    })
 }
 
 /// Runs `f` with this thread's context, or returns `None` when it has none.
@@ -257,10 +298,45 @@ pub(crate) fn no_context(what: &str) -> ! {
 /// home thread: the thread that created it, which is the only one that can hold it (it is not
 /// `Send`). Other threads reach it through an [`AioHandle`]. A thread has at most one context.
 ///
-/// Dropping the last handle (clones share one context) shuts the context down; that panics if
-/// coroutines are still suspended in it, because they could never be resumed. Messages that
-/// other threads sent and no poll ran yet are dropped then; [`AioContext::close`] and a last
-/// round of polls avoid that.
+/// # Shutdown
+///
+/// Dropping the last handle (clones share one context) shuts the context down. That never
+/// panics for coroutines that are merely suspended; it finishes them, in three steps:
+///
+/// 1. **Drain.** New work from other threads is refused (as after [`AioContext::close`]), and
+///    while coroutines are suspended the context polls without blocking as long as that makes
+///    progress: what is ready runs, so a wake that already arrived is not lost. The drain is
+///    bounded: it moves on after 64 polls in a row that finish no suspended coroutine (a
+///    coroutine that reschedules itself forever does not hold it up).
+/// 2. **Cancel.** Every wait still pending is cancelled: the coroutine resumes in it and
+///    unwinds from there (a [`Wait::wait`](super::Wait::wait), [`Co::sleep`], a thread-pool
+///    job, a `CoMutex` lock, a `CoQueue` wait), so its destructors run; a wait that starts while
+///    the context cancels is cancelled at once. Before it unwinds, a cancelled wait undoes what
+///    it set up: a `CoMutex` waiter leaves the lock's queue, or passes the lock on to the next
+///    waiter if it had been handed it already (a lock is never left with a coroutine that will
+///    not run, and stays usable by every other thread); a `CoQueue` waiter takes its caller's
+///    lock back (its guard must hold it while the unwinding drops it), leaves the queue, and
+///    passes on a wake it had received. The context polls until the cancelled coroutines have
+///    ended; it blocks only for waits that cannot be cancelled: a cancelled `CoQueue` waiter
+///    taking its lock back, a `CoRwLock` waiter (it is granted the lock and cancelled at its
+///    next wait), a wait in a destructor that runs during a cancellation. The non-blocking
+///    polls here are bounded as in the drain. So a shutdown waits
+///    for a lock that such a coroutine needs and another thread holds; if the thread that drops
+///    the context holds it, that is a deadlock, as in QEMU's drain. A running thread-pool job is
+///    waited for (it may use the coroutine's memory); a queued one is dropped unrun.
+/// 3. **Down.** What is left is leaked, never resumed and never unwound: coroutines parked
+///    where the shutdown cannot reach them (a `CoQueue` waiter under a
+///    [`NoLock`](crate::sync::NoLock), a `CoMutex` waiter behind a holder outside every
+///    coroutine of this context), or that keep waiting after catching their cancellation.
+///    Their park records are skipped by the lock operations that find them later. Messages
+///    and callbacks still queued are dropped, and so are coroutines spawned but never started.
+///
+/// A coroutine that panics (other than by its cancellation) during the shutdown has its panic
+/// continue from the drop once the context is down. Cancellation is a panic with a private
+/// payload that the context catches (no panic hook runs for it); a coroutine that catches it
+/// should let it go on. Data a coroutine was told is written stays written: a cancelled
+/// coroutine's own operation either completed before (and returned) or never reported
+/// completion. Entering a cancelled coroutine by hand panics saying it was cancelled.
 ///
 /// ```
 /// use aiocoro::aio::AioContext;
@@ -325,6 +401,7 @@ impl AioContext {
             parked: Cell::new(0),
             run_queue: RefCell::default(),
             adaptive: RefCell::default(),
+            phase: Cell::new(Phase::Running),
         });
         CURRENT.with(|current| current.set(Rc::as_ptr(&local)));
         Ok(AioContext { local })
@@ -359,29 +436,7 @@ impl AioContext {
             "aiocoro: AioContext::poll was called from inside a coroutine; a coroutine waits \
              with its Co (sleep, wait_readable, wakers), it never polls its own context"
         );
-        let local = &*self.local;
-        let mut events = local.events.take();
-        if events.capacity() == 0 {
-            events.reserve(64);
-        }
-        let started = clock_ns();
-        let submitted = super::uring::submit_queued();
-        let may_block = blocking && submitted && !local.busy_poll();
-        let timeout = if may_block { local.timeout() } else { Some(Duration::ZERO) };
-        {
-            let mut blocker = EpollBlocker { local, events: &mut events };
-            local.shared.notify.wait(&mut blocker, may_block, timeout, || local.has_work());
-        }
-        if blocking {
-            local.adapt_polling(clock_ns() - started);
-        }
-        let mut progress = local.run_bottom_halves();
-        progress |= local.dispatch_fds(&events);
-        progress |= local.run_timers();
-        progress |= local.run_coroutines();
-        events.clear();
-        local.events.set(events);
-        progress
+        self.local.poll(blocking)
     }
 
     /// Polls (blocking) until `condition` returns false (QEMU's `AIO_WAIT_WHILE`).
@@ -478,6 +533,38 @@ impl Drop for AioContext {
 }
 
 impl Local {
+    /// [`AioContext::poll`], for a caller outside every coroutine (or the shutdown).
+    fn poll(&self, blocking: bool) -> bool {
+        let mut events = self.events.take();
+        if events.capacity() == 0 {
+            events.reserve(64);
+        }
+        let started = clock_ns();
+        let submitted = super::uring::submit_queued();
+        let may_block = blocking && submitted && !self.busy_poll();
+        let timeout = if may_block { self.timeout() } else { Some(Duration::ZERO) };
+        {
+            let mut blocker = EpollBlocker { local: self, events: &mut events };
+            self.shared.notify.wait(&mut blocker, may_block, timeout, || self.has_work());
+        }
+        if blocking {
+            self.adapt_polling(clock_ns() - started);
+        }
+        let mut progress = self.run_bottom_halves();
+        progress |= self.dispatch_fds(&events);
+        progress |= self.run_timers();
+        progress |= self.run_coroutines();
+        events.clear();
+        self.events.set(events);
+        progress
+    }
+
+    /// Whether the context cancels its suspended coroutines (it is shutting down): a new
+    /// cancellable wait is cancelled at once.
+    pub(crate) fn is_cancelling(&self) -> bool {
+        self.phase.get() == Phase::Draining { cancelling: true }
+    }
+
     fn spawn(self: &Rc<Self>, body: impl FnOnce(&Co) + 'static) -> Coroutine {
         let coroutine = Coroutine::new(body);
         self.run_queue.borrow_mut().push_back(RunItem::Start(coroutine.clone()));
@@ -644,7 +731,12 @@ impl Local {
         for _ in 0..RUN_BUDGET {
             let Some(item) = self.run_queue.borrow_mut().pop_front() else { break };
             let coroutine = match item {
-                RunItem::Start(coroutine) => coroutine,
+                RunItem::Start(coroutine) => {
+                    if coroutine.is_ended() {
+                        spawned_coroutine_entered_by_hand(&coroutine);
+                    }
+                    coroutine
+                }
                 RunItem::Resume(key) => match self.waits.borrow().get(key) {
                     Some(state) if state.delivered.is_some() => state.coroutine.clone(),
                     _ => continue,
@@ -664,33 +756,150 @@ impl Local {
                     coroutine
                 }
             };
+            if coroutine.is_ended() {
+                // Only a `Resume` gets here with an ended coroutine: a wait of it is still in
+                // the table, so its `Wait` was never dropped.
+                self.forgotten_wait(coroutine);
+            }
             coroutine.enter();
             entered = true;
         }
         entered
     }
 
-    /// The last `AioContext` handle is gone.
+    /// A wake reached a wait whose coroutine has ended: the `Wait` was leaked. Drops its
+    /// entries (they hold the coroutine) and panics naming the misuse.
+    #[cold]
+    #[inline(never)]
+    fn forgotten_wait(&self, coroutine: Coroutine) -> ! {
+        let stale = self.waits.borrow_mut().remove_where(|state| state.coroutine == coroutine);
+        drop(stale);
+        panic!(
+            "aiocoro: coroutine #{} ended while a Wait of it was still registered (the Wait was \
+             leaked, e.g. with mem::forget), and a waker then woke that Wait; a Wait must be \
+             waited on or dropped by the coroutine that prepared it",
+            coroutine.id()
+        );
+    }
+
+    /// The last `AioContext` handle is gone: finishes the suspended coroutines (see
+    /// [`AioContext`]'s shutdown), then drops what is still queued. A coroutine that panicked
+    /// meanwhile (other than by its cancellation) has its panic continue here, once the
+    /// context is down.
     fn shut_down(&self) {
+        if self.phase.get() != Phase::Running {
+            // A handle made and dropped while the context shuts down.
+            return;
+        }
+        // No new work from other threads; wakes still get in.
+        self.shared.inbox.close();
+        let panic = self.finish_suspended();
+        self.phase.set(Phase::Down);
         CURRENT.with(|current| {
             if ptr::eq(current.get(), self) {
                 current.set(ptr::null());
             }
         });
         self.shared.inbox.shut();
-        let suspended = self.suspended();
-        // Unstarted coroutines and pending callbacks are dropped with the queues.
-        drop(std::mem::take(&mut *self.run_queue.borrow_mut()));
+        // Unstarted coroutines and pending callbacks are dropped with the queues, except the
+        // run items of coroutines handed a park (a coroutine left there can never run: its item
+        // is leaked, see `Parked::unpark`).
+        let run_queue = std::mem::take(&mut *self.run_queue.borrow_mut());
+        for item in run_queue {
+            match item {
+                RunItem::Unpark(coroutine) => std::mem::forget(coroutine),
+                other => drop(other),
+            }
+        }
         drop(std::mem::take(&mut *self.tasks.borrow_mut()));
         drop(self.shared.inbox.take_all());
-        if suspended > 0 && !std::thread::panicking() {
-            panic!(
-                "aiocoro: an AioContext was dropped with {suspended} coroutine(s) still \
-                 suspended in it; they could never be resumed (wake them and poll until they \
-                 end before dropping the context)"
-            );
+        if let Some(panic) = panic {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
         }
     }
+
+    /// Drains, then cancels, the coroutines suspended in this context; returns the first
+    /// panic (other than a cancellation) that a coroutine raised meanwhile.
+    fn finish_suspended(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        let mut panic = None;
+        // Drain: run what is ready.
+        self.phase.set(Phase::Draining { cancelling: false });
+        self.poll_while_finishing(&mut panic);
+        if self.suspended() == 0 {
+            return panic;
+        }
+        // Cancel: every cancellable wait, and every one that starts from now on, unwinds its
+        // coroutine. Coroutines parked on a lock hand-over get the lock when its holder
+        // unwinds, and are cancelled at their next wait.
+        self.phase.set(Phase::Draining { cancelling: true });
+        let cancelled = self.waits.borrow_mut().keys_where(|state| state.cancel());
+        self.run_queue.borrow_mut().extend(cancelled.into_iter().map(RunItem::Resume));
+        loop {
+            self.poll_while_finishing(&mut panic);
+            // Stuck without waiting. Only uncancellable waits (locks that unwinding coroutines
+            // retake for their callers' guards, ...) are worth waiting for; a blocking poll
+            // from inside a coroutine could wait for that very coroutine.
+            if self.suspended() == 0 || self.uncancellable_waits() == 0 || in_coroutine() {
+                return panic;
+            }
+            self.poll_for_shutdown(true, &mut panic);
+        }
+    }
+
+    /// Polls without blocking while coroutines are suspended and that makes progress, but
+    /// gives up after [`STALL_POLLS`] polls in a row that finished no suspended coroutine (one
+    /// that reschedules itself forever must not hold the shutdown up).
+    fn poll_while_finishing(&self, panic: &mut Option<Box<dyn std::any::Any + Send>>) {
+        let mut fewest = self.suspended();
+        let mut stalled = 0;
+        while fewest > 0 && stalled < STALL_POLLS && self.poll_for_shutdown(false, panic) {
+            let now = self.suspended();
+            if now < fewest {
+                fewest = now;
+                stalled = 0;
+            } else {
+                stalled += 1;
+            }
+        }
+    }
+
+    /// One poll during the shutdown; a coroutine's panic is caught (a cancellation's for
+    /// good, any other kept in `panic` if it is the first) and counts as progress.
+    fn poll_for_shutdown(
+        &self,
+        blocking: bool,
+        panic: &mut Option<Box<dyn std::any::Any + Send>>,
+    ) -> bool {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.poll(blocking))) {
+            Ok(progress) => progress,
+            Err(payload) => {
+                if !payload.is::<crate::coroutine::Cancelled>() && panic.is_none() {
+                    *panic = Some(payload);
+                }
+                true
+            }
+        }
+    }
+
+    /// How many waits the shutdown cannot cancel that still wait.
+    fn uncancellable_waits(&self) -> usize {
+        self.waits.borrow().count_where(|state| state.delivered.is_none() && !state.cancellable)
+    }
+}
+
+/// A coroutine that `AioContext::spawn` returned was entered by hand and ran to its end
+/// before its context started it.
+#[cold]
+#[inline(never)]
+fn spawned_coroutine_entered_by_hand(coroutine: &Coroutine) -> ! {
+    panic!(
+        "aiocoro: coroutine #{} was spawned on an AioContext, then entered by hand \
+         (Coroutine::enter) and ran to its end before the context started it; the context runs \
+         the coroutines it spawns: keep the handle to watch them (is_ended), not to enter them",
+        coroutine.id()
+    )
 }
 
 /// Blocks in `epoll_wait` on the context's descriptors and its eventfd.

@@ -79,7 +79,8 @@ impl AioHandle {
 
     /// Whether the caller runs on the context's home thread.
     pub fn is_home_thread(&self) -> bool {
-        home_local(&self.shared).is_some()
+        // SAFETY: the reference is only compared with `None`.
+        unsafe { home_local(&self.shared) }.is_some()
     }
 
     /// Whether the context refuses new work: it was closed

@@ -20,8 +20,9 @@ pub const DEFAULT_POLL_MAX_NS: u64 = 32_768;
 ///
 /// Work reaches it through [`IoThread::handle`]. [`IoThread::stop`] (or dropping it) asks the
 /// thread to finish: it runs what was already scheduled, drops its context and exits, and the
-/// caller joins it. A panic on the thread (for example in a coroutine) reaches the caller of
-/// `stop`.
+/// caller joins it. Coroutines still suspended then are finished by the context's shutdown
+/// (drained, then cancelled: see [`AioContext`]'s shutdown), never a panic. A panic on the
+/// thread (a coroutine that panics by itself) reaches the caller of `stop`.
 pub struct IoThread {
     handle: AioHandle,
     running: Arc<AtomicBool>,
@@ -67,6 +68,14 @@ impl IoThread {
     }
 
     /// Asks the thread to stop, lets it run what is already scheduled, and joins it.
+    ///
+    /// The thread refuses new work, polls until nothing is left to run, and drops its context,
+    /// which cancels the coroutines still suspended there (waiting for a `CoMutex`, a `CoQueue`,
+    /// a sleep, a thread-pool job, ...): they unwind from their waits, their destructors run,
+    /// and the locks they waited for stay usable by everybody else (see [`AioContext`]'s
+    /// shutdown). The join waits for that, including a thread-pool job that is running and for
+    /// a lock that a cancelled `CoQueue` waiter must take back for its caller's guard: do not
+    /// hold such a lock while stopping the thread whose coroutine waits under it.
     ///
     /// # Panics
     ///

@@ -34,6 +34,15 @@
 //!    enters a coroutine on the spot: coroutines woken from inside a running coroutine or a
 //!    callback run after it yields or returns.
 
+//!
+//! # Shutdown
+//!
+//! Dropping a context's last handle, or stopping an [`IoThread`], shuts the context down along
+//! a defined path (documented on [`AioContext`]): it drains what is ready, then cancels the
+//! waits still pending (each cancelled coroutine unwinds from its wait, after leaving every
+//! lock queue it was in and passing on a lock or a wake it had been handed), and leaks only
+//! what it cannot reach. It never panics for coroutines that are merely suspended.
+
 mod adaptive;
 mod arena;
 mod bh;
@@ -64,4 +73,4 @@ pub use thread_pool::{ThreadPool, ThreadPoolConfig};
 pub use timer::{Timer, clock_ns};
 pub use uring::{IoEngine, fsync, io_engine, preadv, pwritev};
 pub use wait::{LocalWaker, Wait, WakeReason, Waker};
-pub(crate) use wait::{Parked, WaitRef};
+pub(crate) use wait::{Parked, PendingWake, WaitRef};

@@ -57,8 +57,16 @@ impl Co {
             assert!(current.is_none(), "aiocoro: two coroutines sleep on one Sleeper");
             *current = Some(wait.waker());
         }
-        let reason = wait.wait_timeout(duration);
-        sleeper.current.lock().unwrap_or_else(PoisonError::into_inner).take();
-        reason
+        /// Clears the sleeper's waker however the sleep ends, also when it is cancelled by the
+        /// context's shutdown (which unwinds from the wait): a waker left behind would make the
+        /// next sleep on this sleeper panic as a second sleeper.
+        struct Clear<'a>(&'a Sleeper);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                self.0.current.lock().unwrap_or_else(PoisonError::into_inner).take();
+            }
+        }
+        let _clear = Clear(sleeper);
+        wait.wait_timeout(duration)
     }
 }

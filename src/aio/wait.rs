@@ -10,6 +10,7 @@
 //! That is how a wake never resumes a coroutine in the middle of some other wait.
 
 use std::marker::PhantomData;
+use std::ptr;
 use std::ptr::NonNull;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use super::arena::Key;
 use super::context::{
-    Local, Message, RunItem, Shared, current_local, deliver_here, home_local, no_context,
+    Local, Message, RunItem, Shared, current_local, deliver_here, home_local, home_rc, no_context,
     with_current_brief,
 };
 use crate::coroutine::{Co, Coroutine, Park, in_coroutine};
@@ -31,19 +32,39 @@ pub enum WakeReason {
     TimedOut,
 }
 
-/// One suspension in the wait table: the suspended coroutine (owned here while it waits) and
-/// the first wake it received, if any.
+/// How a suspension ended: the public [`WakeReason`], or cancelled by the context's shutdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Woken, or timed out.
+    Woken(WakeReason),
+    /// Cancelled: its context shut down while it waited (see
+    /// [`AioContext`](super::AioContext)'s shutdown).
+    Cancelled,
+}
+
+/// One suspension in the wait table: the suspended coroutine (owned here while it waits), the
+/// first wake it received, if any, and whether the context's shutdown may cancel it.
 pub(crate) struct WaitState {
     pub(crate) coroutine: Coroutine,
-    pub(crate) delivered: Option<WakeReason>,
+    pub(crate) delivered: Option<Outcome>,
+    pub(crate) cancellable: bool,
 }
 
 impl WaitState {
     /// Records the first wake; returns whether this was it.
     pub(crate) fn deliver(&mut self, reason: WakeReason) -> bool {
+        self.end(Outcome::Woken(reason))
+    }
+
+    /// Cancels the suspension if it may be and was not woken yet; returns whether it was.
+    pub(crate) fn cancel(&mut self) -> bool {
+        self.cancellable && self.end(Outcome::Cancelled)
+    }
+
+    fn end(&mut self, outcome: Outcome) -> bool {
         let first = self.delivered.is_none();
         if first {
-            self.delivered = Some(reason);
+            self.delivered = Some(outcome);
         }
         first
     }
@@ -89,16 +110,27 @@ impl Co {
     /// # Panics
     ///
     /// If this thread has no [`AioContext`](super::AioContext).
+    ///
+    /// When the context shuts down while the coroutine waits, the wait is cancelled: it does
+    /// not return, the coroutine unwinds from it (see [`AioContext`](super::AioContext)).
     pub fn prepare_wait(&self) -> Wait<'_> {
+        self.prepare_wait_as(self.may_be_cancelled())
+    }
+
+    /// Like [`Co::prepare_wait`]; `cancellable` says whether the context's shutdown may cancel
+    /// the wait. One that starts while the context cancels its coroutines is cancelled at once.
+    pub(crate) fn prepare_wait_as(&self, cancellable: bool) -> Wait<'_> {
         #[cfg(aiocoro_loom)]
         if self.is_model() {
             return Wait { co: self, target: Target::Model(Default::default()) };
         }
         let local = current_local("a coroutine wait");
-        let key = local
-            .waits
-            .borrow_mut()
-            .insert(WaitState { coroutine: self.current(), delivered: None });
+        let delivered = (cancellable && local.is_cancelling()).then_some(Outcome::Cancelled);
+        let key = local.waits.borrow_mut().insert(WaitState {
+            coroutine: self.current(),
+            delivered,
+            cancellable,
+        });
         Wait { co: self, target: Target::Context { local, key } }
     }
 
@@ -150,8 +182,10 @@ impl Co {
     /// If this thread has no [`AioContext`](super::AioContext).
     #[inline]
     pub fn reschedule(&self) {
-        // Queued behind the coroutines already runnable; the run queue brings it back.
-        self.park(0).unpark();
+        // Queued behind the coroutines already runnable; the run queue brings it back. The
+        // park is in this thread's context, which is alive, so the unpark queues it.
+        let queued = self.park(0).unpark();
+        debug_assert!(queued, "aiocoro: a reschedule's park was not queued");
         self.wait_unparked();
     }
 
@@ -211,23 +245,51 @@ impl Wait<'_> {
 
     /// Suspends until a waker of this suspension wakes it. Returns at once if that happened
     /// already.
+    ///
+    /// If the context shuts down first and cancels the wait, this does not return: the
+    /// coroutine unwinds from here (its destructors run), see
+    /// [`AioContext`](super::AioContext).
     // Inlined so that the yield sits in the caller's frame: every call level between a
     // coroutine's loop and its yield costs a mispredicted return per wake (the CPU's return
     // stack does not survive the switch).
     #[inline(always)]
     pub fn wait(self) -> WakeReason {
+        match self.suspend() {
+            Some(reason) => reason,
+            None => self.unwind_cancelled(),
+        }
+    }
+
+    /// Suspends until a waker of this suspension wakes it (`Some`) or the context's shutdown
+    /// cancels it (`None`); the entry is removed when `self` drops. A caller that gets `None`
+    /// undoes what it set up for the wait (queue records, a released lock) and then unwinds
+    /// with [`Co::unwind_cancelled`](crate::coroutine::Co).
+    #[inline(always)]
+    pub(crate) fn suspend(&self) -> Option<WakeReason> {
         #[cfg(aiocoro_loom)]
         if let Target::Model(parker) = &self.target {
-            parker.park();
-            return WakeReason::Woken;
-        }
-        // The entry is removed when `self` drops, on the way out.
-        loop {
-            if let Some(reason) = self.delivery() {
-                return reason;
+            if self.co.is_model_cancelled() {
+                return None;
             }
-            self.co.yield_now();
+            parker.park();
+            return Some(WakeReason::Woken);
         }
+        loop {
+            match self.delivery() {
+                Some(Outcome::Woken(reason)) => return Some(reason),
+                Some(Outcome::Cancelled) => return None,
+                None => self.co.yield_now(),
+            }
+        }
+    }
+
+    /// Ends the wait and unwinds the coroutine: its context cancelled it.
+    #[cold]
+    #[inline(never)]
+    fn unwind_cancelled(self) -> ! {
+        let co = self.co;
+        drop(self);
+        co.unwind_cancelled()
     }
 
     /// Like [`Wait::wait`], but gives up after `timeout` (QEMU's timeouts on
@@ -242,7 +304,7 @@ impl Wait<'_> {
 
     /// The first wake this suspension received, if any.
     #[inline(always)]
-    fn delivery(&self) -> Option<WakeReason> {
+    fn delivery(&self) -> Option<Outcome> {
         let (local, key) = self.context("wait table");
         local.waits.borrow().get(key)?.delivered
     }
@@ -279,33 +341,56 @@ pub(crate) struct Parked {
 impl Parked {
     /// Queues the parked coroutine to run, behind the coroutines already runnable; the park
     /// ends when it does. Must be called on the coroutine's thread.
+    ///
+    /// Returns false if the park's context is gone (it shut down while the coroutine was
+    /// parked where its shutdown could not reach it): that coroutine can never run again. Its
+    /// record is leaked, not dropped: dropping the last handle would unwind the coroutine from
+    /// the middle of its park, where the caller of the lock operation it is in does not expect
+    /// it (a `CoQueue::wait` whose caller's guard would then release a lock it does not hold).
+    #[must_use = "a false return means nothing was woken: wake another waiter instead"]
     #[inline]
-    pub(crate) fn unpark(self) {
-        // SAFETY: the closure only queues the record (or hands it back); it drops nothing.
-        let orphan = unsafe {
+    pub(crate) fn unpark(self) -> bool {
+        // Kept out of the closure, so that no path drops it: without a context on this thread
+        // the closure would be dropped unrun.
+        let mut record = Some(self);
+        // SAFETY: the closure only queues the record; it drops nothing.
+        unsafe {
             with_current_brief(|local| {
-                if local.shared.id != self.context {
-                    return Some(self);
-                }
+                let Some(record) = record.take_if(|record| record.context == local.shared.id)
+                else {
+                    return;
+                };
                 debug_assert_eq!(
-                    self.coroutine.park_state().get(),
+                    record.coroutine.park_state().get(),
                     Park::Parked,
                     "aiocoro: a Parked record was unparked twice or its coroutine was not parked"
                 );
-                self.coroutine.park_state().set(Park::Woken);
-                local.run_queue.borrow_mut().push_back(RunItem::Unpark(self.coroutine));
-                None
+                record.coroutine.park_state().set(Park::Woken);
+                local.run_queue.borrow_mut().push_back(RunItem::Unpark(record.coroutine));
             })
         };
-        // Parked in a context that is gone (dropped while a panic unwound): it can never run.
-        drop(orphan);
+        match record {
+            None => true,
+            Some(orphan) => {
+                orphan.leak();
+                false
+            }
+        }
+    }
+
+    /// Gives up on a park whose context is gone (see [`Parked::unpark`]).
+    #[cold]
+    fn leak(self) {
+        std::mem::forget(self.coroutine);
     }
 
     /// Ends the park and enters the coroutine at once, when the caller is not itself a
     /// coroutine (QEMU's `qemu_co_enter_next`); otherwise queues it as [`Parked::unpark`] does.
-    /// Must be called on the coroutine's thread.
+    /// Must be called on the coroutine's thread. Returns false, as `unpark` does, if the
+    /// park's context is gone.
+    #[must_use = "a false return means nothing was woken: wake another waiter instead"]
     #[inline]
-    pub(crate) fn unpark_and_enter(self) {
+    pub(crate) fn unpark_and_enter(self) -> bool {
         if in_coroutine() {
             return self.unpark();
         }
@@ -328,11 +413,13 @@ impl Parked {
             })
         };
         // Entered after the last use of the context: the coroutine may drop its last handle.
-        // A park in a context that is gone (dropped while a panic unwound) can never run; the
-        // record is dropped.
         if home == Some(true) {
             self.coroutine.enter();
+            return true;
         }
+        // A park in a context that is gone can never run (see `unpark`).
+        self.leak();
+        false
     }
 }
 
@@ -362,7 +449,8 @@ impl Waker {
     /// Wakes the suspension this waker was made for.
     pub fn wake(&self) {
         match &self.target {
-            WakerTarget::Context { shared, key } => match home_local(shared) {
+            // SAFETY: `deliver` runs no user code and drops nothing.
+            WakerTarget::Context { shared, key } => match unsafe { home_local(shared) } {
                 Some(local) => local.deliver(*key, WakeReason::Woken),
                 // Refused only by a context that has shut down: no poll is left there to resume
                 // the coroutine in.
@@ -412,7 +500,8 @@ impl WaitRef {
         // SAFETY: the suspension still waits, so its context and `Shared` are alive (type
         // invariant and the caller's contract).
         let shared = unsafe { pointer.as_ref() };
-        match home_local(shared) {
+        // SAFETY: `deliver` runs no user code and drops nothing.
+        match unsafe { home_local(shared) } {
             Some(local) => local.deliver(key, WakeReason::Woken),
             None => {
                 // Once the message is in, the coroutine may run, finish and drop its context
@@ -430,30 +519,91 @@ impl WaitRef {
 }
 
 impl WaitRef {
-    /// Like [`WaitRef::wake`], but a coroutine of this thread's context is entered at once when
-    /// the caller is not itself a coroutine (QEMU's `qemu_co_enter_next`); otherwise it is
-    /// queued as by `wake`.
+    /// Whether this record was made for `wait` (by [`Wait::wait_ref`]).
+    pub(crate) fn is_for(&self, wait: &Wait<'_>) -> bool {
+        match (self, &wait.target) {
+            (WaitRef::Context { shared, key }, Target::Context { local, key: own }) => {
+                key == own && ptr::eq(shared.as_ptr().cast_const(), Arc::as_ptr(&local.shared))
+            }
+            #[cfg(aiocoro_loom)]
+            (WaitRef::Model(parker), Target::Model(own)) => Arc::ptr_eq(parker, own),
+            #[cfg(aiocoro_loom)]
+            _ => false,
+        }
+    }
+
+    /// Turns the record into a wake that stays valid after the caller gives up what keeps the
+    /// suspension waiting (the lock of the queue it was popped from): a waiter that leaves the
+    /// queue on its own (cancelled by its context's shutdown) takes that lock first, finds its
+    /// record gone and ends, and its context may then go; the [`PendingWake`] holds the
+    /// context's shared half (or, on its home thread, its home half) alive until it is woken.
     ///
     /// # Safety
     ///
-    /// As [`WaitRef::wake`].
-    pub(crate) unsafe fn wake_and_enter(self) {
-        #[allow(irrefutable_let_patterns, reason = "a second variant exists in loom builds")]
-        if let WaitRef::Context { shared, key } = &self {
-            if !crate::coroutine::in_coroutine() {
-                // SAFETY: the suspension still waits, so its context is alive (see `wake`).
-                if let Some(local) = home_local(unsafe { shared.as_ref() }) {
-                    // Enter after the last use of `local`: the coroutine may drop the
-                    // context's last handle, and with it the `Local`.
-                    if let Some(coroutine) = local.deliver_for_enter(*key, WakeReason::Woken) {
-                        coroutine.enter();
-                    }
-                    return;
+    /// As [`WaitRef::wake`]: the suspension still waits, so its context is alive.
+    pub(crate) unsafe fn claim(self) -> PendingWake {
+        let (pointer, key) = match self {
+            WaitRef::Context { shared, key } => (shared, key),
+            #[cfg(aiocoro_loom)]
+            WaitRef::Model(parker) => return PendingWake::Model(parker),
+        };
+        // SAFETY: the suspension still waits, so its context and `Shared` are alive (type
+        // invariant and the caller's contract).
+        let shared = unsafe { pointer.as_ref() };
+        if let Some(local) = home_rc(shared) {
+            return PendingWake::Home { local, key };
+        }
+        // SAFETY: `shared` came from `Arc::as_ptr` of an `Arc` that is alive right now (see
+        // above); the count taken here is the `PendingWake`'s own.
+        let shared = unsafe {
+            Arc::increment_strong_count(pointer.as_ptr());
+            Arc::from_raw(pointer.as_ptr())
+        };
+        PendingWake::Remote { shared, key }
+    }
+}
+
+/// A wake claimed from a lock queue with [`WaitRef::claim`]: it keeps the woken suspension's
+/// context alive, so it may be woken after the queue's lock is released.
+pub(crate) enum PendingWake {
+    /// A suspension of this thread's context.
+    Home { local: Rc<Local>, key: Key },
+    /// A suspension of another thread's context.
+    Remote { shared: Arc<Shared>, key: Key },
+    #[cfg(aiocoro_loom)]
+    Model(Arc<super::wait_model::Parker>),
+}
+
+impl PendingWake {
+    /// Wakes the suspension (as [`Waker::wake`]). If it stopped waiting meanwhile, nothing
+    /// happens.
+    pub(crate) fn wake(self) {
+        match self {
+            PendingWake::Home { local, key } => local.deliver(key, WakeReason::Woken),
+            // Refused only by a context that has shut down: nothing is left there to wake.
+            PendingWake::Remote { shared, key } => {
+                drop(shared.send(Message::Wake(key, WakeReason::Woken)));
+            }
+            #[cfg(aiocoro_loom)]
+            PendingWake::Model(parker) => parker.unpark(),
+        }
+    }
+
+    /// Like [`PendingWake::wake`], but a coroutine of this thread's context is entered at once
+    /// when the caller is not itself a coroutine (QEMU's `qemu_co_enter_next`); otherwise it
+    /// is queued as by `wake`.
+    pub(crate) fn wake_and_enter(self) {
+        match self {
+            PendingWake::Home { local, key } if !in_coroutine() => {
+                let coroutine = local.deliver_for_enter(key, WakeReason::Woken);
+                // The coroutine may drop the context's last handle: ours goes first.
+                drop(local);
+                if let Some(coroutine) = coroutine {
+                    coroutine.enter();
                 }
             }
+            other => other.wake(),
         }
-        // SAFETY: the caller's contract, passed on.
-        unsafe { self.wake() }
     }
 }
 

@@ -62,6 +62,9 @@ pub struct Co {
     /// be used; waits park the model thread instead.
     #[cfg(aiocoro_loom)]
     model: bool,
+    /// A loom model's token whose waits are cancelled (see [`Co::model_cancelled`]).
+    #[cfg(aiocoro_loom)]
+    model_cancelled: bool,
 }
 
 impl Co {
@@ -72,6 +75,8 @@ impl Co {
             _not_send: PhantomData,
             #[cfg(aiocoro_loom)]
             model: false,
+            #[cfg(aiocoro_loom)]
+            model_cancelled: false,
         }
     }
 
@@ -85,7 +90,23 @@ impl Co {
             slot: NonNull::dangling(),
             _not_send: PhantomData,
             model: true,
+            model_cancelled: false,
         }
+    }
+
+    /// Like [`Co::model`], but every wait of the token is cancelled as its context's shutdown
+    /// would cancel it, right when it would suspend (loom builds only): lock code then undoes
+    /// its queueing and unwinds with the cancellation payload, racing the other model threads.
+    #[cfg(aiocoro_loom)]
+    #[doc(hidden)]
+    pub fn model_cancelled() -> Co {
+        Co { model_cancelled: true, ..Co::model() }
+    }
+
+    /// Whether this is a loom model's token whose waits are cancelled.
+    #[cfg(aiocoro_loom)]
+    pub(crate) fn is_model_cancelled(&self) -> bool {
+        self.model_cancelled
     }
 
     /// Whether this is a loom model's token.
@@ -176,6 +197,64 @@ impl Co {
         self.assert_not_model();
         // SAFETY: the slot is alive while the body runs (field invariant).
         unsafe { Coroutine::from_slot(self.slot) }
+    }
+}
+
+/// The panic payload that unwinds a coroutine its context cancelled (see
+/// [`AioContext`](crate::aio::AioContext)'s shutdown): the context catches it, no panic hook
+/// runs for it, and nobody else should catch it for good.
+pub(crate) struct Cancelled;
+
+impl Co {
+    /// Runs `f` with this coroutine's waits shielded from cancellation: a wait that starts
+    /// inside `f` ends only by being woken, even once the context shuts down. For waits that
+    /// restore an invariant the unwinding of a cancellation relies on (a lock that a caller's
+    /// guard must hold again).
+    pub(crate) fn shielded<R>(&self, f: impl FnOnce() -> R) -> R {
+        /// Lifts the shield, also when `f` unwinds.
+        struct Lift<'a>(&'a Cell<u32>);
+        impl Drop for Lift<'_> {
+            fn drop(&mut self) {
+                self.0.set(self.0.get() - 1);
+            }
+        }
+        #[cfg(aiocoro_loom)]
+        if self.model {
+            return f();
+        }
+        // SAFETY: the slot outlives every `&Co` (field invariant).
+        let shield = &unsafe { self.slot.as_ref() }.shield;
+        shield.set(shield.get() + 1);
+        let _lift = Lift(shield);
+        f()
+    }
+
+    /// Whether a wait that starts now may be cancelled by the context's shutdown: not inside
+    /// [`Co::shielded`], and not while a cancellation already unwinds this coroutine (a
+    /// destructor that waits then gets what it waits for, or the unwinding could not finish).
+    #[inline]
+    pub(crate) fn may_be_cancelled(&self) -> bool {
+        #[cfg(aiocoro_loom)]
+        if self.model {
+            return false;
+        }
+        // SAFETY: the slot outlives every `&Co` (field invariant).
+        let slot = unsafe { self.slot.as_ref() };
+        slot.shield.get() == 0 && !(slot.cancelled.get() && std::thread::panicking())
+    }
+
+    /// Unwinds this coroutine because its context cancelled the wait it was in; the caller has
+    /// already undone what that wait had set up (queue records, released locks).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn unwind_cancelled(&self) -> ! {
+        #[cfg(aiocoro_loom)]
+        if self.model {
+            std::panic::resume_unwind(Box::new(Cancelled));
+        }
+        // SAFETY: the slot outlives every `&Co` (field invariant).
+        unsafe { self.slot.as_ref() }.cancelled.set(true);
+        std::panic::resume_unwind(Box::new(Cancelled))
     }
 }
 

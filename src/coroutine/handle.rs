@@ -168,6 +168,12 @@ fn enter_misuse(slot: &Slot) -> ! {
              that entered it); a running coroutine must yield before it can be entered again",
             slot.describe()
         ),
+        State::Ended if slot.cancelled.get() => panic!(
+            "aiocoro: {} was entered after its AioContext cancelled it (the context shut down \
+             while the coroutine was suspended, and unwound it); an ended coroutine cannot run \
+             again",
+            slot.describe()
+        ),
         State::Ended => panic!(
             "aiocoro: {} was entered after it ended; an ended coroutine cannot run again",
             slot.describe()

@@ -49,6 +49,7 @@ pub(crate) mod shared_pool;
 mod slot;
 mod stack;
 
+pub(crate) use co::Cancelled;
 pub use co::Co;
 #[cfg(debug_assertions)]
 pub(crate) use current::id as current_id;

@@ -69,6 +69,11 @@ pub(crate) struct Slot {
     pub(crate) locks_at_entry: Cell<usize>,
     /// Where the coroutine is in a park; `Idle` whenever a body starts.
     pub(crate) park: Cell<Park>,
+    /// How many [`Co::shielded`](super::Co::shielded) calls the coroutine is in: while above
+    /// zero, its waits are not cancelled when its context shuts down.
+    pub(crate) shield: Cell<u32>,
+    /// Whether its context cancelled it (a wait of it unwound with `Cancelled`), for messages.
+    pub(crate) cancelled: Cell<bool>,
 }
 
 impl Slot {
@@ -84,6 +89,8 @@ impl Slot {
             stack,
             locks_at_entry: Cell::new(0),
             park: Cell::new(Park::Idle),
+            shield: Cell::new(0),
+            cancelled: Cell::new(false),
         })
     }
 
@@ -154,6 +161,8 @@ pub(crate) fn acquire(
     fields.state.set(State::Ready);
     // A coroutine dropped while parked left its park state behind.
     fields.park.set(Park::Idle);
+    fields.shield.set(0);
+    fields.cancelled.set(false);
     // SAFETY: as above, nothing else references the slot yet; its `raw` is `None` (it is
     // pooled), so the stack is free for the new coroutine.
     unsafe {

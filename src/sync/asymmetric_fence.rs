@@ -78,19 +78,23 @@ pub(crate) fn light() {
 
 /// The slow side of the pair: a membarrier system call (or `fence(SeqCst)` without it).
 ///
-/// # Panics
-///
-/// If the kernel refuses the membarrier after accepting the registration (which it does not
-/// do): the light fences of other threads would then order nothing.
+/// Never unwinds (lock code runs it between queueing a waiter and waiting, where an unwinding
+/// would leave the record behind): if the kernel refuses the membarrier after accepting the
+/// registration (which it does not do), the light fences of other threads would order
+/// nothing, and the process aborts with a message saying so.
 #[cold]
 pub(crate) fn heavy() {
     #[cfg(not(aiocoro_loom))]
     {
         if ASYMMETRIC.load(Ordering::Relaxed) {
-            crate::sys::membarrier().expect(
-                "aiocoro: membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) failed after the process \
-                 registered for it; the lock fences that rely on it would order nothing",
-            );
+            if let Err(error) = crate::sys::membarrier() {
+                eprintln!(
+                    "aiocoro: membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) failed after the \
+                     process registered for it ({error}); the lock fences that rely on it \
+                     would order nothing: aborting"
+                );
+                std::process::abort();
+            }
         } else {
             fence(Ordering::SeqCst);
         }

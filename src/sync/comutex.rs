@@ -207,15 +207,53 @@ impl RawCoMutex {
     #[inline(always)]
     fn lock_contended(&self, co: &Co) {
         // Woken or unparked only by whoever handed us the lock (stray entries are absorbed
-        // by the wait or the park), so when these return the lock is ours.
+        // by the wait or the park), so when these return the lock is ours. A park is not
+        // cancelled (its record holds a handle to us, so nothing unwinds from it either); a
+        // wait is cancelled when our context shuts down, and then we leave the queue.
         match self.enqueue(co) {
             Queued::Acquired => return,
             Queued::Parked => co.wait_unparked(),
             Queued::Waiting(wait) => {
-                wait.wait();
+                if wait.suspend().is_none() {
+                    self.leave(co, wait);
+                }
             }
         }
         self.note_holder();
+    }
+
+    /// Our wait in `waiters` was cancelled by our context's shutdown: takes our record out of
+    /// the queue, or, if a hand-over popped it already (only hand-overs pop, and a pop hands
+    /// the lock over), passes on the lock that is ours then; then unwinds. Either way the lock
+    /// is never left with a coroutine that will not run.
+    ///
+    /// Leaving keeps the hand-over protocol of `remote`: a removal under `queue_lock` is as
+    /// if the record had never been queued, except for the waiters that queued behind it
+    /// without the handshake, and those only rely on a hand-over attempt following the last
+    /// release, which picks whatever head the queue has under `queue_lock` at that time (the
+    /// next one, once we are gone), or picks us before we leave, and then we pass it on.
+    #[cold]
+    #[inline(never)]
+    fn leave(&self, co: &Co, wait: Wait<'_>) -> ! {
+        self.queue_lock.lock_raw();
+        // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
+        let waiters = unsafe { &mut *self.waiters.get() };
+        let ours = waiters.iter().position(|waiter| waiter.record.is_for(&wait));
+        if let Some(index) = ours {
+            waiters.remove(index);
+            self.count(waiters);
+        }
+        // SAFETY: we hold `queue_lock`.
+        unsafe { self.queue_lock.unlock_raw() };
+        if ours.is_none() {
+            self.note_holder();
+            // SAFETY: our record was popped by a hand-over, which made us the holder (the
+            // pop and the store of our thread into `state` happen together under
+            // `queue_lock`, which we took after them).
+            unsafe { self.unlock() };
+        }
+        drop(wait);
+        co.unwind_cancelled()
     }
 
     /// Takes the lock if it comes free while we spin, or queues this coroutine and says how
@@ -289,7 +327,8 @@ impl RawCoMutex {
         false
     }
 
-    /// Hands the lock we hold to the head of `waiters`, without freeing it in between.
+    /// Hands the lock we hold to the head of `waiters`, without freeing it in between; frees
+    /// it if the queue emptied meanwhile (its waiters were cancelled and left).
     ///
     /// Must be called by the holder, after it saw `remote` above 0.
     #[cold]
@@ -297,21 +336,31 @@ impl RawCoMutex {
         self.queue_lock.lock_raw();
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
         let waiters = unsafe { &mut *self.waiters.get() };
-        // Only hand-overs pop: `hand_over` by the holder, which is us, and `hand_to_head`
-        // only once its compare-and-swap took a free lock, which ours is not. So the waiter we
-        // saw counted is still there.
-        let next = waiters.pop_front();
-        let next = next.expect("aiocoro: CoMutex counts a queued waiter, but none is queued");
+        // Only hand-overs pop (`hand_over` by the holder, which is us, and `hand_to_head` only
+        // once its compare-and-swap took a free lock, which ours is not), but a waiter whose
+        // context cancels its wait leaves the queue by itself (`leave`): the waiters we saw
+        // counted may all be gone.
+        let Some(next) = waiters.pop_front() else {
+            // Free the lock. A waiter that queues from now on takes `queue_lock` after us, so
+            // its look at `state` in the handshake of `remote` sees this store.
+            self.state.store(0, Ordering::Release);
+            // SAFETY: we hold `queue_lock`.
+            unsafe { self.queue_lock.unlock_raw() };
+            return;
+        };
         self.count(waiters);
         // The new holder's thread, before it even runs: lockers on that thread queue at once
         // (spinning could not let it run), lockers elsewhere spin rather than sleep behind a
         // hand-over in flight. Release: orders our accesses to `local_waiters` before those
         // of the new holder's thread (field invariant).
         self.state.store(next.thread, Ordering::Release);
+        // SAFETY: each record is popped once, and its coroutine still waits: it is woken only
+        // by a hand-over, and a cancelled one takes `queue_lock`, which we hold, before it
+        // leaves. Claimed now, the wake stays valid after we release `queue_lock`.
+        let wake = unsafe { next.record.claim() };
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
-        // SAFETY: each record is popped once, and its coroutine waits until it is woken here.
-        unsafe { next.record.wake() };
+        wake.wake();
     }
 
     /// If the lock is free and somebody is queued, gives the lock to the head of `waiters` and
@@ -333,15 +382,18 @@ impl RawCoMutex {
                 .flatten(),
             None => None,
         };
-        if next.is_some() {
+        // SAFETY: each record is popped once, and its coroutine waits until it is woken here
+        // (or is about to wait, and then does not suspend); a cancelled one takes
+        // `queue_lock`, which we hold, before it leaves. Claimed now, the wake stays valid
+        // after we release `queue_lock`.
+        let wake = next.map(|next| unsafe { next.record.claim() });
+        if wake.is_some() {
             self.count(waiters);
         }
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
-        if let Some(next) = next {
-            // SAFETY: each record is popped once, and its coroutine waits until it is woken
-            // here (or is about to wait, and then does not suspend).
-            unsafe { next.record.wake() };
+        if let Some(wake) = wake {
+            wake.wake();
         }
     }
 
@@ -390,10 +442,12 @@ unsafe impl RawLock for RawCoMutex {
         // SAFETY: we hold the lock, on this thread (guards do not leave it), so `state` names
         // this thread and `local_waiters` is ours to touch.
         let local = unsafe { &mut *self.local_waiters.get() };
-        if let Some(next) = local.pop_front() {
-            // Same thread, nobody counted in between: the lock passes as it is.
-            next.unpark();
-            return;
+        while let Some(next) = local.pop_front() {
+            // Same thread, nobody counted in between: the lock passes as it is. A park whose
+            // context is gone is never handed the lock: the next waiter is.
+            if next.unpark() {
+                return;
+            }
         }
         if self.remote.load(Ordering::Relaxed) != 0 {
             return self.hand_over();

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use super::lock::LockGuard;
 use super::raw::{RawBlockingLock, RawLock};
-use crate::aio::{Parked, WaitRef, run_woken_coroutines};
+use crate::aio::{Parked, PendingWake, Wait, WaitRef, run_woken_coroutines};
 use crate::coroutine::Co;
 use crate::loom::AtomicUsize;
 
@@ -170,12 +170,11 @@ impl CoQueue {
             } else {
                 parked.push_back(record);
             }
-            // SAFETY: the lock is retaken below, before the guard is used again, and
-            // `reacquired` follows; the guard stays borrowed meanwhile.
-            unsafe { guard.release() };
+            let released = guard.release();
+            // A park is not cancelled, and its record holds a handle to this coroutine (an
+            // orphaned record is leaked, never dropped), so nothing unwinds from here.
             co.wait_unparked();
-            guard.lock().raw().lock(co);
-            guard.reacquired();
+            released.retake(co);
             return;
         }
         // Fail, if at all, before queueing a record: one left behind would name a wait that is
@@ -189,12 +188,31 @@ impl CoQueue {
         } else {
             waiters.push_back(wait.wait_ref());
         }
-        // SAFETY: the lock is retaken below, before the guard is used again, and `reacquired`
-        // follows; the guard stays borrowed meanwhile, so its data cannot be reached.
-        unsafe { guard.release() };
-        wait.wait();
-        guard.lock().raw().lock(co);
-        guard.reacquired();
+        let released = guard.release();
+        let woken = wait.suspend();
+        released.retake(co);
+        if woken.is_none() {
+            // Cancelled by the context's shutdown: with the lock back, leave the queue (or pass
+            // on the wake that popped us already), then unwind with the guard holding its lock.
+            self.leave(guard, &wait);
+            drop(wait);
+            co.unwind_cancelled();
+        }
+    }
+
+    /// Takes the record of `wait` out of the queue; if a wake popped it already, wakes the next
+    /// waiter instead, so that the wake is not lost with the cancelled waiter.
+    #[cold]
+    fn leave<R: RawLock, T: ?Sized>(&self, guard: &mut LockGuard<'_, R, T>, wait: &Wait<'_>) {
+        let waiters = self.waiters(guard);
+        match waiters.iter().position(|record| record.is_for(wait)) {
+            Some(index) => {
+                waiters.remove(index);
+            }
+            None => {
+                self.next(guard);
+            }
+        }
     }
 
     /// Wakes the first waiter, if any; it runs once the caller yields or returns to its
@@ -202,12 +220,20 @@ impl CoQueue {
     /// was one.
     pub fn next<R: RawLock, T: ?Sized>(&self, guard: &mut LockGuard<'_, R, T>) -> bool {
         if R::THREAD_BOUND {
-            return self.parked(guard).pop_front().map(Parked::unpark).is_some();
+            // A record whose context is gone wakes nobody: try the next.
+            let parked = self.parked(guard);
+            while let Some(record) = parked.pop_front() {
+                if record.unpark() {
+                    return true;
+                }
+            }
+            return false;
         }
         match self.waiters(guard).pop_front() {
             Some(waker) => {
                 // SAFETY: popped records are woken once, and a queued record's suspension
-                // waits until then (it is only woken through this queue).
+                // waits until then: it is only woken through this queue, and a cancelled one
+                // takes the lock we hold before it leaves (`leave`).
                 unsafe { waker.wake() };
                 true
             }
@@ -217,13 +243,10 @@ impl CoQueue {
 
     /// Wakes every waiter (QEMU's `qemu_co_queue_restart_all`); returns how many.
     pub fn restart_all<R: RawLock, T: ?Sized>(&self, guard: &mut LockGuard<'_, R, T>) -> usize {
-        // Woken in place: a wake only queues its coroutine, it runs nothing that could touch
-        // this queue (and the guard stays held).
+        // Woken in place: a wake only queues its coroutine (an orphaned park record is leaked,
+        // not dropped), it runs no code that could touch this queue (and the guard stays held).
         if R::THREAD_BOUND {
-            let parked = self.parked(guard);
-            let count = parked.len();
-            parked.drain(..).for_each(Parked::unpark);
-            return count;
+            return self.parked(guard).drain(..).map(Parked::unpark).filter(|&woken| woken).count();
         }
         let waiters = self.waiters(guard);
         let count = waiters.len();
@@ -245,18 +268,23 @@ impl CoQueue {
     /// For a caller outside a coroutine that holds the lock (QEMU's `qemu_co_enter_next`):
     /// wakes the first waiter, releases the lock, runs the woken coroutine now if it lives on
     /// this thread, and retakes the lock. Returns whether there was a waiter.
+    ///
+    /// If the entered coroutine (or one it woke) panics, the lock is taken back before the
+    /// panic continues here, so a caller that catches it still holds its guard's lock.
     pub fn enter_next<R: RawBlockingLock, T: ?Sized>(
         &self,
         guard: &mut LockGuard<'_, R, T>,
     ) -> bool {
         if R::THREAD_BOUND {
             let Some(record) = self.parked(guard).pop_front() else { return false };
-            self.enter_woken(guard, [record], Parked::unpark_and_enter);
+            enter_woken(guard, [record]);
             return true;
         }
         let Some(waker) = self.waiters(guard).pop_front() else { return false };
-        // SAFETY: as in `next`.
-        self.enter_woken(guard, [waker], |waker| unsafe { waker.wake_and_enter() });
+        // SAFETY: as in `next`; claimed while we hold the lock, the wake stays valid after we
+        // release it.
+        let wake = unsafe { waker.claim() };
+        enter_woken(guard, [wake]);
         true
     }
 
@@ -270,35 +298,73 @@ impl CoQueue {
             let parked: Vec<Parked> = self.parked(guard).drain(..).collect();
             let count = parked.len();
             if count > 0 {
-                self.enter_woken(guard, parked, Parked::unpark_and_enter);
+                enter_woken(guard, parked);
             }
             return count;
         }
-        let woken: Vec<WaitRef> = self.waiters(guard).drain(..).collect();
+        // SAFETY: as in `enter_next`.
+        let woken: Vec<PendingWake> =
+            self.waiters(guard).drain(..).map(|waker| unsafe { waker.claim() }).collect();
         let count = woken.len();
         if count > 0 {
-            // SAFETY: as in `next`.
-            self.enter_woken(guard, woken, |waker| unsafe { waker.wake_and_enter() });
+            enter_woken(guard, woken);
         }
         count
     }
+}
 
-    /// Releases the lock, wakes and enters each of `woken` with `enter`, runs what they woke,
-    /// and retakes the lock.
-    fn enter_woken<R: RawBlockingLock, T: ?Sized, W>(
-        &self,
-        guard: &mut LockGuard<'_, R, T>,
-        woken: impl IntoIterator<Item = W>,
-        enter: impl Fn(W),
-    ) {
-        // SAFETY: retaken below before the guard is used again.
-        unsafe { guard.release() };
-        woken.into_iter().for_each(enter);
-        // What the entered coroutines woke in turn runs before the lock is retaken.
-        run_woken_coroutines();
-        guard.lock().raw().lock_blocking();
-        guard.reacquired();
+/// A waiter popped by `enter_next` / `enter_all`.
+trait Popped {
+    /// Wakes it and enters it now if that may be done here.
+    fn enter(self);
+    /// Wakes it without entering it.
+    fn queue(self);
+}
+
+impl Popped for Parked {
+    fn enter(self) {
+        // False only for a park whose context is gone: its coroutine can never run.
+        let _ = self.unpark_and_enter();
     }
+
+    fn queue(self) {
+        let _ = self.unpark();
+    }
+}
+
+impl Popped for PendingWake {
+    fn enter(self) {
+        self.wake_and_enter();
+    }
+
+    fn queue(self) {
+        self.wake();
+    }
+}
+
+/// Releases the lock, wakes and enters each of `woken`, runs what they woke, and retakes the
+/// lock. If a coroutine panics, the waiters not entered yet are woken (queued: a popped waiter
+/// must not be lost) and the lock is taken back before the panic continues.
+fn enter_woken<R: RawBlockingLock, T: ?Sized, W: Popped>(
+    guard: &mut LockGuard<'_, R, T>,
+    woken: impl IntoIterator<Item = W>,
+) {
+    /// Queues the waiters left when dropped.
+    struct Rest<I: Iterator<Item = W>, W: Popped>(I);
+    impl<I: Iterator<Item = W>, W: Popped> Drop for Rest<I, W> {
+        fn drop(&mut self) {
+            self.0.by_ref().for_each(W::queue);
+        }
+    }
+    let released = guard.release_blocking();
+    let mut rest = Rest(woken.into_iter());
+    for waiter in rest.0.by_ref() {
+        waiter.enter();
+    }
+    drop(rest);
+    // What the entered coroutines woke in turn runs before the lock is retaken.
+    run_woken_coroutines();
+    released.retake_blocking();
 }
 
 #[cfg(all(test, not(aiocoro_loom)))]

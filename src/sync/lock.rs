@@ -118,22 +118,128 @@ impl<'a, R: RawLock, T: ?Sized> LockGuard<'a, R, T> {
     }
 
     /// Releases the lock while the guard stays borrowed (so the data cannot be reached), for
-    /// [`CoQueue::wait`](super::CoQueue::wait) and friends.
-    ///
-    /// # Safety
-    ///
-    /// The caller calls [`LockGuard::reacquired`] after taking the lock again, before the guard
-    /// is used or dropped.
-    pub(crate) unsafe fn release(&mut self) {
-        yield_check::released::<R>();
-        // SAFETY: the guard holds the lock.
-        unsafe { self.lock.raw.unlock() };
+    /// [`CoQueue::wait`](super::CoQueue::wait): the returned span takes it back with
+    /// [`Released::retake`], or, if a panic unwinds through it, as [`Released`] says.
+    pub(crate) fn release<'g>(&'g mut self) -> Released<'g, 'a, R, T> {
+        self.release_with(R::try_lock)
     }
 
-    /// Records that the lock was taken again after [`LockGuard::release`].
-    pub(crate) fn reacquired(&mut self) {
-        yield_check::acquired::<R>();
+    fn release_with<'g>(&'g mut self, retake_on_unwind: fn(&R) -> bool) -> Released<'g, 'a, R, T> {
+        yield_check::released::<R>();
+        // SAFETY: the guard holds the lock; the `Released` made below takes it back before the
+        // guard can be used or dropped again (it borrows the guard until then).
+        unsafe { unlock_or_abort(&self.lock.raw) };
+        Released { guard: self, retake_on_unwind }
     }
+}
+
+impl<'a, R: RawBlockingLock, T: ?Sized> LockGuard<'a, R, T> {
+    /// Like [`LockGuard::release`], for a caller outside a coroutine: the span takes the lock
+    /// back by blocking the thread, with [`Released::retake_blocking`] or when a panic unwinds
+    /// through it (for [`CoQueue::enter_next`](super::CoQueue::enter_next), whose caller may
+    /// catch the panic of a coroutine it entered).
+    pub(crate) fn release_blocking<'g>(&'g mut self) -> Released<'g, 'a, R, T> {
+        self.release_with(|raw| {
+            raw.lock_blocking();
+            true
+        })
+    }
+}
+
+/// The span between releasing a guard's lock and taking it back, which borrows the guard so
+/// that its data cannot be reached meanwhile (the spans of [`CoQueue::wait`](super::CoQueue)
+/// and `enter_next` / `enter_all`).
+///
+/// Rule 5 of the design: a guard always holds its lock, also after a panic unwound through
+/// such a span and was caught. So the span ends by taking the lock back on every path: by
+/// [`Released::retake`] (or `retake_blocking`) when the operation goes on normally, and by its
+/// `Drop` when a panic unwinds through it (a coroutine entered by `enter_next` panicked, or
+/// the lock's own `lock` panicked while taking it back). If the lock cannot be taken back
+/// then, without waiting, the process aborts with a message naming the rule: unwinding on
+/// would leave the caller a guard whose drop releases a lock that somebody else holds, two
+/// `&mut` to one value.
+#[must_use = "the lock must be taken back with `retake`"]
+pub(crate) struct Released<'g, 'a, R: RawLock, T: ?Sized> {
+    guard: &'g mut LockGuard<'a, R, T>,
+    /// How the `Drop` of an unwinding takes the lock back; false if it could not.
+    retake_on_unwind: fn(&R) -> bool,
+}
+
+impl<R: RawLock, T: ?Sized> Released<'_, '_, R, T> {
+    /// The released lock.
+    pub(crate) fn raw(&self) -> &R {
+        &self.guard.lock.raw
+    }
+
+    /// Takes the lock back, waiting as [`RawLock::lock`] does (a coroutine lock suspends `co`,
+    /// shielded from its context's cancellation: the lock must come back whatever happens). If
+    /// `lock` panics, the `Drop` below handles the unwinding.
+    #[inline]
+    pub(crate) fn retake(self, co: &Co) {
+        co.shielded(|| self.raw().lock(co));
+        self.reacquired();
+    }
+
+    fn reacquired(self) {
+        yield_check::acquired::<R>();
+        std::mem::forget(self);
+    }
+}
+
+impl<R: RawBlockingLock, T: ?Sized> Released<'_, '_, R, T> {
+    /// Takes the lock back by blocking the thread.
+    pub(crate) fn retake_blocking(self) {
+        self.raw().lock_blocking();
+        self.reacquired();
+    }
+}
+
+impl<R: RawLock, T: ?Sized> Drop for Released<'_, '_, R, T> {
+    /// Reached only by a panic unwinding through the span (the normal paths forget `self`).
+    fn drop(&mut self) {
+        if (self.retake_on_unwind)(&self.guard.lock.raw) {
+            yield_check::acquired::<R>();
+        } else {
+            guard_without_lock();
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn guard_without_lock() -> ! {
+    eprintln!(
+        "aiocoro: a panic unwound through CoQueue::wait (or enter_next / enter_all) while the \
+         caller's lock was released, and the lock could not be taken back (somebody else holds \
+         it); the caller's guard would then release a lock it does not hold, two holders of its \
+         data. A guard always holds its lock (design rule 5): aborting"
+    );
+    std::process::abort()
+}
+
+/// Releases `raw`; aborts the process if `unlock` panics, which the [`RawLock`] contract
+/// forbids (an unwinding caller could not know whether it still holds the lock).
+///
+/// # Safety
+///
+/// As [`RawLock::unlock`]: the caller holds the lock.
+#[inline(always)]
+pub(crate) unsafe fn unlock_or_abort<R: RawLock>(raw: &R) {
+    /// Aborts when dropped, which only an unwinding `unlock` does.
+    struct Bomb;
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            eprintln!(
+                "aiocoro: RawLock::unlock panicked; the RawLock contract forbids it (the lock's \
+                 state would be unknown to every guard): aborting"
+            );
+            std::process::abort();
+        }
+    }
+    let bomb = Bomb;
+    // SAFETY: the caller holds the lock.
+    unsafe { raw.unlock() };
+    std::mem::forget(bomb);
 }
 
 impl<R: RawLock, T: ?Sized> Deref for LockGuard<'_, R, T> {
@@ -159,7 +265,7 @@ impl<R: RawLock, T: ?Sized> Drop for LockGuard<'_, R, T> {
     fn drop(&mut self) {
         yield_check::released::<R>();
         // SAFETY: the guard holds the lock and gives it up here.
-        unsafe { self.lock.raw.unlock() };
+        unsafe { unlock_or_abort(&self.lock.raw) };
     }
 }
 

@@ -14,6 +14,17 @@ use crate::coroutine::Co;
 ///
 /// [`RawLock::THREAD_BOUND`] may be true only if `Self` is neither `Sync` nor zero-sized (see
 /// there).
+///
+/// # Panics
+///
+/// `lock` and `try_lock` may panic; a call that panics must leave the lock not held by the
+/// caller (taking it and then panicking is a bug of the implementation). `unlock` must not
+/// panic: a caller that unwinds from it could not know whether it still holds the lock, so
+/// [`Lock`](super::Lock) aborts the process, with a message, if it does. Where a lock
+/// operation releases a guard's lock and takes it back ([`CoQueue`](super::CoQueue)), a
+/// panicking `lock` there (say, [`NoLock`](super::NoLock)'s check that finds another holder)
+/// is met by taking the lock back with `try_lock`, or, if that fails, by aborting: a guard
+/// always holds its lock.
 pub unsafe trait RawLock {
     /// An unlocked lock. (A function rather than `lock_api`'s `const INIT`, so that the same
     /// code builds on loom's atomics, which are not `const`.)
@@ -41,7 +52,7 @@ pub unsafe trait RawLock {
     /// Acquires the lock if that needs no waiting.
     fn try_lock(&self) -> bool;
 
-    /// Releases the lock.
+    /// Releases the lock. Must not panic (see the trait's docs).
     ///
     /// # Safety
     ///

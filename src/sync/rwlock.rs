@@ -217,7 +217,8 @@ impl<'a, T: ?Sized> CoRwLockReadGuard<'a, T> {
             // Checked and prepared while the guard still owns the read lock, so that a panic
             // here (a yield that may not happen, no context) releases it normally.
             co.assert_may_yield(0);
-            let wait = co.prepare_wait();
+            // Not cancelled by the context's shutdown (see `lock_contended`).
+            let wait = co.prepare_wait_as(false);
             // From here the raw lock takes over the read ownership.
             mem::forget(self);
             lock.raw.upgrade_contended(wait);
@@ -365,7 +366,9 @@ impl Granted {
     fn wake(self) {
         if let Some(first) = self.first {
             // SAFETY: each record was popped from the queue once, by the hand-over that
-            // granted its coroutine the lock, and that coroutine waits until this wake.
+            // granted its coroutine the lock, and that coroutine waits until this wake: a
+            // CoRwLock wait is not cancelled by its context's shutdown (`prepare_wait_as`), so
+            // nothing else ends it, and its context stays alive meanwhile.
             unsafe { first.wake() };
         }
         for waker in self.rest {
@@ -459,7 +462,9 @@ impl RawCoRwLock {
         // Fail, if at all, before queueing: a hand-over to a waiter that is gone would leave
         // the lock held by nobody.
         co.assert_may_yield(0);
-        let wait = co.prepare_wait();
+        // Not cancelled by the context's shutdown: a queued waiter is granted the lock by a
+        // hand-over and must be there to take it (it is cancelled at its next wait instead).
+        let wait = co.prepare_wait_as(false);
         self.queue_lock.lock_raw();
         let mut state = self.state.load(Ordering::Relaxed);
         loop {

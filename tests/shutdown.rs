@@ -1,0 +1,359 @@
+//! Shutting a context down with coroutines still suspended is a defined path (see
+//! `AioContext`'s shutdown): no panic in the caller, the waits are cancelled (the coroutines
+//! unwind, their destructors run), locks stay usable, and misuse panics name the misuse.
+
+use std::cell::{Cell, RefCell};
+use std::panic::{self, AssertUnwindSafe};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use aiocoro::aio::{AioContext, IoThread, Sleeper, WakeReason};
+use aiocoro::sync::{CoMutex, CoQueue, NoLock, ThreadMutex};
+
+/// Counts its drop: proof that a cancelled coroutine's destructors ran.
+struct Dropped(Arc<AtomicUsize>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Spawns `body` on `iothread` and waits until it reported (through `started`) that it is
+/// about to suspend; then polls the IoThread once more by a round trip.
+fn spawn_and_settle(
+    iothread: &IoThread,
+    body: impl FnOnce(&aiocoro::coroutine::Co, mpsc::Sender<()>) + Send + 'static,
+) {
+    let (started, ready) = mpsc::channel();
+    iothread.handle().spawn(move |co| body(co, started)).unwrap();
+    ready.recv_timeout(Duration::from_secs(10)).expect("the coroutine started");
+    let (done, settled) = mpsc::channel();
+    iothread.handle().schedule_oneshot(move || done.send(()).unwrap()).unwrap();
+    settled.recv_timeout(Duration::from_secs(10)).expect("the IoThread polled again");
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(message) => *message,
+        Err(payload) => payload.downcast_ref::<&str>().map(|s| s.to_string()).unwrap_or_default(),
+    }
+}
+
+#[test]
+fn stopping_an_iothread_with_a_comutex_waiter_cancels_it_and_the_lock_stays_usable() {
+    let iothread = IoThread::spawn("stop-comutex").unwrap();
+    let mutex = Arc::new(CoMutex::new(0u32));
+    let drops = Arc::new(AtomicUsize::new(0));
+    let guard = mutex.try_lock().unwrap();
+    let (m, d) = (mutex.clone(), drops.clone());
+    spawn_and_settle(&iothread, move |co, started| {
+        let _dropped = Dropped(d);
+        started.send(()).unwrap();
+        *m.lock(co) += 1;
+    });
+    assert!(mutex.raw().is_locked());
+    iothread.stop();
+    assert_eq!(drops.load(Ordering::SeqCst), 1, "the waiter was unwound, its destructors ran");
+    // The waiter left the queue: the unlock frees the lock instead of handing it to the dead
+    // waiter, and any other thread can take it.
+    drop(guard);
+    let m = mutex.clone();
+    assert!(thread::spawn(move || m.try_lock().is_some()).join().unwrap(), "the lock is stuck");
+    assert_eq!(*mutex.try_lock().unwrap(), 0, "the cancelled waiter never got the lock");
+}
+
+#[test]
+fn stopping_an_iothread_with_comutex_waiters_of_both_kinds_hands_the_lock_on() {
+    // On the IoThread: a holder that sleeps with the lock, a waiter parked behind it (same
+    // thread), and a waiter from another thread queued behind those.
+    let iothread = IoThread::spawn("stop-chain").unwrap();
+    let mutex = Arc::new(CoMutex::new(Vec::new()));
+    let m = mutex.clone();
+    spawn_and_settle(&iothread, move |co, started| {
+        let mut guard = m.lock(co);
+        guard.push("holder");
+        started.send(()).unwrap();
+        co.sleep(Duration::from_secs(3600));
+        guard.push("holder woke");
+    });
+    let m = mutex.clone();
+    spawn_and_settle(&iothread, move |co, started| {
+        started.send(()).unwrap();
+        m.lock(co).push("parked waiter");
+    });
+    let ctx = AioContext::new().unwrap();
+    let m = mutex.clone();
+    let remote = ctx.spawn(move |co| m.lock(co).push("remote waiter"));
+    ctx.poll(false);
+    assert!(!remote.is_ended());
+    let started = Instant::now();
+    iothread.stop();
+    assert!(started.elapsed() < Duration::from_secs(60), "the sleep was cancelled");
+    ctx.wait_while(|| !remote.is_ended());
+    assert_eq!(
+        *mutex.try_lock().unwrap(),
+        ["holder", "parked waiter", "remote waiter"],
+        "the cancelled holder handed the lock to the parked waiter, which ran until its \
+         critical section ended, then to the waiter of the other thread"
+    );
+}
+
+#[test]
+fn stopping_an_iothread_with_coqueue_waiters_cancels_them_and_leaves_the_queue_empty() {
+    let iothread = IoThread::spawn("stop-coqueue").unwrap();
+    let thread_locked = Arc::new((ThreadMutex::new(0u32), CoQueue::new()));
+    let co_locked = Arc::new((CoMutex::new(0u32), CoQueue::new()));
+    let drops = Arc::new(AtomicUsize::new(0));
+    let (s, d) = (thread_locked.clone(), drops.clone());
+    spawn_and_settle(&iothread, move |co, started| {
+        let _dropped = Dropped(d);
+        let (lock, queue) = &*s;
+        let mut guard = lock.lock(co);
+        started.send(()).unwrap();
+        while *guard == 0 {
+            queue.wait(co, &mut guard);
+        }
+    });
+    let (s, d) = (co_locked.clone(), drops.clone());
+    spawn_and_settle(&iothread, move |co, started| {
+        let _dropped = Dropped(d);
+        let (lock, queue) = &*s;
+        let mut guard = lock.lock(co);
+        started.send(()).unwrap();
+        while *guard == 0 {
+            queue.wait(co, &mut guard);
+        }
+    });
+    iothread.stop();
+    assert_eq!(drops.load(Ordering::SeqCst), 2, "both waiters were unwound");
+    let (lock, queue) = &*thread_locked;
+    let guard = lock.try_lock().expect("the cancelled waiter's guard released the lock");
+    assert!(queue.is_empty(&guard), "the cancelled waiter left the queue");
+    let (lock, queue) = &*co_locked;
+    let guard = lock.try_lock().expect("the cancelled waiter's guard released the lock");
+    assert!(queue.is_empty(&guard), "the cancelled waiter left the queue");
+}
+
+#[test]
+fn a_cancelled_coqueue_waiter_that_was_woken_already_passes_the_wake_on() {
+    // Two consumers wait, the first on a context that shuts down. Its cancelled wait must
+    // take the lock back, which the producer holds; meanwhile the producer's `next` pops the
+    // cancelled consumer. The wake must not be lost with it: it goes to the second consumer.
+    let ctx = AioContext::new().unwrap();
+    let state = Arc::new((ThreadMutex::new(0u32), CoQueue::new()));
+    let s = state.clone();
+    let (queued, first_queued) = mpsc::channel();
+    let (shut, shut_down) = mpsc::channel::<()>();
+    let doomed = thread::spawn(move || {
+        let ctx = AioContext::new().unwrap();
+        ctx.spawn(move |co| {
+            let (lock, queue) = &*s;
+            let mut guard = lock.lock(co);
+            queued.send(()).unwrap();
+            while *guard == 0 {
+                queue.wait(co, &mut guard);
+            }
+            *guard -= 1;
+        });
+        ctx.poll(false);
+        shut_down.recv().unwrap();
+        drop(ctx);
+    });
+    first_queued.recv().unwrap();
+    let s = state.clone();
+    let survivor = ctx.spawn(move |co| {
+        let (lock, queue) = &*s;
+        let mut guard = lock.lock(co);
+        while *guard == 0 {
+            queue.wait(co, &mut guard);
+        }
+        *guard -= 1;
+    });
+    // The doomed consumer queued first (it held the lock until it waited).
+    ctx.poll(false);
+    let (lock, queue) = &*state;
+    let mut guard = lock.lock_blocking();
+    shut.send(()).unwrap();
+    // Let the shutdown cancel the doomed consumer, which then blocks taking the lock back.
+    thread::sleep(Duration::from_millis(200));
+    *guard += 1;
+    assert!(queue.next(&mut guard), "the doomed consumer is still in the queue");
+    drop(guard);
+    doomed.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !survivor.is_ended() && Instant::now() < deadline {
+        ctx.poll(false);
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert!(survivor.is_ended(), "the wake was lost with the cancelled consumer");
+    assert_eq!(*state.0.lock_blocking(), 0, "the item was consumed once");
+}
+
+#[test]
+fn stopping_an_iothread_with_a_sleeper_and_a_thread_pool_job_cancels_both() {
+    let iothread = IoThread::spawn("stop-sleep-pool").unwrap();
+    let drops = Arc::new(AtomicUsize::new(0));
+    let job_done = Arc::new(AtomicBool::new(false));
+    let d = drops.clone();
+    spawn_and_settle(&iothread, move |co, started| {
+        let _dropped = Dropped(d);
+        started.send(()).unwrap();
+        co.sleep(Duration::from_secs(3600));
+    });
+    let (d, done) = (drops.clone(), job_done.clone());
+    let (job_started, job_running) = mpsc::channel();
+    spawn_and_settle(&iothread, move |co, started| {
+        let _dropped = Dropped(d);
+        started.send(()).unwrap();
+        co.run_blocking(move || {
+            job_started.send(()).unwrap();
+            thread::sleep(Duration::from_millis(100));
+            done.store(true, Ordering::SeqCst);
+        });
+    });
+    // A job still queued would be dropped unrun; this one runs when the thread stops.
+    job_running.recv_timeout(Duration::from_secs(10)).expect("a worker runs the job");
+    let started = Instant::now();
+    iothread.stop();
+    assert!(started.elapsed() < Duration::from_secs(60), "the sleep was cancelled");
+    assert_eq!(drops.load(Ordering::SeqCst), 2, "both coroutines were unwound");
+    assert!(job_done.load(Ordering::SeqCst), "the running job was waited for, not abandoned");
+}
+
+#[test]
+fn dropping_a_context_drains_what_is_ready_before_it_cancels() {
+    let ctx = AioContext::new().unwrap();
+    let log = Rc::new(RefCell::new(Vec::new()));
+    let l = log.clone();
+    ctx.spawn(move |co| {
+        co.reschedule();
+        l.borrow_mut().push("ready work ran");
+        co.sleep(Duration::from_secs(3600));
+        l.borrow_mut().push("woke");
+    });
+    ctx.poll(false);
+    drop(ctx);
+    assert_eq!(*log.borrow(), ["ready work ran"]);
+}
+
+#[test]
+fn a_coroutine_cancelled_at_shutdown_reports_it_when_entered() {
+    let ctx = AioContext::new().unwrap();
+    let co = ctx.spawn(|co| co.sleep(Duration::from_secs(3600)));
+    ctx.poll(false);
+    drop(ctx);
+    assert!(co.is_ended(), "the shutdown cancelled it");
+    let message = panic_message(panic::catch_unwind(AssertUnwindSafe(|| co.enter())).unwrap_err());
+    assert!(message.contains("after its AioContext cancelled it"), "{message}");
+}
+
+#[test]
+fn a_coroutine_parked_where_shutdown_cannot_reach_it_is_left_suspended_not_unwound() {
+    // A waiter on a CoQueue under a NoLock parks; a shutdown cannot find parks to cancel, so
+    // the coroutine stays suspended for good (leaked), and nothing unwinds it later.
+    thread::spawn(|| {
+        let ctx = AioContext::new().unwrap();
+        let state = Rc::new((NoLock::new(false), CoQueue::new()));
+        let unwound = Rc::new(Cell::new(false));
+        let (s, u) = (state.clone(), unwound.clone());
+        let co = ctx.spawn(move |co| {
+            struct Flag(Rc<Cell<bool>>);
+            impl Drop for Flag {
+                fn drop(&mut self) {
+                    self.0.set(true);
+                }
+            }
+            let _flag = Flag(u);
+            let (lock, queue) = &*s;
+            let mut guard = lock.lock(co);
+            queue.wait(co, &mut guard);
+        });
+        ctx.poll(false);
+        drop(ctx);
+        assert!(!co.is_ended() && !unwound.get());
+        drop(co);
+        let (lock, queue) = &*state;
+        let mut guard = lock.try_lock().unwrap();
+        assert!(!queue.next(&mut guard));
+        assert!(!unwound.get());
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn entering_a_spawned_coroutine_by_hand_panics_naming_that_misuse() {
+    let ctx = AioContext::new().unwrap();
+    let co = ctx.spawn(|_co| {});
+    co.enter();
+    let message =
+        panic_message(panic::catch_unwind(AssertUnwindSafe(|| ctx.poll(false))).unwrap_err());
+    assert!(message.contains("was spawned on an AioContext, then entered by hand"), "{message}");
+    assert!(message.contains(&format!("coroutine #{}", co.id())), "{message}");
+}
+
+#[test]
+fn waking_a_forgotten_wait_panics_naming_that_misuse() {
+    let ctx = AioContext::new().unwrap();
+    let waker = Rc::new(RefCell::new(None));
+    let w = waker.clone();
+    let co = ctx.spawn(move |co| {
+        let wait = co.prepare_wait();
+        *w.borrow_mut() = Some(wait.waker());
+        std::mem::forget(wait);
+    });
+    ctx.poll(false);
+    assert!(co.is_ended());
+    waker.borrow_mut().take().unwrap().wake();
+    let message =
+        panic_message(panic::catch_unwind(AssertUnwindSafe(|| ctx.poll(false))).unwrap_err());
+    assert!(message.contains("the Wait was leaked"), "{message}");
+    assert!(message.contains(&format!("coroutine #{}", co.id())), "{message}");
+}
+
+#[test]
+fn a_sleeper_whose_sleep_was_cancelled_can_be_slept_on_again() {
+    let sleeper = Arc::new(Sleeper::new());
+    let iothread = IoThread::spawn("stop-sleeper").unwrap();
+    let s = sleeper.clone();
+    spawn_and_settle(&iothread, move |co, started| {
+        started.send(()).unwrap();
+        co.sleep_wakeable(Duration::from_secs(3600), &s);
+    });
+    iothread.stop();
+    assert!(!sleeper.wake(), "the cancelled sleep left its waker behind");
+    let ctx = AioContext::new().unwrap();
+    let s = sleeper.clone();
+    let co = ctx.spawn(move |co| {
+        assert_eq!(co.sleep_wakeable(Duration::from_millis(1), &s), WakeReason::TimedOut);
+    });
+    ctx.wait_while(|| !co.is_ended());
+}
+
+#[test]
+fn a_coroutine_that_reschedules_forever_does_not_hold_a_shutdown_up() {
+    // It never waits, so nothing cancels it; the bounded drain moves on and leaves it (it is
+    // parked on the run queue, where the shutdown leaks it), while a sleeper is cancelled.
+    thread::spawn(|| {
+        let ctx = AioContext::new().unwrap();
+        let spins = Rc::new(Cell::new(0u64));
+        let s = spins.clone();
+        ctx.spawn(move |co| {
+            loop {
+                s.set(s.get() + 1);
+                co.reschedule();
+            }
+        });
+        let sleeper = ctx.spawn(|co| co.sleep(Duration::from_secs(3600)));
+        ctx.poll(false);
+        drop(ctx);
+        assert!(sleeper.is_ended(), "the sleeper was cancelled");
+        assert!(spins.get() > 1, "the drain ran the rescheduling coroutine");
+    })
+    .join()
+    .unwrap();
+}
