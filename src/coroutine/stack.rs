@@ -1,4 +1,4 @@
-//! A coroutine stack: an `mmap`ed region with an inaccessible guard page below it.
+//! A coroutine stack: a slot of one of the process's stack reservations, with a guard below it.
 
 use std::io;
 use std::ops::Range;
@@ -6,6 +6,8 @@ use std::ptr::NonNull;
 
 use corosensei::stack::{Stack, StackPointer};
 
+use super::guard::Guards;
+use super::reservation::StackSpace;
 use crate::sys;
 
 /// The smallest usable stack size a caller may ask for, in bytes.
@@ -15,11 +17,14 @@ pub const MIN_STACK_SIZE: usize = 16 * 1024;
 /// in QEMU. Only the pages a coroutine touches take memory.
 pub const DEFAULT_STACK_SIZE: usize = 1024 * 1024;
 
+/// Where every coroutine stack of the process comes from.
+static STACKS: StackSpace = StackSpace::new(Guards::new());
+
 /// One coroutine stack.
 ///
-/// Invariant: `base..base + len` is one private anonymous mapping owned by this value; its
-/// lowest `guard` bytes are `PROT_NONE` (the guard page) and the rest is readable and
-/// writable. The mapping is released when the value drops.
+/// Invariant: `base..base + len` is a slot of [`STACKS`] owned by this value: its lowest `guard`
+/// bytes are a guard (any access faults) and the rest is readable and writable. The slot goes
+/// back to `STACKS` (its pages to the kernel) when the value drops.
 pub(crate) struct GuardedStack {
     base: NonNull<u8>,
     len: usize,
@@ -27,7 +32,7 @@ pub(crate) struct GuardedStack {
 }
 
 impl GuardedStack {
-    /// Maps a stack with at least `size` usable bytes (rounded up to whole pages, at least
+    /// Takes a stack with at least `size` usable bytes (rounded up to whole pages, at least
     /// [`MIN_STACK_SIZE`]) and one guard page below it.
     pub(crate) fn new(size: usize) -> io::Result<Self> {
         let page = sys::page_size();
@@ -38,20 +43,17 @@ impl GuardedStack {
         let len = usable
             .checked_add(page)
             .ok_or_else(|| io::Error::other(format!("coroutine stack size {size} is too large")))?;
-        let base = sys::map_inaccessible(len)?;
-        let stack = GuardedStack { base, len, guard: page };
-        // SAFETY: `page..len` lies inside the mapping just made, which nothing references yet.
-        unsafe { sys::make_read_write(stack.base.add(page), usable)? };
-        Ok(stack)
+        let base = STACKS.take(len, page)?;
+        Ok(GuardedStack { base, len, guard: page })
     }
 
-    /// The number of bytes a coroutine may use (the mapping minus the guard page).
+    /// The number of bytes a coroutine may use (the slot minus the guard).
     #[inline]
     pub(crate) fn usable_size(&self) -> usize {
         self.len - self.guard
     }
 
-    /// The addresses of the guard page; a fault there is a stack overflow.
+    /// The addresses of the guard; a fault there is a stack overflow. Async-signal-safe.
     pub(crate) fn guard_range(&self) -> Range<usize> {
         let low = self.base.as_ptr() as usize;
         low..low + self.guard
@@ -60,10 +62,10 @@ impl GuardedStack {
 
 impl Drop for GuardedStack {
     fn drop(&mut self) {
-        // SAFETY: by the type invariant the mapping is ours, and a stack is only dropped once no
-        // coroutine runs on it (the pool and the coroutine slot own it exclusively).
-        let result = unsafe { sys::unmap(self.base, self.len) };
-        debug_assert!(result.is_ok(), "munmap of a coroutine stack failed: {result:?}");
+        // SAFETY: by the type invariant the slot came from `STACKS.take(len, guard)` and is ours,
+        // and a stack is only dropped once no coroutine runs on it (the pool and the coroutine
+        // slot own it exclusively).
+        unsafe { STACKS.give(self.base, self.len, self.guard) };
     }
 }
 
@@ -82,8 +84,8 @@ impl GuardedStack {
     pub(crate) fn bounds(&self) -> StackBounds {
         let low = self.base.as_ptr() as usize;
         StackBounds {
-            base: StackPointer::new(low + self.len).expect("a mapping never ends at address 0"),
-            limit: StackPointer::new(low + self.guard).expect("a mapping never starts at 0"),
+            base: StackPointer::new(low + self.len).expect("a stack never ends at address 0"),
+            limit: StackPointer::new(low + self.guard).expect("a stack never starts at address 0"),
         }
     }
 }
@@ -113,7 +115,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rounds_up_to_pages_and_keeps_a_guard_page() {
+    fn rounds_up_to_pages_and_keeps_a_guard_below_the_stack() {
         let page = sys::page_size();
         let stack = GuardedStack::new(MIN_STACK_SIZE + 1).unwrap();
         assert_eq!(stack.usable_size(), (MIN_STACK_SIZE + 1).next_multiple_of(page));
