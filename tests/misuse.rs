@@ -75,16 +75,18 @@ fn yielding_while_being_dropped_aborts_with_a_message() {
     assert!(stderr.contains("\"dropped\""), "{stderr}");
 }
 
+/// Recurses until the stack overflows.
+#[inline(never)]
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let frame = black_box([depth; 32]);
+    black_box(recurse(depth + 1)) + frame[7]
+}
+
 #[test]
 fn a_stack_overflow_dies_on_the_guard_page_and_names_the_coroutine() {
     const TEST: &str = "a_stack_overflow_dies_on_the_guard_page_and_names_the_coroutine";
     if common::is_child(TEST) {
-        #[inline(never)]
-        #[allow(unconditional_recursion)]
-        fn recurse(depth: u64) -> u64 {
-            let frame = black_box([depth; 32]);
-            black_box(recurse(depth + 1)) + frame[7]
-        }
         let co = Coroutine::builder()
             .name("deep")
             .stack_size(64 * 1024)
@@ -100,5 +102,42 @@ fn a_stack_overflow_dies_on_the_guard_page_and_names_the_coroutine() {
     assert_eq!(output.status.signal(), Some(libc::SIGSEGV), "{:?}\n{stderr}", output.status);
     assert!(stderr.contains("aiocoro: stack overflow in coroutine #"), "{stderr}");
     assert!(stderr.contains("\"deep\""), "{stderr}");
+    assert!(stderr.contains("guard page"), "{stderr}");
+}
+
+/// Pooled stacks lie next to each other in one reservation: the overflowing stack's guard is all
+/// that separates it from the top of its suspended neighbour's stack.
+#[test]
+fn a_pooled_stack_between_suspended_neighbours_overflows_into_its_guard() {
+    const TEST: &str = "a_pooled_stack_between_suspended_neighbours_overflows_into_its_guard";
+    if common::is_child(TEST) {
+        let neighbours: Vec<Coroutine> = (0..100)
+            .map(|_| {
+                let co = Coroutine::new(|co| co.yield_now());
+                co.enter();
+                co
+            })
+            .collect();
+        let co = Coroutine::builder()
+            .name("between")
+            .build(|_co| {
+                black_box(recurse(0));
+            })
+            .unwrap();
+        let more: Vec<Coroutine> = (0..100)
+            .map(|_| {
+                let co = Coroutine::new(|co| co.yield_now());
+                co.enter();
+                co
+            })
+            .collect();
+        co.enter();
+        drop((neighbours, more));
+        unreachable!("infinite recursion must not return");
+    }
+    let output = common::run_child(TEST);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.signal(), Some(libc::SIGSEGV), "{:?}\n{stderr}", output.status);
+    assert!(stderr.contains("aiocoro: stack overflow in coroutine #101 \"between\""), "{stderr}");
     assert!(stderr.contains("guard page"), "{stderr}");
 }

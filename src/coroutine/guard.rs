@@ -22,6 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::sys;
 
+/// How many slots are armed at once with guard regions: 64 MiB of 1 MiB stacks, one `mprotect`.
+const REGION_BATCH: usize = 64;
+
 /// How the guards of one set of reservations are made: guard regions until the kernel refuses
 /// them, `PROT_NONE` pages after.
 pub(crate) struct Guards {
@@ -46,37 +49,61 @@ impl Guards {
         self.regions.load(Ordering::Relaxed)
     }
 
-    /// Makes the slot of `len` bytes at `slot` a stack: its lowest `guard` bytes a guard, the rest
-    /// readable and writable.
+    /// How many slots to arm at once. With guard regions, a run of slots is made readable and
+    /// writable with one `mprotect` and stays one mapping, so arming ahead is cheap; with
+    /// `PROT_NONE` guards every armed slot costs two mappings, so only the slot needed is armed.
+    pub(crate) fn batch(&self) -> usize {
+        if self.uses_regions() { REGION_BATCH } else { 1 }
+    }
+
+    /// Makes the `count` adjacent slots of `len` bytes from `first` stacks: the lowest `guard`
+    /// bytes of each a guard, the rest readable and writable.
     ///
     /// # Safety
     ///
-    /// `slot..slot + len` must lie in a `PROT_NONE` part of a private anonymous mapping this
-    /// process owns, that nothing references; `guard` must be a multiple of the page size
-    /// smaller than `len`, as `slot` and `len` must be.
-    pub(crate) unsafe fn arm(&self, slot: NonNull<u8>, len: usize, guard: usize) -> io::Result<()> {
-        // SAFETY: `guard < len`, so the stack starts inside the slot.
-        let stack = unsafe { slot.add(guard) };
+    /// The slots must lie in a `PROT_NONE` part of a private anonymous mapping this process owns,
+    /// that nothing references; `guard` must be a multiple of the page size smaller than `len`,
+    /// as `first` and `len` must be.
+    pub(crate) unsafe fn arm(
+        &self,
+        first: NonNull<u8>,
+        count: usize,
+        len: usize,
+        guard: usize,
+    ) -> io::Result<()> {
+        // SAFETY: every call passes `index < count`, so the offset stays inside the slots.
+        let slot = |index: usize| unsafe { first.add(index * len) };
         if self.uses_regions() {
-            // SAFETY: the slot is ours and unreferenced (the caller's contract).
-            unsafe { sys::make_read_write(slot, len)? };
-            // SAFETY: the guard lies in the slot, a private anonymous mapping nobody uses.
-            match unsafe { sys::install_guard(slot, guard) } {
-                Ok(()) => return Ok(()),
-                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-                    self.regions.store(false, Ordering::Relaxed);
-                    // SAFETY: as above; the guard becomes the inaccessible page it would have
-                    // been without guard regions.
-                    return unsafe { sys::make_inaccessible(slot, guard) };
-                }
-                Err(error) => {
-                    // SAFETY: as above. Best effort: the slot is not handed out either way.
-                    let _ = unsafe { sys::make_inaccessible(slot, len) };
-                    return Err(error);
+            // SAFETY: the slots are ours and unreferenced (the caller's contract).
+            unsafe { sys::make_read_write(first, count * len)? };
+            for index in 0..count {
+                // SAFETY: the guard lies in a slot: a private anonymous mapping nobody uses.
+                match unsafe { sys::install_guard(slot(index), guard) } {
+                    Ok(()) => {}
+                    Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                        self.regions.store(false, Ordering::Relaxed);
+                        // The guards not installed become the inaccessible pages they would
+                        // have been without guard regions.
+                        for index in index..count {
+                            // SAFETY: as above.
+                            unsafe { sys::make_inaccessible(slot(index), guard)? };
+                        }
+                        return Ok(());
+                    }
+                    Err(error) => {
+                        // SAFETY: as above. Best effort: the slots are not handed out either way,
+                        // and arming them again later installs the guards again.
+                        let _ = unsafe { sys::make_inaccessible(first, count * len) };
+                        return Err(error);
+                    }
                 }
             }
+            return Ok(());
         }
-        // SAFETY: the usable part is in the slot, which is ours and unreferenced.
-        unsafe { sys::make_read_write(stack, len - guard) }
+        for index in 0..count {
+            // SAFETY: the usable part of a slot, which is ours and unreferenced.
+            unsafe { sys::make_read_write(slot(index).add(guard), len - guard)? };
+        }
+        Ok(())
     }
 }

@@ -81,22 +81,30 @@ impl Reservation {
         (index < self.capacity).then_some(index)
     }
 
-    /// Arms the next slot with `guards` and hands it out.
+    /// Arms the next slots with `guards` (as many as `guards` arms at once), keeps all but the
+    /// first as free, and hands the first out.
     fn arm_next(&mut self, guards: &Guards, guard: usize) -> io::Result<NonNull<u8>> {
         debug_assert!(self.armed < self.capacity);
-        let slot = self.slot(self.armed);
+        let first = self.armed;
+        let count = guards.batch().min(self.capacity - first);
         // SAFETY: slots from `armed` on are still `PROT_NONE` and unreferenced (type invariant);
         // the slot length and the guard are whole pages, the guard smaller than the slot (checked
         // by `StackSpace::take`).
-        unsafe { guards.arm(slot, self.slot_len, guard)? };
-        self.armed += 1;
-        Ok(slot)
+        unsafe { guards.arm(self.slot(first), count, self.slot_len, guard)? };
+        self.armed += count;
+        // Lowest first out, so that stacks fill a reservation from its bottom.
+        self.free.extend((first + 1..first + count).rev());
+        Ok(self.slot(first))
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        debug_assert_eq!(self.free.len(), self.armed, "a reservation was dropped with stacks in use");
+        debug_assert_eq!(
+            self.free.len(),
+            self.armed,
+            "a reservation was dropped with stacks in use"
+        );
         // SAFETY: the mapping is ours and no slot of it is in use (type invariant: a reservation
         // drops only once every armed slot is free).
         let result = unsafe { sys::unmap(self.base, self.capacity * self.slot_len) };
@@ -136,11 +144,8 @@ impl StackSpace {
         {
             return reservation.arm_next(&self.guards, guard);
         }
-        let held: usize = reservations
-            .iter()
-            .filter(|r| r.slot_len == slot_len)
-            .map(|r| r.capacity)
-            .sum();
+        let held: usize =
+            reservations.iter().filter(|r| r.slot_len == slot_len).map(|r| r.capacity).sum();
         let most = (MAX_RESERVATION_BYTES / slot_len).max(1);
         let mut reservation = Reservation::map(slot_len, held.max(FIRST_SLOTS).min(most))?;
         let slot = reservation.arm_next(&self.guards, guard)?;
@@ -161,7 +166,10 @@ impl StackSpace {
         // and whose contents nobody needs (the caller's contract).
         let discarded = unsafe { sys::discard(slot.add(guard), slot_len - guard) };
         // A failure only leaves the pages in memory; the slot stays a valid stack.
-        debug_assert!(discarded.is_ok(), "MADV_DONTNEED of a coroutine stack failed: {discarded:?}");
+        debug_assert!(
+            discarded.is_ok(),
+            "MADV_DONTNEED of a coroutine stack failed: {discarded:?}"
+        );
         let mut reservations = self.reservations.lock().unwrap_or_else(PoisonError::into_inner);
         let (position, index) = reservations
             .iter()
