@@ -4,6 +4,7 @@ use std::io;
 use std::ops::Range;
 use std::ptr::NonNull;
 
+use corosensei::stack::valgrind::ValgrindStackRegistration;
 use corosensei::stack::{Stack, StackPointer};
 
 use super::guard::Guards;
@@ -29,6 +30,9 @@ pub(crate) struct GuardedStack {
     base: NonNull<u8>,
     len: usize,
     guard: usize,
+    /// Tells valgrind, when the process runs under it, that the usable part is a stack, so that
+    /// switching to it is not mistaken for a wild stack-pointer move (no effect otherwise).
+    _valgrind: ValgrindStackRegistration,
 }
 
 impl GuardedStack {
@@ -44,7 +48,10 @@ impl GuardedStack {
             .checked_add(page)
             .ok_or_else(|| io::Error::other(format!("coroutine stack size {size} is too large")))?;
         let base = STACKS.take(len, page)?;
-        Ok(GuardedStack { base, len, guard: page })
+        // SAFETY: `page < len`, so the stack starts inside the slot just taken.
+        let stack = unsafe { base.add(page) };
+        let _valgrind = ValgrindStackRegistration::new(stack.as_ptr(), usable);
+        Ok(GuardedStack { base, len, guard: page, _valgrind })
     }
 
     /// The number of bytes a coroutine may use (the slot minus the guard).
