@@ -1,12 +1,16 @@
 //! Misuse of a coroutine is a clear panic (or, for a stack overflow, a clear death), never UB.
 
 mod common;
+#[path = "../benches/support/process_memory.rs"]
+#[allow(dead_code, reason = "these tests need only the mapping count")]
+mod process_memory;
 
 use std::hint::black_box;
 use std::os::unix::process::ExitStatusExt;
 use std::panic::{self, AssertUnwindSafe};
 
-use aiocoro::coroutine::Coroutine;
+use aiocoro::coroutine::pool::{self, PoolConfig};
+use aiocoro::coroutine::{Coroutine, MIN_STACK_SIZE};
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     match payload.downcast::<String>() {
@@ -139,5 +143,46 @@ fn a_pooled_stack_between_suspended_neighbours_overflows_into_its_guard() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.signal(), Some(libc::SIGSEGV), "{:?}\n{stderr}", output.status);
     assert!(stderr.contains("aiocoro: stack overflow in coroutine #101 \"between\""), "{stderr}");
+    assert!(stderr.contains("guard page"), "{stderr}");
+}
+
+/// Where the kernel refuses guard regions (here because `mlockall(MCL_FUTURE)` locks every new
+/// mapping, and locked memory cannot have them), each stack falls back to a `PROT_NONE` guard page
+/// of its own, two mappings per stack as before reservations, and an overflow still dies on the
+/// guard and is reported.
+#[test]
+fn without_guard_regions_stacks_get_guard_pages_that_still_catch_an_overflow() {
+    const TEST: &str = "without_guard_regions_stacks_get_guard_pages_that_still_catch_an_overflow";
+    if common::is_child(TEST) {
+        // Small stacks keep the locked reservations far below the default RLIMIT_MEMLOCK.
+        pool::configure(PoolConfig { stack_size: MIN_STACK_SIZE, ..PoolConfig::DEFAULT });
+        // SAFETY: mlockall only changes how this process's future mappings are kept in memory
+        // (locked once faulted in); it touches no Rust object.
+        let locked = unsafe { libc::mlockall(libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+        assert_eq!(locked, 0, "mlockall: {}", std::io::Error::last_os_error());
+        let before = process_memory::mapping_count();
+        let neighbours: Vec<Coroutine> = (0..50)
+            .map(|_| {
+                let co = Coroutine::new(|co| co.yield_now());
+                co.enter();
+                co
+            })
+            .collect();
+        let added = process_memory::mapping_count() - before;
+        assert!(added >= 90, "50 stacks with guard pages of their own: {added} mappings added");
+        let co = Coroutine::builder()
+            .name("locked")
+            .build(|_co| {
+                black_box(recurse(0));
+            })
+            .unwrap();
+        co.enter();
+        drop(neighbours);
+        unreachable!("infinite recursion must not return");
+    }
+    let output = common::run_child(TEST);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.signal(), Some(libc::SIGSEGV), "{:?}\n{stderr}", output.status);
+    assert!(stderr.contains("aiocoro: stack overflow in coroutine #51 \"locked\""), "{stderr}");
     assert!(stderr.contains("guard page"), "{stderr}");
 }

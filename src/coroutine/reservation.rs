@@ -28,9 +28,15 @@ use crate::sys;
 /// Slots in the first reservation of a slot size.
 pub(crate) const FIRST_SLOTS: usize = 16;
 
-/// The most bytes one reservation spans (unless a single slot is larger): 64 GiB, a thousandth
+/// The most bytes one reservation spans (unless a single slot is larger): 64 GiB, a two-thousandth
 /// of x86_64's 128 TiB of user address space.
+#[cfg(target_pointer_width = "64")]
 pub(crate) const MAX_RESERVATION_BYTES: usize = 1 << 36;
+
+/// The most bytes one reservation spans (unless a single slot is larger): 256 MiB of a 32-bit
+/// address space.
+#[cfg(not(target_pointer_width = "64"))]
+pub(crate) const MAX_RESERVATION_BYTES: usize = 1 << 28;
 
 /// The reservations that stacks are carved from, with the guards they are armed with.
 pub(crate) struct StackSpace {
@@ -232,7 +238,7 @@ mod tests {
     }
 
     #[test]
-    fn a_hundred_stacks_with_guard_regions_take_two_mappings() {
+    fn a_hundred_stacks_with_guard_regions_take_a_handful_of_mappings() {
         let space = StackSpace::new(Guards::new());
         let (len, page) = (slot_len(), sys::page_size());
         let slots: Vec<_> = (0..100).map(|_| space.take(len, page).unwrap()).collect();
