@@ -6,8 +6,9 @@
 //!
 //! Each figure is the median of five timed runs after a warm-up. `nesting` is per level, the
 //! others per operation. `raw_corosensei_*` run the same shapes on bare `corosensei`, in the same
-//! process, as the baseline. `suspended/1000000` is per coroutine, with a million suspended at
-//! once; before it, one such million is measured (first use of the stacks, nothing pooled yet):
+//! process, as the baseline. `suspended/1000000` is per coroutine (create, enter until its yield,
+//! later enter to its end) with a million suspended at once; before its runs, one such million is
+//! measured (almost all of their stacks new to the process):
 //!
 //! ```text
 //! suspended_memory <KiB> KiB each, <count> mappings
@@ -53,8 +54,9 @@ fn main() {
     });
     report("yield", 20_000_000, 1, workloads::yield_round_trips);
     report("function_call", 100_000_000, 1, workloads::function_call);
-    suspended_memory();
-    report(&format!("suspended/{SUSPENDED}"), SUSPENDED, 1, workloads::suspended);
     report("raw_corosensei_yield", 20_000_000, 1, workloads::raw_corosensei_yield);
     report("raw_corosensei_lifecycle", 5_000_000, 1, workloads::raw_corosensei_lifecycle);
+    // Last, so that the baselines above run right after the figures they are compared with.
+    suspended_memory();
+    report(&format!("suspended/{SUSPENDED}"), SUSPENDED, 1, workloads::suspended);
 }

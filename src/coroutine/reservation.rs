@@ -184,7 +184,6 @@ impl StackSpace {
             .expect("aiocoro: a coroutine stack was given back to a space it did not come from");
         let reservation = &mut reservations[position];
         debug_assert_eq!(reservation.slot(index), slot, "a stack was given back misaligned");
-        debug_assert!(!reservation.free.contains(&index), "a stack was given back twice");
         reservation.free.push(index);
         if reservation.free.len() == reservation.armed {
             let empty = reservations.remove(position);
