@@ -23,13 +23,14 @@ static STACKS: StackSpace = StackSpace::new(Guards::new());
 
 /// One coroutine stack.
 ///
-/// Invariant: `base..base + len` is a slot of [`STACKS`] owned by this value: its lowest `guard`
-/// bytes are a guard (any access faults) and the rest is readable and writable. The slot goes
-/// back to `STACKS` (its pages to the kernel) when the value drops.
+/// Invariant: with `page` the page size, `limit - page..limit + usable` is a slot of [`STACKS`]
+/// owned by this value: the page below `limit` is its guard (any access faults) and
+/// `limit..limit + usable` is readable and writable. The slot goes back to `STACKS` (its pages to
+/// the kernel) when the value drops. (Three words, as before reservations, so that `Slot`, which
+/// the pool's hot path touches, did not grow.)
 pub(crate) struct GuardedStack {
-    base: NonNull<u8>,
-    len: usize,
-    guard: usize,
+    limit: NonNull<u8>,
+    usable: usize,
     /// Tells valgrind, when the process runs under it, that the usable part is a stack, so that
     /// switching to it is not mistaken for a wild stack-pointer move (no effect otherwise).
     _valgrind: ValgrindStackRegistration,
@@ -47,32 +48,36 @@ impl GuardedStack {
         let len = usable
             .checked_add(page)
             .ok_or_else(|| io::Error::other(format!("coroutine stack size {size} is too large")))?;
-        let base = STACKS.take(len, page)?;
+        let slot = STACKS.take(len, page)?;
         // SAFETY: `page < len`, so the stack starts inside the slot just taken.
-        let stack = unsafe { base.add(page) };
-        let _valgrind = ValgrindStackRegistration::new(stack.as_ptr(), usable);
-        Ok(GuardedStack { base, len, guard: page, _valgrind })
+        let limit = unsafe { slot.add(page) };
+        let _valgrind = ValgrindStackRegistration::new(limit.as_ptr(), usable);
+        Ok(GuardedStack { limit, usable, _valgrind })
     }
 
     /// The number of bytes a coroutine may use (the slot minus the guard).
     #[inline]
     pub(crate) fn usable_size(&self) -> usize {
-        self.len - self.guard
+        self.usable
     }
 
-    /// The addresses of the guard; a fault there is a stack overflow. Async-signal-safe.
+    /// The addresses of the guard; a fault there is a stack overflow. Async-signal-safe (the
+    /// page size was read before the first stack was taken).
     pub(crate) fn guard_range(&self) -> Range<usize> {
-        let low = self.base.as_ptr() as usize;
-        low..low + self.guard
+        let limit = self.limit.as_ptr() as usize;
+        limit - sys::page_size()..limit
     }
 }
 
 impl Drop for GuardedStack {
     fn drop(&mut self) {
-        // SAFETY: by the type invariant the slot came from `STACKS.take(len, guard)` and is ours,
-        // and a stack is only dropped once no coroutine runs on it (the pool and the coroutine
-        // slot own it exclusively).
-        unsafe { STACKS.give(self.base, self.len, self.guard) };
+        let page = sys::page_size();
+        // SAFETY: the guard page below `limit` is the start of the slot (type invariant).
+        let slot = unsafe { self.limit.sub(page) };
+        // SAFETY: by the type invariant the slot came from `STACKS.take(usable + page, page)` and
+        // is ours, and a stack is only dropped once no coroutine runs on it (the pool and the
+        // coroutine slot own it exclusively).
+        unsafe { STACKS.give(slot, self.usable + page, page) };
     }
 }
 
@@ -89,10 +94,10 @@ pub(crate) struct StackBounds {
 impl GuardedStack {
     /// The bounds to hand to corosensei; see the invariant on [`StackBounds`].
     pub(crate) fn bounds(&self) -> StackBounds {
-        let low = self.base.as_ptr() as usize;
+        let limit = self.limit.as_ptr() as usize;
         StackBounds {
-            base: StackPointer::new(low + self.len).expect("a stack never ends at address 0"),
-            limit: StackPointer::new(low + self.guard).expect("a stack never starts at address 0"),
+            base: StackPointer::new(limit + self.usable).expect("a stack never ends at address 0"),
+            limit: StackPointer::new(limit).expect("a stack never starts at address 0"),
         }
     }
 }
