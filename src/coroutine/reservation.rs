@@ -3,10 +3,10 @@
 //! A stack mapped on its own costs two mappings (the stack and its guard page), and Linux caps a
 //! process at `vm.max_map_count` mappings (65 530 by default): ~30 000 suspended coroutines. Here
 //! a stack is instead a slot of a big `PROT_NONE`, `MAP_NORESERVE` reservation, so reserving
-//! costs address space only. A slot is armed (made readable and writable, its guard installed,
-//! see `guard.rs`) when first handed out; the armed slots of a reservation form a prefix that
-//! the kernel keeps as one mapping, so a reservation costs at most two mappings (armed prefix,
-//! reserved rest) whatever the number of stacks in it.
+//! costs address space only. Slots are armed (made readable and writable, their guards installed,
+//! see `guard.rs`) from the bottom up, a run at a time, when the free ones run out; the armed
+//! slots of a reservation form a prefix that the kernel keeps as one mapping, so a reservation
+//! costs at most two mappings (armed prefix, reserved rest) whatever the number of stacks in it.
 //!
 //! Each new reservation holds as many slots as all reservations of that slot size together
 //! (from [`FIRST_SLOTS`] up to [`MAX_RESERVATION_BYTES`]), so the number of mappings grows with
@@ -26,17 +26,17 @@ use super::guard::Guards;
 use crate::sys;
 
 /// Slots in the first reservation of a slot size.
-pub(crate) const FIRST_SLOTS: usize = 16;
+const FIRST_SLOTS: usize = 16;
 
 /// The most bytes one reservation spans (unless a single slot is larger): 64 GiB, a two-thousandth
 /// of x86_64's 128 TiB of user address space.
 #[cfg(target_pointer_width = "64")]
-pub(crate) const MAX_RESERVATION_BYTES: usize = 1 << 36;
+const MAX_RESERVATION_BYTES: usize = 1 << 36;
 
 /// The most bytes one reservation spans (unless a single slot is larger): 256 MiB of a 32-bit
 /// address space.
 #[cfg(not(target_pointer_width = "64"))]
-pub(crate) const MAX_RESERVATION_BYTES: usize = 1 << 28;
+const MAX_RESERVATION_BYTES: usize = 1 << 28;
 
 /// The reservations that stacks are carved from, with the guards they are armed with.
 pub(crate) struct StackSpace {
