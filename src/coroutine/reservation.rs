@@ -16,7 +16,10 @@
 //! A returned slot keeps its guard and its access rights, so handing it out again costs no
 //! system call; its pages go back to the kernel (`MADV_DONTNEED`) when it is returned, so the
 //! memory of stacks that the pool does not keep is freed. A reservation whose slots have all come
-//! back is unmapped, which also frees the page tables that its guards and touched pages used.
+//! back is unmapped, which also frees the page tables that its guards and touched pages used,
+//! unless it is the last, first-sized one of its slot size: a program that runs one coroutine of
+//! its own stack size after another then reuses one slot, with one `MADV_DONTNEED` per coroutine
+//! instead of mapping, arming and unmapping a reservation for each.
 
 use std::io;
 use std::ptr::NonNull;
@@ -161,7 +164,8 @@ impl StackSpace {
 
     /// Takes back the slot at `slot` (from [`take`](Self::take) with `slot_len` and `guard`):
     /// gives the pages of its stack to the kernel and keeps the slot, armed, for the next
-    /// [`take`](Self::take). A reservation whose slots are all back is unmapped.
+    /// [`take`](Self::take). A reservation whose slots are all back is unmapped, unless it is the
+    /// only one of its slot size and no bigger than a first one.
     ///
     /// # Safety
     ///
@@ -185,11 +189,16 @@ impl StackSpace {
         let reservation = &mut reservations[position];
         debug_assert_eq!(reservation.slot(index), slot, "a stack was given back misaligned");
         reservation.free.push(index);
-        if reservation.free.len() == reservation.armed {
-            let empty = reservations.remove(position);
-            drop(reservations);
-            drop(empty);
+        if reservation.free.len() < reservation.armed {
+            return;
         }
+        let small = reservation.capacity <= FIRST_SLOTS;
+        if small && reservations.iter().filter(|r| r.slot_len == slot_len).count() == 1 {
+            return;
+        }
+        let empty = reservations.remove(position);
+        drop(reservations);
+        drop(empty);
     }
 
     /// The address ranges of the reservations (for tests).
@@ -299,6 +308,22 @@ mod tests {
     }
 
     #[test]
+    fn the_last_small_reservation_of_a_size_stays_for_the_next_stack() {
+        let space = StackSpace::new(Guards::new());
+        let (len, page) = (slot_len(), sys::page_size());
+        let slot = space.take(len, page).unwrap();
+        // SAFETY: taken from `space` with these sizes; nothing uses it any more.
+        unsafe { space.give(slot, len, page) };
+        let kept = space.reservation_ranges();
+        assert_eq!(kept.len(), 1, "the only reservation of its size, 16 slots: kept");
+        let again = space.take(len, page).unwrap();
+        assert_eq!(again, slot);
+        assert_eq!(space.reservation_ranges(), kept, "no new reservation");
+        // SAFETY: as above.
+        unsafe { space.give(again, len, page) };
+    }
+
+    #[test]
     fn reservations_grow_geometrically_up_to_the_cap() {
         let space = StackSpace::new(Guards::new());
         let (len, page) = (slot_len(), sys::page_size());
@@ -316,7 +341,9 @@ mod tests {
         assert_eq!(maps_within(low..low + huge).len(), 1, "one armed slot, nothing reserved");
         // SAFETY: taken from `space` with these sizes; nothing uses it any more.
         unsafe { space.give(slot, huge, page) };
-        assert_eq!(space.reservation_ranges().len(), 0);
+        // The 512-slot reservation went when its slots came back; the huge one, the only one of
+        // its size and as small as a first one, stays.
+        assert_eq!(space.reservation_ranges(), [low..low + huge]);
     }
 
     /// The environment variable that tells a re-run of this test binary which test should fault.
