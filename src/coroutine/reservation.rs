@@ -212,6 +212,7 @@ impl StackSpace {
 
 #[cfg(test)]
 mod tests {
+    use std::ops::Range;
     use std::os::unix::process::ExitStatusExt;
     use std::process::Command;
 
@@ -223,7 +224,7 @@ mod tests {
     }
 
     /// The lines of `/proc/self/maps` for mappings that overlap `range`.
-    fn maps_within(range: std::ops::Range<usize>) -> Vec<String> {
+    fn maps_within(range: Range<usize>) -> Vec<String> {
         std::fs::read_to_string("/proc/self/maps")
             .unwrap()
             .lines()
@@ -343,7 +344,7 @@ mod tests {
         unsafe { space.give(slot, huge, page) };
         // The 512-slot reservation went when its slots came back; the huge one, the only one of
         // its size and as small as a first one, stays.
-        assert_eq!(space.reservation_ranges(), [low..low + huge]);
+        assert_eq!(space.reservation_ranges(), vec![Range { start: low, end: low + huge }]);
     }
 
     /// The environment variable that tells a re-run of this test binary which test should fault.
