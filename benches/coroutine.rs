@@ -30,6 +30,15 @@ fn coroutine(c: &mut Criterion) {
     });
     nesting.finish();
 
+    const SUSPENDED: u64 = 10_000;
+    let mut suspended = c.benchmark_group("suspended");
+    // One element per coroutine: the time to suspend one among 10 000 and resume it to its end.
+    suspended.throughput(Throughput::Elements(SUSPENDED));
+    suspended.bench_function("10000", |b| {
+        b.iter_custom(|n| timed(|| (0..n).for_each(|_| workloads::suspended(SUSPENDED))))
+    });
+    suspended.finish();
+
     let mut raw = c.benchmark_group("raw_corosensei");
     raw.bench_function("yield", |b| {
         b.iter_custom(|n| timed(|| workloads::raw_corosensei_yield(n)))

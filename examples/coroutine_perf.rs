@@ -6,14 +6,44 @@
 //!
 //! Each figure is the median of five timed runs after a warm-up. `nesting` is per level, the
 //! others per operation. `raw_corosensei_*` run the same shapes on bare `corosensei`, in the same
-//! process, as the baseline. Run with `cargo run --release --example coroutine_perf`.
+//! process, as the baseline. `suspended/1000000` is per coroutine (create, enter until its yield,
+//! later enter to its end) with a million suspended at once; before its runs, one such million is
+//! measured (almost all of their stacks new to the process):
+//!
+//! ```text
+//! suspended_memory <KiB> KiB each, <count> mappings
+//! suspended_page_tables <KiB> KiB each
+//! ```
+//!
+//! the resident memory each suspended coroutine adds, the process's mappings while they are all
+//! suspended, and the page-table memory each adds (the kernel's, not in the resident size).
+//! Run with `cargo run --release --example coroutine_perf`.
 
+#[path = "../benches/support/process_memory.rs"]
+mod process_memory;
 #[path = "../benches/support/report.rs"]
 mod report;
 #[path = "../benches/support/coroutine_workloads.rs"]
 mod workloads;
 
 use report::report;
+
+/// How many coroutines `suspended` keeps suspended at once.
+const SUSPENDED: u64 = 1_000_000;
+
+/// Suspends [`SUSPENDED`] coroutines and prints what they cost in memory and mappings.
+fn suspended_memory() {
+    let resident = process_memory::resident_kib();
+    let page_tables = process_memory::page_table_kib();
+    let coroutines = workloads::suspend_all(SUSPENDED);
+    let mappings = process_memory::mapping_count();
+    let each = |before: u64, after: u64| after.saturating_sub(before) as f64 / SUSPENDED as f64;
+    let resident = each(resident, process_memory::resident_kib());
+    let page_tables = each(page_tables, process_memory::page_table_kib());
+    println!("suspended_memory {resident:.2} KiB each, {mappings} mappings");
+    println!("suspended_page_tables {page_tables:.2} KiB each");
+    workloads::finish_all(coroutines);
+}
 
 fn main() {
     const NESTING_DEPTH: u32 = 1000;
@@ -26,4 +56,7 @@ fn main() {
     report("function_call", 100_000_000, 1, workloads::function_call);
     report("raw_corosensei_yield", 20_000_000, 1, workloads::raw_corosensei_yield);
     report("raw_corosensei_lifecycle", 5_000_000, 1, workloads::raw_corosensei_lifecycle);
+    // Last, so that the baselines above run right after the figures they are compared with.
+    suspended_memory();
+    report(&format!("suspended/{SUSPENDED}"), SUSPENDED, 1, workloads::suspended);
 }

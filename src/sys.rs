@@ -55,6 +55,46 @@ pub(crate) unsafe fn make_read_write(addr: NonNull<u8>, len: usize) -> io::Resul
     syscall!(mprotect(addr.as_ptr().cast(), len, prot)).map(drop)
 }
 
+/// Makes `len` bytes at `addr` inaccessible again (`PROT_NONE`).
+///
+/// # Safety
+///
+/// `addr..addr + len` must lie inside a mapping this process owns that no live reference
+/// points into.
+pub(crate) unsafe fn make_inaccessible(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller guarantees the range is ours and unreferenced.
+    syscall!(mprotect(addr.as_ptr().cast(), len, libc::PROT_NONE)).map(drop)
+}
+
+/// `madvise` advice of Linux 6.13+: install guard regions (not in the `libc` crate yet).
+const MADV_GUARD_INSTALL: libc::c_int = 102;
+
+/// Turns `len` bytes at `addr` into a guard region (Linux 6.13+ `MADV_GUARD_INSTALL`): any access
+/// faults with `SIGSEGV`, like a `PROT_NONE` page, but the mapping is not split in two. A kernel
+/// without guard regions (or a mapping that cannot have them, e.g. a locked one) answers
+/// `EINVAL`.
+///
+/// # Safety
+///
+/// `addr..addr + len` must lie inside a private anonymous mapping this process owns, and nothing
+/// may rely on reading or writing it any more (its contents are discarded).
+pub(crate) unsafe fn install_guard(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller guarantees the range is ours and that its contents are not needed.
+    syscall!(madvise(addr.as_ptr().cast(), len, MADV_GUARD_INSTALL)).map(drop)
+}
+
+/// Gives the pages of `len` bytes at `addr` back to the kernel (`MADV_DONTNEED`): the range stays
+/// mapped, guard regions in it stay, and the next touch of a page gets a fresh zeroed one.
+///
+/// # Safety
+///
+/// `addr..addr + len` must lie inside a private anonymous mapping this process owns whose
+/// contents nothing needs any more.
+pub(crate) unsafe fn discard(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller guarantees the range is ours and that its contents are not needed.
+    syscall!(madvise(addr.as_ptr().cast(), len, libc::MADV_DONTNEED)).map(drop)
+}
+
 /// Returns a mapping made by [`map_inaccessible`] to the kernel.
 ///
 /// # Safety

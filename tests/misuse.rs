@@ -1,12 +1,16 @@
 //! Misuse of a coroutine is a clear panic (or, for a stack overflow, a clear death), never UB.
 
 mod common;
+#[path = "../benches/support/process_memory.rs"]
+#[allow(dead_code, reason = "these tests need only the mapping count")]
+mod process_memory;
 
 use std::hint::black_box;
 use std::os::unix::process::ExitStatusExt;
 use std::panic::{self, AssertUnwindSafe};
 
-use aiocoro::coroutine::Coroutine;
+use aiocoro::coroutine::pool::{self, PoolConfig};
+use aiocoro::coroutine::{Coroutine, MIN_STACK_SIZE};
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     match payload.downcast::<String>() {
@@ -75,16 +79,18 @@ fn yielding_while_being_dropped_aborts_with_a_message() {
     assert!(stderr.contains("\"dropped\""), "{stderr}");
 }
 
+/// Recurses until the stack overflows.
+#[inline(never)]
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let frame = black_box([depth; 32]);
+    black_box(recurse(depth + 1)) + frame[7]
+}
+
 #[test]
 fn a_stack_overflow_dies_on_the_guard_page_and_names_the_coroutine() {
     const TEST: &str = "a_stack_overflow_dies_on_the_guard_page_and_names_the_coroutine";
     if common::is_child(TEST) {
-        #[inline(never)]
-        #[allow(unconditional_recursion)]
-        fn recurse(depth: u64) -> u64 {
-            let frame = black_box([depth; 32]);
-            black_box(recurse(depth + 1)) + frame[7]
-        }
         let co = Coroutine::builder()
             .name("deep")
             .stack_size(64 * 1024)
@@ -100,5 +106,83 @@ fn a_stack_overflow_dies_on_the_guard_page_and_names_the_coroutine() {
     assert_eq!(output.status.signal(), Some(libc::SIGSEGV), "{:?}\n{stderr}", output.status);
     assert!(stderr.contains("aiocoro: stack overflow in coroutine #"), "{stderr}");
     assert!(stderr.contains("\"deep\""), "{stderr}");
+    assert!(stderr.contains("guard page"), "{stderr}");
+}
+
+/// Pooled stacks lie next to each other in one reservation: the overflowing stack's guard is all
+/// that separates it from the top of its suspended neighbour's stack.
+#[test]
+fn a_pooled_stack_between_suspended_neighbours_overflows_into_its_guard() {
+    const TEST: &str = "a_pooled_stack_between_suspended_neighbours_overflows_into_its_guard";
+    if common::is_child(TEST) {
+        let neighbours: Vec<Coroutine> = (0..100)
+            .map(|_| {
+                let co = Coroutine::new(|co| co.yield_now());
+                co.enter();
+                co
+            })
+            .collect();
+        let co = Coroutine::builder()
+            .name("between")
+            .build(|_co| {
+                black_box(recurse(0));
+            })
+            .unwrap();
+        let more: Vec<Coroutine> = (0..100)
+            .map(|_| {
+                let co = Coroutine::new(|co| co.yield_now());
+                co.enter();
+                co
+            })
+            .collect();
+        co.enter();
+        drop((neighbours, more));
+        unreachable!("infinite recursion must not return");
+    }
+    let output = common::run_child(TEST);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.signal(), Some(libc::SIGSEGV), "{:?}\n{stderr}", output.status);
+    assert!(stderr.contains("aiocoro: stack overflow in coroutine #101 \"between\""), "{stderr}");
+    assert!(stderr.contains("guard page"), "{stderr}");
+}
+
+/// Where the kernel refuses guard regions (here because `mlockall(MCL_FUTURE)` locks every new
+/// mapping, and locked memory cannot have them), each stack falls back to a `PROT_NONE` guard page
+/// of its own, two mappings per stack as before reservations, and an overflow still dies on the
+/// guard and is reported.
+#[test]
+fn without_guard_regions_stacks_get_guard_pages_that_still_catch_an_overflow() {
+    const TEST: &str = "without_guard_regions_stacks_get_guard_pages_that_still_catch_an_overflow";
+    if common::is_child(TEST) {
+        // Small stacks keep the locked reservations far below the default RLIMIT_MEMLOCK.
+        pool::configure(PoolConfig { stack_size: MIN_STACK_SIZE, ..PoolConfig::DEFAULT });
+        // SAFETY: mlockall only changes how this process's future mappings are kept in memory
+        // (locked once faulted in); it touches no Rust object.
+        let locked = unsafe { libc::mlockall(libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+        assert_eq!(locked, 0, "mlockall: {}", std::io::Error::last_os_error());
+        let before = process_memory::mapping_count();
+        let neighbours: Vec<Coroutine> = (0..50)
+            .map(|_| {
+                let co = Coroutine::new(|co| co.yield_now());
+                co.enter();
+                co
+            })
+            .collect();
+        let added = process_memory::mapping_count() - before;
+        assert!(added >= 90, "50 stacks with guard pages of their own: {added} mappings added");
+        let co = Coroutine::builder()
+            .name("locked")
+            .build(|_co| {
+                black_box(recurse(0));
+            })
+            .unwrap();
+        co.enter();
+        drop(neighbours);
+        unreachable!("infinite recursion must not return");
+    }
+    let output = common::run_child(TEST);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.signal(), Some(libc::SIGSEGV), "{:?}\n{stderr}", output.status);
+    assert!(stderr.contains("aiocoro: stack overflow in coroutine #51 \"locked\""), "{stderr}");
     assert!(stderr.contains("guard page"), "{stderr}");
 }

@@ -4,7 +4,7 @@
 
 use std::hint::black_box;
 
-use aiocoro::coroutine::Coroutine;
+use aiocoro::coroutine::{Co, Coroutine};
 use corosensei::stack::DefaultStack;
 use corosensei::{Coroutine as RawCoroutine, CoroutineResult};
 
@@ -62,6 +62,39 @@ pub fn cost(iterations: u64) {
         co.enter();
         co.enter();
     }
+}
+
+/// The body of the coroutines that [`suspend_all`] suspends: a 1 KiB local (a small request
+/// handler's worth), one yield. Each touches less than a page of its stack.
+fn handler(co: &Co) {
+    let request = black_box([0u8; 1024]);
+    co.yield_now();
+    black_box(request);
+}
+
+/// Creates `count` coroutines and enters each until it yields: `count` suspended at once.
+pub fn suspend_all(count: u64) -> Vec<Coroutine> {
+    (0..count)
+        .map(|_| {
+            let co = Coroutine::new(handler);
+            co.enter();
+            co
+        })
+        .collect()
+}
+
+/// Enters each coroutine [`suspend_all`] made once more, to its end.
+pub fn finish_all(coroutines: Vec<Coroutine>) {
+    for co in &coroutines {
+        co.enter();
+    }
+    debug_assert!(coroutines.iter().all(Coroutine::is_ended));
+}
+
+/// `count` coroutines suspended at once, then each resumed to its end: a server with `count`
+/// connections waiting for requests.
+pub fn suspended(count: u64) {
+    finish_all(suspend_all(count));
 }
 
 /// The raw `corosensei` round trip under [`yield_round_trips`]: resume, then suspend.

@@ -61,7 +61,7 @@ impl Coroutine {
     ///
     /// # Panics
     ///
-    /// If no stack can be mapped (the process is out of memory or mappings); use
+    /// If no stack can be had (the process is out of memory or address space); use
     /// [`Builder::build`] to get that as an error.
     pub fn new<F>(body: F) -> Coroutine
     where
@@ -69,7 +69,7 @@ impl Coroutine {
     {
         match Builder::new().build(body) {
             Ok(coroutine) => coroutine,
-            Err(error) => panic!("aiocoro: cannot map a stack for a new coroutine: {error}"),
+            Err(error) => panic!("aiocoro: cannot get a stack for a new coroutine: {error}"),
         }
     }
 
@@ -329,8 +329,8 @@ impl Builder {
     }
 
     /// Gives the coroutine a stack of at least `bytes` usable bytes. A size other than the
-    /// pool's ([`PoolConfig::stack_size`](crate::coroutine::pool::PoolConfig::stack_size)) gets a stack of its own, mapped now and
-    /// unmapped when the coroutine ends.
+    /// pool's ([`PoolConfig::stack_size`](crate::coroutine::pool::PoolConfig::stack_size)) gets a stack of its own, taken now and
+    /// given back when the coroutine ends.
     pub fn stack_size(mut self, bytes: usize) -> Builder {
         self.stack_size = Some(bytes);
         self
@@ -346,7 +346,7 @@ impl Builder {
     ///
     /// # Errors
     ///
-    /// If a stack is needed and cannot be mapped, or the stack size is absurd.
+    /// If a stack is needed and cannot be had, or the stack size is absurd.
     // Out of line on purpose: inlined into a caller's loop, the creation code crowds the
     // context-switch sites that follow it, and `cost` (create, enter, yield, enter) measured
     // ~30% slower on the reference machine.

@@ -42,9 +42,11 @@
 
 mod co;
 mod current;
+mod guard;
 mod handle;
 mod overflow;
 pub mod pool;
+mod reservation;
 pub(crate) mod shared_pool;
 mod slot;
 mod stack;

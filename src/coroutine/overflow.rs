@@ -1,13 +1,15 @@
 //! Reports a coroutine stack overflow by name before the process dies of it.
 //!
-//! Every coroutine stack has a guard page below it, so an overflow faults instead of writing over
-//! other memory. The handler installed here runs on the thread's alternate signal stack (Rust's
-//! runtime gives every thread it starts one), checks whether the faulting address lies in the
-//! guard page of the coroutine running on this thread, and if so prints which coroutine
-//! overflowed. It then restores the default action and returns, so the faulting instruction runs
-//! again and the process dies by the signal, as it would have without us. A fault anywhere else
-//! goes to the handler that was installed before ours (normally Rust's own, which reports the
-//! overflow of a thread's main stack).
+//! Every coroutine stack has a guard page below it (a guard region, or a `PROT_NONE` page where the
+//! kernel has no guard regions: see `guard.rs`), so an overflow faults with `SIGSEGV` instead of
+//! writing over the stack below, which in a reservation is another coroutine's. The handler
+//! installed here runs on the thread's alternate signal stack (Rust's runtime gives every thread
+//! it starts one), checks whether the faulting address lies in the guard page of the coroutine
+//! running on this thread, and if so prints which coroutine overflowed. It then restores the
+//! default action and returns, so the faulting instruction runs again and the process dies by the
+//! signal, as it would have without us. A fault anywhere else goes to the handler that was
+//! installed before ours (normally Rust's own, which reports the overflow of a thread's main
+//! stack).
 
 use std::fmt::{self, Write};
 use std::sync::OnceLock;
@@ -20,7 +22,7 @@ static PREVIOUS: OnceLock<[libc::sigaction; 2]> = OnceLock::new();
 
 const SIGNALS: [libc::c_int; 2] = [libc::SIGSEGV, libc::SIGBUS];
 
-/// Installs the overflow reporter once per process. Called before the first stack is mapped.
+/// Installs the overflow reporter once per process. Called before the first stack is taken.
 pub(crate) fn install_once() {
     PREVIOUS.get_or_init(|| {
         SIGNALS.map(|signal| {

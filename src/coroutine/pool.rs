@@ -3,10 +3,12 @@
 //! A terminated coroutine's stack goes back to its thread's cache and the next coroutine created
 //! on that thread takes it from there, with no system call and no lock. When a thread's cache is
 //! full, half of it moves to the shared pool in one batch; when it is empty, a batch comes back.
-//! Only when both are empty is a new stack mapped, and only when both are full is one unmapped.
-//! Deep nesting therefore costs no more than shallow nesting once the pool has grown to the depth
-//! used, instead of falling off QEMU's cliff where every level past the pool's cap maps and
-//! unmaps a fresh stack.
+//! Only when both are empty is a new stack taken from the process's stack reservations, and only
+//! when both are full is one given back to them (its memory to the kernel). Deep nesting
+//! therefore costs no more than shallow nesting once the pool has grown to the depth used,
+//! instead of falling off QEMU's cliff where every level past the pool's cap maps and unmaps a
+//! fresh stack. Stacks are slots of a few large reservations (see `reservation.rs`), so a million
+//! stacks alive at once cost a few dozen mappings, not two million.
 //!
 //! ```
 //! use aiocoro::coroutine::{pool, Coroutine};
@@ -35,7 +37,7 @@ use crate::sys;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolConfig {
     /// Usable bytes of every pooled stack (rounded up to whole pages). A coroutine built with
-    /// another size gets a stack of its own that is unmapped when it ends.
+    /// another size gets a stack of its own that is given back when it ends.
     pub stack_size: usize,
     /// The most stacks each thread keeps for itself.
     pub thread_cache: usize,
@@ -59,11 +61,12 @@ impl Default for PoolConfig {
 /// Stack counters of one thread: what [`thread_stats`] returns.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
-    /// Stacks this thread mapped because the pool had none.
+    /// Stacks this thread took from the stack reservations because the pool had none.
     pub allocated: u64,
     /// Coroutines this thread created on a stack taken from the pool.
     pub reused: u64,
-    /// Stacks this thread unmapped because the pool was full (or the size did not match).
+    /// Stacks this thread gave back to the stack reservations, their memory to the kernel,
+    /// because the pool was full (or the size did not match).
     pub freed: u64,
     /// Stacks in this thread's cache right now (a snapshot, not a counter).
     pub cached: usize,
@@ -72,9 +75,9 @@ pub struct PoolStats {
 /// Stack counters of the whole process: what [`global_stats`] returns.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GlobalPoolStats {
-    /// Stacks mapped by any thread.
+    /// Stacks taken from the stack reservations by any thread.
     pub allocated: u64,
-    /// Stacks unmapped by any thread.
+    /// Stacks given back to the stack reservations by any thread.
     pub freed: u64,
     /// Stacks waiting in the shared pool right now.
     pub shared: usize,
@@ -114,7 +117,7 @@ fn pooled_size() -> usize {
 
 /// Replaces the pool configuration for the whole process.
 ///
-/// Cached stacks of the old size are unmapped when next met; the shared pool shrinks at once;
+/// Cached stacks of the old size are given back when next met; the shared pool shrinks at once;
 /// threads' caches shrink as they next overflow.
 ///
 /// # Panics
@@ -202,7 +205,7 @@ thread_local! {
     };
 }
 
-/// Counts `count` stacks as unmapped (the caller drops them).
+/// Counts `count` stacks as given back (the caller drops them).
 fn free_stacks(count: usize, stats: Option<&mut PoolStats>) {
     FREED.fetch_add(count as u64, Ordering::Relaxed);
     if let Some(stats) = stats {
@@ -211,7 +214,7 @@ fn free_stacks(count: usize, stats: Option<&mut PoolStats>) {
 }
 
 /// Moves `slots` into the shared pool; those that do not fit, or are not of the pooled size,
-/// are unmapped.
+/// are given back.
 fn deposit(slots: impl IntoIterator<Item = Box<Slot>>, stats: Option<&mut PoolStats>) {
     let want = pooled_size();
     let (mut batch, other_size): (Vec<_>, Vec<_>) =
@@ -220,7 +223,7 @@ fn deposit(slots: impl IntoIterator<Item = Box<Slot>>, stats: Option<&mut PoolSt
     free_stacks(batch.len() + other_size.len(), stats);
 }
 
-fn map_new(size: usize, stats: Option<&mut PoolStats>) -> io::Result<Box<Slot>> {
+fn new_stack(size: usize, stats: Option<&mut PoolStats>) -> io::Result<Box<Slot>> {
     overflow::install_once();
     let stack = GuardedStack::new(size)?;
     ALLOCATED.fetch_add(1, Ordering::Relaxed);
@@ -231,7 +234,7 @@ fn map_new(size: usize, stats: Option<&mut PoolStats>) -> io::Result<Box<Slot>> 
 }
 
 /// Takes a slot whose stack has `size` usable bytes (`None`: the pool's size), from the pool
-/// when it has one and with a freshly mapped stack otherwise, and numbers it.
+/// when it has one and with a new stack otherwise, and numbers it.
 #[inline]
 pub(crate) fn take(size: Option<usize>) -> io::Result<Box<Slot>> {
     let want = pooled_size();
@@ -240,7 +243,7 @@ pub(crate) fn take(size: Option<usize>) -> io::Result<Box<Slot>> {
             let id = cache.next_id;
             cache.next_id += 1;
             let slot = match size {
-                Some(size) if rounded(size) != want => map_new(size, Some(&mut cache.stats)),
+                Some(size) if rounded(size) != want => new_stack(size, Some(&mut cache.stats)),
                 _ => match cache.slots.pop() {
                     Some(slot) if slot.stack_size() == want => {
                         cache.stats.reused += 1;
@@ -255,13 +258,13 @@ pub(crate) fn take(size: Option<usize>) -> io::Result<Box<Slot>> {
     match taken {
         Ok(slot) => slot,
         // This thread is exiting and its cache is gone.
-        Err(_) => map_new(size.unwrap_or(want), None),
+        Err(_) => new_stack(size.unwrap_or(want), None),
     }
 }
 
 /// Finds a pooled slot when the thread cache has none of the right size: from the shared pool,
-/// else a new mapping. `stale` is a cached slot of an older configuration's size; when there is
-/// one, every stale slot in the cache is unmapped.
+/// else a new stack. `stale` is a cached slot of an older configuration's size; when there is
+/// one, every stale slot in the cache is given back.
 #[cold]
 fn refill(cache: &mut ThreadCache, stale: Option<Box<Slot>>, want: usize) -> io::Result<Box<Slot>> {
     if let Some(stale) = stale {
@@ -288,7 +291,7 @@ fn refill(cache: &mut ThreadCache, stale: Option<Box<Slot>>, want: usize) -> io:
             cache.stats.reused += 1;
             Ok(slot)
         }
-        None => map_new(want, Some(&mut cache.stats)),
+        None => new_stack(want, Some(&mut cache.stats)),
     }
 }
 

@@ -1,11 +1,14 @@
-//! A coroutine stack: an `mmap`ed region with an inaccessible guard page below it.
+//! A coroutine stack: a slot of one of the process's stack reservations, with a guard below it.
 
 use std::io;
 use std::ops::Range;
 use std::ptr::NonNull;
 
+use corosensei::stack::valgrind::ValgrindStackRegistration;
 use corosensei::stack::{Stack, StackPointer};
 
+use super::guard::Guards;
+use super::reservation::StackSpace;
 use crate::sys;
 
 /// The smallest usable stack size a caller may ask for, in bytes.
@@ -15,19 +18,26 @@ pub const MIN_STACK_SIZE: usize = 16 * 1024;
 /// in QEMU. Only the pages a coroutine touches take memory.
 pub const DEFAULT_STACK_SIZE: usize = 1024 * 1024;
 
+/// Where every coroutine stack of the process comes from.
+static STACKS: StackSpace = StackSpace::new(Guards::new());
+
 /// One coroutine stack.
 ///
-/// Invariant: `base..base + len` is one private anonymous mapping owned by this value; its
-/// lowest `guard` bytes are `PROT_NONE` (the guard page) and the rest is readable and
-/// writable. The mapping is released when the value drops.
+/// Invariant: with `page` the page size, `limit - page..limit + usable` is a slot of [`STACKS`]
+/// owned by this value: the page below `limit` is its guard (any access faults) and
+/// `limit..limit + usable` is readable and writable. The slot goes back to `STACKS` (its pages to
+/// the kernel) when the value drops. (Three words, as before reservations, so that `Slot`, which
+/// the pool's hot path touches, did not grow.)
 pub(crate) struct GuardedStack {
-    base: NonNull<u8>,
-    len: usize,
-    guard: usize,
+    limit: NonNull<u8>,
+    usable: usize,
+    /// Tells valgrind, when the process runs under it, that the usable part is a stack, so that
+    /// switching to it is not mistaken for a wild stack-pointer move (no effect otherwise).
+    _valgrind: ValgrindStackRegistration,
 }
 
 impl GuardedStack {
-    /// Maps a stack with at least `size` usable bytes (rounded up to whole pages, at least
+    /// Takes a stack with at least `size` usable bytes (rounded up to whole pages, at least
     /// [`MIN_STACK_SIZE`]) and one guard page below it.
     pub(crate) fn new(size: usize) -> io::Result<Self> {
         let page = sys::page_size();
@@ -38,32 +48,36 @@ impl GuardedStack {
         let len = usable
             .checked_add(page)
             .ok_or_else(|| io::Error::other(format!("coroutine stack size {size} is too large")))?;
-        let base = sys::map_inaccessible(len)?;
-        let stack = GuardedStack { base, len, guard: page };
-        // SAFETY: `page..len` lies inside the mapping just made, which nothing references yet.
-        unsafe { sys::make_read_write(stack.base.add(page), usable)? };
-        Ok(stack)
+        let slot = STACKS.take(len, page)?;
+        // SAFETY: `page < len`, so the stack starts inside the slot just taken.
+        let limit = unsafe { slot.add(page) };
+        let _valgrind = ValgrindStackRegistration::new(limit.as_ptr(), usable);
+        Ok(GuardedStack { limit, usable, _valgrind })
     }
 
-    /// The number of bytes a coroutine may use (the mapping minus the guard page).
+    /// The number of bytes a coroutine may use (the slot minus the guard).
     #[inline]
     pub(crate) fn usable_size(&self) -> usize {
-        self.len - self.guard
+        self.usable
     }
 
-    /// The addresses of the guard page; a fault there is a stack overflow.
+    /// The addresses of the guard; a fault there is a stack overflow. Async-signal-safe (the
+    /// page size was read before the first stack was taken).
     pub(crate) fn guard_range(&self) -> Range<usize> {
-        let low = self.base.as_ptr() as usize;
-        low..low + self.guard
+        let limit = self.limit.as_ptr() as usize;
+        limit - sys::page_size()..limit
     }
 }
 
 impl Drop for GuardedStack {
     fn drop(&mut self) {
-        // SAFETY: by the type invariant the mapping is ours, and a stack is only dropped once no
-        // coroutine runs on it (the pool and the coroutine slot own it exclusively).
-        let result = unsafe { sys::unmap(self.base, self.len) };
-        debug_assert!(result.is_ok(), "munmap of a coroutine stack failed: {result:?}");
+        let page = sys::page_size();
+        // SAFETY: the guard page below `limit` is the start of the slot (type invariant).
+        let slot = unsafe { self.limit.sub(page) };
+        // SAFETY: by the type invariant the slot came from `STACKS.take(usable + page, page)` and
+        // is ours, and a stack is only dropped once no coroutine runs on it (the pool and the
+        // coroutine slot own it exclusively).
+        unsafe { STACKS.give(slot, self.usable + page, page) };
     }
 }
 
@@ -80,10 +94,10 @@ pub(crate) struct StackBounds {
 impl GuardedStack {
     /// The bounds to hand to corosensei; see the invariant on [`StackBounds`].
     pub(crate) fn bounds(&self) -> StackBounds {
-        let low = self.base.as_ptr() as usize;
+        let limit = self.limit.as_ptr() as usize;
         StackBounds {
-            base: StackPointer::new(low + self.len).expect("a mapping never ends at address 0"),
-            limit: StackPointer::new(low + self.guard).expect("a mapping never starts at 0"),
+            base: StackPointer::new(limit + self.usable).expect("a stack never ends at address 0"),
+            limit: StackPointer::new(limit).expect("a stack never starts at address 0"),
         }
     }
 }
@@ -113,7 +127,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rounds_up_to_pages_and_keeps_a_guard_page() {
+    fn rounds_up_to_pages_and_keeps_a_guard_below_the_stack() {
         let page = sys::page_size();
         let stack = GuardedStack::new(MIN_STACK_SIZE + 1).unwrap();
         assert_eq!(stack.usable_size(), (MIN_STACK_SIZE + 1).next_multiple_of(page));
