@@ -149,7 +149,7 @@ fn info(file: &str) -> io::Result<()> {
         }
         writeln!(out, "Format specific information:")?;
         writeln!(out, "    compat: {}", header.compat())?;
-        writeln!(out, "    compression type: zlib")?;
+        writeln!(out, "    compression type: {}", header.compression.name())?;
         writeln!(out, "    lazy refcounts: {}", header.lazy_refcounts())?;
         writeln!(out, "    refcount bits: {}", header.refcount_bits())?;
         writeln!(out, "    dirty: {}", header.is_dirty())?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use aiocoro::coroutine::Co;
 use aiocoro::sync::CoMutex;
 
-use super::compressed::{LastInflated, inflate_cluster};
+use super::compressed::{LastInflated, decompress_cluster};
 use super::corrupt;
 use super::corruption::CorruptMark;
 use super::header::Header;
@@ -308,9 +308,9 @@ impl Qcow2Driver {
                 let mut packed = vec![0u8; len as usize];
                 read_exact_at(co, &self.file.node(), offset.0, &mut packed)?;
                 let mut cluster = vec![0u8; geometry.cluster_size() as usize];
-                inflate_cluster(&packed, &mut cluster).map_err(|why| {
-                    corrupt(format!("{guest}: the compressed cluster at {offset}: {why}"))
-                })?;
+                decompress_cluster(self.header.compression, &packed, &mut cluster).map_err(
+                    |why| corrupt(format!("{guest}: the compressed cluster at {offset}: {why}")),
+                )?;
                 let cluster: Arc<[u8]> = cluster.into();
                 self.last_inflated.put(offset.0, cluster.clone());
                 cluster

@@ -4,7 +4,8 @@
 //! 512 B to 2 MiB, any refcount width) open as they are. Reads go through the L1 table and
 //! an L2 cache under one [`CoMutex`](aiocoro::sync::CoMutex) over metadata, as QEMU
 //! does; data I/O runs outside the lock. Unallocated clusters read from the backing node (or
-//! as zeroes), zero clusters as zeroes, compressed clusters are inflated.
+//! as zeroes), zero clusters as zeroes, compressed clusters (deflate or zstd) are
+//! decompressed.
 //!
 //! Opened read-write (when the node is not read-only), writes allocate clusters from the
 //! refcounts (first free run), copy-on-write partial clusters from what the guest saw
@@ -13,13 +14,13 @@
 //! zero flag of whole clusters (version 3), `discard` drops whole clusters, `truncate`
 //! grows. [`create`] makes new images; [`check`] checks and repairs them as `qemu-img check`
 //! does. Images that need features this driver lacks (encryption, external data files,
-//! extended L2 entries, zstd) are refused at open with an error that names the feature;
+//! extended L2 entries, unknown compression types) are refused at open with an error that names the feature;
 //! malformed images fail with `InvalidData` errors that say what is wrong and where, never
 //! with a panic or an absurd allocation.
 //!
 //! One concept per file: [`offsets`] (guest/host offsets and cluster indices as distinct
 //! types), [`header`] (header, extensions, features), `mapping` (L1/L2 entries), `l2_cache`,
-//! `table` (tables of big-endian entries as stored), `compressed` (inflate), `io` (child I/O
+//! `table` (tables of big-endian entries as stored), `compressed` (deflate and zstd), `io` (child I/O
 //! at its alignment), [`backing`] (finding the backing file), `driver` ([`Qcow2Driver`],
 //! reads), `create`, `refcount` (refcounts and the allocator), `metadata` (what the lock guards, write-back order), `overlap` (keeping guest data off metadata), `header_update` (table moves whose header write fails), `allocation` (in-flight
 //! allocations and the writes merged into them), `write` (allocating writes), `discard`
