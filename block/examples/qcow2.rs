@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run -p aiocoro-block --example qcow2 -- info FILE
 //! cargo run -p aiocoro-block --example qcow2 -- convert -O raw FILE OUT
+//! cargo run -p aiocoro-block --example qcow2 -- convert -O qcow2 [-c] [-o OPTIONS] FILE OUT
 //! cargo run -p aiocoro-block --example qcow2 -- create [-f qcow2] [-o OPTIONS] [-b BACKING]
 //!     [-F BACKING_FORMAT] FILE [SIZE]
 //! cargo run -p aiocoro-block --example qcow2 -- check [-r leaks|all] [--output human|json]
@@ -11,7 +12,10 @@
 //!
 //! `info` prints the format, virtual size, cluster size, refcount width, backing file and
 //! how many bytes the image itself holds (from block status); `convert -O raw` reads every
-//! guest byte through the driver (backing chain included) and writes a sparse raw file.
+//! guest byte through the driver (backing chain included) and writes a sparse raw file;
+//! `convert -O qcow2` writes them into a new qcow2 image (`-o` as for `create`), leaving
+//! zero clusters unallocated, and with `-c` compresses each cluster with the image's
+//! `compression_type` (`zlib` or `zstd`) through the driver's compressed writes.
 //! `create` makes a new qcow2 image; `-o` takes qemu-img's `cluster_size=64k`,
 //! `compat=1.1|0.10`, `refcount_bits=16`, `lazy_refcounts=on|off`, `backing_file=`,
 //! `backing_fmt=`, `size=`; without a size the backing file's is used. `check` checks (and
@@ -25,10 +29,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use aiocoro::coroutine::Co;
-use aiocoro_block::qcow2::{Compat, CreateOptions, Header, Repair, check_image_file};
+use aiocoro_block::qcow2::{Compat, Compression, CreateOptions, Header, Repair, check_image_file};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, invalid_input, run_in_coroutine};
 
 const USAGE: &str = "usage: qcow2 info FILE\n       qcow2 convert -O raw FILE OUT\n       \
+                     qcow2 convert -O qcow2 [-c] [-o OPTIONS] FILE OUT\n       \
                      qcow2 create [-f qcow2] [-o OPTIONS] [-b BACKING] [-F FMT] FILE [SIZE]\n       \
                      qcow2 check [-r leaks|all] [--output human|json] [-f qcow2] FILE";
 
@@ -40,9 +45,16 @@ fn main() -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
         ["info", file] => info(file),
-        ["convert", "-O", "raw", file, out] | ["convert", "-O", "raw", "-f", _, file, out] => {
-            convert(file, out)
-        }
+        ["convert", rest @ ..] => match convert_options(rest) {
+            Ok((file, out, Target::Raw)) => convert(&file, &out),
+            Ok((file, out, Target::Qcow2 { options, compress })) => {
+                convert_to_qcow2(&file, &out, options, compress)
+            }
+            Err(error) => {
+                eprintln!("qcow2: {error}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
         ["create", rest @ ..] => match create_options(rest) {
             Ok((file, options)) => create(&file, options),
             Err(error) => {
@@ -191,9 +203,160 @@ fn convert(file: &str, out: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// What `convert` writes.
+enum Target {
+    /// A sparse raw file.
+    Raw,
+    /// A new qcow2 image made with `options`, its clusters compressed if `compress`.
+    Qcow2 { options: CreateOptions, compress: bool },
+}
+
+/// Parses `convert`'s arguments: `[-f FMT] -O raw|qcow2 [-c] [-o OPTIONS] FILE OUT`.
+fn convert_options(args: &[&str]) -> io::Result<(String, String, Target)> {
+    let (mut format, mut compress, mut options) = (None, false, CreateOptions::new(0));
+    let mut positional = Vec::new();
+    let mut args = args.iter();
+    while let Some(&arg) = args.next() {
+        let mut value =
+            || args.next().copied().ok_or_else(|| invalid_input(format!("{arg} needs a value")));
+        match arg {
+            "-O" => format = Some(value()?),
+            "-f" => drop(value()?), // The source's format is probed.
+            "-c" => compress = true,
+            "-o" => drop(apply_options(&mut options, value()?)?),
+            "-q" | "-p" => {}
+            flag if flag.starts_with('-') => {
+                return Err(invalid_input(format!("unknown flag {flag}")));
+            }
+            other => positional.push(other.to_owned()),
+        }
+    }
+    let target = match format {
+        Some("raw") if !compress => Target::Raw,
+        Some("raw") => return Err(invalid_input("-c needs -O qcow2")),
+        Some("qcow2") => Target::Qcow2 { options, compress },
+        _ => return Err(invalid_input("convert needs -O raw or -O qcow2")),
+    };
+    match <[String; 2]>::try_from(positional) {
+        Ok([file, out]) => Ok((file, out, target)),
+        Err(_) => Err(invalid_input("convert needs FILE and OUT")),
+    }
+}
+
+/// Writes every guest byte of `file` into a new qcow2 image `out` made with `options` (its
+/// size is `file`'s): clusters that read as zeroes stay unallocated, the others are written
+/// compressed (the library's compressed writes) with `compress`, as they are without.
+fn convert_to_qcow2(
+    file: &str,
+    out: &str,
+    mut options: CreateOptions,
+    compress: bool,
+) -> io::Result<()> {
+    let started = Instant::now();
+    let source = format!("driver={},read-only=on,file.filename={}", probe(file)?, escape(file));
+    let target = format!("driver=qcow2,file.filename={}", escape(out));
+    let path = std::path::PathBuf::from(out);
+    let len = run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (_, node) = aiocoro_block::open(co, &graph, &source)?;
+        let src = BlockBackend::new(node);
+        // Whole sectors, as qemu-img sees a raw file (its last partial sector reads zeroes).
+        options.size = src.length().next_multiple_of(512);
+        aiocoro_block::qcow2::create_file(co, &path, &options)?;
+        let (_, node) = aiocoro_block::open(co, &graph, &target)?;
+        let dst = BlockBackend::new(node);
+        let (len, cluster) = (dst.length(), options.cluster_size as usize);
+        let mut buf = vec![0u8; CHUNK.max(cluster)];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(buf.len() as u64) as usize;
+            let inside = src.length().saturating_sub(at).min(n as u64) as usize;
+            src.read(co, at, &mut buf[..inside])?;
+            buf[inside..n].fill(0);
+            for (i, piece) in buf[..n].chunks(cluster).enumerate() {
+                if piece.iter().all(|&byte| byte == 0) {
+                    continue;
+                }
+                let offset = at + (i * cluster) as u64;
+                if compress {
+                    dst.write_compressed(co, offset, piece)?;
+                } else {
+                    dst.write(co, offset, piece)?;
+                }
+            }
+            at += n as u64;
+        }
+        dst.close(co)?;
+        Ok::<_, io::Error>(len)
+    })??;
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "converted {} in {seconds:.2} s ({:.0} MiB/s)",
+        human(len),
+        len as f64 / (1 << 20) as f64 / seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+/// `path` as an option value (commas doubled).
+fn escape(path: &str) -> String {
+    path.replace(',', ",,")
+}
+
 /// A size or an error naming the option.
 fn size_of(key: &str, value: &str) -> io::Result<u64> {
     aiocoro_block::parse_size(value).map_err(|why| invalid_input(format!("{key}: {why}")))
+}
+
+/// Applies a `-o` list (`key=value,...`) to `options`; returns whether it gave the size.
+fn apply_options(options: &mut CreateOptions, list: &str) -> io::Result<bool> {
+    let mut sized = false;
+    for entry in list.split(',').filter(|entry| !entry.is_empty()) {
+        let (key, value) = entry
+            .split_once('=')
+            .ok_or_else(|| invalid_input(format!("option '{entry}' has no '=value'")))?;
+        match key {
+            "cluster_size" => options.cluster_size = size_of(key, value)?,
+            "compat" => {
+                options.compat = match value {
+                    "0.10" | "v2" => Compat::V2,
+                    "1.1" | "v3" => Compat::V3,
+                    other => return Err(invalid_input(format!("compat={other}: 0.10 or 1.1"))),
+                }
+            }
+            "refcount_bits" => {
+                options.refcount_bits = value
+                    .parse()
+                    .map_err(|_| invalid_input(format!("refcount_bits={value}: a number")))?;
+            }
+            "lazy_refcounts" => {
+                options.lazy_refcounts = match value {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    other => return Err(invalid_input(format!("lazy_refcounts={other}"))),
+                }
+            }
+            "compression_type" => {
+                options.compression = match value {
+                    "zlib" => Compression::Deflate,
+                    "zstd" => Compression::Zstd,
+                    other => {
+                        return Err(invalid_input(format!(
+                            "compression_type={other}: zlib or zstd"
+                        )));
+                    }
+                }
+            }
+            "backing_file" => options.backing_file = Some(value.to_owned()),
+            "backing_fmt" => options.backing_format = Some(value.to_owned()),
+            "size" => {
+                options.size = size_of(key, value)?;
+                sized = true;
+            }
+            other => return Err(invalid_input(format!("unknown option '{other}'"))),
+        }
+    }
+    Ok(sized)
 }
 
 /// Parses `create`'s arguments into the image path and its options (the size stays 0 if
@@ -216,48 +379,7 @@ fn create_options(args: &[&str]) -> io::Result<(String, (CreateOptions, bool))> 
             "-b" => options.backing_file = Some(value()?.to_owned()),
             "-F" => options.backing_format = Some(value()?.to_owned()),
             "-q" => {}
-            "-o" => {
-                for entry in value()?.split(',').filter(|entry| !entry.is_empty()) {
-                    let (key, value) = entry.split_once('=').ok_or_else(|| {
-                        invalid_input(format!("option '{entry}' has no '=value'"))
-                    })?;
-                    match key {
-                        "cluster_size" => options.cluster_size = size_of(key, value)?,
-                        "compat" => {
-                            options.compat = match value {
-                                "0.10" | "v2" => Compat::V2,
-                                "1.1" | "v3" => Compat::V3,
-                                other => {
-                                    return Err(invalid_input(format!(
-                                        "compat={other}: 0.10 or 1.1"
-                                    )));
-                                }
-                            }
-                        }
-                        "refcount_bits" => {
-                            options.refcount_bits = value.parse().map_err(|_| {
-                                invalid_input(format!("refcount_bits={value}: a number"))
-                            })?;
-                        }
-                        "lazy_refcounts" => {
-                            options.lazy_refcounts = match value {
-                                "on" | "true" => true,
-                                "off" | "false" => false,
-                                other => {
-                                    return Err(invalid_input(format!("lazy_refcounts={other}")));
-                                }
-                            }
-                        }
-                        "backing_file" => options.backing_file = Some(value.to_owned()),
-                        "backing_fmt" => options.backing_format = Some(value.to_owned()),
-                        "size" => {
-                            options.size = size_of(key, value)?;
-                            sized = true;
-                        }
-                        other => return Err(invalid_input(format!("unknown option '{other}'"))),
-                    }
-                }
-            }
+            "-o" => sized |= apply_options(&mut options, value()?)?,
             flag if flag.starts_with('-') => {
                 return Err(invalid_input(format!("unknown flag {flag}")));
             }

@@ -74,7 +74,7 @@ pub struct Qcow2Driver {
     pub(super) metadata: CoMutex<Metadata>,
     /// In-place writes in progress, whose clusters a flush must not free yet.
     pub(super) in_place: InPlaceWrites,
-    last_inflated: LastInflated,
+    pub(super) last_inflated: LastInflated,
     /// Set once a write found metadata in its way (see `corruption`).
     pub(super) corrupt: CorruptMark,
 }
@@ -354,6 +354,11 @@ impl BlockDriver for Qcow2Driver {
     fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         self.refuse_if_corrupt()?;
         self.mark_corrupt_on_overlap(co, self.write_guest(co, offset, bufs))
+    }
+
+    fn write_compressed(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        self.refuse_if_corrupt()?;
+        self.mark_corrupt_on_overlap(co, self.write_compressed_clusters(co, offset, bufs))
     }
 
     fn flush(&self, co: &Co) -> io::Result<()> {

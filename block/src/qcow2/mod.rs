@@ -37,6 +37,7 @@ mod bitmap_directory;
 mod check;
 mod check_report;
 mod compressed;
+mod compressed_write;
 mod corruption;
 mod create;
 mod dirty;
@@ -65,7 +66,7 @@ pub use check::{check, check_image_file};
 pub use check_report::{CheckReport, Repair};
 pub use create::{Compat, CreateOptions, create, create_file};
 pub use driver::{CacheSizes, Qcow2Driver};
-pub use header::Header;
+pub use header::{Compression, Header};
 pub use mapping::ClusterMapping;
 pub use offsets::{ClusterIndex, Geometry, GuestOffset, HostOffset};
 
