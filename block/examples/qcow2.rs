@@ -8,6 +8,7 @@
 //!     [-F BACKING_FORMAT] FILE [SIZE]
 //! cargo run -p aiocoro-block --example qcow2 -- check [-r leaks|all] [--output human|json]
 //!     [-f qcow2] FILE
+//! cargo run -p aiocoro-block --example qcow2 -- snapshot -l FILE
 //! ```
 //!
 //! `info` prints the format, virtual size, cluster size, refcount width, backing file and
@@ -21,7 +22,7 @@
 //! `backing_fmt=`, `size=`; without a size the backing file's is used. `check` checks (and
 //! with `-r` repairs) a qcow2 image as `qemu-img check` does: the problems found on stderr,
 //! the report on stdout, and qemu-img's exit code (0 clean, 1 check failed, 2 corruptions,
-//! 3 leaks only).
+//! 3 leaks only). `snapshot -l` lists the internal snapshots as `qemu-img snapshot -l` does.
 
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -34,6 +35,7 @@ use aiocoro_block::{Allocation, BlockBackend, BlockGraph, invalid_input, run_in_
 
 const USAGE: &str = "usage: qcow2 info FILE\n       qcow2 convert -O raw FILE OUT\n       \
                      qcow2 convert -O qcow2 [-c] [-o OPTIONS] FILE OUT\n       \
+                     qcow2 snapshot -l FILE\n       \
                      qcow2 create [-f qcow2] [-o OPTIONS] [-b BACKING] [-F FMT] FILE [SIZE]\n       \
                      qcow2 check [-r leaks|all] [--output human|json] [-f qcow2] FILE";
 
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        ["snapshot", "-l", file] => list_snapshots(file),
         ["create", rest @ ..] => match create_options(rest) {
             Ok((file, options)) => create(&file, options),
             Err(error) => {
@@ -200,6 +203,21 @@ fn convert(file: &str, out: &str) -> io::Result<()> {
         human(len),
         len as f64 / (1 << 20) as f64 / seconds.max(1e-9)
     );
+    Ok(())
+}
+
+/// Prints the internal snapshots of `file` as `qemu-img snapshot -l` does (nothing if it
+/// has none).
+fn list_snapshots(file: &str) -> io::Result<()> {
+    let options = format!("driver=file,read-only=on,filename={}", escape(file));
+    let snapshots = run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (_, node) = aiocoro_block::open(co, &graph, &options)?;
+        aiocoro_block::qcow2::list_snapshots(co, &node)
+    })??;
+    if !snapshots.is_empty() {
+        print!("{}", aiocoro_block::qcow2::snapshot_list(&snapshots));
+    }
     Ok(())
 }
 

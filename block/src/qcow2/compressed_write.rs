@@ -99,7 +99,7 @@ impl Qcow2Driver {
                 let allocation = in_flight.allocation.clone();
                 allocation.wait(co, &mut meta);
             }
-            let l2 = match self.l2_offset(&meta, position.l1_index)? {
+            let l2 = match self.writable_l2(co, &mut meta, position.l1_index)? {
                 Some(l2) => l2,
                 None => self.allocate_l2(co, &mut meta, position.l1_index)?,
             };

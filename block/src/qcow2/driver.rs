@@ -105,8 +105,10 @@ impl Qcow2Driver {
     /// image whose refcounts are exact: one with the dirty bit set (left by QEMU with lazy
     /// refcounts) is first repaired as `qemu-img check -r all` would (see
     /// [`check`](super::check)); one whose refcounts say that its header, L1 table or
-    /// refcount table is free is refused, and so are internal snapshots and clusters
-    /// smaller than the file's request alignment. With the lazy refcounts feature this driver still keeps
+    /// refcount table is free is refused, and so are clusters smaller than the file's
+    /// request alignment. Images with internal snapshots are written keeping the snapshots
+    /// intact: clusters and L2 tables they share are copied before they change (see
+    /// `shared_l2`). With the lazy refcounts feature this driver still keeps
     /// refcounts exact and never sets the dirty bit.
     ///
     /// # Errors
@@ -439,13 +441,6 @@ fn open_refcounts(
              opened for writing; repair it with check -r all (qemu-img check -r all), or open \
              it read-only",
         ));
-    }
-    if header.nb_snapshots > 0 {
-        return Err(refuse(format!(
-            "writing an image with internal snapshots ({}) is not supported; open it \
-             read-only",
-            header.nb_snapshots
-        )));
     }
     let cluster_size = header.geometry.cluster_size();
     if node.alignment().request > cluster_size {

@@ -56,6 +56,7 @@ mod rebuild;
 mod refcount;
 mod references;
 mod resize;
+mod shared_l2;
 mod snapshot_table;
 mod stored_refcounts;
 mod table;
@@ -69,6 +70,7 @@ pub use driver::{CacheSizes, Qcow2Driver};
 pub use header::{Compression, Header};
 pub use mapping::ClusterMapping;
 pub use offsets::{ClusterIndex, Geometry, GuestOffset, HostOffset};
+pub use snapshot_table::{Snapshot, list_snapshots, snapshot_list};
 
 /// An `InvalidData` error for a malformed image, prefixed with `qcow2: `.
 pub(crate) fn corrupt(message: impl std::fmt::Display) -> std::io::Error {
