@@ -47,7 +47,9 @@ impl Qcow2Driver {
         let cluster_size = self.header.geometry.cluster_size();
         let total: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
         let end = offset + total;
-        if offset % cluster_size != 0 || (end % cluster_size != 0 && end != self.length(co)?) {
+        if !offset.is_multiple_of(cluster_size)
+            || (!end.is_multiple_of(cluster_size) && end != self.length(co)?)
+        {
             return Err(invalid_input(format!(
                 "qcow2: a compressed write must cover whole {cluster_size}-byte clusters (the \
                  last may end at the end of the image), not {total} bytes at {offset}"
