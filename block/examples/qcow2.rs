@@ -24,11 +24,14 @@
 //! the report on stdout, and qemu-img's exit code (0 clean, 1 check failed, 2 corruptions,
 //! 3 leaks only). `snapshot -l` lists the internal snapshots as `qemu-img snapshot -l` does.
 
+use std::cell::Cell;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
+use std::rc::Rc;
 use std::time::Instant;
 
+use aiocoro::aio::AioContext;
 use aiocoro::coroutine::Co;
 use aiocoro_block::qcow2::{Compat, Compression, CreateOptions, Header, Repair, check_image_file};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, invalid_input, run_in_coroutine};
@@ -41,6 +44,9 @@ const USAGE: &str = "usage: qcow2 info FILE\n       qcow2 convert -O raw FILE OU
 
 /// The bytes read per request by `convert`.
 const CHUNK: usize = 2 << 20;
+
+/// How many pieces `convert -O qcow2` copies at once.
+const CONVERT_WORKERS: usize = 8;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -262,8 +268,10 @@ fn convert_options(args: &[&str]) -> io::Result<(String, String, Target)> {
 }
 
 /// Writes every guest byte of `file` into a new qcow2 image `out` made with `options` (its
-/// size is `file`'s): clusters that read as zeroes stay unallocated, the others are written
-/// compressed (the library's compressed writes) with `compress`, as they are without.
+/// size is `file`'s, in whole sectors): clusters that read as zeroes stay unallocated, the
+/// others are written compressed (the library's compressed writes) with `compress`, as
+/// they are without. [`CONVERT_WORKERS`] coroutines copy [`CHUNK`]-byte pieces in parallel
+/// (qemu-img convert's `-m 8`), so that clusters compress on several threads at once.
 fn convert_to_qcow2(
     file: &str,
     out: &str,
@@ -274,7 +282,10 @@ fn convert_to_qcow2(
     let source = format!("driver={},read-only=on,file.filename={}", probe(file)?, escape(file));
     let target = format!("driver=qcow2,file.filename={}", escape(out));
     let path = std::path::PathBuf::from(out);
-    let len = run_in_coroutine(move |co| {
+    let cluster = options.cluster_size as usize;
+    // This thread's context, where the workers run (run_in_coroutine uses it too).
+    let ctx = AioContext::new()?;
+    let (src, dst) = run_in_coroutine(move |co| {
         let graph = BlockGraph::new();
         let (_, node) = aiocoro_block::open(co, &graph, &source)?;
         let src = BlockBackend::new(node);
@@ -282,37 +293,69 @@ fn convert_to_qcow2(
         options.size = src.length().next_multiple_of(512);
         aiocoro_block::qcow2::create_file(co, &path, &options)?;
         let (_, node) = aiocoro_block::open(co, &graph, &target)?;
-        let dst = BlockBackend::new(node);
-        let (len, cluster) = (dst.length(), options.cluster_size as usize);
-        let mut buf = vec![0u8; CHUNK.max(cluster)];
-        let mut at = 0;
-        while at < len {
-            let n = (len - at).min(buf.len() as u64) as usize;
-            let inside = src.length().saturating_sub(at).min(n as u64) as usize;
-            src.read(co, at, &mut buf[..inside])?;
-            buf[inside..n].fill(0);
-            for (i, piece) in buf[..n].chunks(cluster).enumerate() {
-                if piece.iter().all(|&byte| byte == 0) {
-                    continue;
-                }
-                let offset = at + (i * cluster) as u64;
-                if compress {
-                    dst.write_compressed(co, offset, piece)?;
-                } else {
-                    dst.write(co, offset, piece)?;
+        Ok::<_, io::Error>((src, BlockBackend::new(node)))
+    })??;
+    let len = dst.length();
+    let chunk = CHUNK.max(cluster) as u64;
+    let next = Rc::new(Cell::new(0u64));
+    let running = Rc::new(Cell::new(CONVERT_WORKERS));
+    let failure = Rc::new(Cell::new(None));
+    for _ in 0..CONVERT_WORKERS {
+        let (src, dst) = (src.clone(), dst.clone());
+        let (next, running, failure) = (next.clone(), running.clone(), failure.clone());
+        ctx.spawn(move |co| {
+            let mut buf = vec![0u8; chunk as usize];
+            while next.get() < len {
+                let at = next.get();
+                next.set(at + chunk);
+                let copied = copy_piece(co, (&src, &dst), at, &mut buf, (cluster, compress));
+                if let Err(error) = copied {
+                    next.set(len);
+                    failure.set(Some(failure.take().unwrap_or(error)));
                 }
             }
-            at += n as u64;
-        }
-        dst.close(co)?;
-        Ok::<_, io::Error>(len)
-    })??;
+            running.set(running.get() - 1);
+        });
+    }
+    ctx.wait_while(|| running.get() > 0);
+    if let Some(error) = failure.take() {
+        return Err(error);
+    }
+    run_in_coroutine(move |co| dst.close(co))??;
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
         "converted {} in {seconds:.2} s ({:.0} MiB/s)",
         human(len),
         len as f64 / (1 << 20) as f64 / seconds.max(1e-9)
     );
+    Ok(())
+}
+
+/// Copies the piece of up to `buf.len()` bytes at `at` from `src` (zeroes past its end) to
+/// `dst`, cluster by cluster of `cluster` bytes: zero clusters skipped, the others written
+/// compressed if `compress`.
+fn copy_piece(
+    co: &Co,
+    (src, dst): (&BlockBackend, &BlockBackend),
+    at: u64,
+    buf: &mut [u8],
+    (cluster, compress): (usize, bool),
+) -> io::Result<()> {
+    let n = (dst.length() - at).min(buf.len() as u64) as usize;
+    let inside = src.length().saturating_sub(at).min(n as u64) as usize;
+    src.read(co, at, &mut buf[..inside])?;
+    buf[inside..n].fill(0);
+    for (i, piece) in buf[..n].chunks(cluster).enumerate() {
+        if piece.iter().all(|&byte| byte == 0) {
+            continue;
+        }
+        let offset = at + (i * cluster) as u64;
+        if compress {
+            dst.write_compressed(co, offset, piece)?;
+        } else {
+            dst.write(co, offset, piece)?;
+        }
+    }
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Compressed writes (QEMU's `qcow2_co_pwritev_compressed_part`): whole guest clusters,
-//! each compressed with the image's compression type and packed into host clusters after
-//! the compressed data written before it; a cluster that does not compress is written as
-//! an ordinary one.
+//! each compressed with the image's compression type (on a worker of the thread pool) and
+//! packed into host clusters after the compressed data written before it; a cluster that
+//! does not compress is written as an ordinary one.
 //!
 //! The compressed data of a cluster is packed at byte granularity (as QEMU packs it), or,
 //! on a file with a request alignment (`O_DIRECT`), rounded up to whole blocks, so that
@@ -65,7 +65,11 @@ impl Qcow2Driver {
             let guest = GuestOffset(offset + done);
             // Compressed data rounded up to a whole cluster saves nothing.
             let unit = self.file.node().alignment().request;
-            match compress_cluster(self.header.compression, &whole)
+            // On a worker thread, as QEMU compresses in its thread pool: this thread's other
+            // requests run meanwhile, and concurrent requests compress in parallel.
+            let compression = self.header.compression;
+            match co
+                .run_blocking(move || compress_cluster(compression, &whole))
                 .filter(|packed| (packed.len() as u64).next_multiple_of(unit) < cluster_size)
             {
                 Some(packed) => self.write_compressed_cluster(co, guest, &packed, unit)?,
