@@ -28,9 +28,10 @@ fn snapshot_raw(image: &Path, name: &str) -> Vec<u8> {
     bytes
 }
 
-/// Our writes: into shared clusters (partly and wholly), a shared compressed cluster,
-/// zeroes over shared data, a discard, and fresh clusters; applied to `shadow` too.
-fn write_ours(image: &Path, shadow: &mut [u8], cluster: u64, seed: u64) {
+/// Our writes (through the node opened with `options`): into shared clusters (partly and
+/// wholly), a shared compressed cluster, zeroes over shared data, and fresh clusters;
+/// applied to `shadow` too.
+fn write_ours(options: &str, shadow: &mut [u8], cluster: u64, seed: u64) {
     let mut rng = Rng(seed);
     let mut writes: Vec<(u64, Vec<u8>)> = vec![
         (4096 + 512, vec![0xa0 ^ seed as u8; 8192]),
@@ -48,7 +49,7 @@ fn write_ours(image: &Path, shadow: &mut [u8], cluster: u64, seed: u64) {
         shadow[*offset as usize..][..bytes.len()].copy_from_slice(bytes);
     }
     shadow[zero.0 as usize..][..zero.1 as usize].fill(0);
-    with_image(&qcow2_rw_options(image), move |co, blk| {
+    with_image(options, move |co, blk| {
         for (offset, bytes) in &writes {
             blk.write(co, *offset, bytes)?;
         }
@@ -61,8 +62,9 @@ fn write_ours(image: &Path, shadow: &mut [u8], cluster: u64, seed: u64) {
 #[test]
 fn writing_an_image_with_snapshots_keeps_them_intact() {
     let scratch = Scratch::new("snapshots");
-    for cluster in [4096u64, 65536] {
+    for (cluster, direct) in [(4096u64, false), (65536, false), (65536, true)] {
         let image = scratch.path("s.qcow2");
+        let options = qcow2_rw_options(&image) + if direct { ",file.cache=none" } else { "" };
         let _ = std::fs::remove_file(&image);
         create_qcow2(image.to_str().unwrap(), &format!("cluster_size={cluster}"), "8M");
         qemu_io(
@@ -78,7 +80,7 @@ fn writing_an_image_with_snapshots_keeps_them_intact() {
         qemu_img(&["snapshot", "-c", "first", image.to_str().unwrap()]);
         let first = qemu_raw(&image);
         let mut current = first.clone();
-        write_ours(&image, &mut current, cluster, 1);
+        write_ours(&options, &mut current, cluster, 1);
         let (status, text) = check_status(&image);
         assert_eq!(status, 0, "{cluster}: after our writes: {text}");
         assert_same_bytes(&snapshot_raw(&image, "first"), &first, "snapshot 'first'");
@@ -88,7 +90,7 @@ fn writing_an_image_with_snapshots_keeps_them_intact() {
         // A second snapshot over our writes; writes again; both snapshots stay.
         qemu_img(&["snapshot", "-c", "second", image.to_str().unwrap()]);
         let second = current.clone();
-        write_ours(&image, &mut current, cluster, 2);
+        write_ours(&options, &mut current, cluster, 2);
         let (status, text) = check_status(&image);
         assert_eq!(status, 0, "{cluster}: after the second round: {text}");
         assert_same_bytes(&snapshot_raw(&image, "first"), &first, "snapshot 'first' again");
