@@ -209,7 +209,12 @@ impl BlockBackend {
     pub fn write_compressed(&self, co: &Co, offset: u64, buf: &[u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         self.check(Op::Write { offset, len }, offset, len)?;
-        self.run(co, |node| node.write_compressed(co, offset, &[IoSlice::new(buf)]))
+        let align = self.inner.root.alignment().request;
+        self.run(co, |node| {
+            // Whole clusters: never padded, but ordered with padded writes as writes are.
+            let _shared = (align != 1).then(|| self.inner.rmw.read(co));
+            node.write_compressed(co, offset, &[IoSlice::new(buf)])
+        })
     }
 
     /// Writes `bufs`, in order, at `offset`.
