@@ -3,46 +3,67 @@
 //! ```text
 //! cargo run -p aiocoro-block --example qcow2 -- info FILE
 //! cargo run -p aiocoro-block --example qcow2 -- convert -O raw FILE OUT
+//! cargo run -p aiocoro-block --example qcow2 -- convert -O qcow2 [-c] [-o OPTIONS] FILE OUT
 //! cargo run -p aiocoro-block --example qcow2 -- create [-f qcow2] [-o OPTIONS] [-b BACKING]
 //!     [-F BACKING_FORMAT] FILE [SIZE]
 //! cargo run -p aiocoro-block --example qcow2 -- check [-r leaks|all] [--output human|json]
 //!     [-f qcow2] FILE
+//! cargo run -p aiocoro-block --example qcow2 -- snapshot -l FILE
 //! ```
 //!
 //! `info` prints the format, virtual size, cluster size, refcount width, backing file and
 //! how many bytes the image itself holds (from block status); `convert -O raw` reads every
-//! guest byte through the driver (backing chain included) and writes a sparse raw file.
+//! guest byte through the driver (backing chain included) and writes a sparse raw file;
+//! `convert -O qcow2` writes them into a new qcow2 image (`-o` as for `create`), leaving
+//! zero clusters unallocated, and with `-c` compresses each cluster with the image's
+//! `compression_type` (`zlib` or `zstd`) through the driver's compressed writes.
 //! `create` makes a new qcow2 image; `-o` takes qemu-img's `cluster_size=64k`,
 //! `compat=1.1|0.10`, `refcount_bits=16`, `lazy_refcounts=on|off`, `backing_file=`,
 //! `backing_fmt=`, `size=`; without a size the backing file's is used. `check` checks (and
 //! with `-r` repairs) a qcow2 image as `qemu-img check` does: the problems found on stderr,
 //! the report on stdout, and qemu-img's exit code (0 clean, 1 check failed, 2 corruptions,
-//! 3 leaks only).
+//! 3 leaks only). `snapshot -l` lists the internal snapshots as `qemu-img snapshot -l` does.
 
+use std::cell::Cell;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
+use std::rc::Rc;
 use std::time::Instant;
 
+use aiocoro::aio::AioContext;
 use aiocoro::coroutine::Co;
-use aiocoro_block::qcow2::{Compat, CreateOptions, Header, Repair, check_image_file};
+use aiocoro_block::qcow2::{Compat, Compression, CreateOptions, Header, Repair, check_image_file};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, invalid_input, run_in_coroutine};
 
 const USAGE: &str = "usage: qcow2 info FILE\n       qcow2 convert -O raw FILE OUT\n       \
+                     qcow2 convert -O qcow2 [-c] [-o OPTIONS] FILE OUT\n       \
+                     qcow2 snapshot -l FILE\n       \
                      qcow2 create [-f qcow2] [-o OPTIONS] [-b BACKING] [-F FMT] FILE [SIZE]\n       \
                      qcow2 check [-r leaks|all] [--output human|json] [-f qcow2] FILE";
 
 /// The bytes read per request by `convert`.
 const CHUNK: usize = 2 << 20;
 
+/// How many pieces `convert -O qcow2` copies at once.
+const CONVERT_WORKERS: usize = 8;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
         ["info", file] => info(file),
-        ["convert", "-O", "raw", file, out] | ["convert", "-O", "raw", "-f", _, file, out] => {
-            convert(file, out)
-        }
+        ["convert", rest @ ..] => match convert_options(rest) {
+            Ok((file, out, Target::Raw)) => convert(&file, &out),
+            Ok((file, out, Target::Qcow2 { options, compress })) => {
+                convert_to_qcow2(&file, &out, options, compress)
+            }
+            Err(error) => {
+                eprintln!("qcow2: {error}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        ["snapshot", "-l", file] => list_snapshots(file),
         ["create", rest @ ..] => match create_options(rest) {
             Ok((file, options)) => create(&file, options),
             Err(error) => {
@@ -149,7 +170,7 @@ fn info(file: &str) -> io::Result<()> {
         }
         writeln!(out, "Format specific information:")?;
         writeln!(out, "    compat: {}", header.compat())?;
-        writeln!(out, "    compression type: zlib")?;
+        writeln!(out, "    compression type: {}", header.compression.name())?;
         writeln!(out, "    lazy refcounts: {}", header.lazy_refcounts())?;
         writeln!(out, "    refcount bits: {}", header.refcount_bits())?;
         writeln!(out, "    dirty: {}", header.is_dirty())?;
@@ -191,9 +212,212 @@ fn convert(file: &str, out: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Prints the internal snapshots of `file` as `qemu-img snapshot -l` does (nothing if it
+/// has none).
+fn list_snapshots(file: &str) -> io::Result<()> {
+    let options = format!("driver=file,read-only=on,filename={}", escape(file));
+    let snapshots = run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (_, node) = aiocoro_block::open(co, &graph, &options)?;
+        aiocoro_block::qcow2::list_snapshots(co, &node)
+    })??;
+    if !snapshots.is_empty() {
+        print!("{}", aiocoro_block::qcow2::snapshot_list(&snapshots));
+    }
+    Ok(())
+}
+
+/// What `convert` writes.
+enum Target {
+    /// A sparse raw file.
+    Raw,
+    /// A new qcow2 image made with `options`, its clusters compressed if `compress`.
+    Qcow2 { options: CreateOptions, compress: bool },
+}
+
+/// Parses `convert`'s arguments: `[-f FMT] -O raw|qcow2 [-c] [-o OPTIONS] FILE OUT`.
+fn convert_options(args: &[&str]) -> io::Result<(String, String, Target)> {
+    let (mut format, mut compress, mut options) = (None, false, CreateOptions::new(0));
+    let mut positional = Vec::new();
+    let mut args = args.iter();
+    while let Some(&arg) = args.next() {
+        let mut value =
+            || args.next().copied().ok_or_else(|| invalid_input(format!("{arg} needs a value")));
+        match arg {
+            "-O" => format = Some(value()?),
+            "-f" => drop(value()?), // The source's format is probed.
+            "-c" => compress = true,
+            "-o" => drop(apply_options(&mut options, value()?)?),
+            "-q" | "-p" => {}
+            flag if flag.starts_with('-') => {
+                return Err(invalid_input(format!("unknown flag {flag}")));
+            }
+            other => positional.push(other.to_owned()),
+        }
+    }
+    let target = match format {
+        Some("raw") if !compress => Target::Raw,
+        Some("raw") => return Err(invalid_input("-c needs -O qcow2")),
+        Some("qcow2") => Target::Qcow2 { options, compress },
+        _ => return Err(invalid_input("convert needs -O raw or -O qcow2")),
+    };
+    match <[String; 2]>::try_from(positional) {
+        Ok([file, out]) => Ok((file, out, target)),
+        Err(_) => Err(invalid_input("convert needs FILE and OUT")),
+    }
+}
+
+/// Writes every guest byte of `file` into a new qcow2 image `out` made with `options` (its
+/// size is `file`'s, in whole sectors): clusters that read as zeroes stay unallocated, the
+/// others are written compressed (the library's compressed writes) with `compress`, as
+/// they are without. [`CONVERT_WORKERS`] coroutines copy [`CHUNK`]-byte pieces in parallel
+/// (qemu-img convert's `-m 8`), so that clusters compress on several threads at once.
+fn convert_to_qcow2(
+    file: &str,
+    out: &str,
+    mut options: CreateOptions,
+    compress: bool,
+) -> io::Result<()> {
+    let started = Instant::now();
+    let source = format!("driver={},read-only=on,file.filename={}", probe(file)?, escape(file));
+    let target = format!("driver=qcow2,file.filename={}", escape(out));
+    let path = std::path::PathBuf::from(out);
+    let cluster = options.cluster_size as usize;
+    // This thread's context, where the workers run (run_in_coroutine uses it too).
+    let ctx = AioContext::new()?;
+    let (src, dst) = run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (_, node) = aiocoro_block::open(co, &graph, &source)?;
+        let src = BlockBackend::new(node);
+        // Whole sectors, as qemu-img sees a raw file (its last partial sector reads zeroes).
+        options.size = src.length().next_multiple_of(512);
+        aiocoro_block::qcow2::create_file(co, &path, &options)?;
+        let (_, node) = aiocoro_block::open(co, &graph, &target)?;
+        Ok::<_, io::Error>((src, BlockBackend::new(node)))
+    })??;
+    let len = dst.length();
+    let chunk = CHUNK.max(cluster) as u64;
+    let next = Rc::new(Cell::new(0u64));
+    let running = Rc::new(Cell::new(CONVERT_WORKERS));
+    let failure = Rc::new(Cell::new(None));
+    for _ in 0..CONVERT_WORKERS {
+        let (src, dst) = (src.clone(), dst.clone());
+        let (next, running, failure) = (next.clone(), running.clone(), failure.clone());
+        ctx.spawn(move |co| {
+            let mut buf = vec![0u8; chunk as usize];
+            while next.get() < len {
+                let at = next.get();
+                next.set(at + chunk);
+                let copied = copy_piece(co, (&src, &dst), at, &mut buf, (cluster, compress));
+                if let Err(error) = copied {
+                    next.set(len);
+                    failure.set(Some(failure.take().unwrap_or(error)));
+                }
+            }
+            running.set(running.get() - 1);
+        });
+    }
+    ctx.wait_while(|| running.get() > 0);
+    if let Some(error) = failure.take() {
+        return Err(error);
+    }
+    run_in_coroutine(move |co| dst.close(co))??;
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "converted {} in {seconds:.2} s ({:.0} MiB/s)",
+        human(len),
+        len as f64 / (1 << 20) as f64 / seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+/// Copies the piece of up to `buf.len()` bytes at `at` from `src` (zeroes past its end) to
+/// `dst`, cluster by cluster of `cluster` bytes: zero clusters skipped, the others written
+/// compressed if `compress`.
+fn copy_piece(
+    co: &Co,
+    (src, dst): (&BlockBackend, &BlockBackend),
+    at: u64,
+    buf: &mut [u8],
+    (cluster, compress): (usize, bool),
+) -> io::Result<()> {
+    let n = (dst.length() - at).min(buf.len() as u64) as usize;
+    let inside = src.length().saturating_sub(at).min(n as u64) as usize;
+    src.read(co, at, &mut buf[..inside])?;
+    buf[inside..n].fill(0);
+    for (i, piece) in buf[..n].chunks(cluster).enumerate() {
+        if piece.iter().all(|&byte| byte == 0) {
+            continue;
+        }
+        let offset = at + (i * cluster) as u64;
+        if compress {
+            dst.write_compressed(co, offset, piece)?;
+        } else {
+            dst.write(co, offset, piece)?;
+        }
+    }
+    Ok(())
+}
+
+/// `path` as an option value (commas doubled).
+fn escape(path: &str) -> String {
+    path.replace(',', ",,")
+}
+
 /// A size or an error naming the option.
 fn size_of(key: &str, value: &str) -> io::Result<u64> {
     aiocoro_block::parse_size(value).map_err(|why| invalid_input(format!("{key}: {why}")))
+}
+
+/// Applies a `-o` list (`key=value,...`) to `options`; returns whether it gave the size.
+fn apply_options(options: &mut CreateOptions, list: &str) -> io::Result<bool> {
+    let mut sized = false;
+    for entry in list.split(',').filter(|entry| !entry.is_empty()) {
+        let (key, value) = entry
+            .split_once('=')
+            .ok_or_else(|| invalid_input(format!("option '{entry}' has no '=value'")))?;
+        match key {
+            "cluster_size" => options.cluster_size = size_of(key, value)?,
+            "compat" => {
+                options.compat = match value {
+                    "0.10" | "v2" => Compat::V2,
+                    "1.1" | "v3" => Compat::V3,
+                    other => return Err(invalid_input(format!("compat={other}: 0.10 or 1.1"))),
+                }
+            }
+            "refcount_bits" => {
+                options.refcount_bits = value
+                    .parse()
+                    .map_err(|_| invalid_input(format!("refcount_bits={value}: a number")))?;
+            }
+            "lazy_refcounts" => {
+                options.lazy_refcounts = match value {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    other => return Err(invalid_input(format!("lazy_refcounts={other}"))),
+                }
+            }
+            "compression_type" => {
+                options.compression = match value {
+                    "zlib" => Compression::Deflate,
+                    "zstd" => Compression::Zstd,
+                    other => {
+                        return Err(invalid_input(format!(
+                            "compression_type={other}: zlib or zstd"
+                        )));
+                    }
+                }
+            }
+            "backing_file" => options.backing_file = Some(value.to_owned()),
+            "backing_fmt" => options.backing_format = Some(value.to_owned()),
+            "size" => {
+                options.size = size_of(key, value)?;
+                sized = true;
+            }
+            other => return Err(invalid_input(format!("unknown option '{other}'"))),
+        }
+    }
+    Ok(sized)
 }
 
 /// Parses `create`'s arguments into the image path and its options (the size stays 0 if
@@ -216,48 +440,7 @@ fn create_options(args: &[&str]) -> io::Result<(String, (CreateOptions, bool))> 
             "-b" => options.backing_file = Some(value()?.to_owned()),
             "-F" => options.backing_format = Some(value()?.to_owned()),
             "-q" => {}
-            "-o" => {
-                for entry in value()?.split(',').filter(|entry| !entry.is_empty()) {
-                    let (key, value) = entry.split_once('=').ok_or_else(|| {
-                        invalid_input(format!("option '{entry}' has no '=value'"))
-                    })?;
-                    match key {
-                        "cluster_size" => options.cluster_size = size_of(key, value)?,
-                        "compat" => {
-                            options.compat = match value {
-                                "0.10" | "v2" => Compat::V2,
-                                "1.1" | "v3" => Compat::V3,
-                                other => {
-                                    return Err(invalid_input(format!(
-                                        "compat={other}: 0.10 or 1.1"
-                                    )));
-                                }
-                            }
-                        }
-                        "refcount_bits" => {
-                            options.refcount_bits = value.parse().map_err(|_| {
-                                invalid_input(format!("refcount_bits={value}: a number"))
-                            })?;
-                        }
-                        "lazy_refcounts" => {
-                            options.lazy_refcounts = match value {
-                                "on" | "true" => true,
-                                "off" | "false" => false,
-                                other => {
-                                    return Err(invalid_input(format!("lazy_refcounts={other}")));
-                                }
-                            }
-                        }
-                        "backing_file" => options.backing_file = Some(value.to_owned()),
-                        "backing_fmt" => options.backing_format = Some(value.to_owned()),
-                        "size" => {
-                            options.size = size_of(key, value)?;
-                            sized = true;
-                        }
-                        other => return Err(invalid_input(format!("unknown option '{other}'"))),
-                    }
-                }
-            }
+            "-o" => sized |= apply_options(&mut options, value()?)?,
             flag if flag.starts_with('-') => {
                 return Err(invalid_input(format!("unknown flag {flag}")));
             }

@@ -197,6 +197,26 @@ impl BlockBackend {
         self.writev(co, offset, &[IoSlice::new(buf)])
     }
 
+    /// Writes `buf` at `offset` compressed, for formats that store compressed clusters
+    /// (qcow2; QEMU's `blk_co_pwrite_compressed`): `offset` must start a cluster and `buf`
+    /// cover whole clusters, the last of which may end at the end of the image. A cluster
+    /// that does not compress is written as it is.
+    ///
+    /// # Errors
+    ///
+    /// A refused request; `Unsupported` for a format without compression; `InvalidInput`
+    /// for a request that is not whole clusters; the node's error.
+    pub fn write_compressed(&self, co: &Co, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let len = buf.len() as u64;
+        self.check(Op::Write { offset, len }, offset, len)?;
+        let align = self.inner.root.alignment().request;
+        self.run(co, |node| {
+            // Whole clusters: never padded, but ordered with padded writes as writes are.
+            let _shared = (align != 1).then(|| self.inner.rmw.read(co));
+            node.write_compressed(co, offset, &[IoSlice::new(buf)])
+        })
+    }
+
     /// Writes `bufs`, in order, at `offset`.
     ///
     /// # Errors

@@ -89,6 +89,22 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// The I/O error; the range's contents are unspecified then.
     fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()>;
 
+    /// Writes `bufs` at `offset` compressed (QEMU's `bdrv_co_pwritev_compressed`), for
+    /// formats that store compressed data: the request must cover whole clusters (the last
+    /// may end at the end of the node). Unsupported by default.
+    ///
+    /// # Errors
+    ///
+    /// `Unsupported`; `InvalidInput` for a request that is not whole clusters; the I/O
+    /// error.
+    fn write_compressed(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let _ = (co, offset, bufs);
+        Err(crate::error::unsupported(format!(
+            "the {} driver does not write compressed data",
+            self.format_name()
+        )))
+    }
+
     /// Makes every completed write stable.
     ///
     /// # Errors

@@ -221,6 +221,20 @@ impl BlockNode {
         self.changed(self.driver.write(co, offset, bufs)).map_err(|error| self.context(op())(error))
     }
 
+    /// Writes `bufs` at `offset` compressed (see [`BlockDriver::write_compressed`]).
+    ///
+    /// # Errors
+    ///
+    /// The driver's error, with context; `PermissionDenied` on a read-only node.
+    pub fn write_compressed(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let op = || Op::Write { offset, len: byte_len(bufs) };
+        if self.read_only || self.closed.load(Ordering::Relaxed) {
+            return self.refuse_if_read_only(op());
+        }
+        let result = self.driver.write_compressed(co, offset, bufs);
+        self.changed(result).map_err(|error| self.context(op())(error))
+    }
+
     /// Flushes completed writes to stable storage.
     ///
     /// # Errors

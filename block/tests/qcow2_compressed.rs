@@ -1,4 +1,4 @@
-//! Compressed images (`qemu-img convert -c`) read back as their source.
+//! Compressed images (`qemu-img convert -c`, deflate and zstd) read back as their source.
 
 mod qcow2_support;
 
@@ -39,6 +39,10 @@ fn compressed_images_of_every_cluster_size_read_as_their_source() {
         "compat=0.10,cluster_size=64k",
         "compat=1.1,cluster_size=64k",
         "compat=1.1,cluster_size=2M",
+        "compat=1.1,cluster_size=512,compression_type=zstd",
+        "compat=1.1,cluster_size=4k,compression_type=zstd",
+        "compat=1.1,cluster_size=64k,compression_type=zstd",
+        "compat=1.1,cluster_size=2M,compression_type=zstd",
     ] {
         let image = scratch.path("c.qcow2");
         let _ = std::fs::remove_file(&image);

@@ -1,7 +1,8 @@
-//! A bounded, deterministic fuzz test: small valid images with their header, extensions,
-//! L1, L2 and refcount tables mutated (seeded RNG, a few thousand cases) must open and read
-//! every cluster, or open read-write and take writes, discards, zero writes, growing and
-//! flushes, with `Ok` or `Err`, never a panic or a hang.
+//! A bounded, deterministic fuzz test: small valid images (zlib or zstd, with or without a
+//! snapshot) with their header, extensions, L1, L2, refcount and snapshot tables mutated
+//! (seeded RNG, a few thousand cases) must open and read every cluster, or open read-write
+//! and take writes, compressed writes, discards, zero writes, growing and flushes, with `Ok`
+//! or `Err`, never a panic or a hang.
 
 mod qcow2_support;
 
@@ -33,8 +34,8 @@ impl Rng {
     }
 }
 
-/// The byte ranges worth mutating: the header cluster, the refcount table, the L1 table and
-/// every L2 table the L1 table points at.
+/// The byte ranges worth mutating: the header cluster, the refcount table, the L1 table,
+/// every L2 table the L1 table points at, and the snapshot table's start.
 fn metadata_regions(image: &[u8]) -> Vec<(usize, usize)> {
     let u64_at = |at: usize| u64::from_be_bytes(image[at..at + 8].try_into().unwrap());
     let u32_at = |at: usize| u32::from_be_bytes(image[at..at + 4].try_into().unwrap());
@@ -42,6 +43,9 @@ fn metadata_regions(image: &[u8]) -> Vec<(usize, usize)> {
     let l1 = u64_at(40) as usize;
     let l1_len = u32_at(36) as usize * 8;
     let mut regions = vec![(0, 112), (0, cluster), (u64_at(48) as usize, cluster), (l1, l1_len)];
+    if u32_at(60) > 0 {
+        regions.push((u64_at(64) as usize, 256)); // The snapshot table.
+    }
     for entry in (l1..l1 + l1_len).step_by(8) {
         let l2 = (u64_at(entry) & 0x00ff_ffff_ffff_fe00) as usize;
         if l2 != 0 {
@@ -147,7 +151,8 @@ fn reads(co: &Co, blk: &BlockBackend, span: u64, rng: &mut Rng) -> (usize, usize
     (ok, err)
 }
 
-/// Random writes, discards, zero writes, growing and flushes, and a last flush.
+/// Random writes, compressed writes, discards, zero writes, growing and flushes, and a last
+/// flush.
 fn writes(co: &Co, blk: &BlockBackend, _span: u64, rng: &mut Rng) -> (usize, usize) {
     let (mut ok, mut err) = (0, 0);
     let mut count = |result: std::io::Result<()>| match result {
@@ -162,11 +167,17 @@ fn writes(co: &Co, blk: &BlockBackend, _span: u64, rng: &mut Rng) -> (usize, usi
         }
         let offset = rng.below(len);
         let n = rng.below(buf.len() as u64).min(len - offset);
-        match rng.below(6) {
+        match rng.below(7) {
             0 => count(blk.discard(co, offset, n)),
             1 => count(blk.write_zeroes(co, offset, n, true)),
             2 => count(blk.flush(co)),
             3 => count(blk.truncate(co, len + rng.below(1 << 20))),
+            4 => {
+                // Whole clusters of up to 4 KiB, or the image's last bytes.
+                let offset = offset & !4095;
+                let n = (len - offset).min(4096) as usize;
+                count(blk.write_compressed(co, offset, &buf[..n]));
+            }
             _ => count(blk.write(co, offset, &buf[..n as usize])),
         }
     }
@@ -249,6 +260,20 @@ fn v3_base(scratch: &Scratch) -> PathBuf {
     base
 }
 
+/// A v3 image of 512 B clusters compressed with zstd, with an internal snapshot that
+/// shares its clusters and L2 tables, then writes after it.
+fn zstd_snapshot_base(scratch: &Scratch) -> PathBuf {
+    let src = scratch.path("zsrc.raw");
+    let data: Vec<u8> = (0..64u32 << 10).map(|i| (i / 300) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let base = scratch.path("zbase.qcow2");
+    let options = "compat=1.1,cluster_size=512,compression_type=zstd";
+    compress_to_qcow2(src.to_str().unwrap(), base.to_str().unwrap(), options);
+    qemu_img(&["snapshot", "-c", "s", base.to_str().unwrap()]);
+    qemu_io("qcow2", &base, &["write -P 0xab 8k 3k", "write -z 20k 2k"]);
+    base
+}
+
 /// A v2 image of 1 KiB clusters over a raw backing file shorter than it.
 fn v2_base(scratch: &Scratch) -> PathBuf {
     let backing = scratch.path("b.raw");
@@ -274,6 +299,14 @@ fn mutated_v3_images_with_compressed_and_zero_clusters_never_panic_or_hang() {
 fn mutated_v2_images_over_a_raw_backing_file_never_panic_or_hang() {
     let scratch = Scratch::new("fuzz-v2");
     fuzz("v2", &scratch, v2_base(&scratch), SEED ^ 0xffff, &READ);
+}
+
+#[test]
+fn mutated_zstd_images_with_a_snapshot_never_panic_or_hang() {
+    let scratch = Scratch::new("fuzz-zstd");
+    let base = zstd_snapshot_base(&scratch);
+    fuzz("zstd", &scratch, base.clone(), SEED ^ 0x2222, &READ);
+    fuzz("zstd-write", &scratch, base, SEED ^ 0x3333, &WRITE);
 }
 
 #[test]

@@ -35,7 +35,7 @@ use super::mapping::{COMPRESSED, COPIED, OFFSET_MASK, ZERO, compressed_extent};
 use super::offsets::HostOffset;
 use super::rebuild::rebuild_refcounts;
 use super::references::{Added, References};
-use super::snapshot_table::{SnapshotL1, SnapshotTable, read_snapshot_table};
+use super::snapshot_table::{Snapshot, SnapshotTable, read_snapshot_table};
 use super::stored_refcounts::{BLOCK_OFFSET_MASK, StoredRefcounts};
 use super::table::{decode_table, encode_table};
 use crate::node::BlockNode;
@@ -306,7 +306,7 @@ impl<'a> Pass<'a> {
         let (l1_offset, l1_size) = (self.header.l1_table_offset.0, self.header.l1_size);
         self.count_l1(refs, (l1_offset, l1_size), true, repair)?;
         for snapshot in self.snapshots.snapshots.clone() {
-            let SnapshotL1 { id, name, l1_offset, l1_size } = snapshot;
+            let Snapshot { id, name, l1_offset, l1_size, .. } = snapshot;
             if !self.is_aligned(l1_offset) {
                 self.say(format!(
                     "ERROR snapshot {id} ({name}) l1_offset={l1_offset:#x}: L1 table is not \

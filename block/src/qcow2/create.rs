@@ -8,7 +8,8 @@ use std::path::Path;
 use aiocoro::coroutine::Co;
 
 use super::header::{
-    EXT_BACKING_FORMAT, MAGIC, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, V2_HEADER_LEN, field,
+    Compression, EXT_BACKING_FORMAT, INCOMPAT_COMPRESSION, MAGIC, MAX_L1_BYTES,
+    MAX_REFCOUNT_TABLE_BYTES, V2_HEADER_LEN, field,
 };
 use super::io::write_at;
 use super::offsets::Geometry;
@@ -48,6 +49,9 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     /// The backing file's format (`qcow2`, `raw`), stored in a header extension.
     pub backing_format: Option<String>,
+    /// How compressed clusters are compressed (qemu-img's `compression_type=zlib|zstd`);
+    /// zstd needs version 3.
+    pub compression: Compression,
 }
 
 impl CreateOptions {
@@ -62,6 +66,7 @@ impl CreateOptions {
             lazy_refcounts: false,
             backing_file: None,
             backing_format: None,
+            compression: Compression::Deflate,
         }
     }
 
@@ -81,6 +86,9 @@ impl CreateOptions {
         }
         if self.compat == Compat::V2 && bits != 16 {
             return Err(invalid_input("qcow2: compat=0.10 needs refcount_bits=16"));
+        }
+        if self.compat == Compat::V2 && self.compression != Compression::Deflate {
+            return Err(invalid_input("qcow2: compression_type=zstd needs compat=1.1"));
         }
         if self.compat == Compat::V2 && self.lazy_refcounts {
             return Err(invalid_input("qcow2: lazy refcounts need compat=1.1"));
@@ -121,6 +129,10 @@ impl CreateOptions {
             put64(&mut h, field::COMPATIBLE_FEATURES, u64::from(self.lazy_refcounts));
             put32(&mut h, field::REFCOUNT_ORDER, order);
             put32(&mut h, field::HEADER_LENGTH, WRITTEN_V3_HEADER_LEN as u32);
+            if self.compression != Compression::Deflate {
+                put64(&mut h, field::INCOMPATIBLE_FEATURES, INCOMPAT_COMPRESSION);
+                h[field::COMPRESSION_TYPE] = self.compression.type_byte();
+            }
             at = WRITTEN_V3_HEADER_LEN;
         }
         let overflow = || {

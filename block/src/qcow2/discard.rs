@@ -41,7 +41,7 @@ impl Qcow2Driver {
                 allocation.wait(co, &mut meta);
                 continue;
             }
-            let l2 = match self.l2_offset(&meta, position.l1_index)? {
+            let l2 = match self.writable_l2(co, &mut meta, position.l1_index)? {
                 Some(l2) => l2,
                 // Unallocated already reads as the backing node or zeroes.
                 None if new_entry == 0 => {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use aiocoro::coroutine::Co;
 use aiocoro::sync::CoMutex;
 
-use super::compressed::{LastInflated, inflate_cluster};
+use super::compressed::{LastInflated, decompress_cluster};
 use super::corrupt;
 use super::corruption::CorruptMark;
 use super::header::Header;
@@ -74,7 +74,7 @@ pub struct Qcow2Driver {
     pub(super) metadata: CoMutex<Metadata>,
     /// In-place writes in progress, whose clusters a flush must not free yet.
     pub(super) in_place: InPlaceWrites,
-    last_inflated: LastInflated,
+    pub(super) last_inflated: LastInflated,
     /// Set once a write found metadata in its way (see `corruption`).
     pub(super) corrupt: CorruptMark,
 }
@@ -105,8 +105,10 @@ impl Qcow2Driver {
     /// image whose refcounts are exact: one with the dirty bit set (left by QEMU with lazy
     /// refcounts) is first repaired as `qemu-img check -r all` would (see
     /// [`check`](super::check)); one whose refcounts say that its header, L1 table or
-    /// refcount table is free is refused, and so are internal snapshots and clusters
-    /// smaller than the file's request alignment. With the lazy refcounts feature this driver still keeps
+    /// refcount table is free is refused, and so are clusters smaller than the file's
+    /// request alignment. Images with internal snapshots are written keeping the snapshots
+    /// intact: clusters and L2 tables they share are copied before they change (see
+    /// `shared_l2`). With the lazy refcounts feature this driver still keeps
     /// refcounts exact and never sets the dirty bit.
     ///
     /// # Errors
@@ -308,9 +310,9 @@ impl Qcow2Driver {
                 let mut packed = vec![0u8; len as usize];
                 read_exact_at(co, &self.file.node(), offset.0, &mut packed)?;
                 let mut cluster = vec![0u8; geometry.cluster_size() as usize];
-                inflate_cluster(&packed, &mut cluster).map_err(|why| {
-                    corrupt(format!("{guest}: the compressed cluster at {offset}: {why}"))
-                })?;
+                decompress_cluster(self.header.compression, &packed, &mut cluster).map_err(
+                    |why| corrupt(format!("{guest}: the compressed cluster at {offset}: {why}")),
+                )?;
                 let cluster: Arc<[u8]> = cluster.into();
                 self.last_inflated.put(offset.0, cluster.clone());
                 cluster
@@ -354,6 +356,11 @@ impl BlockDriver for Qcow2Driver {
     fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         self.refuse_if_corrupt()?;
         self.mark_corrupt_on_overlap(co, self.write_guest(co, offset, bufs))
+    }
+
+    fn write_compressed(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        self.refuse_if_corrupt()?;
+        self.mark_corrupt_on_overlap(co, self.write_compressed_clusters(co, offset, bufs))
     }
 
     fn flush(&self, co: &Co) -> io::Result<()> {
@@ -434,13 +441,6 @@ fn open_refcounts(
              opened for writing; repair it with check -r all (qemu-img check -r all), or open \
              it read-only",
         ));
-    }
-    if header.nb_snapshots > 0 {
-        return Err(refuse(format!(
-            "writing an image with internal snapshots ({}) is not supported; open it \
-             read-only",
-            header.nb_snapshots
-        )));
     }
     let cluster_size = header.geometry.cluster_size();
     if node.alignment().request > cluster_size {

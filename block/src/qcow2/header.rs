@@ -41,7 +41,7 @@ pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
 /// Other incompatible feature bits.
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+pub(crate) const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Compatible feature bits.
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
@@ -88,11 +88,32 @@ pub(crate) mod field {
     pub(crate) const COMPRESSION_TYPE: usize = 104;
 }
 
-/// How compressed clusters are compressed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How compressed clusters are compressed (the header's `compression_type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Compression {
-    /// Raw deflate (the default, "zlib" in the spec).
+    /// Raw deflate (the default, "zlib" in the spec and in qemu-img's options).
+    #[default]
     Deflate,
+    /// Zstandard (`compression_type=zstd`: type 1, with incompatible feature bit 3).
+    Zstd,
+}
+
+impl Compression {
+    /// The name qemu-img gives it (`zlib`, `zstd`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Deflate => "zlib",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    /// The header's `compression_type` byte.
+    pub(crate) fn type_byte(self) -> u8 {
+        match self {
+            Compression::Deflate => 0,
+            Compression::Zstd => 1,
+        }
+    }
 }
 
 /// Which feature bitmap a feature name belongs to.
@@ -209,8 +230,8 @@ impl Header {
     ///
     /// `InvalidData` naming the field and the values for what is malformed or points outside
     /// the file; `Unsupported` naming the feature for what this driver does not implement
-    /// (encryption, an external data file, extended L2 entries, zstd, unknown incompatible
-    /// features, a version other than 2 and 3). An image marked corrupt parses: it may be
+    /// (encryption, an external data file, extended L2 entries, compression types other
+    /// than zlib and zstd, unknown incompatible features, a version other than 2 and 3). An image marked corrupt parses: it may be
     /// read and checked, not written (see [`Header::is_marked_corrupt`]).
     pub fn parse(first_cluster: &[u8], file_len: u64) -> io::Result<Header> {
         if first_cluster.len() < V2_HEADER_LEN {
@@ -444,12 +465,7 @@ impl Header {
                     "the compression type feature bit (3) is set but compression_type is 0",
                 ));
             }
-            (true, 1) => {
-                return Err(refuse(
-                    "zstd compression (incompatible feature 'compression type', bit 3, \
-                     compression_type 1) is not supported; only deflate (zlib) is",
-                ));
-            }
+            (true, 1) => self.compression = Compression::Zstd,
             (true, other) => {
                 return Err(refuse(format!("compression type {other} is not supported")));
             }

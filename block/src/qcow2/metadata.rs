@@ -144,6 +144,32 @@ impl Metadata {
         writer.refcounts.allocate(co, file, count, image_end, others, purpose)
     }
 
+    /// Allocates `len` bytes (less than a cluster, a multiple of the file's request
+    /// alignment) for compressed data: packed after the compressed data allocated last if
+    /// they fit in its cluster, else at the start of a new cluster (see
+    /// `Refcounts::pack_bytes`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Metadata::allocate`].
+    pub(crate) fn allocate_bytes(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        len: u64,
+        purpose: &dyn fmt::Display,
+    ) -> io::Result<HostOffset> {
+        let Some(writer) = self.writer.as_mut() else {
+            return Err(super::write::refuse_read_only());
+        };
+        if let Some(packed) = writer.refcounts.pack_bytes(co, file, len)? {
+            return Ok(packed);
+        }
+        let start = self.allocate(co, file, 1, purpose)?;
+        writable(&mut self.writer).refcounts.start_packing(start, len);
+        Ok(start)
+    }
+
     /// The first host cluster of `range` that holds metadata (the header, the L1 table, an
     /// L2 table, the refcount table or a refcount block), and which; `None` if there is
     /// none, or if the image is open read-only (nothing is written then).

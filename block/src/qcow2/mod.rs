@@ -1,33 +1,40 @@
 //! The qcow2 format (QEMU's `block/qcow2*.c`): create, open, read and write.
 //!
 //! Images made by `qemu-img create -f qcow2` (compat 0.10 and 1.1, any cluster size from
-//! 512 B to 2 MiB, any refcount width) open as they are. Reads go through the L1 table and
-//! an L2 cache under one [`CoMutex`](aiocoro::sync::CoMutex) over metadata, as QEMU
-//! does; data I/O runs outside the lock. Unallocated clusters read from the backing node (or
-//! as zeroes), zero clusters as zeroes, compressed clusters are inflated.
+//! 512 B to 2 MiB, any refcount width, `compression_type=zlib|zstd`, with or without
+//! internal snapshots) open as they are. Reads go through the L1 table and an L2 cache under
+//! one [`CoMutex`](aiocoro::sync::CoMutex) over metadata, as QEMU does; data I/O runs
+//! outside the lock. Unallocated clusters read from the backing node (or as zeroes), zero
+//! clusters as zeroes, compressed clusters (deflate or zstd) are decompressed.
 //!
 //! Opened read-write (when the node is not read-only), writes allocate clusters from the
 //! refcounts (first free run), copy-on-write partial clusters from what the guest saw
 //! before, overwrite allocated clusters in place, and write metadata back in an order that
 //! leaves at worst leaked clusters after a crash (see `metadata`); `write_zeroes` sets the
 //! zero flag of whole clusters (version 3), `discard` drops whole clusters, `truncate`
-//! grows. [`create`] makes new images; [`check`] checks and repairs them as `qemu-img check`
-//! does. Images that need features this driver lacks (encryption, external data files,
-//! extended L2 entries, zstd) are refused at open with an error that names the feature;
-//! malformed images fail with `InvalidData` errors that say what is wrong and where, never
-//! with a panic or an absurd allocation.
+//! grows, `write_compressed` writes whole clusters compressed. Clusters and L2 tables that
+//! internal snapshots share are copied before they change, so snapshots stay intact.
+//! [`create`] makes new images; [`check`] checks and repairs them as `qemu-img check` does;
+//! [`list_snapshots`] and [`snapshot_list`] list snapshots as `qemu-img snapshot -l` does.
+//! Images that need features this driver lacks (encryption, external data files, extended
+//! L2 entries, unknown compression types) are refused at open with an error that names the
+//! feature; malformed images fail with `InvalidData` errors that say what is wrong and
+//! where, never with a panic or an absurd allocation.
 //!
 //! One concept per file: [`offsets`] (guest/host offsets and cluster indices as distinct
 //! types), [`header`] (header, extensions, features), `mapping` (L1/L2 entries), `l2_cache`,
-//! `table` (tables of big-endian entries as stored), `compressed` (inflate), `io` (child I/O
-//! at its alignment), [`backing`] (finding the backing file), `driver` ([`Qcow2Driver`],
-//! reads), `create`, `refcount` (refcounts and the allocator), `metadata` (what the lock guards, write-back order), `overlap` (keeping guest data off metadata), `header_update` (table moves whose header write fails), `allocation` (in-flight
-//! allocations and the writes merged into them), `write` (allocating writes), `discard`
-//! (discard and zero clusters), `resize` (growing), [`check`] (`qemu-img check [-r]`:
-//! `check_report`, `references`, `stored_refcounts`, `rebuild`, `snapshot_table`,
-//! `bitmap_directory`), `dirty`
-//! (repairing a dirty image opened for writing), `corruption` (the corrupt bit), `autoclear`
-//! (clearing the autoclear feature bits before writing).
+//! `table` (tables of big-endian entries as stored), `compressed` (deflate and zstd
+//! clusters), `compressed_write` (compressed writes), `io` (child I/O at its alignment),
+//! [`backing`] (finding the backing file), `driver` ([`Qcow2Driver`], reads), `create`,
+//! `refcount` (refcounts and the allocator), `metadata` (what the lock guards, write-back
+//! order), `overlap` (keeping guest data off metadata), `header_update` (table moves whose
+//! header write fails), `allocation` (in-flight allocations and the writes merged into
+//! them), `write` (allocating writes), `shared_l2` (copying L2 tables shared with
+//! snapshots), `discard` (discard and zero clusters), `resize` (growing), [`check`]
+//! (`qemu-img check [-r]`: `check_report`, `references`, `stored_refcounts`, `rebuild`,
+//! `snapshot_table`, `bitmap_directory`), `dirty` (repairing a dirty image opened for
+//! writing), `corruption` (the corrupt bit), `autoclear` (clearing the autoclear feature
+//! bits before writing).
 
 mod allocation;
 mod autoclear;
@@ -36,6 +43,7 @@ mod bitmap_directory;
 mod check;
 mod check_report;
 mod compressed;
+mod compressed_write;
 mod corruption;
 mod create;
 mod dirty;
@@ -54,6 +62,7 @@ mod rebuild;
 mod refcount;
 mod references;
 mod resize;
+mod shared_l2;
 mod snapshot_table;
 mod stored_refcounts;
 mod table;
@@ -64,9 +73,10 @@ pub use check::{check, check_image_file};
 pub use check_report::{CheckReport, Repair};
 pub use create::{Compat, CreateOptions, create, create_file};
 pub use driver::{CacheSizes, Qcow2Driver};
-pub use header::Header;
+pub use header::{Compression, Header};
 pub use mapping::ClusterMapping;
 pub use offsets::{ClusterIndex, Geometry, GuestOffset, HostOffset};
+pub use snapshot_table::{Snapshot, list_snapshots, snapshot_list};
 
 /// An `InvalidData` error for a malformed image, prefixed with `qcow2: `.
 pub(crate) fn corrupt(message: impl std::fmt::Display) -> std::io::Error {

@@ -85,6 +85,13 @@ impl TableClusters {
         }
     }
 
+    /// Forgets the table at host `offset` (an entry stopped naming it).
+    pub(crate) fn remove(&mut self, geometry: Geometry, offset: u64) {
+        for cluster in clusters(geometry, offset, geometry.cluster_size()) {
+            self.entry_of.remove(&cluster);
+        }
+    }
+
     /// The first of `range` (host cluster indices) that holds a table, with the entry that
     /// names it.
     pub(crate) fn first_in(&self, range: &Range<u64>) -> Option<(u64, u64)> {

@@ -101,6 +101,10 @@ pub(crate) struct Refcounts {
     dirty: BTreeSet<usize>,
     /// No free cluster lies before this one (QEMU's `free_cluster_index`).
     free_hint: u64,
+    /// The first free byte of the cluster that compressed data is packed into (QEMU's
+    /// `free_byte_offset`); `None` if there is none. Forgotten when that cluster's
+    /// refcount drops to zero, so bytes of a cluster handed out again are never packed into.
+    compressed_tail: Option<u64>,
     /// Whether the header names the tables memory uses (see `header_update`).
     pub(crate) header: HeaderUpdates,
 }
@@ -140,6 +144,7 @@ impl Refcounts {
             known_end: file.length(),
             dirty: BTreeSet::new(),
             free_hint: 0,
+            compressed_tail: None,
             header: HeaderUpdates::default(),
         })
     }
@@ -321,8 +326,55 @@ impl Refcounts {
         self.dirty.insert(slot);
         if new == 0 {
             self.free_hint = self.free_hint.min(cluster);
+            let bits = self.geometry.cluster_bits();
+            if self.compressed_tail.is_some_and(|tail| tail >> bits == cluster) {
+                self.compressed_tail = None;
+            }
         }
         Ok(())
+    }
+
+    /// Takes `len` bytes (less than a cluster) for compressed data after the data packed
+    /// last, with one more reference to that cluster, if they fit in it and its refcount can
+    /// grow (QEMU's `qcow2_alloc_bytes`); `None` if not: the caller allocates a cluster and
+    /// calls [`Refcounts::start_packing`]. Callers keep `len` a multiple of the file's
+    /// request alignment, so that packed data never shares a block another write rewrites
+    /// (the next data starts where this ends).
+    ///
+    /// # Errors
+    ///
+    /// A block's read error; as [`Refcounts::change`].
+    ///
+    /// # Panics
+    ///
+    /// If `len` is zero or not less than a cluster (compressed data never is).
+    pub(crate) fn pack_bytes(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        len: u64,
+    ) -> io::Result<Option<HostOffset>> {
+        let cluster_size = self.geometry.cluster_size();
+        assert!(
+            (1..cluster_size).contains(&len),
+            "qcow2: compressed data takes 1 to {} bytes, not {len}",
+            cluster_size - 1
+        );
+        let Some(tail) = self.compressed_tail.take() else { return Ok(None) };
+        let cluster = tail >> self.geometry.cluster_bits();
+        let fits = tail + len <= (cluster + 1) * cluster_size;
+        if !fits || self.get(co, file, cluster)? >= self.max_refcount() {
+            return Ok(None);
+        }
+        self.change(co, file, cluster, 1)?;
+        self.compressed_tail = Some(tail + len).filter(|end| end % cluster_size != 0);
+        Ok(Some(HostOffset(tail)))
+    }
+
+    /// Packs later compressed data after the `len` bytes at the start of the newly
+    /// allocated cluster `start`.
+    pub(crate) fn start_packing(&mut self, start: HostOffset, len: u64) {
+        self.compressed_tail = Some(start.0 + len);
     }
 
     /// Drops one reference to each host cluster that `len` bytes at `offset` touch (the one

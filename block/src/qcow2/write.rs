@@ -130,7 +130,7 @@ impl Qcow2Driver {
         let span = geometry.table_span(guest, len);
         let (position, in_cluster, clusters) = (span.position, span.in_cluster, span.clusters);
 
-        let l2 = self.l2_offset(meta, position.l1_index)?;
+        let l2 = self.writable_l2(co, meta, position.l1_index)?;
         let table = match l2 {
             Some(offset) => Some(self.l2_table(co, meta, offset)?),
             None => None,
@@ -185,7 +185,8 @@ impl Qcow2Driver {
         Ok(Step::Allocated { host, count, len, l2, allocation })
     }
 
-    /// The L2 table L1 entry `l1_index` names, `None` if none.
+    /// The L2 table L1 entry `l1_index` names, `None` if none (shared with a snapshot or
+    /// not: see `writable_l2` for writing).
     pub(super) fn l2_offset(
         &self,
         meta: &Metadata,
@@ -199,12 +200,6 @@ impl Qcow2Driver {
         };
         let offset = decode_l1(raw, self.header.geometry, meta.image_end)
             .map_err(|why| corrupt(format!("L1 entry {l1_index} ({raw:#018x}): {why}")))?;
-        if offset.is_some() && raw & COPIED == 0 {
-            return Err(super::refuse(format!(
-                "L1 entry {l1_index} names a shared L2 table (copy-on-write of L2 tables is \
-                 not supported)"
-            )));
-        }
         Ok(offset)
     }
 
