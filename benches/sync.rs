@@ -96,7 +96,8 @@ fn oversubscribed_queue(c: &mut Criterion) {
     let mut group = c.benchmark_group("multi");
     group.sample_size(10);
     group.throughput(Throughput::Elements(1));
-    let workloads: [(&str, fn(u64)); 2] = [
+    type Workload = fn(u64);
+    let workloads: [(&str, Workload); 2] = [
         ("oversubscribed_queue", workloads::oversubscribed_queue),
         ("oversubscribed_queue_std", workloads::oversubscribed_queue_std),
     ];

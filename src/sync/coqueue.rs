@@ -207,8 +207,9 @@ impl CoQueue {
         match self.waiters(guard).pop_front() {
             Some(waker) => {
                 // SAFETY: popped records are woken once, and a queued record's suspension
-                // waits until then (it is only woken through this queue).
-                unsafe { waker.wake() };
+                // waits until then (it is only woken through this queue). We hold the lock
+                // the waiter retakes first thing.
+                unsafe { waker.wake_under_lock() };
                 true
             }
             None => false,
@@ -229,7 +230,7 @@ impl CoQueue {
         let count = waiters.len();
         for waker in waiters.drain(..) {
             // SAFETY: as in `next`.
-            unsafe { waker.wake() };
+            unsafe { waker.wake_under_lock() };
         }
         count
     }
