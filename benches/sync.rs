@@ -3,7 +3,10 @@
 //! `comutex/uncontended`, `corwlock/read`, `corwlock/write`, `comutex/handoff_same_thread`,
 //! `coqueue/enter_next_wait`,
 //! `multi/mutex/contended`, `multi/mutex/handoff`, `multi/mutex/pthread`; with
-//! `std::sync::Mutex` and `tokio::sync::Mutex` as peers where the operation makes sense.
+//! `std::sync::Mutex` and `tokio::sync::Mutex` as peers where the operation makes sense. And
+//! `multi/oversubscribed_queue` (a bounded producer / consumer queue on CoMutex + CoQueue, 4
+//! producers and 3 consumers on two IoThreads) with `multi/oversubscribed_queue_std` (the same
+//! on `std::sync::Mutex` + `Condvar` and seven threads) as its peer.
 //! `cargo bench --bench sync`.
 
 #[path = "support/sync_workloads.rs"]
@@ -86,5 +89,25 @@ fn multi_thread(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, single_thread, multi_thread);
+/// Each sample passes `QUEUE_ITEMS` items through the queue (its threads started and stopped
+/// with it) and reports the time of criterion's `n` items at the rate it measured.
+fn oversubscribed_queue(c: &mut Criterion) {
+    const QUEUE_ITEMS: u64 = 200_000;
+    let mut group = c.benchmark_group("multi");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(1));
+    type Workload = fn(u64);
+    let workloads: [(&str, Workload); 2] = [
+        ("oversubscribed_queue", workloads::oversubscribed_queue),
+        ("oversubscribed_queue_std", workloads::oversubscribed_queue_std),
+    ];
+    for (name, run) in workloads {
+        group.bench_function(name, |b| {
+            b.iter_custom(|n| timed(|| run(QUEUE_ITEMS)).mul_f64(n as f64 / QUEUE_ITEMS as f64))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, single_thread, multi_thread, oversubscribed_queue);
 criterion_main!(benches);

@@ -11,8 +11,11 @@
 //! ```
 //!
 //! (one 1-second run each; 5 IoThreads for `contended` and `pthread`, as QEMU's
-//! `test-aio-multithread` uses, 2 for `handoff`). Run with
-//! `cargo run --release --example sync_perf`.
+//! `test-aio-multithread` uses, 2 for `handoff`). `multi/oversubscribed_queue` passes 200 000
+//! items through a bounded queue (capacity 8) on CoMutex + CoQueue, from 4 producer coroutines
+//! on one IoThread to 3 consumers on another; `multi/oversubscribed_queue_std` does the same
+//! with `std::sync::Mutex` + `Condvar` on seven threads; both print the first line format
+//! (ns per item). Run with `cargo run --release --example sync_perf`.
 
 #[path = "../benches/support/report.rs"]
 mod report;
@@ -44,4 +47,6 @@ fn main() {
     report_rate("multi/mutex/contended", |duration| workloads::multi_comutex(5, duration));
     report_rate("multi/mutex/handoff", |duration| workloads::multi_comutex(2, duration));
     report_rate("multi/mutex/pthread", |duration| workloads::multi_std_mutex(5, duration));
+    report("multi/oversubscribed_queue", 200_000, 1, workloads::oversubscribed_queue);
+    report("multi/oversubscribed_queue_std", 200_000, 1, workloads::oversubscribed_queue_std);
 }

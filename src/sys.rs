@@ -221,6 +221,16 @@ pub(crate) fn epoll_wait(
 /// Whether epoll_pwait2 is worth trying (cleared the first time the kernel lacks it).
 static EPOLL_PWAIT2: AtomicBool = AtomicBool::new(true);
 
+/// How many times the calling thread was preempted (involuntary context switches) so far.
+pub(crate) fn involuntary_switches() -> u64 {
+    // SAFETY: all-zero bytes are a valid `rusage` (integers and timevals).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable `rusage`; RUSAGE_THREAD reads this thread's counts.
+    let result = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    debug_assert_eq!(result, 0, "aiocoro: getrusage(RUSAGE_THREAD) failed");
+    u64::try_from(usage.ru_nivcsw).unwrap_or(0)
+}
+
 /// Creates a non-blocking, close-on-exec eventfd with a zero counter.
 pub(crate) fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: eventfd takes only an initial value and flags.

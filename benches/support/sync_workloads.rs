@@ -4,10 +4,11 @@
 //! iterations all threads did together.
 
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::hint::black_box;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::time::Duration;
 
 use aiocoro::aio::{AioContext, IoThread};
@@ -240,4 +241,128 @@ pub fn tokio_mutex_handoff(iterations: u64) {
         });
     }
     runtime.block_on(local);
+}
+
+/// The shape of `multi/oversubscribed_queue`: producers, consumers, the queue's capacity.
+const PRODUCERS: u64 = 4;
+const CONSUMERS: u64 = 3;
+const CAPACITY: usize = 8;
+
+/// What the producers have put in and the consumers taken out of a bounded queue.
+#[derive(Default)]
+struct Bounded {
+    items: VecDeque<u64>,
+    /// How many items the consumers took so far; they stop at the total.
+    taken: u64,
+    /// The sum of the items taken, to check that each arrived once.
+    sum: u64,
+}
+
+/// The sum of `0..items`, what the consumers of `items` items must have summed.
+fn expected_sum(items: u64) -> u64 {
+    items * items.saturating_sub(1) / 2
+}
+
+/// The items producer `producer` of `PRODUCERS` puts in: every `PRODUCERS`-th, from its number.
+fn produced_by(producer: u64, items: u64) -> impl Iterator<Item = u64> {
+    (producer..items).step_by(PRODUCERS as usize)
+}
+
+/// `multi/oversubscribed_queue`: a bounded producer / consumer queue built from a CoMutex and
+/// two CoQueues (as in `CoQueue`'s documentation), 4 producer coroutines on one IoThread and 3
+/// consumers on another, capacity 8, passing `items` items. With the main thread and anything
+/// else running, the threads outnumber the cores of a small machine, so a lock holder is often
+/// not running: the lock must not spin against it.
+pub fn oversubscribed_queue(items: u64) {
+    let state = Arc::new((CoMutex::new(Bounded::default()), CoQueue::new(), CoQueue::new()));
+    let producers = IoThread::spawn("bench-producers").expect("an IoThread");
+    let consumers = IoThread::spawn("bench-consumers").expect("an IoThread");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    for producer in 0..PRODUCERS {
+        let (state, done) = (state.clone(), done_tx.clone());
+        let body = move |co: &aiocoro::coroutine::Co| {
+            let (lock, not_full, not_empty) = &*state;
+            for item in produced_by(producer, items) {
+                let mut queue = lock.lock(co);
+                while queue.items.len() == CAPACITY {
+                    not_full.wait(co, &mut queue);
+                }
+                queue.items.push_back(item);
+                not_empty.next(&mut queue);
+            }
+            done.send(()).expect("the runner waits");
+        };
+        producers.handle().spawn(body).expect("the IoThread runs");
+    }
+    for _ in 0..CONSUMERS {
+        let (state, done) = (state.clone(), done_tx.clone());
+        let body = move |co: &aiocoro::coroutine::Co| {
+            let (lock, not_full, not_empty) = &*state;
+            let mut queue = lock.lock(co);
+            loop {
+                while queue.items.is_empty() && queue.taken < items {
+                    not_empty.wait(co, &mut queue);
+                }
+                let Some(item) = queue.items.pop_front() else { break };
+                queue.taken += 1;
+                queue.sum += item;
+                not_full.next(&mut queue);
+            }
+            // The last item is taken: let the other consumers see it.
+            not_empty.restart_all(&mut queue);
+            drop(queue);
+            done.send(()).expect("the runner waits");
+        };
+        consumers.handle().spawn(body).expect("the IoThread runs");
+    }
+    for _ in 0..PRODUCERS + CONSUMERS {
+        done_rx.recv().expect("every coroutine reports its end");
+    }
+    producers.stop();
+    consumers.stop();
+    let queue = state.0.try_lock().expect("free at the end");
+    assert_eq!((queue.taken, queue.sum), (items, expected_sum(items)), "each item arrives once");
+}
+
+/// `multi/oversubscribed_queue_std`: the same queue on `std::sync::Mutex` and two `Condvar`s,
+/// with a thread per producer and per consumer.
+pub fn oversubscribed_queue_std(items: u64) {
+    let state = Arc::new((Mutex::new(Bounded::default()), Condvar::new(), Condvar::new()));
+    let mut threads = Vec::new();
+    for producer in 0..PRODUCERS {
+        let state = state.clone();
+        threads.push(std::thread::spawn(move || {
+            let (lock, not_full, not_empty) = &*state;
+            for item in produced_by(producer, items) {
+                let mut queue = lock.lock().unwrap();
+                while queue.items.len() == CAPACITY {
+                    queue = not_full.wait(queue).unwrap();
+                }
+                queue.items.push_back(item);
+                not_empty.notify_one();
+            }
+        }));
+    }
+    for _ in 0..CONSUMERS {
+        let state = state.clone();
+        threads.push(std::thread::spawn(move || {
+            let (lock, not_full, not_empty) = &*state;
+            let mut queue = lock.lock().unwrap();
+            loop {
+                while queue.items.is_empty() && queue.taken < items {
+                    queue = not_empty.wait(queue).unwrap();
+                }
+                let Some(item) = queue.items.pop_front() else { break };
+                queue.taken += 1;
+                queue.sum += item;
+                not_full.notify_one();
+            }
+            not_empty.notify_all();
+        }));
+    }
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let queue = state.0.lock().unwrap();
+    assert_eq!((queue.taken, queue.sum), (items, expected_sum(items)), "each item arrives once");
 }

@@ -11,6 +11,11 @@ const INITIAL_WINDOW_NS: u64 = 4_000;
 /// to 0 when `shrink` is 0); a shorter wait grows it (from 4 µs, multiplying by `grow`) up to
 /// `max_ns`.
 ///
+/// With [`AdaptivePolling::pause_while_preempted`] (IoThreads use it), polling also stops while
+/// the polling thread keeps being preempted, which QEMU does not do: with more runnable threads
+/// than CPUs, the CPU time a poll spins away is likely what the thread that would send the
+/// work waits for (see [`AdaptivePolling::record_preemptions`]).
+///
 /// ```
 /// use aiocoro::aio::AdaptivePolling;
 ///
@@ -28,13 +33,24 @@ pub struct AdaptivePolling {
     grow: u64,
     shrink: u64,
     window_ns: u64,
+    /// Whether polls look at the thread's preemptions (`pause_while_preempted`).
+    watch_preemptions: bool,
+    /// The polling thread's preemption count at the last look, if any.
+    preemptions: Option<u64>,
 }
 
 impl AdaptivePolling {
     /// Polls for at most `max_ns`, growing by 2 and shrinking by 2 (QEMU's defaults for
     /// `poll-grow` = 0 and a shrink of 2).
     pub fn new(max_ns: u64) -> AdaptivePolling {
-        AdaptivePolling { max_ns, grow: 2, shrink: 2, window_ns: 0 }
+        AdaptivePolling {
+            max_ns,
+            grow: 2,
+            shrink: 2,
+            window_ns: 0,
+            watch_preemptions: false,
+            preemptions: None,
+        }
     }
 
     /// Sets the factor the window grows by (at least 2).
@@ -49,9 +65,49 @@ impl AdaptivePolling {
         self
     }
 
+    /// Makes polls stop spinning while the polling thread keeps being preempted (see
+    /// [`AdaptivePolling::record_preemptions`]).
+    pub fn pause_while_preempted(mut self) -> AdaptivePolling {
+        self.watch_preemptions = true;
+        self
+    }
+
+    /// Whether polls look at the thread's preemptions ([`pause_while_preempted`]).
+    ///
+    /// [`pause_while_preempted`]: AdaptivePolling::pause_while_preempted
+    pub fn watches_preemptions(&self) -> bool {
+        self.watch_preemptions
+    }
+
     /// The current window in nanoseconds.
     pub fn window_ns(&self) -> u64 {
         self.window_ns
+    }
+
+    /// Looks at the polling thread's count of preemptions (involuntary context switches) so
+    /// far, before a poll spins: if it grew since the last look, the CPUs have more runnable
+    /// threads than they run, and spinning would take CPU time from the threads whose work
+    /// the poll waits for. The window then resets to nothing, and this returns true (do not
+    /// spin); it grows again as usual once the thread is no longer preempted.
+    ///
+    /// ```
+    /// use aiocoro::aio::AdaptivePolling;
+    ///
+    /// let mut polling = AdaptivePolling::new(32_000).pause_while_preempted();
+    /// polling.record_block(10_000);
+    /// assert!(!polling.record_preemptions(7)); // the first look only notes the count
+    /// assert!(!polling.record_preemptions(7));
+    /// assert_eq!(polling.window_ns(), 4_000);
+    /// assert!(polling.record_preemptions(8)); // preempted since: stop polling
+    /// assert_eq!(polling.window_ns(), 0);
+    /// ```
+    pub fn record_preemptions(&mut self, count: u64) -> bool {
+        let preempted = self.preemptions.is_some_and(|seen| count != seen);
+        self.preemptions = Some(count);
+        if preempted {
+            self.window_ns = 0;
+        }
+        preempted
     }
 
     /// Adapts the window to a poll that waited `blocked_ns` in all.

@@ -90,10 +90,25 @@ impl Shared {
             Message::Wake(..) | Message::Bh(_) => self.inbox.push_past_close(message)?,
             Message::Oneshot(_) | Message::Spawn(_) => self.inbox.push(message)?,
         };
+        self.signal_if_needed();
+        Ok(())
+    }
+
+    /// Delivers a wake from a running coroutine of another thread: the message goes in at
+    /// once, the signal when that coroutine yields or ends (see `deferred`).
+    pub(crate) fn send_wake_deferred(self: Arc<Self>, key: Key, reason: WakeReason) {
+        // Refused only once the context has shut down: then nobody waits for the signal.
+        if self.inbox.push_past_close(Message::Wake(key, reason)).is_ok() {
+            super::deferred::defer(self);
+        }
+    }
+
+    /// Signals the context's event if it may be blocking (the producer's side of the
+    /// `notify_me` handshake, for work already visible).
+    pub(crate) fn signal_if_needed(&self) {
         if self.notify.needs_signal() {
             self.signal();
         }
-        Ok(())
     }
 
     /// Makes the context's current or next blocking poll return (QEMU's `aio_notify` and
@@ -545,7 +560,11 @@ impl Local {
         let timeout = if may_block { self.timeout() } else { Some(Duration::ZERO) };
         {
             let mut blocker = EpollBlocker { local: self, events: &mut events };
+            if may_block {
+                crate::sync::presence::blocking();
+            }
             self.shared.notify.wait(&mut blocker, may_block, timeout, || self.has_work());
+            crate::sync::presence::running();
         }
         if blocking {
             self.adapt_polling(clock_ns() - started);
@@ -631,10 +650,19 @@ impl Local {
         Some(Duration::from_nanos(deadline.saturating_sub(clock_ns())))
     }
 
-    /// Spins for the adaptive window; returns whether work showed up.
+    /// Spins for the adaptive window; returns whether work showed up. With
+    /// [`AdaptivePolling::pause_while_preempted`], spins not at all while the thread keeps
+    /// being preempted.
     fn busy_poll(&self) -> bool {
-        let window = match self.adaptive.borrow().as_ref() {
-            Some(polling) if polling.window_ns() > 0 => polling.window_ns(),
+        let window = match self.adaptive.borrow_mut().as_mut() {
+            Some(polling) if polling.window_ns() > 0 => {
+                if polling.watches_preemptions()
+                    && polling.record_preemptions(sys::involuntary_switches())
+                {
+                    return false;
+                }
+                polling.window_ns()
+            }
             _ => return false,
         };
         let start = clock_ns();

@@ -16,7 +16,9 @@ use super::handle::AioHandle;
 pub const DEFAULT_POLL_MAX_NS: u64 = 32_768;
 
 /// A thread running an [`AioContext`], with adaptive busy polling up to
-/// [`DEFAULT_POLL_MAX_NS`] as QEMU's IOThreads have by default.
+/// [`DEFAULT_POLL_MAX_NS`] as QEMU's IOThreads have by default, paused while the thread keeps
+/// being preempted ([`AdaptivePolling::pause_while_preempted`]: with more runnable threads than
+/// CPUs, polling would take the CPU from the threads whose work it waits for).
 ///
 /// Work reaches it through [`IoThread::handle`]. [`IoThread::stop`] (or dropping it) asks the
 /// thread to finish: it runs what was already scheduled, drops its context and exits, and the
@@ -47,7 +49,8 @@ impl IoThread {
                     return;
                 }
             };
-            ctx.set_adaptive_polling(Some(AdaptivePolling::new(DEFAULT_POLL_MAX_NS)));
+            let polling = AdaptivePolling::new(DEFAULT_POLL_MAX_NS).pause_while_preempted();
+            ctx.set_adaptive_polling(Some(polling));
             let _ = ready_tx.send(Ok(ctx.handle()));
             while keep_running.load(Ordering::Acquire) {
                 ctx.poll(true);

@@ -491,7 +491,32 @@ impl WaitRef {
     ///
     /// The suspension has not been woken yet by this or any other record (it still waits), so
     /// its context is alive; each record is woken at most once.
+    #[inline]
     pub(crate) unsafe fn wake(self) {
+        // SAFETY: the caller's contract.
+        unsafe { self.deliver(false) };
+    }
+
+    /// Like [`WaitRef::wake`], for a waker that holds the lock the woken coroutine will want
+    /// next (a `CoQueue` wake): called inside a coroutine, the signal of a context of another
+    /// thread is written only when that coroutine yields or ends (see `aio::deferred`), so the
+    /// woken thread does not preempt the lock holder only to find the lock held.
+    ///
+    /// # Safety
+    ///
+    /// As [`WaitRef::wake`].
+    #[inline]
+    pub(crate) unsafe fn wake_under_lock(self) {
+        // SAFETY: the caller's contract.
+        unsafe { self.deliver(in_coroutine()) };
+    }
+
+    /// `wake`, with the signal of another thread's context deferred if `defer_signal`.
+    ///
+    /// # Safety
+    ///
+    /// As [`WaitRef::wake`].
+    unsafe fn deliver(self, defer_signal: bool) {
         let (pointer, key) = match self {
             WaitRef::Context { shared, key } => (shared, key),
             #[cfg(aiocoro_loom)]
@@ -512,7 +537,11 @@ impl WaitRef {
                     Arc::increment_strong_count(pointer.as_ptr());
                     Arc::from_raw(pointer.as_ptr())
                 };
-                drop(shared.send(Message::Wake(key, WakeReason::Woken)));
+                if defer_signal {
+                    shared.send_wake_deferred(key, WakeReason::Woken);
+                } else {
+                    drop(shared.send(Message::Wake(key, WakeReason::Woken)));
+                }
             }
         }
     }

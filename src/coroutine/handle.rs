@@ -198,7 +198,17 @@ impl Run<'_> {
     fn suspended(self) {
         current::replace(self.caller);
         self.slot.state.set(State::Ready);
+        self.left();
         std::mem::forget(self);
+    }
+
+    /// Control leaves the coroutine: back outside every coroutine, the cross-thread wakes it
+    /// deferred are signalled (see `aio::deferred`).
+    #[inline]
+    fn left(&self) {
+        if self.caller.is_null() {
+            crate::aio::flush_deferred_signals();
+        }
     }
 }
 
@@ -207,6 +217,7 @@ impl Drop for Run<'_> {
     #[inline]
     fn drop(&mut self) {
         current::replace(self.caller);
+        self.left();
         self.slot.finish();
     }
 }

@@ -4,6 +4,7 @@ use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
+use super::adaptive_spin;
 use super::asymmetric_fence;
 use super::lock::Lock;
 use super::raw::RawLock;
@@ -13,37 +14,14 @@ use crate::coroutine::Co;
 use crate::loom::AtomicU32;
 #[cfg(debug_assertions)]
 use crate::loom::AtomicU64;
-#[cfg(not(aiocoro_loom))]
-use crate::loom::spin_hint;
-
-/// How many times a locker polls a mutex whose holder runs on another thread before it queues
-/// and sleeps (a couple under loom).
-const SPIN_LIMIT: u32 = if cfg!(aiocoro_loom) { 2 } else { 1_000 };
-
-/// How many spins of the loop above pass between two offers of the CPU to other threads.
-const YIELD_EVERY: u32 = 100;
-
-/// Offers the CPU to another runnable thread.
-fn yield_cpu() {
-    #[cfg(not(aiocoro_loom))]
-    std::thread::yield_now();
-}
-
-/// Tells the CPU that we spin. Under loom, neither this nor [`yield_cpu`] yields to another
-/// model thread: the spin is bounded there, so it needs no yield to let the model progress,
-/// and after a loom yield a thread never reads again a value it read before it, which would
-/// keep the model from the stale reads of `state` that the handshake of `remote` is about.
-fn pause() {
-    #[cfg(not(aiocoro_loom))]
-    spin_hint();
-}
 
 /// The raw lock of [`CoMutex`](super::CoMutex).
 ///
 /// * Uncontended, `lock` is one compare-and-swap and `unlock` a plain store: no locked
 ///   instruction, just loads of the waiter count around the store (see `remote`).
-/// * A locker that finds the lock held by a coroutine on *another* thread spins briefly (that
-///   holder can make progress meanwhile); otherwise it queues and suspends.
+/// * A locker that finds the lock held by a coroutine on *another* thread spins briefly, and
+///   only while that holder's thread can be running (not while it sleeps in its poll, see
+///   `adaptive_spin`); otherwise it queues and suspends.
 /// * Queued waiters are served first in, first out, and the lock is handed straight to the
 ///   woken waiter: nobody takes a free lock while anybody is queued, and an unlocker that sees
 ///   a waiter hands the lock over without freeing it, so nobody barges past the queue. The
@@ -150,7 +128,7 @@ unsafe impl Sync for RawCoMutex {}
 
 /// A number that names the calling thread among the live threads, never 0.
 #[inline]
-fn thread_id() -> u32 {
+pub(super) fn thread_id() -> u32 {
     #[cfg(not(aiocoro_loom))]
     thread_local! {
         static ID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
@@ -310,21 +288,10 @@ impl RawCoMutex {
         self.remote.store(count, Ordering::Relaxed);
     }
 
-    /// Polls a lock held on another thread for a while; returns whether we took it.
+    /// Polls a lock held on another thread while its holder can be running; returns whether
+    /// we took it.
     fn spin(&self) -> bool {
-        for round in 0..SPIN_LIMIT {
-            if self.try_acquire() {
-                return true;
-            }
-            if round % YIELD_EVERY == YIELD_EVERY - 1 {
-                // With more threads than CPUs the holder may be waiting for ours: give it the
-                // CPU now and then rather than spinning out our time slice.
-                yield_cpu();
-            } else {
-                pause();
-            }
-        }
-        false
+        adaptive_spin::spin(|| self.try_acquire(), || self.state.load(Ordering::Relaxed))
     }
 
     /// Hands the lock we hold to the head of `waiters`, without freeing it in between; frees

@@ -233,8 +233,10 @@ impl CoQueue {
             Some(waker) => {
                 // SAFETY: popped records are woken once, and a queued record's suspension
                 // waits until then: it is only woken through this queue, and a cancelled one
-                // takes the lock we hold before it leaves (`leave`).
-                unsafe { waker.wake() };
+                // takes the lock we hold before it leaves (`leave`). The signal to another
+                // thread's context waits until this coroutine yields: the waiter would only
+                // find the lock held.
+                unsafe { waker.wake_under_lock() };
                 true
             }
             None => false,
@@ -252,7 +254,7 @@ impl CoQueue {
         let count = waiters.len();
         for waker in waiters.drain(..) {
             // SAFETY: as in `next`.
-            unsafe { waker.wake() };
+            unsafe { waker.wake_under_lock() };
         }
         count
     }

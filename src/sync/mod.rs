@@ -51,11 +51,13 @@
 //! stall the whole context. The type system cannot see yields, so debug builds check it at each
 //! yield and panic naming the rule.
 
+mod adaptive_spin;
 mod asymmetric_fence;
 mod comutex;
 mod coqueue;
 mod lock;
 mod no_lock;
+pub(crate) mod presence;
 mod raw;
 mod rwlock;
 mod shared_resource;

@@ -1,0 +1,142 @@
+//! Cross-thread wakes issued by a running coroutine signal their context when that coroutine
+//! yields or ends, not at once.
+//!
+//! A coroutine that wakes a waiter of another thread usually does it under a lock (a
+//! `CoQueue::next` takes the guard), and the wake's message reaches the other context's inbox
+//! at once. What waits is only the signal of a context that is blocked in its poll (the
+//! eventfd write): written at once, it lets the woken thread preempt the waker on a busy CPU
+//! while the waker still holds the lock, and the woken coroutine then finds the lock held by a
+//! thread that does not run. Written when the waker yields, it wakes the other thread once per
+//! batch of wakes, after the lock was let go. A context that is not blocked (running, or busy
+//! polling) sees the message as soon as it looks, signal or not.
+//!
+//! The rule: every signal deferred by a coroutine is written before control returns from
+//! that coroutine to code outside every coroutine (`Coroutine::enter` calls [`flush`] on its
+//! way out, also when the coroutine panics), so nothing is left unsignalled when the thread
+//! goes back to its poll or to any other code. The cost: a coroutine that runs on for long after
+//! such a wake without yielding delays the wake-up of a sleeping context by as much, as it
+//! delays the coroutines it wakes on its own thread.
+
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+
+use super::context::Shared;
+
+thread_local! {
+    /// The contexts this thread's coroutines sent wakes to since the last flush, each once.
+    static PENDING: RefCell<Vec<Arc<Shared>>> = const { RefCell::new(Vec::new()) };
+    /// Whether `PENDING` may be non-empty (a cheap check for the common case).
+    static ANY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Remembers that `shared` received a message whose signal waits for the next [`flush`].
+pub(crate) fn defer(shared: Arc<Shared>) {
+    PENDING.with(|pending| {
+        let mut pending = pending.borrow_mut();
+        if !pending.iter().any(|known| Arc::ptr_eq(known, &shared)) {
+            pending.push(shared);
+        }
+    });
+    ANY.set(true);
+}
+
+/// Signals every context a wake was deferred for (those that may be blocked).
+#[inline]
+pub(crate) fn flush() {
+    if ANY.get() {
+        flush_pending();
+    }
+}
+
+#[cold]
+fn flush_pending() {
+    ANY.set(false);
+    // Taken out first: signalling runs no user code, but keep the borrow short anyway.
+    let pending = PENDING.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
+    for shared in pending {
+        shared.signal_if_needed();
+    }
+}
+
+#[cfg(all(test, not(aiocoro_loom)))]
+mod tests {
+    use std::sync::{Arc, mpsc};
+    use std::time::Duration;
+
+    use crate::aio::{AioContext, IoThread};
+    use crate::sync::presence::{self, Seen};
+    use crate::sync::{CoMutex, CoQueue};
+
+    type Flag = Arc<(CoMutex<bool>, CoQueue)>;
+
+    /// A waiter for `flag` on `iothread`, which is blocked in its poll once this returns; the
+    /// receiver gets a message when the waiter has seen the flag set.
+    fn blocked_waiter(iothread: &IoThread, flag: &Flag) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel();
+        let (thread_tx, thread_rx) = mpsc::channel();
+        let flag = flag.clone();
+        let waiter = move |co: &crate::coroutine::Co| {
+            thread_tx.send(presence::this_thread()).unwrap();
+            let (set, queue) = &*flag;
+            let mut set = set.lock(co);
+            while !*set {
+                queue.wait(co, &mut set);
+            }
+            tx.send(()).unwrap();
+        };
+        iothread.handle().spawn(waiter).unwrap();
+        let thread = thread_rx.recv().unwrap();
+        while presence::seen(thread) != Seen::Blocked {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Past the last look for work, into `epoll_wait` (nothing else wakes it).
+        std::thread::sleep(Duration::from_millis(20));
+        rx
+    }
+
+    #[test]
+    fn a_coqueue_wake_signals_a_blocked_context_when_the_waker_yields_not_under_the_lock() {
+        let iothread = IoThread::spawn("deferred-yield").unwrap();
+        let flag: Flag = Arc::new((CoMutex::new(false), CoQueue::new()));
+        let woken = blocked_waiter(&iothread, &flag);
+        let handle = iothread.handle().clone();
+        let before = handle.eventfd_writes();
+        let ctx = AioContext::new().unwrap();
+        let f = flag.clone();
+        let waker = ctx.spawn(move |co| {
+            let (set, queue) = &*f;
+            let mut set = set.lock(co);
+            *set = true;
+            assert!(queue.next(&mut set));
+            drop(set);
+            assert_eq!(handle.eventfd_writes(), before, "signalled before the waker yielded");
+            co.reschedule();
+            assert_eq!(handle.eventfd_writes(), before + 1, "not signalled when it yielded");
+        });
+        ctx.wait_while(|| !waker.is_ended());
+        woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
+        iothread.stop();
+    }
+
+    #[test]
+    fn a_coqueue_wake_signals_a_blocked_context_when_the_waker_panics() {
+        let iothread = IoThread::spawn("deferred-panic").unwrap();
+        let flag: Flag = Arc::new((CoMutex::new(false), CoQueue::new()));
+        let woken = blocked_waiter(&iothread, &flag);
+        let ctx = AioContext::new().unwrap();
+        let f = flag.clone();
+        let waker = ctx.spawn(move |co| {
+            let (set, queue) = &*f;
+            let mut set = set.lock(co);
+            *set = true;
+            queue.next(&mut set);
+            panic!("the waker fails after its wake");
+        });
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ctx.wait_while(|| !waker.is_ended());
+        }));
+        assert!(outcome.is_err(), "the waker's panic reaches the poll");
+        woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
+        iothread.stop();
+    }
+}
