@@ -13,7 +13,7 @@
 //! how many bytes the image itself holds (from block status); `convert -O raw` reads every
 //! guest byte through the driver (backing chain included) and writes a sparse raw file.
 //! `create` makes a new qcow2 image; `-o` takes qemu-img's `cluster_size=64k`,
-//! `compat=1.1|0.10`, `refcount_bits=16`, `lazy_refcounts=on|off`, `backing_file=`,
+//! `compat=1.1|0.10`, `refcount_bits=16`, `lazy_refcounts=on|off`, `extended_l2=on|off`, `backing_file=`,
 //! `backing_fmt=`, `size=`; without a size the backing file's is used. `check` checks (and
 //! with `-r` repairs) a qcow2 image as `qemu-img check` does: the problems found on stderr,
 //! the report on stdout, and qemu-img's exit code (0 clean, 1 check failed, 2 corruptions,
@@ -151,6 +151,7 @@ fn info(file: &str) -> io::Result<()> {
         writeln!(out, "    compat: {}", header.compat())?;
         writeln!(out, "    compression type: zlib")?;
         writeln!(out, "    lazy refcounts: {}", header.lazy_refcounts())?;
+        writeln!(out, "    extended l2: {}", header.geometry.has_subclusters())?;
         writeln!(out, "    refcount bits: {}", header.refcount_bits())?;
         writeln!(out, "    dirty: {}", header.is_dirty())?;
         writeln!(out, "    snapshots: {}", header.nb_snapshots)?;
@@ -189,6 +190,15 @@ fn convert(file: &str, out: &str) -> io::Result<()> {
         len as f64 / (1 << 20) as f64 / seconds.max(1e-9)
     );
     Ok(())
+}
+
+/// The value of an `on|off` option `key` (qemu-img also takes `true|false`).
+fn on_off(key: &str, value: &str) -> io::Result<bool> {
+    match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        other => Err(invalid_input(format!("{key}={other}: on or off"))),
+    }
 }
 
 /// A size or an error naming the option.
@@ -239,15 +249,8 @@ fn create_options(args: &[&str]) -> io::Result<(String, (CreateOptions, bool))> 
                                 invalid_input(format!("refcount_bits={value}: a number"))
                             })?;
                         }
-                        "lazy_refcounts" => {
-                            options.lazy_refcounts = match value {
-                                "on" | "true" => true,
-                                "off" | "false" => false,
-                                other => {
-                                    return Err(invalid_input(format!("lazy_refcounts={other}")));
-                                }
-                            }
-                        }
+                        "lazy_refcounts" => options.lazy_refcounts = on_off(key, value)?,
+                        "extended_l2" => options.extended_l2 = on_off(key, value)?,
                         "backing_file" => options.backing_file = Some(value.to_owned()),
                         "backing_fmt" => options.backing_format = Some(value.to_owned()),
                         "size" => {

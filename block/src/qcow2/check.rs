@@ -37,6 +37,7 @@ use super::rebuild::rebuild_refcounts;
 use super::references::{Added, References};
 use super::snapshot_table::{SnapshotL1, SnapshotTable, read_snapshot_table};
 use super::stored_refcounts::{BLOCK_OFFSET_MASK, StoredRefcounts};
+use super::subclusters::is_invalid;
 use super::table::{decode_table, encode_table};
 use crate::node::BlockNode;
 
@@ -430,7 +431,19 @@ impl<'a> Pass<'a> {
             self.report.check_errors += 1;
         })?;
         let mut next_contiguous = 0;
-        for (index, &entry) in table.iter().enumerate() {
+        let geometry = self.header.geometry;
+        for (index, &entry) in table.iter().enumerate().step_by(geometry.l2_slot(1)) {
+            if geometry.has_subclusters()
+                && entry & COMPRESSED == 0
+                && is_invalid(table[index + 1], entry & OFFSET_MASK != 0)
+            {
+                self.say(format!(
+                    "ERROR: Invalid cluster entry found  (L2 offset: {l2_offset:#x}, L2 index: \
+                     {:#x})",
+                    index / 2
+                ));
+                self.report.corruptions += 1;
+            }
             if entry & COMPRESSED != 0 {
                 // Bit 63 (`OFLAG_COPIED`) is not part of the extent.
                 let (offset, len) = compressed_extent(entry, self.header.geometry);
@@ -462,7 +475,7 @@ impl<'a> Pass<'a> {
             }
             if !self.is_aligned(offset) {
                 self.report.corruptions += 1;
-                if entry & ZERO != 0 {
+                if entry & ZERO != 0 && !geometry.has_subclusters() {
                     let fix = repair.fixes_errors();
                     self.say(format!(
                         "{} offset={offset:x}: Preallocated cluster is not properly aligned; L2 \
@@ -715,7 +728,7 @@ impl<'a> Pass<'a> {
                 self.report.check_errors += 1;
             })?;
             let mut changed = 0;
-            for entry in &mut table {
+            for entry in table.iter_mut().step_by(self.header.geometry.l2_slot(1)) {
                 let data = *entry & OFFSET_MASK;
                 if *entry & COMPRESSED != 0 || data == 0 {
                     continue;

@@ -20,6 +20,7 @@ use super::offsets::{GuestOffset, HostOffset};
 use super::overlap::TableClusters;
 use super::refcount::Refcounts;
 use super::refuse;
+use super::subclusters::subcluster_run;
 use super::table::decode_table;
 use crate::buffer::scatter;
 use crate::driver::{Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
@@ -233,6 +234,26 @@ impl Qcow2Driver {
         };
         let table = self.l2_table(co, &mut meta, l2_offset)?;
         drop(meta);
+        if geometry.has_subclusters() {
+            let slot = geometry.l2_slot(position.l2_index);
+            let (entry, bitmap) = (table[slot], table[slot + 1]);
+            let sub_bits = geometry.subcluster_bits();
+            let first = (in_cluster >> sub_bits) as u32;
+            let (mapping, count) = subcluster_run((entry, bitmap), first, geometry, file_len)
+                .map_err(|why| {
+                    corrupt(format!(
+                        "{offset}: extended L2 entry {} ({entry:#018x}) of the L2 table at \
+                         {l2_offset} (L1 entry {}): {why}",
+                        position.l2_index, position.l1_index
+                    ))
+                })?;
+            let len = span.len.min((u64::from(first + count) << sub_bits) - in_cluster);
+            let mapping = match mapping {
+                ClusterMapping::Data(start) => ClusterMapping::Data(HostOffset(start.0 + in_cluster)),
+                other => other,
+            };
+            return Ok(Run { mapping, len });
+        }
 
         let decode = |index: usize| {
             let raw = table[index];
@@ -379,8 +400,9 @@ impl BlockDriver for Qcow2Driver {
         if self.header.version < 3 {
             return by_writing(co, offset, len);
         }
-        // Whole clusters get the zero flag; the partial ones at either end zero bytes.
-        let cluster_size = self.header.geometry.cluster_size();
+        // Whole clusters (subclusters with extended L2 entries) get the zero flag; the
+        // partial ones at either end zero bytes.
+        let cluster_size = self.header.geometry.subcluster_size();
         let end = offset + len;
         let (first, last) =
             (offset.next_multiple_of(cluster_size), end / cluster_size * cluster_size);

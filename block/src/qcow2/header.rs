@@ -42,7 +42,7 @@ pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
 /// Other incompatible feature bits.
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+pub(crate) const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Compatible feature bits.
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
@@ -421,10 +421,15 @@ impl Header {
             ));
         }
         if incompatible & INCOMPAT_EXTENDED_L2 != 0 {
-            return Err(refuse(
-                "extended L2 entries (subclusters; incompatible feature 'extended L2 entries', \
-                 bit 4) are not supported",
-            ));
+            let bits = self.geometry.cluster_bits();
+            if bits < 14 {
+                return Err(corrupt(format!(
+                    "extended L2 entries (incompatible feature bit 4) need clusters of at least \
+                     16384 bytes (512-byte subclusters); this image has {} bytes",
+                    self.geometry.cluster_size()
+                )));
+            }
+            self.geometry = Geometry::extended(bits);
         }
         let compression_type = if self.header_length as usize > field::COMPRESSION_TYPE {
             first_cluster[field::COMPRESSION_TYPE]

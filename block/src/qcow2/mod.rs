@@ -13,7 +13,7 @@
 //! zero flag of whole clusters (version 3), `discard` drops whole clusters, `truncate`
 //! grows. [`create`] makes new images; [`check`] checks and repairs them as `qemu-img check`
 //! does. Images that need features this driver lacks (encryption, external data files,
-//! extended L2 entries, zstd) are refused at open with an error that names the feature;
+//! zstd) are refused at open with an error that names the feature;
 //! malformed images fail with `InvalidData` errors that say what is wrong and where, never
 //! with a panic or an absurd allocation.
 //!
@@ -27,7 +27,9 @@
 //! `check_report`, `references`, `stored_refcounts`, `rebuild`, `snapshot_table`,
 //! `bitmap_directory`), `dirty`
 //! (repairing a dirty image opened for writing), `corruption` (the corrupt bit), `autoclear`
-//! (clearing the autoclear feature bits before writing).
+//! (clearing the autoclear feature bits before writing), `subclusters` (extended L2
+//! entries), `subcluster_write` and `subcluster_discard` (writes, zero writes and discards
+//! at subcluster granularity).
 
 mod allocation;
 mod autoclear;
@@ -56,6 +58,9 @@ mod references;
 mod resize;
 mod snapshot_table;
 mod stored_refcounts;
+mod subcluster_discard;
+mod subcluster_write;
+mod subclusters;
 mod table;
 mod write;
 
