@@ -10,7 +10,7 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use aiocoro::aio::AioContext;
-use aiocoro_block::qcow2::{CreateOptions, create_file};
+use aiocoro_block::qcow2::{CreateOptions, Repair, check_image_file, create_file};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, run_in_coroutine};
 use qcow2_support::*;
 
@@ -310,4 +310,35 @@ fn extended_l2_entries_need_16k_clusters() {
     assert_eq!(error.kind(), ErrorKind::InvalidData, "{error}");
     assert!(error.to_string().contains("extended L2"), "{error}");
     assert!(error.to_string().contains("16384"), "{error}");
+}
+
+#[test]
+fn our_check_agrees_with_qemu_img_check_on_extended_entries() {
+    let scratch = Scratch::new("extl2-check");
+    filled_base(&scratch);
+    let image = qemu_image_over_base(&scratch, "h.qcow2");
+    ours(
+        &image,
+        vec![Op::Write(K, 100, 1), Op::Write(100 * K, 300 * K, 2), Op::Zero(128 * K, 8 * K)],
+    );
+    let name = image.to_str().unwrap();
+    let report = check_image_file(&image, Repair::None).unwrap();
+    assert_eq!(report.exit_code(), 0, "{report:#?}");
+    assert_eq!(report.human(), qemu_img(&["check", name]), "the same counts of clusters");
+
+    // Subcluster 0 of cluster 0 allocated and zero at once, and subcluster 1 of the
+    // unallocated cluster 10 allocated: invalid entries for both of us.
+    let entry_at = l2_entry_at(&image, 0);
+    poke(&image, entry_at + 8, &(1u64 << 32 | 1).to_be_bytes());
+    poke(&image, entry_at + 10 * 16 + 8, &2u64.to_be_bytes());
+    let report = check_image_file(&image, Repair::None).unwrap();
+    let (status, text) = check_status(&image);
+    assert_eq!((report.exit_code() as i32, status), (2, 2), "{report:#?}\nqemu-img: {text}");
+    assert_eq!(report.corruptions, 2, "{report:#?}\nqemu-img: {text}");
+    for message in &report.messages {
+        assert!(text.contains(message.as_str()), "qemu-img says '{message}' too: {text}");
+    }
+    assert_eq!(report.messages.len(), 2, "{report:#?}");
+    let error = read_ours(&image, 1 << 20).unwrap_err();
+    assert!(error.to_string().contains("both allocated and zero"), "{error}");
 }

@@ -433,17 +433,6 @@ impl<'a> Pass<'a> {
         let mut next_contiguous = 0;
         let geometry = self.header.geometry;
         for (index, &entry) in table.iter().enumerate().step_by(geometry.l2_slot(1)) {
-            if geometry.has_subclusters()
-                && entry & COMPRESSED == 0
-                && is_invalid(table[index + 1], entry & OFFSET_MASK != 0)
-            {
-                self.say(format!(
-                    "ERROR: Invalid cluster entry found  (L2 offset: {l2_offset:#x}, L2 index: \
-                     {:#x})",
-                    index / 2
-                ));
-                self.report.corruptions += 1;
-            }
             if entry & COMPRESSED != 0 {
                 // Bit 63 (`OFLAG_COPIED`) is not part of the extent.
                 let (offset, len) = compressed_extent(entry, self.header.geometry);
@@ -469,7 +458,13 @@ impl<'a> Pass<'a> {
                 self.report.corruptions += 1;
             }
             let offset = entry & OFFSET_MASK;
+            // With extended L2 entries, the subcluster bitmap after the entry.
+            let bitmap = geometry.has_subclusters().then(|| table[index + 1]);
             if offset == 0 {
+                if bitmap.is_some_and(|bitmap| is_invalid(bitmap, false)) {
+                    self.say("ERROR: Unallocated cluster has non-zero subcluster allocation map".to_owned());
+                    self.report.corruptions += 1;
+                }
                 // Unallocated, or zero without a preallocated cluster.
                 continue;
             }
@@ -495,6 +490,13 @@ impl<'a> Pass<'a> {
                          corrupted."
                     ));
                 }
+            }
+            if bitmap.is_some_and(|bitmap| is_invalid(bitmap, true)) {
+                self.say(format!(
+                    "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster \
+                     allocation bitmap"
+                ));
+                self.report.corruptions += 1;
             }
             if active {
                 self.report.allocated_clusters += 1;
