@@ -130,21 +130,21 @@ fn qemu_reads_what_we_wrote_over_a_backing_file() {
     let image = qemu_image_over_base(&scratch, "b.qcow2");
     let mut shadow = vec![0xa1; SIZE as usize];
     let ops = vec![
-        Op::Write(0, 2 * K, 0x11),             // one whole subcluster
-        Op::Write(5 * K, 3 * K, 0x22),         // a partial subcluster, then a whole one
-        Op::Write(11 * K + 7, 100, 0x23),      // inside one subcluster: copied on write
-        Op::Write(11 * K + 500, 10, 0x24),     // in place, into an allocated subcluster
-        Op::Write(63 * K, 3 * K, 0x25),        // across two clusters
-        Op::Write(200 * K, 200 * K, 0x26),     // whole clusters and partial ones
-        Op::Zero(204 * K, 6 * K),              // zero subclusters of an allocated cluster
-        Op::Zero(210 * K + 1, 2 * K),          // partial subclusters: zero bytes written
-        Op::Write(205 * K, 100, 0x27),         // into a zero subcluster
-        Op::Discard(300 * K + 512, 10 * K),    // discard whole subclusters only
-        Op::Zero(320 * K, 64 * K),             // a whole cluster
-        Op::Discard(1024 * K, 64 * K),         // an unallocated cluster
-        Op::Zero(1100 * K, 4 * K),             // subclusters of an unallocated cluster
-        Op::Write(1101 * K, 10, 0x28),         // into one of them
-        Op::Write(SIZE - 3, 3, 0x29),          // the last bytes
+        Op::Write(0, 2 * K, 0x11),          // one whole subcluster
+        Op::Write(5 * K, 3 * K, 0x22),      // a partial subcluster, then a whole one
+        Op::Write(11 * K + 7, 100, 0x23),   // inside one subcluster: copied on write
+        Op::Write(11 * K + 500, 10, 0x24),  // in place, into an allocated subcluster
+        Op::Write(63 * K, 3 * K, 0x25),     // across two clusters
+        Op::Write(200 * K, 200 * K, 0x26),  // whole clusters and partial ones
+        Op::Zero(204 * K, 6 * K),           // zero subclusters of an allocated cluster
+        Op::Zero(210 * K + 1, 2 * K),       // partial subclusters: zero bytes written
+        Op::Write(205 * K, 100, 0x27),      // into a zero subcluster
+        Op::Discard(300 * K + 512, 10 * K), // discard whole subclusters only
+        Op::Zero(320 * K, 64 * K),          // a whole cluster
+        Op::Discard(1024 * K, 64 * K),      // an unallocated cluster
+        Op::Zero(1100 * K, 4 * K),          // subclusters of an unallocated cluster
+        Op::Write(1101 * K, 10, 0x28),      // into one of them
+        Op::Write(SIZE - 3, 3, 0x29),       // the last bytes
     ];
     for op in &ops {
         op.mirror(&mut shadow);
@@ -292,7 +292,8 @@ fn images_we_create_with_extended_l2_entries_are_qemus() {
     // 32 KiB clusters have 1 KiB subclusters: the write of 100 bytes at 1k allocated one.
     assert_eq!(peek_u64(&image, l2_entry_at(&image, 0) + 8), 0b10);
 
-    let small = CreateOptions { extended_l2: true, cluster_size: 8 * K, ..CreateOptions::new(SIZE) };
+    let small =
+        CreateOptions { extended_l2: true, cluster_size: 8 * K, ..CreateOptions::new(SIZE) };
     let path = scratch.path("small.qcow2");
     let error = run_in_coroutine(move |co| create_file(co, &path, &small)).unwrap().unwrap_err();
     assert_eq!(error.kind(), ErrorKind::InvalidInput, "{error}");

@@ -462,7 +462,10 @@ impl<'a> Pass<'a> {
             let bitmap = geometry.has_subclusters().then(|| table[index + 1]);
             if offset == 0 {
                 if bitmap.is_some_and(|bitmap| is_invalid(bitmap, false)) {
-                    self.say("ERROR: Unallocated cluster has non-zero subcluster allocation map".to_owned());
+                    self.say(
+                        "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                            .to_owned(),
+                    );
                     self.report.corruptions += 1;
                 }
                 // Unallocated, or zero without a preallocated cluster.

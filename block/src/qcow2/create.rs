@@ -8,7 +8,8 @@ use std::path::Path;
 use aiocoro::coroutine::Co;
 
 use super::header::{
-    EXT_BACKING_FORMAT, INCOMPAT_EXTENDED_L2, MAGIC, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, V2_HEADER_LEN, field,
+    EXT_BACKING_FORMAT, INCOMPAT_EXTENDED_L2, MAGIC, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES,
+    V2_HEADER_LEN, field,
 };
 use super::io::write_at;
 use super::offsets::Geometry;

@@ -249,7 +249,9 @@ impl Qcow2Driver {
                 })?;
             let len = span.len.min((u64::from(first + count) << sub_bits) - in_cluster);
             let mapping = match mapping {
-                ClusterMapping::Data(start) => ClusterMapping::Data(HostOffset(start.0 + in_cluster)),
+                ClusterMapping::Data(start) => {
+                    ClusterMapping::Data(HostOffset(start.0 + in_cluster))
+                }
                 other => other,
             };
             return Ok(Run { mapping, len });

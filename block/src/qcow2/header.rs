@@ -209,7 +209,7 @@ impl Header {
     ///
     /// `InvalidData` naming the field and the values for what is malformed or points outside
     /// the file; `Unsupported` naming the feature for what this driver does not implement
-    /// (encryption, an external data file, extended L2 entries, zstd, unknown incompatible
+    /// (encryption, an external data file, zstd, unknown incompatible
     /// features, a version other than 2 and 3). An image marked corrupt parses: it may be
     /// read and checked, not written (see [`Header::is_marked_corrupt`]).
     pub fn parse(first_cluster: &[u8], file_len: u64) -> io::Result<Header> {

@@ -123,7 +123,7 @@ impl Metadata {
 
     /// The in-flight allocation or subcluster write overlapping subclusters `mask` of guest
     /// `cluster`, if any.
-    pub(crate) fn overlapping_subclusters(&mut self, cluster: u64, mask: u32) -> Option<&InFlight> {
+    pub(crate) fn overlapping_subclusters(&self, cluster: u64, mask: u32) -> Option<&InFlight> {
         let writer = self.writer.as_ref()?;
         writer.in_flight.iter().find(|m| {
             m.first <= cluster && cluster < m.first + m.count && m.subclusters & mask != 0
@@ -220,7 +220,13 @@ impl Metadata {
     /// # Panics
     ///
     /// As [`Metadata::set_l2_entries`].
-    pub(crate) fn set_extended_entry(&mut self, l2: HostOffset, index: usize, entry: u64, bitmap: u64) {
+    pub(crate) fn set_extended_entry(
+        &mut self,
+        l2: HostOffset,
+        index: usize,
+        entry: u64,
+        bitmap: u64,
+    ) {
         let Metadata { geometry, writer, l2_cache, .. } = self;
         let writer = writable(writer);
         let table = l2_cache

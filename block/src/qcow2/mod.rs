@@ -11,7 +11,9 @@
 //! before, overwrite allocated clusters in place, and write metadata back in an order that
 //! leaves at worst leaked clusters after a crash (see `metadata`); `write_zeroes` sets the
 //! zero flag of whole clusters (version 3), `discard` drops whole clusters, `truncate`
-//! grows. [`create`] makes new images; [`check`] checks and repairs them as `qemu-img check`
+//! grows. Images with extended L2 entries (`extended_l2=on`) are read, written, zeroed and
+//! discarded per subcluster (a 32nd of a cluster): a write into a fresh cluster writes and
+//! marks allocated only the subclusters it touches. [`create`] makes new images; [`check`] checks and repairs them as `qemu-img check`
 //! does. Images that need features this driver lacks (encryption, external data files,
 //! zstd) are refused at open with an error that names the feature;
 //! malformed images fail with `InvalidData` errors that say what is wrong and where, never

@@ -141,7 +141,11 @@ impl Geometry {
 
     /// log2 of the subcluster size (the cluster size without extended L2 entries).
     pub fn subcluster_bits(&self) -> u32 {
-        if self.extended_l2 { self.cluster_bits - SUBCLUSTERS.trailing_zeros() } else { self.cluster_bits }
+        if self.extended_l2 {
+            self.cluster_bits - SUBCLUSTERS.trailing_zeros()
+        } else {
+            self.cluster_bits
+        }
     }
 
     /// The subcluster size in bytes (the cluster size without extended L2 entries).

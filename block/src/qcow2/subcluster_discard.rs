@@ -28,8 +28,10 @@ impl Qcow2Driver {
             let cluster = geometry.cluster_of(super::offsets::GuestOffset(at));
             let cluster_start = cluster.0 * cluster_size;
             let piece_end = end.min(cluster_start + cluster_size);
-            let wanted =
-                mask(((at - cluster_start) / sub) as u32, ((piece_end - cluster_start) / sub) as u32);
+            let wanted = mask(
+                ((at - cluster_start) / sub) as u32,
+                ((piece_end - cluster_start) / sub) as u32,
+            );
             let mut meta = self.metadata.lock(co);
             if meta.writer.is_none() {
                 return Err(refuse_read_only());
@@ -56,8 +58,7 @@ impl Qcow2Driver {
             };
             let new = if wanted == u32::MAX {
                 (0, if self.backing.is_some() { ALL_ZERO } else { 0 })
-            } else if entry & COMPRESSED != 0 || (entry & OFFSET_MASK != 0 && entry & COPIED == 0)
-            {
+            } else if entry & COMPRESSED != 0 || (entry & OFFSET_MASK != 0 && entry & COPIED == 0) {
                 drop(meta);
                 write_zeroes_by_writing(co, at, piece_end - at, |co, offset, bufs| {
                     self.write_guest(co, offset, bufs)

@@ -92,9 +92,12 @@ impl Qcow2Driver {
                     file.write(co, cluster_host.0 + from, &bytes)
                 } else {
                     let mut data = IoBuffer::new((to - from) as usize);
-                    let (head, tail) = ((in_cluster - from) as usize, (in_cluster + len - from) as usize);
+                    let (head, tail) =
+                        ((in_cluster - from) as usize, (in_cluster + len - from) as usize);
                     self.fill_around(co, cluster_start + from, &mut data, head..tail, &bytes)
-                        .and_then(|()| file.write(co, cluster_host.0 + from, &[IoSlice::new(&data)]))
+                        .and_then(|()| {
+                            file.write(co, cluster_host.0 + from, &[IoSlice::new(&data)])
+                        })
                 };
                 let mut meta = self.metadata.lock(co);
                 let linked = written.and_then(|()| {
@@ -178,7 +181,11 @@ impl Qcow2Driver {
             ClusterMapping::Data(host) => {
                 let first = host.0 >> geometry.cluster_bits();
                 if let Some(hit) = meta.metadata_in(&(first..first + 1)) {
-                    return Err(overlap::in_place_error(geometry, GuestOffset(guest.0 - in_cluster), hit));
+                    return Err(overlap::in_place_error(
+                        geometry,
+                        GuestOffset(guest.0 - in_cluster),
+                        hit,
+                    ));
                 }
                 host
             }
@@ -201,7 +208,16 @@ impl Qcow2Driver {
         let _writing = self.in_place.begin(cluster_host.0 + from, to - from);
         let allocation = Allocation::new();
         meta.start_subcluster_write(cluster.0, wanted, allocation.clone());
-        Ok(Plan::Subclusters { cluster_host, from, to, l2, index, mask: wanted, allocation, _writing })
+        Ok(Plan::Subclusters {
+            cluster_host,
+            from,
+            to,
+            l2,
+            index,
+            mask: wanted,
+            allocation,
+            _writing,
+        })
     }
 
     /// Fills `data` (the guest bytes from `guest`) with `bytes` at `range` and around it with
