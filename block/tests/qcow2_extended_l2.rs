@@ -343,3 +343,28 @@ fn our_check_agrees_with_qemu_img_check_on_extended_entries() {
     let error = read_ours(&image, 1 << 20).unwrap_err();
     assert!(error.to_string().contains("both allocated and zero"), "{error}");
 }
+
+#[test]
+fn writes_into_compressed_clusters_copy_them_whole() {
+    let scratch = Scratch::new("extl2-compressed");
+    filled_base(&scratch);
+    let image = qemu_image_over_base(&scratch, "i.qcow2");
+    qemu_io("qcow2", &image, &["write -c -P 0x77 0 64k", "write -c -P 0x79 128k 64k"]);
+    let mut shadow = vec![0xa1; SIZE as usize];
+    Op::Write(0, 64 * K, 0x77).mirror(&mut shadow);
+    Op::Write(128 * K, 64 * K, 0x79).mirror(&mut shadow);
+    assert_same_bytes(&read_ours(&image, 5000).unwrap(), &shadow, "compressed clusters");
+    let ops = vec![
+        Op::Write(100, 10, 0x78), // a compressed cluster becomes a whole data cluster
+        Op::Discard(128 * K + 2 * K, 4 * K), // part of one: zeroes are written instead
+    ];
+    for op in &ops {
+        op.mirror(&mut shadow);
+    }
+    ours(&image, ops);
+    let entry = l2_entry_at(&image, 0);
+    assert_eq!(peek_u64(&image, entry) >> 62, 0b10, "a copied data cluster, not compressed");
+    assert_eq!(peek_u64(&image, entry + 8), u64::from(u32::MAX), "all subclusters allocated");
+    assert_eq!(peek_u64(&image, entry + 40), u64::from(u32::MAX), "all subclusters allocated");
+    assert_everyone_sees(&image, &shadow, "compressed clusters written here");
+}
