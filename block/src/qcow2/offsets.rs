@@ -257,6 +257,23 @@ mod tests {
     }
 
     #[test]
+    fn extended_entries_halve_what_a_table_maps() {
+        let geometry = Geometry::extended(16);
+        assert!(geometry.has_subclusters() && !Geometry::new(16).has_subclusters());
+        assert_eq!((geometry.l2_entries(), geometry.l2_words()), (4096, 8192));
+        assert_eq!(geometry.bytes_per_l2(), 256 << 20);
+        assert_eq!(
+            (geometry.subcluster_size(), Geometry::new(16).subcluster_size()),
+            (2048, 65536)
+        );
+        assert_eq!((geometry.l2_slot(3), Geometry::new(16).l2_slot(3)), (6, 3));
+        let offset = GuestOffset((256 << 20) + 5 * 65536);
+        let position = geometry.position(geometry.cluster_of(offset));
+        assert_eq!(position, TablePosition { l1_index: 1, l2_index: 5 });
+        assert_eq!(geometry.l1_entries_for((256 << 20) + 1), 2);
+    }
+
+    #[test]
     fn a_span_stops_at_the_end_of_its_l2_table() {
         let geometry = Geometry::new(16);
         let span = geometry.table_span(GuestOffset((512 << 20) - 65536 - 100), 1 << 20);
