@@ -121,6 +121,12 @@ fn we_read_what_qemu_io_wrote_in_subcluster_patterns() {
         (68 * K, 2 * K, Allocation::Zero),
     ];
     assert!(status.windows(3).any(|runs| runs == cluster_1), "{status:?}");
+    // A run goes on across clusters: one answer for the unallocated rest of the image.
+    let rest = with_image(&qcow2_options(&image), |co, blk| {
+        blk.block_status(co, 1100 * K, SIZE - 1100 * K)
+    })
+    .unwrap();
+    assert_eq!((rest.len, rest.allocation), (SIZE - 1100 * K, Allocation::Unallocated));
 }
 
 #[test]
