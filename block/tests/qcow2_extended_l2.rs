@@ -4,6 +4,7 @@
 //! writes, zero writes and discards, and our writes allocate only the subclusters they
 //! touch.
 
+mod common;
 mod qcow2_support;
 
 use std::io::ErrorKind;
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use aiocoro::aio::AioContext;
 use aiocoro_block::qcow2::{CreateOptions, Repair, check_image_file, create_file};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, run_in_coroutine};
+use common::faults::open_faulty_qcow2;
 use qcow2_support::*;
 
 const K: u64 = 1024;
@@ -373,4 +375,37 @@ fn writes_into_compressed_clusters_copy_them_whole() {
     assert_eq!(peek_u64(&image, entry + 8), u64::from(u32::MAX), "all subclusters allocated");
     assert_eq!(peek_u64(&image, entry + 40), u64::from(u32::MAX), "all subclusters allocated");
     assert_everyone_sees(&image, &shadow, "compressed clusters written here");
+}
+
+#[test]
+fn a_failed_subcluster_write_marks_nothing_allocated() {
+    let scratch = Scratch::new("extl2-failed-write");
+    let image = scratch.path("j.qcow2");
+    create_qcow2(image.to_str().unwrap(), "extended_l2=on", "2M");
+    let path = image.clone();
+    run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (node, faults) = open_faulty_qcow2(co, &graph, &path);
+        let blk = BlockBackend::new(node);
+        blk.write(co, 0, &[0x11; 2048]).unwrap();
+        blk.flush(co).unwrap();
+        let host = peek_u64(&path, l2_entry_at(&path, 0)) & 0x00ff_ffff_ffff_fe00;
+        // Subcluster 2 (4k..6k): its data write fails, so it stays unallocated.
+        faults.fail_next_write_to(host + 4096);
+        blk.write(co, 4096, &[0x22; 2048]).expect_err("the data write fails");
+        blk.flush(co).unwrap();
+        assert_eq!(peek_u64(&path, l2_entry_at(&path, 0) + 8), 1, "only subcluster 0");
+        let mut back = [0xffu8; 2048];
+        blk.read(co, 4096, &mut back).unwrap();
+        assert_eq!(back, [0; 2048], "the failed write left no data");
+        // Written again, it lands.
+        blk.write(co, 4096, &[0x23; 2048]).unwrap();
+        blk.flush(co).unwrap();
+        assert_eq!(peek_u64(&path, l2_entry_at(&path, 0) + 8), 0b101);
+    })
+    .unwrap();
+    let mut shadow = vec![0; SIZE as usize];
+    Op::Write(0, 2 * K, 0x11).mirror(&mut shadow);
+    Op::Write(4 * K, 2 * K, 0x23).mirror(&mut shadow);
+    assert_everyone_sees(&image, &shadow, "after a failed write and its retry");
 }
