@@ -18,7 +18,8 @@
 //! zero clusters unallocated, and with `-c` compresses each cluster with the image's
 //! `compression_type` (`zlib` or `zstd`) through the driver's compressed writes.
 //! `create` makes a new qcow2 image; `-o` takes qemu-img's `cluster_size=64k`,
-//! `compat=1.1|0.10`, `refcount_bits=16`, `lazy_refcounts=on|off`, `backing_file=`,
+//! `compat=1.1|0.10`, `refcount_bits=16`, `lazy_refcounts=on|off`, `extended_l2=on|off`,
+//! `compression_type=zlib|zstd`, `backing_file=`,
 //! `backing_fmt=`, `size=`; without a size the backing file's is used. `check` checks (and
 //! with `-r` repairs) a qcow2 image as `qemu-img check` does: the problems found on stderr,
 //! the report on stdout, and qemu-img's exit code (0 clean, 1 check failed, 2 corruptions,
@@ -172,6 +173,7 @@ fn info(file: &str) -> io::Result<()> {
         writeln!(out, "    compat: {}", header.compat())?;
         writeln!(out, "    compression type: {}", header.compression.name())?;
         writeln!(out, "    lazy refcounts: {}", header.lazy_refcounts())?;
+        writeln!(out, "    extended l2: {}", header.geometry.has_subclusters())?;
         writeln!(out, "    refcount bits: {}", header.refcount_bits())?;
         writeln!(out, "    dirty: {}", header.is_dirty())?;
         writeln!(out, "    snapshots: {}", header.nb_snapshots)?;
@@ -364,6 +366,15 @@ fn escape(path: &str) -> String {
     path.replace(',', ",,")
 }
 
+/// The value of an `on|off` option `key` (qemu-img also takes `true|false`).
+fn on_off(key: &str, value: &str) -> io::Result<bool> {
+    match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        other => Err(invalid_input(format!("{key}={other}: on or off"))),
+    }
+}
+
 /// A size or an error naming the option.
 fn size_of(key: &str, value: &str) -> io::Result<u64> {
     aiocoro_block::parse_size(value).map_err(|why| invalid_input(format!("{key}: {why}")))
@@ -390,13 +401,8 @@ fn apply_options(options: &mut CreateOptions, list: &str) -> io::Result<bool> {
                     .parse()
                     .map_err(|_| invalid_input(format!("refcount_bits={value}: a number")))?;
             }
-            "lazy_refcounts" => {
-                options.lazy_refcounts = match value {
-                    "on" | "true" => true,
-                    "off" | "false" => false,
-                    other => return Err(invalid_input(format!("lazy_refcounts={other}"))),
-                }
-            }
+            "lazy_refcounts" => options.lazy_refcounts = on_off(key, value)?,
+            "extended_l2" => options.extended_l2 = on_off(key, value)?,
             "compression_type" => {
                 options.compression = match value {
                     "zlib" => Compression::Deflate,

@@ -136,3 +136,18 @@ fn formats_without_compression_refuse_compressed_writes() {
     assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
     assert!(error.to_string().contains("compressed"), "{error}");
 }
+
+#[test]
+fn extended_l2_images_refuse_compressed_writes_and_keep_their_data() {
+    let scratch = Scratch::new("compressed-extended");
+    let image = scratch.path("e.qcow2");
+    create_qcow2(image.to_str().unwrap(), "extended_l2=on", "1M");
+    qemu_io("qcow2", &image, &["write -P 0x5a 0 64k"]);
+    let before = std::fs::read(&image).unwrap();
+    let error =
+        with_image(&qcow2_rw_options(&image), |co, blk| blk.write_compressed(co, 0, &[1; 65536]))
+            .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
+    assert!(error.to_string().contains("extended_l2=on"), "{error}");
+    assert!(std::fs::read(&image).unwrap() == before, "the refused write changed the image");
+}

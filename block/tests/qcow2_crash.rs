@@ -1,5 +1,6 @@
 //! Crash consistency: a child process writing to a qcow2 image through our driver is killed
-//! with SIGKILL at a random point, many times (images with and without lazy refcounts).
+//! with SIGKILL at a random point, many times (images with and without lazy refcounts, and
+//! with extended L2 entries).
 //! Every time, `qemu-img check` must find no corruption (leaked clusters are allowed), and
 //! everything the child had flushed before the kill must read back.
 
@@ -80,8 +81,13 @@ fn allowed(flushed: u64, attempted: u64) -> Vec<Vec<u8>> {
 
 fn one_round(scratch: &Scratch, round: u64) {
     let image = scratch.path(&format!("crash-{round}.qcow2"));
-    // Every other image has lazy refcounts, which this driver keeps exact anyway.
-    let options = ["cluster_size=64k", "cluster_size=64k,lazy_refcounts=on"][round as usize % 2];
+    // One image in three has lazy refcounts (which this driver keeps exact anyway), one
+    // extended L2 entries (4 KiB writes allocate 2 KiB subclusters).
+    let options = [
+        "cluster_size=64k",
+        "cluster_size=64k,lazy_refcounts=on",
+        "cluster_size=64k,extended_l2=on",
+    ][round as usize % 3];
     create_qcow2(image.to_str().unwrap(), options, "16M");
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "a_killed_writer_leaves_a_consistent_image", "--nocapture"])

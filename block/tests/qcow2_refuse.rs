@@ -48,14 +48,6 @@ fn luks_encryption_is_refused_by_name() {
 }
 
 #[test]
-fn extended_l2_entries_are_refused_by_name() {
-    let scratch = Scratch::new("extl2");
-    let image = scratch.path("extl2.qcow2");
-    create_qcow2(image.to_str().unwrap(), "extended_l2=on", "1M");
-    expect(&image, ErrorKind::Unsupported, &["extended L2", "subclusters"]);
-}
-
-#[test]
 fn an_external_data_file_is_refused_by_name() {
     let scratch = Scratch::new("datafile");
     let image = scratch.path("d.qcow2");

@@ -62,11 +62,17 @@ fn write_ours(options: &str, shadow: &mut [u8], cluster: u64, seed: u64) {
 #[test]
 fn writing_an_image_with_snapshots_keeps_them_intact() {
     let scratch = Scratch::new("snapshots");
-    for (cluster, direct) in [(4096u64, false), (65536, false), (65536, true)] {
+    let cases = [
+        (4096u64, false, ""),
+        (65536, false, ""),
+        (65536, true, ""),
+        (65536, false, ",extended_l2=on"),
+    ];
+    for (cluster, direct, extra) in cases {
         let image = scratch.path("s.qcow2");
         let options = qcow2_rw_options(&image) + if direct { ",file.cache=none" } else { "" };
         let _ = std::fs::remove_file(&image);
-        create_qcow2(image.to_str().unwrap(), &format!("cluster_size={cluster}"), "8M");
+        create_qcow2(image.to_str().unwrap(), &format!("cluster_size={cluster}{extra}"), "8M");
         qemu_io(
             "qcow2",
             &image,
@@ -82,7 +88,7 @@ fn writing_an_image_with_snapshots_keeps_them_intact() {
         let mut current = first.clone();
         write_ours(&options, &mut current, cluster, 1);
         let (status, text) = check_status(&image);
-        assert_eq!(status, 0, "{cluster}: after our writes: {text}");
+        assert_eq!(status, 0, "{cluster}{extra}: after our writes: {text}");
         assert_same_bytes(&snapshot_raw(&image, "first"), &first, "snapshot 'first'");
         assert_same_bytes(&qemu_raw(&image), &current, "the current state, read by qemu-img");
         assert_same_bytes(&read_ours(&image, 70000).unwrap(), &current, "read by us");
@@ -92,7 +98,7 @@ fn writing_an_image_with_snapshots_keeps_them_intact() {
         let second = current.clone();
         write_ours(&options, &mut current, cluster, 2);
         let (status, text) = check_status(&image);
-        assert_eq!(status, 0, "{cluster}: after the second round: {text}");
+        assert_eq!(status, 0, "{cluster}{extra}: after the second round: {text}");
         assert_same_bytes(&snapshot_raw(&image, "first"), &first, "snapshot 'first' again");
         assert_same_bytes(&snapshot_raw(&image, "second"), &second, "snapshot 'second'");
         assert_same_bytes(&read_ours(&image, 65536).unwrap(), &current, "read by us again");
@@ -103,7 +109,7 @@ fn writing_an_image_with_snapshots_keeps_them_intact() {
         assert_same_bytes(&qemu_raw(&image), &first, "reverted to 'first'");
         qemu_img(&["snapshot", "-d", "second", image.to_str().unwrap()]);
         let (status, text) = check_status(&image);
-        assert_eq!(status, 0, "{cluster}: after revert and delete: {text}");
+        assert_eq!(status, 0, "{cluster}{extra}: after revert and delete: {text}");
     }
 }
 

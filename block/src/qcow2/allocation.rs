@@ -28,6 +28,9 @@ pub(crate) struct InFlight {
     pub(crate) first: u64,
     /// How many guest clusters.
     pub(crate) count: u64,
+    /// The subclusters of a one-cluster write with extended L2 entries that it covers;
+    /// all bits for whole clusters.
+    pub(crate) subclusters: u32,
     /// What waiting requests hold on to.
     pub(crate) allocation: Arc<Allocation>,
     /// Writes merged so far, while the allocation still takes them; `None` once its data

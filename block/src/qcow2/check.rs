@@ -37,6 +37,7 @@ use super::rebuild::rebuild_refcounts;
 use super::references::{Added, References};
 use super::snapshot_table::{Snapshot, SnapshotTable, read_snapshot_table};
 use super::stored_refcounts::{BLOCK_OFFSET_MASK, StoredRefcounts};
+use super::subclusters::is_invalid;
 use super::table::{decode_table, encode_table};
 use crate::node::BlockNode;
 
@@ -430,7 +431,8 @@ impl<'a> Pass<'a> {
             self.report.check_errors += 1;
         })?;
         let mut next_contiguous = 0;
-        for (index, &entry) in table.iter().enumerate() {
+        let geometry = self.header.geometry;
+        for (index, &entry) in table.iter().enumerate().step_by(geometry.l2_slot(1)) {
             if entry & COMPRESSED != 0 {
                 // Bit 63 (`OFLAG_COPIED`) is not part of the extent.
                 let (offset, len) = compressed_extent(entry, self.header.geometry);
@@ -456,13 +458,22 @@ impl<'a> Pass<'a> {
                 self.report.corruptions += 1;
             }
             let offset = entry & OFFSET_MASK;
+            // With extended L2 entries, the subcluster bitmap after the entry.
+            let bitmap = geometry.has_subclusters().then(|| table[index + 1]);
             if offset == 0 {
+                if bitmap.is_some_and(|bitmap| is_invalid(bitmap, false)) {
+                    self.say(
+                        "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                            .to_owned(),
+                    );
+                    self.report.corruptions += 1;
+                }
                 // Unallocated, or zero without a preallocated cluster.
                 continue;
             }
             if !self.is_aligned(offset) {
                 self.report.corruptions += 1;
-                if entry & ZERO != 0 {
+                if entry & ZERO != 0 && !geometry.has_subclusters() {
                     let fix = repair.fixes_errors();
                     self.say(format!(
                         "{} offset={offset:x}: Preallocated cluster is not properly aligned; L2 \
@@ -482,6 +493,13 @@ impl<'a> Pass<'a> {
                          corrupted."
                     ));
                 }
+            }
+            if bitmap.is_some_and(|bitmap| is_invalid(bitmap, true)) {
+                self.say(format!(
+                    "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster \
+                     allocation bitmap"
+                ));
+                self.report.corruptions += 1;
             }
             if active {
                 self.report.allocated_clusters += 1;
@@ -715,7 +733,7 @@ impl<'a> Pass<'a> {
                 self.report.check_errors += 1;
             })?;
             let mut changed = 0;
-            for entry in &mut table {
+            for entry in table.iter_mut().step_by(self.header.geometry.l2_slot(1)) {
                 let data = *entry & OFFSET_MASK;
                 if *entry & COMPRESSED != 0 || data == 0 {
                     continue;

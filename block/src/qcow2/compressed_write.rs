@@ -35,8 +35,9 @@ impl Qcow2Driver {
     ///
     /// # Errors
     ///
-    /// `InvalidInput` naming the rule for a request that is not whole clusters; a write's
-    /// or an allocation's error.
+    /// `InvalidInput` naming the rule for a request that is not whole clusters;
+    /// `Unsupported` on an image with extended L2 entries (not implemented here: write it
+    /// uncompressed); a write's or an allocation's error.
     pub(super) fn write_compressed_clusters(
         &self,
         co: &Co,
@@ -44,6 +45,12 @@ impl Qcow2Driver {
         bufs: &[IoSlice<'_>],
     ) -> io::Result<()> {
         use crate::driver::BlockDriver;
+        if self.header.geometry.has_subclusters() {
+            return Err(crate::error::unsupported(
+                "qcow2: compressed writes into an image with extended L2 entries \
+                 (extended_l2=on) are not implemented; write the data uncompressed",
+            ));
+        }
         let cluster_size = self.header.geometry.cluster_size();
         let total: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
         let end = offset + total;

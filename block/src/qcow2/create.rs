@@ -8,8 +8,8 @@ use std::path::Path;
 use aiocoro::coroutine::Co;
 
 use super::header::{
-    Compression, EXT_BACKING_FORMAT, INCOMPAT_COMPRESSION, MAGIC, MAX_L1_BYTES,
-    MAX_REFCOUNT_TABLE_BYTES, V2_HEADER_LEN, field,
+    Compression, EXT_BACKING_FORMAT, INCOMPAT_COMPRESSION, INCOMPAT_EXTENDED_L2, MAGIC,
+    MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, V2_HEADER_LEN, field,
 };
 use super::io::write_at;
 use super::offsets::Geometry;
@@ -52,6 +52,9 @@ pub struct CreateOptions {
     /// How compressed clusters are compressed (qemu-img's `compression_type=zlib|zstd`);
     /// zstd needs version 3.
     pub compression: Compression,
+    /// Extended L2 entries (`extended_l2=on`): 32 subclusters a cluster, allocated and
+    /// copied on write one by one. Needs version 3 and clusters of at least 16 KiB.
+    pub extended_l2: bool,
 }
 
 impl CreateOptions {
@@ -67,6 +70,7 @@ impl CreateOptions {
             backing_file: None,
             backing_format: None,
             compression: Compression::Deflate,
+            extended_l2: false,
         }
     }
 
@@ -105,7 +109,17 @@ impl CreateOptions {
         if self.backing_file.as_ref().is_some_and(|name| name.is_empty() || name.len() > 1023) {
             return Err(invalid_input("qcow2: the backing file name must be 1 to 1023 bytes"));
         }
-        Ok((Geometry::new(cs.trailing_zeros()), bits.trailing_zeros()))
+        if self.extended_l2 && (self.compat == Compat::V2 || cs < 16 << 10) {
+            return Err(invalid_input(
+                "qcow2: extended_l2 needs compat=1.1 and a cluster_size of at least 16K",
+            ));
+        }
+        let geometry = if self.extended_l2 {
+            Geometry::extended(cs.trailing_zeros())
+        } else {
+            Geometry::new(cs.trailing_zeros())
+        };
+        Ok((geometry, bits.trailing_zeros()))
     }
 
     /// The header cluster's bytes, given where the tables are.
@@ -126,6 +140,8 @@ impl CreateOptions {
         put32(&mut h, field::REFCOUNT_TABLE_CLUSTERS, layout.table_clusters as u32);
         let mut at = V2_HEADER_LEN;
         if self.compat == Compat::V3 {
+            let incompatible = if self.extended_l2 { INCOMPAT_EXTENDED_L2 } else { 0 };
+            put64(&mut h, field::INCOMPATIBLE_FEATURES, incompatible);
             put64(&mut h, field::COMPATIBLE_FEATURES, u64::from(self.lazy_refcounts));
             put32(&mut h, field::REFCOUNT_ORDER, order);
             put32(&mut h, field::HEADER_LENGTH, WRITTEN_V3_HEADER_LEN as u32);

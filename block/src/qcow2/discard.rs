@@ -20,6 +20,9 @@ impl Qcow2Driver {
     /// for in-flight allocations of those clusters first.
     pub(super) fn drop_clusters(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
         let geometry = self.header.geometry;
+        if geometry.has_subclusters() {
+            return self.drop_subclusters(co, offset, len);
+        }
         let cluster_size = geometry.cluster_size();
         let mut cluster = offset.div_ceil(cluster_size);
         let end = (offset + len) / cluster_size;

@@ -20,6 +20,7 @@ use super::offsets::{GuestOffset, HostOffset};
 use super::overlap::TableClusters;
 use super::refcount::Refcounts;
 use super::refuse;
+use super::subclusters::subcluster_run;
 use super::table::decode_table;
 use crate::buffer::scatter;
 use crate::driver::{Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
@@ -235,6 +236,55 @@ impl Qcow2Driver {
         };
         let table = self.l2_table(co, &mut meta, l2_offset)?;
         drop(meta);
+        if geometry.has_subclusters() {
+            let decode = |n: u64, first: u32| {
+                let index = position.l2_index + n as usize;
+                let slot = geometry.l2_slot(index);
+                let (entry, bitmap) = (table[slot], table[slot + 1]);
+                subcluster_run((entry, bitmap), first, geometry, file_len).map_err(|why| {
+                    let guest = offset.0 - in_cluster + n * cluster_size;
+                    corrupt(format!(
+                        "guest offset {guest:#x}: extended L2 entry {index} ({entry:#018x}, \
+                         bitmap {bitmap:#018x}) of the L2 table at {l2_offset} (L1 entry {}): \
+                         {why}",
+                        position.l1_index
+                    ))
+                })
+            };
+            let sub_bits = geometry.subcluster_bits();
+            let first = (in_cluster >> sub_bits) as u32;
+            let (mapping, count) = decode(0, first)?;
+            // Bytes from the start of the first cluster that map alike; a run that fills its
+            // cluster goes on into the next ones while they continue it.
+            let mut end = u64::from(first + count) << sub_bits;
+            let mut n = 1;
+            while end == n * cluster_size
+                && n < span.clusters
+                && !matches!(mapping, ClusterMapping::Compressed { .. })
+            {
+                let (next, count) = decode(n, 0)?;
+                let continues = match (mapping, next) {
+                    (ClusterMapping::Unallocated, ClusterMapping::Unallocated)
+                    | (ClusterMapping::Zero, ClusterMapping::Zero) => true,
+                    (ClusterMapping::Data(start), ClusterMapping::Data(next)) => {
+                        start.checked_add(n * cluster_size) == Some(next)
+                    }
+                    _ => false,
+                };
+                if !continues {
+                    break;
+                }
+                end = n * cluster_size + (u64::from(count) << sub_bits);
+                n += 1;
+            }
+            let mapping = match mapping {
+                ClusterMapping::Data(start) => {
+                    ClusterMapping::Data(HostOffset(start.0 + in_cluster))
+                }
+                other => other,
+            };
+            return Ok(Run { mapping, len: span.len.min(end - in_cluster) });
+        }
 
         let decode = |index: usize| {
             let raw = table[index];
@@ -386,8 +436,9 @@ impl BlockDriver for Qcow2Driver {
         if self.header.version < 3 {
             return by_writing(co, offset, len);
         }
-        // Whole clusters get the zero flag; the partial ones at either end zero bytes.
-        let cluster_size = self.header.geometry.cluster_size();
+        // Whole clusters (subclusters with extended L2 entries) get the zero flag; the
+        // partial ones at either end zero bytes.
+        let cluster_size = self.header.geometry.subcluster_size();
         let end = offset + len;
         let (first, last) =
             (offset.next_multiple_of(cluster_size), end / cluster_size * cluster_size);

@@ -42,7 +42,7 @@ pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
 /// Other incompatible feature bits.
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 pub(crate) const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+pub(crate) const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Compatible feature bits.
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
@@ -230,8 +230,8 @@ impl Header {
     ///
     /// `InvalidData` naming the field and the values for what is malformed or points outside
     /// the file; `Unsupported` naming the feature for what this driver does not implement
-    /// (encryption, an external data file, extended L2 entries, compression types other
-    /// than zlib and zstd, unknown incompatible features, a version other than 2 and 3). An image marked corrupt parses: it may be
+    /// (encryption, an external data file, compression types other than zlib and zstd,
+    /// unknown incompatible features, a version other than 2 and 3). An image marked corrupt parses: it may be
     /// read and checked, not written (see [`Header::is_marked_corrupt`]).
     pub fn parse(first_cluster: &[u8], file_len: u64) -> io::Result<Header> {
         if first_cluster.len() < V2_HEADER_LEN {
@@ -442,10 +442,15 @@ impl Header {
             ));
         }
         if incompatible & INCOMPAT_EXTENDED_L2 != 0 {
-            return Err(refuse(
-                "extended L2 entries (subclusters; incompatible feature 'extended L2 entries', \
-                 bit 4) are not supported",
-            ));
+            let bits = self.geometry.cluster_bits();
+            if bits < 14 {
+                return Err(corrupt(format!(
+                    "extended L2 entries (incompatible feature bit 4) need clusters of at least \
+                     16384 bytes (512-byte subclusters); this image has {} bytes",
+                    self.geometry.cluster_size()
+                )));
+            }
+            self.geometry = Geometry::extended(bits);
         }
         let compression_type = if self.header_length as usize > field::COMPRESSION_TYPE {
             first_cluster[field::COMPRESSION_TYPE]

@@ -29,7 +29,7 @@ use aiocoro::coroutine::Co;
 use super::allocation::{Allocation, InFlight, Merged};
 use super::io::write_at;
 use super::l2_cache::L2Cache;
-use super::mapping::referenced_range;
+use super::mapping::{COMPRESSED, OFFSET_MASK, referenced_range};
 use super::offsets::{Geometry, HostOffset};
 use super::overlap::{Hit, Holder, TableClusters, clusters, first_shared};
 use super::refcount::Refcounts;
@@ -99,7 +99,35 @@ impl Metadata {
         merging: bool,
     ) {
         let merging = merging.then(Vec::new);
-        writable(&mut self.writer).in_flight.push(InFlight { first, count, allocation, merging });
+        let subclusters = u32::MAX;
+        let in_flight = InFlight { first, count, subclusters, allocation, merging };
+        writable(&mut self.writer).in_flight.push(in_flight);
+    }
+
+    /// Lists `allocation`, a write of the subclusters `mask` of guest `cluster` (extended L2
+    /// entries), as in flight; it takes no merged writes.
+    ///
+    /// # Panics
+    ///
+    /// If the image is open read-only (writing needs the writer).
+    pub(crate) fn start_subcluster_write(
+        &mut self,
+        cluster: u64,
+        mask: u32,
+        allocation: Arc<Allocation>,
+    ) {
+        let in_flight =
+            InFlight { first: cluster, count: 1, subclusters: mask, allocation, merging: None };
+        writable(&mut self.writer).in_flight.push(in_flight);
+    }
+
+    /// The in-flight allocation or subcluster write overlapping subclusters `mask` of guest
+    /// `cluster`, if any.
+    pub(crate) fn overlapping_subclusters(&self, cluster: u64, mask: u32) -> Option<&InFlight> {
+        let writer = self.writer.as_ref()?;
+        writer.in_flight.iter().find(|m| {
+            m.first <= cluster && cluster < m.first + m.count && m.subclusters & mask != 0
+        })
     }
 
     /// Stops `allocation` taking merged writes and returns those it took.
@@ -197,6 +225,7 @@ impl Metadata {
         entry: impl Fn(u64) -> u64,
     ) {
         let Metadata { geometry, writer, l2_cache, .. } = self;
+        debug_assert!(!geometry.has_subclusters(), "qcow2: set_l2_entries on extended entries");
         let writer = writable(writer);
         let table = l2_cache
             .get_mut(l2)
@@ -207,6 +236,37 @@ impl Metadata {
             }
             *slot = entry(n as u64);
         }
+    }
+
+    /// Sets the extended L2 entry `index` of the table at `l2`, which the caller has just
+    /// cached, to `entry` and its subcluster bitmap to `bitmap`; the cluster the old entry
+    /// named, if `entry` names another, is freed at the next flush (step 4). The table is
+    /// dirty until written back.
+    ///
+    /// # Panics
+    ///
+    /// As [`Metadata::set_l2_entries`].
+    pub(crate) fn set_extended_entry(
+        &mut self,
+        l2: HostOffset,
+        index: usize,
+        entry: u64,
+        bitmap: u64,
+    ) {
+        let Metadata { geometry, writer, l2_cache, .. } = self;
+        let writer = writable(writer);
+        let table = l2_cache
+            .get_mut(l2)
+            .expect("qcow2: set_extended_entry needs the L2 table cached by its caller");
+        let slot = geometry.l2_slot(index);
+        let old = table[slot];
+        if old & (OFFSET_MASK | COMPRESSED) != entry & (OFFSET_MASK | COMPRESSED) {
+            if let Some(range) = referenced_range(old, *geometry) {
+                writer.pending_frees.push(range);
+            }
+        }
+        table[slot] = entry;
+        table[slot + 1] = bitmap;
     }
 
     /// Gives back `len` bytes of clusters from `offset` that an allocation took and that

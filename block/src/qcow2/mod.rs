@@ -13,13 +13,16 @@
 //! leaves at worst leaked clusters after a crash (see `metadata`); `write_zeroes` sets the
 //! zero flag of whole clusters (version 3), `discard` drops whole clusters, `truncate`
 //! grows, `write_compressed` writes whole clusters compressed. Clusters and L2 tables that
-//! internal snapshots share are copied before they change, so snapshots stay intact.
+//! internal snapshots share are copied before they change, so snapshots stay intact. Images
+//! with extended L2 entries (`extended_l2=on`) are read, written, zeroed and discarded per
+//! subcluster (a 32nd of a cluster): a write into a fresh cluster writes and marks allocated
+//! only the subclusters it touches.
 //! [`create`] makes new images; [`check`] checks and repairs them as `qemu-img check` does;
 //! [`list_snapshots`] and [`snapshot_list`] list snapshots as `qemu-img snapshot -l` does.
-//! Images that need features this driver lacks (encryption, external data files, extended
-//! L2 entries, unknown compression types) are refused at open with an error that names the
-//! feature; malformed images fail with `InvalidData` errors that say what is wrong and
-//! where, never with a panic or an absurd allocation.
+//! Images that need features this driver lacks (encryption, external data files, unknown
+//! compression types) are refused at open with an error that names the feature; malformed
+//! images fail with `InvalidData` errors that say what is wrong and where, never with a
+//! panic or an absurd allocation.
 //!
 //! One concept per file: [`offsets`] (guest/host offsets and cluster indices as distinct
 //! types), [`header`] (header, extensions, features), `mapping` (L1/L2 entries), `l2_cache`,
@@ -34,7 +37,8 @@
 //! (`qemu-img check [-r]`: `check_report`, `references`, `stored_refcounts`, `rebuild`,
 //! `snapshot_table`, `bitmap_directory`), `dirty` (repairing a dirty image opened for
 //! writing), `corruption` (the corrupt bit), `autoclear` (clearing the autoclear feature
-//! bits before writing).
+//! bits before writing), `subclusters` (extended L2 entries), `subcluster_write` and
+//! `subcluster_discard` (writes, zero writes and discards at subcluster granularity).
 
 mod allocation;
 mod autoclear;
@@ -65,6 +69,9 @@ mod resize;
 mod shared_l2;
 mod snapshot_table;
 mod stored_refcounts;
+mod subcluster_discard;
+mod subcluster_write;
+mod subclusters;
 mod table;
 mod write;
 

@@ -66,7 +66,12 @@ impl fmt::Display for ClusterIndex {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
     cluster_bits: u32,
+    /// Extended L2 entries: 16 bytes, the usual entry and a bitmap of 32 subclusters.
+    extended_l2: bool,
 }
+
+/// The subclusters of a cluster with extended L2 entries.
+pub const SUBCLUSTERS: u32 = 32;
 
 /// Where a guest cluster's entry is: the L1 index (which L2 table) and the index in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,7 +116,52 @@ impl Geometry {
             (9..=21).contains(&cluster_bits),
             "qcow2: Geometry::new: cluster_bits {cluster_bits} is outside 9..=21"
         );
-        Geometry { cluster_bits }
+        Geometry { cluster_bits, extended_l2: false }
+    }
+
+    /// The geometry of clusters of `1 << cluster_bits` bytes with extended (16-byte) L2
+    /// entries: 32 subclusters a cluster.
+    ///
+    /// # Panics
+    ///
+    /// If `cluster_bits` is outside 14..=21 (subclusters of 512 B to 64 KiB; the header
+    /// parser refuses those first).
+    pub fn extended(cluster_bits: u32) -> Geometry {
+        assert!(
+            (14..=21).contains(&cluster_bits),
+            "qcow2: Geometry::extended: cluster_bits {cluster_bits} is outside 14..=21"
+        );
+        Geometry { cluster_bits, extended_l2: true }
+    }
+
+    /// Whether L2 entries are extended (each cluster has 32 subclusters).
+    pub fn has_subclusters(&self) -> bool {
+        self.extended_l2
+    }
+
+    /// log2 of the subcluster size (the cluster size without extended L2 entries).
+    pub fn subcluster_bits(&self) -> u32 {
+        if self.extended_l2 {
+            self.cluster_bits - SUBCLUSTERS.trailing_zeros()
+        } else {
+            self.cluster_bits
+        }
+    }
+
+    /// The subcluster size in bytes (the cluster size without extended L2 entries).
+    pub fn subcluster_size(&self) -> u64 {
+        1 << self.subcluster_bits()
+    }
+
+    /// Where the entry of L2 index `index` is in a table decoded to 64-bit words (its bitmap,
+    /// with extended L2 entries, is the next word).
+    pub fn l2_slot(&self, index: usize) -> usize {
+        index << u32::from(self.extended_l2)
+    }
+
+    /// The 64-bit words of an L2 table (one cluster).
+    pub fn l2_words(&self) -> usize {
+        1 << (self.cluster_bits - 3)
     }
 
     /// log2 of the cluster size.
@@ -124,9 +174,10 @@ impl Geometry {
         1 << self.cluster_bits
     }
 
-    /// log2 of the entries of an L2 table (one cluster of 8-byte entries).
+    /// log2 of the entries of an L2 table (one cluster of 8-byte entries, or 16-byte ones
+    /// when extended).
     pub fn l2_bits(&self) -> u32 {
-        self.cluster_bits - 3
+        self.cluster_bits - 3 - u32::from(self.extended_l2)
     }
 
     /// The entries of an L2 table.
@@ -203,6 +254,23 @@ mod tests {
         assert_eq!(geometry.l1_entries_for(1), 1);
         assert_eq!(geometry.l1_entries_for(512 << 20), 1);
         assert_eq!(geometry.l1_entries_for((512 << 20) + 1), 2);
+    }
+
+    #[test]
+    fn extended_entries_halve_what_a_table_maps() {
+        let geometry = Geometry::extended(16);
+        assert!(geometry.has_subclusters() && !Geometry::new(16).has_subclusters());
+        assert_eq!((geometry.l2_entries(), geometry.l2_words()), (4096, 8192));
+        assert_eq!(geometry.bytes_per_l2(), 256 << 20);
+        assert_eq!(
+            (geometry.subcluster_size(), Geometry::new(16).subcluster_size()),
+            (2048, 65536)
+        );
+        assert_eq!((geometry.l2_slot(3), Geometry::new(16).l2_slot(3)), (6, 3));
+        let offset = GuestOffset((256 << 20) + 5 * 65536);
+        let position = geometry.position(geometry.cluster_of(offset));
+        assert_eq!(position, TablePosition { l1_index: 1, l2_index: 5 });
+        assert_eq!(geometry.l1_entries_for((256 << 20) + 1), 2);
     }
 
     #[test]

@@ -65,6 +65,9 @@ impl Qcow2Driver {
         len: u64,
     ) -> io::Result<u64> {
         let geometry = self.header.geometry;
+        if geometry.has_subclusters() {
+            return self.write_subclusters(co, guest, bufs, start, len);
+        }
         let step = {
             let mut meta = self.metadata.lock(co);
             loop {
@@ -215,7 +218,7 @@ impl Qcow2Driver {
         let file = self.file.node();
         let purpose = format_args!("a new L2 table (L1 entry {l1_index})");
         let offset = meta.allocate(co, &file, 1, &purpose)?;
-        let table: Arc<[u64]> = vec![0u64; geometry.l2_entries()].into();
+        let table: Arc<[u64]> = vec![0u64; geometry.l2_words()].into();
         let written = meta.flush_refcounts(co, &file).and_then(|_| {
             write_at(co, &file, offset.0, &vec![0u8; geometry.cluster_size() as usize])?;
             file.flush(co)
@@ -287,7 +290,7 @@ impl Qcow2Driver {
 
     /// Reads what the guest sees at `offset` now, into `buf` (the part of a cluster being
     /// allocated that the write does not cover). Past the virtual size it reads zeroes.
-    fn read_old(&self, co: &Co, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    pub(super) fn read_old(&self, co: &Co, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         use crate::driver::BlockDriver;
         let size = self.length(co)?;
         let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
