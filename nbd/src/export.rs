@@ -1,0 +1,46 @@
+//! What the server offers: one export, a name and description over a `BlockBackend`.
+
+use aiocoro_block::BlockBackend;
+
+use crate::wire;
+
+/// The largest request (read, write payload) the server accepts, and advertises as the
+/// maximum block size.
+pub const MAX_REQUEST: u32 = 32 << 20;
+/// The preferred block size the server advertises.
+pub const PREFERRED_BLOCK: u32 = 4096;
+
+/// One export: a node served under a name.
+pub struct Export {
+    /// The name clients ask for (`-x`); the empty name is the default export.
+    pub name: String,
+    /// A human-readable description (`-D`), sent on `INFO_DESCRIPTION`.
+    pub description: String,
+    /// The node, shared by every connection.
+    pub backend: BlockBackend,
+    /// Whether writes are refused (`-r`).
+    pub read_only: bool,
+}
+
+impl Export {
+    /// The export's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.backend.length()
+    }
+
+    /// The transmission flags, advertised truthfully: flush, FUA, trim and write zeroes
+    /// are always handled, and multi-connection is safe because every connection goes
+    /// through the one backend (a flush on any connection flushes the node).
+    pub fn transmission_flags(&self) -> u16 {
+        let mut flags = wire::TFLAG_HAS_FLAGS
+            | wire::TFLAG_SEND_FLUSH
+            | wire::TFLAG_SEND_FUA
+            | wire::TFLAG_SEND_TRIM
+            | wire::TFLAG_SEND_WRITE_ZEROES
+            | wire::TFLAG_CAN_MULTI_CONN;
+        if self.read_only {
+            flags |= wire::TFLAG_READ_ONLY;
+        }
+        flags
+    }
+}

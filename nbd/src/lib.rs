@@ -1,0 +1,30 @@
+//! # aiocoro-nbd
+//!
+//! The server side of the NBD protocol on [`aiocoro`] and [`aiocoro_block`], for the
+//! `aiocoro-nbd` binary and for programs that export a node themselves:
+//!
+//! - [`handshake`]: fixed newstyle, with `NO_ZEROES`;
+//! - [`options`]: `EXPORT_NAME`, `GO`, `INFO` (export, name, description, block size),
+//!   `LIST`, `ABORT`; anything else is answered `NBD_REP_ERR_UNSUP`;
+//! - [`transmission`]: `READ`, `WRITE` (`FUA`), `FLUSH`, `TRIM`, `WRITE_ZEROES`
+//!   (`NO_HOLE`), `DISC`, with simple replies;
+//! - [`errors`]: block-layer errors as NBD error values;
+//! - [`serve_connection`]: one connection from greeting to close, in a coroutine.
+//!
+//! A client that breaks the protocol loses its connection, never the server.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod connection;
+pub mod errors;
+mod export;
+pub mod handshake;
+pub mod options;
+mod socket;
+pub mod transmission;
+pub mod wire;
+
+pub use connection::serve_connection;
+pub use export::{Export, MAX_REQUEST, PREFERRED_BLOCK};
+pub use socket::CoSocket;

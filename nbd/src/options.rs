@@ -1,0 +1,201 @@
+//! The option haggling phase: the client's options, one at a time, until one starts
+//! transmission (`EXPORT_NAME`, `GO`) or ends the connection (`ABORT`).
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+
+use crate::export::{Export, MAX_REQUEST, PREFERRED_BLOCK};
+use crate::socket::CoSocket;
+use crate::wire;
+
+/// The largest option payload read into memory. A longer one is answered with
+/// `NBD_REP_ERR_TOO_BIG` and the connection closed (its payload is never read, so nothing is
+/// allocated by the client's say-so). The protocol caps names at 4096 bytes.
+pub const MAX_OPTION_LENGTH: u32 = 16 * 1024;
+
+/// How the option phase ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Negotiated {
+    /// The client chose the export: transmission starts.
+    Transmission,
+    /// The client sent `ABORT`: the connection ends.
+    Aborted,
+}
+
+/// Runs the option phase on `socket` for `export`. `no_zeroes`: the client asked to leave
+/// out the zero padding after `EXPORT_NAME`.
+///
+/// # Errors
+///
+/// An I/O error, a bad option magic, an unknown name in `EXPORT_NAME` (which has no error
+/// reply) or an oversized option: the connection must then be closed.
+pub fn negotiate<S: AsRawFd>(
+    socket: &CoSocket<'_, S>,
+    export: &Export,
+    no_zeroes: bool,
+) -> io::Result<Negotiated>
+where
+    for<'s> &'s S: Read + Write,
+{
+    loop {
+        let magic = socket.read_u64()?;
+        if magic != wire::OPTION_MAGIC {
+            return Err(protocol_error(format!("option with bad magic {magic:#x}")));
+        }
+        let option = socket.read_u32()?;
+        let length = socket.read_u32()?;
+        if length > MAX_OPTION_LENGTH {
+            reply(socket, option, wire::REP_ERR_TOO_BIG, b"option payload too large")?;
+            return Err(protocol_error(format!("option {option} of {length} bytes")));
+        }
+        let mut payload = vec![0; length as usize];
+        socket.read_exact(&mut payload)?;
+        match option {
+            wire::OPT_EXPORT_NAME => {
+                if payload != export.name.as_bytes() {
+                    return Err(protocol_error("EXPORT_NAME of an unknown export".into()));
+                }
+                let mut answer = Vec::with_capacity(10 + 124);
+                answer.extend_from_slice(&export.size().to_be_bytes());
+                answer.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                if !no_zeroes {
+                    answer.resize(answer.len() + 124, 0);
+                }
+                socket.write_all(&answer)?;
+                return Ok(Negotiated::Transmission);
+            }
+            wire::OPT_ABORT => {
+                // The client may already be gone: its hang-up is no error here.
+                let _ = reply(socket, option, wire::REP_ACK, &[]);
+                return Ok(Negotiated::Aborted);
+            }
+            wire::OPT_LIST => {
+                if !payload.is_empty() {
+                    reply(socket, option, wire::REP_ERR_INVALID, b"LIST takes no payload")?;
+                    continue;
+                }
+                let mut server = Vec::with_capacity(4 + export.name.len());
+                server.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
+                server.extend_from_slice(export.name.as_bytes());
+                server.extend_from_slice(export.description.as_bytes());
+                reply(socket, option, wire::REP_SERVER, &server)?;
+                reply(socket, option, wire::REP_ACK, &[])?;
+            }
+            wire::OPT_INFO | wire::OPT_GO => {
+                if info(socket, option, &payload, export)? && option == wire::OPT_GO {
+                    return Ok(Negotiated::Transmission);
+                }
+            }
+            _ => reply(socket, option, wire::REP_ERR_UNSUP, b"option not supported")?,
+        }
+    }
+}
+
+/// Answers an `INFO` or `GO` whose payload is `payload`; returns whether the export was
+/// described (the request was valid and named our export).
+fn info<S: AsRawFd>(
+    socket: &CoSocket<'_, S>,
+    option: u32,
+    payload: &[u8],
+    export: &Export,
+) -> io::Result<bool>
+where
+    for<'s> &'s S: Read + Write,
+{
+    let Some(request) = InfoRequest::parse(payload) else {
+        reply(socket, option, wire::REP_ERR_INVALID, b"malformed INFO/GO payload")?;
+        return Ok(false);
+    };
+    if request.name != export.name.as_bytes() {
+        reply(socket, option, wire::REP_ERR_UNKNOWN, b"no export of that name")?;
+        return Ok(false);
+    }
+    let mut export_info = wire::INFO_EXPORT.to_be_bytes().to_vec();
+    export_info.extend_from_slice(&export.size().to_be_bytes());
+    export_info.extend_from_slice(&export.transmission_flags().to_be_bytes());
+    reply(socket, option, wire::REP_INFO, &export_info)?;
+    if request.wants(wire::INFO_NAME) {
+        let mut name = wire::INFO_NAME.to_be_bytes().to_vec();
+        name.extend_from_slice(export.name.as_bytes());
+        reply(socket, option, wire::REP_INFO, &name)?;
+    }
+    if request.wants(wire::INFO_DESCRIPTION) && !export.description.is_empty() {
+        let mut description = wire::INFO_DESCRIPTION.to_be_bytes().to_vec();
+        description.extend_from_slice(export.description.as_bytes());
+        reply(socket, option, wire::REP_INFO, &description)?;
+    }
+    // Sent whether asked or not, as QEMU does: the minimum of 1 tells the client that any
+    // alignment works (the block layer pads unaligned requests).
+    let mut block_size = wire::INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    for size in [1, PREFERRED_BLOCK, MAX_REQUEST] {
+        block_size.extend_from_slice(&size.to_be_bytes());
+    }
+    reply(socket, option, wire::REP_INFO, &block_size)?;
+    reply(socket, option, wire::REP_ACK, &[])?;
+    Ok(true)
+}
+
+/// The payload of `INFO` / `GO`: an export name and the information types asked for.
+struct InfoRequest<'a> {
+    name: &'a [u8],
+    requests: &'a [u8],
+}
+
+impl<'a> InfoRequest<'a> {
+    /// Parses `payload`; `None` if its lengths do not add up.
+    fn parse(payload: &'a [u8]) -> Option<InfoRequest<'a>> {
+        let name_length = u32::from_be_bytes(payload.get(..4)?.try_into().ok()?) as usize;
+        let name = payload.get(4..4 + name_length)?;
+        let rest = &payload[4 + name_length..];
+        let count = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+        let requests = &rest[2..];
+        (requests.len() == count * 2).then_some(InfoRequest { name, requests })
+    }
+
+    /// Whether the client asked for information `kind`.
+    fn wants(&self, kind: u16) -> bool {
+        self.requests.chunks_exact(2).any(|pair| u16::from_be_bytes([pair[0], pair[1]]) == kind)
+    }
+}
+
+/// Sends one option reply of type `kind` with `data`.
+fn reply<S: AsRawFd>(socket: &CoSocket<'_, S>, option: u32, kind: u32, data: &[u8]) -> io::Result<()>
+where
+    for<'s> &'s S: Read + Write,
+{
+    let mut message = Vec::with_capacity(20 + data.len());
+    message.extend_from_slice(&wire::OPTION_REPLY_MAGIC.to_be_bytes());
+    message.extend_from_slice(&option.to_be_bytes());
+    message.extend_from_slice(&kind.to_be_bytes());
+    message.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    message.extend_from_slice(data);
+    socket.write_all(&message)
+}
+
+/// The error that ends a connection whose client broke the protocol.
+pub(crate) fn protocol_error(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("NBD protocol violation: {message}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_payload_parses_and_refuses_bad_lengths() {
+        let mut payload = 3u32.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"abc");
+        payload.extend_from_slice(&1u16.to_be_bytes());
+        payload.extend_from_slice(&wire::INFO_NAME.to_be_bytes());
+        let request = InfoRequest::parse(&payload).expect("valid payload");
+        assert_eq!(request.name, b"abc");
+        assert!(request.wants(wire::INFO_NAME));
+        assert!(!request.wants(wire::INFO_DESCRIPTION));
+        // A count that says more requests than there are, a name longer than the payload.
+        assert!(InfoRequest::parse(&payload[..payload.len() - 1]).is_none());
+        let mut long_name = 100u32.to_be_bytes().to_vec();
+        long_name.extend_from_slice(b"abc\0\0");
+        assert!(InfoRequest::parse(&long_name).is_none());
+        assert!(InfoRequest::parse(&[0, 0]).is_none());
+    }
+}
