@@ -1,0 +1,181 @@
+//! The command line, in `qemu-nbd`'s spelling where the meaning is the same.
+
+use std::path::PathBuf;
+
+/// The text of `--help`.
+pub const HELP: &str = "\
+Usage: aiocoro-nbd [OPTIONS] FILE
+Serve FILE (a qcow2 or raw image) over NBD, each connection on one of N IoThreads,
+all through one block backend.
+
+  -f, --format=FORMAT      image format: qcow2 or raw (default: probed)
+  -r, --read-only          export read-only (writes fail with EPERM)
+  -x, --export-name=NAME   export name (default: the empty name)
+  -D, --description=TEXT   export description
+  -k, --socket=PATH        listen on a Unix socket at PATH (removed at exit)
+  -p, --port=PORT          TCP port (default: 10809)
+  -b, --bind=ADDR          TCP address (default: 0.0.0.0)
+  -t, --persistent         keep serving after the last client disconnects
+                           (without it: exit when the first client has gone and
+                           no other is connected)
+  -e, --shared=N           serve up to N clients at once (default: 1)
+      --cache=MODE         writeback (default) or none (O_DIRECT)
+      --aio=MODE           io_uring (default) or threads
+      --pid-file=PATH      write the server's process id to PATH (removed at exit)
+      --iothreads=N        IoThreads serving connections, round robin
+                           (default: one per core)
+  -h, --help               this text
+
+Runs in the foreground (there is no --fork). Not supported yet: TLS, structured
+replies, block status and meta contexts, extended headers, --image-opts, --discard.
+";
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub struct Options {
+    /// The image to serve.
+    pub image: PathBuf,
+    /// `qcow2` or `raw`; `None` to probe.
+    pub format: Option<String>,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// The export's name.
+    pub export_name: String,
+    /// The export's description.
+    pub description: String,
+    /// The Unix socket to listen on, instead of TCP.
+    pub socket: Option<PathBuf>,
+    /// The TCP port.
+    pub port: u16,
+    /// The TCP address.
+    pub bind: String,
+    /// Keep serving after the last client.
+    pub persistent: bool,
+    /// How many clients at once.
+    pub shared: usize,
+    /// The file's cache mode.
+    pub cache: String,
+    /// The file's I/O engine.
+    pub aio: String,
+    /// Where to write the process id.
+    pub pid_file: Option<PathBuf>,
+    /// How many IoThreads serve connections.
+    pub iothreads: usize,
+}
+
+/// The result of parsing: options to run with, or a request for the help text.
+pub enum Parsed {
+    /// Serve with these options.
+    Run(Options),
+    /// Print [`HELP`] and exit successfully.
+    Help,
+}
+
+/// Parses the arguments (without the program name); an error says which argument is wrong.
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
+    let mut options = Options {
+        image: PathBuf::new(),
+        format: None,
+        read_only: false,
+        export_name: String::new(),
+        description: String::new(),
+        socket: None,
+        port: 10809,
+        bind: "0.0.0.0".into(),
+        persistent: false,
+        shared: 1,
+        cache: "writeback".into(),
+        aio: "io_uring".into(),
+        pid_file: None,
+        iothreads: std::thread::available_parallelism().map_or(1, usize::from),
+    };
+    let mut image = None;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag.to_owned(), Some(value.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = || match inline.clone() {
+            Some(value) => Ok(value),
+            None => args.next().ok_or_else(|| format!("{flag} needs a value")),
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "-f" | "--format" => options.format = Some(value()?),
+            "-r" | "--read-only" => options.read_only = true,
+            "-x" | "--export-name" => options.export_name = value()?,
+            "-D" | "--description" => options.description = value()?,
+            "-k" | "--socket" => options.socket = Some(value()?.into()),
+            "-p" | "--port" => options.port = number(&flag, &value()?)?,
+            "-b" | "--bind" => options.bind = value()?,
+            "-t" | "--persistent" => options.persistent = true,
+            "-e" | "--shared" => options.shared = number(&flag, &value()?)?,
+            "--cache" => options.cache = value()?,
+            "--aio" => options.aio = value()?,
+            "--pid-file" => options.pid_file = Some(value()?.into()),
+            "--iothreads" => options.iothreads = number(&flag, &value()?)?,
+            other if other.starts_with('-') && other.len() > 1 => {
+                return Err(format!("unknown option '{other}'"));
+            }
+            _ if image.is_some() => return Err(format!("a second image '{arg}': serve one")),
+            _ => image = Some(PathBuf::from(arg)),
+        }
+    }
+    options.image = image.ok_or("no image to serve")?;
+    if options.shared == 0 || options.iothreads == 0 {
+        return Err("--shared and --iothreads must be at least 1".into());
+    }
+    if let Some(format) = &options.format
+        && format != "qcow2"
+        && format != "raw"
+    {
+        return Err(format!("format '{format}' is not supported (qcow2 or raw)"));
+    }
+    if options.export_name.len() > 4096 || options.description.len() > 4096 {
+        return Err("the export name and description are limited to 4096 bytes".into());
+    }
+    Ok(Parsed::Run(options))
+}
+
+/// Parses `text`, the value of `flag`, as a number.
+fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {
+    text.parse().map_err(|_| format!("{flag}: '{text}' is not a valid number"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Options, String> {
+        match parse(args.iter().map(|arg| arg.to_string()))? {
+            Parsed::Run(options) => Ok(options),
+            Parsed::Help => Err("help".into()),
+        }
+    }
+
+    #[test]
+    fn qemu_nbd_spellings_parse() {
+        let options =
+            run(&["-f", "qcow2", "-r", "-x", "disk", "-k", "/tmp/s", "-t", "--shared=4", "a.img"])
+                .unwrap();
+        assert_eq!(options.format.as_deref(), Some("qcow2"));
+        assert!(options.read_only && options.persistent);
+        assert_eq!((options.export_name.as_str(), options.shared), ("disk", 4));
+        assert_eq!(options.socket, Some(PathBuf::from("/tmp/s")));
+        assert_eq!(options.image, PathBuf::from("a.img"));
+        assert_eq!(run(&["--iothreads", "3", "a"]).unwrap().iothreads, 3);
+    }
+
+    #[test]
+    fn bad_command_lines_are_refused() {
+        assert!(run(&[]).unwrap_err().contains("no image"));
+        assert!(run(&["a", "b"]).unwrap_err().contains("second image"));
+        assert!(run(&["-f", "vmdk", "a"]).unwrap_err().contains("not supported"));
+        assert!(run(&["-e", "x", "a"]).unwrap_err().contains("not a valid number"));
+        assert!(run(&["--bogus", "a"]).unwrap_err().contains("unknown option"));
+        assert!(run(&["-p"]).unwrap_err().contains("needs a value"));
+        assert!(run(&["--iothreads=0", "a"]).unwrap_err().contains("at least 1"));
+        assert_eq!(run(&["--help"]).unwrap_err(), "help");
+    }
+}

@@ -1,0 +1,67 @@
+//! Where clients connect: a TCP or a Unix socket, and the streams they give.
+
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+
+use aiocoro::coroutine::Co;
+use aiocoro_nbd::{Export, serve_connection};
+
+/// A listening socket.
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// A Unix socket.
+    Unix(UnixListener),
+}
+
+/// One accepted connection.
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// A Unix socket.
+    Unix(UnixStream),
+}
+
+impl Listener {
+    /// Listens on the Unix socket `path` if given, else on TCP `bind`:`port`.
+    pub fn bind(path: Option<&PathBuf>, bind: &str, port: u16) -> io::Result<Listener> {
+        match path {
+            Some(path) => UnixListener::bind(path)
+                .map(Listener::Unix)
+                .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display()))),
+            None => TcpListener::bind((bind, port))
+                .map(Listener::Tcp)
+                .map_err(|error| io::Error::new(error.kind(), format!("{bind}:{port}: {error}"))),
+        }
+    }
+
+    /// Waits for the next connection and makes it ready to serve (non-blocking, and for
+    /// TCP without Nagle's delay: replies are sent as soon as they are written).
+    pub fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, _) = listener.accept()?;
+                stream.set_nodelay(true)?;
+                stream.set_nonblocking(true)?;
+                Ok(Stream::Tcp(stream))
+            }
+            Listener::Unix(listener) => {
+                let (stream, _) = listener.accept()?;
+                stream.set_nonblocking(true)?;
+                Ok(Stream::Unix(stream))
+            }
+        }
+    }
+}
+
+impl Stream {
+    /// Serves the client on this stream (see [`serve_connection`]).
+    pub fn serve(&self, co: &Co, export: &Export) -> io::Result<()> {
+        match self {
+            Stream::Tcp(stream) => serve_connection(co, stream, export),
+            Stream::Unix(stream) => serve_connection(co, stream, export),
+        }
+    }
+}

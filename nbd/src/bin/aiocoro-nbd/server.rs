@@ -1,0 +1,125 @@
+//! Accepting clients and handing each to an IoThread, round robin, until it is time to stop.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+
+use aiocoro::aio::IoThread;
+use aiocoro_nbd::Export;
+
+use crate::listener::{Listener, Stream};
+
+/// What the accept thread and the connections tell the main thread.
+enum Event {
+    /// A client connected.
+    Accepted(Stream),
+    /// Accepting failed for good.
+    AcceptFailed(io::Error),
+    /// A connection ended (normally, with an error, or by a panic).
+    Ended,
+}
+
+/// Tells the main thread that a connection ended when dropped, even by a panic's unwinding.
+struct EndNotice(Sender<Event>);
+
+impl Drop for EndNotice {
+    fn drop(&mut self) {
+        let _ = self.0.send(Event::Ended);
+    }
+}
+
+/// How the server runs.
+pub struct ServePolicy {
+    /// Keep serving after the last client (`-t`).
+    pub persistent: bool,
+    /// How many clients are served at once (`-e`); later ones wait, connected.
+    pub shared: usize,
+}
+
+/// Serves `export` to the clients of `listener` on `threads`, round robin, until (without
+/// `persistent`) a client has come and gone and no other is connected.
+///
+/// # Errors
+///
+/// If accepting fails for another reason than one failed connection.
+pub fn serve(
+    listener: Listener,
+    export: Arc<Export>,
+    threads: &[IoThread],
+    policy: &ServePolicy,
+) -> io::Result<()> {
+    let (events, inbox) = channel();
+    let accept_events = events.clone();
+    // The accept thread blocks in accept(); it is not joined, and ends with the process.
+    std::thread::Builder::new().name("nbd-accept".into()).spawn(move || {
+        accept_loop(&listener, &accept_events);
+    })?;
+    run_events(&inbox, &events, &export, threads, policy)
+}
+
+/// Accepts clients and passes them on until the main thread stops listening.
+fn accept_loop(listener: &Listener, events: &Sender<Event>) {
+    loop {
+        let event = match listener.accept() {
+            Ok(stream) => Event::Accepted(stream),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(error) => Event::AcceptFailed(error),
+        };
+        let failed = matches!(event, Event::AcceptFailed(_));
+        if events.send(event).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// The main thread's loop: starts connections while fewer than `shared` run, and decides
+/// when to stop.
+fn run_events(
+    inbox: &Receiver<Event>,
+    events: &Sender<Event>,
+    export: &Arc<Export>,
+    threads: &[IoThread],
+    policy: &ServePolicy,
+) -> io::Result<()> {
+    let mut waiting = VecDeque::new();
+    let (mut active, mut served, mut next_thread) = (0usize, 0u64, 0usize);
+    loop {
+        while active < policy.shared
+            && let Some(stream) = waiting.pop_front()
+        {
+            let thread = &threads[next_thread % threads.len()];
+            next_thread += 1;
+            let (export, notice) = (export.clone(), EndNotice(events.clone()));
+            let started = thread.handle().spawn(move |co| {
+                let _notice = notice;
+                let stream: Stream = stream;
+                if let Err(error) = stream.serve(co, &export) {
+                    eprintln!("aiocoro-nbd: connection ended: {error}");
+                }
+            });
+            if started.is_err() {
+                return Err(io::Error::other("an IoThread has shut down"));
+            }
+            active += 1;
+            served += 1;
+        }
+        if !policy.persistent && served > 0 && active == 0 && waiting.is_empty() {
+            return Ok(());
+        }
+        match inbox.recv().expect("the main thread holds a sender") {
+            Event::Accepted(stream) => waiting.push_back(stream),
+            Event::AcceptFailed(error) => return Err(error),
+            Event::Ended => active -= 1,
+        }
+    }
+}
