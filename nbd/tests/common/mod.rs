@@ -1,0 +1,114 @@
+//! Starting the `aiocoro-nbd` binary on a Unix socket for a test, and the QEMU tools.
+
+#![allow(dead_code)] // Each test file uses its own part of this module.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output};
+use std::time::{Duration, Instant};
+
+/// A fresh directory for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("aiocoro-nbd-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the test directory");
+    dir
+}
+
+/// Runs `program` with `args`; panics naming the command if it cannot start.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {program} {args:?}: {error}"))
+}
+
+/// Runs `program` with `args` and panics with its output unless it succeeds; returns stdout.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let output = run(program, args);
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A new qcow2 image of `size` (qemu-img's spelling) in `dir`.
+pub fn qcow2_image(dir: &Path, size: &str) -> PathBuf {
+    let image = dir.join("disk.qcow2");
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", image.to_str().unwrap(), size]);
+    image
+}
+
+/// A running server, killed when dropped.
+pub struct Server {
+    child: Option<Child>,
+    /// The Unix socket it listens on.
+    pub socket: PathBuf,
+}
+
+impl Server {
+    /// Starts `aiocoro-nbd -k <dir>/nbd.sock --pid-file <dir>/nbd.pid ARGS IMAGE` and waits
+    /// until it listens (its pid file is written after the socket is bound).
+    pub fn start(dir: &Path, image: &Path, args: &[&str]) -> Server {
+        let socket = dir.join("nbd.sock");
+        let pid_file = dir.join("nbd.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let child = Command::new(env!("CARGO_BIN_EXE_aiocoro-nbd"))
+            .arg("-k")
+            .arg(&socket)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .args(args)
+            .arg(image)
+            .spawn()
+            .expect("start aiocoro-nbd");
+        let mut server = Server { child: Some(child), socket };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pid_file.exists() {
+            if let Some(status) = server.child().try_wait().expect("poll the server") {
+                panic!("aiocoro-nbd exited before listening: {status}");
+            }
+            assert!(Instant::now() < deadline, "aiocoro-nbd did not start listening in 20 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        server
+    }
+
+    /// The URL of export `name` for QEMU's tools.
+    pub fn url(&self, name: &str) -> String {
+        format!("nbd+unix:///{name}?socket={}", self.socket.display())
+    }
+
+    /// Whether the server is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child().try_wait().expect("poll the server").is_none()
+    }
+
+    /// Waits for the server to exit by itself (at most 20 s) and returns its status.
+    pub fn wait_exit(mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child().try_wait().expect("poll the server") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "aiocoro-nbd did not exit in 20 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("the server was not waited for")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
