@@ -1,0 +1,333 @@
+//! A raw-socket client that breaks the protocol in every way this increment handles; the
+//! server answers with the right error or closes that one connection, and keeps serving.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use aiocoro_nbd::wire;
+use common::{Server, TempDir, qcow2_image, temp_dir};
+
+/// The export size of the tests' images.
+const SIZE: u64 = 1 << 20;
+
+/// A client speaking the wire protocol by hand.
+struct Client {
+    stream: UnixStream,
+}
+
+/// One option reply.
+struct OptionReply {
+    option: u32,
+    kind: u32,
+    data: Vec<u8>,
+}
+
+impl Client {
+    /// Connects and reads the greeting, checking it.
+    fn connect(server: &Server) -> Client {
+        let stream = UnixStream::connect(&server.socket).expect("connect to the server");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut client = Client { stream };
+        let greeting = client.read(18);
+        assert_eq!(&greeting[0..8], &wire::INIT_MAGIC.to_be_bytes());
+        assert_eq!(&greeting[8..16], &wire::OPTION_MAGIC.to_be_bytes());
+        let flags = u16::from_be_bytes([greeting[16], greeting[17]]);
+        assert_eq!(flags, wire::FLAG_FIXED_NEWSTYLE | wire::FLAG_NO_ZEROES);
+        client
+    }
+
+    /// Connects and sends the client flags `flags`.
+    fn with_flags(server: &Server, flags: u32) -> Client {
+        let mut client = Client::connect(server);
+        client.send(&flags.to_be_bytes());
+        client
+    }
+
+    /// Connects with fixed newstyle and `NO_ZEROES`, and enters transmission with `GO`;
+    /// returns the client and the transmission flags.
+    fn transmission(server: &Server) -> (Client, u16) {
+        let mut client =
+            Client::with_flags(server, wire::CLIENT_FIXED_NEWSTYLE | wire::CLIENT_NO_ZEROES);
+        let mut go = 0u32.to_be_bytes().to_vec();
+        go.extend_from_slice(&0u16.to_be_bytes());
+        client.option(wire::OPT_GO, &go);
+        let mut flags = None;
+        loop {
+            let reply = client.option_reply();
+            assert_eq!(reply.option, wire::OPT_GO);
+            match reply.kind {
+                wire::REP_ACK => break,
+                wire::REP_INFO if reply.data[..2] == wire::INFO_EXPORT.to_be_bytes() => {
+                    assert_eq!(reply.data[2..10], SIZE.to_be_bytes());
+                    flags = Some(u16::from_be_bytes([reply.data[10], reply.data[11]]));
+                }
+                wire::REP_INFO => {}
+                other => panic!("GO answered with reply type {other:#x}"),
+            }
+        }
+        (client, flags.expect("GO sent no INFO_EXPORT"))
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send to the server");
+    }
+
+    fn read(&mut self, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0; len];
+        self.stream.read_exact(&mut bytes).expect("read from the server");
+        bytes
+    }
+
+    /// Whether the server closed the connection (an end of file, or a reset).
+    fn is_closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        match self.stream.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(error) => error.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) {
+        let mut message = wire::OPTION_MAGIC.to_be_bytes().to_vec();
+        message.extend_from_slice(&option.to_be_bytes());
+        message.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        message.extend_from_slice(data);
+        self.send(&message);
+    }
+
+    fn option_reply(&mut self) -> OptionReply {
+        let header = self.read(20);
+        assert_eq!(header[0..8], wire::OPTION_REPLY_MAGIC.to_be_bytes());
+        let word = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().unwrap());
+        let data = self.read(word(16) as usize);
+        OptionReply { option: word(8), kind: word(12), data }
+    }
+
+    /// Sends a request header (and `payload`).
+    fn request(&mut self, command: u16, flags: u16, offset: u64, length: u32, payload: &[u8]) {
+        let mut message = wire::REQUEST_MAGIC.to_be_bytes().to_vec();
+        message.extend_from_slice(&flags.to_be_bytes());
+        message.extend_from_slice(&command.to_be_bytes());
+        message.extend_from_slice(&0x1234_5678_9abc_def0u64.to_be_bytes());
+        message.extend_from_slice(&offset.to_be_bytes());
+        message.extend_from_slice(&length.to_be_bytes());
+        message.extend_from_slice(payload);
+        self.send(&message);
+    }
+
+    /// Reads a simple reply; returns its error value.
+    fn reply(&mut self) -> u32 {
+        let reply = self.read(16);
+        assert_eq!(reply[0..4], wire::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(reply[8..16], 0x1234_5678_9abc_def0u64.to_be_bytes(), "cookie echoed");
+        u32::from_be_bytes(reply[4..8].try_into().unwrap())
+    }
+
+    /// A request without payload; returns the reply's error value.
+    fn command(&mut self, command: u16, flags: u16, offset: u64, length: u32) -> u32 {
+        self.request(command, flags, offset, length, &[]);
+        self.reply()
+    }
+
+    /// Writes `data` at `offset`; returns the error value.
+    fn write(&mut self, flags: u16, offset: u64, data: &[u8]) -> u32 {
+        self.request(wire::CMD_WRITE, flags, offset, data.len() as u32, data);
+        self.reply()
+    }
+
+    /// Reads `length` bytes at `offset`, which must succeed.
+    fn read_data(&mut self, offset: u64, length: u32) -> Vec<u8> {
+        assert_eq!(self.command(wire::CMD_READ, 0, offset, length), 0, "read at {offset}");
+        self.read(length as usize)
+    }
+}
+
+/// Starts a persistent server for up to 8 clients on a new 1 MiB qcow2 image in a new
+/// directory (removed when the returned guard is dropped, after the server).
+fn start(name: &str, extra: &[&str]) -> (Server, TempDir) {
+    let dir = temp_dir(name);
+    let image = qcow2_image(&dir, "1M");
+    let mut args = vec!["-f", "qcow2", "-t", "-e", "8", "--iothreads", "2"];
+    args.extend_from_slice(extra);
+    (Server::start(&dir, &image, &args), dir)
+}
+
+/// The server is alive and serving: a client can negotiate, write, read back, disconnect.
+fn assert_serving(server: &mut Server) {
+    assert!(server.is_running(), "the server died");
+    let (mut client, _) = Client::transmission(server);
+    assert_eq!(client.write(0, 8192, &[0x5a; 512]), 0);
+    assert_eq!(client.read_data(8192, 512), vec![0x5a; 512]);
+    client.request(wire::CMD_DISC, 0, 0, 0, &[]);
+    assert!(client.is_closed(), "DISC must close the connection");
+}
+
+#[test]
+fn garbage_and_bad_magics_close_only_that_connection() {
+    let (mut server, _dir) = start("garbage", &[]);
+    // Garbage as the client flags (unknown bits set).
+    let mut client = Client::connect(&server);
+    client.send(&[0xff; 64]);
+    assert!(client.is_closed(), "unknown client flags must close the connection");
+    // Flags without fixed newstyle.
+    let mut client = Client::with_flags(&server, 0);
+    assert!(client.is_closed(), "a client without fixed newstyle is refused");
+    // An option with a bad magic (a request sent before negotiation).
+    let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
+    client.request(wire::CMD_READ, 0, 0, 512, &[]);
+    assert!(client.is_closed(), "a command before negotiation must close the connection");
+    // A request with a bad magic during transmission.
+    let (mut client, _) = Client::transmission(&server);
+    client.send(&[0xee; 28]);
+    assert!(client.is_closed(), "a request with a bad magic must close the connection");
+    // A client that hangs up mid-request.
+    let (mut client, _) = Client::transmission(&server);
+    client.send(&wire::REQUEST_MAGIC.to_be_bytes());
+    drop(client);
+    assert_serving(&mut server);
+}
+
+#[test]
+fn bad_and_unknown_options_get_error_replies() {
+    let (mut server, _dir) = start("options", &["-x", "disk", "-D", "a test disk"]);
+    let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
+    // Unknown options (with and without payload), and STRUCTURED_REPLY (8), not supported yet.
+    for (option, payload) in [(42u32, &b"whatever"[..]), (0x7fff_ffff, &[][..]), (8, &[][..])] {
+        client.option(option, payload);
+        let reply = client.option_reply();
+        assert_eq!((reply.option, reply.kind), (option, wire::REP_ERR_UNSUP));
+    }
+    // LIST names the export and its description; with a payload it is invalid.
+    client.option(wire::OPT_LIST, &[]);
+    let server_reply = client.option_reply();
+    assert_eq!(server_reply.kind, wire::REP_SERVER);
+    assert_eq!(server_reply.data, b"\0\0\0\x04diska test disk");
+    assert_eq!(client.option_reply().kind, wire::REP_ACK);
+    client.option(wire::OPT_LIST, b"x");
+    assert_eq!(client.option_reply().kind, wire::REP_ERR_INVALID);
+    // INFO with lengths that do not add up, and for an unknown export.
+    client.option(wire::OPT_INFO, &[0, 0, 0, 9, b'd']);
+    assert_eq!(client.option_reply().kind, wire::REP_ERR_INVALID);
+    client.option(wire::OPT_INFO, &[0, 0, 0, 1, b'x', 0, 0]);
+    assert_eq!(client.option_reply().kind, wire::REP_ERR_UNKNOWN);
+    // INFO asking for the name and description.
+    let mut info = 4u32.to_be_bytes().to_vec();
+    info.extend_from_slice(b"disk");
+    info.extend_from_slice(&[0, 2, 0, 1, 0, 2]);
+    client.option(wire::OPT_INFO, &info);
+    let mut seen = Vec::new();
+    loop {
+        let reply = client.option_reply();
+        if reply.kind == wire::REP_ACK {
+            break;
+        }
+        assert_eq!(reply.kind, wire::REP_INFO);
+        seen.push(reply.data);
+    }
+    assert!(seen.contains(&b"\0\x01disk".to_vec()), "INFO_NAME missing: {seen:?}");
+    assert!(seen.contains(&b"\0\x02a test disk".to_vec()), "INFO_DESCRIPTION missing");
+    let block_size = seen.iter().find(|data| data[..2] == [0, 3]).expect("INFO_BLOCK_SIZE");
+    assert_eq!(block_size[2..], [0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0]);
+    // An option too large to read is refused, and the connection closed: the server never
+    // reads (or allocates) a gigabyte.
+    let mut header = wire::OPTION_MAGIC.to_be_bytes().to_vec();
+    header.extend_from_slice(&42u32.to_be_bytes());
+    header.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    client.send(&header);
+    assert_eq!(client.option_reply().kind, wire::REP_ERR_TOO_BIG);
+    assert!(client.is_closed());
+    // EXPORT_NAME of an unknown export has no error reply: the connection closes.
+    let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
+    client.option(wire::OPT_EXPORT_NAME, b"nope");
+    assert!(client.is_closed());
+    // ABORT is acknowledged, then the connection closes.
+    let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
+    client.option(wire::OPT_ABORT, &[]);
+    assert_eq!(client.option_reply().kind, wire::REP_ACK);
+    assert!(client.is_closed());
+    assert!(server.is_running());
+    // GO for "disk" works after all that (assert_serving asks for the empty name, which
+    // this server does not export).
+    let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
+    let mut go = 4u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"disk\0\0");
+    client.option(wire::OPT_GO, &go);
+    while client.option_reply().kind != wire::REP_ACK {}
+    assert_eq!(client.read_data(0, 4096), vec![0; 4096]);
+}
+
+#[test]
+fn export_name_honours_no_zeroes() {
+    let (server, _dir) = start("export-name", &[]);
+    for (flags, padding) in [(wire::CLIENT_NO_ZEROES, 0), (0, 124)] {
+        let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE | flags);
+        client.option(wire::OPT_EXPORT_NAME, b"");
+        let answer = client.read(10 + padding);
+        assert_eq!(answer[..8], SIZE.to_be_bytes());
+        assert!(answer[10..].iter().all(|&byte| byte == 0));
+        // Transmission follows at once: the next bytes are a reply, not more padding.
+        assert_eq!(client.read_data(0, 512), vec![0; 512]);
+    }
+}
+
+#[test]
+fn invalid_requests_get_nbd_errors_and_the_connection_goes_on() {
+    let (mut server, _dir) = start("requests", &[]);
+    let (mut client, flags) = Client::transmission(&server);
+    let expected = wire::TFLAG_HAS_FLAGS
+        | wire::TFLAG_SEND_FLUSH
+        | wire::TFLAG_SEND_FUA
+        | wire::TFLAG_SEND_TRIM
+        | wire::TFLAG_SEND_WRITE_ZEROES
+        | wire::TFLAG_CAN_MULTI_CONN;
+    assert_eq!(flags, expected);
+    // Past the end, straddling the end, and offsets that overflow.
+    assert_eq!(client.command(wire::CMD_READ, 0, SIZE, 512), wire::EINVAL);
+    assert_eq!(client.command(wire::CMD_READ, 0, SIZE - 512, 1024), wire::EINVAL);
+    assert_eq!(client.command(wire::CMD_READ, 0, u64::MAX - 100, 512), wire::EINVAL);
+    assert_eq!(client.write(0, SIZE - 256, &[1; 512]), wire::EINVAL);
+    assert_eq!(client.command(wire::CMD_TRIM, 0, SIZE, 4096), wire::EINVAL);
+    assert_eq!(client.command(wire::CMD_WRITE_ZEROES, 0, SIZE - 1, 2), wire::EINVAL);
+    // Over the maximum request size.
+    assert_eq!(client.command(wire::CMD_READ, 0, 0, aiocoro_nbd::MAX_REQUEST + 1), wire::EINVAL);
+    // Unknown commands and flags.
+    assert_eq!(client.command(99, 0, 0, 0), wire::EINVAL);
+    assert_eq!(client.command(wire::CMD_FLUSH, wire::CMD_FLAG_FUA, 0, 0), wire::EINVAL);
+    assert_eq!(client.command(wire::CMD_READ, 1 << 9, 0, 512), wire::EINVAL);
+    assert_eq!(client.write(wire::CMD_FLAG_NO_HOLE, 0, &[1; 512]), wire::EINVAL);
+    // Nothing of the refused writes landed; valid requests work on the same connection.
+    assert_eq!(client.read_data(SIZE - 512, 512), vec![0; 512]);
+    assert_eq!(client.read_data(0, 512), vec![0; 512]);
+    assert_eq!(client.write(wire::CMD_FLAG_FUA, 65536, &[7; 4096]), 0);
+    assert_eq!(client.command(wire::CMD_WRITE_ZEROES, wire::CMD_FLAG_NO_HOLE, 66560, 1024), 0);
+    assert_eq!(client.command(wire::CMD_TRIM, wire::CMD_FLAG_FUA, 131072, 65536), 0);
+    assert_eq!(client.command(wire::CMD_FLUSH, 0, 0, 0), 0);
+    let mut expected = vec![7; 4096];
+    expected[1024..2048].fill(0);
+    assert_eq!(client.read_data(65536, 4096), expected);
+    // A write of 4 GiB - 1 is refused at once, without reading (or allocating) its payload;
+    // the connection then ends, as its payload cannot be skipped.
+    client.request(wire::CMD_WRITE, 0, 0, u32::MAX, &[]);
+    assert_eq!(client.reply(), wire::EINVAL);
+    assert!(client.is_closed());
+    assert_serving(&mut server);
+}
+
+#[test]
+fn a_read_only_export_refuses_every_write_with_eperm() {
+    let (mut server, _dir) = start("eperm", &["-r"]);
+    let (mut client, flags) = Client::transmission(&server);
+    assert_ne!(flags & wire::TFLAG_READ_ONLY, 0, "READ_ONLY must be advertised");
+    assert_eq!(client.write(0, 0, &[1; 512]), wire::EPERM);
+    assert_eq!(client.command(wire::CMD_TRIM, 0, 0, 4096), wire::EPERM);
+    assert_eq!(client.command(wire::CMD_WRITE_ZEROES, 0, 0, 4096), wire::EPERM);
+    assert_eq!(client.read_data(0, 512), vec![0; 512]);
+    assert_eq!(client.command(wire::CMD_FLUSH, 0, 0, 0), 0);
+    client.request(wire::CMD_DISC, 0, 0, 0, &[]);
+    assert!(client.is_closed());
+    assert!(server.is_running());
+}
