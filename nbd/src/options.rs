@@ -159,7 +159,12 @@ impl<'a> InfoRequest<'a> {
 }
 
 /// Sends one option reply of type `kind` with `data`.
-fn reply<S: AsRawFd>(socket: &CoSocket<'_, S>, option: u32, kind: u32, data: &[u8]) -> io::Result<()>
+fn reply<S: AsRawFd>(
+    socket: &CoSocket<'_, S>,
+    option: u32,
+    kind: u32,
+    data: &[u8],
+) -> io::Result<()>
 where
     for<'s> &'s S: Read + Write,
 {

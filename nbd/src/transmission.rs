@@ -65,7 +65,9 @@ where
                 });
                 send_reply(socket, request, result, &[])?;
             }
-            command => send_reply(socket, request, Err(invalid(format!("command {command}"))), &[])?,
+            command => {
+                send_reply(socket, request, Err(invalid(format!("command {command}"))), &[])?
+            }
         }
     }
 }

@@ -21,19 +21,32 @@ fn qemu_io_writes_read_back_and_the_image_matches() {
     let io = run_ok(
         "qemu-io",
         &[
-            "-f", "raw",
-            "-c", "write -P 0xab 4096 64k",
-            "-c", "read -P 0xab 4096 64k",
-            "-c", "aio_write -P 0x5c 1M 12k",
-            "-c", "aio_flush",
-            "-c", "read -P 0x5c 1M 12k",
-            "-c", "write -z 2M 1M",
-            "-c", "read -P 0 2M 1M",
-            "-c", "write -P 0x77 3M 128k",
-            "-c", "discard 3M 64k",
-            "-c", "read -P 0x77 3136k 64k",
-            "-c", "write -f -P 0x31 63M 1M",
-            "-c", "flush",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 4096 64k",
+            "-c",
+            "read -P 0xab 4096 64k",
+            "-c",
+            "aio_write -P 0x5c 1M 12k",
+            "-c",
+            "aio_flush",
+            "-c",
+            "read -P 0x5c 1M 12k",
+            "-c",
+            "write -z 2M 1M",
+            "-c",
+            "read -P 0 2M 1M",
+            "-c",
+            "write -P 0x77 3M 128k",
+            "-c",
+            "discard 3M 64k",
+            "-c",
+            "read -P 0x77 3136k 64k",
+            "-c",
+            "write -f -P 0x31 63M 1M",
+            "-c",
+            "flush",
             &url,
         ],
     );
@@ -42,7 +55,10 @@ fn qemu_io_writes_read_back_and_the_image_matches() {
 
     // Through the server (another connection) and in the file (shared lock: the server
     // holds it for writing) the data are the same.
-    run_ok("qemu-img", &["compare", "-U", "-f", "raw", "-F", "qcow2", &url, image.to_str().unwrap()]);
+    run_ok(
+        "qemu-img",
+        &["compare", "-U", "-f", "raw", "-F", "qcow2", &url, image.to_str().unwrap()],
+    );
     // A name the server does not export is refused.
     let wrong = run("qemu-img", &["info", &server.url("other")]);
     assert!(!wrong.status.success(), "export 'other' must not exist");
@@ -78,7 +94,10 @@ fn a_read_only_export_serves_reads_and_refuses_writers() {
     let write = run("qemu-io", &["-f", "raw", "-c", "write 0 4k", &url]);
     assert!(!write.status.success(), "a read-write open of a read-only export must fail");
     // Refused before any write was sent: the data are untouched.
-    run_ok("qemu-img", &["compare", "-U", "-f", "raw", "-F", "qcow2", &url, image.to_str().unwrap()]);
+    run_ok(
+        "qemu-img",
+        &["compare", "-U", "-f", "raw", "-F", "qcow2", &url, image.to_str().unwrap()],
+    );
 }
 
 #[test]
@@ -103,10 +122,14 @@ fn parallel_clients_on_several_iothreads_write_their_own_regions() {
         let output = client.join().expect("a client thread panicked");
         assert!(!output.contains("Pattern verification failed"), "qemu-io: {output}");
     }
-    run_ok("qemu-img", &["compare", "-U", "-f", "raw", "-F", "qcow2", &url, image.to_str().unwrap()]);
+    run_ok(
+        "qemu-img",
+        &["compare", "-U", "-f", "raw", "-F", "qcow2", &url, image.to_str().unwrap()],
+    );
     for n in 0..4u8 {
         let read = format!("read -P {} {}M 4M", 0x10 + n, n * 8);
-        let output = run_ok("qemu-io", &["-r", "-U", "-f", "qcow2", "-c", &read, image.to_str().unwrap()]);
+        let output =
+            run_ok("qemu-io", &["-r", "-U", "-f", "qcow2", "-c", &read, image.to_str().unwrap()]);
         assert!(!output.contains("Pattern verification failed"), "qemu-io: {output}");
     }
 }

@@ -66,7 +66,7 @@ pub struct Options {
 /// The result of parsing: options to run with, or a request for the help text.
 pub enum Parsed {
     /// Serve with these options.
-    Run(Options),
+    Run(Box<Options>),
     /// Print [`HELP`] and exit successfully.
     Help,
 }
@@ -93,7 +93,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (flag.to_owned(), Some(value.to_owned())),
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
             _ => (arg.clone(), None),
         };
         let mut value = || match inline.clone() {
@@ -135,7 +137,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
     if options.export_name.len() > 4096 || options.description.len() > 4096 {
         return Err("the export name and description are limited to 4096 bytes".into());
     }
-    Ok(Parsed::Run(options))
+    Ok(Parsed::Run(Box::new(options)))
 }
 
 /// Parses `text`, the value of `flag`, as a number.
@@ -149,7 +151,7 @@ mod tests {
 
     fn run(args: &[&str]) -> Result<Options, String> {
         match parse(args.iter().map(|arg| arg.to_string()))? {
-            Parsed::Run(options) => Ok(options),
+            Parsed::Run(options) => Ok(*options),
             Parsed::Help => Err("help".into()),
         }
     }

@@ -28,9 +28,9 @@ impl Listener {
     /// Listens on the Unix socket `path` if given, else on TCP `bind`:`port`.
     pub fn bind(path: Option<&PathBuf>, bind: &str, port: u16) -> io::Result<Listener> {
         match path {
-            Some(path) => UnixListener::bind(path)
-                .map(Listener::Unix)
-                .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display()))),
+            Some(path) => UnixListener::bind(path).map(Listener::Unix).map_err(|error| {
+                io::Error::new(error.kind(), format!("{}: {error}", path.display()))
+            }),
             None => TcpListener::bind((bind, port))
                 .map(Listener::Tcp)
                 .map_err(|error| io::Error::new(error.kind(), format!("{bind}:{port}: {error}"))),
