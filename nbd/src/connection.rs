@@ -2,6 +2,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
 
@@ -12,20 +13,27 @@ use crate::socket::CoSocket;
 use crate::transmission;
 
 /// Serves one client on `stream` (non-blocking) from the coroutine `co`: handshake, option
-/// haggling, then requests until `DISC`. Returns when the connection is over; the caller
-/// closes the stream.
+/// haggling, then requests until `DISC` (see [`transmission::serve`]). Returns when the
+/// connection is over, with the stream closed.
 ///
 /// # Errors
 ///
 /// An I/O error or a protocol violation by the client, which ends this connection only.
-pub fn serve_connection<S: AsRawFd>(co: &Co, stream: &S, export: &Export) -> io::Result<()>
+pub fn serve_connection<S: AsRawFd + 'static>(
+    co: &Co,
+    stream: S,
+    export: Arc<Export>,
+) -> io::Result<()>
 where
     for<'s> &'s S: Read + Write,
 {
-    let socket = CoSocket::new(co, stream);
-    let flags = handshake(&socket)?;
-    match negotiate(&socket, export, flags.no_zeroes)? {
-        Negotiated::Transmission => transmission::serve(co, &socket, export),
+    let negotiated = {
+        let socket = CoSocket::new(co, &stream);
+        let flags = handshake(&socket)?;
+        negotiate(&socket, &export, flags.no_zeroes)?
+    };
+    match negotiated {
+        Negotiated::Transmission => transmission::serve(co, stream, export),
         Negotiated::Aborted => Ok(()),
     }
 }

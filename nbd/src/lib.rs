@@ -7,7 +7,8 @@
 //! - [`options`]: `EXPORT_NAME`, `GO`, `INFO` (export, name, description, block size),
 //!   `LIST`, `ABORT`; anything else is answered `NBD_REP_ERR_UNSUP`;
 //! - [`transmission`]: `READ`, `WRITE` (`FUA`), `FLUSH`, `TRIM`, `WRITE_ZEROES`
-//!   (`NO_HOLE`), `DISC`, with simple replies;
+//!   (`NO_HOLE`), `DISC`, with simple replies; the requests of a connection run
+//!   concurrently, one coroutine each, up to [`transmission::MAX_IN_FLIGHT`];
 //! - [`errors`]: block-layer errors as NBD error values;
 //! - [`serve_connection`]: one connection from greeting to close, in a coroutine.
 //!
@@ -20,6 +21,7 @@ mod connection;
 pub mod errors;
 mod export;
 pub mod handshake;
+mod in_flight;
 pub mod options;
 mod socket;
 pub mod transmission;

@@ -1,16 +1,27 @@
-//! The transmission phase: requests read one at a time, each answered with a simple reply.
+//! The transmission phase: a reader takes requests off the socket in order and runs each in
+//! a coroutine of its own, up to [`MAX_IN_FLIGHT`] at once; replies go out whole, in the
+//! order requests finish, as simple replies.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
 
+use aiocoro::aio::AioContext;
 use aiocoro::coroutine::Co;
+use aiocoro::sync::CoMutex;
 use aiocoro_block::IoBuffer;
 
 use crate::errors::nbd_errno;
 use crate::export::{Export, MAX_REQUEST};
+use crate::in_flight::InFlight;
 use crate::options::protocol_error;
 use crate::socket::CoSocket;
 use crate::wire;
+
+/// How many requests of one connection run at once; the reader reads no further request
+/// while that many run (back-pressure on the client).
+pub const MAX_IN_FLIGHT: usize = 32;
 
 /// One request's header (the payload of a `WRITE` follows it on the wire).
 #[derive(Clone, Copy, Debug)]
@@ -22,54 +33,109 @@ struct Request {
     length: u32,
 }
 
-/// Serves requests on `socket` until the client sends `DISC`.
+/// What the coroutines of one connection share.
+struct Connection<S> {
+    stream: S,
+    export: Arc<Export>,
+    /// Held while a reply is written, so that replies go out whole.
+    writer: CoMutex<()>,
+    in_flight: Rc<InFlight>,
+}
+
+/// Serves requests on `stream` (non-blocking) until the client sends `DISC` or the
+/// connection fails; the requests that run are let finish (and answered) before it returns.
 ///
 /// # Errors
 ///
 /// An I/O error (including the client hanging up without `DISC`), a request with a bad
 /// magic, or an oversized `WRITE` (answered with `EINVAL` first, as its payload cannot be
 /// skipped in reasonable time): the connection must then be closed.
-pub fn serve<S: AsRawFd>(co: &Co, socket: &CoSocket<'_, S>, export: &Export) -> io::Result<()>
+///
+/// # Panics
+///
+/// If the calling thread has no [`AioContext`] (a coroutine always runs on one).
+pub fn serve<S: AsRawFd + 'static>(co: &Co, stream: S, export: Arc<Export>) -> io::Result<()>
 where
     for<'s> &'s S: Read + Write,
 {
+    let connection = Rc::new(Connection {
+        stream,
+        export,
+        writer: CoMutex::new(()),
+        in_flight: InFlight::new(MAX_IN_FLIGHT),
+    });
+    let result = read_requests(co, &connection);
+    connection.in_flight.wait_idle(co);
+    result
+}
+
+/// The reader: reads requests (and write payloads) and starts a coroutine for each.
+fn read_requests<S: AsRawFd + 'static>(co: &Co, connection: &Rc<Connection<S>>) -> io::Result<()>
+where
+    for<'s> &'s S: Read + Write,
+{
+    let context = AioContext::current().expect("aiocoro-nbd: a connection runs in an AioContext");
+    let socket = CoSocket::new(co, &connection.stream);
     loop {
-        let request = read_request(socket)?;
-        if request.command == wire::CMD_DISC {
-            return Ok(());
-        }
-        if request.command == wire::CMD_WRITE {
-            write(co, socket, export, request)?;
-            continue;
-        }
-        match request.command {
-            wire::CMD_READ => read(co, socket, export, request)?,
-            wire::CMD_FLUSH => {
-                let result = check_flags(request, 0).and_then(|()| export.backend.flush(co));
-                send_reply(socket, request, result, &[])?;
+        connection.in_flight.wait_for_room(co);
+        let request = read_request(&socket)?;
+        let payload = match request.command {
+            wire::CMD_DISC => return Ok(()),
+            wire::CMD_WRITE if request.length > MAX_REQUEST => {
+                let error = invalid(format!("write of {} bytes", request.length));
+                send_reply(co, connection, request, Err(error), &[])?;
+                return Err(protocol_error(format!("write payload of {} bytes", request.length)));
             }
-            wire::CMD_TRIM => {
-                let result = check_write(export, request, wire::CMD_FLAG_FUA).and_then(|()| {
-                    export.backend.discard(co, request.offset, request.length.into())?;
-                    flush_if_fua(co, export, request)
-                });
-                send_reply(socket, request, result, &[])?;
+            wire::CMD_WRITE => {
+                let mut payload = IoBuffer::new(request.length as usize);
+                socket.read_exact(&mut payload)?;
+                Some(payload)
             }
-            wire::CMD_WRITE_ZEROES => {
-                let allowed = wire::CMD_FLAG_FUA | wire::CMD_FLAG_NO_HOLE;
-                let result = check_write(export, request, allowed).and_then(|()| {
-                    let may_unmap = request.flags & wire::CMD_FLAG_NO_HOLE == 0;
-                    let length = request.length.into();
-                    export.backend.write_zeroes(co, request.offset, length, may_unmap)?;
-                    flush_if_fua(co, export, request)
-                });
-                send_reply(socket, request, result, &[])?;
-            }
-            command => {
-                send_reply(socket, request, Err(invalid(format!("command {command}"))), &[])?
-            }
-        }
+            _ => None,
+        };
+        let running = connection.in_flight.start();
+        let connection = connection.clone();
+        context.spawn(move |co| {
+            let _running = running;
+            let (result, data) = execute(co, &connection.export, request, payload);
+            // A reply that cannot be sent ends nothing here: the reader sees the broken
+            // connection on its next read.
+            let _ = send_reply(co, &connection, request, result, data.as_deref().unwrap_or(&[]));
+        });
     }
+}
+
+/// Runs one request; returns its result and, for a read, the data.
+fn execute(
+    co: &Co,
+    export: &Export,
+    request: Request,
+    payload: Option<IoBuffer>,
+) -> (io::Result<()>, Option<IoBuffer>) {
+    let backend = &export.backend;
+    let result = match request.command {
+        wire::CMD_READ => return read(co, export, request),
+        wire::CMD_WRITE => check_write(export, request, wire::CMD_FLAG_FUA).and_then(|()| {
+            let payload = payload.expect("the reader reads a write's payload");
+            backend.write(co, request.offset, &payload)?;
+            flush_if_fua(co, export, request)
+        }),
+        wire::CMD_FLUSH => check_flags(request, 0).and_then(|()| backend.flush(co)),
+        wire::CMD_TRIM => check_write(export, request, wire::CMD_FLAG_FUA).and_then(|()| {
+            backend.discard(co, request.offset, request.length.into())?;
+            flush_if_fua(co, export, request)
+        }),
+        wire::CMD_WRITE_ZEROES => {
+            let allowed = wire::CMD_FLAG_FUA | wire::CMD_FLAG_NO_HOLE;
+            check_write(export, request, allowed).and_then(|()| {
+                let may_unmap = request.flags & wire::CMD_FLAG_NO_HOLE == 0;
+                backend.write_zeroes(co, request.offset, request.length.into(), may_unmap)?;
+                flush_if_fua(co, export, request)
+            })
+        }
+        command => Err(invalid(format!("command {command}"))),
+    };
+    (result, None)
 }
 
 /// Reads one request header; a bad magic is a protocol violation.
@@ -92,50 +158,16 @@ where
     })
 }
 
-/// Serves a `READ`.
-fn read<S: AsRawFd>(
-    co: &Co,
-    socket: &CoSocket<'_, S>,
-    export: &Export,
-    request: Request,
-) -> io::Result<()>
-where
-    for<'s> &'s S: Read + Write,
-{
-    let checked = check_flags(request, 0).and_then(|()| check_range(export, request));
-    if let Err(error) = checked {
-        return send_reply(socket, request, Err(error), &[]);
+/// Runs a `READ`; returns its result and the data read.
+fn read(co: &Co, export: &Export, request: Request) -> (io::Result<()>, Option<IoBuffer>) {
+    if let Err(error) = check_flags(request, 0).and_then(|()| check_range(export, request)) {
+        return (Err(error), None);
     }
     let mut buffer = IoBuffer::new(request.length as usize);
     match export.backend.read(co, request.offset, &mut buffer) {
-        Ok(()) => send_reply(socket, request, Ok(()), &buffer),
-        Err(error) => send_reply(socket, request, Err(error), &[]),
+        Ok(()) => (Ok(()), Some(buffer)),
+        Err(error) => (Err(error), None),
     }
-}
-
-/// Serves a `WRITE`: reads its payload (an oversized one is refused and ends the connection)
-/// and writes it.
-fn write<S: AsRawFd>(
-    co: &Co,
-    socket: &CoSocket<'_, S>,
-    export: &Export,
-    request: Request,
-) -> io::Result<()>
-where
-    for<'s> &'s S: Read + Write,
-{
-    if request.length > MAX_REQUEST {
-        let error = invalid(format!("write of {} bytes", request.length));
-        send_reply(socket, request, Err(error), &[])?;
-        return Err(protocol_error(format!("write payload of {} bytes", request.length)));
-    }
-    let mut buffer = IoBuffer::new(request.length as usize);
-    socket.read_exact(&mut buffer)?;
-    let result = check_write(export, request, wire::CMD_FLAG_FUA).and_then(|()| {
-        export.backend.write(co, request.offset, &buffer)?;
-        flush_if_fua(co, export, request)
-    });
-    send_reply(socket, request, result, &[])
 }
 
 /// Checks a request that modifies the export: flags within `allowed`, a writable export
@@ -183,9 +215,11 @@ fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, format!("invalid NBD request: {message}"))
 }
 
-/// Sends the simple reply to `request`: the error value of `result`, and `data` on success.
+/// Sends the simple reply to `request`, whole: the error value of `result`, and `data` on
+/// success.
 fn send_reply<S: AsRawFd>(
-    socket: &CoSocket<'_, S>,
+    co: &Co,
+    connection: &Connection<S>,
     request: Request,
     result: io::Result<()>,
     data: &[u8],
@@ -201,6 +235,8 @@ where
     header[0..4].copy_from_slice(&wire::SIMPLE_REPLY_MAGIC.to_be_bytes());
     header[4..8].copy_from_slice(&error.to_be_bytes());
     header[8..16].copy_from_slice(&request.cookie.to_be_bytes());
+    let _writing = connection.writer.lock(co);
+    let socket = CoSocket::new(co, &connection.stream);
     socket.write_all(&header)?;
     if error == 0 { socket.write_all(data) } else { Ok(()) }
 }

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // Each test file uses its own part of this module.
 
+pub mod client;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};

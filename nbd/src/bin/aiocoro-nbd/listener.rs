@@ -4,6 +4,7 @@ use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
 use aiocoro_nbd::{Export, serve_connection};
@@ -58,7 +59,7 @@ impl Listener {
 
 impl Stream {
     /// Serves the client on this stream (see [`serve_connection`]).
-    pub fn serve(&self, co: &Co, export: &Export) -> io::Result<()> {
+    pub fn serve(self, co: &Co, export: Arc<Export>) -> io::Result<()> {
         match self {
             Stream::Tcp(stream) => serve_connection(co, stream, export),
             Stream::Unix(stream) => serve_connection(co, stream, export),

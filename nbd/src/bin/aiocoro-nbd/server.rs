@@ -103,7 +103,7 @@ fn run_events(
             let started = thread.handle().spawn(move |co| {
                 let _notice = notice;
                 let stream: Stream = stream;
-                if let Err(error) = stream.serve(co, &export) {
+                if let Err(error) = stream.serve(co, export) {
                     eprintln!("aiocoro-nbd: connection ended: {error}");
                 }
             });
