@@ -100,6 +100,12 @@ impl Server {
         format!("nbd+unix:///{name}?socket={}", self.socket.display())
     }
 
+    /// Sends the server `signal` (a name `kill` knows, such as `TERM`).
+    pub fn signal(&mut self, signal: &str) {
+        let pid = self.child().id().to_string();
+        run_ok("kill", &[&format!("-{signal}"), &pid]);
+    }
+
     /// Whether the server is still running.
     pub fn is_running(&mut self) -> bool {
         self.child().try_wait().expect("poll the server").is_none()

@@ -26,7 +26,9 @@ all through one block backend.
                            (default: one per core)
   -h, --help               this text
 
-Runs in the foreground (there is no --fork). Not supported yet: TLS, structured
+Runs in the foreground (there is no --fork). SIGINT and SIGTERM shut the server down:
+connections are closed after their running requests, and the image is flushed.
+Not supported yet: TLS, structured
 replies, block status and meta contexts, extended headers, --image-opts, --discard.
 ";
 

@@ -58,6 +58,24 @@ impl Listener {
 }
 
 impl Stream {
+    /// Another handle on the same connection, to shut it down with.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(stream) => Stream::Tcp(stream.try_clone()?),
+            Stream::Unix(stream) => Stream::Unix(stream.try_clone()?),
+        })
+    }
+
+    /// Shuts both directions down: the connection's reader sees an end of file, and its
+    /// running requests finish (their replies are dropped).
+    pub fn shutdown(&self) {
+        // A connection already closed needs nothing.
+        let _ = match self {
+            Stream::Tcp(stream) => stream.shutdown(std::net::Shutdown::Both),
+            Stream::Unix(stream) => stream.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
     /// Serves the client on this stream (see [`serve_connection`]).
     pub fn serve(self, co: &Co, export: Arc<Export>) -> io::Result<()> {
         match self {

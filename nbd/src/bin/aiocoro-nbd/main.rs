@@ -5,6 +5,7 @@
 mod cli;
 mod listener;
 mod server;
+mod signals;
 
 use std::io::{self, Read};
 use std::path::Path;
@@ -18,6 +19,7 @@ use aiocoro_nbd::Export;
 use crate::cli::{Options, Parsed};
 use crate::listener::Listener;
 use crate::server::ServePolicy;
+use crate::signals::TerminationSignals;
 
 /// The first bytes of a qcow2 image.
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -52,8 +54,10 @@ fn open_backend(options: &Options) -> io::Result<BlockBackend> {
     Ok(BlockBackend::new(root))
 }
 
-/// Serves until the policy says to stop, then drains and flushes the export.
+/// Serves until the policy or a signal says to stop, then drains and flushes the export.
 fn run(options: Options) -> io::Result<()> {
+    // Before any thread starts (the block layer's included), so that all inherit the mask.
+    let signals = TerminationSignals::block()?;
     let backend = open_backend(&options)?;
     let export = Arc::new(Export {
         name: options.export_name.clone(),
@@ -69,7 +73,7 @@ fn run(options: Options) -> io::Result<()> {
         .map(|n| IoThread::spawn(&format!("nbd-iothread-{n}")))
         .collect::<io::Result<_>>()?;
     let policy = ServePolicy { persistent: options.persistent, shared: options.shared };
-    let served = server::serve(listener, export.clone(), &threads, &policy);
+    let served = server::serve(listener, export.clone(), &threads, &policy, signals);
     drop(export.backend.drain());
     for thread in threads {
         thread.stop();

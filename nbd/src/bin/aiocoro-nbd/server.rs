@@ -1,6 +1,6 @@
 //! Accepting clients and handing each to an IoThread, round robin, until it is time to stop.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -9,6 +9,7 @@ use aiocoro::aio::IoThread;
 use aiocoro_nbd::Export;
 
 use crate::listener::{Listener, Stream};
+use crate::signals::TerminationSignals;
 
 /// What the accept thread and the connections tell the main thread.
 enum Event {
@@ -16,16 +17,18 @@ enum Event {
     Accepted(Stream),
     /// Accepting failed for good.
     AcceptFailed(io::Error),
-    /// A connection ended (normally, with an error, or by a panic).
-    Ended,
+    /// The connection of this number ended (normally, with an error, or by a panic).
+    Ended(u64),
+    /// SIGINT or SIGTERM: shut down.
+    Terminate,
 }
 
 /// Tells the main thread that a connection ended when dropped, even by a panic's unwinding.
-struct EndNotice(Sender<Event>);
+struct EndNotice(Sender<Event>, u64);
 
 impl Drop for EndNotice {
     fn drop(&mut self) {
-        let _ = self.0.send(Event::Ended);
+        let _ = self.0.send(Event::Ended(self.1));
     }
 }
 
@@ -38,18 +41,25 @@ pub struct ServePolicy {
 }
 
 /// Serves `export` to the clients of `listener` on `threads`, round robin, until (without
-/// `persistent`) a client has come and gone and no other is connected.
+/// `persistent`) a client has come and gone and no other is connected, or until SIGINT or
+/// SIGTERM: then every connection is shut down and its running requests let finish.
 ///
 /// # Errors
 ///
-/// If accepting fails for another reason than one failed connection.
+/// If accepting fails for another reason than one failed connection, or a thread cannot
+/// be started.
 pub fn serve(
     listener: Listener,
     export: Arc<Export>,
     threads: &[IoThread],
     policy: &ServePolicy,
+    signals: TerminationSignals,
 ) -> io::Result<()> {
     let (events, inbox) = channel();
+    let signal_events = events.clone();
+    signals.watch(move || {
+        let _ = signal_events.send(Event::Terminate);
+    })?;
     let accept_events = events.clone();
     // The accept thread blocks in accept(); it is not joined, and ends with the process.
     std::thread::Builder::new().name("nbd-accept".into()).spawn(move || {
@@ -91,15 +101,21 @@ fn run_events(
     threads: &[IoThread],
     policy: &ServePolicy,
 ) -> io::Result<()> {
-    let mut waiting = VecDeque::new();
-    let (mut active, mut served, mut next_thread) = (0usize, 0u64, 0usize);
+    let mut waiting: VecDeque<Stream> = VecDeque::new();
+    // A second handle on each running connection, to shut it down on a signal.
+    let mut active: HashMap<u64, Stream> = HashMap::new();
+    let (mut served, mut next_thread, mut terminating) = (0u64, 0usize, false);
     loop {
-        while active < policy.shared
+        while active.len() < policy.shared
+            && !terminating
             && let Some(stream) = waiting.pop_front()
         {
+            let Ok(handle) = stream.try_clone() else {
+                continue; // Out of descriptors: this client is dropped, the others go on.
+            };
             let thread = &threads[next_thread % threads.len()];
             next_thread += 1;
-            let (export, notice) = (export.clone(), EndNotice(events.clone()));
+            let (export, notice) = (export.clone(), EndNotice(events.clone(), served));
             let started = thread.handle().spawn(move |co| {
                 let _notice = notice;
                 let stream: Stream = stream;
@@ -110,16 +126,25 @@ fn run_events(
             if started.is_err() {
                 return Err(io::Error::other("an IoThread has shut down"));
             }
-            active += 1;
+            active.insert(served, handle);
             served += 1;
         }
-        if !policy.persistent && served > 0 && active == 0 && waiting.is_empty() {
+        let finished = !policy.persistent && served > 0 && waiting.is_empty();
+        if active.is_empty() && (finished || terminating) {
             return Ok(());
         }
         match inbox.recv().expect("the main thread holds a sender") {
+            Event::Accepted(stream) if terminating => drop(stream),
             Event::Accepted(stream) => waiting.push_back(stream),
             Event::AcceptFailed(error) => return Err(error),
-            Event::Ended => active -= 1,
+            Event::Ended(number) => drop(active.remove(&number)),
+            Event::Terminate => {
+                terminating = true;
+                waiting.clear();
+                for stream in active.values() {
+                    stream.shutdown();
+                }
+            }
         }
     }
 }
