@@ -54,13 +54,6 @@ where
         Ok(())
     }
 
-    /// Reads a big-endian `u16`.
-    pub fn read_u16(&self) -> io::Result<u16> {
-        let mut bytes = [0; 2];
-        self.read_exact(&mut bytes)?;
-        Ok(u16::from_be_bytes(bytes))
-    }
-
     /// Reads a big-endian `u32`.
     pub fn read_u32(&self) -> io::Result<u32> {
         let mut bytes = [0; 4];
