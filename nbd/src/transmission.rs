@@ -22,6 +22,9 @@ use crate::wire;
 /// How many requests of one connection run at once; the reader reads no further request
 /// while that many run (back-pressure on the client).
 pub const MAX_IN_FLIGHT: usize = 32;
+/// How many buffer bytes (read data, write payloads) the running requests of one connection
+/// hold at most; a request that does not fit waits (one request alone always fits).
+pub const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
 
 /// One request's header (the payload of a `WRITE` follows it on the wire).
 #[derive(Clone, Copy, Debug)]
@@ -62,7 +65,7 @@ where
         stream,
         export,
         writer: CoMutex::new(()),
-        in_flight: InFlight::new(MAX_IN_FLIGHT),
+        in_flight: InFlight::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES),
     });
     let result = read_requests(co, &connection);
     connection.in_flight.wait_idle(co);
@@ -77,8 +80,13 @@ where
     let context = AioContext::current().expect("aiocoro-nbd: a connection runs in an AioContext");
     let socket = CoSocket::new(co, &connection.stream);
     loop {
-        connection.in_flight.wait_for_room(co);
         let request = read_request(&socket)?;
+        // What the request's buffer will hold (nothing for one refused before it allocates).
+        let bytes = match request.command {
+            wire::CMD_READ | wire::CMD_WRITE if request.length <= MAX_REQUEST => request.length,
+            _ => 0,
+        };
+        connection.in_flight.wait_for_room(co, bytes.into());
         let payload = match request.command {
             wire::CMD_DISC => return Ok(()),
             wire::CMD_WRITE if request.length > MAX_REQUEST => {
@@ -93,7 +101,7 @@ where
             }
             _ => None,
         };
-        let running = connection.in_flight.start();
+        let running = connection.in_flight.start(bytes.into());
         let connection = connection.clone();
         context.spawn(move |co| {
             let _running = running;
