@@ -133,3 +133,20 @@ fn parallel_clients_on_several_iothreads_write_their_own_regions() {
         assert!(!output.contains("Pattern verification failed"), "qemu-io: {output}");
     }
 }
+
+#[test]
+fn tcp_clients_are_served_too() {
+    let dir = temp_dir("tcp");
+    let image = qcow2_image(&dir, "8M");
+    let (_server, port) = Server::start_tcp(&dir, &image, &["-t", "-x", "disk"]);
+    let url = format!("nbd://127.0.0.1:{port}/disk");
+    let io = run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x66 1M 256k", "-c", "read -P 0x66 1M 256k", &url],
+    );
+    assert!(!io.contains("Pattern verification failed") && !io.contains("failed"), "qemu-io: {io}");
+    run_ok(
+        "qemu-img",
+        &["compare", "-U", "-f", "raw", "-F", "qcow2", &url, image.to_str().unwrap()],
+    );
+}

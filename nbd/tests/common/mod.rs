@@ -63,7 +63,7 @@ pub fn qcow2_image(dir: &Path, size: &str) -> PathBuf {
 /// A running server, killed when dropped.
 pub struct Server {
     child: Option<Child>,
-    /// The Unix socket it listens on.
+    /// The Unix socket it listens on (empty for TCP).
     pub socket: PathBuf,
 }
 
@@ -72,11 +72,29 @@ impl Server {
     /// until it listens (its pid file is written after the socket is bound).
     pub fn start(dir: &Path, image: &Path, args: &[&str]) -> Server {
         let socket = dir.join("nbd.sock");
+        let listen = ["-k".to_owned(), socket.to_str().expect("a UTF-8 path").to_owned()];
+        Server::spawn(dir, image, &listen, args, socket)
+    }
+
+    /// As [`Server::start`] but on TCP at 127.0.0.1; returns the port too. The port is one
+    /// the system just handed out and took back, so another process could take it first.
+    pub fn start_tcp(dir: &Path, image: &Path, args: &[&str]) -> (Server, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let listen = ["-b", "127.0.0.1", "-p", &port.to_string()].map(str::to_owned);
+        (Server::spawn(dir, image, &listen, args, PathBuf::new()), port)
+    }
+
+    fn spawn(
+        dir: &Path,
+        image: &Path,
+        listen: &[String],
+        args: &[&str],
+        socket: PathBuf,
+    ) -> Server {
         let pid_file = dir.join("nbd.pid");
         let _ = std::fs::remove_file(&pid_file);
         let child = Command::new(env!("CARGO_BIN_EXE_aiocoro-nbd"))
-            .arg("-k")
-            .arg(&socket)
+            .args(listen)
             .arg("--pid-file")
             .arg(&pid_file)
             .args(args)
