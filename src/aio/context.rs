@@ -471,6 +471,35 @@ impl AioContext {
         self.local.spawn(body)
     }
 
+    /// Runs `body` in a coroutine of this context to its end and returns its result; the
+    /// context polls meanwhile (its other work runs too), as [`AioContext::wait_while`]. For
+    /// tools, tests and `main`: code outside any coroutine that needs one.
+    ///
+    /// ```
+    /// let ctx = aiocoro::aio::AioContext::new()?;
+    /// let sum = ctx.run(|co| {
+    ///     co.reschedule(); // other coroutines of the context may run here
+    ///     2 + 2
+    /// });
+    /// assert_eq!(sum, 4);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Inside a coroutine (the context could not run while the caller waits: call `body`
+    /// there directly, or spawn and [`Co::join`]), or as `body` panics: its panic continues
+    /// here with its payload.
+    pub fn run<R: 'static>(&self, body: impl FnOnce(&Co) -> R + 'static) -> R {
+        assert!(
+            !in_coroutine(),
+            "aiocoro: AioContext::run called inside a coroutine; call the body directly there"
+        );
+        let (body, handle) = super::join::joinable(body, self.handle());
+        self.local.spawn(body);
+        handle.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload))
+    }
+
     /// Creates a bottom half that runs `callback` on this thread each time it is scheduled.
     pub fn new_bh(&self, callback: impl Fn() + 'static) -> BottomHalf {
         BottomHalf::new(self.local.clone(), Rc::new(callback))
