@@ -51,7 +51,7 @@ fn in_coroutine<T: 'static>(body: impl FnOnce(&Co) -> T + 'static) -> T {
     let out = Rc::new(RefCell::new(None));
     let o = out.clone();
     let co = ctx.spawn(move |co| *o.borrow_mut() = Some(body(co)));
-    ctx.wait_while(|| !co.is_ended());
+    ctx.wait_while(|| !co.is_finished());
     assert_eq!(ctx.suspended_coroutines(), 0);
     out.borrow_mut().take().expect("the coroutine finished")
 }
