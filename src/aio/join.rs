@@ -20,10 +20,10 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Wake};
+use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 
-use super::{AioContext, AioHandle};
+use super::{AioContext, AioHandle, run_woken_coroutines};
 use crate::coroutine::{Cancelled, Co, in_coroutine};
 
 /// The payload of the error a joiner gets for a coroutine that its context's shutdown
@@ -116,8 +116,9 @@ impl<T> JoinHandle<T> {
     }
 
     /// Blocks this thread until the coroutine ends and returns its result, or `Err` with the
-    /// payload of its panic (see [`JoinHandle`]). On the coroutine's own thread it polls the
-    /// context meanwhile (as [`AioContext::wait_while`]).
+    /// payload of its panic (see [`JoinHandle`]). On the coroutine's own thread it runs the
+    /// coroutines already queued there, then polls the context (as
+    /// [`AioContext::wait_while`]) until the coroutine ends.
     ///
     /// # Panics
     ///
@@ -129,9 +130,16 @@ impl<T> JoinHandle<T> {
              co.join(handle), which suspends it instead of blocking its thread"
         );
         if self.context.is_home_thread() {
-            if let Some(context) = AioContext::current() {
-                context.wait_while(|| !self.is_finished());
+            // Coroutines already queued (this one, just spawned, say) run first, without a poll.
+            run_woken_coroutines();
+            if !self.is_finished() {
+                if let Some(context) = AioContext::current() {
+                    context.wait_while(|| !self.is_finished());
+                }
             }
+        }
+        if let Poll::Ready(result) = self.poll_result(&mut Context::from_waker(Waker::noop())) {
+            return result;
         }
         let waker = std::task::Waker::from(Arc::new(Unparker(thread::current())));
         let mut cx = Context::from_waker(&waker);
