@@ -158,16 +158,14 @@ fn coroutines_woken_inside_a_coroutine_run_after_it_yields_in_wake_order() {
 #[test]
 fn a_timeout_ends_a_wait_nobody_wakes() {
     let ctx = AioContext::new().unwrap();
-    let outcome = Rc::new(RefCell::new(None));
-    let o = outcome.clone();
-    ctx.spawn(move |co| {
+    let outcome = ctx.run(|co| {
         let wait = co.prepare_wait();
         let waker = wait.waker();
-        *o.borrow_mut() = Some(wait.wait_timeout(Duration::from_millis(2)));
+        let outcome = wait.wait_timeout(Duration::from_millis(2));
         waker.wake(); // stale now: harmless
+        outcome
     });
-    ctx.wait_while(|| outcome.borrow().is_none());
-    assert_eq!(*outcome.borrow(), Some(WakeReason::TimedOut));
+    assert_eq!(outcome, WakeReason::TimedOut);
     drain(&ctx);
 }
 
