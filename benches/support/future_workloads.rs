@@ -44,16 +44,18 @@ impl Bridge {
         });
     }
 
-    /// `future/cross_thread_wake`: a coroutine `block_on`s a future that another thread
+    /// `future/cross_thread_wake`: a coroutine on the IoThread (which busy-polls a while
+    /// before it blocks, as QEMU's IOThreads do) `block_on`s a future that another thread
     /// completes (it spins, watching for the future's waker); per operation, one suspension,
     /// one cross-thread wake and one resume.
     pub fn cross_thread_wake(&self, iterations: u64) {
         let slot = self.completer.slot.clone();
-        self.context.run(move |co| {
+        let rounds = self.iothread.handle().spawn(move |co| {
             for _ in 0..iterations {
                 co.block_on(Completion { slot: &slot, target: None });
             }
         });
+        rounds.expect("the IoThread runs").join().expect("no panic");
     }
 
     /// `join/spawn_join`: spawn a coroutine on this thread's context and join it from the
