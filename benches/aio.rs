@@ -10,6 +10,11 @@
 //! * `timer/arm_fire`: arm a timer for now and poll until it has fired.
 //! * `thread_pool/round_trip`: a coroutine hands a trivial closure to a worker of the global
 //!   thread pool with `Co::run_blocking` and sleeps until the result is back in its context.
+//! * `future/ready`, `future/cross_thread_wake`, `join/spawn_join`, `join/await_from_tokio`: the
+//!   Future bridge and join handles (see `support/future_workloads.rs`).
+
+#[path = "support/future_workloads.rs"]
+mod future_workloads;
 
 use std::cell::Cell;
 use std::hint::black_box;
@@ -169,7 +174,7 @@ fn thread_pool(c: &mut Criterion) {
                         counter.set(counter.get() + 1);
                     }
                 });
-                ctx.wait_while(|| !co.is_ended());
+                ctx.wait_while(|| !co.is_finished());
             });
             assert_eq!(done.get(), n, "every job came back");
             elapsed
@@ -178,5 +183,21 @@ fn thread_pool(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bh, wake, timer, thread_pool);
+fn bridge(c: &mut Criterion) {
+    let bridge = future_workloads::Bridge::new();
+    let mut group = c.benchmark_group("future");
+    group.bench_function("ready", |b| b.iter_custom(|n| timed(|| bridge.ready(n))));
+    group.bench_function("cross_thread_wake", |b| {
+        b.iter_custom(|n| timed(|| bridge.cross_thread_wake(n)))
+    });
+    group.finish();
+    let mut group = c.benchmark_group("join");
+    group.bench_function("spawn_join", |b| b.iter_custom(|n| timed(|| bridge.spawn_join(n))));
+    group.bench_function("await_from_tokio", |b| {
+        b.iter_custom(|n| timed(|| bridge.await_from_tokio(n)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bh, wake, timer, thread_pool, bridge);
 criterion_main!(benches);

@@ -4,7 +4,9 @@
 //! <name> <iterations> iterations <seconds> s <ns> ns/op
 //! ```
 //!
-//! Each figure is the median of five timed runs after a warm-up. `nesting` is per level, the
+//! Each figure is the median of five timed runs after a warm-up. `future/*` and `join/*` are the
+//! Future bridge and join handles (see `benches/support/future_workloads.rs`); `join/spawn_join`
+//! compares with `raw_corosensei_lifecycle`. `nesting` is per level, the
 //! others per operation. `raw_corosensei_*` run the same shapes on bare `corosensei`, in the same
 //! process, as the baseline. `suspended/1000000` is per coroutine (create, enter until its yield,
 //! later enter to its end) with a million suspended at once; before its runs, one such million is
@@ -19,6 +21,8 @@
 //! suspended, and the page-table memory each adds (the kernel's, not in the resident size).
 //! Run with `cargo run --release --example coroutine_perf`.
 
+#[path = "../benches/support/future_workloads.rs"]
+mod future_workloads;
 #[path = "../benches/support/process_memory.rs"]
 mod process_memory;
 #[path = "../benches/support/report.rs"]
@@ -56,6 +60,12 @@ fn main() {
     report("function_call", 100_000_000, 1, workloads::function_call);
     report("raw_corosensei_yield", 20_000_000, 1, workloads::raw_corosensei_yield);
     report("raw_corosensei_lifecycle", 5_000_000, 1, workloads::raw_corosensei_lifecycle);
+    let bridge = future_workloads::Bridge::new();
+    report("future/ready", 20_000_000, 1, |n| bridge.ready(n));
+    report("future/cross_thread_wake", 200_000, 1, |n| bridge.cross_thread_wake(n));
+    report("join/spawn_join", 5_000_000, 1, |n| bridge.spawn_join(n));
+    report("join/await_from_tokio", 200_000, 1, |n| bridge.await_from_tokio(n));
+    drop(bridge);
     // Last, so that the baselines above run right after the figures they are compared with.
     suspended_memory();
     report(&format!("suspended/{SUSPENDED}"), SUSPENDED, 1, workloads::suspended);

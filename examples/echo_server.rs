@@ -174,7 +174,7 @@ pub fn serve(ctx: &AioContext, listener: TcpListener, stop: &StopSignal) -> io::
             }
         })
     };
-    ctx.wait_while(|| !acceptor.is_ended() || !server.open.borrow().is_empty());
+    ctx.wait_while(|| !acceptor.is_finished() || !server.open.borrow().is_empty());
     match server.accept_error.take() {
         Some(error) => Err(error),
         None => Ok(server.stats.get()),

@@ -34,7 +34,7 @@ fn a_coroutine_of_a_closed_context_can_still_be_woken_from_another_thread() {
     thread::spawn(move || waker.wake()).join().unwrap();
     drain(&ctx);
     assert_eq!(woken.get(), Some(WakeReason::Woken), "the wake from another thread was lost");
-    assert!(co.is_ended());
+    assert!(co.is_finished());
     assert_eq!(ctx.suspended_coroutines(), 0);
 }
 
@@ -79,7 +79,7 @@ fn a_coroutine_entered_by_enter_next_may_drop_the_last_context_handle() {
     let mut guard = lock.lock_blocking();
     assert!(queue.enter_next(&mut guard));
     assert_eq!(*guard, 1);
-    assert!(co.is_ended());
+    assert!(co.is_finished());
     assert!(AioContext::current().is_none(), "the coroutine's handle was the last one");
 }
 
@@ -122,5 +122,5 @@ fn a_panicking_callback_loses_none_of_the_messages_that_arrived_with_it() {
     drain(&ctx);
     assert_eq!(runs.get(), 1, "the BH was lost");
     assert_eq!(oneshots.load(Ordering::Relaxed), 1, "the one-shot was lost");
-    assert!(co.is_ended(), "the wake was lost");
+    assert!(co.is_finished(), "the wake was lost");
 }

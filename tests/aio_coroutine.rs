@@ -30,7 +30,7 @@ fn a_spawned_coroutine_runs_at_the_next_poll_on_the_home_thread() {
     let co = ctx.spawn(move |_co| s.borrow_mut().push(format!("{:?}", thread::current().id())));
     assert!(seen.borrow().is_empty(), "spawn does not run the body on the spot");
     assert!(ctx.poll(false));
-    assert!(co.is_ended());
+    assert!(co.is_finished());
     assert_eq!(*seen.borrow(), [format!("{:?}", thread::current().id())]);
 }
 
@@ -51,7 +51,7 @@ fn a_waker_resumes_its_coroutine_from_another_thread() {
     assert_eq!(ctx.suspended_coroutines(), 1);
     let waker = rx.recv().unwrap();
     thread::spawn(move || waker.wake()).join().unwrap();
-    ctx.wait_while(|| !co.is_ended());
+    ctx.wait_while(|| !co.is_finished());
     assert_eq!(
         *steps.borrow(),
         ["waiting".to_string(), format!("resumed on {:?}", thread::current().id())]
@@ -93,11 +93,11 @@ fn duplicate_and_concurrent_wakes_resume_once() {
     first.wake(); // stale: its suspension is over
     drain(&ctx);
     assert_eq!(*resumes.borrow(), 1, "stale wakes did not end the second wait");
-    assert!(!co.is_ended());
+    assert!(!co.is_finished());
     second.wake();
     drain(&ctx);
     assert_eq!(*resumes.borrow(), 2);
-    assert!(co.is_ended());
+    assert!(co.is_finished());
 }
 
 #[test]
@@ -106,14 +106,17 @@ fn a_stray_enter_does_not_end_a_wait() {
     let (tx, rx) = mpsc::channel::<Waker>();
     let done = Rc::new(RefCell::new(false));
     let d = done.clone();
-    let co = ctx.spawn(move |co| {
+    let coroutine = Rc::new(RefCell::new(None));
+    let c = coroutine.clone();
+    ctx.spawn(move |co| {
+        *c.borrow_mut() = Some(co.current());
         let wait = co.prepare_wait();
         tx.send(wait.waker()).unwrap();
         wait.wait();
         *d.borrow_mut() = true;
     });
     ctx.poll(false);
-    co.enter(); // not a wake
+    coroutine.borrow().as_ref().unwrap().enter(); // not a wake
     assert!(!*done.borrow(), "the coroutine went back to waiting");
     rx.recv().unwrap().wake();
     drain(&ctx);
@@ -155,16 +158,14 @@ fn coroutines_woken_inside_a_coroutine_run_after_it_yields_in_wake_order() {
 #[test]
 fn a_timeout_ends_a_wait_nobody_wakes() {
     let ctx = AioContext::new().unwrap();
-    let outcome = Rc::new(RefCell::new(None));
-    let o = outcome.clone();
-    ctx.spawn(move |co| {
+    let outcome = ctx.run(|co| {
         let wait = co.prepare_wait();
         let waker = wait.waker();
-        *o.borrow_mut() = Some(wait.wait_timeout(Duration::from_millis(2)));
+        let outcome = wait.wait_timeout(Duration::from_millis(2));
         waker.wake(); // stale now: harmless
+        outcome
     });
-    ctx.wait_while(|| outcome.borrow().is_none());
-    assert_eq!(*outcome.borrow(), Some(WakeReason::TimedOut));
+    assert_eq!(outcome, WakeReason::TimedOut);
     drain(&ctx);
 }
 
@@ -244,7 +245,7 @@ fn dropping_a_context_with_a_suspended_coroutine_cancels_it() {
         });
         ctx.poll(false);
         drop(ctx);
-        assert!(co.is_ended(), "the wait was cancelled and the coroutine unwound");
+        assert!(co.is_finished(), "the wait was cancelled and the coroutine unwound");
     })
     .join()
     .unwrap();
@@ -288,6 +289,6 @@ fn reschedule_lets_the_other_coroutines_run_first() {
             }
         }));
     }
-    ctx.wait_while(|| coroutines.iter().any(|co| !co.is_ended()));
+    ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
     assert_eq!(*order.borrow(), ["a0", "b0", "a1", "b1"], "each reschedule let the other run");
 }

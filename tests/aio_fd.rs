@@ -103,7 +103,7 @@ fn coroutines_wait_for_readable_and_writable_descriptors() {
             co.sleep(std::time::Duration::from_millis(1));
         }
     });
-    ctx.wait_while(|| !(reader.is_ended() && writer.is_ended()));
+    ctx.wait_while(|| !(reader.is_finished() && writer.is_finished()));
     assert_eq!(*received.borrow(), b"hello world");
 }
 

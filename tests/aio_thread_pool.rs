@@ -145,7 +145,7 @@ fn a_panic_in_the_job_continues_in_the_coroutine_with_its_payload() {
         // The worker survived its panics and the pool goes on.
         assert_eq!(co.run_blocking(|| 5), 5);
     });
-    ctx.wait_while(|| !co.is_ended());
+    ctx.wait_while(|| !co.is_finished());
     let mut caught = caught.borrow_mut();
     assert_eq!(caught.len(), 2);
     let message = caught.pop().unwrap();
@@ -231,7 +231,7 @@ fn idle_workers_above_the_minimum_exit() {
         let pool = pool.clone();
         move |co| assert_eq!(pool.run(co, || 6 * 7), 42)
     });
-    ctx.wait_while(|| !again.is_ended());
+    ctx.wait_while(|| !again.is_finished());
 }
 
 #[test]

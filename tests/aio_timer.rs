@@ -94,15 +94,13 @@ fn many_sleepers_wake_in_deadline_order() {
 fn a_sleeper_is_woken_early_from_another_thread() {
     let ctx = AioContext::new().unwrap();
     let sleeper = Arc::new(Sleeper::new());
-    let outcome = Rc::new(RefCell::new(None));
-    let (s, o) = (sleeper.clone(), outcome.clone());
-    ctx.spawn(move |co| *o.borrow_mut() = Some(co.sleep_wakeable(Duration::from_secs(3600), &s)));
+    let s = sleeper.clone();
+    let outcome = ctx.spawn(move |co| co.sleep_wakeable(Duration::from_secs(3600), &s));
     ctx.poll(false);
     assert!(!Sleeper::new().wake(), "nobody sleeps on a fresh sleeper");
     let remote = sleeper.clone();
     assert!(thread::spawn(move || remote.wake()).join().unwrap());
-    ctx.wait_while(|| outcome.borrow().is_none());
-    assert_eq!(*outcome.borrow(), Some(WakeReason::Woken));
+    assert_eq!(outcome.join().unwrap(), WakeReason::Woken);
     assert!(!sleeper.wake(), "the sleep is over");
 }
 
@@ -110,11 +108,9 @@ fn a_sleeper_is_woken_early_from_another_thread() {
 fn a_wakeable_sleep_times_out_when_nobody_wakes_it() {
     let ctx = AioContext::new().unwrap();
     let sleeper = Rc::new(Sleeper::new());
-    let outcome = Rc::new(RefCell::new(None));
-    let (s, o) = (sleeper.clone(), outcome.clone());
-    ctx.spawn(move |co| *o.borrow_mut() = Some(co.sleep_wakeable(Duration::from_millis(1), &s)));
-    ctx.wait_while(|| outcome.borrow().is_none());
-    assert_eq!(*outcome.borrow(), Some(WakeReason::TimedOut));
+    let s = sleeper.clone();
+    let outcome = ctx.run(move |co| co.sleep_wakeable(Duration::from_millis(1), &s));
+    assert_eq!(outcome, WakeReason::TimedOut);
     assert!(!sleeper.wake());
 }
 

@@ -48,12 +48,9 @@ impl Drop for TempFile {
 /// Runs `body` in a coroutine of a fresh context on this thread and returns what it returned.
 fn in_coroutine<T: 'static>(body: impl FnOnce(&Co) -> T + 'static) -> T {
     let ctx = AioContext::new().unwrap();
-    let out = Rc::new(RefCell::new(None));
-    let o = out.clone();
-    let co = ctx.spawn(move |co| *o.borrow_mut() = Some(body(co)));
-    ctx.wait_while(|| !co.is_ended());
+    let out = ctx.run(body);
     assert_eq!(ctx.suspended_coroutines(), 0);
-    out.borrow_mut().take().expect("the coroutine finished")
+    out
 }
 
 /// The byte at `position` of the test pattern `seed`.

@@ -79,7 +79,7 @@ fn queued_waiters_get_the_lock_in_fifo_order_and_nobody_barges() {
         let mutex = mutex.clone();
         ctx.spawn(move |co| mutex.lock(co).push("late"))
     };
-    ctx.wait_while(|| !(holder.is_ended() && late.is_ended()));
+    ctx.wait_while(|| !(holder.is_finished() && late.is_finished()));
     while ctx.poll(false) {}
     assert_eq!(*mutex.try_lock().unwrap(), ["holder", "a", "b", "c", "d", "late"]);
 }
@@ -145,7 +145,7 @@ fn assert_locked_passes_for_the_holder_and_panics_for_others() {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.assert_locked()));
         *v2.borrow_mut() = Some(outcome.is_err());
     });
-    ctx.wait_while(|| !holder.is_ended());
+    ctx.wait_while(|| !holder.is_finished());
     assert_eq!(
         *verdict.borrow(),
         Some(cfg!(debug_assertions)),
@@ -172,14 +172,19 @@ fn a_waiter_parked_behind_a_holder_of_its_thread_counts_as_suspended_and_ignores
     });
     ctx.poll(false);
     let m = mutex.clone();
-    let waiter = ctx.spawn(move |co| m.lock(co).push("waiter"));
+    let coroutine = Rc::new(RefCell::new(None));
+    let c = coroutine.clone();
+    let waiter = ctx.spawn(move |co| {
+        *c.borrow_mut() = Some(co.current());
+        m.lock(co).push("waiter");
+    });
     ctx.poll(false);
     assert_eq!(ctx.suspended_coroutines(), 2, "the holder sleeps, the waiter is parked");
-    waiter.enter(); // a stray entry: the waiter must stay parked, without the lock
-    assert!(!waiter.is_ended());
+    coroutine.borrow().as_ref().unwrap().enter(); // a stray entry: the waiter must stay parked, without the lock
+    assert!(!waiter.is_finished());
     assert_eq!(ctx.suspended_coroutines(), 2);
     release.set(true);
-    ctx.wait_while(|| !(holder.is_ended() && waiter.is_ended()));
+    ctx.wait_while(|| !(holder.is_finished() && waiter.is_finished()));
     assert_eq!(ctx.suspended_coroutines(), 0);
     assert_eq!(*mutex.try_lock().unwrap(), ["holder", "waiter"]);
 }
@@ -222,7 +227,7 @@ fn a_cross_thread_wait_that_may_not_yield_leaves_no_waiter_behind() {
         assert!(result.is_err(), "the wait should have panicked: a thread-lock guard is held");
     });
     while ctx.poll(false) {}
-    assert!(waiter.is_ended());
+    assert!(waiter.is_finished());
     assert_eq!(ctx.suspended_coroutines(), 0);
     release.send(()).unwrap();
     is_unlocked.recv().unwrap();

@@ -43,7 +43,7 @@ macro_rules! produce_consume {
                 co.sleep(Duration::ZERO);
             }
         });
-        ctx.wait_while(|| !producer.is_ended() || consumers.iter().any(|c| !c.is_ended()));
+        ctx.wait_while(|| !producer.is_finished() || consumers.iter().any(|c| !c.is_finished()));
         assert_eq!(consumed.get(), 100);
         assert!(state.1.is_empty(&state.0.lock_for_test()));
     }};
@@ -216,9 +216,12 @@ fn waiters_under_no_lock_count_as_suspended_and_ignore_stray_entries() {
     let ctx = AioContext::new().unwrap();
     let state = Rc::new((NoLock::new(Vec::new()), CoQueue::new()));
     let mut waiters = Vec::new();
+    let first = Rc::new(std::cell::RefCell::new(None));
     for name in ["first", "second", "third"] {
         let s = state.clone();
+        let f = first.clone();
         waiters.push(ctx.spawn(move |co| {
+            f.borrow_mut().get_or_insert_with(|| co.current());
             let (lock, queue) = &*s;
             let mut log = lock.lock(co);
             queue.wait(co, &mut log);
@@ -227,8 +230,8 @@ fn waiters_under_no_lock_count_as_suspended_and_ignore_stray_entries() {
     }
     while ctx.poll(false) {}
     assert_eq!(ctx.suspended_coroutines(), 3);
-    waiters[0].enter(); // a stray entry: the waiter must keep waiting
-    assert!(!waiters[0].is_ended());
+    first.borrow().as_ref().unwrap().enter(); // a stray entry: the waiter must keep waiting
+    assert!(!waiters[0].is_finished());
     assert_eq!(ctx.suspended_coroutines(), 3);
     let (lock, queue) = &*state;
     {
@@ -244,7 +247,7 @@ fn waiters_under_no_lock_count_as_suspended_and_ignore_stray_entries() {
     while ctx.poll(false) {}
     assert_eq!(*lock.lock_blocking(), ["first", "second", "third"]);
     assert_eq!(ctx.suspended_coroutines(), 0);
-    assert!(waiters.iter().all(|waiter| waiter.is_ended()));
+    assert!(waiters.iter().all(|waiter| waiter.is_finished()));
     assert!(queue.is_empty(&lock.lock_blocking()));
 }
 
@@ -290,7 +293,7 @@ macro_rules! wait_that_may_not_yield {
             assert!(result.is_err(), "the wait should have panicked: a thread-lock guard is held");
         });
         while ctx.poll(false) {}
-        assert!(waiter.is_ended());
+        assert!(waiter.is_finished());
         assert_eq!(ctx.suspended_coroutines(), 0);
         let (lock, queue, _) = &*state;
         assert!(queue.is_empty(&lock.lock_for_test()));

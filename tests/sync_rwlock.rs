@@ -111,7 +111,7 @@ fn readers_hold_the_lock_together() {
         assert_eq!(seen_inside.get(), 0, "the writer got in while readers were inside");
         *value = 8;
     });
-    ctx.wait_while(|| !writer.is_ended() || readers.iter().any(|r| !r.is_ended()));
+    ctx.wait_while(|| !writer.is_finished() || readers.iter().any(|r| !r.is_finished()));
     assert_eq!(most.get(), READERS, "all readers held the lock at once");
     assert_eq!(*lock.try_read().unwrap(), 8);
 }
@@ -449,7 +449,7 @@ fn the_only_reader_upgrades_without_waiting() {
     let o = other_ran.clone();
     ctx.spawn(move |_co| o.set(true));
     drain(&ctx);
-    assert!(upgrader.is_ended());
+    assert!(upgrader.is_finished());
     assert!(other_ran.get());
     assert_eq!(*lock.try_read().unwrap(), 2);
 }
@@ -534,7 +534,7 @@ fn an_upgrade_waits_for_the_other_readers_then_keeps_later_readers_out() {
         note(&lg, "other reader leaves");
     });
     drain(&ctx);
-    assert!(!upgrader.is_ended(), "the upgrade cannot happen beside another reader");
+    assert!(!upgrader.is_finished(), "the upgrade cannot happen beside another reader");
     assert!(lock.try_read().is_none(), "a queued upgrade keeps new readers out");
     let (l, lg) = (lock.clone(), log.clone());
     ctx.spawn(move |co| {
@@ -619,10 +619,10 @@ fn a_waiter_woken_from_another_thread_already_owns_the_lock() {
     let s = seen.clone();
     let reader = ctx.spawn(move |co| s.set(*l.read(co)));
     drain(&ctx);
-    assert!(!reader.is_ended());
+    assert!(!reader.is_finished());
     release_tx.send(()).unwrap();
     holder.join().unwrap();
-    ctx.wait_while(|| !reader.is_ended());
+    ctx.wait_while(|| !reader.is_finished());
     assert_eq!(seen.get(), 5);
 }
 

@@ -162,13 +162,13 @@ fn a_release_wakes_every_waiter_and_those_that_fit_take_their_units() {
     drain(&ctx);
     assert_eq!(*log.borrow(), ["B", "D"], "C needs 3 of the 2 left after B");
     assert_eq!(resource.available(), 1);
-    assert!(!waiters[1].is_ended());
+    assert!(!waiters[1].is_finished());
 
     resource.release(2); // B's units
     drain(&ctx);
     assert_eq!(*log.borrow(), ["B", "D", "C"]);
     assert_eq!(resource.available(), 0);
-    assert!(waiters.iter().all(Coroutine::is_ended));
+    assert!(waiters.iter().all(aiocoro::aio::JoinHandle::is_finished));
     resource.release(4);
     assert_eq!(resource.available(), resource.total());
 }

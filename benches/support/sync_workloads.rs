@@ -18,7 +18,7 @@ use aiocoro::sync::{CoMutex, CoQueue, CoRwLock, NoLock};
 fn in_coroutine(body: impl FnOnce(&aiocoro::coroutine::Co) + 'static) {
     let ctx = AioContext::current().unwrap_or_else(|| AioContext::new().expect("a context"));
     let co = ctx.spawn(body);
-    ctx.wait_while(|| !co.is_ended());
+    ctx.wait_while(|| !co.is_finished());
 }
 
 /// `comutex/uncontended`: lock + unlock of a CoMutex nobody else wants.
@@ -73,7 +73,7 @@ pub fn comutex_handoff_same_thread(iterations: u64) {
             }
         }));
     }
-    ctx.wait_while(|| coroutines.iter().any(|co| !co.is_ended()));
+    ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
 }
 
 /// `coqueue/enter_next_wait`: a coroutine waits on a CoQueue; code outside any coroutine
@@ -98,7 +98,7 @@ pub fn coqueue_enter_next_wait(iterations: u64) {
     *stop = true;
     queue.enter_next(&mut stop);
     drop(stop);
-    ctx.wait_while(|| !waiter.is_ended());
+    ctx.wait_while(|| !waiter.is_finished());
 }
 
 /// What a multi-thread workload did.

@@ -38,7 +38,7 @@ fn reads(ctx: &AioContext, blk: &BlockBackend, iterations: u64) -> Duration {
         }
         *out.borrow_mut() = start.elapsed();
     });
-    ctx.wait_while(|| !co.is_ended());
+    ctx.wait_while(|| !co.is_finished());
     elapsed.take()
 }
 

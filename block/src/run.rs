@@ -1,13 +1,11 @@
 //! Running block code from outside a coroutine.
 
-use std::cell::RefCell;
-use std::rc::Rc;
-
 use aiocoro::aio::AioContext;
 use aiocoro::coroutine::Co;
 
 /// Runs `body` in a coroutine of this thread's context (made for the call if the thread has
-/// none) and returns its result once it ends; the context runs meanwhile. For tools and
+/// none) and returns its result once it ends; the context runs meanwhile
+/// ([`AioContext::run`] on the thread's context). For tools and
 /// tests; servers spawn their coroutines on their IoThreads instead.
 ///
 /// ```
@@ -36,12 +34,7 @@ pub fn run_in_coroutine<R: 'static>(body: impl FnOnce(&Co) -> R + 'static) -> st
         Some(context) => context,
         None => AioContext::new()?,
     };
-    let result = Rc::new(RefCell::new(None));
-    let slot = result.clone();
-    let coroutine = context.spawn(move |co| *slot.borrow_mut() = Some(body(co)));
-    context.wait_while(|| !coroutine.is_ended());
-    let value = result.borrow_mut().take();
-    Ok(value.expect("the coroutine ended without a result (it panicked)"))
+    Ok(context.run(body))
 }
 
 /// Runs `body` in a coroutine to its end from code that has no `Co` and cannot wait for one

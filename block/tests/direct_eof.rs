@@ -115,7 +115,7 @@ fn race_the_compressed_cluster_with_allocations(aio: &'static str, first: First)
                 .unwrap_or_else(|error| panic!("{label}: write at cluster {cluster}: {error}"));
         }));
     }
-    context.wait_while(|| requests.iter().any(|request| !request.is_ended()));
+    context.wait_while(|| requests.iter().any(|request| !request.is_finished()));
     let last = blk.clone();
     let ours = run_in_coroutine(move |co| {
         last.flush(co).unwrap();

@@ -210,7 +210,7 @@ fn a_thread_with_a_context_drains_its_own_requests_too() {
         load.wait_for_progress(entered);
     }
     load.stop.store(true, Ordering::SeqCst);
-    context.wait_while(|| local.iter().any(|coroutine| !coroutine.is_ended()));
+    context.wait_while(|| local.iter().any(|coroutine| !coroutine.is_finished()));
     let local_completed = local_completed.load(Ordering::SeqCst);
     load.completed.fetch_add(local_completed, Ordering::SeqCst);
     load.finish();

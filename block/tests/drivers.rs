@@ -694,7 +694,7 @@ fn null_co_latency_suspends_requests() {
         });
         let flag = other_ran.clone();
         let second = context.spawn(move |_| flag.set(true));
-        context.wait_while(|| !first.is_ended() || !second.is_ended());
+        context.wait_while(|| !first.is_finished() || !second.is_finished());
         assert_eq!(seen.get(), Some(yields), "{options}");
     }
 }

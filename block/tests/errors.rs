@@ -195,7 +195,7 @@ fn concurrent_requests_around_a_failing_one_lose_nothing() {
         local.push(context.spawn(move |co| tx.send(work(co, &blk, me, workers, blocks)).unwrap()));
         worker += 1;
     }
-    context.wait_while(|| local.iter().any(|coroutine| !coroutine.is_ended()));
+    context.wait_while(|| local.iter().any(|coroutine| !coroutine.is_finished()));
     let mut reports: Vec<Report> =
         (0..workers).map(|_| rx.recv_timeout(HANG).expect("a worker never reported")).collect();
     reports.sort_by_key(|report| report.worker);

@@ -77,7 +77,7 @@ fn read_concurrently(blk: BlockBackend, expected: Arc<Vec<u8>>) {
                         })
                     })
                     .collect();
-                ctx.wait_while(|| coroutines.iter().any(|co| !co.is_ended()));
+                ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
             })
         })
         .collect();

@@ -258,7 +258,7 @@ fn concurrent_writes_into_the_same_subclusters_keep_each_others_bytes() {
                         })
                     })
                     .collect();
-                ctx.wait_while(|| coroutines.iter().any(|co| !co.is_ended()));
+                ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
             })
         })
         .collect();

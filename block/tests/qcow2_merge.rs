@@ -69,7 +69,7 @@ impl Image {
                 })
             })
             .collect();
-        while coroutines.iter().any(|c| !c.is_ended()) {
+        while coroutines.iter().any(|c| !c.is_finished()) {
             co.sleep(std::time::Duration::from_millis(1));
         }
         let mut results = results.take();

@@ -108,7 +108,7 @@ fn a_discarded_cluster_is_not_reallocated_while_an_in_place_write_to_it_runs() {
         blk.write(co, CLUSTER, &[0x22; CLUSTER as usize])?;
         blk.flush(co)?;
         gate.open();
-        sleep_until(co, || writer.is_ended());
+        sleep_until(co, || writer.is_finished());
         blk.flush(co)?;
         let mut cluster_1 = vec![0u8; CLUSTER as usize];
         blk.read(co, CLUSTER, &mut cluster_1)?;

@@ -237,7 +237,7 @@ fn dropping_the_last_handle_in_a_callback_of_a_polling_context_writes_metadata_b
         let writer = context.spawn(move |co| {
             *slot.borrow_mut() = Some(write_unflushed(co, &path, &some_writes()));
         });
-        context.wait_while(|| !writer.is_ended());
+        context.wait_while(|| !writer.is_finished());
         // Dropped by a one-shot that this context's poll runs: the flush polls it nested.
         context.schedule_oneshot(move || drop(handles.borrow_mut().take()));
         context.poll(false);

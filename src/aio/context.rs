@@ -466,9 +466,39 @@ impl AioContext {
     }
 
     /// Creates a coroutine that runs `body` in this context, from its next poll, and returns
-    /// a handle to it. The body need not be `Send`: it never leaves this thread.
-    pub fn spawn(&self, body: impl FnOnce(&Co) + 'static) -> Coroutine {
-        self.local.spawn(body)
+    /// the [`JoinHandle`](super::JoinHandle) of its result (drop it to detach the coroutine).
+    /// The body need not be `Send`: it never leaves this thread.
+    pub fn spawn<T: 'static>(&self, body: impl FnOnce(&Co) -> T + 'static) -> super::JoinHandle<T> {
+        let (body, handle) = super::join::joinable(body, self.handle());
+        self.local.spawn(body);
+        handle
+    }
+
+    /// Runs `body` in a coroutine of this context to its end and returns its result; the
+    /// context polls meanwhile (its other work runs too), as [`AioContext::wait_while`]. For
+    /// tools, tests and `main`: code outside any coroutine that needs one.
+    ///
+    /// ```
+    /// let ctx = aiocoro::aio::AioContext::new()?;
+    /// let sum = ctx.run(|co| {
+    ///     co.reschedule(); // other coroutines of the context may run here
+    ///     2 + 2
+    /// });
+    /// assert_eq!(sum, 4);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Inside a coroutine (the context could not run while the caller waits: call `body`
+    /// there directly, or spawn and [`Co::join`]), or as `body` panics: its panic continues
+    /// here with its payload.
+    pub fn run<R: 'static>(&self, body: impl FnOnce(&Co) -> R + 'static) -> R {
+        assert!(
+            !in_coroutine(),
+            "aiocoro: AioContext::run called inside a coroutine; call the body directly there"
+        );
+        self.spawn(body).join().unwrap_or_else(|payload| std::panic::resume_unwind(payload))
     }
 
     /// Creates a bottom half that runs `callback` on this thread each time it is scheduled.
@@ -584,10 +614,8 @@ impl Local {
         self.phase.get() == Phase::Draining { cancelling: true }
     }
 
-    fn spawn(self: &Rc<Self>, body: impl FnOnce(&Co) + 'static) -> Coroutine {
-        let coroutine = Coroutine::new(body);
-        self.run_queue.borrow_mut().push_back(RunItem::Start(coroutine.clone()));
-        coroutine
+    fn spawn(self: &Rc<Self>, body: impl FnOnce(&Co) + 'static) {
+        self.run_queue.borrow_mut().push_back(RunItem::Start(Coroutine::new(body)));
     }
 
     /// How many coroutines are suspended in a wait or a park of this context.
@@ -759,12 +787,9 @@ impl Local {
         for _ in 0..RUN_BUDGET {
             let Some(item) = self.run_queue.borrow_mut().pop_front() else { break };
             let coroutine = match item {
-                RunItem::Start(coroutine) => {
-                    if coroutine.is_ended() {
-                        spawned_coroutine_entered_by_hand(&coroutine);
-                    }
-                    coroutine
-                }
+                // Nobody else holds a coroutine the context has not started (spawning returns a
+                // `JoinHandle`), so nothing can have entered it by hand.
+                RunItem::Start(coroutine) => coroutine,
                 RunItem::Resume(key) => match self.waits.borrow().get(key) {
                     Some(state) if state.delivered.is_some() => state.coroutine.clone(),
                     _ => continue,
@@ -915,19 +940,6 @@ impl Local {
     fn uncancellable_waits(&self) -> usize {
         self.waits.borrow().count_where(|state| state.delivered.is_none() && !state.cancellable)
     }
-}
-
-/// A coroutine that `AioContext::spawn` returned was entered by hand and ran to its end
-/// before its context started it.
-#[cold]
-#[inline(never)]
-fn spawned_coroutine_entered_by_hand(coroutine: &Coroutine) -> ! {
-    panic!(
-        "aiocoro: coroutine #{} was spawned on an AioContext, then entered by hand \
-         (Coroutine::enter) and ran to its end before the context started it; the context runs \
-         the coroutines it spawns: keep the handle to watch them (is_ended), not to enter them",
-        coroutine.id()
-    )
 }
 
 /// Blocks in `epoll_wait` on the context's descriptors and its eventfd.

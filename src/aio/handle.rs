@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use super::context::{Message, Shared, home_local};
+use super::join::{JoinHandle, joinable};
 use crate::coroutine::Co;
 
 /// The error of handing new work to a context that was closed or has shut down.
@@ -59,14 +60,20 @@ impl AioHandle {
     }
 
     /// Starts a coroutine running `body` on the context's thread (QEMU's
-    /// `qemu_coroutine_create` + `aio_co_schedule`). The body must be `Send` to get there;
-    /// once there, it never moves again.
+    /// `qemu_coroutine_create` + `aio_co_schedule`) and returns the [`JoinHandle`] of its
+    /// result (drop it to detach the coroutine). The body must be `Send` to get there; once
+    /// there, it never moves again.
     ///
     /// # Errors
     ///
     /// If the context was closed or has shut down; `body` is dropped unrun.
-    pub fn spawn(&self, body: impl FnOnce(&Co) + Send + 'static) -> Result<(), ContextClosed> {
-        self.send(Message::Spawn(Box::new(body)))
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        body: impl FnOnce(&Co) -> T + Send + 'static,
+    ) -> Result<JoinHandle<T>, ContextClosed> {
+        let (body, handle) = joinable(body, self.clone());
+        self.send(Message::Spawn(Box::new(body)))?;
+        Ok(handle)
     }
 
     /// Wakes the context if it is blocked in `poll`, so that it re-checks its work (QEMU's

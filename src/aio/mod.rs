@@ -15,6 +15,8 @@
 //! | `aio_co_enter` / `aio_co_schedule` (same context) | [`AioContext::spawn`] |
 //! | `aio_co_schedule` (another context) | [`AioHandle::spawn`] |
 //! | `qemu_coroutine_yield` + `aio_co_wake` | [`Co::prepare_wait`](crate::coroutine::Co::prepare_wait) → [`Wait`], [`Waker`] / [`LocalWaker`] |
+//! | a coroutine awaiting a Rust `Future` (QEMU's Rust block layer bridge) | [`Co::block_on`](crate::coroutine::Co::block_on) |
+//! | the result of a spawned coroutine | [`JoinHandle`], [`AioContext::run`] |
 //! | `AIO_WAIT_WHILE`, `aio_wait_kick` | [`AioContext::wait_while`], [`AioHandle::kick`] |
 //! | `IOThread` | [`IoThread`] |
 //! | `poll-max-ns`, `poll-grow`, `poll-shrink` | [`AdaptivePolling`] |
@@ -49,9 +51,11 @@ mod bh;
 mod context;
 mod deferred;
 mod fd;
+mod future;
 mod handle;
 pub(crate) mod inbox;
 mod iothread;
+mod join;
 pub(crate) mod notify;
 mod sleep;
 pub(crate) mod thread_pool;
@@ -70,6 +74,7 @@ pub(crate) use deferred::flush as flush_deferred_signals;
 pub use fd::FdHandler;
 pub use handle::{AioHandle, ContextClosed};
 pub use iothread::{DEFAULT_POLL_MAX_NS, IoThread};
+pub use join::{CANCELLED, JoinHandle};
 pub use sleep::Sleeper;
 pub use thread_pool::{ThreadPool, ThreadPoolConfig};
 pub use timer::{Timer, clock_ns};

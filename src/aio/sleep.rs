@@ -20,7 +20,7 @@ use crate::coroutine::Co;
 /// });
 /// ctx.poll(false); // the coroutine starts sleeping
 /// assert!(sleeper.wake());
-/// ctx.wait_while(|| !co.is_ended());
+/// ctx.wait_while(|| !co.is_finished());
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Default)]

@@ -77,7 +77,7 @@ impl Default for ThreadPoolConfig {
 /// let sum = Rc::new(Cell::new(0));
 /// let s = sum.clone();
 /// let co = ctx.spawn(move |co| s.set(pool.run(co, || (1..=10u64).sum::<u64>())));
-/// ctx.wait_while(|| !co.is_ended());
+/// ctx.wait_while(|| !co.is_finished());
 /// assert_eq!(sum.get(), 55);
 /// # Ok::<(), std::io::Error>(())
 /// ```
@@ -491,7 +491,7 @@ impl Co {
     ///     let entries = co.run_blocking(|| std::fs::read_dir(".").map(|dir| dir.count()));
     ///     *l.borrow_mut() = Some(entries);
     /// });
-    /// ctx.wait_while(|| !co.is_ended());
+    /// ctx.wait_while(|| !co.is_finished());
     /// assert!(listing.borrow_mut().take().unwrap()? > 0);
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -529,7 +529,7 @@ mod tests {
     fn in_coroutine(body: impl FnOnce(&Co) + 'static) {
         let ctx = AioContext::new().unwrap();
         let co = ctx.spawn(body);
-        ctx.wait_while(|| !co.is_ended());
+        ctx.wait_while(|| !co.is_finished());
     }
 
     #[test]

@@ -175,7 +175,7 @@ impl IoEngine {
 ///     })();
 ///     *o.borrow_mut() = Some(result);
 /// });
-/// ctx.wait_while(|| !co.is_ended());
+/// ctx.wait_while(|| !co.is_finished());
 /// std::fs::remove_file(&path)?;
 /// let (read, head, tail) = out.borrow_mut().take().unwrap()?;
 /// assert_eq!(read, 11);
@@ -1119,7 +1119,7 @@ mod tests {
             assert_eq!(completion(result).unwrap(), 5);
             assert_eq!(&buffer[..5], b"after");
         });
-        ctx.wait_while(|| !co.is_ended());
+        ctx.wait_while(|| !co.is_finished());
     }
 
     /// This thread's ring, or `None` where the kernel (or the switch) refuses io_uring.
@@ -1187,7 +1187,7 @@ mod tests {
                 })
             })
             .collect();
-        ctx.wait_while(|| !coroutines.iter().all(|co| co.is_ended()));
+        ctx.wait_while(|| !coroutines.iter().all(|co| co.is_finished()));
         results.take().into_iter().map(Option::unwrap).collect()
     }
 
@@ -1228,7 +1228,7 @@ mod tests {
                 })
             })
             .collect();
-        ctx.wait_while(|| !coroutines.iter().all(|co| co.is_ended()));
+        ctx.wait_while(|| !coroutines.iter().all(|co| co.is_finished()));
         assert_eq!(*written.borrow(), vec![LEN; N]);
         assert!(std::fs::read(&temp.path).unwrap() == data, "the file reads back different");
         let stats = ring.stats.get();
@@ -1280,7 +1280,7 @@ mod tests {
                 })
             })
             .collect();
-        ctx.wait_while(|| !coroutines.iter().all(|co| co.is_ended()));
+        ctx.wait_while(|| !coroutines.iter().all(|co| co.is_finished()));
         assert_eq!(*errors.borrow(), [Some(libc::EBADF); 4]);
         let stats = ring.stats.get();
         assert!(stats.merged >= 1 && stats.again == stats.members, "{stats:?}");
@@ -1366,7 +1366,7 @@ mod tests {
             assert_eq!(b, [0; 8], "the unwound member's buffer was left alone");
             assert_eq!((ring.ops.borrow().len(), ring.owed.get()), (0, 0));
         });
-        ctx.wait_while(|| !co.is_ended());
+        ctx.wait_while(|| !co.is_finished());
     }
 
     #[test]
@@ -1402,7 +1402,7 @@ mod tests {
             assert_eq!(ring.stats.get().merged, 0, "the two left are not neighbours");
             assert_eq!((ring.ops.borrow().len(), ring.owed.get()), (0, 0));
         });
-        ctx.wait_while(|| !co.is_ended());
+        ctx.wait_while(|| !co.is_finished());
     }
 
     #[test]

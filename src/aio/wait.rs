@@ -87,7 +87,7 @@ impl WaitState {
 /// ctx.poll(false); // runs the coroutine until it waits
 /// let waker = parked.borrow_mut().take().unwrap();
 /// std::thread::spawn(move || waker.wake()).join().unwrap();
-/// ctx.wait_while(|| !co.is_ended());
+/// ctx.wait_while(|| !co.is_finished());
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct Wait<'co> {

@@ -445,7 +445,7 @@ impl<T: ?Sized> Lock<RawCoMutex, T> {
     ///     let _guard = m.lock(co);
     ///     m.assert_locked();
     /// });
-    /// ctx.wait_while(|| !co.is_ended());
+    /// ctx.wait_while(|| !co.is_finished());
     /// # Ok::<(), std::io::Error>(())
     /// ```
     #[track_caller]

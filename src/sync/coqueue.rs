@@ -47,7 +47,7 @@ use crate::loom::AtomicUsize;
 ///     *guard += 1;
 ///     queue.next(&mut guard);
 /// });
-/// ctx.wait_while(|| !consumer.is_ended());
+/// ctx.wait_while(|| !consumer.is_finished());
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct CoQueue {
@@ -435,7 +435,7 @@ mod tests {
             *ready = true;
             assert!(q.next(&mut ready), "the waiter is queued");
         });
-        ctx.wait_while(|| !waiter.is_ended());
+        ctx.wait_while(|| !waiter.is_finished());
         assert!(*lock.try_lock().unwrap());
     }
 }

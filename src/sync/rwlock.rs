@@ -71,7 +71,7 @@ fn read_lockable(state: usize) -> bool {
 ///     let mut entries = t.write(co); // waits until the readers are done
 ///     entries.push(4);
 /// }));
-/// ctx.wait_while(|| tasks.iter().any(|task| !task.is_ended()));
+/// ctx.wait_while(|| tasks.iter().any(|task| !task.is_finished()));
 /// assert_eq!(*table.try_read().unwrap(), [1, 2, 3, 4]);
 /// # Ok::<(), std::io::Error>(())
 /// ```
@@ -201,7 +201,7 @@ impl<'a, T: ?Sized> CoRwLockReadGuard<'a, T> {
     ///         entry.get_or_insert(42);
     ///     }
     /// });
-    /// ctx.wait_while(|| !task.is_ended());
+    /// ctx.wait_while(|| !task.is_finished());
     /// assert_eq!(*cache.try_read().unwrap(), Some(42));
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -288,7 +288,7 @@ impl<'a, T: ?Sized> CoRwLockWriteGuard<'a, T> {
     ///     let text = text.downgrade(); // other readers may read it now
     ///     assert_eq!(*text, "ready");
     /// });
-    /// ctx.wait_while(|| !task.is_ended());
+    /// ctx.wait_while(|| !task.is_finished());
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn downgrade(self) -> CoRwLockReadGuard<'a, T> {

@@ -32,7 +32,7 @@ use crate::coroutine::Co;
 ///         buffers.release(units);
 ///     }));
 /// }
-/// ctx.wait_while(|| tasks.iter().any(|task| !task.is_ended()));
+/// ctx.wait_while(|| tasks.iter().any(|task| !task.is_finished()));
 /// assert_eq!(buffers.available(), 4);
 /// # Ok::<(), std::io::Error>(())
 /// ```

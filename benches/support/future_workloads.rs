@@ -1,0 +1,150 @@
+//! The workloads of the Future bridge and join handles, measured by `benches/aio.rs`
+//! (criterion) and `examples/coroutine_perf.rs` (a quick run). Each method runs `iterations`
+//! operations on a [`Bridge`] set up once (threads, contexts, a tokio runtime), so that the
+//! figures leave the set-up out.
+
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::thread::JoinHandle as ThreadHandle;
+
+use aiocoro::aio::{AioContext, IoThread};
+
+/// What the workloads run on: this thread's context, an IoThread, a thread that completes
+/// futures, and a tokio current-thread runtime.
+pub struct Bridge {
+    context: AioContext,
+    iothread: IoThread,
+    completer: Completer,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Bridge {
+    /// Sets it all up; this thread gets a context if it has none.
+    pub fn new() -> Bridge {
+        let context = AioContext::current()
+            .unwrap_or_else(|| AioContext::new().expect("a context for the bench thread"));
+        Bridge {
+            context,
+            iothread: IoThread::spawn("bridge-bench").expect("an IoThread"),
+            completer: Completer::spawn(),
+            runtime: tokio::runtime::Builder::new_current_thread().build().expect("a runtime"),
+        }
+    }
+
+    /// `future/ready`: a coroutine `block_on`s a future that is ready at once.
+    pub fn ready(&self, iterations: u64) {
+        self.context.run(move |co| {
+            for i in 0..iterations {
+                black_box(co.block_on(std::future::ready(black_box(i))));
+            }
+        });
+    }
+
+    /// `future/cross_thread_wake`: a coroutine on the IoThread (which busy-polls a while
+    /// before it blocks, as QEMU's IOThreads do) `block_on`s a future that another thread
+    /// completes (it spins, watching for the future's waker); per operation, one suspension,
+    /// one cross-thread wake and one resume.
+    pub fn cross_thread_wake(&self, iterations: u64) {
+        let slot = self.completer.slot.clone();
+        let rounds = self.iothread.handle().spawn(move |co| {
+            for _ in 0..iterations {
+                co.block_on(Completion { slot: &slot, target: None });
+            }
+        });
+        rounds.expect("the IoThread runs").join().expect("no panic");
+    }
+
+    /// `join/spawn_join`: spawn a coroutine on this thread's context and join it from the
+    /// thread (the join polls the context).
+    pub fn spawn_join(&self, iterations: u64) {
+        for i in 0..iterations {
+            black_box(self.context.spawn(move |_| black_box(i)).join().expect("no panic"));
+        }
+    }
+
+    /// `join/await_from_tokio`: a tokio task spawns a coroutine on an IoThread and awaits its
+    /// join handle.
+    pub fn await_from_tokio(&self, iterations: u64) {
+        let handle = self.iothread.handle().clone();
+        self.runtime.block_on(async move {
+            for i in 0..iterations {
+                let joined = handle.spawn(move |_| black_box(i)).expect("the IoThread runs");
+                black_box(joined.await);
+            }
+        });
+    }
+}
+
+/// A thread that completes [`Completion`]s: it spins until one leaves its waker in the slot,
+/// then counts a completion and wakes it.
+struct Completer {
+    slot: Arc<Slot>,
+    thread: Option<ThreadHandle<()>>,
+}
+
+/// The hand-over between a [`Completion`] and the completer.
+#[derive(Default)]
+struct Slot {
+    waker: Mutex<Option<Waker>>,
+    waiting: AtomicBool,
+    completed: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Completer {
+    fn spawn() -> Completer {
+        let slot = Arc::new(Slot::default());
+        let s = slot.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.stop.load(Ordering::Relaxed) {
+                if !s.waiting.swap(false, Ordering::Acquire) {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let waker = s.waker.lock().unwrap_or_else(PoisonError::into_inner).take();
+                s.completed.fetch_add(1, Ordering::Release);
+                waker.expect("a waiting completion left its waker").wake();
+            }
+        });
+        Completer { slot, thread: Some(thread) }
+    }
+}
+
+impl Drop for Completer {
+    fn drop(&mut self) {
+        self.slot.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("the completer thread ended");
+        }
+    }
+}
+
+/// A future the completer completes: pending until the completer counted it.
+struct Completion<'a> {
+    slot: &'a Slot,
+    /// The completion count that means done; set at the first poll.
+    target: Option<u64>,
+}
+
+impl Future for Completion<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let slot = self.slot;
+        match self.target {
+            Some(target) if slot.completed.load(Ordering::Acquire) >= target => Poll::Ready(()),
+            Some(_) => Poll::Pending,
+            None => {
+                self.target = Some(slot.completed.load(Ordering::Acquire) + 1);
+                *slot.waker.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(cx.waker().clone());
+                slot.waiting.store(true, Ordering::Release);
+                Poll::Pending
+            }
+        }
+    }
+}

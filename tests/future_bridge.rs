@@ -1,0 +1,273 @@
+//! Futures and coroutines, both ways: a coroutine awaits a `Future` with `Co::block_on`, and a
+//! spawned coroutine's `JoinHandle` is joined by a thread, a coroutine or async code.
+
+use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::task::{Context, Poll, Waker};
+use std::thread;
+use std::time::Duration;
+
+use aiocoro::aio::{AioContext, CANCELLED, IoThread};
+
+/// A future that counts its polls, keeps a clone of each poll's waker, and is ready once
+/// `ready` is set; it wakes its own waker during poll number `wake_in_poll`, if any.
+#[derive(Clone, Default)]
+struct Probe {
+    polls: Arc<AtomicUsize>,
+    wakers: Arc<Mutex<Vec<Waker>>>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    wake_in_poll: Option<usize>,
+}
+
+impl Future for Probe {
+    type Output = usize;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<usize> {
+        let polls = self.polls.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.ready.load(Ordering::SeqCst) {
+            return Poll::Ready(polls);
+        }
+        self.wakers.lock().unwrap().push(cx.waker().clone());
+        if self.wake_in_poll == Some(polls) {
+            self.ready.store(true, Ordering::SeqCst);
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+}
+
+#[test]
+fn a_future_completed_from_another_thread_resumes_the_coroutine_on_its_home_thread() {
+    let ctx = AioContext::new().unwrap();
+    let home = thread::current().id();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let value = ctx.run(move |co| {
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            tx.send(7u32).unwrap();
+        });
+        let value = co.block_on(rx).unwrap();
+        assert_eq!(thread::current().id(), home, "resumed on another thread");
+        value
+    });
+    assert_eq!(value, 7);
+}
+
+#[test]
+fn a_ready_future_is_polled_once_and_never_suspends() {
+    let ctx = AioContext::new().unwrap();
+    let probe = Probe::default();
+    probe.ready.store(true, Ordering::SeqCst);
+    let p = probe.clone();
+    let done = ctx.handle().spawn(move |co| co.block_on(p)).unwrap();
+    assert!(ctx.poll(false));
+    assert!(done.is_finished(), "a ready future suspended the coroutine");
+    assert_eq!(done.join().unwrap(), 1);
+    assert_eq!(ctx.suspended_coroutines(), 0);
+}
+
+#[test]
+fn a_wake_during_poll_polls_again_without_suspending() {
+    let ctx = AioContext::new().unwrap();
+    let probe = Probe { wake_in_poll: Some(1), ..Probe::default() };
+    let p = probe.clone();
+    let done = ctx.handle().spawn(move |co| co.block_on(p)).unwrap();
+    ctx.poll(false);
+    assert!(done.is_finished(), "the coroutine waited for a wake it had already received");
+    assert_eq!(done.join().unwrap(), 2);
+}
+
+#[test]
+fn late_and_duplicate_wakes_do_nothing() {
+    let ctx = AioContext::new().unwrap();
+    let probe = Probe::default();
+    let p = probe.clone();
+    let done = ctx.handle().spawn(move |co| co.block_on(p)).unwrap();
+    ctx.poll(false);
+    assert_eq!(probe.polls.load(Ordering::SeqCst), 1);
+    let first = probe.wakers.lock().unwrap()[0].clone();
+    // A wake from another thread resumes it: it polls again, and waits again.
+    let w = first.clone();
+    thread::spawn(move || w.wake()).join().unwrap();
+    ctx.wait_while(|| probe.polls.load(Ordering::SeqCst) < 2);
+    assert_eq!(ctx.suspended_coroutines(), 1);
+    // The first poll's waker is stale now: waking it (twice, from two threads) does nothing.
+    let w = first.clone();
+    thread::spawn(move || w.wake_by_ref()).join().unwrap();
+    first.wake_by_ref();
+    while ctx.poll(false) {}
+    assert_eq!(probe.polls.load(Ordering::SeqCst), 2, "a stale waker resumed the coroutine");
+    // The second poll's waker, woken twice, resumes it once.
+    probe.ready.store(true, Ordering::SeqCst);
+    let second = probe.wakers.lock().unwrap()[1].clone();
+    second.wake_by_ref();
+    second.wake_by_ref();
+    ctx.wait_while(|| !done.is_finished());
+    while ctx.poll(false) {}
+    assert_eq!(probe.polls.load(Ordering::SeqCst), 3);
+    assert_eq!(done.join().unwrap(), 3);
+    // Wakes after the coroutine ended, and after its context is gone, do nothing.
+    second.wake_by_ref();
+    drop(ctx);
+    let wakers = probe.wakers.lock().unwrap().clone();
+    thread::spawn(move || wakers.into_iter().for_each(Waker::wake)).join().unwrap();
+}
+
+#[test]
+fn tokio_awaits_the_join_handle_of_a_coroutine_on_an_iothread() {
+    let iothread = IoThread::spawn("bridge").unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<u64>();
+    let handle = iothread
+        .handle()
+        .spawn(move |co| {
+            let name = thread::current().name().map(String::from);
+            (co.block_on(rx).unwrap() * 2, name)
+        })
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let (value, name) = runtime.block_on(async move {
+        tokio::task::spawn_blocking(move || {
+            thread::sleep(Duration::from_millis(10));
+            tx.send(21).unwrap();
+        });
+        handle.await
+    });
+    assert_eq!(value, 42);
+    assert_eq!(name.as_deref(), Some("bridge"));
+    iothread.stop();
+}
+
+#[test]
+fn a_panic_in_the_coroutine_reaches_every_kind_of_joiner() {
+    let iothread = IoThread::spawn("panics").unwrap();
+    // A thread's join returns the payload.
+    let handle = iothread.handle().spawn(|_| -> u32 { panic!("boom from a coroutine") }).unwrap();
+    let payload = handle.join().unwrap_err();
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"boom from a coroutine"));
+    // So does a coroutine's join (here on another context).
+    let ctx = AioContext::new().unwrap();
+    let remote = iothread.handle().clone();
+    let message = ctx.run(move |co| {
+        let handle = remote.spawn(|_| -> u32 { panic!("boom again") }).unwrap();
+        *co.join(handle).unwrap_err().downcast_ref::<&str>().unwrap()
+    });
+    assert_eq!(message, "boom again");
+    // Awaiting the handle resumes the panic in the awaiting task.
+    let handle = iothread.handle().spawn(|_| -> u32 { panic!("boom in tokio") }).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let payload = panic::catch_unwind(AssertUnwindSafe(|| runtime.block_on(handle))).unwrap_err();
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"boom in tokio"));
+    // The IoThread survived all three.
+    assert_eq!(iothread.handle().spawn(|_| 5).unwrap().join().unwrap(), 5);
+    iothread.stop();
+}
+
+#[test]
+fn a_coroutine_joins_one_of_its_own_context() {
+    let ctx = AioContext::new().unwrap();
+    let here = ctx.handle();
+    let sum = ctx.run(move |co| {
+        let handles: Vec<_> = (0..4u32)
+            .map(|i| {
+                here.spawn(move |co| {
+                    co.reschedule();
+                    i * 10
+                })
+                .unwrap()
+            })
+            .collect();
+        handles.into_iter().map(|h| co.join(h).unwrap()).sum::<u32>()
+    });
+    assert_eq!(sum, 60);
+}
+
+#[test]
+fn dropping_the_handle_detaches_the_coroutine() {
+    let iothread = IoThread::spawn("detached").unwrap();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel();
+    let handle = iothread
+        .handle()
+        .spawn(move |co| {
+            co.block_on(go_rx).unwrap();
+            done_tx.send("ran to its end").unwrap();
+            "result nobody takes"
+        })
+        .unwrap();
+    assert!(!handle.is_finished());
+    drop(handle);
+    go_tx.send(()).unwrap();
+    assert_eq!(done_rx.recv_timeout(Duration::from_secs(10)), Ok("ran to its end"));
+    iothread.stop();
+}
+
+/// Counts its drop.
+struct Dropped(Arc<AtomicUsize>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn block_on_cancelled_at_shutdown_drops_the_future_and_later_wakes_do_nothing() {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+    let ctx = AioContext::new().unwrap();
+    let d = drops.clone();
+    let handle = ctx
+        .handle()
+        .spawn(move |co| {
+            let guard = Dropped(d.clone());
+            let pending = async move {
+                let _in_future = Dropped(d);
+                rx.await
+            };
+            let value = co.block_on(pending);
+            drop(guard);
+            value.unwrap()
+        })
+        .unwrap();
+    ctx.poll(false);
+    assert_eq!(ctx.suspended_coroutines(), 1);
+    drop(ctx);
+    assert_eq!(drops.load(Ordering::SeqCst), 2, "the future or the coroutine's frame leaked");
+    let payload = handle.join().unwrap_err();
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&CANCELLED));
+    // The future is gone, with its receiver: the send fails and wakes nothing.
+    assert_eq!(tx.send(1), Err(1));
+}
+
+#[test]
+fn a_waker_kept_past_the_shutdown_is_harmless() {
+    let probe = Probe::default();
+    let ctx = AioContext::new().unwrap();
+    let p = probe.clone();
+    let handle = ctx.handle().spawn(move |co| co.block_on(p)).unwrap();
+    ctx.poll(false);
+    drop(ctx);
+    assert_eq!(handle.join().unwrap_err().downcast_ref::<&str>(), Some(&CANCELLED));
+    let wakers = probe.wakers.lock().unwrap().clone();
+    assert_eq!(wakers.len(), 1);
+    thread::spawn(move || wakers.into_iter().for_each(Waker::wake)).join().unwrap();
+}
+
+#[test]
+fn run_returns_the_value_and_resumes_a_panic() {
+    let ctx = AioContext::new().unwrap();
+    assert_eq!(
+        ctx.run(|co| {
+            co.sleep(Duration::from_millis(1));
+            String::from("done")
+        }),
+        "done"
+    );
+    let payload =
+        panic::catch_unwind(AssertUnwindSafe(|| ctx.run(|_| panic!("run boom")))).unwrap_err();
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"run boom"));
+    assert_eq!(ctx.run(|_| 1), 1, "the context is still usable");
+}
