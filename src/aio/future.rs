@@ -8,19 +8,6 @@
 //! a fresh wait, so a wake that arrives after the poll it was made for is stale and does
 //! nothing, a second wake is a duplicate and does nothing, and a wake during the poll makes
 //! the coroutine poll again at once instead of suspending.
-//!
-//! ```
-//! use aiocoro::aio::AioContext;
-//!
-//! let ctx = AioContext::new()?;
-//! let (tx, rx) = tokio::sync::oneshot::channel();
-//! let sum = ctx.run(move |co| {
-//!     std::thread::spawn(move || tx.send(40).unwrap());
-//!     co.block_on(rx).unwrap() + 2
-//! });
-//! assert_eq!(sum, 42);
-//! # Ok::<(), std::io::Error>(())
-//! ```
 
 use std::future::Future;
 use std::mem::ManuallyDrop;
@@ -34,7 +21,22 @@ use crate::coroutine::Co;
 impl Co {
     /// Runs `future` to completion on this coroutine and returns its output: polls it, and
     /// while it is `Pending` suspends the coroutine until the future's waker is woken (from
-    /// any thread); see the [module documentation](self).
+    /// any thread). Every poll gets a fresh wait, so a wake made for an earlier poll is stale
+    /// and does nothing, a second wake does nothing, and a wake during the poll makes the
+    /// coroutine poll again at once.
+    ///
+    /// ```
+    /// use aiocoro::aio::AioContext;
+    ///
+    /// let ctx = AioContext::new()?;
+    /// let (tx, rx) = tokio::sync::oneshot::channel();
+    /// let sum = ctx.run(move |co| {
+    ///     std::thread::spawn(move || tx.send(40).unwrap());
+    ///     co.block_on(rx).unwrap() + 2
+    /// });
+    /// assert_eq!(sum, 42);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     ///
     /// The future is polled on this coroutine's stack and dropped there. If the context shuts
     /// down while the coroutine waits, the wait is cancelled: this does not return, the
