@@ -20,7 +20,8 @@ const ENTRIES: usize = 256;
 #[cfg(not(aiocoro_loom))]
 static TABLE: [AtomicU64; ENTRIES] = [const { AtomicU64::new(0) }; ENTRIES];
 
-/// What a thread's entry says about it.
+/// What a thread's entry says about it (nothing under loom, where spinning never looks).
+#[cfg(not(aiocoro_loom))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Seen {
     /// Nothing known (not recorded, or the entry is another thread's).
@@ -45,6 +46,7 @@ pub(crate) fn current_cpu() -> u32 {
 }
 
 /// The calling thread's id, as `CoMutex` names threads (never 0).
+#[cfg(not(aiocoro_loom))]
 #[inline]
 pub(crate) fn this_thread() -> u32 {
     super::comutex::thread_id()
@@ -72,26 +74,19 @@ pub(crate) fn running() {
 }
 
 /// What `thread`'s entry says.
+#[cfg(not(aiocoro_loom))]
 #[inline]
 pub(crate) fn seen(thread: u32) -> Seen {
-    #[cfg(not(aiocoro_loom))]
-    {
-        if thread == 0 {
-            return Seen::Unknown;
-        }
-        let value = entry(thread).load(Ordering::Relaxed);
-        if (value >> 32) as u32 != thread {
-            return Seen::Unknown;
-        }
-        match value as u32 {
-            0 => Seen::Blocked,
-            cpu => Seen::OnCpu(cpu - 1),
-        }
+    if thread == 0 {
+        return Seen::Unknown;
     }
-    #[cfg(aiocoro_loom)]
-    {
-        let _ = thread;
-        Seen::Unknown
+    let value = entry(thread).load(Ordering::Relaxed);
+    if (value >> 32) as u32 != thread {
+        return Seen::Unknown;
+    }
+    match value as u32 {
+        0 => Seen::Blocked,
+        cpu => Seen::OnCpu(cpu - 1),
     }
 }
 
