@@ -9,7 +9,7 @@ use aiocoro::coroutine::Co;
 
 use super::check::read_within_file;
 use super::corrupt;
-use super::header::BitmapsExtension;
+use super::header::{BitmapsExtension, Fields};
 use crate::node::BlockNode;
 
 /// The fixed part of a directory entry.
@@ -64,11 +64,11 @@ pub(crate) fn read_bitmap_directory(
             .filter(|&end| end <= size)
             .map(|end| &directory[at as usize..end as usize])
             .ok_or_else(|| corrupt(format!("bitmap directory entry {index} runs past its end")))?;
-        let u32_at = |i: usize| u32::from_be_bytes(fixed[i..i + 4].try_into().expect("4 bytes"));
-        let offset = u64::from_be_bytes(fixed[..8].try_into().expect("8 bytes"));
-        let entries = u32_at(8);
-        let name_len = u64::from(u16::from_be_bytes([fixed[18], fixed[19]]));
-        let extra_len = u64::from(u32_at(20));
+        let field = Fields(fixed);
+        let offset = field.u64(0);
+        let entries = field.u32(8);
+        let name_len = u64::from(field.u16(18));
+        let extra_len = u64::from(field.u32(20));
         if entries > MAX_TABLE_ENTRIES {
             return Err(corrupt(format!(
                 "bitmap directory entry {index}: a table of {entries} entries, more than the \

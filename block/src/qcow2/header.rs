@@ -193,15 +193,20 @@ pub struct Header {
     pub bitmaps: Option<BitmapsExtension>,
 }
 
-/// Big-endian field readers over a byte slice known to be long enough.
-struct Fields<'a>(&'a [u8]);
+/// Big-endian field readers over a byte slice known to be long enough (the header, the
+/// snapshot table's and the bitmap directory's fixed entry parts).
+pub(super) struct Fields<'a>(pub(super) &'a [u8]);
 
 impl Fields<'_> {
-    fn u32(&self, at: usize) -> u32 {
+    pub(super) fn u16(&self, at: usize) -> u16 {
+        u16::from_be_bytes(self.0[at..at + 2].try_into().expect("a 2-byte slice is a [u8; 2]"))
+    }
+
+    pub(super) fn u32(&self, at: usize) -> u32 {
         u32::from_be_bytes(self.0[at..at + 4].try_into().expect("a 4-byte slice is a [u8; 4]"))
     }
 
-    fn u64(&self, at: usize) -> u64 {
+    pub(super) fn u64(&self, at: usize) -> u64 {
         u64::from_be_bytes(self.0[at..at + 8].try_into().expect("an 8-byte slice is a [u8; 8]"))
     }
 }

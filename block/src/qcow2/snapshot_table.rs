@@ -12,7 +12,7 @@ use aiocoro::coroutine::Co;
 
 use super::check::read_within_file;
 use super::corrupt;
-use super::header::Header;
+use super::header::{Fields, Header};
 use crate::node::BlockNode;
 
 /// The fixed part of a snapshot table entry.
@@ -74,11 +74,10 @@ pub(crate) fn read_snapshot_table(
         at = at.next_multiple_of(8);
         let mut fixed = [0u8; FIXED_LEN];
         read_within_file(co, file, file_len, offset + at, &mut fixed)?;
-        let u32_at = |i: usize| u32::from_be_bytes(fixed[i..i + 4].try_into().expect("4 bytes"));
-        let u16_at = |i: usize| u16::from_be_bytes(fixed[i..i + 2].try_into().expect("2 bytes"));
-        let l1_offset = u64::from_be_bytes(fixed[..8].try_into().expect("8 bytes"));
-        let (l1_size, id_len, name_len) = (u32_at(8), u16_at(12), u16_at(14));
-        let extra = u64::from(u32_at(36));
+        let field = Fields(&fixed);
+        let l1_offset = field.u64(0);
+        let (l1_size, id_len, name_len) = (field.u32(8), field.u16(12), field.u16(14));
+        let extra = u64::from(field.u32(36));
         if extra > MAX_EXTRA_DATA {
             return Err(corrupt(format!(
                 "snapshot table entry {index} has {extra} bytes of extra data, more than the \
@@ -87,9 +86,7 @@ pub(crate) fn read_snapshot_table(
         }
         let mut extra_data = vec![0u8; extra as usize];
         read_within_file(co, file, file_len, offset + at + FIXED_LEN as u64, &mut extra_data)?;
-        let extra_u64 = |i: usize| {
-            extra_data.get(i..i + 8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
-        };
+        let extra_u64 = |i: usize| (extra_data.len() >= i + 8).then(|| Fields(&extra_data).u64(i));
         let strings_at = offset + at + FIXED_LEN as u64 + extra;
         let mut strings = vec![0u8; usize::from(id_len) + usize::from(name_len)];
         read_within_file(co, file, file_len, strings_at, &mut strings)?;
@@ -105,10 +102,10 @@ pub(crate) fn read_snapshot_table(
             name: String::from_utf8_lossy(name).into_owned(),
             l1_offset,
             l1_size,
-            date_sec: u32_at(16),
-            date_nsec: u32_at(20),
-            vm_clock_nsec: u64::from_be_bytes(fixed[24..32].try_into().expect("8 bytes")),
-            vm_state_size: extra_u64(0).unwrap_or(u64::from(u32_at(32))),
+            date_sec: field.u32(16),
+            date_nsec: field.u32(20),
+            vm_clock_nsec: field.u64(24),
+            vm_state_size: extra_u64(0).unwrap_or(u64::from(field.u32(32))),
             icount: extra_u64(16).filter(|&count| count != u64::MAX),
         });
     }
