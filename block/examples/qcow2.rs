@@ -205,12 +205,7 @@ fn convert(file: &str, out: &str) -> io::Result<()> {
         output.set_len(len)?;
         Ok(len)
     })?;
-    let seconds = started.elapsed().as_secs_f64();
-    eprintln!(
-        "converted {} in {seconds:.2} s ({:.0} MiB/s)",
-        human(len),
-        len as f64 / (1 << 20) as f64 / seconds.max(1e-9)
-    );
+    report_converted(len, started);
     Ok(())
 }
 
@@ -324,13 +319,18 @@ fn convert_to_qcow2(
         return Err(error);
     }
     run_in_coroutine(move |co| dst.close(co))??;
+    report_converted(len, started);
+    Ok(())
+}
+
+/// Says on stderr how many bytes `convert` wrote since `started`, and how fast.
+fn report_converted(len: u64, started: Instant) {
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
         "converted {} in {seconds:.2} s ({:.0} MiB/s)",
         human(len),
         len as f64 / (1 << 20) as f64 / seconds.max(1e-9)
     );
-    Ok(())
 }
 
 /// Copies the piece of up to `buf.len()` bytes at `at` from `src` (zeroes past its end) to
