@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use aiocoro::aio::{AioContext, IoThread};
 use aiocoro::coroutine::Co;
-use aiocoro_block::{BlockBackend, BlockGraph, BlockOptions, IoBuffer, parse_size, unsupported};
+use aiocoro_block::{BlockBackend, BlockGraph, BlockOptions, ImageArgs, IoBuffer, parse_size};
 
 /// What to run, from the command line.
 #[derive(Debug)]
@@ -127,9 +127,6 @@ fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
         }
     }
     args.filename = filename.ok_or("FILENAME is missing")?;
-    if args.image_opts && args.format.is_some() {
-        return Err("--image-opts and -f are incompatible".into());
-    }
     if args.depth == 0 || args.buffer_size == 0 || args.iothreads == 0 {
         return Err("-d, -s and --iothreads must be at least 1".into());
     }
@@ -144,48 +141,15 @@ fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
 
 /// The options of the image to open.
 fn image_options(args: &Args) -> io::Result<BlockOptions> {
-    if args.image_opts {
-        return BlockOptions::parse(&args.filename);
+    ImageArgs {
+        image: &args.filename,
+        format: args.format.as_deref(),
+        image_opts: args.image_opts,
+        cache: &args.cache,
+        aio: &args.aio,
+        read_only: false,
     }
-    let format = match &args.format {
-        Some(format) => format.clone(),
-        None => probe_format(&args.filename)?,
-    };
-    let direct = match args.cache.as_str() {
-        "none" => "on",
-        "writeback" => "off",
-        other => {
-            return Err(unsupported(format!(
-                "cache mode '{other}' is not supported (writeback or none)"
-            )));
-        }
-    };
-    let aio = match args.aio.as_str() {
-        "native" => {
-            return Err(unsupported(
-                "aio=native (Linux AIO) is not supported; use -i io_uring or -i threads",
-            ));
-        }
-        aio => aio,
-    };
-    let mut options = BlockOptions::default();
-    options.set("driver", &format)?;
-    options.set("file.driver", "file")?;
-    options.set("file.filename", &args.filename)?;
-    options.set("file.cache.direct", direct)?;
-    options.set("file.aio", aio)?;
-    Ok(options)
-}
-
-/// The format of an image file, from its first bytes: qcow2's magic, else raw.
-fn probe_format(filename: &str) -> io::Result<String> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut file = std::fs::File::open(filename).map_err(|error| {
-        io::Error::new(error.kind(), format!("cannot open {filename}: {error}"))
-    })?;
-    let read = file.read(&mut magic)?;
-    Ok(if read == 4 && magic == *b"QFI\xfb" { "qcow2" } else { "raw" }.into())
+    .options()
 }
 
 /// The request sequence, shared by every thread: request `i` goes to `offset(i)`.

@@ -12,7 +12,8 @@
 //! - [`BlockBackend`]: the user's `Send + Sync` handle, shared by several IoThreads at once,
 //!   with checked requests, in-flight counting and [`BlockBackend::drain`];
 //! - [`IoBuffer`]: aligned buffers from a per-thread pool;
-//! - [`open`]: a node tree from options in QEMU's `--image-opts` spelling.
+//! - [`open`]: a node tree from options in QEMU's `--image-opts` spelling;
+//! - [`ImageArgs`]: those options from a command line's image, `-f`, `--cache` and `--aio`.
 //!
 //! ```
 //! use aiocoro_block::{BlockBackend, BlockGraph, run_in_coroutine};
@@ -45,6 +46,7 @@ mod driver;
 pub mod drivers;
 mod error;
 pub mod graph;
+mod image;
 mod node;
 mod options;
 mod padding;
@@ -56,6 +58,7 @@ pub use backend::{BlockBackend, Drained};
 pub use buffer::{BUFFER_ALIGN, IoBuffer};
 pub use driver::{Alignment, Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 pub use error::{Op, RequestError, invalid_input, unsupported};
+pub use image::{ImageArgs, probe_format};
 pub use node::{BlockGraph, BlockNode, Child, ChildRole, replace_child};
 pub use options::{BlockOptions, open, open_options, parse_size};
 pub use run::run_in_coroutine;

@@ -20,6 +20,9 @@ pub struct Export {
     pub backend: BlockBackend,
     /// Whether writes are refused (`-r`).
     pub read_only: bool,
+    /// Whether `TRIM` and `WRITE_ZEROES` may free space (`--discard=unmap`); without it a
+    /// `TRIM` succeeds doing nothing and zeroes are written allocated, as in QEMU.
+    pub unmap: bool,
 }
 
 impl Export {

@@ -130,13 +130,15 @@ fn execute(
         }),
         wire::CMD_FLUSH => check_flags(request, 0).and_then(|()| backend.flush(co)),
         wire::CMD_TRIM => check_write(export, request, wire::CMD_FLAG_FUA).and_then(|()| {
-            backend.discard(co, request.offset, request.length.into())?;
+            if export.unmap {
+                backend.discard(co, request.offset, request.length.into())?;
+            }
             flush_if_fua(co, export, request)
         }),
         wire::CMD_WRITE_ZEROES => {
             let allowed = wire::CMD_FLAG_FUA | wire::CMD_FLAG_NO_HOLE;
             check_write(export, request, allowed).and_then(|()| {
-                let may_unmap = request.flags & wire::CMD_FLAG_NO_HOLE == 0;
+                let may_unmap = export.unmap && request.flags & wire::CMD_FLAG_NO_HOLE == 0;
                 backend.write_zeroes(co, request.offset, request.length.into(), may_unmap)?;
                 flush_if_fua(co, export, request)
             })

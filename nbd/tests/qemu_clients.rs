@@ -150,3 +150,23 @@ fn tcp_clients_are_served_too() {
         &["compare", "-U", "-f", "raw", "-F", "qcow2", &url, image.to_str().unwrap()],
     );
 }
+
+#[test]
+fn trim_frees_clusters_only_with_discard_unmap() {
+    for (discard, freed) in [("--discard=ignore", false), ("--discard=unmap", true)] {
+        let dir = temp_dir(&format!("discard-{freed}"));
+        let image = qcow2_image(&dir, "8M");
+        let path = image.to_str().unwrap();
+        run_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x55 0 1M", path]);
+        let mut server = Server::start(&dir, &image, &["-t", discard]);
+        let io =
+            run_ok("qemu-io", &["-f", "raw", "-c", "discard 0 1M", "-c", "flush", &server.url("")]);
+        assert!(io.contains("discard 1048576/1048576"), "qemu-io: {io}");
+        server.signal("TERM");
+        assert!(server.wait_exit().success());
+        let map = run_ok("qemu-img", &["map", "--output=json", path]);
+        let first =
+            map.lines().find(|line| line.contains("\"start\": 0,")).expect("an extent at 0");
+        assert_eq!(first.contains("\"data\": true"), !freed, "{discard}: qemu-img map: {map}");
+    }
+}

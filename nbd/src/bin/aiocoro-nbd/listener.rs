@@ -1,13 +1,17 @@
-//! Where clients connect: a TCP or a Unix socket, and the streams they give.
+//! Where clients connect: a TCP or a Unix socket (bound here, or passed by socket
+//! activation), and the streams they give.
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
 use aiocoro_nbd::{Export, serve_connection};
+
+use crate::socket_buffers;
 
 /// A listening socket.
 pub enum Listener {
@@ -27,6 +31,10 @@ pub enum Stream {
 
 impl Listener {
     /// Listens on the Unix socket `path` if given, else on TCP `bind`:`port`.
+    ///
+    /// # Errors
+    ///
+    /// If the socket cannot be bound (the error names the address).
     pub fn bind(path: Option<&PathBuf>, bind: &str, port: u16) -> io::Result<Listener> {
         match path {
             Some(path) => UnixListener::bind(path).map(Listener::Unix).map_err(|error| {
@@ -38,19 +46,56 @@ impl Listener {
         }
     }
 
-    /// Waits for the next connection and makes it ready to serve (non-blocking, and for
-    /// TCP without Nagle's delay: replies are sent as soon as they are written).
+    /// The listening socket `fd` passed by socket activation, Unix or TCP as its address
+    /// family says, made blocking (the accept thread waits in `accept`).
+    ///
+    /// # Errors
+    ///
+    /// If `fd` is not a Unix or TCP socket.
+    pub fn from_activation(fd: OwnedFd) -> io::Result<Listener> {
+        // SAFETY: sockaddr_storage is plain data, valid when zeroed.
+        let mut address: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut length = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: `address` and `length` are valid out pointers; the length is the storage's.
+        let result =
+            unsafe { libc::getsockname(fd.as_raw_fd(), (&raw mut address).cast(), &mut length) };
+        if result != 0 {
+            let error = io::Error::last_os_error();
+            return Err(io::Error::new(error.kind(), format!("socket activation: fd 3: {error}")));
+        }
+        let listener = match libc::c_int::from(address.ss_family) {
+            libc::AF_UNIX => Listener::Unix(UnixListener::from(fd)),
+            libc::AF_INET | libc::AF_INET6 => Listener::Tcp(TcpListener::from(fd)),
+            family => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("socket activation: fd 3 has address family {family}, not Unix or IP"),
+                ));
+            }
+        };
+        match &listener {
+            Listener::Tcp(listener) => listener.set_nonblocking(false)?,
+            Listener::Unix(listener) => listener.set_nonblocking(false)?,
+        }
+        Ok(listener)
+    }
+
+    /// Waits for the next connection and makes it ready to serve: non-blocking, with large
+    /// socket buffers, and for TCP without Nagle's delay (replies go out as soon as they are
+    /// written).
     pub fn accept(&self) -> io::Result<Stream> {
         match self {
             Listener::Tcp(listener) => {
                 let (stream, _) = listener.accept()?;
                 stream.set_nodelay(true)?;
                 stream.set_nonblocking(true)?;
+                socket_buffers::enlarge(stream.as_fd());
                 Ok(Stream::Tcp(stream))
             }
             Listener::Unix(listener) => {
                 let (stream, _) = listener.accept()?;
                 stream.set_nonblocking(true)?;
+                socket_buffers::enlarge(stream.as_fd());
                 Ok(Stream::Unix(stream))
             }
         }

@@ -2,18 +2,20 @@
 //! IoThreads, all through one `BlockBackend`. The command line follows `qemu-nbd`'s; see
 //! `aiocoro-nbd --help`.
 
+mod activation;
 mod cli;
+mod descriptors;
 mod listener;
 mod server;
 mod signals;
+mod socket_buffers;
 
-use std::io::{self, Read};
-use std::path::Path;
+use std::io;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use aiocoro::aio::IoThread;
-use aiocoro_block::{BlockBackend, BlockGraph, BlockOptions};
+use aiocoro_block::{BlockBackend, BlockGraph, ImageArgs};
 use aiocoro_nbd::Export;
 
 use crate::cli::{Options, Parsed};
@@ -21,32 +23,17 @@ use crate::listener::Listener;
 use crate::server::ServePolicy;
 use crate::signals::TerminationSignals;
 
-/// The first bytes of a qcow2 image.
-const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
-
-/// The format of the image at `path`: qcow2 if it starts with the qcow2 magic, else raw.
-fn probe_format(path: &Path) -> io::Result<&'static str> {
-    let mut magic = [0u8; 4];
-    let mut file = std::fs::File::open(path)
-        .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))?;
-    let read = file.read(&mut magic)?;
-    Ok(if read == 4 && &magic == QCOW2_MAGIC { "qcow2" } else { "raw" })
-}
-
 /// Opens the image the options name, as one backend.
 fn open_backend(options: &Options) -> io::Result<BlockBackend> {
-    let format = match &options.format {
-        Some(format) => format.as_str(),
-        None => probe_format(&options.image)?,
-    };
-    let mut block = BlockOptions::default();
-    block.set("driver", format)?;
-    block.set("file.filename", &options.image.to_string_lossy())?;
-    block.set("file.cache", &options.cache)?;
-    block.set("file.aio", &options.aio)?;
-    if options.read_only {
-        block.set("read-only", "on")?;
+    let block = ImageArgs {
+        image: &options.image,
+        format: options.format.as_deref(),
+        image_opts: options.image_opts,
+        cache: &options.cache,
+        aio: &options.aio,
+        read_only: options.read_only,
     }
+    .options()?;
     let graph = BlockGraph::new();
     let root = aiocoro_block::run_in_coroutine(move |co| {
         aiocoro_block::open_options(co, &graph, &block).map(|(_, node)| node)
@@ -54,18 +41,35 @@ fn open_backend(options: &Options) -> io::Result<BlockBackend> {
     Ok(BlockBackend::new(root))
 }
 
+/// The listening socket: the one socket activation passed, else the one the options name.
+fn listen(options: &Options) -> io::Result<Listener> {
+    if activation::requested() {
+        if options.socket.is_some() || options.port.is_some() || options.bind.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "-k, -p and -b cannot be used with socket activation (LISTEN_FDS)",
+            ));
+        }
+        return Listener::from_activation(activation::take_listener()?);
+    }
+    let bind = options.bind.as_deref().unwrap_or("0.0.0.0");
+    Listener::bind(options.socket.as_ref(), bind, options.port.unwrap_or(10809))
+}
+
 /// Serves until the policy or a signal says to stop, then drains and flushes the export.
 fn run(options: Options) -> io::Result<()> {
     // Before any thread starts (the block layer's included), so that all inherit the mask.
     let signals = TerminationSignals::block()?;
+    descriptors::raise_limit();
     let backend = open_backend(&options)?;
     let export = Arc::new(Export {
         name: options.export_name.clone(),
         description: options.description.clone(),
         backend,
         read_only: options.read_only,
+        unmap: options.unmap,
     });
-    let listener = Listener::bind(options.socket.as_ref(), &options.bind, options.port)?;
+    let listener = listen(&options)?;
     if let Some(path) = &options.pid_file {
         std::fs::write(path, format!("{}\n", std::process::id()))?;
     }

@@ -119,8 +119,11 @@ fn run_events(
             let started = thread.handle().spawn(move |co| {
                 let _notice = notice;
                 let stream: Stream = stream;
-                if let Err(error) = stream.serve(co, export) {
-                    eprintln!("aiocoro-nbd: connection ended: {error}");
+                match stream.serve(co, export) {
+                    // A client hanging up without DISC (as many do) is no error to report.
+                    Ok(()) => {}
+                    Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {}
+                    Err(error) => eprintln!("aiocoro-nbd: connection ended: {error}"),
                 }
             });
             if started.is_err() {
