@@ -10,6 +10,7 @@ use crate::export::Export;
 use crate::handshake::handshake;
 use crate::options::{Negotiated, negotiate};
 use crate::socket::CoSocket;
+use crate::stats::ConnectionCount;
 use crate::transmission;
 
 /// Serves one client on `stream` (non-blocking) from the coroutine `co`: handshake, option
@@ -27,6 +28,7 @@ pub fn serve_connection<S: AsRawFd + 'static>(
 where
     for<'s> &'s S: Read + Write,
 {
+    let _count = ConnectionCount::new();
     let negotiated = {
         let socket = CoSocket::new(co, &stream);
         let flags = handshake(&socket)?;

@@ -8,6 +8,8 @@ use std::rc::Rc;
 use aiocoro::aio::LocalWaker;
 use aiocoro::coroutine::Co;
 
+use crate::stats;
+
 /// The running requests of one connection, shared by its coroutines on one thread.
 pub(crate) struct InFlight {
     count: Cell<usize>,
@@ -27,6 +29,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.0.count.set(self.0.count.get() - 1);
         self.0.bytes.set(self.0.bytes.get() - self.1);
+        stats::request_ended(self.1);
         if let Some(waiter) = self.0.waiter.take() {
             waiter.wake();
         }
@@ -51,6 +54,7 @@ impl InFlight {
     pub(crate) fn start(self: &Rc<InFlight>, bytes: u64) -> Running {
         self.count.set(self.count.get() + 1);
         self.bytes.set(self.bytes.get() + bytes);
+        stats::request_started(bytes);
         Running(self.clone(), bytes)
     }
 

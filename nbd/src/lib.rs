@@ -10,7 +10,8 @@
 //!   (`NO_HOLE`), `DISC`, with simple replies; the requests of a connection run
 //!   concurrently, one coroutine each, up to [`transmission::MAX_IN_FLIGHT`];
 //! - [`errors`]: block-layer errors as NBD error values;
-//! - [`serve_connection`]: one connection from greeting to close, in a coroutine.
+//! - [`serve_connection`]: one connection from greeting to close, in a coroutine;
+//! - [`stats`]: the connections, requests and request buffers alive, for leak checks.
 //!
 //! A client that breaks the protocol loses its connection, never the server.
 
@@ -24,9 +25,11 @@ pub mod handshake;
 mod in_flight;
 pub mod options;
 mod socket;
+mod stats;
 pub mod transmission;
 pub mod wire;
 
 pub use connection::serve_connection;
 pub use export::{Export, MAX_REQUEST, PREFERRED_BLOCK};
 pub use socket::CoSocket;
+pub use stats::{Stats, stats};

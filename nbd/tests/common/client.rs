@@ -71,28 +71,37 @@ impl Client {
     }
 
     /// Connects with fixed newstyle and `NO_ZEROES`, and enters transmission with `GO`;
-    /// returns the client and the transmission flags.
+    /// returns the client and the transmission flags. The export must be [`SIZE`] bytes.
     pub fn transmission(server: &Server) -> (Client, u16) {
+        let (client, size, flags) = Client::go(server);
+        assert_eq!(size, SIZE, "the export's size");
+        (client, flags)
+    }
+
+    /// As [`Client::transmission`] for an export of any size; returns the client, the
+    /// export's size and the transmission flags.
+    pub fn go(server: &Server) -> (Client, u64, u16) {
         let mut client =
             Client::with_flags(server, wire::CLIENT_FIXED_NEWSTYLE | wire::CLIENT_NO_ZEROES);
         let mut go = 0u32.to_be_bytes().to_vec();
         go.extend_from_slice(&0u16.to_be_bytes());
         client.option(wire::OPT_GO, &go);
-        let mut flags = None;
+        let mut export = None;
         loop {
             let reply = client.option_reply();
             assert_eq!(reply.option, wire::OPT_GO);
             match reply.kind {
                 wire::REP_ACK => break,
                 wire::REP_INFO if reply.data[..2] == wire::INFO_EXPORT.to_be_bytes() => {
-                    assert_eq!(reply.data[2..10], SIZE.to_be_bytes());
-                    flags = Some(u16::from_be_bytes([reply.data[10], reply.data[11]]));
+                    let size = u64::from_be_bytes(reply.data[2..10].try_into().unwrap());
+                    export = Some((size, u16::from_be_bytes([reply.data[10], reply.data[11]])));
                 }
                 wire::REP_INFO => {}
                 other => panic!("GO answered with reply type {other:#x}"),
             }
         }
-        (client, flags.expect("GO sent no INFO_EXPORT"))
+        let (size, flags) = export.expect("GO sent no INFO_EXPORT");
+        (client, size, flags)
     }
 
     pub fn send(&mut self, bytes: &[u8]) {

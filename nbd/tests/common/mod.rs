@@ -65,6 +65,8 @@ pub struct Server {
     child: Option<Child>,
     /// The Unix socket it listens on (empty for TCP).
     pub socket: PathBuf,
+    /// Where its standard error goes, if not to the test's.
+    log: Option<PathBuf>,
 }
 
 impl Server {
@@ -73,7 +75,15 @@ impl Server {
     pub fn start(dir: &Path, image: &Path, args: &[&str]) -> Server {
         let socket = dir.join("nbd.sock");
         let listen = ["-k".to_owned(), socket.to_str().expect("a UTF-8 path").to_owned()];
-        Server::spawn(dir, image, &listen, args, socket)
+        Server::spawn(dir, image, &listen, args, socket, None)
+    }
+
+    /// As [`Server::start`], with the server's standard error going to `<dir>/server.log`
+    /// (see [`Server::log`]).
+    pub fn start_logged(dir: &Path, image: &Path, args: &[&str]) -> Server {
+        let socket = dir.join("nbd.sock");
+        let listen = ["-k".to_owned(), socket.to_str().expect("a UTF-8 path").to_owned()];
+        Server::spawn(dir, image, &listen, args, socket, Some(dir.join("server.log")))
     }
 
     /// As [`Server::start`] but on TCP at 127.0.0.1; returns the port too. The port is one
@@ -81,7 +91,7 @@ impl Server {
     pub fn start_tcp(dir: &Path, image: &Path, args: &[&str]) -> (Server, u16) {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let listen = ["-b", "127.0.0.1", "-p", &port.to_string()].map(str::to_owned);
-        (Server::spawn(dir, image, &listen, args, PathBuf::new()), port)
+        (Server::spawn(dir, image, &listen, args, PathBuf::new(), None), port)
     }
 
     fn spawn(
@@ -90,18 +100,17 @@ impl Server {
         listen: &[String],
         args: &[&str],
         socket: PathBuf,
+        log: Option<PathBuf>,
     ) -> Server {
         let pid_file = dir.join("nbd.pid");
         let _ = std::fs::remove_file(&pid_file);
-        let child = Command::new(env!("CARGO_BIN_EXE_aiocoro-nbd"))
-            .args(listen)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .args(args)
-            .arg(image)
-            .spawn()
-            .expect("start aiocoro-nbd");
-        let mut server = Server { child: Some(child), socket };
+        let mut command = Command::new(env!("CARGO_BIN_EXE_aiocoro-nbd"));
+        command.args(listen).arg("--pid-file").arg(&pid_file).args(args).arg(image);
+        if let Some(log) = &log {
+            command.stderr(std::fs::File::create(log).expect("create the server log"));
+        }
+        let child = command.spawn().expect("start aiocoro-nbd");
+        let mut server = Server { child: Some(child), socket, log };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !pid_file.exists() {
             if let Some(status) = server.child().try_wait().expect("poll the server") {
@@ -122,6 +131,17 @@ impl Server {
     pub fn signal(&mut self, signal: &str) {
         let pid = self.child().id().to_string();
         run_ok("kill", &[&format!("-{signal}"), &pid]);
+    }
+
+    /// The server's process id.
+    pub fn pid(&mut self) -> u32 {
+        self.child().id()
+    }
+
+    /// What the server wrote to standard error so far (started by [`Server::start_logged`]).
+    pub fn log(&self) -> String {
+        let log = self.log.as_ref().expect("the server was started with a log");
+        std::fs::read_to_string(log).expect("read the server log")
     }
 
     /// Whether the server is still running.

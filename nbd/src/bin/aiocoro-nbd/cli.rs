@@ -34,7 +34,8 @@ and libnbd do, the server accepts on descriptor 3 (Unix or TCP) instead of -k/-p
 
 Runs in the foreground (there is no --fork). SIGINT and SIGTERM shut the server down:
 connections are closed after their running requests, and the image is drained and
-flushed. TLS (--tls-creds) is out of scope: serve on a Unix socket or a trusted network.
+flushed. SIGUSR1 prints the live connections, requests and request buffer bytes on
+standard error. TLS (--tls-creds) is out of scope: serve on a Unix socket or a trusted network.
 ";
 
 /// What the command line asks for.

@@ -57,7 +57,7 @@ pub fn serve(
 ) -> io::Result<()> {
     let (events, inbox) = channel();
     let signal_events = events.clone();
-    signals.watch(move || {
+    signals.watch(report_stats, move || {
         let _ = signal_events.send(Event::Terminate);
     })?;
     let accept_events = events.clone();
@@ -66,6 +66,17 @@ pub fn serve(
         accept_loop(&listener, &accept_events);
     })?;
     run_events(&inbox, &events, &export, threads, policy)
+}
+
+/// Prints the live counts (SIGUSR1), for leak checks: one line on standard error.
+fn report_stats() {
+    let stats = aiocoro_nbd::stats();
+    // One write, so that a reader never sees half a line.
+    let line = format!(
+        "aiocoro-nbd: stats: connections={} requests={} request-bytes={}\n",
+        stats.connections, stats.requests, stats.request_bytes
+    );
+    let _ = io::Write::write_all(&mut io::stderr().lock(), line.as_bytes());
 }
 
 /// Accepts clients and passes them on until the main thread stops listening.

@@ -1,15 +1,16 @@
-//! SIGINT and SIGTERM as an orderly shutdown: blocked in every thread of the process and
-//! taken by one thread with `sigwait`, which tells the server.
+//! SIGINT and SIGTERM as an orderly shutdown, SIGUSR1 as a request for the live counts:
+//! blocked in every thread of the process and taken by one thread with `sigwait`.
 
 use std::io;
 
-/// SIGINT and SIGTERM, blocked in the calling thread and in every thread it starts later.
+/// SIGINT, SIGTERM and SIGUSR1, blocked in the calling thread and in every thread it starts
+/// later.
 pub struct TerminationSignals {
     set: libc::sigset_t,
 }
 
 impl TerminationSignals {
-    /// Blocks SIGINT and SIGTERM in the calling thread; call it before starting any thread,
+    /// Blocks SIGINT, SIGTERM and SIGUSR1 in the calling thread; call it before starting any thread,
     /// so that every thread inherits the mask and the signals wait for [`Self::watch`].
     ///
     /// # Errors
@@ -23,6 +24,7 @@ impl TerminationSignals {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGUSR1);
         }
         // SAFETY: `set` is initialised; a null old-set pointer is allowed.
         let error = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -32,19 +34,27 @@ impl TerminationSignals {
         Ok(TerminationSignals { set })
     }
 
-    /// Starts a thread that waits for the first SIGINT or SIGTERM and then calls
-    /// `on_signal` (once). The thread is not joined: it ends with the process.
+    /// Starts a thread that calls `on_report` on every SIGUSR1 and `on_terminate` (once) on
+    /// the first SIGINT or SIGTERM, then ends. It is not joined: it ends with the process.
     ///
     /// # Errors
     ///
     /// If the thread cannot be started.
-    pub fn watch(self, on_signal: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    pub fn watch(
+        self,
+        on_report: impl Fn() + Send + 'static,
+        on_terminate: impl FnOnce() + Send + 'static,
+    ) -> io::Result<()> {
         let set = self.set;
         std::thread::Builder::new().name("nbd-signals".into()).spawn(move || {
             let mut signal = 0;
             // SAFETY: `set` is an initialised sigset_t and `signal` a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                on_signal();
+            while unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                if signal != libc::SIGUSR1 {
+                    on_terminate();
+                    return;
+                }
+                on_report();
             }
         })?;
         Ok(())

@@ -1,0 +1,137 @@
+//! A thousand idle connections, active clients beside them, and clients that hang up in the
+//! middle of a request: everything is served, and afterwards the server holds no more
+//! connections, requests (coroutines), request buffers or descriptors than before.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use aiocoro_nbd::wire;
+use common::client::{Client, SIZE, request_bytes};
+use common::{Server, qcow2_image, temp_dir};
+
+/// Idle connections held open while the others run.
+const IDLE: usize = 1000;
+
+/// The open descriptors of process `pid`.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).expect("list the server's descriptors").count()
+}
+
+/// What the descriptors of process `pid` refer to, for a failure message.
+fn descriptor_targets(pid: u32) -> Vec<String> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("list the descriptors");
+    let target = |entry: std::fs::DirEntry| std::fs::read_link(entry.path()).ok();
+    entries.flatten().filter_map(target).map(|path| path.display().to_string()).collect()
+}
+
+/// The complete stats lines of the server's log.
+fn stats_lines(server: &Server) -> Vec<String> {
+    let log = server.log();
+    let complete = log.split_inclusive('\n').filter(|line| line.ends_with('\n'));
+    complete.filter(|line| line.contains("stats:")).map(str::to_owned).collect()
+}
+
+/// The server's live counts (connections, requests, request bytes), asked for with SIGUSR1.
+fn live_counts(server: &mut Server) -> [i64; 3] {
+    let lines = |server: &Server| stats_lines(server).len();
+    let before = lines(server);
+    server.signal("USR1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lines(server) == before {
+        assert!(Instant::now() < deadline, "no stats line after SIGUSR1");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let line = stats_lines(server).pop().expect("a stats line");
+    let value = |key: &str| -> i64 {
+        let start = line.find(&format!("{key}=")).unwrap_or_else(|| panic!("{key} in {line}"));
+        let digits = line[start + key.len() + 1..].split_whitespace().next().unwrap();
+        digits.parse().unwrap_or_else(|_| panic!("{key} in {line}"))
+    };
+    [value("connections"), value("requests"), value("request-bytes")]
+}
+
+/// Waits (at most 20 s) until the server is back to `counts` and (if given) `fds`
+/// descriptors; returns its descriptors.
+fn wait_for_baseline(server: &mut Server, counts: [i64; 3], fds: Option<usize>) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (now, now_fds) = (live_counts(server), descriptors(server.pid()));
+        if now == counts && fds.is_none_or(|fds| fds == now_fds) {
+            return now_fds;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leak: counts {now:?} (were {counts:?}), descriptors {now_fds} (were {fds:?}): {:?}",
+            descriptor_targets(server.pid())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes then reads back its own 64 KiB blocks, `rounds` times.
+fn active_client(server: &Server, slot: u64, rounds: u8) {
+    let (mut client, _) = Client::transmission(server);
+    for round in 0..rounds {
+        let data = vec![round ^ slot as u8; 65536];
+        let offset = slot * 65536;
+        assert_eq!(client.write(0, offset, &data), 0);
+        assert_eq!(client.read_data(offset, 65536), data, "slot {slot} round {round}");
+    }
+    client.request(wire::CMD_DISC, 0, 0, 0, &[]);
+    assert!(client.is_closed());
+}
+
+#[test]
+fn a_thousand_idle_clients_and_hang_ups_mid_request_leak_nothing() {
+    let dir = temp_dir("many");
+    let image = qcow2_image(&dir, "1M");
+    let mut server = Server::start_logged(&dir, &image, &["-t", "-e", "2000", "--iothreads", "2"]);
+    // A client on each IoThread first (round robin), so that what each creates lazily
+    // (its io_uring ring, pools) exists before the count.
+    active_client(&server, 0, 1);
+    active_client(&server, 1, 1);
+    let baseline = [0, 0, 0];
+    let fds = wait_for_baseline(&mut server, baseline, None);
+
+    let idle: Vec<Client> = (0..IDLE).map(|_| Client::transmission(&server).0).collect();
+    let counts = live_counts(&mut server);
+    assert_eq!(counts[0], IDLE as i64, "every idle client is served at once (-e 2000)");
+
+    std::thread::scope(|scope| {
+        for slot in 0..8 {
+            let server = &server;
+            scope.spawn(move || active_client(server, slot, 20));
+        }
+        for n in 0..50u64 {
+            let server = &server;
+            scope.spawn(move || {
+                let (mut client, _) = Client::transmission(server);
+                if n % 2 == 0 {
+                    // A write whose payload stops halfway.
+                    let header = request_bytes(wire::CMD_WRITE, 0, n, 0, 65536, &[7; 32768]);
+                    client.send(&header);
+                } else {
+                    // Pipelined reads, then gone without reading a reply.
+                    let mut burst = Vec::new();
+                    for cookie in 0..32 {
+                        burst.extend(request_bytes(wire::CMD_READ, 0, cookie, 0, 32768, &[]));
+                    }
+                    client.send(&burst);
+                }
+                drop(client);
+            });
+        }
+    });
+    // The idle clients are still served.
+    for client in idle.iter().step_by(97) {
+        let mut client = Client { stream: client.stream.try_clone().unwrap() };
+        assert_eq!(client.read_data(SIZE - 4096, 4096).len(), 4096);
+    }
+    drop(idle);
+    wait_for_baseline(&mut server, baseline, Some(fds));
+    // And the server goes on serving.
+    active_client(&server, 3, 2);
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+}
