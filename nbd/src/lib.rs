@@ -24,6 +24,7 @@ mod export;
 pub mod handshake;
 mod in_flight;
 pub mod options;
+mod outbox;
 mod socket;
 mod stats;
 pub mod transmission;

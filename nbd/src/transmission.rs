@@ -2,20 +2,20 @@
 //! a coroutine of its own, up to [`MAX_IN_FLIGHT`] at once; replies go out whole, in the
 //! order requests finish, as simple replies.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use aiocoro::aio::AioContext;
 use aiocoro::coroutine::Co;
-use aiocoro::sync::CoMutex;
 use aiocoro_block::IoBuffer;
 
 use crate::errors::nbd_errno;
 use crate::export::{Export, MAX_REQUEST};
 use crate::in_flight::InFlight;
 use crate::options::protocol_error;
+use crate::outbox::Outbox;
 use crate::socket::CoSocket;
 use crate::wire;
 
@@ -40,8 +40,8 @@ struct Request {
 struct Connection<S> {
     stream: S,
     export: Arc<Export>,
-    /// Held while a reply is written, so that replies go out whole.
-    writer: CoMutex<()>,
+    /// Replies on their way out (whole, several per system call).
+    outbox: Outbox,
     in_flight: Rc<InFlight>,
 }
 
@@ -64,12 +64,14 @@ where
     let connection = Rc::new(Connection {
         stream,
         export,
-        writer: CoMutex::new(()),
+        outbox: Outbox::new(),
         in_flight: InFlight::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES),
     });
     let result = read_requests(co, &connection);
     connection.in_flight.wait_idle(co);
-    result
+    // The replies still queued go out before the connection closes.
+    let flushed = connection.outbox.flush(co, &CoSocket::new(co, &connection.stream));
+    result.and(flushed)
 }
 
 /// The reader: reads requests (and write payloads) and starts a coroutine for each.
@@ -78,7 +80,7 @@ where
     for<'s> &'s S: Read + Write,
 {
     let context = AioContext::current().expect("aiocoro-nbd: a connection runs in an AioContext");
-    let socket = CoSocket::new(co, &connection.stream);
+    let socket = CoSocket::with_read_ahead(co, &connection.stream);
     loop {
         let request = read_request(&socket)?;
         // What the request's buffer will hold (nothing for one refused before it allocates).
@@ -227,9 +229,9 @@ fn invalid(message: String) -> io::Error {
 
 /// Sends the simple reply to `request`, whole: the error value of `result`, and `data` on
 /// success.
-fn send_reply<S: AsRawFd>(
+fn send_reply<S: AsRawFd + 'static>(
     co: &Co,
-    connection: &Connection<S>,
+    connection: &Rc<Connection<S>>,
     request: Request,
     result: io::Result<()>,
     data: &[u8],
@@ -245,8 +247,15 @@ where
     header[0..4].copy_from_slice(&wire::SIMPLE_REPLY_MAGIC.to_be_bytes());
     header[4..8].copy_from_slice(&error.to_be_bytes());
     header[8..16].copy_from_slice(&request.cookie.to_be_bytes());
-    let _writing = connection.writer.lock(co);
     let socket = CoSocket::new(co, &connection.stream);
-    socket.write_all(&header)?;
-    if error == 0 { socket.write_all(data) } else { Ok(()) }
+    let data = if error == 0 { data } else { &[] };
+    let parts = &mut [IoSlice::new(&header), IoSlice::new(data)];
+    connection.outbox.send(co, &socket, parts, || {
+        let connection = connection.clone();
+        let context = AioContext::current().expect("aiocoro-nbd: a connection runs in a context");
+        context.spawn(move |co| {
+            // A broken connection is seen by the reader on its next read.
+            let _ = connection.outbox.flush(co, &CoSocket::new(co, &connection.stream));
+        });
+    })
 }
