@@ -1,6 +1,7 @@
 //! The replies of one connection on their way out. Small replies are queued and sent
 //! together by one flush that runs after the requests finishing in the same round of the
-//! event loop, in one system call instead of one each; a large reply is written at once.
+//! event loop, in one system call instead of one each; a large reply, or one that finds the
+//! queue full, is written at once.
 //! Either way a reply goes out whole: writing happens under one lock.
 
 use std::cell::{Cell, RefCell};
@@ -15,6 +16,10 @@ use crate::socket::CoSocket;
 /// Replies up to this size (header and data) are queued; larger ones are written at once
 /// (copying them would cost more than the system call it saves).
 const QUEUED_MAX: usize = 16 * 1024;
+/// The most bytes queued. Past it a reply is written at once, its request waiting (and
+/// counting against the connection's in-flight limit) while the socket is full: a client
+/// that stops reading replies stops the reader instead of growing the queue.
+const QUEUE_LIMIT: usize = 256 * 1024;
 
 /// The replies of one connection not yet written, and the lock writers take.
 pub(crate) struct Outbox {
@@ -57,7 +62,7 @@ impl Outbox {
         for<'s> &'s S: Read + Write,
     {
         let length: usize = parts.iter().map(|part| part.len()).sum();
-        if length > QUEUED_MAX {
+        if length > QUEUED_MAX || self.queued.borrow().len() + length > QUEUE_LIMIT {
             let _writing = self.writer.lock(co);
             return socket.write_all_vectored(parts);
         }

@@ -135,3 +135,40 @@ fn a_thousand_idle_clients_and_hang_ups_mid_request_leak_nothing() {
     server.signal("TERM");
     assert!(server.wait_exit().success());
 }
+
+/// The resident memory of process `pid`, in bytes.
+fn resident(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|line| line.starts_with("VmRSS:")).expect("VmRSS");
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[test]
+fn a_client_that_stops_reading_replies_holds_bounded_memory() {
+    const READS: usize = 20_000; // 80 MiB of replies
+    let dir = temp_dir("stops-reading");
+    let image = qcow2_image(&dir, "1M");
+    let mut server = Server::start_logged(&dir, &image, &["-t", "--iothreads", "1"]);
+    active_client(&server, 0, 1);
+    let before = resident(server.pid());
+    let (client, _) = Client::transmission(&server);
+    let mut sender = client.stream.try_clone().unwrap();
+    sender.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let sending = std::thread::spawn(move || {
+        let mut burst = Vec::new();
+        for cookie in 0..READS as u64 {
+            burst.extend(request_bytes(wire::CMD_READ, 0, cookie, 0, 4096, &[]));
+        }
+        // Blocks once the server stops reading (back-pressure); ends when the test hangs up.
+        let _ = std::io::Write::write_all(&mut sender, &burst);
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let grown = resident(server.pid()).saturating_sub(before);
+    let counts = live_counts(&mut server);
+    assert!(grown < 32 << 20, "the server grew by {grown} bytes for a client that reads nothing");
+    assert!(counts[1] <= 32, "{} requests run for one connection (limit 32)", counts[1]);
+    client.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    sending.join().unwrap();
+    wait_for_baseline(&mut server, [0, 0, 0], None);
+}
