@@ -117,8 +117,8 @@ done
 echo "fio --ioengine=nbd, 4 KiB, iodepth 32, ${runtime} s per run, median of $rounds alternating rounds;"
 echo "$(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo '| workload | jobs | aiocoro-nbd | qemu-nbd -e 4 | qemu-storage-daemon | fio io_uring on the file | ours / best peer | ours / file |'
-echo '|---|---:|---:|---:|---:|---:|---:|---:|'
+echo '| workload | jobs | aiocoro-nbd | qemu-nbd -e 4 | qemu-storage-daemon | fio io_uring on the file | ours / best peer | per round | ours / file |'
+echo '|---|---:|---:|---:|---:|---:|---:|---|---:|'
 for config in "${configs[@]}"; do
     read -r rw jobs <<<"$config"
     row=()
@@ -126,10 +126,15 @@ for config in "${configs[@]}"; do
         values=${results[$rw $jobs $target]:-}
         if [ -n "$values" ]; then row+=("$(printf '%s\n' $values | median)"); else row+=(-); fi
     done
-    awk -v rw="$rw" -v j="$jobs" -v o="${row[0]}" -v q="${row[1]}" -v s="${row[2]}" -v d="${row[3]}" 'BEGIN {
+    # Ours against the better peer of the same round: the ratio least touched by the load.
+    per_round=$(paste -d' ' <(printf '%s\n' ${results[$rw $jobs ours]}) \
+        <(printf '%s\n' ${results[$rw $jobs qemu-nbd]}) <(printf '%s\n' ${results[$rw $jobs qsd]}) |
+        awk '{ best = $2 > $3 ? $2 : $3; printf "%s%.2f", NR > 1 ? " " : "", $1 / best }')
+    awk -v rw="$rw" -v j="$jobs" -v o="${row[0]}" -v q="${row[1]}" -v s="${row[2]}" -v d="${row[3]}" \
+        -v r="$per_round" 'BEGIN {
         best = q > s ? q : s
         file = d == "-" ? "-" : sprintf("%.2fx", o / d)
-        printf "| %s | %d | %d | %d | %d | %s | %.2fx | %s |\n", rw, j, o, q, s, d, o / best, file }'
+        printf "| %s | %d | %d | %d | %d | %s | %.2fx | %s | %s |\n", rw, j, o, q, s, d, o / best, r, file }'
 done
 echo
 echo "raw samples (IOPS per round):"
