@@ -129,7 +129,7 @@ for config in "${configs[@]}"; do
     # Ours against the better peer of the same round: the ratio least touched by the load.
     per_round=$(paste -d' ' <(printf '%s\n' ${results[$rw $jobs ours]}) \
         <(printf '%s\n' ${results[$rw $jobs qemu-nbd]}) <(printf '%s\n' ${results[$rw $jobs qsd]}) |
-        awk '{ best = $2 > $3 ? $2 : $3; printf "%s%.2f", NR > 1 ? " " : "", $1 / best }')
+        awk '{ best = $2 > $3 ? $2 : $3; printf "%s%.2f", (NR > 1 ? " " : ""), $1 / best }')
     awk -v rw="$rw" -v j="$jobs" -v o="${row[0]}" -v q="${row[1]}" -v s="${row[2]}" -v d="${row[3]}" \
         -v r="$per_round" 'BEGIN {
         best = q > s ? q : s
