@@ -3,13 +3,15 @@
 //! check` finds no corruption (leaked clusters, which a kill may leave, are allowed).
 //!
 //! `AIOCORO_NBD_CRASH_ROUNDS` (default 2) kills and checks that many times, each on a fresh
-//! image; `AIOCORO_NBD_CRASH_MS` (default 700) is how long the clients write before the kill.
+//! image; `AIOCORO_NBD_CRASH_MS` (default 700) is how long the clients write, from their first
+//! durable batch, before the kill.
 
 mod common;
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use aiocoro_nbd::wire;
 use common::client::{Client, request_bytes};
@@ -42,8 +44,9 @@ fn reply(stream: &mut UnixStream) -> io::Result<u32> {
 
 /// Writes the blocks of region `writer` in a shuffled order, batch after batch, each batch
 /// made durable by a flush (or, one batch in four, by `FUA` on every write), until the
-/// server dies; returns the (offset, tag) of every write acknowledged as durable.
-fn writer(server: &Server, writer: u64) -> Vec<(u64, u64)> {
+/// server dies; returns the (offset, tag) of every write acknowledged as durable, and counts
+/// the durable batches in `batches`.
+fn writer(server: &Server, writer: u64, batches: &AtomicUsize) -> Vec<(u64, u64)> {
     let (client, _, _) = Client::go(server);
     let mut stream = client.stream;
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -83,6 +86,7 @@ fn writer(server: &Server, writer: u64) -> Vec<(u64, u64)> {
         }
         if fua {
             durable.extend(&writes);
+            batches.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         let flush = request_bytes(wire::CMD_FLUSH, 0, 0, 0, 0, &[]);
@@ -90,7 +94,10 @@ fn writer(server: &Server, writer: u64) -> Vec<(u64, u64)> {
             return durable;
         }
         match reply(&mut stream) {
-            Ok(0) => durable.extend(&writes),
+            Ok(0) => {
+                durable.extend(&writes);
+                batches.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(error) => panic!("a flush failed with error {error}"),
             Err(_) => return durable,
         }
@@ -104,10 +111,17 @@ fn kill_while_writing(round: u64, run_for: Duration) {
     let args = ["-t", "-e", "8", "--iothreads", "2", "--cache=none", "-f", "qcow2"];
     let mut server = Server::start(&dir, &image, &args);
     let pid = server.pid().to_string();
+    let batches = &AtomicUsize::new(0);
     let durable: Vec<(u64, u64)> = std::thread::scope(|scope| {
         let server_ref = &server;
         let writers: Vec<_> =
-            (0..WRITERS).map(|n| scope.spawn(move || writer(server_ref, n))).collect();
+            (0..WRITERS).map(|n| scope.spawn(move || writer(server_ref, n, batches))).collect();
+        // The clock starts at the first durable batch, so that a slow start (a loaded
+        // machine) still leaves writes to check.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while batches.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         std::thread::sleep(run_for);
         common::run_ok("kill", &["-KILL", &pid]);
         writers.into_iter().flat_map(|writer| writer.join().expect("a writer panicked")).collect()
@@ -120,11 +134,11 @@ fn kill_while_writing(round: u64, run_for: Duration) {
     let path = image.to_str().unwrap();
     // The killed process's io_uring ring lets go of the file (and its image lock) a moment
     // after the process is gone.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     let check = loop {
         let check = run("qemu-img", &["check", path]);
         let locked = String::from_utf8_lossy(&check.stderr).contains("lock");
-        if !locked || std::time::Instant::now() > deadline {
+        if !locked || Instant::now() > deadline {
             break check;
         }
         std::thread::sleep(Duration::from_millis(20));

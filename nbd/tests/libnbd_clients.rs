@@ -113,3 +113,40 @@ fn nbdcopy_reads_over_tcp_with_four_connections() {
     run_ok("nbdcopy", &["--connections", "4", &url, out.to_str().unwrap()]);
     assert_same_bytes(&source, &out);
 }
+
+#[test]
+fn a_socket_activated_tcp_listener_is_served() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = temp_dir("activation-tcp");
+    let image = common::qcow2_image(&dir, "64M");
+    // What systemd does: bind, pass the socket as descriptor 3, name the process in LISTEN_PID
+    // (the shell's $$ is the pid the server keeps after exec).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fd = listener.as_raw_fd();
+    let mut command = std::process::Command::new("sh");
+    command
+        .args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"", SERVER, "-t", "-r"])
+        .arg(&image);
+    // SAFETY: between fork and exec the hook only calls dup2 and fcntl, which are
+    // async-signal-safe; `fd` is open (the listener lives until after the spawn).
+    unsafe {
+        command.pre_exec(move || {
+            // dup2 onto itself would keep close-on-exec: clear it instead.
+            let result = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+            if result < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut server = command.spawn().expect("start the server");
+    drop(listener); // The server holds its own copy.
+    let info = common::run("nbdinfo", &[&format!("nbd://127.0.0.1:{port}/")]);
+    let _ = server.kill();
+    let _ = server.wait();
+    let stdout = String::from_utf8_lossy(&info.stdout);
+    assert!(info.status.success(), "nbdinfo: {stdout}{}", String::from_utf8_lossy(&info.stderr));
+    assert!(stdout.contains("export-size: 67108864") && stdout.contains("is_read_only: true"));
+}
