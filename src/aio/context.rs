@@ -22,6 +22,8 @@ use super::wait::{WaitState, WakeReason};
 use crate::coroutine::{Co, Coroutine, Park, in_coroutine};
 use crate::sys;
 
+/// How many looks for work a busy poll makes between two reads of the clock.
+const LOOKS_PER_CLOCK_READ: u32 = 16;
 /// What other threads send a context.
 pub(crate) enum Message {
     /// A bottom half became pending.
@@ -681,6 +683,12 @@ impl Local {
     /// Spins for the adaptive window; returns whether work showed up. With
     /// [`AdaptivePolling::pause_while_preempted`], spins not at all while the thread keeps
     /// being preempted.
+    ///
+    /// While this thread spins, its own code runs nothing, so its bottom halves, run queue and
+    /// timers cannot change: the spin looks only at what other threads and the kernel can
+    /// bring (the inbox and io_uring completions), and reads the clock (a vDSO call that costs
+    /// as much as many looks) only every [`LOOKS_PER_CLOCK_READ`] looks, for the window and the
+    /// nearest timer both.
     fn busy_poll(&self) -> bool {
         let window = match self.adaptive.borrow_mut().as_mut() {
             Some(polling) if polling.window_ns() > 0 => {
@@ -693,14 +701,26 @@ impl Local {
             }
             _ => return false,
         };
+        if self.has_work() {
+            return true;
+        }
         let start = clock_ns();
-        while clock_ns() - start < window {
-            if self.has_work() || super::uring::completions_ready() {
+        let timer_due = self.timers.borrow_mut().next_deadline();
+        loop {
+            for _ in 0..LOOKS_PER_CLOCK_READ {
+                if !self.shared.inbox.is_empty() || super::uring::completions_ready() {
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            let now = clock_ns();
+            if timer_due.is_some_and(|due| due <= now) {
                 return true;
             }
-            std::hint::spin_loop();
+            if now - start >= window {
+                return false;
+            }
         }
-        false
     }
 
     fn adapt_polling(&self, blocked_ns: u64) {

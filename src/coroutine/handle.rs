@@ -107,7 +107,7 @@ impl Coroutine {
     /// If the coroutine is running (it is the caller itself, or one of the coroutines that
     /// entered the caller) or has ended. Both are bugs in the caller, as in QEMU, where they
     /// abort.
-    #[inline]
+    #[inline(always)]
     pub fn enter(&self) {
         let slot = self.slot();
         if slot.state.get() != State::Ready {
