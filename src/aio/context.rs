@@ -18,6 +18,7 @@ use super::handle::AioHandle;
 use super::inbox::Inbox;
 use super::notify::{Blocker, NotifyState};
 use super::timer::{Timer, TimerQueue, clock_ns};
+use super::uring::FileIo;
 use super::wait::{WaitState, WakeReason};
 use crate::coroutine::{Co, Coroutine, Park, in_coroutine};
 use crate::sys;
@@ -160,6 +161,9 @@ pub(crate) struct Local {
     pub(crate) parked: Cell<usize>,
     pub(crate) run_queue: RefCell<VecDeque<RunItem>>,
     pub(crate) adaptive: RefCell<Option<AdaptivePolling>>,
+    /// The context's file-I/O engine (its io_uring, or the thread pool), chosen on its first
+    /// file I/O and ended when it shuts down.
+    pub(crate) file_io: FileIo,
     /// Where the context is in its life (see [`Phase`]).
     phase: Cell<Phase>,
 }
@@ -418,6 +422,7 @@ impl AioContext {
             parked: Cell::new(0),
             run_queue: RefCell::default(),
             adaptive: RefCell::default(),
+            file_io: FileIo::default(),
             phase: Cell::new(Phase::Running),
         });
         CURRENT.with(|current| current.set(Rc::as_ptr(&local)));
@@ -587,7 +592,7 @@ impl Local {
             events.reserve(64);
         }
         let started = clock_ns();
-        let submitted = super::uring::submit_queued();
+        let submitted = self.file_io.submit_queued();
         let may_block = blocking && submitted && !self.busy_poll();
         let timeout = if may_block { self.timeout() } else { Some(Duration::ZERO) };
         {
@@ -645,7 +650,11 @@ impl Local {
         state.deliver(reason).then(|| state.coroutine.clone())
     }
 
-    fn set_fd_handler(&self, fd: std::os::fd::RawFd, handler: FdHandler) -> io::Result<()> {
+    pub(crate) fn set_fd_handler(
+        &self,
+        fd: std::os::fd::RawFd,
+        handler: FdHandler,
+    ) -> io::Result<()> {
         let (unset, result) = self.fds.borrow_mut().set_handler(self.epoll.as_fd(), fd, handler);
         // Dropped after the table's borrow ends: its callbacks may own values whose drops set
         // handlers too.
@@ -708,7 +717,7 @@ impl Local {
         let timer_due = self.timers.borrow_mut().next_deadline();
         loop {
             for _ in 0..LOOKS_PER_CLOCK_READ {
-                if !self.shared.inbox.is_empty() || super::uring::completions_ready() {
+                if !self.shared.inbox.is_empty() || self.file_io.completions_ready() {
                     return true;
                 }
                 std::hint::spin_loop();
@@ -886,6 +895,8 @@ impl Local {
         }
         drop(std::mem::take(&mut *self.tasks.borrow_mut()));
         drop(self.shared.inbox.take_all());
+        // The ring goes with its context, once the kernel is done with what it still holds.
+        self.file_io.close(self);
         if let Some(panic) = panic {
             if !std::thread::panicking() {
                 std::panic::resume_unwind(panic);

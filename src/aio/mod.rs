@@ -61,7 +61,6 @@ mod sleep;
 pub(crate) mod thread_pool;
 mod timer;
 mod uring;
-mod uring_merge;
 mod wait;
 #[cfg(aiocoro_loom)]
 mod wait_model;

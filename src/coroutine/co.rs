@@ -1,4 +1,20 @@
 //! The `&Co` token: proof that the code holding it runs inside a coroutine and may yield.
+//!
+//! `Co`'s methods live beside what they wait for, so that each subsystem keeps its state
+//! private; this file defines the core ones. The whole coroutine-side surface:
+//!
+//! | Method | Waits for | Defined in |
+//! |---|---|---|
+//! | [`Co::yield_now`], [`Co::current`] | the enterer (plain coroutine switch) | `coroutine/co.rs` |
+//! | [`Co::reschedule`], [`Co::prepare_wait`], [`Co::sleep`] | the context's run queue, a wake, a timer | `aio/wait.rs` |
+//! | [`Co::sleep_wakeable`] | a timer or a [`Sleeper`](crate::aio::Sleeper) | `aio/sleep.rs` |
+//! | [`Co::wait_readable`], [`Co::wait_writable`] | a file descriptor | `aio/fd.rs` |
+//! | [`Co::run_blocking`] | a job on the thread pool | `aio/thread_pool.rs` |
+//! | [`Co::block_on`] | any `Future` | `aio/future.rs` |
+//! | [`Co::join`] | another coroutine's end | `aio/join.rs` |
+//!
+//! Locks take the `&Co` as an argument instead ([`CoMutex::lock`](crate::sync::CoMutex),
+//! [`CoQueue::wait`](crate::sync::CoQueue::wait), ...).
 
 use std::cell::Cell;
 use std::marker::PhantomData;

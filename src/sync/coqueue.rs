@@ -99,7 +99,7 @@ impl CoQueue {
     /// Ties the queue to `guard`'s lock, or checks that it is tied to it.
     #[inline]
     fn bound<R: RawLock, T: ?Sized>(&self, guard: &LockGuard<'_, R, T>) {
-        let id = ptr::from_ref(guard.lock()).cast::<()>() as usize;
+        let id = ptr::from_ref(LockGuard::lock(guard)).cast::<()>() as usize;
         let mut bound = self.lock.load(Ordering::Relaxed);
         if bound == 0 {
             bound = match self.lock.compare_exchange(0, id, Ordering::Relaxed, Ordering::Relaxed) {

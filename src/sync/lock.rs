@@ -112,9 +112,11 @@ impl<'a, R: RawLock, T: ?Sized> LockGuard<'a, R, T> {
         LockGuard { lock, _not_send: PhantomData }
     }
 
-    /// The lock this guard holds.
-    pub fn lock(&self) -> &'a Lock<R, T> {
-        self.lock
+    /// The lock `guard` holds. An associated function, as lock_api's `MutexGuard::mutex`, so
+    /// that it does not hide a `lock` method of the protected data behind `Deref`: call it as
+    /// `LockGuard::lock(&guard)`.
+    pub fn lock(guard: &Self) -> &'a Lock<R, T> {
+        guard.lock
     }
 
     /// Releases the lock while the guard stays borrowed (so the data cannot be reached), for
