@@ -51,8 +51,8 @@ mod sys;
 #[doc(hidden)]
 pub mod loom_exports {
     pub use crate::aio::inbox::Inbox;
-    pub use crate::aio::notify::{Blocker, NotifyState};
-    pub use crate::aio::thread_pool::{Job, Notify, Pending, Ticket, ticket};
+    pub use crate::aio::notify::{Blocker, WakeupHandshake};
+    pub use crate::aio::thread_pool::{Job, JobDone, Pending, Ticket, ticket};
     pub use crate::coroutine::shared_pool::SharedPool;
 }
 

@@ -71,12 +71,12 @@ impl Drop for Drained<'_> {
 }
 
 /// Counts a request out when it ends, however it ends.
-struct InFlight<'a> {
+struct CountedRequest<'a> {
     gate: &'a RequestGate,
     passed: Passed,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for CountedRequest<'_> {
     fn drop(&mut self) {
         self.gate.leave(&self.passed);
     }
@@ -160,7 +160,7 @@ impl BlockBackend {
 
     fn run<R>(&self, co: &Co, request: impl FnOnce(&BlockNode) -> io::Result<R>) -> io::Result<R> {
         let passed = self.inner.gate.enter(co);
-        let _in_flight = InFlight { gate: &self.inner.gate, passed };
+        let _in_flight = CountedRequest { gate: &self.inner.gate, passed };
         request(&self.inner.root)
     }
 

@@ -16,11 +16,11 @@ use super::bh::{BhCore, BottomHalf};
 use super::fd::{FdHandler, FdTable};
 use super::handle::AioHandle;
 use super::inbox::Inbox;
-use super::notify::{Blocker, NotifyState};
+use super::notify::{Blocker, WakeupHandshake};
 use super::timer::{Timer, TimerQueue, clock_ns};
 use super::uring::FileIo;
 use super::wait::{WaitState, WakeReason};
-use crate::coroutine::{Co, Coroutine, Park, in_coroutine};
+use crate::coroutine::{Co, Coroutine, ParkState, in_coroutine};
 use crate::sys;
 
 /// How many looks for work a busy poll makes between two reads of the clock.
@@ -63,7 +63,7 @@ pub(crate) enum RunItem {
     Start(Coroutine),
     /// Resume the coroutine whose suspension under this key was woken.
     Resume(Key),
-    /// Resume this unparked coroutine (see [`Parked`](super::wait::Parked)).
+    /// Resume this unparked coroutine (see [`ParkRecord`](super::wait::ParkRecord)).
     Unpark(Coroutine),
 }
 
@@ -72,7 +72,7 @@ pub(crate) struct Shared {
     /// Distinguishes contexts, so a stale local waker cannot reach a later context.
     pub(crate) id: u64,
     pub(crate) inbox: Inbox<Message>,
-    pub(crate) notify: NotifyState,
+    pub(crate) notify: WakeupHandshake,
     /// Signalled to wake the home thread from `epoll_wait`.
     eventfd: OwnedFd,
 }
@@ -157,7 +157,7 @@ pub(crate) struct Local {
     pub(crate) fds: RefCell<FdTable>,
     pub(crate) waits: RefCell<Arena<WaitState>>,
     /// Coroutines of this context in a park, woken or not (see
-    /// [`Parked`](super::wait::Parked)): suspended like those of `waits`.
+    /// [`ParkRecord`](super::wait::ParkRecord)): suspended like those of `waits`.
     pub(crate) parked: Cell<usize>,
     pub(crate) run_queue: RefCell<VecDeque<RunItem>>,
     pub(crate) adaptive: RefCell<Option<AdaptivePolling>>,
@@ -406,7 +406,7 @@ impl AioContext {
         let shared = Arc::new(Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             inbox: Inbox::new(),
-            notify: NotifyState::new(),
+            notify: WakeupHandshake::new(),
             eventfd,
         });
         let local = Rc::new(Local {
@@ -829,11 +829,11 @@ impl Local {
                     let park = coroutine.park_state();
                     debug_assert_eq!(
                         park.get(),
-                        Park::Woken,
-                        "aiocoro: a parked coroutine's run item found it not Woken: a Parked \
-                         record goes Parked -> Woken (one unpark, one run item) -> Idle"
+                        ParkState::Woken,
+                        "aiocoro: a parked coroutine's run item found it not Woken: a ParkRecord \
+                         goes Parked -> Woken (one unpark, one run item) -> Idle"
                     );
-                    park.set(Park::Idle);
+                    park.set(ParkState::Idle);
                     self.parked.set(self.parked.get() - 1);
                     coroutine
                 }
@@ -885,7 +885,7 @@ impl Local {
         self.shared.inbox.shut();
         // Unstarted coroutines and pending callbacks are dropped with the queues, except the
         // run items of coroutines handed a park (a coroutine left there can never run: its item
-        // is leaked, see `Parked::unpark`).
+        // is leaked, see `ParkRecord::unpark`).
         let run_queue = std::mem::take(&mut *self.run_queue.borrow_mut());
         for item in run_queue {
             match item {

@@ -15,7 +15,7 @@ use crate::loom::{AtomicBool, AtomicU32, AtomicU64, fence};
 
 /// The shared half of the handshake.
 #[derive(Default)]
-pub struct NotifyState {
+pub struct WakeupHandshake {
     /// Non-zero while the home thread may block (in units of 2, as in QEMU, so that nested
     /// polls can count themselves).
     notify_me: AtomicU32,
@@ -23,7 +23,7 @@ pub struct NotifyState {
     notified: AtomicBool,
     /// How many times the event was signalled, for tests and statistics.
     signals: AtomicU64,
-    /// Set by [`NotifyState::kick`]: the next wait returns at once even with no work queued
+    /// Set by [`WakeupHandshake::kick`]: the next wait returns at once even with no work queued
     /// (QEMU's `aio_wait_kick` schedules a dummy BH for the same purpose).
     kicked: AtomicBool,
 }
@@ -38,7 +38,7 @@ pub trait Blocker {
     fn reset_event(&mut self);
 }
 
-impl NotifyState {
+impl WakeupHandshake {
     /// Creates the state of a context that is not blocking.
     pub fn new() -> Self {
         Self::default()

@@ -134,12 +134,12 @@ pub trait Job: Send + Sync {
 
 /// Tells a job's submitter that the job is done: a coroutine's [`Waker`] in production, a
 /// model of it under loom.
-pub trait Notify: Send + Sync {
+pub trait JobDone: Send + Sync {
     /// Called once, after the result is in the ticket.
     fn notify(&self);
 }
 
-impl Notify for Waker {
+impl JobDone for Waker {
     fn notify(&self) {
         self.wake();
     }
@@ -154,7 +154,7 @@ pub fn ticket<F, R, N>(job: F, notify: N) -> Handoff<F, R, N>
 where
     F: FnOnce() -> R + Send,
     R: Send,
-    N: Notify,
+    N: JobDone,
 {
     let ticket = Arc::new(Ticket {
         state: Mutex::new(TicketState::Queued(job)),
@@ -403,7 +403,7 @@ impl<F, R, N> Job for Ticket<F, R, N>
 where
     F: FnOnce() -> R + Send,
     R: Send,
-    N: Notify,
+    N: JobDone,
 {
     fn run(&self) {
         let job = {

@@ -21,7 +21,7 @@ use std::marker::PhantomData;
 use std::ptr::NonNull;
 
 use super::Coroutine;
-use super::slot::{Park, RawYielder, Slot, State};
+use super::slot::{ParkState, RawYielder, Slot, State};
 
 /// The token a coroutine body receives: QEMU's `coroutine_fn` annotation as a type.
 ///
@@ -197,9 +197,9 @@ impl Co {
         }
     }
 
-    /// This coroutine's park state (see `aio::wait::Parked`).
+    /// This coroutine's park state (see `aio::wait::ParkRecord`).
     #[inline]
-    pub(crate) fn park_state(&self) -> &Cell<Park> {
+    pub(crate) fn park_state(&self) -> &Cell<ParkState> {
         #[cfg(aiocoro_loom)]
         self.assert_not_model();
         // SAFETY: the slot outlives every `&Co` (field invariant).

@@ -15,7 +15,7 @@ use std::io::{self, IoSlice};
 
 use aiocoro::coroutine::Co;
 
-use super::allocation::Allocation;
+use super::allocation::SharedAllocation;
 use super::compressed::compress_cluster;
 use super::driver::Qcow2Driver;
 use super::io::gather;
@@ -118,7 +118,7 @@ impl Qcow2Driver {
             };
             let purpose = format_args!("the compressed data of {guest}");
             let host = meta.allocate_bytes(co, &file, len, &purpose)?;
-            let allocation = Allocation::new();
+            let allocation = SharedAllocation::new();
             meta.start_allocation(cluster.0, 1, allocation.clone(), false);
             (host, l2, allocation)
         };

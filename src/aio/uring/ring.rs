@@ -36,15 +36,15 @@ pub(super) struct Ring {
     uring: RefCell<IoUring>,
     /// Signalled by the kernel for each completion; the context's fd handler reaps then.
     eventfd: OwnedFd,
-    /// The in-flight table: one `Op::Pending` entry per request a coroutine made and has not
-    /// got the result of, and one `Op::Merged` entry per merged request in the kernel. The
+    /// The in-flight table: one `RequestState::Pending` entry per request a coroutine made and has not
+    /// got the result of, and one `RequestState::Merged` entry per merged request in the kernel. The
     /// key of a request in the kernel alone, or of a merged request, is its `user_data`.
     ///
     /// The kernel reads and writes the caller's buffers (and iovec array) from the moment the
     /// request is pushed until its completion is posted, while the coroutine that owns them
     /// sleeps. So the entry is made before the request is staged, and the coroutine's
     /// [`RequestGuard`](super::request_guard::RequestGuard), which lives in the frame that borrows the buffers, removes it only
-    /// after the result has been reaped into it (`Op::Done`). A member of a merged request is
+    /// after the result has been reaped into it (`RequestState::Done`). A member of a merged request is
     /// not done before the merged completion has been reaped: then it gets its length, or it
     /// is staged again alone and waits for that request's completion. If the coroutine is
     /// unwound first, the guard's drop takes the request out of `staged` if it is there, or
@@ -54,17 +54,17 @@ pub(super) struct Ring {
     /// the unwinding go on and free the buffers. Dropping the ring likewise cancels and waits
     /// for everything still in the kernel first.
     ///
-    /// A merged request's iovec array is the ring's: it lives in the `Op::Merged` entry,
+    /// A merged request's iovec array is the ring's: it lives in the `RequestState::Merged` entry,
     /// unchanged, from before the request is pushed until its completion has been reaped.
-    ops: RefCell<Arena<Op>>,
+    ops: RefCell<Arena<RequestState>>,
     /// Requests made and not yet in the submission queue, in the order they were made (each
-    /// one's entry is `Op::Pending` at `Location::Staged`); `flush_staged` moves them there, runs of
+    /// one's entry is `RequestState::Pending` at `Location::Staged`); `flush_staged` moves them there, runs of
     /// contiguous neighbours merged. The iovec arrays and buffers they name are valid for as
     /// long as they are here (the owner's `RequestGuard` takes them out before it lets go).
     staged: RefCell<VecDeque<Staged>>,
     /// Requests pushed (single, merged, cancels) whose completion has not been reaped.
     in_kernel: Cell<usize>,
-    /// Requests owed a result (the `Op::Pending` entries): staged, in the kernel alone or
+    /// Requests owed a result (the `RequestState::Pending` entries): staged, in the kernel alone or
     /// merged, or staged again after their merged request fell short.
     owed: Cell<usize>,
     /// Cancel requests pushed whose completion has not been reaped.
@@ -96,22 +96,22 @@ struct MergeStats {
 }
 
 /// A request owed a result.
-enum Op {
+enum RequestState {
     /// Not done; where it is, and the waker of the coroutine waiting for it, once it waits.
     Pending { waker: Option<LocalWaker>, at: Location },
     /// Its result, for the coroutine to take.
     Done(i32),
     /// A merged request in the kernel (not owed to any coroutine).
-    Merged(Merged),
+    Merged(MergedRequest),
 }
 
-impl Op {
+impl RequestState {
     /// Makes a pending request done with `result` and adds its waiter's waker, if it waits, to
     /// `woken`; whether it was pending (a done or merged entry is left as it is).
     fn complete(&mut self, result: i32, woken: &mut Vec<LocalWaker>) -> bool {
-        let Op::Pending { waker, .. } = self else { return false };
+        let RequestState::Pending { waker, .. } = self else { return false };
         woken.extend(waker.take());
-        *self = Op::Done(result);
+        *self = RequestState::Done(result);
         true
     }
 }
@@ -124,11 +124,11 @@ enum Location {
     /// In the kernel, alone: its key is the `user_data`.
     Kernel,
     /// In the kernel inside the merged request under this key.
-    Merged(Key),
+    MergedRequest(Key),
 }
 
 /// A merged request in the kernel.
-struct Merged {
+struct MergedRequest {
     /// The members' keys and requests, in queue order (the order of their bytes).
     members: Vec<(Key, VectoredIo)>,
     /// The concatenation of the members' iovec arrays: what the kernel reads as the request's
@@ -247,7 +247,10 @@ impl Ring {
     /// under the returned key is done and taken ([`Ring::take_result`]) or cancelled
     /// ([`Ring::cancel_and_wait`]): see the invariant on `ops`.
     pub(super) unsafe fn stage(&self, request: Request) -> Key {
-        let key = self.ops.borrow_mut().insert(Op::Pending { waker: None, at: Location::Staged });
+        let key = self
+            .ops
+            .borrow_mut()
+            .insert(RequestState::Pending { waker: None, at: Location::Staged });
         self.owed.set(self.owed.get() + 1);
         self.staged.borrow_mut().push_back(Staged { key, request });
         key
@@ -266,13 +269,13 @@ impl Ring {
     pub(super) fn take_result(&self, key: Key) -> Option<i32> {
         let mut ops = self.ops.borrow_mut();
         match ops.get(key) {
-            Some(Op::Done(result)) => {
+            Some(RequestState::Done(result)) => {
                 let result = *result;
                 ops.remove(key);
                 Some(result)
             }
-            Some(Op::Pending { .. }) => None,
-            Some(Op::Merged(_)) | None => {
+            Some(RequestState::Pending { .. }) => None,
+            Some(RequestState::Merged(_)) | None => {
                 unreachable!("aiocoro: an io_uring request left the in-flight table early")
             }
         }
@@ -280,7 +283,8 @@ impl Ring {
 
     /// Has the completion of the pending request under `key` wake `waker`.
     pub(super) fn wake_on_completion(&self, key: Key, waker: LocalWaker) {
-        if let Some(Op::Pending { waker: slot, .. }) = self.ops.borrow_mut().get_mut(key) {
+        if let Some(RequestState::Pending { waker: slot, .. }) = self.ops.borrow_mut().get_mut(key)
+        {
             *slot = Some(waker);
         }
     }
@@ -333,7 +337,7 @@ impl Ring {
             }
             let entry = if run == 1 {
                 let Staged { key, request } = staged.pop_front().expect("not empty");
-                if let Some(Op::Pending { at, .. }) = ops.get_mut(key) {
+                if let Some(RequestState::Pending { at, .. }) = ops.get_mut(key) {
                     *at = Location::Kernel;
                 }
                 let entry = match request {
@@ -344,15 +348,17 @@ impl Ring {
             } else {
                 // The merged request's entry first, so that its key is known while the
                 // members are taken from the queue; it is complete before anything is pushed.
-                let group =
-                    ops.insert(Op::Merged(Merged { members: Vec::new(), iovecs: Vec::new() }));
+                let group = ops.insert(RequestState::Merged(MergedRequest {
+                    members: Vec::new(),
+                    iovecs: Vec::new(),
+                }));
                 let mut members = Vec::with_capacity(run);
                 for Staged { key, request } in staged.drain(..run) {
                     let Request::Vectored(rw) = request else {
                         unreachable!("only reads and writes are merged")
                     };
-                    if let Some(Op::Pending { at, .. }) = ops.get_mut(key) {
-                        *at = Location::Merged(group);
+                    if let Some(RequestState::Pending { at, .. }) = ops.get_mut(key) {
+                        *at = Location::MergedRequest(group);
                     }
                     members.push((key, rw));
                 }
@@ -374,12 +380,12 @@ impl Ring {
                 stats.merged += 1;
                 stats.members += members.len() as u64;
                 *ops.get_mut(group).expect("just inserted") =
-                    Op::Merged(Merged { members, iovecs });
+                    RequestState::Merged(MergedRequest { members, iovecs });
                 entry.user_data(group.to_bits())
             };
             // SAFETY: what a single entry names is its staged request's memory, valid until
             // that request's `RequestGuard` is done, which waits for this entry's completion (the
-            // invariant on `ops`). A merged entry names the `Op::Merged` entry's iovec array,
+            // invariant on `ops`). A merged entry names the `RequestState::Merged` entry's iovec array,
             // removed only when its completion is reaped, and its members' buffers, each valid
             // until its member is done, which comes after that completion is reaped.
             unsafe { sq.push(&entry) }.expect("the submission queue has room (checked above)");
@@ -474,8 +480,8 @@ impl Ring {
                 }
                 let key = Key::from_bits(cqe.user_data());
                 match ops.get_mut(key) {
-                    Some(Op::Merged(_)) => {
-                        let Some(Op::Merged(merged)) = ops.remove(key) else {
+                    Some(RequestState::Merged(_)) => {
+                        let Some(RequestState::Merged(merged)) = ops.remove(key) else {
                             unreachable!("just seen")
                         };
                         let lens = merged.members.iter().map(|(_, rw)| rw.len);
@@ -486,7 +492,7 @@ impl Ring {
                                 (MemberResult::Done(result), op) => {
                                     done += usize::from(op.complete(result, &mut woken));
                                 }
-                                (MemberResult::Again, Op::Pending { at, .. }) => {
+                                (MemberResult::Again, RequestState::Pending { at, .. }) => {
                                     *at = Location::Staged;
                                     let request =
                                         Request::Vectored(VectoredIo { alone: true, ..rw });
@@ -537,7 +543,7 @@ impl Ring {
         loop {
             self.reap();
             let at = match self.ops.borrow().get(key) {
-                Some(Op::Pending { at, .. }) => Some(*at),
+                Some(RequestState::Pending { at, .. }) => Some(*at),
                 _ => None,
             };
             let target = match at {
@@ -553,7 +559,7 @@ impl Ring {
                 Some(Location::Kernel) => key,
                 // Cancelling the merged request fails it for every member: the others go
                 // again alone when it is reaped, this one leaves the queue then.
-                Some(Location::Merged(group)) => group,
+                Some(Location::MergedRequest(group)) => group,
             };
             // If a cancel cannot be queued, the request still ends by itself; the wait just
             // takes longer (and the next round tries again).
