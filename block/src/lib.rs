@@ -59,3 +59,8 @@ pub use error::{Op, RequestError, invalid_input, unsupported};
 pub use node::{BlockGraph, BlockNode, Child, ChildRole, replace_child};
 pub use options::{BlockOptions, open, open_options, parse_size};
 pub use run::run_in_coroutine;
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

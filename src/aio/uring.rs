@@ -1015,10 +1015,10 @@ impl Drop for Ring {
                 self.block_for_completion();
             }
         }
-        if with_current(|local| local.shared.id) == Some(self.context) {
-            if let Some(ctx) = AioContext::current() {
-                let _ = ctx.remove_fd_handler(self.eventfd.as_raw_fd());
-            }
+        if with_current(|local| local.shared.id) == Some(self.context)
+            && let Some(ctx) = AioContext::current()
+        {
+            let _ = ctx.remove_fd_handler(self.eventfd.as_raw_fd());
         }
     }
 }
