@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use aiocoro::aio::{AioContext, FdHandler, Waker};
 use aiocoro::coroutine::Co;
+use example_cli::Arg::Long;
+use example_cli::{CommandLine, Stop};
 
 /// How much a connection reads (and then writes back) at a time.
 const BUFFER_SIZE: usize = 16 * 1024;
@@ -308,25 +310,28 @@ fn write_all(co: &Co, stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The port from `--port <n>` (or `--port=<n>`); 0 (any free port) without one.
-fn port_from_args() -> Result<u16, String> {
-    let mut args = std::env::args().skip(1);
+const USAGE: &str = "\
+usage: echo_server [--port N]
+
+A TCP echo server on 127.0.0.1, one coroutine per connection; serves until killed.
+
+  -h, --help    print this help and exit
+  --port N      the port to listen on (default 0: any free port, printed)";
+
+/// The port from `--port N` (or `--port=N`); 0 (any free port) without one.
+fn parse_port(line: &mut CommandLine) -> Result<u16, Stop> {
     let mut port = 0;
-    while let Some(arg) = args.next() {
-        let value = if arg == "--port" {
-            args.next().ok_or("--port needs a value")?
-        } else if let Some(value) = arg.strip_prefix("--port=") {
-            value.to_owned()
-        } else {
-            return Err(format!("unknown argument {arg:?}; usage: echo_server [--port N]"));
-        };
-        port = value.parse().map_err(|_| format!("--port: {value:?} is not a port number"))?;
+    while let Some(arg) = line.next_arg()? {
+        match arg {
+            Long("port") => port = line.integer("port", 0..=i64::from(u16::MAX))? as u16,
+            arg => return Err(arg.unexpected().into()),
+        }
     }
     Ok(port)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let port = port_from_args()?;
+    let port = CommandLine::from_env("echo_server", USAGE).parse(parse_port);
     let listener = TcpListener::bind(("127.0.0.1", port))?;
     println!("listening on {}", listener.local_addr()?);
     let ctx = AioContext::new()?;

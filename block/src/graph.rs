@@ -386,10 +386,10 @@ fn unlink_parent<N, R: PartialEq>(
     parent: NodeId,
     role: &R,
 ) {
-    if let Some(entry) = entries.get_mut(&child) {
-        if let Some(position) = entry.parents.iter().position(|(p, r)| *p == parent && r == role) {
-            entry.parents.remove(position);
-        }
+    if let Some(entry) = entries.get_mut(&child)
+        && let Some(position) = entry.parents.iter().position(|(p, r)| *p == parent && r == role)
+    {
+        entry.parents.remove(position);
     }
 }
 

@@ -633,10 +633,10 @@ impl Local {
     /// Marks the suspension under `key` woken, if it still waits, and queues its coroutine.
     pub(crate) fn deliver(&self, key: Key, reason: WakeReason) {
         let mut waits = self.waits.borrow_mut();
-        if let Some(state) = waits.get_mut(key) {
-            if state.deliver(reason) {
-                self.run_queue.borrow_mut().push_back(RunItem::Resume(key));
-            }
+        if let Some(state) = waits.get_mut(key)
+            && state.deliver(reason)
+        {
+            self.run_queue.borrow_mut().push_back(RunItem::Resume(key));
         }
     }
 
@@ -897,10 +897,10 @@ impl Local {
         drop(self.shared.inbox.take_all());
         // The ring goes with its context, once the kernel is done with what it still holds.
         self.file_io.close(self);
-        if let Some(panic) = panic {
-            if !std::thread::panicking() {
-                std::panic::resume_unwind(panic);
-            }
+        if let Some(panic) = panic
+            && !std::thread::panicking()
+        {
+            std::panic::resume_unwind(panic);
         }
     }
 

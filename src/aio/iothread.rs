@@ -94,10 +94,10 @@ impl IoThread {
         // is gone already: the thread is exiting anyway.
         let running = self.running.clone();
         let _ = self.handle.schedule_oneshot(move || running.store(false, Ordering::Release));
-        if let Err(panic) = thread.join() {
-            if !std::thread::panicking() {
-                std::panic::resume_unwind(panic);
-            }
+        if let Err(panic) = thread.join()
+            && !std::thread::panicking()
+        {
+            std::panic::resume_unwind(panic);
         }
     }
 }

@@ -300,17 +300,15 @@ impl Inner {
             start
         };
         self.work.notify_one();
-        if start_worker {
-            if let Err(error) = self.start_worker() {
-                let workers = {
-                    let mut state = lock!(self.state);
-                    state.workers -= 1;
-                    state.workers
-                };
-                // With another worker alive the job still runs; with none, it never would.
-                // The submitter's `Pending` takes the job back as this panic unwinds it.
-                assert!(workers > 0, "aiocoro: the thread pool cannot start a worker: {error}");
-            }
+        if start_worker && let Err(error) = self.start_worker() {
+            let workers = {
+                let mut state = lock!(self.state);
+                state.workers -= 1;
+                state.workers
+            };
+            // With another worker alive the job still runs; with none, it never would.
+            // The submitter's `Pending` takes the job back as this panic unwinds it.
+            assert!(workers > 0, "aiocoro: the thread pool cannot start a worker: {error}");
         }
     }
 

@@ -269,10 +269,10 @@ impl Metadata {
             .expect("qcow2: set_extended_entry needs the L2 table cached by its caller");
         let slot = geometry.l2_slot(index);
         let old = table[slot];
-        if old & (OFFSET_MASK | COMPRESSED) != entry & (OFFSET_MASK | COMPRESSED) {
-            if let Some(range) = referenced_range(old, *geometry) {
-                writer.pending_frees.push(range);
-            }
+        if old & (OFFSET_MASK | COMPRESSED) != entry & (OFFSET_MASK | COMPRESSED)
+            && let Some(range) = referenced_range(old, *geometry)
+        {
+            writer.pending_frees.push(range);
         }
         table[slot] = entry;
         table[slot + 1] = bitmap;
