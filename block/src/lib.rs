@@ -7,8 +7,12 @@
 //! - drivers ([`drivers`]): `file` (io_uring or thread pool, page cache or `O_DIRECT`),
 //!   `null-co`, `raw`;
 //! - [`qcow2`]: the qcow2 format (open and read so far; `driver=qcow2`);
-//! - [`BlockNode`]s joined in a [`BlockGraph`] (a generic [`graph::Graph`]) by child edges
-//!   with a [`ChildRole`];
+//! - [`BlockNode`]s joined in a [`BlockGraph`] (over a generic [`graph::Graph`]) by child
+//!   edges, each named and with QEMU's role bits ([`ChildLabel`], [`ChildRole`]); a parent
+//!   may have any number of children (a mirror, a quorum), and requests reaching a node
+//!   satisfy the alignment of every node below it;
+//! - writing a driver of your own: `docs/filter-driver.md` in the repository, and the
+//!   `throttle` example;
 //! - [`BlockBackend`]: the user's `Send + Sync` handle, shared by several IoThreads at once,
 //!   with checked requests, in-flight counting and [`BlockBackend::drain`];
 //! - [`IoBuffer`]: aligned buffers from a per-thread pool;
@@ -39,7 +43,9 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod block_graph;
 mod buffer;
+mod child;
 mod drain;
 mod driver;
 pub mod drivers;
@@ -53,9 +59,11 @@ mod run;
 mod sys;
 
 pub use backend::{BlockBackend, Drained};
+pub use block_graph::{BlockGraph, NewChildren};
 pub use buffer::{BUFFER_ALIGN, IoBuffer};
+pub use child::{ChildLabel, ChildRole};
 pub use driver::{Alignment, Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 pub use error::{Op, RequestError, invalid_input, unsupported};
-pub use node::{BlockGraph, BlockNode, Child, ChildRole, replace_child};
+pub use node::{BlockNode, Child};
 pub use options::{BlockOptions, open, open_options, parse_size};
 pub use run::run_in_coroutine;

@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use aiocoro::coroutine::Co;
 
+use crate::block_graph::BlockGraph;
+use crate::child::{ChildLabel, ChildRole};
 use crate::drivers::{
     AioMode, CacheMode, FileDriver, FileOptions, Locking, NullDriver, NullOptions, RawDriver,
     RawOptions,
 };
 use crate::error::invalid_input;
 use crate::graph::NodeId;
-use crate::node::{BlockGraph, BlockNode, ChildRole};
+use crate::node::BlockNode;
 use crate::qcow2::{CacheSizes, Header, Qcow2Driver, resolve_backing};
 
 /// The longest backing chain opened (a loop of backing names ends here, not in a stack
@@ -314,7 +316,12 @@ fn open_at_depth(
             let (child_id, _) = open_child(co, graph, options, &mut taker, false)?;
             taker.finish(&["file"])?;
             let (id, node) = graph.add_node_with(|edges| {
-                let file = edges.attach(ChildRole::File, child_id)?;
+                // Without a window, raw shows its file as it is: a filter (as in QEMU).
+                let label = match raw {
+                    RawOptions { offset: 0, size: None } => ChildLabel::filtered_file(),
+                    _ => ChildLabel::new("file", ChildRole::DATA | ChildRole::PRIMARY),
+                };
+                let file = edges.attach(label, child_id)?;
                 BlockNode::new(co, name, RawDriver::new(file, raw)?, read_only)
             })?;
             Ok((id, node))
@@ -357,9 +364,9 @@ fn open_at_depth(
                 None => None,
             };
             let (id, node) = graph.add_node_with(|edges| {
-                let file = edges.attach(ChildRole::File, file_id)?;
+                let file = edges.attach(ChildLabel::image_file(), file_id)?;
                 let backing =
-                    backing_id.map(|id| edges.attach(ChildRole::Backing, id)).transpose()?;
+                    backing_id.map(|id| edges.attach(ChildLabel::backing(), id)).transpose()?;
                 let driver =
                     Qcow2Driver::open(co, file, backing, header, caches).map_err(context)?;
                 BlockNode::new(co, name, driver, read_only)
@@ -403,10 +410,4 @@ fn open_child<'a>(
 fn auto_node_name() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!("#block{:03}", NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-impl From<crate::graph::GraphError> for io::Error {
-    fn from(error: crate::graph::GraphError) -> io::Error {
-        io::Error::other(error)
-    }
 }
