@@ -58,6 +58,9 @@ pub mod qcow2;
 mod run;
 mod sys;
 
+/// The runtime this crate is built on, re-exported so that a dependent names the same
+/// version (`aiocoro_block::aiocoro::aio::IoThread`) without a dependency of its own.
+pub use aiocoro;
 pub use backend::{BlockBackend, Drained};
 pub use block_graph::{BlockGraph, NewChildren};
 pub use buffer::{BUFFER_ALIGN, IoBuffer};

@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{self, IoSlice, IoSliceMut};
 
-use aiocoro::coroutine::Co;
+use aiocoro_block::aiocoro::coroutine::Co;
 use aiocoro_block::graph::GraphError;
 use aiocoro_block::{
     BlockBackend, BlockDriver, BlockGraph, BlockNode, BlockStatus, Child, ChildLabel, ChildRole,
@@ -106,6 +106,10 @@ fn a_mirror_writes_both_copies_and_reads_the_primary() {
         assert!(direct_node.alignment().request > 1, "O_DIRECT needs aligned requests");
         assert_eq!(mirror.alignment(), direct_node.alignment(), "the stricter copy rules");
 
+        let driver =
+            mirror.driver().downcast_ref::<Mirror>().expect("the node's driver is a Mirror");
+        assert_eq!(driver.copies.len(), 2, "the driver is reached back from its node");
+        assert!(mirror.driver().downcast_ref::<aiocoro_block::drivers::FileDriver>().is_none());
         let blk = BlockBackend::new(mirror);
         for (offset, len, byte) in writes {
             blk.write(co, offset as u64, &vec![byte; len])?;
