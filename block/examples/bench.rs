@@ -87,7 +87,7 @@ fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
         let mut value = |name: &str| -> Result<String, String> {
             inline.clone().or_else(|| raw.next()).ok_or_else(|| format!("{name} needs a value"))
         };
-        let size = |text: String| parse_size(&text);
+        let size = |text: String| parse_size(&text).map_err(|e| e.to_string());
         let number =
             |text: String| text.parse::<u64>().map_err(|_| format!("'{text}' is not a number"));
         match flag.as_str() {

@@ -69,7 +69,7 @@ fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
             "-h" | "--help" => return Err(String::new()),
             "--image" => args.image = Some(value()?.into()),
             "--format" => args.format = value()?,
-            "--size" => args.size = parse_size(&value()?)?,
+            "--size" => args.size = parse_size(&value()?).map_err(|e| e.to_string())?,
             "--count" => args.count = number(value()?)?,
             "--reads" => args.read_percent = number(value()?)?,
             "--iothreads" => args.iothreads = number(value()?)? as usize,

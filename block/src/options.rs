@@ -142,7 +142,8 @@ impl<'a> Taker<'a> {
     }
 
     fn size(&mut self, key: &'a str) -> io::Result<Option<u64>> {
-        self.text(key).map(|value| parse_size(value).map_err(|e| self.bad(key, &e))).transpose()
+        let Some(value) = self.text(key) else { return Ok(None) };
+        parse_size(value).map(Some).map_err(|e| self.bad(key, &e.to_string()))
     }
 
     fn bad(&self, key: &str, why: &str) -> io::Error {
@@ -172,16 +173,19 @@ impl<'a> Taker<'a> {
 /// case accepted, an optional `B` / `iB` after).
 ///
 /// ```
-/// assert_eq!(aiocoro_block::parse_size("1G"), Ok(1 << 30));
-/// assert_eq!(aiocoro_block::parse_size("4k"), Ok(4096));
-/// assert_eq!(aiocoro_block::parse_size("512"), Ok(512));
-/// assert!(aiocoro_block::parse_size("1X").is_err());
+/// assert_eq!(aiocoro_block::parse_size("1G")?, 1 << 30);
+/// assert_eq!(aiocoro_block::parse_size("4k")?, 4096);
+/// assert_eq!(aiocoro_block::parse_size("512")?, 512);
+/// let error = aiocoro_block::parse_size("1X").unwrap_err();
+/// assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+/// assert_eq!(error.to_string(), "'1X': unknown unit 'X'");
+/// # Ok::<(), std::io::Error>(())
 /// ```
 ///
 /// # Errors
 ///
-/// A message for what is not a size, or a size past `i64::MAX`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+/// `InvalidInput`, saying why, for what is not a size or a size past `i64::MAX`.
+pub fn parse_size(text: &str) -> io::Result<u64> {
     let trimmed = text.trim_end_matches("iB").trim_end_matches('B');
     let (digits, shift) = match trimmed.char_indices().last() {
         Some((at, unit)) if unit.is_ascii_alphabetic() => {
@@ -190,17 +194,18 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
                 'm' => 20,
                 'g' => 30,
                 't' => 40,
-                _ => return Err(format!("'{text}': unknown unit '{unit}'")),
+                _ => return Err(invalid_input(format!("'{text}': unknown unit '{unit}'"))),
             };
             (&trimmed[..at], shift)
         }
         _ => (trimmed, 0),
     };
-    let number: u64 = digits.parse().map_err(|_| format!("'{text}' is not a size"))?;
+    let number: u64 =
+        digits.parse().map_err(|_| invalid_input(format!("'{text}' is not a size")))?;
     number
         .checked_mul(1 << shift)
         .filter(|&size| size <= i64::MAX as u64)
-        .ok_or_else(|| format!("'{text}' is too large"))
+        .ok_or_else(|| invalid_input(format!("'{text}' is too large")))
 }
 
 /// Opens the node tree `options` describe (children first) into `graph`; returns the top
