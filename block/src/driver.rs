@@ -80,7 +80,7 @@ pub struct BlockStatus {
 /// Errors need no node name: the node adds it ([`RequestError`](crate::RequestError)).
 ///
 /// Writing a driver of your own (a filter over other nodes) is shown step by step in
-/// `docs/filter-driver.md` and the `throttle` example.
+/// `docs/filter-driver.md` (in this crate's directory) and the `throttle` example.
 pub trait BlockDriver: Any + Send + Sync {
     /// The driver's name as options spell it (`file`, `raw`, `null-co`).
     fn format_name(&self) -> &'static str;

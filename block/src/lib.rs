@@ -11,8 +11,9 @@
 //!   edges, each named and with QEMU's role bits ([`ChildLabel`], [`ChildRole`]); a parent
 //!   may have any number of children (a mirror, a quorum), and requests reaching a node
 //!   satisfy the alignment of every node below it;
-//! - writing a driver of your own: `docs/filter-driver.md` in the repository, and the
-//!   `throttle` example;
+//! - writing a driver of your own (a filter: children, the alignment rule, block status):
+//!   the how-to `docs/filter-driver.md` in this crate's directory, and the `throttle`
+//!   example it walks through;
 //! - [`BlockBackend`]: the user's `Send + Sync` handle, shared by several IoThreads at once,
 //!   with checked requests, in-flight counting and [`BlockBackend::drain`];
 //! - [`IoBuffer`]: aligned buffers from a per-thread pool;
