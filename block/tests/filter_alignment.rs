@@ -76,3 +76,34 @@ fn unaligned_writes_through_a_filter_over_cache_none_are_padded() {
         "the file holds the padded writes and nothing else changed"
     );
 }
+
+#[test]
+fn a_stricter_child_two_levels_down_reaches_the_filter() {
+    let buffered = TempFile::with_contents("buffered-under-raw", &[0x33; LEN]);
+    let direct = TempFile::with_contents("direct-under-raw", &[0x44; LEN]);
+    let raw_options = format!("driver=raw,file.filename={}", buffered.name());
+    let direct_options = format!("driver=file,filename={},cache=none", direct.name());
+    aiocoro_block::run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (raw_id, _) = aiocoro_block::open(co, &graph, &raw_options)?;
+        let (_, filter) = graph.add_node_with(|edges| {
+            let file = edges.attach(ChildLabel::filtered_file(), raw_id)?;
+            BlockNode::new(co, "filter", PassThrough { file }, false)
+        })?;
+        assert_eq!(filter.alignment().request, 1, "the page cache takes any byte");
+        let (direct_id, direct_node) = aiocoro_block::open(co, &graph, &direct_options)?;
+        graph.replace_child(raw_id, "file", direct_id)?;
+        assert_eq!(filter.alignment(), direct_node.alignment(), "refreshed up to the filter");
+        let blk = BlockBackend::new(filter);
+        blk.write(co, 100, &[0x55; 10])?;
+        let mut back = [0u8; 120];
+        blk.read(co, 0, &mut back)?;
+        assert_eq!(&back[..100], &[0x44; 100][..]);
+        assert_eq!(&back[100..110], &[0x55; 10][..]);
+        assert_eq!(&back[110..], &[0x44; 10][..]);
+        Ok::<_, io::Error>(())
+    })
+    .unwrap()
+    .unwrap();
+    assert!(buffered.contents().iter().all(|&b| b == 0x33), "the old child is untouched");
+}
