@@ -156,10 +156,19 @@ fn work(co: &Co, blk: &BlockBackend, worker: usize) -> io::Result<()> {
     }
 }
 
+/// The temporary image, removed however the run ends.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn run() -> io::Result<()> {
-    let path = std::env::temp_dir().join(format!("aiocoro-throttle-{}.qcow2", std::process::id()));
+    let image = std::env::temp_dir().join(format!("aiocoro-throttle-{}.qcow2", std::process::id()));
+    let _scratch = Scratch(image.clone());
     let size = (IOTHREADS * WORKERS_PER_THREAD) as u64 * REGION * 2;
-    let image = path.clone();
     let blk = run_in_coroutine(move |co| {
         create_file(co, &image, &CreateOptions::new(size))?;
         let graph = BlockGraph::new();
@@ -214,7 +223,6 @@ fn run() -> io::Result<()> {
         blk.close(co)?;
         io::Result::Ok((written, untouched))
     })??;
-    std::fs::remove_file(&path)?;
     println!(
         "block status through the filter: written {:?}, never written {:?}",
         status.0, status.1
