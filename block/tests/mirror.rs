@@ -6,9 +6,10 @@
 mod common;
 
 use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::Arc;
 
 use aiocoro_block::aiocoro::coroutine::Co;
-use aiocoro_block::graph::GraphError;
+use aiocoro_block::graph::{GraphError, NodeId};
 use aiocoro_block::{
     BlockBackend, BlockDriver, BlockGraph, BlockNode, BlockStatus, Child, ChildLabel, ChildRole,
     invalid_input, run_in_coroutine,
@@ -55,19 +56,16 @@ impl BlockDriver for Mirror {
     }
 }
 
-/// Opens a mirror (node `mirror`) over the files `copies` name, the first primary.
-fn open_mirror(
+/// Adds a mirror named `name` over the nodes `copies`, the first primary.
+fn add_mirror(
     co: &Co,
     graph: &BlockGraph,
-    copies: &[String],
-) -> io::Result<(aiocoro_block::graph::NodeId, std::sync::Arc<BlockNode>)> {
-    let mut ids = Vec::new();
-    for options in copies {
-        ids.push(aiocoro_block::open(co, graph, options)?.0);
-    }
+    name: &str,
+    copies: &[NodeId],
+) -> io::Result<(NodeId, Arc<BlockNode>)> {
     graph.add_node_with(|edges| {
         let mut children = Vec::new();
-        for (i, id) in ids.iter().enumerate() {
+        for (i, id) in copies.iter().enumerate() {
             let role = if i == 0 { ChildRole::DATA | ChildRole::PRIMARY } else { ChildRole::DATA };
             children.push(edges.attach(ChildLabel::new(format!("child{i}"), role), *id)?);
         }
@@ -75,8 +73,21 @@ fn open_mirror(
         if lengths.windows(2).any(|pair| pair[0] != pair[1]) {
             return Err(invalid_input(format!("mirror: copies of different lengths {lengths:?}")));
         }
-        BlockNode::new(co, "mirror", Mirror { copies: children }, false)
+        BlockNode::new(co, name, Mirror { copies: children }, false)
     })
+}
+
+/// Opens a mirror (node `mirror`) over the nodes `copies` describe, the first primary.
+fn open_mirror(
+    co: &Co,
+    graph: &BlockGraph,
+    copies: &[String],
+) -> io::Result<(NodeId, Arc<BlockNode>)> {
+    let mut ids = Vec::new();
+    for options in copies {
+        ids.push(aiocoro_block::open(co, graph, options)?.0);
+    }
+    add_mirror(co, graph, "mirror", &ids)
 }
 
 #[test]
@@ -177,5 +188,33 @@ fn a_parent_has_one_primary_child_and_unique_names() {
         assert_eq!(graph.children(mirror_id).len(), 3, "three children of one role");
         assert_eq!(graph.detach(mirror_id, "child2"), Ok(c));
     })
+    .unwrap();
+}
+
+#[test]
+fn a_diamond_takes_a_stricter_child_through_both_paths() {
+    let buffered = TempFile::with_contents("diamond-buffered", &vec![0x66; LEN]);
+    let direct = TempFile::with_contents("diamond-direct", &vec![0x77; LEN]);
+    let raw_options = format!("driver=raw,file.filename={}", buffered.name());
+    let direct_options = format!("driver=file,filename={},cache=none", direct.name());
+    run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (raw, _) = aiocoro_block::open(co, &graph, &raw_options)?;
+        // Two one-copy mirrors over the raw node, and a mirror over both: a diamond.
+        let (left, _) = add_mirror(co, &graph, "left", &[raw])?;
+        let (right, _) = add_mirror(co, &graph, "right", &[raw])?;
+        let (_, top) = add_mirror(co, &graph, "top", &[left, right])?;
+        assert_eq!(top.alignment().request, 1);
+        let (direct_id, direct_node) = aiocoro_block::open(co, &graph, &direct_options)?;
+        graph.replace_child(raw, "file", direct_id)?;
+        assert_eq!(top.alignment(), direct_node.alignment(), "both paths up were refreshed");
+        let blk = BlockBackend::new(top);
+        blk.write(co, 5, &[0x88; 3])?;
+        let mut back = [0u8; 10];
+        blk.read(co, 0, &mut back)?;
+        assert_eq!(back, [0x77, 0x77, 0x77, 0x77, 0x77, 0x88, 0x88, 0x88, 0x77, 0x77]);
+        Ok::<_, io::Error>(())
+    })
+    .unwrap()
     .unwrap();
 }
