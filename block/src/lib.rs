@@ -10,8 +10,13 @@
 //!   allocating writes, backing chains, compressed clusters (zlib, zstd) read and written,
 //!   extended L2 entries, internal snapshots kept intact, discard and zero writes, growing,
 //!   and `qemu-img check [-r]`'s checks and repairs;
-//! - [`BlockNode`]s joined in a [`BlockGraph`] (a generic [`graph::Graph`]) by child edges
-//!   with a [`ChildRole`];
+//! - [`BlockNode`]s joined in a [`BlockGraph`] (over a generic [`graph::Graph`]) by child
+//!   edges, each named and with QEMU's role bits ([`ChildLabel`], [`ChildRole`]); a parent
+//!   may have any number of children (a mirror, a quorum), and requests reaching a node
+//!   satisfy the alignment of every node below it;
+//! - writing a driver of your own (a filter: children, the alignment rule, block status):
+//!   the how-to `docs/filter-driver.md` in this crate's directory, and the `throttle`
+//!   example it walks through;
 //! - [`BlockBackend`]: the user's `Send + Sync` handle, shared by several IoThreads at once
 //!   (multiqueue), with checked requests, in-flight counting and [`BlockBackend::drain`];
 //! - [`IoBuffer`]: aligned buffers from a per-thread pool;
@@ -109,7 +114,9 @@ compile_error!(
 );
 
 mod backend;
+mod block_graph;
 mod buffer;
+mod child;
 mod drain;
 mod driver;
 pub mod drivers;
@@ -122,11 +129,16 @@ pub mod qcow2;
 mod run;
 mod sys;
 
+/// The runtime this crate is built on, re-exported so that a dependent names the same
+/// version (`aiocoro_block::aiocoro::aio::IoThread`) without a dependency of its own.
+pub use aiocoro;
 pub use backend::{BlockBackend, Drained};
+pub use block_graph::{BlockGraph, NewChildren};
 pub use buffer::{BUFFER_ALIGN, IoBuffer};
+pub use child::{ChildLabel, ChildRole};
 pub use driver::{Alignment, Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 pub use error::{Op, RequestError, invalid_input, unsupported};
-pub use node::{BlockGraph, BlockNode, Child, ChildRole, replace_child};
+pub use node::{BlockNode, Child};
 pub use options::{BlockOptions, open, open_options, parse_size};
 pub use run::run_in_coroutine;
 

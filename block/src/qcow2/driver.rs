@@ -23,7 +23,7 @@ use super::refuse;
 use super::subclusters::subcluster_run;
 use super::table::decode_table;
 use crate::buffer::scatter;
-use crate::driver::{Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
+use crate::driver::{Alignment, Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 use crate::node::{BlockNode, Child};
 
 /// How much memory the metadata caches of an image may hold (QEMU's `l2-cache-size` and
@@ -376,6 +376,12 @@ impl Qcow2Driver {
 impl BlockDriver for Qcow2Driver {
     fn format_name(&self) -> &'static str {
         "qcow2"
+    }
+
+    /// Any byte: every read and write of the file and the backing node is padded to that
+    /// node's alignment here (`io.rs`), so guest requests need none.
+    fn alignment(&self, _below: Alignment) -> Alignment {
+        Alignment::BYTE
     }
 
     fn length(&self, co: &Co) -> io::Result<u64> {

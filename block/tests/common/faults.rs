@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use aiocoro::coroutine::Co;
 use aiocoro_block::graph::NodeId;
 use aiocoro_block::qcow2::{CacheSizes, Header, Qcow2Driver};
-use aiocoro_block::{Alignment, BlockDriver, BlockGraph, BlockNode, Child, ChildRole};
+use aiocoro_block::{BlockDriver, BlockGraph, BlockNode, Child, ChildLabel};
 
 /// What a [`FaultFilter`] fails, shared with the test that made it.
 #[derive(Default)]
@@ -84,10 +84,6 @@ impl BlockDriver for FaultFilter {
         "fault-filter"
     }
 
-    fn alignment(&self) -> Alignment {
-        self.child.node().alignment()
-    }
-
     fn length(&self, co: &Co) -> io::Result<u64> {
         self.child.node().driver().length(co)
     }
@@ -130,7 +126,7 @@ pub fn open_faulty_file(
     let filter_faults = faults.clone();
     let (id, node) = graph
         .add_node_with(|edges| {
-            let child = edges.attach(ChildRole::File, file_id)?;
+            let child = edges.attach(ChildLabel::filtered_file(), file_id)?;
             BlockNode::new(co, "faults", FaultFilter { child, faults: filter_faults }, false)
         })
         .unwrap();
@@ -147,7 +143,7 @@ pub fn open_faulty_qcow2(
     let header = Header::read(co, &filter).unwrap();
     let (_, node) = graph
         .add_node_with(|edges| {
-            let file = edges.attach(ChildRole::File, filter_id)?;
+            let file = edges.attach(ChildLabel::image_file(), filter_id)?;
             let driver = Qcow2Driver::open(co, file, None, header, CacheSizes::default())?;
             BlockNode::new(co, "image", driver, false)
         })
