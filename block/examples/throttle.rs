@@ -236,9 +236,15 @@ fn run() -> io::Result<()> {
 }
 
 /// What `--help` prints.
-const USAGE: &str = "usage: throttle\n\n\
-Moves 16 MiB through a throttling filter over a fresh qcow2 image from 2 IoThreads, checks every\n\
-byte and the rate, and prints `verdict: PASS` or `verdict: FAIL`. It takes no options.\n";
+const USAGE: &str = "\
+usage: throttle [-h]
+
+Moves 16 MiB through a throttling filter over a fresh qcow2 image from 2 IoThreads, checks every
+byte and the rate, and prints `verdict: PASS` or `verdict: FAIL`.
+
+Options:
+  -h, --help  print this help and exit
+";
 
 fn main() -> ExitCode {
     CommandLine::from_env("throttle", USAGE).parse(|line| match line.next_arg()? {
