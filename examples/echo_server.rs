@@ -15,6 +15,8 @@
 //! The serving logic is [`serve`], which `tests/echo_server.rs` runs on a thread of its own and
 //! stops through a [`StopSignal`].
 
+// `tests/echo_server.rs` includes this file as a module and uses its `pub` items.
+#![allow(unreachable_pub)]
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -41,7 +43,7 @@ pub enum StopMode {
 }
 
 /// What the stopper and the accept loops share.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct StopState {
     /// Set once a stop was requested; the first request wins.
     mode: Option<StopMode>,
@@ -54,7 +56,7 @@ struct StopState {
 ///
 /// Clones share one signal. A signal stops every `serve` that uses it (for example one per
 /// IoThread), and a `serve` that starts after the request returns at once.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct StopSignal {
     state: Arc<Mutex<StopState>>,
 }

@@ -10,27 +10,33 @@ use example_cli::{CommandLine, NameFilter};
 const RUNS: usize = 5;
 
 /// The figures to print: those whose names the command line's filter words select.
-pub struct Figures {
+pub(crate) struct Figures {
     filter: NameFilter,
 }
 
 impl Figures {
     /// The figures `program`'s command line selects; `--help` prints `usage` and exits, as
     /// does a bad argument (see [`CommandLine::parse`]).
-    pub fn from_command_line(program: &'static str, usage: &'static str) -> Self {
+    pub(crate) fn from_command_line(program: &'static str, usage: &'static str) -> Self {
         let filter = CommandLine::from_env(program, usage).parse(NameFilter::parse);
         Figures { filter }
     }
 
     /// Whether the figure `name` is to be run.
-    pub fn selects(&self, name: &str) -> bool {
+    pub(crate) fn selects(&self, name: &str) -> bool {
         self.filter.selects(name)
     }
 
     /// If `name` is selected: runs `run(iterations)` once to warm up (with a tenth of the
     /// iterations), then `RUNS` times, and prints the median as one line. `ops_per_iteration`
     /// scales what counts as one operation (levels per nesting cycle, for example).
-    pub fn report(&self, name: &str, iterations: u64, ops_per_iteration: u64, run: impl Fn(u64)) {
+    pub(crate) fn report(
+        &self,
+        name: &str,
+        iterations: u64,
+        ops_per_iteration: u64,
+        run: impl Fn(u64),
+    ) {
         if !self.selects(name) {
             return;
         }

@@ -64,6 +64,12 @@ pub struct Drained<'a> {
     backend: &'a BlockBackend,
 }
 
+impl std::fmt::Debug for Drained<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drained").finish_non_exhaustive()
+    }
+}
+
 impl Drop for Drained<'_> {
     fn drop(&mut self) {
         self.backend.inner.gate.end_drain();

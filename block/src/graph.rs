@@ -171,6 +171,12 @@ pub struct NewEdges<'g, N, R> {
     edges: Vec<(R, NodeId, Edge<N>)>,
 }
 
+impl<N, R> std::fmt::Debug for NewEdges<'_, N, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewEdges").field("edges", &self.edges.len()).finish_non_exhaustive()
+    }
+}
+
 impl<N, R: EdgeLabel> NewEdges<'_, N, R> {
     /// An edge labelled `label` to `child`, for the node being made.
     ///
@@ -209,6 +215,13 @@ pub struct Graph<N, R> {
     /// and each edge appears once in its parent's `children` and once in its child's
     /// `parents`, with the same label; the names of one entry's `children` differ.
     entries: RwLock<HashMap<NodeId, Entry<N, R>>>,
+}
+
+impl<N, R> std::fmt::Debug for Graph<N, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nodes = self.entries.try_read().map(|entries| entries.len()).ok();
+        f.debug_struct("Graph").field("nodes", &nodes).finish_non_exhaustive()
+    }
 }
 
 impl<N, R> Default for Graph<N, R> {

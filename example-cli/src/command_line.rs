@@ -50,6 +50,12 @@ pub struct CommandLine {
     parser: lexopt::Parser,
 }
 
+impl std::fmt::Debug for CommandLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandLine").field("program", &self.program).finish_non_exhaustive()
+    }
+}
+
 impl CommandLine {
     /// The process's arguments.
     pub fn from_env(program: &'static str, usage: &'static str) -> Self {

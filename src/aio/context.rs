@@ -383,6 +383,12 @@ pub struct AioContext {
     local: Rc<Local>,
 }
 
+impl std::fmt::Debug for AioContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AioContext").field("id", &self.local.shared.id).finish_non_exhaustive()
+    }
+}
+
 impl AioContext {
     /// Creates the context of the calling thread.
     ///

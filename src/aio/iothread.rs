@@ -31,6 +31,12 @@ pub struct IoThread {
     thread: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for IoThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoThread").field("running", &self.thread.is_some()).finish_non_exhaustive()
+    }
+}
+
 impl IoThread {
     /// Starts a thread named `name` with a context of its own.
     ///

@@ -8,6 +8,9 @@
 //! `notify_me`, so producers never touch the eventfd. `notified` collapses the signals of many
 //! producers into one until the context accepts it.
 
+// Its `pub` items are re-exported to the loom models (`loom_exports`, loom builds only).
+#![cfg_attr(not(aiocoro_loom), allow(unreachable_pub))]
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -26,6 +29,12 @@ pub struct WakeupHandshake {
     /// Set by [`WakeupHandshake::kick`]: the next wait returns at once even with no work queued
     /// (QEMU's `aio_wait_kick` schedules a dummy BH for the same purpose).
     kicked: AtomicBool,
+}
+
+impl std::fmt::Debug for WakeupHandshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WakeupHandshake").finish_non_exhaustive()
+    }
 }
 
 /// What the context blocks in: production epoll with the eventfd in its set, or a model event

@@ -9,6 +9,9 @@
 //!   up first) passes between the coroutine and the worker, and why a job may borrow from the
 //!   coroutine's stack.
 
+// Its `pub` items are re-exported to the loom models (`loom_exports`, loom builds only).
+#![cfg_attr(not(aiocoro_loom), allow(unreachable_pub))]
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
@@ -147,7 +150,7 @@ impl JobDone for Waker {
 
 /// The two halves of one job's hand-off: the [`Ticket`] a worker runs and the [`Pending`] its
 /// submitter keeps.
-pub type Handoff<F, R, N> = (Arc<Ticket<F, R, N>>, Pending<F, R, N>);
+pub(crate) type Handoff<F, R, N> = (Arc<Ticket<F, R, N>>, Pending<F, R, N>);
 
 /// Makes the two halves of one job's hand-off.
 pub fn ticket<F, R, N>(job: F, notify: N) -> Handoff<F, R, N>
@@ -390,6 +393,12 @@ pub struct Ticket<F, R, N> {
     notify: N,
 }
 
+impl<F, R, N> std::fmt::Debug for Ticket<F, R, N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").finish_non_exhaustive()
+    }
+}
+
 enum TicketState<F, R> {
     Queued(F),
     Running,
@@ -428,6 +437,12 @@ pub struct Pending<F, R, N> {
     ticket: Arc<Ticket<F, R, N>>,
     /// The ticket is `Closed`: nothing is left to take back or wait for.
     closed: bool,
+}
+
+impl<F, R, N> std::fmt::Debug for Pending<F, R, N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").finish_non_exhaustive()
+    }
 }
 
 impl<F, R, N> Pending<F, R, N> {

@@ -95,6 +95,12 @@ pub struct Wait<'co> {
     target: Target,
 }
 
+impl std::fmt::Debug for Wait<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wait").finish_non_exhaustive()
+    }
+}
+
 /// Where a suspension is registered.
 enum Target {
     /// In the wait table of a context.
@@ -435,6 +441,12 @@ pub struct Waker {
     target: WakerTarget,
 }
 
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waker").finish_non_exhaustive()
+    }
+}
+
 #[derive(Clone)]
 enum WakerTarget {
     Context {
@@ -642,6 +654,12 @@ pub struct LocalWaker {
     context: u64,
     key: Key,
     _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for LocalWaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalWaker").field("context", &self.context).finish_non_exhaustive()
+    }
 }
 
 impl LocalWaker {

@@ -83,6 +83,12 @@ pub struct Co {
     model_cancelled: bool,
 }
 
+impl std::fmt::Debug for Co {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Co").finish_non_exhaustive()
+    }
+}
+
 impl Co {
     pub(crate) fn new(yielder: &RawYielder, slot: NonNull<Slot>) -> Co {
         Co {

@@ -101,6 +101,12 @@ pub struct RawCoMutex {
     local_waiters: UnsafeCell<VecDeque<ParkRecord>>,
 }
 
+impl std::fmt::Debug for RawCoMutex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawCoMutex").finish_non_exhaustive()
+    }
+}
+
 /// How a locker goes on after [`RawCoMutex::enqueue`].
 enum Queued<'co> {
     /// The lock is ours already.

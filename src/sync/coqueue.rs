@@ -72,6 +72,12 @@ pub struct CoQueue {
     parked: UnsafeCell<VecDeque<ParkRecord>>,
 }
 
+impl std::fmt::Debug for CoQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoQueue").finish_non_exhaustive()
+    }
+}
+
 // SAFETY: `waiters` is only touched by a caller that holds the one lock the queue is tied to
 // (checked in `bound`), which serialises those accesses across threads; its records are
 // `Send + Sync`. `parked` is only touched on the thread of its records, and the queue cannot

@@ -13,7 +13,7 @@ use aiocoro_block::{BlockDriver, BlockGraph, BlockNode, Child, ChildLabel};
 
 /// What a [`FaultFilter`] fails, shared with the test that made it.
 #[derive(Default)]
-pub struct Faults {
+pub(crate) struct Faults {
     /// A byte whose next write arms one flush failure: the first flush after that write
     /// fails.
     trigger: Mutex<Option<u64>>,
@@ -28,22 +28,22 @@ pub struct Faults {
 impl Faults {
     /// Fails the first flush after the next write that touches byte `at` (as a transient
     /// `fdatasync` EIO does: the written bytes stay in the child).
-    pub fn fail_flush_after_write_to(&self, at: u64) {
+    pub(crate) fn fail_flush_after_write_to(&self, at: u64) {
         *self.trigger.lock().unwrap() = Some(at);
     }
 
     /// Fails the next `count` flushes.
-    pub fn fail_next_flushes(&self, count: u64) {
+    pub(crate) fn fail_next_flushes(&self, count: u64) {
         self.flushes_to_fail.store(count, Ordering::SeqCst);
     }
 
     /// Fails the next write that touches byte `at`, which then writes nothing.
-    pub fn fail_next_write_to(&self, at: u64) {
+    pub(crate) fn fail_next_write_to(&self, at: u64) {
         *self.failing_write.lock().unwrap() = Some(at);
     }
 
     /// How many flushes failed on purpose.
-    pub fn failed_flushes(&self) -> u64 {
+    pub(crate) fn failed_flushes(&self) -> u64 {
         self.failed_flushes.load(Ordering::SeqCst)
     }
 
@@ -74,7 +74,7 @@ impl Faults {
 }
 
 /// A filter over its `file` child that fails the flushes and writes its [`Faults`] say.
-pub struct FaultFilter {
+pub(crate) struct FaultFilter {
     child: Child,
     faults: Arc<Faults>,
 }
@@ -115,7 +115,7 @@ impl BlockDriver for FaultFilter {
 }
 
 /// Opens the file at `path` with a [`FaultFilter`] (node `faults`) over it, in `graph`.
-pub fn open_faulty_file(
+pub(crate) fn open_faulty_file(
     co: &Co,
     graph: &BlockGraph,
     path: &std::path::Path,
@@ -134,7 +134,7 @@ pub fn open_faulty_file(
 }
 
 /// Opens the qcow2 image at `path` read-write (node `image`) over a [`FaultFilter`].
-pub fn open_faulty_qcow2(
+pub(crate) fn open_faulty_qcow2(
     co: &Co,
     graph: &BlockGraph,
     path: &std::path::Path,

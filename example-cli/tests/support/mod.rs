@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Builds `example` of `package` (if need be) and returns its path.
-pub fn build(package: &str, example: &str) -> PathBuf {
+pub(crate) fn build(package: &str, example: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap().to_path_buf();
     let mut build = Command::new(env!("CARGO"));

@@ -223,15 +223,17 @@ fn vectored_on(
             // nor lets an unwinding pass before the kernel is done with them (alone or merged).
             completion(unsafe { RequestGuard::run(&ring, co, Request::Vectored(request)) })
         })(),
-        // SAFETY (both): `fd` and the buffers are borrows that outlive this call; see
-        // `run_borrowed`: whatever owns them lives on this coroutine's stack or outlives it.
         Engine::Pool => match buffers {
-            Buffers::Read(bufs) => unsafe {
-                ThreadPool::global().run_borrowed(co, || sys::preadv(fd, bufs, offset))
-            },
-            Buffers::Write(bufs) => unsafe {
-                ThreadPool::global().run_borrowed(co, || sys::pwritev(fd, bufs, offset))
-            },
+            Buffers::Read(bufs) => {
+                // SAFETY: `fd` and `bufs` are borrows that outlive this call; see
+                // `run_borrowed`: whatever owns them lives on this coroutine's stack or
+                // outlives it.
+                unsafe { ThreadPool::global().run_borrowed(co, || sys::preadv(fd, bufs, offset)) }
+            }
+            Buffers::Write(bufs) => {
+                // SAFETY: as for the read above.
+                unsafe { ThreadPool::global().run_borrowed(co, || sys::pwritev(fd, bufs, offset)) }
+            }
         },
     };
     let name = match kind {

@@ -10,7 +10,7 @@ use aiocoro::coroutine::Co;
 use aiocoro_nbd::{Export, serve_connection};
 
 /// A listening socket.
-pub enum Listener {
+pub(crate) enum Listener {
     /// TCP.
     Tcp(TcpListener),
     /// A Unix socket.
@@ -18,7 +18,7 @@ pub enum Listener {
 }
 
 /// One accepted connection.
-pub enum Stream {
+pub(crate) enum Stream {
     /// TCP.
     Tcp(TcpStream),
     /// A Unix socket.
@@ -27,7 +27,7 @@ pub enum Stream {
 
 impl Listener {
     /// Listens on the Unix socket `path` if given, else on TCP `bind`:`port`.
-    pub fn bind(path: Option<&PathBuf>, bind: &str, port: u16) -> io::Result<Listener> {
+    pub(crate) fn bind(path: Option<&PathBuf>, bind: &str, port: u16) -> io::Result<Listener> {
         match path {
             Some(path) => UnixListener::bind(path).map(Listener::Unix).map_err(|error| {
                 io::Error::new(error.kind(), format!("{}: {error}", path.display()))
@@ -40,7 +40,7 @@ impl Listener {
 
     /// Waits for the next connection and makes it ready to serve (non-blocking, and for
     /// TCP without Nagle's delay: replies are sent as soon as they are written).
-    pub fn accept(&self) -> io::Result<Stream> {
+    pub(crate) fn accept(&self) -> io::Result<Stream> {
         match self {
             Listener::Tcp(listener) => {
                 let (stream, _) = listener.accept()?;
@@ -59,7 +59,7 @@ impl Listener {
 
 impl Stream {
     /// Another handle on the same connection, to shut it down with.
-    pub fn try_clone(&self) -> io::Result<Stream> {
+    pub(crate) fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(stream) => Stream::Tcp(stream.try_clone()?),
             Stream::Unix(stream) => Stream::Unix(stream.try_clone()?),
@@ -68,7 +68,7 @@ impl Stream {
 
     /// Shuts both directions down: the connection's reader sees an end of file, and its
     /// running requests finish (their replies are dropped).
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         // A connection already closed needs nothing.
         let _ = match self {
             Stream::Tcp(stream) => stream.shutdown(std::net::Shutdown::Both),
@@ -77,7 +77,7 @@ impl Stream {
     }
 
     /// Serves the client on this stream (see [`serve_connection`]).
-    pub fn serve(self, co: &Co, export: Arc<Export>) -> io::Result<()> {
+    pub(crate) fn serve(self, co: &Co, export: Arc<Export>) -> io::Result<()> {
         match self {
             Stream::Tcp(stream) => serve_connection(co, stream, export),
             Stream::Unix(stream) => serve_connection(co, stream, export),

@@ -4,7 +4,7 @@
 use std::io;
 
 /// SIGINT and SIGTERM, blocked in the calling thread and in every thread it starts later.
-pub struct TerminationSignals {
+pub(crate) struct TerminationSignals {
     set: libc::sigset_t,
 }
 
@@ -15,7 +15,7 @@ impl TerminationSignals {
     /// # Errors
     ///
     /// If the signal mask cannot be changed.
-    pub fn block() -> io::Result<TerminationSignals> {
+    pub(crate) fn block() -> io::Result<TerminationSignals> {
         // SAFETY: sigset_t is plain data, and sigemptyset initialises it before any use.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: `set` is a valid, exclusively borrowed sigset_t; the signal numbers are valid.
@@ -38,7 +38,7 @@ impl TerminationSignals {
     /// # Errors
     ///
     /// If the thread cannot be started.
-    pub fn watch(self, on_signal: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    pub(crate) fn watch(self, on_signal: impl FnOnce() + Send + 'static) -> io::Result<()> {
         let set = self.set;
         std::thread::Builder::new().name("nbd-signals".into()).spawn(move || {
             let mut signal = 0;
