@@ -21,7 +21,7 @@ use super::driver::Qcow2Driver;
 use super::io::gather;
 use super::mapping::COMPRESSED;
 use super::offsets::{Geometry, GuestOffset, HostOffset};
-use super::write::refuse_read_only;
+use super::refuse_read_only;
 use crate::buffer::IoBuffer;
 use crate::error::invalid_input;
 

@@ -173,7 +173,7 @@ impl Metadata {
     ) -> io::Result<HostOffset> {
         let Metadata { geometry, l1, l1_offset, image_end, writer, .. } = self;
         let Some(writer) = writer.as_mut() else {
-            return Err(super::write::refuse_read_only());
+            return Err(super::refuse_read_only());
         };
         let l1_area = clusters(*geometry, l1_offset.0, l1.len() as u64 * 8);
         let l2_tables = &writer.l2_tables;
@@ -197,7 +197,7 @@ impl Metadata {
         purpose: &dyn fmt::Display,
     ) -> io::Result<HostOffset> {
         let Some(writer) = self.writer.as_mut() else {
-            return Err(super::write::refuse_read_only());
+            return Err(super::refuse_read_only());
         };
         if let Some(packed) = writer.refcounts.pack_bytes(co, file, len)? {
             return Ok(packed);

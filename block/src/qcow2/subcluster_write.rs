@@ -26,8 +26,8 @@ use super::mapping::{COMPRESSED, COPIED, ClusterMapping, OFFSET_MASK, ZERO, deco
 use super::metadata::Metadata;
 use super::offsets::{GuestOffset, HostOffset};
 use super::overlap;
+use super::refuse_read_only;
 use super::subclusters::{allocated, bitmap, is_invalid, mask, zeroed};
-use super::write::refuse_read_only;
 use crate::buffer::{IoBuffer, gather_into};
 
 /// How a write into one cluster goes.

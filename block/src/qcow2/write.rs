@@ -23,6 +23,7 @@ use super::mapping::{COPIED, OFFSET_MASK, decode_l1, decode_l2, is_writable_in_p
 use super::metadata::{Metadata, writable};
 use super::offsets::{GuestOffset, HostOffset};
 use super::overlap;
+use super::refuse_read_only;
 use crate::buffer::IoBuffer;
 
 /// What the first cluster of a write step needs.
@@ -320,11 +321,6 @@ impl Qcow2Driver {
         meta.set_l2_entries(l2, index, count as usize, |n| (host.0 + n * cluster_size) | COPIED);
         Ok(())
     }
-}
-
-/// The error of a write to an image opened read-only.
-pub(super) fn refuse_read_only() -> io::Error {
-    io::Error::new(io::ErrorKind::PermissionDenied, "qcow2: the image is open read-only")
 }
 
 /// Whether an allocation of `total` bytes whose own request covers `len` bytes from
