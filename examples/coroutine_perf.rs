@@ -19,7 +19,8 @@
 //!
 //! the resident memory each suspended coroutine adds, the process's mappings while they are all
 //! suspended, and the page-table memory each adds (the kernel's, not in the resident size).
-//! Run with `cargo run --release --example coroutine_perf`.
+//! Run with `cargo run --release --example coroutine_perf [-- FILTER...]`: with filter words,
+//! only the figures whose names contain one of them (`coroutine_perf future/ join/`).
 
 #[path = "../benches/support/future_workloads.rs"]
 mod future_workloads;
@@ -30,7 +31,16 @@ mod report;
 #[path = "../benches/support/coroutine_workloads.rs"]
 mod workloads;
 
-use report::report;
+use report::Figures;
+
+const USAGE: &str = "\
+usage: coroutine_perf [FILTER...]
+
+The coroutine figures, one line each (`<name> <iterations> iterations <seconds> s <ns> ns/op`,
+the median of five runs), with raw corosensei's as the baseline in the same process. With
+FILTER words, only the figures whose names contain one of them.
+
+  -h, --help    print this help and exit";
 
 /// How many coroutines `suspended` keeps suspended at once.
 const SUSPENDED: u64 = 1_000_000;
@@ -51,22 +61,25 @@ fn suspended_memory() {
 
 fn main() {
     const NESTING_DEPTH: u32 = 1000;
-    report("lifecycle", 5_000_000, 1, workloads::lifecycle);
-    report("cost", 5_000_000, 1, workloads::cost);
-    report("nesting", 100, u64::from(NESTING_DEPTH), |cycles| {
+    let figures = Figures::from_command_line("coroutine_perf", USAGE);
+    figures.report("lifecycle", 5_000_000, 1, workloads::lifecycle);
+    figures.report("cost", 5_000_000, 1, workloads::cost);
+    figures.report("nesting", 100, u64::from(NESTING_DEPTH), |cycles| {
         workloads::nesting(cycles, NESTING_DEPTH)
     });
-    report("yield", 20_000_000, 1, workloads::yield_round_trips);
-    report("function_call", 100_000_000, 1, workloads::function_call);
-    report("raw_corosensei_yield", 20_000_000, 1, workloads::raw_corosensei_yield);
-    report("raw_corosensei_lifecycle", 5_000_000, 1, workloads::raw_corosensei_lifecycle);
+    figures.report("yield", 20_000_000, 1, workloads::yield_round_trips);
+    figures.report("function_call", 100_000_000, 1, workloads::function_call);
+    figures.report("raw_corosensei_yield", 20_000_000, 1, workloads::raw_corosensei_yield);
+    figures.report("raw_corosensei_lifecycle", 5_000_000, 1, workloads::raw_corosensei_lifecycle);
     let bridge = future_workloads::Bridge::new();
-    report("future/ready", 20_000_000, 1, |n| bridge.ready(n));
-    report("future/cross_thread_wake", 200_000, 1, |n| bridge.cross_thread_wake(n));
-    report("join/spawn_join", 5_000_000, 1, |n| bridge.spawn_join(n));
-    report("join/await_from_tokio", 200_000, 1, |n| bridge.await_from_tokio(n));
+    figures.report("future/ready", 20_000_000, 1, |n| bridge.ready(n));
+    figures.report("future/cross_thread_wake", 200_000, 1, |n| bridge.cross_thread_wake(n));
+    figures.report("join/spawn_join", 5_000_000, 1, |n| bridge.spawn_join(n));
+    figures.report("join/await_from_tokio", 200_000, 1, |n| bridge.await_from_tokio(n));
     drop(bridge);
     // Last, so that the baselines above run right after the figures they are compared with.
-    suspended_memory();
-    report(&format!("suspended/{SUSPENDED}"), SUSPENDED, 1, workloads::suspended);
+    if figures.selects("suspended_memory") || figures.selects("suspended_page_tables") {
+        suspended_memory();
+    }
+    figures.report(&format!("suspended/{SUSPENDED}"), SUSPENDED, 1, workloads::suspended);
 }

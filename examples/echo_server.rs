@@ -15,6 +15,8 @@
 //! The serving logic is [`serve`], which `tests/echo_server.rs` runs on a thread of its own and
 //! stops through a [`StopSignal`].
 
+// `tests/echo_server.rs` includes this file as a module and uses its `pub` items.
+#![allow(unreachable_pub)]
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -25,6 +27,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use aiocoro::aio::{AioContext, FdHandler, Waker};
 use aiocoro::coroutine::Co;
+use example_cli::Arg::Long;
+use example_cli::{CommandLine, Stop};
 
 /// How much a connection reads (and then writes back) at a time.
 const BUFFER_SIZE: usize = 16 * 1024;
@@ -39,7 +43,7 @@ pub enum StopMode {
 }
 
 /// What the stopper and the accept loops share.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct StopState {
     /// Set once a stop was requested; the first request wins.
     mode: Option<StopMode>,
@@ -52,7 +56,7 @@ struct StopState {
 ///
 /// Clones share one signal. A signal stops every `serve` that uses it (for example one per
 /// IoThread), and a `serve` that starts after the request returns at once.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct StopSignal {
     state: Arc<Mutex<StopState>>,
 }
@@ -308,25 +312,28 @@ fn write_all(co: &Co, stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The port from `--port <n>` (or `--port=<n>`); 0 (any free port) without one.
-fn port_from_args() -> Result<u16, String> {
-    let mut args = std::env::args().skip(1);
+const USAGE: &str = "\
+usage: echo_server [--port N]
+
+A TCP echo server on 127.0.0.1, one coroutine per connection; serves until killed.
+
+  -h, --help    print this help and exit
+  --port N      the port to listen on (default 0: any free port, printed)";
+
+/// The port from `--port N` (or `--port=N`); 0 (any free port) without one.
+fn parse_port(line: &mut CommandLine) -> Result<u16, Stop> {
     let mut port = 0;
-    while let Some(arg) = args.next() {
-        let value = if arg == "--port" {
-            args.next().ok_or("--port needs a value")?
-        } else if let Some(value) = arg.strip_prefix("--port=") {
-            value.to_owned()
-        } else {
-            return Err(format!("unknown argument {arg:?}; usage: echo_server [--port N]"));
-        };
-        port = value.parse().map_err(|_| format!("--port: {value:?} is not a port number"))?;
+    while let Some(arg) = line.next_arg()? {
+        match arg {
+            Long("port") => port = line.integer("port", 0..=i64::from(u16::MAX))? as u16,
+            arg => return Err(arg.unexpected().into()),
+        }
     }
     Ok(port)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let port = port_from_args()?;
+    let port = CommandLine::from_env("echo_server", USAGE).parse(parse_port);
     let listener = TcpListener::bind(("127.0.0.1", port))?;
     println!("listening on {}", listener.local_addr()?);
     let ctx = AioContext::new()?;

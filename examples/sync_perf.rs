@@ -15,7 +15,8 @@
 //! items through a bounded queue (capacity 8) on CoMutex + CoQueue, from 4 producer coroutines
 //! on one IoThread to 3 consumers on another; `multi/oversubscribed_queue_std` does the same
 //! with `std::sync::Mutex` + `Condvar` on seven threads; both print the first line format
-//! (ns per item). Run with `cargo run --release --example sync_perf`.
+//! (ns per item). Run with `cargo run --release --example sync_perf [-- FILTER...]`: with
+//! filter words, only the figures whose names contain one of them (`sync_perf multi/`).
 
 #[path = "../benches/support/report.rs"]
 mod report;
@@ -25,28 +26,57 @@ mod workloads;
 
 use std::time::Duration;
 
-use report::report;
+use report::Figures;
 
 use workloads::Outcome;
 
-fn report_rate(name: &str, run: impl Fn(Duration) -> Outcome) {
+const USAGE: &str = "\
+usage: sync_perf [FILTER...]
+
+The lock figures, one line each: `<name> <iterations> iterations <seconds> s <ns> ns/op` (the
+median of five runs) or `<name> <iterations/s> iterations/s` (one 1-second run on IoThreads),
+with std's and tokio's locks as peers in the same process. With FILTER words, only the
+figures whose names contain one of them.
+
+  -h, --help    print this help and exit";
+
+/// If `name` is selected: one 1-second run of `run`, printed as a rate.
+fn report_rate(figures: &Figures, name: &str, run: impl Fn(Duration) -> Outcome) {
+    if !figures.selects(name) {
+        return;
+    }
     let outcome = run(Duration::from_secs(1));
     println!("{name} {:.0} iterations/s", outcome.rate());
 }
 
 fn main() {
-    report("comutex/uncontended", 10_000_000, 1, workloads::comutex_uncontended);
-    report("corwlock/read", 10_000_000, 1, workloads::corwlock_read);
-    report("corwlock/write", 10_000_000, 1, workloads::corwlock_write);
-    report("comutex/handoff_same_thread", 2_000_000, 1, workloads::comutex_handoff_same_thread);
-    report("coqueue/enter_next_wait", 2_000_000, 1, workloads::coqueue_enter_next_wait);
+    let figures = Figures::from_command_line("sync_perf", USAGE);
+    figures.report("comutex/uncontended", 10_000_000, 1, workloads::comutex_uncontended);
+    figures.report("corwlock/read", 10_000_000, 1, workloads::corwlock_read);
+    figures.report("corwlock/write", 10_000_000, 1, workloads::corwlock_write);
+    figures.report(
+        "comutex/handoff_same_thread",
+        2_000_000,
+        1,
+        workloads::comutex_handoff_same_thread,
+    );
+    figures.report("coqueue/enter_next_wait", 2_000_000, 1, workloads::coqueue_enter_next_wait);
     // Peers, for scale.
-    report("std_mutex/uncontended", 10_000_000, 1, workloads::std_mutex_uncontended);
-    report("tokio_mutex/uncontended", 10_000_000, 1, workloads::tokio_mutex_uncontended);
-    report("tokio_mutex/handoff_same_thread", 2_000_000, 1, workloads::tokio_mutex_handoff);
-    report_rate("multi/mutex/contended", |duration| workloads::multi_comutex(5, duration));
-    report_rate("multi/mutex/handoff", |duration| workloads::multi_comutex(2, duration));
-    report_rate("multi/mutex/pthread", |duration| workloads::multi_std_mutex(5, duration));
-    report("multi/oversubscribed_queue", 200_000, 1, workloads::oversubscribed_queue);
-    report("multi/oversubscribed_queue_std", 200_000, 1, workloads::oversubscribed_queue_std);
+    figures.report("std_mutex/uncontended", 10_000_000, 1, workloads::std_mutex_uncontended);
+    figures.report("tokio_mutex/uncontended", 10_000_000, 1, workloads::tokio_mutex_uncontended);
+    figures.report("tokio_mutex/handoff_same_thread", 2_000_000, 1, workloads::tokio_mutex_handoff);
+    report_rate(&figures, "multi/mutex/contended", |duration| {
+        workloads::multi_comutex(5, duration)
+    });
+    report_rate(&figures, "multi/mutex/handoff", |duration| workloads::multi_comutex(2, duration));
+    report_rate(&figures, "multi/mutex/pthread", |duration| {
+        workloads::multi_std_mutex(5, duration)
+    });
+    figures.report("multi/oversubscribed_queue", 200_000, 1, workloads::oversubscribed_queue);
+    figures.report(
+        "multi/oversubscribed_queue_std",
+        200_000,
+        1,
+        workloads::oversubscribed_queue_std,
+    );
 }

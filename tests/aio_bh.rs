@@ -251,6 +251,9 @@ fn a_closed_context_refuses_new_work_and_still_runs_what_it_accepted() {
         r.fetch_add(100, Ordering::Relaxed);
     });
     assert_eq!(refused, Err(aiocoro::aio::ContextClosed));
+    let error = std::io::Error::from(refused.unwrap_err());
+    assert!(error.get_ref().is_some_and(|inner| inner.is::<aiocoro::aio::ContextClosed>()));
+    assert!(error.to_string().contains("closed"), "{error}");
     assert!(handle.spawn(|_co| {}).is_err());
     drain(&ctx);
     assert_eq!(ran.load(Ordering::Relaxed), 1, "accepted work ran, refused work did not");

@@ -225,7 +225,7 @@ fn a_panic_on_an_iothread_reaches_stop() {
 #[test]
 fn a_thread_has_one_context_and_can_make_a_new_one_after_dropping_it() {
     let ctx = AioContext::new().unwrap();
-    let error = AioContext::new().err().expect("a second context on one thread");
+    let error = AioContext::new().expect_err("a second context on one thread");
     assert!(error.to_string().contains("already has an AioContext"), "{error}");
     let same = AioContext::current().expect("the current context");
     drop(same);

@@ -12,7 +12,7 @@ use aiocoro::sync::{CoMutex, ThreadMutex};
 
 /// A counter that is deliberately not atomic: a read, a yield point, a write.
 struct Racy(Cell<u64>);
-// SAFETY (test): only ever touched under the CoMutex that owns it.
+// SAFETY: (a test) only ever touched under the CoMutex that owns it.
 unsafe impl Send for Racy {}
 
 #[test]

@@ -1,5 +1,6 @@
 //! Which types may cross or be shared between threads, pinned at compile time: a change to any
-//! of these is a change to the soundness story (DESIGN.md, rules 1 to 3) and must be deliberate.
+//! of these is a change to the soundness story (`docs/design.md`, rules 1 to 3) and must be
+//! deliberate.
 
 use aiocoro::aio::{
     AioContext, AioHandle, BhHandle, BottomHalf, LocalWaker, Sleeper, Timer, Waker,

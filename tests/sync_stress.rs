@@ -19,7 +19,7 @@ const ROUNDS: u64 = 300;
 /// updates.
 #[derive(Default)]
 struct SlowCounter(Cell<u64>);
-// SAFETY (test): only touched under the lock that owns it.
+// SAFETY: (a test) only touched under the lock that owns it.
 unsafe impl Send for SlowCounter {}
 
 impl SlowCounter {

@@ -1,6 +1,6 @@
 //! A panic that unwinds through a `CoQueue` operation, while the caller's lock is released,
-//! never leaves a guard that does not hold its lock (design rule 5): the lock is taken back
-//! before the panic reaches the caller, or the process aborts naming the rule. Each test
+//! never leaves a guard that does not hold its lock (rule 5 of `docs/design.md`): the lock is
+//! taken back before the panic reaches the caller, or the process aborts naming the rule. Each test
 //! checks exclusion itself (a second holder, lost updates), not just that nothing crashed.
 
 mod common;

@@ -9,7 +9,7 @@ use corosensei::stack::DefaultStack;
 use corosensei::{Coroutine as RawCoroutine, CoroutineResult};
 
 /// QEMU's `perf_lifecycle`: create a coroutine and enter it; the body returns at once.
-pub fn lifecycle(iterations: u64) {
+pub(crate) fn lifecycle(iterations: u64) {
     for _ in 0..iterations {
         Coroutine::new(|co| {
             black_box(co);
@@ -19,7 +19,7 @@ pub fn lifecycle(iterations: u64) {
 }
 
 /// QEMU's `perf_nesting`: `cycles` times, a chain of `depth` coroutines, each entering the next.
-pub fn nesting(cycles: u64, depth: u32) {
+pub(crate) fn nesting(cycles: u64, depth: u32) {
     fn nest(level: u32, depth: u32) {
         if level < depth {
             Coroutine::new(move |_co| nest(level + 1, depth)).enter();
@@ -31,7 +31,7 @@ pub fn nesting(cycles: u64, depth: u32) {
 }
 
 /// QEMU's `perf_yield`: enter a coroutine that yields `iterations` times.
-pub fn yield_round_trips(iterations: u64) {
+pub(crate) fn yield_round_trips(iterations: u64) {
     let co = Coroutine::new(move |co| {
         for _ in 0..iterations {
             co.yield_now();
@@ -43,7 +43,7 @@ pub fn yield_round_trips(iterations: u64) {
 }
 
 /// QEMU's `perf_baseline`: a call of a function that is not inlined.
-pub fn function_call(iterations: u64) {
+pub(crate) fn function_call(iterations: u64) {
     #[inline(never)]
     fn callee(value: &mut u64) {
         *black_box(value) += 1;
@@ -56,7 +56,7 @@ pub fn function_call(iterations: u64) {
 }
 
 /// QEMU's `perf_cost`: create a coroutine, enter it, it yields, enter it again to the end.
-pub fn cost(iterations: u64) {
+pub(crate) fn cost(iterations: u64) {
     for _ in 0..iterations {
         let co = Coroutine::new(|co| co.yield_now());
         co.enter();
@@ -73,7 +73,7 @@ fn handler(co: &Co) {
 }
 
 /// Creates `count` coroutines and enters each until it yields: `count` suspended at once.
-pub fn suspend_all(count: u64) -> Vec<Coroutine> {
+pub(crate) fn suspend_all(count: u64) -> Vec<Coroutine> {
     (0..count)
         .map(|_| {
             let co = Coroutine::new(handler);
@@ -84,7 +84,7 @@ pub fn suspend_all(count: u64) -> Vec<Coroutine> {
 }
 
 /// Enters each coroutine [`suspend_all`] made once more, to its end.
-pub fn finish_all(coroutines: Vec<Coroutine>) {
+pub(crate) fn finish_all(coroutines: Vec<Coroutine>) {
     for co in &coroutines {
         co.enter();
     }
@@ -93,12 +93,12 @@ pub fn finish_all(coroutines: Vec<Coroutine>) {
 
 /// `count` coroutines suspended at once, then each resumed to its end: a server with `count`
 /// connections waiting for requests.
-pub fn suspended(count: u64) {
+pub(crate) fn suspended(count: u64) {
     finish_all(suspend_all(count));
 }
 
 /// The raw `corosensei` round trip under [`yield_round_trips`]: resume, then suspend.
-pub fn raw_corosensei_yield(iterations: u64) {
+pub(crate) fn raw_corosensei_yield(iterations: u64) {
     let mut co = RawCoroutine::new(|yielder, ()| {
         loop {
             yielder.suspend(());
@@ -111,7 +111,7 @@ pub fn raw_corosensei_yield(iterations: u64) {
 
 /// The raw `corosensei` cycle under [`lifecycle`]: create on a reused stack, run to the end, take
 /// the stack back.
-pub fn raw_corosensei_lifecycle(iterations: u64) {
+pub(crate) fn raw_corosensei_lifecycle(iterations: u64) {
     let mut stack = DefaultStack::new(1024 * 1024).expect("cannot map a stack");
     for _ in 0..iterations {
         let mut co = RawCoroutine::with_stack(stack, |yielder, ()| {

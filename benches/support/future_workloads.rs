@@ -15,7 +15,7 @@ use aiocoro::aio::{AioContext, IoThread};
 
 /// What the workloads run on: this thread's context, an IoThread, a thread that completes
 /// futures, and a tokio current-thread runtime.
-pub struct Bridge {
+pub(crate) struct Bridge {
     context: AioContext,
     iothread: IoThread,
     completer: Completer,
@@ -24,7 +24,7 @@ pub struct Bridge {
 
 impl Bridge {
     /// Sets it all up; this thread gets a context if it has none.
-    pub fn new() -> Bridge {
+    pub(crate) fn new() -> Bridge {
         let context = AioContext::current()
             .unwrap_or_else(|| AioContext::new().expect("a context for the bench thread"));
         Bridge {
@@ -36,7 +36,7 @@ impl Bridge {
     }
 
     /// `future/ready`: a coroutine `block_on`s a future that is ready at once.
-    pub fn ready(&self, iterations: u64) {
+    pub(crate) fn ready(&self, iterations: u64) {
         self.context.run(move |co| {
             for i in 0..iterations {
                 black_box(co.block_on(std::future::ready(black_box(i))));
@@ -48,7 +48,7 @@ impl Bridge {
     /// before it blocks, as QEMU's IOThreads do) `block_on`s a future that another thread
     /// completes (it spins, watching for the future's waker); per operation, one suspension,
     /// one cross-thread wake and one resume.
-    pub fn cross_thread_wake(&self, iterations: u64) {
+    pub(crate) fn cross_thread_wake(&self, iterations: u64) {
         let slot = self.completer.slot.clone();
         let rounds = self.iothread.handle().spawn(move |co| {
             for _ in 0..iterations {
@@ -60,7 +60,7 @@ impl Bridge {
 
     /// `join/spawn_join`: spawn a coroutine on this thread's context and join it from the
     /// thread (the join polls the context).
-    pub fn spawn_join(&self, iterations: u64) {
+    pub(crate) fn spawn_join(&self, iterations: u64) {
         for i in 0..iterations {
             black_box(self.context.spawn(move |_| black_box(i)).join().expect("no panic"));
         }
@@ -68,7 +68,7 @@ impl Bridge {
 
     /// `join/await_from_tokio`: a tokio task spawns a coroutine on an IoThread and awaits its
     /// join handle.
-    pub fn await_from_tokio(&self, iterations: u64) {
+    pub(crate) fn await_from_tokio(&self, iterations: u64) {
         let handle = self.iothread.handle().clone();
         self.runtime.block_on(async move {
             for i in 0..iterations {

@@ -6,7 +6,7 @@ use std::fs;
 
 /// The number of memory mappings of this process (lines of `/proc/self/maps`), the figure that
 /// `vm.max_map_count` caps.
-pub fn mapping_count() -> usize {
+pub(crate) fn mapping_count() -> usize {
     fs::read_to_string("/proc/self/maps").expect("cannot read /proc/self/maps").lines().count()
 }
 
@@ -21,11 +21,11 @@ fn status_kib(field: &str) -> u64 {
 }
 
 /// This process's resident memory, in KiB.
-pub fn resident_kib() -> u64 {
+pub(crate) fn resident_kib() -> u64 {
     status_kib("VmRSS")
 }
 
 /// The memory this process's page tables take, in KiB (not part of the resident size).
-pub fn page_table_kib() -> u64 {
+pub(crate) fn page_table_kib() -> u64 {
     status_kib("VmPTE")
 }

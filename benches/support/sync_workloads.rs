@@ -22,7 +22,7 @@ fn in_coroutine(body: impl FnOnce(&aiocoro::coroutine::Co) + 'static) {
 }
 
 /// `comutex/uncontended`: lock + unlock of a CoMutex nobody else wants.
-pub fn comutex_uncontended(iterations: u64) {
+pub(crate) fn comutex_uncontended(iterations: u64) {
     let mutex = Rc::new(CoMutex::new(0u64));
     in_coroutine(move |co| {
         for _ in 0..iterations {
@@ -33,7 +33,7 @@ pub fn comutex_uncontended(iterations: u64) {
 }
 
 /// `corwlock/read`: read lock + unlock of a CoRwLock nobody writes.
-pub fn corwlock_read(iterations: u64) {
+pub(crate) fn corwlock_read(iterations: u64) {
     let lock = Rc::new(CoRwLock::new(0u64));
     in_coroutine(move |co| {
         let mut sum = 0;
@@ -45,7 +45,7 @@ pub fn corwlock_read(iterations: u64) {
 }
 
 /// `corwlock/write`: write lock + unlock of a CoRwLock nobody else wants.
-pub fn corwlock_write(iterations: u64) {
+pub(crate) fn corwlock_write(iterations: u64) {
     let lock = Rc::new(CoRwLock::new(0u64));
     in_coroutine(move |co| {
         for _ in 0..iterations {
@@ -57,7 +57,7 @@ pub fn corwlock_write(iterations: u64) {
 
 /// `comutex/handoff_same_thread`: two coroutines of one context pass a CoMutex back and forth;
 /// each holder lets the other run (and queue) before it unlocks. One iteration is one hand-over.
-pub fn comutex_handoff_same_thread(iterations: u64) {
+pub(crate) fn comutex_handoff_same_thread(iterations: u64) {
     let ctx = AioContext::current().unwrap_or_else(|| AioContext::new().expect("a context"));
     let mutex = Rc::new(CoMutex::new(0u64));
     let handoffs = Rc::new(Cell::new(0u64));
@@ -78,7 +78,7 @@ pub fn comutex_handoff_same_thread(iterations: u64) {
 
 /// `coqueue/enter_next_wait`: a coroutine waits on a CoQueue; code outside any coroutine
 /// enters it with `enter_next`, and it waits again. One iteration is one round trip.
-pub fn coqueue_enter_next_wait(iterations: u64) {
+pub(crate) fn coqueue_enter_next_wait(iterations: u64) {
     let ctx = AioContext::current().unwrap_or_else(|| AioContext::new().expect("a context"));
     let state = Rc::new((NoLock::new(false), CoQueue::new()));
     let s = state.clone();
@@ -102,7 +102,7 @@ pub fn coqueue_enter_next_wait(iterations: u64) {
 }
 
 /// What a multi-thread workload did.
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Iterations by all threads together.
     pub iterations: u64,
     /// From the start signal to the last thread's end.
@@ -111,7 +111,7 @@ pub struct Outcome {
 
 impl Outcome {
     /// Iterations per second.
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.iterations as f64 / self.elapsed.as_secs_f64()
     }
 }
@@ -164,7 +164,7 @@ impl Race {
 /// `multi/mutex/contended` (5 threads) and `multi/mutex/handoff` (2): `threads` IoThreads, one
 /// coroutine each, lock a shared CoMutex, increment a counter, unlock (QEMU's
 /// `test_multi_co_mutex`).
-pub fn multi_comutex(threads: usize, duration: Duration) -> Outcome {
+pub(crate) fn multi_comutex(threads: usize, duration: Duration) -> Outcome {
     let mutex = Arc::new(CoMutex::new(0u64));
     let race = Race::new(threads);
     let iothreads: Vec<_> = (0..threads)
@@ -186,7 +186,7 @@ pub fn multi_comutex(threads: usize, duration: Duration) -> Outcome {
 }
 
 /// `multi/mutex/pthread`: the same loop on `threads` plain threads with `std::sync::Mutex`.
-pub fn multi_std_mutex(threads: usize, duration: Duration) -> Outcome {
+pub(crate) fn multi_std_mutex(threads: usize, duration: Duration) -> Outcome {
     let mutex = Arc::new(Mutex::new(0u64));
     let race = Race::new(threads);
     let workers: Vec<_> = (0..threads)
@@ -203,7 +203,7 @@ pub fn multi_std_mutex(threads: usize, duration: Duration) -> Outcome {
 }
 
 /// Peer of `comutex/uncontended`: `std::sync::Mutex` lock + unlock on one thread.
-pub fn std_mutex_uncontended(iterations: u64) {
+pub(crate) fn std_mutex_uncontended(iterations: u64) {
     let mutex = Mutex::new(0u64);
     for _ in 0..iterations {
         *black_box(&mutex).lock().unwrap() += 1;
@@ -212,7 +212,7 @@ pub fn std_mutex_uncontended(iterations: u64) {
 
 /// Peer of `comutex/uncontended`: `tokio::sync::Mutex` lock + unlock in one task of a
 /// current-thread runtime.
-pub fn tokio_mutex_uncontended(iterations: u64) {
+pub(crate) fn tokio_mutex_uncontended(iterations: u64) {
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
     let mutex = tokio::sync::Mutex::new(0u64);
     runtime.block_on(async {
@@ -224,7 +224,7 @@ pub fn tokio_mutex_uncontended(iterations: u64) {
 
 /// Peer of `comutex/handoff_same_thread`: two tokio tasks on a current-thread runtime pass a
 /// `tokio::sync::Mutex` back and forth, yielding while they hold it.
-pub fn tokio_mutex_handoff(iterations: u64) {
+pub(crate) fn tokio_mutex_handoff(iterations: u64) {
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
     let mutex = Rc::new(tokio::sync::Mutex::new(0u64));
     let handoffs = Rc::new(Cell::new(0u64));
@@ -273,7 +273,7 @@ fn produced_by(producer: u64, items: u64) -> impl Iterator<Item = u64> {
 /// consumers on another, capacity 8, passing `items` items. With the main thread and anything
 /// else running, the threads outnumber the cores of a small machine, so a lock holder is often
 /// not running: the lock must not spin against it.
-pub fn oversubscribed_queue(items: u64) {
+pub(crate) fn oversubscribed_queue(items: u64) {
     let state = Arc::new((CoMutex::new(Bounded::default()), CoQueue::new(), CoQueue::new()));
     let producers = IoThread::spawn("bench-producers").expect("an IoThread");
     let consumers = IoThread::spawn("bench-consumers").expect("an IoThread");
@@ -326,7 +326,7 @@ pub fn oversubscribed_queue(items: u64) {
 
 /// `multi/oversubscribed_queue_std`: the same queue on `std::sync::Mutex` and two `Condvar`s,
 /// with a thread per producer and per consumer.
-pub fn oversubscribed_queue_std(items: u64) {
+pub(crate) fn oversubscribed_queue_std(items: u64) {
     let state = Arc::new((Mutex::new(Bounded::default()), Condvar::new(), Condvar::new()));
     let mut threads = Vec::new();
     for producer in 0..PRODUCERS {

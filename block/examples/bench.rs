@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use aiocoro::aio::{AioContext, IoThread};
 use aiocoro::coroutine::Co;
-use aiocoro_block::{BlockBackend, BlockGraph, BlockOptions, ImageArgs, IoBuffer, parse_size};
+use aiocoro_block::{BlockBackend, BlockGraph, BlockOptions, ImageArgs, IoBuffer};
+use example_cli::Arg::{Long, Short, Value};
+use example_cli::{CommandLine, Stop, ValueExt};
 
 /// What to run, from the command line.
 #[derive(Debug)]
@@ -53,11 +55,40 @@ struct Args {
     quiet: bool,
 }
 
-const USAGE: &str = "usage: bench [-f FMT | --image-opts] [-t CACHE] [-c COUNT] [-d DEPTH] \
-[-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] [-i AIO] [-w [--pattern PATTERN] \
-[--flush-interval INTERVAL [--no-drain]]] [--iothreads N] [--json] [-q] FILENAME";
+const USAGE: &str = "\
+usage: bench [-f FMT | --image-opts] [-t CACHE] [-c COUNT] [-d DEPTH] [-o OFFSET]
+             [-s BUFFER_SIZE] [-S STEP_SIZE] [-i AIO] [-n]
+             [-w [--pattern PATTERN] [--flush-interval INTERVAL [--no-drain]]]
+             [--iothreads N] [--json] [-q] FILENAME
 
-fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
+A peer of qemu-img bench: COUNT requests of BUFFER_SIZE bytes, DEPTH at a time, from OFFSET
+on in steps of STEP_SIZE (wrapping before the end of the image). Numbers as qemu-img reads
+them: decimal, 0x hex or 0 octal; sizes also with a unit k, M, G, T (B: bytes).
+
+  -h, --help                  print this help and exit
+  -q, --quiet                 print nothing but errors (and --json's line)
+  -f, --format FMT            the image format (qcow2, raw; probed by default)
+  --image-opts                FILENAME is a complete image specification (not with -f)
+  -t, --cache CACHE           writeback (default) or none (O_DIRECT)
+  -c, --count COUNT           requests to send (default 75000)
+  -d, --depth DEPTH           requests in flight per thread (default 64)
+  -o, --offset OFFSET         the first request's offset (default 0)
+  -s, --buffer-size SIZE      bytes per request (default 4096)
+  -S, --step-size SIZE        offset increment per request (default BUFFER_SIZE)
+  -i, --aio AIO               threads (default) or io_uring (native is refused)
+  -n, --native                the same as -i native (refused: no Linux AIO)
+  -w, --write                 write (default: read)
+  --pattern PATTERN           the byte to write (default 0)
+  --flush-interval INTERVAL   flush after every INTERVAL requests (at least DEPTH)
+  --no-drain                  do not wait for requests in flight before a flush
+  -U, --force-share           accepted and ignored (no image locks are taken)
+  --iothreads N               N IoThreads share the requests (default 1: this thread)
+  --json                      a last line {\"requests\":..,\"seconds\":..,\"iops\":..,\"iothreads\":..}";
+
+/// The largest count, depth, request size or step `qemu-img bench` takes (C's `INT_MAX`).
+const INT_MAX: u64 = i32::MAX as u64;
+
+fn parse_args(line: &mut CommandLine) -> Result<Args, Stop> {
     let mut args = Args {
         filename: String::new(),
         format: None,
@@ -77,64 +108,56 @@ fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
         json: false,
         quiet: false,
     };
+    let int = 1..=INT_MAX as i64;
     let mut filename = None;
-    while let Some(arg) = raw.next() {
-        // `--name=value` and `--name value` both work, as with getopt_long.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (flag.to_string(), Some(value.into())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = |name: &str| -> Result<String, String> {
-            inline.clone().or_else(|| raw.next()).ok_or_else(|| format!("{name} needs a value"))
-        };
-        let size = |text: String| parse_size(&text);
-        let number =
-            |text: String| text.parse::<u64>().map_err(|_| format!("'{text}' is not a number"));
-        match flag.as_str() {
-            "-h" | "--help" => return Err(String::new()),
-            "-f" | "--format" => args.format = Some(value(&flag)?),
-            "--image-opts" => args.image_opts = true,
-            "-t" | "--cache" => args.cache = value(&flag)?,
-            "-c" | "--count" => args.count = number(value(&flag)?)?,
-            "-d" | "--depth" => {
-                args.depth = number(value(&flag)?)?.try_into().map_err(|_| "depth")?
+    while let Some(arg) = line.next_arg()? {
+        match arg {
+            Short('f') | Long("format") => args.format = Some(line.value()?),
+            Long("image-opts") => args.image_opts = true,
+            Short('t') | Long("cache") => args.cache = line.value()?,
+            Short('c') | Long("count") => {
+                args.count = line.integer("request count", int.clone())? as u64
             }
-            "-o" | "--offset" => args.offset = size(value(&flag)?)?,
-            "-s" | "--buffer-size" => {
-                args.buffer_size = size(value(&flag)?)?.try_into().map_err(|_| "buffer size")?;
+            Short('d') | Long("depth") => {
+                args.depth = line.integer("queue depth", int.clone())? as usize
             }
-            "-S" | "--step-size" => args.step = Some(size(value(&flag)?)?),
-            "-i" | "--aio" => args.aio = value(&flag)?,
-            "-n" | "--native" => args.aio = "native".into(),
-            "-w" | "--write" => args.write = true,
-            "--pattern" => {
-                let pattern = number(value(&flag)?)?;
-                args.pattern = u8::try_from(pattern).map_err(|_| "the pattern is one byte")?;
+            Short('o') | Long("offset") => {
+                args.offset = line.size("offset", 0..=i64::MAX as u64)?
             }
-            "--flush-interval" => args.flush_interval = number(value(&flag)?)?,
-            "--no-drain" => args.drain_on_flush = false,
-            "--iothreads" => {
-                args.iothreads = number(value(&flag)?)?.try_into().map_err(|_| "iothreads")?;
+            Short('s') | Long("buffer-size") => {
+                args.buffer_size = line.size("buffer size", 1..=INT_MAX)? as usize
             }
-            "--json" => args.json = true,
-            "-q" | "--quiet" => args.quiet = true,
-            "-U" | "--force-share" => {}
-            other if other.starts_with('-') && other.len() > 1 => {
-                return Err(format!("unknown option '{other}'"));
+            Short('S') | Long("step-size") => {
+                args.step = Some(line.size("step size", 0..=INT_MAX)?)
             }
-            _ if filename.is_some() => return Err(format!("a second FILENAME '{arg}'")),
-            _ => filename = Some(arg),
+            Short('i') | Long("aio") => args.aio = line.value()?,
+            Short('n') | Long("native") => args.aio = "native".into(),
+            Short('w') | Long("write") => args.write = true,
+            Long("pattern") => args.pattern = line.integer("pattern byte", 0..=255)? as u8,
+            Long("flush-interval") => {
+                args.flush_interval = line.integer("flush interval", 0..=INT_MAX as i64)? as u64
+            }
+            Long("no-drain") => args.drain_on_flush = false,
+            Long("iothreads") => {
+                args.iothreads = line.integer("number of IoThreads", 1..=1024)? as usize
+            }
+            Long("json") => args.json = true,
+            Short('q') | Long("quiet") => args.quiet = true,
+            Short('U') | Long("force-share") => {}
+            Value(value) if filename.is_none() => filename = Some(value.string()?),
+            Value(_) => return Err("Expecting one image file name".into()),
+            arg => return Err(arg.unexpected().into()),
         }
     }
-    args.filename = filename.ok_or("FILENAME is missing")?;
-    if args.depth == 0 || args.buffer_size == 0 || args.iothreads == 0 {
-        return Err("-d, -s and --iothreads must be at least 1".into());
+    args.filename = filename.ok_or("Expecting one image file name")?;
+    if args.image_opts && args.format.is_some() {
+        return Err("--image-opts and --format are mutually exclusive".into());
     }
-    if !args.write && (args.flush_interval != 0 || args.pattern != 0) {
-        return Err("--pattern and --flush-interval need -w".into());
+    if args.flush_interval != 0 && !args.write {
+        return Err("--flush-interval is only available in write tests".into());
     }
-    if !args.drain_on_flush && args.flush_interval == 0 {
-        return Err("--no-drain needs --flush-interval".into());
+    if args.flush_interval != 0 && args.flush_interval < args.depth as u64 {
+        return Err("Flush interval can't be smaller than depth".into());
     }
     Ok(args)
 }
@@ -344,16 +367,7 @@ fn run(args: &Args) -> io::Result<(Duration, u64)> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(args) => args,
-        Err(message) => {
-            if !message.is_empty() {
-                eprintln!("bench: {message}");
-            }
-            eprintln!("{USAGE}");
-            return if message.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) };
-        }
-    };
+    let args = CommandLine::from_env("bench", USAGE).parse(parse_args);
     match run(&args) {
         Ok((elapsed, requests)) => {
             let seconds = elapsed.as_secs_f64();

@@ -15,7 +15,8 @@
 //! of the recorded version. At the end the backend is drained and flushed, the image closed
 //! and opened again, and every block read back and checked once more; a qcow2 image then
 //! goes through `qemu-img check` when `qemu-img` is installed (errors or leaked clusters fail
-//! the run). The last line is the verdict; the exit status is 0 only for `verdict: PASS`.
+//! the run; without `qemu-img` the run says `qemu-img check: skipped` and why). The last
+//! line is the verdict; the exit status is 0 only for `verdict: PASS`.
 
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
@@ -27,7 +28,9 @@ use std::time::{Duration, Instant};
 use aiocoro::aio::{AioContext, IoThread};
 use aiocoro::coroutine::Co;
 use aiocoro::sync::CoMutex;
-use aiocoro_block::{BlockBackend, BlockGraph, BlockOptions, IoBuffer, parse_size};
+use aiocoro_block::{BlockBackend, BlockGraph, BlockOptions, IoBuffer};
+use example_cli::Arg::Long;
+use example_cli::{CommandLine, Stop};
 
 /// The request size, and the unit the shadow tracks.
 const BLOCK: usize = 4096;
@@ -44,11 +47,26 @@ struct Args {
     aio: String,
 }
 
-const USAGE: &str = "usage: multiqueue [--image PATH] [--format qcow2|raw] [--size 64M] \
-[--count 100000] [--reads PERCENT] [--iothreads N] [--depth D] [--cache writeback|none] \
-[--aio io_uring|threads]";
+const USAGE: &str = "\
+usage: multiqueue [--image PATH] [--format qcow2|raw] [--size SIZE] [--count N] [--reads PERCENT]
+                  [--iothreads N] [--depth D] [--cache writeback|none] [--aio io_uring|threads]
 
-fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
+Random 4 KiB reads and writes from N IoThreads through one BlockBackend, every read checked,
+then the image reopened and checked (and qemu-img check run on a qcow2 image). Numbers as
+qemu-img reads them: decimal, 0x hex or 0 octal; SIZE also with a unit k, M, G, T (B: bytes).
+
+  -h, --help              print this help and exit
+  --image PATH            make and keep this image (it must not exist; default: a temporary one)
+  --format FMT            qcow2 (default) or raw
+  --size SIZE             the image size, a multiple of 4 KiB (default 64M)
+  --count N               requests to send (default 100000)
+  --reads PERCENT         the share of reads, 0 to 100 (default 50)
+  --iothreads N           IoThreads (default: one per available core)
+  --depth D               requests in flight per IoThread (default 16)
+  --cache MODE            writeback (default) or none (O_DIRECT)
+  --aio AIO               io_uring (default) or threads";
+
+fn parse_args(line: &mut CommandLine) -> Result<Args, Stop> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let mut args = Args {
         image: None,
@@ -61,35 +79,27 @@ fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
         cache: "writeback".into(),
         aio: "io_uring".into(),
     };
-    while let Some(flag) = raw.next() {
-        let mut value = || raw.next().ok_or_else(|| format!("{flag} needs a value"));
-        let number =
-            |text: String| text.parse::<u64>().map_err(|_| format!("'{text}' is not a number"));
-        match flag.as_str() {
-            "-h" | "--help" => return Err(String::new()),
-            "--image" => args.image = Some(value()?.into()),
-            "--format" => args.format = value()?,
-            "--size" => args.size = parse_size(&value()?)?,
-            "--count" => args.count = number(value()?)?,
-            "--reads" => args.read_percent = number(value()?)?,
-            "--iothreads" => args.iothreads = number(value()?)? as usize,
-            "--depth" => args.depth = number(value()?)? as usize,
-            "--cache" => args.cache = value()?,
-            "--aio" => args.aio = value()?,
-            other => return Err(format!("unknown argument '{other}'")),
+    while let Some(arg) = line.next_arg()? {
+        match arg {
+            Long("image") => args.image = Some(line.value()?.into()),
+            Long("format") => args.format = line.value()?,
+            Long("size") => args.size = line.size("image size", BLOCK as u64..=i64::MAX as u64)?,
+            Long("count") => args.count = line.integer("request count", 0..=i64::MAX)? as u64,
+            Long("reads") => args.read_percent = line.integer("read percentage", 0..=100)? as u64,
+            Long("iothreads") => {
+                args.iothreads = line.integer("number of IoThreads", 1..=1024)? as usize
+            }
+            Long("depth") => args.depth = line.integer("queue depth", 1..=1 << 20)? as usize,
+            Long("cache") => args.cache = line.value()?,
+            Long("aio") => args.aio = line.value()?,
+            arg => return Err(arg.unexpected().into()),
         }
     }
-    if args.read_percent > 100 {
-        return Err("--reads is a percentage (0 to 100)".into());
-    }
-    if args.iothreads == 0 || args.depth == 0 {
-        return Err("--iothreads and --depth must be at least 1".into());
-    }
-    if args.size < BLOCK as u64 || !args.size.is_multiple_of(BLOCK as u64) {
-        return Err(format!("--size must be a positive multiple of {BLOCK}"));
+    if !args.size.is_multiple_of(BLOCK as u64) {
+        return Err(format!("--size must be a multiple of {BLOCK}").into());
     }
     if args.format != "raw" && args.format != "qcow2" {
-        return Err(format!("format '{}' is not supported (qcow2 or raw)", args.format));
+        return Err(format!("format '{}' is not supported (qcow2 or raw)", args.format).into());
     }
     Ok(args)
 }
@@ -259,11 +269,13 @@ fn make_image(args: &Args, file: std::fs::File, path: &std::path::Path) -> io::R
 
 /// `qemu-img check` of a qcow2 image: whether it is clean (no errors, no leaks) and the
 /// first line of its report; `None` where `qemu-img` is not installed.
-fn qemu_img_check(path: &std::path::Path) -> Option<(bool, String)> {
-    let output = std::process::Command::new("qemu-img").arg("check").arg(path).output().ok()?;
+/// `qemu-img check` of the image at `path`: whether it is clean and its first line; an error
+/// when `qemu-img` cannot be run (not installed).
+fn qemu_img_check(path: &std::path::Path) -> io::Result<(bool, String)> {
+    let output = std::process::Command::new("qemu-img").arg("check").arg(path).output()?;
     let report = String::from_utf8_lossy(&output.stdout);
     let first = report.lines().next().unwrap_or("(no output)").to_owned();
-    Some((output.status.success(), first))
+    Ok((output.status.success(), first))
 }
 
 fn run_on(args: &Args, path: &std::path::Path) -> io::Result<bool> {
@@ -348,7 +360,7 @@ fn run_on(args: &Args, path: &std::path::Path) -> io::Result<bool> {
     let (mismatches, errors) = (shared.mismatches.into_inner(), shared.errors.into_inner());
     let reads_checked = shared.reads_checked.into_inner();
     let unreadable = verify_all(open_image(&options)?, shared.versions)?;
-    let checked = if args.format == "qcow2" { qemu_img_check(path) } else { None };
+    let checked = (args.format == "qcow2").then(|| qemu_img_check(path));
     latencies.sort_unstable();
     println!(
         "{} requests in {:.3} s: {:.0} IOPS, latency p50 {:?} p99 {:?}",
@@ -359,10 +371,21 @@ fn run_on(args: &Args, path: &std::path::Path) -> io::Result<bool> {
         percentile(&latencies, 0.99)
     );
     println!("checked {} reads during the run and {blocks} blocks after it", reads_checked);
-    let clean = checked.as_ref().map(|(clean, _)| *clean);
-    if let Some((_, report)) = &checked {
-        println!("qemu-img check: {report}");
-    }
+    let clean = match &checked {
+        Some(Ok((clean, report))) => {
+            println!("qemu-img check: {report}");
+            Some(*clean)
+        }
+        Some(Err(error)) if error.kind() == io::ErrorKind::NotFound => {
+            println!("qemu-img check: skipped (qemu-img is not installed)");
+            None
+        }
+        Some(Err(error)) => {
+            println!("qemu-img check: skipped (cannot run qemu-img: {error})");
+            None
+        }
+        None => None,
+    };
     let pass = mismatches == 0 && errors == 0 && unreadable == 0 && clean != Some(false);
     if pass {
         println!("verdict: PASS");
@@ -377,16 +400,7 @@ fn run_on(args: &Args, path: &std::path::Path) -> io::Result<bool> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(args) => args,
-        Err(message) => {
-            if !message.is_empty() {
-                eprintln!("multiqueue: {message}");
-            }
-            eprintln!("{USAGE}");
-            return if message.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) };
-        }
-    };
+    let args = CommandLine::from_env("multiqueue", USAGE).parse(parse_args);
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

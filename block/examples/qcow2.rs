@@ -36,12 +36,25 @@ use aiocoro::aio::AioContext;
 use aiocoro::coroutine::Co;
 use aiocoro_block::qcow2::{Compat, Compression, CreateOptions, Header, Repair, check_image_file};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, invalid_input, run_in_coroutine};
+use example_cli::Arg::{Long, Short, Value};
+use example_cli::numbers::parse_size;
+use example_cli::{CommandLine, Stop, ValueExt};
 
-const USAGE: &str = "usage: qcow2 info FILE\n       qcow2 convert -O raw FILE OUT\n       \
-                     qcow2 convert -O qcow2 [-c] [-o OPTIONS] FILE OUT\n       \
-                     qcow2 snapshot -l FILE\n       \
-                     qcow2 create [-f qcow2] [-o OPTIONS] [-b BACKING] [-F FMT] FILE [SIZE]\n       \
-                     qcow2 check [-r leaks|all] [--output human|json] [-f qcow2] FILE";
+const USAGE: &str = "\
+usage: qcow2 info FILE
+       qcow2 convert [-f FMT] -O raw FILE OUT
+       qcow2 convert [-f FMT] -O qcow2 [-c] [-o OPTIONS] FILE OUT
+       qcow2 snapshot -l FILE
+       qcow2 create [-f qcow2] [-o OPTIONS] [-b BACKING] [-F FMT] FILE [SIZE]
+       qcow2 check [-r leaks|all] [--output human|json] [-f qcow2] FILE
+
+A small image tool with qemu-img's spelling, through aiocoro-block's drivers. The source's
+format is probed (-f is accepted and ignored). OPTIONS: cluster_size, compat (1.1 or 0.10),
+refcount_bits, lazy_refcounts, extended_l2 (on or off), compression_type (zlib or zstd),
+backing_file, backing_fmt, size. Sizes as qemu-img reads them: decimal, 0x hex; a unit k, M,
+G, T (B: bytes). -q and -p are accepted and ignored.
+
+  -h, --help    print this help and exit";
 
 /// The bytes read per request by `convert`.
 const CHUNK: usize = 2 << 20;
@@ -49,42 +62,31 @@ const CHUNK: usize = 2 << 20;
 /// How many pieces `convert -O qcow2` copies at once.
 const CONVERT_WORKERS: usize = 8;
 
+/// What to do, from the command line.
+enum Command {
+    /// `info FILE`.
+    Info(String),
+    /// `convert ... FILE OUT`.
+    Convert { file: String, out: String, target: Target },
+    /// `snapshot -l FILE`.
+    Snapshots(String),
+    /// `create ... FILE [SIZE]`; whether the size was given.
+    Create { file: String, options: CreateOptions, sized: bool },
+    /// `check ... FILE`; whether the output is JSON.
+    Check { file: String, repair: Repair, json: bool },
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let result = match args.as_slice() {
-        ["info", file] => info(file),
-        ["convert", rest @ ..] => match convert_options(rest) {
-            Ok((file, out, Target::Raw)) => convert(&file, &out),
-            Ok((file, out, Target::Qcow2 { options, compress })) => {
-                convert_to_qcow2(&file, &out, options, compress)
-            }
-            Err(error) => {
-                eprintln!("qcow2: {error}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        },
-        ["snapshot", "-l", file] => list_snapshots(file),
-        ["create", rest @ ..] => match create_options(rest) {
-            Ok((file, options)) => create(&file, options),
-            Err(error) => {
-                eprintln!("qcow2: {error}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        },
-        ["check", rest @ ..] => {
-            return match check_options(rest) {
-                Ok((file, repair, json)) => check(&file, repair, json),
-                Err(error) => {
-                    eprintln!("qcow2: {error}\n{USAGE}");
-                    ExitCode::from(1)
-                }
-            };
+    let command = CommandLine::from_env("qcow2", USAGE).parse(parse_command);
+    let result = match command {
+        Command::Info(file) => info(&file),
+        Command::Convert { file, out, target: Target::Raw } => convert(&file, &out),
+        Command::Convert { file, out, target: Target::Qcow2 { options, compress } } => {
+            convert_to_qcow2(&file, &out, options, compress)
         }
-        _ => {
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
+        Command::Snapshots(file) => list_snapshots(&file),
+        Command::Create { file, options, sized } => create(&file, options, sized),
+        Command::Check { file, repair, json } => return check(&file, repair, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -93,6 +95,57 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The command and its arguments.
+fn parse_command(line: &mut CommandLine) -> Result<Command, Stop> {
+    let command = match line.next_arg()? {
+        Some(Value(command)) => command.string()?,
+        Some(arg) => return Err(arg.unexpected().into()),
+        None => return Err("a command is missing (info, convert, snapshot, create, check)".into()),
+    };
+    match command.as_str() {
+        "info" => {
+            let mut given = Vec::new();
+            while let Some(arg) = line.next_arg()? {
+                match arg {
+                    Value(value) => given.push(value.string()?),
+                    arg => return Err(arg.unexpected().into()),
+                }
+            }
+            let [file] = operands(given, ["FILE"])?;
+            Ok(Command::Info(file))
+        }
+        "snapshot" => {
+            let (mut list, mut given) = (false, Vec::new());
+            while let Some(arg) = line.next_arg()? {
+                match arg {
+                    Short('l') => list = true,
+                    Value(value) => given.push(value.string()?),
+                    arg => return Err(arg.unexpected().into()),
+                }
+            }
+            if !list {
+                return Err("only snapshot -l (list) is supported".into());
+            }
+            let [file] = operands(given, ["FILE"])?;
+            Ok(Command::Snapshots(file))
+        }
+        "convert" => convert_options(line),
+        "create" => create_options(line),
+        "check" => check_options(line),
+        other => Err(format!("unknown command '{other}'").into()),
+    }
+}
+
+/// The operands `given`, exactly as many as `names` names (the first missing one is named
+/// in the error).
+fn operands<const N: usize>(given: Vec<String>, names: [&str; N]) -> Result<[String; N], Stop> {
+    if let Some(extra) = given.get(N) {
+        return Err(format!("unexpected argument \"{extra}\"").into());
+    }
+    let missing = names.get(given.len()).copied().unwrap_or_default();
+    given.try_into().map_err(|_| format!("{missing} is missing").into())
 }
 
 /// `qcow2` if `file` starts with the qcow2 magic, else `raw` (as qemu-img probes).
@@ -233,35 +286,28 @@ enum Target {
 }
 
 /// Parses `convert`'s arguments: `[-f FMT] -O raw|qcow2 [-c] [-o OPTIONS] FILE OUT`.
-fn convert_options(args: &[&str]) -> io::Result<(String, String, Target)> {
+fn convert_options(line: &mut CommandLine) -> Result<Command, Stop> {
     let (mut format, mut compress, mut options) = (None, false, CreateOptions::new(0));
-    let mut positional = Vec::new();
-    let mut args = args.iter();
-    while let Some(&arg) = args.next() {
-        let mut value =
-            || args.next().copied().ok_or_else(|| invalid_input(format!("{arg} needs a value")));
+    let mut given = Vec::new();
+    while let Some(arg) = line.next_arg()? {
         match arg {
-            "-O" => format = Some(value()?),
-            "-f" => drop(value()?), // The source's format is probed.
-            "-c" => compress = true,
-            "-o" => drop(apply_options(&mut options, value()?)?),
-            "-q" | "-p" => {}
-            flag if flag.starts_with('-') => {
-                return Err(invalid_input(format!("unknown flag {flag}")));
-            }
-            other => positional.push(other.to_owned()),
+            Short('O') => format = Some(line.value()?),
+            Short('f') => drop(line.value()?), // The source's format is probed.
+            Short('c') => compress = true,
+            Short('o') => drop(apply_options(&mut options, &line.value()?)?),
+            Short('q' | 'p') => {}
+            Value(value) => given.push(value.string()?),
+            arg => return Err(arg.unexpected().into()),
         }
     }
-    let target = match format {
+    let target = match format.as_deref() {
         Some("raw") if !compress => Target::Raw,
-        Some("raw") => return Err(invalid_input("-c needs -O qcow2")),
+        Some("raw") => return Err("-c needs -O qcow2".into()),
         Some("qcow2") => Target::Qcow2 { options, compress },
-        _ => return Err(invalid_input("convert needs -O raw or -O qcow2")),
+        _ => return Err("convert needs -O raw or -O qcow2".into()),
     };
-    match <[String; 2]>::try_from(positional) {
-        Ok([file, out]) => Ok((file, out, target)),
-        Err(_) => Err(invalid_input("convert needs FILE and OUT")),
-    }
+    let [file, out] = operands(given, ["FILE", "OUT"])?;
+    Ok(Command::Convert { file, out, target })
 }
 
 /// Writes every guest byte of `file` into a new qcow2 image `out` made with `options` (its
@@ -375,9 +421,9 @@ fn on_off(key: &str, value: &str) -> io::Result<bool> {
     }
 }
 
-/// A size or an error naming the option.
+/// A size (as qemu-img reads one) or an error naming the option.
 fn size_of(key: &str, value: &str) -> io::Result<u64> {
-    aiocoro_block::parse_size(value).map_err(|why| invalid_input(format!("{key}: {why}")))
+    parse_size(value, key, 0..=i64::MAX as u64).map_err(invalid_input)
 }
 
 /// Applies a `-o` list (`key=value,...`) to `options`; returns whether it gave the size.
@@ -428,43 +474,35 @@ fn apply_options(options: &mut CreateOptions, list: &str) -> io::Result<bool> {
 
 /// Parses `create`'s arguments into the image path and its options (the size stays 0 if
 /// neither given nor known yet: [`create`] takes the backing file's).
-fn create_options(args: &[&str]) -> io::Result<(String, (CreateOptions, bool))> {
+fn create_options(line: &mut CommandLine) -> Result<Command, Stop> {
     let mut options = CreateOptions::new(0);
     let mut sized = false;
-    let mut positional = Vec::new();
-    let mut args = args.iter();
-    while let Some(&arg) = args.next() {
-        let mut value =
-            || args.next().copied().ok_or_else(|| invalid_input(format!("{arg} needs a value")));
+    let mut given = Vec::new();
+    while let Some(arg) = line.next_arg()? {
         match arg {
-            "-f" => match value()? {
+            Short('f') => match line.value()?.as_str() {
                 "qcow2" => {}
-                other => {
-                    return Err(invalid_input(format!("only -f qcow2 is supported, not {other}")));
-                }
+                other => return Err(format!("only -f qcow2 is supported, not {other}").into()),
             },
-            "-b" => options.backing_file = Some(value()?.to_owned()),
-            "-F" => options.backing_format = Some(value()?.to_owned()),
-            "-q" => {}
-            "-o" => sized |= apply_options(&mut options, value()?)?,
-            flag if flag.starts_with('-') => {
-                return Err(invalid_input(format!("unknown flag {flag}")));
-            }
-            other => positional.push(other),
+            Short('b') => options.backing_file = Some(line.value()?),
+            Short('F') => options.backing_format = Some(line.value()?),
+            Short('q') => {}
+            Short('o') => sized |= apply_options(&mut options, &line.value()?)?,
+            Value(value) if given.len() < 2 => given.push(value.string()?),
+            arg => return Err(arg.unexpected().into()),
         }
     }
-    match positional.as_slice() {
-        [file] => Ok(((*file).to_owned(), (options, sized))),
-        [file, size] => {
-            options.size = size_of("SIZE", size)?;
-            Ok(((*file).to_owned(), (options, true)))
-        }
-        _ => Err(invalid_input("create needs FILE and SIZE")),
+    if let [_, size] = given.as_slice() {
+        options.size = parse_size(size, "image size", 0..=i64::MAX as u64)?;
+        sized = true;
+        given.pop();
     }
+    let [file] = operands(given, ["FILE"])?;
+    Ok(Command::Create { file, options, sized })
 }
 
 /// Creates the image, taking the size from the backing file if none was given.
-fn create(file: &str, (mut options, sized): (CreateOptions, bool)) -> io::Result<()> {
+fn create(file: &str, mut options: CreateOptions, sized: bool) -> io::Result<()> {
     if !sized {
         let Some(backing) = &options.backing_file else {
             return Err(invalid_input("create needs a SIZE (or a backing file to take it from)"));
@@ -482,43 +520,35 @@ fn create(file: &str, (mut options, sized): (CreateOptions, bool)) -> io::Result
 
 /// Parses `check`'s arguments into the image path, the repair mode and whether the output
 /// is JSON.
-fn check_options(args: &[&str]) -> io::Result<(String, Repair, bool)> {
-    let (mut repair, mut json, mut file) = (Repair::None, false, None);
-    let mut args = args.iter();
-    while let Some(&arg) = args.next() {
-        let mut value =
-            || args.next().copied().ok_or_else(|| invalid_input(format!("{arg} needs a value")));
+fn check_options(line: &mut CommandLine) -> Result<Command, Stop> {
+    let (mut repair, mut json, mut given) = (Repair::None, false, Vec::new());
+    while let Some(arg) = line.next_arg()? {
         match arg {
-            "-r" => {
-                repair = match value()? {
+            Short('r') => {
+                repair = match line.value()?.as_str() {
                     "leaks" => Repair::Leaks,
                     "all" => Repair::All,
-                    other => return Err(invalid_input(format!("-r {other}: leaks or all"))),
+                    other => return Err(format!("-r {other}: leaks or all").into()),
                 }
             }
-            "--output" => {
-                json = match value()? {
+            Long("output") => {
+                json = match line.value()?.as_str() {
                     "human" => false,
                     "json" => true,
-                    other => return Err(invalid_input(format!("--output {other}: human or json"))),
+                    other => return Err(format!("--output {other}: human or json").into()),
                 }
             }
-            "-f" => match value()? {
+            Short('f') => match line.value()?.as_str() {
                 "qcow2" => {}
-                other => {
-                    return Err(invalid_input(format!("only -f qcow2 is checked, not {other}")));
-                }
+                other => return Err(format!("only -f qcow2 is checked, not {other}").into()),
             },
-            "-q" => {}
-            flag if flag.starts_with('-') => {
-                return Err(invalid_input(format!("unknown flag {flag}")));
-            }
-            other if file.is_none() => file = Some(other.to_owned()),
-            other => return Err(invalid_input(format!("one FILE only ({other})"))),
+            Short('q') => {}
+            Value(value) => given.push(value.string()?),
+            arg => return Err(arg.unexpected().into()),
         }
     }
-    let file = file.ok_or_else(|| invalid_input("check needs FILE"))?;
-    Ok((file, repair, json))
+    let [file] = operands(given, ["FILE"])?;
+    Ok(Command::Check { file, repair, json })
 }
 
 /// Checks `file` and prints as `qemu-img check` does; the exit code is qemu-img's.

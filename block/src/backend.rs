@@ -64,6 +64,12 @@ pub struct Drained<'a> {
     backend: &'a BlockBackend,
 }
 
+impl std::fmt::Debug for Drained<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drained").finish_non_exhaustive()
+    }
+}
+
 impl Drop for Drained<'_> {
     fn drop(&mut self) {
         self.backend.inner.gate.end_drain();
@@ -71,12 +77,12 @@ impl Drop for Drained<'_> {
 }
 
 /// Counts a request out when it ends, however it ends.
-struct InFlight<'a> {
+struct CountedRequest<'a> {
     gate: &'a RequestGate,
     passed: Passed,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for CountedRequest<'_> {
     fn drop(&mut self) {
         self.gate.leave(&self.passed);
     }
@@ -160,7 +166,7 @@ impl BlockBackend {
 
     fn run<R>(&self, co: &Co, request: impl FnOnce(&BlockNode) -> io::Result<R>) -> io::Result<R> {
         let passed = self.inner.gate.enter(co);
-        let _in_flight = InFlight { gate: &self.inner.gate, passed };
+        let _in_flight = CountedRequest { gate: &self.inner.gate, passed };
         request(&self.inner.root)
     }
 

@@ -1,5 +1,6 @@
 //! The driver trait every node of the block graph implements (QEMU's `BlockDriver`).
 
+use std::any::Any;
 use std::io::{self, IoSlice, IoSliceMut};
 
 use aiocoro::coroutine::Co;
@@ -29,10 +30,28 @@ impl Alignment {
     pub fn fits(&self, offset: u64, len: u64) -> bool {
         offset.is_multiple_of(self.request) && len.is_multiple_of(self.request)
     }
+
+    /// What satisfies both: the larger of each alignment (both are powers of two).
+    ///
+    /// ```
+    /// use aiocoro_block::Alignment;
+    ///
+    /// let direct = Alignment { request: 4096, memory: 512 };
+    /// let other = Alignment { request: 512, memory: 4096 };
+    /// assert_eq!(direct.join(other), Alignment { request: 4096, memory: 4096 });
+    /// assert_eq!(Alignment::BYTE.join(direct), direct);
+    /// ```
+    pub fn join(self, other: Alignment) -> Alignment {
+        Alignment {
+            request: self.request.max(other.request),
+            memory: self.memory.max(other.memory),
+        }
+    }
 }
 
 /// How a range of a node reads (QEMU's `BDRV_BLOCK_DATA` / `_ZERO` / `_ALLOCATED`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Allocation {
     /// Data stored in this node.
     Data,
@@ -59,13 +78,26 @@ pub struct BlockStatus {
 /// Requests reach a driver already checked by the [`BlockBackend`](crate::BlockBackend):
 /// inside the node's length (reads and writes), aligned to [`BlockDriver::alignment`].
 /// Errors need no node name: the node adds it ([`RequestError`](crate::RequestError)).
-pub trait BlockDriver: Send + Sync + 'static {
+///
+/// Writing a driver of your own (a filter over other nodes) is shown step by step in
+/// `docs/filter-driver.md` (in this crate's directory) and the `throttle` example.
+pub trait BlockDriver: Any + Send + Sync {
     /// The driver's name as options spell it (`file`, `raw`, `null-co`).
     fn format_name(&self) -> &'static str;
 
-    /// The alignment requests need; any byte by default.
-    fn alignment(&self) -> Alignment {
-        Alignment::BYTE
+    /// The alignment requests reaching this node need (QEMU's `request_alignment` and
+    /// `min_mem_alignment`), given `below`: the strictest alignment of the node's children
+    /// whose role is [`DATA`](crate::ChildRole::DATA), [`FILTERED`](crate::ChildRole::FILTERED)
+    /// or [`COW`](crate::ChildRole::COW) (any byte for a node without children).
+    ///
+    /// The default is `below`: requests reaching the node satisfy every node below it, so a
+    /// filter passes them to its children as they came (the backend pads misaligned guest
+    /// requests above it). A protocol driver states what its storage needs (an `O_DIRECT`
+    /// file wants whole sectors); a driver that aligns its own requests to its children
+    /// states only what it needs itself (qcow2 pads what it reads and writes in its file).
+    /// The [`BlockGraph`](crate::BlockGraph) asks again whenever the node's children change.
+    fn alignment(&self, below: Alignment) -> Alignment {
+        below
     }
 
     /// The node's length in bytes, asked at open and after a truncate.
@@ -153,6 +185,14 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {
         let _ = (co, len);
         Err(crate::error::unsupported(format!("the {} driver cannot resize", self.format_name())))
+    }
+}
+
+impl dyn BlockDriver {
+    /// The driver as its own type `T`, if it is one (a node's driver reached back from the
+    /// node: [`BlockNode::driver`](crate::BlockNode::driver)).
+    pub fn downcast_ref<T: BlockDriver>(&self) -> Option<&T> {
+        (self as &dyn Any).downcast_ref::<T>()
     }
 }
 

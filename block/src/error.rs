@@ -6,6 +6,7 @@ use std::io;
 
 /// What a request asked for, as an error names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Op {
     /// Read `len` bytes at `offset`.
     Read {

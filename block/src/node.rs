@@ -1,5 +1,4 @@
-//! Nodes of the block graph (QEMU's `BlockDriverState`) and the roles of their children
-//! (`BdrvChildRole`).
+//! Nodes of the block graph (QEMU's `BlockDriverState`).
 
 use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -10,19 +9,7 @@ use aiocoro::coroutine::Co;
 
 use crate::driver::{Alignment, BlockDriver, BlockStatus};
 use crate::error::{Op, RequestError};
-use crate::graph::{Edge, Graph, GraphError, NodeId};
-
-/// What a child is to its parent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ChildRole {
-    /// The protocol node a format stores its image in (QEMU's `file` child).
-    File,
-    /// The image that unallocated ranges read from (QEMU's `backing` child).
-    Backing,
-}
-
-/// The graph of block nodes.
-pub type BlockGraph = Graph<BlockNode, ChildRole>;
+use crate::graph::Edge;
 
 /// A parent's hold on a child node; requests go through [`Edge::node`], so replacing the
 /// child in the graph redirects them.
@@ -45,8 +32,9 @@ pub struct BlockNode {
     name: String,
     /// Taken out only by `drop`.
     driver: ManuallyDrop<Box<dyn BlockDriver>>,
-    /// The driver's alignment, as it stated it last (at open, and when a child was replaced
-    /// through [`replace_child`]): `Alignment::request` and `Alignment::memory`.
+    /// The driver's alignment, as it stated it last given its children's (when the node
+    /// joined the graph, and whenever its children or theirs changed): `Alignment::request`
+    /// and `Alignment::memory`.
     request_alignment: AtomicU64,
     memory_alignment: AtomicUsize,
     /// The length in bytes, as the driver last reported it (at open, after a truncate).
@@ -61,7 +49,9 @@ pub struct BlockNode {
 }
 
 impl BlockNode {
-    /// A node named `name` over an opened driver; asks the driver for its length.
+    /// A node named `name` over an opened driver; asks the driver for its length. Its
+    /// alignment is the driver's alone until a [`BlockGraph`](crate::BlockGraph) adds it,
+    /// which combines it with its children's.
     ///
     /// # Errors
     ///
@@ -76,7 +66,7 @@ impl BlockNode {
         let length = driver
             .length(co)
             .map_err(|error| RequestError::wrap(error, &name, driver.format_name(), Op::Open))?;
-        let alignment = checked_alignment(&driver);
+        let alignment = checked_alignment(&driver, Alignment::BYTE);
         Ok(BlockNode {
             name,
             driver: ManuallyDrop::new(Box::new(driver)),
@@ -99,7 +89,8 @@ impl BlockNode {
         self.driver.format_name()
     }
 
-    /// The alignment requests need.
+    /// The alignment requests reaching this node need: its driver's, given its children's
+    /// (see [`BlockDriver::alignment`]).
     pub fn alignment(&self) -> Alignment {
         Alignment {
             request: self.request_alignment.load(Ordering::Relaxed),
@@ -107,12 +98,13 @@ impl BlockNode {
         }
     }
 
-    /// Asks the driver for its alignment again (QEMU's `bdrv_refresh_limits`), after a child
-    /// changed.
-    fn refresh_alignment(&self) {
-        let alignment = checked_alignment(&**self.driver);
-        self.request_alignment.store(alignment.request, Ordering::Relaxed);
-        self.memory_alignment.store(alignment.memory, Ordering::Relaxed);
+    /// Asks the driver for its alignment again given `below`, its children's (QEMU's
+    /// `bdrv_refresh_limits`); returns whether it changed.
+    pub(crate) fn refresh_alignment(&self, below: Alignment) -> bool {
+        let alignment = checked_alignment(&**self.driver, below);
+        let old = self.request_alignment.swap(alignment.request, Ordering::Relaxed);
+        let old_memory = self.memory_alignment.swap(alignment.memory, Ordering::Relaxed);
+        old != alignment.request || old_memory != alignment.memory
     }
 
     /// The length in bytes.
@@ -125,7 +117,21 @@ impl BlockNode {
         self.read_only
     }
 
-    /// The driver.
+    /// The driver; [`downcast_ref`](trait.BlockDriver.html#method.downcast_ref) reaches
+    /// its own type:
+    ///
+    /// ```
+    /// use aiocoro_block::drivers::NullDriver;
+    /// use aiocoro_block::qcow2::Qcow2Driver;
+    ///
+    /// let node = aiocoro_block::run_in_coroutine(|co| {
+    ///     let graph = aiocoro_block::BlockGraph::new();
+    ///     aiocoro_block::open(co, &graph, "driver=null-co,size=1M").map(|(_, node)| node)
+    /// })??;
+    /// assert!(node.driver().downcast_ref::<NullDriver>().is_some());
+    /// assert!(node.driver().downcast_ref::<Qcow2Driver>().is_none());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn driver(&self) -> &dyn BlockDriver {
         &**self.driver
     }
@@ -338,46 +344,15 @@ fn byte_len<B: std::ops::Deref<Target = [u8]>>(bufs: &[B]) -> u64 {
     bufs.iter().map(|buf| buf.len() as u64).sum()
 }
 
-/// The driver's alignment, which must be powers of two.
-fn checked_alignment(driver: &(impl BlockDriver + ?Sized)) -> Alignment {
-    let alignment = driver.alignment();
+/// The driver's alignment given its children's, which must be powers of two.
+fn checked_alignment(driver: &(impl BlockDriver + ?Sized), below: Alignment) -> Alignment {
+    let alignment = driver.alignment(below);
     assert!(
         alignment.request.is_power_of_two() && alignment.memory.is_power_of_two(),
         "aiocoro-block: driver {} states an alignment that is not a power of two: {alignment:?}",
         driver.format_name()
     );
     alignment
-}
-
-/// Points `parent`'s child in `role` at `new_child` (QEMU's `bdrv_replace_child`), then has
-/// `parent` and every node above it ask their drivers for their alignment again: a new child
-/// may need stricter alignment (an `O_DIRECT` file under a buffered one's parent). Requests
-/// already past their backend's checks are not re-checked: replace children inside drained
-/// sections of the backends above, as QEMU does.
-///
-/// # Errors
-///
-/// As [`Graph::replace_child`](crate::graph::Graph::replace_child); nothing changes then.
-pub fn replace_child(
-    graph: &BlockGraph,
-    parent: NodeId,
-    role: &ChildRole,
-    new_child: NodeId,
-) -> Result<NodeId, GraphError> {
-    let old = graph.replace_child(parent, role, new_child)?;
-    let mut pending = vec![parent];
-    let mut seen = Vec::new();
-    while let Some(id) = pending.pop() {
-        if seen.contains(&id) {
-            continue;
-        }
-        seen.push(id);
-        if let Some(node) = graph.node(id) {
-            node.refresh_alignment();
-        }
-        pending.extend(graph.parents(id).into_iter().map(|(above, _)| above));
-    }
-    Ok(old)
 }
 
 impl fmt::Debug for BlockNode {

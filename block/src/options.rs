@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use aiocoro::coroutine::Co;
 
+use crate::block_graph::BlockGraph;
+use crate::child::{ChildLabel, ChildRole};
 use crate::drivers::{
     AioMode, CacheMode, FileDriver, FileOptions, Locking, NullDriver, NullOptions, RawDriver,
     RawOptions,
 };
 use crate::error::invalid_input;
 use crate::graph::NodeId;
-use crate::node::{BlockGraph, BlockNode, ChildRole};
+use crate::node::BlockNode;
 use crate::qcow2::{CacheSizes, Header, Qcow2Driver, resolve_backing};
 
 /// The longest backing chain opened (a loop of backing names ends here, not in a stack
@@ -140,7 +142,8 @@ impl<'a> Taker<'a> {
     }
 
     fn size(&mut self, key: &'a str) -> io::Result<Option<u64>> {
-        self.text(key).map(|value| parse_size(value).map_err(|e| self.bad(key, &e))).transpose()
+        let Some(value) = self.text(key) else { return Ok(None) };
+        parse_size(value).map(Some).map_err(|e| self.bad(key, &e.to_string()))
     }
 
     fn bad(&self, key: &str, why: &str) -> io::Error {
@@ -170,16 +173,19 @@ impl<'a> Taker<'a> {
 /// case accepted, an optional `B` / `iB` after).
 ///
 /// ```
-/// assert_eq!(aiocoro_block::parse_size("1G"), Ok(1 << 30));
-/// assert_eq!(aiocoro_block::parse_size("4k"), Ok(4096));
-/// assert_eq!(aiocoro_block::parse_size("512"), Ok(512));
-/// assert!(aiocoro_block::parse_size("1X").is_err());
+/// assert_eq!(aiocoro_block::parse_size("1G")?, 1 << 30);
+/// assert_eq!(aiocoro_block::parse_size("4k")?, 4096);
+/// assert_eq!(aiocoro_block::parse_size("512")?, 512);
+/// let error = aiocoro_block::parse_size("1X").unwrap_err();
+/// assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+/// assert_eq!(error.to_string(), "'1X': unknown unit 'X'");
+/// # Ok::<(), std::io::Error>(())
 /// ```
 ///
 /// # Errors
 ///
-/// A message for what is not a size, or a size past `i64::MAX`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+/// `InvalidInput`, saying why, for what is not a size or a size past `i64::MAX`.
+pub fn parse_size(text: &str) -> io::Result<u64> {
     let trimmed = text.trim_end_matches("iB").trim_end_matches('B');
     let (digits, shift) = match trimmed.char_indices().last() {
         Some((at, unit)) if unit.is_ascii_alphabetic() => {
@@ -188,17 +194,18 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
                 'm' => 20,
                 'g' => 30,
                 't' => 40,
-                _ => return Err(format!("'{text}': unknown unit '{unit}'")),
+                _ => return Err(invalid_input(format!("'{text}': unknown unit '{unit}'"))),
             };
             (&trimmed[..at], shift)
         }
         _ => (trimmed, 0),
     };
-    let number: u64 = digits.parse().map_err(|_| format!("'{text}' is not a size"))?;
+    let number: u64 =
+        digits.parse().map_err(|_| invalid_input(format!("'{text}' is not a size")))?;
     number
         .checked_mul(1 << shift)
         .filter(|&size| size <= i64::MAX as u64)
-        .ok_or_else(|| format!("'{text}' is too large"))
+        .ok_or_else(|| invalid_input(format!("'{text}' is too large")))
 }
 
 /// Opens the node tree `options` describe (children first) into `graph`; returns the top
@@ -314,7 +321,12 @@ fn open_at_depth(
             let (child_id, _) = open_child(co, graph, options, &mut taker, false)?;
             taker.finish(&["file"])?;
             let (id, node) = graph.add_node_with(|edges| {
-                let file = edges.attach(ChildRole::File, child_id)?;
+                // Without a window, raw shows its file as it is: a filter (as in QEMU).
+                let label = match raw {
+                    RawOptions { offset: 0, size: None } => ChildLabel::filtered_file(),
+                    _ => ChildLabel::new("file", ChildRole::DATA | ChildRole::PRIMARY),
+                };
+                let file = edges.attach(label, child_id)?;
                 BlockNode::new(co, name, RawDriver::new(file, raw)?, read_only)
             })?;
             Ok((id, node))
@@ -357,9 +369,9 @@ fn open_at_depth(
                 None => None,
             };
             let (id, node) = graph.add_node_with(|edges| {
-                let file = edges.attach(ChildRole::File, file_id)?;
+                let file = edges.attach(ChildLabel::image_file(), file_id)?;
                 let backing =
-                    backing_id.map(|id| edges.attach(ChildRole::Backing, id)).transpose()?;
+                    backing_id.map(|id| edges.attach(ChildLabel::backing(), id)).transpose()?;
                 let driver =
                     Qcow2Driver::open(co, file, backing, header, caches).map_err(context)?;
                 BlockNode::new(co, name, driver, read_only)
@@ -403,10 +415,4 @@ fn open_child<'a>(
 fn auto_node_name() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!("#block{:03}", NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-impl From<crate::graph::GraphError> for io::Error {
-    fn from(error: crate::graph::GraphError) -> io::Error {
-        io::Error::other(error)
-    }
 }

@@ -15,7 +15,12 @@ macro_rules! syscall {
 }
 
 /// `fallocate(2)` with `mode` over `len` bytes at `offset`.
-pub fn fallocate(fd: BorrowedFd<'_>, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) fn fallocate(
+    fd: BorrowedFd<'_>,
+    mode: libc::c_int,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
     let offset = to_off(offset)?;
     let len = to_off(len)?;
     // SAFETY: `fd` is borrowed, so live; the other arguments are plain integers.
@@ -24,7 +29,11 @@ pub fn fallocate(fd: BorrowedFd<'_>, mode: libc::c_int, offset: u64, len: u64) -
 
 /// Where `SEEK_DATA` (`data == true`) or `SEEK_HOLE` finds the next data or hole at or after
 /// `offset`; `None` where there is none (`ENXIO`: at or past the end).
-pub fn seek_data_or_hole(fd: BorrowedFd<'_>, offset: u64, data: bool) -> io::Result<Option<u64>> {
+pub(crate) fn seek_data_or_hole(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    data: bool,
+) -> io::Result<Option<u64>> {
     let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
     // SAFETY: `fd` is borrowed, so live; the other arguments are plain integers.
     match syscall!(lseek(fd.as_raw_fd(), to_off(offset)?, whence)) {
@@ -35,14 +44,14 @@ pub fn seek_data_or_hole(fd: BorrowedFd<'_>, offset: u64, data: bool) -> io::Res
 }
 
 /// Where the end of `fd` is (`lseek(fd, 0, SEEK_END)`): a block device's size.
-pub fn seek_end(fd: BorrowedFd<'_>) -> io::Result<u64> {
+pub(crate) fn seek_end(fd: BorrowedFd<'_>) -> io::Result<u64> {
     // SAFETY: `fd` is borrowed, so live; the other arguments are plain integers.
     syscall!(lseek(fd.as_raw_fd(), 0, libc::SEEK_END)).map(|end| end as u64)
 }
 
 /// The `O_DIRECT` alignment the file system states for `fd` (`statx` with
 /// `STATX_DIOALIGN`): `(memory, offset)`; `None` where it does not say.
-pub fn direct_io_alignment(fd: BorrowedFd<'_>) -> io::Result<Option<(u32, u32)>> {
+pub(crate) fn direct_io_alignment(fd: BorrowedFd<'_>) -> io::Result<Option<(u32, u32)>> {
     // SAFETY: `statx` is plain old data; all-zero is a valid value.
     let mut stat: libc::statx = unsafe { std::mem::zeroed() };
     let empty = c"";
@@ -60,7 +69,7 @@ pub fn direct_io_alignment(fd: BorrowedFd<'_>) -> io::Result<Option<(u32, u32)>>
 }
 
 /// One plain `pread(2)` into `buf` at `offset`, for probing at open time.
-pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+pub(crate) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let offset = to_off(offset)?;
     // SAFETY: `fd` is borrowed, so live; the kernel writes at most `buf.len()` bytes into
     // `buf`, which this call borrows mutably.
@@ -70,7 +79,7 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usiz
 /// Takes a shared (`F_RDLCK`) open-file-description lock on the one byte at `byte` of `fd`
 /// (`fcntl(F_OFD_SETLK)`): it lives as long as the open file description, and conflicts with
 /// no other lock of the same description.
-pub fn ofd_lock_shared_byte(fd: BorrowedFd<'_>, byte: u64) -> io::Result<()> {
+pub(crate) fn ofd_lock_shared_byte(fd: BorrowedFd<'_>, byte: u64) -> io::Result<()> {
     let mut lock = one_byte_lock(byte, libc::F_RDLCK)?;
     // SAFETY: `fd` is borrowed, so live; `lock` is a `flock` the call reads.
     syscall!(fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &raw mut lock)).map(drop)
@@ -78,7 +87,7 @@ pub fn ofd_lock_shared_byte(fd: BorrowedFd<'_>, byte: u64) -> io::Result<()> {
 
 /// Drops every open-file-description lock `fd`'s description holds (`F_UNLCK` over the whole
 /// file), at once, whoever else still references the description.
-pub fn ofd_unlock_all(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn ofd_unlock_all(fd: BorrowedFd<'_>) -> io::Result<()> {
     let mut lock = one_byte_lock(0, libc::F_UNLCK)?;
     lock.l_len = 0; // to the end of the file, however far it grows
     // SAFETY: `fd` is borrowed, so live; `lock` is a `flock` the call reads.
@@ -88,7 +97,7 @@ pub fn ofd_unlock_all(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// Whether another open file description (of this process or another) holds a lock on the
 /// byte at `byte` of `fd` that an exclusive lock would conflict with (`fcntl(F_OFD_GETLK)`
 /// asking for `F_WRLCK`).
-pub fn ofd_byte_locked_elsewhere(fd: BorrowedFd<'_>, byte: u64) -> io::Result<bool> {
+pub(crate) fn ofd_byte_locked_elsewhere(fd: BorrowedFd<'_>, byte: u64) -> io::Result<bool> {
     let mut lock = one_byte_lock(byte, libc::F_WRLCK)?;
     // SAFETY: `fd` is borrowed, so live; `lock` is a `flock` the call reads and rewrites.
     syscall!(fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &raw mut lock))?;

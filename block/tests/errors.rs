@@ -13,7 +13,7 @@ use aiocoro::aio::{AioContext, IoThread};
 use aiocoro::coroutine::Co;
 use aiocoro_block::drivers::{RawDriver, RawOptions};
 use aiocoro_block::{
-    BlockBackend, BlockGraph, BlockNode, ChildRole, Op, RequestError, run_in_coroutine,
+    BlockBackend, BlockGraph, BlockNode, ChildLabel, ChildRole, Op, RequestError, run_in_coroutine,
 };
 use common::{Counters, HANG, TestDriver, pattern};
 
@@ -94,7 +94,8 @@ fn under_raw_the_error_names_the_innermost_node_and_its_request() {
         let file = graph.add_node(driver.into_node(co, "flaky"));
         let (_, raw) = graph
             .add_node_with(|edges| {
-                let child = edges.attach(ChildRole::File, file)?;
+                let child = edges
+                    .attach(ChildLabel::new("file", ChildRole::DATA | ChildRole::PRIMARY), file)?;
                 let window = RawOptions { offset: 2 * BLOCK, size: Some(32 * BLOCK) };
                 BlockNode::new(co, "disk", RawDriver::new(child, window)?, false)
             })

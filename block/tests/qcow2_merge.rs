@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use aiocoro::aio::AioContext;
 use aiocoro::coroutine::Co;
 use aiocoro_block::qcow2::{CacheSizes, CreateOptions, Header, Qcow2Driver, create};
-use aiocoro_block::{BlockBackend, BlockGraph, BlockNode, ChildRole, run_in_coroutine};
+use aiocoro_block::{BlockBackend, BlockGraph, BlockNode, ChildLabel, run_in_coroutine};
 use common::{Counters, TempFile, TestDriver, pattern};
 use qcow2_support::qemu_check;
 
@@ -44,8 +44,9 @@ impl Image {
             graph.add_node(TestDriver::with_contents(&bytes).into_node(co, "backing"))
         });
         let (_, node) = graph.add_node_with(|edges| {
-            let file = edges.attach(ChildRole::File, file_id)?;
-            let backing = backing_id.map(|id| edges.attach(ChildRole::Backing, id)).transpose()?;
+            let file = edges.attach(ChildLabel::image_file(), file_id)?;
+            let backing =
+                backing_id.map(|id| edges.attach(ChildLabel::backing(), id)).transpose()?;
             let driver = Qcow2Driver::open(co, file, backing, header, CacheSizes::default())?;
             BlockNode::new(co, "qcow2", driver, false)
         })?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use aiocoro::aio::AioContext;
 use aiocoro::coroutine::Co;
 use aiocoro_block::qcow2::{CacheSizes, CreateOptions, Header, Qcow2Driver};
-use aiocoro_block::{BlockBackend, BlockGraph, BlockNode, ChildRole, run_in_coroutine};
+use aiocoro_block::{BlockBackend, BlockGraph, BlockNode, ChildLabel, run_in_coroutine};
 use common::{Gate, TestDriver};
 use qcow2_support::*;
 
@@ -65,7 +65,7 @@ fn open_in_memory(
     let file = graph.node(file_id).expect("just added");
     let header = Header::read(co, &file)?;
     let (_, node) = graph.add_node_with(|edges| {
-        let child = edges.attach(ChildRole::File, file_id)?;
+        let child = edges.attach(ChildLabel::image_file(), file_id)?;
         let qcow2 = Qcow2Driver::open(co, child, None, header, CacheSizes::default())?;
         BlockNode::new(co, "qcow2", qcow2, false)
     })?;

@@ -129,6 +129,7 @@ fn block_status_agrees_with_qemu_img_map() {
                 let agrees = match allocation {
                     Allocation::Data => data,
                     Allocation::Zero | Allocation::Unallocated => !data && zero,
+                    other => panic!("{layout}: a status qcow2 does not give: {other:?}"),
                 };
                 assert!(
                     agrees,

@@ -9,7 +9,7 @@ use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use aiocoro::aio::IoThread;
-use aiocoro_block::{BlockBackend, BlockGraph, ChildRole, open, replace_child, run_in_coroutine};
+use aiocoro_block::{BlockBackend, BlockGraph, open, run_in_coroutine};
 use common::{HANG, TempFile};
 
 const LEN: usize = 1 << 20;
@@ -58,7 +58,7 @@ fn a_child_replaced_under_running_reads_takes_the_later_ones() {
     }
     drop(done);
     std::thread::sleep(Duration::from_millis(20));
-    let old_id = replace_child(&graph, raw_id, &ChildRole::File, new_id).unwrap();
+    let old_id = graph.replace_child(raw_id, "file", new_id).unwrap();
     assert_ne!(old_id, new_id);
     stop.store(true, Ordering::Relaxed);
     let (mut readers, mut saw_old) = (0, false);
@@ -78,7 +78,9 @@ fn a_child_replaced_under_running_reads_takes_the_later_ones() {
     }
     // The old child left the graph's edges; the new one is the raw node's file.
     assert!(graph.parents(old_id).is_empty());
-    assert_eq!(graph.children(raw_id), [(ChildRole::File, new_id)]);
+    let children = graph.children(raw_id);
+    assert_eq!(children.len(), 1);
+    assert_eq!((children[0].0.name(), children[0].1), ("file", new_id));
 }
 
 #[test]
@@ -96,7 +98,7 @@ fn a_stricter_child_makes_its_parents_pad() {
         let (direct_id, _) = open(co, &graph, &file).unwrap();
         {
             // (A drained section belongs here when requests run elsewhere.)
-            replace_child(&graph, raw_id, &ChildRole::File, direct_id).unwrap();
+            graph.replace_child(raw_id, "file", direct_id).unwrap();
         }
         let align = blk.root().alignment().request;
         assert!(align >= 512, "the raw node took its new child's O_DIRECT alignment: {align}");

@@ -1,7 +1,7 @@
 //! The cross-thread half of the `AioContext`: other threads push messages (scheduled BHs,
 //! one-shots, coroutine wakes, spawns) onto the context's lock-free [`Inbox`] and then write
-//! its eventfd only if [`NotifyState::needs_signal`] says the context may be blocking (QEMU's
-//! `notify_me` handshake); the home thread polls through [`NotifyState::wait`], which blocks
+//! its eventfd only if [`WakeupHandshake::needs_signal`] says the context may be blocking (QEMU's
+//! `notify_me` handshake); the home thread polls through [`WakeupHandshake::wait`], which blocks
 //! only when the inbox is empty after announcing that it may block.
 //!
 //! The inbox and the handshake are aiocoro's production code, built on loom's atomics. What
@@ -40,7 +40,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use aiocoro::loom_exports::{Blocker, Inbox, NotifyState};
+use aiocoro::loom_exports::{Blocker, Inbox, WakeupHandshake};
 use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
 
@@ -94,13 +94,17 @@ impl Blocker for ModelBlocker {
 /// The part of a context that other threads touch, with the model eventfd.
 struct Home<T> {
     inbox: Inbox<T>,
-    notify: NotifyState,
+    notify: WakeupHandshake,
     event: Arc<EventFd>,
 }
 
 impl<T> Home<T> {
     fn new() -> Home<T> {
-        Home { inbox: Inbox::new(), notify: NotifyState::new(), event: Arc::new(EventFd::new()) }
+        Home {
+            inbox: Inbox::new(),
+            notify: WakeupHandshake::new(),
+            event: Arc::new(EventFd::new()),
+        }
     }
 
     /// What another thread does to reach the context (`Shared::send`): publish the message,
@@ -321,7 +325,7 @@ fn concurrent_wakes_of_one_wait_resume_it_once() {
 
 /// `wait_while` on the main thread while another thread makes the condition false and then
 /// kicks the context (`AioHandle::kick`, QEMU's `aio_wait_kick`). The condition is not part of
-/// the context's work, so only the kick flag in [`NotifyState`] can end a poll that is about to
+/// the context's work, so only the kick flag in [`WakeupHandshake`] can end a poll that is about to
 /// block: without it, the waiter that checked the condition just before the other thread set it
 /// would block for ever (loom: deadlock).
 #[test]

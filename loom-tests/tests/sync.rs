@@ -50,6 +50,7 @@ fn comutex_three_parties_exclude_and_hand_over() {
                 thread::spawn(move || {
                     let co = Co::model();
                     let guard = counter.lock(&co);
+                    // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
                     guard.with_mut(|value| unsafe { *value += 1 });
                 })
             })
@@ -57,12 +58,14 @@ fn comutex_three_parties_exclude_and_hand_over() {
         {
             let co = Co::model();
             let guard = counter.lock(&co);
+            // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
             guard.with_mut(|value| unsafe { *value += 1 });
         }
         for worker in workers {
             worker.join().unwrap();
         }
         let co = Co::model();
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
         let total = counter.lock(&co).with(|value| unsafe { *value });
         assert_eq!(total, 3);
         assert!(!counter.raw().is_locked());
@@ -83,12 +86,15 @@ fn comutex_release_races_a_waiter_queueing() {
             thread::spawn(move || {
                 let co = Co::model();
                 let guard = counter.lock(&co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
                 guard.with_mut(|value| unsafe { *value += 1 });
             })
         };
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
         guard.with_mut(|value| unsafe { *value += 1 });
         drop(guard);
         waiter.join().unwrap();
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
         let total = counter.lock(&co).with(|value| unsafe { *value });
         assert_eq!(total, 2);
         assert!(!counter.raw().is_locked());
@@ -108,6 +114,7 @@ fn comutex_waiter_cancelled_while_the_holder_hands_over() {
                 // Returns whether it got the lock: it may find it free before it queues.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let guard = counter.lock(&co);
+                    // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
                     guard.with_mut(|value| unsafe { *value += 100 });
                 }))
                 .is_ok()
@@ -118,12 +125,14 @@ fn comutex_waiter_cancelled_while_the_holder_hands_over() {
             thread::spawn(move || {
                 let co = Co::model();
                 let guard = counter.lock(&co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
                 guard.with_mut(|value| unsafe { *value += 1 });
             })
         };
         drop(guard);
         let cancelled_got_in = cancelled.join().unwrap();
         waiter.join().unwrap();
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
         let total = counter.lock(&co).with(|value| unsafe { *value });
         // The cancelled one either took the lock before it had to wait, or never touched
         // the data.
@@ -225,18 +234,23 @@ fn corwlock_upgrade_and_downgrade() {
             thread::spawn(move || {
                 let co = Co::model();
                 let guard = lock.write(&co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
                 guard.with_mut(|value| unsafe { *value += 1 });
                 let read = guard.downgrade();
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
                 read.with(|value| unsafe { assert!(*value >= 1) });
             })
         };
         let co = Co::model();
         let read = lock.read(&co);
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
         let seen = read.with(|value| unsafe { *value });
         let write = read.upgrade(&co);
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
         write.with_mut(|value| unsafe { *value += 10 });
         drop(write);
         writer.join().unwrap();
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
         let total = lock.read(&co).with(|value| unsafe { *value });
         assert_eq!(total, 11);
         assert!(seen <= 1);

@@ -15,7 +15,7 @@
 
 use std::sync::atomic::Ordering;
 
-use aiocoro::loom_exports::{Job, Notify, ticket};
+use aiocoro::loom_exports::{Job, JobDone, ticket};
 use loom::sync::atomic::{AtomicBool, AtomicUsize};
 use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
@@ -31,7 +31,7 @@ struct WakerState {
 #[derive(Clone, Default)]
 struct ModelWaker(Arc<WakerState>);
 
-impl Notify for ModelWaker {
+impl JobDone for ModelWaker {
     fn notify(&self) {
         *self.0.notified.lock().unwrap() += 1;
         self.0.changed.notify_all();

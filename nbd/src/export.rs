@@ -25,6 +25,16 @@ pub struct Export {
     pub unmap: bool,
 }
 
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("description", &self.description)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Export {
     /// The export's size in bytes.
     pub fn size(&self) -> u64 {

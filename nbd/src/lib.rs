@@ -14,9 +14,15 @@
 //! - [`stats`]: the connections, requests and request buffers alive, for leak checks.
 //!
 //! A client that breaks the protocol loses its connection, never the server.
+//!
+//! Linux only, as [`aiocoro`] and [`aiocoro_block`] are (their docs list the kernel features
+//! used and their fallbacks).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("aiocoro-nbd runs on Linux only, as aiocoro and aiocoro-block do");
 
 mod connection;
 pub mod errors;

@@ -32,6 +32,12 @@ struct ReadAhead {
     end: usize,
 }
 
+impl<S> std::fmt::Debug for CoSocket<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoSocket").field("fd", &self.fd).finish_non_exhaustive()
+    }
+}
+
 impl<'a, S: AsRawFd> CoSocket<'a, S>
 where
     for<'s> &'s S: Read + Write,

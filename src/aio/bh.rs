@@ -78,6 +78,12 @@ pub struct BottomHalf {
     local: Rc<Local>,
 }
 
+impl std::fmt::Debug for BottomHalf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BottomHalf").finish_non_exhaustive()
+    }
+}
+
 impl BottomHalf {
     pub(crate) fn new(local: Rc<Local>, callback: Rc<dyn Fn()>) -> BottomHalf {
         let index = local.bhs.borrow_mut().insert(callback);
@@ -117,6 +123,12 @@ impl Drop for BottomHalf {
 #[derive(Clone)]
 pub struct BhHandle {
     core: Arc<BhCore>,
+}
+
+impl std::fmt::Debug for BhHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BhHandle").finish_non_exhaustive()
+    }
 }
 
 impl BhHandle {

@@ -16,12 +16,15 @@ use super::bh::{BhCore, BottomHalf};
 use super::fd::{FdHandler, FdTable};
 use super::handle::AioHandle;
 use super::inbox::Inbox;
-use super::notify::{Blocker, NotifyState};
+use super::notify::{Blocker, WakeupHandshake};
 use super::timer::{Timer, TimerQueue, clock_ns};
+use super::uring::FileIo;
 use super::wait::{WaitState, WakeReason};
-use crate::coroutine::{Co, Coroutine, Park, in_coroutine};
+use crate::coroutine::{Co, Coroutine, ParkState, in_coroutine};
 use crate::sys;
 
+/// How many looks for work a busy poll makes between two reads of the clock.
+const LOOKS_PER_CLOCK_READ: u32 = 16;
 /// What other threads send a context.
 pub(crate) enum Message {
     /// A bottom half became pending.
@@ -60,7 +63,7 @@ pub(crate) enum RunItem {
     Start(Coroutine),
     /// Resume the coroutine whose suspension under this key was woken.
     Resume(Key),
-    /// Resume this unparked coroutine (see [`Parked`](super::wait::Parked)).
+    /// Resume this unparked coroutine (see [`ParkRecord`](super::wait::ParkRecord)).
     Unpark(Coroutine),
 }
 
@@ -69,7 +72,7 @@ pub(crate) struct Shared {
     /// Distinguishes contexts, so a stale local waker cannot reach a later context.
     pub(crate) id: u64,
     pub(crate) inbox: Inbox<Message>,
-    pub(crate) notify: NotifyState,
+    pub(crate) notify: WakeupHandshake,
     /// Signalled to wake the home thread from `epoll_wait`.
     eventfd: OwnedFd,
 }
@@ -154,10 +157,13 @@ pub(crate) struct Local {
     pub(crate) fds: RefCell<FdTable>,
     pub(crate) waits: RefCell<Arena<WaitState>>,
     /// Coroutines of this context in a park, woken or not (see
-    /// [`Parked`](super::wait::Parked)): suspended like those of `waits`.
+    /// [`ParkRecord`](super::wait::ParkRecord)): suspended like those of `waits`.
     pub(crate) parked: Cell<usize>,
     pub(crate) run_queue: RefCell<VecDeque<RunItem>>,
     pub(crate) adaptive: RefCell<Option<AdaptivePolling>>,
+    /// The context's file-I/O engine (its io_uring, or the thread pool), chosen on its first
+    /// file I/O and ended when it shuts down.
+    pub(crate) file_io: FileIo,
     /// Where the context is in its life (see [`Phase`]).
     phase: Cell<Phase>,
 }
@@ -377,6 +383,12 @@ pub struct AioContext {
     local: Rc<Local>,
 }
 
+impl std::fmt::Debug for AioContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AioContext").field("id", &self.local.shared.id).finish_non_exhaustive()
+    }
+}
+
 impl AioContext {
     /// Creates the context of the calling thread.
     ///
@@ -400,7 +412,7 @@ impl AioContext {
         let shared = Arc::new(Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             inbox: Inbox::new(),
-            notify: NotifyState::new(),
+            notify: WakeupHandshake::new(),
             eventfd,
         });
         let local = Rc::new(Local {
@@ -416,6 +428,7 @@ impl AioContext {
             parked: Cell::new(0),
             run_queue: RefCell::default(),
             adaptive: RefCell::default(),
+            file_io: FileIo::default(),
             phase: Cell::new(Phase::Running),
         });
         CURRENT.with(|current| current.set(Rc::as_ptr(&local)));
@@ -585,7 +598,7 @@ impl Local {
             events.reserve(64);
         }
         let started = clock_ns();
-        let submitted = super::uring::submit_queued();
+        let submitted = self.file_io.submit_queued();
         let may_block = blocking && submitted && !self.busy_poll();
         let timeout = if may_block { self.timeout() } else { Some(Duration::ZERO) };
         {
@@ -626,10 +639,10 @@ impl Local {
     /// Marks the suspension under `key` woken, if it still waits, and queues its coroutine.
     pub(crate) fn deliver(&self, key: Key, reason: WakeReason) {
         let mut waits = self.waits.borrow_mut();
-        if let Some(state) = waits.get_mut(key) {
-            if state.deliver(reason) {
-                self.run_queue.borrow_mut().push_back(RunItem::Resume(key));
-            }
+        if let Some(state) = waits.get_mut(key)
+            && state.deliver(reason)
+        {
+            self.run_queue.borrow_mut().push_back(RunItem::Resume(key));
         }
     }
 
@@ -643,7 +656,11 @@ impl Local {
         state.deliver(reason).then(|| state.coroutine.clone())
     }
 
-    fn set_fd_handler(&self, fd: std::os::fd::RawFd, handler: FdHandler) -> io::Result<()> {
+    pub(crate) fn set_fd_handler(
+        &self,
+        fd: std::os::fd::RawFd,
+        handler: FdHandler,
+    ) -> io::Result<()> {
         let (unset, result) = self.fds.borrow_mut().set_handler(self.epoll.as_fd(), fd, handler);
         // Dropped after the table's borrow ends: its callbacks may own values whose drops set
         // handlers too.
@@ -681,6 +698,12 @@ impl Local {
     /// Spins for the adaptive window; returns whether work showed up. With
     /// [`AdaptivePolling::pause_while_preempted`], spins not at all while the thread keeps
     /// being preempted.
+    ///
+    /// While this thread spins, its own code runs nothing, so its bottom halves, run queue and
+    /// timers cannot change: the spin looks only at what other threads and the kernel can
+    /// bring (the inbox and io_uring completions), and reads the clock (a vDSO call that costs
+    /// as much as many looks) only every [`LOOKS_PER_CLOCK_READ`] looks, for the window and the
+    /// nearest timer both.
     fn busy_poll(&self) -> bool {
         let window = match self.adaptive.borrow_mut().as_mut() {
             Some(polling) if polling.window_ns() > 0 => {
@@ -693,14 +716,26 @@ impl Local {
             }
             _ => return false,
         };
+        if self.has_work() {
+            return true;
+        }
         let start = clock_ns();
-        while clock_ns() - start < window {
-            if self.has_work() || super::uring::completions_ready() {
+        let timer_due = self.timers.borrow_mut().next_deadline();
+        loop {
+            for _ in 0..LOOKS_PER_CLOCK_READ {
+                if !self.shared.inbox.is_empty() || self.file_io.completions_ready() {
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            let now = clock_ns();
+            if timer_due.is_some_and(|due| due <= now) {
                 return true;
             }
-            std::hint::spin_loop();
+            if now - start >= window {
+                return false;
+            }
         }
-        false
     }
 
     fn adapt_polling(&self, blocked_ns: u64) {
@@ -800,11 +835,11 @@ impl Local {
                     let park = coroutine.park_state();
                     debug_assert_eq!(
                         park.get(),
-                        Park::Woken,
-                        "aiocoro: a parked coroutine's run item found it not Woken: a Parked \
-                         record goes Parked -> Woken (one unpark, one run item) -> Idle"
+                        ParkState::Woken,
+                        "aiocoro: a parked coroutine's run item found it not Woken: a ParkRecord \
+                         goes Parked -> Woken (one unpark, one run item) -> Idle"
                     );
-                    park.set(Park::Idle);
+                    park.set(ParkState::Idle);
                     self.parked.set(self.parked.get() - 1);
                     coroutine
                 }
@@ -856,7 +891,7 @@ impl Local {
         self.shared.inbox.shut();
         // Unstarted coroutines and pending callbacks are dropped with the queues, except the
         // run items of coroutines handed a park (a coroutine left there can never run: its item
-        // is leaked, see `Parked::unpark`).
+        // is leaked, see `ParkRecord::unpark`).
         let run_queue = std::mem::take(&mut *self.run_queue.borrow_mut());
         for item in run_queue {
             match item {
@@ -866,10 +901,12 @@ impl Local {
         }
         drop(std::mem::take(&mut *self.tasks.borrow_mut()));
         drop(self.shared.inbox.take_all());
-        if let Some(panic) = panic {
-            if !std::thread::panicking() {
-                std::panic::resume_unwind(panic);
-            }
+        // The ring goes with its context, once the kernel is done with what it still holds.
+        self.file_io.close(self);
+        if let Some(panic) = panic
+            && !std::thread::panicking()
+        {
+            std::panic::resume_unwind(panic);
         }
     }
 

@@ -37,6 +37,15 @@ pub struct FdHandler {
     write: Option<Rc<dyn Fn()>>,
 }
 
+impl std::fmt::Debug for FdHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FdHandler")
+            .field("readable", &self.read.is_some())
+            .field("writable", &self.write.is_some())
+            .finish()
+    }
+}
+
 impl FdHandler {
     /// No callbacks: setting it removes a descriptor's handlers.
     pub fn new() -> FdHandler {

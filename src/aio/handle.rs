@@ -7,7 +7,24 @@ use super::context::{Message, Shared, home_local};
 use super::join::{JoinHandle, joinable};
 use crate::coroutine::Co;
 
-/// The error of handing new work to a context that was closed or has shut down.
+/// The error of handing new work to a context that was closed or has shut down. It converts
+/// into an [`std::io::Error`] (kind `Other`, this error inside), so `?` takes it in
+/// `io::Result` code:
+///
+/// ```
+/// use aiocoro::aio::{AioContext, ContextClosed};
+///
+/// fn start(ctx: &AioContext) -> std::io::Result<()> {
+///     ctx.handle().schedule_oneshot(|| {})?;
+///     Ok(())
+/// }
+///
+/// let ctx = AioContext::new()?;
+/// ctx.close();
+/// let error = start(&ctx).unwrap_err();
+/// assert!(error.get_ref().is_some_and(|inner| inner.is::<ContextClosed>()));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ContextClosed;
 
@@ -18,6 +35,12 @@ impl fmt::Display for ContextClosed {
 }
 
 impl std::error::Error for ContextClosed {}
+
+impl From<ContextClosed> for std::io::Error {
+    fn from(error: ContextClosed) -> std::io::Error {
+        std::io::Error::other(error)
+    }
+}
 
 /// Reaches an [`AioContext`](super::AioContext) from any thread: schedules one-shot callbacks,
 /// starts coroutines, wakes it.

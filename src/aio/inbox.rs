@@ -1,5 +1,8 @@
 //! A lock-free multi-producer, single-consumer inbox: how other threads reach a context.
 
+// Its `pub` items are re-exported to the loom models (`loom_exports`, loom builds only).
+#![cfg_attr(not(aiocoro_loom), allow(unreachable_pub))]
+
 use std::ptr;
 use std::sync::atomic::Ordering;
 
@@ -23,6 +26,12 @@ pub struct Inbox<T> {
     /// `push_unless` and is owned by the list until `take_all` or `drop` takes it back; once
     /// set, a mark stays set, and the shut mark is set only with the closed mark.
     head: AtomicPtr<Node<T>>,
+}
+
+impl<T> std::fmt::Debug for Inbox<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox").finish_non_exhaustive()
+    }
 }
 
 /// The closed mark in `head`: [`Inbox::push`] is refused.

@@ -31,6 +31,12 @@ pub struct IoThread {
     thread: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for IoThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoThread").field("running", &self.thread.is_some()).finish_non_exhaustive()
+    }
+}
+
 impl IoThread {
     /// Starts a thread named `name` with a context of its own.
     ///
@@ -94,10 +100,10 @@ impl IoThread {
         // is gone already: the thread is exiting anyway.
         let running = self.running.clone();
         let _ = self.handle.schedule_oneshot(move || running.store(false, Ordering::Release));
-        if let Err(panic) = thread.join() {
-            if !std::thread::panicking() {
-                std::panic::resume_unwind(panic);
-            }
+        if let Err(panic) = thread.join()
+            && !std::thread::panicking()
+        {
+            std::panic::resume_unwind(panic);
         }
     }
 }

@@ -132,10 +132,10 @@ impl<T> JoinHandle<T> {
         if self.context.is_home_thread() {
             // Coroutines already queued (this one, just spawned, say) run first, without a poll.
             run_woken_coroutines();
-            if !self.is_finished() {
-                if let Some(context) = AioContext::current() {
-                    context.wait_while(|| !self.is_finished());
-                }
+            if !self.is_finished()
+                && let Some(context) = AioContext::current()
+            {
+                context.wait_while(|| !self.is_finished());
             }
         }
         if let Poll::Ready(result) = self.poll_result(&mut Context::from_waker(Waker::noop())) {

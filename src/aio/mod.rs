@@ -61,7 +61,6 @@ mod sleep;
 pub(crate) mod thread_pool;
 mod timer;
 mod uring;
-mod uring_merge;
 mod wait;
 #[cfg(aiocoro_loom)]
 mod wait_model;
@@ -80,4 +79,4 @@ pub use thread_pool::{ThreadPool, ThreadPoolConfig};
 pub use timer::{Timer, clock_ns};
 pub use uring::{IoEngine, fsync, io_engine, preadv, pwritev};
 pub use wait::{LocalWaker, Wait, WakeReason, Waker};
-pub(crate) use wait::{Parked, PendingWake, WaitRef};
+pub(crate) use wait::{ParkRecord, PendingWake, WaitRef};

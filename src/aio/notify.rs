@@ -8,6 +8,9 @@
 //! `notify_me`, so producers never touch the eventfd. `notified` collapses the signals of many
 //! producers into one until the context accepts it.
 
+// Its `pub` items are re-exported to the loom models (`loom_exports`, loom builds only).
+#![cfg_attr(not(aiocoro_loom), allow(unreachable_pub))]
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -15,7 +18,7 @@ use crate::loom::{AtomicBool, AtomicU32, AtomicU64, fence};
 
 /// The shared half of the handshake.
 #[derive(Default)]
-pub struct NotifyState {
+pub struct WakeupHandshake {
     /// Non-zero while the home thread may block (in units of 2, as in QEMU, so that nested
     /// polls can count themselves).
     notify_me: AtomicU32,
@@ -23,9 +26,15 @@ pub struct NotifyState {
     notified: AtomicBool,
     /// How many times the event was signalled, for tests and statistics.
     signals: AtomicU64,
-    /// Set by [`NotifyState::kick`]: the next wait returns at once even with no work queued
+    /// Set by [`WakeupHandshake::kick`]: the next wait returns at once even with no work queued
     /// (QEMU's `aio_wait_kick` schedules a dummy BH for the same purpose).
     kicked: AtomicBool,
+}
+
+impl std::fmt::Debug for WakeupHandshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WakeupHandshake").finish_non_exhaustive()
+    }
 }
 
 /// What the context blocks in: production epoll with the eventfd in its set, or a model event
@@ -38,7 +47,7 @@ pub trait Blocker {
     fn reset_event(&mut self);
 }
 
-impl NotifyState {
+impl WakeupHandshake {
     /// Creates the state of a context that is not blocking.
     pub fn new() -> Self {
         Self::default()

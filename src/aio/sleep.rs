@@ -29,6 +29,12 @@ pub struct Sleeper {
     current: Mutex<Option<Waker>>,
 }
 
+impl std::fmt::Debug for Sleeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sleeper").finish_non_exhaustive()
+    }
+}
+
 impl Sleeper {
     /// A sleeper nobody sleeps on yet.
     pub fn new() -> Sleeper {

@@ -9,6 +9,9 @@
 //!   up first) passes between the coroutine and the worker, and why a job may borrow from the
 //!   coroutine's stack.
 
+// Its `pub` items are re-exported to the loom models (`loom_exports`, loom builds only).
+#![cfg_attr(not(aiocoro_loom), allow(unreachable_pub))]
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
@@ -134,12 +137,12 @@ pub trait Job: Send + Sync {
 
 /// Tells a job's submitter that the job is done: a coroutine's [`Waker`] in production, a
 /// model of it under loom.
-pub trait Notify: Send + Sync {
+pub trait JobDone: Send + Sync {
     /// Called once, after the result is in the ticket.
     fn notify(&self);
 }
 
-impl Notify for Waker {
+impl JobDone for Waker {
     fn notify(&self) {
         self.wake();
     }
@@ -147,14 +150,14 @@ impl Notify for Waker {
 
 /// The two halves of one job's hand-off: the [`Ticket`] a worker runs and the [`Pending`] its
 /// submitter keeps.
-pub type Handoff<F, R, N> = (Arc<Ticket<F, R, N>>, Pending<F, R, N>);
+pub(crate) type Handoff<F, R, N> = (Arc<Ticket<F, R, N>>, Pending<F, R, N>);
 
 /// Makes the two halves of one job's hand-off.
 pub fn ticket<F, R, N>(job: F, notify: N) -> Handoff<F, R, N>
 where
     F: FnOnce() -> R + Send,
     R: Send,
-    N: Notify,
+    N: JobDone,
 {
     let ticket = Arc::new(Ticket {
         state: Mutex::new(TicketState::Queued(job)),
@@ -300,17 +303,15 @@ impl Inner {
             start
         };
         self.work.notify_one();
-        if start_worker {
-            if let Err(error) = self.start_worker() {
-                let workers = {
-                    let mut state = lock!(self.state);
-                    state.workers -= 1;
-                    state.workers
-                };
-                // With another worker alive the job still runs; with none, it never would.
-                // The submitter's `Pending` takes the job back as this panic unwinds it.
-                assert!(workers > 0, "aiocoro: the thread pool cannot start a worker: {error}");
-            }
+        if start_worker && let Err(error) = self.start_worker() {
+            let workers = {
+                let mut state = lock!(self.state);
+                state.workers -= 1;
+                state.workers
+            };
+            // With another worker alive the job still runs; with none, it never would.
+            // The submitter's `Pending` takes the job back as this panic unwinds it.
+            assert!(workers > 0, "aiocoro: the thread pool cannot start a worker: {error}");
         }
     }
 
@@ -392,6 +393,12 @@ pub struct Ticket<F, R, N> {
     notify: N,
 }
 
+impl<F, R, N> std::fmt::Debug for Ticket<F, R, N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").finish_non_exhaustive()
+    }
+}
+
 enum TicketState<F, R> {
     Queued(F),
     Running,
@@ -403,7 +410,7 @@ impl<F, R, N> Job for Ticket<F, R, N>
 where
     F: FnOnce() -> R + Send,
     R: Send,
-    N: Notify,
+    N: JobDone,
 {
     fn run(&self) {
         let job = {
@@ -430,6 +437,12 @@ pub struct Pending<F, R, N> {
     ticket: Arc<Ticket<F, R, N>>,
     /// The ticket is `Closed`: nothing is left to take back or wait for.
     closed: bool,
+}
+
+impl<F, R, N> std::fmt::Debug for Pending<F, R, N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").finish_non_exhaustive()
+    }
 }
 
 impl<F, R, N> Pending<F, R, N> {

@@ -129,6 +129,12 @@ pub struct Timer {
     local: Rc<Local>,
 }
 
+impl std::fmt::Debug for Timer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Timer").finish_non_exhaustive()
+    }
+}
+
 impl Timer {
     pub(crate) fn new(local: Rc<Local>, callback: Rc<dyn Fn()>) -> Timer {
         let key = local.timers.borrow_mut().add(callback);

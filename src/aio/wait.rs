@@ -21,7 +21,7 @@ use super::context::{
     Local, Message, RunItem, Shared, current_local, deliver_here, home_local, home_rc, no_context,
     with_current_brief,
 };
-use crate::coroutine::{Co, Coroutine, Park, in_coroutine};
+use crate::coroutine::{Co, Coroutine, ParkState, in_coroutine};
 
 /// Why a wait ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,13 +95,19 @@ pub struct Wait<'co> {
     target: Target,
 }
 
+impl std::fmt::Debug for Wait<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wait").finish_non_exhaustive()
+    }
+}
+
 /// Where a suspension is registered.
 enum Target {
     /// In the wait table of a context.
     Context { local: Rc<Local>, key: Key },
     /// A loom model's stand-in: the "coroutine" is a loom thread that parks.
     #[cfg(aiocoro_loom)]
-    Model(Arc<super::wait_model::Parker>),
+    Model(Arc<super::wait_model::ModelParker>),
 }
 
 impl Co {
@@ -135,7 +141,7 @@ impl Co {
     }
 
     /// Parks this coroutine in its thread's context and returns the record that ends the park;
-    /// then [`Co::wait_unparked`]. See [`Parked`].
+    /// then [`Co::wait_unparked`]. See [`ParkRecord`].
     ///
     /// # Panics
     ///
@@ -145,7 +151,7 @@ impl Co {
     /// not wait. The caller's queueing of the record and the suspension that follows then
     /// cannot fail.
     #[inline]
-    pub(crate) fn park(&self, releasing: usize) -> Parked {
+    pub(crate) fn park(&self, releasing: usize) -> ParkRecord {
         self.assert_may_yield(releasing);
         let coroutine = self.current();
         // SAFETY: the count update runs no other code.
@@ -156,8 +162,8 @@ impl Co {
             })
         };
         let context = context.unwrap_or_else(|| no_context("a coroutine park"));
-        self.park_state().set(Park::Parked);
-        Parked { coroutine, context }
+        self.park_state().set(ParkState::Parked);
+        ParkRecord { coroutine, context }
     }
 
     /// Suspends until the run queue resumes this coroutine for the unpark of its record.
@@ -167,7 +173,7 @@ impl Co {
     pub(crate) fn wait_unparked(&self) {
         loop {
             self.yield_now();
-            if self.park_state().get() == Park::Idle {
+            if self.park_state().get() == ParkState::Idle {
                 return;
             }
         }
@@ -329,16 +335,16 @@ impl Drop for Wait<'_> {
 /// thread, and is unparked at most once, so it can be neither stale nor duplicated. The park
 /// state lives in the coroutine: `Parked`, then `Woken` by the unpark, which queues the record
 /// on the run queue, then `Idle` when the run queue resumes it; or straight from `Parked` to
-/// `Idle` by [`Parked::unpark_and_enter`], which then enters it. Only the holder of the record
+/// `Idle` by [`ParkRecord::unpark_and_enter`], which then enters it. Only the holder of the record
 /// sets `Idle`, and that ends the park, so a stray `enter` cannot. The context counts its
 /// parked coroutines as suspended.
-pub(crate) struct Parked {
+pub(crate) struct ParkRecord {
     coroutine: Coroutine,
     /// The id of the context that counts the park.
     context: u64,
 }
 
-impl Parked {
+impl ParkRecord {
     /// Queues the parked coroutine to run, behind the coroutines already runnable; the park
     /// ends when it does. Must be called on the coroutine's thread.
     ///
@@ -362,10 +368,10 @@ impl Parked {
                 };
                 debug_assert_eq!(
                     record.coroutine.park_state().get(),
-                    Park::Parked,
-                    "aiocoro: a Parked record was unparked twice or its coroutine was not parked"
+                    ParkState::Parked,
+                    "aiocoro: a ParkRecord was unparked twice or its coroutine was not parked"
                 );
-                record.coroutine.park_state().set(Park::Woken);
+                record.coroutine.park_state().set(ParkState::Woken);
                 local.run_queue.borrow_mut().push_back(RunItem::Unpark(record.coroutine));
             })
         };
@@ -378,14 +384,14 @@ impl Parked {
         }
     }
 
-    /// Gives up on a park whose context is gone (see [`Parked::unpark`]).
+    /// Gives up on a park whose context is gone (see [`ParkRecord::unpark`]).
     #[cold]
     fn leak(self) {
         std::mem::forget(self.coroutine);
     }
 
     /// Ends the park and enters the coroutine at once, when the caller is not itself a
-    /// coroutine (QEMU's `qemu_co_enter_next`); otherwise queues it as [`Parked::unpark`] does.
+    /// coroutine (QEMU's `qemu_co_enter_next`); otherwise queues it as [`ParkRecord::unpark`] does.
     /// Must be called on the coroutine's thread. Returns false, as `unpark` does, if the
     /// park's context is gone.
     #[must_use = "a false return means nothing was woken: wake another waiter instead"]
@@ -402,11 +408,11 @@ impl Parked {
                     let park = self.coroutine.park_state();
                     debug_assert_eq!(
                         park.get(),
-                        Park::Parked,
-                        "aiocoro: a Parked record was unparked twice or its coroutine was not \
+                        ParkState::Parked,
+                        "aiocoro: a ParkRecord was unparked twice or its coroutine was not \
                          parked"
                     );
-                    park.set(Park::Idle);
+                    park.set(ParkState::Idle);
                     local.parked.set(local.parked.get() - 1);
                 }
                 home
@@ -435,6 +441,12 @@ pub struct Waker {
     target: WakerTarget,
 }
 
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waker").finish_non_exhaustive()
+    }
+}
+
 #[derive(Clone)]
 enum WakerTarget {
     Context {
@@ -442,7 +454,7 @@ enum WakerTarget {
         key: Key,
     },
     #[cfg(aiocoro_loom)]
-    Model(Arc<super::wait_model::Parker>),
+    Model(Arc<super::wait_model::ModelParker>),
 }
 
 impl Waker {
@@ -475,7 +487,7 @@ pub(crate) enum WaitRef {
         key: Key,
     },
     #[cfg(aiocoro_loom)]
-    Model(Arc<super::wait_model::Parker>),
+    Model(Arc<super::wait_model::ModelParker>),
 }
 
 // SAFETY: a `WaitRef` is a key plus a pointer to the `Sync` part of a context, which it only
@@ -600,7 +612,7 @@ pub(crate) enum PendingWake {
     /// A suspension of another thread's context.
     Remote { shared: Arc<Shared>, key: Key },
     #[cfg(aiocoro_loom)]
-    Model(Arc<super::wait_model::Parker>),
+    Model(Arc<super::wait_model::ModelParker>),
 }
 
 impl PendingWake {
@@ -642,6 +654,12 @@ pub struct LocalWaker {
     context: u64,
     key: Key,
     _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for LocalWaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalWaker").field("context", &self.context).finish_non_exhaustive()
+    }
 }
 
 impl LocalWaker {

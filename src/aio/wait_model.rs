@@ -6,13 +6,13 @@ use crate::loom::{Condvar, Mutex};
 
 /// One model suspension: a flag set by the waker, and the condition variable it waits on.
 #[derive(Default)]
-pub(crate) struct Parker {
+pub(crate) struct ModelParker {
     woken: Mutex<bool>,
     changed: Condvar,
 }
 
-impl Parker {
-    /// Blocks the calling model thread until [`Parker::unpark`].
+impl ModelParker {
+    /// Blocks the calling model thread until [`ModelParker::unpark`].
     pub(crate) fn park(&self) {
         let mut woken = self.woken.lock().unwrap();
         while !*woken {

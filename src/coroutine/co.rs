@@ -1,11 +1,27 @@
 //! The `&Co` token: proof that the code holding it runs inside a coroutine and may yield.
+//!
+//! `Co`'s methods live beside what they wait for, so that each subsystem keeps its state
+//! private; this file defines the core ones. The whole coroutine-side surface:
+//!
+//! | Method | Waits for | Defined in |
+//! |---|---|---|
+//! | [`Co::yield_now`], [`Co::current`] | the enterer (plain coroutine switch) | `coroutine/co.rs` |
+//! | [`Co::reschedule`], [`Co::prepare_wait`], [`Co::sleep`] | the context's run queue, a wake, a timer | `aio/wait.rs` |
+//! | [`Co::sleep_wakeable`] | a timer or a [`Sleeper`](crate::aio::Sleeper) | `aio/sleep.rs` |
+//! | [`Co::wait_readable`], [`Co::wait_writable`] | a file descriptor | `aio/fd.rs` |
+//! | [`Co::run_blocking`] | a job on the thread pool | `aio/thread_pool.rs` |
+//! | [`Co::block_on`] | any `Future` | `aio/future.rs` |
+//! | [`Co::join`] | another coroutine's end | `aio/join.rs` |
+//!
+//! Locks take the `&Co` as an argument instead ([`CoMutex::lock`](crate::sync::CoMutex),
+//! [`CoQueue::wait`](crate::sync::CoQueue::wait), ...).
 
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
 use super::Coroutine;
-use super::slot::{Park, RawYielder, Slot, State};
+use super::slot::{ParkState, RawYielder, Slot, State};
 
 /// The token a coroutine body receives: QEMU's `coroutine_fn` annotation as a type.
 ///
@@ -65,6 +81,12 @@ pub struct Co {
     /// A loom model's token whose waits are cancelled (see [`Co::model_cancelled`]).
     #[cfg(aiocoro_loom)]
     model_cancelled: bool,
+}
+
+impl std::fmt::Debug for Co {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Co").finish_non_exhaustive()
+    }
 }
 
 impl Co {
@@ -181,9 +203,9 @@ impl Co {
         }
     }
 
-    /// This coroutine's park state (see `aio::wait::Parked`).
+    /// This coroutine's park state (see `aio::wait::ParkRecord`).
     #[inline]
-    pub(crate) fn park_state(&self) -> &Cell<Park> {
+    pub(crate) fn park_state(&self) -> &Cell<ParkState> {
         #[cfg(aiocoro_loom)]
         self.assert_not_model();
         // SAFETY: the slot outlives every `&Co` (field invariant).

@@ -9,7 +9,7 @@ use std::ptr::NonNull;
 
 use corosensei::CoroutineResult;
 
-use super::slot::{self, Park, RawCoroutine, Slot, State};
+use super::slot::{self, ParkState, RawCoroutine, Slot, State};
 use super::{Co, current};
 
 /// A stackful coroutine (QEMU's `Coroutine *`).
@@ -107,7 +107,7 @@ impl Coroutine {
     /// If the coroutine is running (it is the caller itself, or one of the coroutines that
     /// entered the caller) or has ended. Both are bugs in the caller, as in QEMU, where they
     /// abort.
-    #[inline]
+    #[inline(always)]
     pub fn enter(&self) {
         let slot = self.slot();
         if slot.state.get() != State::Ready {
@@ -119,7 +119,7 @@ impl Coroutine {
         }
         // Restores the current coroutine, and ends this one if its body panicked, also when
         // `resume` unwinds; the panic then continues with its original payload.
-        let run = Run { slot, caller: current::replace(self.slot.as_ptr()) };
+        let run = EnterScope { slot, caller: current::replace(self.slot.as_ptr()) };
         // SAFETY: the state was `Ready` and is now `Running`, so this is the only borrow of
         // `raw` (slot invariant), and `raw` is `Some` until the coroutine ends.
         let Some(raw) = (unsafe { &mut *slot.raw.get() }) else {
@@ -131,9 +131,9 @@ impl Coroutine {
         }
     }
 
-    /// The coroutine's park state (see `aio::wait::Parked`).
+    /// The coroutine's park state (see `aio::wait::ParkRecord`).
     #[inline]
-    pub(crate) fn park_state(&self) -> &Cell<Park> {
+    pub(crate) fn park_state(&self) -> &Cell<ParkState> {
         &self.slot().park
     }
 
@@ -188,12 +188,12 @@ fn enter_misuse(slot: &Slot) -> ! {
 }
 
 /// One run of a coroutine, from `enter` until it yields (`suspended`), ends, or unwinds.
-struct Run<'a> {
+struct EnterScope<'a> {
     slot: &'a Slot,
     caller: *const Slot,
 }
 
-impl Run<'_> {
+impl EnterScope<'_> {
     #[inline]
     fn suspended(self) {
         current::replace(self.caller);
@@ -212,7 +212,7 @@ impl Run<'_> {
     }
 }
 
-impl Drop for Run<'_> {
+impl Drop for EnterScope<'_> {
     /// The body returned or panicked: the coroutine has ended.
     #[inline]
     fn drop(&mut self) {

@@ -57,5 +57,5 @@ pub use co::Co;
 pub(crate) use current::id as current_id;
 pub use current::{current, in_coroutine};
 pub use handle::{Builder, Coroutine};
-pub(crate) use slot::Park;
+pub(crate) use slot::ParkState;
 pub use stack::{DEFAULT_STACK_SIZE, MIN_STACK_SIZE};

@@ -1,5 +1,8 @@
 //! The process-wide overflow pool behind the per-thread stack caches.
 
+// Its `pub` items are re-exported to the loom models (`loom_exports`, loom builds only).
+#![cfg_attr(not(aiocoro_loom), allow(unreachable_pub))]
+
 use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 
@@ -17,6 +20,12 @@ pub struct SharedPool<T> {
     len: AtomicUsize,
     /// The most items the pool keeps; what does not fit is handed back to the depositor.
     capacity: AtomicUsize,
+}
+
+impl<T> std::fmt::Debug for SharedPool<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedPool").finish_non_exhaustive()
+    }
 }
 
 impl<T> SharedPool<T> {

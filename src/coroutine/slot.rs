@@ -31,9 +31,9 @@ pub(crate) enum State {
 }
 
 /// Where a coroutine is in a park, the light suspension of same-thread hand-overs (see
-/// `aio::wait::Parked`).
+/// `aio::wait::ParkRecord`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Park {
+pub(crate) enum ParkState {
     /// Not parked.
     Idle,
     /// Parked, waiting for its record to be unparked.
@@ -68,7 +68,7 @@ pub(crate) struct Slot {
     /// each yield that the coroutine added none; see `sync::yield_check`).
     pub(crate) locks_at_entry: Cell<usize>,
     /// Where the coroutine is in a park; `Idle` whenever a body starts.
-    pub(crate) park: Cell<Park>,
+    pub(crate) park: Cell<ParkState>,
     /// How many [`Co::shielded`](super::Co::shielded) calls the coroutine is in: while above
     /// zero, its waits are not cancelled when its context shuts down.
     pub(crate) shield: Cell<u32>,
@@ -88,7 +88,7 @@ impl Slot {
             bounds: stack.bounds(),
             stack,
             locks_at_entry: Cell::new(0),
-            park: Cell::new(Park::Idle),
+            park: Cell::new(ParkState::Idle),
             shield: Cell::new(0),
             cancelled: Cell::new(false),
         })
@@ -160,7 +160,7 @@ pub(crate) fn acquire(
     fields.refs.set(1);
     fields.state.set(State::Ready);
     // A coroutine dropped while parked left its park state behind.
-    fields.park.set(Park::Idle);
+    fields.park.set(ParkState::Idle);
     fields.shield.set(0);
     fields.cancelled.set(false);
     // SAFETY: as above, nothing else references the slot yet; its `raw` is `None` (it is

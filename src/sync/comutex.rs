@@ -9,7 +9,7 @@ use super::asymmetric_fence;
 use super::lock::Lock;
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
-use crate::aio::{Parked, Wait, WaitRef};
+use crate::aio::{ParkRecord, Wait, WaitRef};
 use crate::coroutine::Co;
 use crate::loom::AtomicU32;
 #[cfg(debug_assertions)]
@@ -98,7 +98,13 @@ pub struct RawCoMutex {
     /// empty whenever that id changes (the unlocker serves it first), so each new holder
     /// thread finds it empty, and the release / acquire on `state` orders the accesses of
     /// successive holder threads.
-    local_waiters: UnsafeCell<VecDeque<Parked>>,
+    local_waiters: UnsafeCell<VecDeque<ParkRecord>>,
+}
+
+impl std::fmt::Debug for RawCoMutex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawCoMutex").finish_non_exhaustive()
+    }
 }
 
 /// How a locker goes on after [`RawCoMutex::enqueue`].

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use super::lock::LockGuard;
 use super::raw::{RawBlockingLock, RawLock};
-use crate::aio::{Parked, PendingWake, Wait, WaitRef, run_woken_coroutines};
+use crate::aio::{ParkRecord, PendingWake, Wait, WaitRef, run_woken_coroutines};
 use crate::coroutine::Co;
 use crate::loom::AtomicUsize;
 
@@ -69,7 +69,13 @@ pub struct CoQueue {
     /// queue and one to the lock until it resumes, so while the list is not empty the queue
     /// cannot move or be dropped, and by the `THREAD_BOUND` rules every guard that passes the
     /// check in `bound` is on that coroutine's thread: the records never leave it.
-    parked: UnsafeCell<VecDeque<Parked>>,
+    parked: UnsafeCell<VecDeque<ParkRecord>>,
+}
+
+impl std::fmt::Debug for CoQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoQueue").finish_non_exhaustive()
+    }
 }
 
 // SAFETY: `waiters` is only touched by a caller that holds the one lock the queue is tied to
@@ -99,7 +105,7 @@ impl CoQueue {
     /// Ties the queue to `guard`'s lock, or checks that it is tied to it.
     #[inline]
     fn bound<R: RawLock, T: ?Sized>(&self, guard: &LockGuard<'_, R, T>) {
-        let id = ptr::from_ref(guard.lock()).cast::<()>() as usize;
+        let id = ptr::from_ref(LockGuard::lock(guard)).cast::<()>() as usize;
         let mut bound = self.lock.load(Ordering::Relaxed);
         if bound == 0 {
             bound = match self.lock.compare_exchange(0, id, Ordering::Relaxed, Ordering::Relaxed) {
@@ -131,7 +137,10 @@ impl CoQueue {
     /// The park records, which the lock protects; for a thread-bound lock type.
     #[allow(clippy::mut_from_ref, reason = "exclusive by the guard of the bound lock")]
     #[inline]
-    fn parked<R: RawLock, T: ?Sized>(&self, guard: &LockGuard<'_, R, T>) -> &mut VecDeque<Parked> {
+    fn parked<R: RawLock, T: ?Sized>(
+        &self,
+        guard: &LockGuard<'_, R, T>,
+    ) -> &mut VecDeque<ParkRecord> {
         debug_assert!(R::THREAD_BOUND);
         self.bound(guard);
         // SAFETY: as in `waiters`, and the guard is of a thread-bound lock, so this is the
@@ -248,7 +257,12 @@ impl CoQueue {
         // Woken in place: a wake only queues its coroutine (an orphaned park record is leaked,
         // not dropped), it runs no code that could touch this queue (and the guard stays held).
         if R::THREAD_BOUND {
-            return self.parked(guard).drain(..).map(Parked::unpark).filter(|&woken| woken).count();
+            return self
+                .parked(guard)
+                .drain(..)
+                .map(ParkRecord::unpark)
+                .filter(|&woken| woken)
+                .count();
         }
         let waiters = self.waiters(guard);
         let count = waiters.len();
@@ -297,7 +311,7 @@ impl CoQueue {
         guard: &mut LockGuard<'_, R, T>,
     ) -> usize {
         if R::THREAD_BOUND {
-            let parked: Vec<Parked> = self.parked(guard).drain(..).collect();
+            let parked: Vec<ParkRecord> = self.parked(guard).drain(..).collect();
             let count = parked.len();
             if count > 0 {
                 enter_woken(guard, parked);
@@ -323,7 +337,7 @@ trait Popped {
     fn queue(self);
 }
 
-impl Popped for Parked {
+impl Popped for ParkRecord {
     fn enter(self) {
         // False only for a park whose context is gone: its coroutine can never run.
         let _ = self.unpark_and_enter();

@@ -112,9 +112,11 @@ impl<'a, R: RawLock, T: ?Sized> LockGuard<'a, R, T> {
         LockGuard { lock, _not_send: PhantomData }
     }
 
-    /// The lock this guard holds.
-    pub fn lock(&self) -> &'a Lock<R, T> {
-        self.lock
+    /// The lock `guard` holds. An associated function, as lock_api's `MutexGuard::mutex`, so
+    /// that it does not hide a `lock` method of the protected data behind `Deref`: call it as
+    /// `LockGuard::lock(&guard)`.
+    pub fn lock(guard: &Self) -> &'a Lock<R, T> {
+        guard.lock
     }
 
     /// Releases the lock while the guard stays borrowed (so the data cannot be reached), for
@@ -150,14 +152,14 @@ impl<'a, R: RawBlockingLock, T: ?Sized> LockGuard<'a, R, T> {
 /// that its data cannot be reached meanwhile (the spans of [`CoQueue::wait`](super::CoQueue)
 /// and `enter_next` / `enter_all`).
 ///
-/// Rule 5 of the design: a guard always holds its lock, also after a panic unwound through
-/// such a span and was caught. So the span ends by taking the lock back on every path: by
-/// [`Released::retake`] (or `retake_blocking`) when the operation goes on normally, and by its
-/// `Drop` when a panic unwinds through it (a coroutine entered by `enter_next` panicked, or
-/// the lock's own `lock` panicked while taking it back). If the lock cannot be taken back
-/// then, without waiting, the process aborts with a message naming the rule: unwinding on
-/// would leave the caller a guard whose drop releases a lock that somebody else holds, two
-/// `&mut` to one value.
+/// Rule 5 of the design (`docs/design.md`): a guard always holds its lock, also after a panic
+/// unwound through such a span and was caught. So the span ends by taking the lock back on
+/// every path: by [`Released::retake`] (or `retake_blocking`) when the operation goes on
+/// normally, and by its `Drop` when a panic unwinds through it (a coroutine entered by
+/// `enter_next` panicked, or the lock's own `lock` panicked while taking it back). If the lock
+/// cannot be taken back then, without waiting, the process aborts with a message naming the
+/// rule: unwinding on would leave the caller a guard whose drop releases a lock that somebody
+/// else holds, two `&mut` to one value.
 #[must_use = "the lock must be taken back with `retake`"]
 pub(crate) struct Released<'g, 'a, R: RawLock, T: ?Sized> {
     guard: &'g mut LockGuard<'a, R, T>,
@@ -212,7 +214,7 @@ fn guard_without_lock() -> ! {
         "aiocoro: a panic unwound through CoQueue::wait (or enter_next / enter_all) while the \
          caller's lock was released, and the lock could not be taken back (somebody else holds \
          it); the caller's guard would then release a lock it does not hold, two holders of its \
-         data. A guard always holds its lock (design rule 5): aborting"
+         data. A guard always holds its lock (rule 5 of docs/design.md): aborting"
     );
     std::process::abort()
 }

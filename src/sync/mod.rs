@@ -46,10 +46,10 @@
 //! println!("{data:?}");
 //! ```
 //!
-//! Rule 3 of the design: data is reachable only through its lock, and a guard of a lock that
-//! blocks the thread ([`ThreadMutex`], [`SpinLock`]) must not be held across a yield, which would
-//! stall the whole context. The type system cannot see yields, so debug builds check it at each
-//! yield and panic naming the rule.
+//! Rule 3 of the design (`docs/design.md`): data is reachable only through its lock, and a
+//! guard of a lock that blocks the thread ([`ThreadMutex`], [`SpinLock`]) must not be held
+//! across a yield, which would stall the whole context. The type system cannot see yields, so
+//! debug builds check it at each yield and panic naming the rule.
 
 mod adaptive_spin;
 mod asymmetric_fence;

@@ -15,6 +15,12 @@ pub struct RawNoLock {
     held: Cell<bool>,
 }
 
+impl std::fmt::Debug for RawNoLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawNoLock").field("held", &self.held.get()).finish()
+    }
+}
+
 // SAFETY: `held` admits one holder at a time (a second `lock` panics, `try_lock` fails), and
 // the type is not `Sync`, so all holders are on one thread and need no memory ordering. Not
 // `Sync` (`Cell`) and not zero-sized (a `bool`), as `THREAD_BOUND` requires.

@@ -12,6 +12,12 @@ pub struct RawSpinLock {
     locked: AtomicBool,
 }
 
+impl std::fmt::Debug for RawSpinLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawSpinLock").finish_non_exhaustive()
+    }
+}
+
 impl RawSpinLock {
     /// Takes the lock (for locks built on this one).
     #[inline]

@@ -20,6 +20,12 @@ pub struct RawThreadMutex {
     state: AtomicU32,
 }
 
+impl std::fmt::Debug for RawThreadMutex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawThreadMutex").finish_non_exhaustive()
+    }
+}
+
 impl RawThreadMutex {
     #[inline]
     fn acquire(&self) {

@@ -1,4 +1,5 @@
-//! Rule 3 at run time: a guard of a lock that blocks the thread must not live across a yield.
+//! Rule 3 (`docs/design.md`) at run time: a guard of a lock that blocks the thread must not live
+//! across a yield.
 //!
 //! The type system cannot see a yield (it is a call through `&Co`), so debug builds count the
 //! thread-lock guards each thread holds; entering a coroutine records the count, and a yield

@@ -23,6 +23,7 @@ const IOV_MAX: usize = 1024;
 
 /// How the file's data meets the page cache (QEMU's `cache=` modes that matter here).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CacheMode {
     /// Through the page cache; `flush` makes it stable (`cache=writeback`).
     #[default]
@@ -34,6 +35,7 @@ pub enum CacheMode {
 
 /// What carries the file's I/O (QEMU's `aio=`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AioMode {
     /// The context's io_uring (`aio=io_uring`), or the thread pool where the kernel has none.
     #[default]
@@ -223,7 +225,8 @@ impl BlockDriver for FileDriver {
         "file"
     }
 
-    fn alignment(&self) -> Alignment {
+    /// What the file's storage needs (a file has no children).
+    fn alignment(&self, _below: Alignment) -> Alignment {
         self.alignment
     }
 

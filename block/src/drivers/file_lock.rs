@@ -20,6 +20,7 @@ use crate::sys;
 
 /// Whether a file node takes and honours QEMU's image locks (QEMU's `locking=`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Locking {
     /// Lock; where the file system refuses locks (`ENOLCK`, ...), open without them.
     #[default]

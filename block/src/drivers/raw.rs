@@ -5,7 +5,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 
 use aiocoro::coroutine::Co;
 
-use crate::driver::{Alignment, BlockDriver, BlockStatus};
+use crate::driver::{BlockDriver, BlockStatus};
 use crate::error::{invalid_input, unsupported};
 use crate::node::Child;
 
@@ -63,10 +63,6 @@ impl RawDriver {
 impl BlockDriver for RawDriver {
     fn format_name(&self) -> &'static str {
         "raw"
-    }
-
-    fn alignment(&self) -> Alignment {
-        self.file.node().alignment()
     }
 
     fn length(&self, _co: &Co) -> io::Result<u64> {

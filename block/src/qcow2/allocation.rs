@@ -6,7 +6,7 @@
 //! look again once it is linked or abandoned.
 //!
 //! A write that lands inside an allocation whose data is not written yet need not wait and
-//! then write on its own: while the allocation is [merging](InFlight::merging), the write's
+//! then write on its own: while the allocation is [merging](PendingAllocation::merging), the write's
 //! bytes are copied into it and reach the disk in the allocation's one data write; the
 //! write completes when the allocation is linked (or, if it is abandoned, starts over on
 //! its own). Small sequential writes into fresh clusters thus cost one device write per
@@ -23,7 +23,7 @@ use super::metadata::Metadata;
 use crate::buffer::IoBuffer;
 
 /// An allocation between choosing its clusters and linking them, as the metadata lists it.
-pub(crate) struct InFlight {
+pub(crate) struct PendingAllocation {
     /// The first guest cluster.
     pub(crate) first: u64,
     /// How many guest clusters.
@@ -32,14 +32,14 @@ pub(crate) struct InFlight {
     /// all bits for whole clusters.
     pub(crate) subclusters: u32,
     /// What waiting requests hold on to.
-    pub(crate) allocation: Arc<Allocation>,
+    pub(crate) allocation: Arc<SharedAllocation>,
     /// Writes merged so far, while the allocation still takes them; `None` once its data
     /// is being written (or when its own request covers all of it).
-    pub(crate) merging: Option<Vec<Merged>>,
+    pub(crate) merging: Option<Vec<MergedWrite>>,
 }
 
 /// Bytes of a write merged into an allocation.
-pub(crate) struct Merged {
+pub(crate) struct MergedWrite {
     /// Where they go, in bytes from the start of the allocation's first cluster.
     pub(crate) at: u64,
     /// A copy of the write's bytes.
@@ -50,7 +50,7 @@ pub(crate) struct Merged {
 ///
 /// Invariant: `outcome` changes only under the metadata lock, from `PENDING` to `LINKED` or
 /// `ABANDONED`, once, immediately before the queue is restarted.
-pub(crate) struct Allocation {
+pub(crate) struct SharedAllocation {
     /// Requests waiting for the allocation to be linked or abandoned.
     queue: CoQueue,
     outcome: AtomicU8,
@@ -60,10 +60,10 @@ const PENDING: u8 = 0;
 const LINKED: u8 = 1;
 const ABANDONED: u8 = 2;
 
-impl Allocation {
+impl SharedAllocation {
     /// A new, pending allocation.
-    pub(crate) fn new() -> Arc<Allocation> {
-        Arc::new(Allocation { queue: CoQueue::new(), outcome: AtomicU8::new(PENDING) })
+    pub(crate) fn new() -> Arc<SharedAllocation> {
+        Arc::new(SharedAllocation { queue: CoQueue::new(), outcome: AtomicU8::new(PENDING) })
     }
 
     /// Releases `meta` until the allocation is linked or abandoned, or a spurious wake-up;

@@ -15,13 +15,13 @@ use std::io::{self, IoSlice};
 
 use aiocoro::coroutine::Co;
 
-use super::allocation::Allocation;
+use super::allocation::SharedAllocation;
 use super::compressed::compress_cluster;
 use super::driver::Qcow2Driver;
 use super::io::gather;
 use super::mapping::COMPRESSED;
 use super::offsets::{Geometry, GuestOffset, HostOffset};
-use super::write::refuse_read_only;
+use super::refuse_read_only;
 use crate::buffer::IoBuffer;
 use crate::error::invalid_input;
 
@@ -118,7 +118,7 @@ impl Qcow2Driver {
             };
             let purpose = format_args!("the compressed data of {guest}");
             let host = meta.allocate_bytes(co, &file, len, &purpose)?;
-            let allocation = Allocation::new();
+            let allocation = SharedAllocation::new();
             meta.start_allocation(cluster.0, 1, allocation.clone(), false);
             (host, l2, allocation)
         };

@@ -15,8 +15,9 @@ use super::io::write_at;
 use super::offsets::Geometry;
 use super::refcount::set_entry;
 use super::table::encode_table;
+use crate::block_graph::BlockGraph;
 use crate::error::invalid_input;
-use crate::node::{BlockGraph, BlockNode};
+use crate::node::BlockNode;
 
 /// The version 3 header length QEMU writes (with the compression type byte and padding).
 const WRITTEN_V3_HEADER_LEN: usize = 112;

@@ -12,7 +12,7 @@ use aiocoro::coroutine::Co;
 
 use super::driver::Qcow2Driver;
 use super::mapping::ZERO;
-use super::write::refuse_read_only;
+use super::refuse_read_only;
 
 impl Qcow2Driver {
     /// Makes the whole clusters inside `len` bytes at `offset` read as zeroes without data

@@ -23,7 +23,7 @@ use super::refuse;
 use super::subclusters::subcluster_run;
 use super::table::decode_table;
 use crate::buffer::scatter;
-use crate::driver::{Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
+use crate::driver::{Alignment, Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 use crate::node::{BlockNode, Child};
 
 /// How much memory the metadata caches of an image may hold (QEMU's `l2-cache-size` and
@@ -53,7 +53,7 @@ impl Default for CacheSizes {
 
 /// A stretch of guest bytes that all map the same way.
 #[derive(Clone, Copy, Debug)]
-struct Run {
+struct MappedRun {
     /// For [`ClusterMapping::Data`], the host offset of the run's first byte (not of its
     /// cluster); for compressed clusters the whole cluster's data.
     mapping: ClusterMapping,
@@ -212,7 +212,7 @@ impl Qcow2Driver {
     }
 
     /// How the bytes from `offset` map, for up to `len` of them.
-    fn lookup(&self, co: &Co, offset: GuestOffset, len: u64) -> io::Result<Run> {
+    fn lookup(&self, co: &Co, offset: GuestOffset, len: u64) -> io::Result<MappedRun> {
         let geometry = self.header.geometry;
         let cluster_size = geometry.cluster_size();
         let span = geometry.table_span(offset, len);
@@ -232,7 +232,7 @@ impl Qcow2Driver {
             corrupt(format!("{offset}: L1 entry {} ({l1_raw:#018x}): {why}", position.l1_index))
         })?;
         let Some(l2_offset) = l2_offset else {
-            return Ok(Run { mapping: ClusterMapping::Unallocated, len: span.len });
+            return Ok(MappedRun { mapping: ClusterMapping::Unallocated, len: span.len });
         };
         let table = self.l2_table(co, &mut meta, l2_offset)?;
         drop(meta);
@@ -283,7 +283,7 @@ impl Qcow2Driver {
                 }
                 other => other,
             };
-            return Ok(Run { mapping, len: span.len.min(end - in_cluster) });
+            return Ok(MappedRun { mapping, len: span.len.min(end - in_cluster) });
         }
 
         let decode = |index: usize| {
@@ -321,7 +321,7 @@ impl Qcow2Driver {
             ClusterMapping::Data(start) => ClusterMapping::Data(HostOffset(start.0 + in_cluster)),
             other => other,
         };
-        Ok(Run { mapping, len: span.len_in(count) })
+        Ok(MappedRun { mapping, len: span.len_in(count) })
     }
 
     /// Fills `bufs` with the guest bytes from `guest` that this image does not hold: from
@@ -376,6 +376,12 @@ impl Qcow2Driver {
 impl BlockDriver for Qcow2Driver {
     fn format_name(&self) -> &'static str {
         "qcow2"
+    }
+
+    /// Any byte: every read and write of the file and the backing node is padded to that
+    /// node's alignment here (`io.rs`), so guest requests need none.
+    fn alignment(&self, _below: Alignment) -> Alignment {
+        Alignment::BYTE
     }
 
     fn length(&self, co: &Co) -> io::Result<u64> {

@@ -90,6 +90,7 @@ pub(crate) mod field {
 
 /// How compressed clusters are compressed (the header's `compression_type`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Compression {
     /// Raw deflate (the default, "zlib" in the spec and in qemu-img's options).
     #[default]

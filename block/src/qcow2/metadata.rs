@@ -26,12 +26,12 @@ use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
 
-use super::allocation::{Allocation, InFlight, Merged};
+use super::allocation::{MergedWrite, PendingAllocation, SharedAllocation};
 use super::io::write_at;
 use super::l2_cache::L2Cache;
 use super::mapping::{COMPRESSED, OFFSET_MASK, referenced_range};
 use super::offsets::{Geometry, HostOffset};
-use super::overlap::{Hit, Holder, TableClusters, clusters, first_shared};
+use super::overlap::{Holder, MetadataCluster, TableClusters, clusters, first_shared};
 use super::refcount::Refcounts;
 use super::table::encode_table;
 use crate::node::BlockNode;
@@ -43,7 +43,7 @@ pub(crate) struct Writer {
     /// The clusters of the L2 tables the L1 table names, for overlap checks (see
     /// `overlap`); updated as tables are added.
     pub(crate) l2_tables: TableClusters,
-    pub(crate) in_flight: Vec<InFlight>,
+    pub(crate) in_flight: Vec<PendingAllocation>,
     /// `(offset, bytes)` ranges of host clusters to unreference once the L2 tables that
     /// stopped naming them are on disk.
     pub(crate) pending_frees: Vec<(HostOffset, u64)>,
@@ -80,7 +80,7 @@ pub(crate) struct Metadata {
 
 impl Metadata {
     /// The in-flight allocation overlapping guest clusters `first..first + count`, if any.
-    pub(crate) fn overlapping(&mut self, first: u64, count: u64) -> Option<&mut InFlight> {
+    pub(crate) fn overlapping(&mut self, first: u64, count: u64) -> Option<&mut PendingAllocation> {
         let writer = self.writer.as_mut()?;
         writer.in_flight.iter_mut().find(|m| m.first < first + count && first < m.first + m.count)
     }
@@ -95,12 +95,12 @@ impl Metadata {
         &mut self,
         first: u64,
         count: u64,
-        allocation: Arc<Allocation>,
+        allocation: Arc<SharedAllocation>,
         merging: bool,
     ) {
         let merging = merging.then(Vec::new);
         let subclusters = u32::MAX;
-        let in_flight = InFlight { first, count, subclusters, allocation, merging };
+        let in_flight = PendingAllocation { first, count, subclusters, allocation, merging };
         writable(&mut self.writer).in_flight.push(in_flight);
     }
 
@@ -114,16 +114,25 @@ impl Metadata {
         &mut self,
         cluster: u64,
         mask: u32,
-        allocation: Arc<Allocation>,
+        allocation: Arc<SharedAllocation>,
     ) {
-        let in_flight =
-            InFlight { first: cluster, count: 1, subclusters: mask, allocation, merging: None };
+        let in_flight = PendingAllocation {
+            first: cluster,
+            count: 1,
+            subclusters: mask,
+            allocation,
+            merging: None,
+        };
         writable(&mut self.writer).in_flight.push(in_flight);
     }
 
     /// The in-flight allocation or subcluster write overlapping subclusters `mask` of guest
     /// `cluster`, if any.
-    pub(crate) fn overlapping_subclusters(&self, cluster: u64, mask: u32) -> Option<&InFlight> {
+    pub(crate) fn overlapping_subclusters(
+        &self,
+        cluster: u64,
+        mask: u32,
+    ) -> Option<&PendingAllocation> {
         let writer = self.writer.as_ref()?;
         writer.in_flight.iter().find(|m| {
             m.first <= cluster && cluster < m.first + m.count && m.subclusters & mask != 0
@@ -131,7 +140,7 @@ impl Metadata {
     }
 
     /// Stops `allocation` taking merged writes and returns those it took.
-    pub(crate) fn stop_merging(&mut self, allocation: &Arc<Allocation>) -> Vec<Merged> {
+    pub(crate) fn stop_merging(&mut self, allocation: &Arc<SharedAllocation>) -> Vec<MergedWrite> {
         self.writer
             .as_mut()
             .and_then(|writer| {
@@ -142,7 +151,7 @@ impl Metadata {
     }
 
     /// Takes `allocation` off the in-flight list (it was linked or abandoned).
-    pub(crate) fn end_allocation(&mut self, allocation: &Arc<Allocation>) {
+    pub(crate) fn end_allocation(&mut self, allocation: &Arc<SharedAllocation>) {
         if let Some(writer) = self.writer.as_mut() {
             writer.in_flight.retain(|m| !Arc::ptr_eq(&m.allocation, allocation));
         }
@@ -164,7 +173,7 @@ impl Metadata {
     ) -> io::Result<HostOffset> {
         let Metadata { geometry, l1, l1_offset, image_end, writer, .. } = self;
         let Some(writer) = writer.as_mut() else {
-            return Err(super::write::refuse_read_only());
+            return Err(super::refuse_read_only());
         };
         let l1_area = clusters(*geometry, l1_offset.0, l1.len() as u64 * 8);
         let l2_tables = &writer.l2_tables;
@@ -188,7 +197,7 @@ impl Metadata {
         purpose: &dyn fmt::Display,
     ) -> io::Result<HostOffset> {
         let Some(writer) = self.writer.as_mut() else {
-            return Err(super::write::refuse_read_only());
+            return Err(super::refuse_read_only());
         };
         if let Some(packed) = writer.refcounts.pack_bytes(co, file, len)? {
             return Ok(packed);
@@ -201,7 +210,7 @@ impl Metadata {
     /// The first host cluster of `range` that holds metadata (the header, the L1 table, an
     /// L2 table, the refcount table or a refcount block), and which; `None` if there is
     /// none, or if the image is open read-only (nothing is written then).
-    pub(crate) fn metadata_in(&self, range: &Range<u64>) -> Option<Hit> {
+    pub(crate) fn metadata_in(&self, range: &Range<u64>) -> Option<MetadataCluster> {
         let writer = self.writer.as_ref()?;
         let l1_area = clusters(self.geometry, self.l1_offset.0, self.l1.len() as u64 * 8);
         tables_in(&l1_area, &writer.l2_tables, range)
@@ -260,10 +269,10 @@ impl Metadata {
             .expect("qcow2: set_extended_entry needs the L2 table cached by its caller");
         let slot = geometry.l2_slot(index);
         let old = table[slot];
-        if old & (OFFSET_MASK | COMPRESSED) != entry & (OFFSET_MASK | COMPRESSED) {
-            if let Some(range) = referenced_range(old, *geometry) {
-                writer.pending_frees.push(range);
-            }
+        if old & (OFFSET_MASK | COMPRESSED) != entry & (OFFSET_MASK | COMPRESSED)
+            && let Some(range) = referenced_range(old, *geometry)
+        {
+            writer.pending_frees.push(range);
         }
         table[slot] = entry;
         table[slot + 1] = bitmap;
@@ -393,7 +402,11 @@ impl Metadata {
 
 /// The first host cluster of `range` that holds the header, the L1 table (clusters
 /// `l1_area`) or one of `l2_tables`, and which.
-fn tables_in(l1_area: &Range<u64>, l2_tables: &TableClusters, range: &Range<u64>) -> Option<Hit> {
+fn tables_in(
+    l1_area: &Range<u64>,
+    l2_tables: &TableClusters,
+    range: &Range<u64>,
+) -> Option<MetadataCluster> {
     if range.start == 0 && !range.is_empty() {
         return Some((0, Holder::Header));
     }

@@ -94,3 +94,8 @@ pub(crate) fn corrupt(message: impl std::fmt::Display) -> std::io::Error {
 pub(crate) fn refuse(message: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::Unsupported, format!("qcow2: {message}"))
 }
+
+/// The error of a write to an image opened read-only.
+pub(crate) fn refuse_read_only() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::PermissionDenied, "qcow2: the image is open read-only")
+}

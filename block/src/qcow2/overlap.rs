@@ -56,7 +56,7 @@ impl fmt::Display for Holder {
 }
 
 /// A host cluster (index) that holds metadata, and what it holds.
-pub(crate) type Hit = (u64, Holder);
+pub(crate) type MetadataCluster = (u64, Holder);
 
 /// The host clusters of the tables that another table's entries name (L2 tables by L1
 /// index, refcount blocks by refcount table index), as a map from cluster to entry index.
@@ -117,7 +117,7 @@ pub(crate) fn first_shared(area: &Range<u64>, range: &Range<u64>) -> Option<u64>
 pub(crate) fn in_place_error(
     geometry: Geometry,
     guest: GuestOffset,
-    (cluster, holder): Hit,
+    (cluster, holder): MetadataCluster,
 ) -> std::io::Error {
     overlap_error(format!(
         "{guest} maps to host cluster {:#x}, which holds {holder}: the image is corrupt; \
@@ -131,7 +131,7 @@ pub(crate) fn in_place_error(
 pub(crate) fn allocation_error(
     geometry: Geometry,
     purpose: &dyn fmt::Display,
-    (cluster, holder): Hit,
+    (cluster, holder): MetadataCluster,
 ) -> std::io::Error {
     overlap_error(format!(
         "{purpose}: the refcounts call host cluster {:#x} free, but it holds {holder}: the \

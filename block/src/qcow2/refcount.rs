@@ -25,7 +25,9 @@ use super::header::{MAX_REFCOUNT_TABLE_BYTES, field};
 use super::header_update::{HeaderUpdates, TableFields};
 use super::io::{read_exact_at, write_at};
 use super::offsets::{Geometry, HostOffset};
-use super::overlap::{Hit, Holder, TableClusters, allocation_error, clusters, first_shared};
+use super::overlap::{
+    Holder, MetadataCluster, TableClusters, allocation_error, clusters, first_shared,
+};
 use super::table::{decode_table, encode_table};
 use crate::node::BlockNode;
 
@@ -167,7 +169,7 @@ impl Refcounts {
 
     /// The first host cluster of `range` that the refcount table or a refcount block
     /// occupies, and which.
-    pub(crate) fn metadata_in(&self, range: &Range<u64>) -> Option<Hit> {
+    pub(crate) fn metadata_in(&self, range: &Range<u64>) -> Option<MetadataCluster> {
         let table = clusters(self.geometry, self.table_offset.0, self.table.len() as u64 * 8);
         if let Some(cluster) = first_shared(&table, range) {
             return Some((cluster, Holder::RefcountTable));
@@ -182,7 +184,7 @@ impl Refcounts {
     fn check_free(
         &self,
         range: Range<u64>,
-        others: &impl Fn(&Range<u64>) -> Option<Hit>,
+        others: &impl Fn(&Range<u64>) -> Option<MetadataCluster>,
         purpose: &dyn fmt::Display,
     ) -> io::Result<()> {
         match self.metadata_in(&range).or_else(|| others(&range)) {
@@ -414,7 +416,7 @@ impl Refcounts {
         file: &BlockNode,
         count: u64,
         image_end: &mut u64,
-        others: impl Fn(&Range<u64>) -> Option<Hit>,
+        others: impl Fn(&Range<u64>) -> Option<MetadataCluster>,
         purpose: &dyn fmt::Display,
     ) -> io::Result<HostOffset> {
         let (bits, order, per_block) = (self.geometry.cluster_bits(), self.order, self.per_block());

@@ -10,8 +10,8 @@ use super::driver::Qcow2Driver;
 use super::header::{MAX_L1_BYTES, field};
 use super::io::write_at;
 use super::metadata::writable;
+use super::refuse_read_only;
 use super::table::encode_table;
-use super::write::refuse_read_only;
 use crate::error::invalid_input;
 
 impl Qcow2Driver {

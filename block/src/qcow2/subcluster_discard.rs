@@ -12,8 +12,8 @@ use aiocoro::coroutine::Co;
 use super::driver::Qcow2Driver;
 use super::mapping::{COMPRESSED, COPIED, OFFSET_MASK};
 use super::offsets::ClusterIndex;
+use super::refuse_read_only;
 use super::subclusters::{ALL_ZERO, allocated, bitmap, mask, zeroed};
-use super::write::refuse_read_only;
 use crate::driver::write_zeroes_by_writing;
 
 impl Qcow2Driver {

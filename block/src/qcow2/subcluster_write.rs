@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
 
-use super::allocation::Allocation;
+use super::allocation::SharedAllocation;
 use super::corrupt;
 use super::driver::Qcow2Driver;
 use super::in_place::Writing;
@@ -26,8 +26,8 @@ use super::mapping::{COMPRESSED, COPIED, ClusterMapping, OFFSET_MASK, ZERO, deco
 use super::metadata::Metadata;
 use super::offsets::{GuestOffset, HostOffset};
 use super::overlap;
+use super::refuse_read_only;
 use super::subclusters::{allocated, bitmap, is_invalid, mask, zeroed};
-use super::write::refuse_read_only;
 use crate::buffer::{IoBuffer, gather_into};
 
 /// How a write into one cluster goes.
@@ -44,12 +44,12 @@ enum Plan<'a> {
         l2: HostOffset,
         index: usize,
         mask: u32,
-        allocation: Arc<Allocation>,
+        allocation: Arc<SharedAllocation>,
         _writing: Writing<'a>,
     },
     /// The cluster (compressed or shared) is copied, with the request's bytes, into the new
     /// host cluster `host`, which L2 entry `index` of the table at `l2` then names.
-    Rewrite { host: HostOffset, l2: HostOffset, index: usize, allocation: Arc<Allocation> },
+    Rewrite { host: HostOffset, l2: HostOffset, index: usize, allocation: Arc<SharedAllocation> },
 }
 
 impl Qcow2Driver {
@@ -171,7 +171,7 @@ impl Qcow2Driver {
         let file = self.file.node();
         if entry & COMPRESSED != 0 || (entry & OFFSET_MASK != 0 && entry & COPIED == 0) {
             let host = meta.allocate(co, &file, 1, &guest)?;
-            let allocation = Allocation::new();
+            let allocation = SharedAllocation::new();
             meta.start_subcluster_write(cluster.0, u32::MAX, allocation.clone());
             return Ok(Plan::Rewrite { host, l2, index, allocation });
         }
@@ -207,7 +207,7 @@ impl Qcow2Driver {
         let from = if is_allocated(in_cluster) { in_cluster } else { in_cluster / sub * sub };
         let to = if is_allocated(end - 1) { end } else { end.next_multiple_of(sub) };
         let _writing = self.in_place.begin(cluster_host.0 + from, to - from);
-        let allocation = Allocation::new();
+        let allocation = SharedAllocation::new();
         meta.start_subcluster_write(cluster.0, wanted, allocation.clone());
         Ok(Plan::Subclusters {
             cluster_host,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
 
-use super::allocation::{Allocation, Merged};
+use super::allocation::{MergedWrite, SharedAllocation};
 use super::corrupt;
 use super::driver::Qcow2Driver;
 use super::in_place::Writing;
@@ -23,6 +23,7 @@ use super::mapping::{COPIED, OFFSET_MASK, decode_l1, decode_l2, is_writable_in_p
 use super::metadata::{Metadata, writable};
 use super::offsets::{GuestOffset, HostOffset};
 use super::overlap;
+use super::refuse_read_only;
 use crate::buffer::IoBuffer;
 
 /// What the first cluster of a write step needs.
@@ -36,7 +37,7 @@ enum Step<'a> {
         count: u64,
         len: u64,
         l2: HostOffset,
-        allocation: Arc<Allocation>,
+        allocation: Arc<SharedAllocation>,
     },
     /// `len` bytes were merged into an in-flight allocation, which wrote and linked them.
     Merged { len: u64 },
@@ -84,7 +85,7 @@ impl Qcow2Driver {
                 };
                 let at = guest.0 - in_flight.first * geometry.cluster_size();
                 let len = len.min(in_flight.count * geometry.cluster_size() - at);
-                merged.push(Merged { at, data: gather(bufs, start as usize, len as usize) });
+                merged.push(MergedWrite { at, data: gather(bufs, start as usize, len as usize) });
                 if allocation.wait_outcome(co, &mut meta) {
                     break Step::Merged { len };
                 }
@@ -182,7 +183,7 @@ impl Qcow2Driver {
         };
         let file = self.file.node();
         let host = meta.allocate(co, &file, count, &guest)?;
-        let allocation = Allocation::new();
+        let allocation = SharedAllocation::new();
         let merging = takes_merges(in_cluster, len, count * cluster_size);
         meta.start_allocation(cluster.0, count, allocation.clone(), merging);
         Ok(Step::Allocated { host, count, len, l2, allocation })
@@ -250,7 +251,7 @@ impl Qcow2Driver {
         len: u64,
         host: HostOffset,
         count: u64,
-        allocation: &Arc<Allocation>,
+        allocation: &Arc<SharedAllocation>,
     ) -> io::Result<()> {
         let geometry = self.header.geometry;
         let in_cluster = geometry.offset_in_cluster(guest);
@@ -320,11 +321,6 @@ impl Qcow2Driver {
         meta.set_l2_entries(l2, index, count as usize, |n| (host.0 + n * cluster_size) | COPIED);
         Ok(())
     }
-}
-
-/// The error of a write to an image opened read-only.
-pub(super) fn refuse_read_only() -> io::Error {
-    io::Error::new(io::ErrorKind::PermissionDenied, "qcow2: the image is open read-only")
 }
 
 /// Whether an allocation of `total` bytes whose own request covers `len` bytes from

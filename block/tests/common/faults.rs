@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use aiocoro::coroutine::Co;
 use aiocoro_block::graph::NodeId;
 use aiocoro_block::qcow2::{CacheSizes, Header, Qcow2Driver};
-use aiocoro_block::{Alignment, BlockDriver, BlockGraph, BlockNode, Child, ChildRole};
+use aiocoro_block::{BlockDriver, BlockGraph, BlockNode, Child, ChildLabel};
 
 /// What a [`FaultFilter`] fails, shared with the test that made it.
 #[derive(Default)]
-pub struct Faults {
+pub(crate) struct Faults {
     /// A byte whose next write arms one flush failure: the first flush after that write
     /// fails.
     trigger: Mutex<Option<u64>>,
@@ -28,22 +28,22 @@ pub struct Faults {
 impl Faults {
     /// Fails the first flush after the next write that touches byte `at` (as a transient
     /// `fdatasync` EIO does: the written bytes stay in the child).
-    pub fn fail_flush_after_write_to(&self, at: u64) {
+    pub(crate) fn fail_flush_after_write_to(&self, at: u64) {
         *self.trigger.lock().unwrap() = Some(at);
     }
 
     /// Fails the next `count` flushes.
-    pub fn fail_next_flushes(&self, count: u64) {
+    pub(crate) fn fail_next_flushes(&self, count: u64) {
         self.flushes_to_fail.store(count, Ordering::SeqCst);
     }
 
     /// Fails the next write that touches byte `at`, which then writes nothing.
-    pub fn fail_next_write_to(&self, at: u64) {
+    pub(crate) fn fail_next_write_to(&self, at: u64) {
         *self.failing_write.lock().unwrap() = Some(at);
     }
 
     /// How many flushes failed on purpose.
-    pub fn failed_flushes(&self) -> u64 {
+    pub(crate) fn failed_flushes(&self) -> u64 {
         self.failed_flushes.load(Ordering::SeqCst)
     }
 
@@ -74,7 +74,7 @@ impl Faults {
 }
 
 /// A filter over its `file` child that fails the flushes and writes its [`Faults`] say.
-pub struct FaultFilter {
+pub(crate) struct FaultFilter {
     child: Child,
     faults: Arc<Faults>,
 }
@@ -82,10 +82,6 @@ pub struct FaultFilter {
 impl BlockDriver for FaultFilter {
     fn format_name(&self) -> &'static str {
         "fault-filter"
-    }
-
-    fn alignment(&self) -> Alignment {
-        self.child.node().alignment()
     }
 
     fn length(&self, co: &Co) -> io::Result<u64> {
@@ -119,7 +115,7 @@ impl BlockDriver for FaultFilter {
 }
 
 /// Opens the file at `path` with a [`FaultFilter`] (node `faults`) over it, in `graph`.
-pub fn open_faulty_file(
+pub(crate) fn open_faulty_file(
     co: &Co,
     graph: &BlockGraph,
     path: &std::path::Path,
@@ -130,7 +126,7 @@ pub fn open_faulty_file(
     let filter_faults = faults.clone();
     let (id, node) = graph
         .add_node_with(|edges| {
-            let child = edges.attach(ChildRole::File, file_id)?;
+            let child = edges.attach(ChildLabel::filtered_file(), file_id)?;
             BlockNode::new(co, "faults", FaultFilter { child, faults: filter_faults }, false)
         })
         .unwrap();
@@ -138,7 +134,7 @@ pub fn open_faulty_file(
 }
 
 /// Opens the qcow2 image at `path` read-write (node `image`) over a [`FaultFilter`].
-pub fn open_faulty_qcow2(
+pub(crate) fn open_faulty_qcow2(
     co: &Co,
     graph: &BlockGraph,
     path: &std::path::Path,
@@ -147,7 +143,7 @@ pub fn open_faulty_qcow2(
     let header = Header::read(co, &filter).unwrap();
     let (_, node) = graph
         .add_node_with(|edges| {
-            let file = edges.attach(ChildRole::File, filter_id)?;
+            let file = edges.attach(ChildLabel::image_file(), filter_id)?;
             let driver = Qcow2Driver::open(co, file, None, header, CacheSizes::default())?;
             BlockNode::new(co, "image", driver, false)
         })

@@ -1,7 +1,7 @@
 //! Helpers shared by the block layer's integration tests. Each test binary uses a part.
 #![allow(dead_code)]
 
-pub mod faults;
+pub(crate) mod faults;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
@@ -14,17 +14,17 @@ use aiocoro_block::{BlockDriver, BlockNode};
 
 /// How long a test waits for something that must happen before it calls it a hang. Only
 /// turns a deadlock into a failure; no test asserts how long anything takes.
-pub const HANG: Duration = Duration::from_secs(120);
+pub(crate) const HANG: Duration = Duration::from_secs(120);
 
 /// A file in the temporary directory with a name unique to this process and call, removed
 /// when dropped.
-pub struct TempFile {
+pub(crate) struct TempFile {
     path: PathBuf,
 }
 
 impl TempFile {
     /// A new file holding `contents`.
-    pub fn with_contents(what: &str, contents: &[u8]) -> TempFile {
+    pub(crate) fn with_contents(what: &str, contents: &[u8]) -> TempFile {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let name = format!(
             "aiocoro-block-test-{}-{what}-{}",
@@ -37,22 +37,22 @@ impl TempFile {
     }
 
     /// A new file of `len` bytes, all holes (a sparse file).
-    pub fn sparse(what: &str, len: u64) -> TempFile {
+    pub(crate) fn sparse(what: &str, len: u64) -> TempFile {
         let file = TempFile::with_contents(what, &[]);
         std::fs::OpenOptions::new().write(true).open(&file.path).unwrap().set_len(len).unwrap();
         file
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// The path as options spell it.
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.path.display().to_string()
     }
 
-    pub fn contents(&self) -> Vec<u8> {
+    pub(crate) fn contents(&self) -> Vec<u8> {
         std::fs::read(&self.path).unwrap()
     }
 }
@@ -64,13 +64,13 @@ impl Drop for TempFile {
 }
 
 /// A byte pattern that differs at every offset of a file (so a misplaced byte shows).
-pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+pub(crate) fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u64).wrapping_mul(31).wrapping_add(i as u64 >> 9) as u8 ^ seed).collect()
 }
 
 /// Polls `condition` (sleeping between tries) until it holds; panics naming `what` after
 /// [`HANG`].
-pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
     while !condition() {
         assert!(start.elapsed() < HANG, "waited {HANG:?} for {what}: a hang");
@@ -80,7 +80,7 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 
 /// What a [`TestDriver`] saw, shared with the test that made it.
 #[derive(Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     /// Requests that entered the driver (every kind).
     pub entered: AtomicU64,
     /// Requests that left it (however they ended).
@@ -90,15 +90,15 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub fn entered(&self) -> u64 {
+    pub(crate) fn entered(&self) -> u64 {
         self.entered.load(Ordering::SeqCst)
     }
 
-    pub fn left(&self) -> u64 {
+    pub(crate) fn left(&self) -> u64 {
         self.left.load(Ordering::SeqCst)
     }
 
-    pub fn failed(&self) -> u64 {
+    pub(crate) fn failed(&self) -> u64 {
         self.failed.load(Ordering::SeqCst)
     }
 }
@@ -107,7 +107,7 @@ impl Counters {
 /// it, so that the test can run other requests while that one is in the middle of the
 /// driver, whatever the timing.
 #[derive(Default)]
-pub struct Gate {
+pub(crate) struct Gate {
     /// The byte whose next request is held, once armed.
     at: Mutex<Option<u64>>,
     holding: AtomicBool,
@@ -116,17 +116,17 @@ pub struct Gate {
 
 impl Gate {
     /// Holds the next request that touches byte `at`.
-    pub fn arm(&self, at: u64) {
+    pub(crate) fn arm(&self, at: u64) {
         *self.at.lock().unwrap() = Some(at);
     }
 
     /// Whether a request is being held.
-    pub fn is_holding(&self) -> bool {
+    pub(crate) fn is_holding(&self) -> bool {
         self.holding.load(Ordering::SeqCst)
     }
 
     /// Lets the held request go on.
-    pub fn open(&self) {
+    pub(crate) fn open(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
 
@@ -151,7 +151,7 @@ impl Gate {
 /// overlap), fails with EIO every request whose range touches the byte at `fail_at`, and
 /// holds one request at its `gate`. Writes past the end grow it, and it can be truncated,
 /// as a file can.
-pub struct TestDriver {
+pub(crate) struct TestDriver {
     data: Arc<Mutex<Vec<u8>>>,
     pub counters: Arc<Counters>,
     /// The byte whose requests fail.
@@ -163,7 +163,7 @@ pub struct TestDriver {
 }
 
 impl TestDriver {
-    pub fn new(len: usize) -> TestDriver {
+    pub(crate) fn new(len: usize) -> TestDriver {
         TestDriver {
             data: Arc::new(Mutex::new(vec![0; len])),
             counters: Arc::default(),
@@ -174,19 +174,19 @@ impl TestDriver {
     }
 
     /// A driver holding a copy of `bytes`.
-    pub fn with_contents(bytes: &[u8]) -> TestDriver {
+    pub(crate) fn with_contents(bytes: &[u8]) -> TestDriver {
         let driver = TestDriver::new(0);
         driver.data.lock().unwrap().extend_from_slice(bytes);
         driver
     }
 
     /// The driver's bytes, shared: they stay readable after the driver went into a node.
-    pub fn data(&self) -> Arc<Mutex<Vec<u8>>> {
+    pub(crate) fn data(&self) -> Arc<Mutex<Vec<u8>>> {
         self.data.clone()
     }
 
     /// Opens the driver as a node named `name`.
-    pub fn into_node(self, co: &Co, name: &str) -> BlockNode {
+    pub(crate) fn into_node(self, co: &Co, name: &str) -> BlockNode {
         BlockNode::new(co, name, self, false).unwrap()
     }
 

@@ -11,19 +11,19 @@ use aiocoro_block::qcow2::{CreateOptions, create_file};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, run_in_coroutine};
 
 /// A scratch directory, removed on drop.
-pub struct Scratch {
+pub(crate) struct Scratch {
     pub dir: PathBuf,
 }
 
 impl Scratch {
-    pub fn new(name: &str) -> Scratch {
+    pub(crate) fn new(name: &str) -> Scratch {
         let dir = std::env::temp_dir().join(format!("aiocoro-qcow2-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Scratch { dir }
     }
 
-    pub fn path(&self, file: &str) -> PathBuf {
+    pub(crate) fn path(&self, file: &str) -> PathBuf {
         self.dir.join(file)
     }
 }
@@ -36,7 +36,7 @@ impl Drop for Scratch {
 
 /// Runs `program` with `args`, panicking with its output unless it succeeds. A missing
 /// program fails the test: these tests are not skipped.
-pub fn run(program: &str, args: &[&str]) -> String {
+pub(crate) fn run(program: &str, args: &[&str]) -> String {
     let output = Command::new(program).args(args).output().unwrap_or_else(|error| {
         panic!(
             "cannot run {program} ({error}): the qcow2 interop tests need QEMU's tools; \
@@ -54,18 +54,18 @@ pub fn run(program: &str, args: &[&str]) -> String {
 }
 
 /// `qemu-img ARGS`.
-pub fn qemu_img(args: &[&str]) -> String {
+pub(crate) fn qemu_img(args: &[&str]) -> String {
     run("qemu-img", args)
 }
 
 /// `qemu-img create -q -f qcow2 [-o OPTIONS] IMAGE SIZE` (no `-o` for empty options).
-pub fn create_qcow2(image: &str, options: &str, size: &str) {
+pub(crate) fn create_qcow2(image: &str, options: &str, size: &str) {
     create_qcow2_with(image, options, &[], size);
 }
 
 /// `qemu-img create` of a qcow2 `image` over `backing` (named as the header will store it)
 /// of format `backing_format`.
-pub fn create_qcow2_over(
+pub(crate) fn create_qcow2_over(
     image: &str,
     options: &str,
     backing: &str,
@@ -86,14 +86,14 @@ fn create_qcow2_with(image: &str, options: &str, extra: &[&str], size: &str) {
 }
 
 /// Creates the qcow2 `image` with our own `create_file`.
-pub fn create_ours(image: &Path, options: CreateOptions) {
+pub(crate) fn create_ours(image: &Path, options: CreateOptions) {
     let image = image.to_path_buf();
     run_in_coroutine(move |co| create_file(co, &image, &options)).unwrap().unwrap();
 }
 
 /// `qemu-img convert -c -f raw -O qcow2 [-o OPTIONS] RAW IMAGE`: a compressed copy (no `-o`
 /// for empty options).
-pub fn compress_to_qcow2(raw: &str, image: &str, options: &str) {
+pub(crate) fn compress_to_qcow2(raw: &str, image: &str, options: &str) {
     let mut args = vec!["convert", "-c", "-f", "raw", "-O", "qcow2"];
     if !options.is_empty() {
         args.extend(["-o", options]);
@@ -103,7 +103,7 @@ pub fn compress_to_qcow2(raw: &str, image: &str, options: &str) {
 }
 
 /// `qemu-io -f FORMAT FILE -c CMD ...`.
-pub fn qemu_io(format: &str, file: &Path, commands: &[&str]) {
+pub(crate) fn qemu_io(format: &str, file: &Path, commands: &[&str]) {
     let file = file.to_str().unwrap();
     let mut args = vec!["-f", format, file];
     for command in commands {
@@ -114,7 +114,7 @@ pub fn qemu_io(format: &str, file: &Path, commands: &[&str]) {
 }
 
 /// `qemu-img convert -O raw` of `image` (any format, backing chain included), read back.
-pub fn qemu_raw(image: &Path) -> Vec<u8> {
+pub(crate) fn qemu_raw(image: &Path) -> Vec<u8> {
     let out = image.with_extension("qemu.raw");
     qemu_img(&["convert", "-O", "raw", image.to_str().unwrap(), out.to_str().unwrap()]);
     let bytes = std::fs::read(&out).unwrap();
@@ -123,7 +123,7 @@ pub fn qemu_raw(image: &Path) -> Vec<u8> {
 }
 
 /// Opens `options` and runs `body` on a backend of it, in a coroutine.
-pub fn with_image<R: 'static>(
+pub(crate) fn with_image<R: 'static>(
     options: &str,
     body: impl FnOnce(&aiocoro::coroutine::Co, &BlockBackend) -> io::Result<R> + 'static,
 ) -> io::Result<R> {
@@ -136,12 +136,12 @@ pub fn with_image<R: 'static>(
 }
 
 /// The options that open `image` as qcow2, read-only.
-pub fn qcow2_options(image: &Path) -> String {
+pub(crate) fn qcow2_options(image: &Path) -> String {
     format!("driver=qcow2,read-only=on,file.filename={}", image.display())
 }
 
 /// Every guest byte of the qcow2 `image`, read through our driver in `chunk`-byte reads.
-pub fn read_ours(image: &Path, chunk: usize) -> io::Result<Vec<u8>> {
+pub(crate) fn read_ours(image: &Path, chunk: usize) -> io::Result<Vec<u8>> {
     with_image(&qcow2_options(image), move |co, blk| {
         let len = blk.length() as usize;
         let mut all = vec![0u8; len];
@@ -153,7 +153,7 @@ pub fn read_ours(image: &Path, chunk: usize) -> io::Result<Vec<u8>> {
 }
 
 /// Our block status over the whole image: `(offset, len, allocation)` runs, merged.
-pub fn status_ours(image: &Path) -> io::Result<Vec<(u64, u64, Allocation)>> {
+pub(crate) fn status_ours(image: &Path) -> io::Result<Vec<(u64, u64, Allocation)>> {
     with_image(&qcow2_options(image), |co, blk| {
         let len = blk.length();
         let mut runs: Vec<(u64, u64, Allocation)> = Vec::new();
@@ -173,7 +173,7 @@ pub fn status_ours(image: &Path) -> io::Result<Vec<(u64, u64, Allocation)>> {
 }
 
 /// Asserts two images' bytes are equal, naming the first difference.
-pub fn assert_same_bytes(ours: &[u8], theirs: &[u8], what: &str) {
+pub(crate) fn assert_same_bytes(ours: &[u8], theirs: &[u8], what: &str) {
     assert_eq!(ours.len(), theirs.len(), "{what}: lengths differ");
     if let Some(at) = ours.iter().zip(theirs).position(|(a, b)| a != b) {
         panic!(
@@ -184,14 +184,14 @@ pub fn assert_same_bytes(ours: &[u8], theirs: &[u8], what: &str) {
 }
 
 /// Overwrites `bytes` at `offset` of the file at `path`.
-pub fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+pub(crate) fn poke(path: &Path, offset: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     file.write_all_at(bytes, offset).unwrap();
 }
 
 /// Reads `len` bytes at `offset` of the file at `path`.
-pub fn peek(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+pub(crate) fn peek(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(path).unwrap();
     let mut bytes = vec![0u8; len];
@@ -200,19 +200,19 @@ pub fn peek(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 }
 
 /// A big-endian u64 of the file at `path`.
-pub fn peek_u64(path: &Path, offset: u64) -> u64 {
+pub(crate) fn peek_u64(path: &Path, offset: u64) -> u64 {
     u64::from_be_bytes(peek(path, offset, 8).try_into().unwrap())
 }
 
 /// The host offset of L2 entry `index` of the first L2 table of the qcow2 `image`.
-pub fn l2_entry_at(image: &Path, index: u64) -> u64 {
+pub(crate) fn l2_entry_at(image: &Path, index: u64) -> u64 {
     let l1 = peek_u64(image, 40);
     let l2 = peek_u64(image, l1) & 0x00ff_ffff_ffff_fe00;
     l2 + 8 * index
 }
 
 /// The error of opening and reading all of `image` through our driver.
-pub fn open_error(image: &Path) -> io::Error {
+pub(crate) fn open_error(image: &Path) -> io::Error {
     match read_ours(image, 1 << 20) {
         Ok(_) => panic!("{} opened and read without an error", image.display()),
         Err(error) => error,
@@ -220,12 +220,12 @@ pub fn open_error(image: &Path) -> io::Error {
 }
 
 /// `qemu-img check`: succeeds only with no errors and no leaks (exit status 0).
-pub fn qemu_check(image: &Path) {
+pub(crate) fn qemu_check(image: &Path) {
     qemu_img(&["check", image.to_str().unwrap()]);
 }
 
 /// `qemu-img check`'s exit status: 0 clean, 2 errors (corruption), 3 only leaks.
-pub fn check_status(image: &Path) -> (i32, String) {
+pub(crate) fn check_status(image: &Path) -> (i32, String) {
     let output = std::process::Command::new("qemu-img")
         .args(["check", image.to_str().unwrap()])
         .output()
@@ -236,7 +236,7 @@ pub fn check_status(image: &Path) -> (i32, String) {
 }
 
 /// `qemu-img compare` of the qcow2 `image` (backing chain included) with the raw `shadow`.
-pub fn qemu_compare(image: &Path, shadow: &Path) {
+pub(crate) fn qemu_compare(image: &Path, shadow: &Path) {
     let out = qemu_img(&[
         "compare",
         "-f",
@@ -250,22 +250,22 @@ pub fn qemu_compare(image: &Path, shadow: &Path) {
 }
 
 /// The options that open `image` as qcow2, read-write.
-pub fn qcow2_rw_options(image: &Path) -> String {
+pub(crate) fn qcow2_rw_options(image: &Path) -> String {
     format!("driver=qcow2,file.filename={}", image.display())
 }
 
 /// A small deterministic generator (xorshift) for write patterns.
-pub struct Rng(pub u64);
+pub(crate) struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
 
-    pub fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
@@ -273,7 +273,7 @@ impl Rng {
 /// Waits (up to a minute) until no process holds a lock on `path` (`/proc/locks`). A killed
 /// process's image locks can outlive it briefly: the kernel drops the files of its io_uring
 /// requests in the background after the process is gone.
-pub fn wait_until_unlocked(path: &Path) {
+pub(crate) fn wait_until_unlocked(path: &Path) {
     use std::os::unix::fs::MetadataExt;
     let inode = format!(":{} ", std::fs::metadata(path).unwrap().ino());
     let start = std::time::Instant::now();

@@ -13,7 +13,7 @@ use super::Server;
 const COOKIE: u64 = 0x1234_5678_9abc_def0;
 
 /// The bytes of a request (header and `payload`).
-pub fn request_bytes(
+pub(crate) fn request_bytes(
     command: u16,
     flags: u16,
     cookie: u64,
@@ -32,15 +32,15 @@ pub fn request_bytes(
 }
 
 /// The export size of the tests' images.
-pub const SIZE: u64 = 1 << 20;
+pub(crate) const SIZE: u64 = 1 << 20;
 
 /// A client speaking the wire protocol by hand.
-pub struct Client {
+pub(crate) struct Client {
     pub stream: UnixStream,
 }
 
 /// One option reply.
-pub struct OptionReply {
+pub(crate) struct OptionReply {
     /// The option answered.
     pub option: u32,
     /// The reply type.
@@ -51,7 +51,7 @@ pub struct OptionReply {
 
 impl Client {
     /// Connects and reads the greeting, checking it.
-    pub fn connect(server: &Server) -> Client {
+    pub(crate) fn connect(server: &Server) -> Client {
         let stream = UnixStream::connect(&server.socket).expect("connect to the server");
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut client = Client { stream };
@@ -64,7 +64,7 @@ impl Client {
     }
 
     /// Connects and sends the client flags `flags`.
-    pub fn with_flags(server: &Server, flags: u32) -> Client {
+    pub(crate) fn with_flags(server: &Server, flags: u32) -> Client {
         let mut client = Client::connect(server);
         client.send(&flags.to_be_bytes());
         client
@@ -72,7 +72,7 @@ impl Client {
 
     /// Connects with fixed newstyle and `NO_ZEROES`, and enters transmission with `GO`;
     /// returns the client and the transmission flags. The export must be [`SIZE`] bytes.
-    pub fn transmission(server: &Server) -> (Client, u16) {
+    pub(crate) fn transmission(server: &Server) -> (Client, u16) {
         let (client, size, flags) = Client::go(server);
         assert_eq!(size, SIZE, "the export's size");
         (client, flags)
@@ -80,7 +80,7 @@ impl Client {
 
     /// As [`Client::transmission`] for an export of any size; returns the client, the
     /// export's size and the transmission flags.
-    pub fn go(server: &Server) -> (Client, u64, u16) {
+    pub(crate) fn go(server: &Server) -> (Client, u64, u16) {
         let mut client =
             Client::with_flags(server, wire::CLIENT_FIXED_NEWSTYLE | wire::CLIENT_NO_ZEROES);
         let mut go = 0u32.to_be_bytes().to_vec();
@@ -104,18 +104,18 @@ impl Client {
         (client, size, flags)
     }
 
-    pub fn send(&mut self, bytes: &[u8]) {
+    pub(crate) fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("send to the server");
     }
 
-    pub fn read(&mut self, len: usize) -> Vec<u8> {
+    pub(crate) fn read(&mut self, len: usize) -> Vec<u8> {
         let mut bytes = vec![0; len];
         self.stream.read_exact(&mut bytes).expect("read from the server");
         bytes
     }
 
     /// Whether the server closed the connection (an end of file, or a reset).
-    pub fn is_closed(&mut self) -> bool {
+    pub(crate) fn is_closed(&mut self) -> bool {
         let mut byte = [0u8; 1];
         match self.stream.read(&mut byte) {
             Ok(0) => true,
@@ -124,7 +124,7 @@ impl Client {
         }
     }
 
-    pub fn option(&mut self, option: u32, data: &[u8]) {
+    pub(crate) fn option(&mut self, option: u32, data: &[u8]) {
         let mut message = wire::OPTION_MAGIC.to_be_bytes().to_vec();
         message.extend_from_slice(&option.to_be_bytes());
         message.extend_from_slice(&(data.len() as u32).to_be_bytes());
@@ -132,7 +132,7 @@ impl Client {
         self.send(&message);
     }
 
-    pub fn option_reply(&mut self) -> OptionReply {
+    pub(crate) fn option_reply(&mut self) -> OptionReply {
         let header = self.read(20);
         assert_eq!(header[0..8], wire::OPTION_REPLY_MAGIC.to_be_bytes());
         let word = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().unwrap());
@@ -141,12 +141,19 @@ impl Client {
     }
 
     /// Sends a request header (and `payload`) with the tests' usual cookie.
-    pub fn request(&mut self, command: u16, flags: u16, offset: u64, length: u32, payload: &[u8]) {
+    pub(crate) fn request(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
         self.send(&request_bytes(command, flags, COOKIE, offset, length, payload));
     }
 
     /// Reads a simple reply; returns its error value.
-    pub fn reply(&mut self) -> u32 {
+    pub(crate) fn reply(&mut self) -> u32 {
         let reply = self.read(16);
         assert_eq!(reply[0..4], wire::SIMPLE_REPLY_MAGIC.to_be_bytes());
         assert_eq!(reply[8..16], COOKIE.to_be_bytes(), "cookie echoed");
@@ -154,7 +161,7 @@ impl Client {
     }
 
     /// Reads a simple reply to any request; returns its error value and cookie.
-    pub fn any_reply(&mut self) -> (u32, u64) {
+    pub(crate) fn any_reply(&mut self) -> (u32, u64) {
         let reply = self.read(16);
         assert_eq!(reply[0..4], wire::SIMPLE_REPLY_MAGIC.to_be_bytes());
         let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
@@ -162,19 +169,19 @@ impl Client {
     }
 
     /// A request without payload; returns the reply's error value.
-    pub fn command(&mut self, command: u16, flags: u16, offset: u64, length: u32) -> u32 {
+    pub(crate) fn command(&mut self, command: u16, flags: u16, offset: u64, length: u32) -> u32 {
         self.request(command, flags, offset, length, &[]);
         self.reply()
     }
 
     /// Writes `data` at `offset`; returns the error value.
-    pub fn write(&mut self, flags: u16, offset: u64, data: &[u8]) -> u32 {
+    pub(crate) fn write(&mut self, flags: u16, offset: u64, data: &[u8]) -> u32 {
         self.request(wire::CMD_WRITE, flags, offset, data.len() as u32, data);
         self.reply()
     }
 
     /// Reads `length` bytes at `offset`, which must succeed.
-    pub fn read_data(&mut self, offset: u64, length: u32) -> Vec<u8> {
+    pub(crate) fn read_data(&mut self, offset: u64, length: u32) -> Vec<u8> {
         assert_eq!(self.command(wire::CMD_READ, 0, offset, length), 0, "read at {offset}");
         self.read(length as usize)
     }

@@ -2,14 +2,14 @@
 
 #![allow(dead_code)] // Each test file uses its own part of this module.
 
-pub mod client;
+pub(crate) mod client;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 /// A directory for one test, removed with what it holds when dropped.
-pub struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl std::ops::Deref for TempDir {
     type Target = Path;
@@ -26,7 +26,7 @@ impl Drop for TempDir {
 }
 
 /// A fresh directory for one test.
-pub fn temp_dir(name: &str) -> TempDir {
+pub(crate) fn temp_dir(name: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!("aiocoro-nbd-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create the test directory");
@@ -34,7 +34,7 @@ pub fn temp_dir(name: &str) -> TempDir {
 }
 
 /// Runs `program` with `args`; panics naming the command if it cannot start.
-pub fn run(program: &str, args: &[&str]) -> Output {
+pub(crate) fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program)
         .args(args)
         .output()
@@ -42,7 +42,7 @@ pub fn run(program: &str, args: &[&str]) -> Output {
 }
 
 /// Runs `program` with `args` and panics with its output unless it succeeds; returns stdout.
-pub fn run_ok(program: &str, args: &[&str]) -> String {
+pub(crate) fn run_ok(program: &str, args: &[&str]) -> String {
     let output = run(program, args);
     assert!(
         output.status.success(),
@@ -54,14 +54,14 @@ pub fn run_ok(program: &str, args: &[&str]) -> String {
 }
 
 /// A new qcow2 image of `size` (qemu-img's spelling) in `dir`.
-pub fn qcow2_image(dir: &Path, size: &str) -> PathBuf {
+pub(crate) fn qcow2_image(dir: &Path, size: &str) -> PathBuf {
     let image = dir.join("disk.qcow2");
     run_ok("qemu-img", &["create", "-q", "-f", "qcow2", image.to_str().unwrap(), size]);
     image
 }
 
 /// A running server, killed when dropped.
-pub struct Server {
+pub(crate) struct Server {
     child: Option<Child>,
     /// The Unix socket it listens on (empty for TCP).
     pub socket: PathBuf,
@@ -72,7 +72,7 @@ pub struct Server {
 impl Server {
     /// Starts `aiocoro-nbd -k <dir>/nbd.sock --pid-file <dir>/nbd.pid ARGS IMAGE` and waits
     /// until it listens (its pid file is written after the socket is bound).
-    pub fn start(dir: &Path, image: &Path, args: &[&str]) -> Server {
+    pub(crate) fn start(dir: &Path, image: &Path, args: &[&str]) -> Server {
         let socket = dir.join("nbd.sock");
         let listen = ["-k".to_owned(), socket.to_str().expect("a UTF-8 path").to_owned()];
         Server::spawn(dir, image, &listen, args, socket, None)
@@ -80,7 +80,7 @@ impl Server {
 
     /// As [`Server::start`], with the server's standard error going to `<dir>/server.log`
     /// (see [`Server::log`]).
-    pub fn start_logged(dir: &Path, image: &Path, args: &[&str]) -> Server {
+    pub(crate) fn start_logged(dir: &Path, image: &Path, args: &[&str]) -> Server {
         let socket = dir.join("nbd.sock");
         let listen = ["-k".to_owned(), socket.to_str().expect("a UTF-8 path").to_owned()];
         Server::spawn(dir, image, &listen, args, socket, Some(dir.join("server.log")))
@@ -88,7 +88,7 @@ impl Server {
 
     /// As [`Server::start`] but on TCP at 127.0.0.1; returns the port too. The port is one
     /// the system just handed out and took back, so another process could take it first.
-    pub fn start_tcp(dir: &Path, image: &Path, args: &[&str]) -> (Server, u16) {
+    pub(crate) fn start_tcp(dir: &Path, image: &Path, args: &[&str]) -> (Server, u16) {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let listen = ["-b", "127.0.0.1", "-p", &port.to_string()].map(str::to_owned);
         (Server::spawn(dir, image, &listen, args, PathBuf::new(), None), port)
@@ -123,34 +123,34 @@ impl Server {
     }
 
     /// The URL of export `name` for QEMU's tools.
-    pub fn url(&self, name: &str) -> String {
+    pub(crate) fn url(&self, name: &str) -> String {
         format!("nbd+unix:///{name}?socket={}", self.socket.display())
     }
 
     /// Sends the server `signal` (a name `kill` knows, such as `TERM`).
-    pub fn signal(&mut self, signal: &str) {
+    pub(crate) fn signal(&mut self, signal: &str) {
         let pid = self.child().id().to_string();
         run_ok("kill", &[&format!("-{signal}"), &pid]);
     }
 
     /// The server's process id.
-    pub fn pid(&mut self) -> u32 {
+    pub(crate) fn pid(&mut self) -> u32 {
         self.child().id()
     }
 
     /// What the server wrote to standard error so far (started by [`Server::start_logged`]).
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         let log = self.log.as_ref().expect("the server was started with a log");
         std::fs::read_to_string(log).expect("read the server log")
     }
 
     /// Whether the server is still running.
-    pub fn is_running(&mut self) -> bool {
+    pub(crate) fn is_running(&mut self) -> bool {
         self.child().try_wait().expect("poll the server").is_none()
     }
 
     /// Waits for the server to exit by itself (at most 20 s) and returns its status.
-    pub fn wait_exit(mut self) -> ExitStatus {
+    pub(crate) fn wait_exit(mut self) -> ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child().try_wait().expect("poll the server") {

@@ -9,7 +9,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 const FIRST_FD: RawFd = 3;
 
 /// Whether this process was socket-activated: `LISTEN_PID` names it and `LISTEN_FDS` is set.
-pub fn requested() -> bool {
+pub(crate) fn requested() -> bool {
     std::env::var("LISTEN_PID").is_ok_and(|pid| pid.trim() == std::process::id().to_string())
         && std::env::var_os("LISTEN_FDS").is_some()
 }
@@ -20,7 +20,7 @@ pub fn requested() -> bool {
 /// # Errors
 ///
 /// `LISTEN_FDS` is not `1` (one export, one socket), or descriptor 3 is not a socket.
-pub fn take_listener() -> io::Result<OwnedFd> {
+pub(crate) fn take_listener() -> io::Result<OwnedFd> {
     let count = std::env::var("LISTEN_FDS").unwrap_or_default();
     if count.trim() != "1" {
         return Err(io::Error::new(

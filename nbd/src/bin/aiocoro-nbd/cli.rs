@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 /// The text of `--help`.
-pub const HELP: &str = "\
+pub(crate) const HELP: &str = "\
 Usage: aiocoro-nbd [OPTIONS] FILE
 Serve FILE (a qcow2 or raw image) over NBD, each connection on one of N IoThreads,
 all through one block backend.
@@ -40,7 +40,7 @@ standard error. TLS (--tls-creds) is out of scope: serve on a Unix socket or a t
 
 /// What the command line asks for.
 #[derive(Debug)]
-pub struct Options {
+pub(crate) struct Options {
     /// The image to serve: a file name, or with `image_opts` its node options.
     pub image: String,
     /// `image` is a list of node options (`--image-opts`).
@@ -76,7 +76,7 @@ pub struct Options {
 }
 
 /// The result of parsing: options to run with, or a request for the help text.
-pub enum Parsed {
+pub(crate) enum Parsed {
     /// Serve with these options.
     Run(Box<Options>),
     /// Print [`HELP`] and exit successfully.
@@ -84,7 +84,7 @@ pub enum Parsed {
 }
 
 /// Parses the arguments (without the program name); an error says which argument is wrong.
-pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
+pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
     let mut options = Options {
         image: String::new(),
         image_opts: false,

@@ -3,7 +3,7 @@
 
 /// Raises the soft limit on open descriptors to the hard limit; if that fails the server
 /// runs with the old limit (and refuses connections past it, as `accept` fails).
-pub fn raise_limit() {
+pub(crate) fn raise_limit() {
     // SAFETY: rlimit is plain data, valid when zeroed.
     let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
     // SAFETY: `limit` is a valid out pointer for RLIMIT_NOFILE.

@@ -14,7 +14,7 @@ use aiocoro_nbd::{Export, serve_connection};
 use crate::socket_buffers;
 
 /// A listening socket.
-pub enum Listener {
+pub(crate) enum Listener {
     /// TCP.
     Tcp(TcpListener),
     /// A Unix socket.
@@ -22,7 +22,7 @@ pub enum Listener {
 }
 
 /// One accepted connection.
-pub enum Stream {
+pub(crate) enum Stream {
     /// TCP.
     Tcp(TcpStream),
     /// A Unix socket.
@@ -35,7 +35,7 @@ impl Listener {
     /// # Errors
     ///
     /// If the socket cannot be bound (the error names the address).
-    pub fn bind(path: Option<&PathBuf>, bind: &str, port: u16) -> io::Result<Listener> {
+    pub(crate) fn bind(path: Option<&PathBuf>, bind: &str, port: u16) -> io::Result<Listener> {
         match path {
             Some(path) => UnixListener::bind(path).map(Listener::Unix).map_err(|error| {
                 io::Error::new(error.kind(), format!("{}: {error}", path.display()))
@@ -52,7 +52,7 @@ impl Listener {
     /// # Errors
     ///
     /// If `fd` is not a Unix or TCP socket.
-    pub fn from_activation(fd: OwnedFd) -> io::Result<Listener> {
+    pub(crate) fn from_activation(fd: OwnedFd) -> io::Result<Listener> {
         // SAFETY: sockaddr_storage is plain data, valid when zeroed.
         let mut address: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         let mut length = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -83,7 +83,7 @@ impl Listener {
     /// Waits for the next connection and makes it ready to serve: non-blocking, with large
     /// socket buffers, and for TCP without Nagle's delay (replies go out as soon as they are
     /// written).
-    pub fn accept(&self) -> io::Result<Stream> {
+    pub(crate) fn accept(&self) -> io::Result<Stream> {
         match self {
             Listener::Tcp(listener) => {
                 let (stream, _) = listener.accept()?;
@@ -104,7 +104,7 @@ impl Listener {
 
 impl Stream {
     /// Another handle on the same connection, to shut it down with.
-    pub fn try_clone(&self) -> io::Result<Stream> {
+    pub(crate) fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(stream) => Stream::Tcp(stream.try_clone()?),
             Stream::Unix(stream) => Stream::Unix(stream.try_clone()?),
@@ -113,7 +113,7 @@ impl Stream {
 
     /// Shuts both directions down: the connection's reader sees an end of file, and its
     /// running requests finish (their replies are dropped).
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         // A connection already closed needs nothing.
         let _ = match self {
             Stream::Tcp(stream) => stream.shutdown(std::net::Shutdown::Both),
@@ -122,7 +122,7 @@ impl Stream {
     }
 
     /// Serves the client on this stream (see [`serve_connection`]).
-    pub fn serve(self, co: &Co, export: Arc<Export>) -> io::Result<()> {
+    pub(crate) fn serve(self, co: &Co, export: Arc<Export>) -> io::Result<()> {
         match self {
             Stream::Tcp(stream) => serve_connection(co, stream, export),
             Stream::Unix(stream) => serve_connection(co, stream, export),

@@ -33,7 +33,7 @@ impl Drop for EndNotice {
 }
 
 /// How the server runs.
-pub struct ServePolicy {
+pub(crate) struct ServePolicy {
     /// Keep serving after the last client (`-t`).
     pub persistent: bool,
     /// How many clients are served at once (`-e`); later ones wait, connected.
@@ -48,7 +48,7 @@ pub struct ServePolicy {
 ///
 /// If accepting fails for another reason than one failed connection, or a thread cannot
 /// be started.
-pub fn serve(
+pub(crate) fn serve(
     listener: Listener,
     export: Arc<Export>,
     threads: &[IoThread],

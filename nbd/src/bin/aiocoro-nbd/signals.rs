@@ -5,7 +5,7 @@ use std::io;
 
 /// SIGINT, SIGTERM and SIGUSR1, blocked in the calling thread and in every thread it starts
 /// later.
-pub struct TerminationSignals {
+pub(crate) struct TerminationSignals {
     set: libc::sigset_t,
 }
 
@@ -16,7 +16,7 @@ impl TerminationSignals {
     /// # Errors
     ///
     /// If the signal mask cannot be changed.
-    pub fn block() -> io::Result<TerminationSignals> {
+    pub(crate) fn block() -> io::Result<TerminationSignals> {
         // SAFETY: sigset_t is plain data, and sigemptyset initialises it before any use.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: `set` is a valid, exclusively borrowed sigset_t; the signal numbers are valid.
@@ -40,7 +40,7 @@ impl TerminationSignals {
     /// # Errors
     ///
     /// If the thread cannot be started.
-    pub fn watch(
+    pub(crate) fn watch(
         self,
         on_report: impl Fn() + Send + 'static,
         on_terminate: impl FnOnce() + Send + 'static,

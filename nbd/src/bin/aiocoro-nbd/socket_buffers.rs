@@ -10,7 +10,7 @@ const WANTED: libc::c_int = 4 << 20;
 /// `FORCE` options (which pass the system maximum, for a privileged server), then the plain
 /// ones (capped by `net.core.[rw]mem_max`); a buffer already as large, or one that cannot be
 /// raised, stays as it is (for TCP, the kernel's autotuning then sizes it).
-pub fn enlarge(socket: BorrowedFd<'_>) {
+pub(crate) fn enlarge(socket: BorrowedFd<'_>) {
     for (plain, forced) in
         [(libc::SO_SNDBUF, libc::SO_SNDBUFFORCE), (libc::SO_RCVBUF, libc::SO_RCVBUFFORCE)]
     {

@@ -2,13 +2,20 @@
 //! pure part. Which queued requests go to the kernel together as one `readv` / `writev`
 //! ([`first_run`]), and what each of them gets back from the merged completion ([`split`]).
 //!
-//! The ring (`uring.rs`) owns the queue, the merged iovec arrays and the memory-safety
+//! The ring (`ring.rs`) owns the queue, the merged iovec arrays and the memory-safety
 //! argument; nothing here touches memory or the kernel.
 
 use std::os::fd::RawFd;
 
+/// Requests queued in one round are handed to the kernel as soon as this many wait (QEMU's
+/// `aio-max-batch`), the rest when the context next polls. Batches let the kernel merge
+/// neighbouring requests; several batches in flight keep the device busy meanwhile. 16 did
+/// best for sequential 4 KiB `O_DIRECT` reads at depth 64 on a virtio disk (8: 5% slower,
+/// 64: 15% slower).
+pub(super) const MAX_BATCH: usize = 16;
+
 /// The most requests merged into one: a batch.
-pub(super) const MAX_MEMBERS: usize = super::uring::MAX_BATCH;
+pub(super) const MAX_MEMBERS: usize = MAX_BATCH;
 
 /// The most iovecs one `readv` / `writev` takes (Linux's `UIO_MAXIOV`).
 pub(super) const IOV_MAX: usize = 1024;
@@ -29,7 +36,7 @@ pub(super) enum Kind {
 
 /// What the planner needs to know of a queued read or write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Piece {
+pub(super) struct MergeCandidate {
     pub(super) kind: Kind,
     pub(super) fd: RawFd,
     pub(super) offset: u64,
@@ -42,11 +49,11 @@ pub(super) struct Piece {
 }
 
 /// How many of the queued requests `items`, from the front, go to the kernel as one request:
-/// 1 for a request that goes alone (an item that is not a [`Piece`], such as an fsync, always
+/// 1 for a request that goes alone (an item that is not a [`MergeCandidate`], such as an fsync, always
 /// does), more for a run of neighbours in queue order that are the same kind on the same
 /// descriptor, each starting where the one before ends, with at most [`MAX_MEMBERS`]
 /// requests, [`IOV_MAX`] iovecs and [`MAX_BYTES`] bytes in all. 0 only for no items.
-pub(super) fn first_run<T>(items: &[T], piece: impl Fn(&T) -> Option<Piece>) -> usize {
+pub(super) fn first_run<T>(items: &[T], piece: impl Fn(&T) -> Option<MergeCandidate>) -> usize {
     let Some(first) = items.first().and_then(&piece) else {
         return items.len().min(1);
     };
@@ -80,7 +87,7 @@ pub(super) fn first_run<T>(items: &[T], piece: impl Fn(&T) -> Option<Piece>) -> 
 
 /// What one member of a merged request gets from its completion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Share {
+pub(super) enum MemberResult {
     /// Its whole length moved: this is its result.
     Done(i32),
     /// Not all of it moved (an error, a cancel, a short count): it must go to the kernel
@@ -94,18 +101,18 @@ pub(super) enum Share {
 pub(super) fn split(
     result: i32,
     lens: impl IntoIterator<Item = u64>,
-) -> impl Iterator<Item = Share> {
+) -> impl Iterator<Item = MemberResult> {
     // A negative result covers nothing; after the first member not covered whole, none is.
     let mut left = u64::try_from(result).ok();
     lens.into_iter().map(move |len| match left {
         Some(rest) if len <= rest => {
             left = Some(rest - len);
             // A member's length is at most `MAX_BYTES` (its run's total), so it fits.
-            Share::Done(i32::try_from(len).expect("a merged member longer than MAX_BYTES"))
+            MemberResult::Done(i32::try_from(len).expect("a merged member longer than MAX_BYTES"))
         }
         _ => {
             left = None;
-            Share::Again
+            MemberResult::Again
         }
     })
 }
@@ -114,16 +121,16 @@ pub(super) fn split(
 mod tests {
     use super::*;
 
-    fn read(fd: RawFd, offset: u64, len: u64) -> Option<Piece> {
-        Some(Piece { kind: Kind::Read, fd, offset, len, iovecs: 1, alone: false })
+    fn read(fd: RawFd, offset: u64, len: u64) -> Option<MergeCandidate> {
+        Some(MergeCandidate { kind: Kind::Read, fd, offset, len, iovecs: 1, alone: false })
     }
 
-    fn write(fd: RawFd, offset: u64, len: u64) -> Option<Piece> {
-        Some(Piece { kind: Kind::Write, ..read(fd, offset, len).unwrap() })
+    fn write(fd: RawFd, offset: u64, len: u64) -> Option<MergeCandidate> {
+        Some(MergeCandidate { kind: Kind::Write, ..read(fd, offset, len).unwrap() })
     }
 
     /// The run lengths that cover all of `items`.
-    fn plan(items: &[Option<Piece>]) -> Vec<usize> {
+    fn plan(items: &[Option<MergeCandidate>]) -> Vec<usize> {
         let mut runs = Vec::new();
         let mut rest = items;
         while !rest.is_empty() {
@@ -168,7 +175,7 @@ mod tests {
         let items: Vec<_> = (0..40).map(|i| read(3, i * 4096, 4096)).collect();
         assert_eq!(plan(&items), [MAX_MEMBERS, MAX_MEMBERS, 8]);
         let many = |offset, iovecs| {
-            Some(Piece { kind: Kind::Read, fd: 3, offset, len: 100, iovecs, alone: false })
+            Some(MergeCandidate { kind: Kind::Read, fd: 3, offset, len: 100, iovecs, alone: false })
         };
         let items = [many(0, 1000), many(100, 24), many(200, 1)];
         assert_eq!(plan(&items), [2, 1], "1024 iovecs at most");
@@ -186,7 +193,7 @@ mod tests {
     fn results_are_shared_as_lone_requests_would_get_them() {
         let lens = [4096, 4096, 512];
         let shares = |result| split(result, lens).collect::<Vec<_>>();
-        use Share::{Again, Done};
+        use MemberResult::{Again, Done};
         assert_eq!(shares(8704), [Done(4096), Done(4096), Done(512)]);
         // Short (the end of the file): the members covered whole are done, the others go again.
         assert_eq!(shares(6000), [Done(4096), Again, Again]);
