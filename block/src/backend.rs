@@ -14,6 +14,7 @@ use crate::driver::BlockStatus;
 use crate::error::{Op, RequestError, invalid_input};
 use crate::node::BlockNode;
 use crate::padding;
+use crate::status_above::{ChainStatus, block_status_above};
 
 /// A handle on a block node for submitting requests; `Send + Sync` and cheap to clone, so
 /// that every IoThread submits through the same backend (multiqueue). Each request runs in
@@ -330,6 +331,21 @@ impl BlockBackend {
             return Err(self.refuse(Op::BlockStatus { offset, len }, "an empty range".into()));
         }
         self.run(co, |node| node.block_status(co, offset, len))
+    }
+
+    /// How the range at `offset` reads through the node's backing chain, and from which
+    /// layer (see [`ChainStatus`]): what an NBD server reports for `base:allocation` and
+    /// `qemu:allocation-depth`.
+    ///
+    /// # Errors
+    ///
+    /// A refused request, or a node's error.
+    pub fn block_status_above(&self, co: &Co, offset: u64, len: u64) -> io::Result<ChainStatus> {
+        self.check(Op::BlockStatus { offset, len }, offset, len)?;
+        if len == 0 {
+            return Err(self.refuse(Op::BlockStatus { offset, len }, "an empty range".into()));
+        }
+        self.run(co, |node| block_status_above(co, node, offset, len))
     }
 
     /// Resizes the node to `len` bytes.

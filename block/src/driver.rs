@@ -1,10 +1,12 @@
 //! The driver trait every node of the block graph implements (QEMU's `BlockDriver`).
 
 use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
 
 use crate::buffer::IoBuffer;
+use crate::node::BlockNode;
 
 /// The largest write the default [`BlockDriver::write_zeroes`] makes at once.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -143,6 +145,14 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn block_status(&self, co: &Co, offset: u64, len: u64) -> io::Result<BlockStatus> {
         let _ = (co, offset);
         Ok(BlockStatus { allocation: Allocation::Data, len })
+    }
+
+    /// The node that the ranges [`Allocation::Unallocated`] here read from (QEMU's
+    /// `bdrv_cow_bs`): a format's backing image. `None` by default (the ranges read as
+    /// zeroes). [`BlockBackend::block_status_above`](crate::BlockBackend::block_status_above)
+    /// follows it.
+    fn backing_node(&self) -> Option<Arc<BlockNode>> {
+        None
     }
 
     /// Resizes the node to `len` bytes. Unsupported by default.

@@ -50,6 +50,7 @@ mod options;
 mod padding;
 pub mod qcow2;
 mod run;
+mod status_above;
 mod sys;
 
 pub use backend::{BlockBackend, Drained};
@@ -59,3 +60,4 @@ pub use error::{Op, RequestError, invalid_input, unsupported};
 pub use node::{BlockGraph, BlockNode, Child, ChildRole, replace_child};
 pub use options::{BlockOptions, open, open_options, parse_size};
 pub use run::run_in_coroutine;
+pub use status_above::ChainStatus;

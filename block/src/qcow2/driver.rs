@@ -468,6 +468,10 @@ impl BlockDriver for Qcow2Driver {
         Ok(())
     }
 
+    fn backing_node(&self) -> Option<Arc<BlockNode>> {
+        self.backing.as_ref().map(Child::node)
+    }
+
     fn block_status(&self, co: &Co, offset: u64, len: u64) -> io::Result<BlockStatus> {
         let run = self.lookup(co, GuestOffset(offset), len)?;
         let allocation = match run.mapping {
