@@ -304,7 +304,7 @@ fn extended_headers_carry_64_bit_lengths_and_refuse_a_4_gib_write_without_alloca
     let pid = std::fs::read_to_string(dir.join("nbd.pid")).unwrap().trim().to_owned();
     let contexts: [&[u8]; 1] = [b"base:allocation"];
     let (mut client, _) = transmission(&server, wire::OPT_EXTENDED_HEADERS, &contexts);
-    let mut request = |client: &mut Client, command, flags, offset, length: u64, payload: &[u8]| {
+    let request = |client: &mut Client, command, flags, offset, length: u64, payload: &[u8]| {
         request(client, true, command, flags, offset, length, payload)
     };
     let chunks = request(&mut client, wire::CMD_WRITE, 0, 4096, 512, &[9; 512]);
