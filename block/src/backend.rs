@@ -320,6 +320,15 @@ impl BlockBackend {
         })
     }
 
+    /// Whether [`BlockBackend::write_zeroes`] of the range would write no zero buffers
+    /// ([`BlockDriver::can_zero_fast`](crate::BlockDriver::can_zero_fast); a range the node's
+    /// alignment makes pad is not fast): what NBD's `FAST_ZERO` asks before zeroing.
+    pub fn can_zero_fast(&self, offset: u64, len: u64) -> bool {
+        len == 0
+            || (self.misaligned(offset, len).is_none()
+                && self.inner.root.driver().can_zero_fast(offset, len))
+    }
+
     /// How the range at `offset` reads (see [`BlockStatus`]).
     ///
     /// # Errors

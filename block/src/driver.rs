@@ -137,6 +137,14 @@ pub trait BlockDriver: Send + Sync + 'static {
         write_zeroes_by_writing(co, offset, len, |co, offset, bufs| self.write(co, offset, bufs))
     }
 
+    /// Whether [`BlockDriver::write_zeroes`] of the range writes no zero buffers (it frees
+    /// or flags the storage instead): the "fast zero" that NBD's `FAST_ZERO` asks for
+    /// (QEMU's `BDRV_REQ_NO_FALLBACK`). `false` by default, as the default writes buffers.
+    fn can_zero_fast(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
+
     /// How the range starting at `offset` reads; the default says "data" for all of it.
     ///
     /// # Errors

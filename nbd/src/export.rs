@@ -30,7 +30,8 @@ impl Export {
     }
 
     /// The transmission flags for a connection whose replies are framed as `mode`,
-    /// advertised truthfully: flush, FUA, trim, write zeroes and cache are always handled,
+    /// advertised truthfully: flush, FUA, trim, write zeroes (with `FAST_ZERO`: `ENOTSUP`
+    /// unless the node zeroes the range without writing) and cache are always handled,
     /// `DF` once structured replies are negotiated, and multi-connection is safe because
     /// every connection goes through the one backend (a flush on any connection flushes the
     /// node).
@@ -40,6 +41,7 @@ impl Export {
             | wire::TFLAG_SEND_FUA
             | wire::TFLAG_SEND_TRIM
             | wire::TFLAG_SEND_WRITE_ZEROES
+            | wire::TFLAG_SEND_FAST_ZERO
             | wire::TFLAG_SEND_CACHE
             | wire::TFLAG_CAN_MULTI_CONN;
         if mode >= ReplyMode::Structured {

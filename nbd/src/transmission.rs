@@ -155,8 +155,17 @@ fn execute<S>(
             flush_if_fua(co, export, request)
         }),
         wire::CMD_WRITE_ZEROES => {
-            let allowed = wire::CMD_FLAG_FUA | wire::CMD_FLAG_NO_HOLE;
-            check_write(export, request, allowed).and_then(|()| {
+            let allowed = wire::CMD_FLAG_FUA | wire::CMD_FLAG_NO_HOLE | wire::CMD_FLAG_FAST_ZERO;
+            let checked = check_write(export, request, allowed);
+            if checked.is_ok()
+                && request.flags & wire::CMD_FLAG_FAST_ZERO != 0
+                && !backend.can_zero_fast(request.offset, request.length)
+            {
+                // Fails at once, having changed nothing: the client writes zeroes itself.
+                reply.status(wire::ENOTSUP, "zeroing this range would not be fast");
+                return reply;
+            }
+            checked.and_then(|()| {
                 let may_unmap = request.flags & wire::CMD_FLAG_NO_HOLE == 0;
                 backend.write_zeroes(co, request.offset, request.length, may_unmap)?;
                 flush_if_fua(co, export, request)

@@ -144,6 +144,7 @@ fn invalid_requests_get_nbd_errors_and_the_connection_goes_on() {
         | wire::TFLAG_SEND_FUA
         | wire::TFLAG_SEND_TRIM
         | wire::TFLAG_SEND_WRITE_ZEROES
+        | wire::TFLAG_SEND_FAST_ZERO
         | wire::TFLAG_SEND_CACHE
         | wire::TFLAG_CAN_MULTI_CONN;
     assert_eq!(flags, expected, "no DF without structured replies");
