@@ -60,8 +60,9 @@ impl Reply {
         &self.segments
     }
 
-    /// The bytes of the reply in one buffer (for tests and small replies).
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// The bytes of the reply in one buffer.
+    #[cfg(test)]
+    fn to_bytes(&self) -> Vec<u8> {
         self.segments.iter().flat_map(|segment| segment.bytes().iter().copied()).collect()
     }
 
