@@ -1,8 +1,8 @@
 //! Block status and structured reads against real clients: `nbdinfo --map` (for
 //! `base:allocation` and `qemu:allocation-depth`) and `qemu-img map` report the same
 //! extents through our server as through `qemu-nbd` serving the same image, a sparse
-//! qcow2 with zero clusters, discarded ranges and a shorter backing file; the data read
-//! with holes skipped is the image's.
+//! qcow2 with zero clusters, discarded ranges and a shorter backing file, and a sparse raw
+//! file; the data read with holes skipped is the image's.
 
 mod common;
 
@@ -17,11 +17,11 @@ use common::{Server, run_ok, temp_dir};
 struct QemuNbd(Child, String);
 
 impl QemuNbd {
-    fn start(dir: &Path, image: &Path) -> QemuNbd {
+    fn start(dir: &Path, image: &Path, format: &str) -> QemuNbd {
         let socket = dir.join("qemu-nbd.sock");
         let pid_file = dir.join("qemu-nbd.pid");
         let child = Command::new("qemu-nbd")
-            .args(["-A", "-r", "-t", "-f", "qcow2", "-k"])
+            .args(["-A", "-r", "-t", "-f", format, "-k"])
             .arg(&socket)
             .arg("--pid-file")
             .arg(&pid_file)
@@ -77,19 +77,43 @@ fn qemu_io(image: &str, commands: &[&str]) {
     run_ok("qemu-io", &args);
 }
 
+/// `nbdinfo --map` for both contexts is the same through both servers.
+fn assert_same_maps(ours: &str, qemu_nbd: &str) {
+    for map in ["--map", "--map=qemu:allocation-depth"] {
+        let theirs = run_ok("nbdinfo", &[map, qemu_nbd]);
+        let mine = run_ok("nbdinfo", &[map, ours]);
+        assert_eq!(mine, theirs, "nbdinfo {map}: ours, then qemu-nbd's");
+    }
+    let extents = run_ok("nbdinfo", &["--map", ours]);
+    assert!(extents.lines().count() >= 5, "a map with too few extents to test: {extents}");
+}
+
+#[test]
+fn nbdinfo_map_matches_qemu_nbd_on_a_sparse_raw_file() {
+    let dir = temp_dir("map-raw");
+    let image = dir.join("disk.raw");
+    std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
+    let path = image.to_str().unwrap();
+    let writes = ["write -P 1 1M 64k", "write -P 2 5M 8k", "write -z 6M 1M", "write -P 3 15M 1M"];
+    let mut args = vec!["-f", "raw"];
+    for write in &writes {
+        args.extend(["-c", write]);
+    }
+    args.push(path);
+    run_ok("qemu-io", &args);
+    let qemu = QemuNbd::start(&dir, &image, "raw");
+    let ours = Server::start(&dir, &image, &["-r", "-t", "-f", "raw"]);
+    assert_same_maps(&ours.url(""), &qemu.1);
+}
+
 #[test]
 fn nbdinfo_map_and_qemu_img_map_match_qemu_nbd_on_a_sparse_chain() {
     let dir = temp_dir("map");
     let image = sparse_chain(&dir);
-    let qemu = QemuNbd::start(&dir, &image);
+    let qemu = QemuNbd::start(&dir, &image, "qcow2");
     let ours = Server::start(&dir, &image, &["-r", "-t", "-f", "qcow2"]);
     let ours_url = ours.url("");
-    for map in ["--map", "--map=qemu:allocation-depth"] {
-        let theirs = run_ok("nbdinfo", &[map, &qemu.1]);
-        let mine = run_ok("nbdinfo", &[map, &ours_url]);
-        assert_eq!(mine, theirs, "nbdinfo {map}: ours, then qemu-nbd's");
-        assert!(theirs.lines().count() >= 5, "a map with too few extents to test: {theirs}");
-    }
+    assert_same_maps(&ours_url, &qemu.1);
     // The allocation depths the chain must show: local, backing and absent ranges.
     let depths = run_ok("nbdinfo", &["--map=qemu:allocation-depth", &ours_url]);
     for kind in ["local", "backing depth 2", "absent"] {
