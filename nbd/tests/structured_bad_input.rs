@@ -205,6 +205,18 @@ fn the_new_options_answer_malformed_and_repeated_requests_with_errors() {
     assert_eq!(option(&mut client, wire::OPT_EXTENDED_HEADERS, &[])[0].0, wire::REP_ACK);
     invalid(option(&mut client, wire::OPT_EXTENDED_HEADERS, &[]));
     invalid(option(&mut client, wire::OPT_STRUCTURED_REPLY, &[]));
+    // Thousands of empty queries in one payload: each matches nothing.
+    let empty: Vec<&[u8]> = vec![b""; 3000];
+    let replies = option(&mut client, wire::OPT_LIST_META_CONTEXT, &meta_payload(&empty));
+    assert_eq!(replies, [(wire::REP_ACK, vec![])]);
+    // A meta context payload too large to read: TOO_BIG, and the connection closes without
+    // the server reading (or allocating) it.
+    let mut header = wire::OPTION_MAGIC.to_be_bytes().to_vec();
+    header.extend_from_slice(&wire::OPT_SET_META_CONTEXT.to_be_bytes());
+    header.extend_from_slice(&u32::MAX.to_be_bytes());
+    client.send(&header);
+    assert_eq!(client.option_reply().kind, wire::REP_ERR_TOO_BIG);
+    assert!(client.is_closed());
 }
 
 #[test]
