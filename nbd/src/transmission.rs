@@ -96,7 +96,7 @@ where
         };
         connection.in_flight.wait_for_room(co, bytes);
         let has_payload = request.command == wire::CMD_WRITE
-            || request.flags & wire::CMD_FLAG_PAYLOAD_LEN != 0 && mode == ReplyMode::Extended;
+            || (mode == ReplyMode::Extended && request.flags & wire::CMD_FLAG_PAYLOAD_LEN != 0);
         let payload = match request.command {
             wire::CMD_DISC => return Ok(()),
             wire::CMD_WRITE if has_payload && request.length <= MAX_REQUEST.into() => {
