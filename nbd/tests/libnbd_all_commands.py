@@ -105,12 +105,15 @@ if structured:
     # BLOCK_STATUS in both contexts, with and without REQ_ONE.
     seen = status(h, MIB, 2 * MIB)
     assert seen[BASE][0] == (MIB // 2, nbd.STATE_HOLE | nbd.STATE_ZERO), seen
-    assert seen[BASE][1][1] == 0, seen
+    # Data follows for at least 1 MiB (the trimmed range after it may or may not be freed:
+    # a server may ignore TRIM).
+    assert seen[BASE][1][0] >= MIB and seen[BASE][1][1] == 0, seen
     # The zeroed clusters: freed (depth 0) or zero clusters (depth 1), as the image format
     # does it; the data after them is the image's own (depth 1).
     assert seen[DEPTH][0][0] == MIB // 2 and seen[DEPTH][0][1] in (0, 1), seen
-    assert seen[DEPTH][1] == (MIB, 1), seen
-    assert sum(length for length, _ in seen[BASE]) <= 2 * MIB
+    assert seen[DEPTH][1][0] >= MIB and seen[DEPTH][1][1] == 1, seen
+    for context in (BASE, DEPTH):
+        assert sum(length for length, _ in seen[context]) == 2 * MIB, seen
     one = status(h, MIB, 2 * MIB, nbd.CMD_FLAG_REQ_ONE)
     assert one == {BASE: [seen[BASE][0]], DEPTH: [seen[DEPTH][0]]}, one
     # Never written: unallocated (depth 0), a hole that reads as zeroes.
