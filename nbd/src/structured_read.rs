@@ -1,7 +1,8 @@
 //! `NBD_CMD_READ` answered with structured replies: `OFFSET_HOLE` chunks for the ranges
 //! that read as zeroes (from the node's status through its backing chain, so that zeroes
-//! are never sent as data) and `OFFSET_DATA` chunks for the rest; one data chunk with `DF`.
-//! A failure is answered with one error chunk alone.
+//! are not sent as data) and `OFFSET_DATA` chunks for the rest; one data chunk with `DF`,
+//! and for reads shorter than [`SPARSE_READ_MIN`]. A failure is answered with one error
+//! chunk alone.
 
 use std::io;
 
@@ -13,11 +14,16 @@ use crate::reply::{Reply, ReplyMode};
 use crate::request::Request;
 use crate::wire;
 
+/// Reads shorter than this are sent as one data chunk without looking for holes: the
+/// lookup (the node's metadata, under its lock, on every read) would cost more than the
+/// zero bytes it could save. A qcow2 cluster is 64 KiB by default.
+pub const SPARSE_READ_MIN: u64 = 64 * 1024;
+
 /// The structured reply to a valid `READ` (inside the export, at most the maximum request);
-/// in one data chunk if `whole` (`DF`).
+/// in one data chunk with `DF` or when shorter than [`SPARSE_READ_MIN`].
 pub fn read_reply(co: &Co, backend: &BlockBackend, mode: ReplyMode, request: &Request) -> Reply {
     let mut reply = Reply::new(mode, request);
-    let whole = request.flags & wire::CMD_FLAG_DF != 0;
+    let whole = request.flags & wire::CMD_FLAG_DF != 0 || request.length < SPARSE_READ_MIN;
     let result = match request.length {
         0 => {
             reply.status(0, "");

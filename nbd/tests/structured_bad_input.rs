@@ -241,6 +241,14 @@ fn structured_reads_skip_holes_and_errors_come_as_error_chunks() {
     expected[..4096].fill(0xab);
     assert_eq!(chunks[1].payload[8..], expected);
     assert!(chunks[2].done() && !chunks[0].done() && !chunks[1].done());
+    // Reads shorter than SPARSE_READ_MIN are one data chunk, holes or not; from that size on
+    // a hole is a hole chunk.
+    let small = aiocoro_nbd::structured_read::SPARSE_READ_MIN - 1;
+    let chunks = request(&mut client, wire::CMD_READ, 0, 0, small, &[]);
+    assert_eq!((chunks.len(), chunks[0].kind), (1, data));
+    assert_eq!(chunks[0].payload[8..], vec![0; small as usize]);
+    let chunks = request(&mut client, wire::CMD_READ, 0, 131072, small + 1, &[]);
+    assert_eq!((chunks.len(), chunks[0].kind, chunks[0].u32_at(8)), (1, hole, 65536));
     // DF: one data chunk for all of it.
     let chunks = request(&mut client, wire::CMD_READ, wire::CMD_FLAG_DF, 0, 196608, &[]);
     assert_eq!((chunks.len(), chunks[0].kind), (1, data));
