@@ -86,3 +86,64 @@ pub fn add_chunk(reply: &mut Reply, flags: u16, context: MetaContext, extents: &
         reply.chunk(flags, wire::REPLY_TYPE_BLOCK_STATUS, &payload);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aiocoro_block::{BlockGraph, run_in_coroutine};
+
+    /// A 1 MiB qcow2 image with data in its 2nd and 4th 64 KiB clusters, opened read-only;
+    /// the extents `body` finds in it.
+    fn with_image(body: impl FnOnce(&Co, &BlockBackend) -> Vec<Extent> + 'static) -> Vec<Extent> {
+        let path = std::env::temp_dir().join(format!("aiocoro-nbd-extents-{}", std::process::id()));
+        let image = path.to_str().unwrap().to_owned();
+        let run = |program: &str, args: &[&str]| {
+            let status = std::process::Command::new(program).args(args).output().unwrap();
+            assert!(status.status.success(), "{program} {args:?}: {status:?}");
+        };
+        run("qemu-img", &["create", "-q", "-f", "qcow2", &image, "1M"]);
+        let writes = ["-c", "write 64k 64k", "-c", "write 192k 64k"];
+        run("qemu-io", &[&["-f", "qcow2"][..], &writes, &[&image]].concat());
+        let options = format!("driver=qcow2,read-only=on,file.filename={image}");
+        let extents = run_in_coroutine(move |co| {
+            let (_, node) = aiocoro_block::open(co, &BlockGraph::new(), &options).unwrap();
+            body(co, &BlockBackend::new(node))
+        })
+        .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        extents
+    }
+
+    #[test]
+    fn extents_merge_equal_neighbours_and_stop_at_the_limit() {
+        let (hole, data) = (wire::STATE_HOLE | wire::STATE_ZERO, 0);
+        let extent = |length, flags| Extent { length, flags };
+        let found = with_image(|co, backend| {
+            let all = extents(co, backend, MetaContext::BaseAllocation, 0, 1 << 20, 100).unwrap();
+            let two = extents(co, backend, MetaContext::BaseAllocation, 0, 1 << 20, 2).unwrap();
+            let depth = extents(co, backend, MetaContext::AllocationDepth, 0, 320 << 10, 100);
+            [all, two, depth.unwrap()].concat()
+        });
+        let k = 64 << 10;
+        assert_eq!(
+            found,
+            [
+                // All of it: hole, data, hole, data, hole to the end.
+                extent(k, hole),
+                extent(k, data),
+                extent(k, hole),
+                extent(k, data),
+                extent((1 << 20) - 4 * k, hole),
+                // Two extents at most: the reply ends early, after 128 KiB.
+                extent(k, hole),
+                extent(k, data),
+                // Depths over 320 KiB: unallocated (0) or here (1).
+                extent(k, 0),
+                extent(k, 1),
+                extent(k, 0),
+                extent(k, 1),
+                extent(k, 0),
+            ]
+        );
+    }
+}
