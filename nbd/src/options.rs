@@ -195,10 +195,16 @@ where
         description.extend_from_slice(export.description.as_bytes());
         reply(socket, option, wire::REP_INFO, &description)?;
     }
-    // Sent whether asked or not, as QEMU does: the minimum of 1 tells the client that any
-    // alignment works (the block layer pads unaligned requests).
+    // Sent whether asked or not, as QEMU does. The minimum is the node's alignment for a
+    // client that asked for block sizes (it will honour them) or only wants information;
+    // otherwise 1, as any alignment works (the block layer pads unaligned requests).
+    let minimum = if option == wire::OPT_INFO || request.wants(wire::INFO_BLOCK_SIZE) {
+        u32::try_from(export.backend.root().alignment().request).unwrap_or(PREFERRED_BLOCK)
+    } else {
+        1
+    };
     let mut block_size = wire::INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-    for size in [1, PREFERRED_BLOCK, MAX_REQUEST] {
+    for size in [minimum, PREFERRED_BLOCK.max(minimum), MAX_REQUEST] {
         block_size.extend_from_slice(&size.to_be_bytes());
     }
     reply(socket, option, wire::REP_INFO, &block_size)?;
