@@ -119,25 +119,6 @@ pub(crate) fn zero(bufs: &mut [IoSliceMut<'_>]) {
     bufs.iter_mut().for_each(|buf| buf.fill(0));
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::buffer::scatter;
-
-    #[test]
-    fn sub_slices_cut_across_buffers() {
-        let (mut a, mut b, mut c) = ([0u8; 3], [0u8; 4], [0u8; 5]);
-        let mut bufs = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b), IoSliceMut::new(&mut c)];
-        let mut piece = sub_slices(&mut bufs, 2, 7);
-        assert_eq!(piece.iter().map(|s| s.len()).collect::<Vec<_>>(), [1, 4, 2]);
-        scatter(&[1, 2, 3, 4, 5, 6, 7], &mut piece);
-        drop(piece);
-        zero(&mut sub_slices(&mut bufs, 3, 1));
-        assert!(sub_slices(&mut bufs, 12, 0).is_empty());
-        assert_eq!((a, b, c), ([0, 0, 1], [0, 3, 4, 5], [6, 7, 0, 0, 0]));
-    }
-}
-
 /// Reads `buf.len()` bytes at `offset` of a file of `file_len` bytes; what lies past its end
 /// reads as zeroes (as QEMU's block layer reads it).
 ///
@@ -157,4 +138,23 @@ pub(crate) fn read_within_file(
         read_exact_at(co, file, offset, &mut buf[..inside])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::scatter;
+
+    #[test]
+    fn sub_slices_cut_across_buffers() {
+        let (mut a, mut b, mut c) = ([0u8; 3], [0u8; 4], [0u8; 5]);
+        let mut bufs = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b), IoSliceMut::new(&mut c)];
+        let mut piece = sub_slices(&mut bufs, 2, 7);
+        assert_eq!(piece.iter().map(|s| s.len()).collect::<Vec<_>>(), [1, 4, 2]);
+        scatter(&[1, 2, 3, 4, 5, 6, 7], &mut piece);
+        drop(piece);
+        zero(&mut sub_slices(&mut bufs, 3, 1));
+        assert!(sub_slices(&mut bufs, 12, 0).is_empty());
+        assert_eq!((a, b, c), ([0, 0, 1], [0, 3, 4, 5], [6, 7, 0, 0, 0]));
+    }
 }
