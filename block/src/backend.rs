@@ -14,6 +14,7 @@ use crate::driver::BlockStatus;
 use crate::error::{Op, RequestError, invalid_input};
 use crate::node::BlockNode;
 use crate::padding;
+use crate::status_above::{ChainStatus, block_status_above};
 
 /// A handle on a block node for submitting requests; `Send + Sync` and cheap to clone, so
 /// that every IoThread submits through the same backend (multiqueue). Each request runs in
@@ -325,6 +326,15 @@ impl BlockBackend {
         })
     }
 
+    /// Whether [`BlockBackend::write_zeroes`] of the range would write no zero buffers
+    /// ([`BlockDriver::can_zero_fast`](crate::BlockDriver::can_zero_fast); a range the node's
+    /// alignment makes pad is not fast): what NBD's `FAST_ZERO` asks before zeroing.
+    pub fn can_zero_fast(&self, offset: u64, len: u64) -> bool {
+        len == 0
+            || (self.misaligned(offset, len).is_none()
+                && self.inner.root.driver().can_zero_fast(offset, len))
+    }
+
     /// How the range at `offset` reads (see [`BlockStatus`]).
     ///
     /// # Errors
@@ -336,6 +346,21 @@ impl BlockBackend {
             return Err(self.refuse(Op::BlockStatus { offset, len }, "an empty range".into()));
         }
         self.run(co, |node| node.block_status(co, offset, len))
+    }
+
+    /// How the range at `offset` reads through the node's backing chain, and from which
+    /// layer (see [`ChainStatus`]): what an NBD server reports for `base:allocation` and
+    /// `qemu:allocation-depth`.
+    ///
+    /// # Errors
+    ///
+    /// A refused request, or a node's error.
+    pub fn block_status_above(&self, co: &Co, offset: u64, len: u64) -> io::Result<ChainStatus> {
+        self.check(Op::BlockStatus { offset, len }, offset, len)?;
+        if len == 0 {
+            return Err(self.refuse(Op::BlockStatus { offset, len }, "an empty range".into()));
+        }
+        self.run(co, |node| block_status_above(co, node, offset, len))
     }
 
     /// Resizes the node to `len` bytes.

@@ -2,10 +2,12 @@
 
 use std::any::Any;
 use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
 
 use crate::buffer::IoBuffer;
+use crate::node::BlockNode;
 
 /// The largest write the default [`BlockDriver::write_zeroes`] makes at once.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -167,6 +169,14 @@ pub trait BlockDriver: Any + Send + Sync {
         write_zeroes_by_writing(co, offset, len, |co, offset, bufs| self.write(co, offset, bufs))
     }
 
+    /// Whether [`BlockDriver::write_zeroes`] of the range writes no zero buffers (it frees
+    /// or flags the storage instead): the "fast zero" that NBD's `FAST_ZERO` asks for
+    /// (QEMU's `BDRV_REQ_NO_FALLBACK`). `false` by default, as the default writes buffers.
+    fn can_zero_fast(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
+
     /// How the range starting at `offset` reads; the default says "data" for all of it.
     ///
     /// # Errors
@@ -175,6 +185,14 @@ pub trait BlockDriver: Any + Send + Sync {
     fn block_status(&self, co: &Co, offset: u64, len: u64) -> io::Result<BlockStatus> {
         let _ = (co, offset);
         Ok(BlockStatus { allocation: Allocation::Data, len })
+    }
+
+    /// The node that the ranges [`Allocation::Unallocated`] here read from (QEMU's
+    /// `bdrv_cow_bs`): a format's backing image. `None` by default (the ranges read as
+    /// zeroes). [`BlockBackend::block_status_above`](crate::BlockBackend::block_status_above)
+    /// follows it.
+    fn backing_node(&self) -> Option<Arc<BlockNode>> {
+        None
     }
 
     /// Resizes the node to `len` bytes. Unsupported by default.

@@ -129,6 +129,7 @@ mod options;
 mod padding;
 pub mod qcow2;
 mod run;
+mod status_above;
 mod sys;
 
 /// The runtime this crate is built on, re-exported so that a dependent names the same
@@ -144,6 +145,7 @@ pub use image::{ImageArgs, probe_format};
 pub use node::{BlockNode, Child};
 pub use options::{BlockOptions, open, open_options, parse_size};
 pub use run::run_in_coroutine;
+pub use status_above::ChainStatus;
 
 /// The README's example, compiled and run as a doctest.
 #[cfg(doctest)]

@@ -67,6 +67,45 @@ fn the_top_of_a_chain_reports_what_it_does_not_hold_as_unallocated() {
     assert_eq!(at(4 << 20), Allocation::Unallocated);
 }
 
+#[test]
+fn status_above_follows_the_chain_to_the_layer_that_holds_each_range() {
+    let scratch = Scratch::new("chain-above");
+    let top = chain(&scratch);
+    let at = move |offset: u64| {
+        with_image(&qcow2_options(&top), move |co, blk| {
+            let status = blk.block_status_above(co, offset, 4096)?;
+            Ok((status.allocation, status.depth, status.len))
+        })
+        .unwrap()
+    };
+    // top's data and zero cluster; mid's data and zero cluster; base's data under both.
+    assert_eq!(at(0), (Allocation::Data, 1, 4096));
+    assert_eq!(at(600 << 10), (Allocation::Zero, 1, 4096));
+    assert_eq!(at(512 << 10), (Allocation::Data, 2, 4096));
+    assert_eq!(at(1 << 20), (Allocation::Zero, 2, 4096));
+    assert_eq!(at(4096), (Allocation::Data, 3, 4096));
+    // Past base's 2 MiB (inside mid's 4 MiB): zeroes that base, the short layer, holds.
+    assert_eq!(at(2 << 20), (Allocation::Zero, 3, 4096));
+    // Past mid's 4 MiB, and mid's data at 3 MiB.
+    assert_eq!(at(4 << 20), (Allocation::Zero, 2, 4096));
+    assert_eq!(at(3 << 20), (Allocation::Data, 2, 4096));
+}
+
+/// A layer that holds nothing of a range and has no backing node: depth 0.
+#[test]
+fn status_above_of_a_range_no_layer_holds_has_depth_zero() {
+    let scratch = Scratch::new("chain-above-none");
+    let image = scratch.path("alone.qcow2");
+    create_qcow2(image.to_str().unwrap(), "", "1M");
+    let status =
+        with_image(&qcow2_options(&image), |co, blk| blk.block_status_above(co, 0, 1 << 20))
+            .unwrap();
+    assert_eq!(
+        (status.allocation, status.depth, status.len),
+        (Allocation::Unallocated, 0, 1 << 20)
+    );
+}
+
 /// Renames the backing format extension of `image` to an unknown type, so that readers
 /// must probe.
 fn forget_backing_format(image: &Path) {

@@ -35,7 +35,7 @@ where
         negotiate(&socket, &export, flags.no_zeroes)?
     };
     match negotiated {
-        Negotiated::Transmission => transmission::serve(co, stream, export),
+        Negotiated::Transmission(session) => transmission::serve(co, stream, export, session),
         Negotiated::Aborted => Ok(()),
     }
 }

@@ -2,6 +2,7 @@
 
 use aiocoro_block::BlockBackend;
 
+use crate::reply::ReplyMode;
 use crate::wire;
 
 /// The largest request (read, write payload) the server accepts, and advertises as the
@@ -41,16 +42,24 @@ impl Export {
         self.backend.length()
     }
 
-    /// The transmission flags, advertised truthfully: flush, FUA, trim and write zeroes
-    /// are always handled, and multi-connection is safe because every connection goes
-    /// through the one backend (a flush on any connection flushes the node).
-    pub fn transmission_flags(&self) -> u16 {
+    /// The transmission flags for a connection whose replies are framed as `mode`,
+    /// advertised truthfully: flush, FUA, trim, write zeroes (with `FAST_ZERO`: `ENOTSUP`
+    /// unless the node zeroes the range without writing) and cache are always handled,
+    /// `DF` once structured replies are negotiated, and multi-connection is safe because
+    /// every connection goes through the one backend (a flush on any connection flushes the
+    /// node).
+    pub fn transmission_flags(&self, mode: ReplyMode) -> u16 {
         let mut flags = wire::TFLAG_HAS_FLAGS
             | wire::TFLAG_SEND_FLUSH
             | wire::TFLAG_SEND_FUA
             | wire::TFLAG_SEND_TRIM
             | wire::TFLAG_SEND_WRITE_ZEROES
+            | wire::TFLAG_SEND_FAST_ZERO
+            | wire::TFLAG_SEND_CACHE
             | wire::TFLAG_CAN_MULTI_CONN;
+        if mode >= ReplyMode::Structured {
+            flags |= wire::TFLAG_SEND_DF;
+        }
         if self.read_only {
             flags |= wire::TFLAG_READ_ONLY;
         }

@@ -5,10 +5,14 @@
 //!
 //! - [`handshake`]: fixed newstyle, with `NO_ZEROES`;
 //! - [`options`]: `EXPORT_NAME`, `GO`, `INFO` (export, name, description, block size),
-//!   `LIST`, `ABORT`; anything else is answered `NBD_REP_ERR_UNSUP`;
-//! - [`transmission`]: `READ`, `WRITE` (`FUA`), `FLUSH`, `TRIM`, `WRITE_ZEROES`
-//!   (`NO_HOLE`), `DISC`, with simple replies; the requests of a connection run
-//!   concurrently, one coroutine each, up to [`transmission::MAX_IN_FLIGHT`];
+//!   `LIST`, `ABORT`, `STRUCTURED_REPLY`, `EXTENDED_HEADERS`, `LIST_META_CONTEXT` /
+//!   `SET_META_CONTEXT` ([`meta_context`]); anything else is answered `NBD_REP_ERR_UNSUP`;
+//! - [`transmission`]: `READ` (`DF`), `WRITE` (`FUA`), `FLUSH`, `TRIM`, `WRITE_ZEROES`
+//!   (`NO_HOLE`), `CACHE`, `BLOCK_STATUS` (`REQ_ONE`, [`block_status`]), `DISC`; the
+//!   requests of a connection run concurrently, one coroutine each, up to
+//!   [`transmission::MAX_IN_FLIGHT`];
+//! - [`request`] and [`reply`]: compact or extended request headers; simple replies, or
+//!   structured ones ([`structured_read`]: holes and data) once negotiated;
 //! - [`errors`]: block-layer errors as NBD error values;
 //! - [`serve_connection`]: one connection from greeting to close, in a coroutine;
 //! - [`stats`]: the connections, requests and request buffers alive, for leak checks.
@@ -24,15 +28,20 @@
 #[cfg(not(target_os = "linux"))]
 compile_error!("aiocoro-nbd runs on Linux only, as aiocoro and aiocoro-block do");
 
+pub mod block_status;
 mod connection;
 pub mod errors;
 mod export;
 pub mod handshake;
 mod in_flight;
+pub mod meta_context;
 pub mod options;
 mod outbox;
+pub mod reply;
+pub mod request;
 mod socket;
 mod stats;
+pub mod structured_read;
 pub mod transmission;
 pub mod wire;
 

@@ -5,6 +5,8 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 
 use crate::export::{Export, MAX_REQUEST, PREFERRED_BLOCK};
+use crate::meta_context::{MetaContext, MetaRequest};
+use crate::reply::ReplyMode;
 use crate::socket::CoSocket;
 use crate::wire;
 
@@ -13,11 +15,20 @@ use crate::wire;
 /// allocated by the client's say-so). The protocol caps names at 4096 bytes.
 pub const MAX_OPTION_LENGTH: u32 = 16 * 1024;
 
+/// What the option phase settled for the transmission phase.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    /// How requests and replies are framed (`STRUCTURED_REPLY`, `EXTENDED_HEADERS`).
+    pub mode: ReplyMode,
+    /// The metadata contexts `BLOCK_STATUS` reports (`SET_META_CONTEXT`), in id order.
+    pub contexts: Vec<MetaContext>,
+}
+
 /// How the option phase ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Negotiated {
-    /// The client chose the export: transmission starts.
-    Transmission,
+    /// The client chose the export: transmission starts with what was settled.
+    Transmission(Session),
     /// The client sent `ABORT`: the connection ends.
     Aborted,
 }
@@ -37,6 +48,7 @@ pub fn negotiate<S: AsRawFd>(
 where
     for<'s> &'s S: Read + Write,
 {
+    let mut session = Session { mode: ReplyMode::Simple, contexts: Vec::new() };
     loop {
         let magic = socket.read_u64()?;
         if magic != wire::OPTION_MAGIC {
@@ -57,12 +69,12 @@ where
                 }
                 let mut answer = Vec::with_capacity(10 + 124);
                 answer.extend_from_slice(&export.size().to_be_bytes());
-                answer.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                answer.extend_from_slice(&export.transmission_flags(session.mode).to_be_bytes());
                 if !no_zeroes {
                     answer.resize(answer.len() + 124, 0);
                 }
                 socket.write_all(&answer)?;
-                return Ok(Negotiated::Transmission);
+                return Ok(Negotiated::Transmission(session));
             }
             wire::OPT_ABORT => {
                 // The client may already be gone: its hang-up is no error here.
@@ -82,22 +94,81 @@ where
                 reply(socket, option, wire::REP_ACK, &[])?;
             }
             wire::OPT_INFO | wire::OPT_GO => {
-                if info(socket, option, &payload, export)? && option == wire::OPT_GO {
-                    return Ok(Negotiated::Transmission);
+                if info(socket, option, &payload, export, session.mode)? && option == wire::OPT_GO {
+                    return Ok(Negotiated::Transmission(session));
                 }
+            }
+            wire::OPT_STRUCTURED_REPLY | wire::OPT_EXTENDED_HEADERS => {
+                let wanted = match option {
+                    wire::OPT_STRUCTURED_REPLY => ReplyMode::Structured,
+                    _ => ReplyMode::Extended,
+                };
+                if !payload.is_empty() {
+                    reply(socket, option, wire::REP_ERR_INVALID, b"the option takes no payload")?;
+                } else if session.mode >= wanted {
+                    reply(socket, option, wire::REP_ERR_INVALID, b"already negotiated")?;
+                } else {
+                    session.mode = wanted;
+                    reply(socket, option, wire::REP_ACK, &[])?;
+                }
+            }
+            wire::OPT_LIST_META_CONTEXT | wire::OPT_SET_META_CONTEXT => {
+                meta_context(socket, option, &payload, export, &mut session)?;
             }
             _ => reply(socket, option, wire::REP_ERR_UNSUP, b"option not supported")?,
         }
     }
 }
 
+/// Answers `LIST_META_CONTEXT` (the contexts the queries match, id 0) or
+/// `SET_META_CONTEXT` (selects them, with their ids, replacing any earlier selection; a
+/// failed `SET` selects nothing). Both need structured replies first.
+fn meta_context<S: AsRawFd>(
+    socket: &CoSocket<'_, S>,
+    option: u32,
+    payload: &[u8],
+    export: &Export,
+    session: &mut Session,
+) -> io::Result<()>
+where
+    for<'s> &'s S: Read + Write,
+{
+    let listing = option == wire::OPT_LIST_META_CONTEXT;
+    if !listing {
+        session.contexts.clear();
+    }
+    if session.mode == ReplyMode::Simple {
+        let message = b"metadata contexts need structured replies first";
+        return reply(socket, option, wire::REP_ERR_INVALID, message);
+    }
+    let Some(request) = MetaRequest::parse(payload) else {
+        return reply(socket, option, wire::REP_ERR_INVALID, b"malformed meta context payload");
+    };
+    if request.export != export.name.as_bytes() {
+        return reply(socket, option, wire::REP_ERR_UNKNOWN, b"no export of that name");
+    }
+    let contexts = request.contexts(listing);
+    for &context in &contexts {
+        let id = if listing { 0 } else { context.id() };
+        let mut data = id.to_be_bytes().to_vec();
+        data.extend_from_slice(context.name().as_bytes());
+        reply(socket, option, wire::REP_META_CONTEXT, &data)?;
+    }
+    if !listing {
+        session.contexts = contexts;
+    }
+    reply(socket, option, wire::REP_ACK, &[])
+}
+
 /// Answers an `INFO` or `GO` whose payload is `payload`; returns whether the export was
-/// described (the request was valid and named our export).
+/// described (the request was valid and named our export). The transmission flags depend
+/// on the reply `mode` negotiated so far.
 fn info<S: AsRawFd>(
     socket: &CoSocket<'_, S>,
     option: u32,
     payload: &[u8],
     export: &Export,
+    mode: ReplyMode,
 ) -> io::Result<bool>
 where
     for<'s> &'s S: Read + Write,
@@ -112,7 +183,7 @@ where
     }
     let mut export_info = wire::INFO_EXPORT.to_be_bytes().to_vec();
     export_info.extend_from_slice(&export.size().to_be_bytes());
-    export_info.extend_from_slice(&export.transmission_flags().to_be_bytes());
+    export_info.extend_from_slice(&export.transmission_flags(mode).to_be_bytes());
     reply(socket, option, wire::REP_INFO, &export_info)?;
     if request.wants(wire::INFO_NAME) {
         let mut name = wire::INFO_NAME.to_be_bytes().to_vec();
@@ -124,10 +195,16 @@ where
         description.extend_from_slice(export.description.as_bytes());
         reply(socket, option, wire::REP_INFO, &description)?;
     }
-    // Sent whether asked or not, as QEMU does: the minimum of 1 tells the client that any
-    // alignment works (the block layer pads unaligned requests).
+    // Sent whether asked or not, as QEMU does. The minimum is the node's alignment for a
+    // client that asked for block sizes (it will honour them) or only wants information;
+    // otherwise 1, as any alignment works (the block layer pads unaligned requests).
+    let minimum = if option == wire::OPT_INFO || request.wants(wire::INFO_BLOCK_SIZE) {
+        u32::try_from(export.backend.root().alignment().request).unwrap_or(PREFERRED_BLOCK)
+    } else {
+        1
+    };
     let mut block_size = wire::INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-    for size in [1, PREFERRED_BLOCK, MAX_REQUEST] {
+    for size in [minimum, PREFERRED_BLOCK.max(minimum), MAX_REQUEST] {
         block_size.extend_from_slice(&size.to_be_bytes());
     }
     reply(socket, option, wire::REP_INFO, &block_size)?;

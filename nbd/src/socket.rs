@@ -12,6 +12,9 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use aiocoro::coroutine::Co;
 
+/// The most parts one `writev` takes (Linux's `UIO_MAXIOV`); more go in several calls.
+const MAX_PARTS: usize = 1024;
+
 /// The read-ahead buffer's size: reads this large or larger go straight to the caller's
 /// buffer.
 const READ_AHEAD: usize = 64 * 1024;
@@ -110,7 +113,8 @@ where
     pub fn write_all_vectored(&self, mut parts: &mut [IoSlice<'_>]) -> io::Result<()> {
         IoSlice::advance_slices(&mut parts, 0); // Skips empty parts.
         while !parts.is_empty() {
-            match { self.stream }.write_vectored(parts) {
+            let batch = &parts[..parts.len().min(MAX_PARTS)];
+            match { self.stream }.write_vectored(batch) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(written) => IoSlice::advance_slices(&mut parts, written),
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {

@@ -1,4 +1,10 @@
 //! `AioContext`: one thread's event loop (QEMU's `AioContext` and `aio_poll`).
+//!
+//! The context is split by concept into files that use it back, on purpose: it owns the
+//! tables of bottom halves (`bh`), fd handlers (`fd`), timers (`timer`), waits and parks
+//! (`wait`), deferred signals (`deferred`), handles (`handle`) and its io_uring
+//! (`uring::engine`), and each of those reaches the home-thread state (`Local`) to register
+//! and schedule; they are one state, as a struct's `impl` spread over files.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;

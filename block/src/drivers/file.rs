@@ -329,6 +329,12 @@ impl BlockDriver for FileDriver {
         }
     }
 
+    /// `fallocate` zeroes without writing (a file system without it makes `write_zeroes`
+    /// fall back to writing, which this cannot know in advance).
+    fn can_zero_fast(&self, _offset: u64, _len: u64) -> bool {
+        true
+    }
+
     fn block_status(&self, _co: &Co, offset: u64, len: u64) -> io::Result<BlockStatus> {
         let fd = self.file.as_fd();
         let end = offset.saturating_add(len);

@@ -75,6 +75,10 @@ impl BlockDriver for NullDriver {
         Ok(())
     }
 
+    fn can_zero_fast(&self, _offset: u64, _len: u64) -> bool {
+        true
+    }
+
     fn block_status(&self, _co: &Co, _offset: u64, len: u64) -> io::Result<BlockStatus> {
         let allocation = if self.options.read_zeroes { Allocation::Zero } else { Allocation::Data };
         Ok(BlockStatus { allocation, len })

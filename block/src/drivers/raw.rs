@@ -90,6 +90,10 @@ impl BlockDriver for RawDriver {
         self.file.node().write_zeroes(co, self.options.offset + offset, len, may_unmap)
     }
 
+    fn can_zero_fast(&self, offset: u64, len: u64) -> bool {
+        self.file.node().driver().can_zero_fast(self.options.offset + offset, len)
+    }
+
     fn block_status(&self, co: &Co, offset: u64, len: u64) -> io::Result<BlockStatus> {
         self.file.node().block_status(co, self.options.offset + offset, len)
     }

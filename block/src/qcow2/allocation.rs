@@ -12,6 +12,10 @@
 //! its own). Small sequential writes into fresh clusters thus cost one device write per
 //! allocation rather than one per request, and nothing else changes: the merged bytes are
 //! written and linked exactly as the allocating request's own bytes are.
+//!
+//! This module and `metadata` use each other on purpose: the metadata lists the in-flight
+//! allocations, and an allocation's queue waits and finishes under the metadata's lock guard
+//! (a `CoQueue` releases and retakes the caller's guard, so it names the guarded type).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};

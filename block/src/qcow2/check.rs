@@ -30,7 +30,7 @@ use super::check_report::{CheckReport, Repair};
 use super::header::{
     AUTOCLEAR_BITMAPS, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, field,
 };
-use super::io::{read_exact_at, write_at};
+use super::io::{read_within_file, write_at};
 use super::mapping::{COMPRESSED, COPIED, OFFSET_MASK, ZERO, compressed_extent};
 use super::offsets::HostOffset;
 use super::rebuild::rebuild_refcounts;
@@ -118,27 +118,6 @@ pub fn check_image_file(path: &Path, repair: Repair) -> io::Result<CheckReport> 
         let (_, node) = crate::open(co, &crate::BlockGraph::new(), &options)?;
         check(co, &node, repair)
     })?
-}
-
-/// Reads `buf.len()` bytes at `offset` of a file of `file_len` bytes; what lies past its end
-/// reads as zeroes (as QEMU's block layer reads it).
-///
-/// # Errors
-///
-/// The read error.
-pub(crate) fn read_within_file(
-    co: &Co,
-    file: &BlockNode,
-    file_len: u64,
-    offset: u64,
-    buf: &mut [u8],
-) -> io::Result<()> {
-    let inside = file_len.saturating_sub(offset).min(buf.len() as u64) as usize;
-    buf[inside..].fill(0);
-    if inside > 0 {
-        read_exact_at(co, file, offset, &mut buf[..inside])?;
-    }
-    Ok(())
 }
 
 /// One pass over the image: QEMU's `qcow2_co_check_locked`.

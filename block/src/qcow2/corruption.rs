@@ -6,6 +6,10 @@
 //! read-write open of an image with the bit is refused until a check repairs it
 //! (`qemu-img check -r all` or [`check`](super::check) with [`Repair::All`](super::Repair)),
 //! which clears the bit.
+//!
+//! This module and `driver` use each other on purpose: the driver holds the corrupt mark and
+//! checks it before each write; marking is a method of the driver (it writes the header and
+//! fails the request), kept here beside the mark.
 
 use std::error::Error;
 use std::fmt;

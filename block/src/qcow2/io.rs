@@ -119,6 +119,27 @@ pub(crate) fn zero(bufs: &mut [IoSliceMut<'_>]) {
     bufs.iter_mut().for_each(|buf| buf.fill(0));
 }
 
+/// Reads `buf.len()` bytes at `offset` of a file of `file_len` bytes; what lies past its end
+/// reads as zeroes (as QEMU's block layer reads it).
+///
+/// # Errors
+///
+/// The read error.
+pub(crate) fn read_within_file(
+    co: &Co,
+    file: &BlockNode,
+    file_len: u64,
+    offset: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let inside = file_len.saturating_sub(offset).min(buf.len() as u64) as usize;
+    buf[inside..].fill(0);
+    if inside > 0 {
+        read_exact_at(co, file, offset, &mut buf[..inside])?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,9 +10,9 @@ use std::io;
 
 use aiocoro::coroutine::Co;
 
-use super::check::read_within_file;
 use super::corrupt;
 use super::header::{Fields, Header};
+use super::io::read_within_file;
 use crate::node::BlockNode;
 
 /// The fixed part of a snapshot table entry.

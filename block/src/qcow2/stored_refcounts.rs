@@ -11,8 +11,8 @@ use std::io;
 
 use aiocoro::coroutine::Co;
 
-use super::check::read_within_file;
 use super::corrupt;
+use super::io::read_within_file;
 use super::io::write_at;
 use super::offsets::{Geometry, HostOffset};
 use super::refcount::{get_entry, set_entry};
