@@ -50,6 +50,7 @@ mod sys;
 #[cfg(aiocoro_loom)]
 #[doc(hidden)]
 pub mod loom_exports {
+    pub use crate::aio::completion::{Claim, Promise, completion};
     pub use crate::aio::inbox::Inbox;
     pub use crate::aio::notify::{Blocker, NotifyState};
     pub use crate::aio::thread_pool::{Job, Notify, Pending, Ticket, ticket};

@@ -50,6 +50,7 @@ impl Bridge {
     /// one cross-thread wake and one resume.
     pub fn cross_thread_wake(&self, iterations: u64) {
         let slot = self.completer.slot.clone();
+        let _spinning = self.completer.spin();
         let rounds = self.iothread.handle().spawn(move |co| {
             for _ in 0..iterations {
                 co.block_on(Completion { slot: &slot, target: None });
@@ -79,8 +80,9 @@ impl Bridge {
     }
 }
 
-/// A thread that completes [`Completion`]s: it spins until one leaves its waker in the slot,
-/// then counts a completion and wakes it.
+/// A thread that completes [`Completion`]s: while [`Completer::spin`]'s guard lives, it spins
+/// until one leaves its waker in the slot, then counts a completion and wakes it; otherwise it
+/// sleeps, so that it takes no CPU from the other workloads.
 struct Completer {
     slot: Arc<Slot>,
     thread: Option<ThreadHandle<()>>,
@@ -92,6 +94,7 @@ struct Slot {
     waker: Mutex<Option<Waker>>,
     waiting: AtomicBool,
     completed: AtomicU64,
+    spinning: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -100,7 +103,11 @@ impl Completer {
         let slot = Arc::new(Slot::default());
         let s = slot.clone();
         let thread = std::thread::spawn(move || {
-            while !s.stop.load(Ordering::Relaxed) {
+            while !s.stop.load(Ordering::Acquire) {
+                if !s.spinning.load(Ordering::Acquire) {
+                    std::thread::park();
+                    continue;
+                }
                 if !s.waiting.swap(false, Ordering::Acquire) {
                     std::hint::spin_loop();
                     continue;
@@ -112,11 +119,34 @@ impl Completer {
         });
         Completer { slot, thread: Some(thread) }
     }
+
+    /// Makes the thread spin until the returned guard is dropped.
+    fn spin(&self) -> Spinning<'_> {
+        self.slot.spinning.store(true, Ordering::Release);
+        self.wake_thread();
+        Spinning(self)
+    }
+
+    fn wake_thread(&self) {
+        if let Some(thread) = &self.thread {
+            thread.thread().unpark();
+        }
+    }
+}
+
+/// While alive, the completer spins.
+struct Spinning<'a>(&'a Completer);
+
+impl Drop for Spinning<'_> {
+    fn drop(&mut self) {
+        self.0.slot.spinning.store(false, Ordering::Release);
+    }
 }
 
 impl Drop for Completer {
     fn drop(&mut self) {
-        self.slot.stop.store(true, Ordering::Relaxed);
+        self.slot.stop.store(true, Ordering::Release);
+        self.wake_thread();
         if let Some(thread) = self.thread.take() {
             thread.join().expect("the completer thread ended");
         }

@@ -71,7 +71,7 @@ impl AioHandle {
         &self,
         body: impl FnOnce(&Co) -> T + Send + 'static,
     ) -> Result<JoinHandle<T>, ContextClosed> {
-        let (body, handle) = joinable(body, self.clone());
+        let (body, handle) = joinable(body, self.shared.id);
         self.send(Message::Spawn(Box::new(body)))?;
         Ok(handle)
     }

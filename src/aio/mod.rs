@@ -48,6 +48,7 @@
 mod adaptive;
 mod arena;
 mod bh;
+pub(crate) mod completion;
 mod context;
 mod deferred;
 mod fd;
