@@ -14,6 +14,10 @@
 //!   that, it sets this bit too);
 //! * `CLAIM_GONE`: the claim was dropped.
 //!
+//! Each bit is set at most once, and only while it is clear (`WAKER` may be cleared and set
+//! again, by its only writer), so the code sets bits with `fetch_add`, one `lock xadd` on x86
+//! where a `fetch_or` whose old value is used is a compare-and-swap loop.
+//!
 //! Whichever side is done last frees the cell. A coroutine joined on its own thread completes
 //! before its claim is first polled: one atomic read-modify-write in all, on the promise's side.
 
@@ -95,7 +99,7 @@ impl<T> Promise<T> {
         let fields = unsafe { cell.as_ref() };
         // SAFETY: as above.
         unsafe { *fields.result.get() = Some(result) };
-        let before = fields.state.fetch_or(COMPLETE, AcqRel);
+        let before = fields.state.fetch_add(COMPLETE, AcqRel);
         if before & WAKER == 0 {
             if before & CLAIM_GONE != 0 {
                 // SAFETY: the claim is gone and we are done with the cell.
@@ -108,7 +112,7 @@ impl<T> Promise<T> {
         if let Some(waker) = unsafe { &*fields.waker.get() } {
             waker.wake_by_ref();
         }
-        if fields.state.fetch_or(PROMISE_GONE, AcqRel) & CLAIM_GONE != 0 {
+        if fields.state.fetch_add(PROMISE_GONE, AcqRel) & CLAIM_GONE != 0 {
             // SAFETY: the claim is gone and we are done with the cell.
             unsafe { free(cell) };
         }
@@ -177,11 +181,11 @@ impl<T> Claim<T> {
             if state & (COMPLETE | WAKER) == 0 {
                 // SAFETY: `WAKER` is clear, so the promise does not touch the cell.
                 unsafe { *fields.waker.get() = Some(cx.waker().clone()) };
-                state = fields.state.fetch_or(WAKER, AcqRel);
+                state = fields.state.fetch_add(WAKER, AcqRel);
                 if state & COMPLETE != 0 {
                     // The promise completed without seeing the waker, so it is done; say so,
                     // or `COMPLETE | WAKER` would have the claim wait for it forever.
-                    fields.state.fetch_or(PROMISE_GONE, AcqRel);
+                    fields.state.fetch_add(PROMISE_GONE, AcqRel);
                 }
             }
             if state & COMPLETE == 0 {
@@ -202,7 +206,7 @@ impl<T> Drop for Claim<T> {
         let fields = self.fields();
         let state = fields.state.load(Acquire);
         // Once the promise is done, nobody else touches the cell: no need to say we leave.
-        if promise_done(state) || promise_done(fields.state.fetch_or(CLAIM_GONE, AcqRel)) {
+        if promise_done(state) || promise_done(fields.state.fetch_add(CLAIM_GONE, AcqRel)) {
             // SAFETY: both sides are done (the promise is, and we are dropping).
             unsafe { free(self.cell) };
         }
