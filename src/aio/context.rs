@@ -361,16 +361,17 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///
 /// ```
 /// use aiocoro::aio::AioContext;
-/// use std::{cell::Cell, rc::Rc, time::Duration};
+/// use std::{rc::Rc, time::Duration};
 ///
 /// let ctx = AioContext::new()?;
-/// let done = Rc::new(Cell::new(false));
-/// let d = done.clone();
-/// ctx.spawn(move |co| {
+/// // Not `Send`: the coroutine never leaves this thread.
+/// let shared = Rc::new("done");
+/// let s = shared.clone();
+/// let sleeper = ctx.spawn(move |co| {
 ///     co.sleep(Duration::from_millis(1));
-///     d.set(true);
+///     *s
 /// });
-/// ctx.wait_while(|| !done.get());
+/// assert_eq!(sleeper.join().unwrap(), "done");
 /// # Ok::<(), std::io::Error>(())
 /// ```
 ///

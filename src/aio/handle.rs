@@ -24,15 +24,13 @@ impl std::error::Error for ContextClosed {}
 ///
 /// ```
 /// use aiocoro::aio::IoThread;
-/// use std::sync::mpsc;
 ///
 /// let iothread = IoThread::spawn("worker")?;
-/// let (tx, rx) = mpsc::channel();
-/// iothread.handle().spawn(move |co| {
+/// let coroutine = iothread.handle().spawn(move |co| {
 ///     co.sleep(std::time::Duration::from_millis(1));
-///     tx.send(std::thread::current().name().map(String::from)).unwrap();
+///     std::thread::current().name().map(String::from)
 /// })?;
-/// assert_eq!(rx.recv().unwrap().as_deref(), Some("worker"));
+/// assert_eq!(coroutine.join().unwrap().as_deref(), Some("worker"));
 /// iothread.stop();
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```

@@ -157,27 +157,20 @@ impl IoEngine {
 /// use aiocoro::aio::{self, AioContext};
 /// use std::io::{IoSlice, IoSliceMut};
 /// use std::os::fd::AsFd;
-/// use std::{cell::RefCell, rc::Rc};
 ///
 /// let path = std::env::temp_dir().join(format!("aiocoro-preadv-doc-{}", std::process::id()));
 /// let file = std::fs::File::options().read(true).write(true).create(true).open(&path)?;
 /// let ctx = AioContext::new()?;
-/// let out = Rc::new(RefCell::new(None));
-/// let o = out.clone();
-/// let co = ctx.spawn(move |co| {
-///     let result = (|| {
-///         aio::pwritev(co, file.as_fd(), &[IoSlice::new(b"hello, "), IoSlice::new(b"disk")], 0)?;
-///         aio::fsync(co, file.as_fd(), true)?;
-///         let (mut head, mut tail) = ([0u8; 5], [0u8; 16]);
-///         let bufs = &mut [IoSliceMut::new(&mut head), IoSliceMut::new(&mut tail)];
-///         let read = aio::preadv(co, file.as_fd(), bufs, 0)?;
-///         Ok::<_, std::io::Error>((read, head, tail))
-///     })();
-///     *o.borrow_mut() = Some(result);
+/// let result = ctx.run(move |co| {
+///     aio::pwritev(co, file.as_fd(), &[IoSlice::new(b"hello, "), IoSlice::new(b"disk")], 0)?;
+///     aio::fsync(co, file.as_fd(), true)?;
+///     let (mut head, mut tail) = ([0u8; 5], [0u8; 16]);
+///     let bufs = &mut [IoSliceMut::new(&mut head), IoSliceMut::new(&mut tail)];
+///     let read = aio::preadv(co, file.as_fd(), bufs, 0)?;
+///     Ok::<_, std::io::Error>((read, head, tail))
 /// });
-/// ctx.wait_while(|| !co.is_finished());
 /// std::fs::remove_file(&path)?;
-/// let (read, head, tail) = out.borrow_mut().take().unwrap()?;
+/// let (read, head, tail) = result?;
 /// assert_eq!(read, 11);
 /// assert_eq!(&head, b"hello");
 /// assert_eq!(&tail[..6], b", disk");
@@ -1088,7 +1081,7 @@ mod tests {
     #[test]
     fn dropping_an_in_flight_read_cancels_it_and_waits_for_its_completion() {
         let ctx = AioContext::new().unwrap();
-        let co = ctx.spawn(|co| {
+        ctx.run(|co| {
             let Engine::Uring(ring) = engine() else {
                 // No ring here: that must be because the kernel (or the switch) refuses.
                 assert!(forced_off() || IoUring::new(4).is_err(), "io_uring works but went unused");
@@ -1119,7 +1112,6 @@ mod tests {
             assert_eq!(completion(result).unwrap(), 5);
             assert_eq!(&buffer[..5], b"after");
         });
-        ctx.wait_while(|| !co.is_finished());
     }
 
     /// This thread's ring, or `None` where the kernel (or the switch) refuses io_uring.
@@ -1172,23 +1164,20 @@ mod tests {
         file: &Rc<std::fs::File>,
         offsets: impl Iterator<Item = usize>,
     ) -> Vec<(usize, Vec<u8>)> {
-        let results = Rc::new(RefCell::new(Vec::new()));
+        // All are spawned before the first join runs them, so that their reads can merge.
         let coroutines: Vec<_> = offsets
-            .enumerate()
-            .map(|(i, offset)| {
-                let (file, results) = (file.clone(), results.clone());
-                results.borrow_mut().push(None);
+            .map(|offset| {
+                let file = file.clone();
                 ctx.spawn(move |co| {
                     let (mut head, mut tail) = (vec![0u8; 1000], vec![0u8; LEN - 1000]);
                     let bufs = &mut [IoSliceMut::new(&mut head), IoSliceMut::new(&mut tail)];
                     let read = preadv(co, file.as_fd(), bufs, offset as u64).unwrap();
                     head.extend_from_slice(&tail);
-                    results.borrow_mut()[i] = Some((read, head));
+                    (read, head)
                 })
             })
             .collect();
-        ctx.wait_while(|| !coroutines.iter().all(|co| co.is_finished()));
-        results.take().into_iter().map(Option::unwrap).collect()
+        coroutines.into_iter().map(|co| co.join().unwrap()).collect()
     }
 
     #[test]
@@ -1216,20 +1205,18 @@ mod tests {
         let temp = TempFile::new("merged-writes", &[]);
         let ctx = AioContext::new().unwrap();
         let Some(ring) = this_ring() else { return };
-        let written = Rc::new(RefCell::new(vec![0; N]));
         let coroutines: Vec<_> = (0..N)
             .map(|i| {
-                let (file, written, data) = (temp.file.clone(), written.clone(), data.clone());
+                let (file, data) = (temp.file.clone(), data.clone());
                 ctx.spawn(move |co| {
                     let block = &data[i * LEN..][..LEN];
                     let bufs = [IoSlice::new(&block[..100]), IoSlice::new(&block[100..])];
-                    let count = pwritev(co, file.as_fd(), &bufs, (i * LEN) as u64).unwrap();
-                    written.borrow_mut()[i] = count;
+                    pwritev(co, file.as_fd(), &bufs, (i * LEN) as u64).unwrap()
                 })
             })
             .collect();
-        ctx.wait_while(|| !coroutines.iter().all(|co| co.is_finished()));
-        assert_eq!(*written.borrow(), vec![LEN; N]);
+        let written: Vec<usize> = coroutines.into_iter().map(|co| co.join().unwrap()).collect();
+        assert_eq!(written, vec![LEN; N]);
         assert!(std::fs::read(&temp.path).unwrap() == data, "the file reads back different");
         let stats = ring.stats.get();
         assert!(stats.merged >= 1 && stats.members >= 2 * stats.merged, "{stats:?}");
@@ -1264,10 +1251,9 @@ mod tests {
         let file = Rc::new(std::fs::File::options().write(true).open(&temp.path).unwrap());
         let ctx = AioContext::new().unwrap();
         let Some(ring) = this_ring() else { return };
-        let errors = Rc::new(RefCell::new(Vec::new()));
         let coroutines: Vec<_> = (0..4)
             .map(|i| {
-                let (file, errors) = (file.clone(), errors.clone());
+                let file = file.clone();
                 ctx.spawn(move |co| {
                     let mut buf = vec![0u8; LEN];
                     let error =
@@ -1276,12 +1262,12 @@ mod tests {
                     // The OS error under the call's name.
                     let os = error.get_ref().and_then(|error| error.source());
                     let os = os.and_then(|os| os.downcast_ref::<io::Error>());
-                    errors.borrow_mut().push(os.and_then(io::Error::raw_os_error));
+                    os.and_then(io::Error::raw_os_error)
                 })
             })
             .collect();
-        ctx.wait_while(|| !coroutines.iter().all(|co| co.is_finished()));
-        assert_eq!(*errors.borrow(), [Some(libc::EBADF); 4]);
+        let errors: Vec<_> = coroutines.into_iter().map(|co| co.join().unwrap()).collect();
+        assert_eq!(errors, [Some(libc::EBADF); 4]);
         let stats = ring.stats.get();
         assert!(stats.merged >= 1 && stats.again == stats.members, "{stats:?}");
     }
@@ -1314,7 +1300,7 @@ mod tests {
     #[test]
     fn unwinding_a_member_of_a_merged_read_in_the_kernel_leaves_the_others_correct() {
         let ctx = AioContext::new().unwrap();
-        let co = ctx.spawn(|co| {
+        ctx.run(|co| {
             let Some(ring) = this_ring() else { return };
             // A socket read waits for data, so the merged read is surely in the kernel when
             // its member goes.
@@ -1366,7 +1352,6 @@ mod tests {
             assert_eq!(b, [0; 8], "the unwound member's buffer was left alone");
             assert_eq!((ring.ops.borrow().len(), ring.owed.get()), (0, 0));
         });
-        ctx.wait_while(|| !co.is_finished());
     }
 
     #[test]
@@ -1375,7 +1360,7 @@ mod tests {
         let temp = TempFile::new("staged-unwind", &data);
         let ctx = AioContext::new().unwrap();
         let file = temp.file.clone();
-        let co = ctx.spawn(move |co| {
+        ctx.run(move |co| {
             let Some(ring) = this_ring() else { return };
             let fd = file.as_raw_fd();
             let (mut a, mut b, mut c) = (vec![0u8; LEN], vec![0u8; LEN], vec![0u8; LEN]);
@@ -1402,7 +1387,6 @@ mod tests {
             assert_eq!(ring.stats.get().merged, 0, "the two left are not neighbours");
             assert_eq!((ring.ops.borrow().len(), ring.owed.get()), (0, 0));
         });
-        ctx.wait_while(|| !co.is_finished());
     }
 
     #[test]
