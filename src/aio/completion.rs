@@ -1,6 +1,7 @@
 //! The hand-over of a spawned coroutine's result to its [`JoinHandle`](super::JoinHandle): a
 //! one-shot cell with one writer ([`Promise`], held by the coroutine) and one reader
-//! ([`Claim`], held by the handle), in one allocation with one atomic word and no lock.
+//! ([`Claim`], held by the handle), in one small block (recycled per thread, see
+//! `small_blocks.rs`) with one atomic word and no lock.
 //!
 //! The word's bits say who may touch which part:
 //!
@@ -29,6 +30,7 @@ use std::task::{Context, Poll, Waker};
 use std::thread;
 
 use super::join::CANCELLED;
+use super::small_blocks;
 use crate::loom::AtomicUsize;
 
 const COMPLETE: usize = 1;
@@ -50,24 +52,31 @@ struct Cell<T> {
     waker: UnsafeCell<Option<Waker>>,
 }
 
-/// Frees the cell.
+/// Drops and frees the cell.
 ///
 /// # Safety
 ///
-/// Both sides are done with `cell` (it came from `Box::into_raw` in [`completion`]), and
-/// nothing uses it after.
+/// Both sides are done with `cell` (made by [`completion`]), and nothing uses it after.
 unsafe fn free<T>(cell: NonNull<Cell<T>>) {
-    // SAFETY: the caller's contract: we are its last user.
-    drop(unsafe { Box::from_raw(cell.as_ptr()) });
+    // SAFETY: the caller's contract: we are its last user, and it was initialised in
+    // `completion` in a block from `small_blocks::allocate`.
+    unsafe {
+        cell.drop_in_place();
+        small_blocks::release(cell);
+    }
 }
 
 /// A new cell: the coroutine's [`Promise`] and the handle's [`Claim`].
 pub fn completion<T>() -> (Promise<T>, Claim<T>) {
-    let cell = NonNull::from(Box::leak(Box::new(Cell {
-        state: AtomicUsize::new(0),
-        result: UnsafeCell::new(None),
-        waker: UnsafeCell::new(None),
-    })));
+    let cell = small_blocks::allocate::<Cell<T>>();
+    // SAFETY: a fresh block for a `Cell<T>`, which nothing else points to yet.
+    unsafe {
+        cell.write(Cell {
+            state: AtomicUsize::new(0),
+            result: UnsafeCell::new(None),
+            waker: UnsafeCell::new(None),
+        })
+    };
     (Promise { cell, _owns: PhantomData }, Claim { cell, taken: false, _owns: PhantomData })
 }
 

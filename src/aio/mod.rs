@@ -59,6 +59,7 @@ mod iothread;
 mod join;
 pub(crate) mod notify;
 mod sleep;
+mod small_blocks;
 pub(crate) mod thread_pool;
 mod timer;
 mod uring;
