@@ -11,7 +11,8 @@
 //! * `thread_pool/round_trip`: a coroutine hands a trivial closure to a worker of the global
 //!   thread pool with `Co::run_blocking` and sleeps until the result is back in its context.
 //! * `future/ready`, `future/cross_thread_wake`, `join/spawn_join`, `join/await_from_tokio`: the
-//!   Future bridge and join handles (see `support/future_workloads.rs`).
+//!   Future bridge and join handles (see `support/future_workloads.rs`);
+//!   `future/cross_thread_wake_tokio`: tokio awaiting the futures of `cross_thread_wake`, its peer.
 
 #[path = "support/future_workloads.rs"]
 mod future_workloads;
@@ -187,6 +188,9 @@ fn bridge(c: &mut Criterion) {
     group.bench_function("ready", |b| b.iter_custom(|n| timed(|| bridge.ready(n))));
     group.bench_function("cross_thread_wake", |b| {
         b.iter_custom(|n| timed(|| bridge.cross_thread_wake(n)))
+    });
+    group.bench_function("cross_thread_wake_tokio", |b| {
+        b.iter_custom(|n| timed(|| bridge.tokio_cross_thread_wake(n)))
     });
     group.finish();
     let mut group = c.benchmark_group("join");

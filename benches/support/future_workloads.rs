@@ -59,6 +59,19 @@ impl Bridge {
         rounds.expect("the IoThread runs").join().expect("no panic");
     }
 
+    /// `future/cross_thread_wake_tokio`, the peer of `future/cross_thread_wake`: a task of the
+    /// tokio current-thread runtime on this thread awaits the same futures, completed by the
+    /// same thread.
+    pub fn tokio_cross_thread_wake(&self, iterations: u64) {
+        let slot = self.completer.slot.clone();
+        let _spinning = self.completer.spin();
+        self.runtime.block_on(async move {
+            for _ in 0..iterations {
+                Completion { slot: &slot, target: None }.await;
+            }
+        });
+    }
+
     /// `join/spawn_join`: spawn a coroutine on this thread's context and join it from the
     /// thread (the join polls the context).
     pub fn spawn_join(&self, iterations: u64) {
