@@ -91,6 +91,12 @@ pub struct Promise<T> {
     _owns: PhantomData<thread::Result<T>>,
 }
 
+impl<T> std::fmt::Debug for Promise<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Promise").finish_non_exhaustive()
+    }
+}
+
 // SAFETY: the promise moves a `T` to the claim's thread (hence `T: Send`); everything else it
 // shares goes through the atomic state word, and wakers are `Send + Sync`.
 unsafe impl<T: Send> Send for Promise<T> {}
@@ -145,6 +151,12 @@ pub struct Claim<T> {
     /// Whether the result was taken.
     taken: bool,
     _owns: PhantomData<thread::Result<T>>,
+}
+
+impl<T> std::fmt::Debug for Claim<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim").finish_non_exhaustive()
+    }
 }
 
 // SAFETY: the claim receives a `T` from the promise's thread (hence `T: Send`); its shared
