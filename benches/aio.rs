@@ -11,7 +11,8 @@
 //! * `thread_pool/round_trip`: a coroutine hands a trivial closure to a worker of the global
 //!   thread pool with `Co::run_blocking` and sleeps until the result is back in its context.
 //! * `future/ready`, `future/cross_thread_wake`, `join/spawn_join`, `join/await_from_tokio`: the
-//!   Future bridge and join handles (see `support/future_workloads.rs`).
+//!   Future bridge and join handles (see `support/future_workloads.rs`);
+//!   `future/cross_thread_wake_tokio`: tokio awaiting the futures of `cross_thread_wake`, its peer.
 
 #[path = "support/future_workloads.rs"]
 mod future_workloads;
@@ -164,19 +165,17 @@ fn thread_pool(c: &mut Criterion) {
     let mut group = c.benchmark_group("thread_pool");
     group.bench_function("round_trip", |b| {
         b.iter_custom(|n| {
-            let done = Rc::new(Cell::new(0u64));
-            let counter = done.clone();
+            let mut done = 0;
             let elapsed = timed(|| {
-                let co = ctx.spawn(move |co| {
+                done = ctx.run(move |co| {
                     for i in 0..n {
                         let result = co.run_blocking(move || black_box(i) + 1);
                         assert_eq!(result, i + 1);
-                        counter.set(counter.get() + 1);
                     }
+                    n
                 });
-                ctx.wait_while(|| !co.is_finished());
             });
-            assert_eq!(done.get(), n, "every job came back");
+            assert_eq!(done, n, "every job came back");
             elapsed
         })
     });
@@ -189,6 +188,9 @@ fn bridge(c: &mut Criterion) {
     group.bench_function("ready", |b| b.iter_custom(|n| timed(|| bridge.ready(n))));
     group.bench_function("cross_thread_wake", |b| {
         b.iter_custom(|n| timed(|| bridge.cross_thread_wake(n)))
+    });
+    group.bench_function("cross_thread_wake_tokio", |b| {
+        b.iter_custom(|n| timed(|| bridge.tokio_cross_thread_wake(n)))
     });
     group.finish();
     let mut group = c.benchmark_group("join");

@@ -6,7 +6,8 @@
 //!
 //! Each figure is the median of five timed runs after a warm-up. `future/*` and `join/*` are the
 //! Future bridge and join handles (see `benches/support/future_workloads.rs`); `join/spawn_join`
-//! compares with `raw_corosensei_lifecycle`. `nesting` is per level, the
+//! compares with `raw_corosensei_lifecycle`, `future/cross_thread_wake` with
+//! `future/cross_thread_wake_tokio` (tokio awaiting the same futures). `nesting` is per level, the
 //! others per operation. `raw_corosensei_*` run the same shapes on bare `corosensei`, in the same
 //! process, as the baseline. `suspended/1000000` is per coroutine (create, enter until its yield,
 //! later enter to its end) with a million suspended at once; before its runs, one such million is
@@ -74,6 +75,9 @@ fn main() {
     let bridge = future_workloads::Bridge::new();
     figures.report("future/ready", 20_000_000, 1, |n| bridge.ready(n));
     figures.report("future/cross_thread_wake", 200_000, 1, |n| bridge.cross_thread_wake(n));
+    figures.report("future/cross_thread_wake_tokio", 200_000, 1, |n| {
+        bridge.tokio_cross_thread_wake(n)
+    });
     figures.report("join/spawn_join", 5_000_000, 1, |n| bridge.spawn_join(n));
     figures.report("join/await_from_tokio", 200_000, 1, |n| bridge.await_from_tokio(n));
     drop(bridge);

@@ -116,6 +116,7 @@ mod sys;
 #[cfg(aiocoro_loom)]
 #[doc(hidden)]
 pub mod loom_exports {
+    pub use crate::aio::completion::{Claim, Promise, completion};
     pub use crate::aio::inbox::Inbox;
     pub use crate::aio::notify::{Blocker, WakeupHandshake};
     pub use crate::aio::thread_pool::{Job, JobDone, Pending, Ticket, ticket};

@@ -51,7 +51,7 @@ fn a_waker_resumes_its_coroutine_from_another_thread() {
     assert_eq!(ctx.suspended_coroutines(), 1);
     let waker = rx.recv().unwrap();
     thread::spawn(move || waker.wake()).join().unwrap();
-    ctx.wait_while(|| !co.is_finished());
+    co.join().unwrap();
     assert_eq!(
         *steps.borrow(),
         ["waiting".to_string(), format!("resumed on {:?}", thread::current().id())]
@@ -141,7 +141,7 @@ fn coroutines_woken_inside_a_coroutine_run_after_it_yields_in_wake_order() {
     drain(&ctx);
     let o = order.clone();
     let w = wakers.clone();
-    ctx.spawn(move |co| {
+    let waker = ctx.spawn(move |co| {
         let by_name =
             |wanted: &str| w.borrow().iter().find(|(name, _)| *name == wanted).unwrap().1.clone();
         by_name("c").wake();
@@ -151,7 +151,7 @@ fn coroutines_woken_inside_a_coroutine_run_after_it_yields_in_wake_order() {
         co.sleep(Duration::ZERO);
         o.borrow_mut().push("waker after its yield".into());
     });
-    ctx.wait_while(|| order.borrow().len() < 5);
+    waker.join().unwrap();
     assert_eq!(*order.borrow(), ["waker still running", "c", "a", "b", "waker after its yield"]);
 }
 
@@ -289,6 +289,8 @@ fn reschedule_lets_the_other_coroutines_run_first() {
             }
         }));
     }
-    ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
+    for co in coroutines {
+        co.join().unwrap();
+    }
     assert_eq!(*order.borrow(), ["a0", "b0", "a1", "b1"], "each reschedule let the other run");
 }

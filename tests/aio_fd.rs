@@ -103,7 +103,8 @@ fn coroutines_wait_for_readable_and_writable_descriptors() {
             co.sleep(std::time::Duration::from_millis(1));
         }
     });
-    ctx.wait_while(|| !(reader.is_finished() && writer.is_finished()));
+    reader.join().unwrap();
+    writer.join().unwrap();
     assert_eq!(*received.borrow(), b"hello world");
 }
 
@@ -115,11 +116,7 @@ fn a_closed_descriptor_is_a_clear_error() {
     let fd = 1 << 30;
     let error = ctx.set_fd_handler(fd, FdHandler::new().on_readable(|| {})).unwrap_err();
     assert!(error.to_string().contains(&format!("file descriptor {fd}")), "{error}");
-    let outcome = Rc::new(RefCell::new(None));
-    let o = outcome.clone();
-    ctx.spawn(move |co| *o.borrow_mut() = Some(co.wait_readable(fd).map_err(|e| e.to_string())));
-    while ctx.poll(false) {}
-    let message = outcome.borrow().clone().unwrap().unwrap_err();
+    let message = ctx.run(move |co| co.wait_readable(fd).map_err(|e| e.to_string())).unwrap_err();
     assert!(message.contains("Bad file descriptor"), "{message}");
     assert_eq!(ctx.suspended_coroutines(), 0, "the failed wait left nothing behind");
 }

@@ -1,10 +1,7 @@
 //! The thread pool for blocking calls: results come back in the submitting context, panics
 //! carry their payload, and the pool keeps to its worker bounds.
 
-use std::any::Any;
-use std::cell::RefCell;
 use std::panic::{self, AssertUnwindSafe};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread;
@@ -98,27 +95,24 @@ fn the_result_arrives_in_the_submitting_context() {
 #[test]
 fn a_hundred_coroutines_each_get_their_own_result() {
     let ctx = AioContext::new().unwrap();
-    let results = Rc::new(RefCell::new(vec![None; 100]));
-    let finished = Rc::new(RefCell::new(0));
     let home = thread::current().id();
-    for i in 0..100u64 {
-        let (results, finished) = (results.clone(), finished.clone());
-        ctx.spawn(move |co| {
-            let (square, worker) = co.run_blocking(move || {
-                // Vary how long jobs take, so that they finish out of order.
-                thread::sleep(Duration::from_micros((i * 37) % 500));
-                (i * i, thread::current().id())
-            });
-            assert_ne!(worker, home, "job {i} ran on the context's thread");
-            assert_eq!(thread::current().id(), home);
-            results.borrow_mut()[i as usize] = Some(square);
-            *finished.borrow_mut() += 1;
-        });
-    }
-    ctx.wait_while(|| *finished.borrow() < 100);
-    let results = results.borrow();
-    for (i, result) in results.iter().enumerate() {
-        assert_eq!(*result, Some((i * i) as u64), "coroutine {i} got someone else's result");
+    let coroutines: Vec<_> = (0..100u64)
+        .map(|i| {
+            ctx.spawn(move |co| {
+                let (square, worker) = co.run_blocking(move || {
+                    // Vary how long jobs take, so that they finish out of order.
+                    thread::sleep(Duration::from_micros((i * 37) % 500));
+                    (i * i, thread::current().id())
+                });
+                assert_ne!(worker, home, "job {i} ran on the context's thread");
+                assert_eq!(thread::current().id(), home);
+                square
+            })
+        })
+        .collect();
+    for (i, coroutine) in coroutines.into_iter().enumerate() {
+        let square = coroutine.join().unwrap();
+        assert_eq!(square, (i * i) as u64, "coroutine {i} got someone else's result");
     }
     assert_eq!(ctx.suspended_coroutines(), 0);
 }
@@ -129,25 +123,19 @@ struct Payload(u32);
 #[test]
 fn a_panic_in_the_job_continues_in_the_coroutine_with_its_payload() {
     let ctx = AioContext::new().unwrap();
-    let caught: Rc<RefCell<Vec<Box<dyn Any + Send>>>> = Rc::default();
-    let c = caught.clone();
-    let co = ctx.spawn(move |co| {
-        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+    let mut caught = ctx.run(move |co| {
+        let first = panic::catch_unwind(AssertUnwindSafe(|| {
             co.run_blocking(|| -> u32 { panic::panic_any(Payload(42)) })
         }));
-        c.borrow_mut().push(outcome.unwrap_err());
-        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+        let second = panic::catch_unwind(AssertUnwindSafe(|| {
             co.run_blocking(|| -> u32 {
                 panic!("disk on fire at block {}", std::hint::black_box(7))
             })
         }));
-        c.borrow_mut().push(outcome.unwrap_err());
         // The worker survived its panics and the pool goes on.
         assert_eq!(co.run_blocking(|| 5), 5);
+        vec![first.unwrap_err(), second.unwrap_err()]
     });
-    ctx.wait_while(|| !co.is_finished());
-    let mut caught = caught.borrow_mut();
-    assert_eq!(caught.len(), 2);
     let message = caught.pop().unwrap();
     let message = match message.downcast::<String>() {
         Ok(message) => *message,
@@ -170,20 +158,19 @@ fn a_pool_never_runs_more_than_max_workers() {
     let running = Arc::new(AtomicUsize::new(0));
     let most = Arc::new(AtomicUsize::new(0));
     let ctx = AioContext::new().unwrap();
-    let done = Rc::new(RefCell::new(Vec::new()));
+    let mut coroutines = Vec::new();
     for i in 0..10 {
-        let (pool, gate, running, most, done) =
-            (pool.clone(), gate.clone(), running.clone(), most.clone(), done.clone());
-        ctx.spawn(move |co| {
-            let value = pool.run(co, move || {
+        let (pool, gate, running, most) =
+            (pool.clone(), gate.clone(), running.clone(), most.clone());
+        coroutines.push(ctx.spawn(move |co| {
+            pool.run(co, move || {
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 most.fetch_max(now, Ordering::SeqCst);
                 let opened = gate.wait();
                 running.fetch_sub(1, Ordering::SeqCst);
                 opened.then_some(i)
-            });
-            done.borrow_mut().push(value);
-        });
+            })
+        }));
     }
     ctx.poll(false); // every coroutine submits its job and sleeps
     eventually("two jobs run", || running.load(Ordering::SeqCst) == 2);
@@ -193,9 +180,7 @@ fn a_pool_never_runs_more_than_max_workers() {
     }
     assert_eq!(running.load(Ordering::SeqCst), 2, "queued jobs did not start beyond the bound");
     gate.open();
-    ctx.wait_while(|| done.borrow().len() < 10);
-    let mut done = done.borrow().clone();
-    done.sort();
+    let done: Vec<_> = coroutines.into_iter().map(|co| co.join().unwrap()).collect();
     assert_eq!(done, (0..10).map(Some).collect::<Vec<_>>(), "every job ran, none timed out");
     assert_eq!(most.load(Ordering::SeqCst), 2);
     assert!(pool.workers() <= 2);
@@ -210,17 +195,15 @@ fn idle_workers_above_the_minimum_exit() {
     });
     let ctx = AioContext::new().unwrap();
     let rendezvous = Arc::new(Rendezvous::new(4));
-    let met = Rc::new(RefCell::new(Vec::new()));
-    for _ in 0..4 {
-        let (pool, rendezvous, met) = (pool.clone(), rendezvous.clone(), met.clone());
-        ctx.spawn(move |co| {
+    let coroutines: Vec<_> = (0..4)
+        .map(|_| {
+            let (pool, rendezvous) = (pool.clone(), rendezvous.clone());
             // Four jobs that each wait for the other three need four workers at once.
-            let all_met = pool.run(co, move || rendezvous.arrive());
-            met.borrow_mut().push(all_met);
-        });
-    }
-    ctx.wait_while(|| met.borrow().len() < 4);
-    assert_eq!(*met.borrow(), [true; 4], "the pool ran four jobs at once");
+            ctx.spawn(move |co| pool.run(co, move || rendezvous.arrive()))
+        })
+        .collect();
+    let met: Vec<bool> = coroutines.into_iter().map(|co| co.join().unwrap()).collect();
+    assert_eq!(met, [true; 4], "the pool ran four jobs at once");
     eventually("idle workers shrink to min_workers", || pool.workers() == 1);
     eventually("the remaining worker is idle", || pool.idle_workers() == 1);
     // The minimum stays: the last worker's wait times out again and again, but it stays.
@@ -231,7 +214,7 @@ fn idle_workers_above_the_minimum_exit() {
         let pool = pool.clone();
         move |co| assert_eq!(pool.run(co, || 6 * 7), 42)
     });
-    ctx.wait_while(|| !again.is_finished());
+    again.join().unwrap();
 }
 
 #[test]

@@ -64,29 +64,31 @@ fn a_dropped_timer_never_fires() {
 #[test]
 fn sleep_suspends_for_at_least_its_duration() {
     let ctx = AioContext::new().unwrap();
-    let slept = Rc::new(RefCell::new(None));
-    let s = slept.clone();
-    ctx.spawn(move |co| {
+    let slept = ctx.run(move |co| {
         let start = Instant::now();
         co.sleep(Duration::from_millis(3));
-        *s.borrow_mut() = Some(start.elapsed());
+        start.elapsed()
     });
-    ctx.wait_while(|| slept.borrow().is_none());
-    assert!(slept.borrow().unwrap() >= Duration::from_millis(3));
+    assert!(slept >= Duration::from_millis(3));
 }
 
 #[test]
 fn many_sleepers_wake_in_deadline_order() {
     let ctx = AioContext::new().unwrap();
     let order = Rc::new(RefCell::new(Vec::new()));
-    for delay in [5u64, 1, 4, 2, 3] {
-        let o = order.clone();
-        ctx.spawn(move |co| {
-            co.sleep(Duration::from_millis(delay));
-            o.borrow_mut().push(delay);
-        });
+    let sleepers: Vec<_> = [5u64, 1, 4, 2, 3]
+        .into_iter()
+        .map(|delay| {
+            let o = order.clone();
+            ctx.spawn(move |co| {
+                co.sleep(Duration::from_millis(delay));
+                o.borrow_mut().push(delay);
+            })
+        })
+        .collect();
+    for sleeper in sleepers {
+        sleeper.join().unwrap();
     }
-    ctx.wait_while(|| order.borrow().len() < 5);
     assert_eq!(*order.borrow(), [1, 2, 3, 4, 5]);
 }
 

@@ -6,7 +6,6 @@
 #[allow(dead_code)]
 mod common;
 
-use std::cell::RefCell;
 use std::error::Error;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
@@ -198,10 +197,10 @@ fn check_many_concurrent_coroutines() {
     let file = TempFile::new("concurrent");
     let handle = Rc::new(file.open_rw());
     let ctx = AioContext::new().unwrap();
-    let finished = Rc::new(RefCell::new(0u64));
+    let mut coroutines = Vec::new();
     for i in 0..COROUTINES {
-        let (handle, finished) = (handle.clone(), finished.clone());
-        ctx.spawn(move |co| {
+        let handle = handle.clone();
+        coroutines.push(ctx.spawn(move |co| {
             let offset = i * BLOCK as u64;
             let data = patterned(i, offset, BLOCK);
             let (head, tail) = data.split_at(1000);
@@ -217,10 +216,11 @@ fn check_many_concurrent_coroutines() {
             if i % 50 == 0 {
                 aio::fsync(co, handle.as_fd(), i % 100 == 0).unwrap();
             }
-            *finished.borrow_mut() += 1;
-        });
+        }));
     }
-    ctx.wait_while(|| *finished.borrow() < COROUTINES);
+    for coroutine in coroutines {
+        coroutine.join().unwrap();
+    }
     assert_eq!(ctx.suspended_coroutines(), 0);
     drop(ctx);
     let disk = std::fs::read(&file.path).unwrap();

@@ -105,10 +105,9 @@ fn late_and_duplicate_wakes_do_nothing() {
     let second = probe.wakers.lock().unwrap()[1].clone();
     second.wake_by_ref();
     second.wake_by_ref();
-    ctx.wait_while(|| !done.is_finished());
+    assert_eq!(done.join().unwrap(), 3);
     while ctx.poll(false) {}
     assert_eq!(probe.polls.load(Ordering::SeqCst), 3);
-    assert_eq!(done.join().unwrap(), 3);
     // Wakes after the coroutine ended, and after its context is gone, do nothing.
     second.wake_by_ref();
     drop(ctx);
@@ -270,4 +269,76 @@ fn run_returns_the_value_and_resumes_a_panic() {
         panic::catch_unwind(AssertUnwindSafe(|| ctx.run(|_| panic!("run boom")))).unwrap_err();
     assert_eq!(payload.downcast_ref::<&str>(), Some(&"run boom"));
     assert_eq!(ctx.run(|_| 1), 1, "the context is still usable");
+}
+
+#[test]
+fn a_tokio_task_awaiting_a_panicking_coroutine_ends_with_the_coroutines_panic() {
+    let iothread = IoThread::spawn("tokio-panic").unwrap();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<u32>();
+    let handle = iothread
+        .handle()
+        .spawn(move |co| -> u32 {
+            let n = co.block_on(go_rx).unwrap();
+            panic!("coroutine panic number {n}")
+        })
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let outcome = runtime.block_on(async move {
+        // As a tokio task awaiting a tokio task that panics: its JoinHandle reports the panic.
+        let task = tokio::spawn(async move { handle.await + 1 });
+        tokio::task::yield_now().await;
+        go_tx.send(7).unwrap();
+        task.await
+    });
+    let error = outcome.expect_err("the awaiting task did not end with the coroutine's panic");
+    assert!(error.is_panic(), "{error}");
+    let payload = error.into_panic();
+    assert_eq!(
+        payload.downcast_ref::<String>().map(String::as_str),
+        Some("coroutine panic number 7")
+    );
+    assert_eq!(iothread.handle().spawn(|_| 3).unwrap().join().unwrap(), 3, "the IoThread died");
+    iothread.stop();
+}
+
+#[test]
+fn aborting_a_tokio_task_that_awaits_a_coroutine_detaches_the_coroutine() {
+    let iothread = IoThread::spawn("tokio-detach").unwrap();
+    let drops = Arc::new(AtomicUsize::new(0));
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel();
+    let d = drops.clone();
+    let handle = iothread
+        .handle()
+        .spawn(move |co| {
+            co.block_on(go_rx).unwrap();
+            done_tx.send(thread::current().name().map(String::from)).unwrap();
+            Dropped(d)
+        })
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let aborted = runtime.block_on(async move {
+        let task = tokio::spawn(async move {
+            let _result = handle.await;
+            unreachable!("the coroutine ended while its awaiting task was aborted")
+        });
+        // Let the task poll the handle (leaving its waker) before it is aborted.
+        tokio::task::yield_now().await;
+        task.abort();
+        task.await
+    });
+    assert!(aborted.expect_err("the task was not aborted").is_cancelled());
+    assert_eq!(drops.load(Ordering::SeqCst), 0);
+    // The handle is gone with the task; the coroutine runs on to its end, and its result,
+    // which nobody takes, is dropped once.
+    go_tx.send(()).unwrap();
+    let ran_on = done_rx.recv_timeout(Duration::from_secs(10)).expect("the coroutine ran on");
+    assert_eq!(ran_on.as_deref(), Some("tokio-detach"));
+    iothread.handle().spawn(|_| ()).unwrap().join().unwrap();
+    assert_eq!(
+        drops.load(Ordering::SeqCst),
+        1,
+        "the detached coroutine's result was not dropped once"
+    );
+    iothread.stop();
 }

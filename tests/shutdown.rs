@@ -93,7 +93,7 @@ fn stopping_an_iothread_with_comutex_waiters_of_both_kinds_hands_the_lock_on() {
     let started = Instant::now();
     iothread.stop();
     assert!(started.elapsed() < Duration::from_secs(60), "the sleep was cancelled");
-    ctx.wait_while(|| !remote.is_finished());
+    remote.join().unwrap();
     assert_eq!(
         *mutex.try_lock().unwrap(),
         ["holder", "parked waiter", "remote waiter"],
@@ -294,23 +294,20 @@ fn a_coroutine_parked_where_shutdown_cannot_reach_it_is_left_suspended_not_unwou
 #[test]
 fn waking_a_forgotten_wait_panics_naming_that_misuse() {
     let ctx = AioContext::new().unwrap();
-    let waker = Rc::new(RefCell::new(None));
-    let w = waker.clone();
-    let id = Rc::new(Cell::new(0));
-    let i = id.clone();
     let co = ctx.spawn(move |co| {
-        i.set(co.current().id());
         let wait = co.prepare_wait();
-        *w.borrow_mut() = Some(wait.waker());
+        let waker = wait.waker();
         std::mem::forget(wait);
+        (co.current().id(), waker)
     });
     ctx.poll(false);
     assert!(co.is_finished());
-    waker.borrow_mut().take().unwrap().wake();
+    let (id, waker) = co.join().unwrap();
+    waker.wake();
     let message =
         panic_message(panic::catch_unwind(AssertUnwindSafe(|| ctx.poll(false))).unwrap_err());
     assert!(message.contains("the Wait was leaked"), "{message}");
-    assert!(message.contains(&format!("coroutine #{}", id.get())), "{message}");
+    assert!(message.contains(&format!("coroutine #{id}")), "{message}");
 }
 
 #[test]
@@ -329,7 +326,7 @@ fn a_sleeper_whose_sleep_was_cancelled_can_be_slept_on_again() {
     let co = ctx.spawn(move |co| {
         assert_eq!(co.sleep_wakeable(Duration::from_millis(1), &s), WakeReason::TimedOut);
     });
-    ctx.wait_while(|| !co.is_finished());
+    co.join().unwrap();
 }
 
 #[test]

@@ -79,7 +79,8 @@ fn queued_waiters_get_the_lock_in_fifo_order_and_nobody_barges() {
         let mutex = mutex.clone();
         ctx.spawn(move |co| mutex.lock(co).push("late"))
     };
-    ctx.wait_while(|| !(holder.is_finished() && late.is_finished()));
+    holder.join().unwrap();
+    late.join().unwrap();
     while ctx.poll(false) {}
     assert_eq!(*mutex.try_lock().unwrap(), ["holder", "a", "b", "c", "d", "late"]);
 }
@@ -132,23 +133,22 @@ fn a_yield_while_holding_a_thread_lock_panics_in_debug_builds() {
 fn assert_locked_passes_for_the_holder_and_panics_for_others() {
     let ctx = AioContext::new().unwrap();
     let mutex = Rc::new(CoMutex::new(()));
-    let verdict = Rc::new(RefCell::new(None));
-    let (m, v) = (mutex.clone(), verdict.clone());
+    let m = mutex.clone();
     let holder = ctx.spawn(move |co| {
         let _guard = m.lock(co);
         m.assert_locked();
         co.sleep(Duration::from_millis(1));
     });
     ctx.poll(false);
-    let (m, v2) = (mutex.clone(), v.clone());
-    ctx.spawn(move |_co| {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.assert_locked()));
-        *v2.borrow_mut() = Some(outcome.is_err());
+    let m = mutex.clone();
+    let other = ctx.spawn(move |_co| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.assert_locked())).is_err()
     });
-    ctx.wait_while(|| !holder.is_finished());
+    let caught = other.join().unwrap();
+    holder.join().unwrap();
     assert_eq!(
-        *verdict.borrow(),
-        Some(cfg!(debug_assertions)),
+        caught,
+        cfg!(debug_assertions),
         "debug builds catch a non-holder; release builds only check that somebody holds it"
     );
     let payload = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| mutex.assert_locked()))
@@ -184,7 +184,8 @@ fn a_waiter_parked_behind_a_holder_of_its_thread_counts_as_suspended_and_ignores
     assert!(!waiter.is_finished());
     assert_eq!(ctx.suspended_coroutines(), 2);
     release.set(true);
-    ctx.wait_while(|| !(holder.is_finished() && waiter.is_finished()));
+    holder.join().unwrap();
+    waiter.join().unwrap();
     assert_eq!(ctx.suspended_coroutines(), 0);
     assert_eq!(*mutex.try_lock().unwrap(), ["holder", "waiter"]);
 }

@@ -43,7 +43,10 @@ macro_rules! produce_consume {
                 co.sleep(Duration::ZERO);
             }
         });
-        ctx.wait_while(|| !producer.is_finished() || consumers.iter().any(|c| !c.is_finished()));
+        producer.join().unwrap();
+        for c in consumers {
+            c.join().unwrap();
+        }
         assert_eq!(consumed.get(), 100);
         assert!(state.1.is_empty(&state.0.lock_for_test()));
     }};

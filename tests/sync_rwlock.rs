@@ -111,7 +111,10 @@ fn readers_hold_the_lock_together() {
         assert_eq!(seen_inside.get(), 0, "the writer got in while readers were inside");
         *value = 8;
     });
-    ctx.wait_while(|| !writer.is_finished() || readers.iter().any(|r| !r.is_finished()));
+    writer.join().unwrap();
+    for r in readers {
+        r.join().unwrap();
+    }
     assert_eq!(most.get(), READERS, "all readers held the lock at once");
     assert_eq!(*lock.try_read().unwrap(), 8);
 }
@@ -622,7 +625,7 @@ fn a_waiter_woken_from_another_thread_already_owns_the_lock() {
     assert!(!reader.is_finished());
     release_tx.send(()).unwrap();
     holder.join().unwrap();
-    ctx.wait_while(|| !reader.is_finished());
+    reader.join().unwrap();
     assert_eq!(seen.get(), 5);
 }
 

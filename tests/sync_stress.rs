@@ -99,6 +99,8 @@ fn no_lock_state_stays_exact_between_yields_of_one_context() {
             })
         })
         .collect();
-    ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
+    for co in coroutines {
+        co.join().unwrap();
+    }
     assert_eq!(state.lock_blocking().0.get(), 8 * ROUNDS);
 }

@@ -142,7 +142,7 @@ fn a_waiter_whose_retake_panics_under_a_thread_mutex_gets_its_lock_back() {
             *other.lock_blocking() += 1;
         }
     });
-    ctx.wait_while(|| !waiter.is_finished());
+    waiter.join().unwrap();
     incrementer.join().unwrap();
     assert_eq!(held_after_catch.get(), Some(false), "another thread took the guard's lock");
     assert_eq!(*lock.lock_blocking(), 1001, "an update was lost");
@@ -217,7 +217,9 @@ fn a_panic_of_a_coroutine_enter_all_entered_leaves_the_nolock_held_and_wakes_the
     assert!(lock.try_lock().is_none(), "a second guard of the NoLock was handed out");
     *guard += 10;
     drop(guard);
-    ctx.wait_while(|| waiters.iter().any(|waiter| !waiter.is_finished()));
+    for waiter in waiters {
+        waiter.join().unwrap();
+    }
     assert_eq!(*lock.try_lock().unwrap(), 11, "the second waiter was lost or an update was");
 }
 

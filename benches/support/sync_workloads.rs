@@ -17,8 +17,7 @@ use aiocoro::sync::{CoMutex, CoQueue, CoRwLock, NoLock};
 /// Runs `body` as one coroutine on a fresh context of this thread until it ends.
 fn in_coroutine(body: impl FnOnce(&aiocoro::coroutine::Co) + 'static) {
     let ctx = AioContext::current().unwrap_or_else(|| AioContext::new().expect("a context"));
-    let co = ctx.spawn(body);
-    ctx.wait_while(|| !co.is_finished());
+    ctx.run(body);
 }
 
 /// `comutex/uncontended`: lock + unlock of a CoMutex nobody else wants.
@@ -73,7 +72,9 @@ pub(crate) fn comutex_handoff_same_thread(iterations: u64) {
             }
         }));
     }
-    ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
+    for co in coroutines {
+        co.join().unwrap();
+    }
 }
 
 /// `coqueue/enter_next_wait`: a coroutine waits on a CoQueue; code outside any coroutine
@@ -98,7 +99,7 @@ pub(crate) fn coqueue_enter_next_wait(iterations: u64) {
     *stop = true;
     queue.enter_next(&mut stop);
     drop(stop);
-    ctx.wait_while(|| !waiter.is_finished());
+    waiter.join().unwrap();
 }
 
 /// What a multi-thread workload did.

@@ -4,9 +4,10 @@
 //! `block/` in the shape Rust allows):
 //!
 //! - [`BlockDriver`]: the trait of drivers, whose I/O methods are coroutine functions;
-//! - drivers ([`drivers`]): `file` (io_uring or thread pool, page cache or `O_DIRECT`, QEMU's
-//!   image locks), `null-co`, `raw`;
-//! - [`qcow2`] (`driver=qcow2`): create, read and write images that `qemu-img` agrees with:
+//! - storage drivers ([`storage`], QEMU's protocols: where the bytes live): `file` (io_uring or
+//!   thread pool, page cache or `O_DIRECT`, QEMU's image locks), `null-co`;
+//! - format drivers ([`format`](mod@format): how guest bytes map onto storage): `raw`, and
+//!   [`qcow2`] (`driver=qcow2`): create, read and write images that `qemu-img` agrees with:
 //!   allocating writes, backing chains, compressed clusters (zlib, zstd) read and written,
 //!   extended L2 entries, internal snapshots kept intact, discard and zero writes, growing,
 //!   and `qemu-img check [-r]`'s checks and repairs;
@@ -120,16 +121,16 @@ mod buffer;
 mod child;
 mod drain;
 mod driver;
-pub mod drivers;
 mod error;
+pub mod format;
 pub mod graph;
 mod image;
 mod node;
 mod options;
 mod padding;
-pub mod qcow2;
 mod run;
 mod status_above;
+pub mod storage;
 mod sys;
 
 /// The runtime this crate is built on, re-exported so that a dependent names the same
@@ -141,6 +142,8 @@ pub use buffer::{BUFFER_ALIGN, IoBuffer};
 pub use child::{ChildLabel, ChildRole};
 pub use driver::{Alignment, Allocation, BlockDriver, BlockStatus, write_zeroes_by_writing};
 pub use error::{Op, RequestError, invalid_input, unsupported};
+/// The qcow2 format driver, at the root too: the format most users name.
+pub use format::qcow2;
 pub use image::{ImageArgs, probe_format};
 pub use node::{BlockNode, Child};
 pub use options::{BlockOptions, open, open_options, parse_size};

@@ -121,7 +121,7 @@ impl BlockNode {
     /// its own type:
     ///
     /// ```
-    /// use aiocoro_block::drivers::NullDriver;
+    /// use aiocoro_block::storage::NullDriver;
     /// use aiocoro_block::qcow2::Qcow2Driver;
     ///
     /// let node = aiocoro_block::run_in_coroutine(|co| {

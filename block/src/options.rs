@@ -11,14 +11,14 @@ use aiocoro::coroutine::Co;
 
 use crate::block_graph::BlockGraph;
 use crate::child::{ChildLabel, ChildRole};
-use crate::drivers::{
-    AioMode, CacheMode, FileDriver, FileOptions, Locking, NullDriver, NullOptions, RawDriver,
-    RawOptions,
-};
 use crate::error::invalid_input;
+use crate::format::{RawDriver, RawOptions};
 use crate::graph::NodeId;
 use crate::node::BlockNode;
 use crate::qcow2::{CacheSizes, Header, Qcow2Driver, resolve_backing};
+use crate::storage::{
+    AioMode, CacheMode, FileDriver, FileOptions, Locking, NullDriver, NullOptions,
+};
 
 /// The longest backing chain opened (a loop of backing names ends here, not in a stack
 /// overflow).
@@ -215,7 +215,7 @@ pub fn parse_size(text: &str) -> io::Result<u64> {
 ///   `latency-ns`;
 /// - `driver=file`: `filename`, `cache.direct` (on = `O_DIRECT`) or `cache=none|writeback`,
 ///   `aio=io_uring|threads`, `locking=auto|on|off` (QEMU's image locks, default auto: see
-///   [`Locking`](crate::drivers::Locking); a format's file takes it as `file.locking=off`);
+///   [`Locking`](crate::storage::Locking); a format's file takes it as `file.locking=off`);
 /// - `driver=raw`: `offset`, `size`, and its child as `file.*` (`file.driver` defaults to
 ///   `file`), or `file=<filename>`;
 /// - `driver=qcow2`: its child as `file.*` or `file=` (as raw; read-write unless the node is

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 
 use aiocoro::aio::{AioContext, IoThread};
 use aiocoro::coroutine::Co;
-use aiocoro_block::drivers::{RawDriver, RawOptions};
+use aiocoro_block::format::{RawDriver, RawOptions};
 use aiocoro_block::{
     BlockBackend, BlockGraph, BlockNode, ChildLabel, ChildRole, Op, RequestError, run_in_coroutine,
 };

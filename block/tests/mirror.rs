@@ -120,7 +120,7 @@ fn a_mirror_writes_both_copies_and_reads_the_primary() {
         let driver =
             mirror.driver().downcast_ref::<Mirror>().expect("the node's driver is a Mirror");
         assert_eq!(driver.copies.len(), 2, "the driver is reached back from its node");
-        assert!(mirror.driver().downcast_ref::<aiocoro_block::drivers::FileDriver>().is_none());
+        assert!(mirror.driver().downcast_ref::<aiocoro_block::storage::FileDriver>().is_none());
         let blk = BlockBackend::new(mirror);
         for (offset, len, byte) in writes {
             blk.write(co, offset as u64, &vec![byte; len])?;

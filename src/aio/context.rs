@@ -232,6 +232,12 @@ pub(crate) unsafe fn with_current_brief<R>(f: impl FnOnce(&Local) -> R) -> Optio
     unsafe { local.as_ref() }.map(f)
 }
 
+/// The number of this thread's context, if it has one.
+pub(crate) fn current_context_id() -> Option<u64> {
+    // SAFETY: reading the number runs no other code.
+    unsafe { with_current_brief(|local| local.shared.id) }
+}
+
 /// Delivers a wake to the suspension under `key` if this thread's context is the one numbered
 /// `context` (for local wakers); otherwise does nothing.
 pub(crate) fn deliver_here(context: u64, key: Key, reason: WakeReason) {
@@ -367,16 +373,17 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///
 /// ```
 /// use aiocoro::aio::AioContext;
-/// use std::{cell::Cell, rc::Rc, time::Duration};
+/// use std::{rc::Rc, time::Duration};
 ///
 /// let ctx = AioContext::new()?;
-/// let done = Rc::new(Cell::new(false));
-/// let d = done.clone();
-/// ctx.spawn(move |co| {
+/// // Not `Send`: the coroutine never leaves this thread.
+/// let shared = Rc::new("done");
+/// let s = shared.clone();
+/// let sleeper = ctx.spawn(move |co| {
 ///     co.sleep(Duration::from_millis(1));
-///     d.set(true);
+///     *s
 /// });
-/// ctx.wait_while(|| !done.get());
+/// assert_eq!(sleeper.join().unwrap(), "done");
 /// # Ok::<(), std::io::Error>(())
 /// ```
 ///
@@ -488,7 +495,7 @@ impl AioContext {
     /// the [`JoinHandle`](super::JoinHandle) of its result (drop it to detach the coroutine).
     /// The body need not be `Send`: it never leaves this thread.
     pub fn spawn<T: 'static>(&self, body: impl FnOnce(&Co) -> T + 'static) -> super::JoinHandle<T> {
-        let (body, handle) = super::join::joinable(body, self.handle());
+        let (body, handle) = super::join::joinable(body, self.local.shared.id);
         self.local.spawn(body);
         handle
     }

@@ -47,15 +47,13 @@ impl From<ContextClosed> for std::io::Error {
 ///
 /// ```
 /// use aiocoro::aio::IoThread;
-/// use std::sync::mpsc;
 ///
 /// let iothread = IoThread::spawn("worker")?;
-/// let (tx, rx) = mpsc::channel();
-/// iothread.handle().spawn(move |co| {
+/// let coroutine = iothread.handle().spawn(move |co| {
 ///     co.sleep(std::time::Duration::from_millis(1));
-///     tx.send(std::thread::current().name().map(String::from)).unwrap();
+///     std::thread::current().name().map(String::from)
 /// })?;
-/// assert_eq!(rx.recv().unwrap().as_deref(), Some("worker"));
+/// assert_eq!(coroutine.join().unwrap().as_deref(), Some("worker"));
 /// iothread.stop();
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -94,7 +92,7 @@ impl AioHandle {
         &self,
         body: impl FnOnce(&Co) -> T + Send + 'static,
     ) -> Result<JoinHandle<T>, ContextClosed> {
-        let (body, handle) = joinable(body, self.clone());
+        let (body, handle) = joinable(body, self.shared.id);
         self.send(Message::Spawn(Box::new(body)))?;
         Ok(handle)
     }

@@ -48,6 +48,7 @@
 mod adaptive;
 mod arena;
 mod bh;
+pub(crate) mod completion;
 mod context;
 mod deferred;
 mod fd;
@@ -58,6 +59,7 @@ mod iothread;
 mod join;
 pub(crate) mod notify;
 mod sleep;
+mod small_blocks;
 pub(crate) mod thread_pool;
 mod timer;
 mod uring;

@@ -20,7 +20,7 @@ use crate::coroutine::Co;
 /// });
 /// ctx.poll(false); // the coroutine starts sleeping
 /// assert!(sleeper.wake());
-/// ctx.wait_while(|| !co.is_finished());
+/// co.join().unwrap(); // runs the woken coroutine to its end
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Default)]

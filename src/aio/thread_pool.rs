@@ -73,15 +73,11 @@ impl Default for ThreadPoolConfig {
 ///
 /// ```
 /// use aiocoro::aio::{AioContext, ThreadPool, ThreadPoolConfig};
-/// use std::{cell::Cell, rc::Rc};
 ///
 /// let ctx = AioContext::new()?;
 /// let pool = ThreadPool::new(ThreadPoolConfig { max_workers: 2, ..Default::default() });
-/// let sum = Rc::new(Cell::new(0));
-/// let s = sum.clone();
-/// let co = ctx.spawn(move |co| s.set(pool.run(co, || (1..=10u64).sum::<u64>())));
-/// ctx.wait_while(|| !co.is_finished());
-/// assert_eq!(sum.get(), 55);
+/// let sum = ctx.run(move |co| pool.run(co, || (1..=10u64).sum::<u64>()));
+/// assert_eq!(sum, 55);
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Clone)]
@@ -495,17 +491,11 @@ impl Co {
     ///
     /// ```
     /// use aiocoro::aio::AioContext;
-    /// use std::{cell::RefCell, rc::Rc};
     ///
     /// let ctx = AioContext::new()?;
-    /// let listing = Rc::new(RefCell::new(None));
-    /// let l = listing.clone();
-    /// let co = ctx.spawn(move |co| {
-    ///     let entries = co.run_blocking(|| std::fs::read_dir(".").map(|dir| dir.count()));
-    ///     *l.borrow_mut() = Some(entries);
-    /// });
-    /// ctx.wait_while(|| !co.is_finished());
-    /// assert!(listing.borrow_mut().take().unwrap()? > 0);
+    /// let entries =
+    ///     ctx.run(|co| co.run_blocking(|| std::fs::read_dir(".").map(|dir| dir.count())));
+    /// assert!(entries? > 0);
     /// # Ok::<(), std::io::Error>(())
     /// ```
     ///
@@ -540,9 +530,7 @@ mod tests {
 
     /// Runs `body` in a coroutine of a fresh context on this thread until it ends.
     fn in_coroutine(body: impl FnOnce(&Co) + 'static) {
-        let ctx = AioContext::new().unwrap();
-        let co = ctx.spawn(body);
-        ctx.wait_while(|| !co.is_finished());
+        AioContext::new().unwrap().run(body);
     }
 
     #[test]

@@ -87,7 +87,7 @@ impl WaitState {
 /// ctx.poll(false); // runs the coroutine until it waits
 /// let waker = parked.borrow_mut().take().unwrap();
 /// std::thread::spawn(move || waker.wake()).join().unwrap();
-/// ctx.wait_while(|| !co.is_finished());
+/// co.join().unwrap(); // runs the woken coroutine to its end
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct Wait<'co> {

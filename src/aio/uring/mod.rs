@@ -113,27 +113,20 @@ impl IoEngine {
 /// use aiocoro::aio::{self, AioContext};
 /// use std::io::{IoSlice, IoSliceMut};
 /// use std::os::fd::AsFd;
-/// use std::{cell::RefCell, rc::Rc};
 ///
 /// let path = std::env::temp_dir().join(format!("aiocoro-preadv-doc-{}", std::process::id()));
 /// let file = std::fs::File::options().read(true).write(true).create(true).open(&path)?;
 /// let ctx = AioContext::new()?;
-/// let out = Rc::new(RefCell::new(None));
-/// let o = out.clone();
-/// let co = ctx.spawn(move |co| {
-///     let result = (|| {
-///         aio::pwritev(co, file.as_fd(), &[IoSlice::new(b"hello, "), IoSlice::new(b"disk")], 0)?;
-///         aio::fsync(co, file.as_fd(), true)?;
-///         let (mut head, mut tail) = ([0u8; 5], [0u8; 16]);
-///         let bufs = &mut [IoSliceMut::new(&mut head), IoSliceMut::new(&mut tail)];
-///         let read = aio::preadv(co, file.as_fd(), bufs, 0)?;
-///         Ok::<_, std::io::Error>((read, head, tail))
-///     })();
-///     *o.borrow_mut() = Some(result);
+/// let result = ctx.run(move |co| {
+///     aio::pwritev(co, file.as_fd(), &[IoSlice::new(b"hello, "), IoSlice::new(b"disk")], 0)?;
+///     aio::fsync(co, file.as_fd(), true)?;
+///     let (mut head, mut tail) = ([0u8; 5], [0u8; 16]);
+///     let bufs = &mut [IoSliceMut::new(&mut head), IoSliceMut::new(&mut tail)];
+///     let read = aio::preadv(co, file.as_fd(), bufs, 0)?;
+///     Ok::<_, std::io::Error>((read, head, tail))
 /// });
-/// ctx.wait_while(|| !co.is_finished());
 /// std::fs::remove_file(&path)?;
-/// let (read, head, tail) = out.borrow_mut().take().unwrap()?;
+/// let (read, head, tail) = result?;
 /// assert_eq!(read, 11);
 /// assert_eq!(&head, b"hello");
 /// assert_eq!(&tail[..6], b", disk");

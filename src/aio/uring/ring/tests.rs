@@ -10,7 +10,7 @@ use super::*;
 #[test]
 fn dropping_an_in_flight_read_cancels_it_and_waits_for_its_completion() {
     let ctx = AioContext::new().unwrap();
-    let co = ctx.spawn(|co| {
+    ctx.run(|co| {
         let Engine::Uring(ring) = engine() else {
             // No ring here: that must be because the kernel (or the switch) refuses.
             assert!(forced_off() || IoUring::new(4).is_err(), "io_uring works but went unused");
@@ -36,7 +36,6 @@ fn dropping_an_in_flight_read_cancels_it_and_waits_for_its_completion() {
         assert_eq!(completion(result).unwrap(), 5);
         assert_eq!(&buffer[..5], b"after");
     });
-    ctx.wait_while(|| !co.is_finished());
 }
 
 /// This thread's ring, or `None` where the kernel (or the switch) refuses io_uring.
@@ -89,23 +88,20 @@ fn read_from_coroutines(
     file: &Rc<std::fs::File>,
     offsets: impl Iterator<Item = usize>,
 ) -> Vec<(usize, Vec<u8>)> {
-    let results = Rc::new(RefCell::new(Vec::new()));
+    // All are spawned before the first join runs them, so that their reads can merge.
     let coroutines: Vec<_> = offsets
-        .enumerate()
-        .map(|(i, offset)| {
-            let (file, results) = (file.clone(), results.clone());
-            results.borrow_mut().push(None);
+        .map(|offset| {
+            let file = file.clone();
             ctx.spawn(move |co| {
                 let (mut head, mut tail) = (vec![0u8; 1000], vec![0u8; LEN - 1000]);
                 let bufs = &mut [IoSliceMut::new(&mut head), IoSliceMut::new(&mut tail)];
                 let read = preadv(co, file.as_fd(), bufs, offset as u64).unwrap();
                 head.extend_from_slice(&tail);
-                results.borrow_mut()[i] = Some((read, head));
+                (read, head)
             })
         })
         .collect();
-    ctx.wait_while(|| !coroutines.iter().all(|co| co.is_finished()));
-    results.take().into_iter().map(Option::unwrap).collect()
+    coroutines.into_iter().map(|co| co.join().unwrap()).collect()
 }
 
 #[test]
@@ -133,20 +129,18 @@ fn contiguous_writes_of_several_coroutines_are_merged_and_land_in_place() {
     let temp = TempFile::new("merged-writes", &[]);
     let ctx = AioContext::new().unwrap();
     let Some(ring) = this_ring() else { return };
-    let written = Rc::new(RefCell::new(vec![0; N]));
     let coroutines: Vec<_> = (0..N)
         .map(|i| {
-            let (file, written, data) = (temp.file.clone(), written.clone(), data.clone());
+            let (file, data) = (temp.file.clone(), data.clone());
             ctx.spawn(move |co| {
                 let block = &data[i * LEN..][..LEN];
                 let bufs = [IoSlice::new(&block[..100]), IoSlice::new(&block[100..])];
-                let count = pwritev(co, file.as_fd(), &bufs, (i * LEN) as u64).unwrap();
-                written.borrow_mut()[i] = count;
+                pwritev(co, file.as_fd(), &bufs, (i * LEN) as u64).unwrap()
             })
         })
         .collect();
-    ctx.wait_while(|| !coroutines.iter().all(|co| co.is_finished()));
-    assert_eq!(*written.borrow(), vec![LEN; N]);
+    let written: Vec<usize> = coroutines.into_iter().map(|co| co.join().unwrap()).collect();
+    assert_eq!(written, vec![LEN; N]);
     assert!(std::fs::read(&temp.path).unwrap() == data, "the file reads back different");
     let stats = ring.stats.get();
     assert!(stats.merged >= 1 && stats.members >= 2 * stats.merged, "{stats:?}");
@@ -181,10 +175,9 @@ fn a_failed_merged_read_sends_each_member_again_alone_for_its_own_error() {
     let file = Rc::new(std::fs::File::options().write(true).open(&temp.path).unwrap());
     let ctx = AioContext::new().unwrap();
     let Some(ring) = this_ring() else { return };
-    let errors = Rc::new(RefCell::new(Vec::new()));
     let coroutines: Vec<_> = (0..4)
         .map(|i| {
-            let (file, errors) = (file.clone(), errors.clone());
+            let file = file.clone();
             ctx.spawn(move |co| {
                 let mut buf = vec![0u8; LEN];
                 let error = preadv(co, file.as_fd(), &mut [IoSliceMut::new(&mut buf)], i * 4096)
@@ -192,12 +185,12 @@ fn a_failed_merged_read_sends_each_member_again_alone_for_its_own_error() {
                 // The OS error under the call's name.
                 let os = error.get_ref().and_then(|error| error.source());
                 let os = os.and_then(|os| os.downcast_ref::<io::Error>());
-                errors.borrow_mut().push(os.and_then(io::Error::raw_os_error));
+                os.and_then(io::Error::raw_os_error)
             })
         })
         .collect();
-    ctx.wait_while(|| !coroutines.iter().all(|co| co.is_finished()));
-    assert_eq!(*errors.borrow(), [Some(libc::EBADF); 4]);
+    let errors: Vec<_> = coroutines.into_iter().map(|co| co.join().unwrap()).collect();
+    assert_eq!(errors, [Some(libc::EBADF); 4]);
     let stats = ring.stats.get();
     assert!(stats.merged >= 1 && stats.again == stats.members, "{stats:?}");
 }
@@ -230,7 +223,7 @@ unsafe fn stage_read(
 #[test]
 fn unwinding_a_member_of_a_merged_read_in_the_kernel_leaves_the_others_correct() {
     let ctx = AioContext::new().unwrap();
-    let co = ctx.spawn(|co| {
+    ctx.run(|co| {
         let Some(ring) = this_ring() else { return };
         // A socket read waits for data, so the merged read is surely in the kernel when
         // its member goes.
@@ -282,7 +275,6 @@ fn unwinding_a_member_of_a_merged_read_in_the_kernel_leaves_the_others_correct()
         assert_eq!(b, [0; 8], "the unwound member's buffer was left alone");
         assert_eq!((ring.ops.borrow().len(), ring.owed.get()), (0, 0));
     });
-    ctx.wait_while(|| !co.is_finished());
 }
 
 #[test]
@@ -291,7 +283,7 @@ fn unwinding_a_staged_member_takes_it_out_of_the_queue() {
     let temp = TempFile::new("staged-unwind", &data);
     let ctx = AioContext::new().unwrap();
     let file = temp.file.clone();
-    let co = ctx.spawn(move |co| {
+    ctx.run(move |co| {
         let Some(ring) = this_ring() else { return };
         let fd = file.as_raw_fd();
         let (mut a, mut b, mut c) = (vec![0u8; LEN], vec![0u8; LEN], vec![0u8; LEN]);
@@ -318,5 +310,4 @@ fn unwinding_a_staged_member_takes_it_out_of_the_queue() {
         assert_eq!(ring.stats.get().merged, 0, "the two left are not neighbours");
         assert_eq!((ring.ops.borrow().len(), ring.owed.get()), (0, 0));
     });
-    ctx.wait_while(|| !co.is_finished());
 }
