@@ -11,6 +11,11 @@
 //!   count) while a coroutine of another thread queues (count, heavy fence, load of the holder
 //!   word). Either the unlocker sees the waiter or the waiter sees the lock free, so the lock
 //!   always reaches the waiter (a lost hand-over leaves it parked: loom reports a deadlock).
+//! * `comutex_candidate_loses_to_a_barger_and_is_served_again`: the holder frees the lock, which
+//!   wakes the queued waiter as the candidate, and takes it again at once, barging past it;
+//!   the candidate that loses goes back to the front of the queue with the handshake, the lock
+//!   turns starving, and the waiter still gets the lock (a lost candidacy leaves it parked: a
+//!   deadlock).
 //! * `coqueue_under_a_thread_mutex` and `coqueue_under_a_comutex`: a consumer coroutine waits on
 //!   a CoQueue for a flag set by a producer (a plain thread holding a ThreadMutex, or another
 //!   coroutine holding the CoMutex); the consumer always wakes and sees the flag.
@@ -97,6 +102,39 @@ fn comutex_release_races_a_waiter_queueing() {
         // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
         let total = counter.lock(&co).with(|value| unsafe { *value });
         assert_eq!(total, 2);
+        assert!(!counter.raw().is_locked());
+    });
+}
+
+/// Checked to fail (a deadlock) with the candidate's handshake taken out of `requeue`.
+#[test]
+fn comutex_candidate_loses_to_a_barger_and_is_served_again() {
+    loom::model(|| {
+        let counter = Arc::new(CoMutex::new(UnsafeCell::new(0u32)));
+        let co = Co::model();
+        let guard = counter.lock(&co);
+        let waiter = {
+            let counter = counter.clone();
+            thread::spawn(move || {
+                let co = Co::model();
+                let guard = counter.lock(&co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                guard.with_mut(|value| unsafe { *value += 1 });
+            })
+        };
+        drop(guard);
+        // Takes the lock again at once: past the waiter if it was woken as the candidate and
+        // has not taken the lock yet (it then goes back to the queue, and the lock turns
+        // starving: the next unlock hands it over).
+        for _ in 0..2 {
+            let guard = counter.lock(&co);
+            // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+            guard.with_mut(|value| unsafe { *value += 10 });
+        }
+        waiter.join().unwrap();
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        let total = counter.lock(&co).with(|value| unsafe { *value });
+        assert_eq!(total, 21);
         assert!(!counter.raw().is_locked());
     });
 }

@@ -1,9 +1,10 @@
 //! How long a `CoMutex` locker spins before it queues: only while the holder can be running.
 //!
 //! A locker that finds the lock held by a coroutine of another thread may poll it for a while
-//! instead of queueing; queueing costs a suspension and a cross-thread wake-up, and once
-//! somebody is queued every later acquisition is a hand-over through the queue (no barging),
-//! so a spin that gives up too early turns into a convoy. Polling pays only while the holder's
+//! instead of queueing; queueing costs a suspension and a cross-thread wake-up, and lockers of
+//! the holder's thread queue behind a queued waiter, so a spin that gives up too early costs
+//! more than itself. A candidate woken from the queue that finds the lock taken spins the same
+//! way before it queues again. Polling pays only while the holder's
 //! thread can let go meanwhile. So the spin looks, every few polls, at where the holder's
 //! thread was last seen ([`presence`](super::presence)):
 //!

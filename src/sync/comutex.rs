@@ -9,11 +9,11 @@ use super::asymmetric_fence;
 use super::lock::Lock;
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
-use crate::aio::{ParkRecord, Wait, WaitRef};
+use crate::aio::{ParkRecord, PendingWake, Wait, WaitRef};
 use crate::coroutine::Co;
-use crate::loom::AtomicU32;
 #[cfg(debug_assertions)]
 use crate::loom::AtomicU64;
+use crate::loom::{AtomicBool, AtomicU32};
 
 /// The raw lock of [`CoMutex`](super::CoMutex).
 ///
@@ -22,10 +22,22 @@ use crate::loom::AtomicU64;
 /// * A locker that finds the lock held by a coroutine on *another* thread spins briefly, and
 ///   only while that holder's thread can be running (not while it sleeps in its poll, see
 ///   `adaptive_spin`); otherwise it queues and suspends.
-/// * Queued waiters are served first in, first out, and the lock is handed straight to the
-///   woken waiter: nobody takes a free lock while anybody is queued, and an unlocker that sees
-///   a waiter hands the lock over without freeing it, so nobody barges past the queue. The
-///   waiter is woken on its own context, whatever thread unlocks.
+/// * Queued waiters are served first in, first out, one at a time, and the lock is eventually
+///   fair, as the mutexes of std, Go and parking_lot are:
+///   - normally an unlock frees the lock and wakes the head of the queue, the *candidate*,
+///     which takes the lock when it runs unless a running locker took it first (*barging*).
+///     A candidate that loses spins while the new holder runs, then goes back to the front of
+///     the queue. While a candidate is on its way, unlocks only free the lock: at most one
+///     queued waiter is being woken at any time.
+///   - once a waiter has waited 1 ms, the lock turns *starving*: unlocks hand it
+///     to the head of the queue without freeing it, and nobody takes a free lock past a queued
+///     waiter (QEMU's `CoMutex` always works this way). It turns back when a waiter gets the
+///     lock after a shorter wait, or the queue empties.
+///
+///   Handing over on every unlock is what QEMU does, and with more threads than CPUs it
+///   collapses: once waiters of two threads interleave in the queue, every acquisition wakes a
+///   sleeping thread (~20 µs on the machines measured), and a producer / consumer queue slowed
+///   down 50-fold in one run out of four. Barging lets the running threads batch.
 /// * A coroutine that finds the lock held on its own thread, with nobody queued from other
 ///   threads, queues on a list that only the holder's thread touches, and the hand-over to it
 ///   is a plain pop and wake: no atomic operation, no spinlock.
@@ -38,13 +50,21 @@ pub struct RawCoMutex {
     /// * only the holder changes it from an id: to 0 when it releases the lock, to a waiter's
     ///   thread when it hands the lock over; so while it names a thread, the lock stays with a
     ///   coroutine of that thread at least until that thread runs its unlock;
-    /// * it goes from 0 to an id only by compare-and-swap: a locker's (which first saw `remote`
-    ///   at 0), or `hand_to_head`'s (under `queue_lock`, for the head of `waiters`).
+    /// * it goes from 0 to an id only by compare-and-swap: a locker's, a candidate's, or
+    ///   `serve_head`'s (under `queue_lock`, for the head of `waiters`, when starving).
     state: AtomicU32,
     /// How many waiters `waiters` holds: written only under `queue_lock`, with each push and
-    /// pop, so whoever holds `queue_lock` finds it non-zero exactly when `waiters` is not
-    /// empty. Lockers take a free lock only while they see it at 0 (no barging past the
-    /// queue); an unlocker that sees it above 0 hands the lock over instead of freeing it.
+    /// pop (and again by a candidate that gives up its turn), so whoever holds `queue_lock`
+    /// finds it non-zero exactly when `waiters` is not empty.
+    ///
+    /// No wake-up is lost: whenever the lock is free and a waiter is queued, somebody is *due*
+    /// to serve the queue: a candidate on its way (it takes the lock, and its unlock serves
+    /// the queue, or it goes back to the queue with the handshake below), or an unlocker or
+    /// waiter that will run `serve_head`. `serve_head`, under `queue_lock`, does nothing while
+    /// a candidate is on its way or the lock is held (that holder's unlock is due, see below),
+    /// and otherwise pops the head and wakes it as the candidate (when starving, it moves
+    /// `state` from 0 to the head's thread by compare-and-swap first: the head is handed the
+    /// lock).
     ///
     /// The unlocker frees the lock with a plain store and only then looks at this count, while
     /// a waiter counts itself and only then looks at `state`: an asymmetric Dekker handshake,
@@ -53,42 +73,52 @@ pub struct RawCoMutex {
     /// unlocker U                              waiter W
     /// state = 0 (release)                     under queue_lock: push, count (remote += 1)
     /// F_U = asymmetric_fence::light()         F_W = asymmetric_fence::heavy()
-    /// if remote != 0 { hand_to_head() }       if state == 0 { hand_to_head() }
+    /// if remote != 0 { serve_head() }         if state == 0 { serve_head() }
     /// ```
     ///
-    /// where `hand_to_head`, under `queue_lock`, moves `state` from 0 to the thread of the head
-    /// of `waiters` by compare-and-swap, and if that succeeds pops the head and wakes it. The
-    /// two fences are sequentially consistent towards each other (see `asymmetric_fence`), so
-    /// no wake-up is lost. Say W's load of `state` reads the value `v`:
+    /// The two fences are sequentially consistent towards each other (see
+    /// `asymmetric_fence`). Say W's load of `state` reads the value `v`:
     ///
     /// * every release (store of 0) that comes after `v` in the modification order of `state`
     ///   was not seen by that load, so its unlocker's fence comes after F_W in the fences'
     ///   total order (were it before, the load would read that store or a later one); then that
-    ///   unlocker's load of `remote` sees W's increment or a later value, which still counts W
-    ///   unless W was popped (handed the lock already), and it runs `hand_to_head`;
-    /// * if `v` is 0, W runs `hand_to_head` itself.
+    ///   unlocker's load of `remote` sees W's count or a later one, and each count is the
+    ///   length of the queue when it was stored: non-zero unless everybody queued by then,
+    ///   W included, was popped;
+    /// * if `v` is 0, W runs `serve_head` itself.
     ///
-    /// So the last release of the lock while W is queued is followed by an attempt to hand it
-    /// over: W's own if that release is `v`, its unlocker's if it comes after `v`. An attempt
-    /// fails only when somebody took the lock after that release, and that holder's release
-    /// then comes later still. Once handed over, the lock goes from head to head, first in,
-    /// first out, until W has it.
+    /// So the last release of the lock while W is queued is followed by a `serve_head`: W's
+    /// own if that release is `v`, its unlocker's if it comes after `v`. That `serve_head`
+    /// does nothing only when the lock is held again (whose release comes later still) or a
+    /// candidate is on its way, and a candidate either takes the lock (and its release comes
+    /// later still), or gives up its turn with the same handshake: under `queue_lock` it ends
+    /// its candidacy and stores the count again (going back to the front of the queue, or
+    /// leaving it when cancelled), then runs F_W and looks at `state`.
     ///
     /// Only a waiter that finds `waiters` empty when it pushes needs the handshake (and its
-    /// system call). One that finds a waiter W0 ahead of it is popped after W0, which is
-    /// handed the lock (by the argument above, for W0) by a pop under `queue_lock` that comes
-    /// after our push; W0's wake, and so W0's unlock (or that of the last coroutine of W0's
-    /// thread that W0 hands the lock to through `local_waiters`), happens after our count,
-    /// so that unlock sees us counted and hands the lock over rather than freeing it.
+    /// system call). One that finds a waiter W0 ahead of it is popped after W0, and W0 is
+    /// popped (by the argument above, for W0) under `queue_lock` after our push. Once popped,
+    /// W0 takes the lock, and its unlock (or that of the last coroutine of W0's thread that
+    /// W0 hands the lock to through `local_waiters`) comes after the wake that followed the
+    /// pop, so it sees us counted; or W0 gives up its turn with the handshake, and its count
+    /// counts us.
     remote: AtomicU32,
+    /// Whether a popped waiter is on its way, and how: [`NO_CANDIDATE`], [`WOKEN`] (it will
+    /// try to take the free lock) or [`HANDED`] (it holds the lock). Set under `queue_lock` by
+    /// whoever pops a waiter, which it does only while this is [`NO_CANDIDATE`]; set back by
+    /// the candidate alone, so there is at most one.
+    candidate: AtomicU32,
+    /// Whether unlocks hand the lock over instead of freeing it (see the type's doc). Only a
+    /// hint: each unlock and `serve_head` keeps the queue served whatever it reads.
+    starving: AtomicBool,
     /// The id of the holding coroutine (debug builds; 0 when unknown), for
     /// [`CoMutex::assert_locked`](Lock::assert_locked).
     #[cfg(debug_assertions)]
     holder_coroutine: AtomicU64,
     /// Protects `waiters` and the writes of `remote`.
     queue_lock: RawSpinLock,
-    /// Wake records of the waiters from other threads, oldest first; touched only under
-    /// `queue_lock`.
+    /// Wake records of the waiters from other threads, oldest first (a candidate that lost
+    /// goes back to the front); touched only under `queue_lock`.
     waiters: UnsafeCell<VecDeque<Waiter>>,
     /// Park records of waiters on the holder's thread that queued while `waiters` was empty,
     /// oldest first. They are served before `waiters`, so the whole order stays first come,
@@ -100,6 +130,19 @@ pub struct RawCoMutex {
     /// successive holder threads.
     local_waiters: UnsafeCell<VecDeque<ParkRecord>>,
 }
+
+/// `candidate`: no popped waiter is on its way.
+const NO_CANDIDATE: u32 = 0;
+/// `candidate`: a popped waiter was woken to take the lock if it is free when it runs.
+const WOKEN: u32 = 1;
+/// `candidate`: a popped waiter was handed the lock (starving).
+const HANDED: u32 = 2;
+
+/// How long a queued waiter waits before the lock turns starving (Go's `sync.Mutex` uses the
+/// same): long enough that barging batches many acquisitions first, short enough that no
+/// waiter waits much longer than the queue ahead of it takes.
+#[cfg_attr(aiocoro_loom, allow(dead_code, reason = "loom has no clock"))]
+pub(crate) const STARVATION_NS: u64 = 1_000_000;
 
 impl std::fmt::Debug for RawCoMutex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,6 +165,42 @@ enum Queued<'co> {
 struct Waiter {
     record: WaitRef,
     thread: u32,
+}
+
+/// How long a waiter has waited, to tell when the lock should turn starving. Under loom,
+/// where there is no clock, a waiter has waited long once it lost the lock to a barger.
+struct Patience {
+    #[cfg(not(aiocoro_loom))]
+    since: u64,
+    #[cfg(aiocoro_loom)]
+    losses: u32,
+}
+
+impl Patience {
+    fn start() -> Patience {
+        Patience {
+            #[cfg(not(aiocoro_loom))]
+            since: crate::aio::clock_ns(),
+            #[cfg(aiocoro_loom)]
+            losses: 0,
+        }
+    }
+
+    /// Notes that a barger took the lock before us.
+    fn lost(&mut self) {
+        #[cfg(aiocoro_loom)]
+        {
+            self.losses += 1;
+        }
+    }
+
+    /// Whether we have waited [`STARVATION_NS`] or more (under loom: lost once).
+    fn exhausted(&self) -> bool {
+        #[cfg(not(aiocoro_loom))]
+        return crate::aio::clock_ns().saturating_sub(self.since) >= STARVATION_NS;
+        #[cfg(aiocoro_loom)]
+        return self.losses > 0;
+    }
 }
 
 // SAFETY: `waiters` is only touched under `queue_lock`, and its records are `Send + Sync`;
@@ -164,19 +243,22 @@ fn new_thread_id() -> u32 {
 }
 
 impl RawCoMutex {
+    /// Takes the lock if it is free, past queued waiters unless the lock is starving.
     #[inline]
     fn try_acquire(&self) -> bool {
-        // Not past a queued waiter (`remote`).
         let acquired = self.state.load(Ordering::Relaxed) == 0
-            && self.remote.load(Ordering::Relaxed) == 0
-            && self
-                .state
-                .compare_exchange(0, thread_id(), Ordering::Acquire, Ordering::Relaxed)
-                .is_ok();
+            && (self.remote.load(Ordering::Relaxed) == 0 || !self.starving.load(Ordering::Relaxed))
+            && self.take_free();
         if acquired {
             self.note_holder();
         }
         acquired
+    }
+
+    /// Moves `state` from 0 to this thread.
+    #[inline]
+    fn take_free(&self) -> bool {
+        self.state.compare_exchange(0, thread_id(), Ordering::Acquire, Ordering::Relaxed).is_ok()
     }
 
     /// Records the holding coroutine (debug builds).
@@ -190,58 +272,124 @@ impl RawCoMutex {
     // coroutine's loop and its yield costs a mispredicted return per hand-over.
     #[inline(always)]
     fn lock_contended(&self, co: &Co) {
-        // Woken or unparked only by whoever handed us the lock (stray entries are absorbed
-        // by the wait or the park), so when these return the lock is ours. A park is not
-        // cancelled (its record holds a handle to us, so nothing unwinds from it either); a
-        // wait is cancelled when our context shuts down, and then we leave the queue.
+        // Unparked only by whoever handed us the lock (stray entries are absorbed by the
+        // park), so when that returns the lock is ours. A park is not cancelled (its record
+        // holds a handle to us, so nothing unwinds from it either).
         match self.enqueue(co) {
             Queued::Acquired => return,
             Queued::Parked => co.wait_unparked(),
-            Queued::Waiting(wait) => {
-                if wait.suspend().is_none() {
-                    self.leave(co, wait);
-                }
-            }
+            Queued::Waiting(wait) => self.wait_turn(co, wait),
         }
         self.note_holder();
     }
 
+    /// Waits in `waiters` until the lock is ours: handed to us, or taken by us when a
+    /// `serve_head` made us the candidate; a candidate that loses to a barger goes back to the
+    /// front of the queue. A wait cancelled by our context's shutdown leaves the queue.
+    #[inline(never)]
+    fn wait_turn<'co>(&self, co: &'co Co, mut wait: Wait<'co>) {
+        let mut patience = Patience::start();
+        loop {
+            // Woken only by whoever popped us (stray entries are absorbed by the wait).
+            if wait.suspend().is_none() {
+                self.leave(co, wait);
+            }
+            drop(wait);
+            // We are the candidate (at most one is on its way, and we were popped).
+            if self.candidate.load(Ordering::Relaxed) == HANDED {
+                if !patience.exhausted() {
+                    self.starving.store(false, Ordering::Relaxed);
+                }
+                self.candidate.store(NO_CANDIDATE, Ordering::Relaxed);
+                return;
+            }
+            if adaptive_spin::spin(|| self.take_free(), || self.state.load(Ordering::Relaxed)) {
+                // Our unlock serves the queue from here on.
+                self.candidate.store(NO_CANDIDATE, Ordering::Relaxed);
+                return;
+            }
+            patience.lost();
+            wait = co.prepare_wait();
+            self.requeue(&wait, patience.exhausted());
+        }
+    }
+
+    /// A candidate that lost the lock to a barger goes back to the front of the queue and
+    /// gives up its turn with the handshake (see `remote`); `starved` turns the lock
+    /// starving.
+    #[cold]
+    fn requeue(&self, wait: &Wait<'_>, starved: bool) {
+        self.queue_lock.lock_raw();
+        // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
+        let waiters = unsafe { &mut *self.waiters.get() };
+        waiters.push_front(Waiter { record: wait.wait_ref(), thread: thread_id() });
+        self.count(waiters);
+        self.candidate.store(NO_CANDIDATE, Ordering::Relaxed);
+        if starved {
+            self.starving.store(true, Ordering::Relaxed);
+        }
+        // SAFETY: we hold `queue_lock`.
+        unsafe { self.queue_lock.unlock_raw() };
+        self.handshake();
+    }
+
+    /// The waiter's side of the handshake of `remote`: counted, then look at `state`.
+    fn handshake(&self) {
+        asymmetric_fence::heavy();
+        if self.state.load(Ordering::Relaxed) == 0 {
+            // Freed by an unlocker that may not have seen us counted.
+            self.serve_head();
+        }
+    }
+
     /// Our wait in `waiters` was cancelled by our context's shutdown: takes our record out of
-    /// the queue, or, if a hand-over popped it already (only hand-overs pop, and a pop hands
-    /// the lock over), passes on the lock that is ours then; then unwinds. Either way the lock
-    /// is never left with a coroutine that will not run.
+    /// the queue; or, if a `serve_head` or hand-over popped it already (only they pop, and
+    /// each pop makes the popped waiter the candidate), ends our candidacy, passing on the
+    /// lock if it was handed to us, or giving up our turn with the handshake (see `remote`).
+    /// Then unwinds. Either way the lock is never left with a coroutine that will not run.
     ///
-    /// Leaving keeps the hand-over protocol of `remote`: a removal under `queue_lock` is as
-    /// if the record had never been queued, except for the waiters that queued behind it
-    /// without the handshake, and those only rely on a hand-over attempt following the last
-    /// release, which picks whatever head the queue has under `queue_lock` at that time (the
-    /// next one, once we are gone), or picks us before we leave, and then we pass it on.
+    /// A removal under `queue_lock` is as if the record had never been queued, except for the
+    /// waiters that queued behind it without the handshake, and those rely only on counts that
+    /// are the length of the queue when stored, which still counts them.
     #[cold]
     #[inline(never)]
     fn leave(&self, co: &Co, wait: Wait<'_>) -> ! {
         self.queue_lock.lock_raw();
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
         let waiters = unsafe { &mut *self.waiters.get() };
-        let ours = waiters.iter().position(|waiter| waiter.record.is_for(&wait));
-        if let Some(index) = ours {
-            waiters.remove(index);
-            self.count(waiters);
-        }
+        let popped_as = match waiters.iter().position(|waiter| waiter.record.is_for(&wait)) {
+            Some(index) => {
+                waiters.remove(index);
+                self.count(waiters);
+                None
+            }
+            None => {
+                // Popped: the candidate on its way is us.
+                let turn = self.candidate.swap(NO_CANDIDATE, Ordering::Relaxed);
+                if turn == WOKEN {
+                    self.count(waiters);
+                }
+                Some(turn)
+            }
+        };
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
-        if ours.is_none() {
-            self.note_holder();
-            // SAFETY: our record was popped by a hand-over, which made us the holder (the
-            // pop and the store of our thread into `state` happen together under
-            // `queue_lock`, which we took after them).
-            unsafe { self.unlock() };
+        match popped_as {
+            None => {}
+            Some(HANDED) => {
+                self.note_holder();
+                // SAFETY: the lock was handed to us (the pop and the store of our thread into
+                // `state` happen together under `queue_lock`, which we took after them).
+                unsafe { self.unlock() };
+            }
+            Some(_) => self.handshake(),
         }
         drop(wait);
         co.unwind_cancelled()
     }
 
     /// Takes the lock if it comes free while we spin, or queues this coroutine and says how
-    /// to suspend until the lock is handed to it.
+    /// to suspend until the lock is ours.
     #[inline(never)]
     fn enqueue<'co>(&self, co: &'co Co) -> Queued<'co> {
         let me = thread_id();
@@ -256,7 +404,8 @@ impl RawCoMutex {
                 unsafe { (*self.local_waiters.get()).push_back(parked) };
                 return Queued::Parked;
             }
-        } else if self.spin() {
+        } else if adaptive_spin::spin(|| self.try_acquire(), || self.state.load(Ordering::Relaxed))
+        {
             return Queued::Acquired;
         }
         // Fail, if at all, before queueing a waiter: a hand-over to a waiter that is gone
@@ -273,14 +422,7 @@ impl RawCoMutex {
         unsafe { self.queue_lock.unlock_raw() };
         // Behind another waiter we are safe without the handshake (see `remote`).
         if first {
-            // The waiter's side of the handshake: counted, then look at `state`.
-            asymmetric_fence::heavy();
-            if self.state.load(Ordering::Relaxed) == 0 {
-                // Freed by an unlocker that may not have seen us counted. The head is us
-                // (unless we were handed the lock already, and then it is not free): the wake
-                // lands before the wait, which returns at once.
-                self.hand_to_head();
-            }
+            self.handshake();
         }
         Queued::Waiting(wait)
     }
@@ -294,74 +436,82 @@ impl RawCoMutex {
         self.remote.store(count, Ordering::Relaxed);
     }
 
-    /// Polls a lock held on another thread while its holder can be running; returns whether
-    /// we took it.
-    fn spin(&self) -> bool {
-        adaptive_spin::spin(|| self.try_acquire(), || self.state.load(Ordering::Relaxed))
+    /// Pops the head of `waiters` as the candidate: `turn` says how (see `candidate`). The
+    /// lock turns back from starving once the queue is empty.
+    ///
+    /// Must be called under `queue_lock`, with `waiters` the queue it protects, no candidate
+    /// on its way and `waiters` not empty. The wake stays valid after `queue_lock` is
+    /// released.
+    fn pop_candidate(&self, waiters: &mut VecDeque<Waiter>, turn: u32) -> (PendingWake, u32) {
+        let next = waiters.pop_front().expect("aiocoro: CoMutex popped an empty queue");
+        self.count(waiters);
+        if waiters.is_empty() {
+            self.starving.store(false, Ordering::Relaxed);
+        }
+        self.candidate.store(turn, Ordering::Relaxed);
+        // SAFETY: each record is popped once, and its coroutine still waits: it is woken only
+        // by a pop, and a cancelled one takes `queue_lock`, which our caller holds, before it
+        // leaves. Claimed now, the wake stays valid after `queue_lock` is released.
+        (unsafe { next.record.claim() }, next.thread)
     }
 
-    /// Hands the lock we hold to the head of `waiters`, without freeing it in between; frees
-    /// it if the queue emptied meanwhile (its waiters were cancelled and left).
+    /// The starving unlock: hands the lock we hold to the head of `waiters` without freeing
+    /// it in between. Frees it instead if a candidate is on its way (it is due to take it) or
+    /// the queue emptied meanwhile (its waiters were cancelled and left).
     ///
-    /// Must be called by the holder, after it saw `remote` above 0.
+    /// Must be called by the holder.
     #[cold]
     fn hand_over(&self) {
         self.queue_lock.lock_raw();
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
         let waiters = unsafe { &mut *self.waiters.get() };
-        // Only hand-overs pop (`hand_over` by the holder, which is us, and `hand_to_head` only
-        // once its compare-and-swap took a free lock, which ours is not), but a waiter whose
-        // context cancels its wait leaves the queue by itself (`leave`): the waiters we saw
-        // counted may all be gone.
-        let Some(next) = waiters.pop_front() else {
-            // Free the lock. A waiter that queues from now on takes `queue_lock` after us, so
-            // its look at `state` in the handshake of `remote` sees this store.
+        if waiters.is_empty() || self.candidate.load(Ordering::Relaxed) != NO_CANDIDATE {
+            // A waiter that queues from now on takes `queue_lock` after us, so its look at
+            // `state` in the handshake of `remote` sees this store.
             self.state.store(0, Ordering::Release);
             // SAFETY: we hold `queue_lock`.
             unsafe { self.queue_lock.unlock_raw() };
             return;
-        };
-        self.count(waiters);
+        }
+        let (wake, thread) = self.pop_candidate(waiters, HANDED);
         // The new holder's thread, before it even runs: lockers on that thread queue at once
         // (spinning could not let it run), lockers elsewhere spin rather than sleep behind a
         // hand-over in flight. Release: orders our accesses to `local_waiters` before those
         // of the new holder's thread (field invariant).
-        self.state.store(next.thread, Ordering::Release);
-        // SAFETY: each record is popped once, and its coroutine still waits: it is woken only
-        // by a hand-over, and a cancelled one takes `queue_lock`, which we hold, before it
-        // leaves. Claimed now, the wake stays valid after we release `queue_lock`.
-        let wake = unsafe { next.record.claim() };
+        self.state.store(thread, Ordering::Release);
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
         wake.wake();
     }
 
-    /// If the lock is free and somebody is queued, gives the lock to the head of `waiters` and
-    /// wakes it; does nothing if the queue is empty or somebody else took the lock (whose
-    /// unlock then sees the queue: see `remote`).
+    /// Pops the head of `waiters` as the candidate if the lock is free and no candidate is on
+    /// its way (see `remote`): handed the lock when starving, woken to take it otherwise.
     #[cold]
-    fn hand_to_head(&self) {
+    fn serve_head(&self) {
         self.queue_lock.lock_raw();
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
         let waiters = unsafe { &mut *self.waiters.get() };
-        // Acquire: pairs with the release that freed the lock (the last holder's accesses to
-        // `local_waiters`); release: with the acquire of the new holder's thread.
-        let next = match waiters.front() {
-            Some(head) => self
-                .state
-                .compare_exchange(0, head.thread, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-                .then(|| waiters.pop_front())
-                .flatten(),
-            None => None,
-        };
-        // SAFETY: each record is popped once, and its coroutine waits until it is woken here
-        // (or is about to wait, and then does not suspend); a cancelled one takes
-        // `queue_lock`, which we hold, before it leaves. Claimed now, the wake stays valid
-        // after we release `queue_lock`.
-        let wake = next.map(|next| unsafe { next.record.claim() });
-        if wake.is_some() {
-            self.count(waiters);
+        let mut wake = None;
+        if self.candidate.load(Ordering::Relaxed) == NO_CANDIDATE
+            && let Some(head) = waiters.front()
+        {
+            let turn = if self.starving.load(Ordering::Relaxed) {
+                // Acquire: pairs with the release that freed the lock (the last holder's
+                // accesses to `local_waiters`); release: with the acquire of the new holder's
+                // thread.
+                let handed = self.state.compare_exchange(
+                    0,
+                    head.thread,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+                handed.is_ok().then_some(HANDED)
+            } else {
+                (self.state.load(Ordering::Relaxed) == 0).then_some(WOKEN)
+            };
+            if let Some(turn) = turn {
+                wake = Some(self.pop_candidate(waiters, turn).0);
+            }
         }
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
@@ -379,7 +529,7 @@ impl RawCoMutex {
 
 // SAFETY: see the type's doc and the field invariants: the one who moves `state` from 0 to a
 // thread id, or to whom the lock is handed (by `hand_over` keeping `state` held, or by
-// `hand_to_head` moving it from 0 under `queue_lock`), holds it; acquire on every acquisition,
+// `serve_head` moving it from 0 under `queue_lock`), holds it; acquire on every acquisition,
 // release (or the wake's own synchronisation) on every release and hand-over.
 unsafe impl RawLock for RawCoMutex {
     fn new() -> Self {
@@ -388,6 +538,8 @@ unsafe impl RawLock for RawCoMutex {
         RawCoMutex {
             state: AtomicU32::new(0),
             remote: AtomicU32::new(0),
+            candidate: AtomicU32::new(NO_CANDIDATE),
+            starving: AtomicBool::new(false),
             #[cfg(debug_assertions)]
             holder_coroutine: AtomicU64::new(0),
             queue_lock: RawSpinLock::new(),
@@ -422,15 +574,19 @@ unsafe impl RawLock for RawCoMutex {
                 return;
             }
         }
-        if self.remote.load(Ordering::Relaxed) != 0 {
+        if self.remote.load(Ordering::Relaxed) != 0 && self.starving.load(Ordering::Relaxed) {
             return self.hand_over();
         }
         // The unlocker's side of the handshake (see `remote`): free, then look at the count.
         self.state.store(0, Ordering::Release);
         asymmetric_fence::light();
-        if self.remote.load(Ordering::Relaxed) != 0 {
-            // A waiter counted itself meanwhile, and may have missed the release.
-            self.hand_to_head();
+        // A candidate on its way is due to serve the queue. Read after the fence, a stale
+        // `WOKEN` is impossible once the candidate gave up its turn: its handshake then sees
+        // our release.
+        if self.remote.load(Ordering::Relaxed) != 0
+            && self.candidate.load(Ordering::Relaxed) == NO_CANDIDATE
+        {
+            self.serve_head();
         }
     }
 }
@@ -476,9 +632,10 @@ impl<T: ?Sized> Lock<RawCoMutex, T> {
 mod tests {
     use std::cell::Cell;
     use std::rc::Rc;
-    use std::sync::Arc;
+    use std::sync::{Arc, mpsc};
     use std::time::Duration;
 
+    use super::STARVATION_NS;
     use crate::aio::{AioContext, IoThread};
     use crate::sync::CoMutex;
 
@@ -519,5 +676,97 @@ mod tests {
         ctx.wait_while(|| mutex.try_lock().is_none_or(|order| order.len() < 4));
         iothread.stop();
         assert_eq!(*mutex.try_lock().unwrap(), ["holder", "local", "remote", "late"]);
+    }
+
+    /// Runs a coroutine on `iothread` that blocks the thread until the returned sender sends
+    /// (or drops): wakes for that thread's coroutines wait in its inbox meanwhile.
+    fn block_thread(iothread: &IoThread) -> mpsc::Sender<()> {
+        let (blocked_tx, blocked_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        iothread
+            .handle()
+            .spawn(move |_co| {
+                blocked_tx.send(()).unwrap();
+                let _ = go_rx.recv();
+            })
+            .unwrap();
+        blocked_rx.recv().unwrap();
+        go_tx
+    }
+
+    /// Runs a coroutine of `ctx` that takes `mutex` and pushes "holder"; the returned closure
+    /// makes it let go and waits for its end.
+    fn hold(ctx: &AioContext, mutex: &Arc<CoMutex<Vec<&'static str>>>) -> impl FnOnce() {
+        let release = Rc::new(Cell::new(false));
+        let (m, r) = (mutex.clone(), release.clone());
+        let holder = ctx.spawn(move |co| {
+            let mut guard = m.lock(co);
+            guard.push("holder");
+            while !r.get() {
+                co.sleep(Duration::from_millis(1));
+            }
+        });
+        ctx.poll(false);
+        move || {
+            release.set(true);
+            holder.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn an_unlock_frees_the_lock_for_a_running_locker_while_the_woken_waiter_is_on_its_way() {
+        let ctx = AioContext::new().unwrap();
+        let iothread = IoThread::spawn("comutex-barging").unwrap();
+        let mutex = Arc::new(CoMutex::new(Vec::new()));
+        let release = hold(&ctx, &mutex);
+        let m = mutex.clone();
+        iothread.handle().spawn(move |co| m.lock(co).push("waiter")).unwrap();
+        while counted(&mutex) < 1 {
+            std::thread::yield_now();
+        }
+        let go = block_thread(&iothread);
+        release();
+        // The waiter was woken, but its thread is busy: a running locker takes the lock
+        // rather than wait for that thread (strict hand-over would keep it for the waiter).
+        mutex.try_lock().expect("freed for a running locker").push("barger");
+        go.send(()).unwrap();
+        while mutex.try_lock().is_none_or(|order| order.len() < 3) {
+            std::thread::yield_now();
+        }
+        iothread.stop();
+        assert_eq!(*mutex.try_lock().unwrap(), ["holder", "barger", "waiter"]);
+    }
+
+    #[test]
+    fn a_waiter_passed_over_for_longer_than_the_starvation_bound_is_handed_the_lock() {
+        let ctx = AioContext::new().unwrap();
+        let iothread = IoThread::spawn("comutex-starving").unwrap();
+        let mutex = Arc::new(CoMutex::new(Vec::new()));
+        let release = hold(&ctx, &mutex);
+        let m = mutex.clone();
+        iothread.handle().spawn(move |co| m.lock(co).push("waiter")).unwrap();
+        while counted(&mutex) < 1 {
+            std::thread::yield_now();
+        }
+        let go = block_thread(&iothread);
+        release();
+        let mut barger = mutex.try_lock().expect("freed for a running locker");
+        barger.push("barger");
+        std::thread::sleep(Duration::from_nanos(2 * STARVATION_NS));
+        // The waiter runs, finds the lock taken and goes back to the queue, starving.
+        go.send(()).unwrap();
+        while counted(&mutex) < 1 {
+            std::thread::yield_now();
+        }
+        let go = block_thread(&iothread);
+        drop(barger);
+        assert!(mutex.try_lock().is_none(), "a starving lock is handed over, not freed");
+        drop(go);
+        while mutex.try_lock().is_none_or(|order| order.len() < 3) {
+            std::thread::yield_now();
+        }
+        iothread.stop();
+        assert_eq!(*mutex.try_lock().unwrap(), ["holder", "barger", "waiter"]);
+        assert!(!mutex.raw().starving.load(std::sync::atomic::Ordering::Relaxed));
     }
 }
