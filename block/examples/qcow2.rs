@@ -170,16 +170,27 @@ fn with_image<R: 'static>(
 }
 
 /// Bytes as qemu-img prints sizes: `8 MiB (8388608 bytes)`.
+/// A byte count as qemu-img prints one: three significant digits, in the largest binary unit
+/// that keeps the number under 1000 ("0 B", "10 KiB", "0.977 MiB", "1.5 GiB").
 fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     let mut value = bytes as f64;
     let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < units.len() {
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
         value /= 1024.0;
         unit += 1;
     }
-    let number = if value.fract() == 0.0 { format!("{value}") } else { format!("{value:.3}") };
-    format!("{} {}", number.trim_end_matches('0').trim_end_matches('.'), units[unit])
+    let decimals = match value {
+        v if v < 1.0 => 3,
+        v if v < 10.0 => 2,
+        v if v < 100.0 => 1,
+        _ => 0,
+    };
+    let mut number = format!("{value:.decimals$}");
+    if number.contains('.') {
+        number = number.trim_end_matches('0').trim_end_matches('.').to_owned();
+    }
+    format!("{number} {}", UNITS[unit])
 }
 
 fn info(file: &str) -> io::Result<()> {

@@ -1,7 +1,7 @@
 //! The `qcow2` example tool against qemu-img: `convert -O qcow2 [-c] [-o
 //! compression_type=...]` writes images that `qemu-img compare` finds identical to their
 //! source and `qemu-img check` clean, and `snapshot -l` prints what `qemu-img snapshot -l`
-//! prints.
+//! prints, and `info` prints sizes as `qemu-img info` does.
 
 mod qcow2_support;
 
@@ -96,4 +96,24 @@ fn snapshot_list_prints_what_qemu_img_prints() {
     let ours = run_tool(&tool, &["snapshot", "-l", image]);
     assert_eq!(ours, qemu_img(&["snapshot", "-l", image]));
     assert!(ours.contains("one") && ours.contains("two"), "{ours}");
+}
+
+#[test]
+fn info_prints_the_sizes_qemu_img_info_prints() {
+    let tool = tool();
+    let scratch = Scratch::new("tool-info");
+    // Sizes whose printed forms once lost digits ("10 KiB" came out as "1 KiB", 0 as " B").
+    for size in ["10K", "1000K", "100M", "1536M", "2T"] {
+        let image = scratch.path(&format!("{size}.qcow2"));
+        let image = image.to_str().unwrap();
+        create_qcow2(image, "", size);
+        let ours = run_tool(&tool, &["info", image]);
+        let theirs = qemu_img(&["info", image]);
+        for field in ["virtual size:", "disk size:"] {
+            let line =
+                |text: &str| text.lines().find(|line| line.starts_with(field)).map(str::to_owned);
+            assert_eq!(line(&ours), line(&theirs), "{field} of a {size} image\n{ours}\n{theirs}");
+        }
+        assert!(ours.contains("allocated in this image: 0 B (0 bytes"), "{ours}");
+    }
 }
