@@ -694,9 +694,15 @@ mod tests {
         go_tx
     }
 
-    /// Runs a coroutine of `ctx` that takes `mutex` and pushes "holder"; the returned closure
-    /// makes it let go and waits for its end.
-    fn hold(ctx: &AioContext, mutex: &Arc<CoMutex<Vec<&'static str>>>) -> impl FnOnce() {
+    /// The race that barging is about: a coroutine of `ctx` takes `mutex` (pushing "holder"),
+    /// a coroutine of `iothread` queues for it (to push "waiter"), the IoThread is kept busy,
+    /// and the holder lets go, waking the waiter. The waiter's thread runs it only once the
+    /// returned sender sends (or drops).
+    fn wake_a_waiter_whose_thread_is_busy(
+        ctx: &AioContext,
+        iothread: &IoThread,
+        mutex: &Arc<CoMutex<Vec<&'static str>>>,
+    ) -> mpsc::Sender<()> {
         let release = Rc::new(Cell::new(false));
         let (m, r) = (mutex.clone(), release.clone());
         let holder = ctx.spawn(move |co| {
@@ -707,10 +713,15 @@ mod tests {
             }
         });
         ctx.poll(false);
-        move || {
-            release.set(true);
-            holder.join().unwrap();
+        let m = mutex.clone();
+        iothread.handle().spawn(move |co| m.lock(co).push("waiter")).unwrap();
+        while counted(mutex) < 1 {
+            std::thread::yield_now();
         }
+        let go = block_thread(iothread);
+        release.set(true);
+        holder.join().unwrap();
+        go
     }
 
     #[test]
@@ -718,14 +729,7 @@ mod tests {
         let ctx = AioContext::new().unwrap();
         let iothread = IoThread::spawn("comutex-barging").unwrap();
         let mutex = Arc::new(CoMutex::new(Vec::new()));
-        let release = hold(&ctx, &mutex);
-        let m = mutex.clone();
-        iothread.handle().spawn(move |co| m.lock(co).push("waiter")).unwrap();
-        while counted(&mutex) < 1 {
-            std::thread::yield_now();
-        }
-        let go = block_thread(&iothread);
-        release();
+        let go = wake_a_waiter_whose_thread_is_busy(&ctx, &iothread, &mutex);
         // The waiter was woken, but its thread is busy: a running locker takes the lock
         // rather than wait for that thread (strict hand-over would keep it for the waiter).
         mutex.try_lock().expect("freed for a running locker").push("barger");
@@ -742,14 +746,7 @@ mod tests {
         let ctx = AioContext::new().unwrap();
         let iothread = IoThread::spawn("comutex-starving").unwrap();
         let mutex = Arc::new(CoMutex::new(Vec::new()));
-        let release = hold(&ctx, &mutex);
-        let m = mutex.clone();
-        iothread.handle().spawn(move |co| m.lock(co).push("waiter")).unwrap();
-        while counted(&mutex) < 1 {
-            std::thread::yield_now();
-        }
-        let go = block_thread(&iothread);
-        release();
+        let go = wake_a_waiter_whose_thread_is_busy(&ctx, &iothread, &mutex);
         let mut barger = mutex.try_lock().expect("freed for a running locker");
         barger.push("barger");
         std::thread::sleep(Duration::from_nanos(2 * STARVATION_NS));
