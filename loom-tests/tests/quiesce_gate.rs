@@ -17,10 +17,26 @@
 //! * `a_nested_section_end_keeps_requests_held`: the inner of two nested sections ends while a
 //!   request waits; it runs only after the outer one ends.
 //!
-//! Each was checked to fail with the code weakened: the request's light fence or the
-//! drainer's heavy fence taken out, the exit's `Release` made `Relaxed` (a race on the cell);
-//! the request's look at the sections under the waiters lock taken out (a deadlock); the
-//! section count's test for the last end dropped (a race on the cell).
+//! Checked to fail with the code weakened, one change at a time (R: loom reports a race on the
+//! cell, D: a deadlock; models in the order above):
+//!
+//! | change to `src/sync/quiesce_gate.rs` | enter/drain | last end | overlap | nested |
+//! |---|---|---|---|---|
+//! | no light fence in `enter` | R | | R | |
+//! | no heavy fence in `quiesce` | R | | R | |
+//! | no light fence on the last exit | D | | D | |
+//! | the exit's `fetch_sub` `Relaxed` | R | | R | |
+//! | the drainer's sum `Relaxed` | R | | R | |
+//! | `enter`'s look at the sections `Relaxed` | R | R | R | R |
+//! | the section end's `fetch_sub` `Relaxed` | R | R | R | R |
+//! | no second look under the waiters lock | D | D | D | D |
+//! | a woken request passes without looking again | | | R | |
+//! | the last exit does not wake the drainers | D | | D | D |
+//! | a section end wakes only the first held request | | D | | |
+//! | a section end closes every section (`swap(0)`) | | | R | R |
+//!
+//! (Waking the held requests at every section end, not only the last, is no mistake: a woken
+//! request looks again and waits for the next end. The models pass it.)
 
 #![cfg(aiocoro_loom)]
 
