@@ -6,7 +6,8 @@
 //! An entering request counts itself in, then looks whether a quiesced section is open; a
 //! drainer opens its section, then waits for the count to reach zero. Between its write and its
 //! read each side runs one fence of an asymmetric pair (see `asymmetric_fence.rs`): a compiler
-//! fence on the request's hot path, a membarrier on the drainer's rare one. The pair behaves as
+//! fence on the request's hot path (its write is a read-modify-write, so `light_after_rmw`), a
+//! membarrier on the drainer's rare one. The pair behaves as
 //! two `fence(SeqCst)`, so at least one side sees the other's write: a request that counted in
 //! after the section opened backs out and waits for the section to end; a request that counted
 //! in before is waited for. Never both proceed.
@@ -250,7 +251,7 @@ impl QuiesceGate {
         loop {
             slot.fetch_add(GATE, Relaxed);
             // Against the drainer's heavy fence between opening and summing (module docs).
-            asymmetric_fence::light();
+            asymmetric_fence::light_after_rmw();
             if self.sections.load(Acquire) == 0 {
                 slot.fetch_add(RUNNING, Relaxed);
                 return GateEntry { gate: self, slot: index };
@@ -275,7 +276,7 @@ impl QuiesceGate {
         let before = slot.fetch_sub(amount, Release);
         if before & GATE_MASK == GATE {
             // Against the drainer's heavy fence between opening and summing (module docs).
-            asymmetric_fence::light();
+            asymmetric_fence::light_after_rmw();
             if self.sections.load(Relaxed) != 0 {
                 self.waiters().drainers.iter().for_each(|(_, drainer)| drainer.wake());
             }
