@@ -7,10 +7,10 @@
 //! drainer opens its section, then waits for the count to reach zero. Between its write and its
 //! read each side runs one fence of an asymmetric pair (see `asymmetric_fence.rs`): a compiler
 //! fence on the request's hot path (its write is a read-modify-write, so `light_after_rmw`), a
-//! membarrier on the drainer's rare one. The pair behaves as
-//! two `fence(SeqCst)`, so at least one side sees the other's write: a request that counted in
-//! after the section opened backs out and waits for the section to end; a request that counted
-//! in before is waited for. Never both proceed.
+//! membarrier on the drainer's rare one. The pair behaves as two `fence(SeqCst)`, so at least
+//! one side sees the other's write: a request that counted in after the section opened backs
+//! out and waits for the section to end; a request that counted in before is waited for. Never
+//! both proceed.
 //!
 //! No wake-up is lost:
 //!
