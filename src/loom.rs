@@ -9,14 +9,24 @@ pub(crate) use std::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, fence,
 };
 #[cfg(not(aiocoro_loom))]
-pub(crate) use std::sync::{Condvar, Mutex};
+pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
 
 #[cfg(aiocoro_loom)]
 pub(crate) use loom::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, fence,
 };
 #[cfg(aiocoro_loom)]
-pub(crate) use loom::sync::{Condvar, Mutex};
+pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
+
+/// Parking and unparking threads: `std`'s, or loom's, whose model threads park for real (a
+/// wake-up that never comes is a deadlock the model reports).
+pub(crate) mod thread {
+    #[cfg(not(aiocoro_loom))]
+    pub(crate) use std::thread::{Thread, current, park};
+
+    #[cfg(aiocoro_loom)]
+    pub(crate) use loom::thread::{Thread, current, park};
+}
 
 /// Tells the CPU that this thread spins waiting for another (under loom: lets another model
 /// thread run, so that a spin loop cannot starve the model).

@@ -6,10 +6,9 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
-use aiocoro::sync::CoRwLock;
+use aiocoro::sync::{CoRwLock, QuiesceGate, Quiesced};
 
 use crate::buffer::IoBuffer;
-use crate::drain::{Passed, RequestGate};
 use crate::driver::BlockStatus;
 use crate::error::{Op, RequestError, invalid_input};
 use crate::node::BlockNode;
@@ -51,7 +50,7 @@ pub struct BlockBackend {
 
 struct Inner {
     root: Arc<BlockNode>,
-    gate: RequestGate,
+    gate: QuiesceGate,
     /// Taken shared by aligned writes and exclusively by padded (read-modify-write) ones, on
     /// nodes whose requests need alignment: a write landing between a padded write's read
     /// and its write would be overwritten with the old bytes.
@@ -62,7 +61,7 @@ struct Inner {
 /// its end (QEMU's `bdrv_drained_begin` / `_end`). Made by [`BlockBackend::drain`].
 #[must_use = "the section ends when this guard is dropped"]
 pub struct Drained<'a> {
-    backend: &'a BlockBackend,
+    _section: Quiesced<'a>,
 }
 
 impl std::fmt::Debug for Drained<'_> {
@@ -71,29 +70,11 @@ impl std::fmt::Debug for Drained<'_> {
     }
 }
 
-impl Drop for Drained<'_> {
-    fn drop(&mut self) {
-        self.backend.inner.gate.end_drain();
-    }
-}
-
-/// Counts a request out when it ends, however it ends.
-struct CountedRequest<'a> {
-    gate: &'a RequestGate,
-    passed: Passed,
-}
-
-impl Drop for CountedRequest<'_> {
-    fn drop(&mut self) {
-        self.gate.leave(&self.passed);
-    }
-}
-
 impl BlockBackend {
     /// A backend on `root`.
     pub fn new(root: Arc<BlockNode>) -> BlockBackend {
         let rmw = CoRwLock::new(());
-        BlockBackend { inner: Arc::new(Inner { root, gate: RequestGate::default(), rmw }) }
+        BlockBackend { inner: Arc::new(Inner { root, gate: QuiesceGate::new(), rmw }) }
     }
 
     /// The node requests go to.
@@ -120,8 +101,12 @@ impl BlockBackend {
     /// Inside a coroutine; and as a coroutine or callback that this thread's context runs
     /// meanwhile panics (the section is closed again on the way out).
     pub fn drain(&self) -> Drained<'_> {
-        self.inner.gate.begin_drain();
-        Drained { backend: self }
+        assert!(
+            !aiocoro::coroutine::in_coroutine(),
+            "aiocoro-block: BlockBackend::drain called inside a coroutine; drain from outside \
+             any coroutine (the thread's event loop level)"
+        );
+        Drained { _section: self.inner.gate.quiesce() }
     }
 
     fn refuse(&self, op: Op, message: String) -> io::Error {
@@ -166,8 +151,8 @@ impl BlockBackend {
     }
 
     fn run<R>(&self, co: &Co, request: impl FnOnce(&BlockNode) -> io::Result<R>) -> io::Result<R> {
-        let passed = self.inner.gate.enter(co);
-        let _in_flight = CountedRequest { gate: &self.inner.gate, passed };
+        // Counts the request out when it ends, however it ends.
+        let _in_flight = self.inner.gate.enter(co);
         request(&self.inner.root)
     }
 

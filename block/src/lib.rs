@@ -119,7 +119,6 @@ mod backend;
 mod block_graph;
 mod buffer;
 mod child;
-mod drain;
 mod driver;
 mod error;
 pub mod format;

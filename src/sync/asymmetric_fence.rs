@@ -76,6 +76,18 @@ pub(crate) fn light() {
     loom::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
 }
 
+/// [`light`] for a caller whose last atomic access was a read-modify-write (of any ordering):
+/// on x86-64 a compiler fence alone, with no look at which fences the process uses, since a
+/// read-modify-write is a `lock`-prefixed instruction there, which is a full barrier already
+/// (crossbeam-epoch's pin relies on the same); elsewhere [`light`].
+#[inline(always)]
+pub(crate) fn light_after_rmw() {
+    #[cfg(all(target_arch = "x86_64", not(aiocoro_loom)))]
+    compiler_fence(Ordering::SeqCst);
+    #[cfg(not(all(target_arch = "x86_64", not(aiocoro_loom))))]
+    light();
+}
+
 /// The slow side of the pair: a membarrier system call (or `fence(SeqCst)` without it).
 ///
 /// Never unwinds (lock code runs it between queueing a waiter and waiting, where an unwinding

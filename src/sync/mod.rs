@@ -20,6 +20,7 @@
 //! |---|---|---|
 //! | [`CoRwLock<T>`] | readers-writer lock for coroutines, fair, with upgrade and downgrade | `CoRwlock` |
 //! | [`SharedResource`] | counted units that coroutines wait for: a [`CoQueue`] under a [`ThreadMutex`] | `SharedResource` |
+//! | [`QuiesceGate`] | requests counted in and out across threads, and sections that wait for none in while holding new ones back | in-flight counter, `bdrv_drained_begin` / `_end` |
 //!
 //! The misuse rules the types pin:
 //!
@@ -58,6 +59,7 @@ mod coqueue;
 mod lock;
 mod no_lock;
 pub(crate) mod presence;
+mod quiesce_gate;
 mod raw;
 mod rwlock;
 mod shared_resource;
@@ -69,6 +71,7 @@ pub use comutex::RawCoMutex;
 pub use coqueue::CoQueue;
 pub use lock::{Lock, LockGuard};
 pub use no_lock::RawNoLock;
+pub use quiesce_gate::{GateEntry, QuiesceGate, Quiesced};
 pub use raw::{RawBlockingLock, RawLock};
 pub use rwlock::{CoRwLock, CoRwLockReadGuard, CoRwLockWriteGuard};
 pub use shared_resource::{Permit, SharedResource};
