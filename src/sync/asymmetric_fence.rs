@@ -36,9 +36,17 @@ use std::sync::Once;
 use std::sync::atomic::{AtomicBool, Ordering, compiler_fence, fence};
 
 /// Whether the kernel accepted the membarrier registration: `light` is then a compiler fence
-/// and `heavy` a membarrier. Written once, inside `REGISTER`.
+/// and `heavy` a membarrier. Written once, inside `REGISTER`; read by every `light`, so it
+/// sits in cache lines of its own: a neighbour written often (the statics the linker puts
+/// next to it) would make each of those reads a cache miss.
 #[cfg(not(aiocoro_loom))]
-static ASYMMETRIC: AtomicBool = AtomicBool::new(false);
+static ASYMMETRIC: ReadMostly = ReadMostly(AtomicBool::new(false));
+
+/// A flag alone in a 128-byte block (two cache lines: CPUs that fetch lines in pairs would
+/// otherwise still share it).
+#[cfg(not(aiocoro_loom))]
+#[repr(align(128))]
+struct ReadMostly(AtomicBool);
 
 /// Runs the registration once per process.
 #[cfg(not(aiocoro_loom))]
@@ -54,7 +62,7 @@ pub(crate) fn prepare() {
     #[cfg(not(aiocoro_loom))]
     REGISTER.call_once(|| {
         if crate::sys::membarrier_register().is_ok() {
-            ASYMMETRIC.store(true, Ordering::Relaxed);
+            ASYMMETRIC.0.store(true, Ordering::Relaxed);
         }
     });
 }
@@ -66,7 +74,7 @@ pub(crate) fn light() {
     {
         // Relaxed is enough: the flag was settled before the caller's object existed (see the
         // module doc), so this thread cannot see it change.
-        if ASYMMETRIC.load(Ordering::Relaxed) {
+        if ASYMMETRIC.0.load(Ordering::Relaxed) {
             compiler_fence(Ordering::SeqCst);
         } else {
             fence(Ordering::SeqCst);
@@ -98,7 +106,7 @@ pub(crate) fn light_after_rmw() {
 pub(crate) fn heavy() {
     #[cfg(not(aiocoro_loom))]
     {
-        if ASYMMETRIC.load(Ordering::Relaxed) {
+        if ASYMMETRIC.0.load(Ordering::Relaxed) {
             if let Err(error) = crate::sys::membarrier() {
                 eprintln!(
                     "aiocoro: membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) failed after the \

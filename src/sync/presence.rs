@@ -18,7 +18,15 @@ const ENTRIES: usize = 256;
 /// `(thread id << 32) | (cpu + 1)` while the thread runs, `(thread id << 32)` while it is
 /// blocked in a poll; 0 if no thread wrote it yet.
 #[cfg(not(aiocoro_loom))]
-static TABLE: [AtomicU64; ENTRIES] = [const { AtomicU64::new(0) }; ENTRIES];
+static TABLE: [Entry; ENTRIES] = [const { Entry(AtomicU64::new(0)) }; ENTRIES];
+
+/// One thread's entry, alone in a 128-byte block: each thread writes its own around every
+/// blocking poll, which would otherwise evict its neighbours' entries from the CPUs of the
+/// threads that write those (two cache lines: CPUs that fetch lines in pairs would still
+/// share them).
+#[cfg(not(aiocoro_loom))]
+#[repr(align(128))]
+struct Entry(AtomicU64);
 
 /// What a thread's entry says about it (nothing under loom, where spinning never looks).
 #[cfg(not(aiocoro_loom))]
@@ -34,7 +42,7 @@ pub(crate) enum Seen {
 
 #[cfg(not(aiocoro_loom))]
 fn entry(thread: u32) -> &'static AtomicU64 {
-    &TABLE[thread as usize % ENTRIES]
+    &TABLE[thread as usize % ENTRIES].0
 }
 
 /// The CPU the calling thread runs on (as of the call).
