@@ -24,14 +24,15 @@ use aiocoro::coroutine::Co;
 use aiocoro::sync::{CoMutexGuard, CoQueue};
 
 use super::metadata::Metadata;
+use super::offsets::{ClusterCount, GuestCluster};
 use crate::buffer::IoBuffer;
 
 /// An allocation between choosing its clusters and linking them, as the metadata lists it.
 pub(crate) struct PendingAllocation {
     /// The first guest cluster.
-    pub(crate) first: u64,
+    pub(crate) first: GuestCluster,
     /// How many guest clusters.
-    pub(crate) count: u64,
+    pub(crate) count: ClusterCount,
     /// The subclusters of a one-cluster write with extended L2 entries that it covers;
     /// all bits for whole clusters.
     pub(crate) subclusters: u32,

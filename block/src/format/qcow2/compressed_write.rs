@@ -20,8 +20,7 @@ use super::compressed::compress_cluster;
 use super::driver::Qcow2Driver;
 use super::io::gather;
 use super::mapping::COMPRESSED;
-use super::offsets::{Geometry, GuestOffset, HostOffset};
-use super::refuse_read_only;
+use super::offsets::{ClusterCount, Geometry, GuestOffset, HostOffset};
 use crate::buffer::IoBuffer;
 use crate::error::invalid_input;
 
@@ -105,10 +104,8 @@ impl Qcow2Driver {
         let (host, l2, allocation) = {
             let mut meta = self.metadata.lock(co);
             loop {
-                if meta.writer.is_none() {
-                    return Err(refuse_read_only());
-                }
-                let Some(in_flight) = meta.overlapping(cluster.0, 1) else { break };
+                meta.check_writable()?;
+                let Some(in_flight) = meta.overlapping(cluster, ClusterCount(1)) else { break };
                 let allocation = in_flight.allocation.clone();
                 allocation.wait(co, &mut meta);
             }
@@ -119,7 +116,7 @@ impl Qcow2Driver {
             let purpose = format_args!("the compressed data of {guest}");
             let host = meta.allocate_bytes(co, &file, len, &purpose)?;
             let allocation = SharedAllocation::new();
-            meta.start_allocation(cluster.0, 1, allocation.clone(), false);
+            meta.start_allocation(cluster, ClusterCount(1), allocation.clone(), false);
             (host, l2, allocation)
         };
         let mut data = IoBuffer::zeroed(len as usize);

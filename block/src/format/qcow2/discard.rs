@@ -12,7 +12,7 @@ use aiocoro::coroutine::Co;
 
 use super::driver::Qcow2Driver;
 use super::mapping::ZERO;
-use super::refuse_read_only;
+use super::offsets::{ClusterCount, GuestCluster};
 
 impl Qcow2Driver {
     /// Makes the whole clusters inside `len` bytes at `offset` read as zeroes without data
@@ -32,14 +32,12 @@ impl Qcow2Driver {
             (true, false) => return Ok(()),
         };
         while cluster < end {
-            let position = geometry.position(super::offsets::ClusterIndex(cluster));
+            let position = geometry.position(GuestCluster(cluster));
             let in_table = (geometry.l2_entries() - position.l2_index) as u64;
             let count = in_table.min(end - cluster);
             let mut meta = self.metadata.lock(co);
-            if meta.writer.is_none() {
-                return Err(refuse_read_only());
-            }
-            if let Some(in_flight) = meta.overlapping(cluster, count) {
+            meta.check_writable()?;
+            if let Some(in_flight) = meta.overlapping(GuestCluster(cluster), ClusterCount(count)) {
                 let allocation = in_flight.allocation.clone();
                 allocation.wait(co, &mut meta);
                 continue;

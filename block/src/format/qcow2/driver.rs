@@ -13,11 +13,9 @@ use super::corruption::CorruptMark;
 use super::header::Header;
 use super::in_place::InPlaceWrites;
 use super::io::{read_at, read_exact_at, sub_slices, zero};
-use super::l2_cache::L2Cache;
-use super::mapping::{ClusterMapping, OFFSET_MASK, decode_l1, decode_l2};
-use super::metadata::{Metadata, Writer};
+use super::mapping::{ClusterMapping, decode_l1, decode_l2};
+use super::metadata::Metadata;
 use super::offsets::{GuestOffset, HostOffset};
-use super::overlap::TableClusters;
 use super::refcount::Refcounts;
 use super::refuse;
 use super::subclusters::subcluster_run;
@@ -151,26 +149,10 @@ impl Qcow2Driver {
         let mut raw = vec![0u8; l1_bytes as usize];
         read_exact_at(co, &node, header.l1_table_offset.0, &mut raw)?;
         let l1: Vec<u64> = decode_table(&raw).collect();
-        let geometry = header.geometry;
-        let writer = refcounts.map(|refcounts| Writer {
-            refcounts,
-            l2_tables: TableClusters::new(geometry, l1.iter().map(|entry| entry & OFFSET_MASK)),
-            in_flight: Vec::new(),
-            pending_frees: Vec::new(),
-        });
         // Not capped by the L1 table's size: it can grow (truncate), and the cache only
         // holds the tables it has met.
-        let tables = caches.l2_bytes / geometry.cluster_size();
-        let l2_cache = L2Cache::new(tables as usize);
-        let metadata = Metadata {
-            geometry,
-            l1,
-            l1_offset: header.l1_table_offset,
-            l2_cache,
-            virtual_size: header.virtual_size,
-            image_end: file_len.next_multiple_of(geometry.cluster_size()),
-            writer,
-        };
+        let tables = caches.l2_bytes / header.geometry.cluster_size();
+        let metadata = Metadata::new(&header, l1, file_len, tables as usize, refcounts);
         Ok(Qcow2Driver {
             file,
             backing,
@@ -201,7 +183,7 @@ impl Qcow2Driver {
         meta: &mut Metadata,
         offset: HostOffset,
     ) -> io::Result<Arc<[u64]>> {
-        if let Some(table) = meta.l2_cache.get(offset) {
+        if let Some(table) = meta.cached_l2(offset) {
             return Ok(table);
         }
         let mut raw = vec![0u8; self.header.geometry.cluster_size() as usize];
@@ -219,13 +201,12 @@ impl Qcow2Driver {
         let (position, in_cluster) = (span.position, span.in_cluster);
 
         let mut meta = self.metadata.lock(co);
-        let file_len = meta.image_end;
-        let Some(&l1_raw) = usize::try_from(position.l1_index).ok().and_then(|i| meta.l1.get(i))
-        else {
+        let file_len = meta.image_end();
+        let Some(l1_raw) = meta.l1_entry(position.l1_index) else {
             return Err(corrupt(format!(
                 "{offset} needs L1 entry {}, past the {} of the L1 table",
                 position.l1_index,
-                meta.l1.len()
+                meta.l1_len()
             )));
         };
         let l2_offset = decode_l1(l1_raw, geometry, file_len).map_err(|why| {
@@ -385,7 +366,7 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn length(&self, co: &Co) -> io::Result<u64> {
-        Ok(self.metadata.lock(co).virtual_size)
+        Ok(self.metadata.lock(co).virtual_size())
     }
 
     fn read(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
@@ -421,9 +402,6 @@ impl BlockDriver for Qcow2Driver {
 
     fn flush(&self, co: &Co) -> io::Result<()> {
         let mut meta = self.metadata.lock(co);
-        if meta.writer.is_none() {
-            return Ok(());
-        }
         meta.flush(co, &self.file.node(), |offset, len| self.in_place.overlaps(offset.0, len))
     }
 

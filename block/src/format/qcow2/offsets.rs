@@ -1,9 +1,13 @@
 //! Offsets and cluster numbers that the type system keeps apart: a guest offset (a byte of
 //! the virtual disk) can never be passed where a host offset (a byte of the image file) is
-//! meant, and both are told from cluster indices. Arithmetic on them is checked: an overflow
-//! is `None`, never a wrap.
+//! meant, a guest cluster where a host cluster is, and offsets are told from cluster
+//! numbers and cluster numbers from cluster counts (imago's `types.rs` draws the same
+//! lines). Arithmetic on offsets is checked: an overflow is `None`, never a wrap. A cluster
+//! number plus a count of clusters adds plainly: cluster numbers are offsets divided by at
+//! least 512, far from the end of a `u64`.
 
 use std::fmt;
+use std::ops::Add;
 
 /// A byte offset in the virtual disk the guest sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -15,7 +19,15 @@ pub struct HostOffset(pub u64);
 
 /// The number of a guest cluster: guest offset divided by the cluster size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ClusterIndex(pub u64);
+pub struct GuestCluster(pub u64);
+
+/// The number of a host cluster: host offset divided by the cluster size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostCluster(pub u64);
+
+/// A number of clusters: the length of a run of guest clusters or of host clusters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterCount(pub u64);
 
 impl GuestOffset {
     /// `self + bytes`, or `None` on overflow.
@@ -36,10 +48,28 @@ impl HostOffset {
     }
 }
 
-impl ClusterIndex {
+impl GuestCluster {
     /// The next cluster, or `None` on overflow.
-    pub fn checked_next(self) -> Option<ClusterIndex> {
-        self.0.checked_add(1).map(ClusterIndex)
+    pub fn checked_next(self) -> Option<GuestCluster> {
+        self.0.checked_add(1).map(GuestCluster)
+    }
+}
+
+impl Add<ClusterCount> for GuestCluster {
+    type Output = GuestCluster;
+
+    /// The guest cluster `count` clusters on.
+    fn add(self, count: ClusterCount) -> GuestCluster {
+        GuestCluster(self.0 + count.0)
+    }
+}
+
+impl Add<ClusterCount> for HostCluster {
+    type Output = HostCluster;
+
+    /// The host cluster `count` clusters on.
+    fn add(self, count: ClusterCount) -> HostCluster {
+        HostCluster(self.0 + count.0)
     }
 }
 
@@ -55,9 +85,15 @@ impl fmt::Display for HostOffset {
     }
 }
 
-impl fmt::Display for ClusterIndex {
+impl fmt::Display for GuestCluster {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "guest cluster {}", self.0)
+    }
+}
+
+impl fmt::Display for HostCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "host cluster {}", self.0)
     }
 }
 
@@ -191,13 +227,28 @@ impl Geometry {
     }
 
     /// The cluster holding `offset`.
-    pub fn cluster_of(&self, offset: GuestOffset) -> ClusterIndex {
-        ClusterIndex(offset.0 >> self.cluster_bits)
+    pub fn cluster_of(&self, offset: GuestOffset) -> GuestCluster {
+        GuestCluster(offset.0 >> self.cluster_bits)
     }
 
     /// The first byte of `cluster`, or `None` past the largest offset.
-    pub fn cluster_start(&self, cluster: ClusterIndex) -> Option<GuestOffset> {
+    pub fn cluster_start(&self, cluster: GuestCluster) -> Option<GuestOffset> {
         cluster.0.checked_mul(self.cluster_size()).map(GuestOffset)
+    }
+
+    /// The host cluster holding `offset`.
+    pub fn host_cluster_of(&self, offset: HostOffset) -> HostCluster {
+        HostCluster(offset.0 >> self.cluster_bits)
+    }
+
+    /// The first byte of host `cluster` (a cluster of the file, so its offset fits).
+    pub fn host_cluster_start(&self, cluster: HostCluster) -> HostOffset {
+        HostOffset(cluster.0 << self.cluster_bits)
+    }
+
+    /// The bytes of `count` clusters.
+    pub fn bytes_of(&self, count: ClusterCount) -> u64 {
+        count.0 << self.cluster_bits
     }
 
     /// How far into its cluster `offset` is.
@@ -211,7 +262,7 @@ impl Geometry {
     }
 
     /// Where `cluster`'s L2 entry lives.
-    pub fn position(&self, cluster: ClusterIndex) -> TablePosition {
+    pub fn position(&self, cluster: GuestCluster) -> TablePosition {
         TablePosition {
             l1_index: cluster.0 >> self.l2_bits(),
             l2_index: (cluster.0 & (self.l2_entries() as u64 - 1)) as usize,
@@ -287,8 +338,8 @@ mod tests {
     fn arithmetic_is_checked() {
         assert_eq!(GuestOffset(u64::MAX).checked_add(1), None);
         assert_eq!(HostOffset(u64::MAX - 1).checked_add(1), Some(HostOffset(u64::MAX)));
-        assert_eq!(ClusterIndex(u64::MAX).checked_next(), None);
-        assert_eq!(Geometry::new(21).cluster_start(ClusterIndex(u64::MAX)), None);
+        assert_eq!(GuestCluster(u64::MAX).checked_next(), None);
+        assert_eq!(Geometry::new(21).cluster_start(GuestCluster(u64::MAX)), None);
         assert_eq!(GuestOffset(5).checked_distance_from(GuestOffset(7)), None);
     }
 }

@@ -24,7 +24,7 @@ use super::corrupt;
 use super::header::{MAX_REFCOUNT_TABLE_BYTES, field};
 use super::header_update::{HeaderUpdates, TableFields};
 use super::io::{read_exact_at, write_at};
-use super::offsets::{Geometry, HostOffset};
+use super::offsets::{ClusterCount, Geometry, HostCluster, HostOffset};
 use super::overlap::{
     Holder, MetadataCluster, TableClusters, allocation_error, clusters, first_shared,
 };
@@ -172,10 +172,10 @@ impl Refcounts {
     pub(crate) fn metadata_in(&self, range: &Range<u64>) -> Option<MetadataCluster> {
         let table = clusters(self.geometry, self.table_offset.0, self.table.len() as u64 * 8);
         if let Some(cluster) = first_shared(&table, range) {
-            return Some((cluster, Holder::RefcountTable));
+            return Some((HostCluster(cluster), Holder::RefcountTable));
         }
         let (cluster, slot) = self.block_clusters.first_in(range)?;
-        Some((cluster, Holder::RefcountBlock { slot }))
+        Some((HostCluster(cluster), Holder::RefcountBlock { slot }))
     }
 
     /// Fails if the refcounts call host clusters `range` free although they hold metadata:
@@ -414,7 +414,7 @@ impl Refcounts {
         &mut self,
         co: &Co,
         file: &BlockNode,
-        count: u64,
+        ClusterCount(count): ClusterCount,
         image_end: &mut u64,
         others: impl Fn(&Range<u64>) -> Option<MetadataCluster>,
         purpose: &dyn fmt::Display,
@@ -662,7 +662,9 @@ mod tests {
             let mut allocated = Vec::new();
             for _ in 0..3000 {
                 allocated.push(
-                    refcounts.allocate(co, &file, 1, &mut image_end, |_| None, &"a test").unwrap(),
+                    refcounts
+                        .allocate(co, &file, ClusterCount(1), &mut image_end, |_| None, &"a test")
+                        .unwrap(),
                 );
                 assert!(refcounts.blocks.len() <= MIN_CACHED_BLOCKS, "{}", refcounts.blocks.len());
             }

@@ -24,9 +24,8 @@ use super::in_place::Writing;
 use super::io::sub_slices_ref;
 use super::mapping::{COMPRESSED, COPIED, ClusterMapping, OFFSET_MASK, ZERO, decode_l2};
 use super::metadata::Metadata;
-use super::offsets::{GuestOffset, HostOffset};
+use super::offsets::{ClusterCount, GuestOffset, HostOffset};
 use super::overlap;
-use super::refuse_read_only;
 use super::subclusters::{allocated, bitmap, is_invalid, mask, zeroed};
 use crate::buffer::{IoBuffer, gather_into};
 
@@ -68,13 +67,11 @@ impl Qcow2Driver {
         let in_cluster = geometry.offset_in_cluster(guest);
         let len = len.min(cluster_size - in_cluster);
         let wanted = mask((in_cluster / sub) as u32, (in_cluster + len).div_ceil(sub) as u32);
-        let cluster = geometry.cluster_of(guest).0;
+        let cluster = geometry.cluster_of(guest);
         let plan = {
             let mut meta = self.metadata.lock(co);
             loop {
-                if meta.writer.is_none() {
-                    return Err(refuse_read_only());
-                }
+                meta.check_writable()?;
                 let Some(in_flight) = meta.overlapping_subclusters(cluster, wanted) else {
                     break self.plan_subclusters(co, &mut meta, guest, len, wanted)?;
                 };
@@ -166,13 +163,13 @@ impl Qcow2Driver {
             ))
         };
         let raw = if entry & COMPRESSED != 0 { entry } else { entry & !ZERO };
-        let decoded = decode_l2(raw, geometry, 3, meta.image_end);
+        let decoded = decode_l2(raw, geometry, 3, meta.image_end());
         let decoded = decoded.map_err(|why| describe(&why))?;
         let file = self.file.node();
         if entry & COMPRESSED != 0 || (entry & OFFSET_MASK != 0 && entry & COPIED == 0) {
-            let host = meta.allocate(co, &file, 1, &guest)?;
+            let host = meta.allocate(co, &file, ClusterCount(1), &guest)?;
             let allocation = SharedAllocation::new();
-            meta.start_subcluster_write(cluster.0, u32::MAX, allocation.clone());
+            meta.start_subcluster_write(cluster, u32::MAX, allocation.clone());
             return Ok(Plan::Rewrite { host, l2, index, allocation });
         }
         if is_invalid(map, entry & OFFSET_MASK != 0) {
@@ -180,8 +177,8 @@ impl Qcow2Driver {
         }
         let cluster_host = match decoded {
             ClusterMapping::Data(host) => {
-                let first = host.0 >> geometry.cluster_bits();
-                if let Some(hit) = meta.metadata_in(&(first..first + 1)) {
+                let first = geometry.host_cluster_of(host);
+                if let Some(hit) = meta.metadata_in(first, ClusterCount(1)) {
                     return Err(overlap::in_place_error(
                         geometry,
                         GuestOffset(guest.0 - in_cluster),
@@ -191,7 +188,7 @@ impl Qcow2Driver {
                 host
             }
             _ => {
-                let host = meta.allocate(co, &file, 1, &guest)?;
+                let host = meta.allocate(co, &file, ClusterCount(1), &guest)?;
                 meta.set_extended_entry(l2, index, host.0 | COPIED, map);
                 host
             }
@@ -208,7 +205,7 @@ impl Qcow2Driver {
         let to = if is_allocated(end - 1) { end } else { end.next_multiple_of(sub) };
         let _writing = self.in_place.begin(cluster_host.0 + from, to - from);
         let allocation = SharedAllocation::new();
-        meta.start_subcluster_write(cluster.0, wanted, allocation.clone());
+        meta.start_subcluster_write(cluster, wanted, allocation.clone());
         Ok(Plan::Subclusters {
             cluster_host,
             from,
