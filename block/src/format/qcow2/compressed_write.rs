@@ -79,7 +79,7 @@ impl Qcow2Driver {
                 .filter(|packed| (packed.len() as u64).next_multiple_of(unit) < cluster_size)
             {
                 Some(packed) => self.write_compressed_cluster(co, guest, &packed, unit)?,
-                None => self.write_guest(co, guest.0, &[IoSlice::new(&bytes)])?,
+                None => self.write_guest(co, guest, &[IoSlice::new(&bytes)])?,
             }
             done += len;
         }
@@ -128,7 +128,7 @@ impl Qcow2Driver {
             drop(self.l2_table(co, &mut meta, l2)?);
             let entry = compressed_entry(geometry, host, packed.len() as u64);
             meta.set_l2_entries(l2, position.l2_index, 1, |_| entry);
-            self.last_inflated.forget(host.0);
+            self.last_inflated.forget(host);
             Ok(())
         });
         if linked.is_err() {

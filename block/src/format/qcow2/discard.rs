@@ -12,17 +12,18 @@ use aiocoro::coroutine::Co;
 
 use super::driver::Qcow2Driver;
 use super::mapping::ZERO;
-use super::offsets::{ClusterCount, GuestCluster};
+use super::offsets::{ClusterCount, GuestCluster, GuestOffset};
 
 impl Qcow2Driver {
     /// Makes the whole clusters inside `len` bytes at `offset` read as zeroes without data
     /// (see the module doc: a version 2 image over a backing node is left as it is); waits
     /// for in-flight allocations of those clusters first.
-    pub(super) fn drop_clusters(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
+    pub(super) fn drop_clusters(&self, co: &Co, guest: GuestOffset, len: u64) -> io::Result<()> {
         let geometry = self.header.geometry;
         if geometry.has_subclusters() {
-            return self.drop_subclusters(co, offset, len);
+            return self.drop_subclusters(co, guest, len);
         }
+        let offset = guest.0;
         let cluster_size = geometry.cluster_size();
         let mut cluster = offset.div_ceil(cluster_size);
         let end = (offset + len) / cluster_size;

@@ -15,7 +15,7 @@ use super::in_place::InPlaceWrites;
 use super::io::{read_at, read_exact_at, sub_slices, zero};
 use super::mapping::{ClusterMapping, decode_l1, decode_l2};
 use super::metadata::Metadata;
-use super::offsets::{GuestOffset, HostOffset};
+use super::offsets::{ClusterCount, GuestOffset, HostOffset};
 use super::refcount::Refcounts;
 use super::refuse;
 use super::subclusters::subcluster_run;
@@ -240,7 +240,7 @@ impl Qcow2Driver {
             let mut end = u64::from(first + count) << sub_bits;
             let mut n = 1;
             while end == n * cluster_size
-                && n < span.clusters
+                && n < span.clusters.0
                 && !matches!(mapping, ClusterMapping::Compressed { .. })
             {
                 let (next, count) = decode(n, 0)?;
@@ -282,7 +282,7 @@ impl Qcow2Driver {
         let first = decode(position.l2_index)?;
         let mut count = 1;
         if !matches!(first, ClusterMapping::Compressed { .. }) {
-            while count < span.clusters {
+            while count < span.clusters.0 {
                 let step = count * cluster_size;
                 let continues = match (first, decode(position.l2_index + count as usize)?) {
                     (ClusterMapping::Unallocated, ClusterMapping::Unallocated)
@@ -302,12 +302,17 @@ impl Qcow2Driver {
             ClusterMapping::Data(start) => ClusterMapping::Data(HostOffset(start.0 + in_cluster)),
             other => other,
         };
-        Ok(MappedRun { mapping, len: span.len_in(count) })
+        Ok(MappedRun { mapping, len: span.len_in(ClusterCount(count)) })
     }
 
     /// Fills `bufs` with the guest bytes from `guest` that this image does not hold: from
     /// the backing node where it has them, zeroes past its end or without one.
-    fn read_unallocated(&self, co: &Co, guest: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+    fn read_unallocated(
+        &self,
+        co: &Co,
+        GuestOffset(guest): GuestOffset,
+        bufs: &mut [IoSliceMut<'_>],
+    ) -> io::Result<()> {
         let total: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
         let Some(backing) = &self.backing else {
             zero(bufs);
@@ -334,7 +339,7 @@ impl Qcow2Driver {
         bufs: &mut [IoSliceMut<'_>],
     ) -> io::Result<()> {
         let geometry = self.header.geometry;
-        let cluster = match self.last_inflated.get(offset.0) {
+        let cluster = match self.last_inflated.get(offset) {
             Some(cluster) => cluster,
             None => {
                 // At most two clusters by the entry's layout, so the allocation is bounded.
@@ -345,7 +350,7 @@ impl Qcow2Driver {
                     |why| corrupt(format!("{guest}: the compressed cluster at {offset}: {why}")),
                 )?;
                 let cluster: Arc<[u8]> = cluster.into();
-                self.last_inflated.put(offset.0, cluster.clone());
+                self.last_inflated.put(offset, cluster.clone());
                 cluster
             }
         };
@@ -378,7 +383,7 @@ impl BlockDriver for Qcow2Driver {
             let len = run.len as usize;
             let mut piece = sub_slices(bufs, done, len);
             match run.mapping {
-                ClusterMapping::Unallocated => self.read_unallocated(co, guest.0, &mut piece)?,
+                ClusterMapping::Unallocated => self.read_unallocated(co, guest, &mut piece)?,
                 ClusterMapping::Zero => zero(&mut piece),
                 ClusterMapping::Data(host) => read_at(co, &self.file.node(), host.0, &mut piece)?,
                 ClusterMapping::Compressed { offset, len } => {
@@ -392,7 +397,7 @@ impl BlockDriver for Qcow2Driver {
 
     fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         self.refuse_if_corrupt()?;
-        self.mark_corrupt_on_overlap(co, self.write_guest(co, offset, bufs))
+        self.mark_corrupt_on_overlap(co, self.write_guest(co, GuestOffset(offset), bufs))
     }
 
     fn write_compressed(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
@@ -402,12 +407,12 @@ impl BlockDriver for Qcow2Driver {
 
     fn flush(&self, co: &Co) -> io::Result<()> {
         let mut meta = self.metadata.lock(co);
-        meta.flush(co, &self.file.node(), |offset, len| self.in_place.overlaps(offset.0, len))
+        meta.flush(co, &self.file.node(), |offset, len| self.in_place.overlaps(offset, len))
     }
 
     fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
         self.refuse_if_corrupt()?;
-        self.mark_corrupt_on_overlap(co, self.drop_clusters(co, offset, len))
+        self.mark_corrupt_on_overlap(co, self.drop_clusters(co, GuestOffset(offset), len))
     }
 
     fn write_zeroes(&self, co: &Co, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
@@ -434,7 +439,7 @@ impl BlockDriver for Qcow2Driver {
                 by_writing(co, from, to - from)?;
             }
         }
-        self.mark_corrupt_on_overlap(co, self.drop_clusters(co, first, last - first))
+        self.mark_corrupt_on_overlap(co, self.drop_clusters(co, GuestOffset(first), last - first))
     }
 
     fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {

@@ -24,22 +24,22 @@
 //! images fail with `InvalidData` errors that say what is wrong and where, never with a
 //! panic or an absurd allocation.
 //!
-//! One concept per file: [`offsets`] (guest and host offsets, guest and host cluster
-//! numbers and cluster counts as distinct types), [`header`] (header, extensions, features), `mapping` (L1/L2 entries), `l2_cache`,
-//! `table` (tables of big-endian entries as stored), `compressed` (deflate and zstd
-//! clusters), `compressed_write` (compressed writes), `io` (child I/O at its alignment),
-//! [`backing`] (finding the backing file), `driver` ([`Qcow2Driver`], reads), `create`,
-//! `refcount` (refcounts and the allocator), `metadata` (what the lock guards and the write-back
-//! order it keeps: `metadata/l1`, the L1 table; `metadata/flushed`, new tables on disk before
-//! anything names them), `overlap` (keeping guest data off metadata), `header_update` (table moves whose
-//! header write fails), `allocation` (in-flight allocations and the writes merged into
-//! them), `write` (allocating writes), `shared_l2` (copying L2 tables shared with
-//! snapshots), `discard` (discard and zero clusters), `resize` (growing), [`check`]
-//! (`qemu-img check [-r]`: `check_report`, `references`, `stored_refcounts`, `rebuild`,
-//! `snapshot_table`, `bitmap_directory`), `dirty` (repairing a dirty image opened for
-//! writing), `corruption` (the corrupt bit), `autoclear` (clearing the autoclear feature
-//! bits before writing), `subclusters` (extended L2 entries), `subcluster_write` and
-//! `subcluster_discard` (writes, zero writes and discards at subcluster granularity).
+//! One concept per file: [`offsets`] (guest and host offsets, guest and host cluster numbers and
+//! cluster counts as distinct types), [`header`] (header, extensions, features), `mapping` (L1/L2
+//! entries), `l2_cache`, `table` (tables of big-endian entries as stored), `compressed` (deflate
+//! and zstd clusters), `compressed_write` (compressed writes), `io` (child I/O at its alignment),
+//! [`backing`] (finding the backing file), `driver` ([`Qcow2Driver`], reads), `create`, `refcount`
+//! (refcounts and the allocator), `metadata` (what the lock guards and the write-back order it
+//! keeps: `metadata/l1`, the L1 table; `metadata/flushed`, new tables on disk before anything names
+//! them), `overlap` (keeping guest data off metadata), `header_update` (table moves whose header
+//! write fails), `allocation` (in-flight allocations and the writes merged into them), `write`
+//! (allocating writes), `shared_l2` (copying L2 tables shared with snapshots), `discard` (discard
+//! and zero clusters), `resize` (growing), [`check`] (`qemu-img check [-r]`: `check_report`,
+//! `references`, `stored_refcounts`, `rebuild`, `snapshot_table`, `bitmap_directory`), `dirty`
+//! (repairing a dirty image opened for writing), `corruption` (the corrupt bit), `autoclear`
+//! (clearing the autoclear feature bits before writing), `subclusters` (extended L2 entries),
+//! `subcluster_write` and `subcluster_discard` (writes, zero writes and discards at subcluster
+//! granularity).
 
 mod allocation;
 mod autoclear;

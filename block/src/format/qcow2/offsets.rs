@@ -5,6 +5,23 @@
 //! lines). Arithmetic on offsets is checked: an overflow is `None`, never a wrap. A cluster
 //! number plus a count of clusters adds plainly: cluster numbers are offsets divided by at
 //! least 512, far from the end of a `u64`.
+//!
+//! ```
+//! use aiocoro_block::qcow2::{ClusterCount, Geometry, GuestCluster, GuestOffset};
+//!
+//! let geometry = Geometry::new(16);
+//! let cluster = geometry.cluster_of(GuestOffset(3 << 16)) + ClusterCount(2);
+//! assert_eq!(cluster, GuestCluster(5));
+//! ```
+//!
+//! A host cluster does not pass for a guest cluster:
+//!
+//! ```compile_fail
+//! use aiocoro_block::qcow2::{ClusterCount, Geometry, GuestCluster, HostOffset};
+//!
+//! let geometry = Geometry::new(16);
+//! let cluster: GuestCluster = geometry.host_cluster_of(HostOffset(3 << 16)) + ClusterCount(2);
+//! ```
 
 use std::fmt;
 use std::ops::Add;
@@ -129,15 +146,15 @@ pub(crate) struct TableSpan {
     /// The span's length in bytes.
     pub(crate) len: u64,
     /// How many clusters (L2 entries from `position`) it touches.
-    pub(crate) clusters: u64,
+    pub(crate) clusters: ClusterCount,
     /// The cluster size in bytes.
     cluster_size: u64,
 }
 
 impl TableSpan {
     /// The bytes of the span that its first `count` clusters hold.
-    pub(crate) fn len_in(&self, count: u64) -> u64 {
-        self.len.min(count * self.cluster_size - self.in_cluster)
+    pub(crate) fn len_in(&self, count: ClusterCount) -> u64 {
+        self.len.min(count.0 * self.cluster_size - self.in_cluster)
     }
 }
 
@@ -277,7 +294,7 @@ impl Geometry {
         let table_end = (position.l1_index + 1).saturating_mul(self.bytes_per_l2());
         let len = len.min(table_end - offset.0);
         let cluster_size = self.cluster_size();
-        let clusters = (in_cluster + len).div_ceil(cluster_size);
+        let clusters = ClusterCount((in_cluster + len).div_ceil(cluster_size));
         TableSpan { position, in_cluster, len, clusters, cluster_size }
     }
 
@@ -328,10 +345,23 @@ mod tests {
     fn a_span_stops_at_the_end_of_its_l2_table() {
         let geometry = Geometry::new(16);
         let span = geometry.table_span(GuestOffset((512 << 20) - 65536 - 100), 1 << 20);
-        assert_eq!((span.in_cluster, span.len, span.clusters), (65436, 65636, 2));
-        assert_eq!((span.len_in(1), span.len_in(2)), (100, 65636));
+        assert_eq!((span.in_cluster, span.len, span.clusters), (65436, 65636, ClusterCount(2)));
+        assert_eq!((span.len_in(ClusterCount(1)), span.len_in(ClusterCount(2))), (100, 65636));
         let span = geometry.table_span(GuestOffset(10), 20);
-        assert_eq!((span.len, span.clusters, span.len_in(1)), (20, 1, 20));
+        assert_eq!(
+            (span.len, span.clusters, span.len_in(ClusterCount(1))),
+            (20, ClusterCount(1), 20)
+        );
+    }
+
+    #[test]
+    fn host_clusters_and_counts_convert_through_the_geometry() {
+        let geometry = Geometry::new(16);
+        let cluster = geometry.host_cluster_of(HostOffset(3 * 65536 + 5));
+        assert_eq!(cluster, HostCluster(3));
+        assert_eq!(geometry.host_cluster_start(cluster + ClusterCount(2)), HostOffset(5 * 65536));
+        assert_eq!(GuestCluster(7) + ClusterCount(3), GuestCluster(10));
+        assert_eq!(geometry.bytes_of(ClusterCount(3)), 3 * 65536);
     }
 
     #[test]

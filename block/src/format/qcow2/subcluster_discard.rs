@@ -18,7 +18,12 @@ use crate::driver::write_zeroes_by_writing;
 impl Qcow2Driver {
     /// Makes the whole subclusters inside `len` bytes at `offset` read as zeroes without
     /// data (see the module doc); waits for in-flight writes of their clusters first.
-    pub(super) fn drop_subclusters(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
+    pub(super) fn drop_subclusters(
+        &self,
+        co: &Co,
+        GuestOffset(offset): GuestOffset,
+        len: u64,
+    ) -> io::Result<()> {
         let geometry = self.header.geometry;
         let (cluster_size, sub) = (geometry.cluster_size(), geometry.subcluster_size());
         let mut at = offset.next_multiple_of(sub);
@@ -59,7 +64,7 @@ impl Qcow2Driver {
             } else if entry & COMPRESSED != 0 || (entry & OFFSET_MASK != 0 && entry & COPIED == 0) {
                 drop(meta);
                 write_zeroes_by_writing(co, at, piece_end - at, |co, offset, bufs| {
-                    self.write_guest(co, offset, bufs)
+                    self.write_guest(co, GuestOffset(offset), bufs)
                 })?;
                 at = piece_end;
                 continue;

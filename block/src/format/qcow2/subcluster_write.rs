@@ -91,10 +91,10 @@ impl Qcow2Driver {
                     let mut data = IoBuffer::new((to - from) as usize);
                     let (head, tail) =
                         ((in_cluster - from) as usize, (in_cluster + len - from) as usize);
-                    self.fill_around(co, cluster_start + from, &mut data, head..tail, &bytes)
-                        .and_then(|()| {
-                            file.write(co, cluster_host.0 + from, &[IoSlice::new(&data)])
-                        })
+                    let old = GuestOffset(cluster_start + from);
+                    self.fill_around(co, old, &mut data, head..tail, &bytes).and_then(|()| {
+                        file.write(co, cluster_host.0 + from, &[IoSlice::new(&data)])
+                    })
                 };
                 let mut meta = self.metadata.lock(co);
                 let linked = written.and_then(|()| {
@@ -110,7 +110,7 @@ impl Qcow2Driver {
                 let mut data = IoBuffer::new(cluster_size as usize);
                 let range = in_cluster as usize..(in_cluster + len) as usize;
                 let written = self
-                    .fill_around(co, cluster_start, &mut data, range, &bytes)
+                    .fill_around(co, GuestOffset(cluster_start), &mut data, range, &bytes)
                     .and_then(|()| file.write(co, host.0, &[IoSlice::new(&data)]));
                 let mut meta = self.metadata.lock(co);
                 let linked = written.and_then(|()| {
@@ -195,7 +195,7 @@ impl Qcow2Driver {
         };
         if wanted & !allocated(map) == 0 {
             let host = HostOffset(cluster_host.0 + in_cluster);
-            let _writing = self.in_place.begin(host.0, len);
+            let _writing = self.in_place.begin(host, len);
             return Ok(Plan::InPlace { host, _writing });
         }
         let sub = geometry.subcluster_size();
@@ -203,7 +203,7 @@ impl Qcow2Driver {
         let end = in_cluster + len;
         let from = if is_allocated(in_cluster) { in_cluster } else { in_cluster / sub * sub };
         let to = if is_allocated(end - 1) { end } else { end.next_multiple_of(sub) };
-        let _writing = self.in_place.begin(cluster_host.0 + from, to - from);
+        let _writing = self.in_place.begin(HostOffset(cluster_host.0 + from), to - from);
         let allocation = SharedAllocation::new();
         meta.start_subcluster_write(cluster, wanted, allocation.clone());
         Ok(Plan::Subclusters {
@@ -223,7 +223,7 @@ impl Qcow2Driver {
     fn fill_around(
         &self,
         co: &Co,
-        guest: u64,
+        guest: GuestOffset,
         data: &mut [u8],
         range: std::ops::Range<usize>,
         bytes: &[IoSlice<'_>],
@@ -232,7 +232,8 @@ impl Qcow2Driver {
             self.read_old(co, guest, &mut data[..range.start])?;
         }
         if range.end < data.len() {
-            self.read_old(co, guest + range.end as u64, &mut data[range.end..])?;
+            let after = GuestOffset(guest.0 + range.end as u64);
+            self.read_old(co, after, &mut data[range.end..])?;
         }
         gather_into(bytes, &mut data[range]);
         Ok(())

@@ -45,7 +45,12 @@ enum Step<'a> {
 impl Qcow2Driver {
     /// Writes `bufs` at guest `offset`, one step (a run of clusters mapped alike, inside one
     /// L2 table) at a time.
-    pub(super) fn write_guest(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+    pub(super) fn write_guest(
+        &self,
+        co: &Co,
+        GuestOffset(offset): GuestOffset,
+        bufs: &[IoSlice<'_>],
+    ) -> io::Result<()> {
         let total: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
         let mut done = 0;
         while done < total {
@@ -130,7 +135,7 @@ impl Qcow2Driver {
         let cluster_size = geometry.cluster_size();
         let cluster = geometry.cluster_of(guest);
         let span = geometry.table_span(guest, len);
-        let (position, in_cluster, clusters) = (span.position, span.in_cluster, span.clusters);
+        let (position, in_cluster, clusters) = (span.position, span.in_cluster, span.clusters.0);
 
         let l2 = self.writable_l2(co, meta, position.l1_index)?;
         let table = match l2 {
@@ -156,7 +161,7 @@ impl Qcow2Driver {
             {
                 count += 1;
             }
-            let len = span.len_in(count);
+            let len = span.len_in(ClusterCount(count));
             let first_host = geometry.host_cluster_of(HostOffset(start));
             if let Some(hit) = meta.metadata_in(first_host, ClusterCount(count)) {
                 let skipped = ClusterCount(hit.0.0 - first_host.0);
@@ -164,7 +169,7 @@ impl Qcow2Driver {
                 return Err(overlap::in_place_error(geometry, at, hit));
             }
             let host = HostOffset(start + in_cluster);
-            let _writing = self.in_place.begin(host.0, len);
+            let _writing = self.in_place.begin(host, len);
             return Ok(Step::InPlace { host, len, _writing });
         }
         let max_run = meta.max_allocation_run().0;
@@ -175,8 +180,8 @@ impl Qcow2Driver {
         {
             count += 1;
         }
-        let len = span.len_in(count);
         let count = ClusterCount(count);
+        let len = span.len_in(count);
         let l2 = match l2 {
             Some(offset) => offset,
             None => self.allocate_l2(co, meta, position.l1_index)?,
@@ -256,7 +261,8 @@ impl Qcow2Driver {
         let mut from = 0;
         for (gap_end, next) in covered.iter().copied().chain([(total, total)]) {
             if from < gap_end {
-                self.read_old(co, start + from, &mut data[from as usize..gap_end as usize])?;
+                let old = GuestOffset(start + from);
+                self.read_old(co, old, &mut data[from as usize..gap_end as usize])?;
             }
             from = from.max(next);
         }
@@ -273,7 +279,12 @@ impl Qcow2Driver {
 
     /// Reads what the guest sees at `offset` now, into `buf` (the part of a cluster being
     /// allocated that the write does not cover). Past the virtual size it reads zeroes.
-    pub(super) fn read_old(&self, co: &Co, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    pub(super) fn read_old(
+        &self,
+        co: &Co,
+        GuestOffset(offset): GuestOffset,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
         use crate::driver::BlockDriver;
         let size = self.length(co)?;
         let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
