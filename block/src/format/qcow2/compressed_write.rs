@@ -106,7 +106,7 @@ impl Qcow2Driver {
             loop {
                 meta.check_writable()?;
                 let Some(in_flight) = meta.overlapping(cluster, ClusterCount(1)) else { break };
-                let allocation = in_flight.allocation.clone();
+                let allocation = in_flight.allocation().clone();
                 allocation.wait(co, &mut meta);
             }
             let l2 = match self.writable_l2(co, &mut meta, position.l1_index)? {

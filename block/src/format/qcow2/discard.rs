@@ -39,7 +39,7 @@ impl Qcow2Driver {
             let mut meta = self.metadata.lock(co);
             meta.check_writable()?;
             if let Some(in_flight) = meta.overlapping(GuestCluster(cluster), ClusterCount(count)) {
-                let allocation = in_flight.allocation.clone();
+                let allocation = in_flight.allocation().clone();
                 allocation.wait(co, &mut meta);
                 continue;
             }

@@ -75,7 +75,7 @@ impl Qcow2Driver {
                 let Some(in_flight) = meta.overlapping_subclusters(cluster, wanted) else {
                     break self.plan_subclusters(co, &mut meta, guest, len, wanted)?;
                 };
-                let allocation = in_flight.allocation.clone();
+                let allocation = in_flight.allocation().clone();
                 allocation.wait(co, &mut meta);
             }
         };

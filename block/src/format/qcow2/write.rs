@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
 
-use super::allocation::{MergedWrite, SharedAllocation};
+use super::allocation::SharedAllocation;
 use super::corrupt;
 use super::driver::Qcow2Driver;
 use super::in_place::Writing;
@@ -81,14 +81,12 @@ impl Qcow2Driver {
                 let Some(in_flight) = meta.overlapping(geometry.cluster_of(guest), one) else {
                     break self.plan(co, &mut meta, guest, len)?;
                 };
-                let allocation = in_flight.allocation.clone();
-                let Some(merged) = in_flight.merging.as_mut() else {
+                let allocation = in_flight.allocation().clone();
+                let bytes = |len: u64| gather(bufs, start as usize, len as usize);
+                let Some(len) = in_flight.merge(geometry, guest, len, bytes) else {
                     allocation.wait(co, &mut meta);
                     continue;
                 };
-                let at = guest.0 - in_flight.first.0 * geometry.cluster_size();
-                let len = len.min(geometry.bytes_of(in_flight.count) - at);
-                merged.push(MergedWrite { at, data: gather(bufs, start as usize, len as usize) });
                 if allocation.wait_outcome(co, &mut meta) {
                     break Step::Merged { len };
                 }

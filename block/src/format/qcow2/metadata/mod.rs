@@ -189,7 +189,7 @@ impl Metadata {
         count: ClusterCount,
     ) -> Option<&mut PendingAllocation> {
         let writer = self.writer.as_mut()?;
-        writer.in_flight.iter_mut().find(|m| m.first < first + count && first < m.first + m.count)
+        writer.in_flight.iter_mut().find(|m| m.overlaps(first, count))
     }
 
     /// Lists `allocation` (guest clusters `first..first + count`) as in flight; it takes
@@ -205,9 +205,7 @@ impl Metadata {
         allocation: Arc<SharedAllocation>,
         merging: bool,
     ) {
-        let merging = merging.then(Vec::new);
-        let subclusters = u32::MAX;
-        let in_flight = PendingAllocation { first, count, subclusters, allocation, merging };
+        let in_flight = PendingAllocation::new(first, count, u32::MAX, allocation, merging);
         writable(&mut self.writer).in_flight.push(in_flight);
     }
 
@@ -223,13 +221,7 @@ impl Metadata {
         mask: u32,
         allocation: Arc<SharedAllocation>,
     ) {
-        let in_flight = PendingAllocation {
-            first: cluster,
-            count: ClusterCount(1),
-            subclusters: mask,
-            allocation,
-            merging: None,
-        };
+        let in_flight = PendingAllocation::new(cluster, ClusterCount(1), mask, allocation, false);
         writable(&mut self.writer).in_flight.push(in_flight);
     }
 
@@ -241,26 +233,22 @@ impl Metadata {
         mask: u32,
     ) -> Option<&PendingAllocation> {
         let writer = self.writer.as_ref()?;
-        writer.in_flight.iter().find(|m| {
-            m.first <= cluster && cluster < m.first + m.count && m.subclusters & mask != 0
-        })
+        writer.in_flight.iter().find(|m| m.overlaps_subclusters(cluster, mask))
     }
 
     /// Stops `allocation` taking merged writes and returns those it took.
     pub(crate) fn stop_merging(&mut self, allocation: &Arc<SharedAllocation>) -> Vec<MergedWrite> {
         self.writer
             .as_mut()
-            .and_then(|writer| {
-                writer.in_flight.iter_mut().find(|m| Arc::ptr_eq(&m.allocation, allocation))
-            })
-            .and_then(|m| m.merging.take())
+            .and_then(|writer| writer.in_flight.iter_mut().find(|m| m.is(allocation)))
+            .map(PendingAllocation::stop_merging)
             .unwrap_or_default()
     }
 
     /// Takes `allocation` off the in-flight list (it was linked or abandoned).
     pub(crate) fn end_allocation(&mut self, allocation: &Arc<SharedAllocation>) {
         if let Some(writer) = self.writer.as_mut() {
-            writer.in_flight.retain(|m| !Arc::ptr_eq(&m.allocation, allocation));
+            writer.in_flight.retain(|m| !m.is(allocation));
         }
     }
 
