@@ -24,7 +24,7 @@
 //! ```
 
 use std::fmt;
-use std::ops::Add;
+use std::ops::{Add, Sub};
 
 /// A byte offset in the virtual disk the guest sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -87,6 +87,19 @@ impl Add<ClusterCount> for HostCluster {
     /// The host cluster `count` clusters on.
     fn add(self, count: ClusterCount) -> HostCluster {
         HostCluster(self.0 + count.0)
+    }
+}
+
+impl Sub for HostCluster {
+    type Output = ClusterCount;
+
+    /// The clusters from `earlier` to `self`.
+    ///
+    /// # Panics
+    ///
+    /// In debug builds, if `earlier` is later.
+    fn sub(self, earlier: HostCluster) -> ClusterCount {
+        ClusterCount(self.0 - earlier.0)
     }
 }
 
@@ -361,6 +374,7 @@ mod tests {
         assert_eq!(cluster, HostCluster(3));
         assert_eq!(geometry.host_cluster_start(cluster + ClusterCount(2)), HostOffset(5 * 65536));
         assert_eq!(GuestCluster(7) + ClusterCount(3), GuestCluster(10));
+        assert_eq!(HostCluster(9) - HostCluster(4), ClusterCount(5));
         assert_eq!(geometry.bytes_of(ClusterCount(3)), 3 * 65536);
     }
 

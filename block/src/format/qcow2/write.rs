@@ -162,7 +162,7 @@ impl Qcow2Driver {
             let len = span.len_in(ClusterCount(count));
             let first_host = geometry.host_cluster_of(HostOffset(start));
             if let Some(hit) = meta.metadata_in(first_host, ClusterCount(count)) {
-                let skipped = ClusterCount(hit.0.0 - first_host.0);
+                let skipped = hit.0 - first_host;
                 let at = GuestOffset(guest.0 - in_cluster + geometry.bytes_of(skipped));
                 return Err(overlap::in_place_error(geometry, at, hit));
             }
