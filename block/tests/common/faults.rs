@@ -1,6 +1,6 @@
 //! Fault injection for the block tests (QEMU's `blkdebug`, reduced): a filter node over a
 //! child that passes every request through, except the flushes and writes it is told to
-//! fail.
+//! fail; it logs the writes and flushes that reached the child, in order.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +23,17 @@ pub(crate) struct Faults {
     failed_flushes: AtomicU64,
     /// A byte whose next write fails without writing anything.
     failing_write: Mutex<Option<u64>>,
+    /// The writes and flushes passed to the child, in the order they completed.
+    log: Mutex<Vec<FileEvent>>,
+}
+
+/// A request a [`FaultFilter`] passed to its child.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FileEvent {
+    /// `len` bytes written at `offset`.
+    Write { offset: u64, len: u64 },
+    /// A flush.
+    Flush,
 }
 
 impl Faults {
@@ -40,6 +51,15 @@ impl Faults {
     /// Fails the next write that touches byte `at`, which then writes nothing.
     pub(crate) fn fail_next_write_to(&self, at: u64) {
         *self.failing_write.lock().unwrap() = Some(at);
+    }
+
+    /// The writes and flushes passed to the child since the last call, in order.
+    pub(crate) fn take_log(&self) -> Vec<FileEvent> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+
+    fn record(&self, event: FileEvent) {
+        self.log.lock().unwrap().push(event);
     }
 
     /// How many flushes failed on purpose.
@@ -98,6 +118,7 @@ impl BlockDriver for FaultFilter {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         self.child.node().write(co, offset, bufs)?;
+        self.faults.record(FileEvent::Write { offset, len });
         self.faults.saw_write(offset, len);
         Ok(())
     }
@@ -106,7 +127,9 @@ impl BlockDriver for FaultFilter {
         if self.faults.fails_flush() {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        self.child.node().flush(co)
+        self.child.node().flush(co)?;
+        self.faults.record(FileEvent::Flush);
+        Ok(())
     }
 
     fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {

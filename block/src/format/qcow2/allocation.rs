@@ -5,13 +5,13 @@
 //! guest clusters are *in flight*: requests for them wait on the allocation's queue and
 //! look again once it is linked or abandoned.
 //!
-//! A write that lands inside an allocation whose data is not written yet need not wait and
-//! then write on its own: while the allocation is [merging](PendingAllocation::merging), the write's
-//! bytes are copied into it and reach the disk in the allocation's one data write; the
-//! write completes when the allocation is linked (or, if it is abandoned, starts over on
-//! its own). Small sequential writes into fresh clusters thus cost one device write per
-//! allocation rather than one per request, and nothing else changes: the merged bytes are
-//! written and linked exactly as the allocating request's own bytes are.
+//! A write that lands inside an allocation whose data is not written yet need not wait and then
+//! write on its own: while the allocation [takes merges](PendingAllocation::merge), the write's
+//! bytes are copied into it and reach the disk in the allocation's one data write; the write
+//! completes when the allocation is linked (or, if it is abandoned, starts over on its own).
+//! Small sequential writes into fresh clusters thus cost one device write per allocation rather
+//! than one per request, and nothing else changes: the merged bytes are written and linked
+//! exactly as the allocating request's own bytes are.
 //!
 //! This module and `metadata` use each other on purpose: the metadata lists the in-flight
 //! allocations, and an allocation's queue waits and finishes under the metadata's lock guard
@@ -24,22 +24,81 @@ use aiocoro::coroutine::Co;
 use aiocoro::sync::{CoMutexGuard, CoQueue};
 
 use super::metadata::Metadata;
+use super::offsets::{ClusterCount, Geometry, GuestCluster, GuestOffset};
 use crate::buffer::IoBuffer;
 
 /// An allocation between choosing its clusters and linking them, as the metadata lists it.
 pub(crate) struct PendingAllocation {
     /// The first guest cluster.
-    pub(crate) first: u64,
+    first: GuestCluster,
     /// How many guest clusters.
-    pub(crate) count: u64,
+    count: ClusterCount,
     /// The subclusters of a one-cluster write with extended L2 entries that it covers;
     /// all bits for whole clusters.
-    pub(crate) subclusters: u32,
+    subclusters: u32,
     /// What waiting requests hold on to.
-    pub(crate) allocation: Arc<SharedAllocation>,
+    allocation: Arc<SharedAllocation>,
     /// Writes merged so far, while the allocation still takes them; `None` once its data
     /// is being written (or when its own request covers all of it).
-    pub(crate) merging: Option<Vec<MergedWrite>>,
+    merging: Option<Vec<MergedWrite>>,
+}
+
+impl PendingAllocation {
+    /// `allocation`, of the subclusters `subclusters` (all bits for whole clusters) of the
+    /// `count` guest clusters from `first`; it takes merged writes if `merging`.
+    pub(crate) fn new(
+        first: GuestCluster,
+        count: ClusterCount,
+        subclusters: u32,
+        allocation: Arc<SharedAllocation>,
+        merging: bool,
+    ) -> PendingAllocation {
+        let merging = merging.then(Vec::new);
+        PendingAllocation { first, count, subclusters, allocation, merging }
+    }
+
+    /// What requests waiting for it hold on to.
+    pub(crate) fn allocation(&self) -> &Arc<SharedAllocation> {
+        &self.allocation
+    }
+
+    /// Whether `allocation` is this one's.
+    pub(crate) fn is(&self, allocation: &Arc<SharedAllocation>) -> bool {
+        Arc::ptr_eq(&self.allocation, allocation)
+    }
+
+    /// Whether it covers one of the `count` guest clusters from `first`.
+    pub(crate) fn overlaps(&self, first: GuestCluster, count: ClusterCount) -> bool {
+        self.first < first + count && first < self.first + self.count
+    }
+
+    /// Whether it covers one of the subclusters `mask` of guest `cluster`.
+    pub(crate) fn overlaps_subclusters(&self, cluster: GuestCluster, mask: u32) -> bool {
+        self.overlaps(cluster, ClusterCount(1)) && self.subclusters & mask != 0
+    }
+
+    /// Merges the start of a write of `len` bytes at `guest` (inside the allocation's
+    /// clusters, of `geometry`), up to the allocation's end: `bytes(n)` copies its first
+    /// `n` bytes. Returns how many bytes it merged; `None` if the allocation takes no more
+    /// merges (its data is being written).
+    pub(crate) fn merge(
+        &mut self,
+        geometry: Geometry,
+        guest: GuestOffset,
+        len: u64,
+        bytes: impl FnOnce(u64) -> IoBuffer,
+    ) -> Option<u64> {
+        let merged = self.merging.as_mut()?;
+        let at = guest.0 - self.first.0 * geometry.cluster_size();
+        let len = len.min(geometry.bytes_of(self.count) - at);
+        merged.push(MergedWrite { at, data: bytes(len) });
+        Some(len)
+    }
+
+    /// Stops taking merged writes; returns those it took.
+    pub(crate) fn stop_merging(&mut self) -> Vec<MergedWrite> {
+        self.merging.take().unwrap_or_default()
+    }
 }
 
 /// Bytes of a write merged into an allocation.

@@ -32,7 +32,7 @@ use super::header::{
 };
 use super::io::{read_within_file, write_at};
 use super::mapping::{COMPRESSED, COPIED, OFFSET_MASK, ZERO, compressed_extent};
-use super::offsets::HostOffset;
+use super::offsets::{ClusterCount, HostCluster, HostOffset};
 use super::rebuild::rebuild_refcounts;
 use super::references::{Added, References};
 use super::snapshot_table::{Snapshot, SnapshotTable, read_snapshot_table};
@@ -187,12 +187,17 @@ impl<'a> Pass<'a> {
         self.header.geometry.cluster_bits()
     }
 
+    /// The clusters of the file, the last one possibly partial.
+    fn file_clusters(&self) -> ClusterCount {
+        ClusterCount(self.file_len.div_ceil(self.cluster_size()))
+    }
+
     fn is_aligned(&self, offset: u64) -> bool {
         self.header.geometry.is_cluster_aligned(HostOffset(offset))
     }
 
     fn check_everything(&mut self) -> io::Result<()> {
-        if self.file_len.div_ceil(self.cluster_size()) > MAX_CLUSTERS {
+        if self.file_clusters().0 > MAX_CLUSTERS {
             self.report.check_errors += 1;
             return Err(io::Error::new(
                 io::ErrorKind::FileTooLarge,
@@ -211,11 +216,11 @@ impl<'a> Pass<'a> {
     /// `OFLAG_COPIED`.
     fn check_refcounts(&mut self) -> io::Result<()> {
         let order = self.header.refcount_order;
-        let mut refs = References::new(self.file_len.div_ceil(self.cluster_size()), order);
+        let mut refs = References::new(self.file_clusters(), order);
         let mut rebuild = false;
         self.count_references(&mut refs, self.repair, &mut rebuild)?;
         let counted = self.report.clone();
-        let mut highest = 0;
+        let mut highest = HostCluster(0);
         self.compare(&refs, Repair::None, &mut rebuild, &mut highest);
 
         if rebuild && self.repair.fixes_errors() {
@@ -238,7 +243,7 @@ impl<'a> Pass<'a> {
             self.report.corruptions = 0;
             self.report.leaks = 0;
             let mut rebuild = false;
-            let mut refs = References::new(self.file_len.div_ceil(self.cluster_size()), order);
+            let mut refs = References::new(self.file_clusters(), order);
             self.count_references(&mut refs, Repair::None, &mut rebuild)?;
             let recounted = std::mem::take(&mut self.report);
             self.compare(&refs, Repair::Leaks, &mut rebuild, &mut highest);
@@ -270,7 +275,7 @@ impl<'a> Pass<'a> {
             self.file.flush(self.co)?;
         }
         self.check_oflag_copied()?;
-        self.report.image_end_offset = (highest + 1) * self.cluster_size();
+        self.report.image_end_offset = (highest.0 + 1) * self.cluster_size();
         Ok(())
     }
 
@@ -332,7 +337,7 @@ impl<'a> Pass<'a> {
         }
         let bits = self.cluster_bits();
         for cluster in offset >> bits..=(offset + size - 1) >> bits {
-            if refs.add(cluster) == Added::Overflow {
+            if refs.add(HostCluster(cluster)) == Added::Overflow {
                 self.say(format!(
                     "ERROR: overflow cluster offset={:#x}\nUse qemu-img amend to increase the \
                      refcount entry width or qemu-img convert to create a clean copy if the \
@@ -551,7 +556,7 @@ impl<'a> Pass<'a> {
                 self.block_error(rebuild);
                 continue;
             }
-            if cluster >= refs.len() {
+            if cluster >= refs.len().0 {
                 let fix = repair.fixes_errors();
                 self.say(format!(
                     "{} refcount block {slot} is outside image",
@@ -560,7 +565,7 @@ impl<'a> Pass<'a> {
                 self.report.corruptions += 1;
                 self.report.refcount_block_errors += 1;
                 if fix {
-                    let limit = (refs.len() + MAX_GROWTH_CLUSTERS).min(MAX_CLUSTERS);
+                    let limit = (refs.len().0 + MAX_GROWTH_CLUSTERS).min(MAX_CLUSTERS);
                     let grown = if cluster < limit {
                         self.file.truncate(self.co, offset + cluster_size)
                     } else {
@@ -575,7 +580,7 @@ impl<'a> Pass<'a> {
                     match grown {
                         Ok(()) => {
                             self.file_len = self.file.driver().length(self.co)?;
-                            refs.grow_to(self.file_len.div_ceil(cluster_size));
+                            refs.grow_to(self.file_clusters());
                             self.report.corruptions -= 1;
                             self.report.corruptions_fixed += 1;
                             self.count_range(refs, offset, cluster_size);
@@ -590,7 +595,7 @@ impl<'a> Pass<'a> {
             }
             if offset != 0 {
                 self.count_range(refs, offset, cluster_size);
-                let count = refs.get(cluster);
+                let count = refs.get(HostCluster(cluster));
                 if count != 1 {
                     self.say(format!("ERROR refcount block {slot} refcount={count}"));
                     self.block_error(rebuild);
@@ -615,10 +620,11 @@ impl<'a> Pass<'a> {
         refs: &References,
         repair: Repair,
         rebuild: &mut bool,
-        highest: &mut u64,
+        highest: &mut HostCluster,
     ) {
-        for cluster in 0..refs.len() {
-            let stored = match self.stored.get(self.co, self.file, self.file_len, cluster) {
+        for cluster in 0..refs.len().0 {
+            let host = HostCluster(cluster);
+            let stored = match self.stored.get(self.co, self.file, self.file_len, host) {
                 Ok(stored) => stored,
                 Err(error) => {
                     self.say(format!("Can't get refcount for cluster {cluster}: {error}"));
@@ -626,9 +632,9 @@ impl<'a> Pass<'a> {
                     continue;
                 }
             };
-            let counted = refs.get(cluster);
+            let counted = refs.get(host);
             if stored > 0 || counted > 0 {
-                *highest = cluster;
+                *highest = host;
             }
             if stored == counted {
                 continue;
@@ -647,8 +653,7 @@ impl<'a> Pass<'a> {
                 (false, false) => "Leaked",
             };
             self.say(format!("{verdict} cluster {cluster} refcount={stored} reference={counted}"));
-            if fixable
-                && self.stored.set(self.co, self.file, self.file_len, cluster, counted).is_ok()
+            if fixable && self.stored.set(self.co, self.file, self.file_len, host, counted).is_ok()
             {
                 if stored > counted {
                     self.report.leaks_fixed += 1;
@@ -685,8 +690,8 @@ impl<'a> Pass<'a> {
             if l2_offset == 0 {
                 continue;
             }
-            let Ok(refcount) =
-                self.stored.get(self.co, self.file, self.file_len, l2_offset >> bits)
+            let l2_cluster = HostCluster(l2_offset >> bits);
+            let Ok(refcount) = self.stored.get(self.co, self.file, self.file_len, l2_cluster)
             else {
                 continue;
             };
@@ -717,7 +722,8 @@ impl<'a> Pass<'a> {
                 if *entry & COMPRESSED != 0 || data == 0 {
                     continue;
                 }
-                let Ok(refcount) = self.stored.get(self.co, self.file, self.file_len, data >> bits)
+                let data_cluster = HostCluster(data >> bits);
+                let Ok(refcount) = self.stored.get(self.co, self.file, self.file_len, data_cluster)
                 else {
                     continue;
                 };

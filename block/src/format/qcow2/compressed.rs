@@ -23,6 +23,7 @@ use miniz_oxide::inflate::core::{DecompressorOxide, decompress, inflate_flags};
 use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
 use super::header::Compression;
+use super::offsets::HostOffset;
 
 /// The deflate window QEMU inflates with (`windowBits = -12`).
 const DEFLATE_WINDOW: usize = 1 << 12;
@@ -163,24 +164,24 @@ fn zstd_compress_cluster(cluster: &[u8], limit: usize) -> Option<Vec<u8>> {
 /// not once per read. The lock is held only to swap the entry, never across I/O or a yield.
 #[derive(Default)]
 pub(crate) struct LastInflated {
-    entry: Mutex<Option<(u64, Arc<[u8]>)>>,
+    entry: Mutex<Option<(HostOffset, Arc<[u8]>)>>,
 }
 
 impl LastInflated {
     /// The cluster whose compressed data starts at `offset`, if it is the one kept.
-    pub(crate) fn get(&self, offset: u64) -> Option<Arc<[u8]>> {
+    pub(crate) fn get(&self, offset: HostOffset) -> Option<Arc<[u8]>> {
         let entry = self.entry.lock().unwrap_or_else(PoisonError::into_inner);
         entry.as_ref().filter(|(at, _)| *at == offset).map(|(_, cluster)| cluster.clone())
     }
 
     /// Keeps `cluster`, decompressed from data at `offset`.
-    pub(crate) fn put(&self, offset: u64, cluster: Arc<[u8]>) {
+    pub(crate) fn put(&self, offset: HostOffset, cluster: Arc<[u8]>) {
         *self.entry.lock().unwrap_or_else(PoisonError::into_inner) = Some((offset, cluster));
     }
 
     /// Forgets the kept cluster if its data started at `offset` (that data was freed and
     /// the bytes may be reused).
-    pub(crate) fn forget(&self, offset: u64) {
+    pub(crate) fn forget(&self, offset: HostOffset) {
         let mut entry = self.entry.lock().unwrap_or_else(PoisonError::into_inner);
         if entry.as_ref().is_some_and(|(at, _)| *at == offset) {
             *entry = None;

@@ -20,8 +20,7 @@ use super::compressed::compress_cluster;
 use super::driver::Qcow2Driver;
 use super::io::gather;
 use super::mapping::COMPRESSED;
-use super::offsets::{Geometry, GuestOffset, HostOffset};
-use super::refuse_read_only;
+use super::offsets::{ClusterCount, Geometry, GuestOffset, HostOffset};
 use crate::buffer::IoBuffer;
 use crate::error::invalid_input;
 
@@ -80,7 +79,7 @@ impl Qcow2Driver {
                 .filter(|packed| (packed.len() as u64).next_multiple_of(unit) < cluster_size)
             {
                 Some(packed) => self.write_compressed_cluster(co, guest, &packed, unit)?,
-                None => self.write_guest(co, guest.0, &[IoSlice::new(&bytes)])?,
+                None => self.write_guest(co, guest, &[IoSlice::new(&bytes)])?,
             }
             done += len;
         }
@@ -105,11 +104,9 @@ impl Qcow2Driver {
         let (host, l2, allocation) = {
             let mut meta = self.metadata.lock(co);
             loop {
-                if meta.writer.is_none() {
-                    return Err(refuse_read_only());
-                }
-                let Some(in_flight) = meta.overlapping(cluster.0, 1) else { break };
-                let allocation = in_flight.allocation.clone();
+                meta.check_writable()?;
+                let Some(in_flight) = meta.overlapping(cluster, ClusterCount(1)) else { break };
+                let allocation = in_flight.allocation().clone();
                 allocation.wait(co, &mut meta);
             }
             let l2 = match self.writable_l2(co, &mut meta, position.l1_index)? {
@@ -119,7 +116,7 @@ impl Qcow2Driver {
             let purpose = format_args!("the compressed data of {guest}");
             let host = meta.allocate_bytes(co, &file, len, &purpose)?;
             let allocation = SharedAllocation::new();
-            meta.start_allocation(cluster.0, 1, allocation.clone(), false);
+            meta.start_allocation(cluster, ClusterCount(1), allocation.clone(), false);
             (host, l2, allocation)
         };
         let mut data = IoBuffer::zeroed(len as usize);
@@ -131,7 +128,7 @@ impl Qcow2Driver {
             drop(self.l2_table(co, &mut meta, l2)?);
             let entry = compressed_entry(geometry, host, packed.len() as u64);
             meta.set_l2_entries(l2, position.l2_index, 1, |_| entry);
-            self.last_inflated.forget(host.0);
+            self.last_inflated.forget(host);
             Ok(())
         });
         if linked.is_err() {

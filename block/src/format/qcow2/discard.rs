@@ -12,17 +12,18 @@ use aiocoro::coroutine::Co;
 
 use super::driver::Qcow2Driver;
 use super::mapping::ZERO;
-use super::refuse_read_only;
+use super::offsets::{ClusterCount, GuestCluster, GuestOffset};
 
 impl Qcow2Driver {
     /// Makes the whole clusters inside `len` bytes at `offset` read as zeroes without data
     /// (see the module doc: a version 2 image over a backing node is left as it is); waits
     /// for in-flight allocations of those clusters first.
-    pub(super) fn drop_clusters(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
+    pub(super) fn drop_clusters(&self, co: &Co, guest: GuestOffset, len: u64) -> io::Result<()> {
         let geometry = self.header.geometry;
         if geometry.has_subclusters() {
-            return self.drop_subclusters(co, offset, len);
+            return self.drop_subclusters(co, guest, len);
         }
+        let offset = guest.0;
         let cluster_size = geometry.cluster_size();
         let mut cluster = offset.div_ceil(cluster_size);
         let end = (offset + len) / cluster_size;
@@ -32,15 +33,13 @@ impl Qcow2Driver {
             (true, false) => return Ok(()),
         };
         while cluster < end {
-            let position = geometry.position(super::offsets::ClusterIndex(cluster));
+            let position = geometry.position(GuestCluster(cluster));
             let in_table = (geometry.l2_entries() - position.l2_index) as u64;
             let count = in_table.min(end - cluster);
             let mut meta = self.metadata.lock(co);
-            if meta.writer.is_none() {
-                return Err(refuse_read_only());
-            }
-            if let Some(in_flight) = meta.overlapping(cluster, count) {
-                let allocation = in_flight.allocation.clone();
+            meta.check_writable()?;
+            if let Some(in_flight) = meta.overlapping(GuestCluster(cluster), ClusterCount(count)) {
+                let allocation = in_flight.allocation().clone();
                 allocation.wait(co, &mut meta);
                 continue;
             }

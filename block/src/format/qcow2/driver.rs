@@ -13,11 +13,9 @@ use super::corruption::CorruptMark;
 use super::header::Header;
 use super::in_place::InPlaceWrites;
 use super::io::{read_at, read_exact_at, sub_slices, zero};
-use super::l2_cache::L2Cache;
-use super::mapping::{ClusterMapping, OFFSET_MASK, decode_l1, decode_l2};
-use super::metadata::{Metadata, Writer};
-use super::offsets::{GuestOffset, HostOffset};
-use super::overlap::TableClusters;
+use super::mapping::{ClusterMapping, decode_l1, decode_l2};
+use super::metadata::Metadata;
+use super::offsets::{ClusterCount, GuestOffset, HostOffset};
 use super::refcount::Refcounts;
 use super::refuse;
 use super::subclusters::subcluster_run;
@@ -151,26 +149,10 @@ impl Qcow2Driver {
         let mut raw = vec![0u8; l1_bytes as usize];
         read_exact_at(co, &node, header.l1_table_offset.0, &mut raw)?;
         let l1: Vec<u64> = decode_table(&raw).collect();
-        let geometry = header.geometry;
-        let writer = refcounts.map(|refcounts| Writer {
-            refcounts,
-            l2_tables: TableClusters::new(geometry, l1.iter().map(|entry| entry & OFFSET_MASK)),
-            in_flight: Vec::new(),
-            pending_frees: Vec::new(),
-        });
         // Not capped by the L1 table's size: it can grow (truncate), and the cache only
         // holds the tables it has met.
-        let tables = caches.l2_bytes / geometry.cluster_size();
-        let l2_cache = L2Cache::new(tables as usize);
-        let metadata = Metadata {
-            geometry,
-            l1,
-            l1_offset: header.l1_table_offset,
-            l2_cache,
-            virtual_size: header.virtual_size,
-            image_end: file_len.next_multiple_of(geometry.cluster_size()),
-            writer,
-        };
+        let tables = caches.l2_bytes / header.geometry.cluster_size();
+        let metadata = Metadata::new(&header, l1, file_len, tables as usize, refcounts);
         Ok(Qcow2Driver {
             file,
             backing,
@@ -201,7 +183,7 @@ impl Qcow2Driver {
         meta: &mut Metadata,
         offset: HostOffset,
     ) -> io::Result<Arc<[u64]>> {
-        if let Some(table) = meta.l2_cache.get(offset) {
+        if let Some(table) = meta.cached_l2(offset) {
             return Ok(table);
         }
         let mut raw = vec![0u8; self.header.geometry.cluster_size() as usize];
@@ -219,13 +201,12 @@ impl Qcow2Driver {
         let (position, in_cluster) = (span.position, span.in_cluster);
 
         let mut meta = self.metadata.lock(co);
-        let file_len = meta.image_end;
-        let Some(&l1_raw) = usize::try_from(position.l1_index).ok().and_then(|i| meta.l1.get(i))
-        else {
+        let file_len = meta.image_end();
+        let Some(l1_raw) = meta.l1_entry(position.l1_index) else {
             return Err(corrupt(format!(
                 "{offset} needs L1 entry {}, past the {} of the L1 table",
                 position.l1_index,
-                meta.l1.len()
+                meta.l1_len()
             )));
         };
         let l2_offset = decode_l1(l1_raw, geometry, file_len).map_err(|why| {
@@ -259,7 +240,7 @@ impl Qcow2Driver {
             let mut end = u64::from(first + count) << sub_bits;
             let mut n = 1;
             while end == n * cluster_size
-                && n < span.clusters
+                && n < span.clusters.0
                 && !matches!(mapping, ClusterMapping::Compressed { .. })
             {
                 let (next, count) = decode(n, 0)?;
@@ -301,7 +282,7 @@ impl Qcow2Driver {
         let first = decode(position.l2_index)?;
         let mut count = 1;
         if !matches!(first, ClusterMapping::Compressed { .. }) {
-            while count < span.clusters {
+            while count < span.clusters.0 {
                 let step = count * cluster_size;
                 let continues = match (first, decode(position.l2_index + count as usize)?) {
                     (ClusterMapping::Unallocated, ClusterMapping::Unallocated)
@@ -321,12 +302,17 @@ impl Qcow2Driver {
             ClusterMapping::Data(start) => ClusterMapping::Data(HostOffset(start.0 + in_cluster)),
             other => other,
         };
-        Ok(MappedRun { mapping, len: span.len_in(count) })
+        Ok(MappedRun { mapping, len: span.len_in(ClusterCount(count)) })
     }
 
     /// Fills `bufs` with the guest bytes from `guest` that this image does not hold: from
     /// the backing node where it has them, zeroes past its end or without one.
-    fn read_unallocated(&self, co: &Co, guest: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+    fn read_unallocated(
+        &self,
+        co: &Co,
+        GuestOffset(guest): GuestOffset,
+        bufs: &mut [IoSliceMut<'_>],
+    ) -> io::Result<()> {
         let total: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
         let Some(backing) = &self.backing else {
             zero(bufs);
@@ -353,7 +339,7 @@ impl Qcow2Driver {
         bufs: &mut [IoSliceMut<'_>],
     ) -> io::Result<()> {
         let geometry = self.header.geometry;
-        let cluster = match self.last_inflated.get(offset.0) {
+        let cluster = match self.last_inflated.get(offset) {
             Some(cluster) => cluster,
             None => {
                 // At most two clusters by the entry's layout, so the allocation is bounded.
@@ -364,7 +350,7 @@ impl Qcow2Driver {
                     |why| corrupt(format!("{guest}: the compressed cluster at {offset}: {why}")),
                 )?;
                 let cluster: Arc<[u8]> = cluster.into();
-                self.last_inflated.put(offset.0, cluster.clone());
+                self.last_inflated.put(offset, cluster.clone());
                 cluster
             }
         };
@@ -385,7 +371,7 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn length(&self, co: &Co) -> io::Result<u64> {
-        Ok(self.metadata.lock(co).virtual_size)
+        Ok(self.metadata.lock(co).virtual_size())
     }
 
     fn read(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
@@ -397,7 +383,7 @@ impl BlockDriver for Qcow2Driver {
             let len = run.len as usize;
             let mut piece = sub_slices(bufs, done, len);
             match run.mapping {
-                ClusterMapping::Unallocated => self.read_unallocated(co, guest.0, &mut piece)?,
+                ClusterMapping::Unallocated => self.read_unallocated(co, guest, &mut piece)?,
                 ClusterMapping::Zero => zero(&mut piece),
                 ClusterMapping::Data(host) => read_at(co, &self.file.node(), host.0, &mut piece)?,
                 ClusterMapping::Compressed { offset, len } => {
@@ -411,7 +397,7 @@ impl BlockDriver for Qcow2Driver {
 
     fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         self.refuse_if_corrupt()?;
-        self.mark_corrupt_on_overlap(co, self.write_guest(co, offset, bufs))
+        self.mark_corrupt_on_overlap(co, self.write_guest(co, GuestOffset(offset), bufs))
     }
 
     fn write_compressed(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
@@ -421,15 +407,12 @@ impl BlockDriver for Qcow2Driver {
 
     fn flush(&self, co: &Co) -> io::Result<()> {
         let mut meta = self.metadata.lock(co);
-        if meta.writer.is_none() {
-            return Ok(());
-        }
-        meta.flush(co, &self.file.node(), |offset, len| self.in_place.overlaps(offset.0, len))
+        meta.flush(co, &self.file.node(), |offset, len| self.in_place.overlaps(offset, len))
     }
 
     fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
         self.refuse_if_corrupt()?;
-        self.mark_corrupt_on_overlap(co, self.drop_clusters(co, offset, len))
+        self.mark_corrupt_on_overlap(co, self.drop_clusters(co, GuestOffset(offset), len))
     }
 
     fn write_zeroes(&self, co: &Co, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
@@ -456,7 +439,7 @@ impl BlockDriver for Qcow2Driver {
                 by_writing(co, from, to - from)?;
             }
         }
-        self.mark_corrupt_on_overlap(co, self.drop_clusters(co, first, last - first))
+        self.mark_corrupt_on_overlap(co, self.drop_clusters(co, GuestOffset(first), last - first))
     }
 
     fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {

@@ -5,6 +5,8 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use super::offsets::HostOffset;
+
 /// The host byte ranges `(start, len)` of the in-place writes in progress (a multiset).
 #[derive(Default)]
 pub(crate) struct InPlaceWrites {
@@ -24,13 +26,13 @@ impl InPlaceWrites {
 
     /// Records a write of `len` bytes at host offset `start`, until the returned guard drops.
     /// Call it under the metadata lock, with the lookup that chose the range.
-    pub(crate) fn begin(&self, start: u64, len: u64) -> Writing<'_> {
-        self.ranges().push((start, len));
-        Writing { set: self, range: (start, len) }
+    pub(crate) fn begin(&self, start: HostOffset, len: u64) -> Writing<'_> {
+        self.ranges().push((start.0, len));
+        Writing { set: self, range: (start.0, len) }
     }
 
     /// Whether a write in progress touches `len` bytes at `start`.
-    pub(crate) fn overlaps(&self, start: u64, len: u64) -> bool {
+    pub(crate) fn overlaps(&self, HostOffset(start): HostOffset, len: u64) -> bool {
         self.ranges().iter().any(|&(s, l)| s < start + len && start < s + l)
     }
 }
@@ -51,14 +53,14 @@ mod tests {
     #[test]
     fn a_range_is_busy_while_its_write_runs() {
         let set = InPlaceWrites::default();
-        let first = set.begin(4096, 4096);
-        let second = set.begin(4096, 4096);
-        assert!(set.overlaps(0, 4097));
-        assert!(!set.overlaps(0, 4096), "touching is not overlapping");
-        assert!(!set.overlaps(8192, 10));
+        let first = set.begin(HostOffset(4096), 4096);
+        let second = set.begin(HostOffset(4096), 4096);
+        assert!(set.overlaps(HostOffset(0), 4097));
+        assert!(!set.overlaps(HostOffset(0), 4096), "touching is not overlapping");
+        assert!(!set.overlaps(HostOffset(8192), 10));
         drop(first);
-        assert!(set.overlaps(6000, 1), "the same range written twice stays busy");
+        assert!(set.overlaps(HostOffset(6000), 1), "the same range written twice stays busy");
         drop(second);
-        assert!(!set.overlaps(4096, 4096));
+        assert!(!set.overlaps(HostOffset(4096), 4096));
     }
 }

@@ -24,21 +24,22 @@
 //! images fail with `InvalidData` errors that say what is wrong and where, never with a
 //! panic or an absurd allocation.
 //!
-//! One concept per file: [`offsets`] (guest/host offsets and cluster indices as distinct
-//! types), [`header`] (header, extensions, features), `mapping` (L1/L2 entries), `l2_cache`,
-//! `table` (tables of big-endian entries as stored), `compressed` (deflate and zstd
-//! clusters), `compressed_write` (compressed writes), `io` (child I/O at its alignment),
-//! [`backing`] (finding the backing file), `driver` ([`Qcow2Driver`], reads), `create`,
-//! `refcount` (refcounts and the allocator), `metadata` (what the lock guards, write-back
-//! order), `overlap` (keeping guest data off metadata), `header_update` (table moves whose
-//! header write fails), `allocation` (in-flight allocations and the writes merged into
-//! them), `write` (allocating writes), `shared_l2` (copying L2 tables shared with
-//! snapshots), `discard` (discard and zero clusters), `resize` (growing), [`check`]
-//! (`qemu-img check [-r]`: `check_report`, `references`, `stored_refcounts`, `rebuild`,
-//! `snapshot_table`, `bitmap_directory`), `dirty` (repairing a dirty image opened for
-//! writing), `corruption` (the corrupt bit), `autoclear` (clearing the autoclear feature
-//! bits before writing), `subclusters` (extended L2 entries), `subcluster_write` and
-//! `subcluster_discard` (writes, zero writes and discards at subcluster granularity).
+//! One concept per file: [`offsets`] (guest and host offsets, guest and host cluster numbers and
+//! cluster counts as distinct types), [`header`] (header, extensions, features), `mapping` (L1/L2
+//! entries), `l2_cache`, `table` (tables of big-endian entries as stored), `compressed` (deflate
+//! and zstd clusters), `compressed_write` (compressed writes), `io` (child I/O at its alignment),
+//! [`backing`] (finding the backing file), `driver` ([`Qcow2Driver`], reads), `create`, `refcount`
+//! (refcounts and the allocator), `metadata` (what the lock guards and the write-back order it
+//! keeps: `metadata/l1`, the L1 table; `metadata/flushed`, new tables on disk before anything names
+//! them), `overlap` (keeping guest data off metadata), `header_update` (table moves whose header
+//! write fails), `allocation` (in-flight allocations and the writes merged into them), `write`
+//! (allocating writes), `shared_l2` (copying L2 tables shared with snapshots), `discard` (discard
+//! and zero clusters), `resize` (growing), [`check`] (`qemu-img check [-r]`: `check_report`,
+//! `references`, `stored_refcounts`, `rebuild`, `snapshot_table`, `bitmap_directory`), `dirty`
+//! (repairing a dirty image opened for writing), `corruption` (the corrupt bit), `autoclear`
+//! (clearing the autoclear feature bits before writing), `subclusters` (extended L2 entries),
+//! `subcluster_write` and `subcluster_discard` (writes, zero writes and discards at subcluster
+//! granularity).
 
 mod allocation;
 mod autoclear;
@@ -82,7 +83,7 @@ pub use create::{Compat, CreateOptions, create, create_file};
 pub use driver::{CacheSizes, Qcow2Driver};
 pub use header::{Compression, Header};
 pub use mapping::ClusterMapping;
-pub use offsets::{ClusterIndex, Geometry, GuestOffset, HostOffset};
+pub use offsets::{ClusterCount, Geometry, GuestCluster, GuestOffset, HostCluster, HostOffset};
 pub use snapshot_table::{Snapshot, list_snapshots, snapshot_list};
 
 /// An `InvalidData` error for a malformed image, prefixed with `qcow2: `.
@@ -93,9 +94,4 @@ pub(crate) fn corrupt(message: impl std::fmt::Display) -> std::io::Error {
 /// An `Unsupported` error for what this driver does not implement, prefixed with `qcow2: `.
 pub(crate) fn refuse(message: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::Unsupported, format!("qcow2: {message}"))
-}
-
-/// The error of a write to an image opened read-only.
-pub(crate) fn refuse_read_only() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::PermissionDenied, "qcow2: the image is open read-only")
 }

@@ -1,9 +1,30 @@
 //! Offsets and cluster numbers that the type system keeps apart: a guest offset (a byte of
 //! the virtual disk) can never be passed where a host offset (a byte of the image file) is
-//! meant, and both are told from cluster indices. Arithmetic on them is checked: an overflow
-//! is `None`, never a wrap.
+//! meant, a guest cluster where a host cluster is, and offsets are told from cluster
+//! numbers and cluster numbers from cluster counts (imago's `types.rs` draws the same
+//! lines). Arithmetic on offsets is checked: an overflow is `None`, never a wrap. A cluster
+//! number plus a count of clusters adds plainly: cluster numbers are offsets divided by at
+//! least 512, far from the end of a `u64`.
+//!
+//! ```
+//! use aiocoro_block::qcow2::{ClusterCount, Geometry, GuestCluster, GuestOffset};
+//!
+//! let geometry = Geometry::new(16);
+//! let cluster = geometry.cluster_of(GuestOffset(3 << 16)) + ClusterCount(2);
+//! assert_eq!(cluster, GuestCluster(5));
+//! ```
+//!
+//! A host cluster does not pass for a guest cluster:
+//!
+//! ```compile_fail
+//! use aiocoro_block::qcow2::{ClusterCount, Geometry, GuestCluster, HostOffset};
+//!
+//! let geometry = Geometry::new(16);
+//! let cluster: GuestCluster = geometry.host_cluster_of(HostOffset(3 << 16)) + ClusterCount(2);
+//! ```
 
 use std::fmt;
+use std::ops::{Add, Sub};
 
 /// A byte offset in the virtual disk the guest sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -15,7 +36,15 @@ pub struct HostOffset(pub u64);
 
 /// The number of a guest cluster: guest offset divided by the cluster size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ClusterIndex(pub u64);
+pub struct GuestCluster(pub u64);
+
+/// The number of a host cluster: host offset divided by the cluster size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostCluster(pub u64);
+
+/// A number of clusters: the length of a run of guest clusters or of host clusters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterCount(pub u64);
 
 impl GuestOffset {
     /// `self + bytes`, or `None` on overflow.
@@ -36,10 +65,41 @@ impl HostOffset {
     }
 }
 
-impl ClusterIndex {
+impl GuestCluster {
     /// The next cluster, or `None` on overflow.
-    pub fn checked_next(self) -> Option<ClusterIndex> {
-        self.0.checked_add(1).map(ClusterIndex)
+    pub fn checked_next(self) -> Option<GuestCluster> {
+        self.0.checked_add(1).map(GuestCluster)
+    }
+}
+
+impl Add<ClusterCount> for GuestCluster {
+    type Output = GuestCluster;
+
+    /// The guest cluster `count` clusters on.
+    fn add(self, count: ClusterCount) -> GuestCluster {
+        GuestCluster(self.0 + count.0)
+    }
+}
+
+impl Add<ClusterCount> for HostCluster {
+    type Output = HostCluster;
+
+    /// The host cluster `count` clusters on.
+    fn add(self, count: ClusterCount) -> HostCluster {
+        HostCluster(self.0 + count.0)
+    }
+}
+
+impl Sub for HostCluster {
+    type Output = ClusterCount;
+
+    /// The clusters from `earlier` to `self`.
+    ///
+    /// # Panics
+    ///
+    /// In debug builds, if `earlier` is later.
+    fn sub(self, earlier: HostCluster) -> ClusterCount {
+        ClusterCount(self.0 - earlier.0)
     }
 }
 
@@ -55,9 +115,15 @@ impl fmt::Display for HostOffset {
     }
 }
 
-impl fmt::Display for ClusterIndex {
+impl fmt::Display for GuestCluster {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "guest cluster {}", self.0)
+    }
+}
+
+impl fmt::Display for HostCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "host cluster {}", self.0)
     }
 }
 
@@ -93,15 +159,15 @@ pub(crate) struct TableSpan {
     /// The span's length in bytes.
     pub(crate) len: u64,
     /// How many clusters (L2 entries from `position`) it touches.
-    pub(crate) clusters: u64,
+    pub(crate) clusters: ClusterCount,
     /// The cluster size in bytes.
     cluster_size: u64,
 }
 
 impl TableSpan {
     /// The bytes of the span that its first `count` clusters hold.
-    pub(crate) fn len_in(&self, count: u64) -> u64 {
-        self.len.min(count * self.cluster_size - self.in_cluster)
+    pub(crate) fn len_in(&self, count: ClusterCount) -> u64 {
+        self.len.min(count.0 * self.cluster_size - self.in_cluster)
     }
 }
 
@@ -191,13 +257,28 @@ impl Geometry {
     }
 
     /// The cluster holding `offset`.
-    pub fn cluster_of(&self, offset: GuestOffset) -> ClusterIndex {
-        ClusterIndex(offset.0 >> self.cluster_bits)
+    pub fn cluster_of(&self, offset: GuestOffset) -> GuestCluster {
+        GuestCluster(offset.0 >> self.cluster_bits)
     }
 
     /// The first byte of `cluster`, or `None` past the largest offset.
-    pub fn cluster_start(&self, cluster: ClusterIndex) -> Option<GuestOffset> {
+    pub fn cluster_start(&self, cluster: GuestCluster) -> Option<GuestOffset> {
         cluster.0.checked_mul(self.cluster_size()).map(GuestOffset)
+    }
+
+    /// The host cluster holding `offset`.
+    pub fn host_cluster_of(&self, offset: HostOffset) -> HostCluster {
+        HostCluster(offset.0 >> self.cluster_bits)
+    }
+
+    /// The first byte of host `cluster` (a cluster of the file, so its offset fits).
+    pub fn host_cluster_start(&self, cluster: HostCluster) -> HostOffset {
+        HostOffset(cluster.0 << self.cluster_bits)
+    }
+
+    /// The bytes of `count` clusters.
+    pub fn bytes_of(&self, count: ClusterCount) -> u64 {
+        count.0 << self.cluster_bits
     }
 
     /// How far into its cluster `offset` is.
@@ -211,7 +292,7 @@ impl Geometry {
     }
 
     /// Where `cluster`'s L2 entry lives.
-    pub fn position(&self, cluster: ClusterIndex) -> TablePosition {
+    pub fn position(&self, cluster: GuestCluster) -> TablePosition {
         TablePosition {
             l1_index: cluster.0 >> self.l2_bits(),
             l2_index: (cluster.0 & (self.l2_entries() as u64 - 1)) as usize,
@@ -226,7 +307,7 @@ impl Geometry {
         let table_end = (position.l1_index + 1).saturating_mul(self.bytes_per_l2());
         let len = len.min(table_end - offset.0);
         let cluster_size = self.cluster_size();
-        let clusters = (in_cluster + len).div_ceil(cluster_size);
+        let clusters = ClusterCount((in_cluster + len).div_ceil(cluster_size));
         TableSpan { position, in_cluster, len, clusters, cluster_size }
     }
 
@@ -277,18 +358,32 @@ mod tests {
     fn a_span_stops_at_the_end_of_its_l2_table() {
         let geometry = Geometry::new(16);
         let span = geometry.table_span(GuestOffset((512 << 20) - 65536 - 100), 1 << 20);
-        assert_eq!((span.in_cluster, span.len, span.clusters), (65436, 65636, 2));
-        assert_eq!((span.len_in(1), span.len_in(2)), (100, 65636));
+        assert_eq!((span.in_cluster, span.len, span.clusters), (65436, 65636, ClusterCount(2)));
+        assert_eq!((span.len_in(ClusterCount(1)), span.len_in(ClusterCount(2))), (100, 65636));
         let span = geometry.table_span(GuestOffset(10), 20);
-        assert_eq!((span.len, span.clusters, span.len_in(1)), (20, 1, 20));
+        assert_eq!(
+            (span.len, span.clusters, span.len_in(ClusterCount(1))),
+            (20, ClusterCount(1), 20)
+        );
+    }
+
+    #[test]
+    fn host_clusters_and_counts_convert_through_the_geometry() {
+        let geometry = Geometry::new(16);
+        let cluster = geometry.host_cluster_of(HostOffset(3 * 65536 + 5));
+        assert_eq!(cluster, HostCluster(3));
+        assert_eq!(geometry.host_cluster_start(cluster + ClusterCount(2)), HostOffset(5 * 65536));
+        assert_eq!(GuestCluster(7) + ClusterCount(3), GuestCluster(10));
+        assert_eq!(HostCluster(9) - HostCluster(4), ClusterCount(5));
+        assert_eq!(geometry.bytes_of(ClusterCount(3)), 3 * 65536);
     }
 
     #[test]
     fn arithmetic_is_checked() {
         assert_eq!(GuestOffset(u64::MAX).checked_add(1), None);
         assert_eq!(HostOffset(u64::MAX - 1).checked_add(1), Some(HostOffset(u64::MAX)));
-        assert_eq!(ClusterIndex(u64::MAX).checked_next(), None);
-        assert_eq!(Geometry::new(21).cluster_start(ClusterIndex(u64::MAX)), None);
+        assert_eq!(GuestCluster(u64::MAX).checked_next(), None);
+        assert_eq!(Geometry::new(21).cluster_start(GuestCluster(u64::MAX)), None);
         assert_eq!(GuestOffset(5).checked_distance_from(GuestOffset(7)), None);
     }
 }

@@ -18,7 +18,7 @@ use std::fmt;
 use std::ops::Range;
 
 use super::corruption::overlap_error;
-use super::offsets::{Geometry, GuestOffset};
+use super::offsets::{Geometry, GuestOffset, HostCluster};
 
 /// What a host cluster of metadata holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +56,7 @@ impl fmt::Display for Holder {
 }
 
 /// A host cluster (index) that holds metadata, and what it holds.
-pub(crate) type MetadataCluster = (u64, Holder);
+pub(crate) type MetadataCluster = (HostCluster, Holder);
 
 /// The host clusters of the tables that another table's entries name (L2 tables by L1
 /// index, refcount blocks by refcount table index), as a map from cluster to entry index.
@@ -122,7 +122,7 @@ pub(crate) fn in_place_error(
     overlap_error(format!(
         "{guest} maps to host cluster {:#x}, which holds {holder}: the image is corrupt; \
          repair it with qemu-img check -r all",
-        cluster << geometry.cluster_bits()
+        geometry.host_cluster_start(cluster).0
     ))
 }
 
@@ -136,7 +136,7 @@ pub(crate) fn allocation_error(
     overlap_error(format!(
         "{purpose}: the refcounts call host cluster {:#x} free, but it holds {holder}: the \
          image is corrupt; repair it with qemu-img check -r all",
-        cluster << geometry.cluster_bits()
+        geometry.host_cluster_start(cluster).0
     ))
 }
 

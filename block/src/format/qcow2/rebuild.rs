@@ -17,7 +17,7 @@ use aiocoro::coroutine::Co;
 
 use super::header::{MAX_REFCOUNT_TABLE_BYTES, field};
 use super::io::write_at;
-use super::offsets::{Geometry, HostOffset};
+use super::offsets::{ClusterCount, Geometry, HostCluster, HostOffset};
 use super::refcount::set_entry;
 use super::references::References;
 use super::refuse;
@@ -51,29 +51,30 @@ pub(crate) fn rebuild_refcounts(
 ) -> io::Result<NewTable> {
     let cluster_size = geometry.cluster_size();
     let per_block = (cluster_size * 8) >> order;
-    let mut blocks: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut first_free = 0;
-    let mut table: Option<(u64, u64)> = None;
+    let mut blocks: BTreeMap<u64, HostCluster> = BTreeMap::new();
+    let mut first_free = HostCluster(0);
+    let mut table: Option<(HostCluster, ClusterCount)> = None;
     loop {
         // Every range of clusters in use needs a block; a block placed in a range that had
         // none needs one there too, so look until a whole pass places nothing.
         let mut placed = true;
         while placed {
             placed = false;
-            for slot in 0..refs.len().div_ceil(per_block) {
-                let range = slot * per_block..(slot + 1) * per_block;
-                if !blocks.contains_key(&slot) && refs.any_in(range) {
-                    blocks.insert(slot, refs.allocate(1, &mut first_free));
+            for slot in 0..refs.len().0.div_ceil(per_block) {
+                let counted = (HostCluster(slot * per_block), ClusterCount(per_block));
+                if !blocks.contains_key(&slot) && refs.any_in(counted.0, counted.1) {
+                    blocks.insert(slot, refs.allocate(ClusterCount(1), &mut first_free));
                     placed = true;
                 }
             }
         }
         let entries = blocks.last_key_value().map_or(1, |(&slot, _)| slot + 1);
-        let needed = (entries * 8).div_ceil(cluster_size);
-        if needed * cluster_size > MAX_REFCOUNT_TABLE_BYTES {
+        let needed = ClusterCount((entries * 8).div_ceil(cluster_size));
+        if geometry.bytes_of(needed) > MAX_REFCOUNT_TABLE_BYTES {
             return Err(refuse(format!(
-                "rebuilding the refcounts needs a refcount table of {needed} clusters, more \
-                 than the {MAX_REFCOUNT_TABLE_BYTES} bytes allowed"
+                "rebuilding the refcounts needs a refcount table of {} clusters, more \
+                 than the {MAX_REFCOUNT_TABLE_BYTES} bytes allowed",
+                needed.0
             )));
         }
         match table {
@@ -88,31 +89,32 @@ pub(crate) fn rebuild_refcounts(
     for (&slot, &cluster) in &blocks {
         let mut bytes = vec![0u8; cluster_size as usize];
         for index in 0..per_block {
-            let count = refs.get(slot * per_block + index);
+            let count = refs.get(HostCluster(slot * per_block + index));
             if count != 0 {
                 set_entry(&mut bytes, order, index as usize, count);
             }
         }
-        write_at(co, file, cluster * cluster_size, &bytes)?;
+        write_at(co, file, geometry.host_cluster_start(cluster).0, &bytes)?;
     }
-    let mut entries = vec![0u64; (table_clusters * cluster_size / 8) as usize];
+    let mut entries = vec![0u64; (geometry.bytes_of(table_clusters) / 8) as usize];
     for (&slot, &cluster) in &blocks {
-        entries[slot as usize] = cluster * cluster_size;
+        entries[slot as usize] = geometry.host_cluster_start(cluster).0;
     }
-    let offset = HostOffset(table_start * cluster_size);
+    let offset = geometry.host_cluster_start(table_start);
     write_at(co, file, offset.0, &encode_table(&entries))?;
     file.flush(co)?;
     // The table's offset and cluster count, adjacent in the header: one write.
     let mut fields = [0u8; 12];
     fields[..8].copy_from_slice(&offset.0.to_be_bytes());
     fields[field::REFCOUNT_TABLE_CLUSTERS - field::REFCOUNT_TABLE_OFFSET..]
-        .copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        .copy_from_slice(&(table_clusters.0 as u32).to_be_bytes());
     write_at(co, file, field::REFCOUNT_TABLE_OFFSET as u64, &fields)?;
     file.flush(co)?;
-    let last = blocks.values().copied().chain([table_start + table_clusters - 1]).max();
+    let table_end = table_start + table_clusters;
+    let end = blocks.values().map(|&cluster| cluster + ClusterCount(1)).chain([table_end]).max();
     Ok(NewTable {
         offset,
-        clusters: table_clusters as u32,
-        end: (last.unwrap_or(0) + 1) * cluster_size,
+        clusters: table_clusters.0 as u32,
+        end: geometry.host_cluster_start(end.unwrap_or(HostCluster(0))).0,
     })
 }

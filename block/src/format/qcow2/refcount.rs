@@ -24,7 +24,7 @@ use super::corrupt;
 use super::header::{MAX_REFCOUNT_TABLE_BYTES, field};
 use super::header_update::{HeaderUpdates, TableFields};
 use super::io::{read_exact_at, write_at};
-use super::offsets::{Geometry, HostOffset};
+use super::offsets::{ClusterCount, Geometry, HostCluster, HostOffset};
 use super::overlap::{
     Holder, MetadataCluster, TableClusters, allocation_error, clusters, first_shared,
 };
@@ -172,10 +172,10 @@ impl Refcounts {
     pub(crate) fn metadata_in(&self, range: &Range<u64>) -> Option<MetadataCluster> {
         let table = clusters(self.geometry, self.table_offset.0, self.table.len() as u64 * 8);
         if let Some(cluster) = first_shared(&table, range) {
-            return Some((cluster, Holder::RefcountTable));
+            return Some((HostCluster(cluster), Holder::RefcountTable));
         }
         let (cluster, slot) = self.block_clusters.first_in(range)?;
-        Some((cluster, Holder::RefcountBlock { slot }))
+        Some((HostCluster(cluster), Holder::RefcountBlock { slot }))
     }
 
     /// Fails if the refcounts call host clusters `range` free although they hold metadata:
@@ -256,12 +256,17 @@ impl Refcounts {
         Ok(())
     }
 
-    /// The refcount of host cluster `cluster` (a cluster index: offset / cluster size).
+    /// The refcount of host cluster `cluster`.
     ///
     /// # Errors
     ///
     /// The read error of its block.
-    pub(crate) fn get(&mut self, co: &Co, file: &BlockNode, cluster: u64) -> io::Result<u64> {
+    pub(crate) fn get(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        HostCluster(cluster): HostCluster,
+    ) -> io::Result<u64> {
         let per_block = self.per_block();
         let order = self.order;
         let slot = usize::try_from(cluster / per_block).unwrap_or(usize::MAX);
@@ -288,7 +293,7 @@ impl Refcounts {
         len: u64,
     ) -> io::Result<()> {
         for cluster in clusters(self.geometry, offset.0, len) {
-            if self.get(co, file, cluster)? == 0 {
+            if self.get(co, file, HostCluster(cluster))? == 0 {
                 return Err(corrupt(format!(
                     "the {what} is in host cluster {cluster}, whose refcount is 0: the \
                      refcounts are wrong (repair them with qemu-img check -r all before \
@@ -309,7 +314,7 @@ impl Refcounts {
         &mut self,
         co: &Co,
         file: &BlockNode,
-        cluster: u64,
+        HostCluster(cluster): HostCluster,
         delta: i64,
     ) -> io::Result<()> {
         let (per_block, order, max) = (self.per_block(), self.order, self.max_refcount());
@@ -365,10 +370,10 @@ impl Refcounts {
         let Some(tail) = self.compressed_tail.take() else { return Ok(None) };
         let cluster = tail >> self.geometry.cluster_bits();
         let fits = tail + len <= (cluster + 1) * cluster_size;
-        if !fits || self.get(co, file, cluster)? >= self.max_refcount() {
+        if !fits || self.get(co, file, HostCluster(cluster))? >= self.max_refcount() {
             return Ok(None);
         }
-        self.change(co, file, cluster, 1)?;
+        self.change(co, file, HostCluster(cluster), 1)?;
         self.compressed_tail = Some(tail + len).filter(|end| end % cluster_size != 0);
         Ok(Some(HostOffset(tail)))
     }
@@ -393,7 +398,7 @@ impl Refcounts {
         len: u64,
     ) -> io::Result<()> {
         for cluster in clusters(self.geometry, offset.0, len.max(1)) {
-            self.change(co, file, cluster, -1)?;
+            self.change(co, file, HostCluster(cluster), -1)?;
         }
         Ok(())
     }
@@ -414,7 +419,7 @@ impl Refcounts {
         &mut self,
         co: &Co,
         file: &BlockNode,
-        count: u64,
+        ClusterCount(count): ClusterCount,
         image_end: &mut u64,
         others: impl Fn(&Range<u64>) -> Option<MetadataCluster>,
         purpose: &dyn fmt::Display,
@@ -461,7 +466,7 @@ impl Refcounts {
             self.free_hint = start + count;
         }
         for cluster in start..start + count {
-            self.change(co, file, cluster, 1)?;
+            self.change(co, file, HostCluster(cluster), 1)?;
         }
         *image_end = (*image_end).max((start + count) << bits);
         Ok(HostOffset(start << bits))
@@ -489,7 +494,7 @@ impl Refcounts {
         if at / per_block == slot as u64 {
             set_entry(&mut bytes, order, (at % per_block) as usize, 1);
         } else {
-            self.change(co, file, at, 1)?;
+            self.change(co, file, HostCluster(at), 1)?;
             self.write_back(co, file)?;
         }
         let offset = HostOffset(at << bits);
@@ -662,7 +667,9 @@ mod tests {
             let mut allocated = Vec::new();
             for _ in 0..3000 {
                 allocated.push(
-                    refcounts.allocate(co, &file, 1, &mut image_end, |_| None, &"a test").unwrap(),
+                    refcounts
+                        .allocate(co, &file, ClusterCount(1), &mut image_end, |_| None, &"a test")
+                        .unwrap(),
                 );
                 assert!(refcounts.blocks.len() <= MIN_CACHED_BLOCKS, "{}", refcounts.blocks.len());
             }
@@ -676,7 +683,11 @@ mod tests {
             let mut fresh = load(co, &file, 1 << 20);
             for (n, offset) in allocated.iter().enumerate() {
                 let expected = u64::from(n >= 600);
-                assert_eq!(fresh.get(co, &file, offset.0 >> 9).unwrap(), expected, "{offset}");
+                assert_eq!(
+                    fresh.get(co, &file, HostCluster(offset.0 >> 9)).unwrap(),
+                    expected,
+                    "{offset}"
+                );
             }
             std::fs::remove_file(&path).unwrap();
         })

@@ -3,6 +3,8 @@
 //! check compares them with the stored refcounts; a rebuild allocates the new refcount
 //! structure from the clusters nobody uses and writes these counts as its refcounts.
 
+use super::offsets::{ClusterCount, HostCluster};
+
 /// Per-cluster reference counts, up to a width's maximum.
 #[derive(Clone, Debug)]
 pub(crate) struct References {
@@ -24,31 +26,32 @@ pub(crate) enum Added {
 impl References {
     /// No references to `clusters` clusters, counted up to the maximum of `order`-bit
     /// refcounts (`order` 0..=6).
-    pub(crate) fn new(clusters: u64, order: u32) -> References {
+    pub(crate) fn new(ClusterCount(clusters): ClusterCount, order: u32) -> References {
         let max = if order >= 5 { u64::from(u32::MAX) } else { (1 << (1 << order)) - 1 };
         References { counts: vec![0; to_index(clusters)], max }
     }
 
-    /// How many clusters are covered: the file's, and any referenced past it.
-    pub(crate) fn len(&self) -> u64 {
-        self.counts.len() as u64
+    /// How many clusters are covered (from host cluster 0): the file's, and any referenced
+    /// past it.
+    pub(crate) fn len(&self) -> ClusterCount {
+        ClusterCount(self.counts.len() as u64)
     }
 
     /// Covers at least `clusters` clusters.
-    pub(crate) fn grow_to(&mut self, clusters: u64) {
+    pub(crate) fn grow_to(&mut self, clusters: ClusterCount) {
         if clusters > self.len() {
-            self.counts.resize(to_index(clusters), 0);
+            self.counts.resize(to_index(clusters.0), 0);
         }
     }
 
     /// The references to `cluster` (0 past the end).
-    pub(crate) fn get(&self, cluster: u64) -> u64 {
+    pub(crate) fn get(&self, HostCluster(cluster): HostCluster) -> u64 {
         usize::try_from(cluster).ok().and_then(|i| self.counts.get(i)).map_or(0, |&n| n.into())
     }
 
     /// Counts one more reference to `cluster`, covering it if need be.
-    pub(crate) fn add(&mut self, cluster: u64) -> Added {
-        self.grow_to(cluster + 1);
+    pub(crate) fn add(&mut self, HostCluster(cluster): HostCluster) -> Added {
+        self.grow_to(ClusterCount(cluster + 1));
         let count = &mut self.counts[to_index(cluster)];
         if u64::from(*count) >= self.max {
             return Added::Overflow;
@@ -57,24 +60,27 @@ impl References {
         Added::Counted
     }
 
-    /// Whether a cluster of `range` is referenced.
-    pub(crate) fn any_in(&self, range: std::ops::Range<u64>) -> bool {
-        let end = range.end.min(self.len());
-        range.start < end
-            && self.counts[to_index(range.start)..to_index(end)].iter().any(|&n| n > 0)
+    /// Whether one of the `count` clusters from `first` is referenced.
+    pub(crate) fn any_in(&self, first: HostCluster, count: ClusterCount) -> bool {
+        let (start, end) = (first.0, (first + count).0.min(self.len().0));
+        start < end && self.counts[to_index(start)..to_index(end)].iter().any(|&n| n > 0)
     }
 
     /// Takes the first run of `count` unreferenced clusters at or after `*first_free`
     /// (covering clusters past the end as needed), counts one reference to each and returns
     /// the first; `*first_free` moves to the first unreferenced cluster it passed.
-    pub(crate) fn allocate(&mut self, count: u64, first_free: &mut u64) -> u64 {
+    pub(crate) fn allocate(
+        &mut self,
+        ClusterCount(count): ClusterCount,
+        first_free: &mut HostCluster,
+    ) -> HostCluster {
         while self.get(*first_free) != 0 {
-            *first_free += 1;
+            first_free.0 += 1;
         }
-        let mut start = *first_free;
+        let mut start = first_free.0;
         let mut found = 0;
         while found < count {
-            if self.get(start + found) == 0 {
+            if self.get(HostCluster(start + found)) == 0 {
                 found += 1;
             } else {
                 start += found + 1;
@@ -82,16 +88,16 @@ impl References {
             }
         }
         for cluster in start..start + count {
-            self.grow_to(cluster + 1);
+            self.grow_to(ClusterCount(cluster + 1));
             self.counts[to_index(cluster)] = 1;
         }
-        start
+        HostCluster(start)
     }
 
     /// Drops the references of `count` clusters from `start` that [`References::allocate`]
     /// took.
-    pub(crate) fn release(&mut self, start: u64, count: u64) {
-        for cluster in start..start + count {
+    pub(crate) fn release(&mut self, start: HostCluster, count: ClusterCount) {
+        for cluster in start.0..(start + count).0 {
             self.counts[to_index(cluster)] = 0;
         }
     }
@@ -113,28 +119,30 @@ mod tests {
 
     #[test]
     fn counts_saturate_at_the_width() {
-        let mut refs = References::new(2, 0);
-        assert_eq!(refs.add(1), Added::Counted);
-        assert_eq!(refs.add(1), Added::Overflow);
-        assert_eq!(refs.get(1), 1);
-        assert_eq!(refs.add(5), Added::Counted);
-        assert_eq!(refs.len(), 6);
-        assert!(refs.any_in(4..6) && !refs.any_in(2..5) && !refs.any_in(9..12));
+        let mut refs = References::new(ClusterCount(2), 0);
+        assert_eq!(refs.add(HostCluster(1)), Added::Counted);
+        assert_eq!(refs.add(HostCluster(1)), Added::Overflow);
+        assert_eq!(refs.get(HostCluster(1)), 1);
+        assert_eq!(refs.add(HostCluster(5)), Added::Counted);
+        assert_eq!(refs.len(), ClusterCount(6));
+        assert!(refs.any_in(HostCluster(4), ClusterCount(2)));
+        assert!(!refs.any_in(HostCluster(2), ClusterCount(3)));
+        assert!(!refs.any_in(HostCluster(9), ClusterCount(3)));
     }
 
     #[test]
     fn allocation_is_first_fit() {
-        let mut refs = References::new(8, 4);
+        let mut refs = References::new(ClusterCount(8), 4);
         for cluster in [0, 1, 3, 6] {
-            refs.add(cluster);
+            refs.add(HostCluster(cluster));
         }
-        let mut first_free = 0;
-        assert_eq!(refs.allocate(2, &mut first_free), 4);
-        assert_eq!(first_free, 2);
-        assert_eq!(refs.allocate(1, &mut first_free), 2);
-        assert_eq!(refs.allocate(3, &mut first_free), 7);
-        assert_eq!(refs.len(), 10);
-        refs.release(7, 3);
-        assert_eq!(refs.get(8), 0);
+        let mut first_free = HostCluster(0);
+        assert_eq!(refs.allocate(ClusterCount(2), &mut first_free), HostCluster(4));
+        assert_eq!(first_free, HostCluster(2));
+        assert_eq!(refs.allocate(ClusterCount(1), &mut first_free), HostCluster(2));
+        assert_eq!(refs.allocate(ClusterCount(3), &mut first_free), HostCluster(7));
+        assert_eq!(refs.len(), ClusterCount(10));
+        refs.release(HostCluster(7), ClusterCount(3));
+        assert_eq!(refs.get(HostCluster(8)), 0);
     }
 }

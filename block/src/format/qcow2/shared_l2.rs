@@ -15,11 +15,9 @@ use std::sync::Arc;
 use aiocoro::coroutine::Co;
 
 use super::driver::Qcow2Driver;
-use super::io::write_at;
 use super::mapping::COPIED;
-use super::metadata::{Metadata, writable};
+use super::metadata::Metadata;
 use super::offsets::HostOffset;
-use super::table::encode_table;
 
 impl Qcow2Driver {
     /// The L2 table L1 entry `l1_index` names, ready for its entries to change: copied
@@ -36,7 +34,7 @@ impl Qcow2Driver {
         l1_index: u64,
     ) -> io::Result<Option<HostOffset>> {
         let Some(old) = self.l2_offset(meta, l1_index)? else { return Ok(None) };
-        if meta.l1[l1_index as usize] & COPIED != 0 {
+        if meta.l1_entry(l1_index).is_some_and(|entry| entry & COPIED != 0) {
             return Ok(Some(old));
         }
         self.copy_shared_l2(co, meta, l1_index, old).map(Some)
@@ -44,8 +42,8 @@ impl Qcow2Driver {
 
     /// Copies the shared L2 table at `old` that L1 entry `l1_index` names to a new cluster:
     /// its refcount made stable, the copy written and flushed, then the L1 entry written
-    /// (as for a new table, see `allocate_l2`); the old table's reference is dropped at the
-    /// next flush.
+    /// (as for a new table, see [`Metadata::install_l2`]); the old table's reference is
+    /// dropped at the next flush.
     fn copy_shared_l2(
         &self,
         co: &Co,
@@ -53,33 +51,11 @@ impl Qcow2Driver {
         l1_index: u64,
         old: HostOffset,
     ) -> io::Result<HostOffset> {
-        let geometry = self.header.geometry;
-        let cluster_size = geometry.cluster_size();
-        let file = self.file.node();
         let table = self.l2_table(co, meta, old)?;
+        // Its own copy, not the cached old table's: changing one leaves the other.
+        let copy: Arc<[u64]> = table.iter().copied().collect();
         let purpose =
             format_args!("a copy of the L2 table shared with a snapshot (L1 entry {l1_index})");
-        let new = meta.allocate(co, &file, 1, &purpose)?;
-        let written = meta.flush_refcounts(co, &file).and_then(|_| {
-            write_at(co, &file, new.0, &encode_table(&table))?;
-            file.flush(co)
-        });
-        if let Err(error) = written {
-            meta.free_unnamed(co, &file, new, cluster_size);
-            return Err(error);
-        }
-        let entry = new.0 | COPIED;
-        // A failed write may still land: the disk then names the copy, which holds what the
-        // old table holds; memory keeps the old table, copied again by a later write (the
-        // copy leaks at worst).
-        write_at(co, &file, meta.l1_offset.0 + l1_index * 8, &entry.to_be_bytes())?;
-        meta.l1[l1_index as usize] = entry;
-        let writer = writable(&mut meta.writer);
-        writer.l2_tables.remove(geometry, old.0);
-        writer.l2_tables.insert(geometry, l1_index, new.0);
-        writer.pending_frees.push((old, cluster_size));
-        let copy: Arc<[u64]> = table.iter().copied().collect();
-        meta.cache_l2(co, &file, new, copy)?;
-        Ok(new)
+        meta.install_l2(co, &self.file.node(), l1_index, copy, Some(old), &purpose)
     }
 }

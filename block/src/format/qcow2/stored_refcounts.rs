@@ -14,7 +14,7 @@ use aiocoro::coroutine::Co;
 use super::corrupt;
 use super::io::read_within_file;
 use super::io::write_at;
-use super::offsets::{Geometry, HostOffset};
+use super::offsets::{Geometry, HostCluster, HostOffset};
 use super::refcount::{get_entry, set_entry};
 use super::table::decode_table;
 use crate::node::BlockNode;
@@ -78,7 +78,7 @@ impl StoredRefcounts {
         co: &Co,
         file: &BlockNode,
         file_len: u64,
-        cluster: u64,
+        HostCluster(cluster): HostCluster,
     ) -> io::Result<Option<(&mut [u8], usize, usize)>> {
         let per_block = self.per_block();
         let Some(slot) =
@@ -114,7 +114,7 @@ impl StoredRefcounts {
         co: &Co,
         file: &BlockNode,
         file_len: u64,
-        cluster: u64,
+        cluster: HostCluster,
     ) -> io::Result<u64> {
         let order = self.order;
         Ok(self
@@ -134,12 +134,12 @@ impl StoredRefcounts {
         co: &Co,
         file: &BlockNode,
         file_len: u64,
-        cluster: u64,
+        cluster: HostCluster,
         value: u64,
     ) -> io::Result<()> {
         let order = self.order;
         let Some((bytes, slot, index)) = self.block(co, file, file_len, cluster)? else {
-            return Err(corrupt(format!("no refcount block counts host cluster {cluster}")));
+            return Err(corrupt(format!("no refcount block counts {cluster}")));
         };
         set_entry(bytes, order, index, value);
         self.dirty.insert(slot);

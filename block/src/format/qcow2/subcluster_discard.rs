@@ -11,21 +11,25 @@ use aiocoro::coroutine::Co;
 
 use super::driver::Qcow2Driver;
 use super::mapping::{COMPRESSED, COPIED, OFFSET_MASK};
-use super::offsets::ClusterIndex;
-use super::refuse_read_only;
+use super::offsets::{ClusterCount, GuestOffset};
 use super::subclusters::{ALL_ZERO, allocated, bitmap, mask, zeroed};
 use crate::driver::write_zeroes_by_writing;
 
 impl Qcow2Driver {
     /// Makes the whole subclusters inside `len` bytes at `offset` read as zeroes without
     /// data (see the module doc); waits for in-flight writes of their clusters first.
-    pub(super) fn drop_subclusters(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
+    pub(super) fn drop_subclusters(
+        &self,
+        co: &Co,
+        GuestOffset(offset): GuestOffset,
+        len: u64,
+    ) -> io::Result<()> {
         let geometry = self.header.geometry;
         let (cluster_size, sub) = (geometry.cluster_size(), geometry.subcluster_size());
         let mut at = offset.next_multiple_of(sub);
         let end = (offset + len) / sub * sub;
         while at < end {
-            let cluster = geometry.cluster_of(super::offsets::GuestOffset(at));
+            let cluster = geometry.cluster_of(GuestOffset(at));
             let cluster_start = cluster.0 * cluster_size;
             let piece_end = end.min(cluster_start + cluster_size);
             let wanted = mask(
@@ -33,15 +37,13 @@ impl Qcow2Driver {
                 ((piece_end - cluster_start) / sub) as u32,
             );
             let mut meta = self.metadata.lock(co);
-            if meta.writer.is_none() {
-                return Err(refuse_read_only());
-            }
-            if let Some(in_flight) = meta.overlapping(cluster.0, 1) {
-                let allocation = in_flight.allocation.clone();
+            meta.check_writable()?;
+            if let Some(in_flight) = meta.overlapping(cluster, ClusterCount(1)) {
+                let allocation = in_flight.allocation().clone();
                 allocation.wait(co, &mut meta);
                 continue;
             }
-            let position = geometry.position(ClusterIndex(cluster.0));
+            let position = geometry.position(cluster);
             // A table shared with a snapshot is copied before its entry changes.
             let l2 = match self.writable_l2(co, &mut meta, position.l1_index)? {
                 Some(l2) => l2,
@@ -62,7 +64,7 @@ impl Qcow2Driver {
             } else if entry & COMPRESSED != 0 || (entry & OFFSET_MASK != 0 && entry & COPIED == 0) {
                 drop(meta);
                 write_zeroes_by_writing(co, at, piece_end - at, |co, offset, bufs| {
-                    self.write_guest(co, offset, bufs)
+                    self.write_guest(co, GuestOffset(offset), bufs)
                 })?;
                 at = piece_end;
                 continue;

@@ -24,9 +24,8 @@ use super::in_place::Writing;
 use super::io::sub_slices_ref;
 use super::mapping::{COMPRESSED, COPIED, ClusterMapping, OFFSET_MASK, ZERO, decode_l2};
 use super::metadata::Metadata;
-use super::offsets::{GuestOffset, HostOffset};
+use super::offsets::{ClusterCount, GuestOffset, HostOffset};
 use super::overlap;
-use super::refuse_read_only;
 use super::subclusters::{allocated, bitmap, is_invalid, mask, zeroed};
 use crate::buffer::{IoBuffer, gather_into};
 
@@ -68,17 +67,15 @@ impl Qcow2Driver {
         let in_cluster = geometry.offset_in_cluster(guest);
         let len = len.min(cluster_size - in_cluster);
         let wanted = mask((in_cluster / sub) as u32, (in_cluster + len).div_ceil(sub) as u32);
-        let cluster = geometry.cluster_of(guest).0;
+        let cluster = geometry.cluster_of(guest);
         let plan = {
             let mut meta = self.metadata.lock(co);
             loop {
-                if meta.writer.is_none() {
-                    return Err(refuse_read_only());
-                }
+                meta.check_writable()?;
                 let Some(in_flight) = meta.overlapping_subclusters(cluster, wanted) else {
                     break self.plan_subclusters(co, &mut meta, guest, len, wanted)?;
                 };
-                let allocation = in_flight.allocation.clone();
+                let allocation = in_flight.allocation().clone();
                 allocation.wait(co, &mut meta);
             }
         };
@@ -94,10 +91,10 @@ impl Qcow2Driver {
                     let mut data = IoBuffer::new((to - from) as usize);
                     let (head, tail) =
                         ((in_cluster - from) as usize, (in_cluster + len - from) as usize);
-                    self.fill_around(co, cluster_start + from, &mut data, head..tail, &bytes)
-                        .and_then(|()| {
-                            file.write(co, cluster_host.0 + from, &[IoSlice::new(&data)])
-                        })
+                    let old = GuestOffset(cluster_start + from);
+                    self.fill_around(co, old, &mut data, head..tail, &bytes).and_then(|()| {
+                        file.write(co, cluster_host.0 + from, &[IoSlice::new(&data)])
+                    })
                 };
                 let mut meta = self.metadata.lock(co);
                 let linked = written.and_then(|()| {
@@ -113,7 +110,7 @@ impl Qcow2Driver {
                 let mut data = IoBuffer::new(cluster_size as usize);
                 let range = in_cluster as usize..(in_cluster + len) as usize;
                 let written = self
-                    .fill_around(co, cluster_start, &mut data, range, &bytes)
+                    .fill_around(co, GuestOffset(cluster_start), &mut data, range, &bytes)
                     .and_then(|()| file.write(co, host.0, &[IoSlice::new(&data)]));
                 let mut meta = self.metadata.lock(co);
                 let linked = written.and_then(|()| {
@@ -166,13 +163,13 @@ impl Qcow2Driver {
             ))
         };
         let raw = if entry & COMPRESSED != 0 { entry } else { entry & !ZERO };
-        let decoded = decode_l2(raw, geometry, 3, meta.image_end);
+        let decoded = decode_l2(raw, geometry, 3, meta.image_end());
         let decoded = decoded.map_err(|why| describe(&why))?;
         let file = self.file.node();
         if entry & COMPRESSED != 0 || (entry & OFFSET_MASK != 0 && entry & COPIED == 0) {
-            let host = meta.allocate(co, &file, 1, &guest)?;
+            let host = meta.allocate(co, &file, ClusterCount(1), &guest)?;
             let allocation = SharedAllocation::new();
-            meta.start_subcluster_write(cluster.0, u32::MAX, allocation.clone());
+            meta.start_subcluster_write(cluster, u32::MAX, allocation.clone());
             return Ok(Plan::Rewrite { host, l2, index, allocation });
         }
         if is_invalid(map, entry & OFFSET_MASK != 0) {
@@ -180,8 +177,8 @@ impl Qcow2Driver {
         }
         let cluster_host = match decoded {
             ClusterMapping::Data(host) => {
-                let first = host.0 >> geometry.cluster_bits();
-                if let Some(hit) = meta.metadata_in(&(first..first + 1)) {
+                let first = geometry.host_cluster_of(host);
+                if let Some(hit) = meta.metadata_in(first, ClusterCount(1)) {
                     return Err(overlap::in_place_error(
                         geometry,
                         GuestOffset(guest.0 - in_cluster),
@@ -191,14 +188,14 @@ impl Qcow2Driver {
                 host
             }
             _ => {
-                let host = meta.allocate(co, &file, 1, &guest)?;
+                let host = meta.allocate(co, &file, ClusterCount(1), &guest)?;
                 meta.set_extended_entry(l2, index, host.0 | COPIED, map);
                 host
             }
         };
         if wanted & !allocated(map) == 0 {
             let host = HostOffset(cluster_host.0 + in_cluster);
-            let _writing = self.in_place.begin(host.0, len);
+            let _writing = self.in_place.begin(host, len);
             return Ok(Plan::InPlace { host, _writing });
         }
         let sub = geometry.subcluster_size();
@@ -206,9 +203,9 @@ impl Qcow2Driver {
         let end = in_cluster + len;
         let from = if is_allocated(in_cluster) { in_cluster } else { in_cluster / sub * sub };
         let to = if is_allocated(end - 1) { end } else { end.next_multiple_of(sub) };
-        let _writing = self.in_place.begin(cluster_host.0 + from, to - from);
+        let _writing = self.in_place.begin(HostOffset(cluster_host.0 + from), to - from);
         let allocation = SharedAllocation::new();
-        meta.start_subcluster_write(cluster.0, wanted, allocation.clone());
+        meta.start_subcluster_write(cluster, wanted, allocation.clone());
         Ok(Plan::Subclusters {
             cluster_host,
             from,
@@ -226,7 +223,7 @@ impl Qcow2Driver {
     fn fill_around(
         &self,
         co: &Co,
-        guest: u64,
+        guest: GuestOffset,
         data: &mut [u8],
         range: std::ops::Range<usize>,
         bytes: &[IoSlice<'_>],
@@ -235,7 +232,8 @@ impl Qcow2Driver {
             self.read_old(co, guest, &mut data[..range.start])?;
         }
         if range.end < data.len() {
-            self.read_old(co, guest + range.end as u64, &mut data[range.end..])?;
+            let after = GuestOffset(guest.0 + range.end as u64);
+            self.read_old(co, after, &mut data[range.end..])?;
         }
         gather_into(bytes, &mut data[range]);
         Ok(())

@@ -14,16 +14,15 @@ use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
 
-use super::allocation::{MergedWrite, SharedAllocation};
+use super::allocation::SharedAllocation;
 use super::corrupt;
 use super::driver::Qcow2Driver;
 use super::in_place::Writing;
-use super::io::{gather, sub_slices_ref, write_at};
+use super::io::{gather, sub_slices_ref};
 use super::mapping::{COPIED, OFFSET_MASK, decode_l1, decode_l2, is_writable_in_place};
-use super::metadata::{Metadata, writable};
-use super::offsets::{GuestOffset, HostOffset};
+use super::metadata::Metadata;
+use super::offsets::{ClusterCount, GuestOffset, HostOffset};
 use super::overlap;
-use super::refuse_read_only;
 use crate::buffer::IoBuffer;
 
 /// What the first cluster of a write step needs.
@@ -34,7 +33,7 @@ enum Step<'a> {
     /// L2 table is at `l2`.
     Allocated {
         host: HostOffset,
-        count: u64,
+        count: ClusterCount,
         len: u64,
         l2: HostOffset,
         allocation: Arc<SharedAllocation>,
@@ -46,7 +45,12 @@ enum Step<'a> {
 impl Qcow2Driver {
     /// Writes `bufs` at guest `offset`, one step (a run of clusters mapped alike, inside one
     /// L2 table) at a time.
-    pub(super) fn write_guest(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+    pub(super) fn write_guest(
+        &self,
+        co: &Co,
+        GuestOffset(offset): GuestOffset,
+        bufs: &[IoSlice<'_>],
+    ) -> io::Result<()> {
         let total: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
         let mut done = 0;
         while done < total {
@@ -72,20 +76,17 @@ impl Qcow2Driver {
         let step = {
             let mut meta = self.metadata.lock(co);
             loop {
-                if meta.writer.is_none() {
-                    return Err(refuse_read_only());
-                }
-                let Some(in_flight) = meta.overlapping(geometry.cluster_of(guest).0, 1) else {
+                meta.check_writable()?;
+                let one = ClusterCount(1);
+                let Some(in_flight) = meta.overlapping(geometry.cluster_of(guest), one) else {
                     break self.plan(co, &mut meta, guest, len)?;
                 };
-                let allocation = in_flight.allocation.clone();
-                let Some(merged) = in_flight.merging.as_mut() else {
+                let allocation = in_flight.allocation().clone();
+                let bytes = |len: u64| gather(bufs, start as usize, len as usize);
+                let Some(len) = in_flight.merge(geometry, guest, len, bytes) else {
                     allocation.wait(co, &mut meta);
                     continue;
                 };
-                let at = guest.0 - in_flight.first * geometry.cluster_size();
-                let len = len.min(in_flight.count * geometry.cluster_size() - at);
-                merged.push(MergedWrite { at, data: gather(bufs, start as usize, len as usize) });
                 if allocation.wait_outcome(co, &mut meta) {
                     break Step::Merged { len };
                 }
@@ -109,7 +110,7 @@ impl Qcow2Driver {
                     Err(error) => Err(error),
                 };
                 if linked.is_err() {
-                    let len = count * geometry.cluster_size();
+                    let len = geometry.bytes_of(count);
                     meta.free_unnamed(co, &self.file.node(), host, len);
                 }
                 meta.end_allocation(&allocation);
@@ -132,7 +133,7 @@ impl Qcow2Driver {
         let cluster_size = geometry.cluster_size();
         let cluster = geometry.cluster_of(guest);
         let span = geometry.table_span(guest, len);
-        let (position, in_cluster, clusters) = (span.position, span.in_cluster, span.clusters);
+        let (position, in_cluster, clusters) = (span.position, span.in_cluster, span.clusters.0);
 
         let l2 = self.writable_l2(co, meta, position.l1_index)?;
         let table = match l2 {
@@ -143,7 +144,7 @@ impl Qcow2Driver {
         let first = entry(0);
         if is_writable_in_place(first) {
             // The entry says where the data goes: checked as a read checks it, not trusted.
-            decode_l2(first, geometry, self.header.version, meta.image_end).map_err(|why| {
+            decode_l2(first, geometry, self.header.version, meta.image_end()).map_err(|why| {
                 corrupt(format!(
                     "{guest}: L2 entry {} ({first:#018x}) of the L2 table of L1 entry {}: {why}",
                     position.l2_index, position.l1_index
@@ -154,28 +155,30 @@ impl Qcow2Driver {
             while count < clusters
                 && is_writable_in_place(entry(count))
                 && entry(count) & OFFSET_MASK == start + count * cluster_size
-                && start + count * cluster_size < meta.image_end
+                && start + count * cluster_size < meta.image_end()
             {
                 count += 1;
             }
-            let len = span.len_in(count);
-            let first_host = start >> geometry.cluster_bits();
-            if let Some(hit) = meta.metadata_in(&(first_host..first_host + count)) {
-                let at = GuestOffset(guest.0 - in_cluster + (hit.0 - first_host) * cluster_size);
+            let len = span.len_in(ClusterCount(count));
+            let first_host = geometry.host_cluster_of(HostOffset(start));
+            if let Some(hit) = meta.metadata_in(first_host, ClusterCount(count)) {
+                let skipped = hit.0 - first_host;
+                let at = GuestOffset(guest.0 - in_cluster + geometry.bytes_of(skipped));
                 return Err(overlap::in_place_error(geometry, at, hit));
             }
             let host = HostOffset(start + in_cluster);
-            let _writing = self.in_place.begin(host.0, len);
+            let _writing = self.in_place.begin(host, len);
             return Ok(Step::InPlace { host, len, _writing });
         }
-        let max_run = meta.writer.as_ref().map_or(1, |writer| writer.refcounts.max_run());
+        let max_run = meta.max_allocation_run().0;
         let mut count = 1;
         while count < clusters.min(max_run)
             && !is_writable_in_place(entry(count))
-            && meta.overlapping(cluster.0 + count, 1).is_none()
+            && meta.overlapping(cluster + ClusterCount(count), ClusterCount(1)).is_none()
         {
             count += 1;
         }
+        let count = ClusterCount(count);
         let len = span.len_in(count);
         let l2 = match l2 {
             Some(offset) => offset,
@@ -184,8 +187,8 @@ impl Qcow2Driver {
         let file = self.file.node();
         let host = meta.allocate(co, &file, count, &guest)?;
         let allocation = SharedAllocation::new();
-        let merging = takes_merges(in_cluster, len, count * cluster_size);
-        meta.start_allocation(cluster.0, count, allocation.clone(), merging);
+        let merging = takes_merges(in_cluster, len, geometry.bytes_of(count));
+        meta.start_allocation(cluster, count, allocation.clone(), merging);
         Ok(Step::Allocated { host, count, len, l2, allocation })
     }
 
@@ -196,47 +199,29 @@ impl Qcow2Driver {
         meta: &Metadata,
         l1_index: u64,
     ) -> io::Result<Option<HostOffset>> {
-        let Some(&raw) = usize::try_from(l1_index).ok().and_then(|i| meta.l1.get(i)) else {
+        let Some(raw) = meta.l1_entry(l1_index) else {
             return Err(corrupt(format!(
                 "L1 entry {l1_index} is past the {} of the L1 table",
-                meta.l1.len()
+                meta.l1_len()
             )));
         };
-        let offset = decode_l1(raw, self.header.geometry, meta.image_end)
+        let offset = decode_l1(raw, self.header.geometry, meta.image_end())
             .map_err(|why| corrupt(format!("L1 entry {l1_index} ({raw:#018x}): {why}")))?;
         Ok(offset)
     }
 
     /// Allocates an empty L2 table for L1 entry `l1_index`: its refcount is made stable,
-    /// the table written and flushed, then the L1 entry written (QEMU's `l2_allocate`).
+    /// the table written and flushed, then the L1 entry written (see
+    /// [`Metadata::install_l2`]).
     pub(super) fn allocate_l2(
         &self,
         co: &Co,
         meta: &mut Metadata,
         l1_index: u64,
     ) -> io::Result<HostOffset> {
-        let geometry = self.header.geometry;
-        let file = self.file.node();
+        let table: Arc<[u64]> = vec![0u64; self.header.geometry.l2_words()].into();
         let purpose = format_args!("a new L2 table (L1 entry {l1_index})");
-        let offset = meta.allocate(co, &file, 1, &purpose)?;
-        let table: Arc<[u64]> = vec![0u64; geometry.l2_words()].into();
-        let written = meta.flush_refcounts(co, &file).and_then(|_| {
-            write_at(co, &file, offset.0, &vec![0u8; geometry.cluster_size() as usize])?;
-            file.flush(co)
-        });
-        if let Err(error) = written {
-            meta.free_unnamed(co, &file, offset, geometry.cluster_size());
-            return Err(error);
-        }
-        let entry = offset.0 | COPIED;
-        // A failed write may still land: the disk then names an empty table whose refcount
-        // is stable, which reads as the unset entry memory keeps; the table stays allocated
-        // (a leak at worst) and a later allocation writes the entry again.
-        write_at(co, &file, meta.l1_offset.0 + l1_index * 8, &entry.to_be_bytes())?;
-        meta.l1[l1_index as usize] = entry;
-        writable(&mut meta.writer).l2_tables.insert(geometry, l1_index, offset.0);
-        meta.cache_l2(co, &file, offset, table)?;
-        Ok(offset)
+        meta.install_l2(co, &self.file.node(), l1_index, table, None, &purpose)
     }
 
     /// Writes `count` new clusters at `host`: the request's bytes (`bytes`, `len` of them),
@@ -250,13 +235,13 @@ impl Qcow2Driver {
         bytes: &[IoSlice<'_>],
         len: u64,
         host: HostOffset,
-        count: u64,
+        count: ClusterCount,
         allocation: &Arc<SharedAllocation>,
     ) -> io::Result<()> {
         let geometry = self.header.geometry;
         let in_cluster = geometry.offset_in_cluster(guest);
         let start = guest.0 - in_cluster;
-        let total = count * geometry.cluster_size();
+        let total = geometry.bytes_of(count);
         let merged = if takes_merges(in_cluster, len, total) {
             // Let the requests this thread already has in hand merge into the allocation.
             co.reschedule();
@@ -274,7 +259,8 @@ impl Qcow2Driver {
         let mut from = 0;
         for (gap_end, next) in covered.iter().copied().chain([(total, total)]) {
             if from < gap_end {
-                self.read_old(co, start + from, &mut data[from as usize..gap_end as usize])?;
+                let old = GuestOffset(start + from);
+                self.read_old(co, old, &mut data[from as usize..gap_end as usize])?;
             }
             from = from.max(next);
         }
@@ -291,7 +277,12 @@ impl Qcow2Driver {
 
     /// Reads what the guest sees at `offset` now, into `buf` (the part of a cluster being
     /// allocated that the write does not cover). Past the virtual size it reads zeroes.
-    pub(super) fn read_old(&self, co: &Co, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    pub(super) fn read_old(
+        &self,
+        co: &Co,
+        GuestOffset(offset): GuestOffset,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
         use crate::driver::BlockDriver;
         let size = self.length(co)?;
         let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
@@ -310,7 +301,7 @@ impl Qcow2Driver {
         meta: &mut Metadata,
         guest: GuestOffset,
         host: HostOffset,
-        count: u64,
+        count: ClusterCount,
         l2: HostOffset,
     ) -> io::Result<()> {
         let geometry = self.header.geometry;
@@ -318,7 +309,7 @@ impl Qcow2Driver {
         // Cached (loaded if need be), then changed in place.
         drop(self.l2_table(co, meta, l2)?);
         let cluster_size = geometry.cluster_size();
-        meta.set_l2_entries(l2, index, count as usize, |n| (host.0 + n * cluster_size) | COPIED);
+        meta.set_l2_entries(l2, index, count.0 as usize, |n| (host.0 + n * cluster_size) | COPIED);
         Ok(())
     }
 }

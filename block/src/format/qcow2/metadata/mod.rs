@@ -18,6 +18,14 @@
 //! at step 1 and when their cache evicts them (early is safe: see `refcount`), and every L2
 //! write-back flushes the file first, so an evicted block is stable before any L2 entry that
 //! needs it. The node flushes when it is closed or dropped (see `BlockNode`).
+//!
+//! The order is kept here, not by callers: the fields are private to this module, and what
+//! changes them are methods that take each step in its place. Entries of an L2 table change
+//! through [`Metadata::set_l2_entries`] and [`Metadata::set_extended_entry`], which defer the
+//! frees of the clusters the old entries named (step 4); tables reach the disk through
+//! [`Metadata::cache_l2`]'s evictions and [`Metadata::flush`] (steps 1 and 2); an L1 entry
+//! or the header names a new table only through `l1`, and only a table that `flushed`
+//! wrote and flushed with its refcounts (step 3).
 
 use std::fmt;
 use std::io;
@@ -26,11 +34,15 @@ use std::sync::Arc;
 
 use aiocoro::coroutine::Co;
 
+mod flushed;
+mod l1;
+
 use super::allocation::{MergedWrite, PendingAllocation, SharedAllocation};
+use super::header::{Header, field};
 use super::io::write_at;
 use super::l2_cache::L2Cache;
 use super::mapping::{COMPRESSED, OFFSET_MASK, referenced_range};
-use super::offsets::{Geometry, HostOffset};
+use super::offsets::{ClusterCount, Geometry, GuestCluster, HostCluster, HostOffset};
 use super::overlap::{Holder, MetadataCluster, TableClusters, clusters, first_shared};
 use super::refcount::Refcounts;
 use super::table::encode_table;
@@ -38,15 +50,28 @@ use crate::node::BlockNode;
 
 /// What the write path needs besides the tables: present when the image is open
 /// read-write.
-pub(crate) struct Writer {
-    pub(crate) refcounts: Refcounts,
+struct Writer {
+    refcounts: Refcounts,
     /// The clusters of the L2 tables the L1 table names, for overlap checks (see
     /// `overlap`); updated as tables are added.
-    pub(crate) l2_tables: TableClusters,
-    pub(crate) in_flight: Vec<PendingAllocation>,
+    l2_tables: TableClusters,
+    in_flight: Vec<PendingAllocation>,
     /// `(offset, bytes)` ranges of host clusters to unreference once the L2 tables that
     /// stopped naming them are on disk.
-    pub(crate) pending_frees: Vec<(HostOffset, u64)>,
+    pending_frees: Vec<(HostOffset, u64)>,
+}
+
+impl Writer {
+    /// Step 4: `(offset, bytes)` of host clusters that a changed L2 entry stopped naming lose
+    /// their reference at the next flush, once the table without them is on disk.
+    fn defer_free(&mut self, range: (HostOffset, u64)) {
+        self.pending_frees.push(range);
+    }
+}
+
+/// The error of a write to an image opened read-only.
+fn refuse_read_only() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "qcow2: the image is open read-only")
 }
 
 /// The writer of an image open read-write, for code that found it so under the lock.
@@ -54,7 +79,7 @@ pub(crate) struct Writer {
 /// # Panics
 ///
 /// If the image is open read-only (a broken invariant: the writer never goes away).
-pub(crate) fn writable(writer: &mut Option<Writer>) -> &mut Writer {
+fn writable(writer: &mut Option<Writer>) -> &mut Writer {
     writer
         .as_mut()
         .expect("qcow2: an image opened for writing keeps its writer until it is dropped")
@@ -63,26 +88,108 @@ pub(crate) fn writable(writer: &mut Option<Writer>) -> &mut Writer {
 /// The metadata the lock protects.
 pub(crate) struct Metadata {
     /// The image's cluster geometry.
-    pub(crate) geometry: Geometry,
+    geometry: Geometry,
     /// The active L1 table, decoded.
-    pub(crate) l1: Vec<u64>,
+    l1: Vec<u64>,
     /// Where the L1 table is.
-    pub(crate) l1_offset: HostOffset,
+    l1_offset: HostOffset,
     /// Recently used L2 tables.
-    pub(crate) l2_cache: L2Cache,
+    l2_cache: L2Cache,
     /// The virtual disk size.
-    pub(crate) virtual_size: u64,
+    virtual_size: u64,
     /// The end of the image's clusters in the file (grows with allocations).
-    pub(crate) image_end: u64,
+    image_end: u64,
     /// `None` when the image is open read-only.
-    pub(crate) writer: Option<Writer>,
+    writer: Option<Writer>,
 }
 
 impl Metadata {
+    /// The metadata of the image `header` describes, in a file of `file_len` bytes, whose
+    /// active L1 table holds `l1`; up to `l2_tables` L2 tables are cached. Writable if
+    /// `refcounts` (the image's, loaded) are given.
+    pub(crate) fn new(
+        header: &Header,
+        l1: Vec<u64>,
+        file_len: u64,
+        l2_tables: usize,
+        refcounts: Option<Refcounts>,
+    ) -> Metadata {
+        let geometry = header.geometry;
+        let writer = refcounts.map(|refcounts| Writer {
+            refcounts,
+            l2_tables: TableClusters::new(geometry, l1.iter().map(|entry| entry & OFFSET_MASK)),
+            in_flight: Vec::new(),
+            pending_frees: Vec::new(),
+        });
+        Metadata {
+            geometry,
+            l1,
+            l1_offset: header.l1_table_offset,
+            l2_cache: L2Cache::new(l2_tables),
+            virtual_size: header.virtual_size,
+            image_end: file_len.next_multiple_of(geometry.cluster_size()),
+            writer,
+        }
+    }
+
+    /// The virtual disk size.
+    pub(crate) fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
+    /// The end of the image's clusters in the file: no entry names a cluster at or past it.
+    pub(crate) fn image_end(&self) -> u64 {
+        self.image_end
+    }
+
+    /// Nothing if the image is open read-write.
+    ///
+    /// # Errors
+    ///
+    /// `PermissionDenied` if it is open read-only.
+    pub(crate) fn check_writable(&self) -> io::Result<()> {
+        if self.writer.is_none() {
+            return Err(refuse_read_only());
+        }
+        Ok(())
+    }
+
+    /// The most clusters an allocating write asks for at once (one if the image is open
+    /// read-only).
+    pub(crate) fn max_allocation_run(&self) -> ClusterCount {
+        ClusterCount(self.writer.as_ref().map_or(1, |writer| writer.refcounts.max_run()))
+    }
+
+    /// Grows the virtual disk to `len` bytes: the header's size field is written and
+    /// flushed first.
+    ///
+    /// # Errors
+    ///
+    /// The header write's error (the size stays as it was in memory).
+    ///
+    /// # Panics
+    ///
+    /// If the image is open read-only (the caller checked under the lock it still holds).
+    pub(crate) fn set_virtual_size(
+        &mut self,
+        co: &Co,
+        file: &BlockNode,
+        len: u64,
+    ) -> io::Result<()> {
+        let refcounts = &mut writable(&mut self.writer).refcounts;
+        refcounts.header.write(co, file, field::SIZE, &len.to_be_bytes())?;
+        self.virtual_size = len;
+        Ok(())
+    }
+
     /// The in-flight allocation overlapping guest clusters `first..first + count`, if any.
-    pub(crate) fn overlapping(&mut self, first: u64, count: u64) -> Option<&mut PendingAllocation> {
+    pub(crate) fn overlapping(
+        &mut self,
+        first: GuestCluster,
+        count: ClusterCount,
+    ) -> Option<&mut PendingAllocation> {
         let writer = self.writer.as_mut()?;
-        writer.in_flight.iter_mut().find(|m| m.first < first + count && first < m.first + m.count)
+        writer.in_flight.iter_mut().find(|m| m.overlaps(first, count))
     }
 
     /// Lists `allocation` (guest clusters `first..first + count`) as in flight; it takes
@@ -93,14 +200,12 @@ impl Metadata {
     /// If the image is open read-only (allocating needs the writer).
     pub(crate) fn start_allocation(
         &mut self,
-        first: u64,
-        count: u64,
+        first: GuestCluster,
+        count: ClusterCount,
         allocation: Arc<SharedAllocation>,
         merging: bool,
     ) {
-        let merging = merging.then(Vec::new);
-        let subclusters = u32::MAX;
-        let in_flight = PendingAllocation { first, count, subclusters, allocation, merging };
+        let in_flight = PendingAllocation::new(first, count, u32::MAX, allocation, merging);
         writable(&mut self.writer).in_flight.push(in_flight);
     }
 
@@ -112,17 +217,11 @@ impl Metadata {
     /// If the image is open read-only (writing needs the writer).
     pub(crate) fn start_subcluster_write(
         &mut self,
-        cluster: u64,
+        cluster: GuestCluster,
         mask: u32,
         allocation: Arc<SharedAllocation>,
     ) {
-        let in_flight = PendingAllocation {
-            first: cluster,
-            count: 1,
-            subclusters: mask,
-            allocation,
-            merging: None,
-        };
+        let in_flight = PendingAllocation::new(cluster, ClusterCount(1), mask, allocation, false);
         writable(&mut self.writer).in_flight.push(in_flight);
     }
 
@@ -130,30 +229,26 @@ impl Metadata {
     /// `cluster`, if any.
     pub(crate) fn overlapping_subclusters(
         &self,
-        cluster: u64,
+        cluster: GuestCluster,
         mask: u32,
     ) -> Option<&PendingAllocation> {
         let writer = self.writer.as_ref()?;
-        writer.in_flight.iter().find(|m| {
-            m.first <= cluster && cluster < m.first + m.count && m.subclusters & mask != 0
-        })
+        writer.in_flight.iter().find(|m| m.overlaps_subclusters(cluster, mask))
     }
 
     /// Stops `allocation` taking merged writes and returns those it took.
     pub(crate) fn stop_merging(&mut self, allocation: &Arc<SharedAllocation>) -> Vec<MergedWrite> {
         self.writer
             .as_mut()
-            .and_then(|writer| {
-                writer.in_flight.iter_mut().find(|m| Arc::ptr_eq(&m.allocation, allocation))
-            })
-            .and_then(|m| m.merging.take())
+            .and_then(|writer| writer.in_flight.iter_mut().find(|m| m.is(allocation)))
+            .map(PendingAllocation::stop_merging)
             .unwrap_or_default()
     }
 
     /// Takes `allocation` off the in-flight list (it was linked or abandoned).
     pub(crate) fn end_allocation(&mut self, allocation: &Arc<SharedAllocation>) {
         if let Some(writer) = self.writer.as_mut() {
-            writer.in_flight.retain(|m| !Arc::ptr_eq(&m.allocation, allocation));
+            writer.in_flight.retain(|m| !m.is(allocation));
         }
     }
 
@@ -168,12 +263,12 @@ impl Metadata {
         &mut self,
         co: &Co,
         file: &BlockNode,
-        count: u64,
+        count: ClusterCount,
         purpose: &dyn fmt::Display,
     ) -> io::Result<HostOffset> {
         let Metadata { geometry, l1, l1_offset, image_end, writer, .. } = self;
         let Some(writer) = writer.as_mut() else {
-            return Err(super::refuse_read_only());
+            return Err(refuse_read_only());
         };
         let l1_area = clusters(*geometry, l1_offset.0, l1.len() as u64 * 8);
         let l2_tables = &writer.l2_tables;
@@ -197,20 +292,29 @@ impl Metadata {
         purpose: &dyn fmt::Display,
     ) -> io::Result<HostOffset> {
         let Some(writer) = self.writer.as_mut() else {
-            return Err(super::refuse_read_only());
+            return Err(refuse_read_only());
         };
         if let Some(packed) = writer.refcounts.pack_bytes(co, file, len)? {
             return Ok(packed);
         }
-        let start = self.allocate(co, file, 1, purpose)?;
+        let start = self.allocate(co, file, ClusterCount(1), purpose)?;
         writable(&mut self.writer).refcounts.start_packing(start, len);
         Ok(start)
     }
 
-    /// The first host cluster of `range` that holds metadata (the header, the L1 table, an
-    /// L2 table, the refcount table or a refcount block), and which; `None` if there is
-    /// none, or if the image is open read-only (nothing is written then).
-    pub(crate) fn metadata_in(&self, range: &Range<u64>) -> Option<MetadataCluster> {
+    /// The first of the `count` host clusters from `first` that holds metadata (the header,
+    /// the L1 table, an L2 table, the refcount table or a refcount block), and which; `None`
+    /// if there is none, or if the image is open read-only (nothing is written then).
+    pub(crate) fn metadata_in(
+        &self,
+        first: HostCluster,
+        count: ClusterCount,
+    ) -> Option<MetadataCluster> {
+        self.metadata_in_range(&(first.0..(first + count).0))
+    }
+
+    /// [`Metadata::metadata_in`] for the host clusters `range`.
+    fn metadata_in_range(&self, range: &Range<u64>) -> Option<MetadataCluster> {
         let writer = self.writer.as_ref()?;
         let l1_area = clusters(self.geometry, self.l1_offset.0, self.l1.len() as u64 * 8);
         tables_in(&l1_area, &writer.l2_tables, range)
@@ -241,7 +345,7 @@ impl Metadata {
             .expect("qcow2: set_l2_entries needs the L2 table cached by its caller");
         for (n, slot) in table[index..index + count].iter_mut().enumerate() {
             if let Some(range) = referenced_range(*slot, *geometry) {
-                writer.pending_frees.push(range);
+                writer.defer_free(range);
             }
             *slot = entry(n as u64);
         }
@@ -272,7 +376,7 @@ impl Metadata {
         if old & (OFFSET_MASK | COMPRESSED) != entry & (OFFSET_MASK | COMPRESSED)
             && let Some(range) = referenced_range(old, *geometry)
         {
-            writer.pending_frees.push(range);
+            writer.defer_free(range);
         }
         table[slot] = entry;
         table[slot + 1] = bitmap;
@@ -295,7 +399,7 @@ impl Metadata {
     /// # Errors
     ///
     /// The write or flush error.
-    pub(crate) fn flush_refcounts(&mut self, co: &Co, file: &BlockNode) -> io::Result<bool> {
+    fn flush_refcounts(&mut self, co: &Co, file: &BlockNode) -> io::Result<bool> {
         let Metadata { l1, l1_offset, virtual_size, writer, .. } = self;
         let Some(writer) = writer else { return Ok(false) };
         let l1 = (l1.len() as u32, *l1_offset);
@@ -313,7 +417,7 @@ impl Metadata {
     /// # Errors
     ///
     /// The write or flush error.
-    pub(crate) fn write_l2(
+    fn write_l2(
         &mut self,
         co: &Co,
         file: &BlockNode,
@@ -326,6 +430,11 @@ impl Metadata {
         write_at(co, file, offset.0, &encode_table(table))?;
         self.l2_cache.mark_clean(offset);
         Ok(())
+    }
+
+    /// The L2 table at `offset` if it is cached.
+    pub(crate) fn cached_l2(&mut self, offset: HostOffset) -> Option<Arc<[u64]>> {
+        self.l2_cache.get(offset)
     }
 
     /// Caches `table` (read from `offset`), first writing back the dirty table it would
@@ -349,7 +458,8 @@ impl Metadata {
     }
 
     /// Writes back all changed metadata in the safe order, drops the references that
-    /// pending frees release (and writes those refcounts), and flushes the file. A pending
+    /// pending frees release (and writes those refcounts), and flushes the file; nothing if
+    /// the image is open read-only (nothing changed then). A pending
     /// free of a range that `busy` says an in-place write is still writing waits for a later
     /// flush; one of metadata (a corrupt L2 entry named a table) is given up, so that the
     /// table keeps its reference and the allocator never hands it out.
@@ -364,6 +474,9 @@ impl Metadata {
         file: &BlockNode,
         busy: impl Fn(HostOffset, u64) -> bool,
     ) -> io::Result<()> {
+        if self.writer.is_none() {
+            return Ok(());
+        }
         let dirty = self.l2_cache.dirty();
         if !dirty.is_empty() {
             if !self.flush_refcounts(co, file)? {
@@ -380,7 +493,7 @@ impl Metadata {
             let (still_busy, ready): (Vec<_>, Vec<_>) = pending
                 .into_iter()
                 .filter(|&(offset, len)| {
-                    self.metadata_in(&clusters(self.geometry, offset.0, len)).is_none()
+                    self.metadata_in_range(&clusters(self.geometry, offset.0, len)).is_none()
                 })
                 .partition(|&(offset, len)| busy(offset, len));
             let writer = writable(&mut self.writer);
@@ -408,13 +521,13 @@ fn tables_in(
     range: &Range<u64>,
 ) -> Option<MetadataCluster> {
     if range.start == 0 && !range.is_empty() {
-        return Some((0, Holder::Header));
+        return Some((HostCluster(0), Holder::Header));
     }
     if let Some(cluster) = first_shared(l1_area, range) {
-        return Some((cluster, Holder::L1Table));
+        return Some((HostCluster(cluster), Holder::L1Table));
     }
     let (cluster, l1_index) = l2_tables.first_in(range)?;
-    Some((cluster, Holder::L2Table { l1_index }))
+    Some((HostCluster(cluster), Holder::L2Table { l1_index }))
 }
 
 impl Metadata {
