@@ -12,8 +12,8 @@
 //!
 //! The rule: every signal deferred by a coroutine is written before control returns from
 //! that coroutine to code outside every coroutine (`Coroutine::enter` calls [`flush`] on its
-//! way out, also when the coroutine panics), so nothing is left unsignalled when the thread
-//! goes back to its poll or to any other code. The cost: a coroutine that runs on for long after
+//! way out when [`pending`] says so, also when the coroutine panics), so nothing is left
+//! unsignalled when the thread goes back to its poll or to any other code. The cost: a coroutine that runs on for long after
 //! such a wake without yielding delays the wake-up of a sleeping context by as much, as it
 //! delays the coroutines it wakes on its own thread.
 
@@ -40,16 +40,17 @@ pub(crate) fn defer(shared: Arc<Shared>) {
     ANY.set(true);
 }
 
-/// Signals every context a wake was deferred for (those that may be blocked).
+/// Whether a wake's signal waits for the next [`flush`]: the cheap check that keeps `flush`
+/// off the path of a coroutine switch.
 #[inline]
-pub(crate) fn flush() {
-    if ANY.get() {
-        flush_pending();
-    }
+pub(crate) fn pending() -> bool {
+    ANY.get()
 }
 
+/// Signals every context a wake was deferred for (those that may be blocked).
 #[cold]
-fn flush_pending() {
+#[inline(never)]
+pub(crate) fn flush() {
     ANY.set(false);
     // Taken out first: signalling runs no user code, but keep the borrow short anyway.
     let pending = PENDING.with(|pending| std::mem::take(&mut *pending.borrow_mut()));

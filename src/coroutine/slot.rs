@@ -3,6 +3,7 @@
 use std::cell::{Cell, UnsafeCell};
 use std::fmt;
 use std::io;
+use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 
 use corosensei::Yielder;
@@ -46,15 +47,17 @@ pub(crate) enum ParkState {
 ///
 /// Invariants (all access is from the thread that owns the slot, which the `!Send` handles
 /// guarantee; a pooled slot is owned by one cache):
-/// * `raw` is `Some` exactly while `state` is `Ready`, `Running` or `Unwinding`, and runs on
-///   `stack`, which the slot owns for life (so `raw` is declared first and drops first);
+/// * `raw` is initialized exactly while `state` is `Ready`, `Running` or `Unwinding` (so `enter`,
+///   having seen `Ready`, needs no check of its own), and runs on `stack`, which the slot owns
+///   for life; it is never dropped, only forgotten once its body has returned (see
+///   [`Slot::finish`]);
 /// * `raw` is borrowed mutably only by the one `enter` or drop that moved `state` away from
 ///   `Ready`, or by the owner of an `Ended` slot with no handles, so two borrows never overlap;
 /// * `refs` counts the live [`Coroutine`](super::Coroutine) handles; the slot goes back to the
 ///   pool when it reaches zero and the coroutine has ended;
 /// * `bounds` describes `stack`.
 pub(crate) struct Slot {
-    pub(crate) raw: UnsafeCell<Option<RawCoroutine>>,
+    pub(crate) raw: UnsafeCell<MaybeUninit<RawCoroutine>>,
     stack: GuardedStack,
     pub(crate) refs: Cell<usize>,
     pub(crate) state: Cell<State>,
@@ -80,7 +83,7 @@ impl Slot {
     /// A pooled slot around `stack`.
     pub(crate) fn new(stack: GuardedStack) -> Box<Slot> {
         Box::new(Slot {
-            raw: UnsafeCell::new(None),
+            raw: UnsafeCell::new(MaybeUninit::uninit()),
             refs: Cell::new(0),
             state: Cell::new(State::Ended),
             id: Cell::new(0),
@@ -118,13 +121,10 @@ impl Slot {
     /// Must be called by the owner of the `body` borrow (see the type invariants), after the
     /// borrow ended.
     pub(crate) fn finish(&self) {
+        // `raw` is now uninitialized in all but name: the body has returned or panicked, so the
+        // corosensei coroutine owns nothing any more (its stack belongs to the slot), and it is
+        // forgotten rather than dropped, which would do nothing. `Ended` says so (invariant).
         self.state.set(State::Ended);
-        // SAFETY: the caller ended its borrow of `raw`; the state is no longer `Running`, so no
-        // other borrow can start while this one lives.
-        let raw = unsafe { (*self.raw.get()).take() };
-        // The body has returned or panicked, so the corosensei coroutine owns nothing any more
-        // (its stack belongs to the slot): forgetting it skips a drop that would do nothing.
-        std::mem::forget(raw);
     }
 
     /// Describes the coroutine for panic messages: `coroutine #7 "name"`.
@@ -158,19 +158,20 @@ pub(crate) fn acquire(
     // coroutine refer to it, so this is the only reference.
     let fields = unsafe { slot.as_ref() };
     fields.refs.set(1);
-    fields.state.set(State::Ready);
     // A coroutine dropped while parked left its park state behind.
     fields.park.set(ParkState::Idle);
     fields.shield.set(0);
     fields.cancelled.set(false);
-    // SAFETY: as above, nothing else references the slot yet; its `raw` is `None` (it is
-    // pooled), so the stack is free for the new coroutine.
+    // SAFETY: as above, nothing else references the slot yet; its `raw` is uninitialized (it
+    // is pooled: `Ended`), so the stack is free for the new coroutine, and writing `raw` over
+    // it drops nothing.
     unsafe {
         if name.is_some() {
             *fields.name.get() = name;
         }
-        *fields.raw.get() = Some(make_raw(slot, fields.bounds));
+        (*fields.raw.get()).write(make_raw(slot, fields.bounds));
     }
+    fields.state.set(State::Ready);
     Ok(slot)
 }
 
