@@ -8,8 +8,8 @@ use std::ptr::NonNull;
 
 use corosensei::Yielder;
 
-use super::pool;
 use super::stack::{GuardedStack, StackBounds};
+use super::{current, pool};
 
 /// The corosensei coroutine under an aiocoro coroutine: no values pass in or out, the body
 /// returns nothing, it runs on the stack of its slot.
@@ -19,12 +19,20 @@ pub(crate) type RawCoroutine = corosensei::Coroutine<(), (), (), StackBounds>;
 pub(crate) type RawYielder = Yielder<(), ()>;
 
 /// Where a coroutine is in its life.
+///
+/// The innermost running coroutine is not marked: it stays `Ready` and is told apart by being
+/// its thread's current coroutine (see `current.rs`), which `enter` reads anyway. Only a
+/// coroutine that enters another is marked, as `Entering`, until that one yields or ends. So
+/// an `enter` from outside every coroutine (an event loop's) writes no state at all, and a yield
+/// round trip costs two stores fewer: stores are what bound a switch's speed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum State {
-    /// Created or suspended in a yield: `enter` may run it.
+    /// Created, suspended in a yield, or the current coroutine: `enter` may run it unless it
+    /// is the current one.
     Ready,
-    /// On the CPU, or waiting for a coroutine it entered to return.
-    Running,
+    /// Waiting in `enter` for a coroutine it entered to yield or end: it runs, as an ancestor
+    /// of the current coroutine.
+    Entering,
     /// Its last handle was dropped while it was suspended, and its stack is being unwound.
     Unwinding,
     /// Returned or panicked, or (in the pool) not yet started.
@@ -47,12 +55,15 @@ pub(crate) enum ParkState {
 ///
 /// Invariants (all access is from the thread that owns the slot, which the `!Send` handles
 /// guarantee; a pooled slot is owned by one cache):
-/// * `raw` is initialized exactly while `state` is `Ready`, `Running` or `Unwinding` (so `enter`,
-///   having seen `Ready`, needs no check of its own), and runs on `stack`, which the slot owns
-///   for life; it is never dropped, only forgotten once its body has returned (see
+/// * `raw` is initialized exactly while `state` is `Ready`, `Entering` or `Unwinding` (so
+///   `enter`, having seen `Ready`, needs no check of its own), and runs on `stack`, which the
+///   slot owns for life; it is never dropped, only forgotten once its body has returned (see
 ///   [`Slot::finish`]);
-/// * `raw` is borrowed mutably only by the one `enter` or drop that moved `state` away from
-///   `Ready`, or by the owner of an `Ended` slot with no handles, so two borrows never overlap;
+/// * `raw` is borrowed mutably only by the one `enter` that made the coroutine current, until
+///   it leaves again, by the drop that moved `state` from `Ready` to `Unwinding`, or by the owner
+///   of an `Ended` slot with no handles. Two borrows never overlap: `enter` needs `Ready` and
+///   not current, and no running coroutine is both (the current one is current, the others
+///   are `Entering`, or `Unwinding` and being dropped);
 /// * `refs` counts the live [`Coroutine`](super::Coroutine) handles; the slot goes back to the
 ///   pool when it reaches zero and the coroutine has ended;
 /// * `bounds` describes `stack`.
@@ -125,6 +136,39 @@ impl Slot {
         // corosensei coroutine owns nothing any more (its stack belongs to the slot), and it is
         // forgotten rather than dropped, which would do nothing. `Ended` says so (invariant).
         self.state.set(State::Ended);
+    }
+
+    /// Whether this is the current coroutine of this thread. Async-signal-safe.
+    #[inline]
+    pub(crate) fn is_current(&self) -> bool {
+        std::ptr::eq(current::slot(), self)
+    }
+
+    /// Whether the coroutine runs: it is the current coroutine, or one waiting for a coroutine
+    /// it entered.
+    pub(crate) fn is_running(&self) -> bool {
+        match self.state.get() {
+            State::Entering => true,
+            State::Ready => self.is_current(),
+            State::Unwinding | State::Ended => false,
+        }
+    }
+
+    /// The coroutine, which is current, enters another: it waits in that `enter` as `Entering`
+    /// until the other yields or ends. An `Unwinding` one stays so (that keeps `enter` away too).
+    #[inline]
+    pub(crate) fn enters_another(&self) {
+        if self.state.get() == State::Ready {
+            self.state.set(State::Entering);
+        }
+    }
+
+    /// The coroutine it entered yielded or ended: this one is current again.
+    #[inline]
+    pub(crate) fn back_from_another(&self) {
+        if self.state.get() == State::Entering {
+            self.state.set(State::Ready);
+        }
     }
 
     /// Describes the coroutine for panic messages: `coroutine #7 "name"`.
