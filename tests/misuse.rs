@@ -60,13 +60,13 @@ fn entering_an_ancestor_two_levels_up_panics_naming_the_rule() {
 
 /// Runs `enter` in a destructor on the stack of a coroutine that is being dropped while
 /// suspended, and returns the message of the panic it must raise.
-fn panic_message_of_an_entry_during_unwinding(enter: impl FnOnce(&Co) + 'static) -> String {
-    struct EnterOnDrop<'a> {
+fn panic_message_of_an_entry_during_unwinding<F: FnOnce(&Co) + 'static>(enter: F) -> String {
+    struct EnterOnDrop<'a, F: FnOnce(&Co)> {
         co: &'a Co,
-        enter: Option<Box<dyn FnOnce(&Co)>>,
+        enter: Option<F>,
         message: Rc<RefCell<Option<String>>>,
     }
-    impl Drop for EnterOnDrop<'_> {
+    impl<F: FnOnce(&Co)> Drop for EnterOnDrop<'_, F> {
         fn drop(&mut self) {
             let enter = self.enter.take().unwrap();
             // A panic caught inside a destructor may happen during unwinding.
@@ -76,7 +76,6 @@ fn panic_message_of_an_entry_during_unwinding(enter: impl FnOnce(&Co) + 'static)
     }
     let message = Rc::new(RefCell::new(None));
     let slot = message.clone();
-    let enter: Box<dyn FnOnce(&Co)> = Box::new(enter);
     let co = Coroutine::new(move |co| {
         let _guard = EnterOnDrop { co, enter: Some(enter), message: slot };
         co.yield_now();
