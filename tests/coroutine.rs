@@ -73,10 +73,16 @@ fn current_names_the_innermost_running_coroutine() {
         assert!(in_coroutine());
         assert_eq!(current().as_ref(), Some(&me));
         assert!(me.is_running());
-        let inner = Coroutine::new(|co| {
+        let enterer = me.clone();
+        let inner = Coroutine::new(move |co| {
             assert_eq!(current(), Some(co.current()));
+            assert!(co.current().is_running());
+            assert!(enterer.is_running(), "a coroutine waiting for one it entered runs");
+            co.yield_now();
         });
         inner.enter();
+        assert!(!inner.is_running(), "a suspended coroutine does not run");
+        assert!(me.is_running());
         assert_ne!(inner, me);
         assert_eq!(current(), Some(me), "the enterer is current again after the nested run");
     });

@@ -5,12 +5,14 @@ mod common;
 #[allow(dead_code, reason = "these tests need only the mapping count")]
 mod process_memory;
 
+use std::cell::RefCell;
 use std::hint::black_box;
 use std::os::unix::process::ExitStatusExt;
 use std::panic::{self, AssertUnwindSafe};
+use std::rc::Rc;
 
 use aiocoro::coroutine::pool::{self, PoolConfig};
-use aiocoro::coroutine::{Coroutine, MIN_STACK_SIZE};
+use aiocoro::coroutine::{Co, Coroutine, MIN_STACK_SIZE};
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     match payload.downcast::<String>() {
@@ -38,6 +40,93 @@ fn entering_an_ancestor_panics_naming_the_rule() {
         panic_message(panic::catch_unwind(AssertUnwindSafe(|| outer.enter())).unwrap_err());
     assert!(message.contains("entered while it is running"), "{message}");
     assert!(outer.is_ended());
+}
+
+#[test]
+fn entering_an_ancestor_two_levels_up_panics_naming_the_rule() {
+    let outer = Coroutine::builder()
+        .name("grandparent")
+        .build(|co| {
+            let me = co.current();
+            Coroutine::new(move |_co| Coroutine::new(move |_co| me.enter()).enter()).enter();
+        })
+        .unwrap();
+    let message =
+        panic_message(panic::catch_unwind(AssertUnwindSafe(|| outer.enter())).unwrap_err());
+    assert!(message.contains("entered while it is running"), "{message}");
+    assert!(message.contains("\"grandparent\""), "{message}");
+    assert!(outer.is_ended());
+}
+
+/// Runs `enter` in a destructor on the stack of a coroutine that is being dropped while
+/// suspended, and returns the message of the panic it must raise.
+fn panic_message_of_an_entry_during_unwinding<F: FnOnce(&Co) + 'static>(enter: F) -> String {
+    struct EnterOnDrop<'a, F: FnOnce(&Co)> {
+        co: &'a Co,
+        enter: Option<F>,
+        message: Rc<RefCell<Option<String>>>,
+    }
+    impl<F: FnOnce(&Co)> Drop for EnterOnDrop<'_, F> {
+        fn drop(&mut self) {
+            let enter = self.enter.take().unwrap();
+            // A panic caught inside a destructor may happen during unwinding.
+            let outcome = panic::catch_unwind(AssertUnwindSafe(|| enter(self.co)));
+            *self.message.borrow_mut() = Some(panic_message(outcome.unwrap_err()));
+        }
+    }
+    let message = Rc::new(RefCell::new(None));
+    let slot = message.clone();
+    let co = Coroutine::new(move |co| {
+        let _guard = EnterOnDrop { co, enter: Some(enter), message: slot };
+        co.yield_now();
+        unreachable!("the coroutine is dropped, never entered again");
+    });
+    co.enter();
+    drop(co);
+    message.take().expect("the destructor ran")
+}
+
+#[test]
+fn entering_a_coroutine_being_unwound_panics_naming_the_rule() {
+    let message = panic_message_of_an_entry_during_unwinding(|co| co.current().enter());
+    assert!(message.contains("entered while its stack was being unwound"), "{message}");
+}
+
+#[test]
+fn entering_a_coroutine_being_unwound_from_one_it_entered_panics_naming_the_rule() {
+    let message = panic_message_of_an_entry_during_unwinding(|co| {
+        let me = co.current();
+        Coroutine::new(move |_co| me.enter()).enter();
+    });
+    assert!(message.contains("entered while its stack was being unwound"), "{message}");
+}
+
+#[test]
+fn a_coroutine_dropping_a_suspended_one_cannot_be_entered_by_its_destructors() {
+    let message = Rc::new(RefCell::new(None));
+    let seen = message.clone();
+    let outer = Coroutine::new(move |co| {
+        let me = co.current();
+        let inner = Coroutine::new(move |co| {
+            struct EnterOuterOnDrop(Option<Coroutine>, Rc<RefCell<Option<String>>>);
+            impl Drop for EnterOuterOnDrop {
+                fn drop(&mut self) {
+                    let outer = self.0.take().unwrap();
+                    let outcome = panic::catch_unwind(AssertUnwindSafe(|| outer.enter()));
+                    *self.1.borrow_mut() = Some(panic_message(outcome.unwrap_err()));
+                }
+            }
+            let _guard = EnterOuterOnDrop(Some(me), seen);
+            co.yield_now();
+        });
+        inner.enter();
+        // The last handle: `inner`'s stack unwinds here, while `outer` runs.
+        drop(inner);
+    });
+    outer.enter();
+    assert!(outer.is_ended());
+    let message = message.take().expect("the destructor ran");
+    assert!(message.contains("entered while it is running"), "{message}");
 }
 
 #[test]

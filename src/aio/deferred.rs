@@ -12,10 +12,11 @@
 //!
 //! The rule: every signal deferred by a coroutine is written before control returns from
 //! that coroutine to code outside every coroutine (`Coroutine::enter` calls [`flush`] on its
-//! way out, also when the coroutine panics), so nothing is left unsignalled when the thread
-//! goes back to its poll or to any other code. The cost: a coroutine that runs on for long after
-//! such a wake without yielding delays the wake-up of a sleeping context by as much, as it
-//! delays the coroutines it wakes on its own thread.
+//! way out when [`pending`] says so, also when the coroutine panics or is dropped while
+//! suspended), so nothing is left unsignalled when the thread goes back to its poll or to any
+//! other code. The cost: a coroutine that runs on for long after such a wake without yielding
+//! delays the wake-up of a sleeping context by as much, as it delays the coroutines it wakes on
+//! its own thread.
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
@@ -40,16 +41,17 @@ pub(crate) fn defer(shared: Arc<Shared>) {
     ANY.set(true);
 }
 
-/// Signals every context a wake was deferred for (those that may be blocked).
+/// Whether a wake's signal waits for the next [`flush`]: the cheap check that keeps `flush`
+/// off the path of a coroutine switch.
 #[inline]
-pub(crate) fn flush() {
-    if ANY.get() {
-        flush_pending();
-    }
+pub(crate) fn pending() -> bool {
+    ANY.get()
 }
 
+/// Signals every context a wake was deferred for (those that may be blocked).
 #[cold]
-fn flush_pending() {
+#[inline(never)]
+pub(crate) fn flush() {
     ANY.set(false);
     // Taken out first: signalling runs no user code, but keep the borrow short anyway.
     let pending = PENDING.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
@@ -64,6 +66,7 @@ mod tests {
     use std::time::Duration;
 
     use crate::aio::{AioContext, IoThread};
+    use crate::coroutine::{Co, Coroutine};
     use crate::sync::presence::{self, Seen};
     use crate::sync::{CoMutex, CoQueue};
 
@@ -137,6 +140,37 @@ mod tests {
             ctx.wait_while(|| true);
         }));
         assert!(outcome.is_err(), "the waker's panic reaches the poll");
+        woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
+        iothread.stop();
+    }
+
+    #[test]
+    fn a_wake_from_a_destructor_of_a_coroutine_dropped_while_suspended_is_signalled_at_once() {
+        /// Sets the flag and wakes its waiter when dropped.
+        struct WakeOnDrop<'a>(&'a Co, Flag);
+        impl Drop for WakeOnDrop<'_> {
+            fn drop(&mut self) {
+                let (set, queue) = &*self.1;
+                let mut set = set.lock(self.0);
+                *set = true;
+                assert!(queue.next(&mut set));
+            }
+        }
+        let iothread = IoThread::spawn("deferred-drop").unwrap();
+        let flag: Flag = Arc::new((CoMutex::new(false), CoQueue::new()));
+        let woken = blocked_waiter(&iothread, &flag);
+        let handle = iothread.handle().clone();
+        let before = handle.eventfd_writes();
+        let f = flag.clone();
+        let waker = Coroutine::new(move |co| {
+            let _wake = WakeOnDrop(co, f);
+            co.yield_now();
+        });
+        waker.enter();
+        // The last handle: the stack unwinds, the destructor wakes the waiter, and control is
+        // back outside every coroutine, so the signal must have been written.
+        drop(waker);
+        assert_eq!(handle.eventfd_writes(), before + 1, "the wake was left unsignalled");
         woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
         iothread.stop();
     }

@@ -9,16 +9,23 @@ use super::slot::Slot;
 thread_local! {
     /// The innermost running coroutine of this thread, or null outside every coroutine.
     ///
-    /// Invariant: a non-null pointer names a slot whose state is `Running` or `Unwinding`; the
-    /// `enter` (or drop) that set it keeps a handle alive and restores the previous value before
-    /// it returns or unwinds.
+    /// Invariant: a non-null pointer names a slot whose state is `Ready` (the current coroutine
+    /// is the one running coroutine that `State` does not mark) or `Unwinding`; the `enter` (or
+    /// drop) that set it keeps a handle alive and restores the previous value before it returns
+    /// or unwinds.
     static CURRENT: Cell<*const Slot> = const { Cell::new(ptr::null()) };
 }
 
-/// Makes `slot` the current coroutine and returns the previous one.
+/// The current coroutine's slot, or null.
 #[inline]
-pub(crate) fn replace(slot: *const Slot) -> *const Slot {
-    CURRENT.with(|current| current.replace(slot))
+pub(crate) fn get() -> *const Slot {
+    CURRENT.with(Cell::get)
+}
+
+/// Makes `slot` the current coroutine.
+#[inline]
+pub(crate) fn set(slot: *const Slot) {
+    CURRENT.with(|current| current.set(slot));
 }
 
 /// The current coroutine's slot, or null. Async-signal-safe (a plain thread-local read).

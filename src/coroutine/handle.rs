@@ -5,7 +5,7 @@ use std::fmt;
 use std::io;
 use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
-use std::ptr::NonNull;
+use std::ptr::{self, NonNull};
 
 use corosensei::CoroutineResult;
 
@@ -110,21 +110,25 @@ impl Coroutine {
     #[inline(always)]
     pub fn enter(&self) {
         let slot = self.slot();
-        if slot.state.get() != State::Ready {
+        let caller = current::get();
+        // One check for every misuse: a running coroutine is current or not `Ready` (see
+        // `State`), an ended or unwinding one is not `Ready`.
+        if slot.state.get() != State::Ready || ptr::eq(caller, slot) {
             enter_misuse(slot);
         }
-        slot.state.set(State::Running);
         if cfg!(debug_assertions) {
             slot.locks_at_entry.set(crate::sync::yield_check::held());
         }
+        // SAFETY: `caller` is the current coroutine and `self` keeps `slot` alive until the
+        // scope below leaves.
+        unsafe { make_current(slot, caller) };
         // Restores the current coroutine, and ends this one if its body panicked, also when
         // `resume` unwinds; the panic then continues with its original payload.
-        let run = EnterScope { slot, caller: current::replace(self.slot.as_ptr()) };
-        // SAFETY: the state was `Ready` and is now `Running`, so this is the only borrow of
-        // `raw` (slot invariant), and `raw` is `Some` until the coroutine ends.
-        let Some(raw) = (unsafe { &mut *slot.raw.get() }) else {
-            unreachable!("aiocoro: a ready coroutine has a corosensei coroutine");
-        };
+        let run = EnterScope { slot, caller };
+        // SAFETY: the coroutine was `Ready` and not current, so not running, and this `enter`
+        // made it current: this is the only borrow of `raw`, and `raw` is initialized (slot
+        // invariants).
+        let raw = unsafe { (*slot.raw.get()).assume_init_mut() };
         match raw.resume(()) {
             CoroutineResult::Yield(()) => run.suspended(),
             CoroutineResult::Return(()) => drop(run),
@@ -145,7 +149,7 @@ impl Coroutine {
 
     /// Whether the coroutine is running: it is the current coroutine or one that entered it.
     pub fn is_running(&self) -> bool {
-        self.slot().state.get() == State::Running
+        self.slot().is_running()
     }
 
     /// The coroutine's number, unique among the coroutines created on its thread.
@@ -163,7 +167,8 @@ impl Coroutine {
 #[inline(never)]
 fn enter_misuse(slot: &Slot) -> ! {
     match slot.state.get() {
-        State::Running => panic!(
+        // `Ready` and misused: it is the current coroutine.
+        State::Ready | State::Entering => panic!(
             "aiocoro: {} was entered while it is running (it is the current coroutine or one \
              that entered it); a running coroutine must yield before it can be entered again",
             slot.describe()
@@ -183,8 +188,23 @@ fn enter_misuse(slot: &Slot) -> ! {
              handle was dropped",
             slot.describe()
         ),
-        State::Ready => unreachable!("enter_misuse called for a ready coroutine"),
     }
+}
+
+/// Makes `slot` the current coroutine in place of `caller`, which, if it is a coroutine, now
+/// waits for `slot` as `Entering`.
+///
+/// # Safety
+///
+/// `caller` is the current coroutine (what `current::get` returns), and `slot` a live slot of
+/// this thread that stays alive until [`restore_current`] undoes this.
+#[inline]
+unsafe fn make_current(slot: &Slot, caller: *const Slot) {
+    // SAFETY: by the invariant on `CURRENT`, a non-null current slot is alive.
+    if let Some(caller) = unsafe { caller.as_ref() } {
+        caller.enters_another();
+    }
+    current::set(slot);
 }
 
 /// One run of a coroutine, from `enter` until it yields (`suspended`), ends, or unwinds.
@@ -196,19 +216,10 @@ struct EnterScope<'a> {
 impl EnterScope<'_> {
     #[inline]
     fn suspended(self) {
-        current::replace(self.caller);
-        self.slot.state.set(State::Ready);
-        self.left();
+        // SAFETY: `enter` made the slot current in place of `caller`, which is alive: it is
+        // the coroutine (if any) waiting in that very `enter`.
+        unsafe { restore_current(self.caller) };
         std::mem::forget(self);
-    }
-
-    /// Control leaves the coroutine: back outside every coroutine, the cross-thread wakes it
-    /// deferred are signalled (see `aio::deferred`).
-    #[inline]
-    fn left(&self) {
-        if self.caller.is_null() {
-            crate::aio::flush_deferred_signals();
-        }
     }
 }
 
@@ -216,9 +227,30 @@ impl Drop for EnterScope<'_> {
     /// The body returned or panicked: the coroutine has ended.
     #[inline]
     fn drop(&mut self) {
-        current::replace(self.caller);
-        self.left();
+        // SAFETY: as in `suspended`.
+        unsafe { restore_current(self.caller) };
         self.slot.finish();
+    }
+}
+
+/// Undoes [`make_current`]: control leaves a coroutine for `caller`, which is current again.
+/// Back outside every coroutine, the cross-thread wakes deferred by the coroutines that ran
+/// are signalled (see `aio::deferred`).
+///
+/// # Safety
+///
+/// `caller` is what `make_current` replaced, and is alive.
+#[inline]
+unsafe fn restore_current(caller: *const Slot) {
+    current::set(caller);
+    // SAFETY: the caller guarantees a non-null `caller` is alive.
+    match unsafe { caller.as_ref() } {
+        Some(caller) => caller.back_from_another(),
+        None => {
+            if crate::aio::deferred_signals_pending() {
+                crate::aio::flush_deferred_signals();
+            }
+        }
     }
 }
 
@@ -254,14 +286,14 @@ unsafe fn drop_last_handle(slot_ptr: NonNull<Slot>) {
     let slot = unsafe { slot_ptr.as_ref() };
     match slot.state.get() {
         State::Ended => {}
-        State::Ready => unwind_suspended(slot_ptr),
-        State::Running | State::Unwinding => {
+        State::Ready if !slot.is_current() => unwind_suspended(slot_ptr),
+        State::Ready | State::Entering | State::Unwinding => {
             unreachable!("aiocoro: the handle that entered a coroutine outlives its run")
         }
     }
     if slot.refs.get() == 0 {
-        // SAFETY: no handle is left, the coroutine has ended (so `raw` is `None`), and `slot`
-        // is not used after this point.
+        // SAFETY: no handle is left, the coroutine has ended (so `raw` owns nothing), and
+        // `slot` is not used after this point.
         unsafe { slot::release(slot_ptr) };
     }
 }
@@ -277,16 +309,17 @@ fn unwind_suspended(slot_ptr: NonNull<Slot>) {
     // the unwinding stack does not dispose of the slot under our feet.
     slot.refs.set(slot.refs.get() + 1);
     slot.state.set(State::Unwinding);
-    let caller = current::replace(slot_ptr.as_ptr());
-    // SAFETY: the state moved from `Ready` to `Unwinding` here, so this is the only borrow of
-    // `raw` (slot invariant).
-    let raw = unsafe { &mut *slot.raw.get() };
-    let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-        if let Some(raw) = raw {
-            raw.force_unwind();
-        }
-    }));
-    current::replace(caller);
+    let caller = current::get();
+    // SAFETY: `caller` is the current coroutine, and the count above keeps `slot` alive until
+    // `restore_current` below.
+    unsafe { make_current(slot, caller) };
+    // SAFETY: the state moved from `Ready` (and not current: see `drop_last_handle`) to
+    // `Unwinding` here, so this is the only borrow of `raw`, and `raw` is initialized (slot
+    // invariants).
+    let raw = unsafe { (*slot.raw.get()).assume_init_mut() };
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| raw.force_unwind()));
+    // SAFETY: undoes `make_current` above; the caller waited here, so it is alive.
+    unsafe { restore_current(caller) };
     slot.finish();
     slot.refs.set(slot.refs.get() - 1);
     if let Err(payload) = outcome {
@@ -306,10 +339,17 @@ impl Eq for Coroutine {}
 impl fmt::Debug for Coroutine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let slot = self.slot();
+        let state = match slot.state.get() {
+            State::Ready if slot.is_current() => "Running",
+            State::Ready => "Ready",
+            State::Entering => "Running",
+            State::Unwinding => "Unwinding",
+            State::Ended => "Ended",
+        };
         f.debug_struct("Coroutine")
             .field("id", &slot.id.get())
             .field("name", &slot.name())
-            .field("state", &slot.state.get())
+            .field("state", &format_args!("{state}"))
             .finish()
     }
 }

@@ -3,12 +3,13 @@
 use std::cell::{Cell, UnsafeCell};
 use std::fmt;
 use std::io;
+use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 
 use corosensei::Yielder;
 
-use super::pool;
 use super::stack::{GuardedStack, StackBounds};
+use super::{current, pool};
 
 /// The corosensei coroutine under an aiocoro coroutine: no values pass in or out, the body
 /// returns nothing, it runs on the stack of its slot.
@@ -18,12 +19,20 @@ pub(crate) type RawCoroutine = corosensei::Coroutine<(), (), (), StackBounds>;
 pub(crate) type RawYielder = Yielder<(), ()>;
 
 /// Where a coroutine is in its life.
+///
+/// The innermost running coroutine is not marked: it stays `Ready` and is told apart by being
+/// its thread's current coroutine (see `current.rs`), which `enter` reads anyway. Only a
+/// coroutine that enters another is marked, as `Entering`, until that one yields or ends. So
+/// an `enter` from outside every coroutine (an event loop's) writes no state at all, and a yield
+/// round trip costs two stores fewer: stores are what bound a switch's speed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum State {
-    /// Created or suspended in a yield: `enter` may run it.
+    /// Created, suspended in a yield, or the current coroutine: `enter` may run it unless it
+    /// is the current one.
     Ready,
-    /// On the CPU, or waiting for a coroutine it entered to return.
-    Running,
+    /// Waiting in `enter` for a coroutine it entered to yield or end: it runs, as an ancestor
+    /// of the current coroutine.
+    Entering,
     /// Its last handle was dropped while it was suspended, and its stack is being unwound.
     Unwinding,
     /// Returned or panicked, or (in the pool) not yet started.
@@ -46,15 +55,20 @@ pub(crate) enum ParkState {
 ///
 /// Invariants (all access is from the thread that owns the slot, which the `!Send` handles
 /// guarantee; a pooled slot is owned by one cache):
-/// * `raw` is `Some` exactly while `state` is `Ready`, `Running` or `Unwinding`, and runs on
-///   `stack`, which the slot owns for life (so `raw` is declared first and drops first);
-/// * `raw` is borrowed mutably only by the one `enter` or drop that moved `state` away from
-///   `Ready`, or by the owner of an `Ended` slot with no handles, so two borrows never overlap;
+/// * `raw` is initialized exactly while `state` is `Ready`, `Entering` or `Unwinding` (so
+///   `enter`, having seen `Ready`, needs no check of its own), and runs on `stack`, which the
+///   slot owns for life; it is never dropped, only forgotten once its body has returned (see
+///   [`Slot::finish`]);
+/// * `raw` is borrowed mutably only by the one `enter` that made the coroutine current, until
+///   it leaves again, by the drop that moved `state` from `Ready` to `Unwinding`, or by the owner
+///   of an `Ended` slot with no handles. Two borrows never overlap: `enter` needs `Ready` and
+///   not current, and no running coroutine is both (the current one is current, the others
+///   are `Entering`, or `Unwinding` and being dropped);
 /// * `refs` counts the live [`Coroutine`](super::Coroutine) handles; the slot goes back to the
 ///   pool when it reaches zero and the coroutine has ended;
 /// * `bounds` describes `stack`.
 pub(crate) struct Slot {
-    pub(crate) raw: UnsafeCell<Option<RawCoroutine>>,
+    pub(crate) raw: UnsafeCell<MaybeUninit<RawCoroutine>>,
     stack: GuardedStack,
     pub(crate) refs: Cell<usize>,
     pub(crate) state: Cell<State>,
@@ -80,7 +94,7 @@ impl Slot {
     /// A pooled slot around `stack`.
     pub(crate) fn new(stack: GuardedStack) -> Box<Slot> {
         Box::new(Slot {
-            raw: UnsafeCell::new(None),
+            raw: UnsafeCell::new(MaybeUninit::uninit()),
             refs: Cell::new(0),
             state: Cell::new(State::Ended),
             id: Cell::new(0),
@@ -118,13 +132,43 @@ impl Slot {
     /// Must be called by the owner of the `body` borrow (see the type invariants), after the
     /// borrow ended.
     pub(crate) fn finish(&self) {
+        // `raw` is now uninitialized in all but name: the body has returned or panicked, so the
+        // corosensei coroutine owns nothing any more (its stack belongs to the slot), and it is
+        // forgotten rather than dropped, which would do nothing. `Ended` says so (invariant).
         self.state.set(State::Ended);
-        // SAFETY: the caller ended its borrow of `raw`; the state is no longer `Running`, so no
-        // other borrow can start while this one lives.
-        let raw = unsafe { (*self.raw.get()).take() };
-        // The body has returned or panicked, so the corosensei coroutine owns nothing any more
-        // (its stack belongs to the slot): forgetting it skips a drop that would do nothing.
-        std::mem::forget(raw);
+    }
+
+    /// Whether this is the current coroutine of this thread. Async-signal-safe.
+    #[inline]
+    pub(crate) fn is_current(&self) -> bool {
+        std::ptr::eq(current::slot(), self)
+    }
+
+    /// Whether the coroutine runs: it is the current coroutine, or one waiting for a coroutine
+    /// it entered.
+    pub(crate) fn is_running(&self) -> bool {
+        match self.state.get() {
+            State::Entering => true,
+            State::Ready => self.is_current(),
+            State::Unwinding | State::Ended => false,
+        }
+    }
+
+    /// The coroutine, which is current, enters another: it waits in that `enter` as `Entering`
+    /// until the other yields or ends. An `Unwinding` one stays so (that keeps `enter` away too).
+    #[inline]
+    pub(crate) fn enters_another(&self) {
+        if self.state.get() == State::Ready {
+            self.state.set(State::Entering);
+        }
+    }
+
+    /// The coroutine it entered yielded or ended: this one is current again.
+    #[inline]
+    pub(crate) fn back_from_another(&self) {
+        if self.state.get() == State::Entering {
+            self.state.set(State::Ready);
+        }
     }
 
     /// Describes the coroutine for panic messages: `coroutine #7 "name"`.
@@ -158,19 +202,20 @@ pub(crate) fn acquire(
     // coroutine refer to it, so this is the only reference.
     let fields = unsafe { slot.as_ref() };
     fields.refs.set(1);
-    fields.state.set(State::Ready);
     // A coroutine dropped while parked left its park state behind.
     fields.park.set(ParkState::Idle);
     fields.shield.set(0);
     fields.cancelled.set(false);
-    // SAFETY: as above, nothing else references the slot yet; its `raw` is `None` (it is
-    // pooled), so the stack is free for the new coroutine.
+    // SAFETY: as above, nothing else references the slot yet; its `raw` is uninitialized (it
+    // is pooled: `Ended`), so the stack is free for the new coroutine, and writing `raw` over
+    // it drops nothing.
     unsafe {
         if name.is_some() {
             *fields.name.get() = name;
         }
-        *fields.raw.get() = Some(make_raw(slot, fields.bounds));
+        (*fields.raw.get()).write(make_raw(slot, fields.bounds));
     }
+    fields.state.set(State::Ready);
     Ok(slot)
 }
 
