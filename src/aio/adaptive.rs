@@ -6,7 +6,8 @@ const INITIAL_WINDOW_NS: u64 = 4_000;
 /// Settings and state of adaptive busy polling for one context.
 ///
 /// Before blocking, a poll spins for the current window checking for work. After each poll
-/// the window adapts to how long the context actually waited: a wait that the window covered
+/// the window adapts to how long the context waited for its work (until another thread
+/// signalled it, when one did: see [`AdaptivePolling::record_wait`]): a wait that the window covered
 /// leaves it alone; a wait longer than `max_ns` shrinks it (divides by `shrink`, or resets it
 /// to 0 when `shrink` is 0); a shorter wait grows it (from 4 µs, multiplying by `grow`) up to
 /// `max_ns`.
@@ -108,6 +109,27 @@ impl AdaptivePolling {
             self.window_ns = 0;
         }
         preempted
+    }
+
+    /// Adapts the window to a poll that waited `blocked_ns` in all, of which the first
+    /// `work_after_ns` passed before another thread signalled work (`None`: no such signal, or
+    /// not known). The window adapts to the earlier of the two: a thread that slept is woken
+    /// some time after the signal, and that time is not one polling would have had to
+    /// cover. Adapting to the wake-up instead (as QEMU does) traps a window at 0 once
+    /// wake-ups of sleeping threads take longer than `max_ns`: every wait then sleeps, takes
+    /// that long, and keeps the window at 0.
+    ///
+    /// ```
+    /// use aiocoro::aio::AdaptivePolling;
+    ///
+    /// let mut polling = AdaptivePolling::new(32_000);
+    /// polling.record_wait(50_000, None); // slept past the maximum: stays off
+    /// assert_eq!(polling.window_ns(), 0);
+    /// polling.record_wait(50_000, Some(5_000)); // the work was there after 5 µs
+    /// assert_eq!(polling.window_ns(), 4_000);
+    /// ```
+    pub fn record_wait(&mut self, blocked_ns: u64, work_after_ns: Option<u64>) {
+        self.record_block(work_after_ns.map_or(blocked_ns, |after| after.min(blocked_ns)));
     }
 
     /// Adapts the window to a poll that waited `blocked_ns` in all.

@@ -81,6 +81,10 @@ pub(crate) struct Shared {
     pub(crate) notify: WakeupHandshake,
     /// Signalled to wake the home thread from `epoll_wait`.
     eventfd: OwnedFd,
+    /// When the event was last signalled (`clock_ns`): the moment work reached a blocked
+    /// context, which adaptive polling uses instead of the moment the thread woke up (see
+    /// [`AdaptivePolling::record_wait`]).
+    signalled_at: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -129,6 +133,7 @@ impl Shared {
     }
 
     fn signal(&self) {
+        self.signalled_at.store(clock_ns(), std::sync::atomic::Ordering::Relaxed);
         // An error here means the eventfd is gone, which only happens once the context is.
         let _ = sys::eventfd_signal(self.eventfd.as_fd());
     }
@@ -427,6 +432,7 @@ impl AioContext {
             inbox: Inbox::new(),
             notify: WakeupHandshake::new(),
             eventfd,
+            signalled_at: std::sync::atomic::AtomicU64::new(0),
         });
         let local = Rc::new(Local {
             shared,
@@ -623,7 +629,7 @@ impl Local {
             crate::sync::presence::running();
         }
         if blocking {
-            self.adapt_polling(clock_ns() - started);
+            self.adapt_polling(started);
         }
         let mut progress = self.run_bottom_halves();
         progress |= self.dispatch_fds(&events);
@@ -751,9 +757,14 @@ impl Local {
         }
     }
 
-    fn adapt_polling(&self, blocked_ns: u64) {
+    /// Adapts the polling window to the poll that started at `started` (`clock_ns`).
+    fn adapt_polling(&self, started: u64) {
         if let Some(polling) = self.adaptive.borrow_mut().as_mut() {
-            polling.record_block(blocked_ns);
+            let blocked_ns = clock_ns().saturating_sub(started);
+            // A signal from an earlier poll says nothing about this one.
+            let signalled_at = self.shared.signalled_at.load(std::sync::atomic::Ordering::Relaxed);
+            let work_after_ns = signalled_at.checked_sub(started);
+            polling.record_wait(blocked_ns, work_after_ns);
         }
     }
 
