@@ -32,9 +32,12 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire};
 use std::task::{Context, Poll, Waker};
 use std::thread;
 
-use super::join::CANCELLED;
 use super::small_blocks;
 use crate::loom::AtomicUsize;
+
+/// The payload of the error a joiner gets for a coroutine that its context's shutdown
+/// cancelled (or that never ran): the error this cell completes with for it.
+pub const CANCELLED: &str = "aiocoro: the coroutine was cancelled by its context's shutdown";
 
 const COMPLETE: usize = 1;
 const WAKER: usize = 2;

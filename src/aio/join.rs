@@ -23,14 +23,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 
-use super::completion::{Claim, completion};
+use super::completion::{CANCELLED, Claim, completion};
 use super::context::current_context_id;
 use super::run_woken_coroutines;
 use crate::coroutine::{Cancelled, Co, in_coroutine};
-
-/// The payload of the error a joiner gets for a coroutine that its context's shutdown
-/// cancelled (or that never ran).
-pub const CANCELLED: &str = "aiocoro: the coroutine was cancelled by its context's shutdown";
 
 /// Owns the result of a spawned coroutine ([`AioHandle::spawn`](super::AioHandle::spawn),
 /// [`AioContext::spawn`](super::AioContext::spawn)).

@@ -69,13 +69,14 @@ mod wait_model;
 
 pub use adaptive::AdaptivePolling;
 pub use bh::{BhHandle, BottomHalf};
+pub use completion::CANCELLED;
 pub use context::AioContext;
 pub(crate) use context::run_woken_coroutines;
 pub(crate) use deferred::{flush as flush_deferred_signals, pending as deferred_signals_pending};
 pub use fd::FdHandler;
 pub use handle::{AioHandle, ContextClosed};
 pub use iothread::{DEFAULT_POLL_MAX_NS, IoThread};
-pub use join::{CANCELLED, JoinHandle};
+pub use join::JoinHandle;
 pub use sleep::Sleeper;
 pub use thread_pool::{ThreadPool, ThreadPoolConfig};
 pub use timer::{Timer, clock_ns};
