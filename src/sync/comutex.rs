@@ -303,7 +303,7 @@ impl RawCoMutex {
                 self.candidate.store(NO_CANDIDATE, Ordering::Relaxed);
                 return;
             }
-            if adaptive_spin::spin(|| self.take_free(), || self.state.load(Ordering::Relaxed)) {
+            if self.spin(|| self.take_free()) {
                 // Our unlock serves the queue from here on.
                 self.candidate.store(NO_CANDIDATE, Ordering::Relaxed);
                 return;
@@ -404,8 +404,7 @@ impl RawCoMutex {
                 unsafe { (*self.local_waiters.get()).push_back(parked) };
                 return Queued::Parked;
             }
-        } else if adaptive_spin::spin(|| self.try_acquire(), || self.state.load(Ordering::Relaxed))
-        {
+        } else if self.spin(|| self.try_acquire()) {
             return Queued::Acquired;
         }
         // Fail, if at all, before queueing a waiter: a hand-over to a waiter that is gone
@@ -427,6 +426,12 @@ impl RawCoMutex {
         Queued::Waiting(wait)
     }
 
+    /// Polls `take` (an attempt to take the lock) while the lock's holder can be running;
+    /// returns whether an attempt succeeded.
+    fn spin(&self, take: impl FnMut() -> bool) -> bool {
+        adaptive_spin::spin(take, || self.state.load(Ordering::Relaxed))
+    }
+
     /// Stores the length of `waiters` into `remote` (saturated: only 0 or not matters).
     ///
     /// Must be called under `queue_lock`, with `waiters` the queue it protects.
@@ -443,7 +448,9 @@ impl RawCoMutex {
     /// on its way and `waiters` not empty. The wake stays valid after `queue_lock` is
     /// released.
     fn pop_candidate(&self, waiters: &mut VecDeque<Waiter>, turn: u32) -> (PendingWake, u32) {
-        let next = waiters.pop_front().expect("aiocoro: CoMutex popped an empty queue");
+        let next = waiters
+            .pop_front()
+            .expect("aiocoro: CoMutex popped an empty queue (a pop needs a queued waiter)");
         self.count(waiters);
         if waiters.is_empty() {
             self.starving.store(false, Ordering::Relaxed);
@@ -644,6 +651,13 @@ mod tests {
         mutex.raw().remote.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Waits until a waiter is queued in the shared queue.
+    fn wait_until_counted(mutex: &CoMutex<Vec<&'static str>>) {
+        while counted(mutex) < 1 {
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn waiters_of_the_holders_thread_and_of_others_are_served_in_arrival_order() {
         let ctx = AioContext::new().unwrap();
@@ -665,9 +679,7 @@ mod tests {
         assert_eq!(counted(&mutex), 0, "a waiter of the holder's thread is not counted");
         let m = mutex.clone();
         iothread.handle().spawn(move |co| m.lock(co).push("remote")).unwrap();
-        while counted(&mutex) < 1 {
-            std::thread::yield_now();
-        }
+        wait_until_counted(&mutex);
         let m = mutex.clone();
         ctx.spawn(move |co| m.lock(co).push("late"));
         ctx.poll(false);
@@ -715,9 +727,7 @@ mod tests {
         ctx.poll(false);
         let m = mutex.clone();
         iothread.handle().spawn(move |co| m.lock(co).push("waiter")).unwrap();
-        while counted(mutex) < 1 {
-            std::thread::yield_now();
-        }
+        wait_until_counted(mutex);
         let go = block_thread(iothread);
         release.set(true);
         holder.join().unwrap();
@@ -752,9 +762,7 @@ mod tests {
         std::thread::sleep(Duration::from_nanos(2 * STARVATION_NS));
         // The waiter runs, finds the lock taken and goes back to the queue, starving.
         go.send(()).unwrap();
-        while counted(&mutex) < 1 {
-            std::thread::yield_now();
-        }
+        wait_until_counted(&mutex);
         let go = block_thread(&iothread);
         drop(barger);
         assert!(mutex.try_lock().is_none(), "a starving lock is handed over, not freed");
