@@ -188,24 +188,10 @@ impl Co {
     /// If this thread has no [`AioContext`](super::AioContext).
     #[inline]
     pub fn reschedule(&self) {
-        // A park and its unpark at once (one look at the context, not two): queued behind the
-        // coroutines already runnable, as `Woken`; the run queue brings it back.
-        self.assert_may_yield(0);
-        // Kept out of the closure, as in `ParkRecord::unpark`.
-        let mut coroutine = Some(self.current());
-        // SAFETY: the closure only counts the park and queues the handle; it drops nothing.
-        let queued = unsafe {
-            with_current_brief(|local| {
-                local.parked.set(local.parked.get() + 1);
-                if let Some(coroutine) = coroutine.take() {
-                    local.run_queue.borrow_mut().push_back(RunItem::Unpark(coroutine));
-                }
-            })
-        };
-        if queued.is_none() {
-            no_context("a coroutine reschedule");
-        }
-        self.park_state().set(ParkState::Woken);
+        // Queued behind the coroutines already runnable; the run queue brings it back. The
+        // park is in this thread's context, which is alive, so the unpark queues it.
+        let queued = self.park(0).unpark();
+        debug_assert!(queued, "aiocoro: a reschedule's park was not queued");
         self.wait_unparked();
     }
 
