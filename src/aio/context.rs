@@ -230,6 +230,7 @@ pub(crate) fn run_woken_coroutines() {
 ///
 /// `f` must not drop a handle of the context (it runs no user code and drops no coroutine),
 /// so that the context outlives the call.
+#[inline]
 pub(crate) unsafe fn with_current_brief<R>(f: impl FnOnce(&Local) -> R) -> Option<R> {
     let local = CURRENT.try_with(Cell::get).ok()?;
     // SAFETY: by the invariant on `CURRENT`, a non-null pointer is this thread's live `Local`,
@@ -849,10 +850,17 @@ impl Local {
                 // Nobody else holds a coroutine the context has not started (spawning returns a
                 // `JoinHandle`), so nothing can have entered it by hand.
                 RunItem::Start(coroutine) => coroutine,
-                RunItem::Resume(key) => match self.waits.borrow().get(key) {
-                    Some(state) if state.delivered.is_some() => state.coroutine.clone(),
-                    _ => continue,
-                },
+                RunItem::Resume(key) => {
+                    let coroutine = match self.waits.borrow().get(key) {
+                        Some(state) if state.delivered.is_some() => state.coroutine.clone(),
+                        _ => continue,
+                    };
+                    if coroutine.is_ended() {
+                        // A wait of it is still in the table, so its `Wait` was never dropped.
+                        self.forgotten_wait(coroutine);
+                    }
+                    coroutine
+                }
                 RunItem::Unpark(coroutine) => {
                     // Ending the park here, and only here, keeps a stray `enter` from ending it
                     // early (the parked coroutine yields again until it finds `Idle`).
@@ -868,11 +876,6 @@ impl Local {
                     coroutine
                 }
             };
-            if coroutine.is_ended() {
-                // Only a `Resume` gets here with an ended coroutine: a wait of it is still in
-                // the table, so its `Wait` was never dropped.
-                self.forgotten_wait(coroutine);
-            }
             coroutine.enter();
             entered = true;
         }

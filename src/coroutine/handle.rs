@@ -280,7 +280,10 @@ impl Drop for Coroutine {
 /// # Safety
 ///
 /// `slot` is a live slot of this thread whose `refs` just reached zero.
-#[inline]
+// Out of line, so that dropping a handle that is not the last (the run queue's, a park
+// record's) is a decrement and a test wherever it is inlined.
+#[cold]
+#[inline(never)]
 unsafe fn drop_last_handle(slot_ptr: NonNull<Slot>) {
     // SAFETY: the slot is alive until `release` below.
     let slot = unsafe { slot_ptr.as_ref() };

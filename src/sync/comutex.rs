@@ -154,8 +154,6 @@ impl std::fmt::Debug for RawCoMutex {
 enum Queued<'co> {
     /// The lock is ours already.
     Acquired,
-    /// Parked in `local_waiters`.
-    Parked,
     /// Waiting in `waiters`.
     Waiting(Wait<'co>),
 }
@@ -275,10 +273,21 @@ impl RawCoMutex {
         // Unparked only by whoever handed us the lock (stray entries are absorbed by the
         // park), so when that returns the lock is ours. A park is not cancelled (its record
         // holds a handle to us, so nothing unwinds from it either).
-        match self.enqueue(co) {
-            Queued::Acquired => return,
-            Queued::Parked => co.wait_unparked(),
-            Queued::Waiting(wait) => self.wait_turn(co, wait),
+        let me = thread_id();
+        // Acquire: pairs with the release of whoever put our id in (see `local_waiters`).
+        if self.state.load(Ordering::Acquire) == me && self.remote.load(Ordering::Relaxed) == 0 {
+            // Held on this thread, nobody queued from elsewhere: queue behind the other
+            // waiters of this thread. The holder cannot let go before we yield.
+            let parked = co.park(0);
+            // SAFETY: `state` names this thread, so we may touch `local_waiters` (field
+            // invariant); nothing else on this thread runs until we yield.
+            unsafe { (*self.local_waiters.get()).push_back(parked) };
+            co.wait_unparked();
+        } else {
+            match self.enqueue(co, me) {
+                Queued::Acquired => return,
+                Queued::Waiting(wait) => self.wait_turn(co, wait),
+            }
         }
         self.note_holder();
     }
@@ -388,23 +397,13 @@ impl RawCoMutex {
         co.unwind_cancelled()
     }
 
-    /// Takes the lock if it comes free while we spin, or queues this coroutine and says how
-    /// to suspend until the lock is ours.
+    /// Takes the lock if it comes free while we spin, or queues this coroutine in `waiters`
+    /// (`me` is this thread's id): for a locker that did not park in `local_waiters`.
     #[inline(never)]
-    fn enqueue<'co>(&self, co: &'co Co) -> Queued<'co> {
-        let me = thread_id();
-        // Acquire: pairs with the release of whoever put our id in (see `local_waiters`).
-        if self.state.load(Ordering::Acquire) == me {
-            if self.remote.load(Ordering::Relaxed) == 0 {
-                // Held on this thread, nobody queued from elsewhere: queue behind the other
-                // waiters of this thread. The holder cannot let go before we yield.
-                let parked = co.park(0);
-                // SAFETY: `state` names this thread, so we may touch `local_waiters` (field
-                // invariant); nothing else on this thread runs until we yield.
-                unsafe { (*self.local_waiters.get()).push_back(parked) };
-                return Queued::Parked;
-            }
-        } else if self.spin(|| self.try_acquire()) {
+    fn enqueue<'co>(&self, co: &'co Co, me: u32) -> Queued<'co> {
+        // Held on this thread with waiters from elsewhere queued: spinning cannot let our own
+        // thread's holder run.
+        if self.state.load(Ordering::Relaxed) != me && self.spin(|| self.try_acquire()) {
             return Queued::Acquired;
         }
         // Fail, if at all, before queueing a waiter: a hand-over to a waiter that is gone
