@@ -41,14 +41,19 @@ fn the_window_follows_how_long_polls_wait() {
 #[test]
 fn the_window_stops_growing_once_it_covers_the_waits() {
     let ctx = AioContext::new().unwrap();
-    ctx.set_adaptive_polling(Some(AdaptivePolling::new(100_000_000)));
-    // 2 ms waits grow the window 4 us, 8 us, ... until it covers them (4.096 ms).
-    for _ in 0..14 {
+    // Growing 16-fold, so that the window ends up far past the waits (a wait inside it stays
+    // inside even when a loaded machine delays this thread by a few milliseconds), and far
+    // below the maximum (so that growing on is seen).
+    ctx.set_adaptive_polling(Some(AdaptivePolling::new(1_000_000_000).grow(16)));
+    // 2 ms waits grow the window 4 us, 64 us, 1.024 ms, 16.384 ms: then it covers them.
+    for _ in 0..4 {
         block_for(&ctx, Duration::from_millis(2));
     }
     let window = ctx.polling_window_ns();
     assert!(window >= 2_000_000, "the window covers a 2 ms wait: {window}");
-    // A wait inside the window is caught by busy polling and leaves the window alone.
-    block_for(&ctx, Duration::from_millis(1));
-    assert_eq!(ctx.polling_window_ns(), window);
+    // Waits inside the window are caught by busy polling and leave the window alone.
+    for wait in [Duration::from_millis(2), Duration::from_millis(1)] {
+        block_for(&ctx, wait);
+        assert_eq!(ctx.polling_window_ns(), window, "after a wait of {wait:?}");
+    }
 }
