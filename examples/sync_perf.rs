@@ -83,10 +83,5 @@ fn main() {
         workloads::oversubscribed_queue_std,
     );
     figures.report("multi/rwlock_cross_thread", 300_000, 1, workloads::rwlock_cross_thread);
-    figures.report(
-        "multi/rwlock_cross_thread_std",
-        300_000,
-        1,
-        workloads::rwlock_cross_thread_std,
-    );
+    figures.report("multi/rwlock_cross_thread_std", 300_000, 1, workloads::rwlock_cross_thread_std);
 }

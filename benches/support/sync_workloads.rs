@@ -402,9 +402,8 @@ fn rwlock_writes(ops: u64) -> u64 {
 pub(crate) fn rwlock_cross_thread(ops: u64) {
     let lock = Arc::new(CoRwLock::new(0u64));
     let per_worker = ops / (RW_THREADS * RW_PER_THREAD);
-    let threads: Vec<IoThread> = (0..RW_THREADS)
-        .map(|_| IoThread::spawn("bench-rwlock").expect("an IoThread"))
-        .collect();
+    let threads: Vec<IoThread> =
+        (0..RW_THREADS).map(|_| IoThread::spawn("bench-rwlock").expect("an IoThread")).collect();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     for thread in &threads {
         for _ in 0..RW_PER_THREAD {

@@ -58,6 +58,7 @@ mod comutex;
 mod coqueue;
 mod lock;
 mod no_lock;
+mod patience;
 pub(crate) mod presence;
 mod quiesce_gate;
 mod raw;
