@@ -835,3 +835,77 @@ impl RawCoRwLock {
         }
     }
 }
+
+#[cfg(all(test, not(aiocoro_loom)))]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, mpsc};
+    use std::time::Duration;
+
+    use super::{CANDIDATE, CoRwLock, HANDED, QUEUED, STARVING, WRITER};
+    use crate::aio::IoThread;
+    use crate::sync::comutex::STARVATION_NS;
+
+    /// Waits until `lock`'s state has all of `flags`.
+    fn wait_for_flags(lock: &CoRwLock<u32>, flags: usize) {
+        while lock.raw.state.load(Ordering::Relaxed) & flags != flags {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Runs a coroutine on `iothread` that blocks the thread until the returned sender sends
+    /// (or drops): wakes for that thread's coroutines wait in its inbox meanwhile.
+    fn block_thread(iothread: &IoThread) -> mpsc::Sender<()> {
+        let (blocked_tx, blocked_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        iothread
+            .handle()
+            .spawn(move |_co| {
+                blocked_tx.send(()).unwrap();
+                let _ = go_rx.recv();
+            })
+            .unwrap();
+        blocked_rx.recv().unwrap();
+        go_tx
+    }
+
+    #[test]
+    fn a_writer_passed_over_by_readers_for_longer_than_the_starvation_bound_is_handed_the_lock() {
+        let iothread = IoThread::spawn("rwlock-starving").unwrap();
+        let lock = Arc::new(CoRwLock::new(0u32));
+        let holder = lock.try_read().expect("the lock starts free");
+        let (written_tx, written_rx) = mpsc::channel();
+        let l = lock.clone();
+        iothread
+            .handle()
+            .spawn(move |co| {
+                *l.write(co) += 1;
+                written_tx.send(()).unwrap();
+            })
+            .unwrap();
+        wait_for_flags(&lock, QUEUED);
+        let go = block_thread(&iothread);
+        drop(holder);
+        // The writer was woken as the candidate, but its thread is busy: a running reader
+        // takes the free lock first.
+        let barger = lock.try_read().expect("freed for a running locker");
+        std::thread::sleep(Duration::from_nanos(2 * STARVATION_NS));
+        // The writer runs, finds the lock read, spins, and goes back to the queue, starving.
+        drop(go);
+        wait_for_flags(&lock, QUEUED | STARVING);
+        let go = block_thread(&iothread);
+        assert!(lock.try_read().is_none(), "a starving lock lets no reader past a waiter");
+        drop(barger);
+        assert_eq!(
+            lock.raw.state.load(Ordering::Relaxed),
+            WRITER | CANDIDATE | HANDED,
+            "a starving lock is handed to the waiting writer, not freed"
+        );
+        assert!(lock.try_read().is_none() && lock.try_write().is_none());
+        drop(go);
+        written_rx.recv().unwrap();
+        iothread.stop();
+        assert_eq!(lock.raw.state.load(Ordering::Relaxed), 0, "free, and no longer starving");
+        assert_eq!(*lock.try_read().unwrap(), 1);
+    }
+}
