@@ -402,20 +402,20 @@ struct RawCoRwLock {
     ///    `serve`. The transitions that reach "no holders, `QUEUED`, no `CANDIDATE`" are:
     ///    a release (`read_unlock`, `write_unlock`, an upgrade that gives up the last read
     ///    lock), whose maker reads the new value and serves; a candidate clearing `CANDIDATE`
-    ///    never does it (it clears it only together with taking the lock, or, going back to
-    ///    the queue, while somebody incompatible holds it); a locker setting `QUEUED` only
-    ///    does it while the lock is held, or when `QUEUED` was set already (starving, a serve
-    ///    due). `serve`, under `queue_lock`, pops the head as the candidate when the holders
-    ///    are compatible with it (none for a writer, no writer for a reader); otherwise the
-    ///    holders' release is due. A candidate in turn takes the lock (and its release
-    ///    serves), or goes back to the front of the queue as above.
+    ///    never does it (it clears it only while it holds the lock, taken or handed, or,
+    ///    going back to the queue, while somebody incompatible holds it); a locker setting
+    ///    `QUEUED` only does it while the lock is held, or when `QUEUED` was set already
+    ///    (starving, a serve due). `serve`, under `queue_lock`, pops the head as the candidate
+    ///    when the holders are compatible with it (none for a writer, no writer for a reader);
+    ///    otherwise the holders' release is due. A candidate in turn takes the lock (and its
+    ///    release serves), or goes back to the front of the queue as above.
     /// 6. `serve` pops a waiter only while it is not `STARVING`, waking it as the candidate,
     ///    or while `STARVING`, handing it the lock: it counts it among the holders in the same
     ///    compare-and-swap (`HANDED`), so nobody takes the lock past it, and the starving lock
     ///    is handed from waiter to waiter as QEMU's always is. `STARVING` is set by a candidate
-    ///    that goes back to the queue after waiting [`STARVATION_NS`](super::comutex::STARVATION_NS)
-    ///    since it first queued;
-    ///    cleared with the last pop, or by a handed waiter that waited less.
+    ///    that goes back to the queue after waiting
+    ///    [`STARVATION_NS`](super::comutex::STARVATION_NS) since it first queued; cleared with
+    ///    the last pop, or by a handed waiter that waited less.
     /// 7. A reader candidate that took the lock, and a reader handed it, serve the next head
     ///    if it is a reader too: a run of queued readers is admitted together, one wake after
     ///    another.
