@@ -55,9 +55,9 @@ const HOLDERS: usize = WRITER | !(READER - 1);
 ///   `multi/rwlock_cross_thread`, 3 million operations) took 8 s instead of 15 ms in one run
 ///   out of five. Barging lets the running threads batch, as `CoMutex` does.
 /// * **Spins only while it pays.** A locker that finds the lock held spins briefly before it
-///   queues, and only while the last holder's thread can be running and is not its own (a
-///   suspended coroutine of its own thread cannot let go while it spins); see
-///   `adaptive_spin`.
+///   queues, and only while the last acquirer's thread can be running; never against a
+///   writer of its own thread (a suspended coroutine of its own thread cannot let go while
+///   it spins); see `adaptive_spin`.
 /// * **Cheap when uncontended.** One atomic state word: taking or releasing a read lock or the
 ///   write lock is one atomic read-modify-write (a compare-and-swap to take, a subtraction to
 ///   release). An internal spinlock is taken only to queue or to serve the queue.
@@ -421,10 +421,12 @@ struct RawCoRwLock {
     ///    another.
     state: AtomicUsize,
     /// The thread (`comutex::thread_id`) of the last coroutine that took the lock: a hint
-    /// for lockers, which spin only while that thread may be running and never when it is
-    /// their own (a suspended coroutine of their thread holds the lock: spinning cannot let
-    /// it run). Readers on several threads share the lock, so it names one of them, or a
-    /// thread that let go already; it only steers spinning, never what the lock does.
+    /// for lockers, which spin only while that thread may be running, and not at all when a
+    /// writer holds the lock and the hint names their own thread (a suspended coroutine of
+    /// their thread is the writer: spinning cannot let it run). Readers on several threads
+    /// share the lock, so under readers it names one of them, or a thread whose readers left
+    /// already: a locker spins then even if the hint is its own thread. It only steers
+    /// spinning, never what the lock does.
     holder_thread: AtomicU32,
     /// Protects `waiters`; held only for a few instructions, never across a yield.
     queue_lock: RawSpinLock,
@@ -531,11 +533,12 @@ impl RawCoRwLock {
         self.try_barge(true)
     }
 
-    /// Polls `take` while the last holder's thread may be running, unless that thread is ours
-    /// (see `holder_thread`); returns whether `take` succeeded.
+    /// Polls `take` while the last holder's thread may be running, unless a writer of our own
+    /// thread holds the lock (see `holder_thread`); returns whether `take` succeeded.
     fn spin(&self, me: u32, take: impl FnMut() -> bool) -> bool {
-        self.holder_thread.load(Ordering::Relaxed) != me
-            && adaptive_spin::spin(take, || self.holder_thread.load(Ordering::Relaxed))
+        let ours = self.holder_thread.load(Ordering::Relaxed) == me
+            && self.state.load(Ordering::Relaxed) & WRITER != 0;
+        !ours && adaptive_spin::spin(take, || self.holder_thread.load(Ordering::Relaxed))
     }
 
     /// Takes the lock after a spin, or queues and suspends until it is ours.
