@@ -39,6 +39,9 @@
 //! * `corwlock_queued_readers_are_let_in_after_a_writer`: two readers queue behind a writer;
 //!   its release lets the first in as the candidate, which lets the second in; both read what
 //!   the writer wrote (loom checks the ordering of the data) and nobody is left parked.
+//! * `corwlock_upgrade_beside_another_reader_queues_as_a_writer`: an upgrade that finds another
+//!   reader gives up its read lock and queues as a writer in one step, and the other reader's
+//!   release serves it (or the other reader comes after the upgrade and waits for it).
 //! * `corwlock_upgrade_and_downgrade`: an upgrade beside a writer that downgrades.
 
 #![cfg(aiocoro_loom)]
@@ -365,6 +368,33 @@ fn corwlock_queued_readers_are_let_in_after_a_writer() {
         for reader in readers {
             reader.join().unwrap();
         }
+        assert!(lock.try_write().is_some(), "free at the end");
+    });
+}
+
+/// Checked to fail (a deadlock) with an upgrade beside another reader that gives up its read
+/// lock without setting the queued flag (the other reader's release then serves nobody).
+#[test]
+fn corwlock_upgrade_beside_another_reader_queues_as_a_writer() {
+    loom::model(|| {
+        let lock = Arc::new(CoRwLock::new(UnsafeCell::new(0u32)));
+        let co = Co::model();
+        let read = lock.read(&co);
+        let reader = {
+            let lock = lock.clone();
+            thread::spawn(move || {
+                let co = Co::model();
+                let guard = lock.read(&co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                guard.with(|value| unsafe { *value })
+            })
+        };
+        let write = read.upgrade(&co);
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        write.with_mut(|value| unsafe { *value += 1 });
+        drop(write);
+        let seen = reader.join().unwrap();
+        assert!(seen <= 1);
         assert!(lock.try_write().is_some(), "free at the end");
     });
 }
