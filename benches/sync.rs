@@ -6,7 +6,9 @@
 //! `std::sync::Mutex` and `tokio::sync::Mutex` as peers where the operation makes sense. And
 //! `multi/oversubscribed_queue` (a bounded producer / consumer queue on CoMutex + CoQueue, 4
 //! producers and 3 consumers on two IoThreads) with `multi/oversubscribed_queue_std` (the same
-//! on `std::sync::Mutex` + `Condvar` and seven threads) as its peer.
+//! on `std::sync::Mutex` + `Condvar` and seven threads) as its peer; `multi/rwlock_cross_thread`
+//! (one CoRwLock, 3 coroutines on each of two IoThreads, one operation in four a write) with
+//! `multi/rwlock_cross_thread_std` (the same on `std::sync::RwLock` and six threads).
 //! `cargo bench --bench sync`.
 
 #[path = "support/sync_workloads.rs"]
@@ -89,25 +91,27 @@ fn multi_thread(c: &mut Criterion) {
     group.finish();
 }
 
-/// Each sample passes `QUEUE_ITEMS` items through the queue (its threads started and stopped
-/// with it) and reports the time of criterion's `n` items at the rate it measured.
-fn oversubscribed_queue(c: &mut Criterion) {
-    const QUEUE_ITEMS: u64 = 200_000;
+/// Each sample runs a workload once on its item count (its threads started and stopped with
+/// it: 200 000 queue items, 300 000 lock operations) and reports the time of criterion's `n`
+/// items at the rate it measured.
+fn oversubscribed(c: &mut Criterion) {
     let mut group = c.benchmark_group("multi");
     group.sample_size(10);
     group.throughput(Throughput::Elements(1));
     type Workload = fn(u64);
-    let workloads: [(&str, Workload); 2] = [
-        ("oversubscribed_queue", workloads::oversubscribed_queue),
-        ("oversubscribed_queue_std", workloads::oversubscribed_queue_std),
+    let workloads: [(&str, Workload, u64); 4] = [
+        ("oversubscribed_queue", workloads::oversubscribed_queue, 200_000),
+        ("oversubscribed_queue_std", workloads::oversubscribed_queue_std, 200_000),
+        ("rwlock_cross_thread", workloads::rwlock_cross_thread, 300_000),
+        ("rwlock_cross_thread_std", workloads::rwlock_cross_thread_std, 300_000),
     ];
-    for (name, run) in workloads {
+    for (name, run, items) in workloads {
         group.bench_function(name, |b| {
-            b.iter_custom(|n| timed(|| run(QUEUE_ITEMS)).mul_f64(n as f64 / QUEUE_ITEMS as f64))
+            b.iter_custom(|n| timed(|| run(items)).mul_f64(n as f64 / items as f64))
         });
     }
     group.finish();
 }
 
-criterion_group!(benches, single_thread, multi_thread, oversubscribed_queue);
+criterion_group!(benches, single_thread, multi_thread, oversubscribed);
 criterion_main!(benches);

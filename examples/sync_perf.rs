@@ -15,7 +15,10 @@
 //! items through a bounded queue (capacity 8) on CoMutex + CoQueue, from 4 producer coroutines
 //! on one IoThread to 3 consumers on another; `multi/oversubscribed_queue_std` does the same
 //! with `std::sync::Mutex` + `Condvar` on seven threads; both print the first line format
-//! (ns per item). Run with `cargo run --release --example sync_perf [-- FILTER...]`: with
+//! (ns per item). `multi/rwlock_cross_thread` runs 300 000 operations on one CoRwLock from 3
+//! coroutines on each of two IoThreads (one in four a write, the others reads);
+//! `multi/rwlock_cross_thread_std` does the same with `std::sync::RwLock` on six threads (first
+//! line format, ns per operation). Run with `cargo run --release --example sync_perf [-- FILTER...]`: with
 //! filter words, only the figures whose names contain one of them (`sync_perf multi/`).
 
 #[path = "../benches/support/report.rs"]
@@ -79,4 +82,6 @@ fn main() {
         1,
         workloads::oversubscribed_queue_std,
     );
+    figures.report("multi/rwlock_cross_thread", 300_000, 1, workloads::rwlock_cross_thread);
+    figures.report("multi/rwlock_cross_thread_std", 300_000, 1, workloads::rwlock_cross_thread_std);
 }

@@ -367,3 +367,79 @@ pub(crate) fn oversubscribed_queue_std(items: u64) {
     let queue = state.0.lock().unwrap();
     assert_eq!((queue.taken, queue.sum), (items, expected_sum(items)), "each item arrives once");
 }
+
+/// The shape of `multi/rwlock_cross_thread`: IoThreads, coroutines on each, and one write in
+/// every `RW_WRITE_EVERY` operations.
+const RW_THREADS: u64 = 2;
+const RW_PER_THREAD: u64 = 3;
+const RW_WRITE_EVERY: u64 = 4;
+
+/// One coroutine's (or thread's) share of `multi/rwlock_cross_thread`: `ops` operations on the
+/// counter behind `read` / `write`, every `RW_WRITE_EVERY`-th an increment, the others reads.
+fn rwlock_ops(ops: u64, mut read: impl FnMut() -> u64, mut write: impl FnMut()) {
+    let mut seen = 0;
+    for op in 0..ops {
+        if op % RW_WRITE_EVERY == 0 {
+            write();
+        } else {
+            seen += read();
+        }
+    }
+    black_box(seen);
+}
+
+/// How many increments `multi/rwlock_cross_thread` makes in `ops` operations in all.
+fn rwlock_writes(ops: u64) -> u64 {
+    let per_worker = ops / (RW_THREADS * RW_PER_THREAD);
+    RW_THREADS * RW_PER_THREAD * per_worker.div_ceil(RW_WRITE_EVERY)
+}
+
+/// `multi/rwlock_cross_thread`: 2 IoThreads × 3 coroutines share one CoRwLock, `ops`
+/// operations in all, one in four a write; nothing yields inside the critical sections. With
+/// the main thread and anything else running, the threads outnumber the cores of a small
+/// machine, so a holder is often not running: waiters of both threads interleave in the
+/// queue unless running lockers can take the lock.
+pub(crate) fn rwlock_cross_thread(ops: u64) {
+    let lock = Arc::new(CoRwLock::new(0u64));
+    let per_worker = ops / (RW_THREADS * RW_PER_THREAD);
+    let threads: Vec<IoThread> =
+        (0..RW_THREADS).map(|_| IoThread::spawn("bench-rwlock").expect("an IoThread")).collect();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    for thread in &threads {
+        for _ in 0..RW_PER_THREAD {
+            let (lock, done) = (lock.clone(), done_tx.clone());
+            let body = move |co: &aiocoro::coroutine::Co| {
+                rwlock_ops(per_worker, || *lock.read(co), || *lock.write(co) += 1);
+                done.send(()).expect("the runner waits");
+            };
+            thread.handle().spawn(body).expect("the IoThread runs");
+        }
+    }
+    for _ in 0..RW_THREADS * RW_PER_THREAD {
+        done_rx.recv().expect("every coroutine reports its end");
+    }
+    for thread in threads {
+        thread.stop();
+    }
+    let count = *lock.try_read().expect("free at the end");
+    assert_eq!(count, rwlock_writes(ops), "every write lands once");
+}
+
+/// `multi/rwlock_cross_thread_std`: the same on `std::sync::RwLock` with a thread per
+/// coroutine.
+pub(crate) fn rwlock_cross_thread_std(ops: u64) {
+    let lock = Arc::new(std::sync::RwLock::new(0u64));
+    let per_worker = ops / (RW_THREADS * RW_PER_THREAD);
+    let threads: Vec<_> = (0..RW_THREADS * RW_PER_THREAD)
+        .map(|_| {
+            let lock = lock.clone();
+            std::thread::spawn(move || {
+                rwlock_ops(per_worker, || *lock.read().unwrap(), || *lock.write().unwrap() += 1)
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(*lock.read().unwrap(), rwlock_writes(ops), "every write lands once");
+}

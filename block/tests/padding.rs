@@ -3,7 +3,8 @@
 
 mod common;
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 
 use aiocoro::aio::IoThread;
 use aiocoro_block::{BlockBackend, BlockGraph, IoBuffer, run_in_coroutine};
@@ -24,7 +25,9 @@ fn an_aligned_write_racing_a_padded_one_is_not_lost() {
     assert!(blk.root().alignment().request > 1, "O_DIRECT needs aligned requests");
     let threads = [IoThread::spawn("aligned").unwrap(), IoThread::spawn("padded").unwrap()];
     let (done, ended) = mpsc::channel();
-    let (b, d) = (blk.clone(), done.clone());
+    // Set once every whole-block write is done; the padded writer races them until then.
+    let aligned_done = Arc::new(AtomicBool::new(false));
+    let (b, d, a) = (blk.clone(), done.clone(), aligned_done.clone());
     threads[0]
         .handle()
         .spawn(move |co| {
@@ -41,6 +44,7 @@ fn an_aligned_write_racing_a_padded_one_is_not_lost() {
                     reverted += 1;
                 }
             }
+            a.store(true, Ordering::SeqCst);
             d.send(reverted).unwrap();
         })
         .unwrap();
@@ -48,8 +52,17 @@ fn an_aligned_write_racing_a_padded_one_is_not_lost() {
     threads[1]
         .handle()
         .spawn(move |co| {
-            for _ in 0..u32::from(ROUNDS) * 4 {
+            // At least four padded writes per round, and the last one after the last
+            // whole-block write (the lock does not promise which thread goes first: a
+            // running writer may take it past a woken one).
+            let mut writes = 0;
+            loop {
+                let last = aligned_done.load(Ordering::SeqCst);
                 b.write(co, 10, &[0xFF; 100]).unwrap();
+                writes += 1;
+                if last && writes >= u32::from(ROUNDS) * 4 {
+                    break;
+                }
             }
             done.send(0).unwrap();
         })

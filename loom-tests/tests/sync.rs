@@ -27,6 +27,22 @@
 //! * `coqueue_waiter_cancelled_while_a_producer_wakes_it`: a consumer's CoQueue wait under a
 //!   ThreadMutex is cancelled while a producer's `next` may pop it: it takes the lock back,
 //!   leaves the queue (or passes the wake on), and the queue ends empty, the lock free.
+//! * `corwlock_release_races_a_writer_queueing`: a reader lets go while a writer of another
+//!   thread spins and queues: the queueing (a compare-and-swap that sets the queued flag only
+//!   while the lock is held) and the release (which serves the queue when it leaves the lock
+//!   free with waiters queued) never both miss each other (a lost wake-up: a deadlock).
+//! * `corwlock_candidate_loses_to_a_barger_and_is_served_again`: the holder lets go, which
+//!   wakes the queued waiter as the candidate, and takes the lock again at once, barging past
+//!   it; the candidate that loses goes back to the front of the queue (or takes the lock if it
+//!   came free meanwhile), the lock turns starving, the next release hands it over, and the
+//!   waiter still gets the lock.
+//! * `corwlock_queued_readers_are_let_in_after_a_writer`: two readers queue behind a writer;
+//!   its release lets the first in as the candidate, which lets the second in; both read what
+//!   the writer wrote (loom checks the ordering of the data) and nobody is left parked.
+//! * `corwlock_upgrade_beside_another_reader_queues_as_a_writer`: an upgrade that finds another
+//!   reader gives up its read lock and queues as a writer in one step, and the other reader's
+//!   release serves it (or the other reader comes after the upgrade and waits for it).
+//! * `corwlock_upgrade_and_downgrade`: an upgrade beside a writer that downgrades.
 
 #![cfg(aiocoro_loom)]
 
@@ -263,6 +279,126 @@ fn coqueue_under_a_comutex() {
 /// A reader upgrades while a writer contends: upgrading gives up the read ownership and queues
 /// as a writer when it cannot be immediate, downgrading never blocks; the two writers never
 /// overlap with each other or with a reader, and nobody is left parked.
+/// Checked to fail (a deadlock) with the writer's queueing made a plain `fetch_or` of the
+/// queued flag (no look at whether the reader let go meanwhile); the other three CoRwLock
+/// models catch that too.
+#[test]
+fn corwlock_release_races_a_writer_queueing() {
+    loom::model(|| {
+        let lock = Arc::new(CoRwLock::new(UnsafeCell::new(0u32)));
+        let co = Co::model();
+        let read = lock.read(&co);
+        let writer = {
+            let lock = lock.clone();
+            thread::spawn(move || {
+                let co = Co::model();
+                let guard = lock.write(&co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                guard.with_mut(|value| unsafe { *value += 1 });
+            })
+        };
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        let seen = read.with(|value| unsafe { *value });
+        drop(read);
+        writer.join().unwrap();
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        let total = lock.read(&co).with(|value| unsafe { *value });
+        assert_eq!((seen, total), (0, 1));
+        assert!(lock.try_write().is_some(), "free at the end");
+    });
+}
+
+/// Checked to fail (a deadlock) with the candidate's requeue made unconditional (no look at
+/// whether the lock came free while it spun), and with a release that serves the queue only
+/// when it finds the state exactly "queued" (not when starving).
+#[test]
+fn corwlock_candidate_loses_to_a_barger_and_is_served_again() {
+    loom::model(|| {
+        let lock = Arc::new(CoRwLock::new(UnsafeCell::new(0u32)));
+        let co = Co::model();
+        let guard = lock.write(&co);
+        let waiter = {
+            let lock = lock.clone();
+            thread::spawn(move || {
+                let co = Co::model();
+                let guard = lock.write(&co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                guard.with_mut(|value| unsafe { *value += 1 });
+            })
+        };
+        drop(guard);
+        // Takes the lock again at once: past the waiter if it was woken as the candidate and
+        // has not taken the lock yet (it then goes back to the queue, and the lock turns
+        // starving: the next release hands it over).
+        for _ in 0..2 {
+            let guard = lock.write(&co);
+            // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+            guard.with_mut(|value| unsafe { *value += 10 });
+        }
+        waiter.join().unwrap();
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        let total = lock.read(&co).with(|value| unsafe { *value });
+        assert_eq!(total, 21);
+        assert!(lock.try_write().is_some(), "free at the end");
+    });
+}
+
+/// Checked to fail (a deadlock) with the pop of the head clearing the queued flag even when
+/// another waiter stays queued.
+#[test]
+fn corwlock_queued_readers_are_let_in_after_a_writer() {
+    three_party_model(|| {
+        let lock = Arc::new(CoRwLock::new(UnsafeCell::new(0u32)));
+        let co = Co::model();
+        let guard = lock.write(&co);
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let lock = lock.clone();
+                thread::spawn(move || {
+                    let co = Co::model();
+                    let guard = lock.read(&co);
+                    // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                    guard.with(|value| unsafe { assert_eq!(*value, 1) });
+                })
+            })
+            .collect();
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        guard.with_mut(|value| unsafe { *value = 1 });
+        drop(guard);
+        for reader in readers {
+            reader.join().unwrap();
+        }
+        assert!(lock.try_write().is_some(), "free at the end");
+    });
+}
+
+/// Checked to fail (a deadlock) with an upgrade beside another reader that gives up its read
+/// lock without setting the queued flag (the other reader's release then serves nobody).
+#[test]
+fn corwlock_upgrade_beside_another_reader_queues_as_a_writer() {
+    loom::model(|| {
+        let lock = Arc::new(CoRwLock::new(UnsafeCell::new(0u32)));
+        let co = Co::model();
+        let read = lock.read(&co);
+        let reader = {
+            let lock = lock.clone();
+            thread::spawn(move || {
+                let co = Co::model();
+                let guard = lock.read(&co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                guard.with(|value| unsafe { *value })
+            })
+        };
+        let write = read.upgrade(&co);
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        write.with_mut(|value| unsafe { *value += 1 });
+        drop(write);
+        let seen = reader.join().unwrap();
+        assert!(seen <= 1);
+        assert!(lock.try_write().is_some(), "free at the end");
+    });
+}
+
 #[test]
 fn corwlock_upgrade_and_downgrade() {
     loom::model(|| {

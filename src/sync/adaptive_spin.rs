@@ -1,4 +1,5 @@
-//! How long a `CoMutex` locker spins before it queues: only while the holder can be running.
+//! How long a `CoMutex` or `CoRwLock` locker spins before it queues: only while the holder can
+//! be running.
 //!
 //! A locker that finds the lock held by a coroutine of another thread may poll it for a while
 //! instead of queueing; queueing costs a suspension and a cross-thread wake-up, and lockers of

@@ -18,7 +18,7 @@
 //!
 //! | type | what | QEMU |
 //! |---|---|---|
-//! | [`CoRwLock<T>`] | readers-writer lock for coroutines, fair, with upgrade and downgrade | `CoRwlock` |
+//! | [`CoRwLock<T>`] | readers-writer lock for coroutines, eventually fair, with upgrade and downgrade | `CoRwlock` |
 //! | [`SharedResource`] | counted units that coroutines wait for: a [`CoQueue`] under a [`ThreadMutex`] | `SharedResource` |
 //! | [`QuiesceGate`] | requests counted in and out across threads, and sections that wait for none in while holding new ones back | in-flight counter, `bdrv_drained_begin` / `_end` |
 //!
@@ -58,6 +58,7 @@ mod comutex;
 mod coqueue;
 mod lock;
 mod no_lock;
+mod patience;
 pub(crate) mod presence;
 mod quiesce_gate;
 mod raw;

@@ -1,6 +1,6 @@
 //! Where each thread was last seen: running on a CPU, or blocked in its context's poll. A
-//! `CoMutex` locker reads its holder's entry to tell whether spinning can pay (see
-//! `RawCoMutex::spin`).
+//! `CoMutex` or `CoRwLock` locker reads its holder's entry to tell whether spinning can pay
+//! (see `adaptive_spin`).
 //!
 //! Threads are named by the ids `CoMutex` hands out (`comutex::thread_id`). Entries live in a
 //! small fixed table indexed by the id modulo its size, each tagged with its owner's id, so a

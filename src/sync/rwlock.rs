@@ -8,43 +8,59 @@ use std::mem;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::Ordering;
 
+use super::adaptive_spin;
+use super::comutex::thread_id;
+use super::patience::Patience;
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
 use crate::aio::{Wait, WaitRef};
 use crate::coroutine::Co;
-use crate::loom::AtomicUsize;
+use crate::loom::{AtomicU32, AtomicUsize};
 
 /// A writer holds the lock.
 const WRITER: usize = 1;
 /// Waiters are queued.
 const QUEUED: usize = 2;
+/// A waiter popped from the queue is on its way (see `RawCoRwLock::state`).
+const CANDIDATE: usize = 4;
+/// The candidate on its way was handed the lock: it is counted among the holders already.
+const HANDED: usize = 8;
+/// Unlocks hand the lock to the head of the queue, and nobody takes it past a waiter.
+const STARVING: usize = 16;
 /// One reader holds the lock (the reader count is `state / READER`).
-const READER: usize = 4;
+const READER: usize = 32;
 /// The top bit of the reader count: reached only by an absurd number of read guards (leaked
 /// with `mem::forget`), refused before the count can overflow into the flag bits.
 const READERS_FULL: usize = 1 << (usize::BITS - 1);
-
-/// Whether a new reader may join the holders described by `state` without queueing: no writer
-/// holds the lock, nobody is queued (readers never overtake a queued writer), and the count has
-/// room.
-#[inline]
-fn read_lockable(state: usize) -> bool {
-    state & (WRITER | QUEUED | READERS_FULL) == 0
-}
+/// The bits that say who holds the lock: the writer bit and the reader count.
+const HOLDERS: usize = WRITER | !(READER - 1);
 
 /// A readers-writer lock for coroutines (QEMU's `CoRwlock`), owning its data: any number of
 /// readers, or one writer. Waiting suspends the coroutine, not the thread, and the lock works
 /// across contexts: coroutines on several [`IoThread`](crate::aio::IoThread)s may share it
 /// (through an `Arc`), and a waiter is woken on its own context whatever thread releases.
 ///
-/// * **Fair.** Waiters queue first in, first out, and a reader that finds anybody queued
-///   queues too, so a stream of readers cannot starve a writer.
-/// * **No barging.** On release the lock is handed to the waiters at the head of the queue
-///   *before* they are woken; nobody can slip in between. A run of readers at the head is
-///   handed the lock together.
+/// * **Eventually fair.** Waiters queue first in, first out, and a reader that finds readers
+///   holding the lock with anybody waiting queues too, so a stream of readers cannot starve
+///   a writer. A release frees the lock and wakes the head of the queue, the *candidate*,
+///   which takes the lock when it runs unless a running locker took it first (*barging*); a
+///   candidate that loses spins while the new holder can be running, then goes back to the
+///   front of the queue. Once a waiter has waited 1 ms, the lock turns *starving*: releases
+///   hand it to the head of the queue without freeing it and nobody takes it past a waiter
+///   (QEMU's `CoRwlock` always works this way). A run of queued readers is let in together.
+///
+///   Handing over on every release is what QEMU does, and with more threads than CPUs it
+///   collapses: once waiters of two threads interleave in the queue, every acquisition wakes
+///   a sleeping thread, and a read-mostly workload on two IoThreads (`sync_perf`'s
+///   `multi/rwlock_cross_thread`, 3 million operations) took 8 s instead of 15 ms in one run
+///   out of five. Barging lets the running threads batch, as `CoMutex` does.
+/// * **Spins only while it pays.** A locker that finds the lock held spins briefly before it
+///   queues, and only while the last acquirer's thread can be running; never against a
+///   writer of its own thread (a suspended coroutine of its own thread cannot let go while
+///   it spins); see `adaptive_spin`.
 /// * **Cheap when uncontended.** One atomic state word: taking or releasing a read lock or the
 ///   write lock is one atomic read-modify-write (a compare-and-swap to take, a subtraction to
-///   release). An internal spinlock is taken only to queue or to hand the lock over.
+///   release). An internal spinlock is taken only to queue or to serve the queue.
 /// * [`CoRwLockReadGuard::upgrade`] and [`CoRwLockWriteGuard::downgrade`] as in QEMU.
 ///
 /// Guards may be held across a yield (that is what the lock is for); they stay with their
@@ -100,8 +116,8 @@ impl<T> CoRwLock<T> {
 }
 
 impl<T: ?Sized> CoRwLock<T> {
-    /// Takes a read lock, suspending the coroutine while a writer holds the lock or anybody is
-    /// queued (QEMU's `qemu_co_rwlock_rdlock`).
+    /// Takes a read lock, suspending the coroutine while a writer holds the lock, or readers
+    /// do and somebody waits (QEMU's `qemu_co_rwlock_rdlock`).
     ///
     /// A coroutine that already holds a read lock and takes another can deadlock: if a writer
     /// queued in between, the second read waits behind it, and the writer waits for the first.
@@ -117,8 +133,8 @@ impl<T: ?Sized> CoRwLock<T> {
         CoRwLockReadGuard { lock: self, _not_send: PhantomData }
     }
 
-    /// Takes the write lock, suspending the coroutine while anybody holds the lock or is queued
-    /// (QEMU's `qemu_co_rwlock_wrlock`).
+    /// Takes the write lock, suspending the coroutine while anybody holds the lock (QEMU's
+    /// `qemu_co_rwlock_wrlock`).
     ///
     /// # Panics
     ///
@@ -131,14 +147,15 @@ impl<T: ?Sized> CoRwLock<T> {
         CoRwLockWriteGuard { lock: self, _not_send: PhantomData }
     }
 
-    /// Takes a read lock if that needs no waiting: no writer holds the lock and nobody is
-    /// queued. Works outside a coroutine too.
+    /// Takes a read lock if that needs no waiting: no writer holds the lock, and either nobody
+    /// holds it (and it is not starving) or nobody waits. Works outside a coroutine too.
     #[inline]
     pub fn try_read(&self) -> Option<CoRwLockReadGuard<'_, T>> {
         self.raw.try_read().then(|| CoRwLockReadGuard { lock: self, _not_send: PhantomData })
     }
 
-    /// Takes the write lock if nobody holds it. Works outside a coroutine too.
+    /// Takes the write lock if nobody holds it (and it is not starving). Works outside a
+    /// coroutine too.
     #[inline]
     pub fn try_write(&self) -> Option<CoRwLockWriteGuard<'_, T>> {
         self.raw.try_write().then(|| CoRwLockWriteGuard { lock: self, _not_send: PhantomData })
@@ -182,9 +199,9 @@ unsafe impl<T: ?Sized + Sync> Sync for CoRwLockReadGuard<'_, T> {}
 impl<'a, T: ?Sized> CoRwLockReadGuard<'a, T> {
     /// Turns this read lock into the write lock (QEMU's `qemu_co_rwlock_upgrade`).
     ///
-    /// Immediate if this is the only reader and nobody is queued. Otherwise the coroutine gives
-    /// up its read lock and queues as a writer behind everybody already queued, so the data may
-    /// change before it gets the write lock: re-check what was read.
+    /// Immediate if this is the only reader (and the lock is not starving). Otherwise the
+    /// coroutine gives up its read lock and queues as a writer behind everybody already
+    /// queued, so the data may change before it gets the write lock: re-check what was read.
     ///
     /// ```
     /// use aiocoro::aio::AioContext;
@@ -221,7 +238,7 @@ impl<'a, T: ?Sized> CoRwLockReadGuard<'a, T> {
             let wait = co.prepare_wait_as(false);
             // From here the raw lock takes over the read ownership.
             mem::forget(self);
-            lock.raw.upgrade_contended(wait);
+            lock.raw.upgrade_contended(co, wait);
         }
         CoRwLockWriteGuard { lock, _not_send: PhantomData }
     }
@@ -272,7 +289,7 @@ unsafe impl<T: ?Sized + Sync> Sync for CoRwLockWriteGuard<'_, T> {}
 
 impl<'a, T: ?Sized> CoRwLockWriteGuard<'a, T> {
     /// Turns the write lock into a read lock without ever waiting (QEMU's
-    /// `qemu_co_rwlock_downgrade`). Readers queued at the head of the queue join at once; a
+    /// `qemu_co_rwlock_downgrade`). Readers queued at the head of the queue are let in at once; a
     /// queued writer stays queued (and keeps later readers out).
     ///
     /// ```
@@ -338,71 +355,83 @@ impl<T: ?Sized + fmt::Display> fmt::Display for CoRwLockWriteGuard<'_, T> {
     }
 }
 
-/// A queued coroutine: its wake record (woken once, by the hand-over that grants it the lock,
-/// while it waits) and what it wants.
+/// A queued coroutine: its wake record (woken once, by the `serve` that pops it, while it
+/// waits) and what it wants.
 struct Waiter {
     waker: WaitRef,
     writer: bool,
 }
 
-/// The wakers of the waiters one hand-over granted the lock to, woken once the queue lock is
-/// released. (The common single waiter needs no allocation.)
-#[derive(Default)]
-struct Granted {
-    first: Option<WaitRef>,
-    rest: Vec<WaitRef>,
-}
-
-impl Granted {
-    fn push(&mut self, waker: WaitRef) {
-        if self.first.is_none() {
-            self.first = Some(waker);
-        } else {
-            self.rest.push(waker);
-        }
-    }
-
-    /// Wakes them, in queue order.
-    fn wake(self) {
-        if let Some(first) = self.first {
-            // SAFETY: each record was popped from the queue once, by the hand-over that
-            // granted its coroutine the lock, and that coroutine waits until this wake: a
-            // CoRwLock wait is not cancelled by its context's shutdown (`prepare_wait_as`), so
-            // nothing else ends it, and its context stays alive meanwhile.
-            unsafe { first.wake() };
-        }
-        for waker in self.rest {
-            // SAFETY: as above.
-            unsafe { waker.wake() };
-        }
-    }
+/// How a locker that reached the queue goes on.
+#[derive(PartialEq, Eq)]
+enum Queued {
+    /// It took the lock instead.
+    Acquired,
+    /// It waits in the queue.
+    Waiting,
 }
 
 /// The lock without its data.
 struct RawCoRwLock {
-    /// `WRITER` bit | `QUEUED` bit | reader count × `READER`.
+    /// `WRITER` | `QUEUED` | `CANDIDATE` | `HANDED` | `STARVING` | reader count × `READER`.
+    ///
+    /// Every change is a read-modify-write of this word (no plain store), so each one reads
+    /// the latest value and the releases form one release sequence.
     ///
     /// Invariants:
     /// 1. `WRITER` and a non-zero reader count never hold together: the holders are one writer,
     ///    or readers, or nobody.
-    /// 2. `QUEUED` is set exactly when `waiters` is not empty, as seen under `queue_lock`: it is
-    ///    set (together with the push) and cleared (together with the pop that empties the
-    ///    queue) only by a holder of `queue_lock`.
-    /// 3. Nobody takes the lock past a set `QUEUED` bit: the fast paths need it clear, and a
-    ///    slow path that finds it set queues. So waiters are served in queue order, and
-    ///    readers never overtake a queued writer.
-    /// 4. The release that leaves the state at exactly `QUEUED` (no holder, waiters queued)
-    ///    obliges its maker to take `queue_lock` and hand the lock to the head of the queue. In
-    ///    that state, and while the only holder is a writer with `QUEUED` set, nobody but the
-    ///    holder of `queue_lock` can change the word (every fast path fails, and the holders
-    ///    that could release are the caller itself), so a hand-over may simply store the new
-    ///    state.
-    /// 5. A hand-over stores the new holders (the woken waiters) before it wakes them: a woken
-    ///    waiter owns the lock already.
+    /// 2. `QUEUED` is set exactly when `waiters` is not empty, as seen under `queue_lock`: it
+    ///    changes only under `queue_lock`, with the push that fills the queue or the pop that
+    ///    empties it. `STARVING` is set only with `QUEUED` and cleared with it.
+    /// 3. `CANDIDATE` is set while a waiter that `serve` popped is on its way: woken, not yet
+    ///    back in the queue or in the lock's ownership for good. Only `serve` sets it, under
+    ///    `queue_lock`, with the pop, and only when it was clear: there is at most one
+    ///    candidate. Only the candidate clears it. `HANDED` goes with it when `serve` handed
+    ///    the candidate the lock (counted it among the holders) instead of waking it to take
+    ///    it.
+    /// 4. Who may take the lock without queueing (*barging*, see `barge`): a writer when
+    ///    nobody holds it and it is not `STARVING`; a reader when no writer holds it and
+    ///    either nobody does and it is not `STARVING`, or readers do and nobody waits (neither
+    ///    `QUEUED` nor `CANDIDATE`: readers never join past a waiter, so they drain and a
+    ///    queued writer's turn comes). The candidate may take it when the holders are
+    ///    compatible (`may_hold`) whatever the flags.
+    /// 5. No wake-up is lost: whenever `QUEUED` is set and `CANDIDATE` is not, either somebody
+    ///    holds the lock, and the release that leaves it without holders sees the flags and
+    ///    runs `serve`; or whoever left it without holders in that state still has to run
+    ///    `serve`. The transitions that reach "no holders, `QUEUED`, no `CANDIDATE`" are:
+    ///    a release (`read_unlock`, `write_unlock`, an upgrade that gives up the last read
+    ///    lock), whose maker reads the new value and serves; a candidate clearing `CANDIDATE`
+    ///    never does it (it clears it only while it holds the lock, taken or handed, or,
+    ///    going back to the queue, while somebody incompatible holds it); a locker setting
+    ///    `QUEUED` only does it while the lock is held, or when `QUEUED` was set already
+    ///    (starving, a serve due). `serve`, under `queue_lock`, pops the head as the candidate
+    ///    when the holders are compatible with it (none for a writer, no writer for a reader);
+    ///    otherwise the holders' release is due. A candidate in turn takes the lock (and its
+    ///    release serves), or goes back to the front of the queue as above.
+    /// 6. `serve` pops a waiter only while it is not `STARVING`, waking it as the candidate,
+    ///    or while `STARVING`, handing it the lock: it counts it among the holders in the same
+    ///    compare-and-swap (`HANDED`), so nobody takes the lock past it, and the starving lock
+    ///    is handed from waiter to waiter as QEMU's always is. `STARVING` is set by a candidate
+    ///    that goes back to the queue after waiting
+    ///    [`STARVATION_NS`](super::comutex::STARVATION_NS) since it first queued; cleared with
+    ///    the last pop, or by a handed waiter that waited less.
+    /// 7. A reader candidate that took the lock, and a reader handed it, serve the next head
+    ///    if it is a reader too: a run of queued readers is admitted together, one wake after
+    ///    another.
     state: AtomicUsize,
+    /// The thread (`comutex::thread_id`) of the last coroutine that took the lock: a hint
+    /// for lockers, which spin only while that thread may be running, and not at all when a
+    /// writer holds the lock and the hint names their own thread (a suspended coroutine of
+    /// their thread is the writer: spinning cannot let it run). Readers on several threads
+    /// share the lock, so under readers it names one of them, or a thread whose readers left
+    /// already: a locker spins then even if the hint is its own thread. It only steers
+    /// spinning, never what the lock does.
+    holder_thread: AtomicU32,
     /// Protects `waiters`; held only for a few instructions, never across a yield.
     queue_lock: RawSpinLock,
-    /// The queued coroutines, oldest first; touched only under `queue_lock`.
+    /// The queued coroutines, oldest first (a candidate that lost goes back to the front);
+    /// touched only under `queue_lock`.
     waiters: UnsafeCell<VecDeque<Waiter>>,
 }
 
@@ -412,10 +441,35 @@ unsafe impl Send for RawCoRwLock {}
 // SAFETY: as above.
 unsafe impl Sync for RawCoRwLock {}
 
+/// Whether holders described by `state` leave room for a writer (`writer`) or one more reader.
+#[inline]
+fn may_hold(state: usize, writer: bool) -> bool {
+    if writer { state & HOLDERS == 0 } else { state & (WRITER | READERS_FULL) == 0 }
+}
+
+/// Whether a writer (`writer`) or a reader may take the lock described by `state` without
+/// queueing (invariant 4).
+#[inline]
+fn barge(state: usize, writer: bool) -> bool {
+    if state & HOLDERS == 0 {
+        state & STARVING == 0
+    } else {
+        !writer && state & (WRITER | QUEUED | CANDIDATE | READERS_FULL) == 0
+    }
+}
+
+/// Whether a release that left the lock in `state` must run `serve`: nobody holds it, waiters
+/// are queued, and no candidate is on its way (invariant 5).
+#[inline]
+fn must_serve(state: usize) -> bool {
+    state & !STARVING == QUEUED
+}
+
 impl RawCoRwLock {
     fn new() -> Self {
         RawCoRwLock {
             state: AtomicUsize::new(0),
+            holder_thread: AtomicU32::new(0),
             queue_lock: RawSpinLock::new(),
             waiters: UnsafeCell::new(VecDeque::new()),
         }
@@ -432,84 +486,203 @@ impl RawCoRwLock {
         unsafe { &mut *self.waiters.get() }
     }
 
-    /// Takes a read lock if no writer holds it and nobody is queued.
+    /// Records this thread as the holder's (see `holder_thread`).
     #[inline]
-    fn try_read(&self) -> bool {
+    fn note_holder(&self, me: u32) {
+        if self.holder_thread.load(Ordering::Relaxed) != me {
+            self.holder_thread.store(me, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes a read lock (`writer` false) or the write lock if that needs no queueing
+    /// (invariant 4).
+    #[inline]
+    fn try_barge(&self, writer: bool) -> bool {
+        let add = if writer { WRITER } else { READER };
         let mut state = self.state.load(Ordering::Relaxed);
-        while read_lockable(state) {
+        while barge(state, writer) {
             match self.state.compare_exchange_weak(
                 state,
-                state + READER,
+                state + add,
                 Ordering::Acquire,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return true,
+                Ok(_) => {
+                    self.note_holder(thread_id());
+                    return true;
+                }
                 Err(now) => state = now,
             }
         }
         false
     }
 
-    /// Takes the write lock if it is free (then nobody is queued either: invariant 4).
+    /// Takes a read lock if no writer holds it and either nobody holds it or nobody waits.
     #[inline]
-    fn try_write(&self) -> bool {
-        self.state.compare_exchange(0, WRITER, Ordering::Acquire, Ordering::Relaxed).is_ok()
+    fn try_read(&self) -> bool {
+        self.try_barge(false)
     }
 
-    /// Takes the lock, or queues and suspends until a hand-over grants it.
+    /// Takes the write lock if nobody holds it (and it is not starving).
+    #[inline]
+    fn try_write(&self) -> bool {
+        if self.state.compare_exchange(0, WRITER, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+            self.note_holder(thread_id());
+            return true;
+        }
+        self.try_barge(true)
+    }
+
+    /// Polls `take` while the last holder's thread may be running, unless a writer of our own
+    /// thread holds the lock (see `holder_thread`); returns whether `take` succeeded.
+    fn spin(&self, me: u32, take: impl FnMut() -> bool) -> bool {
+        let ours = self.holder_thread.load(Ordering::Relaxed) == me
+            && self.state.load(Ordering::Relaxed) & WRITER != 0;
+        !ours && adaptive_spin::spin(take, || self.holder_thread.load(Ordering::Relaxed))
+    }
+
+    /// Takes the lock after a spin, or queues and suspends until it is ours.
     #[cold]
     fn lock_contended(&self, co: &Co, writer: bool) {
-        // Fail, if at all, before queueing: a hand-over to a waiter that is gone would leave
-        // the lock held by nobody.
+        let me = thread_id();
+        if self.spin(me, || self.try_barge(writer)) {
+            return;
+        }
+        // Fail, if at all, before queueing: a serve that pops a waiter that is gone would
+        // leave the queue unserved.
         co.assert_may_yield(0);
-        // Not cancelled by the context's shutdown: a queued waiter is granted the lock by a
-        // hand-over and must be there to take it (it is cancelled at its next wait instead).
+        // Not cancelled by the context's shutdown: a queued waiter may be handed the lock and
+        // must be there to take it (it is cancelled at its next wait instead).
         let wait = co.prepare_wait_as(false);
+        if self.enqueue(&wait, writer, None) == Queued::Acquired {
+            self.note_holder(me);
+            return;
+        }
+        self.wait_turn(co, wait, writer, Patience::start());
+    }
+
+    /// Under `queue_lock`: takes the lock if a locker may (invariant 4), or the candidate may
+    /// when `requeue` is `Some(starved)` (then it also stops being the candidate), or queues
+    /// `wait`: at the tail, or at the front for a candidate, which turns the lock starving if
+    /// `starved`.
+    fn enqueue(&self, wait: &Wait<'_>, writer: bool, requeue: Option<bool>) -> Queued {
+        let add = if writer { WRITER } else { READER };
         self.queue_lock.lock_raw();
         let mut state = self.state.load(Ordering::Relaxed);
-        loop {
-            let (new, acquired) = if writer && state == 0 {
-                (WRITER, true)
-            } else if !writer && read_lockable(state) {
-                (state + READER, true)
-            } else if state & QUEUED != 0 {
-                // Others are queued already: behind them (invariant 3).
-                break;
-            } else if !writer && state & (WRITER | READERS_FULL) == READERS_FULL {
-                // SAFETY: we hold `queue_lock`.
-                unsafe { self.queue_lock.unlock_raw() };
-                panic!(
-                    "aiocoro: a CoRwLock has {} read guards; the reader count is full (are \
-                     guards being leaked with mem::forget?)",
-                    state / READER
-                );
-            } else {
-                // Held and nobody queued: we are the first waiter.
-                (state | QUEUED, false)
-            };
-            match self.state.compare_exchange(state, new, Ordering::Acquire, Ordering::Relaxed) {
-                Ok(_) if acquired => {
+        let queued = loop {
+            let (new, queued) = match requeue {
+                None if barge(state, writer) => (state + add, Queued::Acquired),
+                Some(_) if may_hold(state, writer) => (state + add - CANDIDATE, Queued::Acquired),
+                None if !writer && state & (WRITER | READERS_FULL) == READERS_FULL => {
                     // SAFETY: we hold `queue_lock`.
                     unsafe { self.queue_lock.unlock_raw() };
-                    return;
+                    panic!(
+                        "aiocoro: a CoRwLock has {} read guards; the reader count is full (are \
+                         guards being leaked with mem::forget?)",
+                        (state & !(READER - 1)) / READER
+                    );
                 }
-                Ok(_) => break,
-                // A holder released meanwhile (or another reader joined): look again.
+                // Held (or starving with a serve due): the holders' release serves the queue
+                // (invariant 5).
+                None => (state | QUEUED, Queued::Waiting),
+                Some(starved) => {
+                    let starving = if starved { STARVING } else { 0 };
+                    ((state - CANDIDATE) | QUEUED | starving, Queued::Waiting)
+                }
+            };
+            match self.state.compare_exchange(state, new, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => break queued,
+                // A holder released meanwhile (or another locker took the lock): look again.
                 Err(now) => state = now,
+            }
+        };
+        if queued == Queued::Waiting {
+            let waiter = Waiter { waker: wait.wait_ref(), writer };
+            // SAFETY: we hold `queue_lock`.
+            let waiters = unsafe { self.waiters() };
+            if requeue.is_some() {
+                waiters.push_front(waiter);
+            } else {
+                waiters.push_back(waiter);
             }
         }
         // SAFETY: we hold `queue_lock`.
-        unsafe { self.waiters().push_back(Waiter { waker: wait.wait_ref(), writer }) };
-        // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
-        // Woken only by the hand-over that granted us the lock (invariant 5); the wait absorbs
-        // stray wakes.
-        wait.wait();
+        if queued == Queued::Acquired && requeue.is_some() {
+            self.took_as_candidate(state + add - CANDIDATE, writer);
+        }
+        queued
+    }
+
+    /// Waits in the queue until the lock is ours: handed to us, or taken by us as the
+    /// candidate; a candidate that loses to a barger (and a spin against it) goes back to the
+    /// front of the queue.
+    fn wait_turn<'co>(
+        &self,
+        co: &'co Co,
+        mut wait: Wait<'co>,
+        writer: bool,
+        mut patience: Patience,
+    ) {
+        let me = thread_id();
+        loop {
+            // Woken only by the serve that popped us; the wait absorbs stray wakes.
+            wait.wait();
+            // We are the candidate (invariant 3). Acquire: if handed, pairs with the serve that
+            // counted us, which read the releases before it.
+            if self.state.load(Ordering::Acquire) & HANDED != 0 {
+                let mut done = CANDIDATE | HANDED;
+                if !patience.exhausted() {
+                    done |= STARVING;
+                }
+                let before = self.state.fetch_and(!done, Ordering::Acquire);
+                self.note_holder(me);
+                self.took_as_candidate(before & !done, writer);
+                return;
+            }
+            if self.spin(me, || self.try_take_as_candidate(writer)) {
+                self.note_holder(me);
+                return;
+            }
+            patience.lost();
+            wait = co.prepare_wait_as(false);
+            if self.enqueue(&wait, writer, Some(patience.exhausted())) == Queued::Acquired {
+                self.note_holder(me);
+                return;
+            }
+        }
+    }
+
+    /// The candidate takes the lock if the holders leave room (invariant 4), and stops being
+    /// the candidate.
+    fn try_take_as_candidate(&self, writer: bool) -> bool {
+        let add = if writer { WRITER } else { READER };
+        let mut state = self.state.load(Ordering::Relaxed);
+        while may_hold(state, writer) {
+            let new = state + add - CANDIDATE;
+            match self.state.compare_exchange_weak(state, new, Ordering::Acquire, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.took_as_candidate(new, writer);
+                    return true;
+                }
+                Err(now) => state = now,
+            }
+        }
+        false
+    }
+
+    /// After the candidate took the lock, or was handed it, leaving `state`: a reader lets
+    /// the readers queued behind it in (invariant 7).
+    #[inline]
+    fn took_as_candidate(&self, state: usize, writer: bool) {
         if cfg!(debug_assertions) {
-            let state = self.state.load(Ordering::Acquire);
-            let held =
-                if writer { state & WRITER != 0 } else { state & WRITER == 0 && state >= READER };
-            debug_assert!(held, "aiocoro: a CoRwLock waiter woke without the lock");
+            let state = self.state.load(Ordering::Relaxed);
+            let held = if writer { state & WRITER != 0 } else { state & HOLDERS >= READER };
+            debug_assert!(held, "aiocoro: a CoRwLock waiter went on without the lock");
+        }
+        if !writer && state & (QUEUED | CANDIDATE) == QUEUED {
+            self.serve();
         }
     }
 
@@ -520,9 +693,8 @@ impl RawCoRwLock {
     /// The caller holds a read lock.
     #[inline]
     unsafe fn read_unlock(&self) {
-        if self.state.fetch_sub(READER, Ordering::Release) == READER | QUEUED {
-            // The last reader, with waiters queued: ours to hand over (invariant 4).
-            self.hand_over();
+        if must_serve(self.state.fetch_sub(READER, Ordering::Release) - READER) {
+            self.serve();
         }
     }
 
@@ -533,104 +705,111 @@ impl RawCoRwLock {
     /// The caller holds the write lock.
     #[inline]
     unsafe fn write_unlock(&self) {
-        if self.state.fetch_sub(WRITER, Ordering::Release) != WRITER {
-            // It was `WRITER | QUEUED`: ours to hand over (invariant 4).
-            self.hand_over();
+        if must_serve(self.state.fetch_sub(WRITER, Ordering::Release) - WRITER) {
+            self.serve();
         }
     }
 
-    /// Hands the lock, which nobody holds, to the head of the queue.
+    /// Pops the head of the queue as the candidate if the holders are compatible with it and
+    /// no candidate is on its way (invariants 5 and 6), and wakes it.
     #[cold]
-    fn hand_over(&self) {
+    fn serve(&self) {
         self.queue_lock.lock_raw();
-        // Acquire: the releases of the earlier holders (each reader's `fetch_sub` continues the
-        // release sequence) happen before whatever the new holders do.
-        let state = self.state.load(Ordering::Acquire);
-        debug_assert_eq!(state, QUEUED, "aiocoro: CoRwLock hand-over from a held state");
-        // SAFETY: we hold `queue_lock`; the state is exactly `QUEUED`, which only we may change
-        // (invariant 4).
-        let granted = unsafe { self.grant(0) };
+        // SAFETY: we hold `queue_lock`.
+        let popped = unsafe { self.pop_candidate() };
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
-        granted.wake();
+        if let Some(waker) = popped {
+            // SAFETY: the record was popped once, here, and its coroutine waits until this
+            // wake: a CoRwLock wait is not cancelled by its context's shutdown
+            // (`prepare_wait_as`), so nothing else ends it, and its context stays alive
+            // meanwhile.
+            unsafe { waker.wake() };
+        }
     }
 
-    /// Grants the lock to the waiters at the head of the queue that can hold it together with
-    /// `readers` remaining readers (a writer only if `readers` is 0), stores the new state, and
-    /// returns the wakers to wake.
+    /// `serve`'s work under `queue_lock`: returns the waker of the popped head, if any.
     ///
     /// # Safety
     ///
-    /// The caller holds `queue_lock`, and the state is one that only it may change (invariant
-    /// 4): exactly `QUEUED`, or a writer (the caller) with `QUEUED`, which the caller gives up.
-    unsafe fn grant(&self, mut readers: usize) -> Granted {
+    /// The caller holds `queue_lock`.
+    unsafe fn pop_candidate(&self) -> Option<WaitRef> {
         // SAFETY: the caller holds `queue_lock`.
         let waiters = unsafe { self.waiters() };
-        let mut granted = Granted::default();
-        let mut state = if readers == 0 && waiters.front().is_some_and(|waiter| waiter.writer) {
-            let waiter = waiters.pop_front().expect("checked above");
-            granted.push(waiter.waker);
-            WRITER
-        } else {
-            while waiters.front().is_some_and(|waiter| !waiter.writer) {
-                let waiter = waiters.pop_front().expect("checked above");
-                granted.push(waiter.waker);
-                readers += 1;
+        let writer = waiters.front()?.writer;
+        let mut state = self.state.load(Ordering::Relaxed);
+        loop {
+            if state & CANDIDATE != 0 || !may_hold(state, writer) {
+                // The candidate, or the holders' release, is due to serve (invariant 5).
+                return None;
             }
-            readers * READER
-        };
-        if !waiters.is_empty() {
-            state |= QUEUED;
+            let mut new = state | CANDIDATE;
+            if state & STARVING != 0 {
+                new += HANDED + if writer { WRITER } else { READER };
+            }
+            if waiters.len() == 1 {
+                new &= !(QUEUED | STARVING);
+            }
+            // Acquire: a handed waiter's hold starts after the releases we read; release: it
+            // reads this.
+            match self.state.compare_exchange(state, new, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(now) => state = now,
+            }
         }
-        self.state.store(state, Ordering::Release);
-        granted
+        waiters.pop_front().map(|waiter| waiter.waker)
     }
 
-    /// Turns the caller's read lock into the write lock if it is the only reader and nobody is
-    /// queued.
+    /// Turns the caller's read lock into the write lock if it is the only reader and nobody
+    /// waits.
     #[inline]
     fn try_upgrade(&self) -> bool {
         self.state.compare_exchange(READER, WRITER, Ordering::Acquire, Ordering::Relaxed).is_ok()
     }
 
-    /// Upgrades now if that became possible; otherwise gives up the caller's read lock, queues
-    /// it as a writer at the tail, and suspends until a hand-over grants it the write lock.
+    /// Upgrades now if the caller is the only reader (and the lock not starving); otherwise
+    /// gives up the caller's read lock, queues it as a writer at the tail, and suspends until
+    /// the write lock is ours.
     ///
     /// The caller holds a read lock, whose ownership passes to this function.
     #[cold]
-    fn upgrade_contended(&self, wait: Wait<'_>) {
+    fn upgrade_contended(&self, co: &Co, wait: Wait<'_>) {
+        let me = thread_id();
         self.queue_lock.lock_raw();
-        if self.try_upgrade() {
+        let mut state = self.state.load(Ordering::Relaxed);
+        let upgraded = loop {
+            let alone = state & HOLDERS == READER && state & STARVING == 0;
+            // Release for what we read; acquire in case we take the write lock, or leave it
+            // free and serve a waiter (see `pop_candidate`).
+            let new = if alone { state - READER + WRITER } else { (state - READER) | QUEUED };
+            match self.state.compare_exchange(state, new, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => break if alone { None } else { Some(new) },
+                Err(now) => state = now,
+            }
+        };
+        let Some(left) = upgraded else {
             // SAFETY: we hold `queue_lock`.
             unsafe { self.queue_lock.unlock_raw() };
+            self.note_holder(me);
             return;
-        }
+        };
         // SAFETY: we hold `queue_lock`.
         unsafe { self.waiters().push_back(Waiter { waker: wait.wait_ref(), writer: true }) };
-        // Leave the readers and mark the queue non-empty in one step, so that whichever reader
-        // leaves last sees `QUEUED` and hands over. Release for what we read; acquire in case
-        // we are that last reader and hand over to a writer.
-        let before = self
-            .state
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |state| {
-                Some((state - READER) | QUEUED)
-            })
-            .expect("the closure always gives a new state");
-        let granted = if (before - READER) | QUEUED == QUEUED {
-            // We were the last reader: ours to hand over (invariant 4), maybe to ourselves.
-            // SAFETY: we hold `queue_lock`, and the state is exactly `QUEUED`.
-            unsafe { self.grant(0) }
+        // The last reader gone: ours to serve (invariant 5), never ourselves (a waiter other
+        // than us was queued, or we would have upgraded in place).
+        let popped = if must_serve(left) {
+            // SAFETY: we hold `queue_lock`.
+            unsafe { self.pop_candidate() }
         } else {
-            Granted::default()
+            None
         };
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
-        granted.wake();
-        wait.wait();
-        debug_assert!(
-            self.state.load(Ordering::Acquire) & WRITER != 0,
-            "aiocoro: a CoRwLock upgrade woke without the write lock"
-        );
+        if let Some(waker) = popped {
+            // SAFETY: as in `serve`.
+            unsafe { waker.wake() };
+        }
+        self.wait_turn(co, wait, true, Patience::start());
     }
 
     /// Turns the caller's write lock into a read lock; readers at the head of the queue join.
@@ -647,12 +826,89 @@ impl RawCoRwLock {
 
     #[cold]
     fn downgrade_contended(&self) {
-        self.queue_lock.lock_raw();
-        // SAFETY: we hold `queue_lock`; the state is `WRITER | QUEUED` with the caller the
-        // writer, which only we may change (invariant 4). We stay as one reader.
-        let granted = unsafe { self.grant(1) };
-        // SAFETY: we hold `queue_lock`.
-        unsafe { self.queue_lock.unlock_raw() };
-        granted.wake();
+        let before = self
+            .state
+            .fetch_update(Ordering::Release, Ordering::Relaxed, |state| {
+                Some(state - WRITER + READER)
+            })
+            .expect("the closure always gives a new state");
+        if (before - WRITER + READER) & (QUEUED | CANDIDATE) == QUEUED {
+            // A reader at the head joins (a writer there stays queued).
+            self.serve();
+        }
+    }
+}
+
+#[cfg(all(test, not(aiocoro_loom)))]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, mpsc};
+    use std::time::Duration;
+
+    use super::{CANDIDATE, CoRwLock, HANDED, QUEUED, STARVING, WRITER};
+    use crate::aio::IoThread;
+    use crate::sync::comutex::STARVATION_NS;
+
+    /// Waits until `lock`'s state has all of `flags`.
+    fn wait_for_flags(lock: &CoRwLock<u32>, flags: usize) {
+        while lock.raw.state.load(Ordering::Relaxed) & flags != flags {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Runs a coroutine on `iothread` that blocks the thread until the returned sender sends
+    /// (or drops): wakes for that thread's coroutines wait in its inbox meanwhile.
+    fn block_thread(iothread: &IoThread) -> mpsc::Sender<()> {
+        let (blocked_tx, blocked_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        iothread
+            .handle()
+            .spawn(move |_co| {
+                blocked_tx.send(()).unwrap();
+                let _ = go_rx.recv();
+            })
+            .unwrap();
+        blocked_rx.recv().unwrap();
+        go_tx
+    }
+
+    #[test]
+    fn a_writer_passed_over_by_readers_for_longer_than_the_starvation_bound_is_handed_the_lock() {
+        let iothread = IoThread::spawn("rwlock-starving").unwrap();
+        let lock = Arc::new(CoRwLock::new(0u32));
+        let holder = lock.try_read().expect("the lock starts free");
+        let (written_tx, written_rx) = mpsc::channel();
+        let l = lock.clone();
+        iothread
+            .handle()
+            .spawn(move |co| {
+                *l.write(co) += 1;
+                written_tx.send(()).unwrap();
+            })
+            .unwrap();
+        wait_for_flags(&lock, QUEUED);
+        let go = block_thread(&iothread);
+        drop(holder);
+        // The writer was woken as the candidate, but its thread is busy: a running reader
+        // takes the free lock first.
+        let barger = lock.try_read().expect("freed for a running locker");
+        std::thread::sleep(Duration::from_nanos(2 * STARVATION_NS));
+        // The writer runs, finds the lock read, spins, and goes back to the queue, starving.
+        drop(go);
+        wait_for_flags(&lock, QUEUED | STARVING);
+        let go = block_thread(&iothread);
+        assert!(lock.try_read().is_none(), "a starving lock lets no reader past a waiter");
+        drop(barger);
+        assert_eq!(
+            lock.raw.state.load(Ordering::Relaxed),
+            WRITER | CANDIDATE | HANDED,
+            "a starving lock is handed to the waiting writer, not freed"
+        );
+        assert!(lock.try_read().is_none() && lock.try_write().is_none());
+        drop(go);
+        written_rx.recv().unwrap();
+        iothread.stop();
+        assert_eq!(lock.raw.state.load(Ordering::Relaxed), 0, "free, and no longer starving");
+        assert_eq!(*lock.try_read().unwrap(), 1);
     }
 }
