@@ -25,7 +25,7 @@ use super::inbox::Inbox;
 use super::notify::{Blocker, WakeupHandshake};
 use super::timer::{Timer, TimerQueue, clock_ns};
 use super::uring::FileIo;
-use super::wait::{WaitState, WakeReason};
+use super::wait::{WaitId, WaitState, WakeReason};
 use crate::coroutine::{Co, Coroutine, ParkState, in_coroutine};
 use crate::sys;
 
@@ -925,12 +925,27 @@ impl Local {
         }
         drop(std::mem::take(&mut *self.tasks.borrow_mut()));
         drop(self.shared.inbox.take_all());
+        self.abandon_leaked_waits();
         // The ring goes with its context, once the kernel is done with what it still holds.
         self.file_io.close(self);
         if let Some(panic) = panic
             && !std::thread::panicking()
         {
             std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// Tells the locks that queued the waits still registered here (their coroutines will never
+    /// run again) to abandon them (see [`Abandon`](super::wait::Abandon)), so that no lock waits
+    /// for one of them: once the context is down, when no wake can reach them any more.
+    fn abandon_leaked_waits(&self) {
+        let leaked = self.waits.borrow_mut().keys_where(|state| state.on_leak.is_some());
+        for key in leaked {
+            let on_leak =
+                self.waits.borrow_mut().get_mut(key).and_then(|state| state.on_leak.take());
+            if let Some(on_leak) = on_leak {
+                on_leak.abandon(WaitId::Context { shared: Arc::as_ptr(&self.shared), key });
+            }
         }
     }
 

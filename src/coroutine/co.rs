@@ -81,6 +81,9 @@ pub struct Co {
     /// A loom model's token whose waits are cancelled (see [`Co::model_cancelled`]).
     #[cfg(aiocoro_loom)]
     model_cancelled: bool,
+    /// A loom model's token whose waits are leaked (see [`Co::model_leaked`]).
+    #[cfg(aiocoro_loom)]
+    model_leaked: bool,
 }
 
 impl std::fmt::Debug for Co {
@@ -99,6 +102,8 @@ impl Co {
             model: false,
             #[cfg(aiocoro_loom)]
             model_cancelled: false,
+            #[cfg(aiocoro_loom)]
+            model_leaked: false,
         }
     }
 
@@ -113,6 +118,7 @@ impl Co {
             _not_send: PhantomData,
             model: true,
             model_cancelled: false,
+            model_leaked: false,
         }
     }
 
@@ -129,6 +135,23 @@ impl Co {
     #[cfg(aiocoro_loom)]
     pub(crate) fn is_model_cancelled(&self) -> bool {
         self.model_cancelled
+    }
+
+    /// Like [`Co::model`], but the first wait of the token is leaked as a shutdown that cannot
+    /// finish it leaks it, right when it would suspend (loom builds only): the lock that queued
+    /// it abandons it (see `aio::wait::Abandon`), racing the other model threads, and the
+    /// model thread then unwinds out of the lock call with a private payload, standing in for
+    /// a coroutine that never runs again (a real one is never unwound).
+    #[cfg(aiocoro_loom)]
+    #[doc(hidden)]
+    pub fn model_leaked() -> Co {
+        Co { model_leaked: true, ..Co::model() }
+    }
+
+    /// Whether this is a loom model's token whose waits are leaked.
+    #[cfg(aiocoro_loom)]
+    pub(crate) fn is_model_leaked(&self) -> bool {
+        self.model_leaked
     }
 
     /// Whether this is a loom model's token.

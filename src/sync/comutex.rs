@@ -9,7 +9,7 @@ use super::asymmetric_fence;
 use super::lock::Lock;
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
-use crate::aio::{ParkRecord, PendingWake, Wait, WaitRef};
+use crate::aio::{Abandon, OnLeak, ParkRecord, PendingWake, Wait, WaitId, WaitRef};
 use crate::coroutine::Co;
 #[cfg(debug_assertions)]
 use crate::loom::AtomicU64;
@@ -309,7 +309,7 @@ impl RawCoMutex {
                 return;
             }
             patience.lost();
-            wait = co.prepare_wait();
+            wait = self.prepare_wait(co);
             self.requeue(&wait, patience.exhausted());
         }
     }
@@ -342,22 +342,42 @@ impl RawCoMutex {
         }
     }
 
-    /// Our wait in `waiters` was cancelled by our context's shutdown: takes our record out of
-    /// the queue; or, if a `serve_head` or hand-over popped it already (only they pop, and
-    /// each pop makes the popped waiter the candidate), ends our candidacy, passing on the
-    /// lock if it was handed to us, or giving up our turn with the handshake (see `remote`).
-    /// Then unwinds. Either way the lock is never left with a coroutine that will not run.
+    /// Starts a wait of `co` in `waiters`. Its context's shutdown cancels it as any other (the
+    /// waiter then `leave`s), or, if the shutdown leaks it instead, `abandon`s it for the
+    /// waiter.
+    fn prepare_wait<'co>(&self, co: &'co Co) -> Wait<'co> {
+        // SAFETY: the wait is waited on in `wait_turn`, which holds `self` until it ends.
+        let on_leak = unsafe { OnLeak::new(self) };
+        co.prepare_wait_as(co.may_be_cancelled(), Some(on_leak))
+    }
+
+    /// Our wait in `waiters` was cancelled by our context's shutdown: we give up our place
+    /// (`give_up`), then unwind.
+    #[cold]
+    #[inline(never)]
+    fn leave(&self, co: &Co, wait: Wait<'_>) -> ! {
+        self.give_up(wait.id());
+        drop(wait);
+        co.unwind_cancelled()
+    }
+
+    /// The waiter of `wait`, a wait in `waiters` that is still registered (its coroutine has not
+    /// run since it was woken, if it was), will not take the lock: takes its record out of the
+    /// queue; or, if a `serve_head` or hand-over popped it already (only they pop, and each pop
+    /// makes the popped waiter the candidate), ends its candidacy, passing on the lock if it
+    /// was handed to it, or giving up its turn with the handshake (see `remote`). Either way
+    /// the lock is never left with a coroutine that will not run. Must be called on the
+    /// waiter's thread (a lock handed to it is this thread's to pass on).
     ///
     /// A removal under `queue_lock` is as if the record had never been queued, except for the
     /// waiters that queued behind it without the handshake, and those rely only on counts that
     /// are the length of the queue when stored, which still counts them.
     #[cold]
-    #[inline(never)]
-    fn leave(&self, co: &Co, wait: Wait<'_>) -> ! {
+    fn give_up(&self, wait: WaitId) {
         self.queue_lock.lock_raw();
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
         let waiters = unsafe { &mut *self.waiters.get() };
-        let popped_as = match waiters.iter().position(|waiter| waiter.record.is_for(&wait)) {
+        let popped_as = match waiters.iter().position(|waiter| waiter.record.names(wait)) {
             Some(index) => {
                 waiters.remove(index);
                 self.count(waiters);
@@ -378,14 +398,13 @@ impl RawCoMutex {
             None => {}
             Some(HANDED) => {
                 self.note_holder();
-                // SAFETY: the lock was handed to us (the pop and the store of our thread into
-                // `state` happen together under `queue_lock`, which we took after them).
+                // SAFETY: the lock was handed to the waiter, on this thread (the pop and the
+                // store of its thread into `state` happen together under `queue_lock`, which we
+                // took after them), and it never ran since.
                 unsafe { self.unlock() };
             }
             Some(_) => self.handshake(),
         }
-        drop(wait);
-        co.unwind_cancelled()
     }
 
     /// Takes the lock if it comes free while we spin, or queues this coroutine and says how
@@ -410,7 +429,7 @@ impl RawCoMutex {
         // Fail, if at all, before queueing a waiter: a hand-over to a waiter that is gone
         // would leave the lock held by nobody.
         co.assert_may_yield(0);
-        let wait = co.prepare_wait();
+        let wait = self.prepare_wait(co);
         self.queue_lock.lock_raw();
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
         let waiters = unsafe { &mut *self.waiters.get() };
@@ -457,8 +476,9 @@ impl RawCoMutex {
         }
         self.candidate.store(turn, Ordering::Relaxed);
         // SAFETY: each record is popped once, and its coroutine still waits: it is woken only
-        // by a pop, and a cancelled one takes `queue_lock`, which our caller holds, before it
-        // leaves. Claimed now, the wake stays valid after `queue_lock` is released.
+        // by a pop, and a cancelled or abandoned one takes `queue_lock`, which our caller
+        // holds, before it leaves (`give_up`). Claimed now, the wake stays valid after
+        // `queue_lock` is released.
         (unsafe { next.record.claim() }, next.thread)
     }
 
@@ -531,6 +551,14 @@ impl RawCoMutex {
     /// debug assertions: with a guard in hand it is always true).
     pub fn is_locked(&self) -> bool {
         self.state.load(Ordering::Relaxed) != 0
+    }
+}
+
+/// A waiter whose context's shutdown leaked it (it will never run) gives up its place as a
+/// cancelled one does, run by that shutdown on its thread.
+impl Abandon for RawCoMutex {
+    fn abandon(&self, wait: WaitId) {
+        self.give_up(wait);
     }
 }
 

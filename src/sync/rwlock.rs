@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
-use crate::aio::{Wait, WaitRef};
+use crate::aio::{Abandon, OnLeak, Wait, WaitId, WaitRef};
 use crate::coroutine::Co;
 use crate::loom::AtomicUsize;
 
@@ -217,8 +217,7 @@ impl<'a, T: ?Sized> CoRwLockReadGuard<'a, T> {
             // Checked and prepared while the guard still owns the read lock, so that a panic
             // here (a yield that may not happen, no context) releases it normally.
             co.assert_may_yield(0);
-            // Not cancelled by the context's shutdown (see `lock_contended`).
-            let wait = co.prepare_wait_as(false);
+            let wait = lock.raw.prepare_wait(co);
             // From here the raw lock takes over the read ownership.
             mem::forget(self);
             lock.raw.upgrade_contended(wait);
@@ -366,9 +365,11 @@ impl Granted {
     fn wake(self) {
         if let Some(first) = self.first {
             // SAFETY: each record was popped from the queue once, by the hand-over that
-            // granted its coroutine the lock, and that coroutine waits until this wake: a
-            // CoRwLock wait is not cancelled by its context's shutdown (`prepare_wait_as`), so
-            // nothing else ends it, and its context stays alive meanwhile.
+            // granted its coroutine the lock, and that wait stays registered until this wake:
+            // a CoRwLock wait is not cancelled by its context's shutdown (`prepare_wait`), so
+            // nothing else ends it, and its context stays alive meanwhile (a shutdown that
+            // leaks the wait instead, and releases the lock for it, leaks it registered, with
+            // its context).
             unsafe { first.wake() };
         }
         for waker in self.rest {
@@ -456,15 +457,23 @@ impl RawCoRwLock {
         self.state.compare_exchange(0, WRITER, Ordering::Acquire, Ordering::Relaxed).is_ok()
     }
 
+    /// Starts a wait of `co` in `waiters`. Not cancelled by the context's shutdown: a queued
+    /// waiter is granted the lock by a hand-over and must be there to take it (it is cancelled
+    /// at its next wait instead). If the shutdown leaks it instead, it is abandoned.
+    fn prepare_wait<'co>(&self, co: &'co Co) -> Wait<'co> {
+        // SAFETY: the wait is waited on in `lock_contended` or `upgrade_contended`, which hold
+        // `self` until it ends.
+        let on_leak = unsafe { OnLeak::new(self) };
+        co.prepare_wait_as(false, Some(on_leak))
+    }
+
     /// Takes the lock, or queues and suspends until a hand-over grants it.
     #[cold]
     fn lock_contended(&self, co: &Co, writer: bool) {
         // Fail, if at all, before queueing: a hand-over to a waiter that is gone would leave
         // the lock held by nobody.
         co.assert_may_yield(0);
-        // Not cancelled by the context's shutdown: a queued waiter is granted the lock by a
-        // hand-over and must be there to take it (it is cancelled at its next wait instead).
-        let wait = co.prepare_wait_as(false);
+        let wait = self.prepare_wait(co);
         self.queue_lock.lock_raw();
         let mut state = self.state.load(Ordering::Relaxed);
         loop {
@@ -654,5 +663,62 @@ impl RawCoRwLock {
         // SAFETY: we hold `queue_lock`.
         unsafe { self.queue_lock.unlock_raw() };
         granted.wake();
+    }
+}
+
+/// A waiter whose context's shutdown leaked it (it will never run) leaves the queue; if a
+/// hand-over granted it the lock already, the lock is released for it. So the lock never stays
+/// with a coroutine that cannot run.
+impl Abandon for RawCoRwLock {
+    fn abandon(&self, wait: WaitId) {
+        self.queue_lock.lock_raw();
+        // SAFETY: we hold `queue_lock`.
+        let waiters = unsafe { self.waiters() };
+        let queued = waiters.iter().position(|waiter| waiter.waker.names(wait));
+        if let Some(index) = queued {
+            waiters.remove(index);
+            if waiters.is_empty() {
+                self.clear_queued();
+            }
+        }
+        // SAFETY: we hold `queue_lock`.
+        unsafe { self.queue_lock.unlock_raw() };
+        if queued.is_some() {
+            return;
+        }
+        // Granted (only a hand-over pops, and it grants): the wait is still registered, so its
+        // coroutine has not run since and still holds what it was granted, and `WRITER` says
+        // what that is (a writer excludes every other holder, readers exclude a writer).
+        // Acquire: the grant was stored before the queue lock we took after it.
+        if self.state.load(Ordering::Acquire) & WRITER != 0 {
+            // SAFETY: the waiter holds the write lock, which it gives up through us.
+            unsafe { self.write_unlock() };
+        } else {
+            // SAFETY: the waiter holds a read lock, which it gives up through us.
+            unsafe { self.read_unlock() };
+        }
+    }
+}
+
+impl RawCoRwLock {
+    /// Clears `QUEUED` once an abandoned waiter was taken out of the queue and left it empty
+    /// (invariant 2). Not from exactly `QUEUED`: a release that left that state owes a
+    /// hand-over and waits for `queue_lock`, and the hand-over finds the queue empty and frees
+    /// the lock. From any other state the holders' releases find `QUEUED` clear and owe none.
+    ///
+    /// Must be called under `queue_lock`.
+    fn clear_queued(&self) {
+        let mut state = self.state.load(Ordering::Relaxed);
+        while state != QUEUED {
+            match self.state.compare_exchange_weak(
+                state,
+                state & !QUEUED,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(now) => state = now,
+            }
+        }
     }
 }
