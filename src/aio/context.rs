@@ -360,14 +360,21 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///    next wait), a wait in a destructor that runs during a cancellation. The non-blocking
 ///    polls here are bounded as in the drain. So a shutdown waits
 ///    for a lock that such a coroutine needs and another thread holds; if the thread that drops
-///    the context holds it, that is a deadlock, as in QEMU's drain. A running thread-pool job is
+///    the context holds it, that is a deadlock, as in QEMU's drain. A shutdown run by a
+///    coroutine of the context (it dropped the last handle) does not block at all: it could
+///    wait for itself, so it leaves those waits to step 3. A running thread-pool job is
 ///    waited for (it may use the coroutine's memory); a queued one is dropped unrun.
 /// 3. **Down.** What is left is leaked, never resumed and never unwound: coroutines parked
 ///    where the shutdown cannot reach them (a `CoQueue` waiter under a
 ///    [`NoLock`](crate::sync::NoLock), a `CoMutex` waiter behind a holder outside every
-///    coroutine of this context), or that keep waiting after catching their cancellation.
-///    Their park records are skipped by the lock operations that find them later. Messages
-///    and callbacks still queued are dropped, and so are coroutines spawned but never started.
+///    coroutine of this context), waits that could not be cancelled and were not waited for
+///    (above), and coroutines that keep waiting after catching their cancellation.
+///    Their park records are skipped by the lock operations that find them later. A lock
+///    never waits for a leaked coroutine: a `CoMutex` or `CoRwLock` waiter still queued is
+///    taken out of the queue, and one that an unlock had popped already gives up what it was
+///    given (its turn to take the lock, or the lock itself, which goes to the next waiter), as
+///    a cancelled waiter does; so the lock stays usable by every other thread. Messages and
+///    callbacks still queued are dropped, and so are coroutines spawned but never started.
 ///
 /// A coroutine that panics (other than by its cancellation) during the shutdown has its panic
 /// continue from the drop once the context is down. Cancellation is a panic with a private

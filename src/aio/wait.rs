@@ -346,7 +346,7 @@ impl Wait<'_> {
             if self.co.is_model_cancelled() {
                 return None;
             }
-            if self.co.is_model_leaked() {
+            if self.co.model_leaks_now() {
                 self.leak_model(*on_leak);
             }
             parker.park();

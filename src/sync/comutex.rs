@@ -43,6 +43,10 @@ use crate::loom::{AtomicBool, AtomicU32};
 ///   is a plain pop and wake: no atomic operation, no spinlock.
 /// * A waiter from another thread pays for the plain-store unlock: after it queues, it runs a
 ///   heavy fence (a `membarrier` system call) that pairs with the unlockers' compiler fence.
+/// * A waiter from another thread that will never run (its context shut down: a cancelled
+///   wait, or one the shutdown leaked) gives up its place on its own thread: it leaves the
+///   queue, or, if an unlock popped it already, gives up its turn or passes the lock it was
+///   handed to the next waiter. The lock is never left with a coroutine that cannot run.
 pub struct RawCoMutex {
     /// The holder's thread id (`thread_id`); 0 when free.
     ///
@@ -93,7 +97,12 @@ pub struct RawCoMutex {
     /// candidate is on its way, and a candidate either takes the lock (and its release comes
     /// later still), or gives up its turn with the same handshake: under `queue_lock` it ends
     /// its candidacy and stores the count again (going back to the front of the queue, or
-    /// leaving it when cancelled), then runs F_W and looks at `state`.
+    /// leaving it when cancelled), then runs F_W and looks at `state`. A candidate whose
+    /// coroutine can never run (its context's shutdown leaked the wait, and dropped or refused
+    /// the wake) does neither itself: that shutdown gives its turn up for it, on its thread,
+    /// with the same steps (`give_up`, run by `Abandon::abandon`), once the context is down;
+    /// the wake it then refuses or drops is of no consequence. A HANDED one's lock is passed on
+    /// by the same `give_up` with `unlock`, as if it had taken it.
     ///
     /// Only a waiter that finds `waiters` empty when it pushes needs the handshake (and its
     /// system call). One that finds a waiter W0 ahead of it is popped after W0, and W0 is
@@ -106,7 +115,8 @@ pub struct RawCoMutex {
     /// Whether a popped waiter is on its way, and how: [`NO_CANDIDATE`], [`WOKEN`] (it will
     /// try to take the free lock) or [`HANDED`] (it holds the lock). Set under `queue_lock` by
     /// whoever pops a waiter, which it does only while this is [`NO_CANDIDATE`]; set back by
-    /// the candidate alone, so there is at most one.
+    /// the candidate alone (or, for a candidate that can never run, by its context's shutdown
+    /// on its behalf: see `remote`), so there is at most one.
     candidate: AtomicU32,
     /// Whether unlocks hand the lock over instead of freeing it (see the type's doc). Only a
     /// hint: each unlock and `serve_head` keeps the queue served whatever it reads.
