@@ -945,11 +945,18 @@ impl Local {
     /// Tells the locks that queued the waits still registered here (their coroutines will never
     /// run again) to abandon them (see [`Abandon`](super::wait::Abandon)), so that no lock waits
     /// for one of them: once the context is down, when no wake can reach them any more.
+    ///
+    /// A wake such a wait received already (its run item was dropped unrun) is voided: what it
+    /// was for (a turn, a lock) is given up by the abandon, so the wait must never end. Nothing
+    /// delivers to a context that is down, so a stray `enter` of its coroutine finds it still
+    /// waiting and yields at once.
     fn abandon_leaked_waits(&self) {
         let leaked = self.waits.borrow_mut().keys_where(|state| state.on_leak.is_some());
         for key in leaked {
-            let on_leak =
-                self.waits.borrow_mut().get_mut(key).and_then(|state| state.on_leak.take());
+            let on_leak = self.waits.borrow_mut().get_mut(key).and_then(|state| {
+                state.delivered = None;
+                state.on_leak.take()
+            });
             if let Some(on_leak) = on_leak {
                 on_leak.abandon(WaitId::Context { shared: Arc::as_ptr(&self.shared), key });
             }
