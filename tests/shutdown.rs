@@ -521,3 +521,38 @@ fn a_corwlock_is_never_granted_to_a_waiter_leaked_by_a_shutdown() {
     iothread.stop();
     assert_eq!(*lock.try_read().expect("the lock ends free"), 1);
 }
+
+#[test]
+fn a_coqueue_wake_skips_a_consumer_leaked_by_a_shutdown() {
+    // The leaked consumer was cancelled in its CoQueue wait and leaked while it took the mutex
+    // back, before it could leave the queue: its record is still first there. A producer's
+    // wake must go to the live consumer queued behind it, not be lost with the leaked one.
+    let state = Arc::new((CoMutex::new(0u32), CoQueue::new()));
+    let guard = leak_a_comutex_waiter(&state, || state.0.try_lock().expect("released"));
+    drop(guard);
+    let iothread = IoThread::spawn("live-consumer").unwrap();
+    let (done, finished) = mpsc::channel();
+    let s = state.clone();
+    spawn_and_settle(&iothread, move |co, started| {
+        started.send(()).unwrap();
+        let (lock, queue) = &*s;
+        let mut guard = lock.lock(co);
+        while *guard == 0 {
+            queue.wait(co, &mut guard);
+        }
+        *guard -= 1;
+        done.send(()).unwrap();
+    });
+    {
+        let (lock, queue) = &*state;
+        let mut guard = lock.try_lock().expect("the live consumer released the mutex");
+        *guard += 1;
+        assert!(queue.next(&mut guard), "a live consumer waits");
+    }
+    finished.recv_timeout(Duration::from_secs(10)).expect("the wake reached the live consumer");
+    iothread.stop();
+    let (lock, queue) = &*state;
+    let guard = lock.try_lock().expect("the lock ends free");
+    assert_eq!(*guard, 0, "the item was consumed once");
+    assert!(queue.is_empty(&guard), "the leaked consumer's record was dropped with the wake");
+}

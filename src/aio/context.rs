@@ -143,6 +143,12 @@ impl Shared {
         self.inbox.is_closed()
     }
 
+    /// Whether the context has shut down: the coroutines still suspended in it never run
+    /// again.
+    pub(crate) fn is_down(&self) -> bool {
+        self.inbox.is_shut()
+    }
+
     /// Queues a pending BH: on the home thread in the local queue, elsewhere through the inbox
     /// (a context that has shut down drops it).
     pub(crate) fn enqueue_bh(&self, bh: Arc<BhCore>) {
@@ -373,7 +379,10 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///    never waits for a leaked coroutine: a `CoMutex` or `CoRwLock` waiter still queued is
 ///    taken out of the queue, and one that an unlock had popped already gives up what it was
 ///    given (its turn to take the lock, or the lock itself, which goes to the next waiter), as
-///    a cancelled waiter does; so the lock stays usable by every other thread. Messages and
+///    a cancelled waiter does; so the lock stays usable by every other thread. A `CoQueue`
+///    record left by a leaked waiter (cancelled, then leaked while it took its lock back) is
+///    dropped by the queue's next wake, which goes to the next waiter instead; only a wake
+///    that pops it while this shutdown is still running is lost with it. Messages and
 ///    callbacks still queued are dropped, and so are coroutines spawned but never started.
 ///
 /// A coroutine that panics (other than by its cancellation) during the shutdown has its panic

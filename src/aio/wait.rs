@@ -642,6 +642,22 @@ impl WaitRef {
 }
 
 impl WaitRef {
+    /// Whether the suspension's context has shut down: its coroutine never runs again (the
+    /// shutdown leaked it), so a wake would be lost with it.
+    ///
+    /// # Safety
+    ///
+    /// As [`WaitRef::wake`]: the suspension still waits (a leaked one waits for good), so its
+    /// context is alive.
+    pub(crate) unsafe fn is_leaked(&self) -> bool {
+        match self {
+            // SAFETY: the context is alive (the caller's contract and the type invariant).
+            WaitRef::Context { shared, .. } => unsafe { shared.as_ref() }.is_down(),
+            #[cfg(aiocoro_loom)]
+            WaitRef::Model(_) => false,
+        }
+    }
+
     /// Whether this record was made for `wait` (by [`Wait::wait_ref`]).
     pub(crate) fn is_for(&self, wait: &Wait<'_>) -> bool {
         self.names(wait.id())
