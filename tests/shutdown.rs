@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use aiocoro::aio::{AioContext, IoThread, Sleeper, WakeReason};
-use aiocoro::sync::{CoMutex, CoQueue, NoLock, ThreadMutex};
+use aiocoro::sync::{CoMutex, CoQueue, CoRwLock, NoLock, ThreadMutex};
 
 /// Counts its drop: proof that a cancelled coroutine's destructors ran.
 struct Dropped(Arc<AtomicUsize>);
@@ -351,4 +351,208 @@ fn a_coroutine_that_reschedules_forever_does_not_hold_a_shutdown_up() {
     })
     .join()
     .unwrap();
+}
+
+/// Drops the last handle of `ctx` from inside one of its own coroutines: that shutdown cannot
+/// block for the waits it cannot cancel, so it leaks them (step 3 of `AioContext`'s shutdown).
+fn drop_inside_a_coroutine(ctx: AioContext) {
+    let last = ctx.clone();
+    let dropper = ctx.spawn(move |_co| drop(last));
+    drop(ctx);
+    dropper.join().unwrap();
+}
+
+/// On a thread of its own, a consumer takes `state`'s mutex and waits on its queue (the mutex
+/// is released meanwhile); once `hold` has been called (on this thread, by the caller, which
+/// takes the mutex in it), the consumer's context is dropped from inside a coroutine. The
+/// cancelled consumer re-takes the mutex for its guard, uncancellably, behind the caller's
+/// hold: the shutdown leaks it while it is queued for the mutex.
+fn leak_a_comutex_waiter<G>(state: &Arc<(CoMutex<u32>, CoQueue)>, hold: impl FnOnce() -> G) -> G {
+    let (waiting, consumer_waits) = mpsc::channel();
+    let (held, mutex_held) = mpsc::channel::<()>();
+    let s = state.clone();
+    let doomed = thread::spawn(move || {
+        let ctx = AioContext::new().unwrap();
+        ctx.spawn(move |co| {
+            let (lock, queue) = &*s;
+            let mut guard = lock.lock(co);
+            loop {
+                queue.wait(co, &mut guard);
+            }
+        });
+        // Runs the consumer until it waits.
+        ctx.poll(false);
+        waiting.send(()).unwrap();
+        mutex_held.recv().unwrap();
+        drop_inside_a_coroutine(ctx);
+    });
+    consumer_waits.recv_timeout(Duration::from_secs(10)).expect("the consumer waits");
+    let guard = hold();
+    held.send(()).unwrap();
+    doomed.join().unwrap();
+    guard
+}
+
+/// Runs a coroutine on `iothread` that blocks the thread until the returned sender sends (or
+/// drops): wakes for that thread's coroutines wait in its inbox meanwhile.
+fn block_thread(iothread: &IoThread) -> mpsc::Sender<()> {
+    let (blocked, is_blocked) = mpsc::channel();
+    let (go, resume) = mpsc::channel::<()>();
+    iothread
+        .handle()
+        .spawn(move |_co| {
+            blocked.send(()).unwrap();
+            let _ = resume.recv();
+        })
+        .unwrap();
+    is_blocked.recv_timeout(Duration::from_secs(10)).expect("the IoThread is blocked");
+    go
+}
+
+/// Waits until `iothread` has run a poll that started after this call.
+fn round_trip(iothread: &IoThread) {
+    let (done, polled) = mpsc::channel();
+    iothread.handle().schedule_oneshot(move || done.send(()).unwrap()).unwrap();
+    polled.recv_timeout(Duration::from_secs(10)).expect("the IoThread polled");
+}
+
+#[test]
+fn a_comutex_waiter_leaked_by_a_shutdown_is_never_woken_as_the_candidate() {
+    // The leaked waiter is first in the mutex's queue, a live one from another thread second.
+    // Were the leaked one woken as the candidate when the holder lets go, its wake could never
+    // reach it, and nobody would serve the queue again.
+    let state = Arc::new((CoMutex::new(0u32), CoQueue::new()));
+    let guard = leak_a_comutex_waiter(&state, || state.0.try_lock().expect("released"));
+    let iothread = IoThread::spawn("after-leak").unwrap();
+    let (done, finished) = mpsc::channel();
+    let s = state.clone();
+    spawn_and_settle(&iothread, move |co, started| {
+        started.send(()).unwrap();
+        *s.0.lock(co) += 1;
+        done.send(()).unwrap();
+    });
+    drop(guard);
+    finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the waiter behind the leaked one got the lock");
+    iothread.stop();
+    assert_eq!(*state.0.try_lock().expect("the lock ends free"), 1);
+}
+
+#[test]
+fn a_starving_comutex_is_never_handed_to_a_waiter_leaked_by_a_shutdown() {
+    // A live waiter of an IoThread queues, then the leaked one behind it. The live one is
+    // woken but passed over (its thread is busy while the holder takes the lock back) for
+    // longer than the starvation bound, so the lock turns starving and unlocks hand it over
+    // without freeing it: to the live waiter, and by its unlock to the next in the queue.
+    // Were that the leaked waiter, the lock would stay held by it for every other thread.
+    let state = Arc::new((CoMutex::new(0u32), CoQueue::new()));
+    let iothread = IoThread::spawn("starving").unwrap();
+    let (done, finished) = mpsc::channel();
+    let guard = leak_a_comutex_waiter(&state, || {
+        let guard = state.0.try_lock().expect("released");
+        let s = state.clone();
+        spawn_and_settle(&iothread, move |co, started| {
+            started.send(()).unwrap();
+            *s.0.lock(co) += 1;
+            done.send(()).unwrap();
+        });
+        guard
+    });
+    let busy = block_thread(&iothread);
+    drop(guard);
+    let barger = state.0.try_lock().expect("freed for a running locker");
+    thread::sleep(Duration::from_millis(5));
+    drop(busy);
+    // The first poll runs the woken waiter, which finds the lock taken and queues again.
+    round_trip(&iothread);
+    round_trip(&iothread);
+    drop(barger);
+    finished.recv_timeout(Duration::from_secs(10)).expect("the live waiter got the lock");
+    let (locked, got_it) = mpsc::channel();
+    let s = state.clone();
+    let other = thread::spawn(move || {
+        let ctx = AioContext::new().unwrap();
+        ctx.run(move |co| *s.0.lock(co) += 1);
+        locked.send(()).unwrap();
+    });
+    got_it
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the lock was not handed to the leaked waiter");
+    other.join().unwrap();
+    iothread.stop();
+    assert_eq!(*state.0.try_lock().expect("the lock ends free"), 2);
+}
+
+#[test]
+fn a_corwlock_is_never_granted_to_a_waiter_leaked_by_a_shutdown() {
+    // A CoRwLock waiter cannot be cancelled (a hand-over grants it the lock before it runs),
+    // so a shutdown from inside a coroutine leaks it while it is queued. Were it granted the
+    // lock when the reader lets go, the lock would stay held by it for every other thread.
+    let lock = Arc::new(CoRwLock::new(0u32));
+    let reader = lock.try_read().unwrap();
+    let (queued, writer_queued) = mpsc::channel();
+    let l = lock.clone();
+    let doomed = thread::spawn(move || {
+        let ctx = AioContext::new().unwrap();
+        ctx.spawn(move |co| {
+            queued.send(()).unwrap();
+            *l.write(co) += 100;
+        });
+        ctx.poll(false);
+        drop_inside_a_coroutine(ctx);
+    });
+    writer_queued.recv_timeout(Duration::from_secs(10)).expect("the writer runs");
+    doomed.join().unwrap();
+    let iothread = IoThread::spawn("after-leak").unwrap();
+    let (done, finished) = mpsc::channel();
+    let l = lock.clone();
+    spawn_and_settle(&iothread, move |co, started| {
+        started.send(()).unwrap();
+        *l.write(co) += 1;
+        done.send(()).unwrap();
+    });
+    drop(reader);
+    if finished.recv_timeout(Duration::from_secs(10)).is_err() {
+        // Stopping the IoThread would wait for its writer (a CoRwLock wait is not cancelled).
+        std::mem::forget(iothread);
+        panic!("the writer behind the leaked one never got the lock");
+    }
+    iothread.stop();
+    assert_eq!(*lock.try_read().expect("the lock ends free"), 1);
+}
+
+#[test]
+fn a_coqueue_wake_skips_a_consumer_leaked_by_a_shutdown() {
+    // The leaked consumer was cancelled in its CoQueue wait and leaked while it took the mutex
+    // back, before it could leave the queue: its record is still first there. A producer's
+    // wake must go to the live consumer queued behind it, not be lost with the leaked one.
+    let state = Arc::new((CoMutex::new(0u32), CoQueue::new()));
+    let guard = leak_a_comutex_waiter(&state, || state.0.try_lock().expect("released"));
+    drop(guard);
+    let iothread = IoThread::spawn("live-consumer").unwrap();
+    let (done, finished) = mpsc::channel();
+    let s = state.clone();
+    spawn_and_settle(&iothread, move |co, started| {
+        started.send(()).unwrap();
+        let (lock, queue) = &*s;
+        let mut guard = lock.lock(co);
+        while *guard == 0 {
+            queue.wait(co, &mut guard);
+        }
+        *guard -= 1;
+        done.send(()).unwrap();
+    });
+    {
+        let (lock, queue) = &*state;
+        let mut guard = lock.try_lock().expect("the live consumer released the mutex");
+        *guard += 1;
+        assert!(queue.next(&mut guard), "a live consumer waits");
+    }
+    finished.recv_timeout(Duration::from_secs(10)).expect("the wake reached the live consumer");
+    iothread.stop();
+    let (lock, queue) = &*state;
+    let guard = lock.try_lock().expect("the lock ends free");
+    assert_eq!(*guard, 0, "the item was consumed once");
+    assert!(queue.is_empty(&guard), "the leaked consumer's record was dropped with the wake");
 }

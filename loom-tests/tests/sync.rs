@@ -43,6 +43,14 @@
 //!   reader gives up its read lock and queues as a writer in one step, and the other reader's
 //!   release serves it (or the other reader comes after the upgrade and waits for it).
 //! * `corwlock_upgrade_and_downgrade`: an upgrade beside a writer that downgrades.
+//! * `comutex_waiter_leaked_while_the_holder_hands_over`,
+//!   `comutex_starving_lock_handed_to_a_waiter_leaked_meanwhile` and
+//!   `corwlock_waiter_leaked_while_the_reader_hands_over`: a queued waiter's wait is leaked by
+//!   its context's shutdown (`Co::model_leaked`: the waiter never runs again) while the holder
+//!   releases, which may pop it (as the candidate, woken or handed the lock): the lock
+//!   abandons the wait (the waiter leaves the queue, or its candidacy, and the lock if it was
+//!   handed it, are given up for it), and the other waiters and lockers still get the lock (one handed to, or
+//!   waited for by, the leaked waiter would leave them parked: a deadlock).
 
 #![cfg(aiocoro_loom)]
 
@@ -456,5 +464,121 @@ fn shared_resource_hands_units_over() {
         resource.release(1);
         other.join().unwrap();
         assert_eq!(resource.available(), 1);
+    });
+}
+
+/// A waiter is leaked while it is queued for a CoMutex, in a race with the holder's unlock,
+/// which may wake it as the candidate, and a second waiter queueing. Checked to fail (a
+/// deadlock) with the shutdown's abandon taken out.
+#[test]
+fn comutex_waiter_leaked_while_the_holder_hands_over() {
+    three_party_model(|| {
+        let counter = Arc::new(CoMutex::new(UnsafeCell::new(0u32)));
+        let co = Co::model();
+        let guard = counter.lock(&co);
+        let leaked = {
+            let counter = counter.clone();
+            thread::spawn(move || {
+                let co = Co::model_leaked(0);
+                // Returns whether it got the lock: it may find it free before it queues.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let guard = counter.lock(&co);
+                    // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                    guard.with_mut(|value| unsafe { *value += 100 });
+                }))
+                .is_ok()
+            })
+        };
+        let waiter = {
+            let counter = counter.clone();
+            thread::spawn(move || {
+                let co = Co::model();
+                let guard = counter.lock(&co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                guard.with_mut(|value| unsafe { *value += 1 });
+            })
+        };
+        drop(guard);
+        let leaked_got_in = leaked.join().unwrap();
+        waiter.join().unwrap();
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        let total = counter.lock(&co).with(|value| unsafe { *value });
+        assert_eq!(total, if leaked_got_in { 101 } else { 1 });
+        assert!(!counter.raw().is_locked());
+    });
+}
+
+/// A waiter woken as the candidate loses the lock to a barger, goes back to the queue (the
+/// lock turns starving) and is leaked there, in a race with the barger's unlock, which hands
+/// it the lock. Checked to fail (a deadlock) with the shutdown's abandon taken out.
+#[test]
+fn comutex_starving_lock_handed_to_a_waiter_leaked_meanwhile() {
+    loom::model(|| {
+        let counter = Arc::new(CoMutex::new(UnsafeCell::new(0u32)));
+        let co = Co::model();
+        let guard = counter.lock(&co);
+        let leaked = {
+            let counter = counter.clone();
+            thread::spawn(move || {
+                // Its first wait ends normally (woken as the candidate); the next is leaked.
+                let co = Co::model_leaked(1);
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let guard = counter.lock(&co);
+                    // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                    guard.with_mut(|value| unsafe { *value += 100 });
+                }))
+                .is_ok()
+            })
+        };
+        drop(guard);
+        // Takes the lock again at once: past the waiter if it was woken as the candidate.
+        let guard = counter.lock(&co);
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        guard.with_mut(|value| unsafe { *value += 1 });
+        drop(guard);
+        let leaked_got_in = leaked.join().unwrap();
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        let total = counter.lock(&co).with(|value| unsafe { *value });
+        assert_eq!(total, if leaked_got_in { 101 } else { 1 });
+        assert!(!counter.raw().is_locked());
+    });
+}
+
+/// A writer is leaked while it is queued for a CoRwLock, in a race with the reader's release,
+/// which may grant it the lock, and a second writer queueing. Checked to fail (a deadlock)
+/// with the shutdown's abandon taken out.
+#[test]
+fn corwlock_waiter_leaked_while_the_reader_hands_over() {
+    three_party_model(|| {
+        let lock = Arc::new(CoRwLock::new(UnsafeCell::new(0u32)));
+        let co = Co::model();
+        let read = lock.read(&co);
+        let leaked = {
+            let lock = lock.clone();
+            thread::spawn(move || {
+                let co = Co::model_leaked(0);
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let guard = lock.write(&co);
+                    // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                    guard.with_mut(|value| unsafe { *value += 100 });
+                }))
+                .is_ok()
+            })
+        };
+        let writer = {
+            let lock = lock.clone();
+            thread::spawn(move || {
+                let co = Co::model();
+                let guard = lock.write(&co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                guard.with_mut(|value| unsafe { *value += 1 });
+            })
+        };
+        drop(read);
+        let leaked_got_in = leaked.join().unwrap();
+        writer.join().unwrap();
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        let total = lock.write(&co).with(|value| unsafe { *value });
+        assert_eq!(total, if leaked_got_in { 101 } else { 1 });
     });
 }

@@ -25,7 +25,7 @@ use super::inbox::Inbox;
 use super::notify::{Blocker, WakeupHandshake};
 use super::timer::{Timer, TimerQueue, clock_ns};
 use super::uring::FileIo;
-use super::wait::{WaitState, WakeReason};
+use super::wait::{WaitId, WaitState, WakeReason};
 use crate::coroutine::{Co, Coroutine, ParkState, in_coroutine};
 use crate::sys;
 
@@ -141,6 +141,12 @@ impl Shared {
     /// Whether the context refuses new work (it was closed or shut down).
     pub(crate) fn is_closed(&self) -> bool {
         self.inbox.is_closed()
+    }
+
+    /// Whether the context has shut down: the coroutines still suspended in it never run
+    /// again.
+    pub(crate) fn is_down(&self) -> bool {
+        self.inbox.is_shut()
     }
 
     /// Queues a pending BH: on the home thread in the local queue, elsewhere through the inbox
@@ -361,14 +367,24 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///    next wait), a wait in a destructor that runs during a cancellation. The non-blocking
 ///    polls here are bounded as in the drain. So a shutdown waits
 ///    for a lock that such a coroutine needs and another thread holds; if the thread that drops
-///    the context holds it, that is a deadlock, as in QEMU's drain. A running thread-pool job is
+///    the context holds it, that is a deadlock, as in QEMU's drain. A shutdown run by a
+///    coroutine of the context (it dropped the last handle) does not block at all: it could
+///    wait for itself, so it leaves those waits to step 3. A running thread-pool job is
 ///    waited for (it may use the coroutine's memory); a queued one is dropped unrun.
 /// 3. **Down.** What is left is leaked, never resumed and never unwound: coroutines parked
 ///    where the shutdown cannot reach them (a `CoQueue` waiter under a
 ///    [`NoLock`](crate::sync::NoLock), a `CoMutex` waiter behind a holder outside every
-///    coroutine of this context), or that keep waiting after catching their cancellation.
-///    Their park records are skipped by the lock operations that find them later. Messages
-///    and callbacks still queued are dropped, and so are coroutines spawned but never started.
+///    coroutine of this context), waits that could not be cancelled and were not waited for
+///    (above), and coroutines that keep waiting after catching their cancellation.
+///    Their park records are skipped by the lock operations that find them later. A lock
+///    never waits for a leaked coroutine: a `CoMutex` or `CoRwLock` waiter still queued is
+///    taken out of the queue, and one that an unlock had popped already gives up what it was
+///    given (its turn to take the lock, or the lock itself, which goes to the next waiter), as
+///    a cancelled waiter does; so the lock stays usable by every other thread. A `CoQueue`
+///    record left by a leaked waiter (cancelled, then leaked while it took its lock back) is
+///    dropped by the queue's next wake, which goes to the next waiter instead; only a wake
+///    that pops it while this shutdown is still running is lost with it. Messages and
+///    callbacks still queued are dropped, and so are coroutines spawned but never started.
 ///
 /// A coroutine that panics (other than by its cancellation) during the shutdown has its panic
 /// continue from the drop once the context is down. Cancellation is a panic with a private
@@ -928,12 +944,34 @@ impl Local {
         }
         drop(std::mem::take(&mut *self.tasks.borrow_mut()));
         drop(self.shared.inbox.take_all());
+        self.abandon_leaked_waits();
         // The ring goes with its context, once the kernel is done with what it still holds.
         self.file_io.close(self);
         if let Some(panic) = panic
             && !std::thread::panicking()
         {
             std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// Tells the locks that queued the waits still registered here (their coroutines will never
+    /// run again) to abandon them (see [`Abandon`](super::wait::Abandon)), so that no lock waits
+    /// for one of them: once the context is down, when no wake can reach them any more.
+    ///
+    /// A wake such a wait received already (its run item was dropped unrun) is voided: what it
+    /// was for (a turn, a lock) is given up by the abandon, so the wait must never end. Nothing
+    /// delivers to a context that is down, so a stray `enter` of its coroutine finds it still
+    /// waiting and yields at once.
+    fn abandon_leaked_waits(&self) {
+        let leaked = self.waits.borrow_mut().keys_where(|state| state.on_leak.is_some());
+        for key in leaked {
+            let on_leak = self.waits.borrow_mut().get_mut(key).and_then(|state| {
+                state.delivered = None;
+                state.on_leak.take()
+            });
+            if let Some(on_leak) = on_leak {
+                on_leak.abandon(WaitId::Context { shared: Arc::as_ptr(&self.shared), key });
+            }
         }
     }
 

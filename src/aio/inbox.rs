@@ -149,6 +149,11 @@ impl<T> Inbox<T> {
         marks(self.head.load(Ordering::Acquire)) & CLOSED != 0
     }
 
+    /// Whether [`Inbox::shut`] was called.
+    pub fn is_shut(&self) -> bool {
+        marks(self.head.load(Ordering::Acquire)) & SHUT != 0
+    }
+
     /// Whether the inbox looks empty (a snapshot; ordered after the caller's `SeqCst` fence).
     pub fn is_empty(&self) -> bool {
         unmarked(self.head.load(Ordering::Acquire)).is_null()

@@ -81,5 +81,5 @@ pub use sleep::Sleeper;
 pub use thread_pool::{ThreadPool, ThreadPoolConfig};
 pub use timer::{Timer, clock_ns};
 pub use uring::{IoEngine, fsync, io_engine, preadv, pwritev};
+pub(crate) use wait::{Abandon, OnLeak, ParkRecord, PendingWake, WaitId, WaitRef};
 pub use wait::{LocalWaker, Wait, WakeReason, Waker};
-pub(crate) use wait::{ParkRecord, PendingWake, WaitRef};

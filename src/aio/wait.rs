@@ -43,11 +43,13 @@ pub(crate) enum Outcome {
 }
 
 /// One suspension in the wait table: the suspended coroutine (owned here while it waits), the
-/// first wake it received, if any, and whether the context's shutdown may cancel it.
+/// first wake it received, if any, whether the context's shutdown may cancel it, and the lock
+/// to tell if the shutdown leaks it.
 pub(crate) struct WaitState {
     pub(crate) coroutine: Coroutine,
     pub(crate) delivered: Option<Outcome>,
     pub(crate) cancellable: bool,
+    pub(crate) on_leak: Option<OnLeak>,
 }
 
 impl WaitState {
@@ -68,6 +70,59 @@ impl WaitState {
         }
         first
     }
+}
+
+/// A lock that queues wake records of coroutines and gives the coroutine it pops something it
+/// must come and take (a turn, the lock itself): what it does when the context of a queued
+/// coroutine shuts down and leaks that coroutine's wait (step 3 of
+/// [`AioContext`](super::AioContext)'s shutdown). The coroutine will never run again, so the
+/// lock must not wait for it: it takes the wait's record out of its queue or, if a release
+/// popped it already, gives up or passes on what that release gave it, as the coroutine would
+/// have done had it been cancelled.
+///
+/// Called once per leaked wait, on the wait's thread, after its context is down (its inbox
+/// refuses wakes, nothing runs there again), while the wait is still registered: its coroutine
+/// stays suspended inside the lock's code for good, holding a reference to the lock.
+pub(crate) trait Abandon: Sync {
+    /// Abandons `wait`, which this lock queued.
+    fn abandon(&self, wait: WaitId);
+}
+
+/// The lock to tell if a shutdown leaks the wait that carries this (see [`Abandon`]).
+#[derive(Clone, Copy)]
+pub(crate) struct OnLeak {
+    lock: NonNull<dyn Abandon>,
+}
+
+impl OnLeak {
+    /// Tells `lock` about the leak.
+    ///
+    /// # Safety
+    ///
+    /// The wait that carries this is waited on by a coroutine that holds a reference to `lock`
+    /// until that wait ends (it suspends inside the lock's code), so `lock` is alive for as
+    /// long as the wait is registered.
+    pub(crate) unsafe fn new(lock: &(dyn Abandon + 'static)) -> OnLeak {
+        OnLeak { lock: NonNull::from(lock) }
+    }
+
+    /// Runs the lock's [`Abandon::abandon`] for `wait`, which carries this and is still
+    /// registered.
+    pub(crate) fn abandon(self, wait: WaitId) {
+        // SAFETY: `wait` is still registered, so its coroutine still holds the lock borrowed
+        // (the contract of `new`).
+        unsafe { self.lock.as_ref() }.abandon(wait);
+    }
+}
+
+/// Names one suspension, to find its [`WaitRef`] in a lock's queue.
+#[derive(Clone, Copy)]
+pub(crate) enum WaitId {
+    /// A suspension of the context whose shared half is `shared`.
+    Context { shared: *const Shared, key: Key },
+    /// A loom model's suspension.
+    #[cfg(aiocoro_loom)]
+    Model(*const super::wait_model::ModelParker),
 }
 
 /// A suspension being prepared: make wakers with it, hand them out, then [`Wait::wait`].
@@ -105,9 +160,10 @@ impl std::fmt::Debug for Wait<'_> {
 enum Target {
     /// In the wait table of a context.
     Context { local: Rc<Local>, key: Key },
-    /// A loom model's stand-in: the "coroutine" is a loom thread that parks.
+    /// A loom model's stand-in: the "coroutine" is a loom thread that parks; the lock to tell
+    /// if the model leaks the wait.
     #[cfg(aiocoro_loom)]
-    Model(Arc<super::wait_model::ModelParker>),
+    Model(Arc<super::wait_model::ModelParker>, Option<OnLeak>),
 }
 
 impl Co {
@@ -120,15 +176,16 @@ impl Co {
     /// When the context shuts down while the coroutine waits, the wait is cancelled: it does
     /// not return, the coroutine unwinds from it (see [`AioContext`](super::AioContext)).
     pub fn prepare_wait(&self) -> Wait<'_> {
-        self.prepare_wait_as(self.may_be_cancelled())
+        self.prepare_wait_as(self.may_be_cancelled(), None)
     }
 
     /// Like [`Co::prepare_wait`]; `cancellable` says whether the context's shutdown may cancel
     /// the wait. One that starts while the context cancels its coroutines is cancelled at once.
-    pub(crate) fn prepare_wait_as(&self, cancellable: bool) -> Wait<'_> {
+    /// `on_leak` is the lock to tell if the shutdown leaks the wait instead (see [`Abandon`]).
+    pub(crate) fn prepare_wait_as(&self, cancellable: bool, on_leak: Option<OnLeak>) -> Wait<'_> {
         #[cfg(aiocoro_loom)]
         if self.is_model() {
-            return Wait { co: self, target: Target::Model(Default::default()) };
+            return Wait { co: self, target: Target::Model(Default::default(), on_leak) };
         }
         let local = current_local("a coroutine wait");
         let delivered = (cancellable && local.is_cancelling()).then_some(Outcome::Cancelled);
@@ -136,6 +193,7 @@ impl Co {
             coroutine: self.current(),
             delivered,
             cancellable,
+            on_leak,
         });
         Wait { co: self, target: Target::Context { local, key } }
     }
@@ -213,7 +271,7 @@ impl Wait<'_> {
                 Waker { target: WakerTarget::Context { shared: local.shared.clone(), key: *key } }
             }
             #[cfg(aiocoro_loom)]
-            Target::Model(parker) => Waker { target: WakerTarget::Model(parker.clone()) },
+            Target::Model(parker, _) => Waker { target: WakerTarget::Model(parker.clone()) },
         }
     }
 
@@ -229,7 +287,18 @@ impl Wait<'_> {
                 WaitRef::Context { shared: unsafe { NonNull::new_unchecked(shared) }, key: *key }
             }
             #[cfg(aiocoro_loom)]
-            Target::Model(parker) => WaitRef::Model(parker.clone()),
+            Target::Model(parker, _) => WaitRef::Model(parker.clone()),
+        }
+    }
+
+    /// The name of this suspension, to find its records with [`WaitRef::names`].
+    pub(crate) fn id(&self) -> WaitId {
+        match &self.target {
+            Target::Context { local, key } => {
+                WaitId::Context { shared: Arc::as_ptr(&local.shared), key: *key }
+            }
+            #[cfg(aiocoro_loom)]
+            Target::Model(parker, _) => WaitId::Model(Arc::as_ptr(parker)),
         }
     }
 
@@ -245,7 +314,7 @@ impl Wait<'_> {
         match &self.target {
             Target::Context { local, key } => (local, *key),
             #[cfg(aiocoro_loom)]
-            Target::Model(_) => panic!("aiocoro: loom models of coroutines have no {what}"),
+            Target::Model(..) => panic!("aiocoro: loom models of coroutines have no {what}"),
         }
     }
 
@@ -273,9 +342,12 @@ impl Wait<'_> {
     #[inline(always)]
     pub(crate) fn suspend(&self) -> Option<WakeReason> {
         #[cfg(aiocoro_loom)]
-        if let Target::Model(parker) = &self.target {
+        if let Target::Model(parker, on_leak) = &self.target {
             if self.co.is_model_cancelled() {
                 return None;
+            }
+            if self.co.model_leaks_now() {
+                self.leak_model(*on_leak);
             }
             parker.park();
             return Some(WakeReason::Woken);
@@ -287,6 +359,16 @@ impl Wait<'_> {
                 None => self.co.yield_now(),
             }
         }
+    }
+
+    /// A loom model's stand-in for a shutdown that leaks this wait (see [`Co::model_leaked`]):
+    /// the lock abandons it, then the model thread unwinds out of the lock call.
+    #[cfg(aiocoro_loom)]
+    fn leak_model(&self, on_leak: Option<OnLeak>) -> ! {
+        if let Some(on_leak) = on_leak {
+            on_leak.abandon(self.id());
+        }
+        std::panic::resume_unwind(Box::new("aiocoro: a loom model's wait was leaked"))
     }
 
     /// Ends the wait and unwinds the coroutine: its context cancelled it.
@@ -560,14 +642,35 @@ impl WaitRef {
 }
 
 impl WaitRef {
+    /// Whether the suspension's context has shut down: its coroutine never runs again (the
+    /// shutdown leaked it), so a wake would be lost with it.
+    ///
+    /// # Safety
+    ///
+    /// As [`WaitRef::wake`]: the suspension still waits (a leaked one waits for good), so its
+    /// context is alive.
+    pub(crate) unsafe fn is_leaked(&self) -> bool {
+        match self {
+            // SAFETY: the context is alive (the caller's contract and the type invariant).
+            WaitRef::Context { shared, .. } => unsafe { shared.as_ref() }.is_down(),
+            #[cfg(aiocoro_loom)]
+            WaitRef::Model(_) => false,
+        }
+    }
+
     /// Whether this record was made for `wait` (by [`Wait::wait_ref`]).
     pub(crate) fn is_for(&self, wait: &Wait<'_>) -> bool {
-        match (self, &wait.target) {
-            (WaitRef::Context { shared, key }, Target::Context { local, key: own }) => {
-                key == own && ptr::eq(shared.as_ptr().cast_const(), Arc::as_ptr(&local.shared))
+        self.names(wait.id())
+    }
+
+    /// Whether this record was made for the suspension `id` names.
+    pub(crate) fn names(&self, id: WaitId) -> bool {
+        match (self, id) {
+            (WaitRef::Context { shared, key }, WaitId::Context { shared: own, key: own_key }) => {
+                *key == own_key && ptr::eq(shared.as_ptr().cast_const(), own)
             }
             #[cfg(aiocoro_loom)]
-            (WaitRef::Model(parker), Target::Model(own)) => Arc::ptr_eq(parker, own),
+            (WaitRef::Model(parker), WaitId::Model(own)) => ptr::eq(Arc::as_ptr(parker), own),
             #[cfg(aiocoro_loom)]
             _ => false,
         }

@@ -81,6 +81,10 @@ pub struct Co {
     /// A loom model's token whose waits are cancelled (see [`Co::model_cancelled`]).
     #[cfg(aiocoro_loom)]
     model_cancelled: bool,
+    /// A loom model's token that leaks a wait (see [`Co::model_leaked`]): how many of its
+    /// waits suspend normally first.
+    #[cfg(aiocoro_loom)]
+    model_leaked: Option<Cell<u32>>,
 }
 
 impl std::fmt::Debug for Co {
@@ -99,6 +103,8 @@ impl Co {
             model: false,
             #[cfg(aiocoro_loom)]
             model_cancelled: false,
+            #[cfg(aiocoro_loom)]
+            model_leaked: None,
         }
     }
 
@@ -113,6 +119,7 @@ impl Co {
             _not_send: PhantomData,
             model: true,
             model_cancelled: false,
+            model_leaked: None,
         }
     }
 
@@ -129,6 +136,28 @@ impl Co {
     #[cfg(aiocoro_loom)]
     pub(crate) fn is_model_cancelled(&self) -> bool {
         self.model_cancelled
+    }
+
+    /// Like [`Co::model`], but once `waits_before` of its waits have suspended normally, the
+    /// next one is leaked as a shutdown that cannot finish it leaks it, right when it would
+    /// suspend (loom builds only): the lock that queued it abandons it (see
+    /// `aio::wait::Abandon`), racing the other model threads, and the model thread then unwinds
+    /// out of the lock call with a private payload, standing in for a coroutine that never
+    /// runs again (a real one is never unwound).
+    #[cfg(aiocoro_loom)]
+    #[doc(hidden)]
+    pub fn model_leaked(waits_before: u32) -> Co {
+        Co { model_leaked: Some(Cell::new(waits_before)), ..Co::model() }
+    }
+
+    /// Whether the wait of this loom model's token that is about to suspend is leaked (each
+    /// call is one suspension).
+    #[cfg(aiocoro_loom)]
+    pub(crate) fn model_leaks_now(&self) -> bool {
+        let Some(left) = &self.model_leaked else { return false };
+        let leaks = left.get() == 0;
+        left.set(left.get().saturating_sub(1));
+        leaks
     }
 
     /// Whether this is a loom model's token.

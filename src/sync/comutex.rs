@@ -9,7 +9,7 @@ use super::asymmetric_fence;
 use super::lock::Lock;
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
-use crate::aio::{ParkRecord, PendingWake, Wait, WaitRef};
+use crate::aio::{Abandon, OnLeak, ParkRecord, PendingWake, Wait, WaitId, WaitRef};
 use crate::coroutine::Co;
 #[cfg(debug_assertions)]
 use crate::loom::AtomicU64;
@@ -43,6 +43,10 @@ use crate::loom::{AtomicBool, AtomicU32};
 ///   is a plain pop and wake: no atomic operation, no spinlock.
 /// * A waiter from another thread pays for the plain-store unlock: after it queues, it runs a
 ///   heavy fence (a `membarrier` system call) that pairs with the unlockers' compiler fence.
+/// * A waiter from another thread that will never run (its context shut down: a cancelled
+///   wait, or one the shutdown leaked) gives up its place on its own thread: it leaves the
+///   queue, or, if an unlock popped it already, gives up its turn or passes the lock it was
+///   handed to the next waiter. The lock is never left with a coroutine that cannot run.
 pub struct RawCoMutex {
     /// The holder's thread id (`thread_id`); 0 when free.
     ///
@@ -93,7 +97,12 @@ pub struct RawCoMutex {
     /// candidate is on its way, and a candidate either takes the lock (and its release comes
     /// later still), or gives up its turn with the same handshake: under `queue_lock` it ends
     /// its candidacy and stores the count again (going back to the front of the queue, or
-    /// leaving it when cancelled), then runs F_W and looks at `state`.
+    /// leaving it when cancelled), then runs F_W and looks at `state`. A candidate whose
+    /// coroutine can never run (its context's shutdown leaked the wait, and dropped or refused
+    /// the wake) does neither itself: that shutdown gives its turn up for it, on its thread,
+    /// with the same steps (`give_up`, run by `Abandon::abandon`), once the context is down;
+    /// the wake it then refuses or drops is of no consequence. A HANDED one's lock is passed on
+    /// by the same `give_up` with `unlock`, as if it had taken it.
     ///
     /// Only a waiter that finds `waiters` empty when it pushes needs the handshake (and its
     /// system call). One that finds a waiter W0 ahead of it is popped after W0, and W0 is
@@ -106,7 +115,8 @@ pub struct RawCoMutex {
     /// Whether a popped waiter is on its way, and how: [`NO_CANDIDATE`], [`WOKEN`] (it will
     /// try to take the free lock) or [`HANDED`] (it holds the lock). Set under `queue_lock` by
     /// whoever pops a waiter, which it does only while this is [`NO_CANDIDATE`]; set back by
-    /// the candidate alone, so there is at most one.
+    /// the candidate alone (or, for a candidate that can never run, by its context's shutdown
+    /// on its behalf: see `remote`), so there is at most one.
     candidate: AtomicU32,
     /// Whether unlocks hand the lock over instead of freeing it (see the type's doc). Only a
     /// hint: each unlock and `serve_head` keeps the queue served whatever it reads.
@@ -318,7 +328,7 @@ impl RawCoMutex {
                 return;
             }
             patience.lost();
-            wait = co.prepare_wait();
+            wait = self.prepare_wait(co);
             self.requeue(&wait, patience.exhausted());
         }
     }
@@ -351,22 +361,42 @@ impl RawCoMutex {
         }
     }
 
-    /// Our wait in `waiters` was cancelled by our context's shutdown: takes our record out of
-    /// the queue; or, if a `serve_head` or hand-over popped it already (only they pop, and
-    /// each pop makes the popped waiter the candidate), ends our candidacy, passing on the
-    /// lock if it was handed to us, or giving up our turn with the handshake (see `remote`).
-    /// Then unwinds. Either way the lock is never left with a coroutine that will not run.
+    /// Starts a wait of `co` in `waiters`. Its context's shutdown cancels it as any other (the
+    /// waiter then `leave`s), or, if the shutdown leaks it instead, `abandon`s it for the
+    /// waiter.
+    fn prepare_wait<'co>(&self, co: &'co Co) -> Wait<'co> {
+        // SAFETY: the wait is waited on in `wait_turn`, which holds `self` until it ends.
+        let on_leak = unsafe { OnLeak::new(self) };
+        co.prepare_wait_as(co.may_be_cancelled(), Some(on_leak))
+    }
+
+    /// Our wait in `waiters` was cancelled by our context's shutdown: we give up our place
+    /// (`give_up`), then unwind.
+    #[cold]
+    #[inline(never)]
+    fn leave(&self, co: &Co, wait: Wait<'_>) -> ! {
+        self.give_up(wait.id());
+        drop(wait);
+        co.unwind_cancelled()
+    }
+
+    /// The waiter of `wait`, a wait in `waiters` that is still registered (its coroutine has not
+    /// run since it was woken, if it was), will not take the lock: takes its record out of the
+    /// queue; or, if a `serve_head` or hand-over popped it already (only they pop, and each pop
+    /// makes the popped waiter the candidate), ends its candidacy, passing on the lock if it
+    /// was handed to it, or giving up its turn with the handshake (see `remote`). Either way
+    /// the lock is never left with a coroutine that will not run. Must be called on the
+    /// waiter's thread (a lock handed to it is this thread's to pass on).
     ///
     /// A removal under `queue_lock` is as if the record had never been queued, except for the
     /// waiters that queued behind it without the handshake, and those rely only on counts that
     /// are the length of the queue when stored, which still counts them.
     #[cold]
-    #[inline(never)]
-    fn leave(&self, co: &Co, wait: Wait<'_>) -> ! {
+    fn give_up(&self, wait: WaitId) {
         self.queue_lock.lock_raw();
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
         let waiters = unsafe { &mut *self.waiters.get() };
-        let popped_as = match waiters.iter().position(|waiter| waiter.record.is_for(&wait)) {
+        let popped_as = match waiters.iter().position(|waiter| waiter.record.names(wait)) {
             Some(index) => {
                 waiters.remove(index);
                 self.count(waiters);
@@ -387,14 +417,13 @@ impl RawCoMutex {
             None => {}
             Some(HANDED) => {
                 self.note_holder();
-                // SAFETY: the lock was handed to us (the pop and the store of our thread into
-                // `state` happen together under `queue_lock`, which we took after them).
+                // SAFETY: the lock was handed to the waiter, on this thread (the pop and the
+                // store of its thread into `state` happen together under `queue_lock`, which we
+                // took after them), and it never ran since.
                 unsafe { self.unlock() };
             }
             Some(_) => self.handshake(),
         }
-        drop(wait);
-        co.unwind_cancelled()
     }
 
     /// Takes the lock if it comes free while we spin, or queues this coroutine in `waiters`
@@ -409,7 +438,7 @@ impl RawCoMutex {
         // Fail, if at all, before queueing a waiter: a hand-over to a waiter that is gone
         // would leave the lock held by nobody.
         co.assert_may_yield(0);
-        let wait = co.prepare_wait();
+        let wait = self.prepare_wait(co);
         self.queue_lock.lock_raw();
         // SAFETY: `waiters` is only touched under `queue_lock`, which we hold.
         let waiters = unsafe { &mut *self.waiters.get() };
@@ -456,8 +485,9 @@ impl RawCoMutex {
         }
         self.candidate.store(turn, Ordering::Relaxed);
         // SAFETY: each record is popped once, and its coroutine still waits: it is woken only
-        // by a pop, and a cancelled one takes `queue_lock`, which our caller holds, before it
-        // leaves. Claimed now, the wake stays valid after `queue_lock` is released.
+        // by a pop, and a cancelled or abandoned one takes `queue_lock`, which our caller
+        // holds, before it leaves (`give_up`). Claimed now, the wake stays valid after
+        // `queue_lock` is released.
         (unsafe { next.record.claim() }, next.thread)
     }
 
@@ -530,6 +560,14 @@ impl RawCoMutex {
     /// debug assertions: with a guard in hand it is always true).
     pub fn is_locked(&self) -> bool {
         self.state.load(Ordering::Relaxed) != 0
+    }
+}
+
+/// A waiter whose context's shutdown leaked it (it will never run) gives up its place as a
+/// cancelled one does, run by that shutdown on its thread.
+impl Abandon for RawCoMutex {
+    fn abandon(&self, wait: WaitId) {
+        self.give_up(wait);
     }
 }
 

@@ -238,7 +238,7 @@ impl CoQueue {
             }
             return false;
         }
-        match self.waiters(guard).pop_front() {
+        match self.pop_live(guard) {
             Some(waker) => {
                 // SAFETY: popped records are woken once, and a queued record's suspension
                 // waits until then: it is only woken through this queue, and a cancelled one
@@ -264,13 +264,29 @@ impl CoQueue {
                 .filter(|&woken| woken)
                 .count();
         }
-        let waiters = self.waiters(guard);
-        let count = waiters.len();
-        for waker in waiters.drain(..) {
+        let mut count = 0;
+        while let Some(waker) = self.pop_live(guard) {
             // SAFETY: as in `next`.
             unsafe { waker.wake_under_lock() };
+            count += 1;
         }
         count
+    }
+
+    /// Pops the first record whose coroutine can still run. The records before it are of
+    /// coroutines whose context shut down and leaked them where they could not leave the queue
+    /// (a cancelled waiter whose re-take of the lock was leaked): they are dropped, so that
+    /// the wake goes to a waiter that can take it. (A record popped while its context is still
+    /// shutting down is woken; a coroutine leaked afterwards loses that wake.)
+    fn pop_live<R: RawLock, T: ?Sized>(&self, guard: &LockGuard<'_, R, T>) -> Option<WaitRef> {
+        let waiters = self.waiters(guard);
+        while let Some(record) = waiters.pop_front() {
+            // SAFETY: a queued record's suspension waits (see `next`).
+            if !unsafe { record.is_leaked() } {
+                return Some(record);
+            }
+        }
+        None
     }
 
     /// Whether nobody waits (QEMU's `qemu_co_queue_empty`).
@@ -296,7 +312,7 @@ impl CoQueue {
             enter_woken(guard, [record]);
             return true;
         }
-        let Some(waker) = self.waiters(guard).pop_front() else { return false };
+        let Some(waker) = self.pop_live(guard) else { return false };
         // SAFETY: as in `next`; claimed while we hold the lock, the wake stays valid after we
         // release it.
         let wake = unsafe { waker.claim() };
@@ -318,9 +334,11 @@ impl CoQueue {
             }
             return count;
         }
-        // SAFETY: as in `enter_next`.
-        let woken: Vec<PendingWake> =
-            self.waiters(guard).drain(..).map(|waker| unsafe { waker.claim() }).collect();
+        let mut woken: Vec<PendingWake> = Vec::new();
+        while let Some(waker) = self.pop_live(guard) {
+            // SAFETY: as in `enter_next`.
+            woken.push(unsafe { waker.claim() });
+        }
         let count = woken.len();
         if count > 0 {
             enter_woken(guard, woken);

@@ -13,7 +13,7 @@ use super::comutex::thread_id;
 use super::patience::Patience;
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
-use crate::aio::{Wait, WaitRef};
+use crate::aio::{Abandon, OnLeak, Wait, WaitId, WaitRef};
 use crate::coroutine::Co;
 use crate::loom::{AtomicU32, AtomicUsize};
 
@@ -234,8 +234,7 @@ impl<'a, T: ?Sized> CoRwLockReadGuard<'a, T> {
             // Checked and prepared while the guard still owns the read lock, so that a panic
             // here (a yield that may not happen, no context) releases it normally.
             co.assert_may_yield(0);
-            // Not cancelled by the context's shutdown (see `lock_contended`).
-            let wait = co.prepare_wait_as(false);
+            let wait = lock.raw.prepare_wait(co);
             // From here the raw lock takes over the read ownership.
             mem::forget(self);
             lock.raw.upgrade_contended(co, wait);
@@ -541,6 +540,16 @@ impl RawCoRwLock {
         !ours && adaptive_spin::spin(take, || self.holder_thread.load(Ordering::Relaxed))
     }
 
+    /// Starts a wait of `co` for its turn. Not cancelled by the context's shutdown: a queued
+    /// waiter may be handed the lock and must be there to take it (it is cancelled at its next
+    /// wait instead). If the shutdown leaks it instead, it is abandoned (see `Abandon`).
+    fn prepare_wait<'co>(&self, co: &'co Co) -> Wait<'co> {
+        // SAFETY: the wait is waited on in `wait_turn` (or dropped unwaited), whose callers
+        // hold `self` until it ends.
+        let on_leak = unsafe { OnLeak::new(self) };
+        co.prepare_wait_as(false, Some(on_leak))
+    }
+
     /// Takes the lock after a spin, or queues and suspends until it is ours.
     #[cold]
     fn lock_contended(&self, co: &Co, writer: bool) {
@@ -551,9 +560,7 @@ impl RawCoRwLock {
         // Fail, if at all, before queueing: a serve that pops a waiter that is gone would
         // leave the queue unserved.
         co.assert_may_yield(0);
-        // Not cancelled by the context's shutdown: a queued waiter may be handed the lock and
-        // must be there to take it (it is cancelled at its next wait instead).
-        let wait = co.prepare_wait_as(false);
+        let wait = self.prepare_wait(co);
         if self.enqueue(&wait, writer, None) == Queued::Acquired {
             self.note_holder(me);
             return;
@@ -645,7 +652,7 @@ impl RawCoRwLock {
                 return;
             }
             patience.lost();
-            wait = co.prepare_wait_as(false);
+            wait = self.prepare_wait(co);
             if self.enqueue(&wait, writer, Some(patience.exhausted())) == Queued::Acquired {
                 self.note_holder(me);
                 return;
@@ -837,6 +844,63 @@ impl RawCoRwLock {
             self.serve();
         }
     }
+}
+
+/// A waiter whose context's shutdown leaked it (it will never run) leaves the queue; if
+/// `serve` popped it already, it stops being the candidate, releasing the lock for it if it
+/// was handed it, and serves the queue if that leaves it unserved. So the lock never stays
+/// with, or waits for, a coroutine that cannot run.
+impl Abandon for RawCoRwLock {
+    fn abandon(&self, wait: WaitId) {
+        self.queue_lock.lock_raw();
+        // SAFETY: we hold `queue_lock`.
+        let waiters = unsafe { self.waiters() };
+        let queued = waiters.iter().position(|waiter| waiter.waker.names(wait));
+        if let Some(index) = queued {
+            waiters.remove(index);
+            if waiters.is_empty() {
+                // Invariant 2. A release that left the lock without holders and owes a `serve`
+                // finds the queue empty then, and nothing to do.
+                self.state.fetch_and(!(QUEUED | STARVING), Ordering::Relaxed);
+            }
+        }
+        // SAFETY: we hold `queue_lock`.
+        unsafe { self.queue_lock.unlock_raw() };
+        if queued.is_some() {
+            return;
+        }
+        // Popped (only `serve` pops, and each pop makes the popped waiter the candidate): the
+        // wait is still registered, so its coroutine has not run since, and the candidate on
+        // its way is us; only we clear `CANDIDATE` (invariant 3). Release: a hold we were
+        // handed ends here; acquire: for the `serve` below.
+        let before = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |state| {
+                Some(without_candidate(state))
+            })
+            .expect("the closure always gives a new state");
+        debug_assert!(
+            before & CANDIDATE != 0,
+            "aiocoro: an abandoned CoRwLock waiter was neither queued nor the candidate"
+        );
+        // Unlike a live candidate (invariant 5), this may leave the lock without holders or
+        // candidate while waiters are queued: then the queue is ours to serve.
+        if must_serve(without_candidate(before)) {
+            self.serve();
+        }
+    }
+}
+
+/// `state` once the candidate is gone: without `CANDIDATE` and `HANDED`, and, if it was
+/// handed the lock, without its hold (a writer excludes every other holder, readers exclude
+/// a writer, so `WRITER` says which it held).
+fn without_candidate(state: usize) -> usize {
+    let hold = match (state & HANDED != 0, state & WRITER != 0) {
+        (false, _) => 0,
+        (true, true) => WRITER,
+        (true, false) => READER,
+    };
+    state - (state & (CANDIDATE | HANDED)) - hold
 }
 
 #[cfg(all(test, not(aiocoro_loom)))]
