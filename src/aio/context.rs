@@ -363,8 +363,8 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///    lock back (its guard must hold it while the unwinding drops it), leaves the queue, and
 ///    passes on a wake it had received. The context polls until the cancelled coroutines have
 ///    ended; it blocks only for waits that cannot be cancelled: a cancelled `CoQueue` waiter
-///    taking its lock back, a `CoRwLock` waiter (it is granted the lock and cancelled at its
-///    next wait), a wait in a destructor that runs during a cancellation. The non-blocking
+///    taking its lock back, a `CoRwLock` waiter (it gets the lock in its turn and is cancelled
+///    at its next wait), a wait in a destructor that runs during a cancellation. The non-blocking
 ///    polls here are bounded as in the drain. So a shutdown waits
 ///    for a lock that such a coroutine needs and another thread holds; if the thread that drops
 ///    the context holds it, that is a deadlock, as in QEMU's drain. A shutdown run by a
