@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use super::adaptive_spin;
 use super::asymmetric_fence;
 use super::lock::Lock;
+use super::patience::Patience;
 use super::raw::RawLock;
 use super::spin::RawSpinLock;
 use crate::aio::{Abandon, OnLeak, ParkRecord, PendingWake, Wait, WaitId, WaitRef};
@@ -173,42 +174,6 @@ enum Queued<'co> {
 struct Waiter {
     record: WaitRef,
     thread: u32,
-}
-
-/// How long a waiter has waited, to tell when the lock should turn starving. Under loom,
-/// where there is no clock, a waiter has waited long once it lost the lock to a barger.
-struct Patience {
-    #[cfg(not(aiocoro_loom))]
-    since: u64,
-    #[cfg(aiocoro_loom)]
-    losses: u32,
-}
-
-impl Patience {
-    fn start() -> Patience {
-        Patience {
-            #[cfg(not(aiocoro_loom))]
-            since: crate::aio::clock_ns(),
-            #[cfg(aiocoro_loom)]
-            losses: 0,
-        }
-    }
-
-    /// Notes that a barger took the lock before us.
-    fn lost(&mut self) {
-        #[cfg(aiocoro_loom)]
-        {
-            self.losses += 1;
-        }
-    }
-
-    /// Whether we have waited [`STARVATION_NS`] or more (under loom: lost once).
-    fn exhausted(&self) -> bool {
-        #[cfg(not(aiocoro_loom))]
-        return crate::aio::clock_ns().saturating_sub(self.since) >= STARVATION_NS;
-        #[cfg(aiocoro_loom)]
-        return self.losses > 0;
-    }
 }
 
 // SAFETY: `waiters` is only touched under `queue_lock`, and its records are `Send + Sync`;

@@ -1,8 +1,5 @@
 //! How long a queued waiter has waited, to tell when a lock that lets running lockers barge
-//! past its queue should turn *starving* and hand over strictly (see `CoRwLock`).
-//!
-//! `CoMutex` keeps a private copy of this (`comutex::Patience`), written before this module;
-//! the two are meant to be one once the mutex's branch of work lands.
+//! past its queue should turn *starving* and hand over strictly (`CoMutex`, `CoRwLock`).
 
 /// How long a queued waiter has waited. Under loom, where there is no clock, a waiter has
 /// waited long once it lost the lock to a barger: the models then reach the starving mode.
