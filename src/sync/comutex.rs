@@ -647,6 +647,7 @@ mod tests {
     use super::STARVATION_NS;
     use crate::aio::{AioContext, IoThread};
     use crate::sync::CoMutex;
+    use crate::sync::busy_thread::block_thread;
 
     /// The waiters queued in the shared queue (`remote`).
     fn counted(mutex: &CoMutex<Vec<&'static str>>) -> u32 {
@@ -690,22 +691,6 @@ mod tests {
         ctx.wait_while(|| mutex.try_lock().is_none_or(|order| order.len() < 4));
         iothread.stop();
         assert_eq!(*mutex.try_lock().unwrap(), ["holder", "local", "remote", "late"]);
-    }
-
-    /// Runs a coroutine on `iothread` that blocks the thread until the returned sender sends
-    /// (or drops): wakes for that thread's coroutines wait in its inbox meanwhile.
-    fn block_thread(iothread: &IoThread) -> mpsc::Sender<()> {
-        let (blocked_tx, blocked_rx) = mpsc::channel();
-        let (go_tx, go_rx) = mpsc::channel::<()>();
-        iothread
-            .handle()
-            .spawn(move |_co| {
-                blocked_tx.send(()).unwrap();
-                let _ = go_rx.recv();
-            })
-            .unwrap();
-        blocked_rx.recv().unwrap();
-        go_tx
     }
 
     /// The race that barging is about: a coroutine of `ctx` takes `mutex` (pushing "holder"),

@@ -54,6 +54,8 @@
 
 mod adaptive_spin;
 mod asymmetric_fence;
+#[cfg(all(test, not(aiocoro_loom)))]
+mod busy_thread;
 mod comutex;
 mod coqueue;
 mod lock;

@@ -911,6 +911,7 @@ mod tests {
 
     use super::{CANDIDATE, CoRwLock, HANDED, QUEUED, STARVING, WRITER};
     use crate::aio::IoThread;
+    use crate::sync::busy_thread::block_thread;
     use crate::sync::comutex::STARVATION_NS;
 
     /// Waits until `lock`'s state has all of `flags`.
@@ -918,22 +919,6 @@ mod tests {
         while lock.raw.state.load(Ordering::Relaxed) & flags != flags {
             std::thread::yield_now();
         }
-    }
-
-    /// Runs a coroutine on `iothread` that blocks the thread until the returned sender sends
-    /// (or drops): wakes for that thread's coroutines wait in its inbox meanwhile.
-    fn block_thread(iothread: &IoThread) -> mpsc::Sender<()> {
-        let (blocked_tx, blocked_rx) = mpsc::channel();
-        let (go_tx, go_rx) = mpsc::channel::<()>();
-        iothread
-            .handle()
-            .spawn(move |_co| {
-                blocked_tx.send(()).unwrap();
-                let _ = go_rx.recv();
-            })
-            .unwrap();
-        blocked_rx.recv().unwrap();
-        go_tx
     }
 
     #[test]
