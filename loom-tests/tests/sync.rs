@@ -44,8 +44,9 @@
 //!   release serves it (or the other reader comes after the upgrade and waits for it).
 //! * `corwlock_upgrade_and_downgrade`: an upgrade beside a writer that downgrades.
 //! * `comutex_waiter_leaked_while_the_holder_hands_over`,
-//!   `comutex_starving_lock_handed_to_a_waiter_leaked_meanwhile` and
-//!   `corwlock_waiter_leaked_while_the_reader_hands_over`: a queued waiter's wait is leaked by
+//!   `comutex_starving_lock_handed_to_a_waiter_leaked_meanwhile`,
+//!   `corwlock_waiter_leaked_while_the_reader_hands_over` and
+//!   `corwlock_starving_lock_handed_to_a_writer_leaked_meanwhile`: a queued waiter's wait is leaked by
 //!   its context's shutdown (`Co::model_leaked`: the waiter never runs again) while the holder
 //!   releases, which may pop it (as the candidate, woken or handed the lock): the lock
 //!   abandons the wait (the waiter leaves the queue, or its candidacy, and the lock if it was
@@ -541,6 +542,43 @@ fn comutex_starving_lock_handed_to_a_waiter_leaked_meanwhile() {
         let total = counter.lock(&co).with(|value| unsafe { *value });
         assert_eq!(total, if leaked_got_in { 101 } else { 1 });
         assert!(!counter.raw().is_locked());
+    });
+}
+
+/// A CoRwLock writer woken as the candidate loses the lock to a barging writer, goes back to
+/// the queue (under loom, one loss turns the lock starving) and is leaked there, in a race with
+/// the barger's release, which hands it the lock. Checked to fail (a deadlock) with the
+/// abandon's release of a handed hold taken out.
+#[test]
+fn corwlock_starving_lock_handed_to_a_writer_leaked_meanwhile() {
+    loom::model(|| {
+        let lock = Arc::new(CoRwLock::new(UnsafeCell::new(0u32)));
+        let co = Co::model();
+        let guard = lock.write(&co);
+        let leaked = {
+            let lock = lock.clone();
+            thread::spawn(move || {
+                // Its first wait ends normally (woken as the candidate); the next is leaked.
+                let co = Co::model_leaked(1);
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let guard = lock.write(&co);
+                    // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                    guard.with_mut(|value| unsafe { *value += 100 });
+                }))
+                .is_ok()
+            })
+        };
+        drop(guard);
+        // Takes the lock again at once: past the waiter if it was woken as the candidate.
+        let guard = lock.write(&co);
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        guard.with_mut(|value| unsafe { *value += 1 });
+        drop(guard);
+        let leaked_got_in = leaked.join().unwrap();
+        // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+        let total = lock.write(&co).with(|value| unsafe { *value });
+        assert_eq!(total, if leaked_got_in { 101 } else { 1 });
+        assert!(lock.try_write().is_some(), "the lock ends free");
     });
 }
 
