@@ -645,7 +645,7 @@ mod tests {
     use std::time::Duration;
 
     use super::STARVATION_NS;
-    use crate::aio::{AioContext, IoThread};
+    use crate::aio::{AioContext, IoThread, JoinHandle};
     use crate::sync::CoMutex;
     use crate::sync::busy_thread::block_thread;
 
@@ -661,14 +661,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn waiters_of_the_holders_thread_and_of_others_are_served_in_arrival_order() {
-        let ctx = AioContext::new().unwrap();
-        let iothread = IoThread::spawn("comutex-order").unwrap();
-        let mutex = Arc::new(CoMutex::new(Vec::new()));
+    /// Runs a coroutine of `ctx` until it holds `mutex` (pushing "holder"); it lets go once the
+    /// returned flag is set.
+    fn spawn_holder(
+        ctx: &AioContext,
+        mutex: &Arc<CoMutex<Vec<&'static str>>>,
+    ) -> (Rc<Cell<bool>>, JoinHandle<()>) {
         let release = Rc::new(Cell::new(false));
         let (m, r) = (mutex.clone(), release.clone());
-        ctx.spawn(move |co| {
+        let holder = ctx.spawn(move |co| {
             let mut guard = m.lock(co);
             guard.push("holder");
             while !r.get() {
@@ -676,6 +677,15 @@ mod tests {
             }
         });
         ctx.poll(false);
+        (release, holder)
+    }
+
+    #[test]
+    fn waiters_of_the_holders_thread_and_of_others_are_served_in_arrival_order() {
+        let ctx = AioContext::new().unwrap();
+        let iothread = IoThread::spawn("comutex-order").unwrap();
+        let mutex = Arc::new(CoMutex::new(Vec::new()));
+        let (release, _holder) = spawn_holder(&ctx, &mutex);
         let m = mutex.clone();
         ctx.spawn(move |co| m.lock(co).push("local"));
         ctx.poll(false);
@@ -702,16 +712,7 @@ mod tests {
         iothread: &IoThread,
         mutex: &Arc<CoMutex<Vec<&'static str>>>,
     ) -> mpsc::Sender<()> {
-        let release = Rc::new(Cell::new(false));
-        let (m, r) = (mutex.clone(), release.clone());
-        let holder = ctx.spawn(move |co| {
-            let mut guard = m.lock(co);
-            guard.push("holder");
-            while !r.get() {
-                co.sleep(Duration::from_millis(1));
-            }
-        });
-        ctx.poll(false);
+        let (release, holder) = spawn_holder(ctx, mutex);
         let m = mutex.clone();
         iothread.handle().spawn(move |co| m.lock(co).push("waiter")).unwrap();
         wait_until_counted(mutex);
