@@ -19,6 +19,7 @@ use std::time::Duration;
 use super::adaptive::AdaptivePolling;
 use super::arena::{Arena, Key};
 use super::bh::{BhCore, BottomHalf};
+use super::deferred::Dispatch;
 use super::fd::{FdHandler, FdTable};
 use super::handle::AioHandle;
 use super::inbox::Inbox;
@@ -892,7 +893,7 @@ impl Local {
                     coroutine
                 }
             };
-            coroutine.enter();
+            Dispatch::enter(&coroutine);
             entered = true;
         }
         entered

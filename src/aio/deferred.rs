@@ -1,5 +1,5 @@
-//! Cross-thread wakes issued by a running coroutine signal their context when that coroutine
-//! yields or ends, not at once.
+//! Cross-thread wakes issued by a coroutine that a context dispatches signal their context when
+//! that coroutine yields or ends, not at once.
 //!
 //! A coroutine that wakes a waiter of another thread usually does it under a lock (a
 //! `CoQueue::next` takes the guard), and the wake's message reaches the other context's inbox
@@ -10,27 +10,35 @@
 //! batch of wakes, after the lock was let go. A context that is not blocked (running, or busy
 //! polling) sees the message as soon as it looks, signal or not.
 //!
-//! The rule: every signal deferred by a coroutine is written before control returns from
-//! that coroutine to code outside every coroutine (`Coroutine::enter` calls [`flush`] on its
-//! way out when [`pending`] says so, also when the coroutine panics or is dropped while
-//! suspended), so nothing is left unsignalled when the thread goes back to its poll or to any
-//! other code. The cost: a coroutine that runs on for long after such a wake without yielding
-//! delays the wake-up of a sleeping context by as much, as it delays the coroutines it wakes on
-//! its own thread.
+//! The rule: a signal is deferred only while a [`Dispatch`] runs on the thread (a context
+//! entering the coroutines of its run queue, or a `CoQueue` entering the waiters it woke), and
+//! every signal deferred is written when the dispatch gets control back from the coroutine it
+//! entered, also when that coroutine panics; so nothing is left unsignalled when the thread
+//! goes back to its poll or to any other code. A coroutine entered by hand with
+//! `Coroutine::enter` outside a dispatch signals at once, which keeps the coroutine switch free
+//! of this bookkeeping. The cost: a dispatched coroutine that runs on for long after such a
+//! wake without yielding delays the wake-up of a sleeping context by as much, as it delays the
+//! coroutines it wakes on its own thread.
 
 use std::cell::{Cell, RefCell};
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use super::context::Shared;
+use crate::coroutine::{Coroutine, in_coroutine};
 
 thread_local! {
     /// The contexts this thread's coroutines sent wakes to since the last flush, each once.
     static PENDING: RefCell<Vec<Arc<Shared>>> = const { RefCell::new(Vec::new()) };
     /// Whether `PENDING` may be non-empty (a cheap check for the common case).
     static ANY: Cell<bool> = const { Cell::new(false) };
+    /// How many [`Dispatch`]es are running on this thread (one inside a coroutine that another
+    /// dispatched counts again).
+    static DISPATCHES: Cell<u32> = const { Cell::new(0) };
 }
 
 /// Remembers that `shared` received a message whose signal waits for the next [`flush`].
+/// Only called when [`may_defer`] said so.
 pub(crate) fn defer(shared: Arc<Shared>) {
     PENDING.with(|pending| {
         let mut pending = pending.borrow_mut();
@@ -41,22 +49,51 @@ pub(crate) fn defer(shared: Arc<Shared>) {
     ANY.set(true);
 }
 
-/// Whether a wake's signal waits for the next [`flush`]: the cheap check that keeps `flush`
-/// off the path of a coroutine switch.
+/// Whether a wake's signal may wait for a [`flush`]: the caller is a coroutine that a running
+/// [`Dispatch`] entered (directly, or through coroutines it entered), so the dispatch flushes
+/// when control comes back to it.
 #[inline]
-pub(crate) fn pending() -> bool {
-    ANY.get()
+pub(crate) fn may_defer() -> bool {
+    DISPATCHES.get() > 0 && in_coroutine()
 }
 
 /// Signals every context a wake was deferred for (those that may be blocked).
 #[cold]
 #[inline(never)]
-pub(crate) fn flush() {
+fn flush() {
     ANY.set(false);
     // Taken out first: signalling runs no user code, but keep the borrow short anyway.
     let pending = PENDING.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
     for shared in pending {
         shared.signal_if_needed();
+    }
+}
+
+/// The runtime entering a coroutine on a context's behalf: while it runs, the cross-thread
+/// wakes of that coroutine (and of those it enters) defer their signals, which the dispatch
+/// writes once the coroutine yields or ends, or when its panic unwinds through here.
+pub(crate) struct Dispatch {
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Dispatch {
+    /// Enters `coroutine` as a dispatch (see the module docs).
+    #[inline]
+    pub(crate) fn enter(coroutine: &Coroutine) {
+        DISPATCHES.set(DISPATCHES.get() + 1);
+        let _dispatch = Dispatch { _not_send: PhantomData };
+        coroutine.enter();
+    }
+}
+
+impl Drop for Dispatch {
+    /// Writes the signals deferred while the coroutine ran.
+    #[inline]
+    fn drop(&mut self) {
+        DISPATCHES.set(DISPATCHES.get() - 1);
+        if ANY.get() {
+            flush();
+        }
     }
 }
 
@@ -116,7 +153,8 @@ mod tests {
             co.reschedule();
             assert_eq!(handle.eventfd_writes(), before + 1, "not signalled when it yielded");
         });
-        ctx.wait_while(|| !waker.is_finished());
+        // The assertions run in the coroutine: its panic is the join's error.
+        waker.join().expect("the waker's checks failed");
         woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
         iothread.stop();
     }
@@ -140,6 +178,72 @@ mod tests {
             ctx.wait_while(|| true);
         }));
         assert!(outcome.is_err(), "the waker's panic reaches the poll");
+        woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
+        iothread.stop();
+    }
+
+    #[test]
+    fn a_wake_from_a_coroutine_entered_by_hand_is_signalled_at_once() {
+        let iothread = IoThread::spawn("deferred-by-hand").unwrap();
+        let flag: Flag = Arc::new((CoMutex::new(false), CoQueue::new()));
+        let woken = blocked_waiter(&iothread, &flag);
+        let handle = iothread.handle().clone();
+        let before = handle.eventfd_writes();
+        let f = flag.clone();
+        let waker = Coroutine::new(move |co| {
+            let (set, queue) = &*f;
+            let mut set = set.lock(co);
+            *set = true;
+            assert!(queue.next(&mut set));
+            // No dispatch runs this coroutine, so nothing would write a deferred signal.
+            assert_eq!(handle.eventfd_writes(), before + 1, "the wake's signal was deferred");
+            drop(set);
+            co.yield_now();
+        });
+        waker.enter();
+        woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
+        drop(waker);
+        iothread.stop();
+    }
+
+    #[test]
+    fn a_coroutine_entered_by_coqueue_enter_next_defers_its_wakes_until_it_yields() {
+        use std::rc::Rc;
+
+        use crate::sync::NoLock;
+
+        let iothread = IoThread::spawn("deferred-enter-next").unwrap();
+        let flag: Flag = Arc::new((CoMutex::new(false), CoQueue::new()));
+        let woken = blocked_waiter(&iothread, &flag);
+        let handle = iothread.handle().clone();
+        let before = handle.eventfd_writes();
+        let ctx = AioContext::new().unwrap();
+        let local = Rc::new((NoLock::new(()), CoQueue::new()));
+        let (f, l) = (flag.clone(), local.clone());
+        let waker = ctx.spawn(move |co| {
+            let (lock, local_queue) = &*l;
+            let mut guard = lock.lock(co);
+            local_queue.wait(co, &mut guard);
+            drop(guard);
+            let (set, queue) = &*f;
+            let mut set = set.lock(co);
+            *set = true;
+            assert!(queue.next(&mut set));
+            drop(set);
+            assert_eq!(handle.eventfd_writes(), before, "signalled before the waker yielded");
+        });
+        while ctx.poll(false) {}
+        let (lock, local_queue) = &*local;
+        let mut guard = lock.lock_blocking();
+        assert!(local_queue.enter_next(&mut guard));
+        drop(guard);
+        assert!(waker.is_finished());
+        waker.join().expect("the waker's checks failed");
+        assert_eq!(
+            iothread.handle().eventfd_writes(),
+            before + 1,
+            "not signalled when the coroutine enter_next entered ended"
+        );
         woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
         iothread.stop();
     }

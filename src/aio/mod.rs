@@ -72,7 +72,6 @@ pub use bh::{BhHandle, BottomHalf};
 pub use completion::CANCELLED;
 pub use context::AioContext;
 pub(crate) use context::run_woken_coroutines;
-pub(crate) use deferred::{flush as flush_deferred_signals, pending as deferred_signals_pending};
 pub use fd::FdHandler;
 pub use handle::{AioHandle, ContextClosed};
 pub use iothread::{DEFAULT_POLL_MAX_NS, IoThread};

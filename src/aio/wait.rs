@@ -21,6 +21,7 @@ use super::context::{
     Local, Message, RunItem, Shared, current_local, deliver_here, home_local, home_rc, no_context,
     with_current_brief,
 };
+use super::deferred::Dispatch;
 use crate::coroutine::{Co, Coroutine, ParkState, in_coroutine};
 
 /// Why a wait ended.
@@ -502,7 +503,7 @@ impl ParkRecord {
         };
         // Entered after the last use of the context: the coroutine may drop its last handle.
         if home == Some(true) {
-            self.coroutine.enter();
+            Dispatch::enter(&self.coroutine);
             return true;
         }
         // A park in a context that is gone can never run (see `unpark`).
@@ -592,9 +593,10 @@ impl WaitRef {
     }
 
     /// Like [`WaitRef::wake`], for a waker that holds the lock the woken coroutine will want
-    /// next (a `CoQueue` wake): called inside a coroutine, the signal of a context of another
-    /// thread is written only when that coroutine yields or ends (see `aio::deferred`), so the
-    /// woken thread does not preempt the lock holder only to find the lock held.
+    /// next (a `CoQueue` wake): called inside a coroutine that a context dispatched, the signal
+    /// of a context of another thread is written only when that coroutine yields or ends (see
+    /// `aio::deferred`), so the woken thread does not preempt the lock holder only to find the
+    /// lock held.
     ///
     /// # Safety
     ///
@@ -602,7 +604,7 @@ impl WaitRef {
     #[inline]
     pub(crate) unsafe fn wake_under_lock(self) {
         // SAFETY: the caller's contract.
-        unsafe { self.deliver(in_coroutine()) };
+        unsafe { self.deliver(super::deferred::may_defer()) };
     }
 
     /// `wake`, with the signal of another thread's context deferred if `defer_signal`.
@@ -743,7 +745,7 @@ impl PendingWake {
                 // The coroutine may drop the context's last handle: ours goes first.
                 drop(local);
                 if let Some(coroutine) = coroutine {
-                    coroutine.enter();
+                    Dispatch::enter(&coroutine);
                 }
             }
             other => other.wake(),

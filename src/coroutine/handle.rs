@@ -67,7 +67,7 @@ impl Coroutine {
     where
         F: FnOnce(&Co) + 'static,
     {
-        match Builder::new().build(body) {
+        match create(None, None, body) {
             Ok(coroutine) => coroutine,
             Err(error) => panic!("aiocoro: cannot get a stack for a new coroutine: {error}"),
         }
@@ -111,28 +111,17 @@ impl Coroutine {
     pub fn enter(&self) {
         let slot = self.slot();
         let caller = current::get();
-        // One check for every misuse: a running coroutine is current or not `Ready` (see
-        // `State`), an ended or unwinding one is not `Ready`.
-        if slot.state.get() != State::Ready || ptr::eq(caller, slot) {
+        if !caller.is_null() {
+            // SAFETY: `caller` is the current coroutine.
+            return unsafe { enter_nested(slot, caller) };
+        }
+        // One check for every misuse from outside every coroutine: an ended or unwinding
+        // coroutine is not `Ready` (see `State`), and none is running.
+        if slot.state.get() != State::Ready {
             enter_misuse(slot);
         }
-        if cfg!(debug_assertions) {
-            slot.locks_at_entry.set(crate::sync::yield_check::held());
-        }
-        // SAFETY: `caller` is the current coroutine and `self` keeps `slot` alive until the
-        // scope below leaves.
-        unsafe { make_current(slot, caller) };
-        // Restores the current coroutine, and ends this one if its body panicked, also when
-        // `resume` unwinds; the panic then continues with its original payload.
-        let run = EnterScope { slot, caller };
-        // SAFETY: the coroutine was `Ready` and not current, so not running, and this `enter`
-        // made it current: this is the only borrow of `raw`, and `raw` is initialized (slot
-        // invariants).
-        let raw = unsafe { (*slot.raw.get()).assume_init_mut() };
-        match raw.resume(()) {
-            CoroutineResult::Yield(()) => run.suspended(),
-            CoroutineResult::Return(()) => drop(run),
-        }
+        // SAFETY: no coroutine is current, and `self` keeps `slot` alive until `run` returns.
+        unsafe { run(slot, ptr::null()) }
     }
 
     /// The coroutine's park state (see `aio::wait::ParkRecord`).
@@ -191,6 +180,49 @@ fn enter_misuse(slot: &Slot) -> ! {
     }
 }
 
+/// [`Coroutine::enter`] from inside a coroutine: the entered one nests in `caller`.
+///
+/// # Safety
+///
+/// `caller` is the current coroutine, and `slot` a live slot of this thread that stays alive
+/// until this returns.
+// Out of line: an event loop enters from outside every coroutine, and that path stays short.
+#[inline(never)]
+unsafe fn enter_nested(slot: &Slot, caller: *const Slot) {
+    // A running coroutine is current or not `Ready` (see `State`), an ended or unwinding one
+    // is not `Ready`.
+    if slot.state.get() != State::Ready || ptr::eq(caller, slot) {
+        enter_misuse(slot);
+    }
+    // SAFETY: as promised by the caller; `slot` is `Ready` and not current, so not running.
+    unsafe { run(slot, caller) }
+}
+
+/// Runs `slot`'s coroutine until it yields or ends, in place of `caller`.
+///
+/// # Safety
+///
+/// `caller` is the current coroutine (null outside every coroutine); `slot` is a live slot of
+/// this thread, `Ready` and not running, that stays alive until this returns.
+#[inline(always)]
+unsafe fn run(slot: &Slot, caller: *const Slot) {
+    if cfg!(debug_assertions) {
+        slot.locks_at_entry.set(crate::sync::yield_check::held());
+    }
+    // SAFETY: as promised by the caller.
+    unsafe { make_current(slot, caller) };
+    // Restores the current coroutine, and ends this one if its body panicked, also when
+    // `resume` unwinds; the panic then continues with its original payload.
+    let run = EnterScope { slot, caller };
+    // SAFETY: the coroutine was `Ready` and not running, and it is now current: this is the
+    // only borrow of `raw`, and `raw` is initialized (slot invariants).
+    let raw = unsafe { (*slot.raw.get()).assume_init_mut() };
+    match raw.resume(()) {
+        CoroutineResult::Yield(()) => run.suspended(),
+        CoroutineResult::Return(()) => drop(run),
+    }
+}
+
 /// Makes `slot` the current coroutine in place of `caller`, which, if it is a coroutine, now
 /// waits for `slot` as `Entering`.
 ///
@@ -234,8 +266,6 @@ impl Drop for EnterScope<'_> {
 }
 
 /// Undoes [`make_current`]: control leaves a coroutine for `caller`, which is current again.
-/// Back outside every coroutine, the cross-thread wakes deferred by the coroutines that ran
-/// are signalled (see `aio::deferred`).
 ///
 /// # Safety
 ///
@@ -244,13 +274,8 @@ impl Drop for EnterScope<'_> {
 unsafe fn restore_current(caller: *const Slot) {
     current::set(caller);
     // SAFETY: the caller guarantees a non-null `caller` is alive.
-    match unsafe { caller.as_ref() } {
-        Some(caller) => caller.back_from_another(),
-        None => {
-            if crate::aio::deferred_signals_pending() {
-                crate::aio::flush_deferred_signals();
-            }
-        }
+    if let Some(caller) = unsafe { caller.as_ref() } {
+        caller.back_from_another();
     }
 }
 
@@ -409,9 +434,20 @@ impl Builder {
     where
         F: FnOnce(&Co) + 'static,
     {
-        let slot = slot::acquire(self.stack_size, self.name, |slot, stack| {
-            RawCoroutine::with_stack(stack, slot::body(slot, body))
-        })?;
-        Ok(Coroutine { slot, _not_send: PhantomData })
+        create(self.stack_size, self.name, body)
     }
+}
+
+/// Creates a coroutine on a stack of `stack_size` (`None`: a pooled one) named `name`.
+// Out of line for the reason given on `Builder::build`; `Coroutine::new` calls it with
+// constants, so its copy has no branches for a size or a name.
+#[inline(never)]
+fn create<F>(stack_size: Option<usize>, name: Option<Box<str>>, body: F) -> io::Result<Coroutine>
+where
+    F: FnOnce(&Co) + 'static,
+{
+    let slot = slot::acquire(stack_size, name, |slot, stack| {
+        RawCoroutine::with_stack(stack, slot::body(slot, body))
+    })?;
+    Ok(Coroutine { slot, _not_send: PhantomData })
 }
