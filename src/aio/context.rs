@@ -861,6 +861,7 @@ impl Local {
     /// other sources).
     pub(crate) fn run_coroutines(&self) -> bool {
         let mut entered = false;
+        let dispatch = Dispatch::begin();
         for _ in 0..RUN_BUDGET {
             let Some(item) = self.run_queue.borrow_mut().pop_front() else { break };
             let coroutine = match item {
@@ -893,7 +894,7 @@ impl Local {
                     coroutine
                 }
             };
-            Dispatch::enter(&coroutine);
+            dispatch.enter(&coroutine);
             entered = true;
         }
         entered

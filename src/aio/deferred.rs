@@ -30,12 +30,17 @@ use crate::coroutine::{Coroutine, in_coroutine};
 thread_local! {
     /// The contexts this thread's coroutines sent wakes to since the last flush, each once.
     static PENDING: RefCell<Vec<Arc<Shared>>> = const { RefCell::new(Vec::new()) };
-    /// Whether `PENDING` may be non-empty (a cheap check for the common case).
-    static ANY: Cell<bool> = const { Cell::new(false) };
-    /// How many [`Dispatch`]es are running on this thread (one inside a coroutine that another
-    /// dispatched counts again).
-    static DISPATCHES: Cell<u32> = const { Cell::new(0) };
+    /// [`PENDING_BIT`] when `PENDING` may be non-empty (a cheap check for the common case),
+    /// plus [`ONE_DISPATCH`] for every [`Dispatch`] running on this thread (one inside a
+    /// coroutine that another dispatched counts again). One word, so that a dispatch's start
+    /// and end touch one thread-local.
+    static STATE: Cell<u32> = const { Cell::new(0) };
 }
+
+/// The bit of `STATE` that says a signal may be waiting.
+const PENDING_BIT: u32 = 1;
+/// What a running [`Dispatch`] adds to `STATE`.
+const ONE_DISPATCH: u32 = 2;
 
 /// Remembers that `shared` received a message whose signal waits for the next [`flush`].
 /// Only called when [`may_defer`] said so.
@@ -46,7 +51,7 @@ pub(crate) fn defer(shared: Arc<Shared>) {
             pending.push(shared);
         }
     });
-    ANY.set(true);
+    STATE.set(STATE.get() | PENDING_BIT);
 }
 
 /// Whether a wake's signal may wait for a [`flush`]: the caller is a coroutine that a running
@@ -54,14 +59,14 @@ pub(crate) fn defer(shared: Arc<Shared>) {
 /// when control comes back to it.
 #[inline]
 pub(crate) fn may_defer() -> bool {
-    DISPATCHES.get() > 0 && in_coroutine()
+    STATE.get() >= ONE_DISPATCH && in_coroutine()
 }
 
 /// Signals every context a wake was deferred for (those that may be blocked).
 #[cold]
 #[inline(never)]
 fn flush() {
-    ANY.set(false);
+    STATE.set(STATE.get() & !PENDING_BIT);
     // Taken out first: signalling runs no user code, but keep the borrow short anyway.
     let pending = PENDING.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
     for shared in pending {
@@ -69,29 +74,39 @@ fn flush() {
     }
 }
 
-/// The runtime entering a coroutine on a context's behalf: while it runs, the cross-thread
-/// wakes of that coroutine (and of those it enters) defer their signals, which the dispatch
-/// writes once the coroutine yields or ends, or when its panic unwinds through here.
+/// The runtime entering coroutines on a context's behalf: while a dispatch lives, the
+/// cross-thread wakes of the coroutines it enters (and of those they enter) defer their
+/// signals, which the dispatch writes once the coroutine is back from each entry, or when a
+/// panic unwinds through it.
 pub(crate) struct Dispatch {
     _not_send: PhantomData<*const ()>,
 }
 
 impl Dispatch {
-    /// Enters `coroutine` as a dispatch (see the module docs).
-    #[inline]
-    pub(crate) fn enter(coroutine: &Coroutine) {
-        DISPATCHES.set(DISPATCHES.get() + 1);
-        let _dispatch = Dispatch { _not_send: PhantomData };
+    /// Starts a dispatch on this thread.
+    #[inline(always)]
+    pub(crate) fn begin() -> Dispatch {
+        STATE.set(STATE.get() + ONE_DISPATCH);
+        Dispatch { _not_send: PhantomData }
+    }
+
+    /// Enters `coroutine`, then writes the signals it deferred.
+    #[inline(always)]
+    pub(crate) fn enter(&self, coroutine: &Coroutine) {
         coroutine.enter();
+        if STATE.get() & PENDING_BIT != 0 {
+            flush();
+        }
     }
 }
 
 impl Drop for Dispatch {
-    /// Writes the signals deferred while the coroutine ran.
-    #[inline]
+    /// Ends the dispatch, writing the signals still deferred (after a panic).
+    #[inline(always)]
     fn drop(&mut self) {
-        DISPATCHES.set(DISPATCHES.get() - 1);
-        if ANY.get() {
+        let state = STATE.get() - ONE_DISPATCH;
+        STATE.set(state);
+        if state & PENDING_BIT != 0 {
             flush();
         }
     }

@@ -503,7 +503,7 @@ impl ParkRecord {
         };
         // Entered after the last use of the context: the coroutine may drop its last handle.
         if home == Some(true) {
-            Dispatch::enter(&self.coroutine);
+            Dispatch::begin().enter(&self.coroutine);
             return true;
         }
         // A park in a context that is gone can never run (see `unpark`).
@@ -745,7 +745,7 @@ impl PendingWake {
                 // The coroutine may drop the context's last handle: ours goes first.
                 drop(local);
                 if let Some(coroutine) = coroutine {
-                    Dispatch::enter(&coroutine);
+                    Dispatch::begin().enter(&coroutine);
                 }
             }
             other => other.wake(),
