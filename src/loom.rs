@@ -38,7 +38,7 @@ pub(crate) fn spin_hint() {
     loom::thread::yield_now();
 }
 
-/// Sleeps while `word` holds `expected`, until [`futex_wake`] (a Linux futex); may return
+/// Sleeps while `word` holds `expected`, until [`futex_wake_one`] (a Linux futex); may return
 /// early for no reason, so callers re-check. Under loom: yields to another model thread.
 #[inline]
 pub(crate) fn futex_wait(word: &AtomicU32, expected: u32) {

@@ -1,7 +1,7 @@
 //! Every system call the runtime makes, in one place.
 //!
-//! Each call goes through [`syscall!`], which turns the C convention (`-1` and `errno`) into an
-//! [`io::Error`]. Callers above this module never see a raw return code.
+//! Each call goes through `syscall!` (below), which turns the C convention (`-1` and `errno`)
+//! into an [`io::Error`]. Callers above this module never see a raw return code.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

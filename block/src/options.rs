@@ -215,7 +215,7 @@ pub fn parse_size(text: &str) -> io::Result<u64> {
 ///   `latency-ns`;
 /// - `driver=file`: `filename`, `cache.direct` (on = `O_DIRECT`) or `cache=none|writeback`,
 ///   `aio=io_uring|threads`, `locking=auto|on|off` (QEMU's image locks, default auto: see
-///   [`Locking`](crate::storage::Locking); a format's file takes it as `file.locking=off`);
+///   [`crate::storage::Locking`]; a format's file takes it as `file.locking=off`);
 /// - `driver=raw`: `offset`, `size`, and its child as `file.*` (`file.driver` defaults to
 ///   `file`), or `file=<filename>`;
 /// - `driver=qcow2`: its child as `file.*` or `file=` (as raw; read-write unless the node is

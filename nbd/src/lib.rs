@@ -15,7 +15,7 @@
 //!   structured ones ([`structured_read`]: holes and data) once negotiated;
 //! - [`errors`]: block-layer errors as NBD error values;
 //! - [`serve_connection`]: one connection from greeting to close, in a coroutine;
-//! - [`stats`]: the connections, requests and request buffers alive, for leak checks.
+//! - [`stats()`]: the connections, requests and request buffers alive, for leak checks.
 //!
 //! A client that breaks the protocol loses its connection, never the server.
 //!

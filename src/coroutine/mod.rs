@@ -5,7 +5,7 @@
 //! | `qemu_coroutine_create`      | [`Coroutine::new`], [`Coroutine::builder`] |
 //! | `qemu_coroutine_enter`       | [`Coroutine::enter`]                      |
 //! | `qemu_coroutine_yield`       | [`Co::yield_now`]                         |
-//! | `qemu_coroutine_self`        | [`Co::current`], [`current`]              |
+//! | `qemu_coroutine_self`        | [`Co::current`], [`current()`]            |
 //! | `qemu_in_coroutine`          | [`in_coroutine`]                          |
 //! | `coroutine_fn` annotation    | a `&Co` parameter                         |
 //! | coroutine pool               | [`pool`]                                  |

@@ -7,7 +7,7 @@
 //! more than itself. A candidate woken from the queue that finds the lock taken spins the same
 //! way before it queues again. Polling pays only while the holder's
 //! thread can let go meanwhile. So the spin looks, every few polls, at where the holder's
-//! thread was last seen ([`presence`](super::presence)):
+//! thread was last seen ([`super::presence`]):
 //!
 //! * blocked in its context's poll: it runs no coroutine until something wakes it. The first
 //!   time, that may be a hand-over to a waiter whose thread is being woken right now: the

@@ -1,13 +1,13 @@
 //! File I/O for coroutines on io_uring (QEMU's `block/io_uring.c`), with the thread pool as the
 //! fallback where the kernel refuses io_uring.
 //!
-//! Each context owns one ring ([`engine`]), made on its first file I/O and ended when the
-//! context shuts down. The ring ([`ring`]) signals an eventfd that the context watches with an fd
-//! handler; the handler reaps completions into the ring's in-flight table and wakes the
-//! coroutines waiting for them. A coroutine queues its request and waits; the requests
-//! queued in one round go to the kernel together, when the context next polls or once
-//! [`MAX_BATCH`](merge::MAX_BATCH) of them wait (one `io_uring_enter` for the batch, which lets the kernel merge
-//! neighbouring requests).
+//! Each context owns one ring ([`engine`](mod@engine)), made on its first file I/O and ended when
+//! the context shuts down. The ring ([`ring`]) signals an eventfd that the context watches with an
+//! fd handler; the handler reaps completions into the ring's in-flight table and wakes the
+//! coroutines waiting for them. A coroutine queues its request and waits; the requests queued in
+//! one round go to the kernel together, when the context next polls or once
+//! [`MAX_BATCH`](merge::MAX_BATCH) of them wait (one `io_uring_enter` for the batch, which lets the
+//! kernel merge neighbouring requests).
 //!
 //! Neighbours in that queue that read (or write) one file at contiguous offsets go to the
 //! kernel as one `readv` (`writev`) over the concatenation of their iovecs (QEMU virtio-blk's
@@ -22,10 +22,10 @@
 //! once on stderr. `AIOCORO_IO_URING=off` in the environment (read once per process) chooses
 //! the fallback from the start, quietly.
 //!
-//! The files: [`engine`] (the choice and the fallback, owned by the context), [`ring`] (one
-//! context's io_uring), [`request_guard`] (what keeps a request's memory borrowed until the
-//! kernel is done with it), [`merge`] (which neighbours go as one) and [`op_error`] (errors
-//! that name the call).
+//! The files: [`engine`](mod@engine) (the choice and the fallback, owned by the context), [`ring`]
+//! (one context's io_uring), [`request_guard`] (what keeps a request's memory borrowed until the
+//! kernel is done with it), [`merge`] (which neighbours go as one) and [`op_error`] (errors that
+//! name the call).
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd};

@@ -5,7 +5,7 @@
 //! [`RequestGuard`](super::request_guard::RequestGuard); the requests staged in one round go
 //! to the kernel together, when the context next polls or once [`MAX_BATCH`] of them wait
 //! (one `io_uring_enter` for the batch). Neighbours that read (or write) one file at
-//! contiguous offsets go as one merged request ([`merge`](super::merge) plans the runs).
+//! contiguous offsets go as one merged request ([`super::merge`] plans the runs).
 //! The ring signals an eventfd that its context watches; the handler reaps the completions
 //! into the in-flight table and wakes the coroutines waiting for them.
 

@@ -34,7 +34,7 @@ impl Repair {
     }
 }
 
-/// The result of [`check`](super::check): the categories of `qemu-img check`, and a breakdown
+/// The result of [`check`](super::check()): the categories of `qemu-img check`, and a breakdown
 /// of where the corruptions were found.
 ///
 /// After a repair that fixed something the image is checked again, as `qemu-img check -r`

@@ -4,7 +4,7 @@
 //! corrupt bit (version 3; a version 2 header has no feature bits, so only this node
 //! remembers), and the node refuses every later write, discard and resize; reads go on. A
 //! read-write open of an image with the bit is refused until a check repairs it
-//! (`qemu-img check -r all` or [`check`](super::check) with [`Repair::All`](super::Repair)),
+//! (`qemu-img check -r all` or [`check`](super::check()) with [`Repair::All`](super::Repair)),
 //! which clears the bit.
 //!
 //! This module and `driver` use each other on purpose: the driver holds the corrupt mark and

@@ -103,7 +103,7 @@ impl Qcow2Driver {
     /// The image is opened read-write unless the file node is read-only. Writing needs an
     /// image whose refcounts are exact: one with the dirty bit set (left by QEMU with lazy
     /// refcounts) is first repaired as `qemu-img check -r all` would (see
-    /// [`check`](super::check)); one whose refcounts say that its header, L1 table or
+    /// [`check`](super::check())); one whose refcounts say that its header, L1 table or
     /// refcount table is free is refused, and so are clusters smaller than the file's
     /// request alignment. Images with internal snapshots are written keeping the snapshots
     /// intact: clusters and L2 tables they share are copied before they change (see

@@ -17,7 +17,7 @@
 //! with extended L2 entries (`extended_l2=on`) are read, written, zeroed and discarded per
 //! subcluster (a 32nd of a cluster): a write into a fresh cluster writes and marks allocated
 //! only the subclusters it touches.
-//! [`create`] makes new images; [`check`] checks and repairs them as `qemu-img check` does;
+//! [`create()`] makes new images; [`check()`] checks and repairs them as `qemu-img check` does;
 //! [`list_snapshots`] and [`snapshot_list`] list snapshots as `qemu-img snapshot -l` does.
 //! Images that need features this driver lacks (encryption, external data files, unknown
 //! compression types) are refused at open with an error that names the feature; malformed
@@ -34,7 +34,7 @@
 //! them), `overlap` (keeping guest data off metadata), `header_update` (table moves whose header
 //! write fails), `allocation` (in-flight allocations and the writes merged into them), `write`
 //! (allocating writes), `shared_l2` (copying L2 tables shared with snapshots), `discard` (discard
-//! and zero clusters), `resize` (growing), [`check`] (`qemu-img check [-r]`: `check_report`,
+//! and zero clusters), `resize` (growing), [`check()`] (`qemu-img check [-r]`: `check_report`,
 //! `references`, `stored_refcounts`, `rebuild`, `snapshot_table`, `bitmap_directory`), `dirty`
 //! (repairing a dirty image opened for writing), `corruption` (the corrupt bit), `autoclear`
 //! (clearing the autoclear feature bits before writing), `subclusters` (extended L2 entries),
