@@ -114,137 +114,134 @@ impl Drop for Dispatch {
 
 #[cfg(all(test, not(aiocoro_loom)))]
 mod tests {
+    use std::rc::Rc;
     use std::sync::{Arc, mpsc};
     use std::time::Duration;
 
-    use crate::aio::{AioContext, IoThread};
+    use crate::aio::{AioContext, AioHandle, IoThread};
     use crate::coroutine::{Co, Coroutine};
     use crate::sync::presence::{self, Seen};
-    use crate::sync::{CoMutex, CoQueue};
+    use crate::sync::{CoMutex, CoQueue, NoLock};
 
     type Flag = Arc<(CoMutex<bool>, CoQueue)>;
 
-    /// A waiter for `flag` on `iothread`, which is blocked in its poll once this returns; the
-    /// receiver gets a message when the waiter has seen the flag set.
-    fn blocked_waiter(iothread: &IoThread, flag: &Flag) -> mpsc::Receiver<()> {
-        let (tx, rx) = mpsc::channel();
-        let (thread_tx, thread_rx) = mpsc::channel();
-        let flag = flag.clone();
-        let waiter = move |co: &crate::coroutine::Co| {
-            thread_tx.send(presence::this_thread()).unwrap();
-            let (set, queue) = &*flag;
-            let mut set = set.lock(co);
-            while !*set {
-                queue.wait(co, &mut set);
+    /// An IoThread blocked in its poll, with a coroutine there waiting for `flag`.
+    struct BlockedWaiter {
+        iothread: IoThread,
+        flag: Flag,
+        /// Gets a message when the waiter has seen the flag set.
+        woken: mpsc::Receiver<()>,
+        /// The IoThread's eventfd writes once it was blocked.
+        before: u64,
+    }
+
+    impl BlockedWaiter {
+        fn new(name: &str) -> BlockedWaiter {
+            let iothread = IoThread::spawn(name).unwrap();
+            let flag: Flag = Arc::new((CoMutex::new(false), CoQueue::new()));
+            let (tx, woken) = mpsc::channel();
+            let (thread_tx, thread_rx) = mpsc::channel();
+            let f = flag.clone();
+            let waiter = move |co: &Co| {
+                thread_tx.send(presence::this_thread()).unwrap();
+                let (set, queue) = &*f;
+                let mut set = set.lock(co);
+                while !*set {
+                    queue.wait(co, &mut set);
+                }
+                tx.send(()).unwrap();
+            };
+            iothread.handle().spawn(waiter).unwrap();
+            let thread = thread_rx.recv().unwrap();
+            while presence::seen(thread) != Seen::Blocked {
+                std::thread::sleep(Duration::from_millis(1));
             }
-            tx.send(()).unwrap();
-        };
-        iothread.handle().spawn(waiter).unwrap();
-        let thread = thread_rx.recv().unwrap();
-        while presence::seen(thread) != Seen::Blocked {
-            std::thread::sleep(Duration::from_millis(1));
+            // Past the last look for work, into `epoll_wait` (nothing else wakes it).
+            std::thread::sleep(Duration::from_millis(20));
+            let before = iothread.handle().eventfd_writes();
+            BlockedWaiter { iothread, flag, woken, before }
         }
-        // Past the last look for work, into `epoll_wait` (nothing else wakes it).
-        std::thread::sleep(Duration::from_millis(20));
-        rx
+
+        fn handle(&self) -> AioHandle {
+            self.iothread.handle().clone()
+        }
+
+        /// Checks that the waiter saw the flag, and stops the IoThread.
+        fn finish(self) {
+            self.woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
+            self.iothread.stop();
+        }
+    }
+
+    /// Sets `flag` and wakes its waiter, holding the flag's mutex meanwhile.
+    fn raise(co: &Co, flag: &Flag) {
+        let (set, queue) = &**flag;
+        let mut set = set.lock(co);
+        *set = true;
+        assert!(queue.next(&mut set), "the waiter was not queued");
     }
 
     #[test]
     fn a_coqueue_wake_signals_a_blocked_context_when_the_waker_yields_not_under_the_lock() {
-        let iothread = IoThread::spawn("deferred-yield").unwrap();
-        let flag: Flag = Arc::new((CoMutex::new(false), CoQueue::new()));
-        let woken = blocked_waiter(&iothread, &flag);
-        let handle = iothread.handle().clone();
-        let before = handle.eventfd_writes();
+        let blocked = BlockedWaiter::new("deferred-yield");
+        let (flag, handle, before) = (blocked.flag.clone(), blocked.handle(), blocked.before);
         let ctx = AioContext::new().unwrap();
-        let f = flag.clone();
         let waker = ctx.spawn(move |co| {
-            let (set, queue) = &*f;
-            let mut set = set.lock(co);
-            *set = true;
-            assert!(queue.next(&mut set));
-            drop(set);
+            raise(co, &flag);
             assert_eq!(handle.eventfd_writes(), before, "signalled before the waker yielded");
             co.reschedule();
             assert_eq!(handle.eventfd_writes(), before + 1, "not signalled when it yielded");
         });
         // The assertions run in the coroutine: its panic is the join's error.
         waker.join().expect("the waker's checks failed");
-        woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
-        iothread.stop();
+        blocked.finish();
     }
 
     #[test]
     fn a_coqueue_wake_signals_a_blocked_context_when_the_waker_panics() {
-        let iothread = IoThread::spawn("deferred-panic").unwrap();
-        let flag: Flag = Arc::new((CoMutex::new(false), CoQueue::new()));
-        let woken = blocked_waiter(&iothread, &flag);
+        let blocked = BlockedWaiter::new("deferred-panic");
+        let flag = blocked.flag.clone();
         let ctx = AioContext::new().unwrap();
-        let f = flag.clone();
         // Detached, so that its panic unwinds out of the coroutine and on from the poll.
         drop(ctx.spawn(move |co| {
-            let (set, queue) = &*f;
-            let mut set = set.lock(co);
-            *set = true;
-            queue.next(&mut set);
+            raise(co, &flag);
             panic!("the waker fails after its wake");
         }));
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             ctx.wait_while(|| true);
         }));
         assert!(outcome.is_err(), "the waker's panic reaches the poll");
-        woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
-        iothread.stop();
+        blocked.finish();
     }
 
     #[test]
     fn a_wake_from_a_coroutine_entered_by_hand_is_signalled_at_once() {
-        let iothread = IoThread::spawn("deferred-by-hand").unwrap();
-        let flag: Flag = Arc::new((CoMutex::new(false), CoQueue::new()));
-        let woken = blocked_waiter(&iothread, &flag);
-        let handle = iothread.handle().clone();
-        let before = handle.eventfd_writes();
-        let f = flag.clone();
+        let blocked = BlockedWaiter::new("deferred-by-hand");
+        let (flag, handle, before) = (blocked.flag.clone(), blocked.handle(), blocked.before);
         let waker = Coroutine::new(move |co| {
-            let (set, queue) = &*f;
-            let mut set = set.lock(co);
-            *set = true;
-            assert!(queue.next(&mut set));
+            raise(co, &flag);
             // No dispatch runs this coroutine, so nothing would write a deferred signal.
             assert_eq!(handle.eventfd_writes(), before + 1, "the wake's signal was deferred");
-            drop(set);
             co.yield_now();
         });
         waker.enter();
-        woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
+        blocked.finish();
         drop(waker);
-        iothread.stop();
     }
 
     #[test]
     fn a_coroutine_entered_by_coqueue_enter_next_defers_its_wakes_until_it_yields() {
-        use std::rc::Rc;
-
-        use crate::sync::NoLock;
-
-        let iothread = IoThread::spawn("deferred-enter-next").unwrap();
-        let flag: Flag = Arc::new((CoMutex::new(false), CoQueue::new()));
-        let woken = blocked_waiter(&iothread, &flag);
-        let handle = iothread.handle().clone();
-        let before = handle.eventfd_writes();
+        let blocked = BlockedWaiter::new("deferred-enter-next");
+        let (flag, handle, before) = (blocked.flag.clone(), blocked.handle(), blocked.before);
         let ctx = AioContext::new().unwrap();
         let local = Rc::new((NoLock::new(()), CoQueue::new()));
-        let (f, l) = (flag.clone(), local.clone());
+        let l = local.clone();
         let waker = ctx.spawn(move |co| {
             let (lock, local_queue) = &*l;
             let mut guard = lock.lock(co);
             local_queue.wait(co, &mut guard);
             drop(guard);
-            let (set, queue) = &*f;
-            let mut set = set.lock(co);
-            *set = true;
-            assert!(queue.next(&mut set));
-            drop(set);
+            raise(co, &flag);
             assert_eq!(handle.eventfd_writes(), before, "signalled before the waker yielded");
         });
         while ctx.poll(false) {}
@@ -255,12 +252,11 @@ mod tests {
         assert!(waker.is_finished());
         waker.join().expect("the waker's checks failed");
         assert_eq!(
-            iothread.handle().eventfd_writes(),
+            blocked.handle().eventfd_writes(),
             before + 1,
             "not signalled when the coroutine enter_next entered ended"
         );
-        woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
-        iothread.stop();
+        blocked.finish();
     }
 
     #[test]
@@ -269,28 +265,20 @@ mod tests {
         struct WakeOnDrop<'a>(&'a Co, Flag);
         impl Drop for WakeOnDrop<'_> {
             fn drop(&mut self) {
-                let (set, queue) = &*self.1;
-                let mut set = set.lock(self.0);
-                *set = true;
-                assert!(queue.next(&mut set));
+                raise(self.0, &self.1);
             }
         }
-        let iothread = IoThread::spawn("deferred-drop").unwrap();
-        let flag: Flag = Arc::new((CoMutex::new(false), CoQueue::new()));
-        let woken = blocked_waiter(&iothread, &flag);
-        let handle = iothread.handle().clone();
-        let before = handle.eventfd_writes();
-        let f = flag.clone();
+        let blocked = BlockedWaiter::new("deferred-drop");
+        let (flag, before) = (blocked.flag.clone(), blocked.before);
         let waker = Coroutine::new(move |co| {
-            let _wake = WakeOnDrop(co, f);
+            let _wake = WakeOnDrop(co, flag);
             co.yield_now();
         });
         waker.enter();
         // The last handle: the stack unwinds, the destructor wakes the waiter, and control is
         // back outside every coroutine, so the signal must have been written.
         drop(waker);
-        assert_eq!(handle.eventfd_writes(), before + 1, "the wake was left unsignalled");
-        woken.recv_timeout(Duration::from_secs(30)).expect("the waiter was never woken");
-        iothread.stop();
+        assert_eq!(blocked.handle().eventfd_writes(), before + 1, "the wake was left unsignalled");
+        blocked.finish();
     }
 }
