@@ -9,7 +9,8 @@
 //! compares with `raw_corosensei_lifecycle`, `future/cross_thread_wake` with
 //! `future/cross_thread_wake_tokio` (tokio awaiting the same futures). `nesting` is per level, the
 //! others per operation. `raw_corosensei_*` run the same shapes on bare `corosensei`, in the same
-//! process, as the baseline. `suspended/1000000` is per coroutine (create, enter until its yield,
+//! process, as the baseline: their runs alternate with those of `lifecycle` and `yield`, so that
+//! a slower phase of the machine falls on both. `suspended/1000000` is per coroutine (create, enter until its yield,
 //! later enter to its end) with a million suspended at once; before its runs, one such million is
 //! measured (almost all of their stacks new to the process):
 //!
@@ -38,7 +39,8 @@ const USAGE: &str = "\
 usage: coroutine_perf [FILTER...]
 
 The coroutine figures, one line each (`<name> <iterations> iterations <seconds> s <ns> ns/op`,
-the median of five runs), with raw corosensei's as the baseline in the same process. With
+the median of five runs), with raw corosensei's as the baseline in the same process (its
+runs alternating with ours). With
 FILTER words, only the figures whose names contain one of them.
 
   -h, --help    print this help and exit";
@@ -63,15 +65,21 @@ fn suspended_memory() {
 fn main() {
     const NESTING_DEPTH: u32 = 1000;
     let figures = Figures::from_command_line("coroutine_perf", USAGE);
-    figures.report("lifecycle", 5_000_000, 1, workloads::lifecycle);
+    figures.report_with_baseline(
+        ("lifecycle", workloads::lifecycle),
+        ("raw_corosensei_lifecycle", workloads::raw_corosensei_lifecycle),
+        5_000_000,
+    );
     figures.report("cost", 5_000_000, 1, workloads::cost);
     figures.report("nesting", 100, u64::from(NESTING_DEPTH), |cycles| {
         workloads::nesting(cycles, NESTING_DEPTH)
     });
-    figures.report("yield", 20_000_000, 1, workloads::yield_round_trips);
+    figures.report_with_baseline(
+        ("yield", workloads::yield_round_trips),
+        ("raw_corosensei_yield", workloads::raw_corosensei_yield),
+        20_000_000,
+    );
     figures.report("function_call", 100_000_000, 1, workloads::function_call);
-    figures.report("raw_corosensei_yield", 20_000_000, 1, workloads::raw_corosensei_yield);
-    figures.report("raw_corosensei_lifecycle", 5_000_000, 1, workloads::raw_corosensei_lifecycle);
     let bridge = future_workloads::Bridge::new();
     figures.report("future/ready", 20_000_000, 1, |n| bridge.ready(n));
     figures.report("future/cross_thread_wake", 200_000, 1, |n| bridge.cross_thread_wake(n));

@@ -41,17 +41,43 @@ impl Figures {
             return;
         }
         run(iterations / 10 + 1);
-        let mut times: Vec<Duration> = (0..RUNS)
-            .map(|_| {
-                let start = Instant::now();
-                run(iterations);
-                start.elapsed()
-            })
-            .collect();
-        times.sort();
-        let median = times[RUNS / 2];
-        let ops = iterations * ops_per_iteration;
-        let ns_per_op = median.as_secs_f64() * 1e9 / ops as f64;
-        println!("{name} {ops} iterations {:.6} s {ns_per_op:.2} ns/op", median.as_secs_f64());
+        let times: Vec<Duration> = (0..RUNS).map(|_| timed(&run, iterations)).collect();
+        print_line(name, iterations * ops_per_iteration, times);
     }
+
+    /// Like [`Figures::report`] for a figure and the baseline it is compared with, each of
+    /// `iterations` operations: their runs alternate, so that a phase of the machine (another
+    /// process on the core, a frequency change) falls on both alike, and each prints its line.
+    /// Runs both when either is selected.
+    pub(crate) fn report_with_baseline(
+        &self,
+        (name, run): (&str, impl Fn(u64)),
+        (baseline_name, baseline): (&str, impl Fn(u64)),
+        iterations: u64,
+    ) {
+        if !self.selects(name) && !self.selects(baseline_name) {
+            return;
+        }
+        run(iterations / 10 + 1);
+        baseline(iterations / 10 + 1);
+        let (times, baseline_times): (Vec<Duration>, Vec<Duration>) =
+            (0..RUNS).map(|_| (timed(&run, iterations), timed(&baseline, iterations))).unzip();
+        print_line(name, iterations, times);
+        print_line(baseline_name, iterations, baseline_times);
+    }
+}
+
+/// How long `run(iterations)` takes.
+fn timed(run: impl Fn(u64), iterations: u64) -> Duration {
+    let start = Instant::now();
+    run(iterations);
+    start.elapsed()
+}
+
+/// Prints the line of a figure of `ops` operations whose runs took `times`: their median.
+fn print_line(name: &str, ops: u64, mut times: Vec<Duration>) {
+    times.sort();
+    let median = times[RUNS / 2];
+    let ns_per_op = median.as_secs_f64() * 1e9 / ops as f64;
+    println!("{name} {ops} iterations {:.6} s {ns_per_op:.2} ns/op", median.as_secs_f64());
 }
