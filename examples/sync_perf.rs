@@ -18,8 +18,10 @@
 //! (ns per item). `multi/rwlock_cross_thread` runs 300 000 operations on one CoRwLock from 3
 //! coroutines on each of two IoThreads (one in four a write, the others reads);
 //! `multi/rwlock_cross_thread_std` does the same with `std::sync::RwLock` on six threads (first
-//! line format, ns per operation). Run with `cargo run --release --example sync_perf [-- FILTER...]`: with
-//! filter words, only the figures whose names contain one of them (`sync_perf multi/`).
+//! line format, ns per operation). Each of these two runs alternately with its std peer, so that
+//! a phase of the machine falls on both. Run with
+//! `cargo run --release --example sync_perf [-- FILTER...]`: with filter words, only the figures
+//! whose names contain one of them (`sync_perf multi/`).
 
 #[path = "../benches/support/report.rs"]
 mod report;
@@ -75,13 +77,15 @@ fn main() {
     report_rate(&figures, "multi/mutex/pthread", |duration| {
         workloads::multi_std_mutex(5, duration)
     });
-    figures.report("multi/oversubscribed_queue", 200_000, 1, workloads::oversubscribed_queue);
-    figures.report(
-        "multi/oversubscribed_queue_std",
+    // Each with its std peer, their runs alternating.
+    figures.report_with_baseline(
+        ("multi/oversubscribed_queue", workloads::oversubscribed_queue),
+        ("multi/oversubscribed_queue_std", workloads::oversubscribed_queue_std),
         200_000,
-        1,
-        workloads::oversubscribed_queue_std,
     );
-    figures.report("multi/rwlock_cross_thread", 300_000, 1, workloads::rwlock_cross_thread);
-    figures.report("multi/rwlock_cross_thread_std", 300_000, 1, workloads::rwlock_cross_thread_std);
+    figures.report_with_baseline(
+        ("multi/rwlock_cross_thread", workloads::rwlock_cross_thread),
+        ("multi/rwlock_cross_thread_std", workloads::rwlock_cross_thread_std),
+        300_000,
+    );
 }
