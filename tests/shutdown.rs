@@ -393,6 +393,22 @@ fn leak_a_comutex_waiter<G>(state: &Arc<(CoMutex<u32>, CoQueue)>, hold: impl FnO
     guard
 }
 
+/// Spawns a coroutine on `iothread` that adds 1 under `state`'s mutex, and returns once it is
+/// about to take the mutex (see `spawn_and_settle`); the receiver is told when it has added.
+fn spawn_incrementer(
+    iothread: &IoThread,
+    state: &Arc<(CoMutex<u32>, CoQueue)>,
+) -> mpsc::Receiver<()> {
+    let (done, finished) = mpsc::channel();
+    let s = state.clone();
+    spawn_and_settle(iothread, move |co, started| {
+        started.send(()).unwrap();
+        *s.0.lock(co) += 1;
+        done.send(()).unwrap();
+    });
+    finished
+}
+
 /// Runs a coroutine on `iothread` that blocks the thread until the returned sender sends (or
 /// drops): wakes for that thread's coroutines wait in its inbox meanwhile.
 fn block_thread(iothread: &IoThread) -> mpsc::Sender<()> {
@@ -424,13 +440,7 @@ fn a_comutex_waiter_leaked_by_a_shutdown_is_never_woken_as_the_candidate() {
     let state = Arc::new((CoMutex::new(0u32), CoQueue::new()));
     let guard = leak_a_comutex_waiter(&state, || state.0.try_lock().expect("released"));
     let iothread = IoThread::spawn("after-leak").unwrap();
-    let (done, finished) = mpsc::channel();
-    let s = state.clone();
-    spawn_and_settle(&iothread, move |co, started| {
-        started.send(()).unwrap();
-        *s.0.lock(co) += 1;
-        done.send(()).unwrap();
-    });
+    let finished = spawn_incrementer(&iothread, &state);
     drop(guard);
     finished
         .recv_timeout(Duration::from_secs(10))
@@ -448,16 +458,9 @@ fn a_starving_comutex_is_never_handed_to_a_waiter_leaked_by_a_shutdown() {
     // Were that the leaked waiter, the lock would stay held by it for every other thread.
     let state = Arc::new((CoMutex::new(0u32), CoQueue::new()));
     let iothread = IoThread::spawn("starving").unwrap();
-    let (done, finished) = mpsc::channel();
-    let guard = leak_a_comutex_waiter(&state, || {
+    let (guard, finished) = leak_a_comutex_waiter(&state, || {
         let guard = state.0.try_lock().expect("released");
-        let s = state.clone();
-        spawn_and_settle(&iothread, move |co, started| {
-            started.send(()).unwrap();
-            *s.0.lock(co) += 1;
-            done.send(()).unwrap();
-        });
-        guard
+        (guard, spawn_incrementer(&iothread, &state))
     });
     let busy = block_thread(&iothread);
     drop(guard);
