@@ -61,6 +61,20 @@ use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
 
+/// Spawns a model thread standing in for a coroutine whose wait after `waits_before` normal ones
+/// is leaked by its context's shutdown (`Co::model_leaked`), running `body`; its join says
+/// whether `body` finished, which it does only if it got the lock before the leak (it may find
+/// the lock free before it queues).
+fn spawn_leaked(
+    waits_before: u32,
+    body: impl FnOnce(&Co) + 'static,
+) -> thread::JoinHandle<bool> {
+    thread::spawn(move || {
+        let co = Co::model_leaked(waits_before);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&co))).is_ok()
+    })
+}
+
 /// Three parties explode loom's search at three preemptions (minutes); two cover every
 /// hand-over order between them in well under a second.
 fn three_party_model(body: impl Fn() + Sync + Send + 'static) {
@@ -479,15 +493,10 @@ fn comutex_waiter_leaked_while_the_holder_hands_over() {
         let guard = counter.lock(&co);
         let leaked = {
             let counter = counter.clone();
-            thread::spawn(move || {
-                let co = Co::model_leaked(0);
-                // Returns whether it got the lock: it may find it free before it queues.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let guard = counter.lock(&co);
-                    // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
-                    guard.with_mut(|value| unsafe { *value += 100 });
-                }))
-                .is_ok()
+            spawn_leaked(0, move |co| {
+                let guard = counter.lock(co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                guard.with_mut(|value| unsafe { *value += 100 });
             })
         };
         let waiter = {
@@ -520,15 +529,11 @@ fn comutex_starving_lock_handed_to_a_waiter_leaked_meanwhile() {
         let guard = counter.lock(&co);
         let leaked = {
             let counter = counter.clone();
-            thread::spawn(move || {
-                // Its first wait ends normally (woken as the candidate); the next is leaked.
-                let co = Co::model_leaked(1);
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let guard = counter.lock(&co);
-                    // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
-                    guard.with_mut(|value| unsafe { *value += 100 });
-                }))
-                .is_ok()
+            // Its first wait ends normally (woken as the candidate); the next is leaked.
+            spawn_leaked(1, move |co| {
+                let guard = counter.lock(co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                guard.with_mut(|value| unsafe { *value += 100 });
             })
         };
         drop(guard);
@@ -557,15 +562,11 @@ fn corwlock_starving_lock_handed_to_a_writer_leaked_meanwhile() {
         let guard = lock.write(&co);
         let leaked = {
             let lock = lock.clone();
-            thread::spawn(move || {
-                // Its first wait ends normally (woken as the candidate); the next is leaked.
-                let co = Co::model_leaked(1);
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let guard = lock.write(&co);
-                    // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
-                    guard.with_mut(|value| unsafe { *value += 100 });
-                }))
-                .is_ok()
+            // Its first wait ends normally (woken as the candidate); the next is leaked.
+            spawn_leaked(1, move |co| {
+                let guard = lock.write(co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                guard.with_mut(|value| unsafe { *value += 100 });
             })
         };
         drop(guard);
@@ -593,14 +594,10 @@ fn corwlock_waiter_leaked_while_the_reader_hands_over() {
         let read = lock.read(&co);
         let leaked = {
             let lock = lock.clone();
-            thread::spawn(move || {
-                let co = Co::model_leaked(0);
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let guard = lock.write(&co);
-                    // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
-                    guard.with_mut(|value| unsafe { *value += 100 });
-                }))
-                .is_ok()
+            spawn_leaked(0, move |co| {
+                let guard = lock.write(co);
+                // SAFETY: the access runs under the lock's guard; loom checks that the lock excludes.
+                guard.with_mut(|value| unsafe { *value += 100 });
             })
         };
         let writer = {
