@@ -65,10 +65,7 @@ use loom::thread;
 /// is leaked by its context's shutdown (`Co::model_leaked`), running `body`; its join says
 /// whether `body` finished, which it does only if it got the lock before the leak (it may find
 /// the lock free before it queues).
-fn spawn_leaked(
-    waits_before: u32,
-    body: impl FnOnce(&Co) + 'static,
-) -> thread::JoinHandle<bool> {
+fn spawn_leaked(waits_before: u32, body: impl FnOnce(&Co) + 'static) -> thread::JoinHandle<bool> {
     thread::spawn(move || {
         let co = Co::model_leaked(waits_before);
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&co))).is_ok()
