@@ -97,16 +97,15 @@ pub(crate) fn suspended(count: u64) {
     finish_all(suspend_all(count));
 }
 
-/// The raw `corosensei` round trip under [`yield_round_trips`]: resume, then suspend.
+/// [`yield_round_trips`] on bare `corosensei`, the same program: the body counts its yields,
+/// the caller resumes it until it returns.
 pub(crate) fn raw_corosensei_yield(iterations: u64) {
-    let mut co = RawCoroutine::new(|yielder, ()| {
-        loop {
+    let mut co = RawCoroutine::new(move |yielder, ()| {
+        for _ in 0..iterations {
             yielder.suspend(());
         }
     });
-    for _ in 0..iterations {
-        black_box(co.resume(()));
-    }
+    while let CoroutineResult::Yield(()) = co.resume(()) {}
 }
 
 /// The raw `corosensei` cycle under [`lifecycle`]: create on a reused stack, run to the end, take
