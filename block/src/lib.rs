@@ -128,6 +128,7 @@ mod node;
 mod options;
 mod padding;
 mod run;
+mod size;
 mod status_above;
 pub mod storage;
 mod sys;
@@ -145,8 +146,9 @@ pub use error::{Op, RequestError, invalid_input, unsupported};
 pub use format::qcow2;
 pub use image::{ImageArgs, probe_format};
 pub use node::{BlockNode, Child};
-pub use options::{BlockOptions, open, open_options, parse_size};
+pub use options::{BlockOptions, open, open_options};
 pub use run::run_in_coroutine;
+pub use size::{SizeError, SizeErrorKind, parse_size};
 pub use status_above::ChainStatus;
 
 /// The README's example, compiled and run as a doctest.

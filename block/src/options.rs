@@ -16,6 +16,7 @@ use crate::format::{RawDriver, RawOptions};
 use crate::graph::NodeId;
 use crate::node::BlockNode;
 use crate::qcow2::{CacheSizes, Header, Qcow2Driver, resolve_backing};
+use crate::size::parse_size;
 use crate::storage::{
     AioMode, CacheMode, FileDriver, FileOptions, Locking, NullDriver, NullOptions,
 };
@@ -143,7 +144,12 @@ impl<'a> Taker<'a> {
 
     fn size(&mut self, key: &'a str) -> io::Result<Option<u64>> {
         let Some(value) = self.text(key) else { return Ok(None) };
-        parse_size(value).map(Some).map_err(|e| self.bad(key, &e.to_string()))
+        // QEMU's block layer keeps sizes and offsets in an `int64_t`.
+        match parse_size(value) {
+            Ok(bytes) if bytes <= i64::MAX as u64 => Ok(Some(bytes)),
+            Ok(_) => Err(self.bad(key, &format!("'{value}' is too large (at most 8E - 1)"))),
+            Err(error) => Err(self.bad(key, &error.to_string())),
+        }
     }
 
     fn bad(&self, key: &str, why: &str) -> io::Error {
@@ -167,45 +173,6 @@ impl<'a> Taker<'a> {
         }
         Ok(())
     }
-}
-
-/// Parses a size: bytes, or a number with `k`, `M`, `G`, `T` (powers of 1024; `K` and lower
-/// case accepted, an optional `B` / `iB` after).
-///
-/// ```
-/// assert_eq!(aiocoro_block::parse_size("1G")?, 1 << 30);
-/// assert_eq!(aiocoro_block::parse_size("4k")?, 4096);
-/// assert_eq!(aiocoro_block::parse_size("512")?, 512);
-/// let error = aiocoro_block::parse_size("1X").unwrap_err();
-/// assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
-/// assert_eq!(error.to_string(), "'1X': unknown unit 'X'");
-/// # Ok::<(), std::io::Error>(())
-/// ```
-///
-/// # Errors
-///
-/// `InvalidInput`, saying why, for what is not a size or a size past `i64::MAX`.
-pub fn parse_size(text: &str) -> io::Result<u64> {
-    let trimmed = text.trim_end_matches("iB").trim_end_matches('B');
-    let (digits, shift) = match trimmed.char_indices().last() {
-        Some((at, unit)) if unit.is_ascii_alphabetic() => {
-            let shift = match unit.to_ascii_lowercase() {
-                'k' => 10,
-                'm' => 20,
-                'g' => 30,
-                't' => 40,
-                _ => return Err(invalid_input(format!("'{text}': unknown unit '{unit}'"))),
-            };
-            (&trimmed[..at], shift)
-        }
-        _ => (trimmed, 0),
-    };
-    let number: u64 =
-        digits.parse().map_err(|_| invalid_input(format!("'{text}' is not a size")))?;
-    number
-        .checked_mul(1 << shift)
-        .filter(|&size| size <= i64::MAX as u64)
-        .ok_or_else(|| invalid_input(format!("'{text}' is too large")))
 }
 
 /// Opens the node tree `options` describe (children first) into `graph`; returns the top

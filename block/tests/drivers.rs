@@ -672,6 +672,18 @@ fn null_co_reads_zeroes_only_when_asked() {
     .unwrap();
 }
 
+/// Size options are read as QEMU reads them (`qemu_strtosz`): fractions with a unit, hex.
+#[test]
+fn size_options_are_read_as_qemu_reads_them() {
+    run_in_coroutine(|co| {
+        for (size, bytes) in [("1.5M", 3 << 19), ("0x20000", 1 << 17), ("64k", 1 << 16)] {
+            let blk = open_blk(co, &format!("driver=null-co,size={size}")).unwrap();
+            assert_eq!(blk.length(), bytes, "size={size}");
+        }
+    })
+    .unwrap();
+}
+
 /// A latency suspends the request (others run meanwhile); without one, a request does not
 /// yield. Nothing is timed: the proof is which coroutine ran first.
 #[test]
@@ -718,10 +730,13 @@ fn option_errors_name_the_problem() {
                 format!("driver=raw,file.filename={name},file.bogus=1"),
                 "driver 'file' has no option 'bogus'",
             ),
-            ("driver=null-co,size=12Q".to_string(), "option 'size': '12Q': unknown unit 'Q'"),
-            ("driver=null-co,size=1.5M".to_string(), "option 'size': '1.5M' is not a size"),
+            ("driver=null-co,size=12Q".to_string(), "option 'size': '12Q' is not a size"),
+            ("driver=null-co,size=1.5".to_string(), "option 'size': '1.5' is not a size"),
+            ("driver=null-co,size=1GiB".to_string(), "option 'size': '1GiB' is not a size"),
             ("driver=null-co,size=lots".to_string(), "option 'size': 'lots'"),
-            ("driver=null-co,size=99999999T".to_string(), "too large"),
+            ("driver=null-co,size=99999999T".to_string(), "'99999999T' is out of range"),
+            ("driver=null-co,size=-1".to_string(), "'-1' is out of range"),
+            ("driver=null-co,size=8E".to_string(), "'8E' is too large (at most 8E - 1)"),
             ("driver=null-co,latency-ns=soon".to_string(), "option 'latency-ns'"),
             (
                 "driver=null-co,read-zeroes=maybe".to_string(),
