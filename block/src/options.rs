@@ -16,7 +16,7 @@ use crate::format::{RawDriver, RawOptions};
 use crate::graph::NodeId;
 use crate::node::BlockNode;
 use crate::qcow2::{CacheSizes, Header, Qcow2Driver, resolve_backing};
-use crate::size::parse_size;
+use crate::size::{SizeErrorKind, parse_size};
 use crate::storage::{
     AioMode, CacheMode, FileDriver, FileOptions, Locking, NullDriver, NullOptions,
 };
@@ -147,8 +147,13 @@ impl<'a> Taker<'a> {
         // QEMU's block layer keeps sizes and offsets in an `int64_t`.
         match parse_size(value) {
             Ok(bytes) if bytes <= i64::MAX as u64 => Ok(Some(bytes)),
-            Ok(_) => Err(self.bad(key, &format!("'{value}' is too large (at most 8E - 1)"))),
-            Err(error) => Err(self.bad(key, &error.to_string())),
+            Err(error) if error.kind() == SizeErrorKind::Malformed => {
+                Err(self.bad(key, &error.to_string()))
+            }
+            _ => Err(self.bad(
+                key,
+                &format!("'{value}' is out of range: must be between 0 and {}", i64::MAX),
+            )),
         }
     }
 

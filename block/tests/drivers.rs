@@ -616,7 +616,7 @@ fn raw_window_outside_the_file_is_refused_at_open() {
             (",offset=64k,size=4k", "does not fit in the 65536 bytes of node 'proto'"),
             (",offset=60k,size=8k", "does not fit"),
             (",offset=128k", "window at offset 131072 of all remaining bytes does not fit"),
-            (",offset=99999999T", "too large"),
+            (",offset=99999999T", "out of range"),
             (",size=1M", "does not fit"),
         ] {
             let options = format!("{base}{window}");
@@ -736,7 +736,10 @@ fn option_errors_name_the_problem() {
             ("driver=null-co,size=lots".to_string(), "option 'size': 'lots'"),
             ("driver=null-co,size=99999999T".to_string(), "'99999999T' is out of range"),
             ("driver=null-co,size=-1".to_string(), "'-1' is out of range"),
-            ("driver=null-co,size=8E".to_string(), "'8E' is too large (at most 8E - 1)"),
+            (
+                "driver=null-co,size=8E".to_string(),
+                "'8E' is out of range: must be between 0 and 9223372036854775807",
+            ),
             ("driver=null-co,latency-ns=soon".to_string(), "option 'latency-ns'"),
             (
                 "driver=null-co,read-zeroes=maybe".to_string(),
