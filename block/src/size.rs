@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io;
+use std::num::IntErrorKind;
 
 /// Parses a size in bytes as QEMU's `qemu_strtosz` does:
 ///
@@ -111,20 +112,15 @@ fn size(text: &str) -> Result<u128, SizeErrorKind> {
     bytes.checked_add(fraction_bytes(fraction, shift)?).ok_or(SizeErrorKind::OutOfRange)
 }
 
-/// The value of `digits` (at least one, all valid in `radix`).
+/// The value of `digits` (at least one, all valid in `radix`; no sign).
 fn digits_value(digits: &str, radix: u32) -> Result<u128, SizeErrorKind> {
-    if digits.is_empty() {
+    if digits.starts_with('+') {
         return Err(SizeErrorKind::Malformed);
     }
-    let mut value: u128 = 0;
-    for digit in digits.chars() {
-        let digit = digit.to_digit(radix).ok_or(SizeErrorKind::Malformed)?;
-        value = value
-            .checked_mul(u128::from(radix))
-            .and_then(|value| value.checked_add(u128::from(digit)))
-            .ok_or(SizeErrorKind::OutOfRange)?;
-    }
-    Ok(value)
+    u128::from_str_radix(digits, radix).map_err(|error| match error.kind() {
+        IntErrorKind::PosOverflow => SizeErrorKind::OutOfRange,
+        _ => SizeErrorKind::Malformed,
+    })
 }
 
 /// The whole bytes of `0.<fraction>` units of `1 << shift` bytes, truncated (digits past the
@@ -181,7 +177,8 @@ mod tests {
     #[test]
     fn sizes_refuse_what_qemu_refuses() {
         for bad in [
-            "1.5", "1.5b", "0x1k", "0x", "00x10", "1kB", "1Kb", "1GiB", "1 k", "1x", "1e3", "", ".",
+            "1.5", "1.5b", "0x1k", "0x", "00x10", "1kB", "1Kb", "1GiB", "1 k", "1x", "1e3", "",
+            ".", "0x+10", "1+k", "1.+5k",
         ] {
             assert_eq!(kind(bad), SizeErrorKind::Malformed, "{bad:?}");
         }

@@ -10,6 +10,7 @@
 //! says, as `qemu-img` does, either `Invalid request count specified: 'abc'.` or `Invalid
 //! request count specified. Must be between 1 and 2147483647.`
 
+use std::num::IntErrorKind;
 use std::ops::RangeInclusive;
 
 use aiocoro_block::SizeErrorKind;
@@ -92,20 +93,15 @@ fn radix_and_digits(text: &str) -> (u32, &str) {
     }
 }
 
-/// The value of `digits` (at least one, all valid in `radix`).
+/// The value of `digits` (at least one, all valid in `radix`; no sign).
 fn digits_value(digits: &str, radix: u32) -> Result<i128, Refusal> {
-    if digits.is_empty() {
+    if digits.starts_with(['+', '-']) {
         return Err(Refusal::Malformed);
     }
-    let mut value: i128 = 0;
-    for digit in digits.chars() {
-        let digit = digit.to_digit(radix).ok_or(Refusal::Malformed)?;
-        value = value
-            .checked_mul(i128::from(radix))
-            .and_then(|value| value.checked_add(i128::from(digit)))
-            .ok_or(Refusal::OutOfRange)?;
-    }
-    Ok(value)
+    i128::from_str_radix(digits, radix).map_err(|error| match error.kind() {
+        IntErrorKind::PosOverflow => Refusal::OutOfRange,
+        _ => Refusal::Malformed,
+    })
 }
 
 #[cfg(test)]
@@ -137,7 +133,7 @@ mod tests {
 
     #[test]
     fn integers_refuse_units_and_stray_characters_as_qemu_img_does() {
-        for bad in ["1k", "16B", "1.5", "abc", "08", "0x", "", "5 ", "0x1g"] {
+        for bad in ["1k", "16B", "1.5", "abc", "08", "0x", "", "5 ", "0x1g", "0x+1", "-+5", "0-1"] {
             assert_eq!(count(bad), Err(format!("Invalid request count specified: '{bad}'.")));
         }
     }
