@@ -7,8 +7,9 @@
 //! - [`options`]: `EXPORT_NAME`, `GO`, `INFO` (export, name, description, block size),
 //!   `LIST`, `ABORT`, `STRUCTURED_REPLY`, `EXTENDED_HEADERS`, `LIST_META_CONTEXT` /
 //!   `SET_META_CONTEXT` ([`meta_context`]); anything else is answered `NBD_REP_ERR_UNSUP`;
-//! - [`transmission`]: `READ` (`DF`), `WRITE` (`FUA`), `FLUSH`, `TRIM`, `WRITE_ZEROES`
-//!   (`NO_HOLE`), `CACHE`, `BLOCK_STATUS` (`REQ_ONE`, [`block_status`]), `DISC`; the
+//! - [`transmission`]: `READ` (`DF`), `WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES`
+//!   (`NO_HOLE`), `CACHE`, `BLOCK_STATUS` (`REQ_ONE`, [`block_status`]), `DISC`, each with
+//!   `FUA` (honoured by the commands that write, accepted by the others); the
 //!   requests of a connection run concurrently, one coroutine each, up to
 //!   [`transmission::MAX_IN_FLIGHT`];
 //! - [`request`] and [`reply`]: compact or extended request headers; simple replies, or

@@ -299,6 +299,14 @@ fn block_status_reports_both_contexts_and_refuses_bad_ranges() {
     // REQ_ONE: one extent per context.
     let chunks = request(wire::CMD_BLOCK_STATUS, wire::CMD_FLAG_REQ_ONE, 65536, 262144, &[]);
     assert_eq!((extents(&chunks[0]), extents(&chunks[1])), (vec![(65536, 3)], vec![(65536, 0)]));
+    // FUA is accepted (and ignored) on commands that write nothing, as the protocol requires
+    // once SEND_FUA is advertised.
+    let fua = wire::CMD_FLAG_FUA;
+    let chunks = request(wire::CMD_BLOCK_STATUS, fua | wire::CMD_FLAG_REQ_ONE, 65536, 4096, &[]);
+    assert_eq!((extents(&chunks[0]), extents(&chunks[1])), (vec![(4096, 3)], vec![(4096, 0)]));
+    let chunks = request(wire::CMD_READ, fua | wire::CMD_FLAG_DF, 131072, 8192, &[]);
+    assert_eq!((chunks.len(), chunks[0].kind), (1, wire::REPLY_TYPE_OFFSET_DATA));
+    assert_eq!(chunks[0].payload[8..], [1; 8192]);
     // Empty, past the end, overflowing, unknown flags.
     for (flags, offset, length) in
         [(0, 0, 0), (0, SIZE - 512, 1024), (0, u64::MAX - 10, 512), (wire::CMD_FLAG_DF, 0, 512)]
