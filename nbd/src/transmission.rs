@@ -143,13 +143,11 @@ fn execute<S>(
     let result = match request.command {
         wire::CMD_READ => return read(co, connection, request),
         wire::CMD_BLOCK_STATUS => return block_status(co, connection, request),
-        wire::CMD_WRITE => {
-            check_write(export, request, payload_flag(session)).and_then(|()| {
-                let payload = payload.expect("the reader reads a write's payload");
-                backend.write(co, request.offset, &payload)?;
-                flush_if_fua(co, export, request)
-            })
-        }
+        wire::CMD_WRITE => check_write(export, request, payload_flag(session)).and_then(|()| {
+            let payload = payload.expect("the reader reads a write's payload");
+            backend.write(co, request.offset, &payload)?;
+            flush_if_fua(co, export, request)
+        }),
         wire::CMD_FLUSH => check_flags(request, 0).and_then(|()| backend.flush(co)),
         wire::CMD_TRIM => check_write(export, request, 0).and_then(|()| {
             if export.unmap {

@@ -75,7 +75,7 @@ impl Server {
     pub(crate) fn start(dir: &Path, image: &Path, args: &[&str]) -> Server {
         let socket = dir.join("nbd.sock");
         let listen = ["-k".to_owned(), socket.to_str().expect("a UTF-8 path").to_owned()];
-        Server::spawn(dir, image, &listen, args, socket, None)
+        Server::spawn(dir, image, &listen, args, socket, None, None)
     }
 
     /// As [`Server::start`], with the server's standard error going to `<dir>/server.log`
@@ -83,7 +83,16 @@ impl Server {
     pub(crate) fn start_logged(dir: &Path, image: &Path, args: &[&str]) -> Server {
         let socket = dir.join("nbd.sock");
         let listen = ["-k".to_owned(), socket.to_str().expect("a UTF-8 path").to_owned()];
-        Server::spawn(dir, image, &listen, args, socket, Some(dir.join("server.log")))
+        Server::spawn(dir, image, &listen, args, socket, Some(dir.join("server.log")), None)
+    }
+
+    /// As [`Server::start_logged`], with at most `fds` open descriptors (the soft and the hard
+    /// limit, so that the server cannot raise it).
+    pub(crate) fn start_with_fd_limit(dir: &Path, image: &Path, args: &[&str], fds: u64) -> Server {
+        let socket = dir.join("nbd.sock");
+        let listen = ["-k".to_owned(), socket.to_str().expect("a UTF-8 path").to_owned()];
+        let log = Some(dir.join("server.log"));
+        Server::spawn(dir, image, &listen, args, socket, log, Some(fds))
     }
 
     /// As [`Server::start`] but on TCP at 127.0.0.1; returns the port too. The port is one
@@ -91,7 +100,7 @@ impl Server {
     pub(crate) fn start_tcp(dir: &Path, image: &Path, args: &[&str]) -> (Server, u16) {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let listen = ["-b", "127.0.0.1", "-p", &port.to_string()].map(str::to_owned);
-        (Server::spawn(dir, image, &listen, args, PathBuf::new(), None), port)
+        (Server::spawn(dir, image, &listen, args, PathBuf::new(), None, None), port)
     }
 
     fn spawn(
@@ -101,6 +110,7 @@ impl Server {
         args: &[&str],
         socket: PathBuf,
         log: Option<PathBuf>,
+        fd_limit: Option<u64>,
     ) -> Server {
         let pid_file = dir.join("nbd.pid");
         let _ = std::fs::remove_file(&pid_file);
@@ -108,6 +118,19 @@ impl Server {
         command.args(listen).arg("--pid-file").arg(&pid_file).args(args).arg(image);
         if let Some(log) = &log {
             command.stderr(std::fs::File::create(log).expect("create the server log"));
+        }
+        if let Some(fds) = fd_limit {
+            let limit = libc::rlimit { rlim_cur: fds, rlim_max: fds };
+            // SAFETY: between fork and exec the hook only calls setrlimit, which is
+            // async-signal-safe, with a valid pointer to an initialised rlimit it owns.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = command.spawn().expect("start aiocoro-nbd");
         let mut server = Server { child: Some(child), socket, log };
