@@ -15,7 +15,8 @@
 //! - [`request`] and [`reply`]: compact or extended request headers; simple replies, or
 //!   structured ones ([`structured_read`]: holes and data) once negotiated;
 //! - [`errors`]: block-layer errors as NBD error values;
-//! - [`serve_connection`]: one connection from greeting to close, in a coroutine;
+//! - [`serve_connection`]: one connection from greeting to close, in a coroutine, with a
+//!   time limit on the handshake;
 //! - [`stats()`]: the connections, requests and request buffers alive, for leak checks.
 //!
 //! A client that breaks the protocol loses its connection, never the server.
@@ -34,6 +35,7 @@ mod connection;
 pub mod errors;
 mod export;
 pub mod handshake;
+mod handshake_deadline;
 mod in_flight;
 pub mod meta_context;
 pub mod options;

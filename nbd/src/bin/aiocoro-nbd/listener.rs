@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use aiocoro::coroutine::Co;
 use aiocoro_nbd::{Export, serve_connection};
@@ -121,11 +122,17 @@ impl Stream {
         };
     }
 
-    /// Serves the client on this stream (see [`serve_connection`]).
-    pub(crate) fn serve(self, co: &Co, export: Arc<Export>) -> io::Result<()> {
+    /// Serves the client on this stream (see [`serve_connection`]), its handshake limited to
+    /// `handshake_limit`.
+    pub(crate) fn serve(
+        self,
+        co: &Co,
+        export: Arc<Export>,
+        handshake_limit: Option<Duration>,
+    ) -> io::Result<()> {
         match self {
-            Stream::Tcp(stream) => serve_connection(co, stream, export),
-            Stream::Unix(stream) => serve_connection(co, stream, export),
+            Stream::Tcp(stream) => serve_connection(co, stream, export, handshake_limit),
+            Stream::Unix(stream) => serve_connection(co, stream, export, handshake_limit),
         }
     }
 }

@@ -39,6 +39,8 @@ pub(crate) struct ServePolicy {
     pub persistent: bool,
     /// How many clients are served at once (`-e`); later ones wait, connected.
     pub shared: usize,
+    /// How long a served client may take over its handshake (`--handshake-limit`).
+    pub handshake_limit: Option<Duration>,
 }
 
 /// Serves `export` to the clients of `listener` on `threads`, round robin, until (without
@@ -160,10 +162,11 @@ fn run_events(
             let thread = &threads[next_thread % threads.len()];
             next_thread += 1;
             let (export, notice) = (export.clone(), EndNotice(events.clone(), served));
+            let handshake_limit = policy.handshake_limit;
             let started = thread.handle().spawn(move |co| {
                 let _notice = notice;
                 let stream: Stream = stream;
-                match stream.serve(co, export) {
+                match stream.serve(co, export, handshake_limit) {
                     // A client hanging up without DISC (as many do) is no error to report.
                     Ok(()) => {}
                     Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {}
