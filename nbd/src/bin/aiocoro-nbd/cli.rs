@@ -15,7 +15,8 @@ all through one block backend.
   -r, --read-only          export read-only (writes fail with EPERM)
   -x, --export-name=NAME   export name (default: the empty name)
   -D, --description=TEXT   export description
-  -k, --socket=PATH        listen on a Unix socket at PATH (removed at exit)
+  -k, --socket=PATH        listen on a Unix socket at PATH (removed at exit; a
+                           stale one that nothing listens on is replaced)
   -p, --port=PORT          TCP port (default: 10809)
   -b, --bind=ADDR          TCP address (default: 0.0.0.0)
   -t, --persistent         keep serving after the last client disconnects
