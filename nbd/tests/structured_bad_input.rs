@@ -204,7 +204,11 @@ fn the_new_options_answer_malformed_and_repeated_requests_with_errors() {
     assert_eq!(replies[1], (wire::REP_META_CONTEXT, b"\0\0\0\x02qemu:allocation-depth".to_vec()));
     assert_eq!(option(&mut client, wire::OPT_EXTENDED_HEADERS, &[])[0].0, wire::REP_ACK);
     invalid(option(&mut client, wire::OPT_EXTENDED_HEADERS, &[]));
-    invalid(option(&mut client, wire::OPT_STRUCTURED_REPLY, &[]));
+    // Structured replies after extended headers: the error the protocol names for it (the
+    // extended headers, which take precedence, stay).
+    let replies = option(&mut client, wire::OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0].0, wire::REP_ERR_EXT_HEADER_REQD, "{replies:?}");
     // Thousands of empty queries in one payload: each matches nothing.
     let empty: Vec<&[u8]> = vec![b""; 3000];
     let replies = option(&mut client, wire::OPT_LIST_META_CONTEXT, &meta_payload(&empty));
