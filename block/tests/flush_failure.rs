@@ -8,9 +8,11 @@
 //! libtest harness) runs itself again as the child that does the I/O.
 
 mod common;
+#[path = "fault/shim.rs"]
+mod shim;
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use aiocoro::coroutine::Co;
@@ -31,29 +33,14 @@ fn main() {
         child(&engine, &cache, &file);
         return;
     }
-    let shim = build_shim();
+    let shim =
+        shim::build_shim(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fault/fail_sync.c"));
     for (engine, via) in [("threads", "libc"), ("io_uring", "io_uring")] {
         for cache in ["writeback", "none"] {
             every_flush_after_a_failed_one_fails(&shim, engine, via, cache);
             println!("test flush_failure {engine} cache={cache} ... ok");
         }
     }
-}
-
-/// Compiles the shim into the temporary directory; returns its path.
-fn build_shim() -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fault/fail_sync.c");
-    let output = std::env::temp_dir().join(format!("aiocoro-fail-sync-{}.so", std::process::id()));
-    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-    let status = Command::new(&compiler)
-        .args(["-shared", "-fPIC", "-O1", "-Wall", "-o"])
-        .arg(&output)
-        .arg(&source)
-        .arg("-ldl")
-        .status()
-        .unwrap_or_else(|error| panic!("cannot run the C compiler '{compiler}': {error}"));
-    assert!(status.success(), "'{compiler}' could not build {}", source.display());
-    output
 }
 
 fn every_flush_after_a_failed_one_fails(shim: &Path, engine: &str, via: &str, cache: &str) {

@@ -3,11 +3,13 @@
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use aiocoro::coroutine::Co;
 
 use crate::export::Export;
 use crate::handshake::handshake;
+use crate::handshake_deadline::HandshakeDeadline;
 use crate::options::{Negotiated, negotiate};
 use crate::socket::CoSocket;
 use crate::stats::ConnectionCount;
@@ -15,15 +17,23 @@ use crate::transmission;
 
 /// Serves one client on `stream` (non-blocking) from the coroutine `co`: handshake, option
 /// haggling, then requests until `DISC` (see [`transmission::serve`]). Returns when the
-/// connection is over, with the stream closed.
+/// connection is over, with the stream closed. A client that has not chosen an export (or
+/// aborted) within `handshake_limit` of the greeting is disconnected (`None`: no limit).
 ///
 /// # Errors
 ///
-/// An I/O error or a protocol violation by the client, which ends this connection only.
+/// An I/O error or a protocol violation by the client, which ends this connection only;
+/// `TimedOut` if the handshake took longer than `handshake_limit`.
+///
+/// # Panics
+///
+/// With a `handshake_limit`, if the calling thread has no [`AioContext`](aiocoro::aio::AioContext)
+/// (a coroutine always runs on one).
 pub fn serve_connection<S: AsRawFd + 'static>(
     co: &Co,
     stream: S,
     export: Arc<Export>,
+    handshake_limit: Option<Duration>,
 ) -> io::Result<()>
 where
     for<'s> &'s S: Read + Write,
@@ -31,8 +41,22 @@ where
     let _count = ConnectionCount::new();
     let negotiated = {
         let socket = CoSocket::new(co, &stream);
-        let flags = handshake(&socket)?;
-        negotiate(&socket, &export, flags.no_zeroes)?
+        let deadline =
+            handshake_limit.map(|limit| (HandshakeDeadline::arm(stream.as_raw_fd(), limit), limit));
+        let negotiated =
+            handshake(&socket).and_then(|flags| negotiate(&socket, &export, flags.no_zeroes));
+        match (negotiated, &deadline) {
+            (Err(_), Some((deadline, limit))) if deadline.expired() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the client did not finish the handshake within {} s",
+                        limit.as_secs_f64()
+                    ),
+                ));
+            }
+            (negotiated, _) => negotiated?,
+        }
     };
     match negotiated {
         Negotiated::Transmission(session) => transmission::serve(co, stream, export, session),

@@ -7,14 +7,16 @@
 //! - [`options`]: `EXPORT_NAME`, `GO`, `INFO` (export, name, description, block size),
 //!   `LIST`, `ABORT`, `STRUCTURED_REPLY`, `EXTENDED_HEADERS`, `LIST_META_CONTEXT` /
 //!   `SET_META_CONTEXT` ([`meta_context`]); anything else is answered `NBD_REP_ERR_UNSUP`;
-//! - [`transmission`]: `READ` (`DF`), `WRITE` (`FUA`), `FLUSH`, `TRIM`, `WRITE_ZEROES`
-//!   (`NO_HOLE`), `CACHE`, `BLOCK_STATUS` (`REQ_ONE`, [`block_status`]), `DISC`; the
+//! - [`transmission`]: `READ` (`DF`), `WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES`
+//!   (`NO_HOLE`), `CACHE`, `BLOCK_STATUS` (`REQ_ONE`, [`block_status`]), `DISC`, each with
+//!   `FUA` (honoured by the commands that write, accepted by the others); the
 //!   requests of a connection run concurrently, one coroutine each, up to
 //!   [`transmission::MAX_IN_FLIGHT`];
 //! - [`request`] and [`reply`]: compact or extended request headers; simple replies, or
 //!   structured ones ([`structured_read`]: holes and data) once negotiated;
 //! - [`errors`]: block-layer errors as NBD error values;
-//! - [`serve_connection`]: one connection from greeting to close, in a coroutine;
+//! - [`serve_connection`]: one connection from greeting to close, in a coroutine, with a
+//!   time limit on the handshake;
 //! - [`stats()`]: the connections, requests and request buffers alive, for leak checks.
 //!
 //! A client that breaks the protocol loses its connection, never the server.
@@ -33,6 +35,7 @@ mod connection;
 pub mod errors;
 mod export;
 pub mod handshake;
+mod handshake_deadline;
 mod in_flight;
 pub mod meta_context;
 pub mod options;

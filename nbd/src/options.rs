@@ -105,7 +105,10 @@ where
                 };
                 if !payload.is_empty() {
                     reply(socket, option, wire::REP_ERR_INVALID, b"the option takes no payload")?;
-                } else if session.mode >= wanted {
+                } else if session.mode > wanted {
+                    let message = b"extended headers already negotiated (and take precedence)";
+                    reply(socket, option, wire::REP_ERR_EXT_HEADER_REQD, message)?;
+                } else if session.mode == wanted {
                     reply(socket, option, wire::REP_ERR_INVALID, b"already negotiated")?;
                 } else {
                     session.mode = wanted;

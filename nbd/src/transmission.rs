@@ -143,23 +143,20 @@ fn execute<S>(
     let result = match request.command {
         wire::CMD_READ => return read(co, connection, request),
         wire::CMD_BLOCK_STATUS => return block_status(co, connection, request),
-        wire::CMD_WRITE => {
-            let allowed = wire::CMD_FLAG_FUA | payload_flag(session);
-            check_write(export, request, allowed).and_then(|()| {
-                let payload = payload.expect("the reader reads a write's payload");
-                backend.write(co, request.offset, &payload)?;
-                flush_if_fua(co, export, request)
-            })
-        }
+        wire::CMD_WRITE => check_write(export, request, payload_flag(session)).and_then(|()| {
+            let payload = payload.expect("the reader reads a write's payload");
+            backend.write(co, request.offset, &payload)?;
+            flush_if_fua(co, export, request)
+        }),
         wire::CMD_FLUSH => check_flags(request, 0).and_then(|()| backend.flush(co)),
-        wire::CMD_TRIM => check_write(export, request, wire::CMD_FLAG_FUA).and_then(|()| {
+        wire::CMD_TRIM => check_write(export, request, 0).and_then(|()| {
             if export.unmap {
                 backend.discard(co, request.offset, request.length)?;
             }
             flush_if_fua(co, export, request)
         }),
         wire::CMD_WRITE_ZEROES => {
-            let allowed = wire::CMD_FLAG_FUA | wire::CMD_FLAG_NO_HOLE | wire::CMD_FLAG_FAST_ZERO;
+            let allowed = wire::CMD_FLAG_NO_HOLE | wire::CMD_FLAG_FAST_ZERO;
             let checked = check_write(export, request, allowed);
             if checked.is_ok()
                 && request.flags & wire::CMD_FLAG_FAST_ZERO != 0
@@ -271,8 +268,8 @@ fn cache(co: &Co, export: &Export, request: &Request) -> io::Result<()> {
     Ok(())
 }
 
-/// Checks a request that modifies the export: flags within `allowed`, a writable export
-/// (`EPERM`), and a range inside the export.
+/// Checks a request that modifies the export: flags within `allowed` (and `FUA`), a writable
+/// export (`EPERM`), and a range inside the export.
 fn check_write(export: &Export, request: &Request, allowed: u16) -> io::Result<()> {
     check_flags(request, allowed)?;
     if export.read_only {
@@ -281,9 +278,12 @@ fn check_write(export: &Export, request: &Request, allowed: u16) -> io::Result<(
     check_range(export, request)
 }
 
-/// Refuses flags outside `allowed` (`EINVAL`).
+/// Refuses flags outside `allowed` and `FUA` (`EINVAL`). `FUA` is accepted on every command:
+/// the server advertises `SEND_FUA`, and then "MUST accept all commands with this bit set (even
+/// by ignoring the bit)", as clients set it on commands that write nothing (QEMU 2.x on
+/// `FLUSH`). Where the command writes, [`flush_if_fua`] honours it.
 fn check_flags(request: &Request, allowed: u16) -> io::Result<()> {
-    match request.flags & !allowed {
+    match request.flags & !(allowed | wire::CMD_FLAG_FUA) {
         0 => Ok(()),
         unknown => Err(invalid(format!("flags {unknown:#x} on command {}", request.command))),
     }

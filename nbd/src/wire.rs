@@ -64,6 +64,9 @@ pub const REP_ERR_INVALID: u32 = REP_ERROR | 3;
 pub const REP_ERR_UNKNOWN: u32 = REP_ERROR | 6;
 /// Error reply: the option's payload is too large for the server.
 pub const REP_ERR_TOO_BIG: u32 = REP_ERROR | 9;
+/// Error reply: extended headers are (or must be) in use (to `STRUCTURED_REPLY` once they
+/// are negotiated, which they take precedence over).
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_ERROR | 10;
 
 /// Information: the export's size and transmission flags.
 pub const INFO_EXPORT: u16 = 0;

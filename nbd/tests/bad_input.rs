@@ -159,7 +159,7 @@ fn invalid_requests_get_nbd_errors_and_the_connection_goes_on() {
     assert_eq!(client.command(wire::CMD_READ, 0, 0, aiocoro_nbd::MAX_REQUEST + 1), wire::EINVAL);
     // Unknown commands and flags.
     assert_eq!(client.command(99, 0, 0, 0), wire::EINVAL);
-    assert_eq!(client.command(wire::CMD_FLUSH, wire::CMD_FLAG_FUA, 0, 0), wire::EINVAL);
+    assert_eq!(client.command(wire::CMD_FLUSH, wire::CMD_FLAG_NO_HOLE, 0, 0), wire::EINVAL);
     assert_eq!(client.command(wire::CMD_READ, 1 << 9, 0, 512), wire::EINVAL);
     assert_eq!(client.write(wire::CMD_FLAG_NO_HOLE, 0, &[1; 512]), wire::EINVAL);
     // Nothing of the refused writes landed; valid requests work on the same connection.
@@ -177,6 +177,24 @@ fn invalid_requests_get_nbd_errors_and_the_connection_goes_on() {
     client.request(wire::CMD_WRITE, 0, 0, u32::MAX, &[]);
     assert_eq!(client.reply(), wire::EINVAL);
     assert!(client.is_closed());
+    assert_serving(&mut server);
+}
+
+#[test]
+fn fua_is_accepted_on_every_command_as_the_protocol_requires() {
+    // SEND_FUA is advertised, so "the server MUST accept all commands with this bit set (even
+    // by ignoring the bit)": clients are known to set it on others (QEMU 2.x on FLUSH).
+    let (mut server, _dir) = start("fua-everywhere", &[]);
+    let (mut client, flags) = Client::transmission(&server);
+    assert_ne!(flags & wire::TFLAG_SEND_FUA, 0);
+    let fua = wire::CMD_FLAG_FUA;
+    assert_eq!(client.write(fua, 4096, &[0x42; 4096]), 0);
+    assert_eq!(client.command(wire::CMD_FLUSH, fua, 0, 0), 0, "FLUSH with FUA");
+    assert_eq!(client.command(wire::CMD_CACHE, fua, 0, 8192), 0, "CACHE with FUA");
+    assert_eq!(client.command(wire::CMD_READ, fua, 4096, 4096), 0, "READ with FUA");
+    assert_eq!(client.read(4096), vec![0x42; 4096]);
+    // Unknown bits beside FUA are still refused.
+    assert_eq!(client.command(wire::CMD_READ, fua | 1 << 9, 4096, 512), wire::EINVAL);
     assert_serving(&mut server);
 }
 

@@ -150,7 +150,7 @@ fn kill_while_writing(round: u64, run_for: Duration) {
         String::from_utf8_lossy(&check.stderr)
     );
 
-    let _ = std::fs::remove_file(dir.join("nbd.sock"));
+    // On the killed server's socket path (the socket it left behind is replaced).
     let server = Server::start(&dir, &image, &["-r", "-t", "-f", "qcow2"]);
     let (mut client, _, _) = Client::go(&server);
     for &(offset, tag) in &durable {

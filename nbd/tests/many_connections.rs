@@ -1,9 +1,11 @@
 //! A thousand idle connections, active clients beside them, and clients that hang up in the
 //! middle of a request: everything is served, and afterwards the server holds no more
-//! connections, requests (coroutines), request buffers or descriptors than before.
+//! connections, requests (coroutines), request buffers or descriptors than before. More
+//! clients than the server has descriptors for: it keeps serving, and accepts again later.
 
 mod common;
 
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use aiocoro_nbd::wire;
@@ -171,4 +173,39 @@ fn a_client_that_stops_reading_replies_holds_bounded_memory() {
     client.stream.shutdown(std::net::Shutdown::Both).unwrap();
     sending.join().unwrap();
     wait_for_baseline(&mut server, [0, 0, 0], None);
+}
+
+/// More clients than the server has descriptors for: with two served at once (`-e 2`), the
+/// others wait holding a descriptor each, until `accept` fails with `EMFILE`. The server must
+/// neither exit nor drop the clients it serves, and must accept again once descriptors are
+/// free.
+#[test]
+fn running_out_of_descriptors_drops_no_client_and_accepting_resumes() {
+    const LIMIT: u64 = 48;
+    let dir = temp_dir("out-of-descriptors");
+    let image = qcow2_image(&dir, "1M");
+    let args = ["-t", "-e", "2", "--iothreads", "1"];
+    let mut server = Server::start_with_fd_limit(&dir, &image, &args, LIMIT);
+    let (mut first, _) = Client::transmission(&server);
+    let (mut second, _) = Client::transmission(&server);
+    // (A connection refused is a server that exited: the assertion below says so.)
+    let waiting: Vec<UnixStream> =
+        (0..LIMIT + 16).filter_map(|_| UnixStream::connect(&server.socket).ok()).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.is_running() && descriptors(server.pid()) < LIMIT as usize {
+        assert!(Instant::now() < deadline, "the server never used up its descriptors");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // accept now fails each time the server tries.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(server.is_running(), "the server exited when it ran out of descriptors");
+    assert_eq!(first.write(0, 0, &[1; 4096]), 0, "a served client was dropped");
+    assert_eq!(second.read_data(0, 4096), vec![1; 4096], "a served client was dropped");
+    // The waiting clients hang up, one served client leaves: a new client is served.
+    drop(waiting);
+    first.request(wire::CMD_DISC, 0, 0, 0, &[]);
+    assert!(first.is_closed());
+    let (mut third, _) = Client::transmission(&server);
+    assert_eq!(third.read_data(0, 4096), vec![1; 4096]);
+    assert!(server.log().contains("Too many open files"), "unreported: {}", server.log());
 }

@@ -204,7 +204,11 @@ fn the_new_options_answer_malformed_and_repeated_requests_with_errors() {
     assert_eq!(replies[1], (wire::REP_META_CONTEXT, b"\0\0\0\x02qemu:allocation-depth".to_vec()));
     assert_eq!(option(&mut client, wire::OPT_EXTENDED_HEADERS, &[])[0].0, wire::REP_ACK);
     invalid(option(&mut client, wire::OPT_EXTENDED_HEADERS, &[]));
-    invalid(option(&mut client, wire::OPT_STRUCTURED_REPLY, &[]));
+    // Structured replies after extended headers: the error the protocol names for it (the
+    // extended headers, which take precedence, stay).
+    let replies = option(&mut client, wire::OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0].0, wire::REP_ERR_EXT_HEADER_REQD, "{replies:?}");
     // Thousands of empty queries in one payload: each matches nothing.
     let empty: Vec<&[u8]> = vec![b""; 3000];
     let replies = option(&mut client, wire::OPT_LIST_META_CONTEXT, &meta_payload(&empty));
@@ -299,6 +303,14 @@ fn block_status_reports_both_contexts_and_refuses_bad_ranges() {
     // REQ_ONE: one extent per context.
     let chunks = request(wire::CMD_BLOCK_STATUS, wire::CMD_FLAG_REQ_ONE, 65536, 262144, &[]);
     assert_eq!((extents(&chunks[0]), extents(&chunks[1])), (vec![(65536, 3)], vec![(65536, 0)]));
+    // FUA is accepted (and ignored) on commands that write nothing, as the protocol requires
+    // once SEND_FUA is advertised.
+    let fua = wire::CMD_FLAG_FUA;
+    let chunks = request(wire::CMD_BLOCK_STATUS, fua | wire::CMD_FLAG_REQ_ONE, 65536, 4096, &[]);
+    assert_eq!((extents(&chunks[0]), extents(&chunks[1])), (vec![(4096, 3)], vec![(4096, 0)]));
+    let chunks = request(wire::CMD_READ, fua | wire::CMD_FLAG_DF, 131072, 8192, &[]);
+    assert_eq!((chunks.len(), chunks[0].kind), (1, wire::REPLY_TYPE_OFFSET_DATA));
+    assert_eq!(chunks[0].payload[8..], [1; 8192]);
     // Empty, past the end, overflowing, unknown flags.
     for (flags, offset, length) in
         [(0, 0, 0), (0, SIZE - 512, 1024), (0, u64::MAX - 10, 512), (wire::CMD_FLAG_DF, 0, 512)]

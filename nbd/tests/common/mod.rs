@@ -4,6 +4,7 @@
 
 pub(crate) mod client;
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
@@ -60,6 +61,24 @@ pub(crate) fn qcow2_image(dir: &Path, size: &str) -> PathBuf {
     image
 }
 
+/// How a server process is set up beyond its arguments.
+#[derive(Default)]
+struct Setup {
+    /// Where its standard error goes (else to the test's).
+    log: Option<PathBuf>,
+    /// Its limit on open descriptors, soft and hard.
+    fd_limit: Option<u64>,
+    /// Environment variables added to the test's.
+    env: Vec<(OsString, OsString)>,
+}
+
+impl Setup {
+    /// Standard error to `<dir>/server.log`.
+    fn logged(dir: &Path) -> Setup {
+        Setup { log: Some(dir.join("server.log")), ..Setup::default() }
+    }
+}
+
 /// A running server, killed when dropped.
 pub(crate) struct Server {
     child: Option<Child>,
@@ -75,7 +94,7 @@ impl Server {
     pub(crate) fn start(dir: &Path, image: &Path, args: &[&str]) -> Server {
         let socket = dir.join("nbd.sock");
         let listen = ["-k".to_owned(), socket.to_str().expect("a UTF-8 path").to_owned()];
-        Server::spawn(dir, image, &listen, args, socket, None)
+        Server::spawn(dir, image, &listen, args, socket, Setup::default())
     }
 
     /// As [`Server::start`], with the server's standard error going to `<dir>/server.log`
@@ -83,7 +102,29 @@ impl Server {
     pub(crate) fn start_logged(dir: &Path, image: &Path, args: &[&str]) -> Server {
         let socket = dir.join("nbd.sock");
         let listen = ["-k".to_owned(), socket.to_str().expect("a UTF-8 path").to_owned()];
-        Server::spawn(dir, image, &listen, args, socket, Some(dir.join("server.log")))
+        Server::spawn(dir, image, &listen, args, socket, Setup::logged(dir))
+    }
+
+    /// As [`Server::start_logged`], with at most `fds` open descriptors (the soft and the hard
+    /// limit, so that the server cannot raise it).
+    pub(crate) fn start_with_fd_limit(dir: &Path, image: &Path, args: &[&str], fds: u64) -> Server {
+        let socket = dir.join("nbd.sock");
+        let listen = ["-k".to_owned(), socket.to_str().expect("a UTF-8 path").to_owned()];
+        let setup = Setup { fd_limit: Some(fds), ..Setup::logged(dir) };
+        Server::spawn(dir, image, &listen, args, socket, setup)
+    }
+
+    /// As [`Server::start_logged`], with the environment variables `env` added.
+    pub(crate) fn start_with_env(
+        dir: &Path,
+        image: &Path,
+        args: &[&str],
+        env: &[(&str, &OsStr)],
+    ) -> Server {
+        let socket = dir.join("nbd.sock");
+        let listen = ["-k".to_owned(), socket.to_str().expect("a UTF-8 path").to_owned()];
+        let env = env.iter().map(|&(name, value)| (name.into(), value.to_owned())).collect();
+        Server::spawn(dir, image, &listen, args, socket, Setup { env, ..Setup::logged(dir) })
     }
 
     /// As [`Server::start`] but on TCP at 127.0.0.1; returns the port too. The port is one
@@ -91,7 +132,7 @@ impl Server {
     pub(crate) fn start_tcp(dir: &Path, image: &Path, args: &[&str]) -> (Server, u16) {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let listen = ["-b", "127.0.0.1", "-p", &port.to_string()].map(str::to_owned);
-        (Server::spawn(dir, image, &listen, args, PathBuf::new(), None), port)
+        (Server::spawn(dir, image, &listen, args, PathBuf::new(), Setup::default()), port)
     }
 
     fn spawn(
@@ -100,17 +141,31 @@ impl Server {
         listen: &[String],
         args: &[&str],
         socket: PathBuf,
-        log: Option<PathBuf>,
+        setup: Setup,
     ) -> Server {
         let pid_file = dir.join("nbd.pid");
         let _ = std::fs::remove_file(&pid_file);
         let mut command = Command::new(env!("CARGO_BIN_EXE_aiocoro-nbd"));
         command.args(listen).arg("--pid-file").arg(&pid_file).args(args).arg(image);
-        if let Some(log) = &log {
+        command.envs(setup.env);
+        if let Some(log) = &setup.log {
             command.stderr(std::fs::File::create(log).expect("create the server log"));
         }
+        if let Some(fds) = setup.fd_limit {
+            let limit = libc::rlimit { rlim_cur: fds, rlim_max: fds };
+            // SAFETY: between fork and exec the hook only calls setrlimit, which is
+            // async-signal-safe, with a valid pointer to an initialised rlimit it owns.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = command.spawn().expect("start aiocoro-nbd");
-        let mut server = Server { child: Some(child), socket, log };
+        let mut server = Server { child: Some(child), socket, log: setup.log };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !pid_file.exists() {
             if let Some(status) = server.child().try_wait().expect("poll the server") {

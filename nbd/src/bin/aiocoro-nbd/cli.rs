@@ -1,6 +1,7 @@
 //! The command line, in `qemu-nbd`'s spelling where the meaning is the same.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The text of `--help`.
 pub(crate) const HELP: &str = "\
@@ -14,13 +15,16 @@ all through one block backend.
   -r, --read-only          export read-only (writes fail with EPERM)
   -x, --export-name=NAME   export name (default: the empty name)
   -D, --description=TEXT   export description
-  -k, --socket=PATH        listen on a Unix socket at PATH (removed at exit)
+  -k, --socket=PATH        listen on a Unix socket at PATH (removed at exit; a
+                           stale one that nothing listens on is replaced)
   -p, --port=PORT          TCP port (default: 10809)
   -b, --bind=ADDR          TCP address (default: 0.0.0.0)
   -t, --persistent         keep serving after the last client disconnects
                            (without it: exit when the first client has gone and
                            no other is connected)
   -e, --shared=N           serve up to N clients at once (default: 1)
+      --handshake-limit=N  disconnect a client that has not finished the handshake
+                           N seconds after it is served (default: 10; 0: no limit)
       --cache=MODE         writeback (default) or none (O_DIRECT)
       --aio=MODE           io_uring (default) or threads
       --discard=MODE       ignore (default: TRIM does nothing) or unmap
@@ -63,6 +67,8 @@ pub(crate) struct Options {
     pub persistent: bool,
     /// How many clients at once.
     pub shared: usize,
+    /// How long a client may take over its handshake; `None`: for ever.
+    pub handshake_limit: Option<Duration>,
     /// The file's cache mode.
     pub cache: String,
     /// The file's I/O engine.
@@ -97,6 +103,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, St
         bind: None,
         persistent: false,
         shared: 1,
+        handshake_limit: Some(Duration::from_secs(10)),
         cache: "writeback".into(),
         aio: "io_uring".into(),
         unmap: false,
@@ -128,6 +135,10 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, St
             "-b" | "--bind" => options.bind = Some(value()?),
             "-t" | "--persistent" => options.persistent = true,
             "-e" | "--shared" => options.shared = number(&flag, &value()?)?,
+            "--handshake-limit" => {
+                let seconds: u64 = number(&flag, &value()?)?;
+                options.handshake_limit = (seconds > 0).then(|| Duration::from_secs(seconds));
+            }
             "--cache" => options.cache = value()?,
             "--aio" => options.aio = value()?,
             "--discard" => options.unmap = discard_mode(&value()?)?,
@@ -208,6 +219,10 @@ mod tests {
         assert_eq!(options.socket, Some(PathBuf::from("/tmp/s")));
         assert_eq!(options.image, "a.img");
         assert_eq!(run(&["--iothreads", "3", "a"]).unwrap().iothreads, 3);
+        assert_eq!(run(&["a"]).unwrap().handshake_limit, Some(Duration::from_secs(10)));
+        let limit = |arg| run(&[arg, "a"]).unwrap().handshake_limit;
+        assert_eq!(limit("--handshake-limit=3"), Some(Duration::from_secs(3)));
+        assert_eq!(limit("--handshake-limit=0"), None);
         let options =
             run(&["--image-opts", "--discard=unmap", "-p", "10", "driver=raw,file=a"]).unwrap();
         assert!(options.image_opts && options.unmap);

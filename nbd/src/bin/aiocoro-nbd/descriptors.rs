@@ -2,7 +2,9 @@
 //! that shuts it down), so a thousand clients need more than the usual soft limit of 1024.
 
 /// Raises the soft limit on open descriptors to the hard limit; if that fails the server
-/// runs with the old limit (and refuses connections past it, as `accept` fails).
+/// runs with the old limit. Past the limit, accepting pauses until connections end (see the
+/// accept loop), and a client the server cannot start (no descriptor for its shutdown
+/// handle) is dropped.
 pub(crate) fn raise_limit() {
     // SAFETY: rlimit is plain data, valid when zeroed.
     let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };

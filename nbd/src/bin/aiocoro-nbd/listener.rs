@@ -4,9 +4,11 @@
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use aiocoro::coroutine::Co;
 use aiocoro_nbd::{Export, serve_connection};
@@ -30,14 +32,15 @@ pub(crate) enum Stream {
 }
 
 impl Listener {
-    /// Listens on the Unix socket `path` if given, else on TCP `bind`:`port`.
+    /// Listens on the Unix socket `path` if given (replacing a stale socket there, see
+    /// [`bind_unix`]), else on TCP `bind`:`port`.
     ///
     /// # Errors
     ///
     /// If the socket cannot be bound (the error names the address).
     pub(crate) fn bind(path: Option<&PathBuf>, bind: &str, port: u16) -> io::Result<Listener> {
         match path {
-            Some(path) => UnixListener::bind(path).map(Listener::Unix).map_err(|error| {
+            Some(path) => bind_unix(path).map(Listener::Unix).map_err(|error| {
                 io::Error::new(error.kind(), format!("{}: {error}", path.display()))
             }),
             None => TcpListener::bind((bind, port))
@@ -102,6 +105,28 @@ impl Listener {
     }
 }
 
+/// Binds the Unix socket `path`. A socket file already there that no process listens on (a
+/// server killed before it could remove it: connecting is refused) is replaced, as
+/// `qemu-nbd` replaces it; a socket someone listens on, or a file that is no socket, is left
+/// alone and the bind fails.
+fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    match UnixListener::bind(path) {
+        Err(error) if error.kind() == io::ErrorKind::AddrInUse && is_stale_socket(path) => {
+            std::fs::remove_file(path)?;
+            UnixListener::bind(path)
+        }
+        bound => bound,
+    }
+}
+
+/// Whether `path` is a socket file with no listener behind it.
+fn is_stale_socket(path: &Path) -> bool {
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket());
+    is_socket
+        && UnixStream::connect(path)
+            .is_err_and(|error| error.kind() == io::ErrorKind::ConnectionRefused)
+}
+
 impl Stream {
     /// Another handle on the same connection, to shut it down with.
     pub(crate) fn try_clone(&self) -> io::Result<Stream> {
@@ -121,11 +146,17 @@ impl Stream {
         };
     }
 
-    /// Serves the client on this stream (see [`serve_connection`]).
-    pub(crate) fn serve(self, co: &Co, export: Arc<Export>) -> io::Result<()> {
+    /// Serves the client on this stream (see [`serve_connection`]), its handshake limited to
+    /// `handshake_limit`.
+    pub(crate) fn serve(
+        self,
+        co: &Co,
+        export: Arc<Export>,
+        handshake_limit: Option<Duration>,
+    ) -> io::Result<()> {
         match self {
-            Stream::Tcp(stream) => serve_connection(co, stream, export),
-            Stream::Unix(stream) => serve_connection(co, stream, export),
+            Stream::Tcp(stream) => serve_connection(co, stream, export, handshake_limit),
+            Stream::Unix(stream) => serve_connection(co, stream, export, handshake_limit),
         }
     }
 }

@@ -76,7 +76,11 @@ fn run(options: Options) -> io::Result<()> {
     let threads: Vec<IoThread> = (0..options.iothreads)
         .map(|n| IoThread::spawn(&format!("nbd-iothread-{n}")))
         .collect::<io::Result<_>>()?;
-    let policy = ServePolicy { persistent: options.persistent, shared: options.shared };
+    let policy = ServePolicy {
+        persistent: options.persistent,
+        shared: options.shared,
+        handshake_limit: options.handshake_limit,
+    };
     let served = server::serve(listener, export.clone(), &threads, &policy, signals);
     drop(export.backend.drain());
     for thread in threads {

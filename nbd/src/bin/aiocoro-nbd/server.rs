@@ -4,6 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::Duration;
 
 use aiocoro::aio::IoThread;
 use aiocoro_nbd::Export;
@@ -38,6 +39,8 @@ pub(crate) struct ServePolicy {
     pub persistent: bool,
     /// How many clients are served at once (`-e`); later ones wait, connected.
     pub shared: usize,
+    /// How long a served client may take over its handshake (`--handshake-limit`).
+    pub handshake_limit: Option<Duration>,
 }
 
 /// Serves `export` to the clients of `listener` on `threads`, round robin, until (without
@@ -79,19 +82,28 @@ fn report_stats() {
     let _ = io::Write::write_all(&mut io::stderr().lock(), line.as_bytes());
 }
 
-/// Accepts clients and passes them on until the main thread stops listening.
+/// How long accepting pauses when the process or the system is out of descriptors or memory
+/// (the connection waits in the listen backlog meanwhile).
+const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+
+/// Accepts clients and passes them on until the main thread stops listening. Running out of
+/// descriptors or memory pauses accepting (reported once per shortage) instead of ending the
+/// server: clients can cause it (each waiting client holds a descriptor), and it passes as
+/// connections end.
 fn accept_loop(listener: &Listener, events: &Sender<Event>) {
+    let mut short = false;
     loop {
         let event = match listener.accept() {
-            Ok(stream) => Event::Accepted(stream),
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    io::ErrorKind::ConnectionAborted
-                        | io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
+            Ok(stream) => {
+                short = false;
+                Event::Accepted(stream)
+            }
+            Err(error) if is_transient(&error) => continue,
+            Err(error) if is_shortage(&error) => {
+                if !std::mem::replace(&mut short, true) {
+                    eprintln!("aiocoro-nbd: cannot accept a client for now: {error}; retrying");
+                }
+                std::thread::sleep(EXHAUSTED_PAUSE);
                 continue;
             }
             Err(error) => Event::AcceptFailed(error),
@@ -101,6 +113,29 @@ fn accept_loop(listener: &Listener, events: &Sender<Event>) {
             return;
         }
     }
+}
+
+/// Whether `error` from `accept` concerns one connection only (it went away first, or the
+/// network failed under it: `accept(2)` says to retry) or an interrupted call.
+fn is_transient(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::NetworkDown
+    ) || matches!(
+        error.raw_os_error(),
+        Some(libc::EPROTO | libc::ENOPROTOOPT | libc::EHOSTDOWN | libc::ENONET | libc::EPERM)
+    )
+}
+
+/// Whether `error` from `accept` is a shortage of descriptors (the process's or the
+/// system's) or of kernel memory, which passes as connections end.
+fn is_shortage(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 /// The main thread's loop: starts connections while fewer than `shared` run, and decides
@@ -127,10 +162,11 @@ fn run_events(
             let thread = &threads[next_thread % threads.len()];
             next_thread += 1;
             let (export, notice) = (export.clone(), EndNotice(events.clone(), served));
+            let handshake_limit = policy.handshake_limit;
             let started = thread.handle().spawn(move |co| {
                 let _notice = notice;
                 let stream: Stream = stream;
-                match stream.serve(co, export) {
+                match stream.serve(co, export, handshake_limit) {
                     // A client hanging up without DISC (as many do) is no error to report.
                     Ok(()) => {}
                     Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {}

@@ -1,0 +1,47 @@
+//! The handshake limit: a connection whose client has not finished the handshake by a
+//! deadline is shut down, so that a client that connects and stalls cannot hold the server
+//! (and a slot of its connection limit) for ever (QEMU's `--handshake-limit`).
+
+use std::cell::Cell;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use aiocoro::aio::{AioContext, Timer};
+
+/// A deadline armed on one connection's socket; dropping it disarms it.
+pub(crate) struct HandshakeDeadline {
+    /// Removed from the context when dropped: its callback never runs after that.
+    _timer: Timer,
+    expired: Rc<Cell<bool>>,
+}
+
+impl HandshakeDeadline {
+    /// Shuts the socket `fd` down in both directions once `limit` has passed, unless dropped
+    /// first: the handshake's pending and later reads and writes then fail. `fd` must stay
+    /// open while the deadline lives.
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread has no [`AioContext`] (a coroutine always runs on one).
+    pub(crate) fn arm(fd: RawFd, limit: Duration) -> HandshakeDeadline {
+        let context =
+            AioContext::current().expect("aiocoro-nbd: a connection runs in an AioContext");
+        let expired = Rc::new(Cell::new(false));
+        let flag = expired.clone();
+        let timer = context.new_timer(move || {
+            flag.set(true);
+            // SAFETY: shutdown only changes the state of the socket `fd` names, which the
+            // connection keeps open while this deadline (and so its timer) lives; it frees
+            // and touches no memory. Its error (the client already gone) needs nothing.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        });
+        timer.arm_after(limit);
+        HandshakeDeadline { _timer: timer, expired }
+    }
+
+    /// Whether the deadline passed (and the socket was shut down).
+    pub(crate) fn expired(&self) -> bool {
+        self.expired.get()
+    }
+}
