@@ -3,7 +3,7 @@
 //! fail; it logs the writes and flushes that reached the child, in order.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aiocoro::coroutine::Co;
@@ -12,7 +12,6 @@ use aiocoro_block::qcow2::{CacheSizes, Header, Qcow2Driver};
 use aiocoro_block::{BlockDriver, BlockGraph, BlockNode, Child, ChildLabel};
 
 /// What a [`FaultFilter`] fails, shared with the test that made it.
-#[derive(Default)]
 pub(crate) struct Faults {
     /// A byte whose next write arms one flush failure: the first flush after that write
     /// fails.
@@ -25,6 +24,44 @@ pub(crate) struct Faults {
     failing_write: Mutex<Option<u64>>,
     /// The writes and flushes passed to the child, in the order they completed.
     log: Mutex<Vec<FileEvent>>,
+    /// Writes seen so far (failed ones included).
+    writes_seen: AtomicU64,
+    /// Flushes seen so far (failed ones included).
+    flushes_seen: AtomicU64,
+    /// The number (as `writes_seen` counts, from 1) of a write that fails with the errno,
+    /// writing nothing.
+    failing_write_number: Mutex<Option<(u64, i32)>>,
+    /// The number (as `flushes_seen` counts, from 1) of a flush that fails with `EIO`.
+    failing_flush_number: AtomicU64,
+    /// From this write number on every write, flush and truncate fails with `EIO`: the
+    /// device is gone (`u64::MAX`: never).
+    dead_from_write: AtomicU64,
+    /// Writes that reach past this many bytes fail with `ENOSPC`, writing nothing, and so
+    /// does a truncate past it: the disk is full (`u64::MAX`: never).
+    full_at: AtomicU64,
+    /// Whether flushes that pass stop at the filter: the tests that set it never crash the
+    /// machine, so the order of writes and flushes the filter sees is all they need (and
+    /// they need many flushes).
+    flushes_stop_here: AtomicBool,
+}
+
+impl Default for Faults {
+    fn default() -> Faults {
+        Faults {
+            trigger: Mutex::default(),
+            flushes_to_fail: AtomicU64::default(),
+            failed_flushes: AtomicU64::default(),
+            failing_write: Mutex::default(),
+            log: Mutex::default(),
+            writes_seen: AtomicU64::default(),
+            flushes_seen: AtomicU64::default(),
+            failing_write_number: Mutex::default(),
+            failing_flush_number: AtomicU64::new(u64::MAX),
+            dead_from_write: AtomicU64::new(u64::MAX),
+            full_at: AtomicU64::new(u64::MAX),
+            flushes_stop_here: AtomicBool::new(false),
+        }
+    }
 }
 
 /// A request a [`FaultFilter`] passed to its child.
@@ -51,6 +88,80 @@ impl Faults {
     /// Fails the next write that touches byte `at`, which then writes nothing.
     pub(crate) fn fail_next_write_to(&self, at: u64) {
         *self.failing_write.lock().unwrap() = Some(at);
+    }
+
+    /// How many writes and flushes reached the filter so far (failed ones included).
+    pub(crate) fn seen(&self) -> (u64, u64) {
+        (self.writes_seen.load(Ordering::SeqCst), self.flushes_seen.load(Ordering::SeqCst))
+    }
+
+    /// Fails write number `n` (as [`Faults::seen`] counts them, from 1) with `errno`; it
+    /// writes nothing.
+    pub(crate) fn fail_write_number(&self, n: u64, errno: i32) {
+        *self.failing_write_number.lock().unwrap() = Some((n, errno));
+    }
+
+    /// Fails flush number `n` (as [`Faults::seen`] counts them, from 1) with `EIO`.
+    pub(crate) fn fail_flush_number(&self, n: u64) {
+        self.failing_flush_number.store(n, Ordering::SeqCst);
+    }
+
+    /// From write number `n` on (as [`Faults::seen`] counts them, from 1), every write,
+    /// flush and truncate fails with `EIO` and does nothing: the device is gone.
+    pub(crate) fn die_at_write_number(&self, n: u64) {
+        self.dead_from_write.store(n, Ordering::SeqCst);
+    }
+
+    /// Writes reaching past `len` bytes, and truncates past it, fail with `ENOSPC` and do
+    /// nothing from now on (`u64::MAX`: the disk has room again).
+    pub(crate) fn fill_disk_at(&self, len: u64) {
+        self.full_at.store(len, Ordering::SeqCst);
+    }
+
+    /// Passes no flush on to the child from now on (a flush that does not fail succeeds at
+    /// the filter).
+    pub(crate) fn stop_flushes_here(&self) {
+        self.flushes_stop_here.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes back the numbered write and flush failures not reached yet, the full disk and
+    /// the dead device: from now on requests pass.
+    pub(crate) fn heal(&self) {
+        *self.failing_write_number.lock().unwrap() = None;
+        self.failing_flush_number.store(u64::MAX, Ordering::SeqCst);
+        self.dead_from_write.store(u64::MAX, Ordering::SeqCst);
+        self.full_at.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    /// Whether the device is gone (see [`Faults::die_at_write_number`]).
+    fn is_dead(&self) -> bool {
+        self.writes_seen.load(Ordering::SeqCst) >= self.dead_from_write.load(Ordering::SeqCst)
+    }
+
+    /// The errno the write of `len` bytes at `offset` fails with, if it fails (counting it).
+    fn write_error(&self, offset: u64, len: u64) -> Option<i32> {
+        let number = self.writes_seen.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.is_dead() {
+            return Some(libc::EIO);
+        }
+        let mut numbered = self.failing_write_number.lock().unwrap();
+        if let Some((_, errno)) = numbered.take_if(|(at, _)| *at == number) {
+            return Some(errno);
+        }
+        if offset + len > self.full_at.load(Ordering::SeqCst) {
+            return Some(libc::ENOSPC);
+        }
+        self.fails_write(offset, len).then_some(libc::EIO)
+    }
+
+    /// Whether this flush fails (counting it).
+    fn flush_fails(&self) -> bool {
+        let number = self.flushes_seen.fetch_add(1, Ordering::SeqCst) + 1;
+        let numbered = self
+            .failing_flush_number
+            .compare_exchange(number, u64::MAX, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        self.is_dead() || numbered || self.fails_flush()
     }
 
     /// The writes and flushes passed to the child since the last call, in order.
@@ -114,8 +225,8 @@ impl BlockDriver for FaultFilter {
 
     fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         let len = bufs.iter().map(|buf| buf.len() as u64).sum();
-        if self.faults.fails_write(offset, len) {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+        if let Some(errno) = self.faults.write_error(offset, len) {
+            return Err(io::Error::from_raw_os_error(errno));
         }
         self.child.node().write(co, offset, bufs)?;
         self.faults.record(FileEvent::Write { offset, len });
@@ -124,15 +235,23 @@ impl BlockDriver for FaultFilter {
     }
 
     fn flush(&self, co: &Co) -> io::Result<()> {
-        if self.faults.fails_flush() {
+        if self.faults.flush_fails() {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        self.child.node().flush(co)?;
+        if !self.faults.flushes_stop_here.load(Ordering::SeqCst) {
+            self.child.node().flush(co)?;
+        }
         self.faults.record(FileEvent::Flush);
         Ok(())
     }
 
     fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {
+        if self.faults.is_dead() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if len > self.faults.full_at.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         self.child.node().truncate(co, len)
     }
 }
@@ -162,12 +281,22 @@ pub(crate) fn open_faulty_qcow2(
     graph: &BlockGraph,
     path: &std::path::Path,
 ) -> (Arc<BlockNode>, Arc<Faults>) {
+    open_faulty_qcow2_with(co, graph, path, CacheSizes::default())
+}
+
+/// [`open_faulty_qcow2`] with metadata caches of `caches`.
+pub(crate) fn open_faulty_qcow2_with(
+    co: &Co,
+    graph: &BlockGraph,
+    path: &std::path::Path,
+    caches: CacheSizes,
+) -> (Arc<BlockNode>, Arc<Faults>) {
     let (filter_id, filter, faults) = open_faulty_file(co, graph, path);
     let header = Header::read(co, &filter).unwrap();
     let (_, node) = graph
         .add_node_with(|edges| {
             let file = edges.attach(ChildLabel::image_file(), filter_id)?;
-            let driver = Qcow2Driver::open(co, file, None, header, CacheSizes::default())?;
+            let driver = Qcow2Driver::open(co, file, None, header, caches)?;
             BlockNode::new(co, "image", driver, false)
         })
         .unwrap();
