@@ -463,3 +463,56 @@ fn persistent_bitmaps_are_counted() {
     let info = qemu_img(&["info", repaired.to_str().unwrap()]);
     assert!(info.contains("name: b0") && info.contains("name: b1"), "{info}");
 }
+
+#[test]
+fn a_data_cluster_two_entries_name() {
+    let scratch = Scratch::new("check-twice");
+    let pristine = sample(&scratch, "");
+    let twice = |image: &Path| {
+        let data = peek_u64(image, l2_entry_at(image, 1));
+        poke_u64(image, l2_entry_at(image, 80), data);
+    };
+    verify(&scratch, &pristine, twice, DAMAGED);
+    // Two L1 entries name one L2 table (4 KiB clusters: 8 MiB needs 16 L1 entries).
+    let small = sample_named(&scratch, "small.qcow2", "cluster_size=4k");
+    let shared_table = |image: &Path| {
+        let l1 = l1_offset(image);
+        poke_u64(image, l1 + 8, peek_u64(image, l1));
+    };
+    verify(&scratch, &small, shared_table, DAMAGED);
+}
+
+#[test]
+fn a_refcount_higher_than_the_references() {
+    let scratch = Scratch::new("check-high");
+    let pristine = sample(&scratch, "");
+    // A leak, and the entry's COPIED flag now wrong: qemu-img calls it a corruption.
+    let high = |image: &Path| {
+        let data = peek_u64(image, l2_entry_at(image, 1)) & OFFSET_MASK;
+        set_refcount(image, data / cluster_size(image), 5);
+    };
+    verify(&scratch, &pristine, high, DAMAGED);
+    // Compressed clusters packed several to a host cluster: one reference too few.
+    let raw = scratch.path("data.raw");
+    std::fs::write(&raw, (0..1 << 20).map(|i: u32| (i / 4096 % 251) as u8).collect::<Vec<_>>())
+        .unwrap();
+    let compressed = scratch.path("compressed.qcow2");
+    compress_to_qcow2(raw.to_str().unwrap(), compressed.to_str().unwrap(), "cluster_size=4k");
+    let low = |image: &Path| {
+        let data = peek_u64(image, l2_entry_at(image, 3)) & 0x003f_ffff_ffff_ffff;
+        set_refcount(image, data / cluster_size(image), 1);
+    };
+    verify(&scratch, &compressed, low, DAMAGED);
+}
+
+#[test]
+fn entries_past_the_end_of_the_file() {
+    let scratch = Scratch::new("check-past-end");
+    let pristine = sample(&scratch, "");
+    let data_past = |image: &Path| poke_u64(image, l2_entry_at(image, 1), COPIED | 1000 << 16);
+    verify(&scratch, &pristine, data_past, Expect { status: 2, repairable: false });
+    // A snapshot whose L1 table lies past the end of the file.
+    qemu_img(&["snapshot", "-c", "s1", pristine.to_str().unwrap()]);
+    let snapshot_l1_past = |image: &Path| poke_u64(image, peek_u64(image, 64), 1000 << 16);
+    verify(&scratch, &pristine, snapshot_l1_past, Expect { status: 2, repairable: false });
+}
