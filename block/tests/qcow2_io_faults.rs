@@ -79,6 +79,10 @@ const WORKLOAD: &[Op] = &[
     Op::Flush,
 ];
 
+/// The header field of the incompatible feature bits, and its dirty and corrupt bits.
+const INCOMPATIBLE_FEATURES: u64 = 72;
+const MARKS: u64 = 0b11;
+
 /// How a run fails.
 #[derive(Clone, Copy, Debug)]
 enum Fault {
@@ -351,6 +355,8 @@ fn one_run(case: &Case, fault: Fault) -> Outcome {
     }
     let (status, report) = check_status(&image);
     assert!(status == 0 || status == 3, "{what}: qemu-img check finds the image broken: {report}");
+    let incompatible = peek_u64(&image, INCOMPATIBLE_FEATURES);
+    assert_eq!(incompatible & MARKS, 0, "{what}: an I/O error marked the image dirty or corrupt");
     let ours = read_ours(&image, 1 << 20).unwrap_or_else(|error| panic!("{what}: {error}"));
     model.assert_allows(&ours, &format!("{what}, read by us"));
     let theirs = qemu_raw(&image);
