@@ -6,12 +6,15 @@
 //! the image before the damage and with qemu-img's repaired copy), and `-r all` leaves
 //! images qemu-img checks clean.
 
+mod common;
 mod qcow2_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use aiocoro_block::qcow2::{CheckReport, Repair, check_image_file};
+use aiocoro_block::qcow2::{CheckReport, Repair, check, check_image_file};
+use aiocoro_block::{BlockGraph, run_in_coroutine};
+use common::faults::open_faulty_file;
 use qcow2_support::*;
 
 /// Bits 9..=55 of an L1 / L2 entry: the offset.
@@ -515,4 +518,59 @@ fn entries_past_the_end_of_the_file() {
     qemu_img(&["snapshot", "-c", "s1", pristine.to_str().unwrap()]);
     let snapshot_l1_past = |image: &Path| poke_u64(image, peek_u64(image, 64), 1000 << 16);
     verify(&scratch, &pristine, snapshot_l1_past, Expect { status: 2, repairable: false });
+}
+
+/// Repairs `image` (`-r all`) through a filter that fails as `arm` says; returns the writes
+/// the repair made and its exit code and failure.
+fn repair_failing(
+    image: &Path,
+    arm: impl FnOnce(&common::faults::Faults) + 'static,
+) -> (u64, i32, Option<String>) {
+    let path = image.to_path_buf();
+    run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (_, node, faults) = open_faulty_file(co, &graph, &path);
+        arm(&faults);
+        let report = check(co, &node, Repair::All).unwrap();
+        (faults.seen().0, report.exit_code() as i32, report.failure)
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_repair_that_fails_midway_loses_no_data_and_a_later_one_completes() {
+    let scratch = Scratch::new("check-failing-repair");
+    // 512-byte clusters: a lost refcount block needs a rebuild (several block writes, the
+    // table, the header), and the counts of the rest are repaired in place.
+    let pristine = scratch.path("pristine.qcow2");
+    create_qcow2(pristine.to_str().unwrap(), "cluster_size=512", "4M");
+    qemu_io("qcow2", &pristine, &["write -P 0x11 0 300k", "write -P 0x22 3M 20k"]);
+    let damaged = copy(&pristine, &scratch.path("damaged.qcow2"));
+    let (table_entry, ..) = refcount_slot(&damaged, 300);
+    poke_u64(&damaged, table_entry, 0);
+    let work = scratch.path("work.qcow2");
+    copy(&damaged, &work);
+    let (writes, status, failure) = repair_failing(&work, |_| {});
+    assert_eq!((status, failure), (0, None), "the repair without faults");
+    let len = std::fs::metadata(&damaged).unwrap().len();
+    let faults = (1..=writes).map(|n| (n, false)).chain([(len, true), (len + 1024, true)]);
+    for (at, full) in faults {
+        copy(&damaged, &work);
+        let (_, status, failure) = repair_failing(&work, move |faults| {
+            if full {
+                faults.fill_disk_at(at);
+            } else {
+                faults.fail_write_number(at, libc::EIO);
+            }
+        });
+        let what = format!("write {at} failing (disk full: {full})");
+        assert_eq!(status, 1, "{what}: the check says it failed");
+        let failure = failure.unwrap_or_default();
+        let errno = if full { "No space left on device" } else { "Input/output error" };
+        assert!(failure.contains(errno), "{what}: the failure names the error: {failure}");
+        assert_eq!(identical(&work, &pristine), Some(true), "{what}: the data is intact");
+        assert_eq!(check_image_file(&work, Repair::All).unwrap().exit_code(), 0, "{what}");
+        assert_eq!(qemu_check_with(&[], &work).status, 0, "{what}: repaired after all");
+        assert_eq!(identical(&work, &pristine), Some(true), "{what}: and still intact");
+    }
 }
