@@ -1,7 +1,8 @@
 //! Several IoThreads write pieces of the same fresh clusters of one qcow2 image (so that
 //! their writes wait for, or merge into, each other's allocations) while the filter node
 //! under the image fails one write with `EIO`: the requests around the failing one lose
-//! nothing. After a final flush every acknowledged piece is there, every failed one reads
+//! nothing. Also with the clusters shared with an internal snapshot (copied on write), and
+//! as subclusters of clusters with extended L2 entries. After a final flush every acknowledged piece is there, every failed one reads
 //! as before or as written, and `qemu-img check` finds no corruption.
 //!
 //! `QCOW2_CONCURRENT_FAULTS=N` runs N failure points (default 24).
@@ -19,6 +20,7 @@ use common::faults::{Faults, open_faulty_qcow2_with};
 use common::pattern;
 use qcow2_support::*;
 
+/// What the writers share, piece by piece: a cluster (a subcluster with extended L2 entries).
 const CLUSTER: u64 = 512;
 const THREADS: usize = 2;
 const COROUTINES: usize = 4;
@@ -35,11 +37,12 @@ fn piece_at(w: usize, p: usize) -> u64 {
 
 /// Runs all writers on `image`, failing the `n`-th write; returns each piece's outcome
 /// `(writer, piece, acknowledged)`.
-fn run(image: &Path, n: u64) -> Vec<(usize, usize, bool)> {
+fn run(image: &Path, cluster_size: u64, n: u64) -> Vec<(usize, usize, bool)> {
     let path = image.to_path_buf();
     let (graph, blk, faults) = run_in_coroutine(move |co| {
         let graph = BlockGraph::new();
-        let caches = CacheSizes { l2_bytes: 2 * CLUSTER, refcount_bytes: 0 };
+        // Two L2 tables: the writers evict each other's.
+        let caches = CacheSizes { l2_bytes: 2 * cluster_size, refcount_bytes: 0 };
         let (node, faults) = open_faulty_qcow2_with(co, &graph, &path, caches);
         (graph, BlockBackend::new(node), faults)
     })
@@ -92,11 +95,17 @@ fn finish(blk: BlockBackend, faults: &Arc<Faults>) {
     .unwrap();
 }
 
-#[test]
-fn concurrent_writers_around_a_failing_write_lose_nothing() {
-    let scratch = Scratch::new("concurrent-faults");
+/// Runs the writers on copies of an image of `cluster_size`-byte clusters made with
+/// qemu-img's `options` (zeroes written over it and an internal snapshot taken if
+/// `snapshot`), failing a different write each time.
+fn around_failing_writes(name: &str, options: &str, cluster_size: u64, snapshot: bool) {
+    let scratch = Scratch::new(name);
     let base = scratch.path("base.qcow2");
-    create_qcow2(base.to_str().unwrap(), "cluster_size=512", "1M");
+    create_qcow2(base.to_str().unwrap(), options, "1M");
+    if snapshot {
+        qemu_io("qcow2", &base, &["write -P 0 0 1M"]);
+        qemu_img(&["snapshot", "-c", "kept", base.to_str().unwrap()]);
+    }
     let points: u64 = std::env::var("QCOW2_CONCURRENT_FAULTS")
         .map(|value| value.parse().expect("QCOW2_CONCURRENT_FAULTS is a number"))
         .unwrap_or(24);
@@ -104,7 +113,7 @@ fn concurrent_writers_around_a_failing_write_lose_nothing() {
     for n in 0..points {
         std::fs::copy(&base, &image).unwrap();
         // Spread over the writes a run makes (a few hundred).
-        let outcomes = run(&image, 1 + n * 17 % 300);
+        let outcomes = run(&image, cluster_size, 1 + n * 17 % 300);
         let (status, report) = check_status(&image);
         assert!(status == 0 || status == 3, "point {n}: {report}");
         let seen = read_ours(&image, 1 << 20).unwrap();
@@ -120,4 +129,25 @@ fn concurrent_writers_around_a_failing_write_lose_nothing() {
             }
         }
     }
+}
+
+#[test]
+fn concurrent_writers_around_a_failing_write_lose_nothing() {
+    around_failing_writes("concurrent-faults", "cluster_size=512", 512, false);
+}
+
+#[test]
+fn concurrent_copies_of_snapshot_clusters_around_a_failing_write_lose_nothing() {
+    around_failing_writes("concurrent-faults-snapshot", "cluster_size=512", 512, true);
+}
+
+#[test]
+fn concurrent_subcluster_writers_around_a_failing_write_lose_nothing() {
+    // The writers' 512-byte "clusters" are subclusters of 16 KiB clusters.
+    around_failing_writes(
+        "concurrent-faults-extended",
+        "cluster_size=16k,extended_l2=on",
+        16 << 10,
+        false,
+    );
 }
