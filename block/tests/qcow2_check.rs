@@ -574,3 +574,51 @@ fn a_repair_that_fails_midway_loses_no_data_and_a_later_one_completes() {
         assert_eq!(identical(&work, &pristine), Some(true), "{what}: and still intact");
     }
 }
+
+#[test]
+fn l1_entries_past_the_end_of_the_file_or_misaligned() {
+    let scratch = Scratch::new("check-l1-entries");
+    let pristine = sample(&scratch, "");
+    let past = |image: &Path| poke_u64(image, l1_offset(image), COPIED | 1000 << 16);
+    verify(&scratch, &pristine, past, Expect { status: 2, repairable: false });
+    let misaligned = |image: &Path| {
+        let at = l1_offset(image);
+        poke_u64(image, at, peek_u64(image, at) + 0x200);
+    };
+    verify(&scratch, &pristine, misaligned, Expect { status: 2, repairable: false });
+}
+
+#[test]
+fn a_refcount_block_in_an_l2_table_and_a_header_counted_free() {
+    let scratch = Scratch::new("check-block-in-l2");
+    let pristine = sample(&scratch, "");
+    let block_in_l2 = |image: &Path| {
+        let (table_entry, ..) = refcount_slot(image, 0);
+        poke_u64(image, table_entry, peek_u64(image, l1_offset(image)) & OFFSET_MASK);
+    };
+    verify(&scratch, &pristine, block_in_l2, DAMAGED);
+    verify(&scratch, &pristine, |image| set_refcount(image, 0, 0), DAMAGED);
+}
+
+#[test]
+fn damage_qemu_img_check_does_not_look_at_is_not_reported() {
+    let scratch = Scratch::new("check-unseen");
+    // A compressed entry's sector count reaching past the end of the file.
+    let raw = scratch.path("data.raw");
+    std::fs::write(&raw, (0..1 << 20).map(|i: u32| (i / 4096 % 251) as u8).collect::<Vec<_>>())
+        .unwrap();
+    let compressed = scratch.path("compressed.qcow2");
+    compress_to_qcow2(raw.to_str().unwrap(), compressed.to_str().unwrap(), "");
+    let long = |image: &Path| {
+        let at = l2_entry_at(image, 0);
+        poke_u64(image, at, peek_u64(image, at) | 0x3f << 54);
+    };
+    verify(&scratch, &compressed, long, Expect { status: 0, repairable: true });
+    // The zero flag in a version 2 image (reads refuse it, as QEMU's do).
+    let v2 = sample_named(&scratch, "v2.qcow2", "compat=0.10");
+    let zero_flag = |image: &Path| {
+        let at = l2_entry_at(image, 1);
+        poke_u64(image, at, peek_u64(image, at) | 1);
+    };
+    verify(&scratch, &v2, zero_flag, Expect { status: 0, repairable: true });
+}
