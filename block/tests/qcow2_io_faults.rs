@@ -26,7 +26,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use aiocoro::coroutine::Co;
-use aiocoro_block::qcow2::CacheSizes;
+use aiocoro_block::qcow2::{CacheSizes, Repair, check_image_file};
 use aiocoro_block::{BlockBackend, BlockGraph, run_in_coroutine};
 use common::faults::{Faults, open_faulty_qcow2_with};
 use common::pattern;
@@ -355,6 +355,8 @@ fn one_run(case: &Case, fault: Fault) -> Outcome {
     }
     let (status, report) = check_status(&image);
     assert!(status == 0 || status == 3, "{what}: qemu-img check finds the image broken: {report}");
+    let ours = check_image_file(&image, Repair::None).unwrap();
+    assert_eq!(ours.exit_code() as i32, status, "{what}: our check says otherwise: {ours:#?}");
     let incompatible = peek_u64(&image, INCOMPATIBLE_FEATURES);
     assert_eq!(incompatible & MARKS, 0, "{what}: an I/O error marked the image dirty or corrupt");
     let ours = read_ours(&image, 1 << 20).unwrap_or_else(|error| panic!("{what}: {error}"));
