@@ -1,6 +1,7 @@
 //! One I/O error at every point of a qcow2 workload: a filter node under the image fails
-//! the n-th write (`EIO`), the n-th flush, every request from the n-th write on (the device
-//! is gone), or every write past a file length (`ENOSPC`: the disk is full), for n and
+//! the n-th write (`EIO`; or tears it: its first half lands), the n-th flush, every request
+//! from the n-th write on (the device is gone), or every write past a file length
+//! (`ENOSPC`: the disk is full), for n and
 //! lengths over all the workload reaches. The workload mixes what allocates and moves
 //! metadata: partial writes into new clusters, in-place writes, zero writes, discards,
 //! compressed writes (packed two to a cluster, then copied on write), a write that
@@ -89,6 +90,9 @@ enum Fault {
     None,
     /// Write number n fails with this errno, writing nothing; the device then works again.
     Write(u64, i32),
+    /// Write number n is torn (its first half lands) and fails with `EIO`; the device then
+    /// works again.
+    Torn(u64),
     /// Flush number n fails (the writes before it landed); the device then works again.
     Flush(u64),
     /// From write number n on, every request fails: the device is gone.
@@ -274,6 +278,7 @@ fn arm(faults: &Faults, fault: Fault) {
     match fault {
         Fault::None => {}
         Fault::Write(n, errno) => faults.fail_write_number(n, errno),
+        Fault::Torn(n) => faults.tear_write_number(n),
         Fault::Flush(n) => faults.fail_flush_number(n),
         Fault::Dead(n) => faults.die_at_write_number(n),
         Fault::Full(len) => faults.fill_disk_at(len),
@@ -404,6 +409,7 @@ fn every_fault(case: &Case) {
     let grown = std::fs::metadata(case.image()).unwrap().len();
     for n in points(writes) {
         one_run(case, Fault::Write(n, libc::EIO));
+        one_run(case, Fault::Torn(n));
         one_run(case, Fault::Dead(n));
     }
     for n in points(flushes) {

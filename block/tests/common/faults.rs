@@ -31,6 +31,9 @@ pub(crate) struct Faults {
     /// The number (as `writes_seen` counts, from 1) of a write that fails with the errno,
     /// writing nothing.
     failing_write_number: Mutex<Option<(u64, i32)>>,
+    /// The number (as `writes_seen` counts, from 1) of a write that is torn: its first half
+    /// (whole 512-byte sectors) lands, then it fails with `EIO` (`u64::MAX`: none).
+    torn_write_number: AtomicU64,
     /// The number (as `flushes_seen` counts, from 1) of a flush that fails with `EIO`.
     failing_flush_number: AtomicU64,
     /// From this write number on every write, flush and truncate fails with `EIO`: the
@@ -56,6 +59,7 @@ impl Default for Faults {
             writes_seen: AtomicU64::default(),
             flushes_seen: AtomicU64::default(),
             failing_write_number: Mutex::default(),
+            torn_write_number: AtomicU64::new(u64::MAX),
             failing_flush_number: AtomicU64::new(u64::MAX),
             dead_from_write: AtomicU64::new(u64::MAX),
             full_at: AtomicU64::new(u64::MAX),
@@ -101,6 +105,12 @@ impl Faults {
         *self.failing_write_number.lock().unwrap() = Some((n, errno));
     }
 
+    /// Tears write number `n` (as [`Faults::seen`] counts them, from 1): the whole sectors of
+    /// its first half land, then it fails with `EIO`.
+    pub(crate) fn tear_write_number(&self, n: u64) {
+        self.torn_write_number.store(n, Ordering::SeqCst);
+    }
+
     /// Fails flush number `n` (as [`Faults::seen`] counts them, from 1) with `EIO`.
     pub(crate) fn fail_flush_number(&self, n: u64) {
         self.failing_flush_number.store(n, Ordering::SeqCst);
@@ -128,6 +138,7 @@ impl Faults {
     /// the dead device: from now on requests pass.
     pub(crate) fn heal(&self) {
         *self.failing_write_number.lock().unwrap() = None;
+        self.torn_write_number.store(u64::MAX, Ordering::SeqCst);
         self.failing_flush_number.store(u64::MAX, Ordering::SeqCst);
         self.dead_from_write.store(u64::MAX, Ordering::SeqCst);
         self.full_at.store(u64::MAX, Ordering::SeqCst);
@@ -138,20 +149,29 @@ impl Faults {
         self.writes_seen.load(Ordering::SeqCst) >= self.dead_from_write.load(Ordering::SeqCst)
     }
 
-    /// The errno the write of `len` bytes at `offset` fails with, if it fails (counting it).
-    fn write_error(&self, offset: u64, len: u64) -> Option<i32> {
+    /// What becomes of the write of `len` bytes at `offset` (counting it).
+    fn write_fate(&self, offset: u64, len: u64) -> WriteFate {
         let number = self.writes_seen.fetch_add(1, Ordering::SeqCst) + 1;
         if self.is_dead() {
-            return Some(libc::EIO);
+            return WriteFate::Fail(libc::EIO);
         }
         let mut numbered = self.failing_write_number.lock().unwrap();
         if let Some((_, errno)) = numbered.take_if(|(at, _)| *at == number) {
-            return Some(errno);
+            return WriteFate::Fail(errno);
+        }
+        let torn = self.torn_write_number.compare_exchange(
+            number,
+            u64::MAX,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        if torn.is_ok() {
+            return WriteFate::Torn;
         }
         if offset + len > self.full_at.load(Ordering::SeqCst) {
-            return Some(libc::ENOSPC);
+            return WriteFate::Fail(libc::ENOSPC);
         }
-        self.fails_write(offset, len).then_some(libc::EIO)
+        if self.fails_write(offset, len) { WriteFate::Fail(libc::EIO) } else { WriteFate::Pass }
     }
 
     /// Whether this flush fails (counting it).
@@ -204,6 +224,16 @@ impl Faults {
     }
 }
 
+/// What a [`FaultFilter`] does with a write.
+enum WriteFate {
+    /// Passes it to the child.
+    Pass,
+    /// Fails it with this errno; nothing lands.
+    Fail(i32),
+    /// Passes the whole sectors of its first half, then fails it with `EIO`.
+    Torn,
+}
+
 /// A filter over its `file` child that fails the flushes and writes its [`Faults`] say.
 pub(crate) struct FaultFilter {
     child: Child,
@@ -225,8 +255,19 @@ impl BlockDriver for FaultFilter {
 
     fn write(&self, co: &Co, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         let len = bufs.iter().map(|buf| buf.len() as u64).sum();
-        if let Some(errno) = self.faults.write_error(offset, len) {
-            return Err(io::Error::from_raw_os_error(errno));
+        match self.faults.write_fate(offset, len) {
+            WriteFate::Pass => {}
+            WriteFate::Fail(errno) => return Err(io::Error::from_raw_os_error(errno)),
+            WriteFate::Torn => {
+                let half = (len / 2) as usize / 512 * 512;
+                let first: Vec<u8> =
+                    bufs.iter().flat_map(|buf| buf.iter().copied()).take(half).collect();
+                if half > 0 {
+                    self.child.node().write(co, offset, &[IoSlice::new(&first)])?;
+                    self.faults.record(FileEvent::Write { offset, len: half as u64 });
+                }
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
         }
         self.child.node().write(co, offset, bufs)?;
         self.faults.record(FileEvent::Write { offset, len });
