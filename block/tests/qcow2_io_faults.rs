@@ -1,12 +1,11 @@
 //! One I/O error at every point of a qcow2 workload: a filter node under the image fails
 //! the n-th write (`EIO`; or tears it: its first half lands), the n-th flush, every request
 //! from the n-th write on (the device is gone), or every write past a file length
-//! (`ENOSPC`: the disk is full), for n and
-//! lengths over all the workload reaches. The workload mixes what allocates and moves
-//! metadata: partial writes into new clusters, in-place writes, zero writes, discards,
-//! compressed writes (packed two to a cluster, then copied on write), a write that
-//! outgrows the refcount table, a grow that moves the L1 table; over an image qemu-io
-//! filled, with metadata caches small enough to evict. Variants: an internal snapshot (writes
+//! (`ENOSPC`: the disk is full), for n and lengths over all the workload reaches. The
+//! workload mixes what allocates and moves metadata: partial writes into new clusters,
+//! in-place writes, zero writes, discards, compressed writes (packed two to a cluster, then
+//! copied on write), a write that outgrows the refcount table, a grow that moves the L1
+//! table; over an image qemu-io filled, with metadata caches small enough to evict. Variants: an internal snapshot (writes
 //! copy shared clusters and L2 tables), and extended L2 entries (qemu-io writes the
 //! compressed clusters there: our driver does not write them compressed).
 //!
