@@ -1,9 +1,9 @@
-//! Several IoThreads write pieces of the same fresh clusters of one qcow2 image (so that
-//! their writes wait for, or merge into, each other's allocations) while the filter node
-//! under the image fails one write with `EIO`: the requests around the failing one lose
-//! nothing. Also with the clusters shared with an internal snapshot (copied on write), and
-//! as subclusters of clusters with extended L2 entries. After a final flush every acknowledged piece is there, every failed one reads
-//! as before or as written, and `qemu-img check` finds no corruption.
+//! Several IoThreads write pieces of the same fresh clusters of one qcow2 image (so that their
+//! writes wait for, or merge into, each other's allocations) while the filter node under the image
+//! fails one write with `EIO`: the requests around the failing one lose nothing. Also with the
+//! clusters shared with an internal snapshot (copied on write), and as subclusters of clusters with
+//! extended L2 entries. After a final flush every acknowledged piece is there, every failed one
+//! reads as before or as written, and `qemu-img check` finds no corruption.
 //!
 //! `QCOW2_CONCURRENT_FAULTS=N` runs N failure points (default 24).
 

@@ -1,23 +1,22 @@
-//! One I/O error at every point of a qcow2 workload: a filter node under the image fails
-//! the n-th write (`EIO`; or tears it: its first half lands), the n-th flush, every request
-//! from the n-th write on (the device is gone), or every write past a file length
-//! (`ENOSPC`: the disk is full), for n and lengths over all the workload reaches. The
-//! workload mixes what allocates and moves metadata: partial writes into new clusters,
-//! in-place writes, zero writes, discards, compressed writes (packed two to a cluster, then
-//! copied on write), a write that outgrows the refcount table, a grow that moves the L1
-//! table; over an image qemu-io filled, with metadata caches small enough to evict. Variants: an internal snapshot (writes
-//! copy shared clusters and L2 tables), and extended L2 entries (qemu-io writes the
-//! compressed clusters there: our driver does not write them compressed).
+//! One I/O error at every point of a qcow2 workload: a filter node under the image fails the n-th
+//! write (`EIO`; or tears it: its first half lands), the n-th flush, every request from the n-th
+//! write on (the device is gone), or every write past a file length (`ENOSPC`: the disk is full),
+//! for n and lengths over all the workload reaches. The workload mixes what allocates and moves
+//! metadata: partial writes into new clusters, in-place writes, zero writes, discards, compressed
+//! writes (packed two to a cluster, then copied on write), a write that outgrows the refcount
+//! table, a grow that moves the L1 table; over an image qemu-io filled, with metadata caches small
+//! enough to evict. Variants: an internal snapshot (writes copy shared clusters and L2 tables), and
+//! extended L2 entries (qemu-io writes the compressed clusters there: our driver does not write
+//! them compressed).
 //!
-//! After each run the image must be consistent for `qemu-img check` (leaks allowed, never
-//! a corruption), read back alike by us and by qemu-img, and hold, at every byte, what the
-//! writes allow: an acknowledged write that a later flush made stable is there; a failed
-//! request's bytes are either the old or the new ones; after a transient error, the driver
-//! keeps working and the final flush succeeds.
+//! After each run the image must be consistent for `qemu-img check` (leaks allowed, never a
+//! corruption), read back alike by us and by qemu-img, and hold, at every byte, what the writes
+//! allow: an acknowledged write that a later flush made stable is there; a failed request's bytes
+//! are either the old or the new ones; after a transient error, the driver keeps working and the
+//! final flush succeeds.
 //!
-//! Each kind of fault is tried at `QCOW2_FAULT_POINTS` points spread over the workload
-//! (default 4, to keep the test to seconds; `QCOW2_FAULT_POINTS=all` tries every one: a few
-//! minutes).
+//! Each kind of fault is tried at `QCOW2_FAULT_POINTS` points spread over the workload (default 4,
+//! to keep the test to seconds; `QCOW2_FAULT_POINTS=all` tries every one: a few minutes).
 
 mod common;
 mod qcow2_support;

@@ -12,9 +12,9 @@ use crate::error::invalid_input;
 
 impl Qcow2Driver {
     /// Grows the virtual disk to `len` bytes, a multiple of [`SECTOR_SIZE`] (QEMU keeps the
-    /// size in whole sectors, and refuses any other). A new L1 table is written and flushed (with
-    /// its refcounts) before the header names it; the old one is retired afterwards (see
-    /// `header_update` for a header write that fails).
+    /// size in whole sectors, and refuses any other). A new L1 table is written and flushed
+    /// (with its refcounts) before the header names it; the old one is retired afterwards
+    /// (see `header_update` for a header write that fails).
     pub(super) fn grow(&self, co: &Co, len: u64) -> io::Result<()> {
         let geometry = self.header.geometry;
         let file = self.file.node();
