@@ -1,13 +1,14 @@
 //! One I/O error at every point of a qcow2 workload: a filter node under the image fails the n-th
-//! write (`EIO`; or tears it: its first half lands), the n-th flush, every request from the n-th
-//! write on (the device is gone), or every write past a file length (`ENOSPC`: the disk is full),
-//! for n and lengths over all the workload reaches. The workload mixes what allocates and moves
-//! metadata: partial writes into new clusters, in-place writes, zero writes, discards, compressed
-//! writes (packed two to a cluster, then copied on write), a write that outgrows the refcount
-//! table, a grow that moves the L1 table; over an image qemu-io filled, with metadata caches small
-//! enough to evict. Variants: an internal snapshot (writes copy shared clusters and L2 tables), and
-//! extended L2 entries (qemu-io writes the compressed clusters there: our driver does not write
-//! them compressed).
+//! write (`EIO`; or tears it: its first half lands), the n-th flush, the n-th read (`EIO`: of a
+//! metadata table loaded again, of data copied on write), every request from the n-th write on (the
+//! device is gone), or every write past a file length (`ENOSPC`: the disk is full), for n and
+//! lengths over all the workload reaches. The workload mixes what allocates and moves metadata:
+//! partial writes into new clusters, in-place writes, zero writes, discards, compressed writes
+//! (packed two to a cluster, then copied on write), a write that outgrows the refcount table, a
+//! grow that moves the L1 table; over an image qemu-io filled, with metadata caches small enough to
+//! evict. Variants: an internal snapshot (writes copy shared clusters and L2 tables), and extended
+//! L2 entries (qemu-io writes the compressed clusters there: our driver does not write them
+//! compressed).
 //!
 //! After each run the image must be consistent for `qemu-img check` (leaks allowed, never a
 //! corruption), read back alike by us and by qemu-img, and hold, at every byte, what the writes
@@ -15,8 +16,8 @@
 //! are either the old or the new ones; after a transient error, the driver keeps working and the
 //! final flush succeeds.
 //!
-//! Each kind of fault is tried at `QCOW2_FAULT_POINTS` points spread over the workload (default 4,
-//! to keep the test to seconds; `QCOW2_FAULT_POINTS=all` tries every one: a few minutes).
+//! Each kind of fault is tried at `QCOW2_FAULT_POINTS` points spread over the workload (default 3,
+//! to keep the test to seconds; `QCOW2_FAULT_POINTS=all` tries every one: minutes).
 
 mod common;
 mod qcow2_support;
@@ -93,6 +94,9 @@ enum Fault {
     Torn(u64),
     /// Flush number n fails (the writes before it landed); the device then works again.
     Flush(u64),
+    /// Read number n fails with `EIO` (metadata or data the workload reads back); the
+    /// device then works again.
+    Read(u64),
     /// From write number n on, every request fails: the device is gone.
     Dead(u64),
     /// Writes past this file length fail with `ENOSPC` until the workload ends; then the
@@ -238,8 +242,8 @@ fn run_op(co: &Co, blk: &BlockBackend, shape: Shape, op: Op) -> io::Result<()> {
 struct Outcome {
     /// Each request's result (`None`: not sent, its range was past the size).
     results: Vec<Option<io::Result<()>>>,
-    /// The writes and flushes the filter saw.
-    seen: (u64, u64),
+    /// The writes, flushes and reads the filter saw.
+    seen: (u64, u64, u64),
     /// The final flush's result (transient faults only).
     final_flush: Option<io::Result<()>>,
 }
@@ -262,7 +266,7 @@ fn run_workload(image: &Path, shape: Shape, fault: Fault) -> Outcome {
             let skipped = matches!(op, Op::Compressed(..)) && !shape.compressed_writes;
             results.push((fits && !skipped).then(|| run_op(co, &blk, shape, op)));
         }
-        let seen = faults.seen();
+        let seen = (faults.seen().0, faults.seen().1, faults.reads_seen());
         let final_flush = fault.is_transient().then(|| {
             faults.heal();
             blk.flush(co)
@@ -278,6 +282,7 @@ fn arm(faults: &Faults, fault: Fault) {
         Fault::Write(n, errno) => faults.fail_write_number(n, errno),
         Fault::Torn(n) => faults.tear_write_number(n),
         Fault::Flush(n) => faults.fail_flush_number(n),
+        Fault::Read(n) => faults.fail_read_number(n),
         Fault::Dead(n) => faults.die_at_write_number(n),
         Fault::Full(len) => faults.fill_disk_at(len),
     }
@@ -385,12 +390,12 @@ fn assert_clear(error: &io::Error, fault: Fault, what: &str) {
 }
 
 /// Points from 1 to `count`, evenly spread, first and last included: as many as
-/// `QCOW2_FAULT_POINTS` says (default 4; `all` for every one).
+/// `QCOW2_FAULT_POINTS` says (default 3; `all` for every one).
 fn points(count: u64) -> Vec<u64> {
     let wanted = match std::env::var("QCOW2_FAULT_POINTS").as_deref() {
         Ok("all") => count,
         Ok(number) => number.parse().expect("QCOW2_FAULT_POINTS is a number or 'all'"),
-        Err(_) => 4,
+        Err(_) => 3,
     };
     let wanted = wanted.clamp(1, count.max(1));
     let mut points: Vec<u64> =
@@ -402,7 +407,7 @@ fn points(count: u64) -> Vec<u64> {
 fn every_fault(case: &Case) {
     let clean = one_run(case, Fault::None);
     assert!(clean.results.iter().all(|result| !matches!(result, Some(Err(_)))));
-    let (writes, flushes) = clean.seen;
+    let (writes, flushes, reads) = clean.seen;
     let base_len = std::fs::metadata(&case.base).unwrap().len();
     let grown = std::fs::metadata(case.image()).unwrap().len();
     for n in points(writes) {
@@ -412,6 +417,9 @@ fn every_fault(case: &Case) {
     }
     for n in points(flushes) {
         one_run(case, Fault::Flush(n));
+    }
+    for n in points(reads) {
+        one_run(case, Fault::Read(n));
     }
     // The last limit leaves out the workload's last cluster.
     let cluster = case.shape.cluster;

@@ -26,6 +26,11 @@ pub(crate) struct Faults {
     log: Mutex<Vec<FileEvent>>,
     /// Writes seen so far (failed ones included).
     writes_seen: AtomicU64,
+    /// Reads seen so far (failed ones included).
+    reads_seen: AtomicU64,
+    /// The number (as `reads_seen` counts, from 1) of a read that fails with `EIO`
+    /// (`u64::MAX`: none).
+    failing_read_number: AtomicU64,
     /// Flushes seen so far (failed ones included).
     flushes_seen: AtomicU64,
     /// The number (as `writes_seen` counts, from 1) of a write that fails with the errno,
@@ -57,6 +62,8 @@ impl Default for Faults {
             failing_write: Mutex::default(),
             log: Mutex::default(),
             writes_seen: AtomicU64::default(),
+            reads_seen: AtomicU64::default(),
+            failing_read_number: AtomicU64::new(u64::MAX),
             flushes_seen: AtomicU64::default(),
             failing_write_number: Mutex::default(),
             torn_write_number: AtomicU64::new(u64::MAX),
@@ -105,6 +112,16 @@ impl Faults {
         *self.failing_write_number.lock().unwrap() = Some((n, errno));
     }
 
+    /// How many reads reached the filter so far (failed ones included).
+    pub(crate) fn reads_seen(&self) -> u64 {
+        self.reads_seen.load(Ordering::SeqCst)
+    }
+
+    /// Fails read number `n` (as [`Faults::reads_seen`] counts them, from 1) with `EIO`.
+    pub(crate) fn fail_read_number(&self, n: u64) {
+        self.failing_read_number.store(n, Ordering::SeqCst);
+    }
+
     /// Tears write number `n` (as [`Faults::seen`] counts them, from 1): the whole sectors of
     /// its first half land, then it fails with `EIO`.
     pub(crate) fn tear_write_number(&self, n: u64) {
@@ -139,6 +156,7 @@ impl Faults {
     pub(crate) fn heal(&self) {
         *self.failing_write_number.lock().unwrap() = None;
         self.torn_write_number.store(u64::MAX, Ordering::SeqCst);
+        self.failing_read_number.store(u64::MAX, Ordering::SeqCst);
         self.failing_flush_number.store(u64::MAX, Ordering::SeqCst);
         self.dead_from_write.store(u64::MAX, Ordering::SeqCst);
         self.full_at.store(u64::MAX, Ordering::SeqCst);
@@ -250,6 +268,11 @@ impl BlockDriver for FaultFilter {
     }
 
     fn read(&self, co: &Co, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let number = self.faults.reads_seen.fetch_add(1, Ordering::SeqCst) + 1;
+        let failing = &self.faults.failing_read_number;
+        if failing.compare_exchange(number, u64::MAX, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         self.child.node().read(co, offset, bufs)
     }
 
