@@ -34,6 +34,7 @@ use std::time::Instant;
 
 use aiocoro::aio::AioContext;
 use aiocoro::coroutine::Co;
+use aiocoro_block::qcow2::header::SECTOR_SIZE;
 use aiocoro_block::qcow2::{Compat, Compression, CreateOptions, Header, Repair, check_image_file};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, invalid_input, run_in_coroutine};
 use example_cli::Arg::{Long, Short, Value};
@@ -344,7 +345,7 @@ fn convert_to_qcow2(
         let (_, node) = aiocoro_block::open(co, &graph, &source)?;
         let src = BlockBackend::new(node);
         // Whole sectors, as qemu-img sees a raw file (its last partial sector reads zeroes).
-        options.size = src.length().next_multiple_of(512);
+        options.size = src.length().next_multiple_of(SECTOR_SIZE);
         aiocoro_block::qcow2::create_file(co, &path, &options)?;
         let (_, node) = aiocoro_block::open(co, &graph, &target)?;
         Ok::<_, io::Error>((src, BlockBackend::new(node)))
@@ -512,7 +513,8 @@ fn create_options(line: &mut CommandLine) -> Result<Command, Stop> {
     Ok(Command::Create { file, options, sized })
 }
 
-/// Creates the image, taking the size from the backing file if none was given.
+/// Creates the image, taking the size from the backing file if none was given; the size is
+/// rounded up to whole sectors, as qemu-img create rounds it.
 fn create(file: &str, mut options: CreateOptions, sized: bool) -> io::Result<()> {
     if !sized {
         let Some(backing) = &options.backing_file else {
@@ -523,6 +525,7 @@ fn create(file: &str, mut options: CreateOptions, sized: bool) -> io::Result<()>
         let path = path.to_string_lossy().into_owned();
         options.size = with_image(&path, |_, blk, _| Ok(blk.length()))?;
     }
+    options.size = options.size.next_multiple_of(SECTOR_SIZE);
     let path = std::path::PathBuf::from(file);
     aiocoro_block::run_in_coroutine(move |co| {
         aiocoro_block::qcow2::create_file(co, &path, &options)

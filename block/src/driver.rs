@@ -96,7 +96,8 @@ pub trait BlockDriver: Any + Send + Sync {
     /// filter passes them to its children as they came (the backend pads misaligned guest
     /// requests above it). A protocol driver states what its storage needs (an `O_DIRECT`
     /// file wants whole sectors); a driver that aligns its own requests to its children
-    /// states only what it needs itself (qcow2 pads what it reads and writes in its file).
+    /// states only what it needs itself. (qcow2 keeps the default: it pads its metadata
+    /// I/O, but guest bytes reach its file at the offsets they came with.)
     /// The [`BlockGraph`](crate::BlockGraph) asks again whenever the node's children change.
     fn alignment(&self, below: Alignment) -> Alignment {
         below

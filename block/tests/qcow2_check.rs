@@ -6,12 +6,15 @@
 //! the image before the damage and with qemu-img's repaired copy), and `-r all` leaves
 //! images qemu-img checks clean.
 
+mod common;
 mod qcow2_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use aiocoro_block::qcow2::{CheckReport, Repair, check_image_file};
+use aiocoro_block::qcow2::{CheckReport, Repair, check, check_image_file};
+use aiocoro_block::{BlockGraph, run_in_coroutine};
+use common::faults::open_faulty_file;
 use qcow2_support::*;
 
 /// Bits 9..=55 of an L1 / L2 entry: the offset.
@@ -462,4 +465,160 @@ fn persistent_bitmaps_are_counted() {
     assert_eq!(check_image_file(&repaired, Repair::All).unwrap().exit_code(), 0);
     let info = qemu_img(&["info", repaired.to_str().unwrap()]);
     assert!(info.contains("name: b0") && info.contains("name: b1"), "{info}");
+}
+
+#[test]
+fn a_data_cluster_two_entries_name() {
+    let scratch = Scratch::new("check-twice");
+    let pristine = sample(&scratch, "");
+    let twice = |image: &Path| {
+        let data = peek_u64(image, l2_entry_at(image, 1));
+        poke_u64(image, l2_entry_at(image, 80), data);
+    };
+    verify(&scratch, &pristine, twice, DAMAGED);
+    // Two L1 entries name one L2 table (4 KiB clusters: 8 MiB needs 16 L1 entries).
+    let small = sample_named(&scratch, "small.qcow2", "cluster_size=4k");
+    let shared_table = |image: &Path| {
+        let l1 = l1_offset(image);
+        poke_u64(image, l1 + 8, peek_u64(image, l1));
+    };
+    verify(&scratch, &small, shared_table, DAMAGED);
+}
+
+#[test]
+fn a_refcount_higher_than_the_references() {
+    let scratch = Scratch::new("check-high");
+    let pristine = sample(&scratch, "");
+    // A leak, and the entry's COPIED flag now wrong: qemu-img calls it a corruption.
+    let high = |image: &Path| {
+        let data = peek_u64(image, l2_entry_at(image, 1)) & OFFSET_MASK;
+        set_refcount(image, data / cluster_size(image), 5);
+    };
+    verify(&scratch, &pristine, high, DAMAGED);
+    // Compressed clusters packed several to a host cluster: one reference too few.
+    let raw = scratch.path("data.raw");
+    std::fs::write(&raw, (0..1 << 20).map(|i: u32| (i / 4096 % 251) as u8).collect::<Vec<_>>())
+        .unwrap();
+    let compressed = scratch.path("compressed.qcow2");
+    compress_to_qcow2(raw.to_str().unwrap(), compressed.to_str().unwrap(), "cluster_size=4k");
+    let low = |image: &Path| {
+        let data = peek_u64(image, l2_entry_at(image, 3)) & 0x003f_ffff_ffff_ffff;
+        set_refcount(image, data / cluster_size(image), 1);
+    };
+    verify(&scratch, &compressed, low, DAMAGED);
+}
+
+#[test]
+fn entries_past_the_end_of_the_file() {
+    let scratch = Scratch::new("check-past-end");
+    let pristine = sample(&scratch, "");
+    let data_past = |image: &Path| poke_u64(image, l2_entry_at(image, 1), COPIED | 1000 << 16);
+    verify(&scratch, &pristine, data_past, Expect { status: 2, repairable: false });
+    // A snapshot whose L1 table lies past the end of the file.
+    qemu_img(&["snapshot", "-c", "s1", pristine.to_str().unwrap()]);
+    let snapshot_l1_past = |image: &Path| poke_u64(image, peek_u64(image, 64), 1000 << 16);
+    verify(&scratch, &pristine, snapshot_l1_past, Expect { status: 2, repairable: false });
+}
+
+/// Repairs `image` (`-r all`) through a filter that fails as `arm` says; returns the writes
+/// the repair made and its exit code and failure.
+fn repair_failing(
+    image: &Path,
+    arm: impl FnOnce(&common::faults::Faults) + 'static,
+) -> (u64, i32, Option<String>) {
+    let path = image.to_path_buf();
+    run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (_, node, faults) = open_faulty_file(co, &graph, &path);
+        arm(&faults);
+        let report = check(co, &node, Repair::All).unwrap();
+        (faults.seen().0, report.exit_code() as i32, report.failure)
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_repair_that_fails_midway_loses_no_data_and_a_later_one_completes() {
+    let scratch = Scratch::new("check-failing-repair");
+    // 512-byte clusters: a lost refcount block needs a rebuild (several block writes, the
+    // table, the header), and the counts of the rest are repaired in place.
+    let pristine = scratch.path("pristine.qcow2");
+    create_qcow2(pristine.to_str().unwrap(), "cluster_size=512", "4M");
+    qemu_io("qcow2", &pristine, &["write -P 0x11 0 300k", "write -P 0x22 3M 20k"]);
+    let damaged = copy(&pristine, &scratch.path("damaged.qcow2"));
+    let (table_entry, ..) = refcount_slot(&damaged, 300);
+    poke_u64(&damaged, table_entry, 0);
+    let work = scratch.path("work.qcow2");
+    copy(&damaged, &work);
+    let (writes, status, failure) = repair_failing(&work, |_| {});
+    assert_eq!((status, failure), (0, None), "the repair without faults");
+    let len = std::fs::metadata(&damaged).unwrap().len();
+    let faults = (1..=writes).map(|n| (n, false)).chain([(len, true), (len + 1024, true)]);
+    for (at, full) in faults {
+        copy(&damaged, &work);
+        let (_, status, failure) = repair_failing(&work, move |faults| {
+            if full {
+                faults.fill_disk_at(at);
+            } else {
+                faults.fail_write_number(at, libc::EIO);
+            }
+        });
+        let what = format!("write {at} failing (disk full: {full})");
+        assert_eq!(status, 1, "{what}: the check says it failed");
+        let failure = failure.unwrap_or_default();
+        let errno = if full { "No space left on device" } else { "Input/output error" };
+        assert!(failure.contains(errno), "{what}: the failure names the error: {failure}");
+        assert_eq!(identical(&work, &pristine), Some(true), "{what}: the data is intact");
+        assert_eq!(check_image_file(&work, Repair::All).unwrap().exit_code(), 0, "{what}");
+        assert_eq!(qemu_check_with(&[], &work).status, 0, "{what}: repaired after all");
+        assert_eq!(identical(&work, &pristine), Some(true), "{what}: and still intact");
+    }
+}
+
+#[test]
+fn l1_entries_past_the_end_of_the_file_or_misaligned() {
+    let scratch = Scratch::new("check-l1-entries");
+    let pristine = sample(&scratch, "");
+    let past = |image: &Path| poke_u64(image, l1_offset(image), COPIED | 1000 << 16);
+    verify(&scratch, &pristine, past, Expect { status: 2, repairable: false });
+    let misaligned = |image: &Path| {
+        let at = l1_offset(image);
+        poke_u64(image, at, peek_u64(image, at) + 0x200);
+    };
+    verify(&scratch, &pristine, misaligned, Expect { status: 2, repairable: false });
+}
+
+#[test]
+fn a_refcount_block_in_an_l2_table_and_a_header_counted_free() {
+    let scratch = Scratch::new("check-block-in-l2");
+    let pristine = sample(&scratch, "");
+    let block_in_l2 = |image: &Path| {
+        let (table_entry, ..) = refcount_slot(image, 0);
+        poke_u64(image, table_entry, peek_u64(image, l1_offset(image)) & OFFSET_MASK);
+    };
+    verify(&scratch, &pristine, block_in_l2, DAMAGED);
+    verify(&scratch, &pristine, |image| set_refcount(image, 0, 0), DAMAGED);
+}
+
+#[test]
+fn damage_qemu_img_check_does_not_look_at_is_not_reported() {
+    let scratch = Scratch::new("check-unseen");
+    // A compressed entry's sector count reaching past the end of the file.
+    let raw = scratch.path("data.raw");
+    std::fs::write(&raw, (0..1 << 20).map(|i: u32| (i / 4096 % 251) as u8).collect::<Vec<_>>())
+        .unwrap();
+    let compressed = scratch.path("compressed.qcow2");
+    compress_to_qcow2(raw.to_str().unwrap(), compressed.to_str().unwrap(), "");
+    let long = |image: &Path| {
+        let at = l2_entry_at(image, 0);
+        poke_u64(image, at, peek_u64(image, at) | 0x3f << 54);
+    };
+    verify(&scratch, &compressed, long, Expect { status: 0, repairable: true });
+    // The zero flag in a version 2 image (reads refuse it, as QEMU's do).
+    let v2 = sample_named(&scratch, "v2.qcow2", "compat=0.10");
+    let zero_flag = |image: &Path| {
+        let at = l2_entry_at(image, 1);
+        poke_u64(image, at, peek_u64(image, at) | 1);
+    };
+    verify(&scratch, &v2, zero_flag, Expect { status: 0, repairable: true });
 }

@@ -409,3 +409,33 @@ fn a_failed_subcluster_write_marks_nothing_allocated() {
     Op::Write(4 * K, 2 * K, 0x23).mirror(&mut shadow);
     assert_everyone_sees(&image, &shadow, "after a failed write and its retry");
 }
+
+#[test]
+fn a_write_into_a_fresh_cluster_that_fails_names_no_cluster_past_the_end_of_the_file() {
+    let scratch = Scratch::new("extl2-full-disk");
+    let image = scratch.path("k.qcow2");
+    create_qcow2(image.to_str().unwrap(), "extended_l2=on", "2M");
+    let path = image.clone();
+    run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (node, faults) = open_faulty_qcow2(co, &graph, &path);
+        let blk = BlockBackend::new(node);
+        blk.write(co, 0, &[0x11; 2048]).unwrap();
+        blk.flush(co).unwrap();
+        // The disk is full: the data of a new cluster cannot go past the end of the file.
+        faults.fill_disk_at(std::fs::metadata(&path).unwrap().len());
+        let error = blk.write(co, 1 << 20, &[0x22; 2048]).expect_err("the disk is full");
+        assert_eq!(error.kind(), std::io::ErrorKind::StorageFull, "{error}");
+        // Metadata still fits inside the file: the flush writes it back.
+        blk.flush(co).unwrap();
+        let mut back = [0xffu8; 2048];
+        blk.read(co, 1 << 20, &mut back).unwrap();
+        assert_eq!(back, [0; 2048], "the failed write left no data");
+    })
+    .unwrap();
+    let (status, report) = check_status(&image);
+    assert!(status == 0 || status == 3, "qemu-img check: only leaks may be left: {report}");
+    let mut shadow = vec![0; SIZE as usize];
+    Op::Write(0, 2 * K, 0x11).mirror(&mut shadow);
+    assert_everyone_sees(&image, &shadow, "after a write that found the disk full");
+}

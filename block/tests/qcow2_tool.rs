@@ -117,3 +117,34 @@ fn info_prints_the_sizes_qemu_img_info_prints() {
         assert!(ours.contains("allocated in this image: 0 B (0 bytes"), "{ours}");
     }
 }
+
+#[test]
+fn create_rounds_a_size_up_to_whole_sectors_as_qemu_img_create_does() {
+    let tool = tool();
+    let scratch = Scratch::new("tool-create-size");
+    let backing = scratch.path("backing.raw");
+    std::fs::write(&backing, [0x5a; 1000]).unwrap();
+    let (ours, theirs) = (scratch.path("ours.qcow2"), scratch.path("theirs.qcow2"));
+    let (ours, theirs) = (ours.to_str().unwrap(), theirs.to_str().unwrap());
+    for (args, size) in [
+        (&["1000"][..], 1024),
+        (&["-o", "size=1537"][..], 2048),
+        (&["-b", "backing.raw", "-F", "raw"][..], 1024),
+    ] {
+        for (image, run) in [(ours, true), (theirs, false)] {
+            let mut all = vec!["create", "-q", "-f", "qcow2"];
+            let (options, size_arg) = args.split_at(args.len() - usize::from(args.len() == 1));
+            all.extend(options);
+            all.push(image);
+            all.extend(size_arg);
+            if run {
+                run_tool(&tool, &all);
+            } else {
+                qemu_img(&all);
+            }
+        }
+        let field = |image: &str| peek_u64(std::path::Path::new(image), 24);
+        assert_eq!(field(theirs), size, "qemu-img create {args:?}");
+        assert_eq!(field(ours), size, "create {args:?}");
+    }
+}

@@ -137,7 +137,8 @@ fn growing_over_a_longer_backing_file_reads_zeroes_in_the_new_area() {
     let scratch = Scratch::new("write-grow-backing");
     filled_base(&scratch);
     for (i, compat) in [Compat::V3, Compat::V2].into_iter().enumerate() {
-        let image = create_over_base(&scratch, &format!("g{i}.qcow2"), compat, (1 << 20) + 1000);
+        // An old size inside a cluster (whole sectors: qcow2 sizes are).
+        let image = create_over_base(&scratch, &format!("g{i}.qcow2"), compat, (1 << 20) + 1024);
         with_image(&qcow2_rw_options(&image), |co, blk| {
             blk.truncate(co, 3 << 20)?;
             blk.flush(co)
@@ -146,7 +147,7 @@ fn growing_over_a_longer_backing_file_reads_zeroes_in_the_new_area() {
         // The old size's bytes from the backing file, zeroes after.
         let shadow = scratch.path("shadow.raw");
         let mut expected = vec![0u8; 3 << 20];
-        expected[..(1 << 20) + 1000].fill(0xa1);
+        expected[..(1 << 20) + 1024].fill(0xa1);
         std::fs::write(&shadow, &expected).unwrap();
         qemu_check(&image);
         qemu_compare(&image, &shadow);

@@ -9,7 +9,7 @@ use aiocoro::coroutine::Co;
 
 use super::header::{
     Compression, EXT_BACKING_FORMAT, INCOMPAT_COMPRESSION, INCOMPAT_EXTENDED_L2, MAGIC,
-    MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, V2_HEADER_LEN, field,
+    MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, SECTOR_SIZE, V2_HEADER_LEN, field,
 };
 use super::io::write_at;
 use super::offsets::Geometry;
@@ -34,7 +34,7 @@ pub enum Compat {
 /// What [`create`] makes (qemu-img's `-o` options for qcow2).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CreateOptions {
-    /// The virtual disk size in bytes.
+    /// The virtual disk size in bytes: a multiple of [`SECTOR_SIZE`].
     pub size: u64,
     /// A power of two from 512 B to 2 MiB; 64 KiB by default.
     pub cluster_size: u64,
@@ -100,6 +100,13 @@ impl CreateOptions {
         }
         if self.size > i64::MAX as u64 {
             return Err(invalid_input(format!("qcow2: the size {} is too large", self.size)));
+        }
+        if !self.size.is_multiple_of(SECTOR_SIZE) {
+            return Err(invalid_input(format!(
+                "qcow2: the size {} is not a multiple of {SECTOR_SIZE} bytes (the virtual size \
+                 is whole sectors; qemu-img create rounds it up)",
+                self.size
+            )));
         }
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return Err(invalid_input("qcow2: a backing format without a backing file"));
@@ -237,9 +244,38 @@ impl Layout {
 ///
 /// `InvalidInput` for bad options (saying which); the file's write or truncate error.
 pub fn create(co: &Co, file: &BlockNode, options: &CreateOptions) -> io::Result<()> {
-    let (geometry, order) = options.check()?;
-    let layout = Layout::new(geometry, order, options.size)?;
-    let header = options.header(geometry, order, &layout)?;
+    write_image(co, file, &Plan::new(options)?)
+}
+
+/// A new image, its options checked: where its tables go and its header.
+struct Plan {
+    geometry: Geometry,
+    order: u32,
+    layout: Layout,
+    header: Vec<u8>,
+}
+
+impl Plan {
+    /// Checks `options` and lays the image out.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for bad options (saying which).
+    fn new(options: &CreateOptions) -> io::Result<Plan> {
+        let (geometry, order) = options.check()?;
+        let layout = Layout::new(geometry, order, options.size)?;
+        let header = options.header(geometry, order, &layout)?;
+        Ok(Plan { geometry, order, layout, header })
+    }
+}
+
+/// Writes the image `plan` lays out to `file` (truncated first).
+///
+/// # Errors
+///
+/// The file's write or truncate error.
+fn write_image(co: &Co, file: &BlockNode, plan: &Plan) -> io::Result<()> {
+    let Plan { geometry, order, ref layout, ref header } = *plan;
     let cs = geometry.cluster_size();
     let used = layout.l1_cluster + layout.l1_clusters;
     let per_block = (cs * 8) >> order;
@@ -259,23 +295,25 @@ pub fn create(co: &Co, file: &BlockNode, options: &CreateOptions) -> io::Result<
     write_at(co, file, layout.l1_cluster * cs, &vec![0u8; (layout.l1_clusters * cs) as usize])?;
     file.flush(co)?;
     // The header last: an interrupted create leaves no image that looks valid.
-    write_at(co, file, 0, &header)?;
+    write_at(co, file, 0, header)?;
     file.flush(co)
 }
 
-/// [`create`] into the file at `path` (created, or truncated if it exists).
+/// [`create`] into the file at `path` (created, or truncated if it exists). Options that
+/// [`create`] refuses leave the file as it was.
 ///
 /// # Errors
 ///
 /// As [`create`], and the error of opening the file.
 pub fn create_file(co: &Co, path: &Path, options: &CreateOptions) -> io::Result<()> {
+    let plan = Plan::new(options)?;
     std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
     let graph = BlockGraph::new();
     let mut file = crate::options::BlockOptions::default();
     file.set("driver", "file")?;
     file.set("filename", &path.to_string_lossy())?;
     let (_, node) = crate::options::open_options(co, &graph, &file)?;
-    create(co, &node, options)
+    write_image(co, &node, &plan)
 }
 
 #[cfg(test)]

@@ -364,10 +364,13 @@ impl BlockDriver for Qcow2Driver {
         "qcow2"
     }
 
-    /// Any byte: every read and write of the file and the backing node is padded to that
-    /// node's alignment here (`io.rs`), so guest requests need none.
-    fn alignment(&self, _below: Alignment) -> Alignment {
-        Alignment::BYTE
+    /// The children's: guest bytes written in place (or into allocated subclusters) go to
+    /// the same offsets in their host cluster as they came, so a request the file's
+    /// alignment does not fit (an `O_DIRECT` file's sectors) would reach it misaligned; the
+    /// backend pads such requests above the node instead, serialising their
+    /// read-modify-write. (Metadata and compressed data are padded here, in `io.rs`.)
+    fn alignment(&self, below: Alignment) -> Alignment {
+        below
     }
 
     fn length(&self, co: &Co) -> io::Result<u64> {

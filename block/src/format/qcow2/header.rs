@@ -14,6 +14,8 @@ pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 pub(crate) const V2_HEADER_LEN: usize = 72;
 /// The shortest version 3 header.
 const MIN_V3_HEADER_LEN: usize = 104;
+/// The unit of the virtual size: QEMU keeps it in whole sectors of this many bytes.
+pub const SECTOR_SIZE: u64 = 512;
 /// The largest L1 table QEMU opens (32 MiB of entries).
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// The largest refcount table QEMU opens (8 MiB).
@@ -157,7 +159,8 @@ pub struct Header {
     pub version: u32,
     /// The cluster size and table shapes.
     pub geometry: Geometry,
-    /// The virtual disk size in bytes.
+    /// The virtual disk size in bytes: the header's size field in whole sectors of
+    /// [`SECTOR_SIZE`] bytes (a remainder is dropped, as QEMU reads the field).
     pub virtual_size: u64,
     /// The backing file name as stored (relative to the image's directory unless absolute).
     pub backing_file: Option<String>,
@@ -307,7 +310,7 @@ impl Header {
         let mut header = Header {
             version,
             geometry,
-            virtual_size: f.u64(field::SIZE),
+            virtual_size: f.u64(field::SIZE) / SECTOR_SIZE * SECTOR_SIZE,
             backing_file: None,
             backing_format: None,
             l1_size: f.u32(field::L1_SIZE),

@@ -1,16 +1,21 @@
 //! Guest writes into an image with extended L2 entries (QEMU's subcluster allocation in
 //! `qcow2-cluster.c`), one cluster a step.
 //!
-//! A cluster without a host cluster gets one at once: it is linked with no subcluster
-//! allocated, which reads as before (a crash leaves it so, not leaked). Then the write goes
-//! into the host cluster: only the subclusters it touches are written, the partial ones at
-//! either end that were not allocated filled with what the guest saw there (the backing
-//! node, or zeroes), and once the data is written those subclusters are marked allocated
-//! (and not zero). Writes into allocated subclusters go in place. A compressed or shared
-//! cluster is copied whole into a new host cluster, all of it allocated.
+//! A write goes into the cluster's host cluster: only the subclusters it touches are
+//! written, the partial ones at either end that were not allocated filled with what the
+//! guest saw there (the backing node, or zeroes), and once the data is written those
+//! subclusters are marked allocated (and not zero). A cluster without a host cluster gets a
+//! new one, which the entry names only then, with the subclusters written (as QEMU links an
+//! allocation after its data): an entry never names a cluster whose data write failed or
+//! has not happened, which could lie past the end of the file (a full disk, a crash), where
+//! `qemu-img check` calls it corrupt. If the write fails, the new cluster is given back.
+//! Writes into allocated subclusters go in place. A compressed or shared cluster is copied
+//! whole into a new host cluster, all of it allocated.
 //!
-//! A write that marks subclusters is in flight for those subclusters only: writes to
-//! other subclusters of the cluster run in parallel, writes to the same ones wait for it.
+//! A write that marks subclusters of a cluster that has its host cluster is in flight for
+//! those subclusters only: writes to other subclusters of the cluster run in parallel,
+//! writes to the same ones wait for it. A write that gives a cluster its host cluster is in
+//! flight for all of it (so that no other write gives it another).
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -35,9 +40,11 @@ enum Plan<'a> {
     InPlace { host: HostOffset, _writing: Writing<'a> },
     /// Bytes `from..to` of the cluster (the request, widened to whole subclusters where
     /// those are not allocated) go into the host cluster at `cluster_host`; then subclusters
-    /// `mask` of L2 entry `index` of the table at `l2` are marked allocated.
+    /// `mask` of L2 entry `index` of the table at `l2` are marked allocated, and the entry
+    /// made to name `cluster_host` if it is `fresh` (newly allocated, named by nothing yet).
     Subclusters {
         cluster_host: HostOffset,
+        fresh: bool,
         from: u64,
         to: u64,
         l2: HostOffset,
@@ -84,7 +91,17 @@ impl Qcow2Driver {
         let cluster_start = guest.0 - in_cluster;
         match plan {
             Plan::InPlace { host, _writing } => file.write(co, host.0, &bytes)?,
-            Plan::Subclusters { cluster_host, from, to, l2, index, mask, allocation, _writing } => {
+            Plan::Subclusters {
+                cluster_host,
+                fresh,
+                from,
+                to,
+                l2,
+                index,
+                mask,
+                allocation,
+                _writing,
+            } => {
                 let written = if (from, to) == (in_cluster, in_cluster + len) {
                     file.write(co, cluster_host.0 + from, &bytes)
                 } else {
@@ -98,10 +115,14 @@ impl Qcow2Driver {
                 };
                 let mut meta = self.metadata.lock(co);
                 let linked = written.and_then(|()| {
-                    self.mark_subclusters(co, &mut meta, l2, index, |map| {
-                        bitmap(allocated(map) | mask, zeroed(map) & !mask)
+                    self.change_extended_entry(co, &mut meta, l2, index, |entry, map| {
+                        let entry = if fresh { cluster_host.0 | COPIED } else { entry };
+                        (entry, bitmap(allocated(map) | mask, zeroed(map) & !mask))
                     })
                 });
+                if fresh && linked.is_err() {
+                    meta.free_unnamed(co, &file, cluster_host, cluster_size);
+                }
                 meta.end_allocation(&allocation);
                 allocation.finish(linked.is_ok(), &mut meta);
                 linked?;
@@ -175,7 +196,7 @@ impl Qcow2Driver {
         if is_invalid(map, entry & OFFSET_MASK != 0) {
             return Err(describe("a subcluster is allocated and zero, or allocated without data"));
         }
-        let cluster_host = match decoded {
+        let (cluster_host, fresh) = match decoded {
             ClusterMapping::Data(host) => {
                 let first = geometry.host_cluster_of(host);
                 if let Some(hit) = meta.metadata_in(first, ClusterCount(1)) {
@@ -185,13 +206,10 @@ impl Qcow2Driver {
                         hit,
                     ));
                 }
-                host
+                (host, false)
             }
-            _ => {
-                let host = meta.allocate(co, &file, ClusterCount(1), &guest)?;
-                meta.set_extended_entry(l2, index, host.0 | COPIED, map);
-                host
-            }
+            // Named by the entry once the write has put its data there.
+            _ => (meta.allocate(co, &file, ClusterCount(1), &guest)?, true),
         };
         if wanted & !allocated(map) == 0 {
             let host = HostOffset(cluster_host.0 + in_cluster);
@@ -205,9 +223,11 @@ impl Qcow2Driver {
         let to = if is_allocated(end - 1) { end } else { end.next_multiple_of(sub) };
         let _writing = self.in_place.begin(HostOffset(cluster_host.0 + from), to - from);
         let allocation = SharedAllocation::new();
-        meta.start_subcluster_write(cluster, wanted, allocation.clone());
+        let in_flight = if fresh { u32::MAX } else { wanted };
+        meta.start_subcluster_write(cluster, in_flight, allocation.clone());
         Ok(Plan::Subclusters {
             cluster_host,
+            fresh,
             from,
             to,
             l2,
@@ -239,22 +259,23 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// Changes the bitmap of extended L2 entry `index` of the table at `l2` (cached again if
-    /// need be) with `change`.
-    pub(super) fn mark_subclusters(
+    /// Changes extended L2 entry `index` of the table at `l2` (cached again if need be) and
+    /// its bitmap with `change`, which maps `(entry, bitmap)` to their new values.
+    fn change_extended_entry(
         &self,
         co: &Co,
         meta: &mut Metadata,
         l2: HostOffset,
         index: usize,
-        change: impl FnOnce(u64) -> u64,
+        change: impl FnOnce(u64, u64) -> (u64, u64),
     ) -> io::Result<()> {
         let slot = self.header.geometry.l2_slot(index);
         let (entry, map) = {
             let table = self.l2_table(co, meta, l2)?;
             (table[slot], table[slot + 1])
         };
-        meta.set_extended_entry(l2, index, entry, change(map));
+        let (entry, map) = change(entry, map);
+        meta.set_extended_entry(l2, index, entry, map);
         Ok(())
     }
 }
