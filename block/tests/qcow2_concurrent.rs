@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use aiocoro::aio::AioContext;
-use aiocoro_block::{BlockBackend, BlockGraph, run_in_coroutine};
+use aiocoro_block::{BlockBackend, run_in_coroutine};
 use qcow2_support::*;
 
 const THREADS: usize = 4;
@@ -33,16 +33,6 @@ fn image(scratch: &Scratch) -> std::path::PathBuf {
     let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
     qemu_io("qcow2", &top, &writes);
     top
-}
-
-fn open(options: String) -> BlockBackend {
-    run_in_coroutine(move |co| {
-        let graph = BlockGraph::new();
-        let (_, node) = aiocoro_block::open(co, &graph, &options)?;
-        Ok::<_, std::io::Error>(BlockBackend::new(node))
-    })
-    .unwrap()
-    .unwrap()
 }
 
 fn read_concurrently(blk: BlockBackend, expected: Arc<Vec<u8>>) {
@@ -93,7 +83,7 @@ fn several_threads_read_one_image_through_a_small_l2_cache() {
     let expected = Arc::new(qemu_raw(&top));
     let options =
         format!("driver=qcow2,read-only=on,l2-cache-size=4k,file.filename={}", top.display());
-    read_concurrently(open(options), expected);
+    read_concurrently(open_backend(&options), expected);
 }
 
 fn direct(image: &Path, extra: &str) -> String {
@@ -105,7 +95,7 @@ fn o_direct_files_read_compressed_clusters_and_backing_chains() {
     let scratch = Scratch::new("direct");
     let top = image(&scratch);
     let expected = Arc::new(qemu_raw(&top));
-    read_concurrently(open(direct(&top, "")), expected);
+    read_concurrently(open_backend(&direct(&top, "")), expected);
 
     let src = scratch.path("src.raw");
     let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i / 1000) as u8).collect();
@@ -113,7 +103,7 @@ fn o_direct_files_read_compressed_clusters_and_backing_chains() {
     let packed = scratch.path("c.qcow2");
     let (s, p) = (src.to_str().unwrap(), packed.to_str().unwrap());
     compress_to_qcow2(s, p, "cluster_size=4k");
-    let blk = open(direct(&packed, ""));
+    let blk = open_backend(&direct(&packed, ""));
     let ours = run_in_coroutine(move |co| {
         let mut all = vec![0u8; blk.length() as usize];
         for (i, piece) in all.chunks_mut(3000).enumerate() {

@@ -6,21 +6,16 @@
 mod qcow2_support;
 
 use aiocoro::aio::AioContext;
-use aiocoro_block::{BlockBackend, BlockGraph, IoBuffer, run_in_coroutine};
+use aiocoro_block::{BlockBackend, IoBuffer, run_in_coroutine};
 use qcow2_support::*;
 
 const SIZE: usize = 1 << 20;
 
 fn open_direct(image: &std::path::Path, aio: &str) -> BlockBackend {
-    let options =
-        format!("driver=qcow2,cache.direct=on,aio={aio},file.filename={}", image.display());
-    run_in_coroutine(move |co| {
-        let graph = BlockGraph::new();
-        let (_, node) = aiocoro_block::open(co, &graph, &options)?;
-        Ok::<_, std::io::Error>(BlockBackend::new(node))
-    })
-    .unwrap()
-    .unwrap()
+    open_backend(&format!(
+        "driver=qcow2,cache.direct=on,aio={aio},file.filename={}",
+        image.display()
+    ))
 }
 
 /// An image of `options` whose first half qemu-io filled (so its clusters are allocated).

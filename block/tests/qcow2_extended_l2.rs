@@ -234,13 +234,7 @@ fn concurrent_writes_into_the_same_subclusters_keep_each_others_bytes() {
     filled_base(&scratch);
     let image = qemu_image_over_base(&scratch, "e.qcow2");
     let options = qcow2_rw_options(&image);
-    let blk = run_in_coroutine(move |co| {
-        let graph = BlockGraph::new();
-        let (_, node) = aiocoro_block::open(co, &graph, &options)?;
-        Ok::<_, std::io::Error>(BlockBackend::new(node))
-    })
-    .unwrap()
-    .unwrap();
+    let blk = open_backend(&options);
     let pieces = 256 * K / PIECE;
     let threads: Vec<_> = (0..2u64)
         .map(|t| {

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 
 use aiocoro::aio::{AioContext, IoThread};
 use aiocoro_block::qcow2::CreateOptions;
-use aiocoro_block::{BlockBackend, BlockGraph, run_in_coroutine};
+use aiocoro_block::{BlockBackend, run_in_coroutine};
 use qcow2_support::*;
 
 const THREADS: usize = 4;
@@ -90,13 +90,7 @@ fn four_iothreads_write_one_fresh_image() {
     create_ours(&image, options);
 
     let options = format!("driver=qcow2,l2-cache-size=8k,file.filename={}", image.display());
-    let blk = run_in_coroutine(move |co| {
-        let graph = BlockGraph::new();
-        let (_, node) = aiocoro_block::open(co, &graph, &options)?;
-        Ok::<_, std::io::Error>(BlockBackend::new(node))
-    })
-    .unwrap()
-    .unwrap();
+    let blk = open_backend(&options);
     let threads: Vec<IoThread> =
         (0..THREADS).map(|n| IoThread::spawn(&format!("qcow2-write-{n}")).unwrap()).collect();
     run_lanes(&threads, &blk, phase_one);

@@ -135,6 +135,18 @@ pub(crate) fn with_image<R: 'static>(
     })?
 }
 
+/// A backend of the node tree `options` describe, opened in a coroutine.
+pub(crate) fn open_backend(options: &str) -> BlockBackend {
+    let owned = options.to_owned();
+    run_in_coroutine(move |co| {
+        let graph = BlockGraph::new();
+        let (_, node) = aiocoro_block::open(co, &graph, &owned)?;
+        Ok::<_, io::Error>(BlockBackend::new(node))
+    })
+    .unwrap()
+    .unwrap_or_else(|error| panic!("cannot open {options:?}: {error}"))
+}
+
 /// The options that open `image` as qcow2, read-only.
 pub(crate) fn qcow2_options(image: &Path) -> String {
     format!("driver=qcow2,read-only=on,file.filename={}", image.display())
