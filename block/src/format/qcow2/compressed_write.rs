@@ -18,14 +18,12 @@ use aiocoro::coroutine::Co;
 use super::allocation::SharedAllocation;
 use super::compressed::compress_cluster;
 use super::driver::Qcow2Driver;
+use super::header::SECTOR_SIZE;
 use super::io::gather;
 use super::mapping::COMPRESSED;
 use super::offsets::{ClusterCount, Geometry, GuestOffset, HostOffset};
 use crate::buffer::IoBuffer;
 use crate::error::invalid_input;
-
-/// The unit compressed lengths are counted in.
-const SECTOR: u64 = 512;
 
 impl Qcow2Driver {
     /// Writes `bufs` at `offset` compressed, cluster by cluster: `offset` must start a
@@ -145,7 +143,7 @@ impl Qcow2Driver {
 /// the data touches in the bits above, up to bit 61.
 fn compressed_entry(geometry: Geometry, host: HostOffset, len: u64) -> u64 {
     let offset_bits = 62 - (geometry.cluster_bits() - 8);
-    let extra_sectors = (host.0 + len - 1) / SECTOR - host.0 / SECTOR;
+    let extra_sectors = (host.0 + len - 1) / SECTOR_SIZE - host.0 / SECTOR_SIZE;
     COMPRESSED | (extra_sectors << offset_bits) | host.0
 }
 
@@ -164,7 +162,10 @@ mod tests {
                 let entry = compressed_entry(geometry, HostOffset(host), len);
                 let (offset, bound) = compressed_extent(entry, geometry);
                 assert_eq!(offset, HostOffset(host), "{bits} bits, {len} bytes");
-                assert!(bound >= len && bound < len + SECTOR, "{bits} bits: {bound} for {len}");
+                assert!(
+                    bound >= len && bound < len + SECTOR_SIZE,
+                    "{bits} bits: {bound} for {len}"
+                );
             }
         }
     }

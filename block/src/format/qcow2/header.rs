@@ -14,7 +14,8 @@ pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 pub(crate) const V2_HEADER_LEN: usize = 72;
 /// The shortest version 3 header.
 const MIN_V3_HEADER_LEN: usize = 104;
-/// The unit of the virtual size: QEMU keeps it in whole sectors of this many bytes.
+/// QEMU's sector: the unit of the virtual size (kept in whole sectors) and of the lengths of
+/// compressed clusters.
 pub const SECTOR_SIZE: u64 = 512;
 /// The largest L1 table QEMU opens (32 MiB of entries).
 pub const MAX_L1_BYTES: u64 = 32 << 20;

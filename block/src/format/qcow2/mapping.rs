@@ -1,5 +1,6 @@
 //! L1 and L2 table entries: what a guest cluster maps to, checked against the file.
 
+use super::header::SECTOR_SIZE;
 use super::offsets::{Geometry, HostOffset};
 
 /// Bits 9..=55: the host offset of an L2 table or a standard cluster.
@@ -11,9 +12,6 @@ pub(crate) const COPIED: u64 = 1 << 63;
 pub(crate) const COMPRESSED: u64 = 1 << 62;
 /// L2 entry bit 0 of a standard cluster: it reads as zeroes (version 3).
 pub(crate) const ZERO: u64 = 1;
-/// The unit compressed lengths are counted in.
-const SECTOR: u64 = 512;
-
 /// What a guest cluster maps to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClusterMapping {
@@ -66,7 +64,7 @@ pub(crate) fn compressed_extent(raw: u64, geometry: Geometry) -> (HostOffset, u6
     let offset_bits = 62 - sector_bits;
     let offset = HostOffset(raw & ((1 << offset_bits) - 1));
     let sectors = ((raw >> offset_bits) & ((1 << sector_bits) - 1)) + 1;
-    (offset, sectors * SECTOR - (offset.0 % SECTOR))
+    (offset, sectors * SECTOR_SIZE - (offset.0 % SECTOR_SIZE))
 }
 
 /// What an L2 entry maps its guest cluster to, in an image of `version`.
