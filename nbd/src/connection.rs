@@ -27,8 +27,8 @@ use crate::transmission;
 ///
 /// # Panics
 ///
-/// With a `handshake_limit`, if the calling thread has no [`AioContext`](aiocoro::aio::AioContext)
-/// (a coroutine always runs on one).
+/// With a `handshake_limit`, if the calling thread has no
+/// [`AioContext`](aiocoro::aio::AioContext) (the limit's timer needs one).
 pub fn serve_connection<S: AsRawFd + 'static>(
     co: &Co,
     stream: S,
@@ -41,8 +41,9 @@ where
     let _count = ConnectionCount::new();
     let negotiated = {
         let socket = CoSocket::new(co, &stream);
-        let deadline =
-            handshake_limit.map(|limit| (HandshakeDeadline::arm(stream.as_raw_fd(), limit), limit));
+        // SAFETY: `stream` owns the socket and outlives `deadline`, which this block drops.
+        let deadline = handshake_limit
+            .map(|limit| (unsafe { HandshakeDeadline::arm(stream.as_raw_fd(), limit) }, limit));
         let negotiated =
             handshake(&socket).and_then(|flags| negotiate(&socket, &export, flags.no_zeroes));
         match (negotiated, &deadline) {

@@ -18,21 +18,26 @@ pub(crate) struct HandshakeDeadline {
 
 impl HandshakeDeadline {
     /// Shuts the socket `fd` down in both directions once `limit` has passed, unless dropped
-    /// first: the handshake's pending and later reads and writes then fail. `fd` must stay
-    /// open while the deadline lives.
+    /// first: the handshake's pending and later reads and writes then fail.
+    ///
+    /// # Safety
+    ///
+    /// `fd` is a socket the caller owns, and stays open while the deadline lives (otherwise
+    /// the timer could shut down whatever the number names by then).
     ///
     /// # Panics
     ///
-    /// If the calling thread has no [`AioContext`] (a coroutine always runs on one).
-    pub(crate) fn arm(fd: RawFd, limit: Duration) -> HandshakeDeadline {
-        let context =
-            AioContext::current().expect("aiocoro-nbd: a connection runs in an AioContext");
+    /// If the calling thread has no [`AioContext`] (the timer needs one).
+    pub(crate) unsafe fn arm(fd: RawFd, limit: Duration) -> HandshakeDeadline {
+        let context = AioContext::current().expect(
+            "aiocoro-nbd: a handshake limit needs an AioContext on the connection's thread              (for its timer); serve the connection from a coroutine of a context",
+        );
         let expired = Rc::new(Cell::new(false));
         let flag = expired.clone();
         let timer = context.new_timer(move || {
             flag.set(true);
-            // SAFETY: shutdown only changes the state of the socket `fd` names, which the
-            // connection keeps open while this deadline (and so its timer) lives; it frees
+            // SAFETY: shutdown only changes the state of the socket `fd` names, which stays
+            // open while this deadline (and so its timer) lives (the contract of `arm`); it frees
             // and touches no memory. Its error (the client already gone) needs nothing.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         });
