@@ -44,8 +44,7 @@ where
         // SAFETY: `stream` owns the socket and outlives `deadline`, which this block drops.
         let deadline = handshake_limit
             .map(|limit| (unsafe { HandshakeDeadline::arm(stream.as_raw_fd(), limit) }, limit));
-        let negotiated =
-            handshake(&socket).and_then(|flags| negotiate(&socket, &export, flags.no_zeroes));
+        let negotiated = handshake(&socket).and_then(|flags| negotiate(&socket, &export, flags));
         match (negotiated, &deadline) {
             (Err(_), Some((deadline, limit))) if deadline.expired() => {
                 return Err(io::Error::new(

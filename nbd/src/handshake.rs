@@ -1,4 +1,5 @@
-//! The fixed newstyle handshake: the server's greeting and the client's flags.
+//! The newstyle handshake: the server's greeting (fixed newstyle offered) and the client's
+//! flags.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -10,6 +11,9 @@ use crate::wire;
 /// What the client asked for in its flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientFlags {
+    /// The client speaks fixed newstyle: it may send any option and reads error replies.
+    /// Without it, `EXPORT_NAME` is the only option it may send (old clients).
+    pub fixed_newstyle: bool,
     /// Leave out the 124 zero bytes after `EXPORT_NAME`.
     pub no_zeroes: bool,
 }
@@ -18,8 +22,8 @@ pub struct ClientFlags {
 ///
 /// # Errors
 ///
-/// An I/O error, or client flags without fixed newstyle or with unknown bits (the
-/// protocol says to close the connection then).
+/// An I/O error, or client flags with unknown bits (the protocol says to close the
+/// connection then).
 pub fn handshake<S: AsRawFd>(socket: &CoSocket<'_, S>) -> io::Result<ClientFlags>
 where
     for<'s> &'s S: Read + Write,
@@ -32,8 +36,11 @@ where
     socket.write_all(&greeting)?;
     let client = socket.read_u32()?;
     let known = wire::CLIENT_FIXED_NEWSTYLE | wire::CLIENT_NO_ZEROES;
-    if client & !known != 0 || client & wire::CLIENT_FIXED_NEWSTYLE == 0 {
+    if client & !known != 0 {
         return Err(protocol_error(format!("client flags {client:#x}")));
     }
-    Ok(ClientFlags { no_zeroes: client & wire::CLIENT_NO_ZEROES != 0 })
+    Ok(ClientFlags {
+        fixed_newstyle: client & wire::CLIENT_FIXED_NEWSTYLE != 0,
+        no_zeroes: client & wire::CLIENT_NO_ZEROES != 0,
+    })
 }

@@ -3,7 +3,8 @@
 //! The server side of the NBD protocol on [`aiocoro`] and [`aiocoro_block`], for the
 //! `aiocoro-nbd` binary and for programs that export a node themselves:
 //!
-//! - [`handshake`]: fixed newstyle, with `NO_ZEROES`;
+//! - [`handshake`]: newstyle, fixed newstyle offered (a client without it may only send
+//!   `EXPORT_NAME`), with `NO_ZEROES`;
 //! - [`options`]: `EXPORT_NAME`, `GO`, `INFO` (export, name, description, block size),
 //!   `LIST`, `ABORT`, `STRUCTURED_REPLY`, `EXTENDED_HEADERS`, `LIST_META_CONTEXT` /
 //!   `SET_META_CONTEXT` ([`meta_context`]); anything else is answered `NBD_REP_ERR_UNSUP`;

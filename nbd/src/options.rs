@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 
 use crate::export::{Export, MAX_REQUEST, PREFERRED_BLOCK};
+use crate::handshake::ClientFlags;
 use crate::meta_context::{MetaContext, MetaRequest};
 use crate::reply::ReplyMode;
 use crate::socket::CoSocket;
@@ -33,17 +34,19 @@ pub enum Negotiated {
     Aborted,
 }
 
-/// Runs the option phase on `socket` for `export`. `no_zeroes`: the client asked to leave
-/// out the zero padding after `EXPORT_NAME`.
+/// Runs the option phase on `socket` for `export`, with what the client's `flags` asked for
+/// (see [`handshake`](crate::handshake::handshake)).
 ///
 /// # Errors
 ///
 /// An I/O error, a bad option magic, an unknown name in `EXPORT_NAME` (which has no error
-/// reply) or an oversized option: the connection must then be closed.
+/// reply), an oversized option, or, from a client without fixed newstyle, any option but
+/// `EXPORT_NAME` (such a client reads no error replies, as in qemu-nbd): the connection must
+/// then be closed.
 pub fn negotiate<S: AsRawFd>(
     socket: &CoSocket<'_, S>,
     export: &Export,
-    no_zeroes: bool,
+    flags: ClientFlags,
 ) -> io::Result<Negotiated>
 where
     for<'s> &'s S: Read + Write,
@@ -56,6 +59,12 @@ where
         }
         let option = socket.read_u32()?;
         let length = socket.read_u32()?;
+        if !flags.fixed_newstyle && option != wire::OPT_EXPORT_NAME {
+            return Err(protocol_error(format!(
+                "option {option} from a client without fixed newstyle, which may only send \
+                 EXPORT_NAME"
+            )));
+        }
         if length > MAX_OPTION_LENGTH {
             reply(socket, option, wire::REP_ERR_TOO_BIG, b"option payload too large")?;
             return Err(protocol_error(format!("option {option} of {length} bytes")));
@@ -70,7 +79,7 @@ where
                 let mut answer = Vec::with_capacity(10 + 124);
                 answer.extend_from_slice(&export.size().to_be_bytes());
                 answer.extend_from_slice(&export.transmission_flags(session.mode).to_be_bytes());
-                if !no_zeroes {
+                if !flags.no_zeroes {
                     answer.resize(answer.len() + 124, 0);
                 }
                 socket.write_all(&answer)?;

@@ -34,9 +34,11 @@ fn garbage_and_bad_magics_close_only_that_connection() {
     let mut client = Client::connect(&server);
     client.send(&[0xff; 64]);
     assert!(client.is_closed(), "unknown client flags must close the connection");
-    // Flags without fixed newstyle.
+    // Without fixed newstyle, any option but EXPORT_NAME (which is all such a client may
+    // send) ends the connection: the server has no way to answer it.
     let mut client = Client::with_flags(&server, 0);
-    assert!(client.is_closed(), "a client without fixed newstyle is refused");
+    client.option(wire::OPT_LIST, &[]);
+    assert!(client.is_closed(), "LIST from a client without fixed newstyle must close it");
     // An option with a bad magic (a request sent before negotiation).
     let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
     client.request(wire::CMD_READ, 0, 0, 512, &[]);
@@ -49,6 +51,27 @@ fn garbage_and_bad_magics_close_only_that_connection() {
     let (mut client, _) = Client::transmission(&server);
     client.send(&wire::REQUEST_MAGIC.to_be_bytes());
     drop(client);
+    assert_serving(&mut server);
+}
+
+/// A client that does not set fixed newstyle (old `nbd-client`s) can still choose the export
+/// with `EXPORT_NAME`, the one option it may send, and use it, as qemu-nbd lets it.
+#[test]
+fn a_client_without_fixed_newstyle_gets_the_export_by_name() {
+    let (mut server, _dir) = start("nonfixed", &[]);
+    let mut client = Client::with_flags(&server, 0);
+    client.option(wire::OPT_EXPORT_NAME, b"");
+    let export = client.read(8 + 2 + 124);
+    assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), SIZE);
+    assert_eq!(export[10..], [0; 124], "the zero padding, which this client did not decline");
+    assert_eq!(client.write(0, 4096, &[0xa7; 512]), 0);
+    assert_eq!(client.read_data(4096, 512), vec![0xa7; 512]);
+    client.request(wire::CMD_DISC, 0, 0, 0, &[]);
+    assert!(client.is_closed(), "DISC must close the connection");
+    // An unknown export name ends the connection (EXPORT_NAME has no error reply).
+    let mut client = Client::with_flags(&server, 0);
+    client.option(wire::OPT_EXPORT_NAME, b"nope");
+    assert!(client.is_closed(), "an unknown export name must close the connection");
     assert_serving(&mut server);
 }
 
