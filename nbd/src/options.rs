@@ -66,7 +66,10 @@ where
             )));
         }
         if length > MAX_OPTION_LENGTH {
-            reply(socket, option, wire::REP_ERR_TOO_BIG, b"option payload too large")?;
+            // A client without fixed newstyle reads no error replies.
+            if flags.fixed_newstyle {
+                reply(socket, option, wire::REP_ERR_TOO_BIG, b"option payload too large")?;
+            }
             return Err(protocol_error(format!("option {option} of {length} bytes")));
         }
         let mut payload = vec![0; length as usize];

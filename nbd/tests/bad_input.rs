@@ -3,6 +3,7 @@
 
 mod common;
 
+use aiocoro_nbd::options::MAX_OPTION_LENGTH;
 use aiocoro_nbd::wire;
 use common::client::{Client, SIZE};
 use common::{Server, TempDir, qcow2_image, temp_dir};
@@ -72,6 +73,12 @@ fn a_client_without_fixed_newstyle_gets_the_export_by_name() {
     let mut client = Client::with_flags(&server, 0);
     client.option(wire::OPT_EXPORT_NAME, b"nope");
     assert!(client.is_closed(), "an unknown export name must close the connection");
+    // An oversized name: closed without a TOO_BIG reply, which this client could not read.
+    let mut client = Client::with_flags(&server, 0);
+    client.send(&wire::OPTION_MAGIC.to_be_bytes());
+    client.send(&wire::OPT_EXPORT_NAME.to_be_bytes());
+    client.send(&(MAX_OPTION_LENGTH + 1).to_be_bytes());
+    assert!(client.is_closed(), "an oversized EXPORT_NAME must close the connection, unanswered");
     assert_serving(&mut server);
 }
 
