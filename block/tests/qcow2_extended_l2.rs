@@ -433,3 +433,27 @@ fn a_write_into_a_fresh_cluster_that_fails_names_no_cluster_past_the_end_of_the_
     Op::Write(0, 2 * K, 0x11).mirror(&mut shadow);
     assert_everyone_sees(&image, &shadow, "after a write that found the disk full");
 }
+
+#[test]
+fn a_compressed_cluster_with_subclusters_marked_is_an_error_for_both_checks() {
+    let scratch = Scratch::new("extl2-compressed-bitmap");
+    let raw = scratch.path("text.raw");
+    let text: String = (0..30000).map(|n| format!("line {n}; ")).collect();
+    std::fs::write(&raw, &text.as_bytes()[..256 << 10]).unwrap();
+    let image = scratch.path("c.qcow2");
+    compress_to_qcow2(raw.to_str().unwrap(), image.to_str().unwrap(), "extended_l2=on");
+    let report = check_image_file(&image, Repair::None).unwrap();
+    assert_eq!(report.exit_code(), 0, "{report:#?}");
+    // Cluster 1's bitmap marks subcluster 0 allocated: the spec reserves it (zero).
+    poke(&image, l2_entry_at(&image, 2) + 8, &1u64.to_be_bytes());
+    let report = check_image_file(&image, Repair::None).unwrap();
+    let (status, text) = check_status(&image);
+    assert_eq!((report.exit_code() as i32, status), (2, 2), "{report:#?}\nqemu-img: {text}");
+    // As QEMU, the cluster's references are not counted: its host cluster leaks one.
+    assert_eq!((report.corruptions, report.leaks), (1, 1), "{report:#?}\nqemu-img: {text}");
+    assert!(report.messages[0].contains("non-zero subcluster allocation bitmap"), "{report:#?}");
+    for message in &report.messages {
+        assert!(text.contains(message.as_str()), "qemu-img says '{message}' too: {text}");
+    }
+    assert!(text.contains(&report.human()), "the same counts: {report:#?}\nqemu-img: {text}");
+}
