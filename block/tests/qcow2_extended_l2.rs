@@ -2,13 +2,16 @@
 //! we read what `qemu-io` wrote in subcluster patterns, `qemu-io` and `qemu-img` read what we
 //! wrote (over a backing file too), `qemu-img check` finds no error or leak after our
 //! writes, zero writes and discards, and our writes allocate only the subclusters they
-//! touch.
+//! touch. Compressed overwrites racing subcluster writes on another IoThread
+//! (`QCOW2_COMPRESSED_RACE_ROUNDS=N` rounds of 8 clusters, default 4) leave a serial result.
 
 mod common;
 mod qcow2_support;
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 
 use aiocoro::aio::AioContext;
 use aiocoro_block::qcow2::{CreateOptions, Repair, check_image_file, create_file};
@@ -456,4 +459,146 @@ fn a_compressed_cluster_with_subclusters_marked_is_an_error_for_both_checks() {
         assert!(text.contains(message.as_str()), "qemu-img says '{message}' too: {text}");
     }
     assert!(text.contains(&report.human()), "the same counts: {report:#?}\nqemu-img: {text}");
+}
+
+/// How many rounds the compressed-overwrite race runs: `QCOW2_COMPRESSED_RACE_ROUNDS`
+/// (default 4; each round races 8 clusters).
+fn race_rounds() -> u64 {
+    std::env::var("QCOW2_COMPRESSED_RACE_ROUNDS")
+        .map(|value| value.parse().expect("QCOW2_COMPRESSED_RACE_ROUNDS is a number"))
+        .unwrap_or(4)
+}
+
+/// Compressible bytes for a whole cluster, different for each `seed`.
+fn cluster_text(seed: u64) -> Vec<u8> {
+    let text: String = (0..16000).map(|n| format!("{seed}:{n} ")).collect();
+    text.as_bytes()[..64 * K as usize].to_vec()
+}
+
+/// Request `n` of the subcluster writer racing a compressed overwrite, as `(offset in the
+/// cluster, length, byte)`: in turn, zeroes over a whole subcluster (setting its zero bit),
+/// then 1000 bytes inside it (marking it allocated after the data write).
+fn race_request(n: usize) -> (usize, usize, u8) {
+    let subcluster = (1 + n / 2 % 31) * 2 * K as usize;
+    match n % 2 {
+        0 => (subcluster, 2 * K as usize, 0),
+        _ => (subcluster + 300, 1000, (n % 250) as u8 + 1),
+    }
+}
+
+#[test]
+fn compressed_overwrites_racing_subcluster_writes_leave_no_bitmap_and_a_serial_result() {
+    // Each cluster starts partly allocated (subclusters 0-1 data, 10-11 zero, the rest the
+    // backing file's). On one IoThread a coroutine per cluster overwrites it compressed;
+    // on another a coroutine per cluster changes its subclusters, one request after the
+    // other, until the compressed write is done: zero writes, and writes that mark
+    // subclusters allocated after their data write (or, once the cluster is compressed,
+    // copy it whole). Each cluster must end as if the requests ran one at a time (the
+    // compressed data with the requests after it on top), and no compressed entry may have
+    // bitmap bits (both checks): a compressed write that did not wait for a subcluster
+    // write in flight would leave them (checked: a dozen clusters of the 32 then).
+    const PER_ROUND: u64 = 8;
+    let rounds = race_rounds();
+    let clusters = rounds * PER_ROUND;
+    let size = clusters * 64 * K;
+    let scratch = Scratch::new("extl2-compressed-race");
+    std::fs::write(scratch.path("base.raw"), vec![0xa1; size as usize]).unwrap();
+    let image = scratch.path("r.qcow2");
+    let name = image.to_str().unwrap();
+    create_qcow2_over(name, "extended_l2=on", "base.raw", "raw", &size.to_string());
+    let blk = open_backend(&qcow2_rw_options(&image));
+    let setup = blk.clone();
+    run_in_coroutine(move |co| {
+        for cluster in 0..clusters {
+            setup.write(co, cluster * 64 * K, &[0x5e; 4 * K as usize])?;
+            setup.write_zeroes(co, cluster * 64 * K + 20 * K, 4 * K, true)?;
+        }
+        setup.flush(co)
+    })
+    .unwrap()
+    .unwrap();
+    // How many requests the subcluster writer made in each cluster.
+    let requests = Arc::new(Mutex::new(vec![0; clusters as usize]));
+    for round in 0..rounds {
+        let first = round * PER_ROUND;
+        let compressed: Arc<Vec<AtomicBool>> =
+            Arc::new((0..PER_ROUND).map(|_| AtomicBool::new(false)).collect());
+        let barrier = Arc::new(Barrier::new(2));
+        let racers: Vec<_> = [true, false]
+            .into_iter()
+            .map(|compressing| {
+                let (blk, barrier) = (blk.clone(), barrier.clone());
+                let (compressed, requests) = (compressed.clone(), requests.clone());
+                std::thread::spawn(move || {
+                    let ctx = AioContext::new().unwrap();
+                    barrier.wait();
+                    let coroutines: Vec<_> = (0..PER_ROUND)
+                        .map(|i| {
+                            let (blk, compressed) = (blk.clone(), compressed.clone());
+                            let requests = requests.clone();
+                            let start = (first + i) * 64 * K;
+                            ctx.spawn(move |co| {
+                                if compressing {
+                                    let data = cluster_text(first + i);
+                                    blk.write_compressed(co, start, &data).unwrap();
+                                    compressed[i as usize].store(true, Ordering::SeqCst);
+                                    return;
+                                }
+                                let mut n = 0;
+                                while !compressed[i as usize].load(Ordering::SeqCst) {
+                                    let (at, len, byte) = race_request(n);
+                                    let at = start + at as u64;
+                                    if byte == 0 {
+                                        blk.write_zeroes(co, at, len as u64, true).unwrap();
+                                    } else {
+                                        blk.write(co, at, &vec![byte; len]).unwrap();
+                                    }
+                                    n += 1;
+                                }
+                                requests.lock().unwrap()[(first + i) as usize] = n;
+                            })
+                        })
+                        .collect();
+                    ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
+                })
+            })
+            .collect();
+        for racer in racers {
+            racer.join().expect("a racer panicked");
+        }
+    }
+    run_in_coroutine(move |co| blk.close(co)).unwrap().unwrap();
+    qemu_check(&image);
+    let report = check_image_file(&image, Repair::None).unwrap();
+    assert_eq!(report.exit_code(), 0, "{report:#?}");
+    let seen = read_ours(&image, 1 << 20).unwrap();
+    assert_same_bytes(&seen, &qemu_raw(&image), "ours and qemu-img's");
+    let requests = requests.lock().unwrap();
+    for cluster in 0..clusters {
+        let got = &seen[(cluster * 64 * K) as usize..][..64 * K as usize];
+        assert!(
+            is_compressed_then_requests(got, cluster_text(cluster), requests[cluster as usize]),
+            "cluster {cluster}: not the compressed data with a suffix of the {} requests",
+            requests[cluster as usize]
+        );
+    }
+}
+
+/// Whether `got` is `compressed` with the last requests (a suffix, maybe none) of the
+/// `count` requests of [`race_request`] applied in order on top.
+fn is_compressed_then_requests(got: &[u8], mut compressed: Vec<u8>, count: usize) -> bool {
+    // From the last request back: each fills what no later one covers.
+    let mut covered = vec![false; compressed.len()];
+    for n in (0..count).rev() {
+        if got == compressed {
+            return true;
+        }
+        let (at, len, byte) = race_request(n);
+        for (byte_at, covered) in compressed[at..at + len].iter_mut().zip(&mut covered[at..]) {
+            if !*covered {
+                (*byte_at, *covered) = (byte, true);
+            }
+        }
+    }
+    got == compressed
 }
