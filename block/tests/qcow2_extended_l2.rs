@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
 use aiocoro::aio::AioContext;
+use aiocoro::coroutine::Co;
 use aiocoro_block::qcow2::{CreateOptions, Repair, check_image_file, create_file};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, run_in_coroutine};
 use common::faults::open_faulty_qcow2;
@@ -239,29 +240,20 @@ fn concurrent_writes_into_the_same_subclusters_keep_each_others_bytes() {
     let options = qcow2_rw_options(&image);
     let blk = open_backend(&options);
     let pieces = 256 * K / PIECE;
-    let threads: Vec<_> = (0..2u64)
-        .map(|t| {
-            let blk = blk.clone();
-            std::thread::spawn(move || {
-                let ctx = AioContext::new().unwrap();
-                let coroutines: Vec<_> = (0..WRITERS / 2)
-                    .map(|c| {
-                        let (blk, writer) = (blk.clone(), t * WRITERS / 2 + c);
-                        ctx.spawn(move |co| {
-                            for piece in (writer..pieces).step_by(WRITERS as usize) {
-                                let data = vec![piece as u8 | 1; PIECE as usize];
-                                blk.write(co, piece * PIECE, &data).unwrap();
-                            }
-                        })
-                    })
-                    .collect();
-                ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
+    let writers = |t: u64| -> Vec<Body> {
+        (0..WRITERS / 2)
+            .map(|c| {
+                let (blk, writer) = (blk.clone(), t * WRITERS / 2 + c);
+                Box::new(move |co: &Co| {
+                    for piece in (writer..pieces).step_by(WRITERS as usize) {
+                        let data = vec![piece as u8 | 1; PIECE as usize];
+                        blk.write(co, piece * PIECE, &data).unwrap();
+                    }
+                }) as Body
             })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("a writer panicked");
-    }
+            .collect()
+    };
+    on_two_iothreads([writers(0), writers(1)]);
     run_in_coroutine(move |co| blk.flush(co)).unwrap().unwrap();
     let mut shadow = vec![0xa1; SIZE as usize];
     for piece in 0..pieces {
@@ -469,6 +461,30 @@ fn race_rounds() -> u64 {
         .unwrap_or(4)
 }
 
+/// A coroutine's body, to run on another thread.
+type Body = Box<dyn FnOnce(&Co) + Send>;
+
+/// Runs each list of `bodies` as coroutines on a thread (with its own event loop) of its
+/// own, both lists starting together, until all are done.
+fn on_two_iothreads(bodies: [Vec<Body>; 2]) {
+    let barrier = Arc::new(Barrier::new(2));
+    let threads: Vec<_> = bodies
+        .into_iter()
+        .map(|bodies| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let ctx = AioContext::new().unwrap();
+                barrier.wait();
+                let coroutines: Vec<_> = bodies.into_iter().map(|body| ctx.spawn(body)).collect();
+                ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("a coroutine panicked");
+    }
+}
+
 /// Compressible bytes for a whole cluster, different for each `seed`.
 fn cluster_text(seed: u64) -> Vec<u8> {
     let text: String = (0..16000).map(|n| format!("{seed}:{n} ")).collect();
@@ -523,49 +539,32 @@ fn compressed_overwrites_racing_subcluster_writes_leave_no_bitmap_and_a_serial_r
         let first = round * PER_ROUND;
         let compressed: Arc<Vec<AtomicBool>> =
             Arc::new((0..PER_ROUND).map(|_| AtomicBool::new(false)).collect());
-        let barrier = Arc::new(Barrier::new(2));
-        let racers: Vec<_> = [true, false]
-            .into_iter()
-            .map(|compressing| {
-                let (blk, barrier) = (blk.clone(), barrier.clone());
-                let (compressed, requests) = (compressed.clone(), requests.clone());
-                std::thread::spawn(move || {
-                    let ctx = AioContext::new().unwrap();
-                    barrier.wait();
-                    let coroutines: Vec<_> = (0..PER_ROUND)
-                        .map(|i| {
-                            let (blk, compressed) = (blk.clone(), compressed.clone());
-                            let requests = requests.clone();
-                            let start = (first + i) * 64 * K;
-                            ctx.spawn(move |co| {
-                                if compressing {
-                                    let data = cluster_text(first + i);
-                                    blk.write_compressed(co, start, &data).unwrap();
-                                    compressed[i as usize].store(true, Ordering::SeqCst);
-                                    return;
-                                }
-                                let mut n = 0;
-                                while !compressed[i as usize].load(Ordering::SeqCst) {
-                                    let (at, len, byte) = race_request(n);
-                                    let at = start + at as u64;
-                                    if byte == 0 {
-                                        blk.write_zeroes(co, at, len as u64, true).unwrap();
-                                    } else {
-                                        blk.write(co, at, &vec![byte; len]).unwrap();
-                                    }
-                                    n += 1;
-                                }
-                                requests.lock().unwrap()[(first + i) as usize] = n;
-                            })
-                        })
-                        .collect();
-                    ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
-                })
-            })
-            .collect();
-        for racer in racers {
-            racer.join().expect("a racer panicked");
-        }
+        let compressing = (0..PER_ROUND).map(|i| {
+            let (blk, compressed) = (blk.clone(), compressed.clone());
+            Box::new(move |co: &Co| {
+                let data = cluster_text(first + i);
+                blk.write_compressed(co, (first + i) * 64 * K, &data).unwrap();
+                compressed[i as usize].store(true, Ordering::SeqCst);
+            }) as Body
+        });
+        let changing = (0..PER_ROUND).map(|i| {
+            let (blk, compressed, requests) = (blk.clone(), compressed.clone(), requests.clone());
+            Box::new(move |co: &Co| {
+                let mut n = 0;
+                while !compressed[i as usize].load(Ordering::SeqCst) {
+                    let (at, len, byte) = race_request(n);
+                    let at = (first + i) * 64 * K + at as u64;
+                    if byte == 0 {
+                        blk.write_zeroes(co, at, len as u64, true).unwrap();
+                    } else {
+                        blk.write(co, at, &vec![byte; len]).unwrap();
+                    }
+                    n += 1;
+                }
+                requests.lock().unwrap()[(first + i) as usize] = n;
+            }) as Body
+        });
+        on_two_iothreads([compressing.collect(), changing.collect()]);
     }
     run_in_coroutine(move |co| blk.close(co)).unwrap().unwrap();
     qemu_check(&image);
