@@ -1,4 +1,5 @@
-//! Compressed images (`qemu-img convert -c`, deflate and zstd) read back as their source.
+//! Compressed images (`qemu-img convert -c`, deflate and zstd, with extended L2 entries too)
+//! read back as their source.
 
 mod qcow2_support;
 
@@ -43,6 +44,10 @@ fn compressed_images_of_every_cluster_size_read_as_their_source() {
         "compat=1.1,cluster_size=4k,compression_type=zstd",
         "compat=1.1,cluster_size=64k,compression_type=zstd",
         "compat=1.1,cluster_size=2M,compression_type=zstd",
+        // Extended L2 entries: compressed clusters have no subclusters (bitmap zero).
+        "extended_l2=on,cluster_size=16k",
+        "extended_l2=on,cluster_size=64k,compression_type=zstd",
+        "extended_l2=on,cluster_size=2M",
     ] {
         let image = scratch.path("c.qcow2");
         let _ = std::fs::remove_file(&image);

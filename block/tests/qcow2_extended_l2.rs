@@ -2,15 +2,19 @@
 //! we read what `qemu-io` wrote in subcluster patterns, `qemu-io` and `qemu-img` read what we
 //! wrote (over a backing file too), `qemu-img check` finds no error or leak after our
 //! writes, zero writes and discards, and our writes allocate only the subclusters they
-//! touch.
+//! touch. Compressed overwrites racing subcluster writes on another IoThread
+//! (`QCOW2_COMPRESSED_RACE_ROUNDS=N` rounds of 8 clusters, default 4) leave a serial result.
 
 mod common;
 mod qcow2_support;
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 
 use aiocoro::aio::AioContext;
+use aiocoro::coroutine::Co;
 use aiocoro_block::qcow2::{CreateOptions, Repair, check_image_file, create_file};
 use aiocoro_block::{Allocation, BlockBackend, BlockGraph, run_in_coroutine};
 use common::faults::open_faulty_qcow2;
@@ -236,29 +240,20 @@ fn concurrent_writes_into_the_same_subclusters_keep_each_others_bytes() {
     let options = qcow2_rw_options(&image);
     let blk = open_backend(&options);
     let pieces = 256 * K / PIECE;
-    let threads: Vec<_> = (0..2u64)
-        .map(|t| {
-            let blk = blk.clone();
-            std::thread::spawn(move || {
-                let ctx = AioContext::new().unwrap();
-                let coroutines: Vec<_> = (0..WRITERS / 2)
-                    .map(|c| {
-                        let (blk, writer) = (blk.clone(), t * WRITERS / 2 + c);
-                        ctx.spawn(move |co| {
-                            for piece in (writer..pieces).step_by(WRITERS as usize) {
-                                let data = vec![piece as u8 | 1; PIECE as usize];
-                                blk.write(co, piece * PIECE, &data).unwrap();
-                            }
-                        })
-                    })
-                    .collect();
-                ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
+    let writers = |t: u64| -> Vec<Body> {
+        (0..WRITERS / 2)
+            .map(|c| {
+                let (blk, writer) = (blk.clone(), t * WRITERS / 2 + c);
+                Box::new(move |co: &Co| {
+                    for piece in (writer..pieces).step_by(WRITERS as usize) {
+                        let data = vec![piece as u8 | 1; PIECE as usize];
+                        blk.write(co, piece * PIECE, &data).unwrap();
+                    }
+                }) as Body
             })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("a writer panicked");
-    }
+            .collect()
+    };
+    on_two_iothreads([writers(0), writers(1)]);
     run_in_coroutine(move |co| blk.flush(co)).unwrap().unwrap();
     let mut shadow = vec![0xa1; SIZE as usize];
     for piece in 0..pieces {
@@ -432,4 +427,177 @@ fn a_write_into_a_fresh_cluster_that_fails_names_no_cluster_past_the_end_of_the_
     let mut shadow = vec![0; SIZE as usize];
     Op::Write(0, 2 * K, 0x11).mirror(&mut shadow);
     assert_everyone_sees(&image, &shadow, "after a write that found the disk full");
+}
+
+#[test]
+fn a_compressed_cluster_with_subclusters_marked_is_an_error_for_both_checks() {
+    let scratch = Scratch::new("extl2-compressed-bitmap");
+    let raw = scratch.path("text.raw");
+    let text: String = (0..30000).map(|n| format!("line {n}; ")).collect();
+    std::fs::write(&raw, &text.as_bytes()[..256 << 10]).unwrap();
+    let image = scratch.path("c.qcow2");
+    compress_to_qcow2(raw.to_str().unwrap(), image.to_str().unwrap(), "extended_l2=on");
+    let report = check_image_file(&image, Repair::None).unwrap();
+    assert_eq!(report.exit_code(), 0, "{report:#?}");
+    // Cluster 1's bitmap marks subcluster 0 allocated: the spec reserves it (zero).
+    poke(&image, l2_entry_at(&image, 2) + 8, &1u64.to_be_bytes());
+    let report = check_image_file(&image, Repair::None).unwrap();
+    let (status, text) = check_status(&image);
+    assert_eq!((report.exit_code() as i32, status), (2, 2), "{report:#?}\nqemu-img: {text}");
+    // As QEMU, the cluster's references are not counted: its host cluster leaks one.
+    assert_eq!((report.corruptions, report.leaks), (1, 1), "{report:#?}\nqemu-img: {text}");
+    assert!(report.messages[0].contains("non-zero subcluster allocation bitmap"), "{report:#?}");
+    for message in &report.messages {
+        assert!(text.contains(message.as_str()), "qemu-img says '{message}' too: {text}");
+    }
+    assert!(text.contains(&report.human()), "the same counts: {report:#?}\nqemu-img: {text}");
+}
+
+/// How many rounds the compressed-overwrite race runs: `QCOW2_COMPRESSED_RACE_ROUNDS`
+/// (default 4; each round races 8 clusters).
+fn race_rounds() -> u64 {
+    std::env::var("QCOW2_COMPRESSED_RACE_ROUNDS")
+        .map(|value| value.parse().expect("QCOW2_COMPRESSED_RACE_ROUNDS is a number"))
+        .unwrap_or(4)
+}
+
+/// A coroutine's body, to run on another thread.
+type Body = Box<dyn FnOnce(&Co) + Send>;
+
+/// Runs each list of `bodies` as coroutines on a thread (with its own event loop) of its
+/// own, both lists starting together, until all are done.
+fn on_two_iothreads(bodies: [Vec<Body>; 2]) {
+    let barrier = Arc::new(Barrier::new(2));
+    let threads: Vec<_> = bodies
+        .into_iter()
+        .map(|bodies| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let ctx = AioContext::new().unwrap();
+                barrier.wait();
+                let coroutines: Vec<_> = bodies.into_iter().map(|body| ctx.spawn(body)).collect();
+                ctx.wait_while(|| coroutines.iter().any(|co| !co.is_finished()));
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("a coroutine panicked");
+    }
+}
+
+/// Compressible bytes for a whole cluster, different for each `seed`.
+fn cluster_text(seed: u64) -> Vec<u8> {
+    let text: String = (0..16000).map(|n| format!("{seed}:{n} ")).collect();
+    text.as_bytes()[..64 * K as usize].to_vec()
+}
+
+/// Request `n` of the subcluster writer racing a compressed overwrite, as `(offset in the
+/// cluster, length, byte)`: in turn, zeroes over a whole subcluster (setting its zero bit),
+/// then 1000 bytes inside it (marking it allocated after the data write).
+fn race_request(n: usize) -> (usize, usize, u8) {
+    let subcluster = (1 + n / 2 % 31) * 2 * K as usize;
+    match n % 2 {
+        0 => (subcluster, 2 * K as usize, 0),
+        _ => (subcluster + 300, 1000, (n % 250) as u8 + 1),
+    }
+}
+
+#[test]
+fn compressed_overwrites_racing_subcluster_writes_leave_no_bitmap_and_a_serial_result() {
+    // Each cluster starts partly allocated (subclusters 0-1 data, 10-11 zero, the rest the
+    // backing file's). On one IoThread a coroutine per cluster overwrites it compressed;
+    // on another a coroutine per cluster changes its subclusters, one request after the
+    // other, until the compressed write is done: zero writes, and writes that mark
+    // subclusters allocated after their data write (or, once the cluster is compressed,
+    // copy it whole). Each cluster must end as if the requests ran one at a time (the
+    // compressed data with the requests after it on top), and no compressed entry may have
+    // bitmap bits (both checks): a compressed write that did not wait for a subcluster
+    // write in flight would leave them (checked: a dozen clusters of the 32 then).
+    const PER_ROUND: u64 = 8;
+    let rounds = race_rounds();
+    let clusters = rounds * PER_ROUND;
+    let size = clusters * 64 * K;
+    let scratch = Scratch::new("extl2-compressed-race");
+    std::fs::write(scratch.path("base.raw"), vec![0xa1; size as usize]).unwrap();
+    let image = scratch.path("r.qcow2");
+    let name = image.to_str().unwrap();
+    create_qcow2_over(name, "extended_l2=on", "base.raw", "raw", &size.to_string());
+    let blk = open_backend(&qcow2_rw_options(&image));
+    let setup = blk.clone();
+    run_in_coroutine(move |co| {
+        for cluster in 0..clusters {
+            setup.write(co, cluster * 64 * K, &[0x5e; 4 * K as usize])?;
+            setup.write_zeroes(co, cluster * 64 * K + 20 * K, 4 * K, true)?;
+        }
+        setup.flush(co)
+    })
+    .unwrap()
+    .unwrap();
+    // How many requests the subcluster writer made in each cluster.
+    let requests = Arc::new(Mutex::new(vec![0; clusters as usize]));
+    for round in 0..rounds {
+        let first = round * PER_ROUND;
+        let compressed: Arc<Vec<AtomicBool>> =
+            Arc::new((0..PER_ROUND).map(|_| AtomicBool::new(false)).collect());
+        let compressing = (0..PER_ROUND).map(|i| {
+            let (blk, compressed) = (blk.clone(), compressed.clone());
+            Box::new(move |co: &Co| {
+                let data = cluster_text(first + i);
+                blk.write_compressed(co, (first + i) * 64 * K, &data).unwrap();
+                compressed[i as usize].store(true, Ordering::SeqCst);
+            }) as Body
+        });
+        let changing = (0..PER_ROUND).map(|i| {
+            let (blk, compressed, requests) = (blk.clone(), compressed.clone(), requests.clone());
+            Box::new(move |co: &Co| {
+                let mut n = 0;
+                while !compressed[i as usize].load(Ordering::SeqCst) {
+                    let (at, len, byte) = race_request(n);
+                    let at = (first + i) * 64 * K + at as u64;
+                    if byte == 0 {
+                        blk.write_zeroes(co, at, len as u64, true).unwrap();
+                    } else {
+                        blk.write(co, at, &vec![byte; len]).unwrap();
+                    }
+                    n += 1;
+                }
+                requests.lock().unwrap()[(first + i) as usize] = n;
+            }) as Body
+        });
+        on_two_iothreads([compressing.collect(), changing.collect()]);
+    }
+    run_in_coroutine(move |co| blk.close(co)).unwrap().unwrap();
+    qemu_check(&image);
+    let report = check_image_file(&image, Repair::None).unwrap();
+    assert_eq!(report.exit_code(), 0, "{report:#?}");
+    let seen = read_ours(&image, 1 << 20).unwrap();
+    assert_same_bytes(&seen, &qemu_raw(&image), "ours and qemu-img's");
+    let requests = requests.lock().unwrap();
+    for cluster in 0..clusters {
+        let got = &seen[(cluster * 64 * K) as usize..][..64 * K as usize];
+        assert!(
+            is_compressed_then_requests(got, cluster_text(cluster), requests[cluster as usize]),
+            "cluster {cluster}: not the compressed data with a suffix of the {} requests",
+            requests[cluster as usize]
+        );
+    }
+}
+
+/// Whether `got` is `compressed` with the last requests (a suffix, maybe none) of the
+/// `count` requests of [`race_request`] applied in order on top.
+fn is_compressed_then_requests(got: &[u8], mut compressed: Vec<u8>, count: usize) -> bool {
+    // From the last request back: each fills what no later one covers.
+    let mut covered = vec![false; compressed.len()];
+    for n in (0..count).rev() {
+        if got == compressed {
+            return true;
+        }
+        let (at, len, byte) = race_request(n);
+        for (byte_at, covered) in compressed[at..at + len].iter_mut().zip(&mut covered[at..]) {
+            if !*covered {
+                (*byte_at, *covered) = (byte, true);
+            }
+        }
+    }
+    got == compressed
 }

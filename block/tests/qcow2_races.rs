@@ -126,6 +126,67 @@ fn a_discarded_cluster_is_not_reallocated_while_an_in_place_write_to_it_runs() {
 }
 
 #[test]
+fn a_compressed_overwrite_waits_for_a_subcluster_write_in_flight_in_its_cluster() {
+    // With extended L2 entries, a write into an unallocated subcluster of an allocated
+    // cluster marks it allocated once its data is written. A compressed overwrite of the
+    // cluster meanwhile must wait for it: linked first, its entry would get that bit.
+    const SUBCLUSTER: u64 = CLUSTER / 32;
+    let scratch = Scratch::new("race-compressed-subcluster");
+    let (made, dump) = (scratch.path("made.qcow2"), scratch.path("dump.qcow2"));
+    let path = dump.clone();
+    let text: String = (0..20000).map(|n| format!("{n} ")).collect();
+    let compressed = text.as_bytes()[..CLUSTER as usize].to_vec();
+    let expected = compressed.clone();
+    run_in_coroutine(move |co| -> io::Result<()> {
+        let options = CreateOptions {
+            cluster_size: CLUSTER,
+            extended_l2: true,
+            ..CreateOptions::new(1 << 20)
+        };
+        aiocoro_block::qcow2::create_file(co, &made, &options)?;
+        let (blk, file, gate) = open_in_memory(co, &made, None)?;
+        blk.write(co, 0, &[0x11; SUBCLUSTER as usize])?;
+        blk.flush(co)?;
+        // Subcluster 10's data write is held in the child, the write in flight.
+        gate.arm(host_of_cluster_0(co, &file)? + 10 * SUBCLUSTER);
+        let ctx = AioContext::current().unwrap();
+        let writer = {
+            let blk = blk.clone();
+            ctx.spawn(move |co| {
+                blk.write(co, 10 * SUBCLUSTER, &[0x22; 100]).expect("the subcluster write");
+            })
+        };
+        sleep_until(co, || gate.is_holding());
+        let overwrite = {
+            let blk = blk.clone();
+            ctx.spawn(move |co| {
+                blk.write_compressed(co, 0, &compressed).expect("the compressed write");
+            })
+        };
+        // Time to compress and reach the wait; a compressed write that did not wait would
+        // finish meanwhile.
+        co.sleep(Duration::from_millis(300));
+        assert!(!overwrite.is_finished(), "the compressed write did not wait");
+        gate.open();
+        sleep_until(co, || writer.is_finished() && overwrite.is_finished());
+        blk.flush(co)?;
+        let l1 = be_u64(&read_node(co, &file, 40, 8)?);
+        let l2 = be_u64(&read_node(co, &file, l1, 8)?) & 0x00ff_ffff_ffff_fe00;
+        let entry = read_node(co, &file, l2, 16)?;
+        assert_eq!(be_u64(&entry[..8]) >> 62, 0b01, "cluster 0 is compressed");
+        assert_eq!(be_u64(&entry[8..]), 0, "a compressed cluster's bitmap is zero");
+        let mut back = vec![0u8; CLUSTER as usize];
+        blk.read(co, 0, &mut back)?;
+        assert!(back == expected, "cluster 0 reads as the compressed data");
+        std::fs::write(&path, read_node(co, &file, 0, FILE)?)?;
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+    qemu_check(&dump);
+}
+
+#[test]
 fn a_new_table_that_cannot_be_written_is_given_back() {
     // An L2 table for the first write; an L1 table of two clusters (more than 8192 entries)
     // for growing to 5 TiB. Each goes to the first free cluster, which fails.

@@ -1,5 +1,5 @@
 //! The `qcow2` example tool against qemu-img: `convert -O qcow2 [-c] [-o
-//! compression_type=...]` writes images that `qemu-img compare` finds identical to their
+//! compression_type=...,extended_l2=on]` writes images that `qemu-img compare` finds identical to their
 //! source and `qemu-img check` clean, and `snapshot -l` prints what `qemu-img snapshot -l`
 //! prints, and `info` prints sizes as `qemu-img info` does.
 
@@ -59,6 +59,8 @@ fn convert_writes_compressed_images_qemu_img_finds_identical() {
         (&["-c"][..], "zlib"),
         (&["-c", "-o", "compression_type=zlib"][..], "zlib"),
         (&["-c", "-o", "compression_type=zstd,cluster_size=4k"][..], "zstd"),
+        (&["-c", "-o", "extended_l2=on"][..], "zlib"),
+        (&["-c", "-o", "extended_l2=on,compression_type=zstd,cluster_size=32k"][..], "zstd"),
         (&[][..], ""),
     ] {
         let out = scratch.path("out.qcow2");
@@ -78,6 +80,10 @@ fn convert_writes_compressed_images_qemu_img_finds_identical() {
             assert!(!check.contains(" 0.00% compressed"), "{flags:?}: {check}");
             let info = qemu_img(&["info", out]);
             assert!(info.contains(&format!("compression type: {compressed}")), "{info}");
+            let extended = flags.iter().any(|flag| flag.contains("extended_l2=on"));
+            assert_eq!(info.contains("extended l2: true"), extended, "{flags:?}: {info}");
+            let map = qemu_img(&["map", "--output=json", out]);
+            assert!(map.contains("\"compressed\": true"), "{flags:?}: {map}");
         }
     }
 }

@@ -428,6 +428,18 @@ impl<'a> Pass<'a> {
                     ));
                     self.report.corruptions += 1;
                 }
+                // The spec reserves a compressed cluster's subcluster bitmap (zero); QEMU
+                // neither counts such a cluster's references nor the cluster.
+                if geometry.has_subclusters() && table[index + 1] != 0 {
+                    self.say(format!(
+                        "ERROR compressed cluster {} with non-zero subcluster allocation \
+                         bitmap, entry={:#x}",
+                        index / geometry.l2_slot(1),
+                        entry & !COPIED
+                    ));
+                    self.report.corruptions += 1;
+                    continue;
+                }
                 self.count_range(refs, offset.0, len);
                 if active {
                     self.report.allocated_clusters += 1;

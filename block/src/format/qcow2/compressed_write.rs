@@ -10,6 +10,14 @@
 //! uncompressed. A guest cluster that already maps somewhere is
 //! overwritten: its entry names the new data, the old cluster is released at the next flush
 //! as for an allocating write (QEMU instead refuses to compress over allocated clusters).
+//!
+//! With extended L2 entries the compressed cluster's subcluster bitmap is zero (the spec
+//! reserves it: a compressed cluster has no subclusters), whatever the cluster's subclusters
+//! were before: allocated, zero, or the backing file's, the whole cluster is the new data.
+//! The write is in flight for the whole cluster, as an allocation is: it waits for any
+//! write that changes the cluster's entry or bitmap (a subcluster write in flight for
+//! some subclusters of it included), and such writes wait for it; so no subcluster write
+//! ever marks subclusters allocated in the compressed entry that replaced its cluster.
 
 use std::io::{self, IoSlice};
 
@@ -32,9 +40,8 @@ impl Qcow2Driver {
     ///
     /// # Errors
     ///
-    /// `InvalidInput` naming the rule for a request that is not whole clusters;
-    /// `Unsupported` on an image with extended L2 entries (not implemented here: write it
-    /// uncompressed); a write's or an allocation's error.
+    /// `InvalidInput` naming the rule for a request that is not whole clusters; a write's or
+    /// an allocation's error.
     pub(super) fn write_compressed_clusters(
         &self,
         co: &Co,
@@ -42,12 +49,6 @@ impl Qcow2Driver {
         bufs: &[IoSlice<'_>],
     ) -> io::Result<()> {
         use crate::driver::BlockDriver;
-        if self.header.geometry.has_subclusters() {
-            return Err(crate::error::unsupported(
-                "qcow2: compressed writes into an image with extended L2 entries \
-                 (extended_l2=on) are not implemented; write the data uncompressed",
-            ));
-        }
         let cluster_size = self.header.geometry.cluster_size();
         let total: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
         let end = offset + total;
@@ -125,7 +126,13 @@ impl Qcow2Driver {
             // Cached (loaded if need be), then changed in place.
             drop(self.l2_table(co, &mut meta, l2)?);
             let entry = compressed_entry(geometry, host, packed.len() as u64);
-            meta.set_l2_entries(l2, position.l2_index, 1, |_| entry);
+            if geometry.has_subclusters() {
+                // A compressed cluster has no subclusters: its bitmap is reserved (zero),
+                // whatever the old entry's subclusters were.
+                meta.set_extended_entry(l2, position.l2_index, entry, 0);
+            } else {
+                meta.set_l2_entries(l2, position.l2_index, 1, |_| entry);
+            }
             self.last_inflated.forget(host);
             Ok(())
         });

@@ -148,15 +148,15 @@ impl CreateOptions {
         put32(&mut h, field::REFCOUNT_TABLE_CLUSTERS, layout.table_clusters as u32);
         let mut at = V2_HEADER_LEN;
         if self.compat == Compat::V3 {
-            let incompatible = if self.extended_l2 { INCOMPAT_EXTENDED_L2 } else { 0 };
+            let mut incompatible = if self.extended_l2 { INCOMPAT_EXTENDED_L2 } else { 0 };
+            if self.compression != Compression::Deflate {
+                incompatible |= INCOMPAT_COMPRESSION;
+                h[field::COMPRESSION_TYPE] = self.compression.type_byte();
+            }
             put64(&mut h, field::INCOMPATIBLE_FEATURES, incompatible);
             put64(&mut h, field::COMPATIBLE_FEATURES, u64::from(self.lazy_refcounts));
             put32(&mut h, field::REFCOUNT_ORDER, order);
             put32(&mut h, field::HEADER_LENGTH, WRITTEN_V3_HEADER_LEN as u32);
-            if self.compression != Compression::Deflate {
-                put64(&mut h, field::INCOMPATIBLE_FEATURES, INCOMPAT_COMPRESSION);
-                h[field::COMPRESSION_TYPE] = self.compression.type_byte();
-            }
             at = WRITTEN_V3_HEADER_LEN;
         }
         let overflow = || {

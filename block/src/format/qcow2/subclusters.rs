@@ -2,7 +2,8 @@
 //! followed by a 64-bit bitmap that splits its cluster into 32 subclusters. Bit `n` (0..32)
 //! says subcluster `n` is allocated (its data is in the host cluster), bit `32 + n` that it
 //! reads as zeroes; neither means unallocated (the backing node shows through). The entry's
-//! own zero flag (bit 0) has no meaning then; compressed clusters ignore the bitmap.
+//! own zero flag (bit 0) has no meaning then. A compressed cluster has no subclusters: its
+//! bitmap is reserved, zero (check reports one that is not, as QEMU does; reads ignore it).
 
 use super::mapping::{COMPRESSED, ClusterMapping, ZERO, decode_l2};
 use super::offsets::{Geometry, SUBCLUSTERS};
