@@ -353,6 +353,44 @@ fn a_coroutine_that_reschedules_forever_does_not_hold_a_shutdown_up() {
     .unwrap();
 }
 
+#[test]
+fn a_stop_waits_for_an_uncancellable_section_and_cancels_before_the_next() {
+    // A coroutine that runs one section after another and waits nowhere else (a storage
+    // client issuing requests back to back): the section in progress ends, whole, and the
+    // coroutine is cancelled where the next would start, so the stop returns.
+    let iothread = IoThread::spawn("sections").unwrap();
+    let (started, finished, dropped) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (s, f, d) = (started.clone(), finished.clone(), dropped.clone());
+    spawn_and_settle(&iothread, move |co, ready| {
+        let _dropped = Dropped(d);
+        ready.send(()).unwrap();
+        loop {
+            co.run_uncancellable(|| {
+                s.fetch_add(1, Ordering::SeqCst);
+                co.sleep(Duration::from_millis(20));
+                f.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let (stopped, stop_returned) = mpsc::channel();
+    thread::spawn(move || {
+        iothread.stop();
+        stopped.send(()).unwrap();
+    });
+    stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
+    assert!(started.load(Ordering::SeqCst) >= 1);
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        finished.load(Ordering::SeqCst),
+        "the section in progress ran to its end, and no other started"
+    );
+    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the coroutine was cancelled (unwound)");
+}
+
 /// Drops the last handle of `ctx` from inside one of its own coroutines: that shutdown cannot
 /// block for the waits it cannot cancel, so it leaks them (step 3 of `AioContext`'s shutdown).
 fn drop_inside_a_coroutine(ctx: AioContext) {

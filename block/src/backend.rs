@@ -153,7 +153,10 @@ impl BlockBackend {
     fn run<R>(&self, co: &Co, request: impl FnOnce(&BlockNode) -> io::Result<R>) -> io::Result<R> {
         // Counts the request out when it ends, however it ends.
         let _in_flight = self.inner.gate.enter(co);
-        request(&self.inner.root)
+        // Once started, the request runs to its end even if the coroutine's context shuts
+        // down meanwhile (a padded write's read and write included), as a node's requests do;
+        // once the context cancels, it does not start.
+        co.run_uncancellable(|| request(&self.inner.root))
     }
 
     /// Reads `buf.len()` bytes at `offset`.

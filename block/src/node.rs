@@ -19,6 +19,13 @@ pub type Child = Edge<BlockNode>;
 /// the node's name and the request in front of any error ([`RequestError`]). They check
 /// nothing else: bounds and alignment are the [`BlockBackend`](crate::BlockBackend)'s job.
 ///
+/// A request runs to its end once started, as in QEMU (see
+/// [`Co::run_uncancellable`](aiocoro::coroutine::Co::run_uncancellable)): an IoThread stopped while its
+/// coroutines are inside requests lets those requests finish (its shutdown waits for them),
+/// and cancels the coroutines at their next wait or request. A driver never sees a request
+/// stop half-way (between a data write and the metadata that makes it visible, say, where
+/// other threads' requests would wait for it).
+///
 /// Closing flushes, as QEMU's `bdrv_close` does: [`BlockNode::close`] reports the error;
 /// dropping the last handle of a writable node written since its last flush flushes it too
 /// (a qcow2 image writes back its cached metadata then), so a program that drops its
@@ -167,7 +174,7 @@ impl BlockNode {
     /// Flushes the driver, naming `op` in its error.
     fn flush_driver(&self, co: &Co, op: Op) -> io::Result<()> {
         let unflushed = self.unflushed.swap(false, Ordering::SeqCst);
-        let flushed = self.driver.flush(co);
+        let flushed = co.run_uncancellable(|| self.driver.flush(co));
         if flushed.is_err() && unflushed {
             self.unflushed.store(true, Ordering::SeqCst);
         }
@@ -208,8 +215,7 @@ impl BlockNode {
         if self.closed.load(Ordering::Relaxed) {
             return self.refuse_if_closed(Op::Read { offset, len: byte_len(bufs) });
         }
-        self.driver
-            .read(co, offset, bufs)
+        co.run_uncancellable(|| self.driver.read(co, offset, bufs))
             .map_err(|error| self.context(Op::Read { offset, len: byte_len(bufs) })(error))
     }
 
@@ -224,7 +230,8 @@ impl BlockNode {
         if self.read_only || self.closed.load(Ordering::Relaxed) {
             return self.refuse_if_read_only(op());
         }
-        self.changed(self.driver.write(co, offset, bufs)).map_err(|error| self.context(op())(error))
+        let result = co.run_uncancellable(|| self.driver.write(co, offset, bufs));
+        self.changed(result).map_err(|error| self.context(op())(error))
     }
 
     /// Writes `bufs` at `offset` compressed (see [`BlockDriver::write_compressed`]).
@@ -237,7 +244,7 @@ impl BlockNode {
         if self.read_only || self.closed.load(Ordering::Relaxed) {
             return self.refuse_if_read_only(op());
         }
-        let result = self.driver.write_compressed(co, offset, bufs);
+        let result = co.run_uncancellable(|| self.driver.write_compressed(co, offset, bufs));
         self.changed(result).map_err(|error| self.context(op())(error))
     }
 
@@ -262,7 +269,8 @@ impl BlockNode {
     pub fn discard(&self, co: &Co, offset: u64, len: u64) -> io::Result<()> {
         let op = Op::Discard { offset, len };
         self.refuse_if_read_only(op)?;
-        self.changed(self.driver.discard(co, offset, len)).map_err(self.context(op))
+        let result = co.run_uncancellable(|| self.driver.discard(co, offset, len));
+        self.changed(result).map_err(self.context(op))
     }
 
     /// Makes a range read as zeroes.
@@ -273,7 +281,7 @@ impl BlockNode {
     pub fn write_zeroes(&self, co: &Co, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         let op = Op::WriteZeroes { offset, len };
         self.refuse_if_read_only(op)?;
-        let result = self.driver.write_zeroes(co, offset, len, may_unmap);
+        let result = co.run_uncancellable(|| self.driver.write_zeroes(co, offset, len, may_unmap));
         self.changed(result).map_err(self.context(op))
     }
 
@@ -285,7 +293,9 @@ impl BlockNode {
     pub fn block_status(&self, co: &Co, offset: u64, len: u64) -> io::Result<BlockStatus> {
         let op = Op::BlockStatus { offset, len };
         self.refuse_if_closed(op)?;
-        let status = self.driver.block_status(co, offset, len).map_err(self.context(op))?;
+        let status = co
+            .run_uncancellable(|| self.driver.block_status(co, offset, len))
+            .map_err(self.context(op))?;
         assert!(
             (1..=len).contains(&status.len) || len == 0,
             "aiocoro-block: driver {} answered block status for {} bytes of {len} asked",
@@ -303,8 +313,9 @@ impl BlockNode {
     pub fn truncate(&self, co: &Co, len: u64) -> io::Result<()> {
         let op = Op::Truncate { len };
         self.refuse_if_read_only(op)?;
-        self.changed(self.driver.truncate(co, len)).map_err(self.context(op))?;
-        let length = self.driver.length(co).map_err(self.context(op))?;
+        let result = co.run_uncancellable(|| self.driver.truncate(co, len));
+        self.changed(result).map_err(self.context(op))?;
+        let length = co.run_uncancellable(|| self.driver.length(co)).map_err(self.context(op))?;
         self.length.store(length, Ordering::Release);
         Ok(())
     }

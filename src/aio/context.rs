@@ -365,7 +365,9 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///    passes on a wake it had received. The context polls until the cancelled coroutines have
 ///    ended; it blocks only for waits that cannot be cancelled: a cancelled `CoQueue` waiter
 ///    taking its lock back, a `CoRwLock` waiter (it gets the lock in its turn and is cancelled
-///    at its next wait), a wait in a destructor that runs during a cancellation. The non-blocking
+///    at its next wait), a wait inside a section of [`Co::run_uncancellable`] (a storage
+///    request of `aiocoro-block`: it ends whole, and the coroutine is cancelled where its next
+///    section would start), a wait in a destructor that runs during a cancellation. The non-blocking
 ///    polls here are bounded as in the drain. So a shutdown waits
 ///    for a lock that such a coroutine needs and another thread holds; if the thread that drops
 ///    the context holds it, that is a deadlock, as in QEMU's drain. A shutdown run by a

@@ -62,6 +62,7 @@ mod sleep;
 mod small_blocks;
 pub(crate) mod thread_pool;
 mod timer;
+mod uncancellable;
 mod uring;
 mod wait;
 #[cfg(aiocoro_loom)]

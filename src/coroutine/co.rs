@@ -11,6 +11,7 @@
 //! | [`Co::wait_readable`], [`Co::wait_writable`] | a file descriptor | `aio/fd.rs` |
 //! | [`Co::run_blocking`] | a job on the thread pool | `aio/thread_pool.rs` |
 //! | [`Co::block_on`] | any `Future` | `aio/future.rs` |
+//! | [`Co::run_uncancellable`] | nothing: a section the context's shutdown waits for | `aio/uncancellable.rs` |
 //! | [`Co::join`] | another coroutine's end | `aio/join.rs` |
 //!
 //! Locks take the `&Co` as an argument instead ([`CoMutex::lock`](crate::sync::CoMutex),
@@ -260,7 +261,7 @@ impl Co {
     /// Runs `f` with this coroutine's waits shielded from cancellation: a wait that starts
     /// inside `f` ends only by being woken, even once the context shuts down. For waits that
     /// restore an invariant the unwinding of a cancellation relies on (a lock that a caller's
-    /// guard must hold again).
+    /// guard must hold again), and for [`Co::run_uncancellable`].
     pub(crate) fn shielded<R>(&self, f: impl FnOnce() -> R) -> R {
         /// Lifts the shield, also when `f` unwinds.
         struct Lift<'a>(&'a Cell<u32>);

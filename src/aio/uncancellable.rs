@@ -1,0 +1,53 @@
+//! Sections that either do not start or run to their end: [`Co::run_uncancellable`].
+
+use super::context::with_current_brief;
+use crate::coroutine::Co;
+
+impl Co {
+    /// Runs `f` to its end, its waits shielded from this coroutine's cancellation, unless the
+    /// coroutine's context is already cancelling its coroutines: then `f` does not start, and
+    /// the coroutine is cancelled here, as at a wait that starts then (see
+    /// [`AioContext`](super::AioContext)'s shutdown).
+    ///
+    /// For sections that must not stop half-way, such as a storage request between its data
+    /// write and the metadata update that makes the data visible (QEMU runs every request to
+    /// completion; `aiocoro-block` runs each of its requests this way). A context's shutdown
+    /// waits for a section that has started, and reaches a coroutine that runs one section
+    /// after another at the start of the next. Keep sections sure to end: a shutdown run by a
+    /// coroutine of the context itself cannot wait for them, and leaves them suspended for
+    /// good (step 3 of the shutdown).
+    ///
+    /// ```
+    /// use aiocoro::aio::IoThread;
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    ///
+    /// let thread = IoThread::spawn("requests").unwrap();
+    /// let (started, finished) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    /// let (s, f) = (started.clone(), finished.clone());
+    /// thread.handle().spawn(move |co| loop {
+    ///     co.run_uncancellable(|| {
+    ///         s.fetch_add(1, Ordering::SeqCst);
+    ///         co.sleep(Duration::from_millis(5)); // a request's I/O
+    ///         f.fetch_add(1, Ordering::SeqCst);
+    ///     });
+    /// }).unwrap();
+    /// std::thread::sleep(Duration::from_millis(20));
+    /// // Lets the section in progress end, then cancels the coroutine before the next.
+    /// thread.stop();
+    /// assert_eq!(started.load(Ordering::SeqCst), finished.load(Ordering::SeqCst));
+    /// ```
+    pub fn run_uncancellable<R>(&self, f: impl FnOnce() -> R) -> R {
+        #[cfg(aiocoro_loom)]
+        if self.is_model() {
+            return f();
+        }
+        // SAFETY: reading the phase runs no other code.
+        let cancelling = unsafe { with_current_brief(|local| local.is_cancelling()) };
+        if cancelling == Some(true) && self.may_be_cancelled() {
+            self.unwind_cancelled();
+        }
+        self.shielded(f)
+    }
+}
