@@ -1,9 +1,11 @@
 //! Futures and coroutines, both ways: a coroutine awaits a `Future` with `Co::block_on`, and a
 //! spawned coroutine's `JoinHandle` is joined by a thread, a coroutine or async code.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll, Waker};
@@ -70,7 +72,7 @@ fn a_ready_future_is_polled_once_and_never_suspends() {
 }
 
 #[test]
-fn a_wake_during_poll_polls_again_without_suspending() {
+fn a_wake_during_poll_polls_again_within_the_same_context_poll() {
     let ctx = AioContext::new().unwrap();
     let probe = Probe { wake_in_poll: Some(1), ..Probe::default() };
     let p = probe.clone();
@@ -78,6 +80,33 @@ fn a_wake_during_poll_polls_again_without_suspending() {
     ctx.poll(false);
     assert!(done.is_finished(), "the coroutine waited for a wake it had already received");
     assert_eq!(done.join().unwrap(), 2);
+}
+
+#[test]
+fn a_future_that_wakes_itself_on_every_poll_leaves_the_other_coroutines_their_turns() {
+    // A spin on a flag that another coroutine of the same context sets: a yield-like future.
+    // Polled again at once after each self-wake, it would never let the setter run.
+    const GIVE_UP_AFTER: u32 = 100_000;
+    let ctx = AioContext::new().unwrap();
+    let flag = Rc::new(Cell::new(false));
+    let f = flag.clone();
+    let spinner = ctx.spawn(move |co| {
+        let mut polls = 0;
+        co.block_on(std::future::poll_fn(|cx| {
+            polls += 1;
+            if f.get() || polls == GIVE_UP_AFTER {
+                return Poll::Ready(polls);
+            }
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }))
+    });
+    let f = flag.clone();
+    let setter = ctx.spawn(move |_| f.set(true));
+    let polls = spinner.join().unwrap();
+    assert!(polls < GIVE_UP_AFTER, "the spinning coroutine starved the one it waited for");
+    assert_eq!(polls, 2, "the setter, queued behind the spinner, ran after its first poll");
+    setter.join().unwrap();
 }
 
 #[test]

@@ -336,6 +336,27 @@ impl Wait<'_> {
         }
     }
 
+    /// Like [`Wait::wait`], but a wait woken already still takes its turn: the coroutine
+    /// yields once, so that the coroutines queued ahead of it run first, and the run item its
+    /// wake queued resumes it. For a loop that polls something which may wake its own waiter
+    /// ([`Co::block_on`] of a future that wakes itself during its poll): without the turn, it
+    /// would poll again at once, forever, and starve every other coroutine of the context.
+    #[inline(always)]
+    pub(crate) fn wait_in_turn(self) -> WakeReason {
+        #[cfg(aiocoro_loom)]
+        if let Target::Model(..) = self.target {
+            return self.wait();
+        }
+        // A wake on this thread delivers through `Local::deliver`, which queues the run item
+        // (while this coroutine runs, no caller is outside every coroutine, so none enters it
+        // directly); a wake from another thread is not delivered before the context takes it
+        // from its inbox, and queues the item then.
+        if matches!(self.delivery(), Some(Outcome::Woken(_))) {
+            self.co.yield_now();
+        }
+        self.wait()
+    }
+
     /// Suspends until a waker of this suspension wakes it (`Some`) or the context's shutdown
     /// cancels it (`None`); the entry is removed when `self` drops. A caller that gets `None`
     /// undoes what it set up for the wait (queue records, a released lock) and then unwinds
