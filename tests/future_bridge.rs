@@ -371,3 +371,58 @@ fn aborting_a_tokio_task_that_awaits_a_coroutine_detaches_the_coroutine() {
     );
     iothread.stop();
 }
+
+#[test]
+fn stopping_an_iothread_under_busy_coroutines_ends_the_tokio_tasks_awaiting_them() {
+    // Two coroutines that never wait for anything outside: one reschedules itself forever, one
+    // awaits a future that wakes itself on every poll. The stop must neither hang on them nor
+    // leave their joiners pending: both are cancelled, and the awaiting tasks end with that.
+    let iothread = IoThread::spawn("busy").unwrap();
+    let (running_tx, running) = mpsc::channel();
+    let r = running_tx.clone();
+    let rescheduler = iothread
+        .handle()
+        .spawn(move |co| -> u32 {
+            r.send(()).unwrap();
+            loop {
+                co.reschedule();
+            }
+        })
+        .unwrap();
+    let spinner = iothread
+        .handle()
+        .spawn(move |co| -> u32 {
+            running_tx.send(()).unwrap();
+            co.block_on(std::future::poll_fn(|cx| {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }))
+        })
+        .unwrap();
+    // The tokio runtime and the stop each run on a thread of their own, so that a hang fails
+    // the test instead of blocking it.
+    let (outcomes_tx, outcomes) = mpsc::channel();
+    thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async move {
+            let tasks = [tokio::spawn(rescheduler), tokio::spawn(spinner)];
+            for task in tasks {
+                outcomes_tx.send(task.await).unwrap();
+            }
+        });
+    });
+    for _ in 0..2 {
+        running.recv_timeout(Duration::from_secs(10)).expect("the coroutine runs");
+    }
+    let (stopped_tx, stopped) = mpsc::channel();
+    thread::spawn(move || {
+        iothread.stop();
+        stopped_tx.send(()).unwrap();
+    });
+    stopped.recv_timeout(Duration::from_secs(30)).expect("IoThread::stop hung on a busy coroutine");
+    for _ in 0..2 {
+        let outcome = outcomes.recv_timeout(Duration::from_secs(30)).expect("a task hung");
+        let error = outcome.expect_err("a task awaiting a cancelled coroutine ended normally");
+        assert_eq!(error.into_panic().downcast_ref::<&str>(), Some(&CANCELLED));
+    }
+}

@@ -357,7 +357,8 @@ pub(crate) fn no_context(what: &str) -> ! {
 /// 2. **Cancel.** Every wait still pending is cancelled: the coroutine resumes in it and
 ///    unwinds from there (a [`Wait::wait`](super::Wait::wait), [`Co::sleep`], a thread-pool
 ///    job, a `CoMutex` lock, a `CoQueue` wait), so its destructors run; a wait that starts while
-///    the context cancels is cancelled at once. Before it unwinds, a cancelled wait undoes what
+///    the context cancels is cancelled at once, and so is a [`Co::reschedule`] (a coroutine
+///    that keeps itself busy without ever waiting ends too). Before it unwinds, a cancelled wait undoes what
 ///    it set up: a `CoMutex` waiter leaves the lock's queue, or passes the lock on to the next
 ///    waiter if it had been handed it already (a lock is never left with a coroutine that will
 ///    not run, and stays usable by every other thread); a `CoQueue` waiter takes its caller's
@@ -607,6 +608,18 @@ impl AioContext {
     /// How many coroutines are suspended in a wait of this context.
     pub fn suspended_coroutines(&self) -> usize {
         self.local.suspended()
+    }
+
+    /// Polls without blocking until nothing is left to run, or until [`STALL_POLLS`] polls in
+    /// a row leave no less to do than before (suspended coroutines, runnable ones, queued
+    /// tasks): what keeps itself busy forever (a coroutine that reschedules itself, a future
+    /// that wakes itself, a BH that schedules itself) does not hold it up. For a stop that runs
+    /// what was accepted before it, then drops the context (whose shutdown cancels the rest).
+    pub(crate) fn poll_until_settled(&self) {
+        let mut stall = Stall::new(self.local.backlog());
+        while !stall.given_up() && self.poll(false) {
+            stall.record(self.local.backlog());
+        }
     }
 }
 
@@ -1009,17 +1022,15 @@ impl Local {
     /// gives up after [`STALL_POLLS`] polls in a row that finished no suspended coroutine (one
     /// that reschedules itself forever must not hold the shutdown up).
     fn poll_while_finishing(&self, panic: &mut Option<Box<dyn std::any::Any + Send>>) {
-        let mut fewest = self.suspended();
-        let mut stalled = 0;
-        while fewest > 0 && stalled < STALL_POLLS && self.poll_for_shutdown(false, panic) {
-            let now = self.suspended();
-            if now < fewest {
-                fewest = now;
-                stalled = 0;
-            } else {
-                stalled += 1;
-            }
+        let mut stall = Stall::new(self.suspended());
+        while stall.fewest > 0 && !stall.given_up() && self.poll_for_shutdown(false, panic) {
+            stall.record(self.suspended());
         }
+    }
+
+    /// What is left to do: suspended coroutines, runnable ones and queued tasks.
+    fn backlog(&self) -> usize {
+        self.suspended() + self.run_queue.borrow().len() + self.tasks.borrow().len()
     }
 
     /// One poll during the shutdown; a coroutine's panic is caught (a cancellation's for
@@ -1043,6 +1054,35 @@ impl Local {
     /// How many waits the shutdown cannot cancel that still wait.
     fn uncancellable_waits(&self) -> usize {
         self.waits.borrow().count_where(|state| state.delivered.is_none() && !state.cancellable)
+    }
+}
+
+/// The polls in a row that left a measure of outstanding work no lower than it had been: a
+/// bounded drain gives up after [`STALL_POLLS`] of them.
+struct Stall {
+    /// The lowest the measure has been.
+    fewest: usize,
+    /// Polls since it last fell.
+    polls: u32,
+}
+
+impl Stall {
+    fn new(now: usize) -> Stall {
+        Stall { fewest: now, polls: 0 }
+    }
+
+    /// Counts a poll after which the measure is `now`.
+    fn record(&mut self, now: usize) {
+        if now < self.fewest {
+            self.fewest = now;
+            self.polls = 0;
+        } else {
+            self.polls += 1;
+        }
+    }
+
+    fn given_up(&self) -> bool {
+        self.polls >= STALL_POLLS
     }
 }
 

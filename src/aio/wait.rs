@@ -242,11 +242,22 @@ impl Co {
     /// at the back of the context's run queue and suspends (QEMU's `aio_co_schedule` of
     /// `qemu_coroutine_self()` followed by `qemu_coroutine_yield`).
     ///
+    /// Once the context's shutdown cancels its coroutines, a reschedule is cancelled as a wait
+    /// is: it does not return, the coroutine unwinds from it (see
+    /// [`AioContext`](super::AioContext)). So a coroutine that reschedules itself forever (a
+    /// busy poll) ends with its context, and whoever joins it gets the cancellation.
+    ///
     /// # Panics
     ///
     /// If this thread has no [`AioContext`](super::AioContext).
     #[inline]
     pub fn reschedule(&self) {
+        // SAFETY: reading the phase runs no other code.
+        if unsafe { with_current_brief(Local::is_cancelling) } == Some(true)
+            && self.may_be_cancelled()
+        {
+            self.unwind_cancelled();
+        }
         // Queued behind the coroutines already runnable; the run queue brings it back. The
         // park is in this thread's context, which is alive, so the unpark queues it.
         let queued = self.park(0).unpark();
