@@ -426,3 +426,26 @@ fn stopping_an_iothread_under_busy_coroutines_ends_the_tokio_tasks_awaiting_them
         assert_eq!(error.into_panic().downcast_ref::<&str>(), Some(&CANCELLED));
     }
 }
+
+#[test]
+fn a_thread_that_joins_a_remote_coroutine_keeps_its_own_context_running() {
+    // This thread's context runs a coroutine that the IoThread's coroutine waits for; joining
+    // the latter must poll this context (as QEMU's AIO_WAIT_WHILE does), or both wait forever.
+    let iothread = IoThread::spawn("remote-join").unwrap();
+    let remote = iothread.handle().clone();
+    let (joined_tx, joined) = mpsc::channel();
+    thread::spawn(move || {
+        let ctx = AioContext::new().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let local = ctx.spawn(move |co| {
+            co.reschedule();
+            tx.send(20).unwrap();
+        });
+        let waiting = remote.spawn(move |co| co.block_on(rx).unwrap() + 1).unwrap();
+        joined_tx.send(waiting.join().unwrap()).unwrap();
+        local.join().unwrap();
+    });
+    let value = joined.recv_timeout(Duration::from_secs(30)).expect("the join deadlocked");
+    assert_eq!(value, 21);
+    iothread.stop();
+}

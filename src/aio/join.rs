@@ -87,9 +87,12 @@ impl<T> JoinHandle<T> {
     }
 
     /// Blocks this thread until the coroutine ends and returns its result, or `Err` with the
-    /// payload of its panic (see [`JoinHandle`]). On the coroutine's own thread it runs the
-    /// coroutines already queued there, then polls the context (as
-    /// [`AioContext::wait_while`](super::AioContext::wait_while)) until the coroutine ends.
+    /// payload of its panic (see [`JoinHandle`]). On a thread that has a context, the
+    /// coroutine's or another, it polls that context meanwhile (as
+    /// [`AioContext::wait_while`](super::AioContext::wait_while), QEMU's `AIO_WAIT_WHILE`), so
+    /// that what the coroutine waits for there still runs; on the coroutine's own thread it
+    /// first runs the coroutines already queued there, without a poll. A thread without a
+    /// context parks.
     ///
     /// # Panics
     ///
@@ -101,13 +104,19 @@ impl<T> JoinHandle<T> {
              co.join(handle), which suspends it instead of blocking its thread"
         );
         if current_context_id() == Some(self.context) {
-            // Coroutines already queued (this one, just spawned, say) run first, without a poll.
+            // Coroutines already queued (this one, just spawned, say) run first. No handle of
+            // the context is held meanwhile: one of them may drop the last.
             run_woken_coroutines();
-            if !self.is_finished()
-                && let Some(context) = super::AioContext::current()
-            {
-                context.wait_while(|| !self.is_finished());
+        }
+        if !self.is_finished()
+            && let Some(context) = super::AioContext::current()
+        {
+            // Its end kicks this context out of a blocking poll, from whichever thread.
+            let waker = Waker::from(Arc::new(Kicker(context.handle())));
+            if let Poll::Ready(result) = self.claim.poll(&mut Context::from_waker(&waker)) {
+                return result;
             }
+            context.wait_while(|| !self.is_finished());
         }
         if let Poll::Ready(result) = self.claim.poll(&mut Context::from_waker(Waker::noop())) {
             return result;
@@ -155,7 +164,7 @@ impl Co {
     }
 }
 
-/// Wakes a thread blocked in [`JoinHandle::join`].
+/// Wakes a thread that has no context, blocked in [`JoinHandle::join`].
 struct Unparker(Thread);
 
 impl Wake for Unparker {
@@ -165,5 +174,18 @@ impl Wake for Unparker {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.0.unpark();
+    }
+}
+
+/// Wakes a thread that polls its context in [`JoinHandle::join`].
+struct Kicker(super::AioHandle);
+
+impl Wake for Kicker {
+    fn wake(self: Arc<Self>) {
+        self.0.kick();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.kick();
     }
 }
