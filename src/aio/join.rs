@@ -43,6 +43,16 @@ use crate::coroutine::{Cancelled, Co, in_coroutine};
 /// its context's shutdown cancelled reports `Err` with the payload [`CANCELLED`] (a
 /// `&'static str`); its unwinding itself goes on to the context, as for any coroutine.
 ///
+/// **Shutdown.** A context's shutdown cancels its coroutines (see
+/// [`AioContext`](super::AioContext)), and a coroutine spawned but never started is dropped:
+/// both report [`CANCELLED`], so a joiner of an [`IoThread`](super::IoThread) that stops does
+/// not wait forever. The exception is a coroutine the shutdown leaks (step 3 there: parked
+/// where the shutdown cannot reach it, or waiting where it cannot be cancelled): it never ends,
+/// so its handle never completes, as a thread that never returns is never joined.
+///
+/// **Polled once more.** Like tokio's, a handle polled again after it returned its result
+/// panics (`join` and [`Co::join`] consume it, so only a `Future` poll can).
+///
 /// **Detaching.** Dropping the handle detaches the coroutine: it runs on, and its result is
 /// dropped. A detached coroutine that panics has its panic continue from the poll that ran it
 /// (as a coroutine spawned without a handle would); a handle still held when the coroutine
@@ -136,6 +146,10 @@ impl<T> Future for JoinHandle<T> {
     type Output = T;
 
     /// Ready with the coroutine's result once it ends; resumes its panic here if it panicked.
+    ///
+    /// # Panics
+    ///
+    /// As the coroutine panicked, or if polled again after it returned the result.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         // `JoinHandle` is `Unpin`: no field is pinned.
         self.get_mut().claim.poll(cx).map(|result| result.unwrap_or_else(|p| resume_unwind(p)))
