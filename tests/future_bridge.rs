@@ -569,3 +569,25 @@ fn a_storm_of_wakes_from_many_threads_is_harmless_before_and_after_the_stop() {
     // Woken again and again after the coroutine ended and its context is gone.
     wake_all(&|| Some(kept.clone()), rounds);
 }
+
+#[test]
+fn join_in_a_callback_on_the_coroutines_own_iothread_polls_it_instead_of_deadlocking() {
+    let iothread = IoThread::spawn("join-at-home").unwrap();
+    let (joined_tx, joined) = mpsc::channel();
+    let here = iothread.handle().clone();
+    iothread
+        .handle()
+        .schedule_oneshot(move || {
+            let handle = here
+                .spawn(|co| {
+                    co.sleep(Duration::from_millis(5));
+                    thread::current().name().map(String::from)
+                })
+                .unwrap();
+            joined_tx.send(handle.join().unwrap()).unwrap();
+        })
+        .unwrap();
+    let ran_on = joined.recv_timeout(Duration::from_secs(30)).expect("the join deadlocked");
+    assert_eq!(ran_on.as_deref(), Some("join-at-home"));
+    iothread.stop();
+}
