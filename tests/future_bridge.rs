@@ -461,8 +461,7 @@ impl std::task::Wake for CountingWaker {
 }
 
 #[test]
-fn a_join_handle_polled_by_two_executors_in_turn_wakes_only_the_last_and_panics_if_polled_again()
-{
+fn a_join_handle_polled_by_two_executors_in_turn_wakes_only_the_last_and_panics_if_polled_again() {
     let iothread = IoThread::spawn("two-executors").unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
     let mut handle = iothread.handle().spawn(move |co| co.block_on(rx).unwrap()).unwrap();
