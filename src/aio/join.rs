@@ -168,7 +168,9 @@ impl<T> std::fmt::Debug for JoinHandle<T> {
 impl Co {
     /// Suspends this coroutine until the coroutine of `handle` ends, and returns its result or
     /// `Err` with the payload of its panic (see [`JoinHandle`]). The coroutine may run on any
-    /// context, this one included.
+    /// context, this one included. A coroutine that joins itself (its handle reached it) waits
+    /// until its context's shutdown cancels it, as a tokio task that awaits its own handle
+    /// waits forever: nothing detects it.
     ///
     /// # Panics
     ///
