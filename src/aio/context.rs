@@ -385,8 +385,11 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///    a cancelled waiter does; so the lock stays usable by every other thread. A `CoQueue`
 ///    record left by a leaked waiter (cancelled, then leaked while it took its lock back) is
 ///    dropped by the queue's next wake, which goes to the next waiter instead; only a wake
-///    that pops it while this shutdown is still running is lost with it. Messages and
-///    callbacks still queued are dropped, and so are coroutines spawned but never started.
+///    that pops it while this shutdown is still running is lost with it. A leaked coroutine
+///    never ends, so its [`JoinHandle`](super::JoinHandle) never completes: a worker parked
+///    on a `CoQueue` under a `NoLock` when its IoThread stops leaves its joiner waiting for
+///    good. Messages and callbacks still queued are dropped, and so are coroutines spawned
+///    but never started (their joiners get [`CANCELLED`](super::CANCELLED)).
 ///
 /// A coroutine that panics (other than by its cancellation) during the shutdown has its panic
 /// continue from the drop once the context is down. Cancellation is a panic with a private
