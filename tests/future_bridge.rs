@@ -590,3 +590,36 @@ fn join_in_a_callback_on_the_coroutines_own_iothread_polls_it_instead_of_deadloc
     assert_eq!(ran_on.as_deref(), Some("join-at-home"));
     iothread.stop();
 }
+
+#[test]
+fn block_on_cancelled_by_an_iothread_stop_drops_the_future_on_that_thread() {
+    /// Sends the name of the thread that drops it.
+    struct ReportsDrop(mpsc::Sender<Option<String>>);
+
+    impl Drop for ReportsDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(thread::current().name().map(String::from));
+        }
+    }
+
+    let iothread = IoThread::spawn("drops-here").unwrap();
+    let (dropped_tx, dropped) = mpsc::channel();
+    let (started_tx, started) = mpsc::channel();
+    let (_never_tx, never) = tokio::sync::oneshot::channel::<()>();
+    let handle = iothread
+        .handle()
+        .spawn(move |co| {
+            let report = ReportsDrop(dropped_tx);
+            started_tx.send(()).unwrap();
+            co.block_on(async move {
+                let _report = report;
+                never.await
+            })
+        })
+        .unwrap();
+    started.recv_timeout(Duration::from_secs(10)).expect("the coroutine started");
+    iothread.stop();
+    let on = dropped.recv_timeout(Duration::from_secs(10)).expect("the future was leaked");
+    assert_eq!(on.as_deref(), Some("drops-here"));
+    assert_eq!(handle.join().unwrap_err().downcast_ref::<&str>(), Some(&CANCELLED));
+}
