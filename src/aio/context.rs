@@ -358,11 +358,12 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///    unwinds from there (a [`Wait::wait`](super::Wait::wait), [`Co::sleep`], a thread-pool
 ///    job, a `CoMutex` lock, a `CoQueue` wait), so its destructors run; a wait that starts while
 ///    the context cancels is cancelled at once, and so is a [`Co::reschedule`] (a coroutine
-///    that keeps itself busy without ever waiting ends too). Before it unwinds, a cancelled wait undoes what
-///    it set up: a `CoMutex` waiter leaves the lock's queue, or passes the lock on to the next
-///    waiter if it had been handed it already (a lock is never left with a coroutine that will
-///    not run, and stays usable by every other thread); a `CoQueue` waiter takes its caller's
-///    lock back (its guard must hold it while the unwinding drops it), leaves the queue, and
+///    that keeps itself busy without ever waiting ends too). Before it unwinds, a cancelled
+///    wait undoes what it set up: a `CoMutex` waiter leaves the lock's queue, or passes the
+///    lock on to the next waiter if it had been handed it already (a lock is never left with a
+///    coroutine that will not run, and stays usable by every other thread); a `CoQueue` waiter
+///    takes its caller's lock back (its guard must hold it while the unwinding drops it),
+///    leaves the queue, and
 ///    passes on a wake it had received. The context polls until the cancelled coroutines have
 ///    ended; it blocks only for waits that cannot be cancelled: a cancelled `CoQueue` waiter
 ///    taking its lock back, a `CoRwLock` waiter (it gets the lock in its turn and is cancelled
