@@ -13,6 +13,7 @@ use std::thread;
 use std::time::Duration;
 
 use aiocoro::aio::{AioContext, CANCELLED, IoThread};
+use aiocoro::sync::{CoQueue, NoLock};
 
 /// A future that counts its polls, keeps a clone of each poll's waker, and is ready once
 /// `ready` is set; it wakes its own waker during poll number `wake_in_poll`, if any.
@@ -622,4 +623,55 @@ fn block_on_cancelled_by_an_iothread_stop_drops_the_future_on_that_thread() {
     let on = dropped.recv_timeout(Duration::from_secs(10)).expect("the future was leaked");
     assert_eq!(on.as_deref(), Some("drops-here"));
     assert_eq!(handle.join().unwrap_err().downcast_ref::<&str>(), Some(&CANCELLED));
+}
+
+#[test]
+fn joiners_of_a_coroutine_the_stop_leaks_get_cancelled_instead_of_waiting_forever() {
+    // Workers parked on a CoQueue under a NoLock: the shutdown cannot reach such a park, so it
+    // leaks them (they never run again). Their joiners (a thread, a tokio task, a coroutine of
+    // another context) must hear of it once the context is down.
+    let iothread = IoThread::spawn("leaks-workers").unwrap();
+    let (parked_tx, parked) = mpsc::channel();
+    let mut workers = (0..3).map(|_| {
+        let parked_tx = parked_tx.clone();
+        iothread
+            .handle()
+            .spawn(move |co| -> u32 {
+                let state = Rc::new((NoLock::new(false), CoQueue::new()));
+                let (lock, queue) = &*state;
+                let mut guard = lock.lock(co);
+                parked_tx.send(()).unwrap();
+                while !*guard {
+                    queue.wait(co, &mut guard);
+                }
+                1
+            })
+            .unwrap()
+    });
+    let (by_thread, by_tokio, by_coroutine) =
+        (workers.next().unwrap(), workers.next().unwrap(), workers.next().unwrap());
+    for _ in 0..3 {
+        parked.recv_timeout(Duration::from_secs(10)).expect("the worker parks");
+    }
+    let (outcome_tx, outcomes) = mpsc::channel::<(&str, Option<&'static str>)>();
+    let payload = |error: Box<dyn std::any::Any + Send>| error.downcast_ref::<&str>().copied();
+    let tx = outcome_tx.clone();
+    thread::spawn(move || tx.send(("thread", by_thread.join().err().and_then(payload))).unwrap());
+    let tx = outcome_tx.clone();
+    thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let joined = runtime.block_on(async move { tokio::spawn(by_tokio).await });
+        tx.send(("tokio", joined.err().map(|error| error.into_panic()).and_then(payload))).unwrap()
+    });
+    thread::spawn(move || {
+        let ctx = AioContext::new().unwrap();
+        let joined = ctx.run(move |co| co.join(by_coroutine).err().and_then(payload));
+        outcome_tx.send(("coroutine", joined)).unwrap()
+    });
+    iothread.stop();
+    for _ in 0..3 {
+        let (joiner, outcome) =
+            outcomes.recv_timeout(Duration::from_secs(30)).expect("a joiner waits forever");
+        assert_eq!(outcome, Some(CANCELLED), "the {joiner} joiner");
+    }
 }

@@ -260,7 +260,8 @@ fn a_coroutine_cancelled_at_shutdown_reports_it_when_entered() {
 #[test]
 fn a_coroutine_parked_where_shutdown_cannot_reach_it_is_left_suspended_not_unwound() {
     // A waiter on a CoQueue under a NoLock parks; a shutdown cannot find parks to cancel, so
-    // the coroutine stays suspended for good (leaked), and nothing unwinds it later.
+    // the coroutine stays suspended for good (leaked), and nothing unwinds it later; its join
+    // handle reports it cancelled.
     thread::spawn(|| {
         let ctx = AioContext::new().unwrap();
         let state = Rc::new((NoLock::new(false), CoQueue::new()));
@@ -280,8 +281,11 @@ fn a_coroutine_parked_where_shutdown_cannot_reach_it_is_left_suspended_not_unwou
         });
         ctx.poll(false);
         drop(ctx);
-        assert!(!co.is_finished() && !unwound.get());
-        drop(co);
+        assert!(!unwound.get());
+        // Its joiner is not left waiting: the handle reports the cancellation.
+        assert!(co.is_finished());
+        let payload = co.join().unwrap_err();
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&CANCELLED));
         let (lock, queue) = &*state;
         let mut guard = lock.try_lock().unwrap();
         assert!(!queue.next(&mut guard));

@@ -23,6 +23,7 @@ use super::deferred::Dispatch;
 use super::fd::{FdHandler, FdTable};
 use super::handle::AioHandle;
 use super::inbox::Inbox;
+use super::leak_watch::LeakWatch;
 use super::notify::{Blocker, WakeupHandshake};
 use super::timer::{Timer, TimerQueue, clock_ns};
 use super::uring::FileIo;
@@ -86,6 +87,8 @@ pub(crate) struct Shared {
     /// context, which adaptive polling uses instead of the moment the thread woke up (see
     /// [`AdaptivePolling::record_wait`]).
     signalled_at: std::sync::atomic::AtomicU64,
+    /// The joiners waiting for coroutines of this context, told if the shutdown leaks them.
+    pub(crate) leak_watch: LeakWatch,
 }
 
 impl Shared {
@@ -387,10 +390,11 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///    record left by a leaked waiter (cancelled, then leaked while it took its lock back) is
 ///    dropped by the queue's next wake, which goes to the next waiter instead; only a wake
 ///    that pops it while this shutdown is still running is lost with it. A leaked coroutine
-///    never ends, so its [`JoinHandle`](super::JoinHandle) never completes: a worker parked
-///    on a `CoQueue` under a `NoLock` when its IoThread stops leaves its joiner waiting for
-///    good. Messages and callbacks still queued are dropped, and so are coroutines spawned
-///    but never started (their joiners get [`CANCELLED`](super::CANCELLED)).
+///    never ends, so once the context is down its [`JoinHandle`](super::JoinHandle) reports
+///    [`CANCELLED`](super::CANCELLED) instead (a worker parked on a `CoQueue` under a `NoLock`
+///    when its IoThread stops does not leave its joiner waiting), unless a coroutine of the
+///    context ran the shutdown. Messages and callbacks still queued are dropped, and so are
+///    coroutines spawned but never started (their joiners get `CANCELLED` too).
 ///
 /// A coroutine that panics (other than by its cancellation) during the shutdown has its panic
 /// continue from the drop once the context is down. Cancellation is a panic with a private
@@ -456,6 +460,7 @@ impl AioContext {
             notify: WakeupHandshake::new(),
             eventfd,
             signalled_at: std::sync::atomic::AtomicU64::new(0),
+            leak_watch: LeakWatch::default(),
         });
         let local = Rc::new(Local {
             shared,
@@ -524,7 +529,7 @@ impl AioContext {
     /// the [`JoinHandle`](super::JoinHandle) of its result (drop it to detach the coroutine).
     /// The body need not be `Send`: it never leaves this thread.
     pub fn spawn<T: 'static>(&self, body: impl FnOnce(&Co) -> T + 'static) -> super::JoinHandle<T> {
-        let (body, handle) = super::join::joinable(body, self.local.shared.id);
+        let (body, handle) = super::join::joinable(body, self.local.shared.clone());
         self.local.spawn(body);
         handle
     }
@@ -964,6 +969,12 @@ impl Local {
         drop(std::mem::take(&mut *self.tasks.borrow_mut()));
         drop(self.shared.inbox.take_all());
         self.abandon_leaked_waits();
+        // Every coroutine has ended now, or was dropped unstarted, or is leaked: the joiners
+        // still waiting wait for leaked ones. Not from inside a coroutine of the context,
+        // which has yet to end (and so may the coroutines that entered it).
+        if !in_coroutine() {
+            self.shared.leak_watch.settle();
+        }
         // The ring goes with its context, once the kernel is done with what it still holds.
         self.file_io.close(self);
         if let Some(panic) = panic

@@ -24,7 +24,8 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 
 use super::completion::{CANCELLED, Claim, completion};
-use super::context::current_context_id;
+use super::context::{Shared, current_context_id};
+use super::leak_watch::Watching;
 use super::run_woken_coroutines;
 use crate::coroutine::{Cancelled, Co, in_coroutine};
 
@@ -46,9 +47,12 @@ use crate::coroutine::{Cancelled, Co, in_coroutine};
 /// **Shutdown.** A context's shutdown cancels its coroutines (see
 /// [`AioContext`](super::AioContext)), and a coroutine spawned but never started is dropped:
 /// both report [`CANCELLED`], so a joiner of an [`IoThread`](super::IoThread) that stops does
-/// not wait forever. The exception is a coroutine the shutdown leaks (step 3 there: parked
-/// where the shutdown cannot reach it, or waiting where it cannot be cancelled): it never ends,
-/// so its handle never completes, as a thread that never returns is never joined.
+/// not wait forever. So does a coroutine the shutdown leaks (step 3 there: parked where the
+/// shutdown cannot reach it, or waiting where it cannot be cancelled): it never runs again,
+/// and once the context is down its waiting joiners are woken and get [`CANCELLED`]. The
+/// exception is a shutdown run by a coroutine of the context itself (it dropped the last
+/// handle): that one cannot tell a leaked coroutine from one still running, so joiners of the
+/// coroutines it leaks wait for good.
 ///
 /// **Polled once more.** Like tokio's, a handle polled again after it returned its result
 /// panics (`join` and [`Co::join`] consume it, so only a `Future` poll can).
@@ -62,15 +66,18 @@ use crate::coroutine::{Cancelled, Co, in_coroutine};
 /// its own context costs one atomic operation on top of its spawn and run.
 pub struct JoinHandle<T> {
     claim: Claim<T>,
-    /// The number of the coroutine's context.
-    context: u64,
+    /// The shared half of the coroutine's context.
+    context: Arc<Shared>,
+    /// Where this handle, while it waits, left a waker in the context's
+    /// [`LeakWatch`](super::leak_watch::LeakWatch).
+    watching: Option<Watching>,
 }
 
 /// Wraps `body` so that its result (or panic) goes to the returned handle; `context` is the
-/// number of the context it will run on.
+/// context it will run on.
 pub(crate) fn joinable<T>(
     body: impl FnOnce(&Co) -> T,
-    context: u64,
+    context: Arc<Shared>,
 ) -> (impl FnOnce(&Co), JoinHandle<T>) {
     let (promise, claim) = completion();
     let wrapped = move |co: &Co| match catch_unwind(AssertUnwindSafe(|| body(co))) {
@@ -87,13 +94,34 @@ pub(crate) fn joinable<T>(
         }
         Err(payload) => promise.fulfil(Err(payload)),
     };
-    (wrapped, JoinHandle { claim, context })
+    (wrapped, JoinHandle { claim, context, watching: None })
 }
 
 impl<T> JoinHandle<T> {
-    /// Whether the coroutine has ended (returned, panicked or was cancelled).
+    /// Whether the coroutine has ended (returned, panicked or was cancelled), or its context
+    /// went down without ending it (it was leaked, see [`JoinHandle`]).
     pub fn is_finished(&self) -> bool {
-        self.claim.is_complete()
+        self.claim.is_complete() || self.context.leak_watch.is_settled()
+    }
+
+    /// The result if the coroutine has ended, [`CANCELLED`] if its context went down without
+    /// ending it; otherwise leaves `cx`'s waker to be woken when either happens.
+    fn poll_result(&mut self, cx: &mut Context<'_>) -> Poll<thread::Result<T>> {
+        if let Poll::Ready(result) = self.claim.poll(cx) {
+            self.context.leak_watch.unwatch(&mut self.watching);
+            return Poll::Ready(result);
+        }
+        if !self.context.leak_watch.watch(&mut self.watching, cx.waker()) {
+            return Poll::Pending;
+        }
+        self.context.leak_watch.unwatch(&mut self.watching);
+        // The coroutines that ended did so before the context settled: one that ended just
+        // after the first look is found now.
+        if let Poll::Ready(result) = self.claim.poll(cx) {
+            return Poll::Ready(result);
+        }
+        self.claim.give_up();
+        Poll::Ready(Err(Box::new(CANCELLED)))
     }
 
     /// Blocks this thread until the coroutine ends and returns its result, or `Err` with the
@@ -113,7 +141,7 @@ impl<T> JoinHandle<T> {
             "aiocoro: JoinHandle::join called inside a coroutine; a coroutine joins with \
              co.join(handle), which suspends it instead of blocking its thread"
         );
-        if current_context_id() == Some(self.context) {
+        if current_context_id() == Some(self.context.id) {
             // Coroutines already queued (this one, just spawned, say) run first. No handle of
             // the context is held meanwhile: one of them may drop the last.
             run_woken_coroutines();
@@ -123,18 +151,24 @@ impl<T> JoinHandle<T> {
         {
             // Its end kicks this context out of a blocking poll, from whichever thread.
             let waker = Waker::from(Arc::new(Kicker(context.handle())));
-            if let Poll::Ready(result) = self.claim.poll(&mut Context::from_waker(&waker)) {
-                return result;
-            }
-            context.wait_while(|| !self.is_finished());
+            let mut cx = Context::from_waker(&waker);
+            let mut result = None;
+            context.wait_while(|| match self.poll_result(&mut cx) {
+                Poll::Ready(ended) => {
+                    result = Some(ended);
+                    false
+                }
+                Poll::Pending => true,
+            });
+            return result.expect("aiocoro: wait_while ended before the join had its result");
         }
-        if let Poll::Ready(result) = self.claim.poll(&mut Context::from_waker(Waker::noop())) {
+        if let Poll::Ready(result) = self.poll_result(&mut Context::from_waker(Waker::noop())) {
             return result;
         }
         let waker = Waker::from(Arc::new(Unparker(thread::current())));
         let mut cx = Context::from_waker(&waker);
         loop {
-            match self.claim.poll(&mut cx) {
+            match self.poll_result(&mut cx) {
                 Poll::Ready(result) => return result,
                 Poll::Pending => thread::park(),
             }
@@ -152,14 +186,20 @@ impl<T> Future for JoinHandle<T> {
     /// As the coroutine panicked, or if polled again after it returned the result.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         // `JoinHandle` is `Unpin`: no field is pinned.
-        self.get_mut().claim.poll(cx).map(|result| result.unwrap_or_else(|p| resume_unwind(p)))
+        self.get_mut().poll_result(cx).map(|result| result.unwrap_or_else(|p| resume_unwind(p)))
+    }
+}
+
+impl<T> Drop for JoinHandle<T> {
+    fn drop(&mut self) {
+        self.context.leak_watch.unwatch(&mut self.watching);
     }
 }
 
 impl<T> std::fmt::Debug for JoinHandle<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JoinHandle")
-            .field("context", &self.context)
+            .field("context", &self.context.id)
             .field("finished", &self.is_finished())
             .finish()
     }
@@ -176,7 +216,7 @@ impl Co {
     ///
     /// As [`Co::block_on`].
     pub fn join<T>(&self, mut handle: JoinHandle<T>) -> thread::Result<T> {
-        self.block_on(std::future::poll_fn(|cx| handle.claim.poll(cx)))
+        self.block_on(std::future::poll_fn(|cx| handle.poll_result(cx)))
     }
 }
 
