@@ -63,7 +63,8 @@ use crate::coroutine::{Cancelled, Co, in_coroutine};
 /// panics takes the panic instead.
 ///
 /// The result travels in one allocation with one atomic word (no lock): a coroutine joined on
-/// its own context costs one atomic operation on top of its spawn and run.
+/// its own context costs one atomic operation on top of its spawn and run, plus two for the
+/// handle's counted reference to the context.
 pub struct JoinHandle<T> {
     claim: Claim<T>,
     /// The shared half of the coroutine's context.
@@ -162,7 +163,9 @@ impl<T> JoinHandle<T> {
             });
             return result.expect("aiocoro: wait_while ended before the join had its result");
         }
-        if let Poll::Ready(result) = self.poll_result(&mut Context::from_waker(Waker::noop())) {
+        if self.is_finished()
+            && let Poll::Ready(result) = self.poll_result(&mut Context::from_waker(Waker::noop()))
+        {
             return result;
         }
         let waker = Waker::from(Arc::new(Unparker(thread::current())));
