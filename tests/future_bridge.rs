@@ -1,9 +1,11 @@
 //! Futures and coroutines, both ways: a coroutine awaits a `Future` with `Co::block_on`, and a
 //! spawned coroutine's `JoinHandle` is joined by a thread, a coroutine or async code.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll, Waker};
@@ -11,6 +13,7 @@ use std::thread;
 use std::time::Duration;
 
 use aiocoro::aio::{AioContext, CANCELLED, IoThread};
+use aiocoro::sync::{CoQueue, NoLock};
 
 /// A future that counts its polls, keeps a clone of each poll's waker, and is ready once
 /// `ready` is set; it wakes its own waker during poll number `wake_in_poll`, if any.
@@ -70,7 +73,7 @@ fn a_ready_future_is_polled_once_and_never_suspends() {
 }
 
 #[test]
-fn a_wake_during_poll_polls_again_without_suspending() {
+fn a_wake_during_poll_polls_again_within_the_same_context_poll() {
     let ctx = AioContext::new().unwrap();
     let probe = Probe { wake_in_poll: Some(1), ..Probe::default() };
     let p = probe.clone();
@@ -78,6 +81,33 @@ fn a_wake_during_poll_polls_again_without_suspending() {
     ctx.poll(false);
     assert!(done.is_finished(), "the coroutine waited for a wake it had already received");
     assert_eq!(done.join().unwrap(), 2);
+}
+
+#[test]
+fn a_future_that_wakes_itself_on_every_poll_leaves_the_other_coroutines_their_turns() {
+    // A spin on a flag that another coroutine of the same context sets: a yield-like future.
+    // Polled again at once after each self-wake, it would never let the setter run.
+    const GIVE_UP_AFTER: u32 = 100_000;
+    let ctx = AioContext::new().unwrap();
+    let flag = Rc::new(Cell::new(false));
+    let f = flag.clone();
+    let spinner = ctx.spawn(move |co| {
+        let mut polls = 0;
+        co.block_on(std::future::poll_fn(|cx| {
+            polls += 1;
+            if f.get() || polls == GIVE_UP_AFTER {
+                return Poll::Ready(polls);
+            }
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }))
+    });
+    let f = flag.clone();
+    let setter = ctx.spawn(move |_| f.set(true));
+    let polls = spinner.join().unwrap();
+    assert!(polls < GIVE_UP_AFTER, "the spinning coroutine starved the one it waited for");
+    assert_eq!(polls, 2, "the setter, queued behind the spinner, ran after its first poll");
+    setter.join().unwrap();
 }
 
 #[test]
@@ -341,4 +371,307 @@ fn aborting_a_tokio_task_that_awaits_a_coroutine_detaches_the_coroutine() {
         "the detached coroutine's result was not dropped once"
     );
     iothread.stop();
+}
+
+#[test]
+fn stopping_an_iothread_under_busy_coroutines_ends_the_tokio_tasks_awaiting_them() {
+    // Two coroutines that never wait for anything outside: one reschedules itself forever, one
+    // awaits a future that wakes itself on every poll. The stop must neither hang on them nor
+    // leave their joiners pending: both are cancelled, and the awaiting tasks end with that.
+    let iothread = IoThread::spawn("busy").unwrap();
+    let (running_tx, running) = mpsc::channel();
+    let r = running_tx.clone();
+    let rescheduler = iothread
+        .handle()
+        .spawn(move |co| -> u32 {
+            r.send(()).unwrap();
+            loop {
+                co.reschedule();
+            }
+        })
+        .unwrap();
+    let spinner = iothread
+        .handle()
+        .spawn(move |co| -> u32 {
+            running_tx.send(()).unwrap();
+            co.block_on(std::future::poll_fn(|cx| {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }))
+        })
+        .unwrap();
+    // The tokio runtime and the stop each run on a thread of their own, so that a hang fails
+    // the test instead of blocking it.
+    let (outcomes_tx, outcomes) = mpsc::channel();
+    thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async move {
+            let tasks = [tokio::spawn(rescheduler), tokio::spawn(spinner)];
+            for task in tasks {
+                outcomes_tx.send(task.await).unwrap();
+            }
+        });
+    });
+    for _ in 0..2 {
+        running.recv_timeout(Duration::from_secs(10)).expect("the coroutine runs");
+    }
+    let (stopped_tx, stopped) = mpsc::channel();
+    thread::spawn(move || {
+        iothread.stop();
+        stopped_tx.send(()).unwrap();
+    });
+    stopped.recv_timeout(Duration::from_secs(30)).expect("IoThread::stop hung on a busy coroutine");
+    for _ in 0..2 {
+        let outcome = outcomes.recv_timeout(Duration::from_secs(30)).expect("a task hung");
+        let error = outcome.expect_err("a task awaiting a cancelled coroutine ended normally");
+        assert_eq!(error.into_panic().downcast_ref::<&str>(), Some(&CANCELLED));
+    }
+}
+
+#[test]
+fn a_thread_that_joins_a_remote_coroutine_keeps_its_own_context_running() {
+    // This thread's context runs a coroutine that the IoThread's coroutine waits for; joining
+    // the latter must poll this context (as QEMU's AIO_WAIT_WHILE does), or both wait forever.
+    let iothread = IoThread::spawn("remote-join").unwrap();
+    let remote = iothread.handle().clone();
+    let (joined_tx, joined) = mpsc::channel();
+    thread::spawn(move || {
+        let ctx = AioContext::new().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let local = ctx.spawn(move |co| {
+            co.reschedule();
+            tx.send(20).unwrap();
+        });
+        let waiting = remote.spawn(move |co| co.block_on(rx).unwrap() + 1).unwrap();
+        joined_tx.send(waiting.join().unwrap()).unwrap();
+        local.join().unwrap();
+    });
+    let value = joined.recv_timeout(Duration::from_secs(30)).expect("the join deadlocked");
+    assert_eq!(value, 21);
+    iothread.stop();
+}
+
+/// Counts its wakes.
+#[derive(Default)]
+struct CountingWaker(AtomicUsize);
+
+impl std::task::Wake for CountingWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_join_handle_polled_by_two_executors_in_turn_wakes_only_the_last_and_panics_if_polled_again() {
+    let iothread = IoThread::spawn("two-executors").unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+    let mut handle = iothread.handle().spawn(move |co| co.block_on(rx).unwrap()).unwrap();
+    let (first, second) = (Arc::new(CountingWaker::default()), Arc::new(CountingWaker::default()));
+    let (first_waker, second_waker) = (Waker::from(first.clone()), Waker::from(second.clone()));
+    let mut poll_with = |waker: &Waker| Pin::new(&mut handle).poll(&mut Context::from_waker(waker));
+    assert!(poll_with(&first_waker).is_pending());
+    assert!(poll_with(&second_waker).is_pending());
+    tx.send(5).unwrap();
+    while second.0.load(Ordering::SeqCst) == 0 {
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(first.0.load(Ordering::SeqCst), 0, "the replaced waker was woken");
+    assert_eq!(poll_with(&second_waker), Poll::Ready(5));
+    let again = panic::catch_unwind(AssertUnwindSafe(|| poll_with(&second_waker))).unwrap_err();
+    assert_eq!(
+        again.downcast_ref::<&str>(),
+        Some(&"aiocoro: a JoinHandle was polled after it returned its result")
+    );
+    assert_eq!(second.0.load(Ordering::SeqCst), 1);
+    iothread.stop();
+}
+
+#[test]
+fn a_panic_in_the_futures_poll_reaches_the_joiner_with_its_payload() {
+    let iothread = IoThread::spawn("poll-panics").unwrap();
+    let handle = iothread
+        .handle()
+        .spawn(|co| -> u32 {
+            co.block_on(std::future::poll_fn(|_| -> Poll<u32> { panic::panic_any(1234u64) }))
+        })
+        .unwrap();
+    assert_eq!(handle.join().unwrap_err().downcast_ref::<u64>(), Some(&1234));
+    assert_eq!(iothread.handle().spawn(|_| 1).unwrap().join().unwrap(), 1, "the IoThread died");
+    iothread.stop();
+}
+
+#[test]
+fn block_on_nested_in_a_futures_poll_resumes_both_in_order() {
+    // The outer wait stays registered while the inner one suspends the coroutine; a stray
+    // resume for either cannot end the other early.
+    let ctx = AioContext::new().unwrap();
+    let value = ctx.run(|co| {
+        let (inner_tx, inner_rx) = tokio::sync::oneshot::channel::<u32>();
+        let (tx, mut outer_rx) = tokio::sync::oneshot::channel::<u32>();
+        let mut outer_tx = Some(tx);
+        let mut inner_rx = Some(inner_rx);
+        thread::spawn(move || inner_tx.send(1).unwrap());
+        co.block_on(std::future::poll_fn(|cx| {
+            if let Some(inner) = inner_rx.take() {
+                let first = co.block_on(inner).unwrap();
+                let tx = outer_tx.take().unwrap();
+                thread::spawn(move || tx.send(first + 1).unwrap());
+            }
+            Pin::new(&mut outer_rx).poll(cx).map(Result::unwrap)
+        }))
+    });
+    assert_eq!(value, 2);
+}
+
+/// How many wakes each thread of the wake storm makes (`AIOCORO_WAKE_STORM`; short in CI).
+fn wake_storm_rounds() -> usize {
+    std::env::var("AIOCORO_WAKE_STORM").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
+}
+
+#[test]
+fn a_storm_of_wakes_from_many_threads_is_harmless_before_and_after_the_stop() {
+    // Eight threads wake the latest waker the coroutine left, then wakers of a coroutine that
+    // ended on an IoThread that stopped: no panic on a waking thread (the scope would resume
+    // it), the coroutine resumes for the wake that finds it done, and valgrind (CI) sees no
+    // invalid access.
+    let iothread = IoThread::spawn("storm").unwrap();
+    let latest: Arc<Mutex<Option<Waker>>> = Arc::default();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (l, d) = (latest.clone(), done.clone());
+    let handle = iothread
+        .handle()
+        .spawn(move |co| {
+            let mut polls = 0usize;
+            co.block_on(std::future::poll_fn(|cx| {
+                polls += 1;
+                if d.load(Ordering::SeqCst) {
+                    return Poll::Ready(polls);
+                }
+                *l.lock().unwrap() = Some(cx.waker().clone());
+                Poll::Pending
+            }))
+        })
+        .unwrap();
+    let wake_all = |waker_of: &(dyn Fn() -> Option<Waker> + Sync), rounds: usize| {
+        thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| (0..rounds).filter_map(|_| waker_of()).for_each(Waker::wake));
+            }
+        });
+    };
+    let rounds = wake_storm_rounds();
+    wake_all(&|| latest.lock().unwrap().clone(), rounds);
+    done.store(true, Ordering::SeqCst);
+    latest.lock().unwrap().clone().unwrap().wake();
+    assert!(handle.join().unwrap() >= 2, "the last wake did not resume the coroutine");
+    let kept = latest.lock().unwrap().take().unwrap();
+    iothread.stop();
+    // Woken again and again after the coroutine ended and its context is gone.
+    wake_all(&|| Some(kept.clone()), rounds);
+}
+
+#[test]
+fn join_in_a_callback_on_the_coroutines_own_iothread_polls_it_instead_of_deadlocking() {
+    let iothread = IoThread::spawn("join-at-home").unwrap();
+    let (joined_tx, joined) = mpsc::channel();
+    let here = iothread.handle().clone();
+    iothread
+        .handle()
+        .schedule_oneshot(move || {
+            let handle = here
+                .spawn(|co| {
+                    co.sleep(Duration::from_millis(5));
+                    thread::current().name().map(String::from)
+                })
+                .unwrap();
+            joined_tx.send(handle.join().unwrap()).unwrap();
+        })
+        .unwrap();
+    let ran_on = joined.recv_timeout(Duration::from_secs(30)).expect("the join deadlocked");
+    assert_eq!(ran_on.as_deref(), Some("join-at-home"));
+    iothread.stop();
+}
+
+#[test]
+fn block_on_cancelled_by_an_iothread_stop_drops_the_future_on_that_thread() {
+    /// Sends the name of the thread that drops it.
+    struct ReportsDrop(mpsc::Sender<Option<String>>);
+
+    impl Drop for ReportsDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(thread::current().name().map(String::from));
+        }
+    }
+
+    let iothread = IoThread::spawn("drops-here").unwrap();
+    let (dropped_tx, dropped) = mpsc::channel();
+    let (started_tx, started) = mpsc::channel();
+    let (_never_tx, never) = tokio::sync::oneshot::channel::<()>();
+    let handle = iothread
+        .handle()
+        .spawn(move |co| {
+            let report = ReportsDrop(dropped_tx);
+            started_tx.send(()).unwrap();
+            co.block_on(async move {
+                let _report = report;
+                never.await
+            })
+        })
+        .unwrap();
+    started.recv_timeout(Duration::from_secs(10)).expect("the coroutine started");
+    iothread.stop();
+    let on = dropped.recv_timeout(Duration::from_secs(10)).expect("the future was leaked");
+    assert_eq!(on.as_deref(), Some("drops-here"));
+    assert_eq!(handle.join().unwrap_err().downcast_ref::<&str>(), Some(&CANCELLED));
+}
+
+#[test]
+fn joiners_of_a_coroutine_the_stop_leaks_get_cancelled_instead_of_waiting_forever() {
+    // Workers parked on a CoQueue under a NoLock: the shutdown cannot reach such a park, so it
+    // leaks them (they never run again). Their joiners (a thread, a tokio task, a coroutine of
+    // another context) must hear of it once the context is down.
+    let iothread = IoThread::spawn("leaks-workers").unwrap();
+    let (parked_tx, parked) = mpsc::channel();
+    let mut workers = (0..3).map(|_| {
+        let parked_tx = parked_tx.clone();
+        iothread
+            .handle()
+            .spawn(move |co| -> u32 {
+                let state = Rc::new((NoLock::new(false), CoQueue::new()));
+                let (lock, queue) = &*state;
+                let mut guard = lock.lock(co);
+                parked_tx.send(()).unwrap();
+                while !*guard {
+                    queue.wait(co, &mut guard);
+                }
+                1
+            })
+            .unwrap()
+    });
+    let (by_thread, by_tokio, by_coroutine) =
+        (workers.next().unwrap(), workers.next().unwrap(), workers.next().unwrap());
+    for _ in 0..3 {
+        parked.recv_timeout(Duration::from_secs(10)).expect("the worker parks");
+    }
+    let (outcome_tx, outcomes) = mpsc::channel::<(&str, Option<&'static str>)>();
+    let payload = |error: Box<dyn std::any::Any + Send>| error.downcast_ref::<&str>().copied();
+    let tx = outcome_tx.clone();
+    thread::spawn(move || tx.send(("thread", by_thread.join().err().and_then(payload))).unwrap());
+    let tx = outcome_tx.clone();
+    thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let joined = runtime.block_on(async move { tokio::spawn(by_tokio).await });
+        tx.send(("tokio", joined.err().map(|error| error.into_panic()).and_then(payload))).unwrap()
+    });
+    thread::spawn(move || {
+        let ctx = AioContext::new().unwrap();
+        let joined = ctx.run(move |co| co.join(by_coroutine).err().and_then(payload));
+        outcome_tx.send(("coroutine", joined)).unwrap()
+    });
+    iothread.stop();
+    for _ in 0..3 {
+        let (joiner, outcome) =
+            outcomes.recv_timeout(Duration::from_secs(30)).expect("a joiner waits forever");
+        assert_eq!(outcome, Some(CANCELLED), "the {joiner} joiner");
+    }
 }

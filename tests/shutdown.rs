@@ -10,7 +10,7 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use aiocoro::aio::{AioContext, IoThread, Sleeper, WakeReason};
+use aiocoro::aio::{AioContext, CANCELLED, IoThread, Sleeper, WakeReason};
 use aiocoro::sync::{CoMutex, CoQueue, CoRwLock, NoLock, ThreadMutex};
 
 /// Counts its drop: proof that a cancelled coroutine's destructors ran.
@@ -260,7 +260,8 @@ fn a_coroutine_cancelled_at_shutdown_reports_it_when_entered() {
 #[test]
 fn a_coroutine_parked_where_shutdown_cannot_reach_it_is_left_suspended_not_unwound() {
     // A waiter on a CoQueue under a NoLock parks; a shutdown cannot find parks to cancel, so
-    // the coroutine stays suspended for good (leaked), and nothing unwinds it later.
+    // the coroutine stays suspended for good (leaked), and nothing unwinds it later; its join
+    // handle reports it cancelled.
     thread::spawn(|| {
         let ctx = AioContext::new().unwrap();
         let state = Rc::new((NoLock::new(false), CoQueue::new()));
@@ -280,8 +281,11 @@ fn a_coroutine_parked_where_shutdown_cannot_reach_it_is_left_suspended_not_unwou
         });
         ctx.poll(false);
         drop(ctx);
-        assert!(!co.is_finished() && !unwound.get());
-        drop(co);
+        assert!(!unwound.get());
+        // Its joiner is not left waiting: the handle reports the cancellation.
+        assert!(co.is_finished());
+        let payload = co.join().unwrap_err();
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&CANCELLED));
         let (lock, queue) = &*state;
         let mut guard = lock.try_lock().unwrap();
         assert!(!queue.next(&mut guard));
@@ -331,13 +335,16 @@ fn a_sleeper_whose_sleep_was_cancelled_can_be_slept_on_again() {
 
 #[test]
 fn a_coroutine_that_reschedules_forever_does_not_hold_a_shutdown_up() {
-    // It never waits, so nothing cancels it; the bounded drain moves on and leaves it (it is
-    // parked on the run queue, where the shutdown leaks it), while a sleeper is cancelled.
+    // It never waits: the bounded drain moves on, and its next reschedule is cancelled, as the
+    // sleeper's wait is. Left parked on the run queue instead, it would be leaked, and its
+    // joiner would wait forever.
     thread::spawn(|| {
         let ctx = AioContext::new().unwrap();
         let spins = Rc::new(Cell::new(0u64));
-        let s = spins.clone();
-        ctx.spawn(move |co| {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let (s, d) = (spins.clone(), drops.clone());
+        let spinner = ctx.spawn(move |co| {
+            let _guard = Dropped(d);
             loop {
                 s.set(s.get() + 1);
                 co.reschedule();
@@ -348,6 +355,10 @@ fn a_coroutine_that_reschedules_forever_does_not_hold_a_shutdown_up() {
         drop(ctx);
         assert!(sleeper.is_finished(), "the sleeper was cancelled");
         assert!(spins.get() > 1, "the drain ran the rescheduling coroutine");
+        assert!(spinner.is_finished(), "the rescheduling coroutine was leaked, not cancelled");
+        assert_eq!(drops.load(Ordering::SeqCst), 1, "it did not unwind");
+        let payload = spinner.join().unwrap_err();
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&CANCELLED));
     })
     .join()
     .unwrap();

@@ -228,6 +228,14 @@ impl<T> Claim<T> {
     }
 }
 
+impl<T> Claim<T> {
+    /// Gives up on the result: the promise will never be fulfilled (its coroutine was
+    /// leaked). Like a taken result, a later poll panics.
+    pub fn give_up(&mut self) {
+        self.taken = true;
+    }
+}
+
 impl<T> Drop for Claim<T> {
     fn drop(&mut self) {
         let fields = self.fields();

@@ -23,6 +23,7 @@ use super::deferred::Dispatch;
 use super::fd::{FdHandler, FdTable};
 use super::handle::AioHandle;
 use super::inbox::Inbox;
+use super::leak_watch::LeakWatch;
 use super::notify::{Blocker, WakeupHandshake};
 use super::timer::{Timer, TimerQueue, clock_ns};
 use super::uring::FileIo;
@@ -86,6 +87,8 @@ pub(crate) struct Shared {
     /// context, which adaptive polling uses instead of the moment the thread woke up (see
     /// [`AdaptivePolling::record_wait`]).
     signalled_at: std::sync::atomic::AtomicU64,
+    /// The joiners waiting for coroutines of this context, told if the shutdown leaks them.
+    pub(crate) leak_watch: LeakWatch,
 }
 
 impl Shared {
@@ -357,11 +360,13 @@ pub(crate) fn no_context(what: &str) -> ! {
 /// 2. **Cancel.** Every wait still pending is cancelled: the coroutine resumes in it and
 ///    unwinds from there (a [`Wait::wait`](super::Wait::wait), [`Co::sleep`], a thread-pool
 ///    job, a `CoMutex` lock, a `CoQueue` wait), so its destructors run; a wait that starts while
-///    the context cancels is cancelled at once. Before it unwinds, a cancelled wait undoes what
-///    it set up: a `CoMutex` waiter leaves the lock's queue, or passes the lock on to the next
-///    waiter if it had been handed it already (a lock is never left with a coroutine that will
-///    not run, and stays usable by every other thread); a `CoQueue` waiter takes its caller's
-///    lock back (its guard must hold it while the unwinding drops it), leaves the queue, and
+///    the context cancels is cancelled at once, and so is a [`Co::reschedule`] (a coroutine
+///    that keeps itself busy without ever waiting ends too). Before it unwinds, a cancelled
+///    wait undoes what it set up: a `CoMutex` waiter leaves the lock's queue, or passes the
+///    lock on to the next waiter if it had been handed it already (a lock is never left with a
+///    coroutine that will not run, and stays usable by every other thread); a `CoQueue` waiter
+///    takes its caller's lock back (its guard must hold it while the unwinding drops it),
+///    leaves the queue, and
 ///    passes on a wake it had received. The context polls until the cancelled coroutines have
 ///    ended; it blocks only for waits that cannot be cancelled: a cancelled `CoQueue` waiter
 ///    taking its lock back, a `CoRwLock` waiter (it gets the lock in its turn and is cancelled
@@ -386,8 +391,12 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///    a cancelled waiter does; so the lock stays usable by every other thread. A `CoQueue`
 ///    record left by a leaked waiter (cancelled, then leaked while it took its lock back) is
 ///    dropped by the queue's next wake, which goes to the next waiter instead; only a wake
-///    that pops it while this shutdown is still running is lost with it. Messages and
-///    callbacks still queued are dropped, and so are coroutines spawned but never started.
+///    that pops it while this shutdown is still running is lost with it. A leaked coroutine
+///    never ends, so once the context is down its [`JoinHandle`](super::JoinHandle) reports
+///    [`CANCELLED`](super::CANCELLED) instead (a worker parked on a `CoQueue` under a `NoLock`
+///    when its IoThread stops does not leave its joiner waiting), unless a coroutine of the
+///    context ran the shutdown. Messages and callbacks still queued are dropped, and so are
+///    coroutines spawned but never started (their joiners get `CANCELLED` too).
 ///
 /// A coroutine that panics (other than by its cancellation) during the shutdown has its panic
 /// continue from the drop once the context is down. Cancellation is a panic with a private
@@ -453,6 +462,7 @@ impl AioContext {
             notify: WakeupHandshake::new(),
             eventfd,
             signalled_at: std::sync::atomic::AtomicU64::new(0),
+            leak_watch: LeakWatch::default(),
         });
         let local = Rc::new(Local {
             shared,
@@ -521,7 +531,7 @@ impl AioContext {
     /// the [`JoinHandle`](super::JoinHandle) of its result (drop it to detach the coroutine).
     /// The body need not be `Send`: it never leaves this thread.
     pub fn spawn<T: 'static>(&self, body: impl FnOnce(&Co) -> T + 'static) -> super::JoinHandle<T> {
-        let (body, handle) = super::join::joinable(body, self.local.shared.id);
+        let (body, handle) = super::join::joinable(body, self.local.shared.clone());
         self.local.spawn(body);
         handle
     }
@@ -609,6 +619,18 @@ impl AioContext {
     /// How many coroutines are suspended in a wait of this context.
     pub fn suspended_coroutines(&self) -> usize {
         self.local.suspended()
+    }
+
+    /// Polls without blocking until nothing is left to run, or until [`STALL_POLLS`] polls in
+    /// a row leave no less to do than before (suspended coroutines, runnable ones, queued
+    /// tasks): what keeps itself busy forever (a coroutine that reschedules itself, a future
+    /// that wakes itself, a BH that schedules itself) does not hold it up. For a stop that runs
+    /// what was accepted before it, then drops the context (whose shutdown cancels the rest).
+    pub(crate) fn poll_until_settled(&self) {
+        let mut stall = Stall::new(self.local.backlog());
+        while !stall.given_up() && self.poll(false) {
+            stall.record(self.local.backlog());
+        }
     }
 }
 
@@ -949,6 +971,12 @@ impl Local {
         drop(std::mem::take(&mut *self.tasks.borrow_mut()));
         drop(self.shared.inbox.take_all());
         self.abandon_leaked_waits();
+        // Every coroutine has ended now, or was dropped unstarted, or is leaked: the joiners
+        // still waiting wait for leaked ones. Not from inside a coroutine of the context,
+        // which has yet to end (and so may the coroutines that entered it).
+        if !in_coroutine() {
+            self.shared.leak_watch.settle();
+        }
         // The ring goes with its context, once the kernel is done with what it still holds.
         self.file_io.close(self);
         if let Some(panic) = panic
@@ -1011,17 +1039,15 @@ impl Local {
     /// gives up after [`STALL_POLLS`] polls in a row that finished no suspended coroutine (one
     /// that reschedules itself forever must not hold the shutdown up).
     fn poll_while_finishing(&self, panic: &mut Option<Box<dyn std::any::Any + Send>>) {
-        let mut fewest = self.suspended();
-        let mut stalled = 0;
-        while fewest > 0 && stalled < STALL_POLLS && self.poll_for_shutdown(false, panic) {
-            let now = self.suspended();
-            if now < fewest {
-                fewest = now;
-                stalled = 0;
-            } else {
-                stalled += 1;
-            }
+        let mut stall = Stall::new(self.suspended());
+        while stall.fewest > 0 && !stall.given_up() && self.poll_for_shutdown(false, panic) {
+            stall.record(self.suspended());
         }
+    }
+
+    /// What is left to do: suspended coroutines, runnable ones and queued tasks.
+    fn backlog(&self) -> usize {
+        self.suspended() + self.run_queue.borrow().len() + self.tasks.borrow().len()
     }
 
     /// One poll during the shutdown; a coroutine's panic is caught (a cancellation's for
@@ -1045,6 +1071,35 @@ impl Local {
     /// How many waits the shutdown cannot cancel that still wait.
     fn uncancellable_waits(&self) -> usize {
         self.waits.borrow().count_where(|state| state.delivered.is_none() && !state.cancellable)
+    }
+}
+
+/// The polls in a row that left a measure of outstanding work no lower than it had been: a
+/// bounded drain gives up after [`STALL_POLLS`] of them.
+struct Stall {
+    /// The lowest the measure has been.
+    fewest: usize,
+    /// Polls since it last fell.
+    polls: u32,
+}
+
+impl Stall {
+    fn new(now: usize) -> Stall {
+        Stall { fewest: now, polls: 0 }
+    }
+
+    /// Counts a poll after which the measure is `now`.
+    fn record(&mut self, now: usize) {
+        if now < self.fewest {
+            self.fewest = now;
+            self.polls = 0;
+        } else {
+            self.polls += 1;
+        }
+    }
+
+    fn given_up(&self) -> bool {
+        self.polls >= STALL_POLLS
     }
 }
 

@@ -6,8 +6,9 @@
 //! thread the future is completed on (a wake from another thread is one push onto the
 //! context's inbox, and an eventfd write only if the context may be blocked). Every poll gets
 //! a fresh wait, so a wake that arrives after the poll it was made for is stale and does
-//! nothing, a second wake is a duplicate and does nothing, and a wake during the poll makes
-//! the coroutine poll again at once instead of suspending.
+//! nothing, a second wake is a duplicate and does nothing, and a wake during the poll queues
+//! the coroutine to poll again behind the coroutines already runnable (as an executor requeues
+//! a task that woke itself), so a future that keeps waking itself cannot starve its context.
 
 use std::future::Future;
 use std::mem::ManuallyDrop;
@@ -23,7 +24,10 @@ impl Co {
     /// while it is `Pending` suspends the coroutine until the future's waker is woken (from
     /// any thread). Every poll gets a fresh wait, so a wake made for an earlier poll is stale
     /// and does nothing, a second wake does nothing, and a wake during the poll makes the
-    /// coroutine poll again at once.
+    /// coroutine poll again without waiting for anything, but only after the coroutines already
+    /// runnable in its context have run (a future that wakes itself on every poll, such as a
+    /// yield or a spin on a flag another coroutine sets, leaves them their turns, as
+    /// [`Co::reschedule`] does).
     ///
     /// ```
     /// use aiocoro::aio::AioContext;
@@ -68,8 +72,9 @@ impl Co {
             if let Poll::Ready(output) = polled {
                 return output;
             }
-            // Returns at once if the future woke its waker during the poll.
-            wait.wait();
+            // A wake during the poll (a future that woke itself) queued this coroutine behind
+            // the others that are runnable: it polls again when its turn comes.
+            wait.wait_in_turn();
         }
     }
 }

@@ -92,7 +92,7 @@ impl AioHandle {
         &self,
         body: impl FnOnce(&Co) -> T + Send + 'static,
     ) -> Result<JoinHandle<T>, ContextClosed> {
-        let (body, handle) = joinable(body, self.shared.id);
+        let (body, handle) = joinable(body, self.shared.clone());
         self.send(Message::Spawn(Box::new(body)))?;
         Ok(handle)
     }

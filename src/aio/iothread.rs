@@ -61,9 +61,10 @@ impl IoThread {
             while keep_running.load(Ordering::Acquire) {
                 ctx.poll(true);
             }
-            // Refuse new work, then run everything accepted before.
+            // Refuse new work, then run everything accepted before (bounded: a coroutine that
+            // keeps itself busy is cancelled by the context's shutdown instead).
             ctx.close();
-            while ctx.poll(false) {}
+            ctx.poll_until_settled();
         })?;
         let handle = ready_rx
             .recv()
@@ -78,9 +79,12 @@ impl IoThread {
 
     /// Asks the thread to stop, lets it run what is already scheduled, and joins it.
     ///
-    /// The thread refuses new work, polls until nothing is left to run, and drops its context,
-    /// which cancels the coroutines still suspended there (waiting for a `CoMutex`, a `CoQueue`,
-    /// a sleep, a thread-pool job, ...): they unwind from their waits, their destructors run,
+    /// The thread refuses new work, polls until nothing is left to run (or until 64 polls in a
+    /// row leave no less to do: a coroutine that reschedules itself or awaits a future that
+    /// wakes itself forever, a BH that schedules itself, does not hold the stop up), and drops
+    /// its context, which cancels the coroutines still suspended there (waiting for a
+    /// `CoMutex`, a `CoQueue`, a sleep, a thread-pool job, rescheduling, ...): they unwind from
+    /// their waits, their joiners get the cancellation, their destructors run,
     /// and the locks they waited for stay usable by everybody else (see [`AioContext`]'s
     /// shutdown). The join waits for that, including a thread-pool job that is running and for
     /// a lock that a cancelled `CoQueue` waiter must take back for its caller's guard: do not

@@ -57,6 +57,7 @@ mod handle;
 pub(crate) mod inbox;
 mod iothread;
 mod join;
+mod leak_watch;
 pub(crate) mod notify;
 mod sleep;
 mod small_blocks;

@@ -1,6 +1,5 @@
 //! Sections that either do not start or run to their end: [`Co::run_uncancellable`].
 
-use super::context::with_current_brief;
 use crate::coroutine::Co;
 
 impl Co {
@@ -43,11 +42,7 @@ impl Co {
         if self.is_model() {
             return f();
         }
-        // SAFETY: reading the phase runs no other code.
-        let cancelling = unsafe { with_current_brief(|local| local.is_cancelling()) };
-        if cancelling == Some(true) && self.may_be_cancelled() {
-            self.unwind_cancelled();
-        }
+        self.cancel_if_cancelling();
         self.shielded(f)
     }
 }

@@ -242,16 +242,34 @@ impl Co {
     /// at the back of the context's run queue and suspends (QEMU's `aio_co_schedule` of
     /// `qemu_coroutine_self()` followed by `qemu_coroutine_yield`).
     ///
+    /// Once the context's shutdown cancels its coroutines, a reschedule is cancelled as a wait
+    /// is: it does not return, the coroutine unwinds from it (see
+    /// [`AioContext`](super::AioContext)). So a coroutine that reschedules itself forever (a
+    /// busy poll) ends with its context, and whoever joins it gets the cancellation.
+    ///
     /// # Panics
     ///
     /// If this thread has no [`AioContext`](super::AioContext).
     #[inline]
     pub fn reschedule(&self) {
+        self.cancel_if_cancelling();
         // Queued behind the coroutines already runnable; the run queue brings it back. The
         // park is in this thread's context, which is alive, so the unpark queues it.
         let queued = self.park(0).unpark();
         debug_assert!(queued, "aiocoro: a reschedule's park was not queued");
         self.wait_unparked();
+    }
+
+    /// Unwinds this coroutine with its cancellation, as a wait that starts now would, if its
+    /// context is cancelling its coroutines and it may be cancelled (see
+    /// [`Co::may_be_cancelled`]): a cancellation point where no wait starts.
+    pub(crate) fn cancel_if_cancelling(&self) {
+        // SAFETY: reading the phase runs no other code.
+        if unsafe { with_current_brief(Local::is_cancelling) } == Some(true)
+            && self.may_be_cancelled()
+        {
+            self.unwind_cancelled();
+        }
     }
 
     /// Suspends this coroutine for `duration` (QEMU's `qemu_co_sleep_ns`).
@@ -334,6 +352,27 @@ impl Wait<'_> {
             Some(reason) => reason,
             None => self.unwind_cancelled(),
         }
+    }
+
+    /// Like [`Wait::wait`], but a wait woken already still takes its turn: the coroutine
+    /// yields once, so that the coroutines queued ahead of it run first, and the run item its
+    /// wake queued resumes it. For a loop that polls something which may wake its own waiter
+    /// ([`Co::block_on`] of a future that wakes itself during its poll): without the turn, it
+    /// would poll again at once, forever, and starve every other coroutine of the context.
+    #[inline(always)]
+    pub(crate) fn wait_in_turn(self) -> WakeReason {
+        #[cfg(aiocoro_loom)]
+        if let Target::Model(..) = self.target {
+            return self.wait();
+        }
+        // A wake on this thread delivers through `Local::deliver`, which queues the run item
+        // (while this coroutine runs, no caller is outside every coroutine, so none enters it
+        // directly); a wake from another thread is not delivered before the context takes it
+        // from its inbox, and queues the item then.
+        if matches!(self.delivery(), Some(Outcome::Woken(_))) {
+            self.co.yield_now();
+        }
+        self.wait()
     }
 
     /// Suspends until a waker of this suspension wakes it (`Some`) or the context's shutdown
