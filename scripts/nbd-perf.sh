@@ -141,6 +141,8 @@ echo "raw samples (IOPS per round):"
 for config in "${configs[@]}"; do
     read -r rw jobs <<<"$config"
     for target in ours qemu-nbd qsd device; do
-        [ -n "${results[$rw $jobs $target]:-}" ] && echo "  $rw $jobs $target: ${results[$rw $jobs $target]}"
+        if [ -n "${results[$rw $jobs $target]:-}" ]; then
+            echo "  $rw $jobs $target: ${results[$rw $jobs $target]}"
+        fi
     done
 done
