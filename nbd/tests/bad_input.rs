@@ -242,3 +242,33 @@ fn a_read_only_export_refuses_every_write_with_eperm() {
     assert!(client.is_closed());
     assert!(server.is_running());
 }
+
+/// Without `-t`, the server exits after a client that reached transmission, as qemu-nbd does
+/// (its `nbd_client_closed` counts negotiated clients only): clients that abort, break or
+/// drop the handshake (`nbdinfo --list`, a health check, a port scan) must not end it before
+/// the client it is meant for has come.
+#[test]
+fn without_persistent_only_a_client_that_reached_transmission_ends_the_server() {
+    let dir = temp_dir("oneshot-handshakes");
+    let image = qcow2_image(&dir, "1M");
+    let server = Server::start(&dir, &image, &["-f", "qcow2", "--iothreads", "1"]);
+    // Each is closed by the server (or was dropped) before the next: one at a time.
+    let mut aborted = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
+    aborted.option(wire::OPT_ABORT, &[]);
+    assert_eq!(aborted.option_reply().kind, wire::REP_ACK);
+    assert!(aborted.is_closed());
+    let mut unknown_flags = Client::with_flags(&server, 1 << 7);
+    assert!(unknown_flags.is_closed(), "unknown client flags must close the connection");
+    let mut unknown_export = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
+    unknown_export.option(wire::OPT_EXPORT_NAME, b"nope");
+    assert!(unknown_export.is_closed());
+    let mut hung_up = Client::connect(&server);
+    hung_up.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(hung_up.is_closed());
+    // The client it was started for is served, and its leaving ends the server.
+    let (mut client, _) = Client::transmission(&server);
+    assert_eq!(client.write(0, 0, &[9; 512]), 0);
+    client.request(wire::CMD_DISC, 0, 0, 0, &[]);
+    assert!(client.is_closed());
+    assert!(server.wait_exit().success(), "the server must exit after its client");
+}
