@@ -40,7 +40,8 @@ pub enum Negotiated {
 /// # Errors
 ///
 /// An I/O error, a bad option magic, an unknown name in `EXPORT_NAME` (which has no error
-/// reply), an oversized option, or, from a client without fixed newstyle, any option but
+/// reply) or an `EXPORT_NAME` after `EXTENDED_HEADERS` (which the protocol forbids), an
+/// oversized option, or, from a client without fixed newstyle, any option but
 /// `EXPORT_NAME` (such a client reads no error replies, as in qemu-nbd): the connection must
 /// then be closed.
 pub fn negotiate<S: AsRawFd>(
@@ -78,6 +79,11 @@ where
             wire::OPT_EXPORT_NAME => {
                 if payload != export.name.as_bytes() {
                     return Err(protocol_error("EXPORT_NAME of an unknown export".into()));
+                }
+                if session.mode == ReplyMode::Extended {
+                    // The client MUST NOT: which headers it would send is unclear, and the
+                    // option has no error reply.
+                    return Err(protocol_error("EXPORT_NAME after EXTENDED_HEADERS".into()));
                 }
                 let mut answer = Vec::with_capacity(10 + 124);
                 answer.extend_from_slice(&export.size().to_be_bytes());
