@@ -12,8 +12,9 @@ use crate::socket::CoSocket;
 use crate::wire;
 
 /// The largest option payload read into memory. A longer one is answered with
-/// `NBD_REP_ERR_TOO_BIG` and the connection closed (its payload is never read, so nothing is
-/// allocated by the client's say-so). The protocol caps names at 4096 bytes.
+/// `NBD_REP_ERR_TOO_BIG` (unless it is an `EXPORT_NAME`, which has no error reply, or the
+/// client lacks fixed newstyle) and the connection closed (its payload is never read, so
+/// nothing is allocated by the client's say-so). The protocol caps names at 4096 bytes.
 pub const MAX_OPTION_LENGTH: u32 = 16 * 1024;
 
 /// What the option phase settled for the transmission phase.
@@ -67,8 +68,8 @@ where
             )));
         }
         if length > MAX_OPTION_LENGTH {
-            // A client without fixed newstyle reads no error replies.
-            if flags.fixed_newstyle {
+            // EXPORT_NAME has no error reply, and a client without fixed newstyle reads none.
+            if flags.fixed_newstyle && option != wire::OPT_EXPORT_NAME {
                 reply(socket, option, wire::REP_ERR_TOO_BIG, b"option payload too large")?;
             }
             return Err(protocol_error(format!("option {option} of {length} bytes")));

@@ -131,6 +131,14 @@ fn bad_and_unknown_options_get_error_replies() {
     client.send(&header);
     assert_eq!(client.option_reply().kind, wire::REP_ERR_TOO_BIG);
     assert!(client.is_closed());
+    // But EXPORT_NAME has no error reply, whoever sends it: an oversized one is closed
+    // unanswered (the client would read a TOO_BIG reply as the export's size and flags).
+    let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
+    let mut header = wire::OPTION_MAGIC.to_be_bytes().to_vec();
+    header.extend_from_slice(&wire::OPT_EXPORT_NAME.to_be_bytes());
+    header.extend_from_slice(&(MAX_OPTION_LENGTH + 1).to_be_bytes());
+    client.send(&header);
+    assert!(client.is_closed(), "an oversized EXPORT_NAME must close the connection, unanswered");
     // EXPORT_NAME of an unknown export has no error reply: the connection closes.
     let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
     client.option(wire::OPT_EXPORT_NAME, b"nope");
