@@ -54,7 +54,14 @@ where
     for<'s> &'s S: Read + Write,
 {
     let mut session = Session { mode: ReplyMode::Simple, contexts: Vec::new() };
+    let mut first = true;
     loop {
+        if !std::mem::take(&mut first) {
+            // A client that pipelines options, reading the replies as they come, may never
+            // make this loop wait: its turn ends with each option, so that it cannot hold
+            // the thread's other connections up.
+            socket.let_others_run();
+        }
         let magic = socket.read_u64()?;
         if magic != wire::OPTION_MAGIC {
             return Err(protocol_error(format!("option with bad magic {magic:#x}")));
