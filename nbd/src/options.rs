@@ -45,6 +45,11 @@ pub enum Negotiated {
 /// oversized option, or, from a client without fixed newstyle, any option but
 /// `EXPORT_NAME` (such a client reads no error replies, as in qemu-nbd): the connection must
 /// then be closed.
+///
+/// # Panics
+///
+/// If the calling thread has no [`AioContext`](aiocoro::aio::AioContext): between options
+/// the negotiation lets the context's other coroutines run.
 pub fn negotiate<S: AsRawFd>(
     socket: &CoSocket<'_, S>,
     export: &Export,

@@ -130,6 +130,10 @@ where
     /// Lets the other coroutines of this thread's context run (and its events be polled),
     /// then continues ([`Co::reschedule`]): for a loop that reads and writes without ever
     /// waiting when its peer keeps the socket full and empty, which would hold the thread.
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread has no [`AioContext`](aiocoro::aio::AioContext).
     pub fn let_others_run(&self) {
         self.co.reschedule();
     }
