@@ -19,6 +19,9 @@ use crate::transmission;
 /// haggling, then requests until `DISC` (see [`transmission::serve`]). Returns when the
 /// connection is over, with the stream closed. A client that has not chosen an export (or
 /// aborted) within `handshake_limit` of the greeting is disconnected (`None`: no limit).
+/// `on_transmission` is called when the client has chosen the export, before its first
+/// request; it is never called for a client that aborts or fails the handshake (a server that
+/// ends after its client, as `qemu-nbd` without `-t`, counts only clients that got this far).
 ///
 /// # Errors
 ///
@@ -34,6 +37,7 @@ pub fn serve_connection<S: AsRawFd + 'static>(
     stream: S,
     export: Arc<Export>,
     handshake_limit: Option<Duration>,
+    on_transmission: impl FnOnce(),
 ) -> io::Result<()>
 where
     for<'s> &'s S: Read + Write,
@@ -59,7 +63,10 @@ where
         }
     };
     match negotiated {
-        Negotiated::Transmission(session) => transmission::serve(co, stream, export, session),
+        Negotiated::Transmission(session) => {
+            on_transmission();
+            transmission::serve(co, stream, export, session)
+        }
         Negotiated::Aborted => Ok(()),
     }
 }

@@ -12,8 +12,9 @@ use crate::socket::CoSocket;
 use crate::wire;
 
 /// The largest option payload read into memory. A longer one is answered with
-/// `NBD_REP_ERR_TOO_BIG` and the connection closed (its payload is never read, so nothing is
-/// allocated by the client's say-so). The protocol caps names at 4096 bytes.
+/// `NBD_REP_ERR_TOO_BIG` (unless it is an `EXPORT_NAME`, which has no error reply, or the
+/// client lacks fixed newstyle) and the connection closed (its payload is never read, so
+/// nothing is allocated by the client's say-so). The protocol caps names at 4096 bytes.
 pub const MAX_OPTION_LENGTH: u32 = 16 * 1024;
 
 /// What the option phase settled for the transmission phase.
@@ -40,9 +41,15 @@ pub enum Negotiated {
 /// # Errors
 ///
 /// An I/O error, a bad option magic, an unknown name in `EXPORT_NAME` (which has no error
-/// reply), an oversized option, or, from a client without fixed newstyle, any option but
+/// reply) or an `EXPORT_NAME` after `EXTENDED_HEADERS` (which the protocol forbids), an
+/// oversized option, or, from a client without fixed newstyle, any option but
 /// `EXPORT_NAME` (such a client reads no error replies, as in qemu-nbd): the connection must
 /// then be closed.
+///
+/// # Panics
+///
+/// If the calling thread has no [`AioContext`](aiocoro::aio::AioContext): between options
+/// the negotiation lets the context's other coroutines run.
 pub fn negotiate<S: AsRawFd>(
     socket: &CoSocket<'_, S>,
     export: &Export,
@@ -52,7 +59,14 @@ where
     for<'s> &'s S: Read + Write,
 {
     let mut session = Session { mode: ReplyMode::Simple, contexts: Vec::new() };
+    let mut first = true;
     loop {
+        if !std::mem::take(&mut first) {
+            // A client that pipelines options, reading the replies as they come, may never
+            // make this loop wait: its turn ends with each option, so that it cannot hold
+            // the thread's other connections up.
+            socket.let_others_run();
+        }
         let magic = socket.read_u64()?;
         if magic != wire::OPTION_MAGIC {
             return Err(protocol_error(format!("option with bad magic {magic:#x}")));
@@ -66,8 +80,8 @@ where
             )));
         }
         if length > MAX_OPTION_LENGTH {
-            // A client without fixed newstyle reads no error replies.
-            if flags.fixed_newstyle {
+            // EXPORT_NAME has no error reply, and a client without fixed newstyle reads none.
+            if flags.fixed_newstyle && option != wire::OPT_EXPORT_NAME {
                 reply(socket, option, wire::REP_ERR_TOO_BIG, b"option payload too large")?;
             }
             return Err(protocol_error(format!("option {option} of {length} bytes")));
@@ -78,6 +92,11 @@ where
             wire::OPT_EXPORT_NAME => {
                 if payload != export.name.as_bytes() {
                     return Err(protocol_error("EXPORT_NAME of an unknown export".into()));
+                }
+                if session.mode == ReplyMode::Extended {
+                    // The client MUST NOT: which headers it would send is unclear, and the
+                    // option has no error reply.
+                    return Err(protocol_error("EXPORT_NAME after EXTENDED_HEADERS".into()));
                 }
                 let mut answer = Vec::with_capacity(10 + 124);
                 answer.extend_from_slice(&export.size().to_be_bytes());

@@ -127,6 +127,17 @@ where
         Ok(())
     }
 
+    /// Lets the other coroutines of this thread's context run (and its events be polled),
+    /// then continues ([`Co::reschedule`]): for a loop that reads and writes without ever
+    /// waiting when its peer keeps the socket full and empty, which would hold the thread.
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread has no [`AioContext`](aiocoro::aio::AioContext).
+    pub fn let_others_run(&self) {
+        self.co.reschedule();
+    }
+
     /// Reads a big-endian `u32`.
     pub fn read_u32(&self) -> io::Result<u32> {
         let mut bytes = [0; 4];

@@ -131,10 +131,21 @@ fn bad_and_unknown_options_get_error_replies() {
     client.send(&header);
     assert_eq!(client.option_reply().kind, wire::REP_ERR_TOO_BIG);
     assert!(client.is_closed());
-    // EXPORT_NAME of an unknown export has no error reply: the connection closes.
+    // But EXPORT_NAME has no error reply, whoever sends it: an oversized one is closed
+    // unanswered (the client would read a TOO_BIG reply as the export's size and flags).
     let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
-    client.option(wire::OPT_EXPORT_NAME, b"nope");
-    assert!(client.is_closed());
+    let mut header = wire::OPTION_MAGIC.to_be_bytes().to_vec();
+    header.extend_from_slice(&wire::OPT_EXPORT_NAME.to_be_bytes());
+    header.extend_from_slice(&(MAX_OPTION_LENGTH + 1).to_be_bytes());
+    client.send(&header);
+    assert!(client.is_closed(), "an oversized EXPORT_NAME must close the connection, unanswered");
+    // EXPORT_NAME of an unknown export has no error reply: the connection closes. Names are
+    // compared whole: one with a NUL in it is unknown (qemu-nbd takes "disk\0junk" as "disk").
+    for name in [&b"nope"[..], b"disk\0", b"disk\0junk"] {
+        let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
+        client.option(wire::OPT_EXPORT_NAME, name);
+        assert!(client.is_closed(), "EXPORT_NAME {name:?} must close the connection");
+    }
     // ABORT is acknowledged, then the connection closes.
     let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
     client.option(wire::OPT_ABORT, &[]);
@@ -154,8 +165,11 @@ fn bad_and_unknown_options_get_error_replies() {
 #[test]
 fn export_name_honours_no_zeroes() {
     let (server, _dir) = start("export-name", &[]);
-    for (flags, padding) in [(wire::CLIENT_NO_ZEROES, 0), (0, 124)] {
-        let mut client = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE | flags);
+    // With fixed newstyle or without (NO_ZEROES does not depend on it, as in qemu-nbd).
+    let fixed = wire::CLIENT_FIXED_NEWSTYLE;
+    let no_zeroes = wire::CLIENT_NO_ZEROES;
+    for (flags, padding) in [(fixed | no_zeroes, 0), (fixed, 124), (no_zeroes, 0), (0, 124)] {
+        let mut client = Client::with_flags(&server, flags);
         client.option(wire::OPT_EXPORT_NAME, b"");
         let answer = client.read(10 + padding);
         assert_eq!(answer[..8], SIZE.to_be_bytes());
@@ -241,4 +255,34 @@ fn a_read_only_export_refuses_every_write_with_eperm() {
     client.request(wire::CMD_DISC, 0, 0, 0, &[]);
     assert!(client.is_closed());
     assert!(server.is_running());
+}
+
+/// Without `-t`, the server exits after a client that reached transmission, as qemu-nbd does
+/// (its `nbd_client_closed` counts negotiated clients only): clients that abort, break or
+/// drop the handshake (`nbdinfo --list`, a health check, a port scan) must not end it before
+/// the client it is meant for has come.
+#[test]
+fn without_persistent_only_a_client_that_reached_transmission_ends_the_server() {
+    let dir = temp_dir("oneshot-handshakes");
+    let image = qcow2_image(&dir, "1M");
+    let server = Server::start(&dir, &image, &["-f", "qcow2", "--iothreads", "1"]);
+    // Each is closed by the server (or was dropped) before the next: one at a time.
+    let mut aborted = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
+    aborted.option(wire::OPT_ABORT, &[]);
+    assert_eq!(aborted.option_reply().kind, wire::REP_ACK);
+    assert!(aborted.is_closed());
+    let mut unknown_flags = Client::with_flags(&server, 1 << 7);
+    assert!(unknown_flags.is_closed(), "unknown client flags must close the connection");
+    let mut unknown_export = Client::with_flags(&server, wire::CLIENT_FIXED_NEWSTYLE);
+    unknown_export.option(wire::OPT_EXPORT_NAME, b"nope");
+    assert!(unknown_export.is_closed());
+    let mut hung_up = Client::connect(&server);
+    hung_up.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(hung_up.is_closed());
+    // The client it was started for is served, and its leaving ends the server.
+    let (mut client, _) = Client::transmission(&server);
+    assert_eq!(client.write(0, 0, &[9; 512]), 0);
+    client.request(wire::CMD_DISC, 0, 0, 0, &[]);
+    assert!(client.is_closed());
+    assert!(server.wait_exit().success(), "the server must exit after its client");
 }

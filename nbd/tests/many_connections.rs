@@ -209,3 +209,49 @@ fn running_out_of_descriptors_drops_no_client_and_accepting_resumes() {
     assert_eq!(third.read_data(0, 4096), vec![1; 4096]);
     assert!(server.log().contains("Too many open files"), "unreported: {}", server.log());
 }
+
+/// Clients that hang up (half-close) after each byte of a handshake, from none to all of it:
+/// each connection is closed by the server, which then holds no connection or descriptor more
+/// than before and goes on serving.
+#[test]
+fn hang_ups_at_every_byte_of_the_handshake_leak_nothing() {
+    let dir = temp_dir("handshake-hang-ups");
+    let image = qcow2_image(&dir, "1M");
+    let mut server = Server::start_logged(&dir, &image, &["-t", "-e", "4", "--iothreads", "2"]);
+    active_client(&server, 0, 1);
+    active_client(&server, 1, 1);
+    let fds = wait_for_baseline(&mut server, [0, 0, 0], None);
+    let option = |option: u32, data: &[u8]| {
+        let mut bytes = wire::OPTION_MAGIC.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&option.to_be_bytes());
+        bytes.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    };
+    let mut meta = vec![0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 15];
+    meta.extend_from_slice(b"base:allocation");
+    let handshake = [
+        (wire::CLIENT_FIXED_NEWSTYLE | wire::CLIENT_NO_ZEROES).to_be_bytes().to_vec(),
+        option(wire::OPT_STRUCTURED_REPLY, &[]),
+        option(wire::OPT_SET_META_CONTEXT, &meta),
+        option(wire::OPT_LIST, &[]),
+        option(42, b"unknown"),
+        option(wire::OPT_INFO, &[0, 0, 0, 0, 0, 1, 0, 3]),
+        option(wire::OPT_GO, &[0, 0, 0, 0, 0, 0]),
+    ]
+    .concat();
+    for cut in 0..=handshake.len() {
+        let mut client = Client::connect(&server);
+        client.send(&handshake[..cut]);
+        client.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        // The replies to what was sent, then the end (a reset if the server left bytes unread).
+        let mut answers = Vec::new();
+        match std::io::Read::read_to_end(&mut client.stream, &mut answers) {
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(error) => panic!("hung up after {cut} bytes: the server did not close: {error}"),
+        }
+    }
+    wait_for_baseline(&mut server, [0, 0, 0], Some(fds));
+    active_client(&server, 2, 1);
+}

@@ -223,6 +223,31 @@ fn the_new_options_answer_malformed_and_repeated_requests_with_errors() {
     assert!(client.is_closed());
 }
 
+/// "Once extended headers are successfully requested, a client MUST NOT use
+/// `NBD_OPT_EXPORT_NAME`": which headers such a client would send is anyone's guess, and
+/// `EXPORT_NAME` has no error reply, so the connection closes (as with qemu-nbd). After
+/// structured replies alone `EXPORT_NAME` is fine, and transmission is structured.
+#[test]
+fn export_name_after_extended_headers_closes_the_connection() {
+    let (mut server, _dir) = start("export-name-extended");
+    let flags = wire::CLIENT_FIXED_NEWSTYLE | wire::CLIENT_NO_ZEROES;
+    let mut client = Client::with_flags(&server, flags);
+    assert_eq!(option(&mut client, wire::OPT_EXTENDED_HEADERS, &[])[0].0, wire::REP_ACK);
+    client.option(wire::OPT_EXPORT_NAME, b"");
+    assert!(client.is_closed(), "EXPORT_NAME after extended headers must close the connection");
+    let mut client = Client::with_flags(&server, flags);
+    assert_eq!(option(&mut client, wire::OPT_STRUCTURED_REPLY, &[])[0].0, wire::REP_ACK);
+    client.option(wire::OPT_EXPORT_NAME, b"");
+    let answer = client.read(10);
+    assert_eq!(answer[..8], SIZE.to_be_bytes());
+    let transmission_flags = u16::from_be_bytes([answer[8], answer[9]]);
+    assert_ne!(transmission_flags & wire::TFLAG_SEND_DF, 0, "DF with structured replies");
+    let chunks = request(&mut client, false, wire::CMD_READ, 0, 0, 512, &[]);
+    assert_eq!(chunks.len(), 1, "{chunks:?}");
+    assert_eq!((chunks[0].kind, chunks[0].payload.len()), (wire::REPLY_TYPE_OFFSET_DATA, 8 + 512));
+    assert!(server.is_running());
+}
+
 #[test]
 fn structured_reads_skip_holes_and_errors_come_as_error_chunks() {
     let (mut server, _dir) = start("structured-reads");

@@ -147,16 +147,21 @@ impl Stream {
     }
 
     /// Serves the client on this stream (see [`serve_connection`]), its handshake limited to
-    /// `handshake_limit`.
+    /// `handshake_limit`; `on_transmission` is called if the client gets past the handshake.
     pub(crate) fn serve(
         self,
         co: &Co,
         export: Arc<Export>,
         handshake_limit: Option<Duration>,
+        on_transmission: impl FnOnce(),
     ) -> io::Result<()> {
         match self {
-            Stream::Tcp(stream) => serve_connection(co, stream, export, handshake_limit),
-            Stream::Unix(stream) => serve_connection(co, stream, export, handshake_limit),
+            Stream::Tcp(stream) => {
+                serve_connection(co, stream, export, handshake_limit, on_transmission)
+            }
+            Stream::Unix(stream) => {
+                serve_connection(co, stream, export, handshake_limit, on_transmission)
+            }
         }
     }
 }

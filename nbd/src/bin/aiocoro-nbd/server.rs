@@ -1,5 +1,6 @@
 //! Accepting clients and handing each to an IoThread, round robin, until it is time to stop.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
@@ -18,24 +19,33 @@ enum Event {
     Accepted(Stream),
     /// Accepting failed for good.
     AcceptFailed(io::Error),
-    /// The connection of this number ended (normally, with an error, or by a panic).
-    Ended(u64),
+    /// The connection of this number ended (normally, with an error, or by a panic), after its
+    /// client reached transmission or not.
+    Ended { number: u64, transmitted: bool },
     /// SIGINT or SIGTERM: shut down.
     Terminate,
 }
 
 /// Tells the main thread that a connection ended when dropped, even by a panic's unwinding.
-struct EndNotice(Sender<Event>, u64);
+struct EndNotice {
+    events: Sender<Event>,
+    number: u64,
+    /// Set once the client has chosen the export (past the handshake).
+    transmitted: Cell<bool>,
+}
 
 impl Drop for EndNotice {
     fn drop(&mut self) {
-        let _ = self.0.send(Event::Ended(self.1));
+        let (number, transmitted) = (self.number, self.transmitted.get());
+        let _ = self.events.send(Event::Ended { number, transmitted });
     }
 }
 
 /// How the server runs.
 pub(crate) struct ServePolicy {
-    /// Keep serving after the last client (`-t`).
+    /// Keep serving after the last client (`-t`); without it, the server ends once a client
+    /// that reached transmission has gone and no other is connected (clients that abort or
+    /// fail the handshake do not count, as in `qemu-nbd`).
     pub persistent: bool,
     /// How many clients are served at once (`-e`); later ones wait, connected.
     pub shared: usize,
@@ -44,8 +54,9 @@ pub(crate) struct ServePolicy {
 }
 
 /// Serves `export` to the clients of `listener` on `threads`, round robin, until (without
-/// `persistent`) a client has come and gone and no other is connected, or until SIGINT or
-/// SIGTERM: then every connection is shut down and its running requests let finish.
+/// `persistent`) a client has come, reached transmission and gone and no other is connected,
+/// or until SIGINT or SIGTERM: then every connection is shut down and its running requests let
+/// finish.
 ///
 /// # Errors
 ///
@@ -151,6 +162,8 @@ fn run_events(
     // A second handle on each running connection, to shut it down on a signal.
     let mut active: HashMap<u64, Stream> = HashMap::new();
     let (mut served, mut next_thread, mut terminating) = (0u64, 0usize, false);
+    // Whether a client has reached transmission (and so may end a server without -t).
+    let mut transmitted = false;
     loop {
         while active.len() < policy.shared
             && !terminating
@@ -161,12 +174,14 @@ fn run_events(
             };
             let thread = &threads[next_thread % threads.len()];
             next_thread += 1;
-            let (export, notice) = (export.clone(), EndNotice(events.clone(), served));
+            let notice =
+                EndNotice { events: events.clone(), number: served, transmitted: Cell::new(false) };
+            let export = export.clone();
             let handshake_limit = policy.handshake_limit;
             let started = thread.handle().spawn(move |co| {
-                let _notice = notice;
+                let notice = notice;
                 let stream: Stream = stream;
-                match stream.serve(co, export, handshake_limit) {
+                match stream.serve(co, export, handshake_limit, || notice.transmitted.set(true)) {
                     // A client hanging up without DISC (as many do) is no error to report.
                     Ok(()) => {}
                     Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {}
@@ -179,7 +194,7 @@ fn run_events(
             active.insert(served, handle);
             served += 1;
         }
-        let finished = !policy.persistent && served > 0 && waiting.is_empty();
+        let finished = !policy.persistent && transmitted && waiting.is_empty();
         if active.is_empty() && (finished || terminating) {
             return Ok(());
         }
@@ -187,7 +202,10 @@ fn run_events(
             Event::Accepted(stream) if terminating => drop(stream),
             Event::Accepted(stream) => waiting.push_back(stream),
             Event::AcceptFailed(error) => return Err(error),
-            Event::Ended(number) => drop(active.remove(&number)),
+            Event::Ended { number, transmitted: reached } => {
+                transmitted |= reached;
+                drop(active.remove(&number));
+            }
             Event::Terminate => {
                 terminating = true;
                 waiting.clear();
