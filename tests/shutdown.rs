@@ -402,6 +402,108 @@ fn a_stop_waits_for_an_uncancellable_section_and_cancels_before_the_next() {
     assert_eq!(dropped.load(Ordering::SeqCst), 1, "the coroutine was cancelled (unwound)");
 }
 
+/// Waits in its drop, on a waker it hands out through its channel: a destructor that finishes
+/// something (a request guard) while its coroutine unwinds.
+struct WaitsOnDrop<'co> {
+    co: &'co aiocoro::coroutine::Co,
+    wakers: mpsc::Sender<aiocoro::aio::Waker>,
+    finished: Arc<AtomicUsize>,
+}
+
+impl Drop for WaitsOnDrop<'_> {
+    fn drop(&mut self) {
+        let wait = self.co.prepare_wait();
+        self.wakers.send(wait.waker()).unwrap();
+        wait.wait();
+        self.finished.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Spawns, on `iothread`, a coroutine that sleeps until its context cancels it, and returns
+/// the channel that says so (its destructor ran): the shutdown is cancelling from then on.
+fn cancelling_signal(iothread: &IoThread) -> mpsc::Receiver<()> {
+    struct Signal(mpsc::Sender<()>);
+    impl Drop for Signal {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let (cancelled, signal) = mpsc::channel();
+    spawn_and_settle(iothread, move |co, ready| {
+        let _signal = Signal(cancelled);
+        ready.send(()).unwrap();
+        co.sleep(Duration::from_secs(3600));
+    });
+    signal
+}
+
+/// Stops `iothread` on a thread of its own; the receiver says the stop returned.
+fn stop_in_background(iothread: IoThread) -> mpsc::Receiver<thread::Result<()>> {
+    let (stopped, stop_returned) = mpsc::channel();
+    thread::spawn(move || stopped.send(panic::catch_unwind(AssertUnwindSafe(|| iothread.stop()))));
+    stop_returned
+}
+
+#[test]
+fn a_destructor_that_waits_while_its_coroutine_panics_is_not_cancelled_by_a_stop() {
+    // A cancellation unwinds from the wait; from a destructor that runs during a panic's
+    // unwinding, that aborted the process ("panic in a destructor during cleanup").
+    let iothread = IoThread::spawn("panicking").unwrap();
+    let cancelling = cancelling_signal(&iothread);
+    let (wakers, waker) = mpsc::channel();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let f = finished.clone();
+    let panicker = iothread
+        .handle()
+        .spawn(move |co| {
+            let _guard = WaitsOnDrop { co, wakers, finished: f };
+            panic!("a request failed");
+        })
+        .unwrap();
+    // The destructor waits, registered before the stop.
+    let waker = waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits");
+    let stop_returned = stop_in_background(iothread);
+    cancelling.recv_timeout(Duration::from_secs(10)).expect("the shutdown cancels");
+    waker.wake();
+    let stopped = stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
+    assert!(stopped.is_ok(), "the stop does not panic");
+    assert_eq!(finished.load(Ordering::SeqCst), 1, "the destructor's wait ended by its wake");
+    assert_eq!(panic_message(panicker.join().unwrap_err()), "a request failed");
+}
+
+#[test]
+fn a_section_that_panics_while_a_stop_cancels_lets_the_destructors_wait() {
+    // The section ends (by its panic) once the shutdown cancels; a destructor outside it that
+    // waits then must not be cancelled in the middle of the panic's unwinding.
+    let iothread = IoThread::spawn("section panics").unwrap();
+    let cancelling = cancelling_signal(&iothread);
+    let (wakers, waker) = mpsc::channel();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let f = finished.clone();
+    let (section_wakers, section_waker) = mpsc::channel();
+    let panicker = iothread
+        .handle()
+        .spawn(move |co| {
+            let _guard = WaitsOnDrop { co, wakers, finished: f };
+            co.run_uncancellable(|| {
+                let wait = co.prepare_wait();
+                section_wakers.send(wait.waker()).unwrap();
+                wait.wait();
+                panic!("a request failed");
+            })
+        })
+        .unwrap();
+    let section_waker = section_waker.recv_timeout(Duration::from_secs(10)).expect("in section");
+    let stop_returned = stop_in_background(iothread);
+    cancelling.recv_timeout(Duration::from_secs(10)).expect("the shutdown cancels");
+    section_waker.wake();
+    // The destructor's wait starts while the shutdown cancels: it is not cancelled at once.
+    waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits").wake();
+    let stopped = stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
+    assert!(stopped.is_ok(), "the stop does not panic");
+    assert_eq!(finished.load(Ordering::SeqCst), 1, "the destructor's wait ended by its wake");
+    assert_eq!(panic_message(panicker.join().unwrap_err()), "a request failed");
+}
 /// Drops the last handle of `ctx` from inside one of its own coroutines: that shutdown cannot
 /// block for the waits it cannot cancel, so it leaks them (step 3 of `AioContext`'s shutdown).
 fn drop_inside_a_coroutine(ctx: AioContext) {

@@ -372,8 +372,9 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///    taking its lock back, a `CoRwLock` waiter (it gets the lock in its turn and is cancelled
 ///    at its next wait), a wait inside a section of [`Co::run_uncancellable`] (a storage
 ///    request of `aiocoro-block`: it ends whole, and the coroutine is cancelled where its next
-///    section would start), a wait in a destructor that runs during a cancellation. The non-blocking
-///    polls here are bounded as in the drain. So a shutdown waits
+///    section would start), a wait in a destructor that runs while its coroutine unwinds (from
+///    its cancellation or a panic of its own: a cancellation there could not unwind, and would
+///    abort the process). The non-blocking polls here are bounded as in the drain. So a shutdown waits
 ///    for a lock that such a coroutine needs and another thread holds; if the thread that drops
 ///    the context holds it, that is a deadlock, as in QEMU's drain. A shutdown run by a
 ///    coroutine of the context (it dropped the last handle) does not block at all: it could

@@ -209,6 +209,7 @@ unsafe fn run(slot: &Slot, caller: *const Slot) {
     if cfg!(debug_assertions) {
         slot.locks_at_entry.set(crate::sync::yield_check::held());
     }
+    slot.panicking_at_entry.set(std::thread::panicking());
     // SAFETY: as promised by the caller.
     unsafe { make_current(slot, caller) };
     // Restores the current coroutine, and ends this one if its body panicked, also when
