@@ -504,6 +504,45 @@ fn a_section_that_panics_while_a_stop_cancels_lets_the_destructors_wait() {
     assert_eq!(finished.load(Ordering::SeqCst), 1, "the destructor's wait ended by its wake");
     assert_eq!(panic_message(panicker.join().unwrap_err()), "a request failed");
 }
+
+#[test]
+fn a_stop_waits_for_a_section_that_reschedules_until_another_thread_is_done() {
+    // A section that parks (reschedules) instead of waiting was left suspended for good by
+    // the shutdown, half done, once its polls stopped finishing coroutines; its joiner was told
+    // it was cancelled.
+    let iothread = IoThread::spawn("section spins").unwrap();
+    let cancelling = cancelling_signal(&iothread);
+    let done = Arc::new(AtomicBool::new(false));
+    let (started, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (d, s, f) = (done.clone(), started.clone(), finished.clone());
+    let spinner = iothread
+        .handle()
+        .spawn(move |co| {
+            co.run_uncancellable(|| {
+                s.fetch_add(1, Ordering::SeqCst);
+                while !d.load(Ordering::SeqCst) {
+                    co.reschedule();
+                }
+                f.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .unwrap();
+    while started.load(Ordering::SeqCst) == 0 {
+        thread::yield_now();
+    }
+    let stop_returned = stop_in_background(iothread);
+    cancelling.recv_timeout(Duration::from_secs(10)).expect("the shutdown cancels");
+    let (joined, join_result) = mpsc::channel();
+    thread::spawn(move || joined.send(spinner.join().is_ok()).unwrap());
+    // Before the other thread is done, the join must not end (it did, with the cancellation).
+    let early = join_result.recv_timeout(Duration::from_millis(200)).ok();
+    done.store(true, Ordering::SeqCst);
+    let stopped = stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
+    assert!(stopped.is_ok(), "the stop does not panic");
+    assert_eq!(early, None, "the section's coroutine ended before its section could");
+    assert!(join_result.recv_timeout(Duration::from_secs(10)).expect("the join returns"));
+    assert_eq!(finished.load(Ordering::SeqCst), 1, "the section ran to its end");
+}
 /// Drops the last handle of `ctx` from inside one of its own coroutines: that shutdown cannot
 /// block for the waits it cannot cancel, so it leaks them (step 3 of `AioContext`'s shutdown).
 fn drop_inside_a_coroutine(ctx: AioContext) {
