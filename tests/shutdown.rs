@@ -749,3 +749,34 @@ fn a_coqueue_wake_skips_a_consumer_leaked_by_a_shutdown() {
     assert_eq!(*guard, 0, "the item was consumed once");
     assert!(queue.is_empty(&guard), "the leaked consumer's record was dropped with the wake");
 }
+
+#[test]
+fn an_iothread_stopped_by_one_of_its_own_coroutines_stops_without_waiting_for_itself() {
+    // The stop joined the calling thread itself: std panicked ("failed to join thread:
+    // Resource deadlock avoided"), from a drop of the IoThread too.
+    let iothread = IoThread::spawn("stops itself").unwrap();
+    let handle = iothread.handle().clone();
+    let (give, take) = mpsc::channel::<IoThread>();
+    let d = Arc::new(AtomicUsize::new(0));
+    let d2 = d.clone();
+    let (returned, stop_returned) = mpsc::channel();
+    let stopper = handle
+        .spawn(move |co| {
+            let _dropped = Dropped(d2);
+            let iothread = take.recv().unwrap();
+            let stopped =
+                panic::catch_unwind(AssertUnwindSafe(|| co.run_uncancellable(|| iothread.stop())));
+            returned.send(stopped.is_ok()).unwrap();
+            // The stop happens once this coroutine yields: it is cancelled at its next wait.
+            co.sleep(Duration::from_secs(3600));
+        })
+        .unwrap();
+    give.send(iothread).unwrap();
+    let stopped = stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
+    assert!(stopped, "the stop does not panic");
+    let (joined, join_result) = mpsc::channel();
+    thread::spawn(move || joined.send(stopper.join().map_err(panic_message)).unwrap());
+    let joined = join_result.recv_timeout(Duration::from_secs(10)).expect("the join returns");
+    assert_eq!(joined, Err(CANCELLED.to_owned()));
+    assert_eq!(d.load(Ordering::SeqCst), 1, "the coroutine was cancelled (unwound)");
+}

@@ -90,6 +90,12 @@ impl IoThread {
     /// a lock that a cancelled `CoQueue` waiter must take back for its caller's guard: do not
     /// hold such a lock while stopping the thread whose coroutine waits under it.
     ///
+    /// Called on the thread itself (by one of its coroutines, or a callback), or when the
+    /// thread drops its own `IoThread`, the stop cannot wait for the thread: it only asks, and
+    /// returns. The thread stops as above once the caller has returned to its poll (a
+    /// coroutine, at its next wait, where the shutdown then cancels it), and a panic there
+    /// reaches nobody.
+    ///
     /// # Panics
     ///
     /// With the thread's panic, if it panicked.
@@ -104,6 +110,11 @@ impl IoThread {
         // is gone already: the thread is exiting anyway.
         let running = self.running.clone();
         let _ = self.handle.schedule_oneshot(move || running.store(false, Ordering::Release));
+        if thread.thread().id() == std::thread::current().id() {
+            // Asked by the thread itself (one of its coroutines), which cannot wait for itself:
+            // it stops once the caller is back in its poll.
+            return;
+        }
         if let Err(panic) = thread.join()
             && !std::thread::panicking()
         {
