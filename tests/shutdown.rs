@@ -780,3 +780,40 @@ fn an_iothread_stopped_by_one_of_its_own_coroutines_stops_without_waiting_for_it
     assert_eq!(joined, Err(CANCELLED.to_owned()));
     assert_eq!(d.load(Ordering::SeqCst), 1, "the coroutine was cancelled (unwound)");
 }
+
+#[test]
+fn a_section_that_panics_lifts_its_shield_so_the_next_wait_is_cancelled() {
+    // Nested sections; the inner one panics once the stop cancels, the outer catches it and
+    // ends; the wait after them is cancelled at once (no shield is left behind).
+    let iothread = IoThread::spawn("shield lifted").unwrap();
+    let cancelling = cancelling_signal(&iothread);
+    let (wakers, waker) = mpsc::channel();
+    let outer_ended = Arc::new(AtomicBool::new(false));
+    let ended = outer_ended.clone();
+    let sectioned = iothread
+        .handle()
+        .spawn(move |co| {
+            co.run_uncancellable(|| {
+                let caught = panic::catch_unwind(AssertUnwindSafe(|| {
+                    co.run_uncancellable(|| {
+                        let wait = co.prepare_wait();
+                        wakers.send(wait.waker()).unwrap();
+                        wait.wait();
+                        panic!("inner section failed");
+                    })
+                }));
+                assert!(caught.is_err());
+            });
+            ended.store(true, Ordering::SeqCst);
+            co.sleep(Duration::from_secs(3600));
+        })
+        .unwrap();
+    let waker = waker.recv_timeout(Duration::from_secs(10)).expect("in the inner section");
+    let stop_returned = stop_in_background(iothread);
+    cancelling.recv_timeout(Duration::from_secs(10)).expect("the shutdown cancels");
+    waker.wake();
+    let stopped = stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
+    assert!(stopped.is_ok(), "the stop does not panic");
+    assert!(outer_ended.load(Ordering::SeqCst), "the outer section ran to its end");
+    assert_eq!(panic_message(sectioned.join().unwrap_err()), CANCELLED);
+}
