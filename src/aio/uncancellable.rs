@@ -46,8 +46,11 @@ impl Co {
         if self.is_model() {
             return f();
         }
-        self.cancel_if_cancelling();
-        let _section = Section::begin();
+        let (section, cancelling) = Section::begin();
+        if cancelling && self.may_be_cancelled() {
+            drop(section);
+            self.unwind_cancelled();
+        }
         self.shielded(f)
     }
 }
@@ -60,15 +63,20 @@ struct Section {
 }
 
 impl Section {
-    fn begin() -> Section {
+    /// Counts a section in this thread's context; returns it and whether the context is
+    /// cancelling its coroutines (one look at the context for both).
+    fn begin() -> (Section, bool) {
         // SAFETY: the count update runs no other code.
-        let context = unsafe {
+        let counted = unsafe {
             with_current_brief(|local| {
                 local.sections.set(local.sections.get() + 1);
-                local.shared.id
+                (local.shared.id, local.is_cancelling())
             })
         };
-        Section { context }
+        match counted {
+            Some((context, cancelling)) => (Section { context: Some(context) }, cancelling),
+            None => (Section { context: None }, false),
+        }
     }
 }
 
