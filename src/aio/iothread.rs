@@ -86,9 +86,11 @@ impl IoThread {
     /// `CoMutex`, a `CoQueue`, a sleep, a thread-pool job, rescheduling, ...): they unwind from
     /// their waits, their joiners get the cancellation, their destructors run,
     /// and the locks they waited for stay usable by everybody else (see [`AioContext`]'s
-    /// shutdown). The join waits for that, including a thread-pool job that is running and for
-    /// a lock that a cancelled `CoQueue` waiter must take back for its caller's guard: do not
-    /// hold such a lock while stopping the thread whose coroutine waits under it.
+    /// shutdown). The join waits for that, including a thread-pool job that is running, a
+    /// [`Co::run_uncancellable`](crate::coroutine::Co::run_uncancellable) section in progress
+    /// (it ends whole), and a lock that a cancelled `CoQueue` waiter must take back for its
+    /// caller's guard: do not hold such a lock, or what such a section waits for, while
+    /// stopping the thread whose coroutine waits under it.
     ///
     /// Called on the thread itself (by one of its coroutines, or a callback), or when the
     /// thread drops its own `IoThread`, the stop cannot wait for the thread: it only asks, and
