@@ -402,6 +402,147 @@ fn a_stop_waits_for_an_uncancellable_section_and_cancels_before_the_next() {
     assert_eq!(dropped.load(Ordering::SeqCst), 1, "the coroutine was cancelled (unwound)");
 }
 
+/// Waits in its drop, on a waker it hands out through its channel: a destructor that finishes
+/// something (a request guard) while its coroutine unwinds.
+struct WaitsOnDrop<'co> {
+    co: &'co aiocoro::coroutine::Co,
+    wakers: mpsc::Sender<aiocoro::aio::Waker>,
+    finished: Arc<AtomicUsize>,
+}
+
+impl Drop for WaitsOnDrop<'_> {
+    fn drop(&mut self) {
+        let wait = self.co.prepare_wait();
+        self.wakers.send(wait.waker()).unwrap();
+        wait.wait();
+        self.finished.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Spawns, on `iothread`, a coroutine that sleeps until its context cancels it, and returns
+/// the channel that says so (its destructor ran): the shutdown is cancelling from then on.
+fn cancelling_signal(iothread: &IoThread) -> mpsc::Receiver<()> {
+    struct Signal(mpsc::Sender<()>);
+    impl Drop for Signal {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let (cancelled, signal) = mpsc::channel();
+    spawn_and_settle(iothread, move |co, ready| {
+        let _signal = Signal(cancelled);
+        ready.send(()).unwrap();
+        co.sleep(Duration::from_secs(3600));
+    });
+    signal
+}
+
+/// Stops `iothread` on a thread of its own; the receiver says the stop returned.
+fn stop_in_background(iothread: IoThread) -> mpsc::Receiver<thread::Result<()>> {
+    let (stopped, stop_returned) = mpsc::channel();
+    thread::spawn(move || stopped.send(panic::catch_unwind(AssertUnwindSafe(|| iothread.stop()))));
+    stop_returned
+}
+
+#[test]
+fn a_destructor_that_waits_while_its_coroutine_panics_is_not_cancelled_by_a_stop() {
+    // A cancellation unwinds from the wait; from a destructor that runs during a panic's
+    // unwinding, that aborted the process ("panic in a destructor during cleanup").
+    let iothread = IoThread::spawn("panicking").unwrap();
+    let cancelling = cancelling_signal(&iothread);
+    let (wakers, waker) = mpsc::channel();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let f = finished.clone();
+    let panicker = iothread
+        .handle()
+        .spawn(move |co| {
+            let _guard = WaitsOnDrop { co, wakers, finished: f };
+            panic!("a request failed");
+        })
+        .unwrap();
+    // The destructor waits, registered before the stop.
+    let waker = waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits");
+    let stop_returned = stop_in_background(iothread);
+    cancelling.recv_timeout(Duration::from_secs(10)).expect("the shutdown cancels");
+    waker.wake();
+    let stopped = stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
+    assert!(stopped.is_ok(), "the stop does not panic");
+    assert_eq!(finished.load(Ordering::SeqCst), 1, "the destructor's wait ended by its wake");
+    assert_eq!(panic_message(panicker.join().unwrap_err()), "a request failed");
+}
+
+#[test]
+fn a_section_that_panics_while_a_stop_cancels_lets_the_destructors_wait() {
+    // The section ends (by its panic) once the shutdown cancels; a destructor outside it that
+    // waits then must not be cancelled in the middle of the panic's unwinding.
+    let iothread = IoThread::spawn("section panics").unwrap();
+    let cancelling = cancelling_signal(&iothread);
+    let (wakers, waker) = mpsc::channel();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let f = finished.clone();
+    let (section_wakers, section_waker) = mpsc::channel();
+    let panicker = iothread
+        .handle()
+        .spawn(move |co| {
+            let _guard = WaitsOnDrop { co, wakers, finished: f };
+            co.run_uncancellable(|| {
+                let wait = co.prepare_wait();
+                section_wakers.send(wait.waker()).unwrap();
+                wait.wait();
+                panic!("a request failed");
+            })
+        })
+        .unwrap();
+    let section_waker = section_waker.recv_timeout(Duration::from_secs(10)).expect("in section");
+    let stop_returned = stop_in_background(iothread);
+    cancelling.recv_timeout(Duration::from_secs(10)).expect("the shutdown cancels");
+    section_waker.wake();
+    // The destructor's wait starts while the shutdown cancels: it is not cancelled at once.
+    waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits").wake();
+    let stopped = stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
+    assert!(stopped.is_ok(), "the stop does not panic");
+    assert_eq!(finished.load(Ordering::SeqCst), 1, "the destructor's wait ended by its wake");
+    assert_eq!(panic_message(panicker.join().unwrap_err()), "a request failed");
+}
+
+#[test]
+fn a_stop_waits_for_a_section_that_reschedules_until_another_thread_is_done() {
+    // A section that parks (reschedules) instead of waiting was left suspended for good by
+    // the shutdown, half done, once its polls stopped finishing coroutines; its joiner was told
+    // it was cancelled.
+    let iothread = IoThread::spawn("section spins").unwrap();
+    let cancelling = cancelling_signal(&iothread);
+    let done = Arc::new(AtomicBool::new(false));
+    let (started, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (d, s, f) = (done.clone(), started.clone(), finished.clone());
+    let spinner = iothread
+        .handle()
+        .spawn(move |co| {
+            co.run_uncancellable(|| {
+                s.fetch_add(1, Ordering::SeqCst);
+                while !d.load(Ordering::SeqCst) {
+                    co.reschedule();
+                }
+                f.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .unwrap();
+    while started.load(Ordering::SeqCst) == 0 {
+        thread::yield_now();
+    }
+    let stop_returned = stop_in_background(iothread);
+    cancelling.recv_timeout(Duration::from_secs(10)).expect("the shutdown cancels");
+    let (joined, join_result) = mpsc::channel();
+    thread::spawn(move || joined.send(spinner.join().is_ok()).unwrap());
+    // Before the other thread is done, the join must not end (it did, with the cancellation).
+    let early = join_result.recv_timeout(Duration::from_millis(200)).ok();
+    done.store(true, Ordering::SeqCst);
+    let stopped = stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
+    assert!(stopped.is_ok(), "the stop does not panic");
+    assert_eq!(early, None, "the section's coroutine ended before its section could");
+    assert!(join_result.recv_timeout(Duration::from_secs(10)).expect("the join returns"));
+    assert_eq!(finished.load(Ordering::SeqCst), 1, "the section ran to its end");
+}
 /// Drops the last handle of `ctx` from inside one of its own coroutines: that shutdown cannot
 /// block for the waits it cannot cancel, so it leaks them (step 3 of `AioContext`'s shutdown).
 fn drop_inside_a_coroutine(ctx: AioContext) {
@@ -607,4 +748,72 @@ fn a_coqueue_wake_skips_a_consumer_leaked_by_a_shutdown() {
     let guard = lock.try_lock().expect("the lock ends free");
     assert_eq!(*guard, 0, "the item was consumed once");
     assert!(queue.is_empty(&guard), "the leaked consumer's record was dropped with the wake");
+}
+
+#[test]
+fn an_iothread_stopped_by_one_of_its_own_coroutines_stops_without_waiting_for_itself() {
+    // The stop joined the calling thread itself: std panicked ("failed to join thread:
+    // Resource deadlock avoided"), from a drop of the IoThread too.
+    let iothread = IoThread::spawn("stops itself").unwrap();
+    let handle = iothread.handle().clone();
+    let (give, take) = mpsc::channel::<IoThread>();
+    let d = Arc::new(AtomicUsize::new(0));
+    let d2 = d.clone();
+    let (returned, stop_returned) = mpsc::channel();
+    let stopper = handle
+        .spawn(move |co| {
+            let _dropped = Dropped(d2);
+            let iothread = take.recv().unwrap();
+            let stopped =
+                panic::catch_unwind(AssertUnwindSafe(|| co.run_uncancellable(|| iothread.stop())));
+            returned.send(stopped.is_ok()).unwrap();
+            // The stop happens once this coroutine yields: it is cancelled at its next wait.
+            co.sleep(Duration::from_secs(3600));
+        })
+        .unwrap();
+    give.send(iothread).unwrap();
+    let stopped = stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
+    assert!(stopped, "the stop does not panic");
+    let (joined, join_result) = mpsc::channel();
+    thread::spawn(move || joined.send(stopper.join().map_err(panic_message)).unwrap());
+    let joined = join_result.recv_timeout(Duration::from_secs(10)).expect("the join returns");
+    assert_eq!(joined, Err(CANCELLED.to_owned()));
+    assert_eq!(d.load(Ordering::SeqCst), 1, "the coroutine was cancelled (unwound)");
+}
+
+#[test]
+fn a_section_that_panics_lifts_its_shield_so_the_next_wait_is_cancelled() {
+    // Nested sections; the inner one panics once the stop cancels, the outer catches it and
+    // ends; the wait after them is cancelled at once (no shield is left behind).
+    let iothread = IoThread::spawn("shield lifted").unwrap();
+    let cancelling = cancelling_signal(&iothread);
+    let (wakers, waker) = mpsc::channel();
+    let outer_ended = Arc::new(AtomicBool::new(false));
+    let ended = outer_ended.clone();
+    let sectioned = iothread
+        .handle()
+        .spawn(move |co| {
+            co.run_uncancellable(|| {
+                let caught = panic::catch_unwind(AssertUnwindSafe(|| {
+                    co.run_uncancellable(|| {
+                        let wait = co.prepare_wait();
+                        wakers.send(wait.waker()).unwrap();
+                        wait.wait();
+                        panic!("inner section failed");
+                    })
+                }));
+                assert!(caught.is_err());
+            });
+            ended.store(true, Ordering::SeqCst);
+            co.sleep(Duration::from_secs(3600));
+        })
+        .unwrap();
+    let waker = waker.recv_timeout(Duration::from_secs(10)).expect("in the inner section");
+    let stop_returned = stop_in_background(iothread);
+    cancelling.recv_timeout(Duration::from_secs(10)).expect("the shutdown cancels");
+    waker.wake();
+    let stopped = stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
+    assert!(stopped.is_ok(), "the stop does not panic");
+    assert!(outer_ended.load(Ordering::SeqCst), "the outer section ran to its end");
+    assert_eq!(panic_message(sectioned.join().unwrap_err()), CANCELLED);
 }

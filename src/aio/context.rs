@@ -187,6 +187,9 @@ pub(crate) struct Local {
     pub(crate) file_io: FileIo,
     /// Where the context is in its life (see [`Phase`]).
     phase: Cell<Phase>,
+    /// How many [`Co::run_uncancellable`] sections of its coroutines are in progress: the
+    /// shutdown waits for them, whether they wait or park (a reschedule, a lock hand-over).
+    pub(crate) sections: Cell<usize>,
 }
 
 /// Where a context is in its life.
@@ -370,10 +373,11 @@ pub(crate) fn no_context(what: &str) -> ! {
 ///    passes on a wake it had received. The context polls until the cancelled coroutines have
 ///    ended; it blocks only for waits that cannot be cancelled: a cancelled `CoQueue` waiter
 ///    taking its lock back, a `CoRwLock` waiter (it gets the lock in its turn and is cancelled
-///    at its next wait), a wait inside a section of [`Co::run_uncancellable`] (a storage
-///    request of `aiocoro-block`: it ends whole, and the coroutine is cancelled where its next
-///    section would start), a wait in a destructor that runs during a cancellation. The non-blocking
-///    polls here are bounded as in the drain. So a shutdown waits
+///    at its next wait), a section of [`Co::run_uncancellable`] in progress, whether it waits
+///    or parks (reschedules) meanwhile (a storage request of `aiocoro-block`: it ends whole,
+///    and the coroutine is cancelled where its next section would start), a wait in a destructor that runs while its coroutine unwinds (from
+///    its cancellation or a panic of its own: a cancellation there could not unwind, and would
+///    abort the process). The non-blocking polls here are bounded as in the drain. So a shutdown waits
 ///    for a lock that such a coroutine needs and another thread holds; if the thread that drops
 ///    the context holds it, that is a deadlock, as in QEMU's drain. A shutdown run by a
 ///    coroutine of the context (it dropped the last handle) does not block at all: it could
@@ -479,6 +483,7 @@ impl AioContext {
             adaptive: RefCell::default(),
             file_io: FileIo::default(),
             phase: Cell::new(Phase::Running),
+            sections: Cell::new(0),
         });
         CURRENT.with(|current| current.set(Rc::as_ptr(&local)));
         Ok(AioContext { local })
@@ -1026,9 +1031,14 @@ impl Local {
         loop {
             self.poll_while_finishing(&mut panic);
             // Stuck without waiting. Only uncancellable waits (locks that unwinding coroutines
-            // retake for their callers' guards, ...) are worth waiting for; a blocking poll
-            // from inside a coroutine could wait for that very coroutine.
-            if self.suspended() == 0 || self.uncancellable_waits() == 0 || in_coroutine() {
+            // retake for their callers' guards, ...) and sections in progress (which may park
+            // rather than wait: a section that reschedules until another thread's work is done)
+            // are worth waiting for; a blocking poll from inside a coroutine could wait for
+            // that very coroutine.
+            if self.suspended() == 0
+                || (self.uncancellable_waits() == 0 && self.sections.get() == 0)
+                || in_coroutine()
+            {
                 return panic;
             }
             self.poll_for_shutdown(true, &mut panic);

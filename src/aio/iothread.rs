@@ -86,9 +86,17 @@ impl IoThread {
     /// `CoMutex`, a `CoQueue`, a sleep, a thread-pool job, rescheduling, ...): they unwind from
     /// their waits, their joiners get the cancellation, their destructors run,
     /// and the locks they waited for stay usable by everybody else (see [`AioContext`]'s
-    /// shutdown). The join waits for that, including a thread-pool job that is running and for
-    /// a lock that a cancelled `CoQueue` waiter must take back for its caller's guard: do not
-    /// hold such a lock while stopping the thread whose coroutine waits under it.
+    /// shutdown). The join waits for that, including a thread-pool job that is running, a
+    /// [`Co::run_uncancellable`](crate::coroutine::Co::run_uncancellable) section in progress
+    /// (it ends whole), and a lock that a cancelled `CoQueue` waiter must take back for its
+    /// caller's guard: do not hold such a lock, or what such a section waits for, while
+    /// stopping the thread whose coroutine waits under it.
+    ///
+    /// Called on the thread itself (by one of its coroutines, or a callback), or when the
+    /// thread drops its own `IoThread`, the stop cannot wait for the thread: it only asks, and
+    /// returns. The thread stops as above once the caller has returned to its poll (a
+    /// coroutine, at its next wait, where the shutdown then cancels it), and a panic there
+    /// reaches nobody.
     ///
     /// # Panics
     ///
@@ -104,6 +112,11 @@ impl IoThread {
         // is gone already: the thread is exiting anyway.
         let running = self.running.clone();
         let _ = self.handle.schedule_oneshot(move || running.store(false, Ordering::Release));
+        if thread.thread().id() == std::thread::current().id() {
+            // Asked by the thread itself (one of its coroutines), which cannot wait for itself:
+            // it stops once the caller is back in its poll.
+            return;
+        }
         if let Err(panic) = thread.join()
             && !std::thread::panicking()
         {

@@ -1,5 +1,6 @@
 //! Sections that either do not start or run to their end: [`Co::run_uncancellable`].
 
+use super::context::with_current_brief;
 use crate::coroutine::Co;
 
 impl Co {
@@ -11,8 +12,11 @@ impl Co {
     /// For sections that must not stop half-way, such as a storage request between its data
     /// write and the metadata update that makes the data visible (QEMU runs every request to
     /// completion; `aiocoro-block` runs each of its requests this way). A context's shutdown
-    /// waits for a section that has started, and reaches a coroutine that runs one section
-    /// after another at the start of the next. Keep sections sure to end: a shutdown run by a
+    /// waits for a section that has started (also one that reschedules itself until some
+    /// other thread is done), and reaches a coroutine that runs one section after another at
+    /// the start of the next. Keep sections sure to end: a section that waits for what only a
+    /// cancelled coroutine of its context would bring holds the shutdown (an
+    /// [`IoThread::stop`](super::IoThread::stop)) up for good, and a shutdown run by a
     /// coroutine of the context itself cannot wait for them, and leaves them suspended for
     /// good (step 3 of the shutdown).
     ///
@@ -42,7 +46,50 @@ impl Co {
         if self.is_model() {
             return f();
         }
-        self.cancel_if_cancelling();
+        let (section, cancelling) = Section::begin();
+        if cancelling && self.may_be_cancelled() {
+            drop(section);
+            self.unwind_cancelled();
+        }
         self.shielded(f)
+    }
+}
+
+/// A section in progress, counted in its thread's context (if any) until it ends, also by
+/// unwinding.
+struct Section {
+    /// The number of the context that counts it.
+    context: Option<u64>,
+}
+
+impl Section {
+    /// Counts a section in this thread's context; returns it and whether the context is
+    /// cancelling its coroutines (one look at the context for both).
+    fn begin() -> (Section, bool) {
+        // SAFETY: the count update runs no other code.
+        let counted = unsafe {
+            with_current_brief(|local| {
+                local.sections.set(local.sections.get() + 1);
+                (local.shared.id, local.is_cancelling())
+            })
+        };
+        match counted {
+            Some((context, cancelling)) => (Section { context: Some(context) }, cancelling),
+            None => (Section { context: None }, false),
+        }
+    }
+}
+
+impl Drop for Section {
+    fn drop(&mut self) {
+        let Some(context) = self.context else { return };
+        // SAFETY: the count update runs no other code.
+        unsafe {
+            with_current_brief(|local| {
+                if local.shared.id == context {
+                    local.sections.set(local.sections.get() - 1);
+                }
+            })
+        };
     }
 }

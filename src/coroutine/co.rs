@@ -282,8 +282,15 @@ impl Co {
     }
 
     /// Whether a wait that starts now may be cancelled by the context's shutdown: not inside
-    /// [`Co::shielded`], and not while a cancellation already unwinds this coroutine (a
-    /// destructor that waits then gets what it waits for, or the unwinding could not finish).
+    /// [`Co::shielded`], and not while a panic unwinds this coroutine, its cancellation or any
+    /// other (a destructor that waits then gets what it waits for: a cancellation would unwind
+    /// from the middle of the unwinding, which aborts the process).
+    ///
+    /// `std::thread::panicking` is the thread's: it also counts the panics of the thread that
+    /// entered this coroutine and of other coroutines suspended in their destructors. A panic
+    /// in flight is this coroutine's own if none was when it was last entered; otherwise only
+    /// its cancellation is known to be (a panic of its own then still leaves its destructors'
+    /// waits cancellable).
     #[inline]
     pub(crate) fn may_be_cancelled(&self) -> bool {
         #[cfg(aiocoro_loom)]
@@ -292,7 +299,9 @@ impl Co {
         }
         // SAFETY: the slot outlives every `&Co` (field invariant).
         let slot = unsafe { self.slot.as_ref() };
-        slot.shield.get() == 0 && !(slot.cancelled.get() && std::thread::panicking())
+        slot.shield.get() == 0
+            && !(std::thread::panicking()
+                && (slot.cancelled.get() || !slot.panicking_at_entry.get()))
     }
 
     /// Unwinds this coroutine because its context cancelled the wait it was in; the caller has

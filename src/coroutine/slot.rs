@@ -88,6 +88,10 @@ pub(crate) struct Slot {
     pub(crate) shield: Cell<u32>,
     /// Whether its context cancelled it (a wait of it unwound with `Cancelled`), for messages.
     pub(crate) cancelled: Cell<bool>,
+    /// Whether the thread was panicking when the coroutine was last entered: if not, a panic
+    /// in flight while it runs is its own, and it is unwinding (see
+    /// [`Co::may_be_cancelled`](super::Co::may_be_cancelled)).
+    pub(crate) panicking_at_entry: Cell<bool>,
 }
 
 impl Slot {
@@ -105,6 +109,7 @@ impl Slot {
             park: Cell::new(ParkState::Idle),
             shield: Cell::new(0),
             cancelled: Cell::new(false),
+            panicking_at_entry: Cell::new(false),
         })
     }
 
