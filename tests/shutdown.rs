@@ -10,7 +10,7 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use aiocoro::aio::{AioContext, CANCELLED, IoThread, Sleeper, WakeReason};
+use aiocoro::aio::{AioContext, CANCELLED, IoThread, JoinHandle, Sleeper, WakeReason};
 use aiocoro::sync::{CoMutex, CoQueue, CoRwLock, NoLock, ThreadMutex};
 
 /// Counts its drop: proof that a cancelled coroutine's destructors ran.
@@ -462,13 +462,9 @@ fn a_destructor_that_waits_while_its_coroutine_panics_is_not_cancelled_by_a_stop
         .unwrap();
     // The destructor waits, registered before the stop.
     let waker = waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits");
-    let stop_returned = stop_in_background(iothread);
-    cancelling.recv_timeout(Duration::from_secs(10)).expect("the shutdown cancels");
-    waker.wake();
-    let stopped = stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
-    assert!(stopped.is_ok(), "the stop does not panic");
-    assert_eq!(finished.load(Ordering::SeqCst), 1, "the destructor's wait ended by its wake");
-    assert_eq!(panic_message(panicker.join().unwrap_err()), "a request failed");
+    stop_then_check_the_destructor_waited(iothread, &cancelling, &finished, panicker, || {
+        waker.wake()
+    });
 }
 
 #[test]
@@ -494,11 +490,27 @@ fn a_section_that_panics_while_a_stop_cancels_lets_the_destructors_wait() {
         })
         .unwrap();
     let section_waker = section_waker.recv_timeout(Duration::from_secs(10)).expect("in section");
+    stop_then_check_the_destructor_waited(iothread, &cancelling, &finished, panicker, || {
+        section_waker.wake();
+        // The destructor's wait starts while the shutdown cancels: it is not cancelled at once.
+        waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits").wake();
+    });
+}
+
+/// Stops `iothread` in the background and, once its shutdown cancels (`cancelling`), runs
+/// `wake_the_destructor`; then checks that the stop returned without a panic, that the
+/// destructor's wait was ended by that wake (`finished`), not cancelled, and that the panic of
+/// the coroutine it ran in reached `panicker`.
+fn stop_then_check_the_destructor_waited(
+    iothread: IoThread,
+    cancelling: &mpsc::Receiver<()>,
+    finished: &AtomicUsize,
+    panicker: JoinHandle<()>,
+    wake_the_destructor: impl FnOnce(),
+) {
     let stop_returned = stop_in_background(iothread);
     cancelling.recv_timeout(Duration::from_secs(10)).expect("the shutdown cancels");
-    section_waker.wake();
-    // The destructor's wait starts while the shutdown cancels: it is not cancelled at once.
-    waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits").wake();
+    wake_the_destructor();
     let stopped = stop_returned.recv_timeout(Duration::from_secs(10)).expect("the stop returns");
     assert!(stopped.is_ok(), "the stop does not panic");
     assert_eq!(finished.load(Ordering::SeqCst), 1, "the destructor's wait ended by its wake");

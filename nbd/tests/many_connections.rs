@@ -6,6 +6,7 @@
 mod common;
 
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use aiocoro_nbd::wire;
@@ -71,6 +72,17 @@ fn wait_for_baseline(server: &mut Server, counts: [i64; 3], fds: Option<usize>) 
     }
 }
 
+/// A persistent server of `image` on two IoThreads serving `shared` clients at once, once a
+/// client on each IoThread (round robin) has come and gone, so that what each creates lazily
+/// (its io_uring ring, pools) exists before anything is counted; with its descriptor count.
+fn settled_server(dir: &Path, image: &Path, shared: &str) -> (Server, usize) {
+    let mut server = Server::start_logged(dir, image, &["-t", "-e", shared, "--iothreads", "2"]);
+    active_client(&server, 0, 1);
+    active_client(&server, 1, 1);
+    let fds = wait_for_baseline(&mut server, [0, 0, 0], None);
+    (server, fds)
+}
+
 /// Writes then reads back its own 64 KiB blocks, `rounds` times.
 fn active_client(server: &Server, slot: u64, rounds: u8) {
     let (mut client, _) = Client::transmission(server);
@@ -88,13 +100,8 @@ fn active_client(server: &Server, slot: u64, rounds: u8) {
 fn a_thousand_idle_clients_and_hang_ups_mid_request_leak_nothing() {
     let dir = temp_dir("many");
     let image = qcow2_image(&dir, "1M");
-    let mut server = Server::start_logged(&dir, &image, &["-t", "-e", "2000", "--iothreads", "2"]);
-    // A client on each IoThread first (round robin), so that what each creates lazily
-    // (its io_uring ring, pools) exists before the count.
-    active_client(&server, 0, 1);
-    active_client(&server, 1, 1);
+    let (mut server, fds) = settled_server(&dir, &image, "2000");
     let baseline = [0, 0, 0];
-    let fds = wait_for_baseline(&mut server, baseline, None);
 
     let idle: Vec<Client> = (0..IDLE).map(|_| Client::transmission(&server).0).collect();
     let counts = live_counts(&mut server);
@@ -217,10 +224,7 @@ fn running_out_of_descriptors_drops_no_client_and_accepting_resumes() {
 fn hang_ups_at_every_byte_of_the_handshake_leak_nothing() {
     let dir = temp_dir("handshake-hang-ups");
     let image = qcow2_image(&dir, "1M");
-    let mut server = Server::start_logged(&dir, &image, &["-t", "-e", "4", "--iothreads", "2"]);
-    active_client(&server, 0, 1);
-    active_client(&server, 1, 1);
-    let fds = wait_for_baseline(&mut server, [0, 0, 0], None);
+    let (mut server, fds) = settled_server(&dir, &image, "4");
     let option = |option: u32, data: &[u8]| {
         let mut bytes = wire::OPTION_MAGIC.to_be_bytes().to_vec();
         bytes.extend_from_slice(&option.to_be_bytes());
