@@ -408,13 +408,17 @@ struct WaitsOnDrop<'co> {
     co: &'co aiocoro::coroutine::Co,
     wakers: mpsc::Sender<aiocoro::aio::Waker>,
     finished: Arc<AtomicUsize>,
+    /// How many waits the destructor makes, one after the other.
+    waits: usize,
 }
 
 impl Drop for WaitsOnDrop<'_> {
     fn drop(&mut self) {
-        let wait = self.co.prepare_wait();
-        self.wakers.send(wait.waker()).unwrap();
-        wait.wait();
+        for _ in 0..self.waits {
+            let wait = self.co.prepare_wait();
+            self.wakers.send(wait.waker()).unwrap();
+            wait.wait();
+        }
         self.finished.fetch_add(1, Ordering::SeqCst);
     }
 }
@@ -456,7 +460,7 @@ fn a_destructor_that_waits_while_its_coroutine_panics_is_not_cancelled_by_a_stop
     let panicker = iothread
         .handle()
         .spawn(move |co| {
-            let _guard = WaitsOnDrop { co, wakers, finished: f };
+            let _guard = WaitsOnDrop { co, wakers, finished: f, waits: 1 };
             panic!("a request failed");
         })
         .unwrap();
@@ -464,6 +468,31 @@ fn a_destructor_that_waits_while_its_coroutine_panics_is_not_cancelled_by_a_stop
     let waker = waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits");
     stop_then_check_the_destructor_waited(iothread, &cancelling, &finished, panicker, || {
         waker.wake()
+    });
+}
+
+#[test]
+fn a_destructor_that_waits_twice_while_its_coroutine_panics_is_not_cancelled_by_a_stop() {
+    // Woken from its first wait, the coroutine is entered again while its own panic is still
+    // in flight (the thread counts it while the coroutine is suspended): its second wait is
+    // still part of its own unwinding, and a cancellation there would abort the process.
+    let iothread = IoThread::spawn("panicking twice").unwrap();
+    let cancelling = cancelling_signal(&iothread);
+    let (wakers, waker) = mpsc::channel();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let f = finished.clone();
+    let panicker = iothread
+        .handle()
+        .spawn(move |co| {
+            let _guard = WaitsOnDrop { co, wakers, finished: f, waits: 2 };
+            panic!("a request failed");
+        })
+        .unwrap();
+    // The first wait ends before the stop; the second starts before it.
+    waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits").wake();
+    let second = waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits again");
+    stop_then_check_the_destructor_waited(iothread, &cancelling, &finished, panicker, || {
+        second.wake()
     });
 }
 
@@ -480,7 +509,7 @@ fn a_section_that_panics_while_a_stop_cancels_lets_the_destructors_wait() {
     let panicker = iothread
         .handle()
         .spawn(move |co| {
-            let _guard = WaitsOnDrop { co, wakers, finished: f };
+            let _guard = WaitsOnDrop { co, wakers, finished: f, waits: 1 };
             co.run_uncancellable(|| {
                 let wait = co.prepare_wait();
                 section_wakers.send(wait.waker()).unwrap();

@@ -22,7 +22,7 @@ use std::marker::PhantomData;
 use std::ptr::NonNull;
 
 use super::Coroutine;
-use super::slot::{ParkState, RawYielder, Slot, State};
+use super::slot::{PanicSeen, ParkState, RawYielder, Slot, State};
 
 /// The token a coroutine body receives: QEMU's `coroutine_fn` annotation as a type.
 ///
@@ -288,9 +288,11 @@ impl Co {
     ///
     /// `std::thread::panicking` is the thread's: it also counts the panics of the thread that
     /// entered this coroutine and of other coroutines suspended in their destructors. A panic
-    /// in flight is this coroutine's own if none was when it was last entered; otherwise only
-    /// its cancellation is known to be (a panic of its own then still leaves its destructors'
-    /// waits cancellable).
+    /// in flight is this coroutine's own if none was when it was last entered, and stays known
+    /// as its own across the entries that resume its unwinding ([`PanicSeen::Own`]); a panic
+    /// that was in flight at an entry is not known to be its own, unless it is its
+    /// cancellation (a panic of its own that starts after another coroutine's and before its
+    /// next wait leaves its destructors' waits cancellable).
     #[inline]
     pub(crate) fn may_be_cancelled(&self) -> bool {
         #[cfg(aiocoro_loom)]
@@ -299,9 +301,24 @@ impl Co {
         }
         // SAFETY: the slot outlives every `&Co` (field invariant).
         let slot = unsafe { self.slot.as_ref() };
-        slot.shield.get() == 0
-            && !(std::thread::panicking()
-                && (slot.cancelled.get() || !slot.panicking_at_entry.get()))
+        if slot.shield.get() != 0 {
+            return false;
+        }
+        if !std::thread::panicking() {
+            // Nothing in flight: one that starts before its next entry is its own.
+            if slot.panic_seen.get() != PanicSeen::Nothing {
+                slot.panic_seen.set(PanicSeen::Nothing);
+            }
+            return true;
+        }
+        match slot.panic_seen.get() {
+            PanicSeen::Outside => !slot.cancelled.get(),
+            PanicSeen::Nothing | PanicSeen::Own => {
+                // Its own: its next entries resume this unwinding with the panic in flight.
+                slot.panic_seen.set(PanicSeen::Own);
+                false
+            }
+        }
     }
 
     /// Unwinds this coroutine because its context cancelled the wait it was in; the caller has
