@@ -46,6 +46,12 @@ impl Co {
         if self.is_model() {
             return f();
         }
+        if self.is_shielded() {
+            // A section nested in another (a node's request inside a backend's, a child's
+            // inside its parent's): the outer one is counted and shielded, and cannot be
+            // cancelled in the middle.
+            return f();
+        }
         let (section, cancelling) = Section::begin();
         if cancelling && self.may_be_cancelled() {
             drop(section);

@@ -281,6 +281,14 @@ impl Co {
         f()
     }
 
+    /// Whether this coroutine runs inside [`Co::shielded`] (a section of
+    /// [`Co::run_uncancellable`], say).
+    #[inline]
+    pub(crate) fn is_shielded(&self) -> bool {
+        // SAFETY: the slot outlives every `&Co` (field invariant).
+        unsafe { self.slot.as_ref() }.shield.get() != 0
+    }
+
     /// Whether a wait that starts now may be cancelled by the context's shutdown: not inside
     /// [`Co::shielded`], and not while a panic unwinds this coroutine, its cancellation or any
     /// other (a destructor that waits then gets what it waits for: a cancellation would unwind
@@ -301,7 +309,7 @@ impl Co {
         }
         // SAFETY: the slot outlives every `&Co` (field invariant).
         let slot = unsafe { self.slot.as_ref() };
-        if slot.shield.get() != 0 {
+        if self.is_shielded() {
             return false;
         }
         if !std::thread::panicking() {
