@@ -30,7 +30,8 @@ impl HandshakeDeadline {
     /// If the calling thread has no [`AioContext`] (the timer needs one).
     pub(crate) unsafe fn arm(fd: RawFd, limit: Duration) -> HandshakeDeadline {
         let context = AioContext::current().expect(
-            "aiocoro-nbd: a handshake limit needs an AioContext on the connection's thread              (for its timer); serve the connection from a coroutine of a context",
+            "aiocoro-nbd: a handshake limit needs an AioContext on the connection's thread (for its \
+             timer); serve the connection from a coroutine of a context",
         );
         let expired = Rc::new(Cell::new(false));
         let flag = expired.clone();
@@ -48,5 +49,35 @@ impl HandshakeDeadline {
     /// Whether the deadline passed (and the socket was shut down).
     pub(crate) fn expired(&self) -> bool {
         self.expired.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    use super::*;
+
+    #[test]
+    fn arming_without_a_context_panics_naming_what_it_needs() {
+        let (socket, _peer) = UnixStream::pair().unwrap();
+        let panic = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: `socket` stays open for longer than the deadline, which is dropped at once
+            // (if arming makes one at all).
+            drop(unsafe { HandshakeDeadline::arm(socket.as_raw_fd(), Duration::from_secs(1)) })
+        }))
+        .expect_err("armed without an AioContext");
+        assert_eq!(
+            panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or(panic.downcast_ref::<&str>().copied()),
+            Some(
+                "aiocoro-nbd: a handshake limit needs an AioContext on the connection's thread \
+                 (for its timer); serve the connection from a coroutine of a context"
+            )
+        );
     }
 }
