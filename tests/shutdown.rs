@@ -448,22 +448,33 @@ fn stop_in_background(iothread: IoThread) -> mpsc::Receiver<thread::Result<()>> 
     stop_returned
 }
 
-#[test]
-fn a_destructor_that_waits_while_its_coroutine_panics_is_not_cancelled_by_a_stop() {
-    // A cancellation unwinds from the wait; from a destructor that runs during a panic's
-    // unwinding, that aborted the process ("panic in a destructor during cleanup").
-    let iothread = IoThread::spawn("panicking").unwrap();
-    let cancelling = cancelling_signal(&iothread);
+/// Spawns on `iothread` a coroutine that panics with "a request failed" while it holds a
+/// [`WaitsOnDrop`] making `waits` waits; returns where the destructor sends its wakers, its
+/// count of finished destructors, and the coroutine's handle.
+fn panic_with_a_destructor_that_waits(
+    iothread: &IoThread,
+    waits: usize,
+) -> (mpsc::Receiver<aiocoro::aio::Waker>, Arc<AtomicUsize>, JoinHandle<()>) {
     let (wakers, waker) = mpsc::channel();
     let finished = Arc::new(AtomicUsize::new(0));
     let f = finished.clone();
     let panicker = iothread
         .handle()
         .spawn(move |co| {
-            let _guard = WaitsOnDrop { co, wakers, finished: f, waits: 1 };
+            let _guard = WaitsOnDrop { co, wakers, finished: f, waits };
             panic!("a request failed");
         })
         .unwrap();
+    (waker, finished, panicker)
+}
+
+#[test]
+fn a_destructor_that_waits_while_its_coroutine_panics_is_not_cancelled_by_a_stop() {
+    // A cancellation unwinds from the wait; from a destructor that runs during a panic's
+    // unwinding, that aborted the process ("panic in a destructor during cleanup").
+    let iothread = IoThread::spawn("panicking").unwrap();
+    let cancelling = cancelling_signal(&iothread);
+    let (waker, finished, panicker) = panic_with_a_destructor_that_waits(&iothread, 1);
     // The destructor waits, registered before the stop.
     let waker = waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits");
     stop_then_check_the_destructor_waited(iothread, &cancelling, &finished, panicker, || {
@@ -478,16 +489,7 @@ fn a_destructor_that_waits_twice_while_its_coroutine_panics_is_not_cancelled_by_
     // still part of its own unwinding, and a cancellation there would abort the process.
     let iothread = IoThread::spawn("panicking twice").unwrap();
     let cancelling = cancelling_signal(&iothread);
-    let (wakers, waker) = mpsc::channel();
-    let finished = Arc::new(AtomicUsize::new(0));
-    let f = finished.clone();
-    let panicker = iothread
-        .handle()
-        .spawn(move |co| {
-            let _guard = WaitsOnDrop { co, wakers, finished: f, waits: 2 };
-            panic!("a request failed");
-        })
-        .unwrap();
+    let (waker, finished, panicker) = panic_with_a_destructor_that_waits(&iothread, 2);
     // The first wait ends before the stop; the second starts before it.
     waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits").wake();
     let second = waker.recv_timeout(Duration::from_secs(10)).expect("the destructor waits again");
